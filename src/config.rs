@@ -1,0 +1,316 @@
+//! The configuration file (TOML), as DESIGN.md describes it.
+//!
+//! Which file: `HANDOFF_CONFIG` when set (it must exist), else the user's
+//! `$XDG_CONFIG_HOME/handoff/config.toml` (or `~/.config/…`), else
+//! `/etc/handoff/config.toml`, else built-in defaults. The first that exists wins whole;
+//! files are not merged, so what a command does never depends on a file you did not
+//! name. The libvirt hook reads only the system file (see [`Config::load_system`]).
+//!
+//! Unknown keys and wrong types are errors that name the file, line and column.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::host::Host;
+use crate::pci::PciAddress;
+
+pub const SYSTEM_CONFIG: &str = "/etc/handoff/config.toml";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub gpu: GpuConfig,
+    #[serde(rename = "vm")]
+    pub vms: Vec<VmConfig>,
+    pub looking_glass: LookingGlassConfig,
+    pub host: Host,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            gpu: GpuConfig::default(),
+            vms: vec![VmConfig::named("win11", "Windows")],
+            looking_glass: LookingGlassConfig::default(),
+            host: Host::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// The graphics function; the other functions of its slot follow it.
+    pub address: PciAddress,
+    /// The driver the GPU returns to after the VM.
+    pub host_driver: String,
+    /// How long a write to `unbind`/`bind`/`drivers_probe` may take before it is
+    /// reported as hung.
+    pub watchdog_s: u64,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self {
+            address: PciAddress::new(0, 1, 0, 0),
+            host_driver: "nvidia".into(),
+            watchdog_s: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// The libvirt domain name.
+    pub name: String,
+    /// Shown in menus and the bar; defaults to the name.
+    #[serde(default)]
+    pub label: Option<String>,
+    #[serde(default = "default_uri")]
+    pub uri: String,
+    /// Graceful shutdown timeout; forcing is a separate, explicit action.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout_s: u64,
+}
+
+fn default_uri() -> String {
+    "qemu:///system".into()
+}
+
+fn default_shutdown_timeout() -> u64 {
+    120
+}
+
+impl VmConfig {
+    pub fn named(name: &str, label: &str) -> Self {
+        Self {
+            name: name.into(),
+            label: Some(label.into()),
+            uri: default_uri(),
+            shutdown_timeout_s: default_shutdown_timeout(),
+        }
+    }
+
+    pub fn label(&self) -> &str {
+        self.label.as_deref().unwrap_or(&self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LookingGlassConfig {
+    pub command: String,
+    pub args: Vec<String>,
+    /// The i3 workspace that receives the window.
+    pub workspace: String,
+    /// The X window class (or instance) the client's window is matched on.
+    pub window_class: String,
+}
+
+impl Default for LookingGlassConfig {
+    fn default() -> Self {
+        Self {
+            command: "looking-glass-client".into(),
+            args: Vec::new(),
+            workspace: "10".into(),
+            window_class: "looking-glass-client".into(),
+        }
+    }
+}
+
+/// Where a configuration came from; shown by `handoff config check` and in errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Defaults,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Defaults => f.write_str("built-in defaults (no config file found)"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error(
+        "{path}: {why}; the libvirt hook runs as root and reads only a file that root owns and nobody else can write (fix: chown root:root {path}; chmod 644 {path})"
+    )]
+    Insecure { path: PathBuf, why: String },
+    #[error("HANDOFF_CONFIG names {path}, which does not exist")]
+    EnvMissing { path: PathBuf },
+}
+
+impl Config {
+    /// Parse a config text; `path` is only used to name the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_column(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().trim().to_owned(),
+            }
+        })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    pub fn load_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// The config an interactive command uses: `HANDOFF_CONFIG`, the user file, the
+    /// system file, or defaults, whichever comes first.
+    pub fn load() -> Result<(Self, Source), ConfigError> {
+        Self::load_from(
+            std::env::var_os("HANDOFF_CONFIG").map(PathBuf::from),
+            user_config_path(),
+        )
+    }
+
+    pub fn load_from(env: Option<PathBuf>, user: Option<PathBuf>) -> Result<(Self, Source), ConfigError> {
+        if let Some(path) = env.filter(|p| !p.as_os_str().is_empty()) {
+            if !path.exists() {
+                return Err(ConfigError::EnvMissing { path });
+            }
+            return Ok((Self::load_file(&path)?, Source::File(path)));
+        }
+        for path in user.into_iter().chain([PathBuf::from(SYSTEM_CONFIG)]) {
+            if path.exists() {
+                return Ok((Self::load_file(&path)?, Source::File(path)));
+            }
+        }
+        Ok((Self::default(), Source::Defaults))
+    }
+
+    /// What the root hook reads: only the given system file, and only if root owns it
+    /// and neither group nor others can write it. A missing file means defaults.
+    pub fn load_system(path: &Path) -> Result<(Self, Source), ConfigError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((Self::default(), Source::Defaults));
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        if meta.uid() != 0 {
+            return Err(ConfigError::Insecure {
+                path: path.to_owned(),
+                why: format!("it is owned by uid {}, not root", meta.uid()),
+            });
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(ConfigError::Insecure {
+                path: path.to_owned(),
+                why: format!(
+                    "its mode {:o} lets group or others write it",
+                    meta.mode() & 0o7777
+                ),
+            });
+        }
+        Ok((Self::load_file(path)?, Source::File(path.to_owned())))
+    }
+
+    /// Checks serde cannot express. Values that end up in paths are checked here.
+    fn validate(&self) -> Result<(), String> {
+        if !is_driver_name(&self.gpu.host_driver) {
+            return Err(format!(
+                "[gpu] host_driver = {:?} is not a kernel driver name (letters, digits, '_' and '-' only), e.g. \"nvidia\"",
+                self.gpu.host_driver
+            ));
+        }
+        if self.gpu.watchdog_s == 0 {
+            return Err("[gpu] watchdog_s must be at least 1 (seconds)".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for vm in &self.vms {
+            if vm.name.trim().is_empty() {
+                return Err("a [[vm]] entry has an empty name; it must be the libvirt domain name".into());
+            }
+            if !seen.insert(vm.name.as_str()) {
+                return Err(format!(
+                    "[[vm]] {:?} appears twice; each domain may be listed once",
+                    vm.name
+                ));
+            }
+        }
+        for (key, p) in [
+            ("sysfs", &self.host.sysfs),
+            ("proc", &self.host.procfs),
+            ("dev", &self.host.dev),
+            ("run", &self.host.run),
+        ] {
+            if !p.is_absolute() {
+                return Err(format!(
+                    "[host] {key} = {:?} must be an absolute path",
+                    p.display().to_string()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The VM named `name`, or the first (default) VM when `name` is None.
+    pub fn vm(&self, name: Option<&str>) -> Option<&VmConfig> {
+        match name {
+            Some(n) => self.vms.iter().find(|v| v.name == n || v.label() == n),
+            None => self.vms.first(),
+        }
+    }
+}
+
+/// Kernel driver names are used as path components under `/sys/bus/pci/drivers`.
+pub fn is_driver_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+pub fn user_config_path() -> Option<PathBuf> {
+    let base = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        Some(x) => PathBuf::from(x),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".config"),
+    };
+    Some(base.join("handoff/config.toml"))
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    (line, col)
+}

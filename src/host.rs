@@ -1,0 +1,60 @@
+//! Where the kernel's files are.
+//!
+//! Every function that reads `/sys`, `/proc` or `/dev`, or writes under `/run`, takes a
+//! [`Host`] instead of a hard-coded path, the way procfs' `*_with_root` twins do. Tests
+//! and the demo point it at a simulated tree; production uses [`Host::system`].
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Host {
+    /// The sysfs mount, normally `/sys`.
+    pub sysfs: PathBuf,
+    /// The procfs mount, normally `/proc`.
+    #[serde(rename = "proc")]
+    pub procfs: PathBuf,
+    /// The device directory, normally `/dev`.
+    pub dev: PathBuf,
+    /// Where the hook keeps its state and restore records, normally `/run/handoff`.
+    pub run: PathBuf,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Self::system()
+    }
+}
+
+impl Host {
+    pub fn system() -> Self {
+        Self {
+            sysfs: "/sys".into(),
+            procfs: "/proc".into(),
+            dev: "/dev".into(),
+            run: "/run/handoff".into(),
+        }
+    }
+
+    /// `<sysfs>/bus/pci/devices`.
+    pub fn pci_devices(&self) -> PathBuf {
+        self.sysfs.join("bus/pci/devices")
+    }
+
+    /// `<sysfs>/bus/pci/drivers`.
+    pub fn pci_drivers(&self) -> PathBuf {
+        self.sysfs.join("bus/pci/drivers")
+    }
+
+    /// The state file the hook writes and every surface reads.
+    pub fn state_file(&self) -> PathBuf {
+        self.run.join("state.json")
+    }
+
+    /// True when every root is the real one: only then may anything be written as root.
+    pub fn is_system(&self) -> bool {
+        self.sysfs == Path::new("/sys") && self.procfs == Path::new("/proc") && self.dev == Path::new("/dev")
+    }
+}
