@@ -61,6 +61,8 @@ pub struct SimSpec {
 pub const RTX_3090_TI: PciAddress = PciAddress::new(0, 1, 0, 0);
 pub const ROOT_PORT: PciAddress = PciAddress::new(0, 0, 1, 0);
 pub const IGPU: PciAddress = PciAddress::new(0, 0, 2, 0);
+/// The homelab's card sits where the workstation's does.
+pub const RTX_5070_TI: PciAddress = RTX_3090_TI;
 
 impl SimSpec {
     /// The workstation seed: an RTX 3090 Ti (VGA, HDA audio, USB, UCSI) on nvidia behind a
@@ -125,6 +127,32 @@ impl SimSpec {
             .to_vec(),
             nvidia_nodes: true,
         }
+    }
+
+    /// The homelab seed: an RTX 5070 Ti with only VGA and HDA audio, isolated on vfio-pci
+    /// behind its root port, and an Intel UHD 630 (kept on i915 here; it goes to the macOS
+    /// VM). The audio ID is the GB203 HDA controller's as far as we know; nothing reads it.
+    pub fn homelab() -> Self {
+        let mut spec = Self::workstation();
+        spec.functions.retain(|f| {
+            f.address != RTX_3090_TI.with_function(2) && f.address != RTX_3090_TI.with_function(3)
+        });
+        if let Some(igpu) = spec.function_mut(IGPU) {
+            igpu.device = 0x3e92;
+        }
+        if let Some(vga) = spec.function_mut(RTX_5070_TI) {
+            vga.device = 0x2c05;
+            vga.driver = Some("vfio-pci".into());
+            vga.drm = None;
+            vga.i2c.clear();
+        }
+        if let Some(audio) = spec.function_mut(RTX_5070_TI.with_function(1)) {
+            audio.device = 0x22e9;
+            audio.driver = Some("vfio-pci".into());
+            audio.sound_card = None;
+        }
+        spec.nvidia_nodes = false;
+        spec
     }
 
     pub fn function_mut(&mut self, address: PciAddress) -> Option<&mut SimFunction> {
