@@ -33,8 +33,7 @@
 //! bar block reads the GPU on every refresh and `pci.ids` is a 1.4 MB file.
 
 use std::fmt;
-use std::fs::File;
-use std::io::{self, BufRead, BufReader};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -468,27 +467,25 @@ pub fn device_name(vendor: u16, device: u16, pci_ids: &[&Path]) -> String {
     }
     let mut ids_vendor = None;
     for path in pci_ids {
-        let file = match File::open(path) {
-            Ok(f) => f,
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => {
-                tracing::debug!(path = %path.display(), error = %e, "cannot open pci.ids");
+                tracing::debug!(path = %path.display(), error = %e, "cannot read pci.ids");
                 continue;
             }
         };
-        match lookup_pci_ids(BufReader::new(file), vendor, device) {
-            Ok((v, Some(d))) => {
-                let v = short_vendor
-                    .or(v)
-                    .unwrap_or_else(|| format!("vendor {vendor:04x}"));
-                return format!("{v} {}", marketing_name(&d));
-            }
-            Ok((v, None)) => {
-                ids_vendor = v;
-                break;
-            }
-            Err(e) => tracing::debug!(path = %path.display(), error = %e, "cannot read pci.ids"),
+        let text =
+            String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        let (v, d) = lookup_pci_ids(&text, vendor, device);
+        if let Some(d) = d {
+            let v = short_vendor
+                .or(v)
+                .unwrap_or_else(|| format!("vendor {vendor:04x}"));
+            return format!("{v} {}", marketing_name(&d));
         }
+        ids_vendor = v;
+        break;
     }
     let v = short_vendor
         .or(ids_vendor)
@@ -496,53 +493,36 @@ pub fn device_name(vendor: u16, device: u16, pci_ids: &[&Path]) -> String {
     format!("{v} device {device:04x}")
 }
 
-/// Find `vendor` and `device` in a `pci.ids` stream: (vendor name, device name) as
-/// written there. Reads only up to the end of the vendor's block.
-pub fn lookup_pci_ids(
-    mut reader: impl BufRead,
-    vendor: u16,
-    device: u16,
-) -> io::Result<(Option<String>, Option<String>)> {
+/// Find `vendor` and `device` in the text of a `pci.ids`: (vendor name, device name) as
+/// written there. The whole file is read at once because std's substring search finds
+/// the vendor line far faster than a line-by-line walk; only the vendor's block is then
+/// walked line by line.
+pub fn lookup_pci_ids(text: &str, vendor: u16, device: u16) -> (Option<String>, Option<String>) {
     let vendor_key = format!("{vendor:04x}  ");
+    let start = if text.starts_with(&vendor_key) {
+        0
+    } else {
+        match text.find(&format!("\n{vendor_key}")) {
+            Some(i) => i + 1,
+            None => return (None, None),
+        }
+    };
+    let mut lines = text[start..].lines();
+    let vendor_name = lines.next().map(|l| l[vendor_key.len()..].trim().to_owned());
     let device_key = format!("\t{device:04x}  ");
-    let mut line = Vec::with_capacity(128);
-    let mut vendor_name = None;
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
-            return Ok((vendor_name, None));
-        }
-        let text = trim_newline(&line);
-        if vendor_name.is_none() {
-            // Vendors are sorted, but a cheap prefix test is all each line costs.
-            if text.starts_with(vendor_key.as_bytes()) {
-                vendor_name = Some(
-                    String::from_utf8_lossy(&text[vendor_key.len()..])
-                        .trim()
-                        .to_owned(),
-                );
-            }
-            continue;
-        }
-        match text.first() {
+    for line in lines {
+        match line.as_bytes().first() {
             Some(b'\t') => {
-                if text.starts_with(device_key.as_bytes()) {
-                    let name = String::from_utf8_lossy(&text[device_key.len()..])
-                        .trim()
-                        .to_owned();
-                    return Ok((vendor_name, Some(name)));
+                if let Some(name) = line.strip_prefix(&device_key) {
+                    return (vendor_name, Some(name.trim().to_owned()));
                 }
             }
             Some(b'#') | None => {}
             // The next vendor (or the class section): the device is not listed.
-            Some(_) => return Ok((vendor_name, None)),
+            Some(_) => break,
         }
     }
-}
-
-fn trim_newline(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
+    (vendor_name, None)
 }
 
 /// "GA102 [GeForce RTX 3090 Ti]" → "GeForce RTX 3090 Ti": the bracket holds the name on
@@ -609,15 +589,21 @@ mod tests {
         let ids = "# c\n10de  NVIDIA Corporation\n\t2203  GA102 [GeForce RTX 3090 Ti]\n\t\t1043 87d5  x\n\
                    10df  Emulex\n\t2782  not this one\n";
         assert_eq!(
-            lookup_pci_ids(ids.as_bytes(), 0x10de, 0x2782).unwrap(),
+            lookup_pci_ids(ids, 0x10de, 0x2782),
             (Some("NVIDIA Corporation".into()), None)
         );
         assert_eq!(
-            lookup_pci_ids(ids.as_bytes(), 0x10de, 0x2203)
-                .unwrap()
-                .1
-                .as_deref(),
+            lookup_pci_ids(ids, 0x10de, 0x2203).1.as_deref(),
             Some("GA102 [GeForce RTX 3090 Ti]")
+        );
+        assert_eq!(
+            lookup_pci_ids(ids, 0x10df, 0x2782).1.as_deref(),
+            Some("not this one")
+        );
+        assert_eq!(lookup_pci_ids(ids, 0x1234, 0x2782), (None, None));
+        assert_eq!(
+            lookup_pci_ids("10de  NVIDIA\r\n\t2203  X\r\n", 0x10de, 0x2203),
+            (Some("NVIDIA".into()), Some("X".into()))
         );
     }
 }
