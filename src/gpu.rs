@@ -318,17 +318,14 @@ fn read_function(dir: &Path) -> Result<Option<Function>, SysfsError> {
     let Some(class) = read_hex(&dir.join("class"), "a hex class code like 0x030000")? else {
         return Ok(None);
     };
-    let (vendor, device) = match (u16::try_from(vendor), u16::try_from(device)) {
-        (Ok(v), Ok(d)) => (v, d),
-        _ => {
-            let path = dir.join(if vendor > 0xffff { "vendor" } else { "device" });
-            return Err(SysfsError::Parse {
-                value: format!("0x{:x}", vendor.max(device)),
-                path,
-                expected: "a 16-bit ID",
-            });
-        }
+    let id16 = |value: u32, file: &str| {
+        u16::try_from(value).map_err(|_| SysfsError::Parse {
+            path: dir.join(file),
+            value: format!("0x{value:x}"),
+            expected: "a 16-bit ID",
+        })
     };
+    let (vendor, device) = (id16(vendor, "vendor")?, id16(device, "device")?);
     let driver_override =
         read_optional(&dir.join("driver_override")).filter(|s| !s.is_empty() && s != "(null)");
     let iommu_group = match link_name(&dir.join("iommu_group"))? {
