@@ -957,6 +957,17 @@ impl Kernel {
     }
 }
 
+/// Send control commands to a mounted simulation from any process: `sysfs` is the mount
+/// point. An unknown command fails with EINVAL (the mount logs why).
+pub fn send_command(sysfs: &Path, commands: &str) -> io::Result<()> {
+    fs::write(sysfs.join(".simctl"), commands)
+}
+
+/// The write log of a mounted simulation, one `<seq> <file> "<value>" <result>` a line.
+pub fn read_log(sysfs: &Path) -> io::Result<String> {
+    fs::read_to_string(sysfs.join(".simlog"))
+}
+
 fn with_modifiers(mut rule: FaultRule, words: &[&str]) -> Result<FaultRule, String> {
     for w in words {
         match *w {
