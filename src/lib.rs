@@ -11,4 +11,5 @@ pub use host::Host;
 pub use pci::PciAddress;
 pub mod gpu;
 pub mod holders;
+pub mod kernelsim;
 pub mod sim;

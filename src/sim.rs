@@ -19,7 +19,7 @@
 //! as plain files otherwise. Holders are identified by path and inode, so either works.
 //!
 //! This module only builds and rearranges the tree; giving writes to `bind`, `unbind`, …
-//! the kernel's effects is the job of the write layer built on top of it.
+//! the kernel's effects is the job of [`crate::kernelsim`], built on top of it.
 
 use std::fs;
 use std::io;
@@ -279,7 +279,9 @@ impl SimHost {
         Ok(())
     }
 
-    fn add_function(&self, spec: &SimSpec, func: &SimFunction) -> io::Result<()> {
+    /// Add one function (and link it to `func.driver`). Also how a rescan brings a removed
+    /// function back; `/dev` nodes and links left from before are reused.
+    pub(crate) fn add_function(&self, spec: &SimSpec, func: &SimFunction) -> io::Result<()> {
         let sys = self.sysfs();
         let rel = Self::device_rel(spec, func);
         let dir = sys.join(&rel);
@@ -351,8 +353,8 @@ impl SimHost {
             }
             let by_path = self.dev().join("dri/by-path");
             fs::create_dir_all(&by_path)?;
-            symlink(format!("../card{card}"), by_path.join(format!("pci-{a}-card")))?;
-            symlink(
+            symlink_again(format!("../card{card}"), by_path.join(format!("pci-{a}-card")))?;
+            symlink_again(
                 format!("../renderD{render}"),
                 by_path.join(format!("pci-{a}-render")),
             )?;
@@ -480,6 +482,14 @@ impl SimHost {
             self.device_dir(address).join("power/runtime_status"),
             format!("{status}\n"),
         )
+    }
+}
+
+/// `symlink`, where a link left from before (a removed function coming back) is fine.
+fn symlink_again(target: impl AsRef<Path>, link: impl AsRef<Path>) -> io::Result<()> {
+    match symlink(target, link) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
     }
 }
 

@@ -1,0 +1,1165 @@
+//! The simulated kernel's driver core: what a write to a PCI sysfs control file does.
+//!
+//! [`crate::sim`] builds a kernel-shaped tree on disk; this module gives writes to its
+//! control files (`driver_override`, `bind`, `unbind`, `drivers_probe`, `new_id`,
+//! `remove_id`, `remove`, `rescan`) the effects the kernel's driver core gives them, by
+//! rearranging that tree. The rules are plain functions over the tree, testable without
+//! FUSE; the `kernel-sim` feature adds [`fuse`], which mounts a view of the tree where a
+//! plain `write(2)` reaches them synchronously, the way it reaches the kernel.
+//!
+//! It can also be told to misbehave, per control file and device: fail the next (or
+//! every) write with an errno, or hang it until released, the way `unbind` hangs on a
+//! GPU that something still holds. Every write is logged in order, so tests can check
+//! the order a binding engine wrote things in.
+//!
+//! What the kernel does, and this copies (drivers/base/bus.c, drivers/pci/pci-driver.c):
+//! - `driver_override`: the value up to the first newline; empty clears it (`(null)`).
+//! - `drivers/<drv>/unbind` ← BDF: detach if bound to `<drv>`, else ENODEV.
+//! - `drivers/<drv>/bind` ← BDF: ENODEV if no such device or `<drv>` doesn't match it,
+//!   EBUSY if it matches but the device is bound already.
+//! - `drivers_probe` ← BDF: ENODEV if no such device; an unbound device goes to the first
+//!   registered driver that matches. With an override only that driver matches, so an
+//!   override naming an unregistered driver leaves the device unbound (and the write
+//!   succeeds).
+//! - `new_id` ← "vendor device [subvendor subdevice [class class_mask]]": adds a dynamic id
+//!   and probes unbound devices; `remove_id` the reverse (ENODEV if absent).
+//! - `<dev>/remove` ← 1: the function and everything behind it leave the bus;
+//!   `rescan` ← 1: they come back (without their override, like new devices) and probe.
+
+#[cfg(feature = "kernel-sim")]
+pub mod fuse;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Component, Path, PathBuf};
+use std::str::FromStr;
+
+use crate::pci::PciAddress;
+use crate::sim::{SimFunction, SimHost, SimSpec};
+
+/// An error a control-file write returns, as the kernel would.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub const EBUSY: Errno = Errno(libc::EBUSY);
+    pub const ENODEV: Errno = Errno(libc::ENODEV);
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const EIO: Errno = Errno(libc::EIO);
+    pub const ENOENT: Errno = Errno(libc::ENOENT);
+    pub const EEXIST: Errno = Errno(libc::EEXIST);
+    pub const ENOMEM: Errno = Errno(libc::ENOMEM);
+
+    const NAMED: [(&'static str, Errno); 7] = [
+        ("EBUSY", Errno::EBUSY),
+        ("ENODEV", Errno::ENODEV),
+        ("EINVAL", Errno::EINVAL),
+        ("EIO", Errno::EIO),
+        ("ENOENT", Errno::ENOENT),
+        ("EEXIST", Errno::EEXIST),
+        ("ENOMEM", Errno::ENOMEM),
+    ];
+
+    /// The `io::Error` a writer sees.
+    pub fn to_io(self) -> io::Error {
+        io::Error::from_raw_os_error(self.0)
+    }
+}
+
+impl fmt::Display for Errno {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match Errno::NAMED.iter().find(|(_, e)| e == self) {
+            Some((name, _)) => f.write_str(name),
+            None => write!(f, "errno {}", self.0),
+        }
+    }
+}
+
+impl fmt::Debug for Errno {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for Errno {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Errno::NAMED
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(s))
+            .map(|(_, e)| *e)
+            .or_else(|| s.parse().ok().filter(|n| *n > 0).map(Errno))
+            .ok_or_else(|| format!("{s:?} is not an errno (EBUSY, ENODEV, EINVAL, EIO, … or a number)"))
+    }
+}
+
+/// Which kind of control file; what fault rules match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    DriverOverride,
+    Bind,
+    Unbind,
+    NewId,
+    RemoveId,
+    DriversProbe,
+    Remove,
+    Rescan,
+    /// Any other writable attribute: the value is stored, nothing else happens.
+    Attribute,
+}
+
+impl FileKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FileKind::DriverOverride => "driver_override",
+            FileKind::Bind => "bind",
+            FileKind::Unbind => "unbind",
+            FileKind::NewId => "new_id",
+            FileKind::RemoveId => "remove_id",
+            FileKind::DriversProbe => "drivers_probe",
+            FileKind::Remove => "remove",
+            FileKind::Rescan => "rescan",
+            FileKind::Attribute => "attribute",
+        }
+    }
+}
+
+impl FromStr for FileKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        use FileKind::*;
+        [
+            DriverOverride,
+            Bind,
+            Unbind,
+            NewId,
+            RemoveId,
+            DriversProbe,
+            Remove,
+            Rescan,
+            Attribute,
+        ]
+        .into_iter()
+        .find(|k| k.name() == s)
+        .ok_or_else(|| {
+            format!(
+                "{s:?} is not a control file (driver_override, bind, unbind, new_id, remove_id, \
+                     drivers_probe, remove, rescan)"
+            )
+        })
+    }
+}
+
+/// A control file, identified from its path under `sys/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlFile {
+    DriverOverride(PciAddress),
+    Remove(PciAddress),
+    /// `<dev>/rescan`: rescans the bus, like `bus/pci/rescan`.
+    DeviceRescan(PciAddress),
+    Bind(String),
+    Unbind(String),
+    NewId(String),
+    RemoveId(String),
+    DriversProbe,
+    Rescan,
+    Attribute(PathBuf),
+}
+
+impl ControlFile {
+    /// What a physical path under `sys/` (no links in it) is.
+    pub fn classify(rel: &Path) -> ControlFile {
+        let parts: Vec<&str> = rel
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(s) => s.to_str(),
+                _ => None,
+            })
+            .collect();
+        match parts.as_slice() {
+            ["bus", "pci", "drivers_probe"] => return ControlFile::DriversProbe,
+            ["bus", "pci", "rescan"] => return ControlFile::Rescan,
+            ["bus", "pci", "drivers", drv, file] => {
+                let drv = (*drv).to_owned();
+                match *file {
+                    "bind" => return ControlFile::Bind(drv),
+                    "unbind" => return ControlFile::Unbind(drv),
+                    "new_id" => return ControlFile::NewId(drv),
+                    "remove_id" => return ControlFile::RemoveId(drv),
+                    _ => {}
+                }
+            }
+            [.., dev, file] if dev.parse::<PciAddress>().is_ok() => {
+                let a: PciAddress = dev.parse().expect("checked above");
+                match *file {
+                    "driver_override" => return ControlFile::DriverOverride(a),
+                    "remove" => return ControlFile::Remove(a),
+                    "rescan" => return ControlFile::DeviceRescan(a),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+        ControlFile::Attribute(rel.to_owned())
+    }
+
+    pub fn kind(&self) -> FileKind {
+        match self {
+            ControlFile::DriverOverride(_) => FileKind::DriverOverride,
+            ControlFile::Remove(_) => FileKind::Remove,
+            ControlFile::DeviceRescan(_) | ControlFile::Rescan => FileKind::Rescan,
+            ControlFile::Bind(_) => FileKind::Bind,
+            ControlFile::Unbind(_) => FileKind::Unbind,
+            ControlFile::NewId(_) => FileKind::NewId,
+            ControlFile::RemoveId(_) => FileKind::RemoveId,
+            ControlFile::DriversProbe => FileKind::DriversProbe,
+            ControlFile::Attribute(_) => FileKind::Attribute,
+        }
+    }
+
+    /// The driver whose directory the file is in.
+    pub fn driver(&self) -> Option<&str> {
+        match self {
+            ControlFile::Bind(d)
+            | ControlFile::Unbind(d)
+            | ControlFile::NewId(d)
+            | ControlFile::RemoveId(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The device a write is about: the file's own device, or the BDF written.
+    fn device(&self, value: &str) -> Option<PciAddress> {
+        match self {
+            ControlFile::DriverOverride(a) | ControlFile::Remove(a) | ControlFile::DeviceRescan(a) => {
+                Some(*a)
+            }
+            ControlFile::Bind(_) | ControlFile::Unbind(_) | ControlFile::DriversProbe => exact_bdf(value),
+            _ => None,
+        }
+    }
+}
+
+/// Short names the log uses: `0000:01:00.0/driver_override`, `nvidia/unbind`,
+/// `drivers_probe`, `vfio-pci/new_id`, `rescan`, or the path of any other attribute.
+impl fmt::Display for ControlFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ControlFile::DriverOverride(a) => write!(f, "{a}/driver_override"),
+            ControlFile::Remove(a) => write!(f, "{a}/remove"),
+            ControlFile::DeviceRescan(a) => write!(f, "{a}/rescan"),
+            ControlFile::Bind(d) => write!(f, "{d}/bind"),
+            ControlFile::Unbind(d) => write!(f, "{d}/unbind"),
+            ControlFile::NewId(d) => write!(f, "{d}/new_id"),
+            ControlFile::RemoveId(d) => write!(f, "{d}/remove_id"),
+            ControlFile::DriversProbe => f.write_str("drivers_probe"),
+            ControlFile::Rescan => f.write_str("rescan"),
+            ControlFile::Attribute(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// A BDF the way the kernel's `bus_find_device_by_name` takes it: the exact device name,
+/// a trailing newline allowed. The short form `01:00.0` names no device.
+fn exact_bdf(value: &str) -> Option<PciAddress> {
+    let v = value.trim_end_matches('\n');
+    v.parse::<PciAddress>().ok().filter(|a| a.to_string() == v)
+}
+
+/// What to do to a write a rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Return this errno; nothing happens.
+    Fail(Errno),
+    /// Block the writer until [`Kernel::release`].
+    Hang,
+}
+
+/// Misbehave on writes to one kind of control file, optionally only for one device
+/// (the file's own, or the BDF written) and one driver's directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultRule {
+    pub file: FileKind,
+    pub device: Option<PciAddress>,
+    pub driver: Option<String>,
+    pub fault: Fault,
+    /// True: every matching write; false: the next one only.
+    pub always: bool,
+}
+
+impl FaultRule {
+    /// Fail the next write to `file` with `errno`.
+    pub fn fail(file: FileKind, errno: Errno) -> Self {
+        FaultRule {
+            file,
+            device: None,
+            driver: None,
+            fault: Fault::Fail(errno),
+            always: false,
+        }
+    }
+
+    /// Hang the next write to `file` until released.
+    pub fn hang(file: FileKind) -> Self {
+        FaultRule {
+            fault: Fault::Hang,
+            ..FaultRule::fail(file, Errno::EIO)
+        }
+    }
+
+    pub fn device(mut self, device: PciAddress) -> Self {
+        self.device = Some(device);
+        self
+    }
+
+    pub fn driver(mut self, driver: &str) -> Self {
+        self.driver = Some(driver.to_owned());
+        self
+    }
+
+    /// Every matching write, not just the next.
+    pub fn always(mut self) -> Self {
+        self.always = true;
+        self
+    }
+
+    fn matches(&self, file: &ControlFile, value: &str) -> bool {
+        self.file == file.kind()
+            && self.device.is_none_or(|d| file.device(value) == Some(d))
+            && self.driver.as_deref().is_none_or(|d| file.driver() == Some(d))
+    }
+}
+
+impl fmt::Display for FaultRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.fault {
+            Fault::Fail(e) => write!(f, "fail {} {e}", self.file.name())?,
+            Fault::Hang => write!(f, "hang {}", self.file.name())?,
+        }
+        if let Some(d) = self.device {
+            write!(f, " {d}")?;
+        }
+        if let Some(d) = &self.driver {
+            write!(f, " {d}")?;
+        }
+        f.write_str(if self.always { " always" } else { " once" })
+    }
+}
+
+/// How a write ended, as the log records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteResult {
+    Ok,
+    Err(Errno),
+    /// Still blocked.
+    Hung,
+}
+
+impl fmt::Display for WriteResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WriteResult::Ok => f.write_str("ok"),
+            WriteResult::Err(e) => write!(f, "{e}"),
+            WriteResult::Hung => f.write_str("hung"),
+        }
+    }
+}
+
+/// One write to the simulated sysfs, in arrival order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteRecord {
+    pub seq: u64,
+    pub file: ControlFile,
+    /// The value as written (newline included).
+    pub value: String,
+    pub result: WriteResult,
+}
+
+impl WriteRecord {
+    /// `("nvidia/unbind", "0000:01:00.0")`: the short file name and the value without its
+    /// trailing newline, handy for comparing a sequence.
+    pub fn short(&self) -> (String, String) {
+        (
+            self.file.to_string(),
+            self.value.trim_end_matches('\n').to_owned(),
+        )
+    }
+}
+
+/// `<seq> <file> <value> <result>`, the value quoted.
+impl fmt::Display for WriteRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {:?} {}", self.seq, self.file, self.value, self.result)
+    }
+}
+
+/// Names a hung write.
+pub type HangId = u64;
+
+/// What a write did: finished (the writer gets this), or is hung until released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done(Result<(), Errno>),
+    Hung(HangId),
+}
+
+/// How to end a hung write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// The write goes through, with its effect (the holder let go).
+    Complete,
+    /// The write fails with this errno, without effect.
+    Fail(Errno),
+}
+
+#[derive(Debug)]
+struct HungWrite {
+    id: HangId,
+    log_index: usize,
+    file: ControlFile,
+    data: Vec<u8>,
+}
+
+/// A dynamic id added through `new_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DynId {
+    vendor: u32,
+    device: u32,
+    subvendor: u32,
+    subdevice: u32,
+    class: u32,
+    class_mask: u32,
+}
+
+const PCI_ANY_ID: u32 = !0;
+
+impl DynId {
+    /// `vendor device [subvendor subdevice [class class_mask [driver_data]]]`, hex.
+    fn parse(value: &str) -> Result<DynId, Errno> {
+        let fields = value
+            .split_whitespace()
+            .map(|f| u32::from_str_radix(f.trim_start_matches("0x"), 16))
+            .collect::<Result<Vec<u32>, _>>()
+            .map_err(|_| Errno::EINVAL)?;
+        if fields.len() < 2 || fields.len() > 7 {
+            return Err(Errno::EINVAL);
+        }
+        let get = |i: usize, default: u32| fields.get(i).copied().unwrap_or(default);
+        Ok(DynId {
+            vendor: fields[0],
+            device: fields[1],
+            subvendor: get(2, PCI_ANY_ID),
+            subdevice: get(3, PCI_ANY_ID),
+            class: get(4, 0),
+            class_mask: get(5, 0),
+        })
+    }
+
+    fn matches(&self, f: &SimFunction) -> bool {
+        let any = |want: u32, have: u32| want == PCI_ANY_ID || want == have;
+        any(self.vendor, f.vendor.into())
+            && any(self.device, f.device.into())
+            && any(self.subvendor, f.vendor.into())
+            && any(self.subdevice, 0)
+            && (self.class ^ f.class) & self.class_mask == 0
+    }
+}
+
+/// The static id table of the drivers the simulation knows (what `modinfo` would list),
+/// reduced to vendor and class.
+pub fn supports(driver: &str, f: &SimFunction) -> bool {
+    let base_sub = f.class >> 8;
+    match driver {
+        "nvidia" => f.vendor == 0x10de && matches!(base_sub, 0x0300 | 0x0302),
+        "snd_hda_intel" => base_sub == 0x0403,
+        "xhci_hcd" => base_sub == 0x0c03,
+        "nvidia-gpu" => f.vendor == 0x10de && base_sub == 0x0c80,
+        "i915" => f.vendor == 0x8086 && base_sub == 0x0300,
+        "pcieport" => base_sub == 0x0604,
+        // vfio-pci has no ids of its own: it takes devices by override or `new_id`.
+        _ => false,
+    }
+}
+
+/// The simulated kernel: the tree, the spec it was built from (rescan brings removed
+/// functions back from it), the registered drivers, fault rules and the write log.
+#[derive(Debug)]
+pub struct Kernel {
+    sim: SimHost,
+    spec: SimSpec,
+    /// Registered drivers, in registration order (the order probing tries them).
+    drivers: Vec<String>,
+    dynids: BTreeMap<String, Vec<DynId>>,
+    faults: Vec<FaultRule>,
+    log: Vec<WriteRecord>,
+    hung: Vec<HungWrite>,
+    finished: Vec<(HangId, Result<(), Errno>)>,
+    next_hang: HangId,
+}
+
+impl Kernel {
+    /// Build `spec` under `root` (see [`SimHost::build`]) and run it.
+    pub fn build(root: &Path, spec: SimSpec) -> io::Result<Kernel> {
+        let sim = SimHost::build(root, &spec)?;
+        Ok(Kernel::new(sim, spec))
+    }
+
+    /// Run the kernel over a tree already built from `spec`.
+    pub fn new(sim: SimHost, spec: SimSpec) -> Kernel {
+        Kernel {
+            drivers: spec.drivers.clone(),
+            sim,
+            spec,
+            dynids: BTreeMap::new(),
+            faults: Vec::new(),
+            log: Vec::new(),
+            hung: Vec::new(),
+            finished: Vec::new(),
+            next_hang: 1,
+        }
+    }
+
+    pub fn sim(&self) -> &SimHost {
+        &self.sim
+    }
+
+    /// The driver `address` is bound to.
+    pub fn driver(&self, address: PciAddress) -> Option<String> {
+        self.sim.driver(address)
+    }
+
+    pub fn is_registered(&self, driver: &str) -> bool {
+        self.drivers.iter().any(|d| d == driver)
+    }
+
+    /// Every write so far, in arrival order.
+    pub fn log(&self) -> &[WriteRecord] {
+        &self.log
+    }
+
+    pub fn clear_log(&mut self) {
+        self.log.clear();
+    }
+
+    pub fn inject(&mut self, rule: FaultRule) {
+        self.faults.push(rule);
+    }
+
+    pub fn faults(&self) -> &[FaultRule] {
+        &self.faults
+    }
+
+    pub fn clear_faults(&mut self) {
+        self.faults.clear();
+    }
+
+    /// Writes hung right now, oldest first.
+    pub fn hung(&self) -> Vec<HangId> {
+        self.hung.iter().map(|h| h.id).collect()
+    }
+
+    /// End hung writes (`None`: all of them). Their writers get the result through
+    /// [`Kernel::take_finished`].
+    pub fn release(&mut self, id: Option<HangId>, how: Release) {
+        let (ending, keep): (Vec<HungWrite>, Vec<HungWrite>) = std::mem::take(&mut self.hung)
+            .into_iter()
+            .partition(|h| id.is_none_or(|i| i == h.id));
+        self.hung = keep;
+        for h in ending {
+            let result = match how {
+                Release::Complete => self.apply(&h.file, &h.data),
+                Release::Fail(e) => Err(e),
+            };
+            self.log[h.log_index].result = match result {
+                Ok(()) => WriteResult::Ok,
+                Err(e) => WriteResult::Err(e),
+            };
+            self.finished.push((h.id, result));
+        }
+    }
+
+    /// Hung writes that ended since the last call, with what their writers get.
+    pub fn take_finished(&mut self) -> Vec<(HangId, Result<(), Errno>)> {
+        std::mem::take(&mut self.finished)
+    }
+
+    /// `modprobe`: register a driver, and let it take the unbound devices it matches.
+    pub fn load_driver(&mut self, name: &str) -> io::Result<()> {
+        if self.is_registered(name) {
+            return Ok(());
+        }
+        self.sim.add_driver(name)?;
+        self.drivers.push(name.to_owned());
+        for a in self.present() {
+            if self.driver(a).is_none() && self.matches(name, a) {
+                self.sim.set_driver(a, Some(name))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `rmmod`: unbind the driver's devices and unregister it.
+    pub fn unload_driver(&mut self, name: &str) -> io::Result<()> {
+        if !self.is_registered(name) {
+            return Ok(());
+        }
+        for a in self.present() {
+            if self.driver(a).as_deref() == Some(name) {
+                self.sim.set_driver(a, None)?;
+            }
+        }
+        self.drivers.retain(|d| d != name);
+        self.dynids.remove(name);
+        fs::remove_dir_all(self.sim.sysfs().join("bus/pci/drivers").join(name))
+    }
+
+    /// A write of `data` to the file at `rel` (relative to `sys/`; links are followed in
+    /// the backing tree), as `write(2)` on sysfs would do it.
+    pub fn write(&mut self, rel: &Path, data: &[u8]) -> Outcome {
+        let rel = self.physical(rel);
+        let file = ControlFile::classify(&rel);
+        let value = String::from_utf8_lossy(data).into_owned();
+        let seq = self.log.len() as u64 + 1;
+        let rule = self.faults.iter().position(|r| r.matches(&file, &value));
+        let fault = rule.map(|i| {
+            let fault = self.faults[i].fault;
+            if !self.faults[i].always {
+                self.faults.remove(i);
+            }
+            fault
+        });
+        let (outcome, result) = match fault {
+            Some(Fault::Fail(e)) => (Outcome::Done(Err(e)), WriteResult::Err(e)),
+            Some(Fault::Hang) => {
+                let id = self.next_hang;
+                self.next_hang += 1;
+                self.hung.push(HungWrite {
+                    id,
+                    log_index: self.log.len(),
+                    file: file.clone(),
+                    data: data.to_vec(),
+                });
+                (Outcome::Hung(id), WriteResult::Hung)
+            }
+            None => {
+                let r = self.apply(&file, data);
+                (
+                    Outcome::Done(r),
+                    r.err().map_or(WriteResult::Ok, WriteResult::Err),
+                )
+            }
+        };
+        tracing::debug!(%file, ?value, %result, "sysfs write");
+        self.log.push(WriteRecord {
+            seq,
+            file,
+            value,
+            result,
+        });
+        outcome
+    }
+
+    /// `rel` with the links in it resolved, relative to `sys/`.
+    fn physical(&self, rel: &Path) -> PathBuf {
+        let sys = self.sim.sysfs();
+        match (fs::canonicalize(sys.join(rel)), fs::canonicalize(&sys)) {
+            (Ok(full), Ok(sys)) => full
+                .strip_prefix(&sys)
+                .map(Path::to_owned)
+                .unwrap_or(rel.to_owned()),
+            _ => rel.to_owned(),
+        }
+    }
+
+    /// The write's effect, with no fault rules in the way.
+    fn apply(&mut self, file: &ControlFile, data: &[u8]) -> Result<(), Errno> {
+        let value = String::from_utf8_lossy(data);
+        let io = |e: io::Error| {
+            tracing::warn!("simulated kernel: {e}");
+            Errno::EIO
+        };
+        match file {
+            ControlFile::DriverOverride(a) => {
+                if data.len() >= 4095 {
+                    return Err(Errno::EINVAL);
+                }
+                let v = value.split('\n').next().unwrap_or("");
+                let v = if v.is_empty() { "(null)" } else { v };
+                let path = self.sim.device_dir(*a).join("driver_override");
+                fs::write(path, format!("{v}\n")).map_err(io)
+            }
+            ControlFile::Unbind(drv) => {
+                let a = self.device_named(&value)?;
+                if self.driver(a).as_deref() != Some(drv) {
+                    return Err(Errno::ENODEV);
+                }
+                self.sim.set_driver(a, None).map_err(io)
+            }
+            ControlFile::Bind(drv) => {
+                let a = self.device_named(&value)?;
+                if !self.matches(drv, a) {
+                    return Err(Errno::ENODEV);
+                }
+                if self.driver(a).is_some() {
+                    return Err(Errno::EBUSY);
+                }
+                self.sim.set_driver(a, Some(drv)).map_err(io)
+            }
+            ControlFile::DriversProbe => {
+                let a = self.device_named(&value)?;
+                self.probe(a).map_err(io)
+            }
+            ControlFile::NewId(drv) => {
+                let id = DynId::parse(&value)?;
+                self.dynids.entry(drv.clone()).or_default().push(id);
+                for a in self.present() {
+                    if self.driver(a).is_none() && self.matches(drv, a) {
+                        self.sim.set_driver(a, Some(drv)).map_err(io)?;
+                    }
+                }
+                Ok(())
+            }
+            ControlFile::RemoveId(drv) => {
+                let id = DynId::parse(&value)?;
+                let ids = self.dynids.entry(drv.clone()).or_default();
+                let i = ids.iter().position(|d| *d == id).ok_or(Errno::ENODEV)?;
+                ids.remove(i);
+                Ok(())
+            }
+            ControlFile::Remove(a) => {
+                if parse_ulong(&value)? != 0 {
+                    self.remove(*a).map_err(io)?;
+                }
+                Ok(())
+            }
+            ControlFile::Rescan | ControlFile::DeviceRescan(_) => {
+                if parse_ulong(&value)? != 0 {
+                    self.rescan().map_err(io)?;
+                }
+                Ok(())
+            }
+            ControlFile::Attribute(rel) => {
+                let path = self.sim.sysfs().join(rel);
+                if !path.is_file() {
+                    return Err(Errno::ENOENT);
+                }
+                fs::write(path, data).map_err(io)
+            }
+        }
+    }
+
+    /// The present device a BDF written to a control file names.
+    fn device_named(&self, value: &str) -> Result<PciAddress, Errno> {
+        exact_bdf(value)
+            .filter(|a| self.is_present(*a))
+            .ok_or(Errno::ENODEV)
+    }
+
+    fn is_present(&self, a: PciAddress) -> bool {
+        self.sim
+            .sysfs()
+            .join("bus/pci/devices")
+            .join(a.to_string())
+            .symlink_metadata()
+            .is_ok()
+    }
+
+    /// Present functions, in spec (bus) order.
+    fn present(&self) -> Vec<PciAddress> {
+        self.spec
+            .functions
+            .iter()
+            .map(|f| f.address)
+            .filter(|a| self.is_present(*a))
+            .collect()
+    }
+
+    fn function(&self, a: PciAddress) -> Option<&SimFunction> {
+        self.spec.functions.iter().find(|f| f.address == a)
+    }
+
+    /// The device's `driver_override`, None when `(null)`.
+    pub fn driver_override(&self, a: PciAddress) -> Option<String> {
+        let s = fs::read_to_string(self.sim.device_dir(a).join("driver_override")).ok()?;
+        let s = s.trim_end_matches('\n');
+        (s != "(null)" && !s.is_empty()).then(|| s.to_owned())
+    }
+
+    /// `pci_bus_match`: an override names the only driver that matches; otherwise the
+    /// driver's dynamic ids, then its static table.
+    fn matches(&self, driver: &str, a: PciAddress) -> bool {
+        let Some(f) = self.function(a) else {
+            return false;
+        };
+        if let Some(o) = self.driver_override(a) {
+            return o == driver;
+        }
+        self.dynids
+            .get(driver)
+            .is_some_and(|ids| ids.iter().any(|id| id.matches(f)))
+            || supports(driver, f)
+    }
+
+    /// `device_attach`: an unbound device goes to the first registered driver that matches.
+    fn probe(&self, a: PciAddress) -> io::Result<()> {
+        if self.driver(a).is_some() {
+            return Ok(());
+        }
+        match self.drivers.iter().find(|d| self.matches(d, a)) {
+            Some(d) => self.sim.set_driver(a, Some(d)),
+            None => Ok(()),
+        }
+    }
+
+    /// The function and everything behind it (a bridge's subordinate functions).
+    fn subtree(&self, a: PciAddress) -> Vec<PciAddress> {
+        let behind = |f: &SimFunction| {
+            let mut at = Some(f.address);
+            while let Some(x) = at {
+                if x == a {
+                    return true;
+                }
+                at = self.function(x).and_then(|f| f.parent);
+            }
+            false
+        };
+        self.spec
+            .functions
+            .iter()
+            .filter(|f| behind(f))
+            .map(|f| f.address)
+            .collect()
+    }
+
+    fn depth(&self, a: PciAddress) -> usize {
+        let mut depth = 0;
+        let mut parent = self.function(a).and_then(|f| f.parent);
+        while let Some(p) = parent {
+            depth += 1;
+            parent = self.function(p).and_then(|f| f.parent);
+        }
+        depth
+    }
+
+    /// `pci_stop_and_remove_bus_device`: deepest first.
+    fn remove(&mut self, a: PciAddress) -> io::Result<()> {
+        let mut gone: Vec<PciAddress> = self
+            .subtree(a)
+            .into_iter()
+            .filter(|f| self.is_present(*f))
+            .collect();
+        gone.sort_by_key(|f| std::cmp::Reverse(self.depth(*f)));
+        for f in gone {
+            self.sim.remove_function(f)?;
+        }
+        Ok(())
+    }
+
+    /// `pci_rescan_bus`: removed functions come back as new devices (no override, no
+    /// driver), parents first, then each is probed.
+    fn rescan(&mut self) -> io::Result<()> {
+        let mut back: Vec<SimFunction> = self
+            .spec
+            .functions
+            .iter()
+            .filter(|f| !self.is_present(f.address))
+            .cloned()
+            .collect();
+        back.sort_by_key(|f| self.depth(f.address));
+        for f in &back {
+            let fresh = SimFunction {
+                driver: None,
+                ..f.clone()
+            };
+            self.sim.add_function(&self.spec, &fresh)?;
+        }
+        for f in &back {
+            self.probe(f.address)?;
+        }
+        Ok(())
+    }
+
+    /// Run one line of the control language (what `.simctl` takes, one command a line):
+    ///
+    /// ```text
+    /// fail FILE ERRNO [BDF] [DRIVER] [once|always]   e.g. fail unbind EBUSY 0000:01:00.0
+    /// hang FILE [BDF] [DRIVER] [once|always]         e.g. hang unbind nvidia always
+    /// release [ERRNO]      end every hung write: complete it, or fail it with ERRNO
+    /// clear                forget every fault rule
+    /// clear-log            forget the write log
+    /// modprobe DRIVER      register a driver (e.g. vfio-pci); rmmod DRIVER the reverse
+    /// ```
+    ///
+    /// Returns what to print, or why the line is wrong.
+    pub fn command(&mut self, line: &str) -> Result<String, String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            [] => Ok(String::new()),
+            ["fail", file, errno, rest @ ..] => {
+                let rule = FaultRule::fail(file.parse()?, errno.parse()?);
+                self.inject(with_modifiers(rule, rest)?);
+                Ok(String::new())
+            }
+            ["hang", file, rest @ ..] => {
+                let rule = FaultRule::hang(file.parse()?);
+                self.inject(with_modifiers(rule, rest)?);
+                Ok(String::new())
+            }
+            ["release"] => {
+                self.release(None, Release::Complete);
+                Ok(String::new())
+            }
+            ["release", errno] => {
+                self.release(None, Release::Fail(errno.parse()?));
+                Ok(String::new())
+            }
+            ["clear"] => {
+                self.clear_faults();
+                Ok(String::new())
+            }
+            ["clear-log"] => {
+                self.clear_log();
+                Ok(String::new())
+            }
+            ["modprobe", driver] => self
+                .load_driver(driver)
+                .map(|_| String::new())
+                .map_err(|e| e.to_string()),
+            ["rmmod", driver] => self
+                .unload_driver(driver)
+                .map(|_| String::new())
+                .map_err(|e| e.to_string()),
+            _ => Err(format!(
+                "unknown command {line:?}; commands: fail FILE ERRNO [BDF] [DRIVER] [once|always], \
+                 hang FILE [BDF] [DRIVER] [once|always], release [ERRNO], clear, clear-log, \
+                 modprobe DRIVER, rmmod DRIVER"
+            )),
+        }
+    }
+
+    /// Fault rules and hung writes, one a line (what reading `.simctl` shows).
+    pub fn status(&self) -> String {
+        let mut s = String::new();
+        for r in &self.faults {
+            s += &format!("{r}\n");
+        }
+        for h in &self.hung {
+            s += &format!("hung {} {}\n", h.id, self.log[h.log_index]);
+        }
+        s
+    }
+
+    /// The write log, one record a line (what reading `.simlog` shows).
+    pub fn log_text(&self) -> String {
+        self.log.iter().map(|r| format!("{r}\n")).collect()
+    }
+}
+
+/// Send control commands to a mounted simulation from any process: `sysfs` is the mount
+/// point. An unknown command fails with EINVAL (the mount logs why).
+pub fn send_command(sysfs: &Path, commands: &str) -> io::Result<()> {
+    fs::write(sysfs.join(".simctl"), commands)
+}
+
+/// The write log of a mounted simulation, one `<seq> <file> "<value>" <result>` a line.
+pub fn read_log(sysfs: &Path) -> io::Result<String> {
+    fs::read_to_string(sysfs.join(".simlog"))
+}
+
+fn with_modifiers(mut rule: FaultRule, words: &[&str]) -> Result<FaultRule, String> {
+    for w in words {
+        match *w {
+            "once" => rule.always = false,
+            "always" => rule.always = true,
+            w => match exact_bdf(w) {
+                Some(a) => rule.device = Some(a),
+                None => rule.driver = Some(w.to_owned()),
+            },
+        }
+    }
+    Ok(rule)
+}
+
+/// `kstrtoul` as sysfs uses it: a number, a trailing newline allowed.
+fn parse_ulong(value: &str) -> Result<u64, Errno> {
+    value.trim_end_matches('\n').parse().map_err(|_| Errno::EINVAL)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{IGPU, ROOT_PORT, RTX_3090_TI};
+
+    fn kernel(tmp: &Path) -> Kernel {
+        Kernel::build(tmp, SimSpec::workstation()).unwrap()
+    }
+
+    fn write(k: &mut Kernel, rel: &str, value: &str) -> Result<(), Errno> {
+        match k.write(Path::new(rel), value.as_bytes()) {
+            Outcome::Done(r) => r,
+            Outcome::Hung(id) => panic!("write to {rel} hung ({id})"),
+        }
+    }
+
+    const GPU: &str = "bus/pci/devices/0000:01:00.0";
+
+    #[test]
+    fn override_unbind_probe_moves_gpu_to_vfio_and_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut k = kernel(tmp.path());
+        write(&mut k, &format!("{GPU}/driver_override"), "vfio-pci\n").unwrap();
+        assert_eq!(k.driver_override(RTX_3090_TI).as_deref(), Some("vfio-pci"));
+        write(&mut k, &format!("{GPU}/driver/unbind"), "0000:01:00.0\n").unwrap();
+        assert_eq!(k.driver(RTX_3090_TI), None);
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.0\n").unwrap();
+        assert_eq!(k.driver(RTX_3090_TI).as_deref(), Some("vfio-pci"));
+
+        write(&mut k, &format!("{GPU}/driver_override"), "\n").unwrap();
+        assert_eq!(k.driver_override(RTX_3090_TI), None);
+        write(&mut k, "bus/pci/drivers/vfio-pci/unbind", "0000:01:00.0").unwrap();
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.0").unwrap();
+        assert_eq!(k.driver(RTX_3090_TI).as_deref(), Some("nvidia"));
+        let log: Vec<_> = k.log().iter().map(WriteRecord::short).collect();
+        assert_eq!(log[0], ("0000:01:00.0/driver_override".into(), "vfio-pci".into()));
+        assert_eq!(log[1], ("nvidia/unbind".into(), "0000:01:00.0".into()));
+        assert_eq!(log[4].0, "vfio-pci/unbind");
+    }
+
+    #[test]
+    fn bind_and_unbind_errors_are_the_kernels() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut k = kernel(tmp.path());
+        let d = "bus/pci/drivers";
+        assert_eq!(
+            write(&mut k, &format!("{d}/nvidia/bind"), "0000:01:00.0"),
+            Err(Errno::EBUSY)
+        );
+        assert_eq!(
+            write(&mut k, &format!("{d}/i915/unbind"), "0000:01:00.0"),
+            Err(Errno::ENODEV)
+        );
+        assert_eq!(
+            write(&mut k, &format!("{d}/nvidia/unbind"), "01:00.0"),
+            Err(Errno::ENODEV)
+        );
+        assert_eq!(
+            write(&mut k, &format!("{d}/nvidia/bind"), "0000:09:00.0"),
+            Err(Errno::ENODEV)
+        );
+        write(&mut k, &format!("{d}/nvidia/unbind"), "0000:01:00.0").unwrap();
+        // vfio-pci has no ids: no override, no new_id, no bind.
+        assert_eq!(
+            write(&mut k, &format!("{d}/vfio-pci/bind"), "0000:01:00.0"),
+            Err(Errno::ENODEV)
+        );
+        assert_eq!(
+            write(&mut k, &format!("{d}/i915/bind"), "0000:01:00.0"),
+            Err(Errno::ENODEV)
+        );
+        write(&mut k, &format!("{d}/nvidia/bind"), "0000:01:00.0\n").unwrap();
+        assert_eq!(k.driver(RTX_3090_TI).as_deref(), Some("nvidia"));
+        assert_eq!(
+            write(&mut k, "bus/pci/drivers_probe", "0000:09:00.0"),
+            Err(Errno::ENODEV)
+        );
+    }
+
+    #[test]
+    fn override_to_an_unloaded_driver_leaves_the_device_unbound_until_modprobe() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut spec = SimSpec::workstation();
+        spec.drivers.retain(|d| d != "vfio-pci");
+        let mut k = Kernel::build(tmp.path(), spec).unwrap();
+        let audio = RTX_3090_TI.with_function(1);
+        let dev = "bus/pci/devices/0000:01:00.1";
+        write(&mut k, &format!("{dev}/driver_override"), "vfio-pci").unwrap();
+        write(&mut k, &format!("{dev}/driver/unbind"), "0000:01:00.1").unwrap();
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.1").unwrap();
+        assert_eq!(k.driver(audio), None);
+        assert!(!k.sim().sysfs().join("bus/pci/drivers/vfio-pci").exists());
+        k.command("modprobe vfio-pci").unwrap();
+        assert_eq!(k.driver(audio).as_deref(), Some("vfio-pci"));
+        // The GPU itself has no override: loading vfio-pci doesn't touch it.
+        assert_eq!(k.driver(RTX_3090_TI).as_deref(), Some("nvidia"));
+    }
+
+    #[test]
+    fn new_id_takes_unbound_matching_devices_and_remove_id_forgets() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut k = kernel(tmp.path());
+        write(&mut k, "bus/pci/drivers/nvidia/unbind", "0000:01:00.0").unwrap();
+        write(&mut k, "bus/pci/drivers/vfio-pci/new_id", "10de 2203\n").unwrap();
+        assert_eq!(k.driver(RTX_3090_TI).as_deref(), Some("vfio-pci"));
+        assert_eq!(
+            write(&mut k, "bus/pci/drivers/vfio-pci/new_id", "10de"),
+            Err(Errno::EINVAL)
+        );
+        write(&mut k, "bus/pci/drivers/vfio-pci/remove_id", "10de 2203").unwrap();
+        assert_eq!(
+            write(&mut k, "bus/pci/drivers/vfio-pci/remove_id", "10de 2203"),
+            Err(Errno::ENODEV)
+        );
+    }
+
+    #[test]
+    fn remove_takes_the_subtree_and_rescan_brings_it_back_probed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut k = kernel(tmp.path());
+        write(&mut k, &format!("{GPU}/driver_override"), "vfio-pci").unwrap();
+        write(&mut k, "bus/pci/devices/0000:00:01.0/remove", "1\n").unwrap();
+        let devices = k.sim().sysfs().join("bus/pci/devices");
+        assert!(!devices.join("0000:00:01.0").exists());
+        assert!(!devices.join("0000:01:00.3").exists());
+        assert!(devices.join("0000:00:02.0").exists());
+        assert!(
+            !k.sim()
+                .sysfs()
+                .join("bus/pci/drivers/nvidia/0000:01:00.0")
+                .exists()
+        );
+        assert_eq!(write(&mut k, "bus/pci/rescan", "x"), Err(Errno::EINVAL));
+        write(&mut k, "bus/pci/rescan", "1").unwrap();
+        assert_eq!(k.driver(ROOT_PORT).as_deref(), Some("pcieport"));
+        // A new device has no override: the GPU goes back to nvidia.
+        assert_eq!(k.driver(RTX_3090_TI).as_deref(), Some("nvidia"));
+        assert_eq!(
+            k.driver(RTX_3090_TI.with_function(3)).as_deref(),
+            Some("nvidia-gpu")
+        );
+        assert_eq!(k.driver(IGPU).as_deref(), Some("i915"));
+    }
+
+    #[test]
+    fn faults_match_file_and_device_and_hangs_complete_on_release() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut k = kernel(tmp.path());
+        k.command("fail unbind EBUSY 0000:01:00.1").unwrap();
+        k.command("hang unbind nvidia").unwrap();
+        assert_eq!(
+            write(&mut k, "bus/pci/drivers/xhci_hcd/unbind", "0000:01:00.2"),
+            Ok(())
+        );
+        assert_eq!(
+            write(&mut k, "bus/pci/drivers/snd_hda_intel/unbind", "0000:01:00.1"),
+            Err(Errno::EBUSY)
+        );
+        assert_eq!(
+            k.driver(RTX_3090_TI.with_function(1)).as_deref(),
+            Some("snd_hda_intel")
+        );
+        let Outcome::Hung(id) = k.write(Path::new("bus/pci/drivers/nvidia/unbind"), b"0000:01:00.0") else {
+            panic!("should hang");
+        };
+        assert_eq!(k.driver(RTX_3090_TI).as_deref(), Some("nvidia"));
+        assert!(k.status().contains("hung 1 "), "{}", k.status());
+        k.command("release").unwrap();
+        assert_eq!(k.take_finished(), vec![(id, Ok(()))]);
+        assert_eq!(k.driver(RTX_3090_TI), None);
+        assert_eq!(k.log()[2].result, WriteResult::Ok);
+        assert_eq!(k.log()[1].result, WriteResult::Err(Errno::EBUSY));
+        assert!(k.command("hang frobnicate").is_err());
+        assert!(k.command("fail unbind ENOTANERRNO").is_err());
+    }
+}
