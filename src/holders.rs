@@ -458,8 +458,10 @@ impl Dir {
     }
 
     /// Call `f` with each entry name (without "." and ".."), read with getdents64 into
-    /// `buf`.
-    fn for_each(&self, buf: &mut [u8], mut f: impl FnMut(&CStr)) -> io::Result<()> {
+    /// `buf`. With `eof_on_short`, a call that left room for a longer entry than this
+    /// directory can have (procfs fd names are numbers) is taken as the end, saving the
+    /// call that would return 0: the kernel fills the buffer until an entry doesn't fit.
+    fn for_each(&self, buf: &mut [u8], eof_on_short: bool, mut f: impl FnMut(&CStr)) -> io::Result<()> {
         loop {
             // SAFETY: `buf` is valid for `buf.len()` bytes; the kernel writes at most that.
             let n = unsafe {
@@ -492,6 +494,9 @@ impl Dir {
                     }
                 }
                 off += reclen;
+            }
+            if eof_on_short && buf.len() - n >= 512 {
+                return Ok(());
             }
         }
     }
@@ -526,9 +531,8 @@ impl Dir {
         Ok((st.st_dev, st.st_ino))
     }
 
-    /// Read a small file `name` in this directory.
-    fn read_file(&self, name: &CStr) -> io::Result<Vec<u8>> {
-        use std::io::Read;
+    /// Read a small file `name` in this directory into `out` (replacing its contents).
+    fn read_file(&self, name: &CStr, out: &mut Vec<u8>) -> io::Result<()> {
         // SAFETY: `name` is NUL-terminated; the fd is owned by the File below.
         let fd = unsafe {
             libc::openat(
@@ -541,10 +545,32 @@ impl Dir {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` was just opened and is owned by nobody else.
-        let mut file = unsafe { fs::File::from_raw_fd(fd) };
-        let mut out = Vec::new();
-        file.read_to_end(&mut out)?;
-        Ok(out)
+        let file = unsafe { OwnedFd::from_raw_fd(fd) };
+        out.clear();
+        out.reserve(4096);
+        loop {
+            let spare = out.capacity() - out.len();
+            // SAFETY: the spare capacity is valid for `spare` bytes; `n` of them are set.
+            let n = unsafe { libc::read(file.as_raw_fd(), out.as_mut_ptr().add(out.len()).cast(), spare) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            // SAFETY: the kernel initialised `n` more bytes.
+            unsafe { out.set_len(out.len() + n as usize) };
+            if (n as usize) < spare {
+                // procfs text files (seq_file, cmdline) hand over everything that fits in
+                // one read; a short read is the end, no second call needed.
+                return Ok(());
+            }
+            out.reserve(4096);
+        }
     }
 }
 
@@ -618,7 +644,8 @@ impl Targets {
 struct Found {
     pid: u32,
     nodes: Vec<usize>,
-    persistenced: bool,
+    /// Its fds could not be read, but its comm says nvidia-persistenced.
+    persistenced_without_fds: bool,
 }
 
 /// Every process holding one of `nodes`, plus the holders without an fd
@@ -628,7 +655,18 @@ pub fn scan(host: &Host, gpu: &Gpu, nodes: &[GpuNode]) -> Scan {
     let mut result = Scan::default();
     let targets = Targets::new(nodes);
     let nvidia = is_nvidia(gpu);
-    let found = match walk_processes(&host.procfs, &targets, nvidia, &mut result.uninspected) {
+    let proc_dir = match Dir::open(&host.procfs) {
+        Ok(d) => d,
+        Err(e) => {
+            result.notes.push(format!(
+                "cannot list processes in {}: {e}; holders were not checked",
+                host.procfs.display()
+            ));
+            check_framebuffers(host, gpu, &mut result);
+            return result;
+        }
+    };
+    let found = match walk_processes(&proc_dir, &targets, nvidia, &mut result.uninspected) {
         Ok(found) => found,
         Err(e) => {
             result.notes.push(format!(
@@ -639,8 +677,9 @@ pub fn scan(host: &Host, gpu: &Gpu, nodes: &[GpuNode]) -> Scan {
         }
     };
     let mut users = HashMap::new();
+    let mut buf = Vec::with_capacity(4096);
     for f in found {
-        if let Some(h) = describe(host, &f, nodes, &mut users) {
+        if let Some(h) = describe(&proc_dir, &f, nodes, nvidia, &mut users, &mut buf) {
             result.holders.push(h);
         }
     }
@@ -649,114 +688,168 @@ pub fn scan(host: &Host, gpu: &Gpu, nodes: &[GpuNode]) -> Scan {
     result
 }
 
-fn walk_processes(
-    procfs: &Path,
-    targets: &Targets,
-    nvidia: bool,
-    uninspected: &mut usize,
-) -> io::Result<Vec<Found>> {
-    let proc_dir = Dir::open(procfs)?;
+/// The pids under `proc_dir`, in the order the kernel lists them (ascending).
+fn list_pids(proc_dir: &Dir, dents: &mut [u8]) -> io::Result<Vec<u32>> {
     let mut pids = Vec::with_capacity(1024);
-    let mut dents = vec![0u8; 32 * 1024];
-    proc_dir.for_each(&mut dents, |name| {
+    proc_dir.for_each(dents, false, |name| {
         let b = name.to_bytes();
         if !b.is_empty() && b.iter().all(u8::is_ascii_digit) {
-            if let Ok(pid) = std::str::from_utf8(b).unwrap_or("").parse::<u32>() {
+            if let Some(pid) = std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()) {
                 pids.push(pid);
             }
         }
     })?;
+    Ok(pids)
+}
 
-    let mut found = Vec::new();
-    let mut link = vec![0u8; libc::PATH_MAX as usize];
-    let mut fd_names: Vec<CString> = Vec::new();
-    for pid in pids {
-        let pid_c = CString::new(pid.to_string()).expect("digits");
-        let pid_dir = match proc_dir.sub(&pid_c) {
-            Ok(d) => d,
-            Err(e) if vanished(&e) => continue,
-            Err(e) => {
-                tracing::debug!(pid, error = %e, "cannot open process directory");
-                *uninspected += 1;
-                continue;
-            }
+/// What one process's fds say.
+enum Fds {
+    /// Read; the indexes of the nodes it holds (maybe none).
+    Read(Vec<usize>),
+    /// Not ours to read (EACCES/EPERM), or unreadable for another reason.
+    Denied,
+    /// Exited during the scan.
+    Gone,
+}
+
+/// The per-process hot path: `openat("<pid>/fd")`, `getdents64`, and one `readlinkat` per
+/// fd; a `stat` only for a link whose file name is a node's but whose path isn't.
+fn process_fds(
+    proc_dir: &Dir,
+    pid: u32,
+    targets: &Targets,
+    dents: &mut [u8],
+    link: &mut [u8],
+    fd_names: &mut Vec<CString>,
+) -> Fds {
+    let path = CString::new(format!("{pid}/fd")).expect("no NUL in digits");
+    let fd_dir = match proc_dir.sub(&path) {
+        Ok(d) => d,
+        Err(e) if vanished(&e) => return Fds::Gone,
+        Err(e) => {
+            tracing::debug!(pid, error = %e, "cannot open fd directory");
+            return Fds::Denied;
+        }
+    };
+    fd_names.clear();
+    // procfs lists every fd in one getdents64 call unless the buffer fills up.
+    match fd_dir.for_each(dents, true, |n| fd_names.push(n.to_owned())) {
+        Ok(()) => {}
+        Err(e) if vanished(&e) => return Fds::Gone,
+        Err(e) => {
+            tracing::debug!(pid, error = %e, "cannot list fds");
+            return Fds::Denied;
+        }
+    }
+    let mut nodes = Vec::new();
+    for name in fd_names.iter() {
+        let target = match fd_dir.readlink(name, link) {
+            Ok(t) => t,
+            // The listing is allowed but the links are not (ptrace access check fails,
+            // e.g. for a process outside our user namespace): as good as unreadable.
+            Err(e) if denied(&e) => return Fds::Denied,
+            Err(_) => continue, // closed meanwhile
         };
-        let mut nodes = Vec::new();
-        match pid_dir.sub(c"fd") {
-            Ok(fd_dir) => {
-                fd_names.clear();
-                let listed = fd_dir.for_each(&mut dents, |n| fd_names.push(n.to_owned()));
-                match listed {
-                    Ok(()) => {}
-                    Err(e) if vanished(&e) => continue,
-                    Err(e) => {
-                        tracing::debug!(pid, error = %e, "cannot list fds");
-                        *uninspected += 1;
-                        continue;
-                    }
-                }
-                for name in &fd_names {
-                    let Ok(target) = fd_dir.readlink(name, &mut link) else {
-                        continue; // closed meanwhile
-                    };
-                    if let Some(i) = targets.lookup(target, || fd_dir.stat_id(name).ok()) {
-                        if !nodes.contains(&i) {
-                            nodes.push(i);
-                        }
-                    }
-                }
-            }
-            Err(e) if vanished(&e) => continue,
-            Err(e) if denied(&e) => {
-                tracing::debug!(pid, "fds not readable");
-                *uninspected += 1;
-            }
-            Err(e) => {
-                tracing::debug!(pid, error = %e, "cannot open fd directory");
-                *uninspected += 1;
+        if let Some(i) = targets.lookup(target, || fd_dir.stat_id(name).ok()) {
+            if !nodes.contains(&i) {
+                nodes.push(i);
             }
         }
-        let persistenced = nvidia && is_persistenced(&pid_dir);
-        if !nodes.is_empty() || persistenced {
-            found.push(Found {
+    }
+    Fds::Read(nodes)
+}
+
+fn walk_processes(
+    proc_dir: &Dir,
+    targets: &Targets,
+    nvidia: bool,
+    uninspected: &mut usize,
+) -> io::Result<Vec<Found>> {
+    let mut dents = vec![0u8; 32 * 1024];
+    let pids = list_pids(proc_dir, &mut dents)?;
+    let mut found = Vec::new();
+    let mut link = vec![0u8; libc::PATH_MAX as usize];
+    let mut fd_names = Vec::new();
+    let mut buf = Vec::with_capacity(64);
+    for pid in pids {
+        match process_fds(proc_dir, pid, targets, &mut dents, &mut link, &mut fd_names) {
+            Fds::Read(nodes) if nodes.is_empty() => {}
+            Fds::Read(nodes) => found.push(Found {
                 pid,
                 nodes,
-                persistenced,
-            });
+                persistenced_without_fds: false,
+            }),
+            Fds::Gone => {}
+            Fds::Denied => {
+                *uninspected += 1;
+                // As root, nvidia-persistenced's fds are readable and it shows up by the
+                // nodes it holds (persistence mode keeps /dev/nvidia* open). Without root
+                // they are not: then its name is all there is to go on. Checking only
+                // here keeps a comm read off every process's path.
+                if nvidia && is_persistenced(proc_dir, pid, &mut buf) {
+                    found.push(Found {
+                        pid,
+                        nodes: Vec::new(),
+                        persistenced_without_fds: true,
+                    });
+                }
+            }
         }
     }
     Ok(found)
 }
 
-fn is_persistenced(pid_dir: &Dir) -> bool {
-    pid_dir
-        .read_file(c"comm")
-        .is_ok_and(|c| c.strip_suffix(b"\n").unwrap_or(&c) == PERSISTENCED_COMM.as_bytes())
+fn is_persistenced(proc_dir: &Dir, pid: u32, buf: &mut Vec<u8>) -> bool {
+    let path = CString::new(format!("{pid}/comm")).expect("no NUL in digits");
+    proc_dir.read_file(&path, buf).is_ok()
+        && buf.strip_suffix(b"\n").unwrap_or(buf) == PERSISTENCED_COMM.as_bytes()
+}
+
+/// `Name:` from `/proc/<pid>/status`: the comm, with `\\` and `\n` escaped by the kernel.
+pub fn parse_status_name(status: &str) -> Option<String> {
+    let raw = status.lines().find_map(|l| l.strip_prefix("Name:"))?;
+    let raw = raw.strip_prefix('\t').unwrap_or(raw);
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        match (c, c == '\\') {
+            (_, true) => match chars.next() {
+                Some('n') => out.push('\n'),
+                Some('t') => out.push('\t'),
+                Some(o) => out.push(o),
+                None => out.push('\\'),
+            },
+            (c, false) => out.push(c),
+        }
+    }
+    Some(out)
 }
 
 /// The details of a process found holding something; None when it exited meanwhile.
+/// Reads `status` (name and real uid), `cmdline` and `cgroup`.
 fn describe(
-    host: &Host,
+    proc_dir: &Dir,
     found: &Found,
     nodes: &[GpuNode],
+    nvidia: bool,
     users: &mut HashMap<u32, String>,
+    buf: &mut Vec<u8>,
 ) -> Option<Holder> {
-    let dir = host.procfs.join(found.pid.to_string());
-    let command = fs::read_to_string(dir.join("comm")).ok()?;
-    let command = command.trim_end_matches('\n').to_owned();
-    let cmdline = fs::read(dir.join("cmdline"))
-        .map(|c| parse_cmdline(&c))
-        .unwrap_or_default();
-    let uid = fs::read_to_string(dir.join("status"))
-        .ok()
-        .and_then(|s| parse_status_uid(&s))?;
-    let unit = fs::read_to_string(dir.join("cgroup"))
-        .ok()
-        .and_then(|c| parse_cgroup_unit(&c));
+    let mut read = |name: &str| -> Option<Vec<u8>> {
+        let path = CString::new(format!("{}/{name}", found.pid)).ok()?;
+        proc_dir.read_file(&path, buf).ok()?;
+        Some(buf.clone())
+    };
+    let status = String::from_utf8_lossy(&read("status")?).into_owned();
+    let command = parse_status_name(&status)?;
+    let uid = parse_status_uid(&status)?;
+    let cmdline = read("cmdline").map(|c| parse_cmdline(&c)).unwrap_or_default();
+    let unit = read("cgroup").and_then(|c| parse_cgroup_unit(&String::from_utf8_lossy(&c)));
     let user = users.entry(uid).or_insert_with(|| user_name(uid)).clone();
     let mut paths: Vec<PathBuf> = found.nodes.iter().map(|&i| nodes[i].path.clone()).collect();
     paths.sort();
     paths.dedup();
+    let persistenced = found.persistenced_without_fds || (nvidia && command == PERSISTENCED_COMM);
     Some(Holder {
         pid: found.pid,
         command,
@@ -765,7 +858,7 @@ fn describe(
         user,
         unit,
         paths,
-        reason: found.persistenced.then(|| PERSISTENCED_REASON.to_owned()),
+        reason: persistenced.then(|| PERSISTENCED_REASON.to_owned()),
     })
 }
 

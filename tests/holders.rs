@@ -329,31 +329,59 @@ fn reports_the_systemd_unit_of_a_holder() {
 
 // --- A fake procfs: nvidia-persistenced and boot framebuffers. ----------------------------
 
-/// A procfs with one process that has the given comm and no fds, and the given iomem.
-fn fake_proc(root: &Path, comm: &str, iomem: &str) -> PathBuf {
+/// How the fake process's fds look.
+enum FakeFds<'a> {
+    /// `fd` can't be read (here: it is not a directory), as another user's are.
+    Unreadable,
+    /// `fd/3` links to this node.
+    Holding(&'a Path),
+    /// An empty fd directory.
+    None,
+}
+
+/// A procfs with one process (pid 812) that has the given comm, and the given iomem.
+fn fake_proc(root: &Path, comm: &str, fds: FakeFds, iomem: &str) -> PathBuf {
     let proc = root.join("fakeproc");
     let pid = proc.join("812");
-    fs::create_dir_all(pid.join("fd")).unwrap();
+    fs::create_dir_all(&pid).unwrap();
+    match fds {
+        FakeFds::Unreadable => fs::write(pid.join("fd"), "").unwrap(),
+        FakeFds::Holding(node) => {
+            fs::create_dir_all(pid.join("fd")).unwrap();
+            std::os::unix::fs::symlink(fs::canonicalize(node).unwrap(), pid.join("fd/3")).unwrap();
+        }
+        FakeFds::None => fs::create_dir_all(pid.join("fd")).unwrap(),
+    }
     fs::write(pid.join("comm"), format!("{comm}\n")).unwrap();
     fs::write(
         pid.join("cmdline"),
         "/usr/bin/nvidia-persistenced\0--user\0nvidia-persistenced\0",
     )
     .unwrap();
-    fs::write(pid.join("status"), "Name:\tnvidia-persiste\nUid:\t0\t0\t0\t0\n").unwrap();
+    fs::write(pid.join("status"), format!("Name:\t{comm}\nUid:\t0\t0\t0\t0\n")).unwrap();
     fs::write(pid.join("cgroup"), fixture("cgroup-hybrid")).unwrap();
     fs::write(proc.join("iomem"), iomem).unwrap();
     proc
 }
 
-#[test]
-fn nvidia_persistenced_holds_the_gpu_without_an_fd() {
-    let s = Sim::new();
+fn persistenced_scan(s: &Sim, fds: FakeFds) -> Scan {
     let host = Host {
-        procfs: fake_proc(&s.sim.root, "nvidia-persiste", &fixture("iomem-simpledrm-igpu")),
+        procfs: fake_proc(
+            &s.sim.root,
+            "nvidia-persiste",
+            fds,
+            &fixture("iomem-simpledrm-igpu"),
+        ),
         ..s.host()
     };
-    let scan = holders::scan(&host, &rtx(), &holders::gpu_nodes(&host, &rtx()));
+    holders::scan(&host, &rtx(), &holders::gpu_nodes(&host, &rtx()))
+}
+
+#[test]
+fn nvidia_persistenced_is_a_holder_even_when_its_fds_cannot_be_read() {
+    let s = Sim::new();
+    let scan = persistenced_scan(&s, FakeFds::Unreadable);
+    assert_eq!(scan.uninspected, 1);
     assert_eq!(scan.holders.len(), 1, "{scan:#?}");
     let h = &scan.holders[0];
     assert_eq!((h.pid, h.command.as_str()), (812, "nvidia-persiste"));
@@ -369,16 +397,35 @@ fn nvidia_persistenced_holds_the_gpu_without_an_fd() {
     // The iGPU's simpledrm is not on the 3090 Ti.
     assert!(scan.framebuffers.is_empty());
     assert!(scan.notes.is_empty(), "{:?}", scan.notes);
+}
 
-    // Not an NVIDIA GPU: persistenced is none of its business.
-    assert!(holders::scan(&host, &igpu(), &[]).holders.is_empty());
+#[test]
+fn nvidia_persistenced_holding_nodes_says_why() {
+    let s = Sim::new();
+    let scan = persistenced_scan(&s, FakeFds::Holding(&s.dev("nvidia0")));
+    assert_eq!(scan.uninspected, 0);
+    let h = &scan.holders[0];
+    assert_eq!(h.paths, [s.dev("nvidia0")]);
+    assert!(h.reason.is_some());
+}
+
+#[test]
+fn persistenced_is_none_of_an_igpus_business() {
+    let s = Sim::new();
+    let host = Host {
+        procfs: fake_proc(&s.sim.root, "nvidia-persiste", FakeFds::Unreadable, ""),
+        ..s.host()
+    };
+    let scan = holders::scan(&host, &igpu(), &holders::gpu_nodes(&host, &igpu()));
+    assert!(scan.holders.is_empty());
+    assert_eq!(scan.uninspected, 1);
 }
 
 #[test]
 fn efifb_on_the_gpus_bar_is_a_holder_without_a_process() {
     let s = Sim::new();
     let host = Host {
-        procfs: fake_proc(&s.sim.root, "bash", &fixture("iomem-efifb")),
+        procfs: fake_proc(&s.sim.root, "bash", FakeFds::None, &fixture("iomem-efifb")),
         ..s.host()
     };
     let scan = holders::scan(&host, &rtx(), &[]);
@@ -395,7 +442,7 @@ fn efifb_on_the_gpus_bar_is_a_holder_without_a_process() {
 fn iomem_without_addresses_is_a_note_not_a_clean_bill() {
     let s = Sim::new();
     let host = Host {
-        procfs: fake_proc(&s.sim.root, "bash", &fixture("iomem-redacted")),
+        procfs: fake_proc(&s.sim.root, "bash", FakeFds::None, &fixture("iomem-redacted")),
         ..s.host()
     };
     let scan = holders::scan(&host, &rtx(), &[]);
@@ -428,6 +475,14 @@ fn cgroup_unit_is_the_last_service_or_scope() {
 #[test]
 fn status_cmdline_and_nvidia_information_parse() {
     assert_eq!(holders::parse_status_uid(&fixture("status")), Some(1000));
+    assert_eq!(
+        holders::parse_status_name(&fixture("status")).as_deref(),
+        Some("python3")
+    );
+    assert_eq!(
+        holders::parse_status_name("Name:\ta\\\\b\\nc\n").as_deref(),
+        Some("a\\b\nc")
+    );
     assert_eq!(
         holders::parse_cmdline(fixture("cmdline").as_bytes()),
         ["python3", "-m", "ollama", "serve"]
