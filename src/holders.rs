@@ -2,14 +2,51 @@
 //! walking `/proc/*/fd`, in Rust, without lsof/fuser), and holders without an fd that can
 //! be seen (nvidia-persistenced, a boot framebuffer on the GPU's BAR).
 //!
-//! The scan never opens a GPU node: opening `/dev/nvidia*` alone keeps the GPU busy.
+//! The scan never opens a GPU node: opening `/dev/nvidia*` alone keeps the GPU busy. It
+//! reads, under the roots of a [`Host`]:
+//!
+//! - sysfs: `bus/pci/devices/<BDF>/{drm,sound,i2c-*}` to learn which nodes under `dev`
+//!   belong to the GPU, and `<BDF>/resource` for its BARs;
+//! - procfs: `driver/nvidia/gpus/<BDF>/information` (the device minor), `<pid>/fd/*`
+//!   (readlink, and `stat` through the link for candidates), and for matching processes
+//!   only `comm`, `cmdline`, `status` and `cgroup`; `iomem` for boot framebuffers.
+//!
+//! A node is matched by path (the fd's link target against the node's canonical path) and
+//! by inode identity (`st_dev`/`st_ino` through `/proc/<pid>/fd/<n>`, for fds whose target
+//! has a node's file name but another path: another mount namespace, a bind mount, a hard
+//! link). Never by device numbers alone: test nodes are 1:3 like `/dev/null`, and on a real
+//! machine the numbers say nothing about which of two GPUs a node is.
+//!
+//! What the scan reports about itself:
+//! - Our own process is reported like any other: if the caller holds a GPU node, it is a
+//!   holder too, and hiding that would make a refused start unexplainable.
+//! - Processes whose fds cannot be read (EACCES/EPERM: another user's, when we are not
+//!   root; PID 1 in some containers) are counted in [`Scan::uninspected`], never dropped.
+//!   Processes that exit during the scan are ignored.
+//! - `nvidia-persistenced` is a [`Holder`] with its real pid and a `reason`, whether or
+//!   not its fds were visible. A boot framebuffer (efifb, simpledrm, …) has no process at
+//!   all, so it is a [`Framebuffer`] in [`Scan::framebuffers`]. When something could not
+//!   be checked (as non-root `/proc/iomem` shows zero addresses) it goes to
+//!   [`Scan::notes`] rather than being reported as "none".
+//!
+//! Not covered: memory mappings of a node whose fd was closed (`/proc/<pid>/maps`; CUDA and
+//! the NVIDIA driver keep their fds open, and reading every process's maps would make the
+//! scan as slow as fuser), and threads that unshared their fd table (`CLONE_FILES`).
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString, OsStr};
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::gpu::Gpu;
+use crate::gpu::{Function, Gpu};
 use crate::host::Host;
+use crate::pci::PciAddress;
 
 /// A device node that belongs to the GPU.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -33,19 +70,880 @@ pub struct Holder {
     pub reason: Option<String>,
 }
 
+/// A firmware/boot framebuffer driver that sits on one of the GPU's BARs. It has no
+/// process and no fd, but keeps the memory claimed until the kernel lets go of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Framebuffer {
+    /// The name in `/proc/iomem`: efifb, simplefb, simpledrm, vesafb, BOOTFB.
+    pub name: String,
+    /// The GPU function whose BAR it overlaps.
+    pub function: PciAddress,
+    pub start: u64,
+    pub end: u64,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Scan {
+    /// Processes holding the GPU, sorted by pid (nvidia-persistenced included).
     pub holders: Vec<Holder>,
     /// Processes whose fds could not be read (not ours, and we are not root).
     pub uninspected: usize,
+    /// Boot framebuffers on the GPU's BARs: holders without a process.
+    pub framebuffers: Vec<Framebuffer>,
+    /// What could not be checked, in words a person can act on.
+    pub notes: Vec<String>,
 }
 
-/// The GPU's device nodes under `host.dev`.
-pub fn gpu_nodes(_host: &Host, _gpu: &Gpu) -> Vec<GpuNode> {
-    todo!("holders helper")
+impl Scan {
+    /// Nothing seen holding the GPU. (`uninspected` and `notes` may still say the look was
+    /// partial: callers that refuse on doubt check them too.)
+    pub fn is_clear(&self) -> bool {
+        self.holders.is_empty() && self.framebuffers.is_empty()
+    }
+
+    /// One line per holder of either kind, for an error message or a notification.
+    pub fn summary_lines(&self) -> Vec<String> {
+        self.holders
+            .iter()
+            .map(Holder::summary)
+            .chain(self.framebuffers.iter().map(Framebuffer::summary))
+            .collect()
+    }
 }
 
-/// Every process holding one of `nodes`, plus the holders without an fd.
-pub fn scan(_host: &Host, _gpu: &Gpu, _nodes: &[GpuNode]) -> Scan {
-    todo!("holders helper")
+const PERSISTENCED_COMM: &str = "nvidia-persiste";
+const PERSISTENCED_REASON: &str = "nvidia-persistenced keeps the GPU initialised (persistence mode); \
+     stop it: systemctl stop nvidia-persistenced";
+const NVIDIA_VENDOR: u16 = 0x10de;
+
+impl Holder {
+    /// One line, short enough for a `virsh start` error and a notification:
+    /// `python3 (pid 4242, user alice, ollama.service) holds /dev/nvidia0, /dev/nvidiactl`.
+    pub fn summary(&self) -> String {
+        let mut s = format!("{} (pid {}, user {}", self.command, self.pid, self.user);
+        if let Some(unit) = &self.unit {
+            s += ", ";
+            s += unit;
+        }
+        s += ")";
+        if !self.paths.is_empty() {
+            const SHOWN: usize = 3;
+            s += " holds ";
+            let shown: Vec<_> = self
+                .paths
+                .iter()
+                .take(SHOWN)
+                .map(|p| p.display().to_string())
+                .collect();
+            s += &shown.join(", ");
+            if self.paths.len() > SHOWN {
+                s += &format!(" and {} more", self.paths.len() - SHOWN);
+            }
+        }
+        if let Some(reason) = &self.reason {
+            s += if self.paths.is_empty() { ": " } else { "; " };
+            s += reason;
+        }
+        s
+    }
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.summary())
+    }
+}
+
+impl Framebuffer {
+    /// `efifb (boot framebuffer) holds 0000:01:00.0 memory fb000000-fb2fffff; …`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} (boot framebuffer) holds {} memory {:x}-{:x}; boot with \
+             initcall_blacklist=sysfb_init or video=efifb:off",
+            self.name, self.function, self.start, self.end
+        )
+    }
+}
+
+impl fmt::Display for Framebuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.summary())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Which nodes belong to the GPU.
+
+fn is_nvidia(gpu: &Gpu) -> bool {
+    gpu.functions
+        .iter()
+        .any(|f| f.vendor == NVIDIA_VENDOR || f.driver.as_deref() == Some("nvidia"))
+}
+
+/// `name` is `prefix` followed by one or more decimal digits.
+fn numbered(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn dir_names(dir: &Path) -> Vec<String> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect()
+}
+
+/// The minor of `/dev/nvidia<minor>` from the driver's
+/// `/proc/driver/nvidia/gpus/<BDF>/information` ("Device Minor: 0").
+pub fn parse_nvidia_minor(information: &str) -> Option<u32> {
+    information.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key.trim() == "Device Minor")
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
+}
+
+fn nvidia_nodes(host: &Host, gpu: &Gpu, out: &mut Vec<PathBuf>) {
+    let minors: Vec<u32> = gpu
+        .functions
+        .iter()
+        .filter_map(|f| {
+            let info = host
+                .procfs
+                .join("driver/nvidia/gpus")
+                .join(f.address.to_string())
+                .join("information");
+            parse_nvidia_minor(&fs::read_to_string(info).ok()?)
+        })
+        .collect();
+    if minors.is_empty() {
+        // The driver doesn't say which minor is ours (not bound to nvidia, or no procfs
+        // entry): take every /dev/nvidia<N>. One NVIDIA GPU per machine is the common case;
+        // with two, this over-reports, which refuses a start rather than hanging an unbind.
+        for name in dir_names(&host.dev) {
+            if numbered(&name, "nvidia") {
+                out.push(host.dev.join(name));
+            }
+        }
+    } else {
+        out.extend(minors.iter().map(|m| host.dev.join(format!("nvidia{m}"))));
+    }
+    for n in ["nvidiactl", "nvidia-modeset", "nvidia-uvm", "nvidia-uvm-tools"] {
+        out.push(host.dev.join(n));
+    }
+    let caps = host.dev.join("nvidia-caps");
+    for name in dir_names(&caps) {
+        out.push(caps.join(name));
+    }
+}
+
+fn function_nodes(host: &Host, function: &Function, out: &mut Vec<PathBuf>) {
+    let dir = host.pci_devices().join(function.address.to_string());
+    for name in dir_names(&dir.join("drm")) {
+        if numbered(&name, "card") || numbered(&name, "renderD") {
+            out.push(host.dev.join("dri").join(name));
+        }
+    }
+    let sound = dir.join("sound");
+    for card in dir_names(&sound) {
+        if !numbered(&card, "card") {
+            continue;
+        }
+        for name in dir_names(&sound.join(&card)) {
+            if ["controlC", "pcmC", "hwC", "midiC"]
+                .iter()
+                .any(|p| name.starts_with(p))
+            {
+                out.push(host.dev.join("snd").join(name));
+            }
+        }
+    }
+    for adapter in dir_names(&dir) {
+        if !numbered(&adapter, "i2c-") {
+            continue;
+        }
+        for name in dir_names(&dir.join(&adapter).join("i2c-dev")) {
+            if numbered(&name, "i2c-") {
+                out.push(host.dev.join(name));
+            }
+        }
+    }
+}
+
+/// The GPU's device nodes under `host.dev`: `/dev/nvidia*` for an NVIDIA GPU, its DRM card
+/// and render nodes, the audio function's `/dev/snd/*`, and the i2c buses of every
+/// function. Only nodes that exist, sorted, without duplicates. Nothing is opened.
+pub fn gpu_nodes(host: &Host, gpu: &Gpu) -> Vec<GpuNode> {
+    let mut paths = Vec::new();
+    if is_nvidia(gpu) {
+        nvidia_nodes(host, gpu, &mut paths);
+    }
+    for f in &gpu.functions {
+        function_nodes(host, f, &mut paths);
+    }
+    paths.retain(|p| fs::symlink_metadata(p).is_ok());
+    paths.sort();
+    paths.dedup();
+    paths.into_iter().map(|path| GpuNode { path }).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Parsers (pure, tested with fixtures under tests/fixtures/).
+
+/// The systemd unit from the text of `/proc/<pid>/cgroup`: the last path component that
+/// ends in `.service` or `.scope`. The unified hierarchy (`0::`) wins; on a v1 machine the
+/// `name=systemd` line is used. None for the root cgroup and for paths without a unit.
+pub fn parse_cgroup_unit(cgroup: &str) -> Option<String> {
+    let path_of = |line: &str| -> Option<(String, String)> {
+        let mut parts = line.splitn(3, ':');
+        let id = parts.next()?;
+        let controllers = parts.next()?;
+        let path = parts.next()?;
+        Some((format!("{id}:{controllers}"), path.to_owned()))
+    };
+    let lines: Vec<_> = cgroup.lines().filter_map(path_of).collect();
+    let path = lines
+        .iter()
+        .find(|(k, _)| k == "0:")
+        .or_else(|| lines.iter().find(|(k, _)| k.ends_with(":name=systemd")))
+        .or_else(|| lines.first())?;
+    path.1
+        .rsplit('/')
+        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
+        .map(str::to_owned)
+}
+
+/// The real uid (first field of `Uid:`) from the text of `/proc/<pid>/status`.
+pub fn parse_status_uid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `/proc/<pid>/cmdline`: NUL-separated arguments (a trailing NUL ends the last one).
+pub fn parse_cmdline(cmdline: &[u8]) -> Vec<String> {
+    let body = cmdline.strip_suffix(b"\0").unwrap_or(cmdline);
+    if body.is_empty() {
+        return Vec::new();
+    }
+    body.split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// One line of `/proc/iomem`: `start-end : name`, nesting shown by indentation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IomemRegion {
+    pub start: u64,
+    pub end: u64,
+    pub name: String,
+    /// Indentation level (two spaces per level).
+    pub depth: usize,
+}
+
+/// Every region of `/proc/iomem`. Lines that don't parse are skipped.
+pub fn parse_iomem(iomem: &str) -> Vec<IomemRegion> {
+    iomem
+        .lines()
+        .filter_map(|line| {
+            let trimmed = line.trim_start();
+            let depth = (line.len() - trimmed.len()) / 2;
+            let (range, name) = trimmed.split_once(" : ")?;
+            let (start, end) = range.split_once('-')?;
+            Some(IomemRegion {
+                start: u64::from_str_radix(start.trim(), 16).ok()?,
+                end: u64::from_str_radix(end.trim(), 16).ok()?,
+                name: name.trim().to_owned(),
+                depth,
+            })
+        })
+        .collect()
+}
+
+/// True when iomem was read without the privilege to see addresses (every range 0-0).
+pub fn iomem_is_redacted(regions: &[IomemRegion]) -> bool {
+    !regions.is_empty() && regions.iter().all(|r| r.start == 0 && r.end == 0)
+}
+
+/// Whether an iomem region name is a boot/firmware framebuffer driver's.
+pub fn is_boot_framebuffer(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "efifb",
+        "simplefb",
+        "simpledrm",
+        "simple-framebuffer",
+        "vesafb",
+        "bootfb",
+    ]
+    .iter()
+    .any(|k| n.contains(k))
+}
+
+/// The memory BARs of a function from its sysfs `resource` file (`start end flags` in hex,
+/// one line per resource, all zero when unused).
+pub fn parse_resource(resource: &str) -> Vec<(u64, u64)> {
+    resource
+        .lines()
+        .filter_map(|l| {
+            let mut it = l
+                .split_whitespace()
+                .map(|f| u64::from_str_radix(f.trim_start_matches("0x").trim_start_matches("0X"), 16));
+            let start = it.next()?.ok()?;
+            let end = it.next()?.ok()?;
+            (end > start).then_some((start, end))
+        })
+        .collect()
+}
+
+/// Boot framebuffers in `iomem` that overlap one of `bars` (per function).
+pub fn boot_framebuffers(
+    regions: &[IomemRegion],
+    bars: &[(PciAddress, Vec<(u64, u64)>)],
+) -> Vec<Framebuffer> {
+    let mut out = Vec::new();
+    for r in regions.iter().filter(|r| is_boot_framebuffer(&r.name)) {
+        for (function, ranges) in bars {
+            if ranges.iter().any(|&(s, e)| r.start <= e && s <= r.end) {
+                out.push(Framebuffer {
+                    name: r.name.clone(),
+                    function: *function,
+                    start: r.start,
+                    end: r.end,
+                });
+                break;
+            }
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw directory access: the walk over /proc is the hot path (one entry per process, one
+// per fd), so it uses openat/getdents64/readlinkat relative to open directories instead of
+// building and resolving a full path per fd.
+
+struct Dir(OwnedFd);
+
+impl Dir {
+    fn open(path: &Path) -> io::Result<Dir> {
+        let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        Self::open_at(libc::AT_FDCWD, &c)
+    }
+
+    fn open_at(dirfd: libc::c_int, name: &CStr) -> io::Result<Dir> {
+        // SAFETY: `name` is NUL-terminated; the returned fd is owned by the OwnedFd below.
+        let fd = unsafe {
+            libc::openat(
+                dirfd,
+                name.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        Ok(Dir(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn sub(&self, name: &CStr) -> io::Result<Dir> {
+        Self::open_at(self.0.as_raw_fd(), name)
+    }
+
+    /// Call `f` with each entry name (without "." and ".."), read with getdents64 into
+    /// `buf`. With `eof_on_short`, a call that left room for a longer entry than this
+    /// directory can have (procfs fd names are numbers) is taken as the end, saving the
+    /// call that would return 0: the kernel fills the buffer until an entry doesn't fit.
+    fn for_each(&self, buf: &mut [u8], eof_on_short: bool, mut f: impl FnMut(&CStr)) -> io::Result<()> {
+        loop {
+            // SAFETY: `buf` is valid for `buf.len()` bytes; the kernel writes at most that.
+            let n = unsafe {
+                libc::syscall(
+                    libc::SYS_getdents64,
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            let mut off = 0usize;
+            let n = n as usize;
+            // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+            while off + 19 < n {
+                let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+                if reclen == 0 || off + reclen > n {
+                    break;
+                }
+                let name = &buf[off + 19..off + reclen];
+                if let Ok(name) = CStr::from_bytes_until_nul(name) {
+                    let b = name.to_bytes();
+                    if b != b"." && b != b".." {
+                        f(name);
+                    }
+                }
+                off += reclen;
+            }
+            if eof_on_short && buf.len() - n >= 512 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The link target of `name` in this directory, into `buf`; the filled part.
+    fn readlink<'b>(&self, name: &CStr, buf: &'b mut [u8]) -> io::Result<&'b [u8]> {
+        // SAFETY: `name` is NUL-terminated and `buf` is valid for `buf.len()` bytes.
+        let n = unsafe {
+            libc::readlinkat(
+                self.0.as_raw_fd(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(&buf[..n as usize])
+    }
+
+    /// `(st_dev, st_ino)` of what `name` points to (stat follows /proc's fd links to the
+    /// open file without opening anything).
+    fn stat_id(&self, name: &CStr) -> io::Result<(u64, u64)> {
+        // SAFETY: an all-zero `stat` is a valid value for fstatat to overwrite.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `name` is NUL-terminated; `st` is a valid out-pointer.
+        let rc = unsafe { libc::fstatat(self.0.as_raw_fd(), name.as_ptr(), &mut st, 0) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((st.st_dev, st.st_ino))
+    }
+
+    /// Read a small file `name` in this directory into `out` (replacing its contents).
+    fn read_file(&self, name: &CStr, out: &mut Vec<u8>) -> io::Result<()> {
+        // SAFETY: `name` is NUL-terminated; the fd is owned by the File below.
+        let fd = unsafe {
+            libc::openat(
+                self.0.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        let file = unsafe { OwnedFd::from_raw_fd(fd) };
+        out.clear();
+        out.reserve(4096);
+        loop {
+            let spare = out.capacity() - out.len();
+            // SAFETY: the spare capacity is valid for `spare` bytes; `n` of them are set.
+            let n = unsafe { libc::read(file.as_raw_fd(), out.as_mut_ptr().add(out.len()).cast(), spare) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            // SAFETY: the kernel initialised `n` more bytes.
+            unsafe { out.set_len(out.len() + n as usize) };
+            if (n as usize) < spare {
+                // procfs text files (seq_file, cmdline) hand over everything that fits in
+                // one read; a short read is the end, no second call needed.
+                return Ok(());
+            }
+            out.reserve(4096);
+        }
+    }
+}
+
+fn vanished(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH))
+}
+
+fn denied(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM))
+}
+
+// ---------------------------------------------------------------------------------------
+// The scan.
+
+/// What the walk matches fds against.
+struct Targets {
+    /// Canonical node paths (what the kernel shows as a link target), by node index.
+    paths: Vec<Vec<u8>>,
+    /// File names of the nodes: a link target with one of these names but another path is
+    /// worth a `stat` to compare inodes.
+    names: Vec<Vec<u8>>,
+    /// `(st_dev, st_ino)` of each node, by node index.
+    ids: Vec<Option<(u64, u64)>>,
+}
+
+impl Targets {
+    fn new(nodes: &[GpuNode]) -> Targets {
+        let mut t = Targets {
+            paths: Vec::new(),
+            names: Vec::new(),
+            ids: Vec::new(),
+        };
+        for n in nodes {
+            let canonical = fs::canonicalize(&n.path).unwrap_or_else(|_| n.path.clone());
+            let id = fs::metadata(&canonical).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.dev(), m.ino())
+            });
+            let name = canonical
+                .file_name()
+                .map(|s| s.as_bytes().to_vec())
+                .unwrap_or_default();
+            t.paths.push(canonical.into_os_string().into_vec());
+            t.names.push(name);
+            t.ids.push(id);
+        }
+        t
+    }
+
+    /// The node index an fd refers to. `stat` is the fd's identity, asked only when needed.
+    fn lookup(&self, target: &[u8], stat: impl FnOnce() -> Option<(u64, u64)>) -> Option<usize> {
+        // A node removed and made again (udev) shows as "<path> (deleted)"; the old inode
+        // is still the device, so it counts as the path.
+        let target = target.strip_suffix(b" (deleted)").unwrap_or(target);
+        if let Some(i) = self.paths.iter().position(|p| p == target) {
+            return Some(i);
+        }
+        if target.first() != Some(&b'/') {
+            return None; // socket:[…], pipe:[…], anon_inode:…
+        }
+        let name = target.rsplit(|&b| b == b'/').next().unwrap_or(target);
+        if !self.names.iter().any(|n| n == name) {
+            return None;
+        }
+        let id = stat()?;
+        self.ids.iter().position(|i| *i == Some(id))
+    }
+}
+
+/// A raw view of one process, before its details are read.
+struct Found {
+    pid: u32,
+    nodes: Vec<usize>,
+    /// Its fds could not be read, but its comm says nvidia-persistenced.
+    persistenced_without_fds: bool,
+}
+
+/// Every process holding one of `nodes`, plus the holders without an fd
+/// (nvidia-persistenced, boot framebuffers on the GPU's BARs). Reads `host.procfs` and
+/// the GPU's sysfs `resource` files; never opens a node.
+pub fn scan(host: &Host, gpu: &Gpu, nodes: &[GpuNode]) -> Scan {
+    let mut result = Scan::default();
+    let targets = Targets::new(nodes);
+    let nvidia = is_nvidia(gpu);
+    let proc_dir = match Dir::open(&host.procfs) {
+        Ok(d) => d,
+        Err(e) => {
+            result.notes.push(format!(
+                "cannot list processes in {}: {e}; holders were not checked",
+                host.procfs.display()
+            ));
+            check_framebuffers(host, gpu, &mut result);
+            return result;
+        }
+    };
+    let found = match walk_processes(&proc_dir, &targets, nvidia, &mut result.uninspected) {
+        Ok(found) => found,
+        Err(e) => {
+            result.notes.push(format!(
+                "cannot list processes in {}: {e}; holders were not checked",
+                host.procfs.display()
+            ));
+            Vec::new()
+        }
+    };
+    let mut users = HashMap::new();
+    let mut buf = Vec::with_capacity(4096);
+    for f in found {
+        if let Some(h) = describe(&proc_dir, &f, nodes, nvidia, &mut users, &mut buf) {
+            result.holders.push(h);
+        }
+    }
+    result.holders.sort_by_key(|h| h.pid);
+    check_framebuffers(host, gpu, &mut result);
+    result
+}
+
+/// The pids under `proc_dir`, in the order the kernel lists them (ascending).
+fn list_pids(proc_dir: &Dir, dents: &mut [u8]) -> io::Result<Vec<u32>> {
+    let mut pids = Vec::with_capacity(1024);
+    proc_dir.for_each(dents, false, |name| {
+        let b = name.to_bytes();
+        if !b.is_empty() && b.iter().all(u8::is_ascii_digit) {
+            if let Some(pid) = std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()) {
+                pids.push(pid);
+            }
+        }
+    })?;
+    Ok(pids)
+}
+
+/// What one process's fds say.
+enum Fds {
+    /// Read; the indexes of the nodes it holds (maybe none).
+    Read(Vec<usize>),
+    /// Not ours to read (EACCES/EPERM), or unreadable for another reason.
+    Denied,
+    /// Exited during the scan.
+    Gone,
+}
+
+/// The per-process hot path: `openat("<pid>/fd")`, `getdents64`, and one `readlinkat` per
+/// fd; a `stat` only for a link whose file name is a node's but whose path isn't.
+fn process_fds(
+    proc_dir: &Dir,
+    pid: u32,
+    targets: &Targets,
+    dents: &mut [u8],
+    link: &mut [u8],
+    fd_names: &mut Vec<CString>,
+) -> Fds {
+    let path = CString::new(format!("{pid}/fd")).expect("no NUL in digits");
+    let fd_dir = match proc_dir.sub(&path) {
+        Ok(d) => d,
+        Err(e) if vanished(&e) => return Fds::Gone,
+        Err(e) => {
+            tracing::debug!(pid, error = %e, "cannot open fd directory");
+            return Fds::Denied;
+        }
+    };
+    fd_names.clear();
+    // procfs lists every fd in one getdents64 call unless the buffer fills up.
+    match fd_dir.for_each(dents, true, |n| fd_names.push(n.to_owned())) {
+        Ok(()) => {}
+        Err(e) if vanished(&e) => return Fds::Gone,
+        Err(e) => {
+            tracing::debug!(pid, error = %e, "cannot list fds");
+            return Fds::Denied;
+        }
+    }
+    let mut nodes = Vec::new();
+    for name in fd_names.iter() {
+        let target = match fd_dir.readlink(name, link) {
+            Ok(t) => t,
+            // The listing is allowed but the links are not (ptrace access check fails,
+            // e.g. for a process outside our user namespace): as good as unreadable.
+            Err(e) if denied(&e) => return Fds::Denied,
+            Err(_) => continue, // closed meanwhile
+        };
+        if let Some(i) = targets.lookup(target, || fd_dir.stat_id(name).ok()) {
+            if !nodes.contains(&i) {
+                nodes.push(i);
+            }
+        }
+    }
+    Fds::Read(nodes)
+}
+
+fn walk_processes(
+    proc_dir: &Dir,
+    targets: &Targets,
+    nvidia: bool,
+    uninspected: &mut usize,
+) -> io::Result<Vec<Found>> {
+    let mut dents = vec![0u8; 32 * 1024];
+    let pids = list_pids(proc_dir, &mut dents)?;
+    let mut found = Vec::new();
+    let mut link = vec![0u8; libc::PATH_MAX as usize];
+    let mut fd_names = Vec::new();
+    let mut buf = Vec::with_capacity(64);
+    for pid in pids {
+        match process_fds(proc_dir, pid, targets, &mut dents, &mut link, &mut fd_names) {
+            Fds::Read(nodes) if nodes.is_empty() => {}
+            Fds::Read(nodes) => found.push(Found {
+                pid,
+                nodes,
+                persistenced_without_fds: false,
+            }),
+            Fds::Gone => {}
+            Fds::Denied => {
+                *uninspected += 1;
+                // As root, nvidia-persistenced's fds are readable and it shows up by the
+                // nodes it holds (persistence mode keeps /dev/nvidia* open). Without root
+                // they are not: then its name is all there is to go on. Checking only
+                // here keeps a comm read off every process's path.
+                if nvidia && is_persistenced(proc_dir, pid, &mut buf) {
+                    found.push(Found {
+                        pid,
+                        nodes: Vec::new(),
+                        persistenced_without_fds: true,
+                    });
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn is_persistenced(proc_dir: &Dir, pid: u32, buf: &mut Vec<u8>) -> bool {
+    let path = CString::new(format!("{pid}/comm")).expect("no NUL in digits");
+    proc_dir.read_file(&path, buf).is_ok()
+        && buf.strip_suffix(b"\n").unwrap_or(buf) == PERSISTENCED_COMM.as_bytes()
+}
+
+/// `Name:` from `/proc/<pid>/status`: the comm, with `\\` and `\n` escaped by the kernel.
+pub fn parse_status_name(status: &str) -> Option<String> {
+    let raw = status.lines().find_map(|l| l.strip_prefix("Name:"))?;
+    let raw = raw.strip_prefix('\t').unwrap_or(raw);
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        match (c, c == '\\') {
+            (_, true) => match chars.next() {
+                Some('n') => out.push('\n'),
+                Some('t') => out.push('\t'),
+                Some(o) => out.push(o),
+                None => out.push('\\'),
+            },
+            (c, false) => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+/// The details of a process found holding something; None when it exited meanwhile.
+/// Reads `status` (name and real uid), `cmdline` and `cgroup`.
+fn describe(
+    proc_dir: &Dir,
+    found: &Found,
+    nodes: &[GpuNode],
+    nvidia: bool,
+    users: &mut HashMap<u32, String>,
+    buf: &mut Vec<u8>,
+) -> Option<Holder> {
+    let mut read = |name: &str| -> Option<Vec<u8>> {
+        let path = CString::new(format!("{}/{name}", found.pid)).ok()?;
+        proc_dir.read_file(&path, buf).ok()?;
+        Some(buf.clone())
+    };
+    let status = String::from_utf8_lossy(&read("status")?).into_owned();
+    let command = parse_status_name(&status)?;
+    let uid = parse_status_uid(&status)?;
+    let cmdline = read("cmdline").map(|c| parse_cmdline(&c)).unwrap_or_default();
+    let unit = read("cgroup").and_then(|c| parse_cgroup_unit(&String::from_utf8_lossy(&c)));
+    let user = users.entry(uid).or_insert_with(|| user_name(uid)).clone();
+    let mut paths: Vec<PathBuf> = found.nodes.iter().map(|&i| nodes[i].path.clone()).collect();
+    paths.sort();
+    paths.dedup();
+    let persistenced = found.persistenced_without_fds || (nvidia && command == PERSISTENCED_COMM);
+    Some(Holder {
+        pid: found.pid,
+        command,
+        cmdline,
+        uid,
+        user,
+        unit,
+        paths,
+        reason: persistenced.then(|| PERSISTENCED_REASON.to_owned()),
+    })
+}
+
+/// The user name for `uid` (passwd, NSS), or the number when there is none.
+pub fn user_name(uid: u32) -> String {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        // SAFETY: all-zero is a valid `passwd` for getpwuid_r to fill.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid; `buf` outlives the use of `pwd`'s strings below.
+        let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut result) };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
+            return uid.to_string();
+        }
+        // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`.
+        let name = unsafe { CStr::from_ptr(pwd.pw_name) };
+        return OsStr::from_bytes(name.to_bytes()).to_string_lossy().into_owned();
+    }
+}
+
+fn check_framebuffers(host: &Host, gpu: &Gpu, result: &mut Scan) {
+    let iomem_path = host.procfs.join("iomem");
+    let iomem = match fs::read_to_string(&iomem_path) {
+        Ok(s) => s,
+        Err(e) => {
+            result.notes.push(format!(
+                "cannot read {}: {e}; a boot framebuffer (efifb, simpledrm) on the GPU was not checked",
+                iomem_path.display()
+            ));
+            return;
+        }
+    };
+    let regions = parse_iomem(&iomem);
+    if iomem_is_redacted(&regions) {
+        result.notes.push(format!(
+            "{} shows no addresses without root; a boot framebuffer (efifb, simpledrm) on the \
+             GPU was not checked",
+            iomem_path.display()
+        ));
+        return;
+    }
+    let bars: Vec<_> = gpu
+        .functions
+        .iter()
+        .map(|f| {
+            let resource = host.pci_devices().join(f.address.to_string()).join("resource");
+            let bars = fs::read_to_string(resource)
+                .map(|r| parse_resource(&r))
+                .unwrap_or_default();
+            (f.address, bars)
+        })
+        .collect();
+    result.framebuffers = boot_framebuffers(&regions, &bars);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_names() {
+        assert!(numbered("card1", "card"));
+        assert!(!numbered("card1-HDMI-A-1", "card"));
+        assert!(!numbered("card", "card"));
+        assert!(numbered("i2c-12", "i2c-"));
+    }
+
+    #[test]
+    fn lookup_stats_only_candidates() {
+        let t = Targets {
+            paths: vec![b"/dev/nvidia0".to_vec()],
+            names: vec![b"nvidia0".to_vec()],
+            ids: vec![Some((5, 42))],
+        };
+        let never = || -> Option<(u64, u64)> { panic!("stat asked for a non-candidate") };
+        assert_eq!(t.lookup(b"/dev/nvidia0", never), Some(0));
+        assert_eq!(t.lookup(b"/dev/nvidia0 (deleted)", never), Some(0));
+        assert_eq!(t.lookup(b"/dev/null", never), None);
+        assert_eq!(t.lookup(b"socket:[1234]", never), None);
+        assert_eq!(t.lookup(b"/ns/dev/nvidia0", || Some((5, 42))), Some(0));
+        assert_eq!(t.lookup(b"/ns/dev/nvidia0", || Some((5, 43))), None);
+    }
 }
