@@ -13,10 +13,20 @@
 //!
 //! What it reads: the existing hook scripts, to warn when a foreign one already binds or
 //! unbinds GPUs (two hooks would then fight over the card); `libvirtd --version`
-//! (or `virtqemud --version`); `/proc/*/comm` to find the daemon and SIGHUP it — libvirt
-//! notices a new hook only when it starts or gets SIGHUP (checked on libvirt 9.0: after
-//! SIGHUP the next `virsh start` runs a newly installed `qemu.d` script; without it, it
-//! doesn't when no hook existed at the daemon's start).
+//! (or `virtqemud --version`); `/proc/*/comm` to find the daemon and SIGHUP it.
+//!
+//! How libvirt 9.0 behaves here (checked against the real daemon, `tests/hooks_libvirtd.rs`):
+//! - At start and on SIGHUP libvirtd only notes *whether* any qemu hook exists; `qemu.d/` is
+//!   listed again at every call. So with no hook at the daemon's start a new shim is ignored
+//!   until SIGHUP; after SIGHUP the very next `virsh start` runs it (no restart needed). With
+//!   a foreign `qemu` already present, a new shim runs even without SIGHUP.
+//! - An allowed start calls `prepare begin`, `start begin`, `started begin`; destroy calls
+//!   `stopped end`, `release end`. A start refused by `prepare` still calls `stopped end`
+//!   and `release end`, so `release` must cope with a `prepare` that bound nothing.
+//! - The refusal reads `Hook script execution failed: internal error: Child process
+//!   (LC_ALL=C PATH=… /etc/libvirt/hooks/qemu.d/handoff <dom> prepare begin -) unexpected
+//!   exit status 1: <the hook's stderr>`. The hook's environment is only `LC_ALL`, `PATH`
+//!   (and `HOME`) from libvirtd's own.
 //!
 //! Installing is a plan first ([`plan_install`], [`plan_uninstall`]): a list of file
 //! actions computed from what is on disk, shown by `--dry-run` and walked by [`apply`].
@@ -323,6 +333,13 @@ pub fn shim_path(hooks_dir: &Path) -> PathBuf {
 /// The shim's exact text for `handoff_exe`, which must be absolute and printable.
 pub fn shim_contents(handoff_exe: &Path) -> Result<String, HooksError> {
     let quoted = shell_quote(handoff_exe)?;
+    // Inside the double-quoted message only `"`, `$`, `` ` `` and `\\` are special; drop them.
+    let printable: String = handoff_exe
+        .display()
+        .to_string()
+        .chars()
+        .filter(|c| !matches!(c, '"' | '$' | '`' | '\\'))
+        .collect();
     Ok(format!(
         "#!/bin/sh\n\
          {SHIM_MARKER}\n\
@@ -330,6 +347,11 @@ pub fn shim_contents(handoff_exe: &Path) -> Result<String, HooksError> {
          # libvirt runs every executable in this directory with <domain> <operation>\n\
          # <sub-operation> <extra> and the domain XML on stdin. `handoff install-hooks --uninstall`\n\
          # removes this file.\n\
+         # A missing handoff must say so in virsh's error, not as a bare \"not found\".\n\
+         if [ ! -x {quoted} ]; then\n\
+         \x20   echo \"handoff's libvirt hook: {printable} is missing; reinstall handoff, or remove $0\" >&2\n\
+         \x20   exit 1\n\
+         fi\n\
          exec {quoted} hook \"$@\"\n"
     ))
 }
@@ -725,6 +747,25 @@ impl Default for InstallOptions {
             check_version: true,
             proc_root: "/proc".into(),
         }
+    }
+}
+
+impl InstallOptions {
+    /// The options `handoff install-hooks [--uninstall] [--dry-run] [--hooks-dir DIR]` means:
+    /// the shim runs this very binary (symlinks resolved), and libvirtd is signalled only when
+    /// the real hooks directory changed.
+    pub fn for_cli(uninstall: bool, dry_run: bool, hooks_dir: Option<PathBuf>) -> io::Result<Self> {
+        let reload_daemon = hooks_dir
+            .as_deref()
+            .is_none_or(|d| d == Path::new(DEFAULT_HOOKS_DIR));
+        Ok(Self {
+            hooks_dir: hooks_dir.unwrap_or_else(|| DEFAULT_HOOKS_DIR.into()),
+            handoff_exe: std::env::current_exe()?,
+            uninstall,
+            dry_run,
+            reload_daemon,
+            ..Self::default()
+        })
     }
 }
 

@@ -317,6 +317,10 @@ fn run_shim_like_libvirt(shim: &Path) -> std::process::Output {
 fn a_handoff_path_with_spaces_quotes_and_dollars_reaches_the_shim_intact() {
     let s = scene_with_exe_dir("it's a $HOME `dir`; \"quoted\"");
     hooks::install_hooks(&options(&s)).unwrap();
+    eprintln!(
+        "{}",
+        fs::read_to_string(s.hooks_dir.join("qemu.d/handoff")).unwrap()
+    );
 
     let out = run_shim_like_libvirt(&s.hooks_dir.join("qemu.d/handoff"));
 
@@ -400,4 +404,30 @@ fn reload_reports_no_daemon_when_proc_has_none() {
             .to_string()
             .contains("takes effect when it starts")
     );
+}
+
+#[test]
+fn a_shim_whose_handoff_was_removed_refuses_with_a_message_that_says_so() {
+    let s = scene();
+    hooks::install_hooks(&options(&s)).unwrap();
+    fs::remove_file(&s.exe).unwrap();
+
+    let out = run_shim_like_libvirt(&s.hooks_dir.join("qemu.d/handoff"));
+
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{} is missing; reinstall handoff", s.exe.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn cli_options_signal_libvirtd_only_for_the_real_hooks_directory() {
+    let real = InstallOptions::for_cli(false, false, None).unwrap();
+    assert!(real.reload_daemon && real.check_version);
+    assert_eq!(real.hooks_dir, Path::new(hooks::DEFAULT_HOOKS_DIR));
+    assert!(real.handoff_exe.is_absolute());
+    let test = InstallOptions::for_cli(true, true, Some("/tmp/x".into())).unwrap();
+    assert!(!test.reload_daemon && test.uninstall && test.dry_run);
 }
