@@ -3,6 +3,7 @@
 //! thin binaries over it.
 
 pub mod config;
+pub mod hooks;
 pub mod host;
 pub mod pci;
 

@@ -1,0 +1,5 @@
+//! Support shared by the integration tests. Each test binary includes it with `mod common;`;
+//! not every binary uses every helper.
+#![allow(dead_code)]
+
+pub mod libvirt;
