@@ -535,7 +535,7 @@ fn marketing_name(pci_ids_name: &str) -> &str {
 }
 
 /// "NVIDIA GeForce RTX 3090 Ti" → "RTX 3090 Ti".
-fn short_name(name: &str) -> &str {
+pub fn short_name(name: &str) -> &str {
     let mut s = name;
     for (_, vendor) in KNOWN_VENDORS {
         if let Some(rest) = s.strip_prefix(vendor).and_then(|r| r.strip_prefix(' ')) {

@@ -42,20 +42,20 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::gpu::{Function, Gpu};
 use crate::host::Host;
 use crate::pci::PciAddress;
 
 /// A device node that belongs to the GPU.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuNode {
     pub path: PathBuf,
 }
 
 /// One process that keeps the GPU from being handed over.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
     pub pid: u32,
     pub command: String,
@@ -72,7 +72,7 @@ pub struct Holder {
 
 /// A firmware/boot framebuffer driver that sits on one of the GPU's BARs. It has no
 /// process and no fd, but keeps the memory claimed until the kernel lets go of it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Framebuffer {
     /// The name in `/proc/iomem`: efifb, simplefb, simpledrm, vesafb, BOOTFB.
     pub name: String,
@@ -82,7 +82,7 @@ pub struct Framebuffer {
     pub end: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Scan {
     /// Processes holding the GPU, sorted by pid (nvidia-persistenced included).
     pub holders: Vec<Holder>,
@@ -917,6 +917,23 @@ fn check_framebuffers(host: &Host, gpu: &Gpu, result: &mut Scan) {
         })
         .collect();
     result.framebuffers = boot_framebuffers(&regions, &bars);
+}
+
+/// The processes (normally a VM's QEMU) holding the GPU's VFIO group node
+/// `<dev>/vfio/<group>`: while there are any, the GPU must not be taken back.
+pub fn vfio_users(host: &Host, gpu: &Gpu) -> Vec<Holder> {
+    let Some(group) = &gpu.iommu_group else {
+        return Vec::new();
+    };
+    let node = host.dev.join("vfio").join(group.id.to_string());
+    if !node.exists() {
+        return Vec::new();
+    }
+    scan(host, gpu, &[GpuNode { path: node }])
+        .holders
+        .into_iter()
+        .filter(|h| !h.paths.is_empty())
+        .collect()
 }
 
 #[cfg(test)]

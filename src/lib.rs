@@ -1,16 +1,29 @@
 //! handoff: hand one passthrough GPU between the Linux host and a VM, safely, and show who
 //! owns it. The library owns the logic; `handoff`, `handoff-tray` and `handoff-block` are
 //! thin binaries over it.
+//!
+//! Layers, bottom up: [`pci`], [`host`] and [`config`] (pure values); [`gpu`] and
+//! [`holders`] (read-only sysfs and `/proc`); [`status`] and [`doctor`] (what surfaces
+//! show); [`bind`] (plans and executes a handoff), [`hook`] (what libvirtd runs) and
+//! [`state`] (the hook's state file). [`sim`] and [`kernelsim`] simulate the kernel for
+//! tests and the demo. [`libvirt`] (feature `libvirt`) is the only part that links libvirt.
 
+pub mod bind;
 pub mod config;
+pub mod doctor;
+pub mod gpu;
+pub mod holders;
+pub mod hook;
 pub mod hooks;
 pub mod host;
+pub mod kernelsim;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 pub mod pci;
+pub mod sim;
+pub mod state;
+pub mod status;
 
 pub use config::Config;
 pub use host::Host;
 pub use pci::PciAddress;
-pub mod gpu;
-pub mod holders;
-pub mod kernelsim;
-pub mod sim;

@@ -1,0 +1,340 @@
+//! `handoff doctor`: is this host ready for passthrough, and what to fix.
+//!
+//! Each check is a function returning a [`Check`]; [`run`] collects them in the order a
+//! person would fix things (firmware and kernel first, then the GPU, then libvirt). Later
+//! subsystems (the hook, Looking Glass, sleep inhibition) add their checks to [`run`].
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::config::{Config, Source};
+use crate::gpu::{self, Gpu, Owner};
+use crate::holders;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Info,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// Stable identifier for scripts, e.g. "iommu".
+    pub id: &'static str,
+    pub level: Level,
+    /// One line saying what was found.
+    pub summary: String,
+    /// What to do about it, when anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn new(id: &'static str, level: Level, summary: impl Into<String>) -> Self {
+        Self {
+            id,
+            level,
+            summary: summary.into(),
+            fix: None,
+        }
+    }
+
+    fn fix(mut self, fix: impl Into<String>) -> Self {
+        self.fix = Some(fix.into());
+        self
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    pub fn problems(&self) -> usize {
+        self.checks.iter().filter(|c| c.level == Level::Fail).count()
+    }
+
+    /// 0 when nothing failed, 1 when something must be fixed.
+    pub fn exit_code(&self) -> i32 {
+        if self.problems() == 0 { 0 } else { 1 }
+    }
+
+    pub fn render_text(&self) -> String {
+        let mut s = String::new();
+        for c in &self.checks {
+            let mark = match c.level {
+                Level::Ok => "ok  ",
+                Level::Info => "info",
+                Level::Warn => "warn",
+                Level::Fail => "FAIL",
+            };
+            s += &format!("[{mark}] {}\n", c.summary);
+            if let Some(fix) = &c.fix {
+                for line in fix.lines() {
+                    s += &format!("       → {line}\n");
+                }
+            }
+        }
+        let n = self.problems();
+        s += &match n {
+            0 => "\nThis host looks ready for passthrough.\n".to_owned(),
+            1 => "\n1 problem to fix before a VM can take the GPU.\n".to_owned(),
+            n => format!("\n{n} problems to fix before a VM can take the GPU.\n"),
+        };
+        s
+    }
+}
+
+/// Facts about the person running doctor, injected so tests need not be that person.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub uid: u32,
+    pub groups: Vec<String>,
+}
+
+impl Caller {
+    pub fn current() -> Self {
+        // SAFETY: getuid cannot fail.
+        let uid = unsafe { libc::getuid() };
+        Self {
+            uid,
+            groups: current_group_names(),
+        }
+    }
+}
+
+fn current_group_names() -> Vec<String> {
+    // SAFETY: getgroups with a correctly sized buffer, then getgrgid_r with its own buffer.
+    unsafe {
+        let n = libc::getgroups(0, std::ptr::null_mut());
+        if n <= 0 {
+            return Vec::new();
+        }
+        let mut gids = vec![0 as libc::gid_t; n as usize];
+        let n = libc::getgroups(n, gids.as_mut_ptr());
+        gids.truncate(n.max(0) as usize);
+        gids.push(libc::getegid());
+        gids.iter().filter_map(|&g| group_name(g)).collect()
+    }
+}
+
+fn group_name(gid: libc::gid_t) -> Option<String> {
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16384];
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: all pointers are valid for the call; the name is copied out before buf drops.
+    let rc = unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(grp.gr_name) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+/// Every check, in fixing order. `extra` holds checks computed by the binary (libvirt).
+pub fn run(cfg: &Config, source: &Source, caller: &Caller, extra: Vec<Check>) -> Report {
+    let mut checks = vec![Check::new("config", Level::Info, format!("Config: {source}"))];
+    checks.push(check_iommu(cfg));
+    let g = gpu::read_gpu(&cfg.host, cfg.gpu.address);
+    match &g {
+        Ok(g) => {
+            checks.push(check_gpu_found(cfg, g));
+            if g.owner != Owner::Absent {
+                checks.push(check_iommu_group(g));
+                checks.push(check_vfio_available(cfg));
+                checks.push(check_holders(cfg, g));
+            }
+        }
+        Err(e) => checks.push(Check::new(
+            "gpu",
+            Level::Fail,
+            format!("Cannot read the GPU: {e}"),
+        )),
+    }
+    checks.push(check_libvirt_group(caller));
+    checks.extend(extra);
+    Report { checks }
+}
+
+fn check_iommu(cfg: &Config) -> Check {
+    let groups = cfg.host.sysfs.join("kernel/iommu_groups");
+    let n = std::fs::read_dir(&groups).map(|d| d.count()).unwrap_or(0);
+    let cmdline = std::fs::read_to_string(cfg.host.procfs.join("cmdline")).unwrap_or_default();
+    let flags: Vec<&str> = cmdline
+        .split_whitespace()
+        .filter(|w| w.starts_with("intel_iommu=") || w.starts_with("amd_iommu=") || w.starts_with("iommu="))
+        .collect();
+    let flags = if flags.is_empty() {
+        "none".to_owned()
+    } else {
+        flags.join(" ")
+    };
+    if n > 0 {
+        Check::new(
+            "iommu",
+            Level::Ok,
+            format!("IOMMU is on: {n} groups (kernel flags: {flags})"),
+        )
+    } else {
+        Check::new(
+            "iommu",
+            Level::Fail,
+            format!(
+                "IOMMU is off: {} is empty (kernel flags: {flags})",
+                groups.display()
+            ),
+        )
+        .fix(
+            "enable VT-d (Intel) or AMD-Vi/IOMMU in the firmware setup, then add intel_iommu=on iommu=pt \
+                 (Intel; AMD enables it by default) to GRUB_CMDLINE_LINUX_DEFAULT in /etc/default/grub, \
+                 run update-grub and reboot",
+        )
+    }
+}
+
+fn check_gpu_found(cfg: &Config, g: &Gpu) -> Check {
+    let a = cfg.gpu.address;
+    if g.owner == Owner::Absent {
+        return Check::new("gpu", Level::Fail, format!("No GPU at {a}: this machine has no PCI device at that address"))
+            .fix("`lspci -Dnn | grep -Ei 'vga|3d'` lists the GPUs; put the passthrough GPU's address in [gpu] address");
+    }
+    let vga = g.functions.first();
+    if vga.is_none_or(|f| f.kind != gpu::FunctionKind::Vga) {
+        return Check::new(
+            "gpu",
+            Level::Fail,
+            format!("The device at {a} is not a display controller"),
+        )
+        .fix("[gpu] address must be the GPU's graphics function (usually .0)");
+    }
+    let name = g.name.clone().unwrap_or_else(|| "unknown model".into());
+    let others: Vec<String> = g
+        .functions
+        .iter()
+        .skip(1)
+        .map(|f| f.address.to_string())
+        .collect();
+    let with = if others.is_empty() {
+        String::new()
+    } else {
+        format!(", with {}", others.join(", "))
+    };
+    Check::new(
+        "gpu",
+        Level::Ok,
+        format!("GPU {a} ({name}) found{with}; {}", g.owner_phrase()),
+    )
+}
+
+fn check_iommu_group(g: &Gpu) -> Check {
+    let Some(group) = &g.iommu_group else {
+        return Check::new(
+            "iommu-group",
+            Level::Fail,
+            format!("GPU {} is in no IOMMU group", g.address),
+        )
+        .fix("the IOMMU is off or does not cover this slot; see the IOMMU check above");
+    };
+    let foreign = group.foreign_members();
+    if foreign.is_empty() {
+        Check::new(
+            "iommu-group",
+            Level::Ok,
+            format!(
+                "IOMMU group {} holds only the GPU's functions and bridges ({} devices)",
+                group.id,
+                group.members.len()
+            ),
+        )
+    } else {
+        let list: Vec<String> = foreign
+            .iter()
+            .map(|m| format!("{} ({})", m.address, m.driver.as_deref().unwrap_or("no driver")))
+            .collect();
+        Check::new(
+            "iommu-group",
+            Level::Fail,
+            format!("IOMMU group {} also holds {}: they would have to go to the VM too", group.id, list.join(", ")),
+        )
+        .fix("move the GPU to another slot (often the first x16 slot has its own group), or check for a firmware update; the ACS override patch is a risk to weigh yourself")
+    }
+}
+
+fn check_vfio_available(cfg: &Config) -> Check {
+    if cfg.host.pci_drivers().join("vfio-pci").is_dir() {
+        return Check::new("vfio-pci", Level::Ok, "vfio-pci is loaded");
+    }
+    let release = std::fs::read_to_string(cfg.host.procfs.join("sys/kernel/osrelease")).unwrap_or_default();
+    let release = release.trim();
+    let modules = Path::new("/lib/modules").join(release);
+    let listed = |f: &str| std::fs::read_to_string(modules.join(f)).is_ok_and(|t| t.contains("vfio-pci.ko"));
+    if listed("modules.dep") || listed("modules.builtin") {
+        Check::new(
+            "vfio-pci",
+            Level::Ok,
+            "vfio-pci is available (handoff loads it on the first handoff)",
+        )
+    } else {
+        Check::new(
+            "vfio-pci",
+            Level::Fail,
+            format!("vfio-pci is neither loaded nor in /lib/modules/{release}"),
+        )
+        .fix("install the kernel's extra modules (e.g. linux-modules-extra-$(uname -r) on Ubuntu)")
+    }
+}
+
+fn check_holders(cfg: &Config, g: &Gpu) -> Check {
+    let nodes = holders::gpu_nodes(&cfg.host, g);
+    let scan = holders::scan(&cfg.host, g, &nodes);
+    let mut check = if scan.holders.is_empty() {
+        Check::new(
+            "holders",
+            Level::Ok,
+            format!("Nothing holds the GPU's {} device nodes", nodes.len()),
+        )
+    } else {
+        let lines: Vec<String> = scan.holders.iter().map(|h| h.summary()).collect();
+        Check::new(
+            "holders",
+            Level::Warn,
+            format!(
+                "{} process(es) use the GPU; a VM start would be refused now:\n  {}",
+                scan.holders.len(),
+                lines.join("\n  ")
+            ),
+        )
+        .fix("stop them (`handoff blockers` lists them with their systemd units) before starting the VM")
+    };
+    if scan.uninspected > 0 {
+        check.summary += &format!("\n  {}", crate::status::uninspected_line(scan.uninspected));
+    }
+    check
+}
+
+fn check_libvirt_group(caller: &Caller) -> Check {
+    if caller.uid == 0 {
+        Check::new(
+            "libvirt-group",
+            Level::Ok,
+            "Running as root: libvirt and the GPU's sysfs are reachable",
+        )
+    } else if caller.groups.iter().any(|g| g == "libvirt") {
+        Check::new("libvirt-group", Level::Ok, "You are in group libvirt")
+    } else {
+        Check::new(
+            "libvirt-group",
+            Level::Fail,
+            "You are not in group libvirt: qemu:///system will ask for a password or refuse",
+        )
+        .fix("sudo usermod -aG libvirt $USER, then log out and in again")
+    }
+}

@@ -1,0 +1,281 @@
+//! The one status model every surface shows (DESIGN.md, "Status"): who owns the GPU, which
+//! VM holds it, who keeps it busy, and each configured VM's state.
+//!
+//! Collecting it is split from rendering it: [`collect`] reads sysfs and `/proc` and asks
+//! a caller-supplied probe for VM states (so this module does not link libvirt), and
+//! [`Status::headline`] / [`Status::render_text`] turn it into words.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, VmConfig};
+use crate::gpu::{self, Function, Gpu, IommuGroup, Owner};
+use crate::holders::{self, Holder};
+use crate::pci::PciAddress;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub gpu: GpuStatus,
+    pub vms: Vec<VmStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuStatus {
+    pub address: PciAddress,
+    pub name: Option<String>,
+    pub owner: Owner,
+    /// The graphics function's driver.
+    pub driver: Option<String>,
+    /// Every function of the slot, the graphics function first.
+    pub functions: Vec<Function>,
+    /// The running VM that holds the GPU.
+    pub vm: Option<String>,
+    pub blockers: Vec<Holder>,
+    /// Processes whose fds could not be read; their holders are unknown.
+    pub uninspected: usize,
+    pub iommu_group: Option<IommuGroup>,
+    /// Things the scan could not check, said plainly.
+    pub notes: Vec<String>,
+    /// For owner `mixed`: which function is on which driver.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split: Option<String>,
+}
+
+/// A libvirt domain state, in `virsh domstate` words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Running,
+    Paused,
+    Shutdown,
+    Shutoff,
+    Crashed,
+    Suspended,
+    /// Defined nowhere at that URI.
+    Undefined,
+    /// libvirt could not be asked.
+    Unknown,
+}
+
+impl VmState {
+    pub fn words(self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Shutdown => "shutting down",
+            VmState::Shutoff => "shut off",
+            VmState::Crashed => "crashed",
+            VmState::Suspended => "suspended (pmsuspended)",
+            VmState::Undefined => "not defined in libvirt",
+            VmState::Unknown => "unknown",
+        }
+    }
+
+    /// A VM in this state has a QEMU process that may hold the GPU.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            VmState::Running | VmState::Paused | VmState::Shutdown | VmState::Suspended
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VmStatus {
+    pub name: String,
+    pub label: String,
+    pub uri: String,
+    pub state: VmState,
+    /// Why the state is unknown or undefined, with what to check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl VmStatus {
+    pub fn new(vm: &VmConfig, state: VmState, error: Option<String>) -> Self {
+        Self {
+            name: vm.name.clone(),
+            label: vm.label().to_owned(),
+            uri: vm.uri.clone(),
+            state,
+            error,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Sysfs(#[from] gpu::SysfsError),
+}
+
+/// Read everything a surface shows. `probe` answers each VM's state (libvirt in the CLI,
+/// the hook's state file in the block).
+pub fn collect(cfg: &Config, probe: &mut dyn FnMut(&VmConfig) -> VmStatus) -> Result<Status, StatusError> {
+    let host = &cfg.host;
+    let g = gpu::read_gpu(host, cfg.gpu.address)?;
+    let (blockers, uninspected, notes) = if g.owner == Owner::Absent {
+        (Vec::new(), 0, Vec::new())
+    } else {
+        let nodes = holders::gpu_nodes(host, &g);
+        let scan = holders::scan(host, &g, &nodes);
+        (scan.holders, scan.uninspected, scan.notes)
+    };
+    let vms: Vec<VmStatus> = cfg.vms.iter().map(probe).collect();
+    let vm = holding_vm(&g, &vms);
+    Ok(Status {
+        gpu: GpuStatus {
+            address: g.address,
+            name: g.name.clone(),
+            owner: g.owner,
+            driver: g.functions.first().and_then(|f| f.driver.clone()),
+            functions: g.functions.clone(),
+            vm,
+            blockers,
+            uninspected,
+            iommu_group: g.iommu_group.clone(),
+            notes,
+            split: g.split_description(),
+        },
+        vms,
+    })
+}
+
+/// The VM holding the GPU: the one active configured VM while the GPU is off the host.
+/// With several active VMs sharing one GPU we cannot tell from here; say none rather than guess.
+fn holding_vm(g: &Gpu, vms: &[VmStatus]) -> Option<String> {
+    if !matches!(g.owner, Owner::Vfio | Owner::Mixed) {
+        return None;
+    }
+    let mut active = vms.iter().filter(|v| v.state.is_active());
+    match (active.next(), active.next()) {
+        (Some(v), None) => Some(v.name.clone()),
+        _ => None,
+    }
+}
+
+impl Status {
+    fn gpu_label(&self) -> String {
+        match &self.gpu.name {
+            Some(n) => format!("GPU {} ({})", self.gpu.address, gpu::short_name(n)),
+            None => format!("GPU {}", self.gpu.address),
+        }
+    }
+
+    fn vm_label(&self, name: &str) -> String {
+        self.vms
+            .iter()
+            .find(|v| v.name == name)
+            .map(|v| v.label.clone())
+            .unwrap_or_else(|| name.to_owned())
+    }
+
+    /// The first line a person reads: who owns the GPU and whether anything holds it.
+    pub fn headline(&self) -> String {
+        let g = &self.gpu;
+        let who = match g.owner {
+            Owner::Absent => {
+                return format!(
+                    "No GPU at {}: this machine has no PCI device there (set [gpu] address; `lspci -D` lists devices)",
+                    g.address
+                );
+            }
+            Owner::Host => format!("is on Linux ({})", g.driver.as_deref().unwrap_or("?")),
+            Owner::Vfio => match &g.vm {
+                Some(vm) => format!("is in the VM {} (vfio-pci)", self.vm_label(vm)),
+                None => "is on vfio-pci, no VM running".to_owned(),
+            },
+            Owner::Unbound => "has no driver (unbound)".to_owned(),
+            Owner::Mixed => format!("is split between drivers: {}", g.split.as_deref().unwrap_or("?")),
+        };
+        let users = match g.blockers.len() {
+            0 if g.owner == Owner::Host => "; nothing uses it".to_owned(),
+            0 => String::new(),
+            1 => "; 1 process uses it".to_owned(),
+            n => format!("; {n} processes use it"),
+        };
+        format!("{} {who}{users}", self.gpu_label())
+    }
+
+    /// The whole human report: headline, then details.
+    pub fn render_text(&self) -> String {
+        use std::fmt::Write;
+        let g = &self.gpu;
+        let mut s = self.headline();
+        s.push('\n');
+        if g.owner == Owner::Absent {
+            return s;
+        }
+        s += "\nFunctions:\n";
+        for f in &g.functions {
+            let _ = writeln!(
+                s,
+                "  {}  {:<6} {:<14} {:04x}:{:04x}  power {}{}",
+                f.address,
+                format!("{:?}", f.kind).to_lowercase(),
+                f.driver.as_deref().unwrap_or("(no driver)"),
+                f.vendor,
+                f.device,
+                f.runtime_status.as_deref().unwrap_or("?"),
+                f.driver_override
+                    .as_deref()
+                    .map(|o| format!("  override {o}"))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(group) = &g.iommu_group {
+            let members: Vec<String> = group
+                .members
+                .iter()
+                .map(|m| {
+                    let what = if m.gpu_function {
+                        ""
+                    } else if m.bridge {
+                        " (bridge)"
+                    } else {
+                        " (not part of the GPU!)"
+                    };
+                    format!("{}{what}", m.address)
+                })
+                .collect();
+            let _ = writeln!(s, "IOMMU group {}: {}", group.id, members.join(", "));
+        }
+        if !self.vms.is_empty() {
+            s += "\nVMs:\n";
+            for v in &self.vms {
+                let _ = writeln!(
+                    s,
+                    "  {:<16} {:<12} {}",
+                    v.name,
+                    format!("({})", v.label),
+                    v.state.words()
+                );
+                if let Some(e) = &v.error {
+                    let _ = writeln!(s, "      {e}");
+                }
+            }
+        }
+        if !g.blockers.is_empty() {
+            s += "\nUsing the GPU:\n";
+            for h in &g.blockers {
+                let _ = writeln!(s, "  {}", h.summary());
+            }
+        }
+        if g.uninspected > 0 {
+            let _ = writeln!(s, "\n{}", uninspected_line(g.uninspected));
+        }
+        for n in &g.notes {
+            let _ = writeln!(s, "Note: {n}");
+        }
+        s
+    }
+}
+
+/// "3 processes could not be inspected — run as root to see them".
+pub fn uninspected_line(n: usize) -> String {
+    let what = if n == 1 {
+        "1 process"
+    } else {
+        &format!("{n} processes")
+    };
+    format!("{what} could not be inspected — run as root to see them")
+}
