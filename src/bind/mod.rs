@@ -1,0 +1,421 @@
+//! The binding engine: moves the GPU's functions to vfio-pci and back, safely.
+//!
+//! A handoff is planned as a list of [`plan::Step`]s and then executed step by step.
+//! Before anything changes, the holder scan runs: any holder means no change at all.
+//! Every write that can hang goes through [`write::write_with_watchdog`]. A restore record
+//! is saved before the first change; a failed step rolls back what was done, and what
+//! cannot be rolled back leaves the record in phase `stuck` ("restore required").
+
+pub mod plan;
+pub mod record;
+pub mod write;
+
+use std::time::Duration;
+
+use plan::{Expect, Step, VFIO};
+use record::{Phase, RecordError, RestoreRecord};
+use write::{WriteError, write_with_watchdog};
+
+use crate::gpu::{self, Gpu, Owner};
+use crate::holders::{self, Framebuffer, Holder};
+use crate::host::Host;
+use crate::pci::PciAddress;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("{}", refusal_text(*.gpu, vm.as_deref(), holders, framebuffers))]
+    Refused {
+        gpu: PciAddress,
+        vm: Option<String>,
+        holders: Vec<Holder>,
+        framebuffers: Vec<Framebuffer>,
+    },
+    #[error("no GPU at {0}: nothing to hand over (check [gpu] address; `handoff doctor`)")]
+    Absent(PciAddress),
+    #[error(
+        "GPU {gpu} needs restoring first: {why}\n  run `handoff rebind --force` (gpu-rebind-nvidia) to return it to the host"
+    )]
+    RestoreRequired { gpu: PciAddress, why: String },
+    #[error(
+        "{what} did not return after {} s: something still holds the GPU — see `handoff blockers`.\n  \
+         {state}",
+        timeout.as_secs()
+    )]
+    Hung {
+        what: String,
+        timeout: Duration,
+        state: String,
+    },
+    #[error("{what} failed: {cause}\n  {state}")]
+    Failed {
+        what: String,
+        cause: String,
+        state: String,
+    },
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error(transparent)]
+    Sysfs(#[from] gpu::SysfsError),
+}
+
+/// What [`hand_to_vfio`] or [`return_to_host`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub steps: Vec<Step>,
+}
+
+/// The refusal people read in `virsh start`'s error and in a notification: one line per
+/// holder and what to do.
+pub fn refusal_text(
+    gpu: PciAddress,
+    vm: Option<&str>,
+    holders: &[Holder],
+    framebuffers: &[Framebuffer],
+) -> String {
+    let to = vm.map(|v| format!(" to {v}")).unwrap_or_default();
+    let what = match holders.len() {
+        0 => "the boot framebuffer holds it".to_owned(),
+        1 => "1 process uses it".to_owned(),
+        n => format!("{n} processes use it"),
+    };
+    let mut s = format!("handoff: not handing GPU {gpu}{to}: {what}:\n");
+    for h in holders {
+        s += &format!("  {}\n", h.summary());
+    }
+    for f in framebuffers {
+        s += &format!("  {}\n", f.summary());
+    }
+    s += "Nothing was changed. Stop them (systemctl stop <unit>, or end the process), then start the VM again.";
+    s
+}
+
+/// How a step failed.
+#[derive(Debug)]
+enum StepError {
+    Hung { what: String, timeout: Duration },
+    Failed { what: String, cause: String },
+}
+
+impl StepError {
+    fn what(&self) -> &str {
+        match self {
+            StepError::Hung { what, .. } | StepError::Failed { what, .. } => what,
+        }
+    }
+}
+
+/// Runs steps against a host's sysfs.
+pub struct Executor<'a> {
+    pub host: &'a Host,
+    pub timeout: Duration,
+    /// Told about each step before it runs (progress for people, a log for tests).
+    pub progress: &'a mut dyn FnMut(&Step),
+}
+
+impl Executor<'_> {
+    fn write(&self, path: std::path::PathBuf, value: &str, what: String) -> Result<(), StepError> {
+        match write_with_watchdog(&path, value, self.timeout) {
+            Ok(()) => Ok(()),
+            Err(WriteError::Hung { timeout, .. }) => Err(StepError::Hung { what, timeout }),
+            Err(e @ (WriteError::Failed { .. } | WriteError::Spawn { .. })) => Err(StepError::Failed {
+                what,
+                cause: e.to_string(),
+            }),
+        }
+    }
+
+    fn driver_of(&self, function: PciAddress) -> Option<String> {
+        let link =
+            std::fs::read_link(self.host.pci_devices().join(function.to_string()).join("driver")).ok()?;
+        Some(link.file_name()?.to_string_lossy().into_owned())
+    }
+
+    fn run_step(&mut self, step: &Step, record: &mut RestoreRecord) -> Result<(), StepError> {
+        (self.progress)(step);
+        let dev = |f: &PciAddress| self.host.pci_devices().join(f.to_string());
+        match step {
+            Step::LoadVfio => {
+                if self.host.pci_drivers().join(VFIO).is_dir() {
+                    return Ok(());
+                }
+                if !self.host.is_system() {
+                    // The kernel simulator takes `modprobe` on its control file.
+                    let ctl = self.host.sysfs.join(".simctl");
+                    if std::fs::write(&ctl, "modprobe vfio-pci\n").is_ok() {
+                        return Ok(());
+                    }
+                    return Err(StepError::Failed {
+                        what: "loading vfio-pci".into(),
+                        cause: format!(
+                            "vfio-pci is not registered in the simulated sysfs {}",
+                            self.host.sysfs.display()
+                        ),
+                    });
+                }
+                let out = std::process::Command::new("modprobe").arg("vfio-pci").output();
+                match out {
+                    Ok(o) if o.status.success() => Ok(()),
+                    Ok(o) => Err(StepError::Failed {
+                        what: "modprobe vfio-pci".into(),
+                        cause: String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+                    }),
+                    Err(e) => Err(StepError::Failed {
+                        what: "modprobe vfio-pci".into(),
+                        cause: e.to_string(),
+                    }),
+                }
+            }
+            Step::SaveRecord => record.save(self.host).map_err(|e| StepError::Failed {
+                what: "saving the restore record".into(),
+                cause: e.to_string(),
+            }),
+            Step::SetOverride { function, driver } => {
+                // The kernel clears the override on an empty write ("\n").
+                let value = driver.as_deref().unwrap_or("\n");
+                let what = match driver {
+                    Some(d) => format!("setting driver_override of {function} to {d}"),
+                    None => format!("clearing driver_override of {function}"),
+                };
+                self.write(dev(function).join("driver_override"), value, what)
+            }
+            Step::Unbind { function, driver } => {
+                if self.driver_of(*function).as_deref() != Some(driver.as_str()) {
+                    return Ok(()); // already gone from that driver
+                }
+                let path = self.host.pci_drivers().join(driver).join("unbind");
+                self.write(
+                    path,
+                    &function.to_string(),
+                    format!("unbinding {function} from {driver}"),
+                )
+            }
+            Step::Probe { function } => self.write(
+                self.host.sysfs.join("bus/pci/drivers_probe"),
+                &function.to_string(),
+                format!("probing a driver for {function}"),
+            ),
+            Step::Verify { function, expect } => self.verify(*function, expect),
+            Step::RemoveRecord => {
+                RestoreRecord::remove(self.host, record.gpu).map_err(|e| StepError::Failed {
+                    what: "removing the restore record".into(),
+                    cause: e.to_string(),
+                })
+            }
+        }
+    }
+
+    fn verify(&self, function: PciAddress, expect: &Expect) -> Result<(), StepError> {
+        let mut found = self.driver_of(function);
+        // drivers_probe found nothing (say the override was cleared but the host driver
+        // does not claim the ID by itself): bind to the recorded driver directly, once.
+        if let (None, Expect::Driver(d)) = (&found, expect)
+            && !d.is_empty()
+        {
+            let path = self.host.pci_drivers().join(d).join("bind");
+            self.write(path, &function.to_string(), format!("binding {function} to {d}"))?;
+            found = self.driver_of(function);
+        }
+        let ok = match expect {
+            Expect::Driver(d) if d.is_empty() => found.as_deref().is_some_and(|f| f != VFIO),
+            Expect::Driver(d) => found.as_deref() == Some(d.as_str()),
+            Expect::Unbound => found.is_none(),
+        };
+        if ok {
+            return Ok(());
+        }
+        let want = match expect {
+            Expect::Driver(d) if d.is_empty() => "a host driver".to_owned(),
+            Expect::Driver(d) => d.clone(),
+            Expect::Unbound => "no driver".to_owned(),
+        };
+        Err(StepError::Failed {
+            what: format!("checking {function}"),
+            cause: format!(
+                "it is on {} instead of {want}",
+                found.as_deref().unwrap_or("no driver")
+            ),
+        })
+    }
+
+    /// Run `steps` in order; stop at the first failure.
+    fn run(
+        &mut self,
+        steps: &[Step],
+        record: &mut RestoreRecord,
+        done: &mut Vec<Step>,
+    ) -> Result<(), StepError> {
+        for step in steps {
+            self.run_step(step, record)?;
+            done.push(step.clone());
+        }
+        Ok(())
+    }
+}
+
+fn vfio_loaded(host: &Host) -> bool {
+    host.pci_drivers().join(VFIO).is_dir()
+}
+
+fn describe_state(host: &Host, address: PciAddress) -> String {
+    match gpu::read_gpu(host, address) {
+        Ok(g) => format!("GPU {address} is now {}", g.owner_phrase()),
+        Err(e) => format!("the GPU's state could not be read: {e}"),
+    }
+}
+
+/// Refuse when anything holds the GPU; otherwise move every function to vfio-pci.
+pub fn hand_to_vfio(
+    host: &Host,
+    address: PciAddress,
+    vm: Option<&str>,
+    timeout: Duration,
+    progress: &mut dyn FnMut(&Step),
+) -> Result<Outcome, BindError> {
+    let g = gpu::read_gpu(host, address)?;
+    if g.owner == Owner::Absent {
+        return Err(BindError::Absent(address));
+    }
+    if let Some(r) = RestoreRecord::load(host, address)?
+        && r.phase == Phase::Stuck
+    {
+        return Err(BindError::RestoreRequired {
+            gpu: address,
+            why: r
+                .problem
+                .unwrap_or_else(|| "an earlier handoff did not finish".into()),
+        });
+    }
+    let nodes = holders::gpu_nodes(host, &g);
+    let scan = holders::scan(host, &g, &nodes);
+    if !scan.is_clear() {
+        return Err(BindError::Refused {
+            gpu: address,
+            vm: vm.map(str::to_owned),
+            holders: scan.holders,
+            framebuffers: scan.framebuffers,
+        });
+    }
+    let steps = plan::to_vfio(&g, vfio_loaded(host));
+    let mut record = RestoreRecord::new(&g, vm);
+    let mut done = Vec::new();
+    let mut ex = Executor {
+        host,
+        timeout,
+        progress,
+    };
+    match ex.run(&steps, &mut record, &mut done) {
+        Ok(()) => {
+            record.phase = Phase::Bound;
+            record.save(host)?;
+            Ok(Outcome { steps: done })
+        }
+        Err(e) => Err(roll_back(&mut ex, &g, record, e)),
+    }
+}
+
+/// Undo a failed host → vfio handoff. After a hang, the function whose write hung is left
+/// alone (its write is still in flight in the kernel) and the record stays, phase `stuck`.
+fn roll_back(ex: &mut Executor<'_>, before: &Gpu, mut record: RestoreRecord, cause: StepError) -> BindError {
+    let host = ex.host;
+    let hung = match &cause {
+        StepError::Hung { .. } => before
+            .functions
+            .iter()
+            .find(|f| cause.what().contains(&f.address.to_string())),
+        StepError::Failed { .. } => None,
+    }
+    .map(|f| f.address);
+    let rollback = gpu::read_gpu(host, before.address)
+        .map_err(|e| e.to_string())
+        .and_then(|mut now| {
+            now.functions.retain(|f| Some(f.address) != hung);
+            let mut steps = plan::to_host(&now, Some(&record), &record_host_driver(&record));
+            if hung.is_some() {
+                steps.retain(|s| *s != Step::RemoveRecord);
+            }
+            let mut done = Vec::new();
+            ex.run(&steps, &mut record, &mut done)
+                .map_err(|e| format!("{}: {}", e.what(), step_cause(&e)))
+        });
+    let state = describe_state(host, before.address);
+    let state = match (&rollback, hung) {
+        (Ok(()), None) => format!("Rolled back: {state}."),
+        (Ok(()), Some(f)) => {
+            record.phase = Phase::Stuck;
+            record.problem = Some(format!("{} hung; the kernel may still finish it", cause.what()));
+            let _ = record.save(host);
+            format!(
+                "The other functions were rolled back, but {f} is in the middle of an unbind: {state}. Restore required."
+            )
+        }
+        (Err(e), _) => {
+            record.phase = Phase::Stuck;
+            record.problem = Some(format!("{}; rolling back failed too: {e}", cause.what()));
+            let _ = record.save(host);
+            format!("Rolling back failed too ({e}): {state}. Restore required.")
+        }
+    };
+    match cause {
+        StepError::Hung { what, timeout } => BindError::Hung { what, timeout, state },
+        StepError::Failed { what, cause } => BindError::Failed { what, cause, state },
+    }
+}
+
+fn step_cause(e: &StepError) -> String {
+    match e {
+        StepError::Hung { timeout, .. } => format!("did not return after {} s", timeout.as_secs()),
+        StepError::Failed { cause, .. } => cause.clone(),
+    }
+}
+
+/// The graphics function's recorded driver, the fallback for functions not in the record.
+fn record_host_driver(r: &RestoreRecord) -> String {
+    r.functions
+        .first()
+        .and_then(|f| f.driver.clone())
+        .unwrap_or_default()
+}
+
+/// Return every function to the driver the restore record names (or, without a record,
+/// the graphics function to `host_driver`). The record is removed only when all are home.
+pub fn return_to_host(
+    host: &Host,
+    address: PciAddress,
+    host_driver: &str,
+    timeout: Duration,
+    progress: &mut dyn FnMut(&Step),
+) -> Result<Outcome, BindError> {
+    let g = gpu::read_gpu(host, address)?;
+    if g.owner == Owner::Absent {
+        return Err(BindError::Absent(address));
+    }
+    let loaded = RestoreRecord::load(host, address)?;
+    let mut record = loaded.clone().unwrap_or_else(|| RestoreRecord::new(&g, None));
+    let steps = plan::to_host(&g, loaded.as_ref(), host_driver);
+    if loaded.is_some() {
+        record.phase = Phase::Returning;
+        record.save(host)?;
+    }
+    let mut done = Vec::new();
+    let mut ex = Executor {
+        host,
+        timeout,
+        progress,
+    };
+    match ex.run(&steps, &mut record, &mut done) {
+        Ok(()) => Ok(Outcome { steps: done }),
+        Err(e) => {
+            record.phase = Phase::Stuck;
+            record.problem = Some(format!("{}: {}", e.what(), step_cause(&e)));
+            record.save(host)?;
+            let state = format!(
+                "{}. Restore required: `handoff rebind --force` tries again.",
+                describe_state(host, address)
+            );
+            Err(match e {
+                StepError::Hung { what, timeout } => BindError::Hung { what, timeout, state },
+                StepError::Failed { what, cause } => BindError::Failed { what, cause, state },
+            })
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Writes to sysfs control files that can hang, done in a throwaway child process.
+//!
+//! Writing a PCI address to a driver's `unbind` blocks in the kernel, uninterruptibly, for
+//! as long as something holds the device ("NVRM: Attempting to remove device … non-zero
+//! usage count"). Whoever does that write is stuck in D state: if it were the libvirt hook
+//! itself, libvirtd would wait on it forever. So the write happens in a forked child that
+//! does nothing but `open`+`write`+`_exit`, and the caller waits on a pidfd with a
+//! deadline. On a hang the caller reports it and returns; the child stays behind until the
+//! kernel lets it go.
+//!
+//! The child closes every inherited descriptor first: a child that kept the hook's stderr
+//! pipe open would keep libvirtd waiting for EOF (virt-manager#299).
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("writing {value:?} to {path}: {source}")]
+    Failed {
+        path: PathBuf,
+        value: String,
+        source: io::Error,
+    },
+    #[error("writing {value:?} to {path} did not return after {} s", timeout.as_secs())]
+    Hung {
+        path: PathBuf,
+        value: String,
+        timeout: Duration,
+        pid: i32,
+    },
+    #[error("cannot start the writer process for {path}: {source}")]
+    Spawn { path: PathBuf, source: io::Error },
+}
+
+/// Write `value` to `path` in a child process; wait at most `timeout`.
+pub fn write_with_watchdog(path: &Path, value: &str, timeout: Duration) -> Result<(), WriteError> {
+    let spawn_err = |source| WriteError::Spawn {
+        path: path.to_owned(),
+        source,
+    };
+    let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|e| spawn_err(io::Error::other(e)))?;
+    let bytes = value.as_bytes().to_vec();
+    let devnull = c"/dev/null";
+    // SAFETY: between fork and _exit the child calls only async-signal-safe functions
+    // (open, dup2, close_range, write, _exit) on memory prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(spawn_err(io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        unsafe {
+            let null = libc::open(devnull.as_ptr(), libc::O_RDWR);
+            if null >= 0 {
+                libc::dup2(null, 0);
+                libc::dup2(null, 1);
+                libc::dup2(null, 2);
+            }
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            let fd = libc::open(cpath.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                libc::_exit(errno_code());
+            }
+            let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+            if n < 0 {
+                libc::_exit(errno_code());
+            }
+            // close() reports errors of some sysfs stores too.
+            if libc::close(fd) < 0 {
+                libc::_exit(errno_code());
+            }
+            libc::_exit(0);
+        }
+    }
+    match wait_with_deadline(pid, timeout) {
+        Ok(Some(0)) => Ok(()),
+        Ok(Some(code)) => Err(WriteError::Failed {
+            path: path.to_owned(),
+            value: value.to_owned(),
+            source: io::Error::from_raw_os_error(code),
+        }),
+        Ok(None) => Err(WriteError::Hung {
+            path: path.to_owned(),
+            value: value.to_owned(),
+            timeout,
+            pid,
+        }),
+        Err(source) => Err(WriteError::Failed {
+            path: path.to_owned(),
+            value: value.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// The child's errno as its exit code (errnos fit in 1..=133).
+fn errno_code() -> i32 {
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+        .clamp(1, 255)
+}
+
+/// Wait for `pid` up to `timeout` without a polling loop: poll(2) on a pidfd.
+/// Ok(Some(exit code)), Ok(None) on timeout.
+fn wait_with_deadline(pid: i32, timeout: Duration) -> io::Result<Option<i32>> {
+    // SAFETY: plain syscalls on our own child's pid.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let result = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break Err(e);
+        }
+        if rc == 0 {
+            break Ok(None);
+        }
+        let mut status = 0;
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r < 0 {
+            break Err(io::Error::last_os_error());
+        }
+        break Ok(Some(if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            libc::EINTR
+        }));
+    };
+    unsafe { libc::close(pidfd) };
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_write_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("driver_override");
+        std::fs::write(&f, "").unwrap();
+        write_with_watchdog(&f, "vfio-pci", Duration::from_secs(5)).unwrap();
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "vfio-pci");
+    }
+
+    #[test]
+    fn errors_come_back_with_the_path() {
+        let e =
+            write_with_watchdog(Path::new("/nonexistent/unbind"), "x", Duration::from_secs(5)).unwrap_err();
+        assert!(
+            matches!(&e, WriteError::Failed { source, .. } if source.kind() == io::ErrorKind::NotFound),
+            "{e}"
+        );
+        assert!(e.to_string().contains("/nonexistent/unbind"));
+    }
+
+    #[test]
+    fn a_write_that_blocks_is_reported_as_hung_and_the_caller_goes_on() {
+        // A FIFO with no reader blocks open(2) for writing, like a stuck unbind blocks write(2).
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("unbind");
+        let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let t = std::time::Instant::now();
+        let e = write_with_watchdog(&fifo, "0000:01:00.0", Duration::from_millis(300)).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(3));
+        let WriteError::Hung { pid, .. } = e else {
+            panic!("expected a hang, got {e}")
+        };
+        // Release the writer so the test leaves nothing behind, then reap it.
+        let reader = std::fs::File::open(&fifo).unwrap();
+        let mut status = 0;
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        drop(reader);
+    }
+}

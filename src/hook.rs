@@ -1,0 +1,183 @@
+//! `handoff hook <domain> <operation> <sub-op> <extra>`: what libvirtd runs, as root, for
+//! every QEMU domain event, with the domain XML on stdin.
+//!
+//! Only two events matter: `prepare begin` (refuse or bind) and `release end` (return the
+//! GPU). Everything else, and every domain that does not use the GPU, exits 0 at once.
+//! The hook never calls libvirt (deadlock, per libvirt's docs), reads only the system
+//! config, and never passes config values through a shell. Its stderr is what libvirt
+//! shows in a refused `virsh start`: the refusal is written for people.
+//!
+//! A domain uses the GPU when a `[[vm]]` entry names it or its XML has a `<hostdev>` with
+//! the GPU's address: either is enough (the union is the safe choice: a hostdev that
+//! libvirt would detach itself still needs the holder check), and a disagreement is
+//! warned about on stderr (libvirtd logs it).
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::bind::record::{Phase, RestoreRecord};
+use crate::bind::{self, BindError};
+use crate::config::Config;
+use crate::pci::PciAddress;
+use crate::state::{HookPhase, HookState, Refusal};
+
+/// The PCI addresses of `<hostdev type='pci'>` sources in a domain XML.
+pub fn hostdev_addresses(xml: &str) -> Vec<PciAddress> {
+    let Ok(doc) = roxmltree::Document::parse(xml) else {
+        return Vec::new();
+    };
+    let hex = |n: roxmltree::Node, a: &str| {
+        n.attribute(a)
+            .and_then(|v| u32::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+            .unwrap_or(0)
+    };
+    doc.descendants()
+        .filter(|n| n.has_tag_name("hostdev") && n.attribute("type") == Some("pci"))
+        .filter_map(|h| h.children().find(|c| c.has_tag_name("source")))
+        .filter_map(|s| s.children().find(|c| c.has_tag_name("address")))
+        .map(|a| {
+            PciAddress::new(
+                hex(a, "domain") as u16,
+                hex(a, "bus") as u8,
+                hex(a, "slot") as u8,
+                hex(a, "function") as u8,
+            )
+        })
+        .collect()
+}
+
+/// Whether `domain` uses the GPU, with a warning when config and XML disagree.
+pub fn uses_gpu(cfg: &Config, domain: &str, xml: &str) -> (bool, Option<String>) {
+    let configured = cfg.vms.iter().any(|v| v.name == domain);
+    let in_xml = hostdev_addresses(xml)
+        .iter()
+        .any(|a| a.same_slot(&cfg.gpu.address));
+    let warning = match (configured, in_xml) {
+        (true, false) if !xml.trim().is_empty() => Some(format!(
+            "handoff: warning: {domain} is a [[vm]] in the config but its XML passes no function of {} through; \
+             the GPU is prepared anyway (add it as a <hostdev> for the VM to see it)",
+            cfg.gpu.address
+        )),
+        (false, true) => Some(format!(
+            "handoff: warning: {domain} passes {} through but is not a [[vm]] in /etc/handoff/config.toml; \
+             handoff guards it anyway (add it to the config so the tray and block know it)",
+            cfg.gpu.address
+        )),
+        _ => None,
+    };
+    (configured || in_xml, warning)
+}
+
+/// Run the hook. Returns the exit code; everything for people goes to `err`.
+pub fn run(args: &[String], stdin: &mut dyn std::io::Read, system_config: &Path, err: &mut dyn Write) -> i32 {
+    let [domain, op, sub, ..] = args else {
+        let _ = writeln!(
+            err,
+            "handoff hook: expected <domain> <operation> <sub-operation> <extra> from libvirtd"
+        );
+        return 0;
+    };
+    let (op, sub) = (op.as_str(), sub.as_str());
+    if !matches!((op, sub), ("prepare", "begin") | ("release", "end")) {
+        return 0;
+    }
+    let mut xml = String::new();
+    let _ = stdin.read_to_string(&mut xml);
+    let cfg = match Config::load_system(system_config) {
+        Ok((cfg, _)) => cfg,
+        Err(e) => {
+            let _ = writeln!(err, "handoff: {e}");
+            // Refuse a start we cannot check; never block a release.
+            return if op == "prepare" { 1 } else { 0 };
+        }
+    };
+    let (uses, warning) = uses_gpu(&cfg, domain, &xml);
+    if !uses {
+        return 0;
+    }
+    if let Some(w) = warning {
+        let _ = writeln!(err, "{w}");
+    }
+    let host = &cfg.host;
+    let address = cfg.gpu.address;
+    let timeout = Duration::from_secs(cfg.gpu.watchdog_s);
+    let mut state = HookState::load(host)
+        .filter(|s| s.gpu == address)
+        .unwrap_or_else(|| HookState::new(address));
+    let mut quiet = |_: &bind::plan::Step| {};
+    let code = if op == "prepare" {
+        if let Ok(Some(r)) = RestoreRecord::load(host, address)
+            && r.phase == Phase::Bound
+            && r.vm.as_deref().is_some_and(|v| v != domain)
+        {
+            let msg = format!(
+                "handoff: GPU {address} is with {}; stop that VM first (or `handoff switch {domain}`)",
+                r.vm.unwrap_or_default()
+            );
+            let _ = writeln!(err, "{msg}");
+            state.last_error = Some(msg);
+            let _ = state.save(host);
+            return 1;
+        }
+        state.phase = HookPhase::Binding;
+        state.vm = Some(domain.clone());
+        let _ = state.save(host);
+        match bind::hand_to_vfio(host, address, Some(domain), timeout, &mut quiet) {
+            Ok(_) => {
+                state.phase = HookPhase::Vfio;
+                state.last_error = None;
+                0
+            }
+            Err(e) => {
+                let _ = writeln!(err, "{e}");
+                state.vm = None;
+                state.phase = phase_after_error(host, address);
+                if let BindError::Refused { holders, .. } = &e {
+                    state.last_refusal = Some(Refusal {
+                        vm: domain.clone(),
+                        at: state.updated,
+                        holders: holders.clone(),
+                        message: e.to_string(),
+                    });
+                } else {
+                    state.last_error = Some(e.to_string());
+                }
+                1
+            }
+        }
+    } else {
+        // release: return the GPU only when we took it (a refused or failed start also
+        // ends in release, with nothing of ours to undo).
+        if let Ok(None) = RestoreRecord::load(host, address) {
+            return 0;
+        }
+        state.phase = HookPhase::Returning;
+        let _ = state.save(host);
+        match bind::return_to_host(host, address, &cfg.gpu.host_driver, timeout, &mut quiet) {
+            Ok(_) => {
+                state.phase = HookPhase::Host;
+                state.vm = None;
+                state.last_error = None;
+            }
+            Err(e) => {
+                let _ = writeln!(err, "{e}");
+                state.phase = phase_after_error(host, address);
+                state.last_error = Some(e.to_string());
+            }
+        }
+        0
+    };
+    if let Err(e) = state.save(host) {
+        let _ = writeln!(err, "handoff: cannot write {}: {e}", host.state_file().display());
+    }
+    code
+}
+
+fn phase_after_error(host: &crate::host::Host, address: PciAddress) -> HookPhase {
+    match RestoreRecord::load(host, address) {
+        Ok(Some(r)) if r.phase == Phase::Stuck => HookPhase::RestoreRequired,
+        Ok(Some(_)) | Err(_) => HookPhase::RestoreRequired,
+        Ok(None) => HookPhase::Host,
+    }
+}
