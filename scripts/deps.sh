@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs what handoff needs to build, run its demo and run its tests on Debian 12 /
+# Ubuntu 24.04, as root. Idempotent: packages already present are not reinstalled, and
+# apt is not touched at all when nothing is missing.
+set -euo pipefail
+
+packages=(
+  # building: libvirt and GTK bindings, FUSE for the kernel simulator
+  build-essential pkg-config libvirt-dev libgtk-4-dev fuse3 libfuse3-dev
+  # the real components the tests run against (DESIGN.md, "Testing against real things")
+  libvirt-daemon-system libvirt-clients qemu-system-x86 dbus dbus-x11 dunst xvfb
+  xfce4-panel i3-wm i3blocks x11-utils xterm imagemagick
+  # the benchmarks compare against these
+  psmisc lsof hyperfine
+  # reading PCI names
+  pci.ids
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "handoff: these Debian packages are missing: ${missing[*]}" >&2
+    echo "handoff: run this script as root (sudo) to install them" >&2
+    exit 1
+  fi
+  echo "handoff: installing ${#missing[@]} Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Rust 1.85+ (edition 2024). Debian 12 and Ubuntu 24.04 ship older compilers, so use
+# rustup's stable toolchain when cargo is missing or too old.
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "handoff: no cargo found; installing the stable Rust toolchain with rustup"
+  command -v curl >/dev/null || apt-get install -y -qq curl >/dev/null
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
