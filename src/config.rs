@@ -154,7 +154,9 @@ pub enum ConfigError {
         "{path}: {why}; the libvirt hook runs as root and reads only a file that root owns and nobody else can write (fix: chown root:root {path}; chmod 644 {path})"
     )]
     Insecure { path: PathBuf, why: String },
-    #[error("HANDOFF_CONFIG names {path}, which does not exist")]
+    #[error(
+        "HANDOFF_CONFIG names {path}, which does not exist; create it, or unset HANDOFF_CONFIG to use ~/.config/handoff/config.toml"
+    )]
     EnvMissing { path: PathBuf },
 }
 
@@ -162,17 +164,37 @@ impl Config {
     /// Parse a config text; `path` is only used to name the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_column(text, s.start)).unwrap_or((1, 1));
+            let span = e.span();
+            let (line, column) = span
+                .as_ref()
+                .map(|s| line_column(text, s.start))
+                .unwrap_or((1, 1));
+            let mut message = plain_words(e.message().trim());
+            // An error about a value (wrong type, bad address) points at the value; say
+            // which key it belongs to, since the message only shows the value.
+            if let Some(key) = span.and_then(|s| key_of_value(text, s.start)) {
+                message = format!("{key}: {message}");
+            }
             ConfigError::Parse {
                 path: path.to_owned(),
                 line,
                 column,
-                message: e.message().trim().to_owned(),
+                message,
             }
         })?;
-        cfg.validate().map_err(|message| ConfigError::Invalid {
-            path: path.to_owned(),
-            message,
+        cfg.validate().map_err(|(message, at)| {
+            match locate(text, &at).map(|offset| line_column(text, offset)) {
+                Some((line, column)) => ConfigError::Parse {
+                    path: path.to_owned(),
+                    line,
+                    column,
+                    message,
+                },
+                None => ConfigError::Invalid {
+                    path: path.to_owned(),
+                    message,
+                },
+            }
         })?;
         Ok(cfg)
     }
@@ -194,14 +216,25 @@ impl Config {
         )
     }
 
+    /// [`Config::load`] with `HANDOFF_CONFIG` and the user file given.
     pub fn load_from(env: Option<PathBuf>, user: Option<PathBuf>) -> Result<(Self, Source), ConfigError> {
+        Self::load_from_paths(env, user, Path::new(SYSTEM_CONFIG))
+    }
+
+    /// [`Config::load_from`] with the system file given too (tests, which may not write
+    /// to /etc).
+    pub fn load_from_paths(
+        env: Option<PathBuf>,
+        user: Option<PathBuf>,
+        system: &Path,
+    ) -> Result<(Self, Source), ConfigError> {
         if let Some(path) = env.filter(|p| !p.as_os_str().is_empty()) {
             if !path.exists() {
                 return Err(ConfigError::EnvMissing { path });
             }
             return Ok((Self::load_file(&path)?, Source::File(path)));
         }
-        for path in user.into_iter().chain([PathBuf::from(SYSTEM_CONFIG)]) {
+        for path in user.into_iter().chain([system.to_owned()]) {
             if path.exists() {
                 return Ok((Self::load_file(&path)?, Source::File(path)));
             }
@@ -243,39 +276,57 @@ impl Config {
         Ok((Self::load_file(path)?, Source::File(path.to_owned())))
     }
 
-    /// Checks serde cannot express. Values that end up in paths are checked here.
-    fn validate(&self) -> Result<(), String> {
+    /// Checks serde cannot express. Values that end up in paths are checked here. An
+    /// error comes with the key it is about, so that [`Config::parse`] can point at it.
+    fn validate(&self) -> Result<(), (String, Vec<KeySeg>)> {
+        use KeySeg::{Index, Key};
         if !is_driver_name(&self.gpu.host_driver) {
-            return Err(format!(
-                "[gpu] host_driver = {:?} is not a kernel driver name (letters, digits, '_' and '-' only), e.g. \"nvidia\"",
-                self.gpu.host_driver
+            return Err((
+                format!(
+                    "[gpu] host_driver = {:?} is not a kernel driver name (letters, digits, '_' and '-' only), e.g. \"nvidia\"",
+                    self.gpu.host_driver
+                ),
+                vec![Key("gpu"), Key("host_driver")],
             ));
         }
         if self.gpu.watchdog_s == 0 {
-            return Err("[gpu] watchdog_s must be at least 1 (seconds)".into());
+            return Err((
+                "[gpu] watchdog_s must be at least 1 (seconds)".into(),
+                vec![Key("gpu"), Key("watchdog_s")],
+            ));
         }
         let mut seen = std::collections::HashSet::new();
-        for vm in &self.vms {
+        for (i, vm) in self.vms.iter().enumerate() {
+            let at = vec![Key("vm"), Index(i), Key("name")];
             if vm.name.trim().is_empty() {
-                return Err("a [[vm]] entry has an empty name; it must be the libvirt domain name".into());
+                return Err((
+                    "a [[vm]] entry has an empty name; it must be the libvirt domain name".into(),
+                    at,
+                ));
             }
             if !seen.insert(vm.name.as_str()) {
-                return Err(format!(
-                    "[[vm]] {:?} appears twice; each domain may be listed once",
-                    vm.name
+                return Err((
+                    format!(
+                        "[[vm]] name = {:?} appears twice; each domain may be listed once",
+                        vm.name
+                    ),
+                    at,
                 ));
             }
         }
-        for (key, p) in [
-            ("sysfs", &self.host.sysfs),
-            ("proc", &self.host.procfs),
-            ("dev", &self.host.dev),
-            ("run", &self.host.run),
+        for (key, p, like) in [
+            ("sysfs", &self.host.sysfs, "/sys"),
+            ("proc", &self.host.procfs, "/proc"),
+            ("dev", &self.host.dev, "/dev"),
+            ("run", &self.host.run, "/run/handoff"),
         ] {
             if !p.is_absolute() {
-                return Err(format!(
-                    "[host] {key} = {:?} must be an absolute path",
-                    p.display().to_string()
+                return Err((
+                    format!(
+                        "[host] {key} = {:?} must be an absolute path, like {like:?}",
+                        p.display().to_string()
+                    ),
+                    vec![Key("host"), Key(key)],
                 ));
             }
         }
@@ -313,4 +364,76 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
     (line, col)
+}
+
+/// One step of a key path: a table key or an array index.
+#[derive(Debug, Clone, Copy)]
+enum KeySeg {
+    Key(&'static str),
+    Index(usize),
+}
+
+/// The byte offset of the value at `at` in `text`, when the text sets it.
+fn locate(text: &str, at: &[KeySeg]) -> Option<usize> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let (first, rest) = at.split_first()?;
+    let KeySeg::Key(k) = first else { return None };
+    let mut value = doc.get_ref().get(*k)?;
+    for seg in rest {
+        value = match seg {
+            KeySeg::Key(k) => value.get_ref().get(*k)?,
+            KeySeg::Index(i) => value.get_ref().get(*i)?,
+        };
+    }
+    Some(value.span().start)
+}
+
+/// The key whose value starts at `offset`, as a person would find it in the file:
+/// `[gpu] watchdog_s`, `[[vm]] name`, `vm`. None when no value starts there (an error
+/// about a key, or about the syntax).
+fn key_of_value(text: &str, offset: usize) -> Option<String> {
+    use toml::de::DeValue;
+    fn walk(
+        table: &toml::de::DeTable<'_>,
+        offset: usize,
+        path: &mut Vec<String>,
+        in_array: bool,
+    ) -> Option<String> {
+        for (k, v) in table {
+            path.push(k.get_ref().to_string());
+            if v.span().start == offset {
+                return Some(render(path, in_array));
+            }
+            let found = match v.get_ref() {
+                DeValue::Table(t) => walk(t, offset, path, in_array),
+                DeValue::Array(a) => a.iter().find_map(|item| match item.get_ref() {
+                    DeValue::Table(t) => walk(t, offset, path, true),
+                    _ => (item.span().start == offset).then(|| render(path, in_array)),
+                }),
+                _ => None,
+            };
+            if found.is_some() {
+                return found;
+            }
+            path.pop();
+        }
+        None
+    }
+    fn render(path: &[String], in_array: bool) -> String {
+        match path.split_last() {
+            Some((key, [])) => key.clone(),
+            Some((key, tables)) if in_array => format!("[[{}]] {key}", tables.join(".")),
+            Some((key, tables)) => format!("[{}] {key}", tables.join(".")),
+            None => String::new(),
+        }
+    }
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    walk(doc.get_ref(), offset, &mut Vec::new(), false)
+}
+
+/// serde's type names in the words of a TOML file.
+fn plain_words(message: &str) -> String {
+    message
+        .replace("expected u64", "expected a whole number (no quotes), e.g. 10")
+        .replace("expected a sequence", "expected an array")
 }

@@ -142,10 +142,24 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("handoff: {e:#}");
+            eprintln!("handoff: {}", error_text(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes, each said once: our errors already put their cause in their
+/// own message ("cannot read X: No such file"), and anyhow's `{:#}` would repeat it.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text += ": ";
+            text += &cause;
+        }
+    }
+    text
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -165,8 +179,12 @@ fn init_logging(verbose: u8, quiet: bool) {
 }
 
 fn load_config(explicit: Option<PathBuf>) -> anyhow::Result<(Config, Source)> {
-    let env = explicit.or_else(|| std::env::var_os("HANDOFF_CONFIG").map(PathBuf::from));
-    Ok(Config::load_from(env, handoff::config::user_config_path())?)
+    // `--config FILE` is read as given, so a missing one is reported as that file, not
+    // as HANDOFF_CONFIG.
+    if let Some(path) = explicit {
+        return Ok((Config::load_file(&path)?, Source::File(path)));
+    }
+    Ok(Config::load()?)
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {

@@ -1,0 +1,563 @@
+//! The `handoff` binary as a person uses it, against a simulated host: a `SimHost` tree for
+//! sysfs and `/dev`, the real `/proc` (holders are real child processes), and libvirt's
+//! in-process `test:///default` driver, which defines one running domain named `test`.
+//!
+//! Every test builds its own tree and config in its own temp dir and points the binary at
+//! it with `HANDOFF_CONFIG`; `HOME` and the XDG directories point into the temp dir too, so
+//! nothing outside it is read or written. Every child process is killed by its guard.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use handoff::pci::PciAddress;
+use handoff::sim::{RTX_3090_TI, SimFunction, SimHost, SimSpec};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_handoff");
+
+/// The running domain libvirt's test driver defines.
+const RUNNING_VM: &str = "test";
+
+/// A simulated host, a config pointing at it, and a place for the binary's home.
+struct Host {
+    tmp: tempfile::TempDir,
+    sim: SimHost,
+}
+
+/// What the binary did.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+
+    fn first_line(&self) -> &str {
+        self.stdout.lines().next().unwrap_or("")
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Host {
+    fn workstation() -> Host {
+        Host::with_spec(&SimSpec::workstation())
+    }
+
+    fn with_spec(spec: &SimSpec) -> Host {
+        let tmp = tempfile::tempdir().unwrap();
+        let sim = SimHost::build(&tmp.path().join("root"), spec).unwrap();
+        fs::create_dir_all(tmp.path().join("home")).unwrap();
+        let h = Host { tmp, sim };
+        h.configure(RTX_3090_TI, &[RUNNING_VM]);
+        h
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.tmp.path().join("config.toml")
+    }
+
+    /// Write the config: the GPU at `gpu`, one `[[vm]]` per name at `test:///default`.
+    fn configure(&self, gpu: PciAddress, vms: &[&str]) {
+        let mut text = format!("[gpu]\naddress = \"{gpu}\"\nhost_driver = \"nvidia\"\n\n");
+        for vm in vms {
+            text += &format!(
+                "[[vm]]\nname = \"{vm}\"\nlabel = \"{}\"\nuri = \"test:///default\"\n\n",
+                label(vm)
+            );
+        }
+        text += &format!(
+            "[host]\nsysfs = \"{}\"\nproc = \"/proc\"\ndev = \"{}\"\nrun = \"{}\"\n",
+            self.sim.sysfs().display(),
+            self.sim.dev().display(),
+            self.sim.run().display()
+        );
+        fs::write(self.config_path(), text).unwrap();
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        run_with_config(&self.config_path(), self.tmp.path(), args)
+    }
+
+    /// Move every function of the GPU's slot to `driver`.
+    fn move_all(&self, driver: Option<&str>) {
+        for n in 0..4 {
+            self.sim.set_driver(RTX_3090_TI.with_function(n), driver).unwrap();
+        }
+    }
+}
+
+fn label(vm: &str) -> String {
+    format!("{vm} label")
+}
+
+/// Run the binary with `HANDOFF_CONFIG=config`, home and XDG directories under `tmp`.
+fn run_with_config(config: &Path, tmp: &Path, args: &[&str]) -> Run {
+    let home = tmp.join("home");
+    let out: Output = Command::new(BIN)
+        .args(args)
+        .env("HANDOFF_CONFIG", config)
+        .env("HOME", &home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env("XDG_CACHE_HOME", home.join(".cache"))
+        .env("XDG_RUNTIME_DIR", home.join("run"))
+        .env_remove("HANDOFF_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().expect("handoff was killed by a signal"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A child process, killed and reaped by pid when dropped.
+struct Holder(Child);
+
+impl Holder {
+    /// `sleep 600` with stdin opened on `node`.
+    fn open(node: &Path) -> Holder {
+        let child = Command::new("sleep")
+            .arg("600")
+            .stdin(Stdio::from(File::open(node).unwrap()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Holder(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nvidia0(h: &Host) -> PathBuf {
+    h.sim.dev().join("nvidia0")
+}
+
+fn as_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+// ---------------------------------------------------------------------------------------
+// handoff status
+
+#[test]
+fn status_says_the_gpu_is_on_linux_and_nothing_uses_it() {
+    let h = Host::workstation();
+    let r = h.run(&["status"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        r.first_line(),
+        "GPU 0000:01:00.0 (RTX 3090 Ti) is on Linux (nvidia); nothing uses it",
+        "{r:?}"
+    );
+    assert!(r.stdout.contains("0000:01:00.1  audio  snd_hda_intel"), "{r:?}");
+    assert!(r.stdout.contains("test label"), "{r:?}");
+    assert!(!r.stdout.contains("Using the GPU"), "{r:?}");
+    if as_root() {
+        assert!(
+            !r.stdout.contains("run as root"),
+            "root is told to run as root: {r:?}"
+        );
+    }
+}
+
+#[test]
+fn status_names_the_process_holding_nvidia0() {
+    let h = Host::workstation();
+    let holder = Holder::open(&nvidia0(&h));
+    let r = h.run(&["status"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        r.first_line(),
+        "GPU 0000:01:00.0 (RTX 3090 Ti) is on Linux (nvidia); 1 process uses it",
+        "{r:?}"
+    );
+    let line = format!("sleep (pid {}, user ", holder.pid());
+    let holder_line = r
+        .stdout
+        .lines()
+        .find(|l| l.contains(&line))
+        .unwrap_or_else(|| panic!("no line for {line:?}: {r:?}"));
+    assert!(
+        holder_line.ends_with(&format!("holds {}", nvidia0(&h).display())),
+        "{holder_line}"
+    );
+}
+
+#[test]
+fn status_json_has_the_designs_schema() {
+    let h = Host::workstation();
+    h.configure(RTX_3090_TI, &[RUNNING_VM, "win11"]);
+    let holder = Holder::open(&nvidia0(&h));
+    let r = h.run(&["status", "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let v = r.json();
+    let g = &v["gpu"];
+    assert_eq!(g["address"], "0000:01:00.0");
+    assert_eq!(g["owner"], "host");
+    assert_eq!(g["driver"], "nvidia");
+    assert!(g["vm"].is_null(), "{g}");
+    let functions = g["functions"].as_array().unwrap();
+    let pairs: Vec<(&str, &str)> = functions
+        .iter()
+        .map(|f| (f["address"].as_str().unwrap(), f["driver"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("0000:01:00.0", "nvidia"),
+            ("0000:01:00.1", "snd_hda_intel"),
+            ("0000:01:00.2", "xhci_hcd"),
+            ("0000:01:00.3", "nvidia-gpu"),
+        ]
+    );
+    let blockers = g["blockers"].as_array().unwrap();
+    assert_eq!(blockers.len(), 1, "{g}");
+    let b = &blockers[0];
+    assert_eq!(b["pid"], holder.pid());
+    assert_eq!(b["command"], "sleep");
+    assert!(b["user"].is_string(), "{b}");
+    assert!(
+        b.get("unit").is_some(),
+        "unit is always there, null when none: {b}"
+    );
+    assert_eq!(b["paths"], serde_json::json!([nvidia0(&h)]));
+
+    let vms = v["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 2);
+    assert_eq!(vms[0]["name"], "test");
+    assert_eq!(vms[0]["label"], "test label");
+    assert_eq!(vms[0]["state"], "running");
+    assert_eq!(vms[1]["name"], "win11");
+    assert_eq!(vms[1]["state"], "undefined");
+}
+
+#[test]
+fn a_vm_libvirt_does_not_know_is_said_to_be_not_defined() {
+    let h = Host::workstation();
+    h.configure(RTX_3090_TI, &["win11"]);
+    let r = h.run(&["status"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let line = r.stdout.lines().find(|l| l.contains("win11")).unwrap();
+    assert!(line.ends_with("not defined in libvirt"), "{r:?}");
+    assert!(
+        r.stdout.contains("virsh -c test:///default list --all"),
+        "says how to see what is defined: {r:?}"
+    );
+}
+
+#[test]
+fn status_says_the_gpu_is_in_the_running_vm_when_every_function_is_on_vfio() {
+    let h = Host::workstation();
+    h.move_all(Some("vfio-pci"));
+    let r = h.run(&["status"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        r.first_line(),
+        "GPU 0000:01:00.0 (RTX 3090 Ti) is in the VM test label (vfio-pci)",
+        "{r:?}"
+    );
+    let v = h.run(&["status", "--json"]).json();
+    assert_eq!(v["gpu"]["owner"], "vfio");
+    assert_eq!(v["gpu"]["driver"], "vfio-pci");
+    assert_eq!(v["gpu"]["vm"], "test");
+    for f in v["gpu"]["functions"].as_array().unwrap() {
+        assert_eq!(f["driver"], "vfio-pci", "{f}");
+    }
+}
+
+#[test]
+fn status_on_vfio_with_no_vm_running_says_so() {
+    let h = Host::workstation();
+    h.configure(RTX_3090_TI, &["win11"]);
+    h.move_all(Some("vfio-pci"));
+    let r = h.run(&["status"]);
+    assert_eq!(
+        r.first_line(),
+        "GPU 0000:01:00.0 (RTX 3090 Ti) is on vfio-pci, no VM running",
+        "{r:?}"
+    );
+    assert!(h.run(&["status", "--json"]).json()["gpu"]["vm"].is_null());
+}
+
+#[test]
+fn status_names_which_function_is_where_when_only_vga_moved() {
+    let h = Host::workstation();
+    h.sim.set_driver(RTX_3090_TI, Some("vfio-pci")).unwrap();
+    let r = h.run(&["status"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let first = r.first_line();
+    assert!(first.contains("is split between drivers"), "{r:?}");
+    for part in [
+        "0000:01:00.0 on vfio-pci",
+        "0000:01:00.1 on snd_hda_intel",
+        "0000:01:00.2 on xhci_hcd",
+    ] {
+        assert!(first.contains(part), "{part:?} missing: {r:?}");
+    }
+    let v = h.run(&["status", "--json"]).json();
+    assert_eq!(v["gpu"]["owner"], "mixed");
+    assert_eq!(v["gpu"]["functions"][0]["driver"], "vfio-pci");
+    assert_eq!(v["gpu"]["functions"][1]["driver"], "snd_hda_intel");
+}
+
+#[test]
+fn status_with_an_empty_slot_says_there_is_no_gpu() {
+    let h = Host::workstation();
+    let empty = PciAddress::new(0, 2, 0, 0);
+    h.configure(empty, &[RUNNING_VM]);
+    let r = h.run(&["status"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.first_line().starts_with("No GPU at 0000:02:00.0"), "{r:?}");
+    assert!(r.first_line().contains("lspci -D"), "says how to find it: {r:?}");
+    let v = h.run(&["status", "--json"]).json();
+    assert_eq!(v["gpu"]["owner"], "absent");
+    assert_eq!(v["gpu"]["address"], "0000:02:00.0");
+    assert_eq!(v["gpu"]["functions"], serde_json::json!([]));
+
+    let b = h.run(&["blockers"]);
+    assert_eq!(b.code, 0, "{b:?}");
+    assert!(b.stdout.contains("No GPU at 0000:02:00.0"), "{b:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// handoff blockers
+
+#[test]
+fn blockers_exits_0_when_nothing_holds_and_1_with_a_holder() {
+    let h = Host::workstation();
+    let r = h.run(&["blockers"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.first_line().starts_with("Nothing holds GPU 0000:01:00.0"),
+        "{r:?}"
+    );
+    let v = h.run(&["blockers", "--json"]).json();
+    assert_eq!(v["holders"], serde_json::json!([]));
+
+    let holder = Holder::open(&h.sim.dev().join("dri/renderD129"));
+    let r = h.run(&["blockers"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains(&format!("sleep (pid {}", holder.pid())),
+        "{r:?}"
+    );
+    let j = h.run(&["blockers", "--json"]);
+    assert_eq!(j.code, 1, "{j:?}");
+    let holders = j.json()["holders"].as_array().unwrap().clone();
+    assert_eq!(holders.len(), 1, "{j:?}");
+    assert_eq!(holders[0]["pid"], holder.pid());
+    assert_eq!(
+        holders[0]["paths"],
+        serde_json::json!([h.sim.dev().join("dri/renderD129")])
+    );
+
+    drop(holder);
+    assert_eq!(
+        h.run(&["blockers"]).code,
+        0,
+        "clear again once the holder is gone"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// handoff doctor
+
+fn check<'a>(report: &'a Value, id: &str) -> &'a Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no check {id}: {report}"))
+}
+
+fn failures(report: &Value) -> Vec<String> {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["level"] == "fail")
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn doctor_finds_the_workstation_ready() {
+    let h = Host::workstation();
+    let r = h.run(&["doctor", "--json"]);
+    let v = r.json();
+    for id in ["iommu", "gpu", "iommu-group", "vfio-pci", "holders", "libvirt"] {
+        assert_eq!(check(&v, id)["level"], "ok", "{id}: {r:?}");
+    }
+    let fails = failures(&v);
+    assert_eq!(r.code, i32::from(!fails.is_empty()), "{r:?}");
+    if as_root() {
+        assert!(fails.is_empty(), "{r:?}");
+        let t = h.run(&["doctor"]);
+        assert_eq!(t.code, 0, "{t:?}");
+        assert!(
+            t.stdout.contains("This host looks ready for passthrough."),
+            "{t:?}"
+        );
+    }
+}
+
+#[test]
+fn doctor_warns_about_a_holder_without_failing() {
+    let h = Host::workstation();
+    let holder = Holder::open(&nvidia0(&h));
+    let r = h.run(&["doctor"]);
+    assert!(r.stdout.contains("[warn] 1 process(es) use the GPU"), "{r:?}");
+    assert!(r.stdout.contains(&format!("pid {}", holder.pid())), "{r:?}");
+    if as_root() {
+        assert_eq!(r.code, 0, "a holder is a warning, not a failure: {r:?}");
+    }
+}
+
+#[test]
+fn doctor_fails_when_the_gpus_iommu_group_holds_a_foreign_device() {
+    let mut spec = SimSpec::workstation();
+    let nvme = PciAddress::new(0, 2, 0, 0);
+    spec.functions.push(SimFunction {
+        address: nvme,
+        vendor: 0x144d,
+        device: 0xa80a,
+        class: 0x010802,
+        driver: Some("nvme".into()),
+        iommu_group: 13,
+        parent: None,
+        drm: None,
+        sound_card: None,
+        i2c: Vec::new(),
+    });
+    spec.drivers.push("nvme".into());
+    let h = Host::with_spec(&spec);
+    let r = h.run(&["doctor"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("[FAIL] IOMMU group 13"))
+        .unwrap_or_else(|| panic!("{r:?}"));
+    assert!(line.contains("0000:02:00.0 (nvme)"), "{line}");
+    assert!(
+        r.stdout.contains("1 problem to fix") || r.stdout.contains("problems to fix"),
+        "{r:?}"
+    );
+
+    let j = h.run(&["doctor", "--json"]);
+    assert_eq!(j.code, 1, "{j:?}");
+    let v = j.json();
+    assert_eq!(check(&v, "iommu-group")["level"], "fail");
+    assert!(check(&v, "iommu-group")["fix"].is_string());
+}
+
+#[test]
+fn doctor_fails_for_a_vm_libvirt_does_not_define() {
+    let h = Host::workstation();
+    h.configure(RTX_3090_TI, &[RUNNING_VM, "win11"]);
+    let r = h.run(&["doctor"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("[FAIL] VM win11 at test:///default: not defined in libvirt"),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout
+            .contains("[ok  ] VM test (test label) at test:///default is defined, running"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn doctor_status_and_blockers_exit_2_on_a_broken_config() {
+    let h = Host::workstation();
+    let text = fs::read_to_string(h.config_path()).unwrap();
+    fs::write(
+        h.config_path(),
+        text.replace("[gpu]\n", "[gpu]\nwatchdog_s = \"ten\"\n"),
+    )
+    .unwrap();
+    let at = format!("{}:2:14: [gpu] watchdog_s", h.config_path().display());
+    for args in [
+        &["doctor"][..],
+        &["doctor", "--json"],
+        &["status"],
+        &["status", "--json"],
+        &["blockers"],
+    ] {
+        let r = h.run(args);
+        assert_eq!(r.code, 2, "{args:?}: {r:?}");
+        assert!(r.stderr.contains(&at), "{args:?}: {r:?}");
+        assert_eq!(r.stdout, "", "{args:?}: nothing half-printed on stdout");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// --help
+
+#[test]
+fn help_succeeds_and_says_what_each_command_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::create_dir_all(tmp.path().join("home")).unwrap();
+    let none = tmp.path().join("unused.toml");
+    for (args, says) in [
+        (&["--help"][..], "Hand one passthrough GPU"),
+        (&["status", "--help"], "Who owns the GPU"),
+        (&["blockers", "--help"], "would stop a handoff"),
+        (&["doctor", "--help"], "ready for passthrough"),
+        (&["config", "--help"], "configuration"),
+        (&["config", "check", "--help"], "Check a config file"),
+        (&["config", "show", "--help"], "effective configuration"),
+        (&["rebind", "--help"], "Return the GPU to the host driver"),
+        (&["bind", "--help"], "vfio-pci"),
+        (&["install-hooks", "--help"], "libvirt hook"),
+        (&["hook", "--help"], "libvirtd"),
+        (&["vfio-status", "--help"], "Who owns the GPU"),
+        (&["gpu-rebind-nvidia", "--help"], "Return the GPU"),
+    ] {
+        let r = run_with_config(&none, tmp.path(), args);
+        assert_eq!(r.code, 0, "{args:?}: {r:?}");
+        assert!(r.stdout.contains(says), "{args:?} should say {says:?}: {r:?}");
+    }
+}
+
+#[test]
+fn an_unknown_subcommand_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = run_with_config(&tmp.path().join("unused.toml"), tmp.path(), &["frobnicate"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("frobnicate"), "{r:?}");
+}
