@@ -307,8 +307,12 @@ fn check_holders(cfg: &Config, g: &Gpu) -> Check {
             "holders",
             Level::Warn,
             format!(
-                "{} process(es) use the GPU; a VM start would be refused now:\n  {}",
-                scan.holders.len(),
+                "{} the GPU; a VM start would be refused now:\n  {}",
+                if scan.holders.len() == 1 {
+                    "1 process uses".to_owned()
+                } else {
+                    format!("{} processes use", scan.holders.len())
+                },
                 lines.join("\n  ")
             ),
         )

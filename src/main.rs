@@ -18,7 +18,7 @@ use handoff::{doctor, status};
         GPU happens in the libvirt hook, as root.",
     after_help = "Config: $HANDOFF_CONFIG, else ~/.config/handoff/config.toml, else /etc/handoff/config.toml, \
         else built-in defaults. `handoff config check` validates it.\n\
-        Exit codes: 0 success, 1 the answer is a problem (GPU busy, host not ready), 2 usage or config error."
+        Exit codes: 0 success, 1 the answer is a problem (blockers: something holds the GPU; doctor: the host is not ready; a handoff failed), 2 usage or config error."
 )]
 struct Cli {
     /// Use this config file instead of the usual search (same as HANDOFF_CONFIG=FILE).
