@@ -471,6 +471,33 @@ fn a_hung_unbind_fails_the_start_cleanly_and_libvirtd_keeps_answering(s: &Scene,
         "the released unbind left 01:00.0 without a driver"
     );
 
+    // doctor sees the installed hook and the pending restore.
+    let out = Command::new(HANDOFF)
+        .args(["doctor", "--json"])
+        .env("HANDOFF_CONFIG", SYSTEM_CONFIG)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let check = |id: &str| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap_or_else(|| panic!("no {id} check in {report}"))
+            .clone()
+    };
+    eprintln!("(d) doctor: {}\n    {}", check("hook"), check("restore"));
+    assert_eq!(check("hook")["level"], "ok");
+    assert_eq!(check("restore")["level"], "fail");
+    assert!(
+        check("restore")["fix"]
+            .as_str()
+            .unwrap()
+            .contains("handoff rebind --force")
+    );
+
     let out = Command::new(HANDOFF)
         .args(["rebind", "--force"])
         .env("HANDOFF_CONFIG", SYSTEM_CONFIG)
