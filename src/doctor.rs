@@ -2,15 +2,21 @@
 //!
 //! Each check is a function returning a [`Check`]; [`run`] collects them in the order a
 //! person would fix things (firmware and kernel first, then the GPU, then libvirt). Later
-//! subsystems (the hook, Looking Glass, sleep inhibition) add their checks to [`run`].
+//! subsystems (Looking Glass, sleep inhibition) add their checks to [`run`].
+//!
+//! Besides the config's `[host]` roots it reads libvirt's hooks directory (is the hook
+//! installed, and does it run a handoff that exists) and the restore record under
+//! `[host] run` (is a restore pending).
 
 use std::path::Path;
 
 use serde::Serialize;
 
+use crate::bind::record::{Phase, RestoreRecord};
 use crate::config::{Config, Source};
 use crate::gpu::{self, Gpu, Owner};
 use crate::holders;
+use crate::hooks::{self, InstalledShim};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -139,8 +145,9 @@ fn group_name(gid: libc::gid_t) -> Option<String> {
     )
 }
 
-/// Every check, in fixing order. `extra` holds checks computed by the binary (libvirt).
-pub fn run(cfg: &Config, source: &Source, caller: &Caller, extra: Vec<Check>) -> Report {
+/// Every check, in fixing order. `hooks_dir` is libvirt's hooks directory
+/// ([`hooks::DEFAULT_HOOKS_DIR`]); `extra` holds checks computed by the binary (libvirt).
+pub fn run(cfg: &Config, source: &Source, caller: &Caller, hooks_dir: &Path, extra: Vec<Check>) -> Report {
     let mut checks = vec![Check::new("config", Level::Info, format!("Config: {source}"))];
     checks.push(check_iommu(cfg));
     let g = gpu::read_gpu(&cfg.host, cfg.gpu.address);
@@ -152,6 +159,7 @@ pub fn run(cfg: &Config, source: &Source, caller: &Caller, extra: Vec<Check>) ->
                 checks.push(check_vfio_available(cfg));
                 checks.push(check_holders(cfg, g));
             }
+            checks.extend(check_restore(cfg));
         }
         Err(e) => checks.push(Check::new(
             "gpu",
@@ -160,6 +168,7 @@ pub fn run(cfg: &Config, source: &Source, caller: &Caller, extra: Vec<Check>) ->
         )),
     }
     checks.push(check_libvirt_group(caller));
+    checks.push(check_hook(hooks_dir));
     checks.extend(extra);
     Report { checks }
 }
@@ -340,5 +349,229 @@ fn check_libvirt_group(caller: &Caller) -> Check {
             "You are not in group libvirt: qemu:///system will ask for a password or refuse",
         )
         .fix("sudo usermod -aG libvirt $USER, then log out and in again")
+    }
+}
+
+/// Is handoff's shim in `hooks_dir`, executable, and running a handoff that exists?
+pub fn check_hook(hooks_dir: &Path) -> Check {
+    const INSTALL: &str = "sudo handoff install-hooks";
+    let shim = hooks::shim_path(hooks_dir);
+    let shim = shim.display();
+    let found = match hooks::installed_shim(hooks_dir) {
+        Ok(found) => found,
+        Err(e) => {
+            return Check::new(
+                "hook",
+                Level::Warn,
+                format!("Cannot tell whether the libvirt hook is installed: {e}"),
+            );
+        }
+    };
+    match found {
+        InstalledShim::Missing => Check::new(
+            "hook",
+            Level::Fail,
+            format!(
+                "The libvirt hook is not installed ({shim} is missing): starting a VM neither checks \
+                 for holders nor moves the GPU"
+            ),
+        )
+        .fix(INSTALL),
+        InstalledShim::Foreign => Check::new(
+            "hook",
+            Level::Fail,
+            format!("{shim} was not written by `handoff install-hooks`"),
+        )
+        .fix(format!("move it away, then run `{INSTALL}`")),
+        InstalledShim::Ours { mode, .. } if mode & 0o111 == 0 => Check::new(
+            "hook",
+            Level::Fail,
+            format!("{shim} is not executable (mode {mode:o}): libvirt skips it"),
+        )
+        .fix(format!("`{INSTALL}` puts its mode back")),
+        InstalledShim::Ours { exe: None, .. } => Check::new(
+            "hook",
+            Level::Fail,
+            format!("{shim} was edited: it no longer runs `handoff hook`"),
+        )
+        .fix(format!("`{INSTALL}` rewrites it")),
+        InstalledShim::Ours { exe: Some(exe), .. } if !is_executable(&exe) => Check::new(
+            "hook",
+            Level::Fail,
+            format!(
+                "{shim} runs {}, which is missing or not executable: every VM start fails",
+                exe.display()
+            ),
+        )
+        .fix(format!("run `{INSTALL}` with the handoff you have now")),
+        InstalledShim::Ours { exe: Some(exe), .. } => Check::new(
+            "hook",
+            Level::Ok,
+            format!("The libvirt hook is installed: {shim} runs {}", exe.display()),
+        ),
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// A restore record under `[host] run` means a handoff is in place or did not finish.
+pub fn check_restore(cfg: &Config) -> Option<Check> {
+    let a = cfg.gpu.address;
+    const REBIND: &str = "run `handoff rebind --force` (as root: sudo, or pkexec from the tray)";
+    match RestoreRecord::load(&cfg.host, a) {
+        Ok(None) => None,
+        Ok(Some(r)) if r.phase == Phase::Bound => Some(
+            Check::new(
+                "restore",
+                Level::Info,
+                format!(
+                    "GPU {a} is handed to {}; it returns to the host when that VM stops",
+                    r.vm.as_deref().unwrap_or("a VM")
+                ),
+            )
+            .fix(format!("if that VM is not running, {REBIND}")),
+        ),
+        Ok(Some(r)) => {
+            let why = r.problem.unwrap_or_else(|| {
+                format!(
+                    "a handoff stopped half-way (phase {})",
+                    serde_json::to_value(r.phase)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                )
+            });
+            Some(
+                Check::new(
+                    "restore",
+                    Level::Fail,
+                    format!("Restore required for GPU {a}: {why}"),
+                )
+                .fix(REBIND),
+            )
+        }
+        Err(e) => Some(Check::new("restore", Level::Fail, e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::bind::record::RecordedFunction;
+
+    fn installed(dir: &Path, exe: &Path) {
+        hooks::apply(&hooks::plan_install(dir, exe).unwrap()).unwrap();
+    }
+
+    fn fake_handoff(dir: &Path) -> std::path::PathBuf {
+        let exe = dir.join("it's handoff");
+        fs::write(&exe, "#!/bin/sh\n").unwrap();
+        fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+        exe
+    }
+
+    #[test]
+    fn a_missing_hook_fails_and_says_to_install_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = check_hook(&tmp.path().join("hooks"));
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.summary.contains("not installed"), "{}", c.summary);
+        assert_eq!(c.fix.as_deref(), Some("sudo handoff install-hooks"));
+    }
+
+    #[test]
+    fn an_installed_hook_is_ok_until_its_binary_or_mode_goes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let hooks_dir = tmp.path().join("hooks");
+        let exe = fake_handoff(tmp.path());
+        installed(&hooks_dir, &exe);
+
+        let c = check_hook(&hooks_dir);
+        assert_eq!(c.level, Level::Ok, "{c:?}");
+        assert!(
+            c.summary.ends_with(&format!("runs {}", exe.display())),
+            "{}",
+            c.summary
+        );
+
+        let shim = hooks::shim_path(&hooks_dir);
+        fs::set_permissions(&shim, fs::Permissions::from_mode(0o644)).unwrap();
+        let c = check_hook(&hooks_dir);
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.summary.contains("not executable"), "{}", c.summary);
+        fs::set_permissions(&shim, fs::Permissions::from_mode(0o755)).unwrap();
+
+        fs::remove_file(&exe).unwrap();
+        let c = check_hook(&hooks_dir);
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.summary.contains("missing or not executable"), "{}", c.summary);
+        assert!(c.fix.unwrap().contains("sudo handoff install-hooks"));
+    }
+
+    #[test]
+    fn a_foreign_file_in_the_shims_place_is_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shim = hooks::shim_path(tmp.path());
+        fs::create_dir_all(shim.parent().unwrap()).unwrap();
+        fs::write(&shim, "#!/bin/sh\nexit 0\n").unwrap();
+        let c = check_hook(tmp.path());
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.summary.contains("not written by"), "{}", c.summary);
+    }
+
+    fn config_with_run(run: &Path) -> Config {
+        let mut cfg = Config::default();
+        cfg.host.run = run.to_owned();
+        cfg
+    }
+
+    fn record(phase: Phase, problem: Option<&str>) -> RestoreRecord {
+        let gpu = Config::default().gpu.address;
+        RestoreRecord {
+            version: 1,
+            gpu,
+            vm: Some("win11".into()),
+            created: 0,
+            phase,
+            functions: vec![RecordedFunction {
+                address: gpu,
+                driver: Some("nvidia".into()),
+                driver_override: None,
+            }],
+            problem: problem.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_stuck_restore_record_says_restore_required_and_how() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config_with_run(tmp.path());
+        assert!(check_restore(&cfg).is_none());
+
+        record(Phase::Stuck, Some("unbinding 0000:01:00.0 from nvidia hung"))
+            .save(&cfg.host)
+            .unwrap();
+        let c = check_restore(&cfg).unwrap();
+        assert_eq!(c.level, Level::Fail);
+        assert_eq!(
+            c.summary,
+            "Restore required for GPU 0000:01:00.0: unbinding 0000:01:00.0 from nvidia hung"
+        );
+        assert!(c.fix.unwrap().starts_with("run `handoff rebind --force`"));
+
+        record(Phase::Returning, None).save(&cfg.host).unwrap();
+        let c = check_restore(&cfg).unwrap();
+        assert!(c.summary.ends_with("(phase returning)"), "{}", c.summary);
+
+        record(Phase::Bound, None).save(&cfg.host).unwrap();
+        let c = check_restore(&cfg).unwrap();
+        assert_eq!(c.level, Level::Info);
+        assert!(c.summary.contains("handed to win11"), "{}", c.summary);
     }
 }

@@ -518,6 +518,40 @@ fn read_shim(path: &Path) -> Result<Option<Shim>, HooksError> {
     }
 }
 
+/// What sits at `<hooks_dir>/qemu.d/handoff` (for `handoff doctor`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstalledShim {
+    Missing,
+    /// Something there that `install-hooks` did not write.
+    Foreign,
+    /// Our shim: its mode, and the binary it runs (None when the text was edited).
+    Ours {
+        mode: u32,
+        exe: Option<PathBuf>,
+    },
+}
+
+/// Reads the shim in `hooks_dir` without changing anything.
+pub fn installed_shim(hooks_dir: &Path) -> Result<InstalledShim, HooksError> {
+    Ok(match read_shim(&shim_path(hooks_dir))? {
+        None => InstalledShim::Missing,
+        Some(Shim::Foreign) => InstalledShim::Foreign,
+        Some(Shim::Ours { contents, mode }) => InstalledShim::Ours {
+            mode,
+            exe: shim_exe(&contents),
+        },
+    })
+}
+
+/// The binary a shim written by [`shim_contents`] runs: its `exec '<path>' hook "$@"` line,
+/// unquoted.
+pub fn shim_exe(shim: &str) -> Option<PathBuf> {
+    let quoted = shim
+        .lines()
+        .find_map(|l| l.strip_prefix("exec '")?.strip_suffix("' hook \"$@\""))?;
+    Some(PathBuf::from(quoted.replace(r"'\''", "'")))
+}
+
 /// Notes `<hooks_dir>/qemu` and the other files in `qemu.d/` (left alone), and warns about
 /// those that already bind GPUs.
 fn survey_foreign_hooks(hooks_dir: &Path, plan: &mut InstallPlan) -> Result<(), HooksError> {

@@ -273,7 +273,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bind(args) => bind(cli.config, args),
         Command::Doctor(flags) => {
             let (cfg, source) = load_config(cli.config)?;
-            let report = doctor::run(&cfg, &source, &doctor::Caller::current(), libvirt_checks(&cfg));
+            let report = doctor::run(
+                &cfg,
+                &source,
+                &doctor::Caller::current(),
+                std::path::Path::new(handoff::hooks::DEFAULT_HOOKS_DIR),
+                libvirt_checks(&cfg),
+            );
             if flags.json {
                 print_json(&report)?;
             } else {

@@ -2,4 +2,5 @@
 //! not every binary uses every helper.
 #![allow(dead_code)]
 
+pub mod backup;
 pub mod libvirt;

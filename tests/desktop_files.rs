@@ -1,0 +1,79 @@
+//! The files under `desktop-files/` that other programs read: checked with those programs'
+//! own rules where the machine has them.
+//!
+//! The polkit policy is what lets the tray run `pkexec /usr/bin/handoff rebind --force`:
+//! polkitd ignores a malformed file silently, and pkexec then asks for the generic
+//! "run a program as root" action instead, so a broken file shows up only as a worse
+//! password prompt. `xmllint` [libxml2-utils] checks it against polkit's DTD [polkitd].
+
+use std::path::Path;
+use std::process::Command;
+
+const POLICY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/desktop-files/org.handoff.rebind.policy"
+);
+const POLKIT_DTD: &str = "/usr/share/polkit-1/policyconfig-1.dtd";
+
+fn xmllint(args: &[&str]) -> Option<std::process::Output> {
+    match Command::new("xmllint").args(args).output() {
+        Ok(out) => Some(out),
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("xmllint is needed (Debian libxml2-utils): {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: cannot run xmllint (Debian libxml2-utils): {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn the_polkit_policy_is_well_formed_and_valid_against_polkits_dtd() {
+    let Some(out) = xmllint(&["--noout", POLICY]) else {
+        return;
+    };
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    if !Path::new(POLKIT_DTD).exists() {
+        eprintln!("not validated against {POLKIT_DTD}: it is missing (Debian polkitd)");
+        return;
+    }
+    let Some(out) = xmllint(&["--noout", "--dtdvalid", POLKIT_DTD, POLICY]) else {
+        return;
+    };
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn the_polkit_policy_lets_pkexec_run_exactly_handoff_rebind() {
+    let text = std::fs::read_to_string(POLICY).unwrap();
+    let opts = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    let doc = roxmltree::Document::parse_with_options(&text, opts).unwrap();
+    let actions: Vec<_> = doc.descendants().filter(|n| n.has_tag_name("action")).collect();
+    assert_eq!(actions.len(), 1);
+    let action = actions[0];
+    assert_eq!(action.attribute("id"), Some("org.handoff.rebind"));
+    let annotation = |key: &str| {
+        action
+            .children()
+            .find(|n| n.has_tag_name("annotate") && n.attribute("key") == Some(key))
+            .and_then(|n| n.text())
+    };
+    assert_eq!(
+        annotation("org.freedesktop.policykit.exec.path"),
+        Some("/usr/bin/handoff")
+    );
+    assert_eq!(annotation("org.freedesktop.policykit.exec.argv1"), Some("rebind"));
+    let default = |who: &str| {
+        action
+            .descendants()
+            .find(|n| n.has_tag_name(who))
+            .and_then(|n| n.text())
+    };
+    assert_eq!(default("allow_active"), Some("auth_admin_keep"));
+    assert_eq!(default("allow_inactive"), Some("auth_admin"));
+    assert_eq!(default("allow_any"), Some("auth_admin"));
+}

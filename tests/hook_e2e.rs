@@ -1,0 +1,514 @@
+//! End to end with the real system libvirtd: `handoff install-hooks` installs the real
+//! hook, libvirtd runs it for a tiny TCG domain mapped (through `[[vm]]`) to a simulated
+//! RTX 3090 Ti on a FUSE sysfs, and `virsh` shows what a person would see.
+//!
+//! What it changes on the machine, for the length of the test only: `/etc/libvirt/hooks`
+//! and `/etc/handoff` are moved aside and put back exactly as found on drop (also when the
+//! test fails), and libvirtd is SIGHUPed afterwards so it forgets the test's hook. The
+//! shim the test installs runs the `handoff` binary cargo built under `target/`.
+//!
+//! Run with `cargo test --features kernel-sim --test hook_e2e` as root with `/dev/fuse`.
+//! Under `CI=true` a missing part fails the test; elsewhere it skips, saying why.
+#![cfg(feature = "kernel-sim")]
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::backup::DirBackup;
+use common::libvirt::{LibvirtdLock, TestDomain, require_libvirtd, virsh};
+use handoff::Host;
+use handoff::bind::record::{Phase, RestoreRecord};
+use handoff::kernelsim::fuse::SimMount;
+use handoff::kernelsim::{Kernel, send_command};
+use handoff::pci::PciAddress;
+use handoff::sim::{RTX_3090_TI, SimSpec};
+use handoff::state::{HookPhase, HookState};
+
+const HANDOFF: &str = env!("CARGO_BIN_EXE_handoff");
+const HOOKS_DIR: &str = "/etc/libvirt/hooks";
+const ETC_HANDOFF: &str = "/etc/handoff";
+const SYSTEM_CONFIG: &str = "/etc/handoff/config.toml";
+/// Short, so the hang case takes seconds; the hook reads it from the system config.
+const WATCHDOG_S: u64 = 2;
+
+fn required(what: &str) -> bool {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{what}");
+    }
+    eprintln!("SKIPPED: {what}");
+    false
+}
+
+/// Everything one run sets up. Fields drop in declaration order: the domain first (its
+/// destroy runs the hook's `release`, which still needs the mount), then the mount, the
+/// temp tree, `/etc/handoff`, `/etc/libvirt/hooks` (+ SIGHUP), and the libvirtd lock last.
+struct Scene {
+    domain: TestDomain,
+    /// A second `[[vm]]` wanting the same GPU (the homelab's two VMs).
+    other: TestDomain,
+    mount: SimMount,
+    _tmp: tempfile::TempDir,
+    host: Host,
+    _etc_handoff: DirBackup,
+    _hooks: DirBackup,
+    _libvirtd: LibvirtdLock,
+}
+
+fn reload_libvirtd() {
+    handoff::hooks::reload_libvirt(Path::new("/proc"));
+    // libvirtd handles SIGHUP on a thread of its own; give it a moment.
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+impl Scene {
+    fn set_up() -> Option<Scene> {
+        if !Path::new("/dev/fuse").exists() {
+            required("/dev/fuse is missing: the simulated sysfs needs FUSE (root, /dev/fuse, Debian fuse3)");
+            return None;
+        }
+        let libvirtd = require_libvirtd()?;
+        let hooks = DirBackup::take(HOOKS_DIR).then(reload_libvirtd);
+        let etc_handoff = DirBackup::take(ETC_HANDOFF);
+
+        let tmp = tempfile::tempdir().unwrap();
+        let kernel = Kernel::build(&tmp.path().join("machine"), SimSpec::workstation()).unwrap();
+        let mountpoint = tmp.path().join("sys");
+        fs::create_dir(&mountpoint).unwrap();
+        let mount = SimMount::mount(kernel, &mountpoint).unwrap();
+        let host = mount.host();
+
+        let domain = TestDomain::define();
+        let other = TestDomain::define();
+        write_system_config(&host, &[domain.name(), other.name()]);
+        let out = Command::new(HANDOFF)
+            .arg("install-hooks")
+            .env_remove("HANDOFF_CONFIG")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        eprintln!(
+            "handoff install-hooks: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "install-hooks failed");
+        assert!(said.contains("reloaded its hooks"), "{said}");
+        std::thread::sleep(Duration::from_millis(500));
+
+        Some(Scene {
+            domain,
+            other,
+            mount,
+            _tmp: tmp,
+            host,
+            _etc_handoff: etc_handoff,
+            _hooks: hooks,
+            _libvirtd: libvirtd,
+        })
+    }
+
+    /// Every function of the GPU's slot with its driver and override, from the mount.
+    fn functions(&self) -> Vec<FunctionState> {
+        let g = handoff::gpu::read_gpu(&self.host, RTX_3090_TI).unwrap();
+        g.functions
+            .iter()
+            .map(|f| (f.address, f.driver.clone(), f.driver_override.clone()))
+            .collect()
+    }
+
+    fn drivers(&self) -> Vec<Option<String>> {
+        self.functions().into_iter().map(|(_, d, _)| d).collect()
+    }
+
+    fn state(&self) -> HookState {
+        HookState::load(&self.host).expect("the hook wrote no state.json")
+    }
+
+    fn record(&self) -> Option<RestoreRecord> {
+        RestoreRecord::load(&self.host, RTX_3090_TI).unwrap()
+    }
+
+    fn write_log(&self) -> Vec<(String, String)> {
+        self.mount.log().iter().map(|r| r.short()).collect()
+    }
+
+    fn node(&self, name: &str) -> PathBuf {
+        self.host.dev.join(name)
+    }
+}
+
+/// A function of the GPU's slot: address, driver, driver_override.
+type FunctionState = (PciAddress, Option<String>, Option<String>);
+
+/// The config the hook reads: the simulated roots, a short watchdog, the test domains.
+fn write_system_config(host: &Host, domains: &[&str]) {
+    let mut text = format!(
+        "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = {WATCHDOG_S}\n\n\
+         [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\n",
+        host.sysfs.display(),
+        host.dev.display(),
+        host.run.display()
+    );
+    for d in domains {
+        text += &format!("\n[[vm]]\nname = \"{d}\"\n");
+    }
+    fs::create_dir(ETC_HANDOFF).unwrap();
+    fs::set_permissions(ETC_HANDOFF, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(SYSTEM_CONFIG, text).unwrap();
+    fs::set_permissions(SYSTEM_CONFIG, fs::Permissions::from_mode(0o644)).unwrap();
+    let meta = fs::metadata(SYSTEM_CONFIG).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (0, 0), "the test must run as root");
+}
+
+/// A child process (a stand-in CUDA job), killed and reaped by pid when dropped.
+struct Holder(Child);
+
+impl Holder {
+    /// `sleep 600` with stdin read from `node`: it holds the node until killed.
+    fn of(node: &Path) -> Holder {
+        let child = Command::new("sleep")
+            .arg("600")
+            .stdin(Stdio::from(fs::File::open(node).unwrap()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Holder(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Pids of processes with a file open under `dir` (the hook's writer child, stuck in a
+/// write to the mount).
+fn processes_with_files_under(dir: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(e.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t.starts_with(dir)))
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// `State:` and `PPid:` from `/proc/<pid>/status`, None once the pid is gone.
+fn state_and_parent(pid: u32) -> Option<(String, u32)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+    };
+    Some((field("State:")?, field("PPid:")?.parse().ok()?))
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// A directory tree as (relative path, inode, mode, uid, gid, contents), to compare
+/// before and after.
+type Entry = (PathBuf, u64, u32, u32, u32, Vec<u8>);
+type Snapshot = Option<Vec<Entry>>;
+
+fn snapshot(dir: &Path) -> Snapshot {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<Entry>) {
+        let mut entries: Vec<_> = fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
+            let m = fs::symlink_metadata(&p).unwrap();
+            let contents = if m.is_file() {
+                fs::read(&p).unwrap()
+            } else {
+                Vec::new()
+            };
+            out.push((
+                p.strip_prefix(root).unwrap().to_owned(),
+                m.ino(),
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                contents,
+            ));
+            if m.is_dir() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let m = fs::symlink_metadata(dir).ok()?;
+    let mut out = vec![(PathBuf::new(), m.ino(), m.mode(), m.uid(), m.gid(), Vec::new())];
+    walk(dir, dir, &mut out);
+    Some(out)
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let p = path.to_string_lossy();
+    mounts.lines().any(|l| l.split(' ').nth(4) == Some(&*p))
+}
+
+#[test]
+fn the_real_libvirtd_runs_the_hook_refuses_binds_returns_and_survives_a_hang() {
+    let hooks_before = snapshot(Path::new(HOOKS_DIR));
+    let etc_before = snapshot(Path::new(ETC_HANDOFF));
+    let Some(s) = Scene::set_up() else { return };
+    let domain_name = s.domain.name().to_owned();
+    let mountpoint = s.mount.path().to_owned();
+    let home = s.functions();
+    assert_eq!(
+        s.drivers(),
+        ["nvidia", "snd_hda_intel", "xhci_hcd", "nvidia-gpu"].map(|d| Some(d.to_owned()))
+    );
+
+    refuses_start_while_a_cuda_job_holds_the_gpu(&s, &home);
+    starts_with_the_gpu_on_vfio_pci_when_nothing_holds_it(&s);
+    a_second_vm_is_refused_and_its_release_leaves_the_first_vms_gpu_alone(&s);
+    destroy_brings_every_function_home(&s, &home);
+    a_hung_unbind_fails_the_start_cleanly_and_libvirtd_keeps_answering(&s, &home);
+
+    // Everything as found: the hook directory, /etc/handoff, no domain, no mount.
+    drop(s);
+    assert_eq!(
+        snapshot(Path::new(HOOKS_DIR)),
+        hooks_before,
+        "{HOOKS_DIR} changed"
+    );
+    assert_eq!(
+        snapshot(Path::new(ETC_HANDOFF)),
+        etc_before,
+        "{ETC_HANDOFF} changed"
+    );
+    let all = virsh(&["list", "--all", "--name"]);
+    assert!(all.success, "{all:?}");
+    assert!(!all.stdout.lines().any(|l| l == domain_name), "{}", all.stdout);
+    assert!(
+        !is_mounted(&mountpoint),
+        "{} is still mounted",
+        mountpoint.display()
+    );
+    assert!(processes_with_files_under(&mountpoint).is_empty());
+}
+
+fn refuses_start_while_a_cuda_job_holds_the_gpu(s: &Scene, home: &[FunctionState]) {
+    let job = Holder::of(&s.node("nvidia0"));
+    let t = Instant::now();
+    let err = s
+        .domain
+        .start()
+        .expect_err("the hook must refuse while a process holds /dev/nvidia0");
+    eprintln!("(a) virsh start refused in {:?}:\n{err}", t.elapsed());
+    let holder_line = format!("sleep (pid {}, user root", job.pid());
+    assert!(err.contains(&holder_line), "the holder is not named: {err}");
+    assert!(err.contains(&s.node("nvidia0").display().to_string()), "{err}");
+    assert!(err.contains("Nothing was changed"), "{err}");
+
+    assert_eq!(s.functions(), home, "the GPU was touched");
+    assert_eq!(
+        s.write_log(),
+        [] as [(String, String); 0],
+        "something was written to sysfs"
+    );
+    assert_eq!(s.domain.state(), "shut off");
+    assert_eq!(s.record(), None);
+    let state = s.state();
+    assert_eq!(state.phase, HookPhase::Host);
+    let refusal = state.last_refusal.expect("state.json has no refusal");
+    assert_eq!(refusal.vm, s.domain.name());
+    assert!(refusal.holders.iter().any(|h| h.pid == job.pid()), "{refusal:?}");
+    assert!(refusal.message.contains(&holder_line), "{}", refusal.message);
+}
+
+fn starts_with_the_gpu_on_vfio_pci_when_nothing_holds_it(s: &Scene) {
+    let took = s.domain.start().expect("start with nothing holding the GPU");
+    eprintln!("(b) virsh start succeeded in {took:?}");
+    assert_eq!(s.domain.state(), "running");
+    for (a, d, o) in s.functions() {
+        assert_eq!(d.as_deref(), Some("vfio-pci"), "{a}");
+        assert_eq!(o.as_deref(), Some("vfio-pci"), "{a}");
+    }
+    let state = s.state();
+    assert_eq!(state.phase, HookPhase::Vfio);
+    assert_eq!(state.vm.as_deref(), Some(s.domain.name()));
+    let record = s.record().expect("a restore record while the VM holds the GPU");
+    assert_eq!(record.phase, Phase::Bound);
+}
+
+fn a_second_vm_is_refused_and_its_release_leaves_the_first_vms_gpu_alone(s: &Scene) {
+    let err = s
+        .other
+        .start()
+        .expect_err("the GPU is with the first VM: the second must be refused");
+    eprintln!("(b2) the second VM's start was refused:\n{err}");
+    assert!(
+        err.contains(&format!("GPU {RTX_3090_TI} is with {}", s.domain.name())),
+        "{err}"
+    );
+    // libvirt sent the refused domain's `release end` too: the GPU stays with the first.
+    assert_eq!(s.other.state(), "shut off");
+    assert_eq!(s.domain.state(), "running");
+    for (a, d, _) in s.functions() {
+        assert_eq!(
+            d.as_deref(),
+            Some("vfio-pci"),
+            "{a} was taken from the running VM"
+        );
+    }
+    assert_eq!(s.record().map(|r| r.phase), Some(Phase::Bound));
+    let state = s.state();
+    assert_eq!(state.phase, HookPhase::Vfio);
+    assert_eq!(state.vm.as_deref(), Some(s.domain.name()));
+}
+
+fn destroy_brings_every_function_home(s: &Scene, home: &[FunctionState]) {
+    let took = s.domain.destroy().expect("destroy");
+    eprintln!("(c) virsh destroy took {took:?}");
+    assert_eq!(s.functions(), home, "not every function came home");
+    assert_eq!(s.record(), None, "the restore record outlived a good return");
+    let state = s.state();
+    assert_eq!(state.phase, HookPhase::Host);
+    assert_eq!(state.vm, None);
+}
+
+fn a_hung_unbind_fails_the_start_cleanly_and_libvirtd_keeps_answering(s: &Scene, home: &[FunctionState]) {
+    let sys = s.mount.path();
+    send_command(sys, &format!("hang unbind {RTX_3090_TI} nvidia once\n")).unwrap();
+
+    let t = Instant::now();
+    let err = s.domain.start().expect_err("a hung unbind must fail the start");
+    let took = t.elapsed();
+    eprintln!("(d) virsh start failed in {took:?}:\n{err}");
+    assert!(
+        took < Duration::from_secs(WATCHDOG_S + 4),
+        "virsh start waited {took:?}: something kept libvirtd waiting past the watchdog"
+    );
+    assert!(
+        err.contains(&format!(
+            "unbinding {RTX_3090_TI} from nvidia did not return after {WATCHDOG_S} s"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("Restore required"), "{err}");
+    assert_eq!(s.mount.hung().len(), 1, "the unbind should still be hung");
+
+    let t = Instant::now();
+    let list = virsh(&["list"]);
+    let list_took = t.elapsed();
+    eprintln!("(d) virsh list answered in {list_took:?} while the unbind is hung");
+    assert!(list.success, "{list:?}");
+    assert!(
+        list_took < Duration::from_secs(1),
+        "virsh list took {list_took:?}"
+    );
+    assert_eq!(s.domain.state(), "shut off");
+
+    // The hook's writer child outlives the hook, stuck in its write.
+    let writers = processes_with_files_under(sys);
+    assert_eq!(writers.len(), 1, "expected one hung writer, found {writers:?}");
+    let writer = writers[0];
+    let (st, parent) = state_and_parent(writer).unwrap();
+    eprintln!("(d) the hung writer (pid {writer}) is in state {st}, parent pid {parent}");
+
+    // libvirt ran `release end` after the failed start; the GPU must still read as needing
+    // a restore: the unbind is in flight and will land when the kernel lets it go.
+    let state = s.state();
+    assert_eq!(state.phase, HookPhase::RestoreRequired, "{state:?}");
+    assert!(
+        state
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("did not return")),
+        "{state:?}"
+    );
+    let record = s.record().expect("the restore record must stay after a hang");
+    assert_eq!(record.phase, Phase::Stuck);
+
+    // The kernel lets go: the unbind completes, the writer exits.
+    send_command(sys, "release\n").unwrap();
+    let gone = wait_until(Duration::from_secs(5), || {
+        state_and_parent(writer).is_none_or(|(st, _)| st.starts_with('Z'))
+    });
+    eprintln!(
+        "(d) after release the writer is {}",
+        match state_and_parent(writer) {
+            None => "gone (reaped)".to_owned(),
+            Some((st, p)) => format!("{st}, parent {p}"),
+        }
+    );
+    assert!(gone, "the writer did not finish after the release");
+    assert_eq!(
+        s.drivers()[0],
+        None,
+        "the released unbind left 01:00.0 without a driver"
+    );
+
+    // doctor sees the installed hook and the pending restore.
+    let out = Command::new(HANDOFF)
+        .args(["doctor", "--json"])
+        .env("HANDOFF_CONFIG", SYSTEM_CONFIG)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let check = |id: &str| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap_or_else(|| panic!("no {id} check in {report}"))
+            .clone()
+    };
+    eprintln!("(d) doctor: {}\n    {}", check("hook"), check("restore"));
+    assert_eq!(check("hook")["level"], "ok");
+    assert_eq!(check("restore")["level"], "fail");
+    assert!(
+        check("restore")["fix"]
+            .as_str()
+            .unwrap()
+            .contains("handoff rebind --force")
+    );
+
+    let out = Command::new(HANDOFF)
+        .args(["rebind", "--force"])
+        .env("HANDOFF_CONFIG", SYSTEM_CONFIG)
+        .output()
+        .unwrap();
+    eprintln!(
+        "(d) handoff rebind --force:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success());
+    assert_eq!(s.functions(), home, "rebind --force did not bring the GPU home");
+    assert_eq!(s.record(), None);
+}
