@@ -453,7 +453,9 @@ fn a_probe_that_binds_the_old_driver_again_fails_the_check_and_rolls_back() {
         .unwrap_err();
         let msg = e.to_string();
         assert!(
-            msg.contains(&format!("checking {bdf} failed: it is on {driver} instead of vfio-pci")),
+            msg.contains(&format!(
+                "checking {bdf} failed: it is on {driver} instead of vfio-pci"
+            )),
             "{msg}"
         );
         assert!(msg.contains("Rolled back"), "{msg}");
@@ -549,14 +551,21 @@ fn check_hang(h: Hang, going_home: bool) {
         "{}: the caller was stuck for {took:?}",
         h.what
     );
-    assert!(took >= WATCHDOG, "{}: returned before the watchdog: {took:?}", h.what);
+    assert!(
+        took >= WATCHDOG,
+        "{}: returned before the watchdog: {took:?}",
+        h.what
+    );
     let msg = e.to_string();
     assert!(matches!(e, BindError::Hung { .. }), "{msg}");
     let want = format!(
         "{} did not return after 1 s: something still holds the GPU — see `handoff blockers`",
         h.what
     );
-    assert!(msg.starts_with(&want), "got:\n{msg}\nwant it to start with:\n{want}");
+    assert!(
+        msg.starts_with(&want),
+        "got:\n{msg}\nwant it to start with:\n{want}"
+    );
     assert!(msg.contains("Restore required"), "{msg}");
     let r = record(&sim).expect("a hung handoff keeps its record");
     assert_eq!(r.phase, Phase::Stuck, "{msg}");
@@ -570,7 +579,11 @@ fn check_hang(h: Hang, going_home: bool) {
     sim.assert_home();
     assert_eq!(record(&sim), None);
     let left = wait_gone(&writers, Duration::from_secs(3));
-    assert!(left.is_empty(), "{}: writer processes left behind: {left:?}", h.what);
+    assert!(
+        left.is_empty(),
+        "{}: writer processes left behind: {left:?}",
+        h.what
+    );
 }
 
 #[test]

@@ -130,9 +130,17 @@ fn prepare_is_refused_while_a_process_holds_the_gpu_and_release_changes_nothing(
     let r = m.hook("win11", "prepare", "begin", &xml);
     assert_eq!(r.code, 1);
     let line = format!("sleep (pid {}, user root", holder.pid());
-    assert!(r.stderr.contains(&line), "stderr should name the holder:\n{}", r.stderr);
+    assert!(
+        r.stderr.contains(&line),
+        "stderr should name the holder:\n{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("nvidia0"), "{}", r.stderr);
-    assert_eq!(m.sim.short_log(), vec![], "a refused start writes nothing to sysfs");
+    assert_eq!(
+        m.sim.short_log(),
+        vec![],
+        "a refused start writes nothing to sysfs"
+    );
     m.sim.assert_home();
     assert_eq!(m.record(), None);
 
@@ -143,10 +151,7 @@ fn prepare_is_refused_while_a_process_holds_the_gpu_and_release_changes_nothing(
     assert_eq!(refusal["vm"], "win11");
     assert_eq!(refusal["holders"][0]["pid"], holder.pid());
     assert_eq!(refusal["holders"][0]["command"], "sleep");
-    assert!(
-        refusal["message"].as_str().unwrap().contains(&line),
-        "{refusal}"
-    );
+    assert!(refusal["message"].as_str().unwrap().contains(&line), "{refusal}");
     let state_before = fs::read(m.state_path()).unwrap();
 
     // What libvirt does after a refused prepare.
@@ -156,7 +161,11 @@ fn prepare_is_refused_while_a_process_holds_the_gpu_and_release_changes_nothing(
     }
     assert_eq!(m.sim.short_log(), vec![]);
     m.sim.assert_home();
-    assert_eq!(fs::read(m.state_path()).unwrap(), state_before, "state.json unchanged");
+    assert_eq!(
+        fs::read(m.state_path()).unwrap(),
+        state_before,
+        "state.json unchanged"
+    );
 }
 
 #[test]
@@ -242,7 +251,8 @@ fn a_domain_passing_the_gpu_through_without_a_vm_entry_is_guarded_with_a_warning
     let r = m.hook("linux-ai", "prepare", "begin", &xml);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
-        r.stderr.contains("warning: linux-ai passes 0000:01:00.0 through but is not a [[vm]]"),
+        r.stderr
+            .contains("warning: linux-ai passes 0000:01:00.0 through but is not a [[vm]]"),
         "{}",
         r.stderr
     );
@@ -257,7 +267,11 @@ fn a_domain_passing_the_gpu_through_without_a_vm_entry_is_guarded_with_a_warning
     let holder = hold(&m.sim.dev("nvidia0"));
     let r = m.hook("linux-ai", "prepare", "begin", &xml);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains(&format!("sleep (pid {}", holder.pid())), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("sleep (pid {}", holder.pid())),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -270,7 +284,11 @@ fn a_second_vm_is_refused_while_the_gpu_is_with_another_and_its_release_leaves_t
 
     let r = m.hook("linux-ai", "prepare", "begin", &ai);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("is with win11"), "the refusal names the VM:\n{}", r.stderr);
+    assert!(
+        r.stderr.contains("is with win11"),
+        "the refusal names the VM:\n{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("stop that VM first"), "{}", r.stderr);
     // libvirt then calls release for the refused domain: win11 must keep its GPU.
     for (op, sub) in [("stopped", "end"), ("release", "end")] {
@@ -293,14 +311,19 @@ fn a_second_vm_is_refused_while_the_gpu_is_with_another_and_its_release_leaves_t
 fn a_hung_unbind_fails_the_start_in_time_and_release_brings_the_gpu_home_once_it_ends() {
     let Some(m) = machine() else { return };
     let xml = fixture("win11.xml");
-    m.sim
-        .mount
-        .inject(FaultRule::hang(FileKind::Unbind).device(addr(GPU)).driver("nvidia"));
+    m.sim.mount.inject(
+        FaultRule::hang(FileKind::Unbind)
+            .device(addr(GPU))
+            .driver("nvidia"),
+    );
     let started = Instant::now();
     let r = m.hook("win11", "prepare", "begin", &xml);
     let took = started.elapsed();
     assert_eq!(r.code, 1);
-    assert!(took < Duration::from_millis(2500), "the hook was stuck for {took:?}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "the hook was stuck for {took:?}"
+    );
     assert!(
         r.stderr.contains(
             "unbinding 0000:01:00.0 from nvidia did not return after 1 s: something still holds the GPU"
@@ -310,7 +333,10 @@ fn a_hung_unbind_fails_the_start_in_time_and_release_brings_the_gpu_home_once_it
     );
     let st = m.state();
     assert_eq!(st["phase"], "restore-required");
-    assert!(st["last_error"].as_str().unwrap().contains("did not return"), "{st}");
+    assert!(
+        st["last_error"].as_str().unwrap().contains("did not return"),
+        "{st}"
+    );
 
     // The holder lets go; the write ends; libvirt's release brings the GPU home.
     m.sim.mount.release(Release::Fail(Errno::EBUSY));

@@ -79,14 +79,21 @@ impl Sim {
 
     /// `(function, driver)` for the four functions of the GPU.
     pub fn drivers(&self) -> Vec<(String, Option<String>)> {
-        HOME.iter().map(|(f, _)| (f.to_string(), self.driver(f))).collect()
+        HOME.iter()
+            .map(|(f, _)| (f.to_string(), self.driver(f)))
+            .collect()
     }
 
     pub fn override_of(&self, bdf: &str) -> String {
-        fs::read_to_string(self.sys().join("bus/pci/devices").join(bdf).join("driver_override"))
-            .unwrap()
-            .trim_end()
-            .to_owned()
+        fs::read_to_string(
+            self.sys()
+                .join("bus/pci/devices")
+                .join(bdf)
+                .join("driver_override"),
+        )
+        .unwrap()
+        .trim_end()
+        .to_owned()
     }
 
     /// The write log as `(file, value)` pairs.
