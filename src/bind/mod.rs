@@ -275,13 +275,15 @@ pub fn hand_to_vfio(
     if g.owner == Owner::Absent {
         return Err(BindError::Absent(address));
     }
-    if let Some(r) = RestoreRecord::load(host, address)?
+    let earlier = RestoreRecord::load(host, address)?;
+    if let Some(r) = &earlier
         && r.phase == Phase::Stuck
     {
         return Err(BindError::RestoreRequired {
             gpu: address,
             why: r
                 .problem
+                .clone()
                 .unwrap_or_else(|| "an earlier handoff did not finish".into()),
         });
     }
@@ -297,6 +299,12 @@ pub fn hand_to_vfio(
     }
     let steps = plan::to_vfio(&g, vfio_loaded(host));
     let mut record = RestoreRecord::new(&g, vm);
+    // The GPU is (partly) away already under an earlier record: that record still knows
+    // where each function came from; the current state would say "vfio-pci".
+    if let Some(r) = earlier {
+        record.functions = r.functions;
+        record.created = r.created;
+    }
     let mut done = Vec::new();
     let mut ex = Executor {
         host,
@@ -345,14 +353,14 @@ fn roll_back(ex: &mut Executor<'_>, before: &Gpu, mut record: RestoreRecord, cau
             record.problem = Some(format!("{} hung; the kernel may still finish it", cause.what()));
             let _ = record.save(host);
             format!(
-                "The other functions were rolled back, but {f} is in the middle of an unbind: {state}. Restore required."
+                "The other functions were rolled back, but {f} is in the middle of a write the kernel has not finished: {state}. {RESTORE_REQUIRED}"
             )
         }
         (Err(e), _) => {
             record.phase = Phase::Stuck;
             record.problem = Some(format!("{}; rolling back failed too: {e}", cause.what()));
             let _ = record.save(host);
-            format!("Rolling back failed too ({e}): {state}. Restore required.")
+            format!("Rolling back failed too ({e}): {state}. {RESTORE_REQUIRED}")
         }
     };
     match cause {
@@ -360,6 +368,10 @@ fn roll_back(ex: &mut Executor<'_>, before: &Gpu, mut record: RestoreRecord, cau
         StepError::Failed { what, cause } => BindError::Failed { what, cause, state },
     }
 }
+
+/// What a person does about a GPU left between drivers.
+const RESTORE_REQUIRED: &str =
+    "Restore required: `handoff rebind --force` (gpu-rebind-nvidia) returns it to the host.";
 
 fn step_cause(e: &StepError) -> String {
     match e {
@@ -408,10 +420,7 @@ pub fn return_to_host(
             record.phase = Phase::Stuck;
             record.problem = Some(format!("{}: {}", e.what(), step_cause(&e)));
             record.save(host)?;
-            let state = format!(
-                "{}. Restore required: `handoff rebind --force` tries again.",
-                describe_state(host, address)
-            );
+            let state = format!("{}. {RESTORE_REQUIRED}", describe_state(host, address));
             Err(match e {
                 StepError::Hung { what, timeout } => BindError::Hung { what, timeout, state },
                 StepError::Failed { what, cause } => BindError::Failed { what, cause, state },
