@@ -112,7 +112,7 @@ pub fn run(args: &[String], stdin: &mut dyn std::io::Read, system_config: &Path,
             && r.vm.as_deref().is_some_and(|v| v != domain)
         {
             let msg = format!(
-                "handoff: GPU {address} is with {}; stop that VM first (or `handoff switch {domain}`)",
+                "handoff: not handing GPU {address} to {domain}: it is with {}; stop that VM first, then start {domain} again",
                 r.vm.unwrap_or_default()
             );
             let _ = writeln!(err, "{msg}");
@@ -147,10 +147,13 @@ pub fn run(args: &[String], stdin: &mut dyn std::io::Read, system_config: &Path,
             }
         }
     } else {
-        // release: return the GPU only when we took it (a refused or failed start also
-        // ends in release, with nothing of ours to undo).
-        if let Ok(None) = RestoreRecord::load(host, address) {
-            return 0;
+        // release: return the GPU only when we took it for this domain (a refused or
+        // failed start also ends in release, with nothing of ours to undo — and when the
+        // refusal was "the GPU is with another VM", that VM must keep it).
+        match RestoreRecord::load(host, address) {
+            Ok(None) => return 0,
+            Ok(Some(r)) if r.vm.as_deref().is_some_and(|v| v != domain) => return 0,
+            _ => {}
         }
         state.phase = HookPhase::Returning;
         let _ = state.save(host);
