@@ -574,16 +574,33 @@ fn check_hang(h: Hang, going_home: bool) {
     let writers: Vec<u32> = forked_children().iter().map(|(pid, _)| *pid).collect();
     assert!(!writers.is_empty(), "the hung writer should be our child");
 
+    assert!(
+        r.hung_writer.is_some_and(|p| writers.contains(&(p as u32))),
+        "{r:?}"
+    );
+
+    // rebind --force while the write is still in the kernel: it could land afterwards
+    // and undo the restore, so nothing is touched.
+    let before = sim.short_log();
+    let e = to_host(&sim, PATIENT).unwrap_err();
+    assert!(matches!(e, BindError::RestoreRequired { .. }), "{e}");
+    assert!(e.to_string().contains("still blocked in the kernel"), "{e}");
+    assert_eq!(
+        sim.short_log(),
+        before,
+        "nothing written while the write is in flight"
+    );
+
     sim.mount.release(h.release);
-    to_host(&sim, PATIENT).unwrap_or_else(|e| panic!("{}: rebind --force: {e}", h.what));
-    sim.assert_home();
-    assert_eq!(record(&sim), None);
     let left = wait_gone(&writers, Duration::from_secs(3));
     assert!(
         left.is_empty(),
         "{}: writer processes left behind: {left:?}",
         h.what
     );
+    to_host(&sim, PATIENT).unwrap_or_else(|e| panic!("{}: rebind --force: {e}", h.what));
+    sim.assert_home();
+    assert_eq!(record(&sim), None);
 }
 
 #[test]

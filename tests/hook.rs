@@ -338,8 +338,22 @@ fn a_hung_unbind_fails_the_start_in_time_and_release_brings_the_gpu_home_once_it
         "{st}"
     );
 
-    // The holder lets go; the write ends; libvirt's release brings the GPU home.
+    // libvirt calls release right after the failed prepare, while the unbind is still
+    // blocked: returning now would be undone when it lands, so nothing is touched.
+    let before = m.sim.short_log();
+    let r = m.hook("win11", "release", "end", &xml);
+    assert_eq!(r.code, 0, "release is never blocked");
+    assert!(r.stderr.contains("still blocked in the kernel"), "{}", r.stderr);
+    assert!(r.stderr.contains("handoff rebind --force"), "{}", r.stderr);
+    assert_eq!(m.sim.short_log(), before);
+    assert_eq!(m.record().unwrap().phase, Phase::Stuck);
+    assert_eq!(m.state()["phase"], "restore-required");
+
+    // The holder lets go; the write ends; the next release (or rebind --force) brings
+    // the GPU home.
+    let writer = m.record().unwrap().hung_writer.unwrap() as u32;
     m.sim.mount.release(Release::Fail(Errno::EBUSY));
+    assert_eq!(simgpu::wait_gone(&[writer], Duration::from_secs(3)), vec![]);
     let r = m.hook("win11", "release", "end", &xml);
     assert_eq!(r.code, 0, "{}", r.stderr);
     m.sim.assert_home();
