@@ -112,7 +112,7 @@ pub fn run(args: &[String], stdin: &mut dyn std::io::Read, system_config: &Path,
             && r.vm.as_deref().is_some_and(|v| v != domain)
         {
             let msg = format!(
-                "handoff: GPU {address} is with {}; stop that VM first (or `handoff switch {domain}`)",
+                "handoff: not handing GPU {address} to {domain}: it is with {}; stop that VM first, then start {domain} again",
                 r.vm.unwrap_or_default()
             );
             let _ = writeln!(err, "{msg}");
@@ -147,32 +147,12 @@ pub fn run(args: &[String], stdin: &mut dyn std::io::Read, system_config: &Path,
             }
         }
     } else {
-        // release: return the GPU only when we took it for this domain (a refused or failed
-        // start also ends in release, with nothing of ours to undo).
+        // release: return the GPU only when we took it for this domain (a refused or
+        // failed start also ends in release, with nothing of ours to undo — and when the
+        // refusal was "the GPU is with another VM", that VM must keep it).
         match RestoreRecord::load(host, address) {
             Ok(None) => return 0,
-            // Another VM's GPU: this domain's start was refused because that VM holds it,
-            // and libvirt still sends this domain's release.
             Ok(Some(r)) if r.vm.as_deref().is_some_and(|v| v != domain) => return 0,
-            // A handoff that hung or could not be undone. A hung unbind may still land
-            // whenever the holder lets go, so nothing verified now stays true: a return
-            // from here could remove the record and leave the GPU unbound later. It waits
-            // for a person to run `rebind --force` (and for the kernel to finish).
-            Ok(Some(r)) if r.phase == Phase::Stuck => {
-                let _ = writeln!(
-                    err,
-                    "handoff: GPU {address} needs restoring ({}); leaving it as it is: run `handoff rebind --force`",
-                    r.problem
-                        .as_deref()
-                        .unwrap_or("an earlier handoff did not finish")
-                );
-                state.phase = HookPhase::RestoreRequired;
-                state.vm = None;
-                if let Err(e) = state.save(host) {
-                    let _ = writeln!(err, "handoff: cannot write {}: {e}", host.state_file().display());
-                }
-                return 0;
-            }
             _ => {}
         }
         state.phase = HookPhase::Returning;

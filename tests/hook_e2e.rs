@@ -370,7 +370,11 @@ fn a_second_vm_is_refused_and_its_release_leaves_the_first_vms_gpu_alone(s: &Sce
         .expect_err("the GPU is with the first VM: the second must be refused");
     eprintln!("(b2) the second VM's start was refused:\n{err}");
     assert!(
-        err.contains(&format!("GPU {RTX_3090_TI} is with {}", s.domain.name())),
+        err.contains(&format!(
+            "not handing GPU {RTX_3090_TI} to {}: it is with {}",
+            s.other.name(),
+            s.domain.name()
+        )),
         "{err}"
     );
     // libvirt sent the refused domain's `release end` too: the GPU stays with the first.
@@ -446,7 +450,7 @@ fn a_hung_unbind_fails_the_start_cleanly_and_libvirtd_keeps_answering(s: &Scene,
         state
             .last_error
             .as_deref()
-            .is_some_and(|e| e.contains("did not return")),
+            .is_some_and(|e| e.contains("hung") && e.contains("handoff rebind --force")),
         "{state:?}"
     );
     let record = s.record().expect("the restore record must stay after a hang");

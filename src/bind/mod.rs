@@ -92,8 +92,16 @@ pub fn refusal_text(
 /// How a step failed.
 #[derive(Debug)]
 enum StepError {
-    Hung { what: String, timeout: Duration },
-    Failed { what: String, cause: String },
+    Hung {
+        what: String,
+        timeout: Duration,
+        /// The writer process, still blocked in the kernel.
+        pid: i32,
+    },
+    Failed {
+        what: String,
+        cause: String,
+    },
 }
 
 impl StepError {
@@ -116,7 +124,7 @@ impl Executor<'_> {
     fn write(&self, path: std::path::PathBuf, value: &str, what: String) -> Result<(), StepError> {
         match write_with_watchdog(&path, value, self.timeout) {
             Ok(()) => Ok(()),
-            Err(WriteError::Hung { timeout, .. }) => Err(StepError::Hung { what, timeout }),
+            Err(WriteError::Hung { timeout, pid, .. }) => Err(StepError::Hung { what, timeout, pid }),
             Err(e @ (WriteError::Failed { .. } | WriteError::Spawn { .. })) => Err(StepError::Failed {
                 what,
                 cause: e.to_string(),
@@ -275,13 +283,15 @@ pub fn hand_to_vfio(
     if g.owner == Owner::Absent {
         return Err(BindError::Absent(address));
     }
-    if let Some(r) = RestoreRecord::load(host, address)?
+    let earlier = RestoreRecord::load(host, address)?;
+    if let Some(r) = &earlier
         && r.phase == Phase::Stuck
     {
         return Err(BindError::RestoreRequired {
             gpu: address,
             why: r
                 .problem
+                .clone()
                 .unwrap_or_else(|| "an earlier handoff did not finish".into()),
         });
     }
@@ -297,6 +307,12 @@ pub fn hand_to_vfio(
     }
     let steps = plan::to_vfio(&g, vfio_loaded(host));
     let mut record = RestoreRecord::new(&g, vm);
+    // The GPU is (partly) away already under an earlier record: that record still knows
+    // where each function came from; the current state would say "vfio-pci".
+    if let Some(r) = earlier {
+        record.functions = r.functions;
+        record.created = r.created;
+    }
     let mut done = Vec::new();
     let mut ex = Executor {
         host,
@@ -343,23 +359,36 @@ fn roll_back(ex: &mut Executor<'_>, before: &Gpu, mut record: RestoreRecord, cau
         (Ok(()), Some(f)) => {
             record.phase = Phase::Stuck;
             record.problem = Some(format!("{} hung; the kernel may still finish it", cause.what()));
+            record.hung_writer = hung_pid(&cause);
             let _ = record.save(host);
             format!(
-                "The other functions were rolled back, but {f} is in the middle of an unbind: {state}. Restore required."
+                "The other functions were rolled back, but {f} is in the middle of a write the kernel has not finished: {state}. {RESTORE_REQUIRED}"
             )
         }
         (Err(e), _) => {
             record.phase = Phase::Stuck;
             record.problem = Some(format!("{}; rolling back failed too: {e}", cause.what()));
+            record.hung_writer = hung_pid(&cause);
             let _ = record.save(host);
-            format!("Rolling back failed too ({e}): {state}. Restore required.")
+            format!("Rolling back failed too ({e}): {state}. {RESTORE_REQUIRED}")
         }
     };
     match cause {
-        StepError::Hung { what, timeout } => BindError::Hung { what, timeout, state },
+        StepError::Hung { what, timeout, .. } => BindError::Hung { what, timeout, state },
         StepError::Failed { what, cause } => BindError::Failed { what, cause, state },
     }
 }
+
+fn hung_pid(e: &StepError) -> Option<i32> {
+    match e {
+        StepError::Hung { pid, .. } => Some(*pid),
+        StepError::Failed { .. } => None,
+    }
+}
+
+/// What a person does about a GPU left between drivers.
+const RESTORE_REQUIRED: &str =
+    "Restore required: `handoff rebind --force` (gpu-rebind-nvidia) returns it to the host.";
 
 fn step_cause(e: &StepError) -> String {
     match e {
@@ -390,6 +419,24 @@ pub fn return_to_host(
         return Err(BindError::Absent(address));
     }
     let loaded = RestoreRecord::load(host, address)?;
+    // A write of an earlier handoff is still blocked in the kernel: whatever is done now,
+    // it may land afterwards and undo it (an unbind finishing after the GPU was declared
+    // home leaves it unbound with no record). Change nothing until it has returned.
+    if let Some(r) = &loaded
+        && let Some(pid) = r.hung_writer
+        && record::writer_alive(pid)
+    {
+        return Err(BindError::RestoreRequired {
+            gpu: address,
+            why: format!(
+                "{} (writer process {pid} is still blocked in the kernel; \
+                 nothing was changed — once whatever holds the GPU lets go, try again)",
+                r.problem
+                    .as_deref()
+                    .unwrap_or("a write of the earlier handoff hung")
+            ),
+        });
+    }
     let mut record = loaded.clone().unwrap_or_else(|| RestoreRecord::new(&g, None));
     let steps = plan::to_host(&g, loaded.as_ref(), host_driver);
     if loaded.is_some() {
@@ -407,13 +454,11 @@ pub fn return_to_host(
         Err(e) => {
             record.phase = Phase::Stuck;
             record.problem = Some(format!("{}: {}", e.what(), step_cause(&e)));
+            record.hung_writer = hung_pid(&e);
             record.save(host)?;
-            let state = format!(
-                "{}. Restore required: `handoff rebind --force` tries again.",
-                describe_state(host, address)
-            );
+            let state = format!("{}. {RESTORE_REQUIRED}", describe_state(host, address));
             Err(match e {
-                StepError::Hung { what, timeout } => BindError::Hung { what, timeout, state },
+                StepError::Hung { what, timeout, .. } => BindError::Hung { what, timeout, state },
                 StepError::Failed { what, cause } => BindError::Failed { what, cause, state },
             })
         }

@@ -49,6 +49,10 @@ pub struct RestoreRecord {
     /// Why the record is `Stuck`, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// The writer process whose write hung: until it is gone the kernel may still
+    /// finish that write, so the GPU cannot be declared home.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hung_writer: Option<i32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +86,7 @@ impl RestoreRecord {
                 })
                 .collect(),
             problem: None,
+            hung_writer: None,
         }
     }
 
@@ -118,6 +123,20 @@ impl RestoreRecord {
             Err(source) => Err(RecordError::Write { path, source }),
         }
     }
+}
+
+/// Whether a hung writer is still in the kernel: its process exists and is not a zombie
+/// (a zombie's write is over). It is our child, or init's once the hook has exited.
+pub fn writer_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].trim_start().chars().next())?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
 }
 
 pub(crate) fn now() -> u64 {

@@ -82,17 +82,38 @@ pub fn write_with_watchdog(path: &Path, value: &str, timeout: Duration) -> Resul
             value: value.to_owned(),
             source: io::Error::from_raw_os_error(code),
         }),
-        Ok(None) => Err(WriteError::Hung {
-            path: path.to_owned(),
-            value: value.to_owned(),
-            timeout,
-            pid,
-        }),
+        Ok(None) => {
+            reap_later(pid);
+            Err(WriteError::Hung {
+                path: path.to_owned(),
+                value: value.to_owned(),
+                timeout,
+                pid,
+            })
+        }
         Err(source) => Err(WriteError::Failed {
             path: path.to_owned(),
             value: value.to_owned(),
             source,
         }),
+    }
+}
+
+/// Reap a hung writer whenever the kernel lets it go, so a long-lived caller (the tray,
+/// a test) is not left with a zombie per hang. The thread blocks only in waitpid on that
+/// one pid; a short-lived caller (the hook) exits first and init inherits the child.
+fn reap_later(pid: i32) {
+    let spawned = std::thread::Builder::new()
+        .name(format!("reap-{pid}"))
+        .spawn(move || {
+            let mut status = 0;
+            // SAFETY: waits on our own child only.
+            while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+                && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+            {}
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start a thread to reap the hung writer {pid}: {e}");
     }
 }
 
@@ -184,10 +205,17 @@ mod tests {
         let WriteError::Hung { pid, .. } = e else {
             panic!("expected a hang, got {e}")
         };
-        // Release the writer so the test leaves nothing behind, then reap it.
+        // Release the writer; the watchdog's reaper collects it (no zombie left behind).
         let reader = std::fs::File::open(&fifo).unwrap();
-        let mut status = 0;
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        let stat = format!("/proc/{pid}/stat");
+        let end = std::time::Instant::now() + Duration::from_secs(3);
+        while std::path::Path::new(&stat).exists() && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            !std::path::Path::new(&stat).exists(),
+            "the hung writer {pid} was not reaped"
+        );
         drop(reader);
     }
 }
