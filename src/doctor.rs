@@ -545,6 +545,7 @@ mod tests {
                 driver_override: None,
             }],
             problem: problem.map(str::to_owned),
+            hung_writer: None,
         }
     }
 
