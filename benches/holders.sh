@@ -59,6 +59,11 @@ median() { # median of a command from hyperfine's JSON, in ms
     python3 -c 'import json,sys; print("%.2f" % (json.load(open(sys.argv[1]))["results"][0]["median"]*1000))' "$1"
 }
 
+count_processes() { # processes now; a glob, since find fails when one exits meanwhile
+    local p=(/proc/[0-9]*)
+    echo "${#p[@]}"
+}
+
 load() { # the 1-minute load average
     cut -d' ' -f1 /proc/loadavg
 }
@@ -91,7 +96,7 @@ bench() { # bench <label> <holders> <BDF> <node>...: time all three, add a table
     local label=$1 n=$2 bdf=$3
     shift 3
     local procs found h f l load0
-    procs=$(find /proc -maxdepth 1 -name '[0-9]*' | wc -l)
+    procs=$(count_processes)
     found=$("$SCAN" "$SYS" /proc "$DEV" "$bdf")
     echo "$label: $procs processes; handoff: $found" >&2
     load0=$(load)
@@ -108,7 +113,7 @@ bench() { # bench <label> <holders> <BDF> <node>...: time all three, add a table
 STATUS_ROWS=()
 bench_status() { # bench_status <label> <BDF>: handoff status --json, and its parts
     local label=$1 bdf=$2 procs load0 start rest novm vm
-    procs=$(find /proc -maxdepth 1 -name '[0-9]*' | wc -l)
+    procs=$(count_processes)
     config "$WORK/novm.toml" "$bdf" "vm = []"
     config "$WORK/vm.toml" "$bdf" $'[[vm]]\nname = "test"\nuri = "test:///default"'
     load0=$(load)
