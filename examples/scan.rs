@@ -4,59 +4,13 @@
 //! scan <sysfs> <procfs> <dev> <BDF>    print the GPU's nodes, its holders and the totals
 //! scan --build-sim <dir>               build the workstation sim tree under <dir>
 //! ```
-//!
-//! It reads the slot's functions with a minimal reader of its own (vendor and driver
-//! only), so that it does not depend on `gpu::read_gpu`.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use handoff::gpu::{Function, FunctionKind, Gpu, Owner};
 use handoff::holders;
 use handoff::sim::{SimHost, SimSpec};
 use handoff::{Host, PciAddress};
-
-fn read_function(host: &Host, address: PciAddress) -> Function {
-    let dir = host.pci_devices().join(address.to_string());
-    let hex = |name: &str| {
-        fs::read_to_string(dir.join(name))
-            .ok()
-            .and_then(|s| u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok())
-            .unwrap_or(0)
-    };
-    Function {
-        address,
-        kind: FunctionKind::Other,
-        driver: fs::read_link(dir.join("driver"))
-            .ok()
-            .and_then(|l| Some(l.file_name()?.to_string_lossy().into_owned())),
-        vendor: hex("vendor") as u16,
-        device: hex("device") as u16,
-        class: hex("class"),
-        driver_override: None,
-        runtime_status: None,
-        iommu_group: None,
-    }
-}
-
-fn read_slot(host: &Host, address: PciAddress) -> Gpu {
-    let mut functions: Vec<Function> = fs::read_dir(host.pci_devices())
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<PciAddress>().ok())
-        .filter(|a| a.same_slot(&address))
-        .map(|a| read_function(host, a))
-        .collect();
-    functions.sort_by_key(|f| (f.address != address, f.address));
-    Gpu {
-        address,
-        name: None,
-        owner: Owner::Host,
-        functions,
-        iommu_group: None,
-    }
-}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -77,7 +31,13 @@ fn main() -> ExitCode {
                 eprintln!("not a PCI address: {bdf}");
                 return ExitCode::FAILURE;
             };
-            let gpu = read_slot(&host, address);
+            let gpu = match handoff::gpu::read_gpu(&host, address) {
+                Ok(gpu) => gpu,
+                Err(e) => {
+                    eprintln!("cannot read GPU {address}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let nodes = holders::gpu_nodes(&host, &gpu);
             let scan = holders::scan(&host, &gpu, &nodes);
             if std::env::var_os("SCAN_VERBOSE").is_some() {
@@ -91,11 +51,12 @@ fn main() -> ExitCode {
                     println!("note: {note}");
                 }
             }
+            let plural = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
             println!(
-                "{} holders on {} nodes ({} processes uninspected)",
-                scan.holders.len(),
-                nodes.len(),
-                scan.uninspected
+                "{} on {} ({} uninspected)",
+                plural(scan.holders.len(), "holder", "holders"),
+                plural(nodes.len(), "node", "nodes"),
+                plural(scan.uninspected, "process", "processes"),
             );
             ExitCode::SUCCESS
         }
