@@ -579,8 +579,8 @@ fn vm_command(
 fn print_started(out: &handoff::vm::StartOutcome) {
     let gpu = match out.gpu_on_vfio {
         Some(true) => format!("GPU {} is on vfio-pci", out.gpu.address),
-        Some(false) => format!("GPU {} is still {}", out.gpu.address, out.gpu.phrase),
-        None => format!("GPU {} is {}", out.gpu.address, out.gpu.phrase),
+        Some(false) if !out.already_running => format!("GPU {} is still {}", out.gpu.address, out.gpu.phrase),
+        _ => format!("GPU {} is {}", out.gpu.address, out.gpu.phrase),
     };
     let was = if out.already_running { "was already" } else { "is" };
     println!("{} ({}) {was} {}; {gpu}.", out.label, out.vm, out.state.words());
