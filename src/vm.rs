@@ -114,7 +114,14 @@ pub enum VmError {
     },
     #[error(transparent)]
     Sysfs(#[from] gpu::SysfsError),
-    #[error("switching to {target} stopped at step {step} ({what}): {source}")]
+    #[error(
+        "switching to {target} stopped at step {step} ({what}): {source}{}",
+        if matches!(**source, VmError::StopTimeout { .. }) {
+            format!("\n  Or switch anyway, forcing it off: `handoff switch --force {target}`")
+        } else {
+            String::new()
+        }
+    )]
     Switch {
         target: String,
         step: String,
