@@ -6,7 +6,8 @@
 //! [`holders`] (read-only sysfs and `/proc`); [`status`] and [`doctor`] (what surfaces
 //! show); [`bind`] (plans and executes a handoff), [`hook`] (what libvirtd runs) and
 //! [`state`] (the hook's state file). [`sim`] and [`kernelsim`] simulate the kernel for
-//! tests and the demo. [`libvirt`] (feature `libvirt`) is the only part that links libvirt.
+//! tests and the demo. [`libvirt`] (feature `libvirt`) is the only part that links libvirt, with [`vm`] (start,
+//! stop, switch and health of the configured VMs) over it.
 
 pub mod bind;
 pub mod config;
@@ -23,6 +24,8 @@ pub mod pci;
 pub mod sim;
 pub mod state;
 pub mod status;
+#[cfg(feature = "libvirt")]
+pub mod vm;
 
 pub use config::Config;
 pub use host::Host;

@@ -67,6 +67,28 @@ enum Command {
     /// Puts a small shim at /etc/libvirt/hooks/qemu.d/handoff that runs `handoff hook`, never
     /// touching an existing /etc/libvirt/hooks/qemu, and makes libvirtd re-read its hooks (SIGHUP).
     InstallHooks(InstallHooksArgs),
+    /// Start a VM (default: the first [[vm]]) with the GPU (the seed's `windows-start`).
+    ///
+    /// Checks first: nothing of yours holds the GPU, and no other configured VM has it.
+    /// Then starts the domain, waits until it runs and says where the GPU went. When the
+    /// libvirt hook refuses (something holds the GPU), prints its list. Exit 0 running
+    /// (also when it already was), 1 refused or failed, nothing started.
+    #[command(visible_alias = "windows-start")]
+    Start(StartArgs),
+    /// Shut a VM down gracefully (ACPI) and wait for the GPU to come back (the seed's
+    /// `windows-stop`).
+    ///
+    /// Waits up to the VM's shutdown_timeout_s (or --timeout); exit 1 when the guest did
+    /// not stop, saying how to force it. --force turns it off at once (unsaved work in
+    /// the VM is lost).
+    #[command(visible_alias = "windows-stop")]
+    Stop(StopArgs),
+    /// Give the GPU to another VM: stop the VM that has it (gracefully, unless --force),
+    /// wait for the GPU, start VM. Exit 1 with the step that failed.
+    Switch(SwitchArgs),
+    /// A VM's state, uptime, vCPUs, memory, passed-through PCI devices, Looking Glass
+    /// device and IP (the seed's `vm-health`).
+    VmHealth(VmHealthArgs),
     /// Run by libvirtd as /etc/libvirt/hooks/qemu.d/handoff: <domain> <operation> <sub-op> <extra>,
     /// domain XML on stdin. Not for people; `handoff install-hooks` sets it up.
     Hook {
@@ -77,6 +99,54 @@ enum Command {
         #[arg(long, hide = true, value_name = "FILE")]
         system_config: Option<PathBuf>,
     },
+}
+
+#[derive(Args)]
+struct StartArgs {
+    /// The [[vm]] name or label (default: the first).
+    vm: Option<String>,
+    /// Print the outcome as one JSON object (progress stays on stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct StopArgs {
+    /// The [[vm]] name or label (default: the first).
+    vm: Option<String>,
+    /// Turn the VM off at once (libvirt destroy): unsaved work in the VM is lost.
+    #[arg(long)]
+    force: bool,
+    /// Seconds to wait for the graceful shutdown (default: the VM's shutdown_timeout_s).
+    #[arg(long, value_name = "S", conflicts_with = "force")]
+    timeout: Option<u64>,
+    /// Print the outcome as one JSON object (progress stays on stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SwitchArgs {
+    /// The [[vm]] to give the GPU to (name or label).
+    vm: String,
+    /// Turn the VM that has the GPU off at once instead of shutting it down: its unsaved work is lost.
+    #[arg(long)]
+    force: bool,
+    /// Seconds to wait for the graceful shutdown (default: that VM's shutdown_timeout_s).
+    #[arg(long, value_name = "S", conflicts_with = "force")]
+    timeout: Option<u64>,
+    /// Print the outcome as one JSON object (progress stays on stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct VmHealthArgs {
+    /// The [[vm]] name or label (default: the first).
+    vm: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -269,6 +339,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Start(a) => vm_command(cli.config, cli.quiet, a.json, |ctl, cfg| {
+            let vm = handoff::vm::resolve(cfg, a.vm.as_deref())?;
+            let out = ctl.start(vm)?;
+            Ok(VmDone::Started(out))
+        }),
+        Command::Stop(a) => vm_command(cli.config, cli.quiet, a.json, |ctl, cfg| {
+            let vm = handoff::vm::resolve(cfg, a.vm.as_deref())?;
+            let timeout = std::time::Duration::from_secs(a.timeout.unwrap_or(vm.shutdown_timeout_s));
+            Ok(VmDone::Stopped(ctl.stop(vm, a.force, timeout)?))
+        }),
+        Command::Switch(a) => vm_command(cli.config, cli.quiet, a.json, |ctl, cfg| {
+            let vm = handoff::vm::resolve(cfg, Some(&a.vm))?;
+            let timeout = a.timeout.map(std::time::Duration::from_secs);
+            Ok(VmDone::Switched(ctl.switch(vm, a.force, timeout)?))
+        }),
+        Command::VmHealth(a) => vm_command(cli.config, true, a.json, |ctl, cfg| {
+            let vm = handoff::vm::resolve(cfg, a.vm.as_deref())?;
+            Ok(VmDone::Health(Box::new(ctl.health(vm)?)))
+        }),
         Command::Rebind(args) => rebind(cli.config, args),
         Command::Bind(args) => bind(cli.config, args),
         Command::Doctor(flags) => {
@@ -413,5 +502,113 @@ fn bind(config: Option<PathBuf>, args: BindArgs) -> anyhow::Result<ExitCode> {
             eprintln!("{e}");
             Ok(ExitCode::from(1))
         }
+    }
+}
+
+/// What a VM command produced, for [`vm_command`] to print.
+enum VmDone {
+    Started(handoff::vm::StartOutcome),
+    Stopped(handoff::vm::StopOutcome),
+    Switched(handoff::vm::SwitchOutcome),
+    Health(Box<handoff::vm::Health>),
+}
+
+/// Runs a VM command: progress lines on stderr (none with -q), the outcome on stdout as
+/// text or JSON, errors as `handoff: …` with exit 1 (2 for a usage/config error).
+fn vm_command(
+    config: Option<PathBuf>,
+    quiet: bool,
+    json: bool,
+    f: impl FnOnce(&mut handoff::vm::Ctl, &Config) -> Result<VmDone, handoff::vm::VmError>,
+) -> anyhow::Result<ExitCode> {
+    let (cfg, _) = load_config(config)?;
+    let mut say = |line: &str| {
+        if !quiet {
+            eprintln!("{line}");
+        }
+    };
+    let mut ctl = handoff::vm::Ctl::new(&cfg, &mut say);
+    let done = match f(&mut ctl, &cfg) {
+        Ok(done) => done,
+        Err(e) => {
+            if let handoff::vm::VmError::HookRefused { warnings, .. } = &e {
+                for w in warnings {
+                    eprintln!("handoff: warning: {w}");
+                }
+            }
+            eprintln!("handoff: {e}");
+            return Ok(ExitCode::from(e.exit_code()));
+        }
+    };
+    drop(ctl);
+    match &done {
+        VmDone::Started(out) => {
+            if json {
+                print_json(out)?;
+            } else {
+                print_started(out);
+            }
+            after_start(&cfg, out);
+        }
+        VmDone::Stopped(out) => {
+            if json {
+                print_json(out)?;
+            } else {
+                print_stopped(out);
+            }
+        }
+        VmDone::Switched(out) => {
+            if json {
+                print_json(out)?;
+            } else {
+                print_started(&out.started);
+            }
+            after_start(&cfg, &out.started);
+        }
+        VmDone::Health(h) => {
+            if json {
+                print_json(h)?;
+            } else {
+                print!("{}", h.render_text());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_started(out: &handoff::vm::StartOutcome) {
+    let gpu = match out.gpu_on_vfio {
+        Some(true) => format!("GPU {} is on vfio-pci", out.gpu.address),
+        Some(false) if !out.already_running => format!("GPU {} is still {}", out.gpu.address, out.gpu.phrase),
+        _ => format!("GPU {} is {}", out.gpu.address, out.gpu.phrase),
+    };
+    let was = if out.already_running { "was already" } else { "is" };
+    println!("{} ({}) {was} {}; {gpu}.", out.label, out.vm, out.state.words());
+}
+
+fn print_stopped(out: &handoff::vm::StopOutcome) {
+    let gpu = match out.gpu_returned {
+        Some(true) => format!("GPU {} is back {}", out.gpu.address, out.gpu.phrase),
+        _ => format!("GPU {} is {}", out.gpu.address, out.gpu.phrase),
+    };
+    let what = match (out.was_running, out.forced) {
+        (false, _) => "was not running",
+        (true, true) => "was forced off",
+        (true, false) => &format!("shut down after {:.0} s", out.waited_s),
+    };
+    println!("{} ({}) {what}; {gpu}.", out.label, out.vm);
+}
+
+/// Once a VM runs: the hook point for "then open Looking Glass" (`handoff lg`, another
+/// issue, opens the client here). Until then it says how to open it by hand.
+fn after_start(cfg: &Config, out: &handoff::vm::StartOutcome) {
+    match out.after_start() {
+        handoff::vm::AfterStart::OpenLookingGlass => {
+            eprintln!(
+                "{} has a Looking Glass device; open its display with `{}`.",
+                out.label, cfg.looking_glass.command
+            );
+        }
+        handoff::vm::AfterStart::Nothing(why) => tracing::info!("no Looking Glass: {why}"),
     }
 }

@@ -1,0 +1,1251 @@
+//! Starting, stopping and switching the configured VMs, and their health (feature
+//! `libvirt`): what `handoff start`, `stop`, `switch` and `vm-health` do.
+//!
+//! Talks to libvirt at each `[[vm]]`'s URI (any URI: `qemu:///system`,
+//! `qemu+ssh://host/system`, `test:///default`), reads sysfs and `/proc` through the
+//! config's [`Host`](crate::Host) to see where the GPU went, and reads (never writes) the
+//! hook's restore record. It never binds or unbinds anything itself: the libvirt hook does
+//! that when libvirt starts or stops the domain, and a refusal of the hook comes back here
+//! inside libvirt's error, from which [`hook_message`] digs out the hook's own words.
+//!
+//! Nothing here waits for a desktop (no D-Bus, no display): every command works over SSH.
+//! Progress goes to a caller-supplied sink, one line at a time; the outcome is a value the
+//! caller renders (text or JSON) and acts on — [`StartOutcome::after_start`] is where
+//! "then open Looking Glass" hooks in.
+//!
+//! The GPU checks only make sense when the VM runs on this machine: for a remote URI the
+//! local sysfs says nothing about that host's GPU, so they are skipped and said to be.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState};
+use virt::error::ErrorNumber;
+
+use crate::bind::record::RestoreRecord;
+use crate::config::{Config, VmConfig};
+use crate::gpu::{self, Owner};
+use crate::hooks::{self, InstalledShim};
+use crate::libvirt::{self as lv, VirtError};
+use crate::pci::PciAddress;
+use crate::status::VmState;
+
+/// How often a wait looks again. Short: a person is watching.
+const POLL: Duration = Duration::from_millis(250);
+/// A line of progress this often while a graceful shutdown is pending.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("no VM {name:?} in the config; configured: {}", known_list(known))]
+    NotConfigured { name: String, known: Vec<String> },
+    #[error("the config lists no [[vm]]; add one with the libvirt domain's name")]
+    NoVms,
+    #[error(transparent)]
+    Virt(#[from] VirtError),
+    /// Something holds the GPU, seen by our own scan before anything was started.
+    #[error("{text}")]
+    Busy { vm: String, text: String },
+    #[error(
+        "not starting {label} ({vm}): GPU {gpu} is with {other_label} ({other}), which is {state}. \
+         `handoff switch {vm}` stops {other_label} gracefully and then starts {label}"
+    )]
+    OtherVmHolds {
+        vm: String,
+        label: String,
+        gpu: PciAddress,
+        other: String,
+        other_label: String,
+        state: &'static str,
+    },
+    /// The libvirt hook refused the start; `message` is the hook's own.
+    #[error("{message}")]
+    HookRefused {
+        vm: String,
+        message: String,
+        warnings: Vec<String>,
+    },
+    #[error("libvirt at {uri} could not start {vm}: {message}{}", hint(message))]
+    StartFailed {
+        vm: String,
+        uri: String,
+        message: String,
+    },
+    #[error(
+        "{vm} was started but is {state} after {waited_s} s, not running; `virsh -c {uri} domstate --reason {vm}` says why"
+    )]
+    NotRunning {
+        vm: String,
+        uri: String,
+        state: &'static str,
+        waited_s: u64,
+    },
+    #[error("libvirt at {uri} could not stop {vm}: {message}{}", hint(message))]
+    StopFailed {
+        vm: String,
+        uri: String,
+        message: String,
+    },
+    #[error(
+        "{label} ({vm}) did not stop within {waited_s} s: the guest ignored the shutdown request \
+         (is it at a login or lock screen? does it have the QEMU guest agent?). It is still running. \
+         Wait longer (--timeout SECONDS), shut it down from inside, or force it off — losing unsaved \
+         work in the VM — with `handoff stop --force {vm}`"
+    )]
+    StopTimeout {
+        vm: String,
+        label: String,
+        waited_s: u64,
+    },
+    #[error(
+        "GPU {gpu} did not come back to {driver} within {waited_s} s: it is {phrase}.{}\n  \
+         Return it by hand: `sudo gpu-rebind-nvidia` (the same as `sudo handoff rebind --force`)",
+        problem.as_ref().map(|p| format!("\n  The restore record says: {p}")).unwrap_or_default()
+    )]
+    GpuNotHome {
+        gpu: PciAddress,
+        driver: String,
+        phrase: String,
+        waited_s: u64,
+        problem: Option<String>,
+    },
+    #[error(transparent)]
+    Sysfs(#[from] gpu::SysfsError),
+    #[error(
+        "switching to {target} stopped at step {step} ({what}): {source}{}",
+        if matches!(**source, VmError::StopTimeout { .. }) {
+            format!("\n  Or switch anyway, forcing it off: `handoff switch --force {target}`")
+        } else {
+            String::new()
+        }
+    )]
+    Switch {
+        target: String,
+        step: String,
+        what: String,
+        source: Box<VmError>,
+    },
+}
+
+impl VmError {
+    /// 2 for a usage or config error, 1 for everything else (DESIGN: "the answer is a problem").
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VmError::NotConfigured { .. } | VmError::NoVms => 2,
+            VmError::Switch { source, .. } => source.exit_code().max(1),
+            _ => 1,
+        }
+    }
+}
+
+fn known_list(known: &[String]) -> String {
+    if known.is_empty() {
+        "none".to_owned()
+    } else {
+        known.join(", ")
+    }
+}
+
+/// What to check when libvirt says no for a reason of access.
+fn hint(message: &str) -> &'static str {
+    let m = message.to_ascii_lowercase();
+    if m.contains("polkit")
+        || m.contains("authentication")
+        || m.contains("access denied")
+        || m.contains("permission denied")
+    {
+        "\n  check: is your user in group libvirt (id -nG; sudo usermod -aG libvirt $USER, then log in again)? \
+         over SSH there is no polkit agent to ask for a password, so polkit must allow it without one"
+    } else {
+        ""
+    }
+}
+
+/// The configured VM called `name` (domain name or label), or the first one.
+pub fn resolve<'a>(cfg: &'a Config, name: Option<&str>) -> Result<&'a VmConfig, VmError> {
+    if cfg.vms.is_empty() {
+        return Err(VmError::NoVms);
+    }
+    cfg.vm(name).ok_or_else(|| VmError::NotConfigured {
+        name: name.unwrap_or_default().to_owned(),
+        known: cfg
+            .vms
+            .iter()
+            .map(|v| format!("{} ({})", v.name, v.label()))
+            .collect(),
+    })
+}
+
+/// The host part of a libvirt URI: `qemu+ssh://ducati/system` → `ducati`; none for
+/// `qemu:///system` and `test:///default`.
+pub fn uri_host(uri: &str) -> Option<&str> {
+    let rest = uri.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or("");
+    let host = host.split(':').next().unwrap_or("");
+    (!host.is_empty()).then_some(host)
+}
+
+/// Whether a VM at `uri` runs on this machine, so this machine's sysfs shows its GPU.
+pub fn is_local(uri: &str) -> bool {
+    matches!(uri_host(uri), None | Some("localhost" | "127.0.0.1" | "::1"))
+}
+
+/// The hook's own message inside libvirt's error for a refused start, e.g. from
+/// `Hook script execution failed: internal error: Child process (LC_ALL=C PATH=… /etc/libvirt/hooks/qemu.d/handoff win11 prepare begin -) unexpected exit status 1: handoff: not handing GPU …`.
+/// Returns (message, warnings): handoff's `warning:` lines apart, the rest as the hook
+/// said it, each `handoff: ` prefix removed. None when the error is not a hook's refusal.
+pub fn hook_message(libvirt_error: &str) -> Option<(String, Vec<String>)> {
+    if !libvirt_error.contains("Hook script execution failed") {
+        return None;
+    }
+    let after = match libvirt_error.find("unexpected exit status") {
+        Some(i) => {
+            let rest = &libvirt_error[i..];
+            rest.split_once(": ").map(|(_, m)| m).unwrap_or("")
+        }
+        None => libvirt_error
+            .split_once("Hook script execution failed: ")
+            .map(|(_, m)| m)
+            .unwrap_or(libvirt_error),
+    };
+    let mut warnings = Vec::new();
+    let mut lines = Vec::new();
+    for line in after.trim().lines() {
+        if let Some(w) = line.strip_prefix("handoff: warning: ") {
+            warnings.push(w.trim_end().to_owned());
+        } else {
+            lines.push(line.strip_prefix("handoff: ").unwrap_or(line).trim_end());
+        }
+    }
+    let mut message = lines.join("\n").trim().to_owned();
+    if message.is_empty() {
+        message = "the libvirt hook refused the start without saying why".to_owned();
+    }
+    Some((message, warnings))
+}
+
+/// Where the GPU is, as far as this machine can tell.
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuReport {
+    pub address: PciAddress,
+    /// None when the VM is on another host (its GPU is not in this sysfs).
+    pub owner: Option<Owner>,
+    /// "on vfio-pci", "on Linux (nvidia)", or why it is unknown.
+    pub phrase: String,
+}
+
+impl GpuReport {
+    fn read(cfg: &Config, uri: &str) -> Result<Self, VmError> {
+        if !is_local(uri) {
+            return Ok(Self::remote(cfg, uri));
+        }
+        let g = gpu::read_gpu(&cfg.host, cfg.gpu.address)?;
+        let phrase = if g.owner == Owner::Absent {
+            "absent: this machine has no PCI device there".to_owned()
+        } else {
+            g.owner_phrase()
+        };
+        Ok(Self {
+            address: g.address,
+            owner: Some(g.owner),
+            phrase,
+        })
+    }
+
+    fn remote(cfg: &Config, uri: &str) -> Self {
+        Self {
+            address: cfg.gpu.address,
+            owner: None,
+            phrase: format!(
+                "on {} (not visible from here)",
+                uri_host(uri).unwrap_or("another host")
+            ),
+        }
+    }
+}
+
+/// What `handoff start` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct StartOutcome {
+    pub vm: String,
+    pub label: String,
+    pub uri: String,
+    pub state: VmState,
+    /// It was running before we were asked; nothing was done.
+    pub already_running: bool,
+    pub gpu: GpuReport,
+    /// The GPU is on vfio-pci (None: cannot tell, the VM is remote).
+    pub gpu_on_vfio: Option<bool>,
+    /// Said to the person besides progress: why the GPU did not move, the hook's warnings.
+    pub warnings: Vec<String>,
+    /// The Looking Glass shared memory device in the live XML, when there is one.
+    pub looking_glass: Option<Shmem>,
+}
+
+/// What to do once the VM runs: the hook point for "then open Looking Glass".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterStart {
+    /// The VM runs with the GPU and has Looking Glass's shared memory: open the client.
+    OpenLookingGlass,
+    /// Nothing to open, and why (said only with -v).
+    Nothing(String),
+}
+
+impl StartOutcome {
+    pub fn after_start(&self) -> AfterStart {
+        if self.state != VmState::Running {
+            return AfterStart::Nothing(format!("{} is {}", self.label, self.state.words()));
+        }
+        if self.gpu_on_vfio == Some(false) {
+            return AfterStart::Nothing("the GPU did not move to the VM".into());
+        }
+        if self.looking_glass.is_none() {
+            return AfterStart::Nothing(format!(
+                "{} has no Looking Glass shared memory device (<shmem name='looking-glass'>)",
+                self.vm
+            ));
+        }
+        AfterStart::OpenLookingGlass
+    }
+}
+
+/// What `handoff stop` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct StopOutcome {
+    pub vm: String,
+    pub label: String,
+    pub uri: String,
+    pub was_running: bool,
+    pub forced: bool,
+    /// Seconds until the VM was off.
+    pub waited_s: f64,
+    pub gpu: GpuReport,
+    /// The GPU came back to the host driver after this VM (None: it was not this VM's).
+    pub gpu_returned: Option<bool>,
+}
+
+/// What `handoff switch` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwitchOutcome {
+    pub stopped: Vec<StopOutcome>,
+    pub started: StartOutcome,
+}
+
+/// Timeouts and where things are; [`Ctl::new`] has the defaults.
+pub struct Ctl<'a> {
+    pub cfg: &'a Config,
+    /// libvirt's hooks directory, to tell whether our hook is installed.
+    pub hooks_dir: PathBuf,
+    /// How long a started domain may take to read "running".
+    pub start_wait: Duration,
+    /// How long the GPU may take to come home after the VM stopped.
+    pub gpu_wait: Duration,
+    progress: &'a mut dyn FnMut(&str),
+    conns: HashMap<String, Connect>,
+}
+
+impl<'a> Ctl<'a> {
+    pub fn new(cfg: &'a Config, progress: &'a mut dyn FnMut(&str)) -> Self {
+        Self {
+            cfg,
+            hooks_dir: PathBuf::from(hooks::DEFAULT_HOOKS_DIR),
+            start_wait: Duration::from_secs(60),
+            gpu_wait: Duration::from_secs(15),
+            progress,
+            conns: HashMap::new(),
+        }
+    }
+
+    fn say(&mut self, line: &str) {
+        (self.progress)(line);
+    }
+
+    fn conn(&mut self, uri: &str) -> Result<Connect, VirtError> {
+        if let Some(c) = self.conns.get(uri) {
+            return Ok(c.clone());
+        }
+        let c = lv::connect(uri)?;
+        self.conns.insert(uri.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    fn domain(&mut self, vm: &VmConfig) -> Result<Domain, VirtError> {
+        let conn = self.conn(&vm.uri)?;
+        conn.lookup_domain_by_name(&vm.name).map_err(|e| {
+            if e.code().is_known_and(|c| c == ErrorNumber::NoDomain) {
+                VirtError::NoDomain {
+                    uri: vm.uri.clone(),
+                    name: vm.name.clone(),
+                }
+            } else {
+                domain_error(vm, &e)
+            }
+        })
+    }
+
+    /// The other configured VMs that are active (they may hold the shared GPU).
+    fn active_others(&mut self, vm: &VmConfig) -> Vec<(VmConfig, VmState)> {
+        let others: Vec<VmConfig> = self
+            .cfg
+            .vms
+            .iter()
+            .filter(|o| o.name != vm.name)
+            .cloned()
+            .collect();
+        let mut active = Vec::new();
+        for o in others {
+            // A VM we cannot ask (its host is down) cannot be proven to hold the GPU; the
+            // hook still refuses if it does.
+            match self.domain(&o).and_then(|d| state_of(&o, &d)) {
+                Ok((s, _)) if s.is_active() => active.push((o, s)),
+                Ok(_) => {}
+                Err(e) => tracing::info!("cannot ask about {}: {e}", o.name),
+            }
+        }
+        active
+    }
+
+    fn hook_installed(&self) -> bool {
+        matches!(
+            hooks::installed_shim(&self.hooks_dir),
+            Ok(InstalledShim::Ours { .. })
+        )
+    }
+
+    /// `handoff start [VM]`: check, start, wait until running, say where the GPU went.
+    pub fn start(&mut self, vm: &VmConfig) -> Result<StartOutcome, VmError> {
+        let dom = self.domain(vm)?;
+        let (state, _) = state_of(vm, &dom)?;
+        if state.is_active() {
+            let mut out = self.outcome(vm, &dom, state, true)?;
+            out.warnings.retain(|w| !w.starts_with("the libvirt hook"));
+            return Ok(out);
+        }
+        if let Some((other, s)) = self.active_others(vm).into_iter().next() {
+            return Err(VmError::OtherVmHolds {
+                vm: vm.name.clone(),
+                label: vm.label().to_owned(),
+                gpu: self.cfg.gpu.address,
+                other: other.name.clone(),
+                other_label: other.label().to_owned(),
+                state: s.words(),
+            });
+        }
+        if is_local(&vm.uri) {
+            self.check_holders(vm)?;
+        }
+        self.say(&format!("Starting {} ({})…", vm.label(), vm.name));
+        if let Err(e) = dom.create() {
+            let message = e.message().to_owned();
+            return Err(match hook_message(&message) {
+                Some((message, warnings)) => VmError::HookRefused {
+                    vm: vm.name.clone(),
+                    message,
+                    warnings,
+                },
+                None => VmError::StartFailed {
+                    vm: vm.name.clone(),
+                    uri: vm.uri.clone(),
+                    message,
+                },
+            });
+        }
+        let started = Instant::now();
+        let state = loop {
+            let (s, _) = state_of(vm, &dom)?;
+            if s == VmState::Running || started.elapsed() >= self.start_wait {
+                break s;
+            }
+            std::thread::sleep(POLL);
+        };
+        if state != VmState::Running {
+            return Err(VmError::NotRunning {
+                vm: vm.name.clone(),
+                uri: vm.uri.clone(),
+                state: state.words(),
+                waited_s: started.elapsed().as_secs(),
+            });
+        }
+        let out = self.outcome(vm, &dom, state, false)?;
+        for w in &out.warnings {
+            (self.progress)(&format!("warning: {w}"));
+        }
+        Ok(out)
+    }
+
+    /// Our own scan for holders (as this user: the hook, as root, sees the rest).
+    fn check_holders(&mut self, vm: &VmConfig) -> Result<(), VmError> {
+        let host = &self.cfg.host;
+        let g = gpu::read_gpu(host, self.cfg.gpu.address)?;
+        if g.owner != Owner::Host {
+            return Ok(());
+        }
+        let nodes = crate::holders::gpu_nodes(host, &g);
+        let scan = crate::holders::scan(host, &g, &nodes);
+        if scan.is_clear() {
+            return Ok(());
+        }
+        let text = crate::bind::refusal_text(g.address, Some(&vm.name), &scan.holders, &scan.framebuffers);
+        Err(VmError::Busy {
+            vm: vm.name.clone(),
+            text: text.strip_prefix("handoff: ").unwrap_or(&text).to_owned(),
+        })
+    }
+
+    fn outcome(
+        &mut self,
+        vm: &VmConfig,
+        dom: &Domain,
+        state: VmState,
+        already: bool,
+    ) -> Result<StartOutcome, VmError> {
+        let gpu = GpuReport::read(self.cfg, &vm.uri)?;
+        let xml = dom.xml_desc(0).unwrap_or_default();
+        let gpu_on_vfio = gpu
+            .owner
+            .filter(|o| *o != Owner::Absent)
+            .map(|o| o == Owner::Vfio);
+        let mut warnings = Vec::new();
+        if gpu_on_vfio == Some(false) {
+            warnings.push(if self.hook_installed() {
+                format!(
+                    "GPU {} is still {}: the hook did not hand it to {} (is {} a [[vm]] in {}? `handoff doctor` checks)",
+                    gpu.address,
+                    gpu.phrase,
+                    vm.name,
+                    vm.name,
+                    crate::config::SYSTEM_CONFIG
+                )
+            } else {
+                format!(
+                    "the libvirt hook is not installed, so GPU {} stays {} (`sudo handoff install-hooks`)",
+                    gpu.address, gpu.phrase
+                )
+            });
+        }
+        Ok(StartOutcome {
+            vm: vm.name.clone(),
+            label: vm.label().to_owned(),
+            uri: vm.uri.clone(),
+            state,
+            already_running: already,
+            gpu,
+            gpu_on_vfio,
+            warnings,
+            looking_glass: shmem(&xml),
+        })
+    }
+
+    /// `handoff stop [VM]`: graceful (ACPI) with a timeout, or `force` (destroy); then wait
+    /// for the GPU to come home when it was this VM's.
+    pub fn stop(&mut self, vm: &VmConfig, force: bool, timeout: Duration) -> Result<StopOutcome, VmError> {
+        let dom = self.domain(vm)?;
+        let (state, _) = state_of(vm, &dom)?;
+        let was_ours = self.gpu_is_with(vm)?;
+        let started = Instant::now();
+        if !state.is_active() {
+            self.say(&format!(
+                "{} ({}) is not running ({}).",
+                vm.label(),
+                vm.name,
+                state.words()
+            ));
+        } else if force {
+            self.say(&format!(
+                "Forcing {} ({}) off, like pulling its power cord: unsaved work in the VM is lost.",
+                vm.label(),
+                vm.name
+            ));
+            if let Err(e) = dom.destroy() {
+                // It may have stopped on its own meanwhile.
+                if state_of(vm, &dom)?.0.is_active() {
+                    return Err(VmError::StopFailed {
+                        vm: vm.name.clone(),
+                        uri: vm.uri.clone(),
+                        message: e.message().to_owned(),
+                    });
+                }
+            }
+        } else {
+            self.say(&format!(
+                "Asking {} ({}) to shut down (ACPI power button); waiting up to {} s…",
+                vm.label(),
+                vm.name,
+                timeout.as_secs()
+            ));
+            if let Err(e) = dom.shutdown() {
+                if state_of(vm, &dom)?.0.is_active() {
+                    return Err(VmError::StopFailed {
+                        vm: vm.name.clone(),
+                        uri: vm.uri.clone(),
+                        message: e.message().to_owned(),
+                    });
+                }
+            }
+            let mut next_note = PROGRESS_EVERY;
+            loop {
+                let (s, _) = state_of(vm, &dom)?;
+                if !s.is_active() {
+                    break;
+                }
+                let waited = started.elapsed();
+                if waited >= timeout {
+                    return Err(VmError::StopTimeout {
+                        vm: vm.name.clone(),
+                        label: vm.label().to_owned(),
+                        waited_s: waited.as_secs(),
+                    });
+                }
+                if waited >= next_note {
+                    self.say(&format!(
+                        "  {} is still {} after {} s (of {} s)…",
+                        vm.label(),
+                        s.words(),
+                        waited.as_secs(),
+                        timeout.as_secs()
+                    ));
+                    next_note += PROGRESS_EVERY;
+                }
+                std::thread::sleep(POLL.min(timeout.saturating_sub(waited)));
+            }
+        }
+        let waited_s = started.elapsed().as_secs_f64();
+        let (gpu, gpu_returned) = if was_ours {
+            let g = self.wait_gpu_home()?;
+            (g, Some(true))
+        } else {
+            (GpuReport::read(self.cfg, &vm.uri)?, None)
+        };
+        Ok(StopOutcome {
+            vm: vm.name.clone(),
+            label: vm.label().to_owned(),
+            uri: vm.uri.clone(),
+            was_running: state.is_active(),
+            forced: force && state.is_active(),
+            waited_s,
+            gpu,
+            gpu_returned,
+        })
+    }
+
+    /// Whether the GPU is off the host for this VM: on this machine, not on the host
+    /// driver, and the restore record names this VM (or no other).
+    fn gpu_is_with(&self, vm: &VmConfig) -> Result<bool, VmError> {
+        if !is_local(&vm.uri) {
+            return Ok(false);
+        }
+        let host = &self.cfg.host;
+        let g = gpu::read_gpu(host, self.cfg.gpu.address)?;
+        if matches!(g.owner, Owner::Host | Owner::Absent) {
+            return Ok(false);
+        }
+        Ok(match RestoreRecord::load(host, g.address) {
+            Ok(Some(r)) => r.vm.as_deref().is_none_or(|v| v == vm.name),
+            _ => true,
+        })
+    }
+
+    /// Wait (bounded by `gpu_wait`) for the GPU to be on the host driver with no restore
+    /// record left (the hook removes it once the GPU is verified home).
+    fn wait_gpu_home(&mut self) -> Result<GpuReport, VmError> {
+        let host = self.cfg.host.clone();
+        let address = self.cfg.gpu.address;
+        self.say(&format!(
+            "Waiting for GPU {address} to return to {}…",
+            self.cfg.gpu.host_driver
+        ));
+        let started = Instant::now();
+        loop {
+            let g = gpu::read_gpu(&host, address)?;
+            let record = RestoreRecord::load(&host, address);
+            let home = g.owner == Owner::Host && matches!(record, Ok(None));
+            if home {
+                let phrase = g.owner_phrase();
+                return Ok(GpuReport {
+                    address,
+                    owner: Some(g.owner),
+                    phrase,
+                });
+            }
+            if started.elapsed() >= self.gpu_wait {
+                let problem = match record {
+                    Ok(Some(r)) => r
+                        .problem
+                        .or(Some(format!("the handoff is in phase {:?}", r.phase))),
+                    Ok(None) => None,
+                    Err(e) => Some(e.to_string()),
+                };
+                return Err(VmError::GpuNotHome {
+                    gpu: address,
+                    driver: self.cfg.gpu.host_driver.clone(),
+                    phrase: g.owner_phrase(),
+                    waited_s: started.elapsed().as_secs(),
+                    problem,
+                });
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// `handoff switch <VM>`: stop whichever configured VM is active (gracefully unless
+    /// `force`), wait for the GPU, start `target`. Each step is said before it runs.
+    pub fn switch(
+        &mut self,
+        target: &VmConfig,
+        force: bool,
+        timeout: Option<Duration>,
+    ) -> Result<SwitchOutcome, VmError> {
+        let dom = self.domain(target)?;
+        let (state, _) = state_of(target, &dom)?;
+        let holders: Vec<VmConfig> = if state.is_active() {
+            Vec::new()
+        } else {
+            self.active_others(target).into_iter().map(|(o, _)| o).collect()
+        };
+        let total = holders.len() + 1;
+        let mut stopped = Vec::new();
+        for (i, other) in holders.iter().enumerate() {
+            let what = format!(
+                "{} {} ({})",
+                if force { "force off" } else { "stop" },
+                other.label(),
+                other.name
+            );
+            self.say(&format!("Step {}/{total}: {what}", i + 1));
+            let t = timeout.unwrap_or(Duration::from_secs(other.shutdown_timeout_s));
+            match self.stop(other, force, t) {
+                Ok(o) => stopped.push(o),
+                Err(e) => {
+                    return Err(VmError::Switch {
+                        target: target.name.clone(),
+                        step: format!("{}/{total}", i + 1),
+                        what,
+                        source: Box::new(e),
+                    });
+                }
+            }
+        }
+        let what = format!("start {} ({})", target.label(), target.name);
+        self.say(&format!("Step {total}/{total}: {what}"));
+        match self.start(target) {
+            Ok(started) => Ok(SwitchOutcome { stopped, started }),
+            Err(e) => Err(VmError::Switch {
+                target: target.name.clone(),
+                step: format!("{total}/{total}"),
+                what,
+                source: Box::new(e),
+            }),
+        }
+    }
+
+    /// `handoff vm-health [VM]`. Only a missing connection or domain is an error; every
+    /// other fact that cannot be read is "unknown".
+    pub fn health(&mut self, vm: &VmConfig) -> Result<Health, VmError> {
+        let dom = self.domain(vm)?;
+        let (state, reason) = state_of(vm, &dom)?;
+        let info = dom.info().ok();
+        let xml = dom.xml_desc(0).unwrap_or_default();
+        let pid = if state.is_active() && is_local(&vm.uri) {
+            qemu_pid(&vm.uri, &vm.name)
+        } else {
+            None
+        };
+        let uptime_s = pid.and_then(|p| process_age(&self.cfg.host.procfs, p));
+        let local_gpu = if is_local(&vm.uri) {
+            gpu::read_gpu(&self.cfg.host, self.cfg.gpu.address).ok()
+        } else {
+            None
+        };
+        let functions: Vec<PciAddress> = match &local_gpu {
+            Some(g) if g.owner != Owner::Absent => g.functions.iter().map(|f| f.address).collect(),
+            _ => vec![self.cfg.gpu.address],
+        };
+        let passthrough = Passthrough::judge(
+            self.cfg.gpu.address,
+            &functions,
+            local_gpu.as_ref().is_some_and(|g| g.owner != Owner::Absent),
+            &crate::hook::hostdev_addresses(&xml),
+        );
+        let ip = if state == VmState::Running {
+            guest_ip(&dom)
+        } else {
+            None
+        };
+        Ok(Health {
+            name: vm.name.clone(),
+            label: vm.label().to_owned(),
+            uri: vm.uri.clone(),
+            state,
+            reason,
+            pid,
+            uptime_s,
+            vcpus: info.as_ref().map(|i| i.nr_virt_cpu),
+            memory_kib: info.as_ref().map(|i| i.memory),
+            max_memory_kib: info.as_ref().map(|i| i.max_mem),
+            gpu: passthrough,
+            looking_glass: shmem(&xml),
+            ip,
+        })
+    }
+}
+
+fn domain_error(vm: &VmConfig, e: &virt::error::Error) -> VirtError {
+    VirtError::Domain {
+        uri: vm.uri.clone(),
+        name: vm.name.clone(),
+        message: format!("{}{}", e.message(), hint(e.message())),
+    }
+}
+
+/// The domain's state in `virsh domstate` words and libvirt's reason for it.
+fn state_of(vm: &VmConfig, dom: &Domain) -> Result<(VmState, Option<String>), VirtError> {
+    let (state, reason) = dom.state().map_err(|e| domain_error(vm, &e))?;
+    let s = match state.known() {
+        Some(DomainState::Running | DomainState::Blocked | DomainState::NoState) => VmState::Running,
+        Some(DomainState::Paused) => VmState::Paused,
+        Some(DomainState::Shutdown) => VmState::Shutdown,
+        Some(DomainState::Shutoff) => VmState::Shutoff,
+        Some(DomainState::Crashed) => VmState::Crashed,
+        Some(DomainState::PMSuspended) => VmState::Suspended,
+        None => VmState::Unknown,
+    };
+    let reason = match reason {
+        virt::enumutil::Enum::Known(r) => {
+            Some(reason_words(&r.to_string())).filter(|r| r != "reason unknown")
+        }
+        virt::enumutil::Enum::Unknown(_) => None,
+    };
+    Ok((s, reason))
+}
+
+/// libvirt's reason names ("booted", "destroyed", "fromsnapshot") in plainer words.
+pub fn reason_words(reason: &str) -> String {
+    match reason {
+        "booted" => "booted",
+        "destroyed" => "forced off (destroyed)",
+        "shutdown" => "shut down",
+        "crashed" => "crashed",
+        "migrated" => "migrated",
+        "saved" => "saved",
+        "failed" => "failed to start",
+        "fromsnapshot" => "restored from a snapshot",
+        "restored" => "restored from a saved state",
+        "unpaused" => "resumed",
+        "wakeup" => "woke up",
+        "user" => "paused or shut down by a user",
+        "daemon" => "stopped by libvirtd",
+        "unknown" => "reason unknown",
+        other => other,
+    }
+    .to_owned()
+}
+
+/// The Looking Glass shared memory device of a domain XML.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Shmem {
+    pub name: String,
+    /// `ivshmem-plain`, `ivshmem-doorbell`, or None when the XML names none.
+    pub model: Option<String>,
+    /// Bytes, when the XML says.
+    pub size_bytes: Option<u64>,
+}
+
+/// The `<shmem>` device Looking Glass uses (name `looking-glass`, or the only one there is
+/// with "looking" in its name).
+pub fn shmem(xml: &str) -> Option<Shmem> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let devices: Vec<_> = doc.descendants().filter(|n| n.has_tag_name("shmem")).collect();
+    let dev = devices
+        .iter()
+        .find(|n| n.attribute("name") == Some("looking-glass"))
+        .or_else(|| {
+            devices
+                .iter()
+                .find(|n| n.attribute("name").is_some_and(|v| v.contains("looking")))
+        })?;
+    let model = dev
+        .children()
+        .find(|c| c.has_tag_name("model"))
+        .and_then(|m| m.attribute("type"))
+        .map(str::to_owned);
+    let size_bytes = dev.children().find(|c| c.has_tag_name("size")).and_then(|s| {
+        let n: u64 = s.text()?.trim().parse().ok()?;
+        let unit = s.attribute("unit").unwrap_or("b");
+        Some(n * unit_bytes(unit)?)
+    });
+    Some(Shmem {
+        name: dev.attribute("name").unwrap_or_default().to_owned(),
+        model,
+        size_bytes,
+    })
+}
+
+/// libvirt's size units (domain XML "memory allocation" units).
+fn unit_bytes(unit: &str) -> Option<u64> {
+    Some(match unit {
+        "b" | "bytes" => 1,
+        "KB" => 1000,
+        "k" | "KiB" => 1 << 10,
+        "MB" => 1000 * 1000,
+        "M" | "MiB" => 1 << 20,
+        "GB" => 1000 * 1000 * 1000,
+        "G" | "GiB" => 1 << 30,
+        "TB" => 1000u64.pow(4),
+        "T" | "TiB" => 1 << 40,
+        _ => return None,
+    })
+}
+
+/// Whether the live XML passes the configured GPU through, function by function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Passthrough {
+    pub gpu: PciAddress,
+    /// Every `<hostdev type='pci'>` in the XML, and whether it is a function of the GPU.
+    pub hostdevs: Vec<Hostdev>,
+    /// Functions of the GPU's slot (as sysfs shows them) that the XML leaves out.
+    pub missing: Vec<PciAddress>,
+    /// `all`, `partial` or `none`.
+    pub verdict: &'static str,
+    pub summary: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Hostdev {
+    pub address: PciAddress,
+    pub part_of_gpu: bool,
+}
+
+impl Passthrough {
+    /// `functions`: the GPU slot's functions (from sysfs when `from_sysfs`, else just the
+    /// configured address).
+    pub fn judge(
+        gpu: PciAddress,
+        functions: &[PciAddress],
+        from_sysfs: bool,
+        hostdevs: &[PciAddress],
+    ) -> Self {
+        let hostdevs: Vec<Hostdev> = hostdevs
+            .iter()
+            .map(|a| Hostdev {
+                address: *a,
+                part_of_gpu: a.same_slot(&gpu),
+            })
+            .collect();
+        let missing: Vec<PciAddress> = functions
+            .iter()
+            .filter(|f| !hostdevs.iter().any(|h| h.address == **f))
+            .copied()
+            .collect();
+        let passed = hostdevs.iter().filter(|h| h.part_of_gpu).count();
+        let (verdict, summary) = if passed == 0 {
+            (
+                "none",
+                format!(
+                    "the configured GPU {gpu} is not passed through (no <hostdev> for it in the domain XML)"
+                ),
+            )
+        } else if missing.is_empty() {
+            (
+                "all",
+                if from_sysfs {
+                    format!("all {passed} function(s) of GPU {gpu} are passed through")
+                } else {
+                    format!(
+                        "GPU {gpu} is passed through ({passed} function(s); its other functions are not visible from here)"
+                    )
+                },
+            )
+        } else {
+            let list: Vec<String> = missing.iter().map(|m| m.to_string()).collect();
+            (
+                "partial",
+                format!(
+                    "GPU {gpu} is passed through without {} (every function of the slot must go to the VM together)",
+                    list.join(", ")
+                ),
+            )
+        };
+        Self {
+            gpu,
+            hostdevs,
+            missing,
+            verdict,
+            summary,
+        }
+    }
+}
+
+/// The guest's address and who told us.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GuestIp {
+    pub address: String,
+    pub interface: String,
+    /// `agent` (QEMU guest agent) or `lease` (libvirt's DHCP lease).
+    pub source: &'static str,
+}
+
+fn guest_ip(dom: &Domain) -> Option<GuestIp> {
+    for (source, name) in [
+        (virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, "agent"),
+        (virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, "lease"),
+    ] {
+        let ifaces = match dom.interface_addresses(source, 0) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::debug!("guest addresses from the {name}: {}", e.message());
+                continue;
+            }
+        };
+        let mut candidates: Vec<GuestIp> = ifaces
+            .iter()
+            .filter(|i| i.name != "lo" && !i.name.starts_with("Loopback"))
+            .flat_map(|i| {
+                i.addrs.iter().map(|a| GuestIp {
+                    address: a.addr.clone(),
+                    interface: i.name.clone(),
+                    source: name,
+                })
+            })
+            .filter(|g| {
+                !g.address.starts_with("127.") && g.address != "::1" && !g.address.starts_with("fe80:")
+            })
+            .collect();
+        // IPv4 first: it is what people type into ssh and Moonlight.
+        candidates.sort_by_key(|g| g.address.contains(':'));
+        if let Some(first) = candidates.into_iter().next() {
+            return Some(first);
+        }
+    }
+    None
+}
+
+/// The QEMU process of a running domain, from libvirt's pid file (readable by root, and
+/// for `qemu:///session` by the user).
+fn qemu_pid(uri: &str, name: &str) -> Option<u32> {
+    let path = if uri.contains("/session") {
+        crate::config::user_config_path()?
+            .parent()?
+            .parent()?
+            .join(format!("libvirt/qemu/run/{name}.pid"))
+    } else {
+        PathBuf::from(format!("/run/libvirt/qemu/{name}.pid"))
+    };
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Field 22 of `/proc/<pid>/stat`: start time in clock ticks after boot.
+pub fn parse_stat_starttime(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // rest starts at field 3 (state); starttime is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// How long `pid` has been running, in seconds, from `<proc>/<pid>/stat` and `<proc>/uptime`.
+pub fn process_age(procfs: &Path, pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(procfs.join(format!("{pid}/stat"))).ok()?;
+    let start = parse_stat_starttime(&stat)?;
+    let uptime: f64 = std::fs::read_to_string(procfs.join("uptime"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        return None;
+    }
+    Some((uptime - start as f64 / hz as f64).max(0.0) as u64)
+}
+
+/// `handoff vm-health`'s answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    pub name: String,
+    pub label: String,
+    pub uri: String,
+    pub state: VmState,
+    /// libvirt's reason for the state ("booted", "shut down", …).
+    pub reason: Option<String>,
+    /// The QEMU process, when its pid file is readable.
+    pub pid: Option<u32>,
+    pub uptime_s: Option<u64>,
+    pub vcpus: Option<u32>,
+    pub memory_kib: Option<u64>,
+    pub max_memory_kib: Option<u64>,
+    pub gpu: Passthrough,
+    pub looking_glass: Option<Shmem>,
+    pub ip: Option<GuestIp>,
+}
+
+/// 3 d 4 h, 2 h 5 min, 4 min 3 s, 12 s.
+pub fn duration_words(s: u64) -> String {
+    let (d, h, m, sec) = (s / 86400, s / 3600 % 24, s / 60 % 60, s % 60);
+    if d > 0 {
+        format!("{d} d {h} h")
+    } else if h > 0 {
+        format!("{h} h {m} min")
+    } else if m > 0 {
+        format!("{m} min {sec} s")
+    } else {
+        format!("{sec} s")
+    }
+}
+
+/// 32 MiB, 16 GiB.
+pub fn size_words(bytes: u64) -> String {
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+    if bytes >= GIB && bytes % GIB == 0 {
+        format!("{} GiB", bytes / GIB)
+    } else if bytes >= GIB {
+        format!("{:.1} GiB", bytes as f64 / GIB as f64)
+    } else {
+        format!("{} MiB", bytes / MIB)
+    }
+}
+
+impl Health {
+    pub fn render_text(&self) -> String {
+        use std::fmt::Write;
+        const UNKNOWN: &str = "unknown";
+        let mut s = String::new();
+        let reason = self
+            .reason
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        let _ = writeln!(s, "{} ({}) at {}", self.label, self.name, self.uri);
+        let _ = writeln!(s, "  state     {}{reason}", self.state.words());
+        let uptime = match (self.state.is_active(), self.uptime_s) {
+            (false, _) => "not running".to_owned(),
+            (true, Some(u)) => duration_words(u),
+            (true, None) => format!("{UNKNOWN} (no readable QEMU pid file under /run/libvirt/qemu)"),
+        };
+        let _ = writeln!(s, "  uptime    {uptime}");
+        let _ = writeln!(
+            s,
+            "  vCPUs     {}",
+            self.vcpus.map(|v| v.to_string()).unwrap_or(UNKNOWN.into())
+        );
+        let memory = match (self.memory_kib, self.max_memory_kib) {
+            (Some(m), Some(max)) if max != m => {
+                format!("{} (max {})", size_words(m * 1024), size_words(max * 1024))
+            }
+            (Some(m), _) => size_words(m * 1024),
+            _ => UNKNOWN.to_owned(),
+        };
+        let _ = writeln!(s, "  memory    {memory}");
+        let _ = writeln!(s, "  GPU       {}", self.gpu.summary);
+        for h in &self.gpu.hostdevs {
+            let what = if h.part_of_gpu {
+                "function of the GPU"
+            } else {
+                "another device"
+            };
+            let _ = writeln!(s, "            hostdev {} ({what})", h.address);
+        }
+        let lg = match &self.looking_glass {
+            Some(m) => format!(
+                "shared memory {:?}{}{}",
+                m.name,
+                m.model.as_deref().map(|t| format!(", {t}")).unwrap_or_default(),
+                m.size_bytes
+                    .map(|b| format!(", {}", size_words(b)))
+                    .unwrap_or_default()
+            ),
+            None => "no shared memory device (<shmem name='looking-glass'>) in the XML".to_owned(),
+        };
+        let _ = writeln!(s, "  Looking Glass  {lg}");
+        let ip = match &self.ip {
+            Some(ip) => format!(
+                "{} ({}, from the {})",
+                ip.address,
+                ip.interface,
+                match ip.source {
+                    "agent" => "guest agent",
+                    _ => "DHCP lease",
+                }
+            ),
+            None => UNKNOWN.to_owned(),
+        };
+        let _ = writeln!(s, "  IP        {ip}");
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_inside_libvirts_error_is_the_hooks_own_words() {
+        let err = "Hook script execution failed: internal error: Child process (LC_ALL=C \
+            PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+            /etc/libvirt/hooks/qemu.d/handoff win11 prepare begin -) unexpected exit status 1: \
+            handoff: warning: win11 is a [[vm]] in the config but its XML passes no function of 0000:01:00.0 through\n\
+            handoff: not handing GPU 0000:01:00.0 to win11: 1 process uses it:\n  \
+            sleep (pid 42, user root) holds /dev/nvidia0\nNothing was changed.\n";
+        let (msg, warnings) = hook_message(err).unwrap();
+        assert_eq!(
+            msg,
+            "not handing GPU 0000:01:00.0 to win11: 1 process uses it:\n  sleep (pid 42, user root) holds /dev/nvidia0\nNothing was changed."
+        );
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].starts_with("win11 is a [[vm]]"));
+        assert_eq!(
+            hook_message("Requested operation is not valid: domain is already running"),
+            None
+        );
+    }
+
+    #[test]
+    fn uri_hosts() {
+        assert_eq!(uri_host("qemu:///system"), None);
+        assert_eq!(uri_host("test:///default"), None);
+        assert_eq!(
+            uri_host("qemu+ssh://me@ducati:22/system?keyfile=x"),
+            Some("ducati")
+        );
+        assert!(is_local("qemu:///system"));
+        assert!(!is_local("qemu+ssh://ducati/system"));
+        assert!(is_local("qemu+ssh://localhost/system"));
+    }
+
+    #[test]
+    fn looking_glass_shmem_with_size() {
+        let xml = "<domain><devices><shmem name='looking-glass'><model type='ivshmem-plain'/>\
+                   <size unit='M'>32</size></shmem></devices></domain>";
+        assert_eq!(
+            shmem(xml),
+            Some(Shmem {
+                name: "looking-glass".into(),
+                model: Some("ivshmem-plain".into()),
+                size_bytes: Some(32 << 20)
+            })
+        );
+        assert_eq!(shmem("<domain><devices/></domain>"), None);
+    }
+
+    #[test]
+    fn stat_start_time_survives_a_command_with_spaces_and_parens() {
+        let stat = "4242 (qemu (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 123456 1000 20";
+        assert_eq!(parse_stat_starttime(stat), Some(123456));
+    }
+
+    #[test]
+    fn passthrough_verdicts() {
+        let gpu = PciAddress::new(0, 1, 0, 0);
+        let all = [gpu, gpu.with_function(1)];
+        assert_eq!(Passthrough::judge(gpu, &all, true, &[]).verdict, "none");
+        assert_eq!(Passthrough::judge(gpu, &all, true, &all).verdict, "all");
+        let p = Passthrough::judge(gpu, &all, true, &[gpu, PciAddress::new(0, 2, 0, 0)]);
+        assert_eq!(p.verdict, "partial");
+        assert_eq!(p.missing, [gpu.with_function(1)]);
+        assert!(!p.hostdevs[1].part_of_gpu);
+    }
+}
