@@ -45,7 +45,7 @@ enum Command {
     /// your own processes and counts the ones it could not inspect; as root it sees all.
     Blockers(JsonFlag),
     /// Is this host ready for passthrough, and what to fix (exit 0 ready, 1 problems found).
-    Doctor(JsonFlag),
+    Doctor(DoctorArgs),
     /// Validate or show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -147,6 +147,16 @@ struct VmHealthArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// libvirt's hooks directory to check (tests).
+    #[arg(long, hide = true, value_name = "DIR")]
+    hooks_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -366,7 +376,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &cfg,
                 &source,
                 &doctor::Caller::current(),
-                std::path::Path::new(handoff::hooks::DEFAULT_HOOKS_DIR),
+                flags
+                    .hooks_dir
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(handoff::hooks::DEFAULT_HOOKS_DIR)),
                 libvirt_checks(&cfg),
             );
             if flags.json {

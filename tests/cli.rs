@@ -97,6 +97,18 @@ impl Host {
         run_with_config(&self.config_path(), self.tmp.path(), args)
     }
 
+    /// `handoff doctor` with the libvirt hook installed into this host's own hooks
+    /// directory (the real /etc/libvirt/hooks belongs to the machine, not the test).
+    fn doctor(&self, args: &[&str]) -> Run {
+        let hooks = self.tmp.path().join("libvirt-hooks");
+        let hooks = hooks.to_str().unwrap();
+        let installed = self.run(&["install-hooks", "--hooks-dir", hooks]);
+        assert_eq!(installed.code, 0, "{installed:?}");
+        let mut all = vec!["doctor", "--hooks-dir", hooks];
+        all.extend_from_slice(args);
+        self.run(&all)
+    }
+
     /// Move every function of the GPU's slot to `driver`.
     fn move_all(&self, driver: Option<&str>) {
         for n in 0..4 {
@@ -415,7 +427,7 @@ fn failures(report: &Value) -> Vec<String> {
 #[test]
 fn doctor_finds_the_workstation_ready() {
     let h = Host::workstation();
-    let r = h.run(&["doctor", "--json"]);
+    let r = h.doctor(&["--json"]);
     let v = r.json();
     for id in ["iommu", "gpu", "iommu-group", "vfio-pci", "holders", "libvirt"] {
         assert_eq!(check(&v, id)["level"], "ok", "{id}: {r:?}");
@@ -424,7 +436,7 @@ fn doctor_finds_the_workstation_ready() {
     assert_eq!(r.code, i32::from(!fails.is_empty()), "{r:?}");
     if as_root() {
         assert!(fails.is_empty(), "{r:?}");
-        let t = h.run(&["doctor"]);
+        let t = h.doctor(&[]);
         assert_eq!(t.code, 0, "{t:?}");
         assert!(
             t.stdout.contains("This host looks ready for passthrough."),
@@ -437,8 +449,8 @@ fn doctor_finds_the_workstation_ready() {
 fn doctor_warns_about_a_holder_without_failing() {
     let h = Host::workstation();
     let holder = Holder::open(&nvidia0(&h));
-    let r = h.run(&["doctor"]);
-    assert!(r.stdout.contains("[warn] 1 process(es) use the GPU"), "{r:?}");
+    let r = h.doctor(&[]);
+    assert!(r.stdout.contains("[warn] 1 process uses the GPU"), "{r:?}");
     assert!(r.stdout.contains(&format!("pid {}", holder.pid())), "{r:?}");
     if as_root() {
         assert_eq!(r.code, 0, "a holder is a warning, not a failure: {r:?}");
@@ -463,7 +475,7 @@ fn doctor_fails_when_the_gpus_iommu_group_holds_a_foreign_device() {
     });
     spec.drivers.push("nvme".into());
     let h = Host::with_spec(&spec);
-    let r = h.run(&["doctor"]);
+    let r = h.doctor(&[]);
     assert_eq!(r.code, 1, "{r:?}");
     let line = r
         .stdout
@@ -476,7 +488,7 @@ fn doctor_fails_when_the_gpus_iommu_group_holds_a_foreign_device() {
         "{r:?}"
     );
 
-    let j = h.run(&["doctor", "--json"]);
+    let j = h.doctor(&["--json"]);
     assert_eq!(j.code, 1, "{j:?}");
     let v = j.json();
     assert_eq!(check(&v, "iommu-group")["level"], "fail");
@@ -487,7 +499,7 @@ fn doctor_fails_when_the_gpus_iommu_group_holds_a_foreign_device() {
 fn doctor_fails_for_a_vm_libvirt_does_not_define() {
     let h = Host::workstation();
     h.configure(RTX_3090_TI, &[RUNNING_VM, "win11"]);
-    let r = h.run(&["doctor"]);
+    let r = h.doctor(&[]);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(
         r.stdout
