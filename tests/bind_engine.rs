@@ -714,3 +714,103 @@ fn a_hung_drivers_probe_on_the_way_home_is_reported_and_restorable() {
         true,
     );
 }
+
+/// Someone else's unbind of the USB function hangs in nvidia-style `remove` (the device
+/// reads unbound, its lock is held): our handoff's write to it blocks behind that one. The
+/// watchdog bounds it, our writer is recorded, and nothing is declared home until both
+/// writes are out of the kernel.
+#[test]
+fn a_handoff_blocked_behind_someone_elses_hung_unbind_is_bounded_and_recorded() {
+    let _serial = serial();
+    let Some(sim) = workstation() else { return };
+    sim.mount.inject(
+        FaultRule::hang(FileKind::Unbind)
+            .device(addr(USB))
+            .driver("xhci_hcd"),
+    );
+    let unbind = sim.sys().join("bus/pci/drivers/xhci_hcd/unbind");
+    let theirs = std::thread::spawn(move || std::fs::write(unbind, USB));
+    assert!(sim.mount.wait_for_hung(1, Duration::from_secs(5)));
+    assert_eq!(sim.driver(USB), None, "the kernel dropped the links already");
+
+    let started = Instant::now();
+    let e = to_vfio(&sim, WATCHDOG).unwrap_err();
+    let took = started.elapsed();
+    assert!(took < WATCHDOG + MARGIN, "the caller was stuck for {took:?}");
+    let msg = e.to_string();
+    assert!(matches!(e, BindError::Hung { .. }), "{msg}");
+    assert!(
+        msg.starts_with(&format!(
+            "setting driver_override of {USB} to vfio-pci did not return after 1 s"
+        )),
+        "{msg}"
+    );
+    assert_eq!(sim.mount.blocked().len(), 1, "our write waits behind theirs");
+    let r = record(&sim).expect("the record stays");
+    assert_eq!(r.phase, Phase::Stuck);
+    let ours: Vec<u32> = forked_children().iter().map(|(pid, _)| *pid).collect();
+    assert!(
+        r.hung_writer.is_some_and(|p| ours.contains(&(p as u32))),
+        "{r:?} {ours:?}"
+    );
+    assert_eq!(sim.driver(GPU).as_deref(), Some("nvidia"), "rolled back");
+    assert_eq!(sim.driver(AUDIO).as_deref(), Some("snd_hda_intel"), "rolled back");
+
+    let before = sim.short_log();
+    let e = to_host(&sim, PATIENT).unwrap_err();
+    assert!(e.to_string().contains("still blocked in the kernel"), "{e}");
+    assert_eq!(sim.short_log(), before, "nothing written while ours is in flight");
+
+    // Their unbind returns; ours runs after it and sets the override.
+    sim.mount.release(Release::Complete);
+    theirs.join().unwrap().unwrap();
+    assert_eq!(wait_gone(&ours, Duration::from_secs(3)), vec![]);
+    assert_eq!(sim.override_of(USB), "vfio-pci");
+
+    // The record says USB had no driver when we started: it is left unbound, its
+    // override cleared; everything else is home.
+    to_host(&sim, PATIENT).unwrap();
+    assert_eq!(sim.driver(USB), None);
+    assert_eq!(sim.override_of(USB), "(null)");
+    assert_eq!(sim.driver(GPU).as_deref(), Some("nvidia"));
+    assert_eq!(sim.driver(UCSI).as_deref(), Some("nvidia-gpu"));
+    assert_eq!(record(&sim), None);
+}
+
+/// A step fails, and the rollback's own write hangs: that writer is in flight too, so it is
+/// recorded and nothing is declared home until it is out of the kernel.
+#[test]
+fn a_rollback_write_that_hangs_is_recorded_not_leaked() {
+    let _serial = serial();
+    let Some(sim) = workstation() else { return };
+    sim.mount
+        .inject(FaultRule::fail(FileKind::DriverOverride, Errno::EBUSY).device(addr(USB)));
+    sim.mount.inject(
+        FaultRule::hang(FileKind::Unbind)
+            .device(addr(GPU))
+            .driver("vfio-pci"),
+    );
+    let started = Instant::now();
+    let e = to_vfio(&sim, WATCHDOG).unwrap_err();
+    let took = started.elapsed();
+    assert!(took < WATCHDOG + MARGIN, "the caller was stuck for {took:?}");
+    let msg = e.to_string();
+    assert!(matches!(e, BindError::Failed { .. }), "{msg}");
+    assert!(msg.contains("Rolling back failed too"), "{msg}");
+    assert!(msg.contains("writer process"), "{msg}");
+    let r = record(&sim).expect("the record stays");
+    assert_eq!(r.phase, Phase::Stuck);
+    let ours: Vec<u32> = forked_children().iter().map(|(pid, _)| *pid).collect();
+    assert!(
+        r.hung_writer.is_some_and(|p| ours.contains(&(p as u32))),
+        "{r:?} {ours:?}"
+    );
+    let e = to_host(&sim, PATIENT).unwrap_err();
+    assert!(e.to_string().contains("still blocked in the kernel"), "{e}");
+
+    sim.mount.release(Release::Complete);
+    assert_eq!(wait_gone(&ours, Duration::from_secs(3)), vec![]);
+    to_host(&sim, PATIENT).unwrap();
+    sim.assert_home();
+    assert_eq!(record(&sim), None);
+}

@@ -342,7 +342,7 @@ fn roll_back(ex: &mut Executor<'_>, before: &Gpu, mut record: RestoreRecord, cau
     }
     .map(|f| f.address);
     let rollback = gpu::read_gpu(host, before.address)
-        .map_err(|e| e.to_string())
+        .map_err(|e| (e.to_string(), None))
         .and_then(|mut now| {
             now.functions.retain(|f| Some(f.address) != hung);
             let mut steps = plan::to_host(&now, Some(&record), &record_host_driver(&record));
@@ -351,7 +351,13 @@ fn roll_back(ex: &mut Executor<'_>, before: &Gpu, mut record: RestoreRecord, cau
             }
             let mut done = Vec::new();
             ex.run(&steps, &mut record, &mut done)
-                .map_err(|e| format!("{}: {}", e.what(), step_cause(&e)))
+                .map_err(|e| (format!("{}: {}", e.what(), step_cause(&e)), hung_pid(&e)))
+        })
+        .map_err(|e| match e {
+            (e, None) => (e, None),
+            // A rollback write can block too (behind another hung write on that device):
+            // its writer is in flight just the same.
+            (e, Some(pid)) => (format!("{e} (writer process {pid})"), Some(pid)),
         });
     let state = describe_state(host, before.address);
     let state = match (&rollback, hung) {
@@ -365,10 +371,10 @@ fn roll_back(ex: &mut Executor<'_>, before: &Gpu, mut record: RestoreRecord, cau
                 "The other functions were rolled back, but {f} is in the middle of a write the kernel has not finished: {state}. {RESTORE_REQUIRED}"
             )
         }
-        (Err(e), _) => {
+        (Err((e, rollback_writer)), _) => {
             record.phase = Phase::Stuck;
             record.problem = Some(format!("{}; rolling back failed too: {e}", cause.what()));
-            record.hung_writer = hung_pid(&cause);
+            record.hung_writer = hung_pid(&cause).or(*rollback_writer);
             let _ = record.save(host);
             format!("Rolling back failed too ({e}): {state}. {RESTORE_REQUIRED}")
         }

@@ -7,8 +7,10 @@
 //! after its effect, or blocks for real while a fault rule hangs it: the hung request is
 //! parked and answered when released, so the filesystem keeps serving everyone else.
 //!
-//! Like a kernel write that is already being serviced, a hung writer can't be killed: a
-//! SIGKILL takes effect once the write is released. Dropping the mount releases every
+//! A write that needs the device lock a hung write holds (see [`super`]) is parked the
+//! same way and answered when the hung write ends. Like a kernel write that is already
+//! being serviced, a hung or waiting writer can't be killed: a SIGKILL takes effect once
+//! the write is answered. Dropping the mount releases every
 //! hung write with EIO, so nothing stays stuck behind a test.
 //!
 //! Control from other processes (the libvirt hook, a shell) goes through two files in the
@@ -494,8 +496,28 @@ impl SimMount {
         self.kernel(|k| k.log().to_vec())
     }
 
+    /// Writes hung by a fault rule.
     pub fn hung(&self) -> Vec<HangId> {
         self.kernel(|k| k.hung())
+    }
+
+    /// Writes waiting behind a hung write for a device lock.
+    pub fn blocked(&self) -> Vec<HangId> {
+        self.kernel(|k| k.blocked())
+    }
+
+    /// Wait until at least `n` writes are blocked behind hung ones; false on timeout.
+    pub fn wait_for_blocked(&self, n: usize, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if self.blocked().len() >= n {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Wait until at least `n` writes are hung; false on timeout.
@@ -521,7 +543,15 @@ impl SimMount {
         let Some(session) = self.session.take() else {
             return;
         };
-        self.release(Release::Fail(super::Errno::EIO));
+        // Writes that were waiting behind a hung one may hang in turn (a hang rule matched
+        // them): end those too, so no writer stays parked.
+        for _ in 0..64 {
+            let stuck = self.kernel(|k| !k.hung().is_empty() || !k.blocked().is_empty());
+            if !stuck {
+                break;
+            }
+            self.release(Release::Fail(super::Errno::EIO));
+        }
         if let Ok(c) = CString::new(self.mountpoint.as_os_str().as_bytes()) {
             // SAFETY: `c` is a valid NUL-terminated path; umount2 touches nothing else.
             let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };

@@ -12,6 +12,25 @@
 //! GPU that something still holds. Every write is logged in order, so tests can check
 //! the order a binding engine wrote things in.
 //!
+//! A hung write behaves like one stuck in the kernel (drivers/base/dd.c,
+//! `device_release_driver_internal` → `__device_release_driver`):
+//! - it holds its device's lock (`device_lock`): every later write that needs that lock
+//!   blocks its writer too, until the hung write ends, and then they run in arrival order
+//!   (see [`Kernel::precheck`] for which writes need it: `driver_override`, `bind`,
+//!   `unbind` through the same driver, `remove`, a matching `new_id`; not `drivers_probe`,
+//!   which sees `dev->driver` still set and returns at once having done nothing);
+//! - a hung unbind has already run `driver_sysfs_remove`: the device's `driver` link, the
+//!   driver's link back and `DRIVER=` in `uevent` are gone, the device reads as unbound;
+//!   when released it stays unbound (no re-probe), even when released "with failure",
+//!   because the kernel ignores what `remove` returns;
+//! - reads keep working. (The real `driver_override` show takes `device_lock` too, so on
+//!   a real machine reading that one file of the hung device blocks; here it doesn't.)
+//!
+//! Not modelled: a hung `remove` also holds the PCI rescan/remove lock (later `rescan` and
+//! `remove` writes would wait), a waiting `new_id` has already added its id and probed
+//! the devices before the locked one, and `modprobe` skips a locked device instead of
+//! waiting for it.
+//!
 //! What the kernel does, and this copies (drivers/base/bus.c, drivers/pci/pci-driver.c):
 //! - `driver_override`: the value up to the first newline; empty clears it (`(null)`).
 //! - `drivers/<drv>/unbind` ← BDF: detach if bound to `<drv>`, else ENODEV.
@@ -353,8 +372,10 @@ impl fmt::Display for FaultRule {
 pub enum WriteResult {
     Ok,
     Err(Errno),
-    /// Still blocked.
+    /// Hung by a fault rule, holding its device's lock.
     Hung,
+    /// Waiting for a device lock a hung write holds (the kernel's `device_lock`).
+    Blocked,
 }
 
 impl fmt::Display for WriteResult {
@@ -363,6 +384,7 @@ impl fmt::Display for WriteResult {
             WriteResult::Ok => f.write_str("ok"),
             WriteResult::Err(e) => write!(f, "{e}"),
             WriteResult::Hung => f.write_str("hung"),
+            WriteResult::Blocked => f.write_str("blocked"),
         }
     }
 }
@@ -398,7 +420,9 @@ impl fmt::Display for WriteRecord {
 /// Names a hung write.
 pub type HangId = u64;
 
-/// What a write did: finished (the writer gets this), or is hung until released.
+/// What a write did: finished (the writer gets this), or blocked — hung by a fault rule,
+/// or waiting behind a hung write for a device lock — until [`Kernel::take_finished`]
+/// reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Done(Result<(), Errno>),
@@ -406,11 +430,17 @@ pub enum Outcome {
 }
 
 /// How to end a hung write.
+///
+/// An unbind that hung with the device bound to that driver is past the point of no
+/// return: the kernel already removed the driver links and is in the driver's `remove`
+/// callback, whose result it ignores (PCI's `remove` returns void). So either way it ends
+/// with the device unbound and the writer told the write succeeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Release {
     /// The write goes through, with its effect (the holder let go).
     Complete,
-    /// The write fails with this errno, without effect.
+    /// The write fails with this errno, without effect (except an unbind in `remove`: see
+    /// above).
     Fail(Errno),
 }
 
@@ -420,6 +450,31 @@ struct HungWrite {
     log_index: usize,
     file: ControlFile,
     data: Vec<u8>,
+    /// The devices whose lock the write holds while it hangs.
+    locks: Vec<PciAddress>,
+    /// An unbind inside the driver's `remove`: the device and the driver it still has
+    /// inside the kernel (`dev->driver`), though its links are gone.
+    releasing: Option<(PciAddress, String)>,
+}
+
+/// A write waiting for device locks, in arrival order.
+#[derive(Debug)]
+struct Waiting {
+    id: HangId,
+    log_index: usize,
+    file: ControlFile,
+    data: Vec<u8>,
+    locks: Vec<PciAddress>,
+    /// A hang rule matched it on arrival: once it has the locks, it hangs.
+    hang: bool,
+}
+
+/// What a write does before it takes any device lock (the kernel's unlocked checks).
+enum Pre {
+    /// Finished without needing a lock.
+    Done(Result<(), Errno>),
+    /// Needs these devices' locks, then runs [`Kernel::apply_locked`].
+    Lock(Vec<PciAddress>),
 }
 
 /// A dynamic id added through `new_id`.
@@ -495,6 +550,7 @@ pub struct Kernel {
     faults: Vec<FaultRule>,
     log: Vec<WriteRecord>,
     hung: Vec<HungWrite>,
+    waiting: Vec<Waiting>,
     finished: Vec<(HangId, Result<(), Errno>)>,
     next_hang: HangId,
 }
@@ -516,6 +572,7 @@ impl Kernel {
             faults: Vec::new(),
             log: Vec::new(),
             hung: Vec::new(),
+            waiting: Vec::new(),
             finished: Vec::new(),
             next_hang: 1,
         }
@@ -555,29 +612,121 @@ impl Kernel {
         self.faults.clear();
     }
 
-    /// Writes hung right now, oldest first.
+    /// Writes hung by a fault rule right now, oldest first.
     pub fn hung(&self) -> Vec<HangId> {
         self.hung.iter().map(|h| h.id).collect()
     }
 
-    /// End hung writes (`None`: all of them). Their writers get the result through
-    /// [`Kernel::take_finished`].
+    /// Writes waiting for a device lock a hung write holds, in arrival order.
+    pub fn blocked(&self) -> Vec<HangId> {
+        self.waiting.iter().map(|w| w.id).collect()
+    }
+
+    /// End hung writes (`None`: all of them). Their writers, and those of the writes
+    /// that were waiting for their device locks and could now run, get the result
+    /// through [`Kernel::take_finished`]. A waiting write that a hang rule matched hangs
+    /// in turn once it has its locks.
     pub fn release(&mut self, id: Option<HangId>, how: Release) {
         let (ending, keep): (Vec<HungWrite>, Vec<HungWrite>) = std::mem::take(&mut self.hung)
             .into_iter()
             .partition(|h| id.is_none_or(|i| i == h.id));
         self.hung = keep;
         for h in ending {
-            let result = match how {
-                Release::Complete => self.apply(&h.file, &h.data),
-                Release::Fail(e) => Err(e),
+            let result = match (&h.releasing, how) {
+                // `remove` returned: `dev->driver` is cleared, whatever it returned.
+                (Some(_), _) => Ok(()),
+                (None, Release::Complete) => self.apply(&h.file, &h.data),
+                (None, Release::Fail(e)) => Err(e),
             };
-            self.log[h.log_index].result = match result {
-                Ok(()) => WriteResult::Ok,
-                Err(e) => WriteResult::Err(e),
-            };
-            self.finished.push((h.id, result));
+            self.finish(h.id, h.log_index, result);
         }
+        self.run_waiting();
+    }
+
+    fn finish(&mut self, id: HangId, log_index: usize, result: Result<(), Errno>) {
+        self.log[log_index].result = match result {
+            Ok(()) => WriteResult::Ok,
+            Err(e) => WriteResult::Err(e),
+        };
+        self.finished.push((id, result));
+    }
+
+    /// Let waiting writes run, in arrival order, once no hung write holds a lock they
+    /// need and no earlier waiting write needs it either.
+    fn run_waiting(&mut self) {
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let w = &self.waiting[i];
+            let busy = w.locks.iter().any(|a| {
+                self.hung.iter().any(|h| h.locks.contains(a))
+                    || self.waiting[..i].iter().any(|e| e.locks.contains(a))
+            });
+            if busy {
+                i += 1;
+                continue;
+            }
+            let w = self.waiting.remove(i);
+            if w.hang {
+                self.log[w.log_index].result = WriteResult::Hung;
+                self.start_hang(w.id, w.log_index, w.file, w.data, w.locks);
+            } else {
+                let result = self.apply_locked(&w.file, &w.data);
+                self.finish(w.id, w.log_index, result);
+            }
+        }
+    }
+
+    /// Whether a hung or waiting write holds or waits for any of `locks`.
+    fn contended(&self, locks: &[PciAddress]) -> bool {
+        locks.iter().any(|a| {
+            self.hung.iter().any(|h| h.locks.contains(a)) || self.waiting.iter().any(|w| w.locks.contains(a))
+        })
+    }
+
+    /// Hang a write holding `locks`. An unbind of a device bound to that driver gets as
+    /// far as `__device_release_driver` does before the driver's `remove` callback (where
+    /// NVIDIA's blocks): `driver_sysfs_remove` has dropped both driver links, so the device
+    /// reads as unbound while `dev->driver` is still set inside the kernel.
+    fn start_hang(
+        &mut self,
+        id: HangId,
+        log_index: usize,
+        file: ControlFile,
+        data: Vec<u8>,
+        locks: Vec<PciAddress>,
+    ) {
+        let mut releasing = None;
+        if let ControlFile::Unbind(drv) = &file
+            && let Some(a) = exact_bdf(&String::from_utf8_lossy(&data)).filter(|a| self.is_present(*a))
+            && self.sim.driver(a).as_deref() == Some(drv.as_str())
+        {
+            if let Err(e) = self.sim.set_driver(a, None) {
+                tracing::warn!("simulated kernel: {e}");
+            }
+            releasing = Some((a, drv.clone()));
+        }
+        self.hung.push(HungWrite {
+            id,
+            log_index,
+            file,
+            data,
+            locks,
+            releasing,
+        });
+    }
+
+    /// The driver the kernel has for `a` (`dev->driver`): the one whose `remove` a hung
+    /// unbind is in, though the links say unbound, else the linked one.
+    fn kernel_driver(&self, a: PciAddress) -> Option<String> {
+        self.hung
+            .iter()
+            .find_map(|h| {
+                h.releasing
+                    .as_ref()
+                    .filter(|(d, _)| *d == a)
+                    .map(|(_, drv)| drv.clone())
+            })
+            .or_else(|| self.sim.driver(a))
     }
 
     /// Hung writes that ended since the last call, with what their writers get.
@@ -593,7 +742,9 @@ impl Kernel {
         self.sim.add_driver(name)?;
         self.drivers.push(name.to_owned());
         for a in self.present() {
-            if self.driver(a).is_none() && self.matches(name, a) {
+            // A device a hung write holds is skipped; the kernel's `driver_attach` would
+            // wait for its lock (the simulation can't block a control command).
+            if self.driver(a).is_none() && self.matches(name, a) && !self.contended(&[a]) {
                 self.sim.set_driver(a, Some(name))?;
             }
         }
@@ -616,12 +767,14 @@ impl Kernel {
     }
 
     /// A write of `data` to the file at `rel` (relative to `sys/`; links are followed in
-    /// the backing tree), as `write(2)` on sysfs would do it.
+    /// the backing tree), as `write(2)` on sysfs would do it. A write that needs the lock
+    /// of a device a hung write holds waits for it, as `device_lock` makes it wait.
     pub fn write(&mut self, rel: &Path, data: &[u8]) -> Outcome {
         let rel = self.physical(rel);
         let file = ControlFile::classify(&rel);
         let value = String::from_utf8_lossy(data).into_owned();
         let seq = self.log.len() as u64 + 1;
+        let log_index = self.log.len();
         let rule = self.faults.iter().position(|r| r.matches(&file, &value));
         let fault = rule.map(|i| {
             let fault = self.faults[i].fault;
@@ -630,21 +783,36 @@ impl Kernel {
             }
             fault
         });
-        let (outcome, result) = match fault {
-            Some(Fault::Fail(e)) => (Outcome::Done(Err(e)), WriteResult::Err(e)),
-            Some(Fault::Hang) => {
+        let (pre, hang) = match fault {
+            Some(Fault::Fail(e)) => (Pre::Done(Err(e)), false),
+            Some(Fault::Hang) => (Pre::Lock(self.device_locks(&file, &value)), true),
+            None => (self.precheck(&file, &value), false),
+        };
+        let (outcome, result) = match pre {
+            Pre::Done(r) => (
+                Outcome::Done(r),
+                r.err().map_or(WriteResult::Ok, WriteResult::Err),
+            ),
+            Pre::Lock(locks) if self.contended(&locks) || hang => {
                 let id = self.next_hang;
                 self.next_hang += 1;
-                self.hung.push(HungWrite {
-                    id,
-                    log_index: self.log.len(),
-                    file: file.clone(),
-                    data: data.to_vec(),
-                });
-                (Outcome::Hung(id), WriteResult::Hung)
+                if self.contended(&locks) {
+                    self.waiting.push(Waiting {
+                        id,
+                        log_index,
+                        file: file.clone(),
+                        data: data.to_vec(),
+                        locks,
+                        hang,
+                    });
+                    (Outcome::Hung(id), WriteResult::Blocked)
+                } else {
+                    self.start_hang(id, log_index, file.clone(), data.to_vec(), locks);
+                    (Outcome::Hung(id), WriteResult::Hung)
+                }
             }
-            None => {
-                let r = self.apply(&file, data);
+            Pre::Lock(_) => {
+                let r = self.apply_locked(&file, data);
                 (
                     Outcome::Done(r),
                     r.err().map_or(WriteResult::Ok, WriteResult::Err),
@@ -661,6 +829,80 @@ impl Kernel {
         outcome
     }
 
+    /// The devices a write names (the file's own, or the BDF written; with `remove`,
+    /// everything behind it): the locks a hung write holds.
+    fn device_locks(&self, file: &ControlFile, value: &str) -> Vec<PciAddress> {
+        match (file, file.device(value)) {
+            (ControlFile::Remove(_), Some(a)) => self.subtree(a),
+            (_, Some(a)) => vec![a],
+            (_, None) => Vec::new(),
+        }
+        .into_iter()
+        .filter(|a| self.is_present(*a))
+        .collect()
+    }
+
+    /// The kernel's checks before `device_lock`, and which locks the rest needs
+    /// (drivers/base/bus.c, drivers/base/driver.c, drivers/pci/pci-sysfs.c):
+    /// - `unbind_store` compares `dev->driver` unlocked: an unbind through another
+    ///   driver's directory fails (ENODEV) at once; through the driver whose `remove` is
+    ///   hung it waits, then finds nothing left to do and succeeds.
+    /// - `bind_store` checks the match unlocked, then `device_driver_attach` locks.
+    /// - `drivers_probe_store` (`bus_rescan_devices_helper`) skips a device whose
+    ///   `dev->driver` is set, unlocked: during a hung unbind it succeeds at once and does
+    ///   nothing.
+    /// - `driver_set_override` takes `device_lock` to store the override.
+    /// - `remove` (`pci_stop_and_remove_bus_device_locked`) releases the driver of every
+    ///   function behind it, each under its lock.
+    /// - `new_id` attaches the driver to every device it now matches, each under its lock.
+    fn precheck(&self, file: &ControlFile, value: &str) -> Pre {
+        let lock = |a: PciAddress| Pre::Lock(vec![a]);
+        match file {
+            ControlFile::DriverOverride(a) => {
+                if value.len() >= 4095 {
+                    return Pre::Done(Err(Errno::EINVAL));
+                }
+                lock(*a)
+            }
+            ControlFile::Unbind(drv) => match self.device_named(value) {
+                Err(e) => Pre::Done(Err(e)),
+                Ok(a) if self.kernel_driver(a).as_deref() != Some(drv) => Pre::Done(Err(Errno::ENODEV)),
+                Ok(a) => lock(a),
+            },
+            ControlFile::Bind(drv) => match self.device_named(value) {
+                Err(e) => Pre::Done(Err(e)),
+                Ok(a) if !self.matches(drv, a) => Pre::Done(Err(Errno::ENODEV)),
+                Ok(a) => lock(a),
+            },
+            ControlFile::DriversProbe => match self.device_named(value) {
+                Err(e) => Pre::Done(Err(e)),
+                Ok(a) if self.kernel_driver(a).is_some() => Pre::Done(Ok(())),
+                Ok(a) => lock(a),
+            },
+            ControlFile::NewId(drv) => match DynId::parse(value) {
+                Err(e) => Pre::Done(Err(e)),
+                Ok(id) => Pre::Lock(
+                    self.present()
+                        .into_iter()
+                        .filter(|a| match self.driver_override(*a) {
+                            Some(o) => o == *drv,
+                            None => self.matches(drv, *a) || self.function(*a).is_some_and(|f| id.matches(f)),
+                        })
+                        .collect(),
+                ),
+            },
+            ControlFile::Remove(_) => match parse_ulong(value) {
+                Err(e) => Pre::Done(Err(e)),
+                Ok(0) => Pre::Done(Ok(())),
+                Ok(_) => Pre::Lock(self.device_locks(file, value)),
+            },
+            ControlFile::RemoveId(_)
+            | ControlFile::Rescan
+            | ControlFile::DeviceRescan(_)
+            | ControlFile::Attribute(_) => Pre::Lock(Vec::new()),
+        }
+    }
+
     /// `rel` with the links in it resolved, relative to `sys/`.
     fn physical(&self, rel: &Path) -> PathBuf {
         let sys = self.sim.sysfs();
@@ -675,6 +917,14 @@ impl Kernel {
 
     /// The write's effect, with no fault rules in the way.
     fn apply(&mut self, file: &ControlFile, data: &[u8]) -> Result<(), Errno> {
+        match self.precheck(file, &String::from_utf8_lossy(data)) {
+            Pre::Done(r) => r,
+            Pre::Lock(_) => self.apply_locked(file, data),
+        }
+    }
+
+    /// What a write does once [`Kernel::precheck`] passed and it holds its locks.
+    fn apply_locked(&mut self, file: &ControlFile, data: &[u8]) -> Result<(), Errno> {
         let value = String::from_utf8_lossy(data);
         let io = |e: io::Error| {
             tracing::warn!("simulated kernel: {e}");
@@ -691,9 +941,11 @@ impl Kernel {
                 fs::write(path, format!("{v}\n")).map_err(io)
             }
             ControlFile::Unbind(drv) => {
+                // `device_release_driver_internal`: nothing to do if another unbind got
+                // there first.
                 let a = self.device_named(&value)?;
                 if self.driver(a).as_deref() != Some(drv) {
-                    return Err(Errno::ENODEV);
+                    return Ok(());
                 }
                 self.sim.set_driver(a, None).map_err(io)
             }
@@ -948,6 +1200,15 @@ impl Kernel {
         for h in &self.hung {
             s += &format!("hung {} {}\n", h.id, self.log[h.log_index]);
         }
+        for w in &self.waiting {
+            let locks: Vec<String> = w.locks.iter().map(|a| a.to_string()).collect();
+            s += &format!(
+                "blocked {} {} (waits for {})\n",
+                w.id,
+                self.log[w.log_index],
+                locks.join(" ")
+            );
+        }
         s
     }
 
@@ -1152,7 +1413,8 @@ mod tests {
         let Outcome::Hung(id) = k.write(Path::new("bus/pci/drivers/nvidia/unbind"), b"0000:01:00.0") else {
             panic!("should hang");
         };
-        assert_eq!(k.driver(RTX_3090_TI).as_deref(), Some("nvidia"));
+        // Inside `remove`: the links are gone already.
+        assert_eq!(k.driver(RTX_3090_TI), None);
         assert!(k.status().contains("hung 1 "), "{}", k.status());
         k.command("release").unwrap();
         assert_eq!(k.take_finished(), vec![(id, Ok(()))]);
@@ -1161,5 +1423,122 @@ mod tests {
         assert_eq!(k.log()[1].result, WriteResult::Err(Errno::EBUSY));
         assert!(k.command("hang frobnicate").is_err());
         assert!(k.command("fail unbind ENOTANERRNO").is_err());
+    }
+
+    fn uevent(k: &Kernel, a: PciAddress) -> String {
+        fs::read_to_string(k.sim().device_dir(a).join("uevent")).unwrap()
+    }
+
+    #[test]
+    fn a_hung_unbind_drops_the_links_and_holds_the_device_lock_like_the_kernel() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut k = kernel(tmp.path());
+        let drivers = "bus/pci/drivers";
+        let audio = RTX_3090_TI.with_function(1);
+        k.command("hang unbind 0000:01:00.0 nvidia").unwrap();
+        let Outcome::Hung(hung) = k.write(Path::new("bus/pci/drivers/nvidia/unbind"), b"0000:01:00.0\n")
+        else {
+            panic!("should hang");
+        };
+        // driver_sysfs_remove ran before the driver's remove callback.
+        assert_eq!(k.driver(RTX_3090_TI), None);
+        assert!(
+            !k.sim()
+                .sysfs()
+                .join("bus/pci/drivers/nvidia/0000:01:00.0")
+                .exists()
+        );
+        assert!(
+            !uevent(&k, RTX_3090_TI).contains("DRIVER="),
+            "{}",
+            uevent(&k, RTX_3090_TI)
+        );
+        // No lock needed, or checked before it: answered at once.
+        assert_eq!(write(&mut k, "bus/pci/drivers_probe", "0000:01:00.0"), Ok(()));
+        assert_eq!(k.driver(RTX_3090_TI), None, "drivers_probe saw dev->driver set");
+        assert_eq!(
+            write(&mut k, &format!("{drivers}/vfio-pci/unbind"), "0000:01:00.0"),
+            Err(Errno::ENODEV)
+        );
+        assert_eq!(
+            write(&mut k, &format!("{drivers}/i915/bind"), "0000:01:00.0"),
+            Err(Errno::ENODEV)
+        );
+        write(&mut k, &format!("{drivers}/snd_hda_intel/unbind"), "0000:01:00.1").unwrap();
+        assert_eq!(k.driver(audio), None, "another device is not locked");
+        // Writes that need the lock block, in order.
+        let mut blocked = Vec::new();
+        for (file, value) in [
+            (format!("{GPU}/driver_override"), "vfio-pci\n"),
+            (format!("{drivers}/nvidia/unbind"), "0000:01:00.0"),
+            (format!("{drivers}/nvidia/bind"), "0000:01:00.0"),
+        ] {
+            match k.write(Path::new(&file), value.as_bytes()) {
+                Outcome::Hung(id) => blocked.push(id),
+                Outcome::Done(r) => panic!("{file} should block, got {r:?}"),
+            }
+        }
+        assert_eq!(k.blocked(), blocked);
+        assert_eq!(k.hung(), vec![hung]);
+        assert!(
+            k.status().contains("blocked 2 6 0000:01:00.0/driver_override"),
+            "{}",
+            k.status()
+        );
+        assert_eq!(k.log()[5].result, WriteResult::Blocked);
+        assert_eq!(
+            k.driver_override(RTX_3090_TI),
+            None,
+            "the override waits for the lock"
+        );
+        assert_eq!(k.take_finished(), vec![]);
+
+        // The remove callback fails: the device is unbound all the same. Then the waiting
+        // writes run in order: the override lands, the second unbind finds nothing left to
+        // do, and nvidia's bind, which matched when it was written, now finds an override
+        // naming vfio-pci and fails.
+        k.release(None, Release::Fail(Errno::EBUSY));
+        let finished = k.take_finished();
+        assert_eq!(finished[0], (hung, Ok(())));
+        assert_eq!(
+            &finished[1..],
+            &[
+                (blocked[0], Ok(())),
+                (blocked[1], Ok(())),
+                (blocked[2], Err(Errno::ENODEV))
+            ]
+        );
+        assert_eq!(k.driver_override(RTX_3090_TI).as_deref(), Some("vfio-pci"));
+        assert_eq!(k.driver(RTX_3090_TI), None, "no re-probe after an unbind");
+        assert!(k.blocked().is_empty() && k.hung().is_empty());
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.0").unwrap();
+        assert_eq!(k.driver(RTX_3090_TI).as_deref(), Some("vfio-pci"));
+    }
+
+    #[test]
+    fn a_write_waiting_for_a_hung_device_hangs_in_turn_when_a_rule_says_so() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut k = kernel(tmp.path());
+        k.command("hang driver_override 0000:01:00.0 always").unwrap();
+        let Outcome::Hung(first) = k.write(Path::new(&format!("{GPU}/driver_override")), b"vfio-pci") else {
+            panic!("should hang");
+        };
+        let Outcome::Hung(second) = k.write(Path::new(&format!("{GPU}/driver_override")), b"\n") else {
+            panic!("should block");
+        };
+        let Outcome::Hung(remove) = k.write(Path::new("bus/pci/devices/0000:00:01.0/remove"), b"1") else {
+            panic!("remove of the parent should wait for the GPU's lock");
+        };
+        assert_eq!(k.blocked(), vec![second, remove]);
+        k.release(Some(first), Release::Complete);
+        assert_eq!(k.take_finished(), vec![(first, Ok(()))]);
+        assert_eq!(k.hung(), vec![second]);
+        assert_eq!(k.blocked(), vec![remove]);
+        k.release(None, Release::Fail(Errno::EIO));
+        assert_eq!(
+            k.take_finished(),
+            vec![(second, Err(Errno::EIO)), (remove, Ok(()))]
+        );
+        assert!(!k.sim().sysfs().join("bus/pci/devices/0000:01:00.0").exists());
     }
 }
