@@ -7,6 +7,9 @@
 //! show); [`bind`] (plans and executes a handoff), [`hook`] (what libvirtd runs) and
 //! [`state`] (the hook's state file). [`sim`] and [`kernelsim`] simulate the kernel for
 //! tests and the demo. [`libvirt`] (feature `libvirt`) is the only part that links libvirt.
+//! The session side: [`i3`] and [`lg`] (open Looking Glass on its workspace), [`lg_test`],
+//! [`services`] (user units and .desktop files) and [`inhibit`] (feature `inhibit`: a
+//! logind sleep inhibitor while a VM owns the GPU).
 
 pub mod bind;
 pub mod config;
@@ -16,10 +19,16 @@ pub mod holders;
 pub mod hook;
 pub mod hooks;
 pub mod host;
+pub mod i3;
+#[cfg(feature = "inhibit")]
+pub mod inhibit;
 pub mod kernelsim;
+pub mod lg;
+pub mod lg_test;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod pci;
+pub mod services;
 pub mod sim;
 pub mod state;
 pub mod status;

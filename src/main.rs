@@ -18,7 +18,7 @@ use handoff::{doctor, status};
         GPU happens in the libvirt hook, as root.",
     after_help = "Config: $HANDOFF_CONFIG, else ~/.config/handoff/config.toml, else /etc/handoff/config.toml, \
         else built-in defaults. `handoff config check` validates it.\n\
-        Exit codes: 0 success, 1 the answer is a problem (blockers: something holds the GPU; doctor: the host is not ready; a handoff failed), 2 usage or config error."
+        Exit codes: 0 success, 1 the answer is a problem (blockers: something holds the GPU; doctor: the host is not ready; a handoff failed), 2 usage or config error, 3 (lg) no desktop session reachable to open Looking Glass on."
 )]
 struct Cli {
     /// Use this config file instead of the usual search (same as HANDOFF_CONFIG=FILE).
@@ -77,6 +77,63 @@ enum Command {
         #[arg(long, hide = true, value_name = "FILE")]
         system_config: Option<PathBuf>,
     },
+    /// Open Looking Glass on its i3 workspace, or focus it when it is already open.
+    ///
+    /// Works from SSH: finds the desktop's i3 through I3SOCK, /run/user/<uid>/i3/ipc-socket.*,
+    /// or the X root window (DISPLAY), and has i3 start the client in the desktop session.
+    /// Exit 0 opened or focused, 1 failed, 3 no desktop session reachable from here.
+    Lg(LgArgs),
+    /// Can Looking Glass work: shared memory present, sized as the VM's device, readable and
+    /// writable by you, kvmfr loaded when used, the client installed (the seed's `lg-test`).
+    ///
+    /// Exit 0 when all of that holds, 1 otherwise; each failure says how to fix it.
+    LgTest(LgTestArgs),
+    /// Install (or with --uninstall remove) your session's pieces (the seed's `install-services`):
+    /// the tray's systemd user unit, an XDG autostart entry for it, a "Windows" launcher, and
+    /// with --lg-autostart a unit that opens Looking Glass when the VM starts. Idempotent.
+    InstallServices(InstallServicesArgs),
+}
+
+#[derive(Args)]
+struct LgTestArgs {
+    /// The VM to check (default: the first [[vm]]).
+    #[arg(long)]
+    vm: Option<String>,
+    /// Read the domain XML from this file instead of asking libvirt.
+    #[arg(long, value_name = "FILE")]
+    xml: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InstallServicesArgs {
+    /// Remove exactly what install-services installed.
+    #[arg(long)]
+    uninstall: bool,
+    /// Say what would change without changing anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// Also install handoff-lg-autostart.service (opens Looking Glass when the VM starts).
+    #[arg(long)]
+    lg_autostart: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The directory holding handoff and handoff-tray (default: this binary's).
+    #[arg(long, hide = true, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct LgArgs {
+    /// Seconds to wait for a started client's window.
+    #[arg(long, value_name = "SECS", default_value_t = handoff::lg::WINDOW_WAIT.as_secs())]
+    wait: u64,
+    /// Print what happened as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -270,6 +327,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Rebind(args) => rebind(cli.config, args),
+        Command::Lg(args) => lg(cli.config, args),
+        Command::LgTest(args) => lg_test(cli.config, args),
+        Command::InstallServices(args) => install_services(cli.config, args),
         Command::Bind(args) => bind(cli.config, args),
         Command::Doctor(flags) => {
             let (cfg, source) = load_config(cli.config)?;
@@ -278,7 +338,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &source,
                 &doctor::Caller::current(),
                 std::path::Path::new(handoff::hooks::DEFAULT_HOOKS_DIR),
-                libvirt_checks(&cfg),
+                {
+                    #[allow(unused_mut)]
+                    let mut extra = libvirt_checks(&cfg);
+                    #[cfg(feature = "inhibit")]
+                    extra.push(handoff::inhibit::doctor_check());
+                    extra
+                },
             );
             if flags.json {
                 print_json(&report)?;
@@ -414,4 +480,87 @@ fn bind(config: Option<PathBuf>, args: BindArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+fn lg(config: Option<PathBuf>, args: LgArgs) -> anyhow::Result<ExitCode> {
+    use handoff::lg::{self, LgOutcome};
+    let (cfg, _) = load_config(config)?;
+    let session = handoff::i3::Session::from_env();
+    match lg::open(&cfg, &session, std::time::Duration::from_secs(args.wait)) {
+        Ok(outcome) => {
+            if args.json {
+                print_json(&outcome)?;
+            } else {
+                println!("{}", outcome.describe(&cfg, None));
+            }
+            Ok(match outcome {
+                LgOutcome::NoDesktop { .. } => ExitCode::from(lg::EXIT_NO_DESKTOP),
+                _ => ExitCode::SUCCESS,
+            })
+        }
+        Err(e) => {
+            eprintln!("handoff: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn lg_test(config: Option<PathBuf>, args: LgTestArgs) -> anyhow::Result<ExitCode> {
+    use handoff::lg_test;
+    let (cfg, _) = load_config(config)?;
+    let vm = match cfg.vm(args.vm.as_deref()) {
+        Some(v) => v.clone(),
+        None => anyhow::bail!(
+            "no [[vm]] named {:?} in the config",
+            args.vm.as_deref().unwrap_or("(first)")
+        ),
+    };
+    let xml = match &args.xml {
+        Some(f) => std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display())),
+        None => handoff::libvirt::domain_xml(&vm).map_err(|e| e.to_string()),
+    };
+    let inputs = lg_test::Inputs {
+        xml,
+        vm: vm.name.clone(),
+        caller: lg_test::Caller::current(),
+        path: std::env::var_os("PATH"),
+        kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "(unknown)".into()),
+    };
+    let report = lg_test::run(&cfg, &inputs);
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", report.render_text());
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn install_services(config: Option<PathBuf>, args: InstallServicesArgs) -> anyhow::Result<ExitCode> {
+    use handoff::services;
+    let (cfg, _) = load_config(config)?;
+    let mut layout = services::Layout::from_env()?;
+    if let Some(dir) = args.bin_dir {
+        layout.bin_dir = dir;
+    }
+    let report = if args.uninstall {
+        services::uninstall(&layout, args.dry_run)?
+    } else {
+        services::install(&cfg, &layout, args.lg_autostart, args.dry_run)?
+    };
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print!("{report}");
+    }
+    Ok(if report.foreign() > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
