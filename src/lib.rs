@@ -32,6 +32,8 @@ pub mod services;
 pub mod sim;
 pub mod state;
 pub mod status;
+#[cfg(feature = "libvirt")]
+pub mod vm_events;
 
 pub use config::Config;
 pub use host::Host;

@@ -134,6 +134,10 @@ struct LgArgs {
     /// Print what happened as JSON.
     #[arg(long)]
     json: bool,
+    /// Keep running: open Looking Glass each time the VM starts (libvirt lifecycle events), and
+    /// hold a logind sleep inhibitor while it runs. What handoff-lg-autostart.service runs.
+    #[arg(long)]
+    on_vm_start: bool,
 }
 
 #[derive(Args)]
@@ -486,6 +490,9 @@ fn lg(config: Option<PathBuf>, args: LgArgs) -> anyhow::Result<ExitCode> {
     use handoff::lg::{self, LgOutcome};
     let (cfg, _) = load_config(config)?;
     let session = handoff::i3::Session::from_env();
+    if args.on_vm_start {
+        return lg_on_vm_start(&cfg, &session, std::time::Duration::from_secs(args.wait));
+    }
     match lg::open(&cfg, &session, std::time::Duration::from_secs(args.wait)) {
         Ok(outcome) => {
             if args.json {
@@ -563,4 +570,49 @@ fn install_services(config: Option<PathBuf>, args: InstallServicesArgs) -> anyho
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `handoff lg --on-vm-start`: open the client whenever the first [[vm]] starts, and hold a
+/// sleep inhibitor while it runs. Returns only on error (systemd restarts the unit).
+fn lg_on_vm_start(
+    cfg: &Config,
+    session: &handoff::i3::Session,
+    wait: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    use handoff::vm_events::{self, Lifecycle};
+    let vm = cfg
+        .vm(None)
+        .context("no [[vm]] in the config to wait for")?
+        .clone();
+    vm_events::start_event_loop().map_err(anyhow::Error::msg)?;
+    let conn = handoff::libvirt::connect(&vm.uri)?;
+    let events = vm_events::watch(&conn, &vm.name)
+        .map_err(|e| anyhow::anyhow!("watching VM {} at {}: {e}", vm.name, vm.uri))?;
+    // Opens the client; returns the sleep inhibitor (when built with it) as an opaque guard
+    // that releases the lock when dropped.
+    let started = |cfg: &Config| -> Option<Box<dyn std::any::Any>> {
+        match handoff::lg::open(cfg, session, wait) {
+            Ok(o) => eprintln!("{}", o.describe(cfg, Some(vm.label()))),
+            Err(e) => eprintln!("handoff: {e}"),
+        }
+        #[cfg(feature = "inhibit")]
+        match handoff::inhibit::hold(&handoff::inhibit::reason_for(vm.label())) {
+            Ok(i) => return Some(Box::new(i)),
+            Err(e) => eprintln!("handoff: cannot block suspend while {} runs: {e}", vm.label()),
+        }
+        None
+    };
+    eprintln!("Waiting for VM {} to start (Looking Glass opens then).", vm.name);
+    let mut held = None;
+    if handoff::libvirt::domain_state(&conn, &vm.uri, &vm.name)? == status::VmState::Running {
+        held = started(cfg);
+    }
+    for ev in events {
+        match ev {
+            Lifecycle::Started => held = started(cfg),
+            Lifecycle::Stopped => held = None,
+        }
+    }
+    drop(held);
+    anyhow::bail!("lost libvirt's events for VM {} at {}", vm.name, vm.uri)
 }

@@ -7,7 +7,7 @@
 #![cfg(feature = "inhibit")]
 
 use std::io::Read;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -21,9 +21,17 @@ impl Bus {
     fn start() -> Option<Bus> {
         let dir = tempfile::tempdir().unwrap();
         let address = format!("unix:path={}", dir.path().join("bus").display());
-        let daemon = match Command::new("dbus-daemon")
-            .args(["--session", "--nofork", "--nopidfile", "--address", &address])
-            .stdout(Stdio::null())
+        // --print-address writes the address once the daemon listens: the readiness signal.
+        let mut daemon = match Command::new("dbus-daemon")
+            .args([
+                "--session",
+                "--nofork",
+                "--nopidfile",
+                "--print-address=1",
+                "--address",
+                &address,
+            ])
+            .stdout(Stdio::piped())
             .spawn()
         {
             Ok(d) => d,
@@ -33,11 +41,13 @@ impl Bus {
                 return None;
             }
         };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !dir.path().join("bus").exists() {
-            assert!(std::time::Instant::now() < deadline, "dbus-daemon did not start");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(daemon.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(line.starts_with("unix:"), "dbus-daemon did not start: {line:?}");
         Some(Bus {
             _dir: dir,
             address,
@@ -114,30 +124,34 @@ fn holds_a_block_sleep_inhibitor_until_dropped() {
         );
         s.read_ends.pop().unwrap()
     };
-    // The service dropped its copy of the write end; ours keeps the pipe open. Make the
-    // read end non-blocking to see that without hanging.
-    unsafe {
-        use std::os::fd::AsRawFd;
-        let fd = read_end.as_raw_fd();
-        libc::fcntl(
-            fd,
-            libc::F_SETFL,
-            libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK,
+    // Everything runs in this process, so the pipe's open ends can be counted in
+    // /proc/self/fd. The fake service drops its copy of the write end after replying, a
+    // moment later: wait for that, then only the read end and the inhibitor's remain.
+    let ino = std::fs::metadata(format!("/proc/self/fd/{}", read_end.as_raw_fd()))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+    let open_ends = || {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == format!("pipe:[{ino}]"))
+            })
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while open_ends() > 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fake service kept its fd"
         );
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let mut buf = [0u8; 1];
-    let e = read_end.read(&mut buf).unwrap_err();
-    assert_eq!(
-        e.kind(),
-        std::io::ErrorKind::WouldBlock,
-        "held: the pipe is still open"
-    );
+    assert_eq!(open_ends(), 2, "held: the inhibitor keeps the write end open");
     drop(held);
-    assert_eq!(
-        read_end.read(&mut buf).unwrap(),
-        0,
-        "released: EOF once the inhibitor is dropped"
-    );
+    assert_eq!(open_ends(), 1, "released once the inhibitor is dropped");
+    let mut buf = [0u8; 1];
+    assert_eq!(read_end.read(&mut buf).unwrap(), 0, "logind would see EOF");
 }
 
 #[test]

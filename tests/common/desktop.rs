@@ -158,47 +158,50 @@ fn collect_x_ids(node: &serde_json::Value, out: &mut Vec<u64>) {
     }
 }
 
+/// Starts Xvfb on a display it picks itself (`-displayfd`: it writes the number to a pipe
+/// once it listens), so parallel tests never race for a display number.
 fn start_xvfb(dir: &Path) -> (Child, String) {
-    let base = 300 + (std::process::id() % 400) as u32;
-    for n in base..base + 200 {
-        if Path::new(&format!("/tmp/.X{n}-lock")).exists()
-            || Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
-        {
-            continue;
-        }
-        let display = format!(":{n}");
-        let mut child = Command::new("Xvfb")
-            .args([
-                &display,
-                "-noreset",
-                "-nolisten",
-                "tcp",
-                "-screen",
-                "0",
-                "1024x640x24",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("xvfb.log")).unwrap())
-            .process_group(0)
-            .spawn()
-            .expect("start Xvfb");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(_)) = child.try_wait() {
-                break; // display taken after all: try the next
-            }
-            if Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() {
-                return (child, display);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "Xvfb {display} did not come up within 20 s"
-            );
-            sleep(Duration::from_millis(20));
-        }
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds that we then own.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (r, w) = (fds[0], fds[1]);
+    let mut read_end = unsafe { std::fs::File::from_raw_fd(r) };
+    let mut cmd = Command::new("Xvfb");
+    cmd.args([
+        "-displayfd",
+        &w.to_string(),
+        "-noreset",
+        "-nolisten",
+        "tcp",
+        "-screen",
+        "0",
+        "1024x640x24",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(dir.join("xvfb.log")).unwrap())
+    .process_group(0);
+    // SAFETY: only fcntl between fork and exec: let Xvfb inherit the write end.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::fcntl(w, libc::F_SETFD, 0);
+            Ok(())
+        });
     }
-    panic!("no free X display number");
+    let child = cmd.spawn().expect("start Xvfb");
+    // SAFETY: our copy of the write end; closing it lets read see EOF if Xvfb dies.
+    unsafe { libc::close(w) };
+    let mut number = String::new();
+    read_end.read_to_string(&mut number).unwrap();
+    let n = number.trim();
+    assert!(
+        !n.is_empty(),
+        "Xvfb did not start: {}",
+        std::fs::read_to_string(dir.join("xvfb.log")).unwrap_or_default()
+    );
+    (child, format!(":{n}"))
 }
 
 fn kill_group(child: &mut Child) {
