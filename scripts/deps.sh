@@ -16,6 +16,8 @@ packages=(
   libxml2-utils polkitd
   # reading PCI names
   pci.ids
+  # validating what install-services writes (systemd-analyze, desktop-file-validate)
+  systemd desktop-file-utils
 )
 
 missing=()

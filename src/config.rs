@@ -108,6 +108,11 @@ pub struct LookingGlassConfig {
     pub workspace: String,
     /// The X window class (or instance) the client's window is matched on.
     pub window_class: String,
+    /// The shared-memory file of a `<shmem name='looking-glass'>` device; unset means
+    /// `shm/looking-glass` under `[host] dev`. (A kvmfr device's path comes from the
+    /// domain XML.) `handoff lg-test` checks it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shm: Option<PathBuf>,
 }
 
 impl Default for LookingGlassConfig {
@@ -117,6 +122,7 @@ impl Default for LookingGlassConfig {
             args: Vec::new(),
             workspace: "10".into(),
             window_class: "looking-glass-client".into(),
+            shm: None,
         }
     }
 }

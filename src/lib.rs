@@ -6,8 +6,11 @@
 //! [`holders`] (read-only sysfs and `/proc`); [`status`] and [`doctor`] (what surfaces
 //! show); [`bind`] (plans and executes a handoff), [`hook`] (what libvirtd runs) and
 //! [`state`] (the hook's state file). [`sim`] and [`kernelsim`] simulate the kernel for
-//! tests and the demo. [`libvirt`] (feature `libvirt`) is the only part that links libvirt, with [`vm`] (start,
-//! stop, switch and health of the configured VMs) over it.
+//! tests and the demo. [`libvirt`] (feature `libvirt`) is the only part that links libvirt,
+//! with [`vm`] (start, stop, switch and health of the configured VMs) and [`vm_events`] over it.
+//! The session side: [`i3`] and [`lg`] (open Looking Glass on its workspace), [`lg_test`],
+//! [`services`] (user units and .desktop files) and [`inhibit`] (feature `inhibit`: a
+//! logind sleep inhibitor while a VM owns the GPU).
 
 pub mod bind;
 pub mod config;
@@ -17,15 +20,23 @@ pub mod holders;
 pub mod hook;
 pub mod hooks;
 pub mod host;
+pub mod i3;
+#[cfg(feature = "inhibit")]
+pub mod inhibit;
 pub mod kernelsim;
+pub mod lg;
+pub mod lg_test;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod pci;
+pub mod services;
 pub mod sim;
 pub mod state;
 pub mod status;
 #[cfg(feature = "libvirt")]
 pub mod vm;
+#[cfg(feature = "libvirt")]
+pub mod vm_events;
 
 pub use config::Config;
 pub use host::Host;

@@ -78,6 +78,27 @@ pub fn domain_state(conn: &Connect, uri: &str, name: &str) -> Result<VmState, Vi
     })
 }
 
+/// The domain's live XML (`virsh dumpxml`), e.g. for `handoff lg-test`.
+pub fn domain_xml(vm: &VmConfig) -> Result<String, VirtError> {
+    let conn = connect(&vm.uri)?;
+    let err = |e: virt::error::Error| VirtError::Domain {
+        uri: vm.uri.clone(),
+        name: vm.name.clone(),
+        message: e.message().to_owned(),
+    };
+    let dom = conn.lookup_domain_by_name(&vm.name).map_err(|e| {
+        if e.code().is_known_and(|c| c == ErrorNumber::NoDomain) {
+            VirtError::NoDomain {
+                uri: vm.uri.clone(),
+                name: vm.name.clone(),
+            }
+        } else {
+            err(e)
+        }
+    })?;
+    dom.xml_desc(0).map_err(err)
+}
+
 /// A status probe for [`crate::status::collect`] that opens one connection per URI and
 /// reuses it for every VM there.
 pub struct Prober {

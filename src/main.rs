@@ -18,7 +18,7 @@ use handoff::{doctor, status};
         GPU happens in the libvirt hook, as root.",
     after_help = "Config: $HANDOFF_CONFIG, else ~/.config/handoff/config.toml, else /etc/handoff/config.toml, \
         else built-in defaults. `handoff config check` validates it.\n\
-        Exit codes: 0 success, 1 the answer is a problem (blockers: something holds the GPU; doctor: the host is not ready; a handoff failed), 2 usage or config error."
+        Exit codes: 0 success, 1 the answer is a problem (blockers: something holds the GPU; doctor: the host is not ready; a handoff failed), 2 usage or config error, 3 (lg) no desktop session reachable to open Looking Glass on."
 )]
 struct Cli {
     /// Use this config file instead of the usual search (same as HANDOFF_CONFIG=FILE).
@@ -99,6 +99,67 @@ enum Command {
         #[arg(long, hide = true, value_name = "FILE")]
         system_config: Option<PathBuf>,
     },
+    /// Open Looking Glass on its i3 workspace, or focus it when it is already open.
+    ///
+    /// Works from SSH: finds the desktop's i3 through I3SOCK, /run/user/<uid>/i3/ipc-socket.*,
+    /// or the X root window (DISPLAY), and has i3 start the client in the desktop session.
+    /// Exit 0 opened or focused, 1 failed, 3 no desktop session reachable from here.
+    Lg(LgArgs),
+    /// Can Looking Glass work: shared memory present, sized as the VM's device, readable and
+    /// writable by you, kvmfr loaded when used, the client installed (the seed's `lg-test`).
+    ///
+    /// Exit 0 when all of that holds, 1 otherwise; each failure says how to fix it.
+    LgTest(LgTestArgs),
+    /// Install (or with --uninstall remove) your session's pieces (the seed's `install-services`):
+    /// the tray's systemd user unit, an XDG autostart entry for it, a "Windows" launcher, and
+    /// with --lg-autostart a unit that opens Looking Glass when the VM starts. Idempotent.
+    InstallServices(InstallServicesArgs),
+}
+
+#[derive(Args)]
+struct LgTestArgs {
+    /// The VM to check (default: the first [[vm]]).
+    #[arg(long)]
+    vm: Option<String>,
+    /// Read the domain XML from this file instead of asking libvirt.
+    #[arg(long, value_name = "FILE")]
+    xml: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InstallServicesArgs {
+    /// Remove exactly what install-services installed.
+    #[arg(long)]
+    uninstall: bool,
+    /// Say what would change without changing anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// Also install handoff-lg-autostart.service (opens Looking Glass when the VM starts).
+    #[arg(long)]
+    lg_autostart: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The directory holding handoff and handoff-tray (default: this binary's).
+    #[arg(long, hide = true, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct LgArgs {
+    /// Seconds to wait for a started client's window.
+    #[arg(long, value_name = "SECS", default_value_t = handoff::lg::WINDOW_WAIT.as_secs())]
+    wait: u64,
+    /// Print what happened as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Keep running: open Looking Glass each time the VM starts (libvirt lifecycle events), and
+    /// hold a logind sleep inhibitor while it runs. What handoff-lg-autostart.service runs.
+    #[arg(long)]
+    on_vm_start: bool,
 }
 
 #[derive(Args)]
@@ -369,6 +430,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(VmDone::Health(Box::new(ctl.health(vm)?)))
         }),
         Command::Rebind(args) => rebind(cli.config, args),
+        Command::Lg(args) => lg(cli.config, args),
+        Command::LgTest(args) => lg_test(cli.config, args),
+        Command::InstallServices(args) => install_services(cli.config, args),
         Command::Bind(args) => bind(cli.config, args),
         Command::Doctor(flags) => {
             let (cfg, source) = load_config(cli.config)?;
@@ -380,7 +444,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .hooks_dir
                     .as_deref()
                     .unwrap_or(std::path::Path::new(handoff::hooks::DEFAULT_HOOKS_DIR)),
-                libvirt_checks(&cfg),
+                {
+                    #[allow(unused_mut)]
+                    let mut extra = libvirt_checks(&cfg);
+                    #[cfg(feature = "inhibit")]
+                    extra.push(handoff::inhibit::doctor_check());
+                    extra
+                },
             );
             if flags.json {
                 print_json(&report)?;
@@ -612,16 +682,152 @@ fn print_stopped(out: &handoff::vm::StopOutcome) {
     println!("{} ({}) {what}; {gpu}.", out.label, out.vm);
 }
 
-/// Once a VM runs: the hook point for "then open Looking Glass" (`handoff lg`, another
-/// issue, opens the client here). Until then it says how to open it by hand.
+/// Once a VM runs with the GPU and a Looking Glass device: open the client on its i3
+/// workspace, from SSH too (through the desktop's i3 socket). The VM is running either way,
+/// so a failure here is a warning, not the command's failure.
 fn after_start(cfg: &Config, out: &handoff::vm::StartOutcome) {
     match out.after_start() {
         handoff::vm::AfterStart::OpenLookingGlass => {
-            eprintln!(
-                "{} has a Looking Glass device; open its display with `{}`.",
-                out.label, cfg.looking_glass.command
-            );
+            let session = handoff::i3::Session::from_env();
+            match handoff::lg::open(cfg, &session, handoff::lg::WINDOW_WAIT) {
+                Ok(outcome) => eprintln!("{}", outcome.describe(cfg, Some(&out.label))),
+                Err(e) => eprintln!(
+                    "handoff: warning: {} is running, but Looking Glass did not open: {e}",
+                    out.label
+                ),
+            }
         }
         handoff::vm::AfterStart::Nothing(why) => tracing::info!("no Looking Glass: {why}"),
     }
+}
+
+fn lg(config: Option<PathBuf>, args: LgArgs) -> anyhow::Result<ExitCode> {
+    use handoff::lg::{self, LgOutcome};
+    let (cfg, _) = load_config(config)?;
+    let session = handoff::i3::Session::from_env();
+    if args.on_vm_start {
+        return lg_on_vm_start(&cfg, &session, std::time::Duration::from_secs(args.wait));
+    }
+    match lg::open(&cfg, &session, std::time::Duration::from_secs(args.wait)) {
+        Ok(outcome) => {
+            if args.json {
+                print_json(&outcome)?;
+            } else {
+                println!("{}", outcome.describe(&cfg, None));
+            }
+            Ok(match outcome {
+                LgOutcome::NoDesktop { .. } => ExitCode::from(lg::EXIT_NO_DESKTOP),
+                _ => ExitCode::SUCCESS,
+            })
+        }
+        Err(e) => {
+            eprintln!("handoff: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn lg_test(config: Option<PathBuf>, args: LgTestArgs) -> anyhow::Result<ExitCode> {
+    use handoff::lg_test;
+    let (cfg, _) = load_config(config)?;
+    let vm = match cfg.vm(args.vm.as_deref()) {
+        Some(v) => v.clone(),
+        None => anyhow::bail!(
+            "no [[vm]] named {:?} in the config",
+            args.vm.as_deref().unwrap_or("(first)")
+        ),
+    };
+    let xml = match &args.xml {
+        Some(f) => std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display())),
+        None => handoff::libvirt::domain_xml(&vm).map_err(|e| e.to_string()),
+    };
+    let inputs = lg_test::Inputs {
+        xml,
+        vm: vm.name.clone(),
+        caller: lg_test::Caller::current(),
+        path: std::env::var_os("PATH"),
+        kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "(unknown)".into()),
+    };
+    let report = lg_test::run(&cfg, &inputs);
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", report.render_text());
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn install_services(config: Option<PathBuf>, args: InstallServicesArgs) -> anyhow::Result<ExitCode> {
+    use handoff::services;
+    let (cfg, _) = load_config(config)?;
+    let mut layout = services::Layout::from_env()?;
+    if let Some(dir) = args.bin_dir {
+        layout.bin_dir = dir;
+    }
+    let report = if args.uninstall {
+        services::uninstall(&layout, args.dry_run)?
+    } else {
+        services::install(&cfg, &layout, args.lg_autostart, args.dry_run)?
+    };
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print!("{report}");
+    }
+    Ok(if report.foreign() > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `handoff lg --on-vm-start`: open the client whenever the first [[vm]] starts, and hold a
+/// sleep inhibitor while it runs. Returns only on error (systemd restarts the unit).
+fn lg_on_vm_start(
+    cfg: &Config,
+    session: &handoff::i3::Session,
+    wait: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    use handoff::vm_events::{self, Lifecycle};
+    let vm = cfg
+        .vm(None)
+        .context("no [[vm]] in the config to wait for")?
+        .clone();
+    vm_events::start_event_loop().map_err(anyhow::Error::msg)?;
+    let conn = handoff::libvirt::connect(&vm.uri)?;
+    let events = vm_events::watch(&conn, &vm.name)
+        .map_err(|e| anyhow::anyhow!("watching VM {} at {}: {e}", vm.name, vm.uri))?;
+    // Opens the client; returns the sleep inhibitor (when built with it) as an opaque guard
+    // that releases the lock when dropped.
+    let started = |cfg: &Config| -> Option<Box<dyn std::any::Any>> {
+        match handoff::lg::open(cfg, session, wait) {
+            Ok(o) => eprintln!("{}", o.describe(cfg, Some(vm.label()))),
+            Err(e) => eprintln!("handoff: {e}"),
+        }
+        #[cfg(feature = "inhibit")]
+        match handoff::inhibit::hold(&handoff::inhibit::reason_for(vm.label())) {
+            Ok(i) => return Some(Box::new(i)),
+            Err(e) => eprintln!("handoff: cannot block suspend while {} runs: {e}", vm.label()),
+        }
+        None
+    };
+    eprintln!("Waiting for VM {} to start (Looking Glass opens then).", vm.name);
+    let mut held = None;
+    if handoff::libvirt::domain_state(&conn, &vm.uri, &vm.name)? == status::VmState::Running {
+        held = started(cfg);
+    }
+    for ev in events {
+        match ev {
+            Lifecycle::Started => held = started(cfg),
+            Lifecycle::Stopped => held = None,
+        }
+    }
+    drop(held);
+    anyhow::bail!("lost libvirt's events for VM {} at {}", vm.name, vm.uri)
 }

@@ -3,4 +3,5 @@
 #![allow(dead_code)]
 
 pub mod backup;
+pub mod desktop;
 pub mod libvirt;

@@ -1,0 +1,230 @@
+//! Opening the Looking Glass client on its own i3 workspace, also from SSH.
+//!
+//! [`open`] is what `handoff lg` and `handoff start` call. In order:
+//! 1. Find the desktop's i3 ([`crate::i3::find`]: `I3SOCK`, `/run/user/<uid>/i3/`, the X
+//!    root window). If a window whose X class or instance is `[looking_glass]
+//!    window_class` is already there, focus it (i3 switches to its workspace) and stop:
+//!    never a second client.
+//! 2. Otherwise subscribe to i3's window events, switch to `[looking_glass] workspace`,
+//!    and have i3 `exec` the client — i3 runs it in the desktop session, with the
+//!    session's environment, even when we were called from SSH. When the client's window
+//!    appears, move it (by `con_id`) to the workspace and focus it, in case the user
+//!    switched away meanwhile. No window within the wait is an error that says what to
+//!    check.
+//! 3. Without i3 but with a `DISPLAY`/`WAYLAND_DISPLAY`, start the client directly and
+//!    say that placement needs i3.
+//! 4. With no desktop reachable at all, report that ([`LgOutcome::NoDesktop`]); for
+//!    `handoff start` that is not a failure: the VM runs, and the client can be opened on
+//!    the desktop later.
+//!
+//! The command and its arguments reach the client exactly as configured: each is
+//! single-quoted for `sh -c` (which i3's exec uses), and the whole is quoted for i3's
+//! command parser, so spaces, quotes and `;` survive both.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::i3::{self, I3, I3Error, Session, Window};
+
+/// How long [`open`] waits for the client's window by default.
+pub const WINDOW_WAIT: Duration = Duration::from_secs(15);
+
+/// Exit code of `handoff lg` when no desktop session is reachable from here.
+pub const EXIT_NO_DESKTOP: u8 = 3;
+
+/// What [`open`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum LgOutcome {
+    /// The client was running; its window is focused now.
+    Focused { con_id: u64, workspace: Option<String> },
+    /// Started through i3 and placed on the workspace.
+    Started { con_id: u64, workspace: String },
+    /// No i3 to ask, but a display: started directly, placement left to the desktop.
+    StartedWithoutI3 { pid: u32, why_no_i3: Vec<String> },
+    /// No i3 and no display reachable from this process (e.g. plain SSH).
+    NoDesktop { tried: Vec<String> },
+}
+
+impl LgOutcome {
+    /// One paragraph for a person; `vm` is the VM's label when called after a start.
+    pub fn describe(&self, cfg: &Config, vm: Option<&str>) -> String {
+        let lg = &cfg.looking_glass;
+        match self {
+            LgOutcome::Focused { workspace, .. } => match workspace {
+                Some(ws) => format!("Looking Glass was already open; focused it on workspace {ws}."),
+                None => "Looking Glass was already open; focused it.".into(),
+            },
+            LgOutcome::Started { workspace, .. } => {
+                format!("Started Looking Glass ({}) on workspace {workspace}.", lg.command)
+            }
+            LgOutcome::StartedWithoutI3 { pid, .. } => format!(
+                "Started Looking Glass ({}, pid {pid}) without i3: no i3 session answered, so it is \
+                 not moved to workspace {}; placement needs i3.",
+                lg.command, lg.workspace
+            ),
+            LgOutcome::NoDesktop { tried } => {
+                let vm = vm.map(|v| format!("{v} is running. ")).unwrap_or_default();
+                format!(
+                    "{vm}No desktop session is reachable from here (no i3 socket, no DISPLAY), so \
+                     Looking Glass was not opened. Run `handoff lg` on the desktop, or from here with \
+                     I3SOCK set to the session's socket.\n  looked at: {}",
+                    tried.join("; ")
+                )
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LgError {
+    #[error(transparent)]
+    I3(#[from] I3Error),
+    #[error(
+        "i3 ran `{command}` but no window with class or instance {class:?} appeared within {waited_s} s.\n  \
+         check: does the client start when run by hand on the desktop? Does [looking_glass] window_class \
+         match its window (`xprop WM_CLASS`, then click it)?"
+    )]
+    NoWindow {
+        command: String,
+        class: String,
+        waited_s: u64,
+    },
+    #[error("cannot start {command:?}: {source}; is it installed and on PATH? (`handoff lg-test` checks)")]
+    Spawn { command: String, source: std::io::Error },
+    #[error("[looking_glass] command is empty; set it to the client, e.g. \"looking-glass-client\"")]
+    NoCommand,
+}
+
+/// Quotes one word for `sh`: single quotes, each `'` as `'\''`.
+pub fn sh_quote(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:@%+,".contains(&b))
+    {
+        return word.to_owned();
+    }
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+/// The shell command line i3 hands to `sh -c`: `exec` replaces the shell with the client.
+pub fn shell_line(command: &str, args: &[String]) -> String {
+    let mut line = String::from("exec ");
+    line += &sh_quote(command);
+    for a in args {
+        line.push(' ');
+        line += &sh_quote(a);
+    }
+    line
+}
+
+/// The i3 command that starts the client.
+pub fn exec_command(command: &str, args: &[String]) -> String {
+    format!("exec --no-startup-id {}", i3::quote(&shell_line(command, args)))
+}
+
+fn client_window(conn: &mut I3, class: &str) -> Result<Option<Window>, I3Error> {
+    let tree = conn.tree()?;
+    Ok(i3::windows(&tree).into_iter().find(|w| w.is(class)))
+}
+
+/// Opens (or focuses) the Looking Glass client on the desktop `session` reaches, waiting
+/// at most `wait` for a started client's window. See the module docs for the steps.
+pub fn open(cfg: &Config, session: &Session, wait: Duration) -> Result<LgOutcome, LgError> {
+    let lg = &cfg.looking_glass;
+    if lg.command.trim().is_empty() {
+        return Err(LgError::NoCommand);
+    }
+    let mut conn = match i3::find(session) {
+        Ok(c) => c,
+        Err(tried) => {
+            if !session.has_display() {
+                return Ok(LgOutcome::NoDesktop { tried });
+            }
+            let child = Command::new(&lg.command)
+                .args(&lg.args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .map_err(|source| LgError::Spawn {
+                    command: lg.command.clone(),
+                    source,
+                })?;
+            return Ok(LgOutcome::StartedWithoutI3 {
+                pid: child.id(),
+                why_no_i3: tried,
+            });
+        }
+    };
+    tracing::info!("i3 at {}", conn.path().display());
+    if let Some(w) = client_window(&mut conn, &lg.window_class)? {
+        conn.command(&format!("[con_id={}] focus", w.con_id))?;
+        return Ok(LgOutcome::Focused {
+            con_id: w.con_id,
+            workspace: w.workspace,
+        });
+    }
+
+    // Subscribe before exec, on a second connection, so the new window's event cannot
+    // be missed.
+    let mut events = I3::connect(conn.path())?;
+    events.subscribe(&["window"])?;
+    let ws = i3::quote(&lg.workspace);
+    let exec = exec_command(&lg.command, &lg.args);
+    conn.command(&format!("workspace {ws}; {exec}"))?;
+    let deadline = Instant::now() + wait;
+    let con_id = loop {
+        match events.next_event(deadline)? {
+            None => {
+                // A window can also come up through a path that sends no "new" event we
+                // saw (e.g. i3 restarted); look once more before giving up.
+                if let Some(w) = client_window(&mut conn, &lg.window_class)? {
+                    break w.con_id;
+                }
+                return Err(LgError::NoWindow {
+                    command: shell_line(&lg.command, &lg.args),
+                    class: lg.window_class.clone(),
+                    waited_s: wait.as_secs(),
+                });
+            }
+            Some((i3::EVENT_WINDOW, ev)) if ev["change"] == "new" => {
+                if let Some(w) = Window::from_container(&ev["container"])
+                    && w.is(&lg.window_class)
+                {
+                    break w.con_id;
+                }
+            }
+            Some(_) => {}
+        }
+    };
+    conn.command(&format!(
+        "[con_id={con_id}] move container to workspace {ws}; workspace {ws}; [con_id={con_id}] focus"
+    ))?;
+    Ok(LgOutcome::Started {
+        con_id,
+        workspace: lg.workspace.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words_survive_quoting() {
+        assert_eq!(sh_quote("looking-glass-client"), "looking-glass-client");
+        assert_eq!(sh_quote("a; b 'c'"), r"'a; b '\''c'\'''");
+        assert_eq!(sh_quote(""), "''");
+        assert_eq!(
+            exec_command("xterm", &["-title".into(), "a; b \"c\"".into()]),
+            r#"exec --no-startup-id "exec xterm -title 'a; b \"c\"'""#
+        );
+    }
+}
