@@ -5,7 +5,7 @@
 //! Layers, bottom up: [`pci`], [`host`] and [`config`] (pure values); [`gpu`] and
 //! [`holders`] (read-only sysfs and `/proc`); [`status`] and [`doctor`] (what surfaces
 //! show); [`bind`] (plans and executes a handoff), [`hook`] (what libvirtd runs) and
-//! [`state`] (the hook's state file). [`sim`] and [`kernelsim`] simulate the kernel for
+//! [`state`] (the hook's state file); [`live`] streams changes to the surfaces. [`sim`] and [`kernelsim`] simulate the kernel for
 //! tests and the demo. [`libvirt`] (feature `libvirt`) is the only part that links libvirt.
 
 pub mod bind;
@@ -19,6 +19,7 @@ pub mod host;
 pub mod kernelsim;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+pub mod live;
 pub mod pci;
 pub mod sim;
 pub mod state;
