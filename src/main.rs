@@ -77,6 +77,12 @@ enum Command {
         #[arg(long, hide = true, value_name = "FILE")]
         system_config: Option<PathBuf>,
     },
+    /// Print one line per change as it happens: driver binds of the GPU's functions, VM
+    /// lifecycle events, the hook's state file, libvirtd going away and coming back.
+    ///
+    /// What the tray and `handoff-block --watch` listen to; no polling. Runs until
+    /// interrupted (or stdout closes).
+    Watch(JsonFlag),
 }
 
 #[derive(Args)]
@@ -254,6 +260,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Watch(flags) => {
+            let (cfg, _) = load_config(cli.config)?;
+            watch(&cfg, flags.json)
+        }
         Command::Hook { args, system_config } => {
             let path = system_config.unwrap_or_else(|| PathBuf::from(handoff::config::SYSTEM_CONFIG));
             let code = handoff::hook::run(&args, &mut std::io::stdin(), &path, &mut std::io::stderr());
@@ -414,4 +424,26 @@ fn bind(config: Option<PathBuf>, args: BindArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// `handoff watch`: the live change stream, one line (or JSON object) per change.
+fn watch(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let sources = handoff::live::Sources {
+        libvirt: cfg!(feature = "libvirt") && !cfg.vms.is_empty(),
+        ..handoff::live::Sources::without_libvirt()
+    };
+    let watcher = handoff::live::Watcher::new(cfg, sources)?;
+    let mut out = std::io::stdout().lock();
+    while let Ok(change) = watcher.recv() {
+        let line = if json {
+            serde_json::to_string(&change)?
+        } else {
+            change.to_string()
+        };
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            break; // stdout closed: nobody is reading
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

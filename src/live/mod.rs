@@ -29,6 +29,15 @@
 //! ([`Change::SourceLost`], [`Change::SourceBack`]); after `SourceBack` events lost in
 //! between are not replayed, so re-read the full status.
 //!
+//! What still wakes the process, measured with `strace -f` on `handoff watch`: real
+//! events only — every kernel uevent (the filter to the GPU's slot runs in userspace, so
+//! e.g. a FUSE mount's `bdi` uevent wakes the uevent thread once), libvirt events of
+//! *other* domains on the same URI (libvirt delivers all and this filters by name), and
+//! libvirtd's keepalive: the daemon pings each client every `keepalive_interval`
+//! (libvirtd.conf, default 5 s) and libvirt's client library answers on the event loop
+//! thread. That ping is the daemon's, not a timer here; `keepalive_interval = -1` turns
+//! it off.
+//!
 //! **Threads and shutdown.** Dropping the [`Watcher`] (or, with [`Watcher::with_sink`],
 //! the sink returning `false`) stops its threads: the uevent and inotify threads wake up
 //! on a pipe the watcher closes, the libvirt supervisor on a message, and each libvirt
