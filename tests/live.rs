@@ -326,3 +326,59 @@ fn wait_for_no_watcher_threads(when: &str) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+#[test]
+fn a_simulated_handoff_looks_like_a_real_one_to_the_watcher() {
+    use handoff::kernelsim::Kernel;
+    use handoff::sim::SimSpec;
+    if !is_root() {
+        eprintln!("SKIPPED: the simulated kernel's uevents need root (CAP_NET_ADMIN)");
+        return;
+    }
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    // The workstation, moved to a PCI domain no real machine (or other test) uses.
+    let mut spec = SimSpec::workstation();
+    let moved = |a: PciAddress| PciAddress { domain: 0x0ab0, ..a };
+    for f in &mut spec.functions {
+        f.address = moved(f.address);
+        f.parent = f.parent.map(moved);
+    }
+    let gpu = moved(handoff::sim::RTX_3090_TI);
+    let mut kernel = Kernel::build(tmp.path(), spec).expect("simulated kernel");
+    let mut config = Config::default();
+    config.gpu.address = gpu;
+    config.vms.clear();
+    let watcher = Watcher::new(&config, only(true, false)).expect("watcher");
+
+    let write = |k: &mut Kernel, file: &str, value: &str| {
+        let outcome = k.write(Path::new(file), value.as_bytes());
+        assert!(
+            matches!(outcome, handoff::kernelsim::Outcome::Done(Ok(()))),
+            "{file} ← {value}: {outcome:?}"
+        );
+    };
+    let device = format!("bus/pci/devices/{gpu}");
+    write(&mut kernel, &format!("{device}/driver_override"), "vfio-pci");
+    write(&mut kernel, &format!("{device}/driver/unbind"), &gpu.to_string());
+    write(&mut kernel, "bus/pci/drivers_probe", &gpu.to_string());
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        seen.push(next(&watcher, Duration::from_millis(100)).0);
+    }
+    assert_eq!(
+        seen,
+        [
+            Change::Driver {
+                function: gpu,
+                action: DriverAction::Unbind,
+                driver: None,
+            },
+            Change::Driver {
+                function: gpu,
+                action: DriverAction::Bind,
+                driver: Some("vfio-pci".into()),
+            },
+        ]
+    );
+}

@@ -28,6 +28,7 @@
 
 #[cfg(feature = "kernel-sim")]
 pub mod fuse;
+mod uevents;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -644,7 +645,9 @@ impl Kernel {
                 (Outcome::Hung(id), WriteResult::Hung)
             }
             None => {
+                let before = self.uevent_snapshot();
                 let r = self.apply(&file, data);
+                self.announce_uevents(&before);
                 (
                     Outcome::Done(r),
                     r.err().map_or(WriteResult::Ok, WriteResult::Err),
