@@ -311,17 +311,23 @@ fn dropping_the_watcher_ends_its_threads() {
     // Earlier tests' watchers are dropped, but their threads may still be on their way out.
     wait_for_no_watcher_threads("before the test");
     let watcher = Watcher::new(&config, only(true, true)).expect("watcher");
-    assert_eq!(watcher_threads(), 2);
+    // A new thread names itself once it runs, so its name shows up a moment later.
+    wait_for_watcher_threads(2, "after start");
     drop(watcher);
-    wait_for_no_watcher_threads("after drop");
+    wait_for_watcher_threads(0, "after drop");
 }
 
 fn wait_for_no_watcher_threads(when: &str) {
+    wait_for_watcher_threads(0, when)
+}
+
+fn wait_for_watcher_threads(n: usize, when: &str) {
     let deadline = Instant::now() + Duration::from_secs(2);
-    while watcher_threads() > 0 {
+    while watcher_threads() != n {
         assert!(
             Instant::now() < deadline,
-            "watcher threads still alive 2 s {when}"
+            "{} watcher threads, not {n}, 2 s {when}",
+            watcher_threads()
         );
         std::thread::sleep(Duration::from_millis(5));
     }

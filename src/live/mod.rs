@@ -38,13 +38,12 @@
 //! thread. That ping is the daemon's, not a timer here; `keepalive_interval = -1` turns
 //! it off.
 //!
-//! **Threads and shutdown.** Dropping the [`Watcher`] (or, with [`Watcher::with_sink`],
-//! the sink returning `false`) stops its threads: the uevent and inotify threads wake up
-//! on a pipe the watcher closes, the libvirt supervisor on a message, and each libvirt
-//! connection is closed. libvirt's event loop thread is per process and stays (libvirt
-//! has no way to unregister its event loop); it never keeps the process alive, since
-//! Rust exits when `main` returns. Dropping only the receiver of [`Watcher::new`] is
-//! noticed at the next change a source delivers.
+//! **Threads and shutdown.** Dropping the [`Watcher`] stops its threads at once: the
+//! uevent and inotify threads wake up on a pipe the watcher closes, the libvirt supervisor
+//! on a message, and each libvirt connection is closed. A [`Watcher::with_sink`] sink
+//! that returns `false` stops a source at its next change instead. libvirt's event loop
+//! thread is per process and stays (libvirt has no way to unregister its event loop); it
+//! never keeps the process alive, since Rust exits when `main` returns.
 //!
 //! **Async consumers** (the tray, on tokio): either run `recv()` in
 //! `tokio::task::spawn_blocking` and forward, or, without a bridging thread, use
