@@ -5,7 +5,7 @@
 //! Layers, bottom up: [`pci`], [`host`] and [`config`] (pure values); [`gpu`] and
 //! [`holders`] (read-only sysfs and `/proc`); [`status`] and [`doctor`] (what surfaces
 //! show); [`bind`] (plans and executes a handoff), [`hook`] (what libvirtd runs) and
-//! [`state`] (the hook's state file). [`sim`] and [`kernelsim`] simulate the kernel for
+//! [`state`] (the hook's state file); [`live`] streams changes to the surfaces. [`sim`] and [`kernelsim`] simulate the kernel for
 //! tests and the demo. [`libvirt`] (feature `libvirt`) is the only part that links libvirt,
 //! with [`vm`] (start, stop, switch and health of the configured VMs) and [`vm_events`] over it.
 //! The session side: [`i3`] and [`lg`] (open Looking Glass on its workspace), [`lg_test`],
@@ -28,6 +28,7 @@ pub mod lg;
 pub mod lg_test;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+pub mod live;
 pub mod pci;
 pub mod services;
 pub mod sim;

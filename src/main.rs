@@ -114,6 +114,12 @@ enum Command {
     /// the tray's systemd user unit, an XDG autostart entry for it, a "Windows" launcher, and
     /// with --lg-autostart a unit that opens Looking Glass when the VM starts. Idempotent.
     InstallServices(InstallServicesArgs),
+    /// Print one line per change as it happens: driver binds of the GPU's functions, VM
+    /// lifecycle events, the hook's state file, libvirtd going away and coming back.
+    ///
+    /// What the tray and `handoff-block --watch` listen to; no polling. Runs until
+    /// interrupted (or stdout closes).
+    Watch(JsonFlag),
 }
 
 #[derive(Args)]
@@ -433,6 +439,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Lg(args) => lg(cli.config, args),
         Command::LgTest(args) => lg_test(cli.config, args),
         Command::InstallServices(args) => install_services(cli.config, args),
+        Command::Watch(flags) => {
+            let (cfg, _) = load_config(cli.config)?;
+            watch(&cfg, flags.json)
+        }
         Command::Bind(args) => bind(cli.config, args),
         Command::Doctor(flags) => {
             let (cfg, source) = load_config(cli.config)?;
@@ -830,4 +840,26 @@ fn lg_on_vm_start(
     }
     drop(held);
     anyhow::bail!("lost libvirt's events for VM {} at {}", vm.name, vm.uri)
+}
+
+/// `handoff watch`: the live change stream, one line (or JSON object) per change.
+fn watch(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let sources = handoff::live::Sources {
+        libvirt: cfg!(feature = "libvirt") && !cfg.vms.is_empty(),
+        ..handoff::live::Sources::without_libvirt()
+    };
+    let watcher = handoff::live::Watcher::new(cfg, sources)?;
+    let mut out = std::io::stdout().lock();
+    while let Ok(change) = watcher.recv() {
+        let line = if json {
+            serde_json::to_string(&change)?
+        } else {
+            change.to_string()
+        };
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            break; // stdout closed: nobody is reading
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -47,6 +47,7 @@
 
 #[cfg(feature = "kernel-sim")]
 pub mod fuse;
+mod uevents;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -627,6 +628,7 @@ impl Kernel {
     /// through [`Kernel::take_finished`]. A waiting write that a hang rule matched hangs
     /// in turn once it has its locks.
     pub fn release(&mut self, id: Option<HangId>, how: Release) {
+        let before = self.uevent_snapshot();
         let (ending, keep): (Vec<HungWrite>, Vec<HungWrite>) = std::mem::take(&mut self.hung)
             .into_iter()
             .partition(|h| id.is_none_or(|i| i == h.id));
@@ -641,6 +643,7 @@ impl Kernel {
             self.finish(h.id, h.log_index, result);
         }
         self.run_waiting();
+        self.announce_uevents(&before);
     }
 
     fn finish(&mut self, id: HangId, log_index: usize, result: Result<(), Errno>) {
@@ -812,7 +815,9 @@ impl Kernel {
                 }
             }
             Pre::Lock(_) => {
+                let before = self.uevent_snapshot();
                 let r = self.apply_locked(&file, data);
+                self.announce_uevents(&before);
                 (
                     Outcome::Done(r),
                     r.err().map_or(WriteResult::Ok, WriteResult::Err),

@@ -1,0 +1,387 @@
+//! Live state: one stream of changes for the tray and the bar block, merged from three
+//! sources, with no polling (DESIGN.md, "Live updates without polling").
+//!
+//! | source | what it reads | thread | feature |
+//! |---|---|---|---|
+//! | [`Source::Uevents`] | kernel uevents (netlink `NETLINK_KOBJECT_UEVENT`, group 1, no udevd needed): `bind`/`unbind`/`add`/`remove` of the functions in the slot of `[gpu] address`, `SUBSYSTEM=pci` only | `handoff-uevents`, blocked in `poll(2)` | always |
+//! | [`Source::RunDir`] | inotify on `[host] run`: `state.json` (the hook replaces it by rename) and the restore records `restore-*.json`; while the directory does not exist yet, its nearest existing ancestor, until it appears | `handoff-inotify`, blocked in `poll(2)` | always |
+//! | [`Source::Libvirt`] | domain lifecycle events of the configured VMs, one connection per URI (raw `virConnectDomainEventRegisterAny`), and the connection's close callback | `handoff-libvirt-<uri>` supervises the connection; libvirt's default event loop runs on `handoff-libvirt-events` (one per process) | `libvirt` |
+//!
+//! The stream says *that* and *what* changed; consumers re-read the full status
+//! ([`crate::status`]) on a change. It never sends the current state at start: read it
+//! once after [`Watcher::new`] returns (events from then on are not lost).
+//!
+//! ```no_run
+//! use handoff::live::{Sources, Watcher};
+//! let config = handoff::Config::load().unwrap().0;
+//! let watcher = Watcher::new(&config, Sources::all()).unwrap();
+//! // … read the full status once here …
+//! while let Ok(change) = watcher.recv() {
+//!     println!("{change}"); // … and again here
+//! }
+//! ```
+//!
+//! **Idle wake-ups.** While every source is connected and nothing happens, no thread of
+//! this module wakes up: no timers, no timeouts. The one exception is a lost libvirt
+//! connection: while libvirtd is unreachable the supervisor retries every
+//! [`LIBVIRT_RETRY`] (500 ms), so the stream reconnects within that (plus the time to
+//! connect) of libvirtd answering again. Loss and return are both in the stream
+//! ([`Change::SourceLost`], [`Change::SourceBack`]); after `SourceBack` events lost in
+//! between are not replayed, so re-read the full status.
+//!
+//! What still wakes the process, measured with `strace -f` on `handoff watch`: real
+//! events only — every kernel uevent (the filter to the GPU's slot runs in userspace, so
+//! e.g. a FUSE mount's `bdi` uevent wakes the uevent thread once), libvirt events of
+//! *other* domains on the same URI (libvirt delivers all and this filters by name), and
+//! libvirtd's keepalive: the daemon pings each client every `keepalive_interval`
+//! (libvirtd.conf, default 5 s) and libvirt's client library answers on the event loop
+//! thread. That ping is the daemon's, not a timer here; `keepalive_interval = -1` turns
+//! it off.
+//!
+//! **Threads and shutdown.** Dropping the [`Watcher`] stops its threads at once: the
+//! uevent and inotify threads wake up on a pipe the watcher closes, the libvirt supervisor
+//! on a message, and each libvirt connection is closed. A [`Watcher::with_sink`] sink
+//! that returns `false` stops a source at its next change instead. libvirt's event loop
+//! thread is per process and stays (libvirt has no way to unregister its event loop); it
+//! never keeps the process alive, since Rust exits when `main` returns.
+//!
+//! **Async consumers** (the tray, on tokio): either run `recv()` in
+//! `tokio::task::spawn_blocking` and forward, or, without a bridging thread, use
+//! [`Watcher::with_sink`] with a closure that calls a tokio `UnboundedSender::send` and
+//! returns whether it succeeded. A sink runs on the sources' threads (libvirt's event
+//! loop among them), so it must not block.
+
+pub mod run_dir;
+pub mod uevent;
+#[cfg(feature = "libvirt")]
+pub mod virt;
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, RecvError, RecvTimeoutError};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::pci::PciAddress;
+use crate::state::HookState;
+
+/// How often a lost libvirt connection is retried: the only wake-up while anything is
+/// disconnected, and the bound on how late the stream notices libvirtd is back.
+pub const LIBVIRT_RETRY: Duration = Duration::from_millis(500);
+
+/// Which sources a [`Watcher`] listens to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sources {
+    pub uevents: bool,
+    pub run_dir: bool,
+    /// Needs the `libvirt` feature; [`Watcher::new`] refuses it otherwise.
+    pub libvirt: bool,
+}
+
+impl Sources {
+    /// Everything: what the tray and `handoff watch` use.
+    pub fn all() -> Self {
+        Self {
+            uevents: true,
+            run_dir: true,
+            libvirt: true,
+        }
+    }
+
+    /// The kernel and the hook's files only: what `handoff-block --watch` uses, since the
+    /// block does not link libvirt.
+    pub fn without_libvirt() -> Self {
+        Self {
+            libvirt: false,
+            ..Self::all()
+        }
+    }
+}
+
+/// A source of changes, as named in [`Change::SourceLost`] and [`Change::SourceBack`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Source {
+    Uevents,
+    RunDir { path: String },
+    Libvirt { uri: String },
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Uevents => f.write_str("kernel uevents"),
+            Source::RunDir { path } => write!(f, "{path}"),
+            Source::Libvirt { uri } => write!(f, "libvirt at {uri}"),
+        }
+    }
+}
+
+/// What a kernel uevent did to a function of the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriverAction {
+    Bind,
+    Unbind,
+    /// The function appeared on the bus (rescan, hotplug).
+    Add,
+    /// The function left the bus (`remove`, hot-unplug).
+    Remove,
+}
+
+impl DriverAction {
+    pub fn parse(action: &str) -> Option<Self> {
+        Some(match action {
+            "bind" => Self::Bind,
+            "unbind" => Self::Unbind,
+            "add" => Self::Add,
+            "remove" => Self::Remove,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Bind => "bind",
+            Self::Unbind => "unbind",
+            Self::Add => "add",
+            Self::Remove => "remove",
+        }
+    }
+}
+
+/// A libvirt domain lifecycle event (`virDomainEventType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DomainEvent {
+    Defined,
+    Undefined,
+    Started,
+    Suspended,
+    Resumed,
+    Stopped,
+    /// The guest began or finished shutting down (the detail says which; both mean
+    /// "look again").
+    Shutdown,
+    PmSuspended,
+    Crashed,
+    /// An event type newer than this code.
+    Other(i32),
+}
+
+impl DomainEvent {
+    pub fn from_raw(event: i32) -> Self {
+        match event {
+            0 => Self::Defined,
+            1 => Self::Undefined,
+            2 => Self::Started,
+            3 => Self::Suspended,
+            4 => Self::Resumed,
+            5 => Self::Stopped,
+            6 => Self::Shutdown,
+            7 => Self::PmSuspended,
+            8 => Self::Crashed,
+            n => Self::Other(n),
+        }
+    }
+}
+
+/// One change. Consumers re-read the full status; this says what moved.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "change", rename_all = "kebab-case")]
+pub enum Change {
+    /// A function of the GPU's slot was bound, unbound, added or removed. `driver` is the
+    /// driver after the event (the kernel sends `DRIVER=` with `bind` only).
+    Driver {
+        function: PciAddress,
+        action: DriverAction,
+        driver: Option<String>,
+    },
+    /// A configured VM changed state.
+    Domain {
+        uri: String,
+        name: String,
+        event: DomainEvent,
+    },
+    /// `state.json` was replaced or removed; `state` is its new content (`None`: gone or
+    /// unreadable, so surfaces fall back to sysfs).
+    HookState { state: Option<Box<HookState>> },
+    /// A restore record appeared (`present`: a handoff is under way or must be restored)
+    /// or went away.
+    RestoreRecord { file: String, present: bool },
+    /// A source stopped delivering; until [`Change::SourceBack`], its part of the status
+    /// may be stale.
+    SourceLost { source: Source, why: String },
+    /// A lost source delivers again; re-read everything it covers.
+    SourceBack { source: Source },
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Change::Driver {
+                function,
+                action,
+                driver,
+            } => match driver {
+                Some(d) => write!(f, "{function}: {} ({d})", action.as_str()),
+                None => write!(f, "{function}: {}", action.as_str()),
+            },
+            Change::Domain { uri, name, event } => write!(f, "{name} ({uri}): {event:?}"),
+            Change::HookState { state: Some(s) } => {
+                write!(f, "hook state: {:?}", s.phase)?;
+                if let Some(vm) = &s.vm {
+                    write!(f, " for {vm}")?;
+                }
+                Ok(())
+            }
+            Change::HookState { state: None } => f.write_str("hook state: none"),
+            Change::RestoreRecord { file, present } => {
+                write!(f, "{file}: {}", if *present { "written" } else { "removed" })
+            }
+            Change::SourceLost { source, why } => write!(f, "lost {source}: {why}"),
+            Change::SourceBack { source } => write!(f, "{source}: back"),
+        }
+    }
+}
+
+/// Where sources deliver changes. Returns `false` once nobody listens; the source then
+/// stops. Runs on the sources' threads: it must not block.
+pub type Sink = Arc<dyn Fn(Change) -> bool + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("cannot listen to kernel uevents (netlink NETLINK_KOBJECT_UEVENT): {0}")]
+    Uevents(#[source] io::Error),
+    #[error("cannot watch {path} with inotify: {why}")]
+    RunDir { path: String, why: io::Error },
+    #[error("cannot start a watcher thread: {0}")]
+    Thread(#[source] io::Error),
+    #[error("cannot start libvirt's event loop: {0}")]
+    EventLoop(String),
+    #[error("this build has no libvirt support (feature `libvirt`), so it cannot watch VMs")]
+    NoLibvirt,
+}
+
+/// A running watch. Dropping it stops the sources (see the module docs).
+pub struct Watcher {
+    rx: Option<Receiver<Change>>,
+    /// Closing this wakes the uevent and inotify threads (POLLHUP on the read end).
+    _stop: OwnedFd,
+    #[cfg(feature = "libvirt")]
+    libvirt: Vec<virt::Supervisor>,
+}
+
+impl Watcher {
+    /// Starts the sources and returns a watcher whose [`Watcher::recv`] yields changes.
+    /// Errors when a source cannot start at all (no netlink, no inotify); a libvirt daemon
+    /// that is down is not an error but a [`Change::SourceLost`] in the stream.
+    pub fn new(config: &Config, sources: Sources) -> Result<Watcher, WatchError> {
+        let (tx, rx) = mpsc::channel();
+        let sink: Sink = Arc::new(move |c| tx.send(c).is_ok());
+        let mut w = Self::with_sink(config, sources, sink)?;
+        w.rx = Some(rx);
+        Ok(w)
+    }
+
+    /// Like [`Watcher::new`], delivering into `sink` instead of a channel; `recv` then
+    /// returns an error at once.
+    pub fn with_sink(config: &Config, sources: Sources, sink: Sink) -> Result<Watcher, WatchError> {
+        let (stop_rx, stop_tx) = pipe().map_err(WatchError::Thread)?;
+        let stop_rx = Arc::new(stop_rx);
+        if sources.uevents {
+            let socket = uevent::UeventSocket::open().map_err(WatchError::Uevents)?;
+            let filter = uevent::SlotFilter::new(config.gpu.address);
+            uevent::spawn(socket, filter, sink.clone(), stop_rx.clone()).map_err(WatchError::Thread)?;
+        }
+        if sources.run_dir {
+            run_dir::spawn(&config.host.run, sink.clone(), stop_rx.clone())?;
+        }
+        #[cfg(feature = "libvirt")]
+        let libvirt = if sources.libvirt {
+            virt::start(config, &sink)?
+        } else {
+            Vec::new()
+        };
+        #[cfg(not(feature = "libvirt"))]
+        if sources.libvirt {
+            return Err(WatchError::NoLibvirt);
+        }
+        Ok(Watcher {
+            rx: None,
+            _stop: stop_tx,
+            #[cfg(feature = "libvirt")]
+            libvirt,
+        })
+    }
+
+    /// The next change; blocks. Errors only when there is no channel ([`Watcher::with_sink`]).
+    pub fn recv(&self) -> Result<Change, RecvError> {
+        self.rx.as_ref().ok_or(RecvError)?.recv()
+    }
+
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Change, RecvTimeoutError> {
+        self.rx
+            .as_ref()
+            .ok_or(RecvTimeoutError::Disconnected)?
+            .recv_timeout(timeout)
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        #[cfg(feature = "libvirt")]
+        for s in &self.libvirt {
+            s.stop();
+        }
+    }
+}
+
+/// `pipe2(O_CLOEXEC)`: (read end, write end).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds on success; we take ownership of both.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are fresh fds owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Blocks until `fd` is readable (true) or `stop` hung up (false). No timeout: this is
+/// the only place the uevent and inotify threads sleep.
+fn wait_readable(fd: BorrowedFd<'_>, stop: &OwnedFd) -> io::Result<bool> {
+    let mut fds = [
+        libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: fds is a valid array of two pollfd for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
+            return Ok(false);
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! inotify on `[host] run`: the hook's `state.json` and its restore records.
+//!
+//! The hook replaces `state.json` atomically (write a dot-file, rename over), so the
+//! directory is watched, not the file: `IN_MOVED_TO` and `IN_CLOSE_WRITE` mean "new
+//! content", `IN_DELETE`/`IN_MOVED_FROM` "gone". The same goes for `restore-*.json`
+//! (written while a handoff is under way, kept when one must be restored).
+//!
+//! Root creates `/run/handoff` on the first hook run, after the tray may have started. So
+//! while the directory is missing, its nearest existing ancestor is watched for
+//! creations, and when the directory appears (or comes back after being removed) the
+//! files already in it are reported.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+
+use super::{Change, Sink, Source, WatchError};
+use crate::host::Host;
+use crate::state::HookState;
+
+const STATE_FILE: &str = "state.json";
+
+const DIR_MASK: u32 = libc::IN_MOVED_TO
+    | libc::IN_CLOSE_WRITE
+    | libc::IN_DELETE
+    | libc::IN_MOVED_FROM
+    | libc::IN_DELETE_SELF
+    | libc::IN_MOVE_SELF
+    | libc::IN_ONLYDIR;
+
+const ANCESTOR_MASK: u32 =
+    libc::IN_CREATE | libc::IN_MOVED_TO | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_ONLYDIR;
+
+/// What a file name in the run directory means, if anything.
+fn change_for(run: &Path, name: &OsStr, present: bool) -> Option<Change> {
+    let name = name.to_str()?;
+    if name == STATE_FILE {
+        let state = if present {
+            HookState::load(&Host {
+                run: run.to_owned(),
+                ..Host::default()
+            })
+            .map(Box::new)
+        } else {
+            None
+        };
+        return Some(Change::HookState { state });
+    }
+    if name.starts_with("restore-") && name.ends_with(".json") {
+        return Some(Change::RestoreRecord {
+            file: name.to_owned(),
+            present,
+        });
+    }
+    None
+}
+
+struct Inotify {
+    fd: OwnedFd,
+    run: PathBuf,
+    wd: Option<i32>,
+    /// True when `wd` watches the run directory itself, not an ancestor.
+    on_run: bool,
+}
+
+impl Inotify {
+    fn new(run: &Path) -> io::Result<Self> {
+        // SAFETY: plain inotify_init1; the fd is owned below.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            // SAFETY: fresh fd, ours.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            run: run.to_owned(),
+            wd: None,
+            on_run: false,
+        })
+    }
+
+    fn add_watch(&self, path: &Path, mask: u32) -> io::Result<i32> {
+        let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        // SAFETY: c is a valid NUL-terminated path.
+        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), mask) };
+        if wd < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(wd)
+        }
+    }
+
+    /// Watches the run directory if it exists, else its nearest existing ancestor. Returns
+    /// true when this call moved the watch onto the run directory.
+    fn arm(&mut self) -> io::Result<bool> {
+        loop {
+            let (path, mask, on_run) = if self.run.is_dir() {
+                (self.run.clone(), DIR_MASK, true)
+            } else {
+                let ancestor = self
+                    .run
+                    .ancestors()
+                    .skip(1)
+                    .find(|a| a.is_dir())
+                    .unwrap_or(Path::new("/"))
+                    .to_owned();
+                (ancestor, ANCESTOR_MASK, false)
+            };
+            if on_run && self.on_run && self.wd.is_some() {
+                return Ok(false);
+            }
+            let wd = match self.add_watch(&path, mask) {
+                Ok(wd) => wd,
+                // Removed between the check and the watch: look again.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOENT) || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                {
+                    continue;
+                }
+                Err(e) => {
+                    return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+                }
+            };
+            if let Some(old) = self.wd.filter(|&old| old != wd) {
+                // SAFETY: removing a watch descriptor of our own fd; failure is harmless.
+                unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), old) };
+            }
+            self.wd = Some(wd);
+            let moved = on_run && !self.on_run;
+            self.on_run = on_run;
+            // The next component may have appeared before the watch was in place.
+            if !on_run && self.run.is_dir() {
+                continue;
+            }
+            return Ok(moved);
+        }
+    }
+
+    /// The files already there, as if they had just been written.
+    fn existing(&self) -> Vec<Change> {
+        let Ok(entries) = std::fs::read_dir(&self.run) else {
+            return Vec::new();
+        };
+        let mut names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
+        names.sort();
+        names
+            .iter()
+            .filter_map(|n| change_for(&self.run, n, true))
+            .collect()
+    }
+}
+
+pub(super) fn spawn(run: &Path, sink: Sink, stop: Arc<OwnedFd>) -> Result<(), WatchError> {
+    let err = |why| WatchError::RunDir {
+        path: run.display().to_string(),
+        why,
+    };
+    let mut ino = Inotify::new(run).map_err(err)?;
+    ino.arm().map_err(err)?;
+    thread::Builder::new()
+        .name("handoff-inotify".into())
+        .spawn(move || watch(ino, &sink, &stop))
+        .map(drop)
+        .map_err(WatchError::Thread)
+}
+
+fn watch(mut ino: Inotify, sink: &Sink, stop: &OwnedFd) {
+    let path = ino.run.display().to_string();
+    let source = || Source::RunDir { path: path.clone() };
+    let lost = |why: String| {
+        let _ = sink(Change::SourceLost {
+            source: source(),
+            why,
+        });
+    };
+    let mut buf = vec![0u8; 16 * 1024];
+    // The hook's write_atomic renames its temporary file into place while it is still
+    // open, so one save is both IN_MOVED_TO and IN_CLOSE_WRITE of `state.json`: report a
+    // file only when what it says differs from what was last reported for it.
+    let mut last: HashMap<String, Change> = HashMap::new();
+    loop {
+        match super::wait_readable(ino.fd.as_fd(), stop) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => return lost(format!("poll: {e}")),
+        }
+        // SAFETY: buf is valid for its length.
+        let n = unsafe {
+            libc::read(
+                ino.fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => continue,
+                _ => return lost(format!("read inotify: {e}")),
+            }
+        }
+        let mut changes = Vec::new();
+        let mut rearm = false;
+        let mut off = 0;
+        let n = n as usize;
+        let header = std::mem::size_of::<libc::inotify_event>();
+        while off + header <= n {
+            // SAFETY: the kernel wrote a whole inotify_event at off; read it unaligned.
+            let ev: libc::inotify_event =
+                unsafe { std::ptr::read_unaligned(buf.as_ptr().add(off) as *const libc::inotify_event) };
+            let name_bytes = &buf[off + header..(off + header + ev.len as usize).min(n)];
+            let name = OsStr::from_bytes(name_bytes.split(|&b| b == 0).next().unwrap_or_default());
+            off += header + ev.len as usize;
+            if ev.mask & libc::IN_Q_OVERFLOW != 0 {
+                rearm = true;
+                changes.push(Change::SourceLost {
+                    source: source(),
+                    why: "inotify queue overflowed".into(),
+                });
+                changes.push(Change::SourceBack { source: source() });
+                continue;
+            }
+            if Some(ev.wd) != ino.wd {
+                continue; // a watch we already replaced
+            }
+            if ev.mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_IGNORED) != 0 {
+                rearm = true;
+                continue;
+            }
+            if !ino.on_run {
+                // Something was created in an ancestor: maybe the next step to the run dir.
+                rearm = true;
+                continue;
+            }
+            let present = ev.mask & (libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE) != 0;
+            if let Some(c) = change_for(&ino.run, name, present) {
+                changes.push(c);
+            }
+        }
+        if rearm {
+            let was_on_run = ino.on_run;
+            if ino.wd.is_some() && !ino.run.is_dir() {
+                // The run dir went away (or was never there): forget the stale watch.
+                ino.on_run = false;
+                if was_on_run {
+                    changes.push(Change::HookState { state: None });
+                }
+            }
+            match ino.arm() {
+                Ok(true) => changes.extend(ino.existing()),
+                Ok(false) => {}
+                Err(e) => {
+                    for c in changes {
+                        sink(c);
+                    }
+                    return lost(format!("watch: {e}"));
+                }
+            }
+        }
+        for c in changes {
+            if let Some(key) = file_key(&c) {
+                if last.get(&key) == Some(&c) {
+                    continue;
+                }
+                last.insert(key, c.clone());
+            }
+            if !sink(c) {
+                return;
+            }
+        }
+    }
+}
+
+/// The file a change is about, for deduplication.
+fn file_key(c: &Change) -> Option<String> {
+    match c {
+        Change::HookState { .. } => Some(STATE_FILE.to_owned()),
+        Change::RestoreRecord { file, .. } => Some(file.clone()),
+        _ => None,
+    }
+}

@@ -1,0 +1,318 @@
+//! Kernel uevents, straight from netlink (`NETLINK_KOBJECT_UEVENT`, multicast group 1,
+//! the kernel's own group; udevd re-broadcasts on group 2), so no udevd is needed.
+//!
+//! Parsing is a pure function over the datagram ([`parse_uevent`]); the socket is plain
+//! libc (`socket`/`bind`/`recv`), three calls that did not seem worth a crate.
+//!
+//! Userspace may *send* to group 1 too when it has `CAP_NET_ADMIN` (the kernel allows
+//! multicast sends from privileged sockets; the datagram reaches every listener in the
+//! network namespace, and the kernel then refuses the unicast part with `ECONNREFUSED`,
+//! which udevd also ignores). [`send_uevent`] does that: tests deliver synthetic uevents
+//! through the real socket path with it, and the kernel simulator announces its binds.
+//! Since only root can send there, the receiver accepts any sender.
+
+use std::io;
+use std::mem;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::thread;
+
+use super::{Change, DriverAction, Sink, Source};
+use crate::pci::PciAddress;
+
+/// The kernel's uevent multicast group.
+pub const KERNEL_GROUP: u32 = 1;
+
+/// One kernel uevent: the header's action and devpath, and the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uevent {
+    pub action: String,
+    pub devpath: String,
+    /// `KEY=value` pairs in the order the kernel sent them.
+    pub env: Vec<(String, String)>,
+}
+
+impl Uevent {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    pub fn subsystem(&self) -> Option<&str> {
+        self.get("SUBSYSTEM")
+    }
+
+    /// The PCI function: `PCI_SLOT_NAME`, else the devpath's last component.
+    pub fn pci_address(&self) -> Option<PciAddress> {
+        self.get("PCI_SLOT_NAME")
+            .or_else(|| self.devpath.rsplit('/').next())
+            .and_then(|s| s.parse().ok())
+    }
+
+    /// The datagram the kernel would send: `action@devpath\0KEY=value\0…`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = format!("{}@{}\0", self.action, self.devpath).into_bytes();
+        for (k, v) in &self.env {
+            out.extend_from_slice(k.as_bytes());
+            out.push(b'=');
+            out.extend_from_slice(v.as_bytes());
+            out.push(0);
+        }
+        out
+    }
+
+    /// A PCI driver-core uevent (`bind`, `unbind`, `add`, `remove`) for `function` at
+    /// `devpath` (relative to sysfs, like `/devices/pci0000:00/0000:00:01.0/0000:01:00.0`),
+    /// shaped like the kernel's; `driver` is sent as `DRIVER=` (the kernel sends it with
+    /// `bind`).
+    pub fn pci(action: DriverAction, devpath: &str, function: PciAddress, driver: Option<&str>) -> Self {
+        let mut env = vec![
+            ("ACTION".to_owned(), action.as_str().to_owned()),
+            ("DEVPATH".to_owned(), devpath.to_owned()),
+            ("SUBSYSTEM".to_owned(), "pci".to_owned()),
+        ];
+        if let Some(d) = driver {
+            env.push(("DRIVER".to_owned(), d.to_owned()));
+        }
+        env.push(("PCI_SLOT_NAME".to_owned(), function.to_string()));
+        Uevent {
+            action: action.as_str().to_owned(),
+            devpath: devpath.to_owned(),
+            env,
+        }
+    }
+}
+
+/// Parses one datagram from group 1. `None` for anything that is not a kernel uevent
+/// (udevd's `libudev\0…` messages, garbage, a header without `@`).
+pub fn parse_uevent(bytes: &[u8]) -> Option<Uevent> {
+    let mut parts = bytes.split(|&b| b == 0);
+    let header = std::str::from_utf8(parts.next()?).ok()?;
+    let (action, devpath) = header.split_once('@')?;
+    if action.is_empty() || !devpath.starts_with('/') {
+        return None;
+    }
+    let env = parts
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            let s = std::str::from_utf8(p).ok()?;
+            let (k, v) = s.split_once('=')?;
+            Some((k.to_owned(), v.to_owned()))
+        })
+        .collect();
+    Some(Uevent {
+        action: action.to_owned(),
+        devpath: devpath.to_owned(),
+        env,
+    })
+}
+
+/// Which uevents matter: `SUBSYSTEM=pci`, a driver-core action, a function in the GPU's
+/// slot.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotFilter {
+    gpu: PciAddress,
+}
+
+impl SlotFilter {
+    pub fn new(gpu: PciAddress) -> Self {
+        Self { gpu }
+    }
+
+    /// The change a uevent means for the GPU, if any.
+    pub fn change(&self, ev: &Uevent) -> Option<Change> {
+        if ev.subsystem() != Some("pci") {
+            return None;
+        }
+        let action = DriverAction::parse(ev.get("ACTION").unwrap_or(&ev.action))?;
+        let function = ev.pci_address()?;
+        if !function.same_slot(&self.gpu) {
+            return None;
+        }
+        Some(Change::Driver {
+            function,
+            action,
+            driver: ev.get("DRIVER").map(str::to_owned),
+        })
+    }
+}
+
+/// A netlink socket bound to the kernel's uevent group.
+pub struct UeventSocket {
+    fd: OwnedFd,
+}
+
+fn netlink_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_KOBJECT_UEVENT,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is fresh and ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn sockaddr(groups: u32) -> libc::sockaddr_nl {
+    // SAFETY: sockaddr_nl is plain data; all-zero is valid.
+    let mut sa: libc::sockaddr_nl = unsafe { mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    sa.nl_groups = groups;
+    sa
+}
+
+impl UeventSocket {
+    /// Subscribes to group 1. Works unprivileged (the kernel lets anyone listen).
+    pub fn open() -> io::Result<Self> {
+        let fd = netlink_socket()?;
+        let sa = sockaddr(KERNEL_GROUP);
+        // SAFETY: sa is a valid sockaddr_nl of the size given.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &sa as *const _ as *const libc::sockaddr,
+                mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // A burst (a rescan, a module load) can overflow the default buffer; ask for 1 MiB
+        // and live with what we get (FORCE works for root only).
+        let size: libc::c_int = 1 << 20;
+        for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+            // SAFETY: setsockopt with a pointer to a c_int of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    &size as *const _ as *const libc::c_void,
+                    mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
+        Ok(Self { fd })
+    }
+
+    /// One datagram, without blocking (`WouldBlock` when none is queued).
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: buf is valid for buf.len() bytes.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+/// Broadcasts `bytes` on the uevent group (1) of this network namespace, as the kernel
+/// does. Needs `CAP_NET_ADMIN` (root): `EPERM` otherwise.
+pub fn send_uevent(bytes: &[u8]) -> io::Result<()> {
+    let fd = netlink_socket()?;
+    let sa = sockaddr(KERNEL_GROUP);
+    // SAFETY: bytes and sa are valid for the sizes given.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            bytes.as_ptr() as *const libc::c_void,
+            bytes.len(),
+            0,
+            &sa as *const _ as *const libc::sockaddr,
+            mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if n >= 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    // The broadcast went out; only the unicast to the kernel (port 0) was refused.
+    if e.raw_os_error() == Some(libc::ECONNREFUSED) {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+pub(super) fn spawn(
+    socket: UeventSocket,
+    filter: SlotFilter,
+    sink: Sink,
+    stop: Arc<OwnedFd>,
+) -> io::Result<()> {
+    thread::Builder::new()
+        .name("handoff-uevents".into())
+        .spawn(move || run(socket, filter, sink, &stop))
+        .map(drop)
+}
+
+fn run(socket: UeventSocket, filter: SlotFilter, sink: Sink, stop: &OwnedFd) {
+    // The kernel caps one uevent's environment at 2 KiB; 8 KiB leaves room.
+    let mut buf = vec![0u8; 8192];
+    loop {
+        match super::wait_readable(socket.fd.as_fd(), stop) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                let _ = sink(Change::SourceLost {
+                    source: Source::Uevents,
+                    why: format!("poll: {e}"),
+                });
+                return;
+            }
+        }
+        loop {
+            match socket.recv(&mut buf) {
+                Ok(n) => {
+                    let Some(ev) = parse_uevent(&buf[..n]) else {
+                        continue;
+                    };
+                    tracing::trace!(action = %ev.action, devpath = %ev.devpath, "uevent");
+                    if let Some(change) = filter.change(&ev)
+                        && !sink(change)
+                    {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    // The kernel dropped uevents: say so, and that the stream goes on.
+                    let lost = sink(Change::SourceLost {
+                        source: Source::Uevents,
+                        why: "the kernel dropped uevents (receive buffer full)".into(),
+                    });
+                    if !lost
+                        || !sink(Change::SourceBack {
+                            source: Source::Uevents,
+                        })
+                    {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = sink(Change::SourceLost {
+                        source: Source::Uevents,
+                        why: format!("recv: {e}"),
+                    });
+                    return;
+                }
+            }
+        }
+    }
+}
