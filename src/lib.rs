@@ -24,6 +24,7 @@ pub mod pci;
 pub mod sim;
 pub mod state;
 pub mod status;
+pub mod sysfs_read;
 #[cfg(feature = "libvirt")]
 pub mod vm;
 
