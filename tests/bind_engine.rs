@@ -23,8 +23,10 @@ use simgpu::{AUDIO, GPU, HOME, Sim, UCSI, USB, addr, forked_children, hold, seri
 
 const PATIENT: Duration = Duration::from_secs(5);
 const WATCHDOG: Duration = Duration::from_secs(1);
-/// How long past the watchdog a hung handoff may take to report and roll back.
-const MARGIN: Duration = Duration::from_millis(1500);
+/// How long past the watchdog a hung handoff may take to report and roll back: 1.5 s, plus
+/// the bounded read of the hung function's `driver_override` when rolling back (its lock
+/// is held by the hung write, so that read waits out `LOCKED_READ_TIMEOUT`).
+const MARGIN: Duration = Duration::from_millis(1500).saturating_add(handoff::gpu::LOCKED_READ_TIMEOUT);
 
 fn to_vfio(sim: &Sim, timeout: Duration) -> Result<Outcome, BindError> {
     bind::hand_to_vfio(&sim.host(), addr(GPU), Some("win11"), timeout, &mut |_| {})
