@@ -154,6 +154,14 @@ pub fn run(cfg: &Config, source: &Source, caller: &Caller, hooks_dir: &Path, ext
     match &g {
         Ok(g) => {
             checks.push(check_gpu_found(cfg, g));
+            if let Some(note) = g.lock_note() {
+                checks.push(
+                    Check::new("gpu-locked", Level::Fail, format!("GPU {}: {note}", g.address)).fix(
+                        "`handoff blockers` names what holds the GPU; once it lets go the unbind finishes \
+                         (check `dmesg` for NVRM \"usage count\" messages), then `handoff rebind --force`",
+                    ),
+                );
+            }
             if g.owner != Owner::Absent {
                 checks.push(check_iommu_group(g));
                 checks.push(check_vfio_available(cfg));

@@ -12,6 +12,17 @@
 //! `<sysfs>/kernel/iommu_groups/<n>/devices/*`: each member's `class` and `driver` link.
 //! Never `config` (reading config space resumes a runtime-suspended device), never `/dev`.
 //!
+//! # Never blocking
+//!
+//! Of these, only `driver_override` can block: its show takes the device's lock on kernels
+//! before 7.1, and an unbind stuck in a driver's `remove` holds that lock for as long as it
+//! is stuck (the other files and links take no device lock; see [`crate::kernelsim`] for
+//! the kernel source). So `driver_override` is read through [`crate::sysfs_read`], in a
+//! child process with a deadline ([`LOCKED_READ_TIMEOUT`]); a function whose override
+//! doesn't come back in time is [`Function::locked`], and the GPU's state is uncertain
+//! ([`Gpu::lock_note`]): during a stuck unbind the `driver` link is already gone though the
+//! kernel is still inside the driver, so the function reads as unbound.
+//!
 //! # Who owns the GPU
 //!
 //! The configured address is the graphics function; the rule, in order:
@@ -40,6 +51,9 @@ use serde::Serialize;
 
 use crate::host::Host;
 use crate::pci::PciAddress;
+use crate::sysfs_read::{self, Bounded};
+
+pub use crate::sysfs_read::LOCKED_READ_TIMEOUT;
 
 /// The driver that makes a function the VM's.
 pub const VFIO_DRIVER: &str = "vfio-pci";
@@ -113,8 +127,14 @@ pub struct Function {
     pub vendor: u16,
     pub device: u16,
     pub class: u32,
-    /// `driver_override`, None when the kernel shows "(null)".
+    /// `driver_override`, None when the kernel shows "(null)" — or when it could not be
+    /// read ([`Function::locked`]).
     pub driver_override: Option<String>,
+    /// `driver_override` did not answer within [`LOCKED_READ_TIMEOUT`]: the kernel holds
+    /// the device's lock, most likely an unbind stuck in the driver's `remove`. Then
+    /// `driver_override` is unknown, and `driver` may say unbound while the kernel is
+    /// still inside the old driver.
+    pub locked: bool,
     /// `power/runtime_status` (active, suspended, …), None when the file is missing.
     pub runtime_status: Option<String>,
     pub iommu_group: Option<u32>,
@@ -208,6 +228,30 @@ impl Gpu {
         Some(parts.join(", "))
     }
 
+    /// The functions whose `driver_override` could not be read: the kernel holds their lock.
+    pub fn locked_functions(&self) -> Vec<PciAddress> {
+        self.functions
+            .iter()
+            .filter(|f| f.locked)
+            .map(|f| f.address)
+            .collect()
+    }
+
+    /// Why the state shown is uncertain, when a function is locked; None otherwise.
+    pub fn lock_note(&self) -> Option<String> {
+        let locked = self.locked_functions();
+        if locked.is_empty() {
+            return None;
+        }
+        let list: Vec<String> = locked.iter().map(ToString::to_string).collect();
+        Some(format!(
+            "driver_override of {} unreadable: the device is locked — an unbind is probably stuck in \
+             the kernel (the driver's remove waits for whatever still holds the GPU), so the \
+             driver shown may not be the kernel's last word",
+            list.join(", ")
+        ))
+    }
+
     /// Who owns the GPU, for a status line: "on Linux (nvidia)", "on vfio-pci", "unbound
     /// (no driver)", "not present at 0000:01:00.0", "split: 0000:01:00.0 on vfio-pci, …".
     pub fn owner_phrase(&self) -> String {
@@ -262,6 +306,7 @@ pub fn read_gpu_with_ids(host: &Host, address: PciAddress, pci_ids: &[&Path]) ->
             functions.push(f);
         }
     }
+    read_overrides(&devices, &mut functions);
     let graphics = functions.first().filter(|f| f.address == address);
     let Some(graphics) = graphics else {
         return Ok(Gpu {
@@ -326,8 +371,6 @@ fn read_function(dir: &Path) -> Result<Option<Function>, SysfsError> {
         })
     };
     let (vendor, device) = (id16(vendor, "vendor")?, id16(device, "device")?);
-    let driver_override =
-        read_optional(&dir.join("driver_override")).filter(|s| !s.is_empty() && s != "(null)");
     let iommu_group = match link_name(&dir.join("iommu_group"))? {
         Some(name) => Some(name.parse::<u32>().map_err(|_| SysfsError::Parse {
             path: dir.join("iommu_group"),
@@ -343,10 +386,38 @@ fn read_function(dir: &Path) -> Result<Option<Function>, SysfsError> {
         vendor,
         device,
         class,
-        driver_override,
+        // Filled in by `read_overrides`, all functions at once.
+        driver_override: None,
+        locked: false,
         runtime_status: read_optional(&dir.join("power/runtime_status")),
         iommu_group,
     }))
+}
+
+/// Every function's `driver_override`, each in its own child process, within one
+/// [`LOCKED_READ_TIMEOUT`] in all (see "Never blocking" above).
+fn read_overrides(devices: &Path, functions: &mut [Function]) {
+    let paths: Vec<PathBuf> = functions
+        .iter()
+        .map(|f| devices.join(f.address.to_string()).join("driver_override"))
+        .collect();
+    let answers = sysfs_read::read_all(&paths, LOCKED_READ_TIMEOUT);
+    for ((f, answer), path) in functions.iter_mut().zip(answers).zip(&paths) {
+        match answer {
+            Bounded::Value(v) => {
+                let v = v.trim();
+                f.driver_override = (!v.is_empty() && v != "(null)").then(|| v.to_owned());
+            }
+            Bounded::Missing => {}
+            Bounded::Failed(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read sysfs attribute");
+            }
+            Bounded::Locked => {
+                tracing::warn!(path = %path.display(), "driver_override unreadable: the device is locked");
+                f.locked = true;
+            }
+        }
+    }
 }
 
 fn read_iommu_group(host: &Host, id: u32, gpu: PciAddress) -> Result<IommuGroup, SysfsError> {

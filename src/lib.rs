@@ -34,6 +34,7 @@ pub mod services;
 pub mod sim;
 pub mod state;
 pub mod status;
+pub mod sysfs_read;
 #[cfg(feature = "libvirt")]
 pub mod vm;
 #[cfg(feature = "libvirt")]

@@ -38,6 +38,10 @@ pub struct GpuStatus {
     /// For owner `mixed`: which function is on which driver.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub split: Option<String>,
+    /// Functions whose lock the kernel holds (their `driver_override` could not be read in
+    /// time): an unbind is probably stuck, so `owner` and `driver` are uncertain. Empty
+    /// normally.
+    pub locked: Vec<PciAddress>,
 }
 
 /// A libvirt domain state, in `virsh domstate` words.
@@ -120,6 +124,8 @@ pub fn collect(cfg: &Config, probe: &mut dyn FnMut(&VmConfig) -> VmStatus) -> Re
         let scan = holders::scan(host, &g, &nodes);
         (scan.holders, scan.uninspected, scan.notes)
     };
+    // The uncertainty first: it qualifies everything else shown.
+    let notes: Vec<String> = g.lock_note().into_iter().chain(notes).collect();
     let vms: Vec<VmStatus> = cfg.vms.iter().map(probe).collect();
     let vm = holding_vm(&g, &vms);
     Ok(Status {
@@ -135,6 +141,7 @@ pub fn collect(cfg: &Config, probe: &mut dyn FnMut(&VmConfig) -> VmStatus) -> Re
             iommu_group: g.iommu_group.clone(),
             notes,
             split: g.split_description(),
+            locked: g.locked_functions(),
         },
         vms,
     })
@@ -193,6 +200,14 @@ impl Status {
             1 => "; 1 process uses it".to_owned(),
             n => format!("; {n} processes use it"),
         };
+        if !g.locked.is_empty() {
+            let list: Vec<String> = g.locked.iter().map(ToString::to_string).collect();
+            return format!(
+                "{} state is uncertain: {} locked in the kernel (an unbind is probably stuck); it {who}{users}",
+                self.gpu_label(),
+                list.join(", ")
+            );
+        }
         format!("{} {who}{users}", self.gpu_label())
     }
 
@@ -216,10 +231,14 @@ impl Status {
                 f.vendor,
                 f.device,
                 f.runtime_status.as_deref().unwrap_or("?"),
-                f.driver_override
-                    .as_deref()
-                    .map(|o| format!("  override {o}"))
-                    .unwrap_or_default()
+                if f.locked {
+                    "  LOCKED (override unreadable)".to_owned()
+                } else {
+                    f.driver_override
+                        .as_deref()
+                        .map(|o| format!("  override {o}"))
+                        .unwrap_or_default()
+                }
             );
         }
         if let Some(group) = &g.iommu_group {

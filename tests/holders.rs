@@ -32,6 +32,7 @@ fn function(address: PciAddress, vendor: u16, kind: FunctionKind, driver: &str) 
         device: 0,
         class: 0,
         driver_override: None,
+        locked: false,
         runtime_status: Some("active".into()),
         iommu_group: None,
     }

@@ -195,6 +195,11 @@ impl Drop for Holder {
 /// Pids of processes with a file open under `dir` (the hook's writer child, stuck in a
 /// write to the mount).
 fn processes_with_files_under(dir: &Path) -> Vec<u32> {
+    processes_with_files_matching(dir, |_| true)
+}
+
+/// Processes with a file open under `dir` whose path passes `wanted`.
+fn processes_with_files_matching(dir: &Path, wanted: impl Fn(&Path) -> bool) -> Vec<u32> {
     let mut pids = Vec::new();
     for e in fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -205,7 +210,7 @@ fn processes_with_files_under(dir: &Path) -> Vec<u32> {
         };
         if fds
             .flatten()
-            .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t.starts_with(dir)))
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t.starts_with(dir) && wanted(&t)))
         {
             pids.push(pid);
         }
@@ -435,9 +440,13 @@ fn a_hung_unbind_fails_the_start_cleanly_and_libvirtd_keeps_answering(s: &Scene,
     );
     assert_eq!(s.domain.state(), "shut off");
 
-    // The hook's writer child outlives the hook, stuck in its write.
-    let writers = processes_with_files_under(sys);
+    // The hook's writer child outlives the hook, stuck in its write. (So may the hooks'
+    // bounded readers of the locked device's driver_override, one per hook run that read
+    // the GPU after the hang: they block like on a real kernel, and end with the unbind.)
+    let writers = processes_with_files_matching(sys, |p| p.ends_with("unbind"));
     assert_eq!(writers.len(), 1, "expected one hung writer, found {writers:?}");
+    let readers = processes_with_files_matching(sys, |p| p.ends_with("driver_override"));
+    eprintln!("(d) readers stuck behind the device lock: {readers:?}");
     let writer = writers[0];
     let (st, parent) = state_and_parent(writer).unwrap();
     eprintln!("(d) the hung writer (pid {writer}) is in state {st}, parent pid {parent}");
@@ -469,6 +478,15 @@ fn a_hung_unbind_fails_the_start_cleanly_and_libvirtd_keeps_answering(s: &Scene,
         }
     );
     assert!(gone, "the writer did not finish after the release");
+    let readers_gone = wait_until(Duration::from_secs(5), || {
+        readers
+            .iter()
+            .all(|r| state_and_parent(*r).is_none_or(|(st, _)| st.starts_with('Z')))
+    });
+    assert!(
+        readers_gone,
+        "stuck readers did not finish after the release: {readers:?}"
+    );
     assert_eq!(
         s.drivers()[0],
         None,

@@ -260,7 +260,7 @@ fn injected_errors_surface_as_the_writers_io_error_without_effect() {
 }
 
 #[test]
-fn a_hung_unbind_blocks_the_writer_process_until_released_while_reads_go_on() {
+fn a_hung_unbind_blocks_its_writer_and_driver_override_readers_until_released_while_other_reads_go_on() {
     let Some(sim) = workstation() else { return };
     let sys = sim.sys().to_owned();
     sim.mount
@@ -321,14 +321,36 @@ fn a_hung_unbind_blocks_the_writer_process_until_released_while_reads_go_on() {
     );
     let ctl = fs::read_to_string(sys.join(".simctl")).unwrap();
     assert!(ctl.contains(&format!("(waits for {GPU})")), "{ctl}");
+    // Reading the locked device's driver_override blocks too (its show takes
+    // device_lock); the GPU's other attributes and the other functions' overrides don't.
+    let seen = sim.tmp.path().join("override-seen");
+    let mut reader = Writer::spawn(
+        &sim,
+        &format!(
+            "cat {}/bus/pci/devices/{GPU}/driver_override > {}",
+            sys.display(),
+            seen.display()
+        ),
+    );
+    assert!(
+        sim.mount.wait_for_blocked_reads(1, Duration::from_secs(5)),
+        "the override read never arrived"
+    );
+    assert!(
+        reader.wait_timeout(Duration::from_millis(300)).is_none(),
+        "the override reader should block behind the hung unbind"
+    );
     assert_eq!(
-        fs::read_to_string(sim.dev(GPU).join("driver_override")).unwrap(),
-        "(null)\n",
-        "reads go on; the override hasn't landed"
+        fs::read_to_string(sim.dev(GPU).join("vendor")).unwrap(),
+        "0x10de\n"
+    );
+    assert_eq!(
+        fs::read_to_string(sim.dev("0000:01:00.1").join("driver_override")).unwrap(),
+        "(null)\n"
     );
 
     sim.mount.release(Release::Complete);
-    for w in [&mut writer, &mut second] {
+    for w in [&mut writer, &mut second, &mut reader] {
         let status = w
             .wait_timeout(Duration::from_secs(5))
             .expect("released writers exit");
@@ -339,8 +361,11 @@ fn a_hung_unbind_blocks_the_writer_process_until_released_while_reads_go_on() {
         fs::read_to_string(sim.dev(GPU).join("driver_override")).unwrap(),
         "vfio-pci\n"
     );
+    // The reader got the lock after the override write that was waiting before it.
+    assert_eq!(fs::read_to_string(&seen).unwrap(), "vfio-pci\n");
     assert_eq!(sim.mount.log()[0].result, WriteResult::Ok);
     assert!(sim.mount.blocked().is_empty());
+    assert_eq!(sim.mount.blocked_reads(), 0);
 }
 
 #[test]

@@ -43,6 +43,14 @@ fn line(cfg: &Config) -> (String, String, &'static str) {
             return ("GPU: unreadable".into(), "GPU: ?".into(), "#FF0000");
         }
     };
+    // The kernel holds a function's lock (an unbind stuck in the driver): whatever the
+    // links say is not the last word.
+    if !g.locked_functions().is_empty() {
+        if let Some(note) = g.lock_note() {
+            eprintln!("handoff-block: {note}");
+        }
+        return ("GPU: stuck!".into(), "GPU!".into(), "#FF0000");
+    }
     if let Ok(Some(r)) = RestoreRecord::load(host, cfg.gpu.address)
         && r.phase == Phase::Stuck
     {

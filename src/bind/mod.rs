@@ -52,6 +52,11 @@ pub enum BindError {
         cause: String,
         state: String,
     },
+    #[error(
+        "GPU {gpu}: {note}.\n  Nothing was changed: any write to it would block behind the stuck one. \
+         Once whatever holds the GPU lets go (`handoff blockers`), try again."
+    )]
+    Locked { gpu: PciAddress, note: String },
     #[error(transparent)]
     Record(#[from] RecordError),
     #[error(transparent)]
@@ -132,6 +137,8 @@ impl Executor<'_> {
         }
     }
 
+    /// The `driver` link: a kernfs symlink, read without any device lock, so this can't
+    /// block behind a stuck unbind (unlike `driver_override`, read only via `gpu`).
     fn driver_of(&self, function: PciAddress) -> Option<String> {
         let link =
             std::fs::read_link(self.host.pci_devices().join(function.to_string()).join("driver")).ok()?;
@@ -260,13 +267,26 @@ impl Executor<'_> {
     }
 }
 
+/// Change nothing while the kernel holds a function's lock (someone's unbind is stuck in
+/// the driver's `remove`): the state read is uncertain, and every write of ours would only
+/// block behind it.
+fn refuse_if_locked(g: &Gpu) -> Result<(), BindError> {
+    match g.lock_note() {
+        Some(note) => Err(BindError::Locked { gpu: g.address, note }),
+        None => Ok(()),
+    }
+}
+
 fn vfio_loaded(host: &Host) -> bool {
     host.pci_drivers().join(VFIO).is_dir()
 }
 
 fn describe_state(host: &Host, address: PciAddress) -> String {
     match gpu::read_gpu(host, address) {
-        Ok(g) => format!("GPU {address} is now {}", g.owner_phrase()),
+        Ok(g) => match g.lock_note() {
+            Some(note) => format!("GPU {address} reads as {}, but {note}", g.owner_phrase()),
+            None => format!("GPU {address} is now {}", g.owner_phrase()),
+        },
         Err(e) => format!("the GPU's state could not be read: {e}"),
     }
 }
@@ -295,6 +315,7 @@ pub fn hand_to_vfio(
                 .unwrap_or_else(|| "an earlier handoff did not finish".into()),
         });
     }
+    refuse_if_locked(&g)?;
     let nodes = holders::gpu_nodes(host, &g);
     let scan = holders::scan(host, &g, &nodes);
     if !scan.is_clear() {
@@ -443,6 +464,7 @@ pub fn return_to_host(
             ),
         });
     }
+    refuse_if_locked(&g)?;
     let mut record = loaded.clone().unwrap_or_else(|| RestoreRecord::new(&g, None));
     let steps = plan::to_host(&g, loaded.as_ref(), host_driver);
     if loaded.is_some() {

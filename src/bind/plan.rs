@@ -159,7 +159,8 @@ pub fn to_host(gpu: &Gpu, record: Option<&RestoreRecord>, host_driver: &str) -> 
             // kernel picks, verified as "not vfio-pci" by the executor.
             None => Expect::Driver(String::new()),
         };
-        if f.driver_override.is_some() {
+        // A locked function's override is unknown: clear it to be sure.
+        if f.driver_override.is_some() || f.locked {
             steps.push(Step::SetOverride {
                 function,
                 driver: None,

@@ -17,6 +17,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::sysfs_read::{errno_code, wait_with_deadline};
+
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     #[error("writing {value:?} to {path}: {source}")]
@@ -115,57 +117,6 @@ fn reap_later(pid: i32) {
     if let Err(e) = spawned {
         tracing::warn!("cannot start a thread to reap the hung writer {pid}: {e}");
     }
-}
-
-/// The child's errno as its exit code (errnos fit in 1..=133).
-fn errno_code() -> i32 {
-    io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
-        .clamp(1, 255)
-}
-
-/// Wait for `pid` up to `timeout` without a polling loop: poll(2) on a pidfd.
-/// Ok(Some(exit code)), Ok(None) on timeout.
-fn wait_with_deadline(pid: i32, timeout: Duration) -> io::Result<Option<i32>> {
-    // SAFETY: plain syscalls on our own child's pid.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    if pidfd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let deadline = std::time::Instant::now() + timeout;
-    let result = loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let mut pfd = libc::pollfd {
-            fd: pidfd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = left.as_millis().min(i32::MAX as u128) as i32;
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            break Err(e);
-        }
-        if rc == 0 {
-            break Ok(None);
-        }
-        let mut status = 0;
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r < 0 {
-            break Err(io::Error::last_os_error());
-        }
-        break Ok(Some(if libc::WIFEXITED(status) {
-            libc::WEXITSTATUS(status)
-        } else {
-            libc::EINTR
-        }));
-    };
-    unsafe { libc::close(pidfd) };
-    result
 }
 
 #[cfg(test)]

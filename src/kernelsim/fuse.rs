@@ -8,7 +8,8 @@
 //! parked and answered when released, so the filesystem keeps serving everyone else.
 //!
 //! A write that needs the device lock a hung write holds (see [`super`]) is parked the
-//! same way and answered when the hung write ends. Like a kernel write that is already
+//! same way and answered when the hung write ends; so is a read of that device's
+//! `driver_override`, whose show takes the lock too (answered with the file as it is then). Like a kernel write that is already
 //! being serviced, a hung or waiting writer can't be killed: a SIGKILL takes effect once
 //! the write is answered. Dropping the mount releases every
 //! hung write with EIO, so nothing stays stuck behind a test.
@@ -51,14 +52,26 @@ const FIRST_INO: u64 = 4;
 /// Nothing is cached: the tree changes under every write.
 const TTL: Duration = Duration::ZERO;
 
-/// The kernel and the writes it keeps waiting.
+/// The kernel and the writes and reads it keeps waiting.
 struct Shared {
     kernel: Kernel,
     parked: HashMap<HangId, (ReplyWrite, u32)>,
+    /// Reads of `driver_override` waiting for a device lock, in arrival order.
+    reads: Vec<ParkedRead>,
+}
+
+/// A read waiting for a device lock: answered with the file as it is once the lock is
+/// free, as the kernel's show runs once it has the lock.
+struct ParkedRead {
+    rel: PathBuf,
+    backing: PathBuf,
+    offset: u64,
+    size: u32,
+    reply: ReplyData,
 }
 
 impl Shared {
-    /// Answer the writers whose hung writes ended.
+    /// Answer the writers whose hung writes ended, then the readers whose lock is free.
     fn settle(&mut self) {
         for (id, result) in self.kernel.take_finished() {
             if let Some((reply, len)) = self.parked.remove(&id) {
@@ -68,6 +81,30 @@ impl Shared {
                 }
             }
         }
+        let (ready, waiting): (Vec<ParkedRead>, Vec<ParkedRead>) = std::mem::take(&mut self.reads)
+            .into_iter()
+            .partition(|r| self.kernel.read_waits_for(&r.rel).is_none());
+        self.reads = waiting;
+        for r in ready {
+            reply_read(
+                fs::read(&r.backing).map_err(|e| errno(&e)),
+                r.offset,
+                r.size,
+                r.reply,
+            );
+        }
+    }
+}
+
+/// Answer a read at `offset` of at most `size` bytes from the whole file's `content`.
+fn reply_read(content: Result<Vec<u8>, fuser::Errno>, offset: u64, size: u32, reply: ReplyData) {
+    match content {
+        Ok(bytes) => {
+            let start = (offset as usize).min(bytes.len());
+            let end = start.saturating_add(size as usize).min(bytes.len());
+            reply.data(&bytes[start..end]);
+        }
+        Err(e) => reply.error(e),
     }
 }
 
@@ -286,20 +323,29 @@ impl Filesystem for SysfsView {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let content = if matches!(ino.0, CTL_INO | LOG_INO) {
-            Ok(self.virtual_text(ino.0).into_bytes())
-        } else {
-            self.rel(ino)
-                .and_then(|rel| fs::read(self.backing.join(rel)).map_err(|e| errno(&e)))
-        };
-        match content {
-            Ok(bytes) => {
-                let start = (offset as usize).min(bytes.len());
-                let end = start.saturating_add(size as usize).min(bytes.len());
-                reply.data(&bytes[start..end]);
-            }
-            Err(e) => reply.error(e),
+        if matches!(ino.0, CTL_INO | LOG_INO) {
+            return reply_read(Ok(self.virtual_text(ino.0).into_bytes()), offset, size, reply);
         }
+        let rel = match self.rel(ino) {
+            Ok(rel) => rel,
+            Err(e) => return reply.error(e),
+        };
+        let backing = self.backing.join(&rel);
+        let mut shared = lock(&self.shared);
+        if shared.kernel.read_waits_for(&rel).is_some() {
+            // `driver_override` of a device a hung write holds: the reader blocks, like
+            // one in `device_lock`, until `settle` finds the lock free.
+            shared.reads.push(ParkedRead {
+                rel,
+                backing,
+                offset,
+                size,
+                reply,
+            });
+            return;
+        }
+        drop(shared);
+        reply_read(fs::read(&backing).map_err(|e| errno(&e)), offset, size, reply);
     }
 
     fn write(
@@ -415,6 +461,7 @@ impl SimMount {
         let shared = Arc::new(Mutex::new(Shared {
             kernel,
             parked: HashMap::new(),
+            reads: Vec::new(),
         }));
         let view = || SysfsView {
             backing: backing.clone(),
@@ -511,6 +558,25 @@ impl SimMount {
         let end = Instant::now() + timeout;
         loop {
             if self.blocked().len() >= n {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Reads waiting for a device lock (reads of a locked device's `driver_override`).
+    pub fn blocked_reads(&self) -> usize {
+        lock(&self.shared).reads.len()
+    }
+
+    /// Wait until at least `n` reads wait for a device lock; false on timeout.
+    pub fn wait_for_blocked_reads(&self, n: usize, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if self.blocked_reads() >= n {
                 return true;
             }
             if Instant::now() >= end {

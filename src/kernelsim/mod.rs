@@ -23,8 +23,21 @@
 //!   driver's link back and `DRIVER=` in `uevent` are gone, the device reads as unbound;
 //!   when released it stays unbound (no re-probe), even when released "with failure",
 //!   because the kernel ignores what `remove` returns;
-//! - reads keep working. (The real `driver_override` show takes `device_lock` too, so on
-//!   a real machine reading that one file of the hung device blocks; here it doesn't.)
+//! - a read of the locked device's `driver_override` blocks its reader too, until the lock
+//!   is free (see [`Kernel::read_waits_for`]); every other read keeps working.
+//!
+//! Which reads take the device lock (checked in the kernel source): PCI's
+//! `driver_override_show` (drivers/pci/pci-sysfs.c) does `device_lock(dev)` around the
+//! print in every kernel up to 7.0; "PCI: use generic driver_override infrastructure"
+//! (v7.1, backported to 7.0-stable) moved PCI to the driver core's generic attribute
+//! (drivers/base/bus.c), whose show takes only the spinlock `dev->driver_override.lock`,
+//! so there it doesn't block. The other attributes handoff reads take no device lock:
+//! `vendor`, `device`, `class` (`pci_config_attr`: a plain sprintf of cached fields),
+//! `resource` (`resource_show`: cached `pci_dev->resource[]`), `power/runtime_status`
+//! (drivers/base/power/sysfs.c: reads `dev->power` fields unlocked), and the `driver` and
+//! `iommu_group` links (kernfs symlinks: `readlink` never calls into the device). The
+//! simulator models the older, blocking kernels, which are what Debian 12 (6.1) and most
+//! installed systems run.
 //!
 //! Not modelled: a hung `remove` also holds the PCI rescan/remove lock (later `rescan` and
 //! `remove` writes would wait), a waiting `new_id` has already added its id and probed
@@ -730,6 +743,17 @@ impl Kernel {
                     .map(|(_, drv)| drv.clone())
             })
             .or_else(|| self.sim.driver(a))
+    }
+
+    /// The device whose lock a read of `rel` (relative to `sys/`) has to wait for right
+    /// now, else None. Only `driver_override` takes `device_lock` on read (see the module
+    /// doc), and it waits while a hung write holds that lock or a write waits for it
+    /// (a mutex's waiters go in turn; the reader gets it after them).
+    pub fn read_waits_for(&self, rel: &Path) -> Option<PciAddress> {
+        match ControlFile::classify(&self.physical(rel)) {
+            ControlFile::DriverOverride(a) if self.contended(&[a]) => Some(a),
+            _ => None,
+        }
     }
 
     /// Hung writes that ended since the last call, with what their writers get.

@@ -1,0 +1,352 @@
+//! Reads of sysfs attributes that can block in the kernel, bounded in time.
+//!
+//! Some attributes take the device's lock (`device_lock`) to print themselves; PCI's
+//! `driver_override` does on every kernel up to 7.0 (drivers/pci/pci-sysfs.c,
+//! `driver_override_show`; 7.1 moved it to the driver core's generic attribute, which takes
+//! only a spinlock). An unbind stuck in a driver's `remove` (NVIDIA's waits for whoever
+//! holds the GPU) holds that lock for as long as it is stuck, so a plain read of the file
+//! blocks, uninterruptibly, for just as long. Nothing that shows status may hang then: it is
+//! exactly when the user needs it.
+//!
+//! Such a read happens in a forked child that does nothing but `open`+`read`+`write` to a
+//! pipe and `_exit`; the caller waits for it with a deadline, in the same way
+//! [`crate::bind::write`] does its writes. Not a thread: a thread stuck in an
+//! uninterruptible read keeps its whole process from exiting (the parent's `wait` and the
+//! EOF on its stdout wait for the last thread), so `handoff status` would print and then
+//! never return. A stuck child is left behind; it closed every inherited descriptor, so it
+//! keeps no pipe of the caller's (i3blocks reads the block's stdout to EOF) open.
+//!
+//! At most one child per file is in flight: while one is still stuck, later reads of that
+//! file answer [`Bounded::Locked`] at once instead of forking another, so a long-lived
+//! process (the tray, refreshing every few seconds) doesn't pile up a stuck child per
+//! refresh. A stuck child gets one thread that waits for it (`waitpid`, which doesn't
+//! keep the process from exiting), reaps it when the kernel lets it go, and forgets it, so
+//! the next read tries again. Only that thread reaps it: reaping it elsewhere would let its
+//! pid be reused by a new child, which the thread would then reap by mistake.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a status read waits for a file that may be behind a device lock. Unlocked,
+/// such a read takes well under a millisecond (plus ~1 ms for the fork).
+pub const LOCKED_READ_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// The biggest attribute this reads: sysfs prints at most a page.
+const MAX_LEN: usize = 8192;
+
+/// What a bounded read found.
+#[derive(Debug)]
+pub enum Bounded {
+    /// The file's whole content.
+    Value(String),
+    /// No such file.
+    Missing,
+    /// The read failed.
+    Failed(io::Error),
+    /// The read did not return in time (or an earlier read of this file still hasn't): the
+    /// kernel holds a lock the file's show needs.
+    Locked,
+}
+
+/// Children still stuck reading a file, by path: (path, pid).
+static PENDING: Mutex<Vec<(PathBuf, i32)>> = Mutex::new(Vec::new());
+
+/// Read each of `paths` in its own child process, all at once, waiting at most `timeout`
+/// in all. The answers are in the order of `paths`.
+pub fn read_all(paths: &[PathBuf], timeout: Duration) -> Vec<Bounded> {
+    // Held throughout, so two threads never fork two readers of one file.
+    let mut pending = PENDING.lock().unwrap_or_else(|p| p.into_inner());
+    let started: Vec<Result<Reader, Bounded>> = paths
+        .iter()
+        .map(|p| {
+            if pending.iter().any(|(q, _)| q == p) {
+                Err(Bounded::Locked)
+            } else {
+                spawn_reader(p).map_err(Bounded::Failed)
+            }
+        })
+        .collect();
+    let deadline = Instant::now() + timeout;
+    started
+        .into_iter()
+        .zip(paths)
+        .map(|(reader, path)| match reader {
+            Err(answer) => answer,
+            Ok(reader) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match reader.finish(left) {
+                    Finished::Answer(a) => a,
+                    Finished::Stuck(pid) => {
+                        tracing::debug!(path = %path.display(), pid, "sysfs read did not return in time");
+                        pending.push((path.clone(), pid));
+                        reap_later(pid);
+                        Bounded::Locked
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
+/// [`read_all`] for one file.
+pub fn read(path: &Path, timeout: Duration) -> Bounded {
+    read_all(&[path.to_owned()], timeout)
+        .pop()
+        .unwrap_or(Bounded::Locked)
+}
+
+/// Reap the stuck reader `pid` whenever the kernel lets it go, then forget it.
+fn reap_later(pid: i32) {
+    let spawned = std::thread::Builder::new()
+        .name(format!("reap-read-{pid}"))
+        .spawn(move || {
+            let mut status = 0;
+            // SAFETY: waits on our own child only.
+            while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+                && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+            {}
+            forget(pid);
+        });
+    if let Err(e) = spawned {
+        // The entry stays: this file answers Locked from now on rather than fork again.
+        tracing::warn!("cannot start a thread to reap the stuck sysfs reader {pid}: {e}");
+    }
+}
+
+fn forget(pid: i32) {
+    PENDING
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|(_, p)| *p != pid);
+}
+
+/// A child reading one file into a pipe.
+struct Reader {
+    pid: i32,
+    /// The pipe's read end (non-blocking).
+    pipe: i32,
+}
+
+enum Finished {
+    Answer(Bounded),
+    Stuck(i32),
+}
+
+fn spawn_reader(path: &Path) -> io::Result<Reader> {
+    let cpath = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let [read_end, write_end] = fds;
+    let mut buf = vec![0u8; MAX_LEN];
+    let devnull = c"/dev/null";
+    // SAFETY: between fork and _exit the child calls only async-signal-safe functions
+    // (open, dup2, close_range, read, write, _exit) on memory prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        unsafe {
+            libc::close(read_end);
+            libc::close(write_end);
+        }
+        return Err(e);
+    }
+    if pid == 0 {
+        unsafe {
+            // stdin and stderr on /dev/null, stdout the pipe, nothing else open: a child
+            // stuck in the kernel must not keep any pipe of the caller's open.
+            let null = libc::open(devnull.as_ptr(), libc::O_RDWR);
+            if null >= 0 {
+                libc::dup2(null, 0);
+                libc::dup2(null, 2);
+            }
+            libc::dup2(write_end, 1);
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            let fd = libc::open(cpath.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                libc::_exit(errno_code());
+            }
+            let mut len = 0usize;
+            while len < buf.len() {
+                let n = libc::read(fd, buf.as_mut_ptr().add(len).cast(), buf.len() - len);
+                if n < 0 {
+                    libc::_exit(errno_code());
+                }
+                if n == 0 {
+                    break;
+                }
+                len += n as usize;
+            }
+            // An empty pipe holds 64 KiB: this write doesn't block.
+            if libc::write(1, buf.as_ptr().cast(), len) < 0 {
+                libc::_exit(errno_code());
+            }
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: our copy of the write end; the child has its own.
+    unsafe { libc::close(write_end) };
+    Ok(Reader { pid, pipe: read_end })
+}
+
+impl Reader {
+    fn finish(self, timeout: Duration) -> Finished {
+        let answer = match wait_with_deadline(self.pid, timeout) {
+            Ok(None) => {
+                // SAFETY: our own descriptor; the stuck child writes to its own copy.
+                unsafe { libc::close(self.pipe) };
+                return Finished::Stuck(self.pid);
+            }
+            Ok(Some(0)) => match self.drain() {
+                Ok(bytes) => Bounded::Value(String::from_utf8_lossy(&bytes).into_owned()),
+                Err(e) => Bounded::Failed(e),
+            },
+            Ok(Some(libc::ENOENT)) => Bounded::Missing,
+            Ok(Some(code)) => Bounded::Failed(io::Error::from_raw_os_error(code)),
+            Err(e) => Bounded::Failed(e),
+        };
+        unsafe { libc::close(self.pipe) };
+        Finished::Answer(answer)
+    }
+
+    /// What the exited child wrote (all in the pipe already).
+    fn drain(&self) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            // SAFETY: reads into a local buffer of the given size.
+            let n = unsafe { libc::read(self.pipe, chunk.as_mut_ptr().cast(), chunk.len()) };
+            if n > 0 {
+                out.extend_from_slice(&chunk[..n as usize]);
+                continue;
+            }
+            if n == 0 {
+                return Ok(out);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                // Only while another process briefly shares the write end (a sibling
+                // forked before it closed its inherited descriptors): the child is done.
+                io::ErrorKind::WouldBlock => return Ok(out),
+                _ => return Err(e),
+            }
+        }
+    }
+}
+
+/// The child's errno as its exit code (errnos fit in 1..=133).
+pub(crate) fn errno_code() -> i32 {
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+        .clamp(1, 255)
+}
+
+/// Wait for our child `pid` up to `timeout` without a polling loop: poll(2) on a pidfd.
+/// Ok(Some(exit code)), Ok(None) on timeout (the child is left unreaped).
+pub(crate) fn wait_with_deadline(pid: i32, timeout: Duration) -> io::Result<Option<i32>> {
+    // SAFETY: plain syscalls on our own child's pid.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let deadline = Instant::now() + timeout;
+    let result = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break Err(e);
+        }
+        if rc == 0 {
+            break Ok(None);
+        }
+        let mut status = 0;
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r < 0 {
+            break Err(io::Error::last_os_error());
+        }
+        break Ok(Some(if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            libc::EINTR
+        }));
+    };
+    unsafe { libc::close(pidfd) };
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_file_and_says_missing_for_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("driver_override");
+        std::fs::write(&f, "vfio-pci\n").unwrap();
+        let answers = read_all(&[f, dir.path().join("nope")], LOCKED_READ_TIMEOUT);
+        assert!(
+            matches!(&answers[0], Bounded::Value(v) if v == "vfio-pci\n"),
+            "{answers:?}"
+        );
+        assert!(matches!(answers[1], Bounded::Missing), "{answers:?}");
+    }
+
+    /// A FIFO with no writer blocks its reader's open the way a locked attribute blocks
+    /// its read: the read gives up in time, and a second read doesn't fork another child.
+    #[test]
+    fn a_blocked_read_is_locked_in_time_and_not_repeated_while_stuck() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("stuck");
+        let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let t = Instant::now();
+        assert!(matches!(read(&fifo, Duration::from_millis(100)), Bounded::Locked));
+        assert!(t.elapsed() < Duration::from_secs(1));
+        let pid = PENDING
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(p, _)| *p == fifo)
+            .map(|(_, pid)| *pid)
+            .expect("the stuck child is remembered");
+        let t = Instant::now();
+        assert!(matches!(read(&fifo, Duration::from_secs(5)), Bounded::Locked));
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "answered without waiting again"
+        );
+        // Let the child go (a writer opens the FIFO and closes it: EOF): it is reaped (no
+        // zombie left) and forgotten, so the next read tries again.
+        drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
+        let end = Instant::now() + Duration::from_secs(5);
+        while PENDING.lock().unwrap().iter().any(|(_, p)| *p == pid) {
+            assert!(Instant::now() < end, "the stuck reader was never reaped");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "reaped, not a zombie"
+        );
+        std::fs::remove_file(&fifo).unwrap();
+        std::fs::write(&fifo, "again\n").unwrap();
+        assert!(matches!(read(&fifo, LOCKED_READ_TIMEOUT), Bounded::Value(v) if v == "again\n"));
+    }
+}

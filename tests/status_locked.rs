@@ -1,0 +1,196 @@
+//! Every surface answers in time while an unbind is stuck in the kernel holding the GPU's
+//! device lock: `handoff status` (text and JSON) against the simulated kernel's FUSE
+//! mount, where reading that device's `driver_override` blocks like on a real kernel.
+//! (`handoff-block` is checked the same way in i3blocks/tests.)
+//!
+//! Run with `cargo test --features kernel-sim` as root with `/dev/fuse`. Under `CI=true`
+//! a missing `/dev/fuse` fails; elsewhere these tests skip, saying why.
+#![cfg(feature = "kernel-sim")]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use handoff::kernelsim::fuse::SimMount;
+use handoff::kernelsim::{Errno, FaultRule, FileKind, Kernel, Release};
+use handoff::sim::SimSpec;
+
+const BIN: &str = env!("CARGO_BIN_EXE_handoff");
+const GPU: &str = "0000:01:00.0";
+/// "Returns within about a second": the bounded read waits 200 ms, the rest is margin for
+/// a loaded machine.
+const IN_TIME: Duration = Duration::from_millis(1500);
+
+/// A mounted workstation with nvidia's unbind of the GPU stuck in the kernel. Drops in
+/// order: the stuck writer (released, then reaped), the mount, its directory.
+struct Stuck {
+    writer: Option<Child>,
+    mount: SimMount,
+    tmp: tempfile::TempDir,
+}
+
+impl Stuck {
+    fn new() -> Option<Stuck> {
+        if !Path::new("/dev/fuse").exists() {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!(
+                    "/dev/fuse is missing: the kernel simulator needs FUSE (root, /dev/fuse, Debian fuse3)"
+                );
+            }
+            eprintln!("skipping: /dev/fuse is missing, so the simulated sysfs can't be mounted");
+            return None;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let kernel = Kernel::build(&tmp.path().join("machine"), SimSpec::workstation()).unwrap();
+        let mountpoint = tmp.path().join("sys");
+        fs::create_dir(&mountpoint).unwrap();
+        let mount = SimMount::mount(kernel, &mountpoint).unwrap();
+        mount.inject(
+            FaultRule::hang(FileKind::Unbind)
+                .device(GPU.parse().unwrap())
+                .driver("nvidia"),
+        );
+        let writer = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo {GPU} > {}/bus/pci/drivers/nvidia/unbind",
+                mountpoint.display()
+            ))
+            .spawn()
+            .unwrap();
+        let s = Stuck {
+            writer: Some(writer),
+            mount,
+            tmp,
+        };
+        assert!(
+            s.mount.wait_for_hung(1, Duration::from_secs(5)),
+            "the unbind never arrived"
+        );
+        Some(s)
+    }
+
+    fn sys(&self) -> &Path {
+        self.mount.path()
+    }
+
+    /// A config pointing every root into the simulation; no VMs, so libvirt isn't asked.
+    fn config(&self) -> PathBuf {
+        let sim = self.mount.host();
+        let path = self.tmp.path().join("config.toml");
+        let text = format!(
+            "[gpu]\naddress = \"{GPU}\"\n\n[host]\nsysfs = {:?}\ndev = {:?}\nrun = {:?}\n",
+            sim.sysfs, sim.dev, sim.run
+        );
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Run the binary with `args`; None if it didn't exit within `limit` (then it is left
+    /// to the drop, which releases the lock before reaping it).
+    fn run(&self, args: &[&str], limit: Duration) -> Option<(Duration, String, String)> {
+        let started = Instant::now();
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("HANDOFF_CONFIG", self.config())
+            .env("HOME", self.tmp.path())
+            .env("XDG_CONFIG_HOME", self.tmp.path().join("config"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                let took = started.elapsed();
+                let out = child.wait_with_output().unwrap();
+                return Some((
+                    took,
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                ));
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                // A child blocked in the FUSE read dies only once it is answered.
+                self.mount.release(Release::Fail(Errno::EIO));
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Stuck {
+    fn drop(&mut self) {
+        self.mount.release(Release::Fail(Errno::EIO));
+        if let Some(mut w) = self.writer.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
+
+#[test]
+fn a_plain_read_of_driver_override_blocks_until_the_unbind_ends() {
+    let Some(mut s) = Stuck::new() else { return };
+    let path = s.sys().join(format!("bus/pci/devices/{GPU}/driver_override"));
+    let mut reader = Command::new("cat")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        s.mount.wait_for_blocked_reads(1, Duration::from_secs(5)),
+        "the read never arrived"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(reader.try_wait().unwrap().is_none(), "the reader should block");
+    s.mount.release(Release::Complete);
+    let out = reader.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"(null)\n");
+    let writer = s.writer.take().unwrap().wait_with_output().unwrap();
+    assert!(writer.status.success(), "the unbind returns once released");
+}
+
+#[test]
+fn status_answers_in_time_and_says_the_gpu_is_locked() {
+    let Some(s) = Stuck::new() else { return };
+    let (took, out, err) = s
+        .run(&["status"], Duration::from_secs(10))
+        .expect("handoff status hung behind the stuck unbind");
+    assert!(took < IN_TIME, "handoff status took {took:?}\n{out}{err}");
+    let first = out.lines().next().unwrap_or("");
+    assert!(
+        first.contains("state is uncertain") && first.contains(&format!("{GPU} locked in the kernel")),
+        "{out}\n{err}"
+    );
+    assert!(
+        out.contains("driver_override of 0000:01:00.0 unreadable: the device is locked"),
+        "{out}"
+    );
+    assert!(out.contains("LOCKED"), "{out}");
+    assert_eq!(s.mount.blocked_reads(), 1, "one reader stuck, as its child");
+}
+
+#[test]
+fn status_json_answers_in_time_and_marks_the_locked_function() {
+    let Some(s) = Stuck::new() else { return };
+    let (took, out, err) = s
+        .run(&["status", "--json"], Duration::from_secs(10))
+        .expect("handoff status --json hung behind the stuck unbind");
+    assert!(took < IN_TIME, "handoff status --json took {took:?}\n{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    assert_eq!(v["gpu"]["locked"], serde_json::json!([GPU]), "{v:#}");
+    let functions = v["gpu"]["functions"].as_array().unwrap();
+    assert_eq!(functions[0]["locked"], true, "{v:#}");
+    assert!(functions[1..].iter().all(|f| f["locked"] == false), "{v:#}");
+    assert!(
+        v["gpu"]["notes"][0]
+            .as_str()
+            .is_some_and(|n| n.contains("an unbind is probably stuck in the kernel")),
+        "{v:#}"
+    );
+}
