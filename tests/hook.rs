@@ -320,10 +320,7 @@ fn a_hung_unbind_fails_the_start_in_time_and_release_brings_the_gpu_home_once_it
     let r = m.hook("win11", "prepare", "begin", &xml);
     let took = started.elapsed();
     assert_eq!(r.code, 1);
-    assert!(
-        took < Duration::from_millis(2500),
-        "the hook was stuck for {took:?}"
-    );
+    assert!(took < Duration::from_secs(5), "the hook was stuck for {took:?}");
     assert!(
         r.stderr.contains(
             "unbinding 0000:01:00.0 from nvidia did not return after 1 s: something still holds the GPU"

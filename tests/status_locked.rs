@@ -20,7 +20,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_handoff");
 const GPU: &str = "0000:01:00.0";
 /// "Returns within about a second": the bounded read waits 200 ms, the rest is margin for
 /// a loaded machine.
-const IN_TIME: Duration = Duration::from_millis(1500);
+const IN_TIME: Duration = Duration::from_secs(3);
 
 /// A mounted workstation with nvidia's unbind of the GPU stuck in the kernel. Drops in
 /// order: the stuck writer (released, then reaped), the mount, its directory.

@@ -102,7 +102,7 @@ fn the_block_answers_in_time_and_says_stuck_while_an_unbind_hangs() {
     let took = started.elapsed();
     assert!(exited, "handoff-block hung behind the stuck unbind");
     let out = guard.children.remove(1).wait_with_output().unwrap();
-    assert!(took < Duration::from_millis(1500), "handoff-block took {took:?}");
+    assert!(took < Duration::from_secs(3), "handoff-block took {took:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stdout.lines().collect();

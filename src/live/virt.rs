@@ -81,6 +81,7 @@ pub(super) fn start(config: &Config, sink: &Sink) -> Result<Vec<Supervisor>, Wat
     uris.sort();
     uris.dedup();
     let mut out = Vec::new();
+    let mut ready = Vec::new();
     for uri in uris {
         let names = config
             .vms
@@ -95,14 +96,27 @@ pub(super) fn start(config: &Config, sink: &Sink) -> Result<Vec<Supervisor>, Wat
             sink: sink.clone(),
             ctl_tx: tx.clone(),
         };
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         thread::Builder::new()
             .name(format!("handoff-libvirt-{uri}"))
-            .spawn(move || ctx.run(rx))
+            .spawn(move || ctx.run(rx, ready_tx))
             .map_err(WatchError::Thread)?;
         out.push(Supervisor { ctl: tx });
+        ready.push(ready_rx);
+    }
+    // Callers read the full status once `Watcher::new` returns and rely on the stream for
+    // everything after: an event between that read and the registration would be lost.
+    // So wait (bounded: a dead remote host must not hang a surface) until each URI's
+    // first attempt has registered its callbacks or failed (then SourceLost says so).
+    let deadline = std::time::Instant::now() + FIRST_CONNECT_WAIT;
+    for rx in ready {
+        let _ = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
     }
     Ok(out)
 }
+
+/// How long [`start`] waits for the first connection to each URI.
+const FIRST_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 struct Supervise {
     uri: String,
@@ -147,12 +161,17 @@ impl Supervise {
         }
     }
 
-    fn run(self, ctl: Receiver<Ctl>) {
+    fn run(self, ctl: Receiver<Ctl>, ready: mpsc::SyncSender<()>) {
         let mut generation = 0u64;
         let mut lost = false;
+        let mut ready = Some(ready);
         loop {
             generation += 1;
-            match self.connect(generation) {
+            let attempt = self.connect(generation);
+            if let Some(r) = ready.take() {
+                let _ = r.send(());
+            }
+            match attempt {
                 Ok(session) => {
                     tracing::debug!(uri = %self.uri, "watching libvirt events");
                     if lost
