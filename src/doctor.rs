@@ -55,6 +55,25 @@ impl Check {
     }
 }
 
+/// One line per check (`[ok  ]`, `[warn]`, `[FAIL]` …) with its fix indented below;
+/// shared by `doctor` and `lg-test`.
+pub fn render_checks(checks: &[Check]) -> String {
+    let mut s = String::new();
+    for c in checks {
+        let mark = match c.level {
+            Level::Ok => "ok  ",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Fail => "FAIL",
+        };
+        s += &format!("[{mark}] {}\n", c.summary);
+        for line in c.fix.iter().flat_map(|f| f.lines()) {
+            s += &format!("       → {line}\n");
+        }
+    }
+    s
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub checks: Vec<Check>,
@@ -71,21 +90,7 @@ impl Report {
     }
 
     pub fn render_text(&self) -> String {
-        let mut s = String::new();
-        for c in &self.checks {
-            let mark = match c.level {
-                Level::Ok => "ok  ",
-                Level::Info => "info",
-                Level::Warn => "warn",
-                Level::Fail => "FAIL",
-            };
-            s += &format!("[{mark}] {}\n", c.summary);
-            if let Some(fix) = &c.fix {
-                for line in fix.lines() {
-                    s += &format!("       → {line}\n");
-                }
-            }
-        }
+        let mut s = render_checks(&self.checks);
         let n = self.problems();
         s += &match n {
             0 => "\nThis host looks ready for passthrough.\n".to_owned(),

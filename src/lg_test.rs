@@ -156,19 +156,7 @@ impl Report {
     }
 
     pub fn render_text(&self) -> String {
-        let mut s = String::new();
-        for c in &self.checks {
-            let mark = match c.level {
-                Level::Ok => "ok  ",
-                Level::Info => "info",
-                Level::Warn => "warn",
-                Level::Fail => "FAIL",
-            };
-            s += &format!("[{mark}] {}\n", c.summary);
-            for line in c.fix.iter().flat_map(|f| f.lines()) {
-                s += &format!("       → {line}\n");
-            }
-        }
+        let mut s = crate::doctor::render_checks(&self.checks);
         s += if self.ok() {
             "\nLooking Glass should work.\n"
         } else {
