@@ -277,16 +277,15 @@ impl Notifications {
         let conf = dir.join("bus.conf");
         std::fs::write(
             &conf,
-            "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\" \
-             \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n<busconfig><type>session</type>\
+            format!("<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\" \
+             \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n<busconfig><type>session</type><listen>{address}</listen>\
              <policy context=\"default\"><allow send_destination=\"*\" eavesdrop=\"true\"/><allow eavesdrop=\"true\"/>\
-             <allow own=\"*\"/><allow user=\"*\"/></policy></busconfig>\n",
+             <allow own=\"*\"/><allow user=\"*\"/></policy></busconfig>\n"),
         )
         .unwrap();
         let out = Command::new("dbus-daemon")
             .arg(format!("--config-file={}", conf.display()))
             .arg("--fork")
-            .arg(format!("--address={address}"))
             .arg("--print-pid")
             .output()
             .unwrap();
@@ -306,8 +305,9 @@ impl Notifications {
         );
         let owned = wait_until(Duration::from_secs(10), || {
             Command::new("dbus-send")
+                .env("DBUS_SESSION_BUS_ADDRESS", &address)
                 .args([
-                    &format!("--address={address}"),
+                    "--session",
                     "--print-reply",
                     "--dest=org.freedesktop.DBus",
                     "/org/freedesktop/DBus",
@@ -319,8 +319,9 @@ impl Notifications {
         });
         assert!(owned, "dunst did not take org.freedesktop.Notifications");
         let mut monitor = Group::spawn(
-            Command::new("dbus-monitor")
-                .arg(format!("--address={address}"))
+            // dbus-monitor block-buffers a pipe: line-buffer it.
+            Command::new("stdbuf")
+                .args(["-oL", "dbus-monitor", "--address", &address])
                 .arg("interface='org.freedesktop.Notifications',member='Notify'")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null()),
