@@ -10,8 +10,10 @@ packages=(
   # the real components the tests run against (DESIGN.md, "Testing against real things")
   libvirt-daemon-system libvirt-clients qemu-system-x86 dbus dbus-x11 dunst xvfb
   xfce4-panel i3-wm i3blocks x11-utils xterm imagemagick
+  # the bar block's notifications (notify-send -A needs libnotify >= 0.7.9)
+  libnotify-bin
   # the benchmarks compare against these
-  psmisc lsof hyperfine
+  psmisc lsof hyperfine time
   # checking the polkit policy in desktop-files/ (xmllint, polkit's DTD)
   libxml2-utils polkitd
   # reading PCI names

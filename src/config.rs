@@ -25,6 +25,7 @@ pub struct Config {
     #[serde(rename = "vm")]
     pub vms: Vec<VmConfig>,
     pub looking_glass: LookingGlassConfig,
+    pub block: BlockConfig,
     pub host: Host,
 }
 
@@ -34,6 +35,7 @@ impl Default for Config {
             gpu: GpuConfig::default(),
             vms: vec![VmConfig::named("win11", "Windows")],
             looking_glass: LookingGlassConfig::default(),
+            block: BlockConfig::default(),
             host: Host::default(),
         }
     }
@@ -125,6 +127,16 @@ impl Default for LookingGlassConfig {
             shm: None,
         }
     }
+}
+
+/// The bar block (`handoff-block`): what its clicks do beyond the built-in ones.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlockConfig {
+    /// The command a middle click runs, detached, as an argv list (no shell), e.g.
+    /// `["handoff", "switch", "linux-ai"]`. Empty (the default): a middle click only
+    /// refreshes the block.
+    pub middle_click: Vec<String>,
 }
 
 /// Where a configuration came from; shown by `handoff config check` and in errors.

@@ -70,7 +70,12 @@ fn shows_linux_then_busy_then_the_vm() {
     assert_eq!(block(&cfg), ["GPU: Windows", "W", "#00AAFF"]);
 
     sim.set_driver(RTX_3090_TI, Some("nvidia")).unwrap();
-    assert_eq!(block(&cfg)[0], "GPU: split!");
+    let out = Command::new(env!("CARGO_BIN_EXE_handoff-block"))
+        .env("HANDOFF_CONFIG", &cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(33), "split is urgent");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("GPU: split!"));
 }
 
 #[test]

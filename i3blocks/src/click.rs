@@ -1,0 +1,287 @@
+//! Clicks: what each button does, and running it without the bar waiting.
+//!
+//! | button | the VM runs (hook state `vfio`) | otherwise |
+//! |---|---|---|
+//! | left | `handoff lg` (Looking Glass on its workspace) | a notification: the status and who uses the GPU |
+//! | right | a notification "Stop Windows?" whose *Stop* action runs `handoff stop` (graceful) | `handoff start` of the first `[[vm]]`; refused at once, with the holders, when anything holds the GPU |
+//! | middle | `[block] middle_click` (argv), when set | the same |
+//!
+//! **Detached.** Anything that can take longer than printing a line runs in a new
+//! session (`setsid` in the child before exec) with stdin/stdout on `/dev/null` and stderr
+//! appended to `$XDG_RUNTIME_DIR/handoff-block.log`; the block never waits for it and
+//! exits, so the bar gets its refreshed line at once. Jobs that report an outcome
+//! (start, the stop question, Looking Glass, the middle command) run as
+//! `handoff-block --job …`: that detached copy of this binary waits for `handoff` and
+//! then sends a notification saying how it went.
+//!
+//! **Notifications** go through `notify-send` (libnotify-bin), spawned the same way. Not
+//! through a D-Bus library: zbus would add its crates and its startup to every run of the
+//! one-shot block, which runs on every refresh, while a notification is rare. `notify-send
+//! -A stop=Stop` (libnotify ≥ 0.7.9) waits for the choice and prints `stop`, which is how
+//! the stop question gets its answer — in the detached job, never in the bar.
+
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use handoff::config::Config;
+
+use crate::view::{self, Kind, View};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Button {
+    Left,
+    Middle,
+    Right,
+}
+
+impl Button {
+    pub fn parse(s: &str) -> Option<Button> {
+        Some(match s {
+            "left" | "1" => Button::Left,
+            "middle" | "2" => Button::Middle,
+            "right" | "3" => Button::Right,
+            _ => return None,
+        })
+    }
+}
+
+/// What a button does in the state the bar shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Tell the person something (title, body, urgency).
+    Notify(String, String, Urgency),
+    /// A detached `handoff-block --job …`.
+    Job(Vec<String>),
+    Nothing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    Normal,
+    Critical,
+}
+
+/// Decides, without side effects, what `button` does while the block shows `v`.
+pub fn action(cfg: &Config, v: &View, button: Button) -> Action {
+    let vm = v.vm.clone().filter(|_| v.kind == Kind::Vm);
+    match (button, vm) {
+        (Button::Left, Some(_)) => Action::Job(vec!["lg".into()]),
+        (Button::Left, None) => Action::Notify(v.text.clone(), v.detail.clone(), urgency(v)),
+        (Button::Right, Some(vm)) => Action::Job(vec!["ask-stop".into(), vm]),
+        (Button::Right, None) => right_when_off(cfg, v),
+        (Button::Middle, _) if cfg.block.middle_click.is_empty() => Action::Nothing,
+        (Button::Middle, _) => Action::Job(vec!["middle".into()]),
+    }
+}
+
+fn urgency(v: &View) -> Urgency {
+    if v.kind.urgent() {
+        Urgency::Critical
+    } else {
+        Urgency::Normal
+    }
+}
+
+fn right_when_off(cfg: &Config, v: &View) -> Action {
+    let Some(first) = cfg.vms.first() else {
+        return Action::Notify(
+            "No VM configured".into(),
+            "Add a [[vm]] with the libvirt domain's name to the handoff config.".into(),
+            Urgency::Normal,
+        );
+    };
+    let label = first.label();
+    match v.kind {
+        Kind::Linux | Kind::Vfio => Action::Job(vec!["start".into(), first.name.clone()]),
+        Kind::Busy => Action::Notify(
+            format!("{label} not started: the GPU is in use"),
+            format!("Stop these first, then click again:\n{}", v.holders.join("\n")),
+            Urgency::Critical,
+        ),
+        Kind::Switching => Action::Notify(
+            format!("{label} not started: the GPU is switching"),
+            v.detail.clone(),
+            Urgency::Normal,
+        ),
+        _ => Action::Notify(
+            format!("{label} not started"),
+            v.detail.clone(),
+            Urgency::Critical,
+        ),
+    }
+}
+
+/// Carries out an [`Action`] without waiting for anything it starts.
+pub fn perform(action: &Action) -> io::Result<()> {
+    match action {
+        Action::Nothing => Ok(()),
+        Action::Notify(title, body, u) => spawn_detached(&notify_argv(title, body, *u, &[])),
+        Action::Job(args) => {
+            let mut argv: Vec<OsString> = vec![std::env::current_exe()?.into(), "--job".into()];
+            argv.extend(args.iter().map(OsString::from));
+            spawn_detached(&argv)
+        }
+    }
+}
+
+/// `notify-send` with handoff's app name; `actions` are `name=Label` pairs.
+pub fn notify_argv(title: &str, body: &str, u: Urgency, actions: &[&str]) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = vec![
+        "notify-send".into(),
+        "--app-name=handoff".into(),
+        "--icon=video-display".into(),
+        match u {
+            Urgency::Normal => "--urgency=normal".into(),
+            Urgency::Critical => "--urgency=critical".into(),
+        },
+    ];
+    for a in actions {
+        argv.push(format!("--action={a}").into());
+    }
+    argv.push(title.into());
+    argv.push(body.into());
+    argv
+}
+
+/// Where detached children's stderr goes.
+fn log_path() -> PathBuf {
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    dir.join("handoff-block.log")
+}
+
+/// Starts `argv` in a session of its own and returns at once; the child is never waited
+/// for (this process exits soon, and init or the session's subreaper reaps it).
+pub fn spawn_detached(argv: &[OsString]) -> io::Result<()> {
+    let (program, args) = argv.split_first().expect("argv has a program");
+    let log = OpenOptions::new().create(true).append(true).open(log_path());
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.map(Stdio::from).unwrap_or_else(|_| Stdio::null()));
+    // SAFETY: setsid is async-signal-safe; it only fails when we already lead a group,
+    // which a freshly forked child never does.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn().map(drop)
+}
+
+/// The `handoff` CLI: next to this binary when installed together, else on PATH.
+pub fn handoff_bin() -> OsString {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("handoff")))
+        .filter(|p| p.is_file())
+        .map(OsString::from)
+        .unwrap_or_else(|| "handoff".into())
+}
+
+/// The detached half of a click (`handoff-block --job …`): runs `handoff`, waits for it
+/// (nobody waits for us), and says how it went.
+pub fn run_job(cfg: &Config, args: &[String]) -> io::Result<()> {
+    let label = |vm: &str| view::label(cfg, vm).to_owned();
+    match args {
+        [kind, vm] if kind == "start" => {
+            let l = label(vm);
+            let out = run(&[handoff_bin(), "start".into(), vm.into()])?;
+            match out {
+                Ok(_) => notify(
+                    &format!("{l} started"),
+                    &format!("The GPU is in {l}."),
+                    Urgency::Normal,
+                ),
+                Err(why) => notify(&format!("{l} did not start"), &why, Urgency::Critical),
+            }
+        }
+        [kind, vm] if kind == "ask-stop" => {
+            let l = label(vm);
+            let ask = notify_argv(
+                &format!("Stop {l}?"),
+                &format!("Shut {l} down gracefully; the GPU then returns to Linux."),
+                Urgency::Normal,
+                &["stop=Stop"],
+            );
+            let chosen = Command::new(&ask[0])
+                .args(&ask[1..])
+                .stdin(Stdio::null())
+                .output()?;
+            if String::from_utf8_lossy(&chosen.stdout).trim() != "stop" {
+                return Ok(());
+            }
+            match run(&[handoff_bin(), "stop".into(), vm.into()])? {
+                Ok(_) => notify(
+                    &format!("{l} stopped"),
+                    "The GPU is back on Linux.",
+                    Urgency::Normal,
+                ),
+                Err(why) => notify(&format!("{l} did not stop"), &why, Urgency::Critical),
+            }
+        }
+        [kind] if kind == "lg" => match run(&[handoff_bin(), "lg".into()])? {
+            Ok(_) => Ok(()),
+            Err(why) => notify("Looking Glass did not open", &why, Urgency::Critical),
+        },
+        [kind] if kind == "middle" => {
+            let argv: Vec<OsString> = cfg.block.middle_click.iter().map(OsString::from).collect();
+            if argv.is_empty() {
+                return Ok(());
+            }
+            match run(&argv)? {
+                Ok(_) => Ok(()),
+                Err(why) => notify(
+                    &format!("{} failed", cfg.block.middle_click[0]),
+                    &why,
+                    Urgency::Critical,
+                ),
+            }
+        }
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("unknown job {args:?}"),
+        )),
+    }
+}
+
+/// Runs and waits; Err carries what it said (stderr, else stdout), trimmed for a
+/// notification.
+fn run(argv: &[OsString]) -> io::Result<Result<String, String>> {
+    let out = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot run {}: {e}", argv[0].to_string_lossy())))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    eprint!("{stderr}");
+    if out.status.success() {
+        Ok(Ok(stdout))
+    } else {
+        let said = if stderr.is_empty() { stdout } else { stderr };
+        Ok(Err(if said.is_empty() {
+            format!("{} exited with {}", argv[0].to_string_lossy(), out.status)
+        } else {
+            said
+        }))
+    }
+}
+
+/// A notification from the detached job; it may wait (nobody waits for the job).
+fn notify(title: &str, body: &str, u: Urgency) -> io::Result<()> {
+    let argv = notify_argv(title, body, u, &[]);
+    Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .status()
+        .map(drop)
+}

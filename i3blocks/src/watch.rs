@@ -1,0 +1,106 @@
+//! The two long-running modes, both driven by [`handoff::live::Watcher`] without libvirt
+//! (kernel uevents for the GPU's functions, inotify on `[host] run`): no timer, no polling.
+//!
+//! - `--watch`: prints the block's line now and again after every change (a burst of
+//!   changes, e.g. the four functions of a card binding one after another, is read as
+//!   one: what is already queued is drained before re-reading). A line equal to the last
+//!   one is not printed again. For i3blocks `interval=persist`, i3status-rust
+//!   `persistent = true`, waybar without `interval`, polybar `tail = true`.
+//! - `--signal-i3blocks N`: prints nothing; on every change sends `SIGRTMIN+N` to each
+//!   i3blocks process of this user, so one-shot blocks with `signal=N` re-run. That is the
+//!   setup that keeps clicks working in i3blocks 1.4, which does not forward clicks to
+//!   persist blocks.
+//!
+//! What no event announces: a process opening or closing the GPU's nodes (the "2 busy"
+//! count). In these modes that count is refreshed by the next GPU or hook change, or a
+//! click; the one-shot block scans for holders on every run.
+
+use std::io::{self, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use handoff::config::Config;
+use handoff::live::{Sources, Watcher};
+
+use crate::format::{self, Format};
+use crate::view;
+
+pub fn watch(cfg: &Config, fmt: Format, short: bool) -> Result<(), String> {
+    let w = Watcher::new(cfg, Sources::without_libvirt()).map_err(|e| e.to_string())?;
+    let mut out = io::stdout().lock();
+    let mut last = String::new();
+    loop {
+        let line = format::render(&view::read(cfg), fmt, short, true);
+        if line != last {
+            // The bar went away (EPIPE): nothing left to do.
+            if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+                return Ok(());
+            }
+            last = line;
+        }
+        if w.recv().is_err() {
+            return Err("the change stream ended".into());
+        }
+        drain(&w);
+    }
+}
+
+/// Drops changes already queued; never waits.
+fn drain(w: &Watcher) {
+    while w.recv_timeout(Duration::ZERO).is_ok() {}
+}
+
+pub fn signal_i3blocks(cfg: &Config, n: i32) -> Result<(), String> {
+    let sig = rt_signal(n)?;
+    let w = Watcher::new(cfg, Sources::without_libvirt()).map_err(|e| e.to_string())?;
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    // Once at start: whatever changed while nothing watched.
+    signal_all(&cfg.host.procfs, uid, sig);
+    while w.recv().is_ok() {
+        drain(&w);
+        signal_all(&cfg.host.procfs, uid, sig);
+    }
+    Err("the change stream ended".into())
+}
+
+/// `SIGRTMIN+n`, as i3blocks' `signal=n` means it.
+pub fn rt_signal(n: i32) -> Result<i32, String> {
+    let (min, max) = (libc::SIGRTMIN(), libc::SIGRTMAX());
+    if n < 1 || min + n > max {
+        return Err(format!(
+            "--signal-i3blocks {n}: i3blocks signals run from 1 to {}",
+            max - min
+        ));
+    }
+    Ok(min + n)
+}
+
+fn signal_all(procfs: &Path, uid: u32, sig: i32) {
+    for pid in i3blocks_pids(procfs, uid) {
+        // SAFETY: sending a signal to a pid we just found; a pid that has gone is ESRCH.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// i3blocks processes whose real uid is `uid`, from `/proc/<pid>/status` (what
+/// `pkill -u $USER i3blocks` would match, without pkill).
+pub fn i3blocks_pids(procfs: &Path, uid: u32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir(procfs) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(status) = std::fs::read_to_string(procfs.join(pid.to_string()).join("status")) else {
+                return false;
+            };
+            let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+            field("Name:") == Some("i3blocks")
+                && field("Uid:")
+                    .and_then(|u| u.split_whitespace().next())
+                    .and_then(|u| u.parse::<u32>().ok())
+                    == Some(uid)
+        })
+        .collect()
+}

@@ -1,0 +1,398 @@
+//! Real peers for the block's tests: i3blocks 1.4 over pipes, a private session bus with
+//! dunst on Xvfb as the notification daemon and `dbus-monitor` reading what was sent.
+//!
+//! Every process starts in a process group of its own and is killed by group on drop
+//! (i3blocks does not exit on EOF, and its blocks are its children). Under `CI=true` a
+//! missing tool fails the test; elsewhere [`have`] says why and the test skips.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use handoff::sim::SimHost;
+
+pub const BLOCK: &str = env!("CARGO_BIN_EXE_handoff-block");
+
+/// The tools are installed, or (outside CI) the test prints why it skips.
+pub fn have(tools: &[&str]) -> bool {
+    for t in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            let why = format!("{t} is not installed (scripts/deps.sh installs it)");
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+            eprintln!("SKIPPED: {why}");
+            return false;
+        }
+    }
+    true
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The handoff config for a simulated machine, plus any extra TOML.
+pub fn write_config(dir: &Path, sim: &SimHost, extra: &str) -> PathBuf {
+    let path = dir.join("config.toml");
+    let text = format!(
+        "[gpu]\naddress = \"0000:01:00.0\"\n\n[[vm]]\nname = \"win11\"\nlabel = \"Windows\"\n\n\
+         [host]\nsysfs = {:?}\ndev = {:?}\nrun = {:?}\n{extra}",
+        sim.sysfs(),
+        sim.dev(),
+        sim.run()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A child in its own process group; the whole group is killed and reaped on drop.
+pub struct Group(pub Child);
+
+impl Group {
+    pub fn spawn(cmd: &mut Command) -> Group {
+        Group(cmd.process_group(0).spawn().expect("spawn"))
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // SAFETY: the group this child leads.
+        unsafe { libc::kill(-self.pid(), libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !matches!(self.0.try_wait(), Ok(Some(_))) {
+            if Instant::now() > deadline {
+                unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+                let _ = self.0.wait();
+                return;
+            }
+            sleep(Duration::from_millis(10));
+        }
+        // Stragglers of the group (blocks i3blocks started) go too.
+        unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+    }
+}
+
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        sleep(Duration::from_millis(10));
+    }
+}
+
+/// A block as i3blocks printed it to i3bar.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shown {
+    pub full_text: String,
+    pub short_text: Option<String>,
+    pub color: Option<String>,
+    pub urgent: bool,
+}
+
+/// i3blocks 1.4 running a generated config, its i3bar JSON read on a thread.
+pub struct I3blocks {
+    stdin: ChildStdin,
+    lines: Receiver<serde_json::Value>,
+    pub last: Option<Shown>,
+    clicks: usize,
+    group: Group,
+}
+
+impl I3blocks {
+    /// `blocks` is the config after the global part; `env` goes to i3blocks and so to
+    /// every block it runs.
+    pub fn start(dir: &Path, blocks: &str, env: &[(&str, &Path)]) -> I3blocks {
+        let conf = dir.join("i3blocks.conf");
+        std::fs::write(&conf, blocks).unwrap();
+        let mut cmd = Command::new("i3blocks");
+        cmd.arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("i3blocks.log")).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut group = Group::spawn(&mut cmd);
+        let stdin = group.0.stdin.take().unwrap();
+        let stdout = group.0.stdout.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                let t = line.trim().trim_start_matches(',');
+                if t.starts_with("[{")
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(t)
+                    && tx.send(v).is_err()
+                {
+                    return;
+                }
+                line.clear();
+            }
+        });
+        let mut me = I3blocks {
+            stdin,
+            lines: rx,
+            last: None,
+            clicks: 0,
+            group,
+        };
+        me.stdin.write_all(b"[\n").unwrap();
+        me
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.group.pid()
+    }
+
+    /// Waits for the handoff block to show `want` (full text); returns it with its colour.
+    pub fn wait_for(&mut self, want: &str, timeout: Duration) -> Shown {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = &self.last
+                && s.full_text == want
+            {
+                return s.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    if let Some(b) = v
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|b| b["name"] == "handoff" && b["instance"] == "gpu")
+                    {
+                        self.last = Some(Shown {
+                            full_text: b["full_text"].as_str().unwrap_or_default().to_owned(),
+                            short_text: b["short_text"].as_str().map(str::to_owned),
+                            color: b["color"].as_str().map(str::to_owned),
+                            urgent: b["urgent"].as_bool().unwrap_or(false),
+                        });
+                    }
+                }
+                Err(_) => panic!(
+                    "i3blocks did not show {want:?} within {timeout:?}; last: {:?}",
+                    self.last
+                ),
+            }
+        }
+    }
+
+    /// A click as i3bar sends it.
+    pub fn click(&mut self, button: u8) {
+        let ev = serde_json::json!({"name": "handoff", "instance": "gpu", "button": button, "x": 1, "y": 1});
+        let sep = if self.clicks == 0 { "" } else { "," };
+        self.clicks += 1;
+        writeln!(self.stdin, "{sep}{ev}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+}
+
+/// Xvfb on a display it picks (`-displayfd`), in its own process group.
+pub fn xvfb(dir: &Path, size: &str) -> (Group, String) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds that we then own.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (r, w) = (fds[0], fds[1]);
+    let mut read_end = unsafe { std::fs::File::from_raw_fd(r) };
+    let mut cmd = Command::new("Xvfb");
+    cmd.args([
+        "-displayfd",
+        &w.to_string(),
+        "-noreset",
+        "-nolisten",
+        "tcp",
+        "-screen",
+        "0",
+        size,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(dir.join("xvfb.log")).unwrap());
+    // SAFETY: only fcntl between fork and exec: let Xvfb inherit the write end.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::fcntl(w, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    let g = Group::spawn(&mut cmd);
+    unsafe { libc::close(w) };
+    let mut n = String::new();
+    read_end.read_to_string(&mut n).unwrap();
+    assert!(!n.trim().is_empty(), "Xvfb did not start");
+    (g, format!(":{}", n.trim()))
+}
+
+/// A private session bus, dunst on Xvfb owning `org.freedesktop.Notifications`, and
+/// `dbus-monitor` recording every `Notify` call.
+pub struct Notifications {
+    pub address: String,
+    seen: Arc<Mutex<String>>,
+    _monitor: Group,
+    _dunst: Group,
+    _x: Group,
+    bus_pid: i32,
+}
+
+impl Notifications {
+    pub fn start(dir: &Path) -> Option<Notifications> {
+        if !have(&[
+            "dbus-daemon",
+            "dbus-monitor",
+            "dbus-send",
+            "dunst",
+            "dunstctl",
+            "Xvfb",
+            "notify-send",
+        ]) {
+            return None;
+        }
+        let socket = dir.join("bus");
+        let address = format!("unix:path={}", socket.display());
+        // A bus config without service directories, so nothing auto-starts on it.
+        let conf = dir.join("bus.conf");
+        std::fs::write(
+            &conf,
+            format!("<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\" \
+             \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n<busconfig><type>session</type><listen>{address}</listen>\
+             <policy context=\"default\"><allow send_destination=\"*\" eavesdrop=\"true\"/><allow eavesdrop=\"true\"/>\
+             <allow own=\"*\"/><allow user=\"*\"/></policy></busconfig>\n"),
+        )
+        .unwrap();
+        let out = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf.display()))
+            .arg("--fork")
+            .arg("--print-pid")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "dbus-daemon: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bus_pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let (x, display) = xvfb(dir, "640x480x24");
+        let dunst = Group::spawn(
+            Command::new("dunst")
+                .env("DBUS_SESSION_BUS_ADDRESS", &address)
+                .env("DISPLAY", &display)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("dunst.log")).unwrap()),
+        );
+        let owned = wait_until(Duration::from_secs(10), || {
+            Command::new("dbus-send")
+                .env("DBUS_SESSION_BUS_ADDRESS", &address)
+                .args([
+                    "--session",
+                    "--print-reply",
+                    "--dest=org.freedesktop.DBus",
+                    "/org/freedesktop/DBus",
+                    "org.freedesktop.DBus.NameHasOwner",
+                    "string:org.freedesktop.Notifications",
+                ])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("boolean true"))
+        });
+        assert!(owned, "dunst did not take org.freedesktop.Notifications");
+        let mut monitor = Group::spawn(
+            // dbus-monitor block-buffers a pipe: line-buffer it.
+            Command::new("stdbuf")
+                .args(["-oL", "dbus-monitor", "--address", &address])
+                .arg("interface='org.freedesktop.Notifications',member='Notify'")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        );
+        let seen = Arc::new(Mutex::new(String::new()));
+        let out = monitor.0.stdout.take().unwrap();
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(out);
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                s.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        // dbus-monitor prints its own NameAcquired signal once it listens.
+        wait_until(Duration::from_secs(5), || !seen.lock().unwrap().is_empty());
+        Some(Notifications {
+            address,
+            seen,
+            _monitor: monitor,
+            _dunst: dunst,
+            _x: x,
+            bus_pid,
+        })
+    }
+
+    /// Everything `dbus-monitor` saw so far.
+    pub fn seen(&self) -> String {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits until a `Notify` call contains every one of `words`; returns the monitor text.
+    pub fn wait_for(&self, words: &[&str], timeout: Duration) -> String {
+        let ok = wait_until(timeout, || {
+            let s = self.seen();
+            s.split("member=Notify")
+                .skip(1)
+                .any(|call| words.iter().all(|w| call.contains(w)))
+        });
+        assert!(
+            ok,
+            "no notification with {words:?} within {timeout:?}; dbus-monitor saw:\n{}",
+            self.seen()
+        );
+        self.seen()
+    }
+
+    /// `dunstctl` on this bus.
+    pub fn dunstctl(&self, args: &[&str]) -> bool {
+        Command::new("dunstctl")
+            .args(args)
+            .env("DBUS_SESSION_BUS_ADDRESS", &self.address)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Notifications {
+    fn drop(&mut self) {
+        // SAFETY: the bus daemon this value started (it forked away from our group).
+        unsafe { libc::kill(self.bus_pid, libc::SIGTERM) };
+    }
+}
+
+/// `sleep 600` holding `node` open on stdin: a stand-in CUDA job.
+pub fn holder(node: &Path) -> Group {
+    Group::spawn(
+        Command::new("sleep")
+            .arg("600")
+            .stdin(Stdio::from(std::fs::File::open(node).unwrap()))
+            .stdout(Stdio::null()),
+    )
+}
