@@ -386,7 +386,7 @@ impl View {
             n => format!("{n} processes use it"),
         };
         let subline = match (&restore, owner) {
-            (Some(why), _) => format!("{why}. “Return GPU to Linux” runs `handoff rebind --force`."),
+            (Some(why), _) => format!("{why}.\n“Return GPU to Linux” runs `handoff rebind --force`."),
             (None, OwnerKind::Host) => {
                 if g.blockers.is_empty() {
                     "Nothing uses it: a VM can take it.".to_owned()

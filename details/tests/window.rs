@@ -441,3 +441,18 @@ fn help_says_what_the_window_shows() {
     assert!(text.contains("who owns the GPU"), "{text}");
     assert!(text.contains("HANDOFF_DETAILS_DUMP"), "{text}");
 }
+
+#[test]
+fn a_broken_config_is_named_and_exits_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.toml");
+    fs::write(&config, "[gpu]\naddress = \"nonsense\"\n").unwrap();
+    let out = Command::new(BIN)
+        .env("DISPLAY", ":99")
+        .env("HANDOFF_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&config.display().to_string()), "{err}");
+}
