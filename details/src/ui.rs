@@ -1,0 +1,481 @@
+//! The GTK layer: renders a [`View`] into the window, asks before confirmed actions, runs
+//! actions and status reads on worker threads (`gio::spawn_blocking`) and refreshes on
+//! every change the library's live watcher reports. No timers: an idle window sleeps.
+
+use std::cell::{Cell, RefCell};
+use std::io::Write;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use gtk4 as gtk;
+use gtk4::glib;
+use gtk4::prelude::*;
+use gtk4::{gio, pango};
+
+use handoff::bind::record::RestoreRecord;
+use handoff::config::Config;
+use handoff::libvirt::Prober;
+use handoff::live::{Change, Sources, Watcher};
+use handoff::state::HookState;
+
+use crate::actions::{self, Outcome};
+use crate::view::{Action, Button, Facts, OwnerKind, View};
+
+const CSS: &str = "
+.headline { font-size: 24pt; font-weight: bold; }
+.owner-host { color: #26a269; }
+.owner-vm { color: #1c71d8; }
+.owner-warn { color: #c64600; }
+.owner-restore { color: #c01c28; }
+.section { font-weight: bold; font-size: 12pt; margin-top: 10px; }
+.foreign { color: #c01c28; font-weight: bold; }
+.message { padding: 8px; border-radius: 6px; }
+.message.ok { background-color: alpha(#26a269, 0.15); }
+.message.failed { background-color: alpha(#c01c28, 0.15); }
+";
+
+/// Reads everything the window shows. Runs on a worker thread.
+fn read_facts(cfg: &Config, prober: &Mutex<Prober>) -> Result<Facts, String> {
+    let mut prober = prober.lock().unwrap_or_else(|p| p.into_inner());
+    let status = handoff::status::collect(cfg, &mut |vm| prober.probe(vm)).map_err(|e| e.to_string())?;
+    Ok(Facts {
+        status,
+        hook: HookState::load(&cfg.host),
+        record: RestoreRecord::load(&cfg.host, cfg.gpu.address).ok().flatten(),
+        // SAFETY: getuid cannot fail.
+        uid: unsafe { libc::getuid() },
+        now: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    })
+}
+
+pub struct Details {
+    cfg: Arc<Config>,
+    prober: Arc<Mutex<Prober>>,
+    window: gtk::ApplicationWindow,
+    content: gtk::Box,
+    facts: RefCell<Result<Option<Facts>, String>>,
+    busy: RefCell<Option<String>>,
+    outcome: RefCell<Option<Outcome>>,
+    /// A live source that is down (libvirtd restarted), or the watcher could not start.
+    live_note: RefCell<Option<String>>,
+    refreshing: Cell<bool>,
+    /// A change arrived during a refresh: read again when it ends.
+    dirty: Cell<bool>,
+    dump: bool,
+    _watcher: RefCell<Option<Watcher>>,
+}
+
+impl Details {
+    pub fn new(app: &gtk::Application, cfg: Config, dump: bool) -> Rc<Details> {
+        let provider = gtk::CssProvider::new();
+        provider.load_from_data(CSS);
+        if let Some(display) = gtk::gdk::Display::default() {
+            gtk::style_context_add_provider_for_display(
+                &display,
+                &provider,
+                gtk::STYLE_PROVIDER_PRIORITY_APPLICATION,
+            );
+        }
+        let window = gtk::ApplicationWindow::builder()
+            .application(app)
+            .title("handoff — GPU")
+            .default_width(760)
+            .default_height(840)
+            .build();
+        let content = gtk::Box::new(gtk::Orientation::Vertical, 6);
+        content.set_margin_top(18);
+        content.set_margin_bottom(18);
+        content.set_margin_start(18);
+        content.set_margin_end(18);
+        let scrolled = gtk::ScrolledWindow::builder()
+            .hscrollbar_policy(gtk::PolicyType::Never)
+            .child(&content)
+            .build();
+        window.set_child(Some(&scrolled));
+
+        let d = Rc::new(Details {
+            cfg: Arc::new(cfg),
+            prober: Arc::new(Mutex::new(Prober::new())),
+            window,
+            content,
+            facts: RefCell::new(Ok(None)),
+            busy: RefCell::new(None),
+            outcome: RefCell::new(None),
+            live_note: RefCell::new(None),
+            refreshing: Cell::new(false),
+            dirty: Cell::new(false),
+            dump,
+            _watcher: RefCell::new(None),
+        });
+        d.watch();
+        d.render();
+        d.window.present();
+        d.refresh();
+        d
+    }
+
+    pub fn present(&self) {
+        self.window.present();
+    }
+
+    /// Starts the live watcher; each change (a burst counts once) triggers a refresh.
+    fn watch(self: &Rc<Self>) {
+        let (tx, rx) = async_channel::unbounded::<Change>();
+        let sink: handoff::live::Sink = Arc::new(move |c| tx.try_send(c).is_ok());
+        match Watcher::with_sink(&self.cfg, Sources::all(), sink) {
+            Ok(w) => *self._watcher.borrow_mut() = Some(w),
+            Err(e) => {
+                *self.live_note.borrow_mut() = Some(format!(
+                    "Live updates are off ({e}); use Refresh to read the state again."
+                ));
+                return;
+            }
+        }
+        let weak = Rc::downgrade(self);
+        glib::spawn_future_local(async move {
+            while let Ok(first) = rx.recv().await {
+                let Some(d) = weak.upgrade() else { break };
+                let mut changes = vec![first];
+                while let Ok(c) = rx.try_recv() {
+                    changes.push(c);
+                }
+                for c in &changes {
+                    tracing::debug!("live: {c}");
+                    match c {
+                        Change::SourceLost { source, why } => {
+                            *d.live_note.borrow_mut() = Some(format!(
+                                "Not receiving {source} changes ({why}); what it covers may be stale."
+                            ))
+                        }
+                        Change::SourceBack { .. } => *d.live_note.borrow_mut() = None,
+                        _ => {}
+                    }
+                }
+                d.refresh();
+            }
+        });
+    }
+
+    /// Reads the state on a worker thread, then renders. Coalesces: at most one read runs.
+    fn refresh(self: &Rc<Self>) {
+        if self.refreshing.replace(true) {
+            self.dirty.set(true);
+            return;
+        }
+        let (cfg, prober) = (self.cfg.clone(), self.prober.clone());
+        let d = self.clone();
+        glib::spawn_future_local(async move {
+            let read = gio::spawn_blocking(move || read_facts(&cfg, &prober)).await;
+            *d.facts.borrow_mut() = match read {
+                Ok(r) => r.map(Some),
+                Err(_) => Err("reading the state panicked; see the log".to_owned()),
+            };
+            d.refreshing.set(false);
+            d.render();
+            if d.dirty.replace(false) {
+                d.refresh();
+            }
+        });
+    }
+
+    fn clicked(self: &Rc<Self>, b: &Button) {
+        if b.action == Action::Refresh {
+            self.outcome.borrow_mut().take();
+            self.refresh();
+            return;
+        }
+        match &b.confirm {
+            None => self.run(b.action.clone()),
+            Some(c) => {
+                #[allow(deprecated)] // GtkAlertDialog needs GTK 4.10; Debian 12 has 4.8.
+                let dialog = gtk::MessageDialog::builder()
+                    .transient_for(&self.window)
+                    .modal(true)
+                    .message_type(gtk::MessageType::Question)
+                    .text(&c.question)
+                    .secondary_text(&c.detail)
+                    .build();
+                #[allow(deprecated)]
+                {
+                    dialog.add_button("Cancel", gtk::ResponseType::Cancel);
+                    let accept = dialog.add_button(&c.accept, gtk::ResponseType::Accept);
+                    accept.add_css_class("destructive-action");
+                    dialog.set_default_response(gtk::ResponseType::Cancel);
+                }
+                let d = self.clone();
+                let action = b.action.clone();
+                #[allow(deprecated)]
+                dialog.connect_response(move |dialog, response| {
+                    dialog.close();
+                    if response == gtk::ResponseType::Accept {
+                        d.run(action.clone());
+                    }
+                });
+                dialog.present();
+            }
+        }
+    }
+
+    /// Runs `action` on a worker thread; buttons stay disabled until it ends.
+    fn run(self: &Rc<Self>, action: Action) {
+        if self.busy.borrow().is_some() {
+            return;
+        }
+        *self.busy.borrow_mut() = Some(actions::doing(&self.cfg, &action));
+        self.outcome.borrow_mut().take();
+        self.render();
+        let cfg = self.cfg.clone();
+        let d = self.clone();
+        glib::spawn_future_local(async move {
+            let out = gio::spawn_blocking(move || actions::run(&cfg, &action))
+                .await
+                .unwrap_or_else(|_| Outcome {
+                    ok: false,
+                    message: "the action panicked; see the log".to_owned(),
+                });
+            d.busy.borrow_mut().take();
+            *d.outcome.borrow_mut() = Some(out);
+            d.render();
+            d.refresh();
+        });
+    }
+
+    fn render(self: &Rc<Self>) {
+        while let Some(child) = self.content.first_child() {
+            self.content.remove(&child);
+        }
+        let facts = self.facts.borrow();
+        let view = match &*facts {
+            Ok(Some(f)) => View::build(f, self.busy.borrow().as_deref()),
+            Ok(None) => {
+                self.content.append(&label("Reading the GPU's state…"));
+                return;
+            }
+            Err(e) => {
+                let l = label(&format!("Cannot read the GPU's state: {e}"));
+                l.add_css_class("owner-restore");
+                self.content.append(&l);
+                let retry = gtk::Button::with_label("Refresh");
+                retry.set_halign(gtk::Align::Start);
+                let d = Rc::downgrade(self);
+                retry.connect_clicked(move |_| {
+                    if let Some(d) = d.upgrade() {
+                        d.refresh();
+                    }
+                });
+                self.content.append(&retry);
+                return;
+            }
+        };
+        drop(facts);
+        self.window.set_title(Some(&view.title));
+        self.render_view(&view);
+        if self.dump
+            && let Ok(line) = serde_json::to_string(&view)
+        {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    }
+
+    fn button(self: &Rc<Self>, b: &Button) -> gtk::Button {
+        let w = gtk::Button::with_label(&b.label);
+        w.set_sensitive(b.enabled);
+        w.set_tooltip_text(b.tooltip.as_deref());
+        if b.suggested {
+            w.add_css_class("suggested-action");
+        }
+        let d = Rc::downgrade(self);
+        let b = b.clone();
+        w.connect_clicked(move |_| {
+            if let Some(d) = d.upgrade() {
+                d.clicked(&b);
+            }
+        });
+        w
+    }
+
+    fn render_view(self: &Rc<Self>, v: &View) {
+        let c = &self.content;
+        let headline = label(&v.headline);
+        headline.add_css_class("headline");
+        headline.add_css_class(match v.owner {
+            OwnerKind::Host if v.holders.is_empty() => "owner-host",
+            OwnerKind::Host => "owner-warn",
+            OwnerKind::Vm | OwnerKind::VfioIdle => "owner-vm",
+            OwnerKind::RestoreRequired | OwnerKind::Split | OwnerKind::Absent => "owner-restore",
+            OwnerKind::Unbound => "owner-warn",
+        });
+        c.append(&headline);
+        c.append(&label(&v.subline));
+
+        if let Some(busy) = &v.busy {
+            let row = gtk::Box::new(gtk::Orientation::Horizontal, 8);
+            let spinner = gtk::Spinner::new();
+            spinner.start();
+            row.append(&spinner);
+            row.append(&label(busy));
+            row.add_css_class("message");
+            c.append(&row);
+        } else if let Some(out) = &*self.outcome.borrow()
+            && !out.message.is_empty()
+        {
+            let l = label(&out.message);
+            l.add_css_class("message");
+            l.add_css_class(if out.ok { "ok" } else { "failed" });
+            c.append(&l);
+        }
+        if let Some(note) = &*self.live_note.borrow() {
+            let l = label(note);
+            l.add_css_class("dim-label");
+            c.append(&l);
+        }
+
+        let actions = gtk::Box::new(gtk::Orientation::Horizontal, 8);
+        actions.set_margin_top(6);
+        for b in &v.actions {
+            actions.append(&self.button(b));
+        }
+        c.append(&actions);
+
+        c.append(&section("Using the GPU"));
+        if v.holders.is_empty() {
+            c.append(&label("Nothing that this window can see."));
+        }
+        let grid = new_grid();
+        for (col, h) in ["PID", "Command", "User", "Unit", ""].iter().enumerate() {
+            if !v.holders.is_empty() {
+                grid.attach(&header(h), col as i32, 0, 1, 1);
+            }
+        }
+        for (i, h) in v.holders.iter().enumerate() {
+            let row = i as i32 * 2 + 1;
+            grid.attach(&label(&h.pid.to_string()), 0, row, 1, 1);
+            grid.attach(&label(&h.command), 1, row, 1, 1);
+            grid.attach(&label(&h.user), 2, row, 1, 1);
+            grid.attach(&label(h.unit.as_deref().unwrap_or("—")), 3, row, 1, 1);
+            let buttons = gtk::Box::new(gtk::Orientation::Horizontal, 6);
+            for b in &h.buttons {
+                buttons.append(&self.button(b));
+            }
+            grid.attach(&buttons, 4, row, 1, 1);
+            let what = label(&h.what);
+            what.add_css_class("dim-label");
+            grid.attach(&what, 1, row + 1, 4, 1);
+        }
+        c.append(&grid);
+        if let Some(u) = &v.uninspected {
+            c.append(&label(u));
+        }
+        for n in &v.notes {
+            c.append(&label(&format!("Note: {n}")));
+        }
+
+        c.append(&section("Virtual machines"));
+        if v.vms.is_empty() {
+            c.append(&label("No VM is configured ([[vm]] in config.toml)."));
+        }
+        let grid = new_grid();
+        for (row, vm) in v.vms.iter().enumerate() {
+            let row = row as i32 * 2;
+            let name = label(&format!("{} ({})", vm.label, vm.name));
+            name.add_css_class("heading");
+            grid.attach(&name, 0, row, 1, 1);
+            let state = if vm.holds_gpu {
+                format!("{} · has the GPU", vm.state)
+            } else {
+                vm.state.clone()
+            };
+            grid.attach(&label(&state), 1, row, 1, 1);
+            let buttons = gtk::Box::new(gtk::Orientation::Horizontal, 6);
+            for b in &vm.buttons {
+                buttons.append(&self.button(b));
+            }
+            grid.attach(&buttons, 2, row, 1, 1);
+            let detail = match &vm.error {
+                Some(e) => format!("{} — {e}", vm.uri),
+                None => vm.uri.clone(),
+            };
+            let detail = label(&detail);
+            detail.add_css_class("dim-label");
+            grid.attach(&detail, 0, row + 1, 3, 1);
+        }
+        c.append(&grid);
+
+        c.append(&section("Last refused start"));
+        c.append(&label(
+            v.last_refusal.as_deref().unwrap_or("None recorded by the hook."),
+        ));
+        if let Some(e) = &v.last_error {
+            c.append(&section("Last hook error"));
+            c.append(&label(e));
+        }
+
+        c.append(&section("GPU"));
+        c.append(&label(&format!("{}  ·  {}", v.gpu_name, v.address)));
+
+        c.append(&section("Functions"));
+        let grid = new_grid();
+        for (col, h) in ["Address", "Kind", "Driver", "driver_override", "Power"]
+            .iter()
+            .enumerate()
+        {
+            grid.attach(&header(h), col as i32, 0, 1, 1);
+        }
+        for (row, f) in v.functions.iter().enumerate() {
+            for (col, text) in [&f.address, &f.kind, &f.driver, &f.driver_override, &f.power]
+                .into_iter()
+                .enumerate()
+            {
+                grid.attach(&label(text), col as i32, row as i32 + 1, 1, 1);
+            }
+        }
+        c.append(&grid);
+
+        if let Some(g) = &v.iommu {
+            c.append(&section(&format!("IOMMU group {}", g.id)));
+            let grid = new_grid();
+            for (row, m) in g.members.iter().enumerate() {
+                let role = label(&m.role);
+                if m.foreign {
+                    role.set_text(&format!("⚠ {}", m.role));
+                    role.add_css_class("foreign");
+                }
+                grid.attach(&label(&m.address), 0, row as i32, 1, 1);
+                grid.attach(&role, 1, row as i32, 1, 1);
+                grid.attach(&label(&m.driver), 2, row as i32, 1, 1);
+            }
+            c.append(&grid);
+            c.append(&label(&g.verdict));
+        }
+    }
+}
+
+/// A left-aligned, wrapping text label.
+fn label(text: &str) -> gtk::Label {
+    let l = gtk::Label::new(Some(text));
+    l.set_xalign(0.0);
+    l.set_wrap(true);
+    l.set_wrap_mode(pango::WrapMode::WordChar);
+    l
+}
+
+fn header(text: &str) -> gtk::Label {
+    let l = label(text);
+    l.add_css_class("dim-label");
+    l
+}
+
+fn section(text: &str) -> gtk::Label {
+    let l = label(text);
+    l.add_css_class("section");
+    l
+}
+
+fn new_grid() -> gtk::Grid {
+    gtk::Grid::builder().column_spacing(18).row_spacing(4).build()
+}

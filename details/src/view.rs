@@ -1,0 +1,995 @@
+//! The details window's view-model: everything the window shows and which buttons it
+//! offers, computed from the library's [`Status`], the hook's state file and the restore
+//! record. Pure (no GTK, no I/O), so the rules — which button exists for which state, and
+//! when it is disabled — are unit-tested here; `ui.rs` only renders a [`View`].
+//!
+//! `HANDOFF_DETAILS_DUMP=1` prints each rendered [`View`] as one JSON line on stdout: a
+//! test and debugging aid, since a GTK4 window's text is not readable without AT-SPI.
+
+use serde::Serialize;
+
+use handoff::bind::record::{Phase, RestoreRecord};
+use handoff::gpu::{self, FunctionKind, Owner};
+use handoff::holders::Holder;
+use handoff::state::{HookPhase, HookState};
+use handoff::status::{Status, VmState, VmStatus};
+
+/// What the window is built from: one reading of the machine.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    pub status: Status,
+    /// `state.json` under `[host] run`; None when the hook never ran.
+    pub hook: Option<HookState>,
+    /// The restore record under `[host] run`; None when no handoff is in place.
+    pub record: Option<RestoreRecord>,
+    /// The uid the window runs as: only its own processes get "Terminate".
+    pub uid: u32,
+    /// Unix time now, for "… ago".
+    pub now: u64,
+}
+
+/// Something a button does. The UI runs it off the main thread (`actions.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum Action {
+    /// `handoff start <vm>`.
+    Start {
+        vm: String,
+    },
+    /// Graceful shutdown, waiting up to the VM's `shutdown_timeout_s`.
+    Stop {
+        vm: String,
+    },
+    /// Power off at once (confirmed first).
+    ForceStop {
+        vm: String,
+    },
+    /// Stop whichever configured VM holds the GPU, then start `vm`.
+    Switch {
+        vm: String,
+    },
+    OpenLookingGlass,
+    /// SIGTERM to one of the user's own processes (confirmed first).
+    Terminate {
+        pid: u32,
+        command: String,
+    },
+    /// `systemctl stop <unit>` (confirmed first); `pid` tells a user unit from a system one.
+    StopUnit {
+        unit: String,
+        pid: u32,
+    },
+    /// `pkexec handoff rebind --force`.
+    ReturnToLinux,
+    Refresh,
+}
+
+/// A question asked before an action runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Confirm {
+    pub question: String,
+    pub detail: String,
+    /// The label of the button that goes ahead.
+    pub accept: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Button {
+    pub label: String,
+    pub action: Action,
+    pub enabled: bool,
+    /// Why it is disabled, or what it will do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tooltip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirm: Option<Confirm>,
+    /// The thing to do now (rendered as GTK's suggested action).
+    pub suggested: bool,
+}
+
+impl Button {
+    fn new(label: impl Into<String>, action: Action) -> Self {
+        Self {
+            label: label.into(),
+            action,
+            enabled: true,
+            tooltip: None,
+            confirm: None,
+            suggested: false,
+        }
+    }
+
+    fn tooltip(mut self, t: impl Into<String>) -> Self {
+        self.tooltip = Some(t.into());
+        self
+    }
+
+    fn disabled_because(mut self, why: impl Into<String>) -> Self {
+        self.enabled = false;
+        self.tooltip = Some(why.into());
+        self
+    }
+
+    fn confirm(mut self, question: String, detail: String, accept: &str) -> Self {
+        self.confirm = Some(Confirm {
+            question,
+            detail,
+            accept: accept.to_owned(),
+        });
+        self
+    }
+
+    fn suggested(mut self) -> Self {
+        self.suggested = true;
+        self
+    }
+}
+
+/// Who owns the GPU, as the big line says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OwnerKind {
+    Host,
+    /// On vfio-pci with a running VM.
+    Vm,
+    /// On vfio-pci, no VM running.
+    VfioIdle,
+    RestoreRequired,
+    Unbound,
+    Split,
+    Absent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FunctionRow {
+    pub address: String,
+    pub kind: String,
+    pub driver: String,
+    /// `driver_override`, "—" when none.
+    pub driver_override: String,
+    /// `power/runtime_status`.
+    pub power: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemberRow {
+    pub address: String,
+    /// "GPU function", "bridge", or "not part of the GPU".
+    pub role: String,
+    pub driver: String,
+    /// Neither the GPU's nor a bridge: it would have to go to the VM too.
+    pub foreign: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IommuView {
+    pub id: u32,
+    pub members: Vec<MemberRow>,
+    /// One sentence: fine, or what the foreign members mean.
+    pub verdict: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmRow {
+    pub name: String,
+    pub label: String,
+    pub uri: String,
+    pub state: String,
+    pub active: bool,
+    /// Holds the GPU now.
+    pub holds_gpu: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub buttons: Vec<Button>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HolderRow {
+    pub pid: u32,
+    pub command: String,
+    pub user: String,
+    pub unit: Option<String>,
+    /// What it holds open, or why it counts.
+    pub what: String,
+    pub mine: bool,
+    pub buttons: Vec<Button>,
+}
+
+/// Everything the window shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct View {
+    /// The window title: "handoff — RTX 3090 Ti".
+    pub title: String,
+    pub owner: OwnerKind,
+    /// The big line: "GPU is on Linux (nvidia)", "GPU is in Windows", "Restore required".
+    pub headline: String,
+    /// The line under it: who uses the GPU, or what to do.
+    pub subline: String,
+    pub gpu_name: String,
+    pub address: String,
+    pub functions: Vec<FunctionRow>,
+    pub iommu: Option<IommuView>,
+    pub vms: Vec<VmRow>,
+    pub holders: Vec<HolderRow>,
+    /// Processes the scan could not read, said plainly.
+    pub uninspected: Option<String>,
+    pub notes: Vec<String>,
+    /// The last start the hook refused: "Windows, 3 min ago: …".
+    pub last_refusal: Option<String>,
+    /// The hook's last failure.
+    pub last_error: Option<String>,
+    /// Window-wide buttons: Open Looking Glass, Return GPU to Linux, Refresh.
+    pub actions: Vec<Button>,
+    /// An action under way ("Stopping Windows…"): every button but Refresh is disabled.
+    pub busy: Option<String>,
+}
+
+/// Why the GPU needs `handoff rebind --force`, or None. A stuck record, or the hook saying
+/// so, always counts; a `Bound` record counts only when every VM could be asked and none
+/// runs (a VM we cannot ask may still hold the GPU). `Binding`/`Returning` records are a
+/// handoff under way.
+pub fn restore_required(facts: &Facts) -> Option<String> {
+    if let Some(r) = &facts.record {
+        match r.phase {
+            Phase::Stuck => {
+                return Some(
+                    r.problem
+                        .clone()
+                        .unwrap_or_else(|| "a handoff stopped half-way".to_owned()),
+                );
+            }
+            Phase::Bound => {
+                let vms = &facts.status.vms;
+                let all_known = vms.iter().all(|v| v.state != VmState::Unknown);
+                if all_known && !vms.iter().any(|v| v.state.is_active()) {
+                    let vm = r.vm.as_deref().unwrap_or("a VM");
+                    return Some(format!(
+                        "the GPU was handed to {vm}, which is not running, and did not come back"
+                    ));
+                }
+            }
+            Phase::Binding | Phase::Returning => {}
+        }
+    }
+    match &facts.hook {
+        Some(h) if h.phase == HookPhase::RestoreRequired => Some(
+            h.last_error
+                .clone()
+                .unwrap_or_else(|| "the hook could not return the GPU to Linux".to_owned()),
+        ),
+        _ => None,
+    }
+}
+
+fn vm_label<'a>(vms: &'a [VmStatus], name: &'a str) -> &'a str {
+    vms.iter()
+        .find(|v| v.name == name)
+        .map(|v| v.label.as_str())
+        .unwrap_or(name)
+}
+
+fn ago(now: u64, at: u64) -> String {
+    let s = now.saturating_sub(at);
+    match s {
+        0..60 => "just now".to_owned(),
+        60..3600 => format!("{} min ago", s / 60),
+        3600..86400 => format!("{} h ago", s / 3600),
+        _ => format!("{} days ago", s / 86400),
+    }
+}
+
+fn kind_word(kind: FunctionKind) -> &'static str {
+    match kind {
+        FunctionKind::Vga => "graphics",
+        FunctionKind::Audio => "audio",
+        FunctionKind::Usb => "USB",
+        FunctionKind::Serial => "USB-C (UCSI)",
+        FunctionKind::Bridge => "bridge",
+        FunctionKind::Other => "other",
+    }
+}
+
+fn holder_row(h: &Holder, uid: u32, busy: bool) -> HolderRow {
+    let mine = h.uid == uid;
+    let mut buttons = Vec::new();
+    if mine {
+        buttons.push(
+            Button::new(
+                "Terminate",
+                Action::Terminate {
+                    pid: h.pid,
+                    command: h.command.clone(),
+                },
+            )
+            .confirm(
+                format!("Terminate {} (pid {})?", h.command, h.pid),
+                "It is sent SIGTERM and may lose unsaved work.".to_owned(),
+                "Terminate",
+            ),
+        );
+    }
+    // Only services: stopping a .scope would end a whole login session or app.
+    if let Some(unit) = h.unit.as_ref().filter(|u| u.ends_with(".service")) {
+        buttons.push(
+            Button::new(
+                format!("Stop {unit}"),
+                Action::StopUnit {
+                    unit: unit.clone(),
+                    pid: h.pid,
+                },
+            )
+            .confirm(
+                format!("Stop {unit}?"),
+                format!(
+                    "`systemctl stop {unit}` ends every process of the unit, not only {}.",
+                    h.command
+                ),
+                "Stop",
+            ),
+        );
+    }
+    if busy {
+        buttons = buttons.into_iter().map(|b| b.disabled_because(BUSY)).collect();
+    }
+    let what = if h.paths.is_empty() {
+        h.reason.clone().unwrap_or_default()
+    } else {
+        let paths: Vec<String> = h.paths.iter().map(|p| p.display().to_string()).collect();
+        format!("holds {}", paths.join(", "))
+    };
+    HolderRow {
+        pid: h.pid,
+        command: h.command.clone(),
+        user: h.user.clone(),
+        unit: h.unit.clone(),
+        what,
+        mine,
+        buttons,
+    }
+}
+
+const BUSY: &str = "Another action is running";
+
+impl View {
+    /// The view of `facts`; `busy` names an action under way.
+    pub fn build(facts: &Facts, busy: Option<&str>) -> View {
+        let st = &facts.status;
+        let g = &st.gpu;
+        let restore = restore_required(facts);
+        let active: Vec<&VmStatus> = st.vms.iter().filter(|v| v.state.is_active()).collect();
+
+        let (owner, headline) = if restore.is_some() {
+            (OwnerKind::RestoreRequired, "Restore required".to_owned())
+        } else {
+            match g.owner {
+                Owner::Host => (
+                    OwnerKind::Host,
+                    format!("GPU is on Linux ({})", g.driver.as_deref().unwrap_or("?")),
+                ),
+                Owner::Vfio | Owner::Mixed if g.vm.is_some() => {
+                    let vm = g.vm.as_deref().unwrap_or_default();
+                    (OwnerKind::Vm, format!("GPU is in {}", vm_label(&st.vms, vm)))
+                }
+                Owner::Vfio => (
+                    OwnerKind::VfioIdle,
+                    "GPU is on vfio-pci, no VM running".to_owned(),
+                ),
+                Owner::Mixed => (OwnerKind::Split, "GPU is split between drivers".to_owned()),
+                Owner::Unbound => (OwnerKind::Unbound, "GPU has no driver".to_owned()),
+                Owner::Absent => (OwnerKind::Absent, format!("No GPU at {}", g.address)),
+            }
+        };
+
+        let users = match g.blockers.len() {
+            0 => "nothing uses it".to_owned(),
+            1 => "1 process uses it".to_owned(),
+            n => format!("{n} processes use it"),
+        };
+        let subline = match (&restore, owner) {
+            (Some(why), _) => format!("{why}.\n“Return GPU to Linux” runs `handoff rebind --force`."),
+            (None, OwnerKind::Host) => {
+                if g.blockers.is_empty() {
+                    "Nothing uses it: a VM can take it.".to_owned()
+                } else {
+                    format!(
+                        "{}: a VM start would be refused until they let go.",
+                        capitalise(&users)
+                    )
+                }
+            }
+            (None, OwnerKind::Vm) => "It comes back to Linux when the VM stops.".to_owned(),
+            (None, OwnerKind::VfioIdle) => {
+                "Start a VM, or the hook returns it to Linux on the next VM stop.".to_owned()
+            }
+            (None, OwnerKind::Split) => g.split.clone().unwrap_or_default(),
+            (None, OwnerKind::Unbound) => "No driver is bound to its graphics function.".to_owned(),
+            (None, OwnerKind::Absent) => {
+                "This machine has no PCI device there: set [gpu] address (`lspci -D` lists devices)."
+                    .to_owned()
+            }
+            (None, OwnerKind::RestoreRequired) => String::new(),
+        };
+
+        let is_busy = busy.is_some();
+        let vms = st
+            .vms
+            .iter()
+            .map(|v| {
+                let others_active = active.iter().any(|a| a.name != v.name);
+                let mut buttons = Vec::new();
+                if v.state.is_active() {
+                    buttons.push(
+                        Button::new("Stop", Action::Stop { vm: v.name.clone() })
+                            .tooltip(format!("Shut {} down gracefully", v.label)),
+                    );
+                    buttons.push(
+                        Button::new("Force stop…", Action::ForceStop { vm: v.name.clone() }).confirm(
+                            format!("Force {} off?", v.label),
+                            "This is pulling the plug: the guest cannot save anything.".to_owned(),
+                            "Force stop",
+                        ),
+                    );
+                } else {
+                    let b = if others_active {
+                        Button::new(
+                            format!("Switch to {}", v.label),
+                            Action::Switch { vm: v.name.clone() },
+                        )
+                        .tooltip("Stop the running VM gracefully, then start this one")
+                    } else {
+                        Button::new("Start", Action::Start { vm: v.name.clone() })
+                    };
+                    let b = match (&restore, v.state) {
+                        (Some(_), _) => b.disabled_because("Return the GPU to Linux first"),
+                        (None, VmState::Undefined | VmState::Unknown) => {
+                            b.disabled_because(v.error.clone().unwrap_or_else(|| v.state.words().to_owned()))
+                        }
+                        _ => b,
+                    };
+                    buttons.push(b);
+                }
+                if is_busy {
+                    buttons = buttons.into_iter().map(|b| b.disabled_because(BUSY)).collect();
+                }
+                VmRow {
+                    name: v.name.clone(),
+                    label: v.label.clone(),
+                    uri: v.uri.clone(),
+                    state: v.state.words().to_owned(),
+                    active: v.state.is_active(),
+                    holds_gpu: g.vm.as_deref() == Some(v.name.as_str()),
+                    error: v.error.clone(),
+                    buttons,
+                }
+            })
+            .collect();
+
+        let mut actions = Vec::new();
+        if !active.is_empty() {
+            actions.push(
+                Button::new("Open Looking Glass", Action::OpenLookingGlass)
+                    .tooltip("Open (or focus) the Looking Glass client on its workspace"),
+            );
+        }
+        if restore.is_some() {
+            actions.push(
+                Button::new("Return GPU to Linux", Action::ReturnToLinux)
+                    .tooltip("pkexec handoff rebind --force: asks for an administrator's password")
+                    .suggested(),
+            );
+        }
+        if is_busy {
+            actions = actions.into_iter().map(|b| b.disabled_because(BUSY)).collect();
+        }
+        actions.push(Button::new("Refresh", Action::Refresh));
+
+        let last_refusal = facts
+            .hook
+            .as_ref()
+            .and_then(|h| h.last_refusal.as_ref())
+            .map(|r| {
+                format!(
+                    "{}, {}: {}",
+                    vm_label(&st.vms, &r.vm),
+                    ago(facts.now, r.at),
+                    r.message.trim()
+                )
+            });
+
+        let gpu_name = g.name.clone().unwrap_or_else(|| "unknown GPU".to_owned());
+        View {
+            title: format!(
+                "handoff — {}",
+                g.name.as_deref().map(gpu::short_name).unwrap_or("GPU")
+            ),
+            owner,
+            headline,
+            subline,
+            gpu_name,
+            address: g.address.to_string(),
+            functions: g
+                .functions
+                .iter()
+                .map(|f| FunctionRow {
+                    address: f.address.to_string(),
+                    kind: kind_word(f.kind).to_owned(),
+                    driver: f.driver.clone().unwrap_or_else(|| "(no driver)".to_owned()),
+                    driver_override: f.driver_override.clone().unwrap_or_else(|| "—".to_owned()),
+                    power: f.runtime_status.clone().unwrap_or_else(|| "?".to_owned()),
+                })
+                .collect(),
+            iommu: g.iommu_group.as_ref().map(|grp| {
+                let foreign = grp.foreign_members().len();
+                IommuView {
+                    id: grp.id,
+                    members: grp
+                        .members
+                        .iter()
+                        .map(|m| {
+                            let foreign = !m.gpu_function && !m.bridge;
+                            MemberRow {
+                                address: m.address.to_string(),
+                                role: if m.gpu_function {
+                                    "GPU function"
+                                } else if m.bridge {
+                                    "bridge"
+                                } else {
+                                    "not part of the GPU"
+                                }
+                                .to_owned(),
+                                driver: m.driver.clone().unwrap_or_else(|| "(no driver)".to_owned()),
+                                foreign,
+                            }
+                        })
+                        .collect(),
+                    verdict: match foreign {
+                        0 => "Only the GPU's functions (and bridges): it can be passed through alone.".to_owned(),
+                        1 => "1 device that is not the GPU shares its group: it would have to go to the VM too."
+                            .to_owned(),
+                        n => format!(
+                            "{n} devices that are not the GPU share its group: they would have to go to the VM too."
+                        ),
+                    },
+                }
+            }),
+            vms,
+            holders: g.blockers.iter().map(|h| holder_row(h, facts.uid, is_busy)).collect(),
+            uninspected: (g.uninspected > 0).then(|| handoff::status::uninspected_line(g.uninspected)),
+            notes: g.notes.clone(),
+            last_refusal,
+            last_error: facts
+                .hook
+                .as_ref()
+                .and_then(|h| h.last_error.clone())
+                .filter(|_| restore.is_none()),
+            actions,
+            busy: busy.map(str::to_owned),
+        }
+    }
+
+    /// Every button, in the order shown.
+    #[cfg(test)]
+    pub fn buttons(&self) -> impl Iterator<Item = &Button> {
+        self.vms
+            .iter()
+            .flat_map(|v| v.buttons.iter())
+            .chain(self.holders.iter().flat_map(|h| h.buttons.iter()))
+            .chain(self.actions.iter())
+    }
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use handoff::gpu::{Function, IommuGroup, IommuMember};
+    use handoff::pci::PciAddress;
+    use handoff::state::Refusal;
+    use handoff::status::GpuStatus;
+
+    use super::*;
+
+    const GPU: PciAddress = PciAddress::new(0, 1, 0, 0);
+    const ME: u32 = 1000;
+
+    fn function(n: u8, driver: &str) -> Function {
+        Function {
+            address: GPU.with_function(n),
+            kind: if n == 0 {
+                FunctionKind::Vga
+            } else {
+                FunctionKind::Audio
+            },
+            driver: Some(driver.to_owned()),
+            vendor: 0x10de,
+            device: 0x2203,
+            class: if n == 0 { 0x030000 } else { 0x040300 },
+            driver_override: (driver == "vfio-pci").then(|| "vfio-pci".to_owned()),
+            runtime_status: Some("active".to_owned()),
+            iommu_group: Some(14),
+        }
+    }
+
+    fn vm(name: &str, label: &str, state: VmState) -> VmStatus {
+        VmStatus {
+            name: name.to_owned(),
+            label: label.to_owned(),
+            uri: "qemu:///system".to_owned(),
+            state,
+            error: None,
+        }
+    }
+
+    fn holder(pid: u32, command: &str, uid: u32, unit: Option<&str>) -> Holder {
+        Holder {
+            pid,
+            command: command.to_owned(),
+            cmdline: vec![command.to_owned()],
+            uid,
+            user: if uid == ME { "alice" } else { "ollama" }.to_owned(),
+            unit: unit.map(str::to_owned),
+            paths: vec![PathBuf::from("/dev/nvidia0")],
+            reason: None,
+        }
+    }
+
+    /// The workstation: GPU on `driver` (both functions), the given VMs.
+    fn facts(driver: &str, vms: Vec<VmStatus>) -> Facts {
+        let owner = if driver == "vfio-pci" {
+            Owner::Vfio
+        } else {
+            Owner::Host
+        };
+        let active: Vec<_> = vms.iter().filter(|v| v.state.is_active()).collect();
+        let holding = (owner == Owner::Vfio && active.len() == 1).then(|| active[0].name.clone());
+        Facts {
+            status: Status {
+                gpu: GpuStatus {
+                    address: GPU,
+                    name: Some("NVIDIA GeForce RTX 3090 Ti".to_owned()),
+                    owner,
+                    driver: Some(driver.to_owned()),
+                    functions: vec![
+                        function(0, driver),
+                        function(
+                            1,
+                            if owner == Owner::Vfio {
+                                driver
+                            } else {
+                                "snd_hda_intel"
+                            },
+                        ),
+                    ],
+                    vm: holding,
+                    blockers: Vec::new(),
+                    uninspected: 0,
+                    iommu_group: Some(IommuGroup {
+                        id: 14,
+                        members: vec![
+                            IommuMember {
+                                address: GPU,
+                                class: 0x030000,
+                                driver: Some(driver.to_owned()),
+                                gpu_function: true,
+                                bridge: false,
+                            },
+                            IommuMember {
+                                address: GPU.with_function(1),
+                                class: 0x040300,
+                                driver: None,
+                                gpu_function: true,
+                                bridge: false,
+                            },
+                        ],
+                    }),
+                    notes: Vec::new(),
+                    split: None,
+                },
+                vms,
+            },
+            hook: None,
+            record: None,
+            uid: ME,
+            now: 1_700_000_000,
+        }
+    }
+
+    fn labels(buttons: &[Button]) -> Vec<&str> {
+        buttons.iter().map(|b| b.label.as_str()).collect()
+    }
+
+    fn record(phase: Phase) -> RestoreRecord {
+        RestoreRecord {
+            version: 1,
+            gpu: GPU,
+            vm: Some("win11".to_owned()),
+            created: 1_700_000_000,
+            phase,
+            functions: Vec::new(),
+            problem: (phase == Phase::Stuck).then(|| "unbinding 0000:01:00.0 from nvidia hung".to_owned()),
+            hung_writer: None,
+        }
+    }
+
+    #[test]
+    fn gpu_on_linux_with_nothing_using_it_offers_start_and_refresh() {
+        let v = View::build(
+            &facts("nvidia", vec![vm("win11", "Windows", VmState::Shutoff)]),
+            None,
+        );
+        assert_eq!(v.owner, OwnerKind::Host);
+        assert_eq!(v.headline, "GPU is on Linux (nvidia)");
+        assert_eq!(v.subline, "Nothing uses it: a VM can take it.");
+        assert_eq!(v.title, "handoff — RTX 3090 Ti");
+        assert_eq!(labels(&v.vms[0].buttons), ["Start"]);
+        assert!(v.vms[0].buttons[0].enabled);
+        assert_eq!(labels(&v.actions), ["Refresh"]);
+        assert_eq!(v.functions[1].driver, "snd_hda_intel");
+        assert_eq!(v.functions[0].driver_override, "—");
+    }
+
+    #[test]
+    fn gpu_in_the_running_vm_offers_stop_force_stop_and_looking_glass() {
+        let v = View::build(
+            &facts("vfio-pci", vec![vm("win11", "Windows", VmState::Running)]),
+            None,
+        );
+        assert_eq!(v.owner, OwnerKind::Vm);
+        assert_eq!(v.headline, "GPU is in Windows");
+        assert!(v.vms[0].holds_gpu);
+        assert_eq!(labels(&v.vms[0].buttons), ["Stop", "Force stop…"]);
+        let force = &v.vms[0].buttons[1];
+        assert_eq!(force.action, Action::ForceStop { vm: "win11".into() });
+        assert_eq!(force.confirm.as_ref().unwrap().question, "Force Windows off?");
+        assert!(
+            v.vms[0].buttons[0].confirm.is_none(),
+            "a graceful stop needs no question"
+        );
+        assert_eq!(labels(&v.actions), ["Open Looking Glass", "Refresh"]);
+        assert_eq!(v.functions[0].driver_override, "vfio-pci");
+    }
+
+    #[test]
+    fn gpu_on_vfio_with_no_vm_says_so_and_offers_start() {
+        let v = View::build(
+            &facts("vfio-pci", vec![vm("win11", "Windows", VmState::Shutoff)]),
+            None,
+        );
+        assert_eq!(v.owner, OwnerKind::VfioIdle);
+        assert_eq!(v.headline, "GPU is on vfio-pci, no VM running");
+        assert_eq!(labels(&v.vms[0].buttons), ["Start"]);
+    }
+
+    #[test]
+    fn a_stuck_restore_record_says_restore_required_and_offers_return_only() {
+        let mut f = facts("vfio-pci", vec![vm("win11", "Windows", VmState::Shutoff)]);
+        f.record = Some(record(Phase::Stuck));
+        let v = View::build(&f, None);
+        assert_eq!(v.owner, OwnerKind::RestoreRequired);
+        assert_eq!(v.headline, "Restore required");
+        assert!(
+            v.subline.starts_with("unbinding 0000:01:00.0 from nvidia hung."),
+            "{}",
+            v.subline
+        );
+        assert!(!v.vms[0].buttons[0].enabled, "no start while the GPU is stuck");
+        assert_eq!(
+            v.vms[0].buttons[0].tooltip.as_deref(),
+            Some("Return the GPU to Linux first")
+        );
+        assert_eq!(labels(&v.actions), ["Return GPU to Linux", "Refresh"]);
+        assert_eq!(v.actions[0].action, Action::ReturnToLinux);
+        assert!(v.actions[0].suggested);
+    }
+
+    #[test]
+    fn a_bound_record_is_a_restore_only_when_no_vm_runs_and_every_vm_answered() {
+        let mut f = facts("vfio-pci", vec![vm("win11", "Windows", VmState::Running)]);
+        f.record = Some(record(Phase::Bound));
+        assert_eq!(View::build(&f, None).owner, OwnerKind::Vm);
+        f.status.vms[0].state = VmState::Shutoff;
+        f.status.gpu.vm = None;
+        assert_eq!(View::build(&f, None).owner, OwnerKind::RestoreRequired);
+        f.status.vms[0].state = VmState::Unknown;
+        assert_eq!(
+            View::build(&f, None).owner,
+            OwnerKind::VfioIdle,
+            "libvirt unreachable: don't guess"
+        );
+        f.record = Some(record(Phase::Binding));
+        f.status.vms[0].state = VmState::Shutoff;
+        assert_eq!(
+            View::build(&f, None).owner,
+            OwnerKind::VfioIdle,
+            "a handoff under way"
+        );
+    }
+
+    #[test]
+    fn the_hook_saying_restore_required_is_believed() {
+        let mut f = facts("nvidia", vec![vm("win11", "Windows", VmState::Shutoff)]);
+        let mut h = HookState::new(GPU);
+        h.phase = HookPhase::RestoreRequired;
+        h.last_error = Some("0000:01:00.1 did not come back to snd_hda_intel".into());
+        f.hook = Some(h);
+        let v = View::build(&f, None);
+        assert_eq!(v.owner, OwnerKind::RestoreRequired);
+        assert!(v.subline.contains("did not come back"));
+        assert_eq!(v.last_error, None, "said once, in the subline");
+    }
+
+    #[test]
+    fn holders_get_terminate_when_mine_and_stop_unit_for_services_each_confirmed() {
+        let mut f = facts("nvidia", vec![vm("win11", "Windows", VmState::Shutoff)]);
+        f.status.gpu.blockers = vec![
+            holder(4242, "python3", ME, Some("session-2.scope")),
+            holder(777, "ollama", 998, Some("ollama.service")),
+            holder(900, "cuda-job", ME, Some("cuda-job.service")),
+        ];
+        let v = View::build(&f, None);
+        assert_eq!(
+            v.subline,
+            "3 processes use it: a VM start would be refused until they let go."
+        );
+        assert_eq!(
+            labels(&v.holders[0].buttons),
+            ["Terminate"],
+            "never stop a session scope"
+        );
+        assert_eq!(
+            labels(&v.holders[1].buttons),
+            ["Stop ollama.service"],
+            "not mine: no terminate"
+        );
+        assert_eq!(
+            labels(&v.holders[2].buttons),
+            ["Terminate", "Stop cuda-job.service"]
+        );
+        assert!(
+            v.holders
+                .iter()
+                .flat_map(|h| &h.buttons)
+                .all(|b| b.confirm.is_some() && !b.suggested)
+        );
+        assert_eq!(
+            v.holders[0].buttons[0].action,
+            Action::Terminate {
+                pid: 4242,
+                command: "python3".into()
+            }
+        );
+        assert_eq!(v.holders[1].what, "holds /dev/nvidia0");
+        assert!(!v.holders[1].mine);
+    }
+
+    #[test]
+    fn with_several_vms_the_idle_ones_offer_switch_to() {
+        let v = View::build(
+            &facts(
+                "vfio-pci",
+                vec![
+                    vm("win11", "Windows", VmState::Running),
+                    vm("ai", "AI", VmState::Shutoff),
+                    vm("mac", "macOS", VmState::Shutoff),
+                ],
+            ),
+            None,
+        );
+        assert_eq!(v.headline, "GPU is in Windows");
+        assert_eq!(labels(&v.vms[0].buttons), ["Stop", "Force stop…"]);
+        assert_eq!(labels(&v.vms[1].buttons), ["Switch to AI"]);
+        assert_eq!(v.vms[2].buttons[0].action, Action::Switch { vm: "mac".into() });
+    }
+
+    #[test]
+    fn with_several_vms_and_none_running_each_offers_start() {
+        let v = View::build(
+            &facts(
+                "nvidia",
+                vec![
+                    vm("win11", "Windows", VmState::Shutoff),
+                    vm("ai", "AI", VmState::Shutoff),
+                ],
+            ),
+            None,
+        );
+        assert!(v.vms.iter().all(|r| labels(&r.buttons) == ["Start"]));
+    }
+
+    #[test]
+    fn a_vm_libvirt_does_not_know_cannot_be_started_and_says_why() {
+        let mut gone = vm("win11", "Windows", VmState::Undefined);
+        gone.error = Some("no domain win11 at qemu:///system".into());
+        let v = View::build(&facts("nvidia", vec![gone]), None);
+        let start = &v.vms[0].buttons[0];
+        assert!(!start.enabled);
+        assert_eq!(
+            start.tooltip.as_deref(),
+            Some("no domain win11 at qemu:///system")
+        );
+        assert_eq!(v.vms[0].state, "not defined in libvirt");
+    }
+
+    #[test]
+    fn while_an_action_runs_every_button_but_refresh_is_disabled() {
+        let mut f = facts("vfio-pci", vec![vm("win11", "Windows", VmState::Running)]);
+        f.status.gpu.blockers = vec![holder(1, "x", ME, None)];
+        let v = View::build(&f, Some("Stopping Windows…"));
+        assert_eq!(v.busy.as_deref(), Some("Stopping Windows…"));
+        let enabled: Vec<_> = v
+            .buttons()
+            .filter(|b| b.enabled)
+            .map(|b| b.label.as_str())
+            .collect();
+        assert_eq!(enabled, ["Refresh"]);
+        assert_eq!(v.buttons().count(), 5);
+    }
+
+    #[test]
+    fn the_last_refusal_names_the_vm_when_and_why() {
+        let mut f = facts("nvidia", vec![vm("win11", "Windows", VmState::Shutoff)]);
+        let mut h = HookState::new(GPU);
+        h.last_refusal = Some(Refusal {
+            vm: "win11".into(),
+            at: f.now - 180,
+            holders: vec![holder(4242, "python3", ME, None)],
+            message: "GPU 0000:01:00.0 is busy: python3 (pid 4242, user alice) holds /dev/nvidia0\n".into(),
+        });
+        f.hook = Some(h);
+        let v = View::build(&f, None);
+        assert_eq!(
+            v.last_refusal.as_deref(),
+            Some(
+                "Windows, 3 min ago: GPU 0000:01:00.0 is busy: python3 (pid 4242, user alice) holds /dev/nvidia0"
+            )
+        );
+    }
+
+    #[test]
+    fn foreign_iommu_group_members_are_flagged() {
+        let mut f = facts("nvidia", vec![]);
+        f.status
+            .gpu
+            .iommu_group
+            .as_mut()
+            .unwrap()
+            .members
+            .push(IommuMember {
+                address: PciAddress::new(0, 2, 0, 0),
+                class: 0x010802,
+                driver: Some("nvme".into()),
+                gpu_function: false,
+                bridge: false,
+            });
+        let g = View::build(&f, None).iommu.unwrap();
+        assert_eq!(g.id, 14);
+        assert!(g.members[2].foreign);
+        assert_eq!(g.members[2].role, "not part of the GPU");
+        assert!(!g.members[0].foreign);
+        assert!(
+            g.verdict.starts_with("1 device that is not the GPU"),
+            "{}",
+            g.verdict
+        );
+    }
+
+    #[test]
+    fn the_view_serialises_for_the_dump() {
+        let v = View::build(
+            &facts("nvidia", vec![vm("win11", "Windows", VmState::Shutoff)]),
+            None,
+        );
+        let j = serde_json::to_value(&v).unwrap();
+        assert_eq!(j["owner"], "host");
+        assert_eq!(j["vms"][0]["buttons"][0]["action"]["action"], "start");
+        assert_eq!(j["vms"][0]["buttons"][0]["action"]["vm"], "win11");
+    }
+}

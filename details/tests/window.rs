@@ -1,0 +1,458 @@
+//! The real window: `handoff-details` on Xvfb with a private session bus, against a
+//! simulated GPU (a `SimHost` tree) and libvirt's built-in test driver. The window's text
+//! is read from `HANDOFF_DETAILS_DUMP=1` (one JSON view per render); that the window is
+//! mapped is asked of the X server (`xwininfo`); screenshots go to `docs/screenshots/`.
+//!
+//! Every process (Xvfb, dbus-daemon, the window, the holder) runs in its own process
+//! group and is killed by group when the test ends, passing or not. Under `CI=true` a
+//! missing Xvfb, dbus-daemon, xwininfo or import fails the test; elsewhere it skips.
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use handoff::bind::record::{Phase, RestoreRecord};
+use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::state::{HookState, Refusal};
+
+const BIN: &str = env!("CARGO_BIN_EXE_handoff-details");
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A child in its own process group; the whole group is killed and the child reaped on drop.
+struct Group(Child);
+
+impl Group {
+    fn spawn(cmd: &mut Command) -> Group {
+        let what = format!("{cmd:?}");
+        Group(
+            cmd.process_group(0)
+                .spawn()
+                .unwrap_or_else(|e| panic!("{what}: {e}")),
+        )
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory effects; the group is the child's own.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Xvfb and a session bus: what a desktop gives the window.
+struct Desktop {
+    dir: tempfile::TempDir,
+    display: String,
+    bus: String,
+    // Dropped in declaration order: the bus, then the X server.
+    _bus: Group,
+    _xvfb: Group,
+}
+
+impl Desktop {
+    fn start() -> Option<Desktop> {
+        for tool in ["Xvfb", "dbus-daemon", "xwininfo", "import"] {
+            if !have(tool) {
+                let why = format!("{tool} is not installed (scripts/deps.sh installs it)");
+                assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+                eprintln!("skipping: {why}");
+                return None;
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+
+        // -displayfd: Xvfb picks a free display and writes its number to the pipe.
+        let mut fds = [0; 2];
+        // SAFETY: fds is a valid out-array of two ints.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both fds were just created and are owned here only.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let xvfb = Group::spawn(
+            Command::new("Xvfb")
+                .args(["-displayfd", &fds[1].to_string(), "-noreset", "-nolisten", "tcp"])
+                .args(["-screen", "0", "800x860x24"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        drop(w);
+        let mut number = String::new();
+        File::from(r).read_to_string(&mut number).unwrap();
+        let display = format!(":{}", number.trim());
+        assert!(
+            number.trim().parse::<u32>().is_ok(),
+            "Xvfb said no display: {number:?}"
+        );
+
+        let socket = dir.path().join("bus");
+        let mut bus = Group::spawn(
+            Command::new("dbus-daemon")
+                .args(["--session", "--nofork", "--print-address=1"])
+                .arg(format!("--address=unix:path={}", socket.display()))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        );
+        let mut address = String::new();
+        BufReader::new(bus.0.stdout.take().unwrap())
+            .read_line(&mut address)
+            .unwrap();
+        assert!(address.starts_with("unix:"), "dbus-daemon said {address:?}");
+        Some(Desktop {
+            dir,
+            display,
+            bus: address.trim().to_owned(),
+            _bus: bus,
+            _xvfb: xvfb,
+        })
+    }
+
+    /// Top-level windows whose name starts with `prefix` and that are viewable.
+    fn viewable_windows(&self, prefix: &str) -> Vec<String> {
+        let tree = Command::new("xwininfo")
+            .args(["-root", "-tree", "-display", &self.display])
+            .output()
+            .unwrap();
+        let tree = String::from_utf8_lossy(&tree.stdout).into_owned();
+        tree.lines()
+            .filter(|l| l.contains(&format!("\"{prefix}")))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .filter(|id| {
+                let info = Command::new("xwininfo")
+                    .args(["-id", id, "-display", &self.display])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&info.stdout).contains("Map State: IsViewable")
+            })
+            .collect()
+    }
+
+    fn screenshot(&self, name: &str) -> PathBuf {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots");
+        fs::create_dir_all(&dir).unwrap();
+        let to = dir.join(name);
+        let out = Command::new("import")
+            .args(["-display", &self.display, "-window", "root"])
+            .arg(&to)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            fs::metadata(&to).unwrap().len() > 1000,
+            "{} is empty",
+            to.display()
+        );
+        to
+    }
+}
+
+/// A simulated workstation (RTX 3090 Ti on nvidia) and a config for it.
+struct Machine {
+    tmp: tempfile::TempDir,
+    sim: SimHost,
+}
+
+impl Machine {
+    /// `vms` are (name, label, uri).
+    fn new(vms: &[(&str, &str, &str)]) -> Machine {
+        let tmp = tempfile::tempdir().unwrap();
+        let sim = SimHost::build(&tmp.path().join("root"), &SimSpec::workstation()).unwrap();
+        let m = Machine { tmp, sim };
+        m.configure(vms);
+        m
+    }
+
+    fn configure(&self, vms: &[(&str, &str, &str)]) {
+        let mut text = format!("[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\n\n");
+        for (name, label, uri) in vms {
+            text += &format!("[[vm]]\nname = \"{name}\"\nlabel = \"{label}\"\nuri = \"{uri}\"\n\n");
+        }
+        text += &format!(
+            "[host]\nsysfs = \"{}\"\nproc = \"/proc\"\ndev = \"{}\"\nrun = \"{}\"\n",
+            self.sim.sysfs().display(),
+            self.sim.dev().display(),
+            self.sim.run().display()
+        );
+        fs::write(self.tmp.path().join("config.toml"), text).unwrap();
+    }
+
+    fn move_all(&self, driver: &str) {
+        for n in 0..4 {
+            self.sim
+                .set_driver(RTX_3090_TI.with_function(n), Some(driver))
+                .unwrap();
+        }
+    }
+
+    /// A libvirt test-driver file defining shut-off domains `names` (runstate 5: shut off).
+    fn test_driver(&self, names: &[&str]) -> String {
+        let mut xml = String::from("<node>\n");
+        for n in names {
+            xml += &format!(
+                "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
+                 <name>{n}</name><memory>32768</memory><vcpu>1</vcpu><os><type>hvm</type></os>\
+                 <test:runstate>5</test:runstate></domain>\n"
+            );
+        }
+        xml += "</node>\n";
+        let path = self.tmp.path().join("libvirt-test.xml");
+        fs::write(&path, xml).unwrap();
+        format!("test://{}", path.display())
+    }
+}
+
+/// `handoff-details` on `desktop`, its dumped views arriving on a channel.
+struct Window {
+    views: mpsc::Receiver<Value>,
+    last: Option<Value>,
+    _group: Group,
+}
+
+impl Window {
+    fn open(desktop: &Desktop, machine: &Machine) -> Window {
+        let home = desktop.dir.path().join("home");
+        let runtime = desktop.dir.path().join("runtime");
+        fs::create_dir_all(&home).unwrap();
+        fs::create_dir_all(&runtime).unwrap();
+        fs::set_permissions(&runtime, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        let mut group = Group::spawn(
+            Command::new(BIN)
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .env("DISPLAY", &desktop.display)
+                .env("DBUS_SESSION_BUS_ADDRESS", &desktop.bus)
+                .env("NO_AT_BRIDGE", "1")
+                .env("GDK_BACKEND", "x11")
+                .env("GSETTINGS_BACKEND", "memory")
+                .env("HOME", &home)
+                .env("XDG_RUNTIME_DIR", &runtime)
+                .env("HANDOFF_CONFIG", machine.tmp.path().join("config.toml"))
+                .env("HANDOFF_DETAILS_DUMP", "1")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped()),
+        );
+        let stdout = group.0.stdout.take().unwrap();
+        let (tx, views) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        Window {
+            views,
+            last: None,
+            _group: group,
+        }
+    }
+
+    /// The first rendered view for which `ok` holds.
+    fn wait_for(&mut self, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.views.recv_timeout(left) {
+                Ok(v) if ok(&v) => return v,
+                Ok(v) => self.last = Some(v),
+                Err(_) => panic!(
+                    "no view with {what} within {WAIT:?}; the last was {:#?}",
+                    self.last
+                ),
+            }
+        }
+    }
+}
+
+fn wait_viewable(desktop: &Desktop, prefix: &str) {
+    let deadline = Instant::now() + WAIT;
+    while desktop.viewable_windows(prefix).is_empty() {
+        assert!(Instant::now() < deadline, "no viewable window named {prefix}…");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The view is dumped when its widgets are built; give GTK a few frames to draw them.
+    std::thread::sleep(Duration::from_millis(700));
+}
+
+fn labels(buttons: &Value) -> Vec<&str> {
+    buttons
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["label"].as_str().unwrap())
+        .collect()
+}
+
+/// `sleep 600` holding `node` open on stdin: a CUDA job, as far as the scan can tell.
+fn hold(node: &Path) -> Group {
+    Group::spawn(
+        Command::new("sleep")
+            .arg("600")
+            .stdin(File::open(node).unwrap())
+            .stdout(Stdio::null()),
+    )
+}
+
+#[test]
+fn shows_the_gpu_on_linux_with_a_holder_then_a_refused_start_as_it_happens() {
+    let Some(desktop) = Desktop::start() else { return };
+    let m = Machine::new(&[]);
+    let uri = m.test_driver(&["win11", "ai"]);
+    m.configure(&[("win11", "Windows", &uri), ("ai", "AI", &uri)]);
+    let holder = hold(&m.sim.dev().join("nvidia0"));
+    let pid = holder.0.id() as u64;
+
+    let mut w = Window::open(&desktop, &m);
+    let v = w.wait_for("the holder", |v| {
+        v["holders"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|h| h["pid"] == pid))
+    });
+    assert_eq!(v["owner"], "host");
+    assert_eq!(v["headline"], "GPU is on Linux (nvidia)");
+    assert_eq!(
+        v["subline"],
+        "1 process uses it: a VM start would be refused until they let go."
+    );
+    assert_eq!(v["title"], "handoff — RTX 3090 Ti");
+    let h = &v["holders"][0];
+    assert_eq!(h["command"], "sleep");
+    assert_eq!(
+        h["what"],
+        format!("holds {}", m.sim.dev().join("nvidia0").display())
+    );
+    assert_eq!(labels(&h["buttons"])[0], "Terminate", "the test's own process");
+    assert_eq!(v["vms"][0]["state"], "shut off");
+    assert_eq!(labels(&v["vms"][0]["buttons"]), ["Start"]);
+    assert_eq!(labels(&v["vms"][1]["buttons"]), ["Start"]);
+    assert_eq!(v["functions"].as_array().unwrap().len(), 4);
+    let members = v["iommu"]["members"].as_array().unwrap();
+    let gpu = members
+        .iter()
+        .find(|m| m["address"] == RTX_3090_TI.to_string())
+        .unwrap();
+    assert_eq!(gpu["role"], "GPU function");
+    assert!(members.iter().all(|m| m["foreign"] == false), "{members:#?}");
+    wait_viewable(&desktop, "handoff — ");
+    desktop.screenshot("details-host-holder.png");
+
+    // The hook refuses a start: the window learns it from state.json (inotify), no timer.
+    let mut state = HookState::new(RTX_3090_TI);
+    state.last_refusal = Some(Refusal {
+        vm: "win11".into(),
+        at: state.updated,
+        holders: Vec::new(),
+        message: format!("GPU {RTX_3090_TI} is busy: sleep (pid {pid}, user root) holds /dev/nvidia0"),
+    });
+    state.save(&m.sim.host()).unwrap();
+    let v = w.wait_for("the refusal", |v| v["last_refusal"].is_string());
+    assert!(
+        v["last_refusal"].as_str().unwrap().starts_with(&format!(
+            "Windows, just now: GPU {RTX_3090_TI} is busy: sleep (pid {pid}"
+        )),
+        "{v:#}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    desktop.screenshot("details-host-refused.png");
+    drop(holder);
+}
+
+#[test]
+fn shows_the_gpu_in_the_running_test_vm() {
+    let Some(desktop) = Desktop::start() else { return };
+    let m = Machine::new(&[("test", "Windows", "test:///default")]);
+    m.move_all("vfio-pci");
+    let mut w = Window::open(&desktop, &m);
+    let v = w.wait_for("the VM", |v| v["owner"] == "vm");
+    assert_eq!(v["headline"], "GPU is in Windows");
+    assert_eq!(v["vms"][0]["state"], "running");
+    assert_eq!(v["vms"][0]["holds_gpu"], true);
+    assert_eq!(labels(&v["vms"][0]["buttons"]), ["Stop", "Force stop…"]);
+    assert_eq!(labels(&v["actions"]), ["Open Looking Glass", "Refresh"]);
+    assert!(v["holders"].as_array().unwrap().is_empty());
+    assert_eq!(v["functions"][0]["driver"], "vfio-pci");
+    wait_viewable(&desktop, "handoff — ");
+    desktop.screenshot("details-vm.png");
+}
+
+#[test]
+fn a_stuck_handoff_shows_restore_required_and_return_gpu_to_linux() {
+    let Some(desktop) = Desktop::start() else { return };
+    let m = Machine::new(&[("test", "Windows", "test:///default")]);
+    m.sim.set_driver(RTX_3090_TI, Some("vfio-pci")).unwrap();
+    let host = m.sim.host();
+    let gpu = handoff::gpu::read_gpu(&host, RTX_3090_TI).unwrap();
+    let mut record = RestoreRecord::new(&gpu, Some("test"));
+    record.phase = Phase::Stuck;
+    record.problem = Some(format!(
+        "returning {RTX_3090_TI} to nvidia failed: the driver did not bind"
+    ));
+    record.save(&host).unwrap();
+    let mut w = Window::open(&desktop, &m);
+    let v = w.wait_for("restore required", |v| v["owner"] == "restore-required");
+    assert_eq!(v["headline"], "Restore required");
+    assert_eq!(
+        labels(&v["actions"]),
+        ["Open Looking Glass", "Return GPU to Linux", "Refresh"]
+    );
+    wait_viewable(&desktop, "handoff — ");
+    desktop.screenshot("details-restore.png");
+}
+
+#[test]
+fn without_a_display_it_says_where_to_look_instead() {
+    let out = Command::new(BIN)
+        .env_remove("DISPLAY")
+        .env_remove("WAYLAND_DISPLAY")
+        .env("HANDOFF_CONFIG", "/nonexistent/handoff.toml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "handoff-details: no display: run it on the desktop, or use `handoff status`"
+    );
+}
+
+#[test]
+fn help_says_what_the_window_shows() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("who owns the GPU"), "{text}");
+    assert!(text.contains("HANDOFF_DETAILS_DUMP"), "{text}");
+}
+
+#[test]
+fn a_broken_config_is_named_and_exits_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.toml");
+    fs::write(&config, "[gpu]\naddress = \"nonsense\"\n").unwrap();
+    let out = Command::new(BIN)
+        .env("DISPLAY", ":99")
+        .env("HANDOFF_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&config.display().to_string()), "{err}");
+}
