@@ -128,12 +128,14 @@ check:
 	bash .ci/run
 
 # The .deb holds exactly what `make install prefix=/usr` puts down, staged under the target
-# dir (Cargo.toml [package.metadata.deb] takes it from there).
+# dir (Cargo.toml [package.metadata.deb] takes it from there); man pages gzipped as Debian
+# wants them (cargo-deb leaves files under target/ alone).
 deb:
 	$(MAKE) --no-print-directory all PROFILE=release
 	rm -rf $(TARGET_DIR)/release/deb-root
 	$(MAKE) --no-print-directory install PROFILE=release prefix=/usr INSTALL_RECORD= \
 		DESTDIR=$(abspath $(TARGET_DIR))/release/deb-root >/dev/null
+	gzip -9n $(TARGET_DIR)/release/deb-root/usr/share/man/man1/*.1
 	$(CARGO) deb -p handoff --no-build
 
 FORCE:
