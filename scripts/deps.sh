@@ -20,6 +20,9 @@ packages=(
   pci.ids
   # validating what install-services writes (systemd-analyze, desktop-file-validate)
   systemd desktop-file-utils
+  # packaging: make install, rendering the generated man pages, the .deb ($auto depends
+  # through dpkg-shlibdeps) and its test in a debootstrapped root (scripts/test-deb.sh)
+  make groff-base man-db dpkg-dev debootstrap
 )
 
 missing=()

@@ -4,9 +4,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use handoff::config::{Config, Source};
 use handoff::{doctor, status};
+
+// The seed's command names (argv[0] dispatch) and `handoff __generate` (man pages,
+// completions, links): packaging, binary-side.
+mod argv0;
+mod generate;
 
 #[derive(Parser)]
 #[command(
@@ -284,7 +289,10 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    if let Some(code) = generate::if_asked(Cli::command) {
+        return code;
+    }
+    let cli: Cli = argv0::parse();
     init_logging(cli.verbose, cli.quiet);
     match run(cli) {
         Ok(code) => code,
