@@ -229,6 +229,12 @@ pub struct View {
 /// runs (a VM we cannot ask may still hold the GPU). `Binding`/`Returning` records are a
 /// handoff under way.
 pub fn restore_required(facts: &Facts) -> Option<String> {
+    // A function locked by a stuck unbind: nothing can move until the kernel lets go.
+    if let Some(a) = facts.status.gpu.locked.first() {
+        return Some(format!(
+            "{a} is locked in the kernel: an unbind is probably stuck (something still holds the GPU)"
+        ));
+    }
     if let Some(r) = &facts.record {
         match r.phase {
             Phase::Stuck => {
@@ -615,6 +621,7 @@ mod tests {
             driver_override: (driver == "vfio-pci").then(|| "vfio-pci".to_owned()),
             runtime_status: Some("active".to_owned()),
             iommu_group: Some(14),
+            locked: false,
         }
     }
 
@@ -671,6 +678,7 @@ mod tests {
                     vm: holding,
                     blockers: Vec::new(),
                     uninspected: 0,
+                    locked: Vec::new(),
                     iommu_group: Some(IommuGroup {
                         id: 14,
                         members: vec![
