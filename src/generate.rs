@@ -27,7 +27,7 @@ pub fn if_asked(cli: impl FnOnce() -> clap::Command) -> Option<ExitCode> {
     let mut cmd = GenerateArgs::augment_args(
         clap::Command::new(TRIGGER)
             .bin_name(format!("handoff {TRIGGER}"))
-            .about("Write man pages, shell completions or the seed's command links into DIR"),
+            .about("Write man pages, shell completions or the command-name links (windows-start, vfio-status, …) into DIR"),
     );
     let matches = cmd
         .clone()

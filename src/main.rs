@@ -41,7 +41,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Who owns the GPU, which VM runs, and what uses the GPU (the seed's `vfio-status`).
+    /// Who owns the GPU, which VM runs, and what uses the GPU (also installed as `vfio-status`).
     #[command(visible_alias = "vfio-status")]
     Status(JsonFlag),
     /// The processes that would stop a handoff now: what holds the GPU's device nodes.
@@ -54,7 +54,7 @@ enum Command {
     /// Validate or show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Return the GPU to the host driver from whatever state it is in (the seed's
+    /// Return the GPU to the host driver from whatever state it is in (also installed as
     /// `gpu-rebind-nvidia`). Needs root: `sudo handoff rebind --force` or `pkexec handoff rebind --force`.
     ///
     /// Uses the restore record under [host] run when there is one (each function goes back to the
@@ -67,12 +67,12 @@ enum Command {
     /// Refuses, changing nothing, while any process holds the GPU.
     Bind(BindArgs),
     /// Install (or with --uninstall remove) the libvirt hook that guards and binds the GPU
-    /// (the seed's `install-hooks`). Idempotent; needs root.
+    /// (also installed as `install-hooks`). Idempotent; needs root.
     ///
     /// Puts a small shim at /etc/libvirt/hooks/qemu.d/handoff that runs `handoff hook`, never
     /// touching an existing /etc/libvirt/hooks/qemu, and makes libvirtd re-read its hooks (SIGHUP).
     InstallHooks(InstallHooksArgs),
-    /// Start a VM (default: the first [[vm]]) with the GPU (the seed's `windows-start`).
+    /// Start a VM (default: the first [[vm]]) with the GPU (also installed as `windows-start`).
     ///
     /// Checks first: nothing of yours holds the GPU, and no other configured VM has it.
     /// Then starts the domain, waits until it runs and says where the GPU went. When the
@@ -80,7 +80,7 @@ enum Command {
     /// (also when it already was), 1 refused or failed, nothing started.
     #[command(visible_alias = "windows-start")]
     Start(StartArgs),
-    /// Shut a VM down gracefully (ACPI) and wait for the GPU to come back (the seed's
+    /// Shut a VM down gracefully (ACPI) and wait for the GPU to come back (also installed as
     /// `windows-stop`).
     ///
     /// Waits up to the VM's shutdown_timeout_s (or --timeout); exit 1 when the guest did
@@ -92,7 +92,7 @@ enum Command {
     /// wait for the GPU, start VM. Exit 1 with the step that failed.
     Switch(SwitchArgs),
     /// A VM's state, uptime, vCPUs, memory, passed-through PCI devices, Looking Glass
-    /// device and IP (the seed's `vm-health`).
+    /// device and IP (also installed as `vm-health`).
     VmHealth(VmHealthArgs),
     /// Run by libvirtd as /etc/libvirt/hooks/qemu.d/handoff: <domain> <operation> <sub-op> <extra>,
     /// domain XML on stdin. Not for people; `handoff install-hooks` sets it up.
@@ -111,11 +111,11 @@ enum Command {
     /// Exit 0 opened or focused, 1 failed, 3 no desktop session reachable from here.
     Lg(LgArgs),
     /// Can Looking Glass work: shared memory present, sized as the VM's device, readable and
-    /// writable by you, kvmfr loaded when used, the client installed (the seed's `lg-test`).
+    /// writable by you, kvmfr loaded when used, the client installed (also installed as `lg-test`).
     ///
     /// Exit 0 when all of that holds, 1 otherwise; each failure says how to fix it.
     LgTest(LgTestArgs),
-    /// Install (or with --uninstall remove) your session's pieces (the seed's `install-services`):
+    /// Install (or with --uninstall remove) your session's pieces (also installed as `install-services`):
     /// the tray's systemd user unit, an XDG autostart entry for it, a "Windows" launcher, and
     /// with --lg-autostart a unit that opens Looking Glass when the VM starts. Idempotent.
     InstallServices(InstallServicesArgs),
