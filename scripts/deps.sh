@@ -12,6 +12,8 @@ packages=(
   xfce4-panel i3-wm i3blocks x11-utils xterm imagemagick
   # the benchmarks compare against these
   psmisc lsof hyperfine
+  # the tray benchmark counts syscalls of an idle handoff-tray
+  strace
   # checking the polkit policy in desktop-files/ (xmllint, polkit's DTD)
   libxml2-utils polkitd
   # reading PCI names

@@ -47,6 +47,8 @@ pub enum Msg {
     /// A notification's button, by action key.
     NoteAction(String),
     Inhibitor(Option<handoff::inhibit::Inhibitor>),
+    /// Read the machine again (after the orphan grace).
+    Recheck,
     Quit,
 }
 
@@ -95,6 +97,7 @@ fn main() -> ExitCode {
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_io()
+        .enable_time()
         .max_blocking_threads(4)
         .thread_keep_alive(std::time::Duration::from_millis(500))
         .build()
@@ -133,7 +136,23 @@ pub fn no_watcher_text(reason: &ksni::OfflineReason) -> String {
 /// Reads the machine once: status (sysfs, holders, VM states), the hook's state and the
 /// restore record, and which holders run in a stoppable `.service`. Blocking.
 pub fn collect(cfg: &Config, prober: &mut Prober) -> Snapshot {
-    let status = handoff::status::collect(cfg, &mut |vm| prober.probe(vm)).map_err(|e| e.to_string());
+    // The VM states are asked before and after sysfs is read, until both agree: libvirt
+    // can take a while to answer while it starts a domain, and a sysfs read from before
+    // the start paired with a state from after it would show a VM running on a GPU that
+    // is still on the host.
+    let mut tries = 0;
+    let status = loop {
+        tries += 1;
+        let before: Vec<_> = cfg.vms.iter().map(|vm| prober.probe(vm).state).collect();
+        let status = handoff::status::collect(cfg, &mut |vm| prober.probe(vm)).map_err(|e| e.to_string());
+        let agree = match &status {
+            Ok(s) => s.vms.iter().map(|v| v.state).eq(before.iter().copied()),
+            Err(_) => true,
+        };
+        if agree || tries == 3 {
+            break status;
+        }
+    };
     let mut units = HashMap::new();
     if let Ok(s) = &status {
         for h in &s.gpu.blockers {
@@ -156,6 +175,7 @@ pub fn collect(cfg: &Config, prober: &mut Prober) -> Snapshot {
         // SAFETY: getuid cannot fail.
         uid: unsafe { libc::getuid() },
         units,
+        orphan_confirmed: false,
     }
 }
 
@@ -171,7 +191,16 @@ struct Loop {
     notifier: notify::Notifier,
     inhibitor: Option<handoff::inhibit::Inhibitor>,
     inhibit_asked: bool,
+    /// The last settled snapshot (no handoff under way): notifications compare against it,
+    /// so "Windows stopped" waits for the GPU to be home and says so in one notification.
+    settled: Snapshot,
+    /// Since when the GPU has been seen orphaned (off the host, no VM).
+    orphan_since: Option<Instant>,
 }
+
+/// How long the GPU may sit off the host with no VM before that is "restore required":
+/// the hook's `release` runs right after a VM stops and takes well under a second.
+const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
@@ -206,11 +235,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         collecting: false,
         dirty: false,
         reconnect: false,
+        settled: snap.clone(),
         snap,
         notifier: notify::Notifier::new(tx.clone()),
         inhibitor: None,
         inhibit_asked: false,
+        orphan_since: None,
     };
+    l.check_orphan();
     l.inhibit();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -235,12 +267,16 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             }
             Msg::Collected(snap) => {
                 l.collecting = false;
-                let note = model::transition_note(&l.snap, &snap);
                 l.snap = *snap;
+                l.check_orphan();
                 let s = l.snap.clone();
                 handle.update(|t: &mut HandoffTray| t.snap = s).await;
-                if let Some(n) = note {
-                    l.notifier.show(n, l.icon()).await;
+                if l.snap.icon_state(None) != icons::IconState::Switching {
+                    let note = model::transition_note(&l.settled, &l.snap);
+                    l.settled = l.snap.clone();
+                    if let Some(n) = note {
+                        l.notifier.show(n, l.icon()).await;
+                    }
                 }
                 l.inhibit();
                 if l.dirty {
@@ -277,6 +313,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 }
                 None => tracing::info!("notification action {key:?} is not current; ignored"),
             },
+            Msg::Recheck => l.refresh(),
             Msg::Inhibitor(i) => {
                 if l.snap.vm_with_gpu().is_some() {
                     l.inhibitor = i;
@@ -289,6 +326,28 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 impl Loop {
+    /// Confirms an orphaned GPU once it has stayed so for [`ORPHAN_GRACE`]: the first
+    /// sighting schedules one more read after the grace (a one-shot timer, only while the
+    /// GPU is in this transient state; never while idle).
+    fn check_orphan(&mut self) {
+        if self.snap.orphaned().is_none() {
+            self.orphan_since = None;
+            return;
+        }
+        match self.orphan_since {
+            Some(t) if t.elapsed() >= ORPHAN_GRACE => self.snap.orphan_confirmed = true,
+            Some(_) => {}
+            None => {
+                self.orphan_since = Some(Instant::now());
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(ORPHAN_GRACE).await;
+                    let _ = tx.send(Msg::Recheck);
+                });
+            }
+        }
+    }
+
     fn icon(&self) -> &'static str {
         self.snap.icon_state(None).name()
     }

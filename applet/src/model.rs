@@ -33,6 +33,10 @@ pub struct Snapshot {
     /// For holders in a `.service` unit: which manager runs it. Scopes (login sessions,
     /// terminal tabs) are not offered: stopping one ends everything in it.
     pub units: HashMap<u32, UnitScope>,
+    /// [`Snapshot::orphaned`] has held for a while (set by the main loop): only then is it
+    /// "restore required". Right after a VM stops, the GPU sits on vfio-pci with its record
+    /// until libvirt runs the hook's `release`; that moment must not alarm anyone.
+    pub orphan_confirmed: bool,
 }
 
 impl Snapshot {
@@ -76,8 +80,8 @@ impl Snapshot {
         )
     }
 
-    /// A handoff that did not finish: the hook says so, the record is stuck, or the GPU is
-    /// off the host with no VM running and nothing under way.
+    /// A handoff that did not finish: the hook says so, the record is stuck, or (once
+    /// confirmed, see [`Snapshot::orphan_confirmed`]) the GPU is off the host with no VM.
     pub fn restore_required(&self) -> Option<String> {
         if let Some(h) = &self.hook
             && h.phase == HookPhase::RestoreRequired
@@ -88,36 +92,37 @@ impl Snapshot {
                     .unwrap_or_else(|| "the last handoff did not finish".into()),
             );
         }
+        if let Some(r) = &self.restore
+            && r.phase == Phase::Stuck
+        {
+            return Some(
+                r.problem
+                    .clone()
+                    .unwrap_or_else(|| "the handoff got stuck".into()),
+            );
+        }
+        if self.orphan_confirmed {
+            return self.orphaned();
+        }
+        None
+    }
+
+    /// The GPU is off the host (or its restore record is left) while no VM runs and no
+    /// handoff is under way. Transient right after a VM stops; see `orphan_confirmed`.
+    pub fn orphaned(&self) -> Option<String> {
+        if self.active_vms().next().is_some() || self.libvirt_unreachable().is_some() || self.hook_moving() {
+            return None;
+        }
         if let Some(r) = &self.restore {
-            if r.phase == Phase::Stuck {
-                return Some(
-                    r.problem
-                        .clone()
-                        .unwrap_or_else(|| "the handoff got stuck".into()),
-                );
-            }
-            let under_way = matches!(r.phase, Phase::Binding | Phase::Returning);
-            if !under_way && self.active_vms().next().is_none() && self.libvirt_unreachable().is_none() {
-                return Some(format!(
-                    "a restore record is left from {} but no VM is running",
-                    r.vm.as_deref().unwrap_or("a VM")
-                ));
-            }
+            return Some(format!(
+                "a restore record is left from {} but no VM is running",
+                r.vm.as_deref().unwrap_or("a VM")
+            ));
         }
         match self.owner() {
-            Some(Owner::Vfio | Owner::Unbound | Owner::Mixed)
-                if self.restore.is_none()
-                    && self.active_vms().next().is_none()
-                    && self.libvirt_unreachable().is_none()
-                    && !self.hook_moving() =>
-            {
-                let phrase = match self.owner() {
-                    Some(Owner::Vfio) => "on vfio-pci",
-                    Some(Owner::Unbound) => "without a driver",
-                    _ => "split between drivers",
-                };
-                Some(format!("the GPU is {phrase} and no VM is running"))
-            }
+            Some(Owner::Vfio) => Some("the GPU is on vfio-pci and no VM is running".into()),
+            Some(Owner::Unbound) => Some("the GPU has no driver and no VM is running".into()),
+            Some(Owner::Mixed) => Some("the GPU is split between drivers and no VM is running".into()),
             _ => None,
         }
     }
@@ -140,7 +145,9 @@ impl Snapshot {
         if self.owner() == Some(Owner::Absent) {
             return IconState::Offline;
         }
-        if action.is_some() || self.hook_moving() {
+        // Functions on different drivers (or none) while a VM runs: the hook is mid-way.
+        let split = matches!(self.owner(), Some(Owner::Mixed | Owner::Unbound));
+        if action.is_some() || self.hook_moving() || self.orphaned().is_some() || split {
             return IconState::Switching;
         }
         if self.libvirt_unreachable().is_some() {
