@@ -14,6 +14,8 @@ packages=(
   libnotify-bin
   # the benchmarks compare against these
   psmisc lsof hyperfine time
+  # the tray benchmark counts syscalls of an idle handoff-tray
+  strace
   # checking the polkit policy in desktop-files/ (xmllint, polkit's DTD)
   libxml2-utils polkitd
   # reading PCI names

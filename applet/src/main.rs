@@ -1,12 +1,419 @@
-//! `handoff-tray`: the StatusNotifierItem. Not built yet; until it is, it says so plainly
-//! instead of pretending, and points at what works today.
+//! `handoff-tray`: the StatusNotifierItem that shows who owns the GPU, starts and stops
+//! the VMs, and says who blocks a handoff (issue 5).
+//!
+//! One tokio current-thread runtime. What happens where:
+//! - the live stream ([`handoff::live::Watcher::with_sink`]: kernel uevents, the hook's
+//!   run dir, libvirt lifecycle events) delivers into this loop's channel; nothing else
+//!   wakes an idle tray (no timer);
+//! - on a change the loop re-reads the machine ([`collect`]) on a blocking thread,
+//!   coalescing changes that arrive meanwhile, then updates the item (`handle.update`),
+//!   shows the notification the change deserves, and holds or drops the sleep inhibitor;
+//! - menu clicks only send an [`actions::Action`] here (ksni's realworld pattern); the
+//!   action runs on a blocking thread with the menu disabled, and its outcome comes back
+//!   as a message.
+//!
+//! Links libvirt but not GTK: "Details…" starts `handoff-details`, its own process.
 
+mod actions;
+mod icons;
+mod model;
+mod notify;
+mod tray;
+
+use std::collections::HashMap;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use handoff::Config;
+use handoff::bind::record::RestoreRecord;
+use handoff::libvirt::Prober;
+use handoff::live::{Change, Sources, Watcher};
+use handoff::state::HookState;
+use ksni::TrayMethods;
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+
+use crate::actions::Action;
+use crate::model::{Note, NoteAction, Snapshot, UnitScope};
+use crate::tray::HandoffTray;
+
+/// Everything that reaches the main loop.
+pub enum Msg {
+    Change(Change),
+    Collected(Box<Snapshot>),
+    Action(Action),
+    Done(Action, Option<Note>),
+    /// A notification's button, by action key.
+    NoteAction(String),
+    Inhibitor(Option<handoff::inhibit::Inhibitor>),
+    /// Read the machine again (after the orphan grace).
+    Recheck,
+    Quit,
+}
+
+const USAGE: &str = "usage: handoff-tray [-v|-q]
+
+The tray icon of handoff: who owns the GPU, start/stop the VMs, who blocks a handoff.
+Reads the same config as `handoff` (HANDOFF_CONFIG, ~/.config/handoff/config.toml,
+/etc/handoff/config.toml). Needs a StatusNotifierItem host in the panel (on i3: snixembed,
+or use handoff-block in i3bar instead).";
 
 fn main() -> ExitCode {
-    eprintln!(
-        "handoff-tray: the tray icon is not available in this version yet.\n\
-         Use `handoff status` (or `handoff-block` in your bar) to see who owns the GPU."
-    );
-    ExitCode::from(2)
+    let mut level = "warn";
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "-v" | "--verbose" => level = "info",
+            "-vv" => level = "debug",
+            "-q" | "--quiet" => level = "error",
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            "-V" | "--version" => {
+                println!("handoff-tray {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("handoff-tray: unknown argument {other:?}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HANDOFF_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(format!("handoff={level},handoff_tray={level}"))
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = match Config::load() {
+        Ok((c, _)) => c,
+        Err(e) => {
+            eprintln!("handoff-tray: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .max_blocking_threads(4)
+        .thread_keep_alive(std::time::Duration::from_millis(500))
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("handoff-tray: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("handoff-tray: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The one explanation printed when no tray host is there (DESIGN.md, i3/i3#2088).
+pub fn no_watcher_text(reason: &ksni::OfflineReason) -> String {
+    let why = match reason {
+        ksni::OfflineReason::No => "the StatusNotifierWatcher went away".to_owned(),
+        ksni::OfflineReason::Error(e) => format!("{e}"),
+        _ => "no StatusNotifierWatcher answers".to_owned(),
+    };
+    format!(
+        "handoff-tray: no tray icon can show yet: nothing on the session bus hosts \
+         StatusNotifierItems (org.kde.StatusNotifierWatcher; {why}).\n  \
+         On i3: i3bar only shows XEmbed icons, so run an SNI host such as `snixembed --fork` \
+         (e.g. `exec --no-startup-id snixembed --fork` in the i3 config), or put handoff-block \
+         in your bar instead.\n  handoff-tray keeps running and registers as soon as a host appears."
+    )
+}
+
+/// Reads the machine once: status (sysfs, holders, VM states), the hook's state and the
+/// restore record, and which holders run in a stoppable `.service`. Blocking.
+pub fn collect(cfg: &Config, prober: &mut Prober) -> Snapshot {
+    // The VM states are asked before and after sysfs is read, until both agree: libvirt
+    // can take a while to answer while it starts a domain, and a sysfs read from before
+    // the start paired with a state from after it would show a VM running on a GPU that
+    // is still on the host.
+    let mut tries = 0;
+    let status = loop {
+        tries += 1;
+        let before: Vec<_> = cfg.vms.iter().map(|vm| prober.probe(vm).state).collect();
+        let status = handoff::status::collect(cfg, &mut |vm| prober.probe(vm)).map_err(|e| e.to_string());
+        let agree = match &status {
+            Ok(s) => s.vms.iter().map(|v| v.state).eq(before.iter().copied()),
+            Err(_) => true,
+        };
+        if agree || tries == 3 {
+            break status;
+        }
+    };
+    let mut units = HashMap::new();
+    if let Ok(s) = &status {
+        for h in &s.gpu.blockers {
+            if h.unit.as_deref().is_some_and(|u| u.ends_with(".service"))
+                && let Ok(cg) = std::fs::read_to_string(cfg.host.procfs.join(format!("{}/cgroup", h.pid)))
+            {
+                let scope = if cg.contains("/user@") {
+                    UnitScope::User
+                } else {
+                    UnitScope::System
+                };
+                units.insert(h.pid, scope);
+            }
+        }
+    }
+    Snapshot {
+        status,
+        hook: HookState::load(&cfg.host),
+        restore: RestoreRecord::load(&cfg.host, cfg.gpu.address).ok().flatten(),
+        // SAFETY: getuid cannot fail.
+        uid: unsafe { libc::getuid() },
+        units,
+        orphan_confirmed: false,
+    }
+}
+
+struct Loop {
+    cfg: Arc<Config>,
+    tx: UnboundedSender<Msg>,
+    prober: Arc<Mutex<Prober>>,
+    collecting: bool,
+    dirty: bool,
+    /// Set when libvirt was lost or came back: its connections are made anew.
+    reconnect: bool,
+    snap: Snapshot,
+    notifier: notify::Notifier,
+    inhibitor: Option<handoff::inhibit::Inhibitor>,
+    inhibit_asked: bool,
+    /// The last settled snapshot (no handoff under way): notifications compare against it,
+    /// so "Windows stopped" waits for the GPU to be home and says so in one notification.
+    settled: Snapshot,
+    /// Since when the GPU has been seen orphaned (off the host, no VM).
+    orphan_since: Option<Instant>,
+}
+
+/// How long the GPU may sit off the host with no VM before that is "restore required":
+/// the hook's `release` runs right after a VM stops and takes well under a second.
+const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let (tx, mut rx) = unbounded_channel();
+    let sink_tx = tx.clone();
+    let _watcher = Watcher::with_sink(
+        &cfg,
+        Sources::all(),
+        Arc::new(move |c| sink_tx.send(Msg::Change(c)).is_ok()),
+    )?;
+    let prober = Arc::new(Mutex::new(Prober::new()));
+    let snap = {
+        let (cfg, prober) = (cfg.clone(), prober.clone());
+        tokio::task::spawn_blocking(move || collect(&cfg, &mut prober.lock().unwrap())).await?
+    };
+    let tray = HandoffTray {
+        snap: snap.clone(),
+        action: None,
+        last_event: None,
+        tx: tx.clone(),
+        said_offline: Arc::new(AtomicBool::new(false)),
+    };
+    let handle = tray
+        .assume_sni_available(true)
+        .spawn()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot put the item on the session bus: {e}"))?;
+    let mut l = Loop {
+        cfg,
+        tx: tx.clone(),
+        prober,
+        collecting: false,
+        dirty: false,
+        reconnect: false,
+        settled: snap.clone(),
+        snap,
+        notifier: notify::Notifier::new(tx.clone()),
+        inhibitor: None,
+        inhibit_asked: false,
+        orphan_since: None,
+    };
+    l.check_orphan();
+    l.inhibit();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    loop {
+        let msg = tokio::select! {
+            m = rx.recv() => match m { Some(m) => m, None => break },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        match msg {
+            Msg::Quit => break,
+            Msg::Change(c) => {
+                tracing::info!("change: {c}");
+                if matches!(c, Change::SourceLost { .. } | Change::SourceBack { .. }) {
+                    l.reconnect = true;
+                }
+                let event = format!("{} ({})", c, clock());
+                handle
+                    .update(|t: &mut HandoffTray| t.last_event = Some(event))
+                    .await;
+                l.refresh();
+            }
+            Msg::Collected(snap) => {
+                l.collecting = false;
+                l.snap = *snap;
+                l.check_orphan();
+                let s = l.snap.clone();
+                handle.update(|t: &mut HandoffTray| t.snap = s).await;
+                if l.snap.icon_state(None) != icons::IconState::Switching {
+                    let note = model::transition_note(&l.settled, &l.snap);
+                    l.settled = l.snap.clone();
+                    if let Some(n) = note {
+                        l.notifier.show(n, l.icon()).await;
+                    }
+                }
+                l.inhibit();
+                if l.dirty {
+                    l.refresh();
+                }
+            }
+            Msg::Action(a) => {
+                if a.marks_busy() {
+                    let doing = a.doing();
+                    handle.update(|t: &mut HandoffTray| t.action = Some(doing)).await;
+                }
+                let cfg = l.cfg.clone();
+                let tx = l.tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let note = actions::run(&cfg, &a);
+                    let _ = tx.send(Msg::Done(a, note));
+                });
+            }
+            Msg::Done(a, note) => {
+                if a.marks_busy() {
+                    handle.update(|t: &mut HandoffTray| t.action = None).await;
+                }
+                if let Some(n) = note {
+                    l.notifier.show(n, l.icon()).await;
+                }
+                l.refresh();
+            }
+            Msg::NoteAction(key) => match l.notifier.action(&key) {
+                Some(NoteAction::TerminateAndStart { vm, pids }) => {
+                    let _ = l.tx.send(Msg::Action(Action::TerminateAndStart { vm, pids }));
+                }
+                Some(NoteAction::Details) => {
+                    let _ = l.tx.send(Msg::Action(Action::Details));
+                }
+                None => tracing::info!("notification action {key:?} is not current; ignored"),
+            },
+            Msg::Recheck => l.refresh(),
+            Msg::Inhibitor(i) => {
+                if l.snap.vm_with_gpu().is_some() {
+                    l.inhibitor = i;
+                }
+            }
+        }
+    }
+    handle.shutdown().await;
+    Ok(())
+}
+
+impl Loop {
+    /// Confirms an orphaned GPU once it has stayed so for [`ORPHAN_GRACE`]: the first
+    /// sighting schedules one more read after the grace (a one-shot timer, only while the
+    /// GPU is in this transient state; never while idle).
+    fn check_orphan(&mut self) {
+        if self.snap.orphaned().is_none() {
+            self.orphan_since = None;
+            return;
+        }
+        match self.orphan_since {
+            Some(t) if t.elapsed() >= ORPHAN_GRACE => self.snap.orphan_confirmed = true,
+            Some(_) => {}
+            None => {
+                self.orphan_since = Some(Instant::now());
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(ORPHAN_GRACE).await;
+                    let _ = tx.send(Msg::Recheck);
+                });
+            }
+        }
+    }
+
+    fn icon(&self) -> &'static str {
+        self.snap.icon_state(None).name()
+    }
+
+    /// Re-read the machine on a blocking thread; a change that arrives meanwhile is read by
+    /// one more pass after this one.
+    fn refresh(&mut self) {
+        if self.collecting {
+            self.dirty = true;
+            return;
+        }
+        self.collecting = true;
+        self.dirty = false;
+        let reconnect = std::mem::take(&mut self.reconnect)
+            || self
+                .snap
+                .vms()
+                .iter()
+                .any(|v| v.state == handoff::status::VmState::Unknown);
+        let (cfg, prober, tx) = (self.cfg.clone(), self.prober.clone(), self.tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let mut p = prober.lock().unwrap();
+            // A connection that failed (or was lost) is retried on the next read.
+            if reconnect {
+                *p = Prober::new();
+            }
+            let snap = collect(&cfg, &mut p);
+            tracing::debug!("collected in {:?}", t.elapsed());
+            let _ = tx.send(Msg::Collected(Box::new(snap)));
+        });
+    }
+
+    /// Hold logind's sleep inhibitor while a configured VM has the GPU; drop it after.
+    fn inhibit(&mut self) {
+        match self.snap.vm_with_gpu() {
+            Some(v) if !self.inhibit_asked => {
+                self.inhibit_asked = true;
+                let why = handoff::inhibit::reason_for(&v.label);
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let i = handoff::inhibit::hold(&why)
+                        .inspect_err(|e| {
+                            tracing::warn!("sleep is not inhibited while the VM has the GPU: {e}")
+                        })
+                        .ok();
+                    let _ = tx.send(Msg::Inhibitor(i));
+                });
+            }
+            Some(_) => {}
+            None => {
+                self.inhibit_asked = false;
+                self.inhibitor = None;
+            }
+        }
+    }
+}
+
+/// Local wall-clock time as HH:MM:SS, for "Last event" (no timezone database: UTC offset
+/// from libc).
+fn clock() -> String {
+    // SAFETY: time and localtime_r only write into the struct we pass.
+    unsafe {
+        let t = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        libc::localtime_r(&t, &mut tm);
+        format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+    }
 }

@@ -1,0 +1,318 @@
+//! What the menu, a left click and a notification's buttons do. Each [`Action`] runs on a
+//! blocking thread (`spawn_blocking`), never in the D-Bus handler, and comes back as a
+//! [`Note`] to show (or none: a VM that started is announced by the state change itself).
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use handoff::Config;
+use handoff::vm::{Ctl, VmError};
+
+use crate::model::{self, Note, UnitScope};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Start(String),
+    /// Graceful (ACPI), with the VM's `shutdown_timeout_s`.
+    Stop(String),
+    /// Destroy, after the menu's confirmation.
+    ForceStop(String),
+    /// Stop whichever VM holds the GPU gracefully, then start this one.
+    Switch(String),
+    Terminate {
+        pid: u32,
+        command: String,
+    },
+    StopUnit {
+        unit: String,
+        scope: UnitScope,
+    },
+    /// `pkexec handoff rebind --force`.
+    Rebind,
+    OpenLookingGlass,
+    Details,
+    /// From a refusal's notification: SIGTERM the user's own holders, then start.
+    TerminateAndStart {
+        vm: String,
+        pids: Vec<u32>,
+    },
+}
+
+impl Action {
+    /// Actions that change the machine disable the menu while they run.
+    pub fn marks_busy(&self) -> bool {
+        !matches!(self, Action::OpenLookingGlass | Action::Details)
+    }
+
+    /// "starting win11…", for the tooltip and the status line.
+    pub fn doing(&self) -> String {
+        match self {
+            Action::Start(vm) => format!("starting {vm}…"),
+            Action::Stop(vm) => format!("stopping {vm}…"),
+            Action::ForceStop(vm) => format!("forcing {vm} off…"),
+            Action::Switch(vm) => format!("switching to {vm}…"),
+            Action::Terminate { pid, command } => format!("terminating {command} (pid {pid})…"),
+            Action::StopUnit { unit, .. } => format!("stopping {unit}…"),
+            Action::Rebind => "returning the GPU to Linux…".into(),
+            Action::OpenLookingGlass => "opening Looking Glass…".into(),
+            Action::Details => "opening the details window…".into(),
+            Action::TerminateAndStart { vm, .. } => format!("ending the GPU's users, then starting {vm}…"),
+        }
+    }
+}
+
+/// Runs `a`; blocking. Returns the notification to show, if any.
+pub fn run(cfg: &Config, a: &Action) -> Option<Note> {
+    match a {
+        Action::Start(vm) => start(cfg, vm),
+        Action::Stop(vm) => stop(cfg, vm, false),
+        Action::ForceStop(vm) => stop(cfg, vm, true),
+        Action::Switch(vm) => switch(cfg, vm),
+        Action::Terminate { pid, command } => terminate(&[*pid])
+            .err()
+            .map(|e| Note::plain(format!("{command} (pid {pid}) is still running"), e)),
+        Action::StopUnit { unit, scope } => stop_unit(unit, *scope),
+        Action::Rebind => rebind(),
+        Action::OpenLookingGlass => open_lg(cfg),
+        Action::Details => details(),
+        Action::TerminateAndStart { vm, pids } => match terminate(pids) {
+            Ok(()) => start(cfg, vm),
+            Err(e) => Some(Note::plain(format!("Not starting {vm}"), e)),
+        },
+    }
+}
+
+fn vm_config<'a>(cfg: &'a Config, vm: &str) -> Result<&'a handoff::config::VmConfig, Note> {
+    handoff::vm::resolve(cfg, Some(vm)).map_err(|e| Note::plain(format!("No VM {vm}"), e.to_string()))
+}
+
+fn log(line: &str) {
+    tracing::info!("{line}");
+}
+
+fn start(cfg: &Config, vm: &str) -> Option<Note> {
+    let v = match vm_config(cfg, vm) {
+        Ok(v) => v,
+        Err(n) => return Some(n),
+    };
+    let mut say = log;
+    let mut ctl = Ctl::new(cfg, &mut say);
+    match ctl.start(v) {
+        Ok(out) if out.warnings.is_empty() => None,
+        Ok(out) => Some(Note::plain(
+            format!("{} is running, but", out.label),
+            out.warnings.join("\n"),
+        )),
+        Err(e) => Some(start_error(cfg, v, &e)),
+    }
+}
+
+/// A refused start names who holds the GPU: our own scan (what the user may end), or the
+/// hook's record of the refusal (what root saw).
+fn start_error(cfg: &Config, v: &handoff::config::VmConfig, e: &VmError) -> Note {
+    let inner = match e {
+        VmError::Switch { source, .. } => source.as_ref(),
+        e => e,
+    };
+    match inner {
+        VmError::Busy { .. } | VmError::HookRefused { .. } => {
+            let snap = crate::collect(cfg, &mut handoff::libvirt::Prober::new());
+            let mut holders = snap.holders().to_vec();
+            if holders.is_empty()
+                && let Some(r) = snap.hook.as_ref().and_then(|h| h.last_refusal.as_ref())
+                && r.vm == v.name
+            {
+                holders = r.holders.clone();
+            }
+            model::refusal_note(v.label(), &v.name, &holders, snap.uid, &inner.to_string())
+        }
+        _ => Note {
+            summary: format!("{} did not start", v.label()),
+            body: e.to_string(),
+            actions: vec![(model::NoteAction::Details, "Details".into())],
+            critical: true,
+        },
+    }
+}
+
+fn stop(cfg: &Config, vm: &str, force: bool) -> Option<Note> {
+    let v = match vm_config(cfg, vm) {
+        Ok(v) => v,
+        Err(n) => return Some(n),
+    };
+    let mut say = log;
+    let mut ctl = Ctl::new(cfg, &mut say);
+    match ctl.stop(v, force, Duration::from_secs(v.shutdown_timeout_s)) {
+        Ok(_) => None,
+        Err(e @ VmError::StopTimeout { .. }) => Some(Note {
+            summary: format!("{} is still running", v.label()),
+            body: format!("{e}\nOr use \"Force stop {}…\" in the tray menu.", v.label()),
+            actions: Vec::new(),
+            critical: false,
+        }),
+        Err(e) => Some(Note {
+            summary: format!("Stopping {} failed", v.label()),
+            body: e.to_string(),
+            actions: vec![(model::NoteAction::Details, "Details".into())],
+            critical: true,
+        }),
+    }
+}
+
+fn switch(cfg: &Config, vm: &str) -> Option<Note> {
+    let v = match vm_config(cfg, vm) {
+        Ok(v) => v,
+        Err(n) => return Some(n),
+    };
+    let mut say = log;
+    let mut ctl = Ctl::new(cfg, &mut say);
+    match ctl.switch(v, false, None) {
+        Ok(_) => None,
+        Err(e) => Some(start_error(cfg, v, &e)),
+    }
+}
+
+fn own_process(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    // SAFETY: getuid cannot fail.
+    handoff::holders::parse_status_uid(&status) == Some(unsafe { libc::getuid() })
+}
+
+/// Gone, or a zombie (its fds are closed; only its parent's wait is missing).
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
+}
+
+/// SIGTERM each of the user's own `pids` and wait (5 s at most) until they have ended.
+pub fn terminate(pids: &[u32]) -> Result<(), String> {
+    for &pid in pids {
+        if ended(pid) {
+            continue;
+        }
+        if !own_process(pid) {
+            return Err(format!("pid {pid} is not your process; it was not touched"));
+        }
+        // SAFETY: kill with a pid we checked is ours.
+        if unsafe { libc::kill(pid as i32, libc::SIGTERM) } != 0 {
+            return Err(format!(
+                "cannot send SIGTERM to pid {pid}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<u32> = pids.iter().copied().filter(|&p| !ended(p)).collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "pid {left:?} did not exit within 5 s of SIGTERM; close it yourself, or `kill -9 {}`",
+                left[0]
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stop_unit(unit: &str, scope: UnitScope) -> Option<Note> {
+    let mut c = Command::new("systemctl");
+    if scope == UnitScope::User {
+        c.arg("--user");
+    }
+    c.args(["stop", "--", unit]).stdin(Stdio::null());
+    match c.output() {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(Note::plain(
+            format!("{unit} was not stopped"),
+            format!(
+                "systemctl{} stop {unit}: {}",
+                if scope == UnitScope::User { " --user" } else { "" },
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+        )),
+        Err(e) => Some(Note::plain(
+            format!("{unit} was not stopped"),
+            format!("cannot run systemctl: {e}"),
+        )),
+    }
+}
+
+/// A sibling binary next to our own executable, else the name (found on PATH).
+pub fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join(name)))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn rebind() -> Option<Note> {
+    let handoff = sibling("handoff");
+    match Command::new("pkexec")
+        .arg(&handoff)
+        .args(["rebind", "--force"])
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(o) if o.status.success() => None,
+        // 126: the person dismissed the password dialog; 127: not authorised / no agent.
+        Ok(o) => Some(Note {
+            summary: "The GPU was not returned to Linux".into(),
+            body: format!(
+                "pkexec {} rebind --force: {}\nFrom a terminal: sudo handoff rebind --force",
+                handoff.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            actions: Vec::new(),
+            critical: true,
+        }),
+        Err(e) => Some(Note::plain(
+            "The GPU was not returned to Linux",
+            format!("cannot run pkexec ({e}); from a terminal: sudo handoff rebind --force"),
+        )),
+    }
+}
+
+fn open_lg(cfg: &Config) -> Option<Note> {
+    let session = handoff::i3::Session::from_env();
+    match handoff::lg::open(cfg, &session, handoff::lg::WINDOW_WAIT) {
+        Ok(out @ handoff::lg::LgOutcome::NoDesktop { .. }) => Some(Note::plain(
+            "Looking Glass was not opened",
+            out.describe(cfg, None),
+        )),
+        Ok(_) => None,
+        Err(e) => Some(Note::plain("Looking Glass was not opened", e.to_string())),
+    }
+}
+
+/// Starts `handoff-details` in its own process group; a thread reaps it when it closes.
+pub fn details() -> Option<Note> {
+    let bin = sibling("handoff-details");
+    match Command::new(&bin).stdin(Stdio::null()).process_group(0).spawn() {
+        Ok(mut child) => {
+            let _ = std::thread::Builder::new()
+                .name("handoff-details-wait".into())
+                .stack_size(64 * 1024)
+                .spawn(move || child.wait());
+            None
+        }
+        Err(e) => Some(Note::plain(
+            "The details window is not available",
+            format!(
+                "cannot run {}: {e}. Install handoff-details next to handoff-tray, or run `handoff status` in a terminal.",
+                bin.display()
+            ),
+        )),
+    }
+}

@@ -1,0 +1,270 @@
+//! The StatusNotifierItem (ksni), in the shape of ksni's `examples/realworld.rs`: this
+//! struct is view state only, `menu()` renders it, and every callback just sends an
+//! [`Action`] to the main loop and marks the tray busy. Nothing slow ever runs here: these
+//! methods run inside the D-Bus handler.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ksni::menu::{MenuItem, StandardItem, SubMenu};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::Msg;
+use crate::actions::Action;
+use crate::icons::IconState;
+use crate::model::{Snapshot, UnitScope};
+
+pub struct HandoffTray {
+    pub snap: Snapshot,
+    /// What the tray is doing right now ("starting Windows…"); menu actions are disabled
+    /// meanwhile.
+    pub action: Option<String>,
+    pub last_event: Option<String>,
+    pub tx: UnboundedSender<Msg>,
+    /// Whether the "no tray host" explanation was printed (said once per process).
+    pub said_offline: Arc<AtomicBool>,
+}
+
+/// dbusmenu reads `_` as a mnemonic marker; a literal one is written twice.
+fn label(s: &str) -> String {
+    s.replace('_', "__")
+}
+
+impl HandoffTray {
+    fn send(&mut self, a: Action) {
+        if a.marks_busy() {
+            self.action = Some(a.doing());
+        }
+        let _ = self.tx.send(Msg::Action(a));
+    }
+
+    pub fn icon_state(&self) -> IconState {
+        self.snap.icon_state(self.action.as_deref())
+    }
+
+    fn item(&self, text: String, enabled: bool, a: Action) -> MenuItem<Self> {
+        StandardItem {
+            label: label(&text),
+            enabled: enabled && self.action.is_none(),
+            activate: Box::new(move |t: &mut Self| t.send(a.clone())),
+            ..Default::default()
+        }
+        .into()
+    }
+
+    /// A submenu whose only item does `a`: the second click is the confirmation.
+    fn confirm(&self, text: String, question: String, a: Action) -> MenuItem<Self> {
+        SubMenu {
+            label: label(&text),
+            enabled: self.action.is_none(),
+            submenu: vec![self.item(question, true, a)],
+            ..Default::default()
+        }
+        .into()
+    }
+
+    fn disabled(text: String) -> MenuItem<Self> {
+        StandardItem {
+            label: label(&text),
+            enabled: false,
+            ..Default::default()
+        }
+        .into()
+    }
+}
+
+impl ksni::Tray for HandoffTray {
+    fn id(&self) -> String {
+        "handoff".into()
+    }
+
+    fn category(&self) -> ksni::Category {
+        ksni::Category::Hardware
+    }
+
+    fn title(&self) -> String {
+        self.snap.title(self.action.as_deref())
+    }
+
+    fn status(&self) -> ksni::Status {
+        match self.icon_state() {
+            IconState::Restore | IconState::Busy => ksni::Status::NeedsAttention,
+            _ => ksni::Status::Active,
+        }
+    }
+
+    fn icon_name(&self) -> String {
+        self.icon_state().name().into()
+    }
+
+    fn icon_pixmap(&self) -> Vec<ksni::Icon> {
+        self.icon_state().pixmaps()
+    }
+
+    // The attention icon is the same picture: the state already says it.
+    fn attention_icon_name(&self) -> String {
+        self.icon_name()
+    }
+
+    fn attention_icon_pixmap(&self) -> Vec<ksni::Icon> {
+        self.icon_pixmap()
+    }
+
+    fn tool_tip(&self) -> ksni::ToolTip {
+        ksni::ToolTip {
+            icon_name: self.icon_name(),
+            icon_pixmap: Vec::new(),
+            title: self.title(),
+            description: self.snap.tooltip_lines(self.last_event.as_deref()).join("\n"),
+        }
+    }
+
+    /// Left click: the obvious thing. A VM has the GPU → its Looking Glass window;
+    /// otherwise the details window.
+    fn activate(&mut self, _x: i32, _y: i32) {
+        if self.snap.vm_with_gpu().is_some() {
+            self.send(Action::OpenLookingGlass);
+        } else {
+            self.send(Action::Details);
+        }
+    }
+
+    fn menu(&self) -> Vec<MenuItem<Self>> {
+        let snap = &self.snap;
+        let mut m = vec![Self::disabled(self.title()), MenuItem::Separator];
+
+        let holder = snap.vm_with_gpu().map(|v| v.name.clone());
+        let any_active = snap.active_vms().next().is_some();
+        for v in snap.vms() {
+            let who = format!("{} ({})", v.label, v.name);
+            if v.state.is_active() {
+                m.push(self.item(format!("Stop {}", v.label), true, Action::Stop(v.name.clone())));
+                m.push(self.confirm(
+                    format!("Force stop {}…", v.label),
+                    format!("Really force {who} off? (unsaved work in it is lost)"),
+                    Action::ForceStop(v.name.clone()),
+                ));
+            } else if any_active {
+                // Another VM holds the (shared) GPU: starting means switching.
+                m.push(self.item(
+                    format!("Switch to {}", v.label),
+                    v.state != handoff::status::VmState::Unknown,
+                    Action::Switch(v.name.clone()),
+                ));
+            } else {
+                m.push(self.item(
+                    format!("Start {}", v.label),
+                    !matches!(
+                        v.state,
+                        handoff::status::VmState::Unknown | handoff::status::VmState::Undefined
+                    ),
+                    Action::Start(v.name.clone()),
+                ));
+            }
+        }
+        m.push(MenuItem::Separator);
+        m.push(self.item(
+            "Open Looking Glass".into(),
+            holder.is_some(),
+            Action::OpenLookingGlass,
+        ));
+
+        let holders = snap.holders();
+        if !holders.is_empty() {
+            let mut sub = Vec::new();
+            for h in holders {
+                let mut items = Vec::new();
+                if h.uid == snap.uid {
+                    items.push(self.confirm(
+                        "Terminate…".into(),
+                        format!("Really terminate {} (pid {})? (SIGTERM)", h.command, h.pid),
+                        Action::Terminate {
+                            pid: h.pid,
+                            command: h.command.clone(),
+                        },
+                    ));
+                }
+                if let (Some(unit), Some(scope)) = (&h.unit, snap.units.get(&h.pid)) {
+                    let how = match scope {
+                        UnitScope::User => "systemctl --user stop",
+                        UnitScope::System => "systemctl stop, asks for a password",
+                    };
+                    items.push(self.confirm(
+                        format!("Stop {unit}…"),
+                        format!("Really stop {unit}? ({how})"),
+                        Action::StopUnit {
+                            unit: unit.clone(),
+                            scope: *scope,
+                        },
+                    ));
+                }
+                if items.is_empty() {
+                    items.push(Self::disabled(format!(
+                        "not yours ({}): ask its owner or root",
+                        h.user
+                    )));
+                }
+                let mut what = format!("{} (pid {}, {}", h.command, h.pid, h.user);
+                if let Some(u) = &h.unit {
+                    what += ", ";
+                    what += u;
+                }
+                what += ")";
+                sub.push(
+                    SubMenu {
+                        label: label(&what),
+                        submenu: items,
+                        ..Default::default()
+                    }
+                    .into(),
+                );
+            }
+            m.push(
+                SubMenu {
+                    label: format!("Using the GPU ({})", holders.len()),
+                    submenu: sub,
+                    ..Default::default()
+                }
+                .into(),
+            );
+        }
+        if snap.restore_required().is_some() {
+            m.push(self.item("Return GPU to Linux".into(), true, Action::Rebind));
+        }
+        m.push(MenuItem::Separator);
+        m.push(
+            StandardItem {
+                label: "Details…".into(),
+                activate: Box::new(|t: &mut Self| t.send(Action::Details)),
+                ..Default::default()
+            }
+            .into(),
+        );
+        m.push(
+            StandardItem {
+                label: "Quit".into(),
+                icon_name: "application-exit".into(),
+                activate: Box::new(|t: &mut Self| {
+                    let _ = t.tx.send(Msg::Quit);
+                }),
+                ..Default::default()
+            }
+            .into(),
+        );
+        m
+    }
+
+    fn watcher_online(&self) {
+        if self.said_offline.load(Ordering::Relaxed) {
+            eprintln!("handoff-tray: a StatusNotifierWatcher appeared; the icon is registered.");
+        }
+    }
+
+    fn watcher_offline(&self, reason: ksni::OfflineReason) -> bool {
+        if !self.said_offline.swap(true, Ordering::Relaxed) {
+            eprintln!("{}", crate::no_watcher_text(&reason));
+        }
+        // Keep running: the watcher may come (back) later, and ksni re-registers then.
+        true
+    }
+}

@@ -1,0 +1,649 @@
+//! A real desktop for the tray's tests: Xvfb, a private session bus, dunst as the
+//! notification server, xfce4-panel's systray as the StatusNotifierWatcher and host, and
+//! `dbus-monitor` recording every notification sent. Each runs in its own process group
+//! and is killed (group and all) on drop; everything lives in one temp dir.
+//!
+//! Traps (DESIGN.md): xfce4-panel needs a seeded panel config (xfconf, here an XML file
+//! under `XDG_CONFIG_HOME`), `--disable-wm-check` without a window manager and
+//! `NO_AT_BRIDGE=1`; dunst needs a display; `dunstctl` talks over the bus in
+//! `DBUS_SESSION_BUS_ADDRESS`. A bus with the standard service dirs auto-starts dunst
+//! and xfconfd, so dunst is started here, with its config, before anything notifies.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Read;
+use std::os::fd::FromRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use zbus::blocking::Connection;
+use zbus::zvariant::{OwnedValue, Structure, Value};
+
+pub const WATCHER: &str = "org.kde.StatusNotifierWatcher";
+pub const ITEM: &str = "org.kde.StatusNotifierItem";
+pub const MENU: &str = "com.canonical.dbusmenu";
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Under CI a missing part fails; elsewhere the test skips, saying why.
+pub fn required(what: &str) -> bool {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{what}");
+    }
+    eprintln!("SKIPPED: {what}");
+    false
+}
+
+fn kill_group(child: &mut Child) {
+    let pg = child.id() as i32;
+    // SAFETY: signalling the process group created for this child.
+    unsafe { libc::kill(-pg, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !matches!(child.try_wait(), Ok(Some(_))) {
+        if Instant::now() > deadline {
+            unsafe { libc::kill(-pg, libc::SIGKILL) };
+            let _ = child.wait();
+            break;
+        }
+        sleep(Duration::from_millis(20));
+    }
+    // Anything left in the group (xfconfd is activated by the bus, not in it).
+    unsafe { libc::kill(-pg, libc::SIGKILL) };
+}
+
+pub struct Session {
+    pub dir: tempfile::TempDir,
+    pub display: String,
+    pub bus: String,
+    xvfb: Child,
+    bus_pid: i32,
+    dunst: Option<Child>,
+    panel: Option<Child>,
+    monitor: Option<Child>,
+    /// Processes started by the test under this session (the tray), killed on drop.
+    pub others: Vec<Child>,
+}
+
+const PANEL_XML: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<channel name="xfce4-panel" version="1.0">
+  <property name="configver" type="int" value="2"/>
+  <property name="panels" type="array">
+    <value type="int" value="1"/>
+    <property name="panel-1" type="empty">
+      <property name="position" type="string" value="p=8;x=0;y=0"/>
+      <property name="length" type="uint" value="100"/>
+      <property name="position-locked" type="bool" value="true"/>
+      <property name="size" type="uint" value="30"/>
+      <property name="plugin-ids" type="array">
+        <value type="int" value="1"/>
+      </property>
+    </property>
+  </property>
+  <property name="plugins" type="empty">
+    <property name="plugin-1" type="string" value="systray">
+      <property name="icon-size" type="int" value="22"/>
+      <property name="square-icons" type="bool" value="false"/>
+    </property>
+  </property>
+</channel>
+"#;
+
+const DUNSTRC: &str = r##"[global]
+    font = DejaVu Sans 9
+    width = 380
+    height = 200
+    origin = top-right
+    offset = 8x8
+    frame_width = 2
+    frame_color = "#8a8a8a"
+    word_wrap = yes
+    format = "<b>%s</b>\n%b"
+    dmenu = @DMENU@
+    show_indicators = yes
+[urgency_low]
+    background = "#222222"
+    foreground = "#ffffff"
+[urgency_normal]
+    background = "#222222"
+    foreground = "#ffffff"
+    timeout = 0
+[urgency_critical]
+    background = "#5a1010"
+    foreground = "#ffffff"
+    frame_color = "#e65100"
+    timeout = 0
+"##;
+
+impl Session {
+    pub fn start(width: u32, height: u32) -> Option<Session> {
+        for tool in [
+            "Xvfb",
+            "dbus-daemon",
+            "dbus-monitor",
+            "dunst",
+            "dunstctl",
+            "xfce4-panel",
+            "import",
+        ] {
+            if !have(tool) {
+                required(&format!("{tool} is not installed (scripts/deps.sh installs it)"));
+                return None;
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (xvfb, display) = start_xvfb(dir.path(), width, height);
+        for d in ["config", "cache", "data", "runtime", "home"] {
+            fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        let xml = dir.path().join("config/xfce4/xfconf/xfce-perchannel-xml");
+        fs::create_dir_all(&xml).unwrap();
+        fs::write(xml.join("xfce4-panel.xml"), PANEL_XML).unwrap();
+        // Services the bus activates (xfconfd) inherit its environment: give it the
+        // session's, so xfconfd reads the seeded panel config and not root's.
+        let d = dir.path();
+        let out = Command::new("dbus-daemon")
+            .env("HOME", d.join("home"))
+            .env("XDG_CONFIG_HOME", d.join("config"))
+            .env("XDG_CACHE_HOME", d.join("cache"))
+            .env("XDG_DATA_HOME", d.join("data"))
+            .env("XDG_RUNTIME_DIR", d.join("runtime"))
+            .env("DISPLAY", &display)
+            .args(["--session", "--fork", "--print-address=1", "--print-pid=1"])
+            .arg(format!(
+                "--address=unix:path={}",
+                dir.path().join("bus").display()
+            ))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run dbus-daemon");
+        assert!(out.status.success(), "dbus-daemon: {out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut lines = text.lines();
+        let bus = lines.next().unwrap().to_owned();
+        let bus_pid: i32 = lines.next().unwrap().trim().parse().unwrap();
+        let mut s = Session {
+            dir,
+            display,
+            bus,
+            xvfb,
+            bus_pid,
+            dunst: None,
+            panel: None,
+            monitor: None,
+            others: Vec::new(),
+        };
+        s.start_monitor();
+        s.start_dunst();
+        s.start_panel();
+        Some(s)
+    }
+
+    /// The environment every process of this session gets.
+    pub fn env(&self, c: &mut Command) {
+        let d = self.dir.path();
+        c.env("DISPLAY", &self.display)
+            .env("DBUS_SESSION_BUS_ADDRESS", &self.bus)
+            .env("HOME", d.join("home"))
+            .env("XDG_CONFIG_HOME", d.join("config"))
+            .env("XDG_CACHE_HOME", d.join("cache"))
+            .env("XDG_DATA_HOME", d.join("data"))
+            .env("XDG_RUNTIME_DIR", d.join("runtime"))
+            .env("NO_AT_BRIDGE", "1")
+            .env_remove("WAYLAND_DISPLAY")
+            .env_remove("I3SOCK");
+    }
+
+    pub fn spawn(&self, c: &mut Command, log: &str) -> Child {
+        self.env(c);
+        c.stdin(Stdio::null())
+            .stdout(fs::File::create(self.dir.path().join(format!("{log}.out"))).unwrap())
+            .stderr(fs::File::create(self.dir.path().join(format!("{log}.log"))).unwrap())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {log}: {e}"))
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    fn start_monitor(&mut self) {
+        let mut c = Command::new("dbus-monitor");
+        c.arg("--address")
+            .arg(&self.bus)
+            .arg("interface='org.freedesktop.Notifications'");
+        let child = self.spawn(&mut c, "notifications");
+        self.monitor = Some(child);
+        // dbus-monitor prints its own NameAcquired first; wait for it so nothing is missed.
+        wait_for(Duration::from_secs(10), "dbus-monitor to attach", || {
+            fs::read_to_string(self.dir.path().join("notifications.out")).is_ok_and(|t| !t.is_empty())
+        });
+    }
+
+    fn start_dunst(&mut self) {
+        // dunst's context menu ("dunstctl context") runs this instead of dmenu: it picks the
+        // action the test asks for through the file `dmenu-pick`.
+        let pick = self.dir.path().join("dmenu-pick");
+        let script = self.dir.path().join("dmenu.sh");
+        fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\ntee -a {}/dmenu-offered | grep -m1 -F \"$(cat {})\"\n",
+                self.dir.path().display(),
+                pick.display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let rc = self.dir.path().join("dunstrc");
+        fs::write(&rc, DUNSTRC.replace("@DMENU@", &script.display().to_string())).unwrap();
+        let mut c = Command::new("dunst");
+        c.arg("-config").arg(&rc);
+        self.dunst = Some(self.spawn(&mut c, "dunst"));
+        let conn = self.conn();
+        wait_for(
+            Duration::from_secs(10),
+            "dunst to own org.freedesktop.Notifications",
+            || has_owner(&conn, "org.freedesktop.Notifications"),
+        );
+    }
+
+    pub fn start_panel(&mut self) {
+        let mut c = Command::new("xfce4-panel");
+        c.arg("--disable-wm-check");
+        self.panel = Some(self.spawn(&mut c, "panel"));
+        let conn = self.conn();
+        wait_for(
+            Duration::from_secs(30),
+            "xfce4-panel's StatusNotifierWatcher",
+            || has_owner(&conn, WATCHER),
+        );
+    }
+
+    /// Kills xfce4-panel (its process group) and waits until the watcher's name is gone.
+    pub fn kill_panel(&mut self) {
+        if let Some(mut p) = self.panel.take() {
+            kill_group(&mut p);
+        }
+        let conn = self.conn();
+        wait_for(Duration::from_secs(10), "the watcher to leave the bus", || {
+            !has_owner(&conn, WATCHER)
+        });
+    }
+
+    pub fn conn(&self) -> Connection {
+        zbus::blocking::connection::Builder::address(self.bus.as_str())
+            .unwrap()
+            .build()
+            .expect("connect to the test's session bus")
+    }
+
+    /// The watcher's `RegisteredStatusNotifierItems`.
+    pub fn registered(&self, conn: &Connection) -> Vec<String> {
+        get_prop(
+            conn,
+            WATCHER,
+            "/StatusNotifierWatcher",
+            WATCHER,
+            "RegisteredStatusNotifierItems",
+        )
+        .ok()
+        .and_then(|v| Vec::<String>::try_from(v).ok())
+        .unwrap_or_default()
+    }
+
+    /// `(Notify calls so far, the monitor's whole text)`.
+    pub fn notifications(&self) -> (Vec<Notify>, String) {
+        let text = fs::read_to_string(self.dir.path().join("notifications.out")).unwrap_or_default();
+        (parse_notify(&text), text)
+    }
+
+    /// The screen, cropped to `geometry` (`WxH+X+Y`), into `to`.
+    pub fn screenshot(&self, to: &Path, geometry: Option<&str>) {
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).unwrap();
+        }
+        let mut c = Command::new("import");
+        c.args(["-window", "root"]);
+        if let Some(g) = geometry {
+            c.args(["-crop", g]);
+        }
+        c.arg(to).env("DISPLAY", &self.display);
+        let st = c.status().expect("run import");
+        assert!(st.success(), "import -window root {}", to.display());
+    }
+
+    /// `dunstctl <args>` on this session's bus.
+    pub fn dunstctl(&self, args: &[&str]) -> std::process::Output {
+        let mut c = Command::new("dunstctl");
+        c.args(args);
+        self.env(&mut c);
+        c.output().expect("run dunstctl")
+    }
+
+    /// Invokes the action labelled `label` of the newest notification through dunst's own
+    /// context menu (the path a person's click takes), so dunst emits `ActionInvoked`.
+    pub fn click_notification_action(&self, label: &str) {
+        fs::write(self.dir.path().join("dmenu-pick"), label).unwrap();
+        let out = self.dunstctl(&["context"]);
+        assert!(out.status.success(), "dunstctl context: {out:?}");
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for c in &mut self.others {
+            kill_group(c);
+        }
+        for c in [&mut self.panel, &mut self.dunst, &mut self.monitor]
+            .into_iter()
+            .flatten()
+        {
+            kill_group(c);
+        }
+        // The bus (and xfconfd, which it activated: same uid, found by its bus address in
+        // its environment would be overkill — it exits when the bus goes away).
+        // SAFETY: the daemon we forked.
+        unsafe { libc::kill(self.bus_pid, libc::SIGTERM) };
+        kill_group(&mut self.xvfb);
+    }
+}
+
+pub fn has_owner(conn: &Connection, name: &str) -> bool {
+    conn.call_method(
+        Some("org.freedesktop.DBus"),
+        "/org/freedesktop/DBus",
+        Some("org.freedesktop.DBus"),
+        "NameHasOwner",
+        &(name,),
+    )
+    .ok()
+    .and_then(|r| r.body().deserialize::<bool>().ok())
+    .unwrap_or(false)
+}
+
+pub fn get_prop(
+    conn: &Connection,
+    dest: &str,
+    path: &str,
+    iface: &str,
+    name: &str,
+) -> zbus::Result<OwnedValue> {
+    let reply = conn.call_method(
+        Some(dest),
+        path,
+        Some("org.freedesktop.DBus.Properties"),
+        "Get",
+        &(iface, name),
+    )?;
+    let v: OwnedValue = reply.body().deserialize()?;
+    Ok(v)
+}
+
+pub fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        sleep(Duration::from_millis(20));
+    }
+    t.elapsed()
+}
+
+/// Our item as the watcher lists it: `(bus name, object path)`.
+pub fn split_item(entry: &str) -> (String, String) {
+    match entry.find('/') {
+        Some(i) => (entry[..i].to_owned(), entry[i..].to_owned()),
+        None => (entry.to_owned(), "/StatusNotifierItem".to_owned()),
+    }
+}
+
+/// What the item shows, read over D-Bus.
+#[derive(Debug, Clone)]
+pub struct ItemView {
+    pub icon_name: String,
+    pub title: String,
+    pub status: String,
+    pub tooltip_title: String,
+    pub tooltip_text: String,
+    pub pixmap_sizes: Vec<i32>,
+}
+
+pub struct Item {
+    pub dest: String,
+    pub path: String,
+}
+
+impl Item {
+    fn prop(&self, conn: &Connection, name: &str) -> OwnedValue {
+        get_prop(conn, &self.dest, &self.path, ITEM, name).unwrap_or_else(|e| panic!("Get {name}: {e}"))
+    }
+
+    pub fn view(&self, conn: &Connection) -> ItemView {
+        let s = |v: OwnedValue| String::try_from(v).unwrap();
+        let tt = self.prop(conn, "ToolTip");
+        let tt: Structure = tt.try_into().unwrap();
+        let f = tt.fields();
+        let text = |v: &Value| match v {
+            Value::Str(s) => s.to_string(),
+            other => panic!("not a string: {other:?}"),
+        };
+        let pix = self.prop(conn, "IconPixmap");
+        let pix: Vec<(i32, i32, Vec<u8>)> = pix.try_into().unwrap();
+        ItemView {
+            icon_name: s(self.prop(conn, "IconName")),
+            title: s(self.prop(conn, "Title")),
+            status: s(self.prop(conn, "Status")),
+            tooltip_title: text(&f[2]),
+            tooltip_text: text(&f[3]),
+            pixmap_sizes: pix.iter().map(|p| p.0).collect(),
+        }
+    }
+
+    pub fn menu_path(&self, conn: &Connection) -> String {
+        let v = self.prop(conn, "Menu");
+        zbus::zvariant::OwnedObjectPath::try_from(v).unwrap().to_string()
+    }
+
+    /// `GetLayout(0, -1, [])`, flattened: `(id, label, enabled, path of parent labels)`.
+    pub fn menu(&self, conn: &Connection) -> Vec<MenuEntry> {
+        let path = self.menu_path(conn);
+        let reply = conn
+            .call_method(
+                Some(self.dest.as_str()),
+                path.as_str(),
+                Some(MENU),
+                "GetLayout",
+                &(0i32, -1i32, Vec::<String>::new()),
+            )
+            .expect("GetLayout");
+        type Node = (i32, HashMap<String, OwnedValue>, Vec<OwnedValue>);
+        let (_rev, (_id, _props, children)): (u32, Node) = reply.body().deserialize().unwrap();
+        let mut out = Vec::new();
+        for c in &children {
+            walk(c, &mut Vec::new(), &mut out);
+        }
+        out
+    }
+
+    /// Clicks the entry whose label (mnemonic `__` undone) starts with `label`.
+    pub fn click(&self, conn: &Connection, label: &str) -> MenuEntry {
+        let menu = self.menu(conn);
+        let e = menu
+            .iter()
+            .find(|e| e.label.starts_with(label))
+            .unwrap_or_else(|| panic!("no menu entry {label:?} in {menu:#?}"))
+            .clone();
+        assert!(e.enabled, "menu entry {label:?} is disabled: {menu:#?}");
+        let path = self.menu_path(conn);
+        conn.call_method(
+            Some(self.dest.as_str()),
+            path.as_str(),
+            Some(MENU),
+            "Event",
+            &(e.id, "clicked", Value::I32(0), 0u32),
+        )
+        .expect("dbusmenu Event");
+        e
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MenuEntry {
+    pub id: i32,
+    pub label: String,
+    pub enabled: bool,
+    pub parents: Vec<String>,
+}
+
+fn walk(v: &Value, parents: &mut Vec<String>, out: &mut Vec<MenuEntry>) {
+    let v = match v {
+        Value::Value(inner) => inner.as_ref(),
+        v => v,
+    };
+    let Value::Structure(s) = v else { return };
+    let f = s.fields();
+    let id = match &f[0] {
+        Value::I32(i) => *i,
+        _ => return,
+    };
+    let props: HashMap<String, OwnedValue> = match f[1].try_clone() {
+        Ok(p) => p.try_into().unwrap_or_default(),
+        Err(_) => HashMap::new(),
+    };
+    let label = props
+        .get("label")
+        .and_then(|l| String::try_from(l.try_clone().ok()?).ok())
+        .unwrap_or_default()
+        .replace("__", "_");
+    let enabled = props
+        .get("enabled")
+        .and_then(|b| bool::try_from(b.try_clone().ok()?).ok())
+        .unwrap_or(true);
+    if id != 0 {
+        out.push(MenuEntry {
+            id,
+            label: label.clone(),
+            enabled,
+            parents: parents.clone(),
+        });
+    }
+    if let Value::Array(children) = &f[2] {
+        if id != 0 {
+            parents.push(label);
+        }
+        for c in children.iter() {
+            walk(c, parents, out);
+        }
+        if id != 0 {
+            parents.pop();
+        }
+    }
+}
+
+/// One `Notify` call seen by dbus-monitor.
+#[derive(Debug, Clone)]
+pub struct Notify {
+    pub replaces_id: u32,
+    pub summary: String,
+    pub body: String,
+    pub actions: Vec<String>,
+}
+
+/// Parses dbus-monitor's text: a `method call … member=Notify` line, then its arguments
+/// (app, replaces_id, icon, summary, body, actions, hints, timeout).
+pub fn parse_notify(text: &str) -> Vec<Notify> {
+    let mut out = Vec::new();
+    let blocks = text.split("\nmethod call ").skip(1);
+    for b in blocks {
+        let head = b.lines().next().unwrap_or("");
+        if !head.contains("member=Notify") {
+            continue;
+        }
+        let strings: Vec<String> = string_args(b);
+        let replaces_id = b
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("uint32 "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        // strings: app, icon, summary, body, then the actions' keys and labels, then hints.
+        let actions_part = b.split("array [").nth(1).unwrap_or("");
+        let actions_part = actions_part.split(']').next().unwrap_or("");
+        out.push(Notify {
+            replaces_id,
+            summary: strings.get(2).cloned().unwrap_or_default(),
+            body: strings.get(3).cloned().unwrap_or_default(),
+            actions: string_args(actions_part),
+        });
+    }
+    out
+}
+
+/// The `string "…"` arguments of a dbus-monitor block, multi-line strings included.
+fn string_args(b: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = b;
+    while let Some(i) = rest.find("string \"") {
+        rest = &rest[i + 8..];
+        // dbus-monitor does not escape quotes; a string ends at `"` before a newline.
+        let end = rest.find("\"\n").unwrap_or(rest.len());
+        out.push(rest[..end].to_owned());
+        rest = &rest[end..];
+    }
+    out
+}
+
+/// Xvfb on a display it picks itself (`-displayfd`).
+fn start_xvfb(dir: &Path, width: u32, height: u32) -> (Child, String) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds that we then own.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (r, w) = (fds[0], fds[1]);
+    let mut read_end = unsafe { fs::File::from_raw_fd(r) };
+    let mut cmd = Command::new("Xvfb");
+    cmd.args([
+        "-displayfd",
+        &w.to_string(),
+        "-noreset",
+        "-nolisten",
+        "tcp",
+        "-screen",
+        "0",
+    ])
+    .arg(format!("{width}x{height}x24"))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(fs::File::create(dir.join("xvfb.log")).unwrap())
+    .process_group(0);
+    // SAFETY: only fcntl between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::fcntl(w, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("start Xvfb");
+    unsafe { libc::close(w) };
+    let mut number = String::new();
+    read_end.read_to_string(&mut number).unwrap();
+    let n = number.trim();
+    assert!(!n.is_empty(), "Xvfb did not start");
+    (child, format!(":{n}"))
+}
+
+/// Where screenshots go: `docs/screenshots/` of the repository.
+pub fn screenshots_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots")
+}
