@@ -437,3 +437,37 @@ pub fn holder(node: &Path) -> Group {
             .stdout(Stdio::null()),
     )
 }
+
+/// Kills, on drop, every process whose environment carries `HANDOFF_TEST_MARK=<mark>`:
+/// the detached jobs a click starts (`setsid`, so outside i3blocks' process group) and
+/// whatever they run. Give the mark to i3blocks; its blocks and their children inherit it.
+pub struct Stragglers(pub String);
+
+impl Stragglers {
+    pub const VAR: &str = "HANDOFF_TEST_MARK";
+
+    pub fn pids(&self) -> Vec<i32> {
+        let want = format!("{}={}", Self::VAR, self.0).into_bytes();
+        let me = std::process::id() as i32;
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| pid != me)
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == want.as_slice()))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Stragglers {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            // SAFETY: a process this test started (it carries the test's mark).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
