@@ -42,8 +42,21 @@ SH
 chmod +x "$tmp/shell-block.sh"
 export HANDOFF_CONFIG="$tmp/config.toml"
 echo "== processes on this machine: $(ls -d /proc/[0-9]* | wc -l); libvirtd answering: $(virsh -c qemu:///system version >/dev/null 2>&1 && echo yes || echo no)"
-hyperfine -N --warmup 20 --runs 200 --export-markdown "$tmp/h.md" "$BLOCK" "$tmp/shell-block.sh" >&2
+echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)"
+hyperfine -N --warmup 20 --runs 200 --export-markdown "$tmp/h.md" --export-json "$tmp/h.json" \
+  "$BLOCK" "$tmp/shell-block.sh" >&2
+echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 cat "$tmp/h.md"
+# CPU per run (user + system), averaged by hyperfine over the 200 runs; /usr/bin/time
+# below only has 10 ms resolution.
+python3 - "$tmp/h.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["results"]
+cpu = [(x["user"] + x["system"]) * 1000 for x in r]
+for x, c in zip(r, cpu):
+    print(f"{x['command'].split('/')[-1]}: mean CPU {c:.2f} ms (user {x['user']*1000:.2f} + sys {x['system']*1000:.2f}), median wall {x['median']*1000:.2f} ms")
+print(f"shell/block: wall mean {r[1]['mean']/r[0]['mean']:.1f}x, median {r[1]['median']/r[0]['median']:.1f}x, CPU {cpu[1]/cpu[0]:.1f}x")
+PY
 for c in "$BLOCK" "$tmp/shell-block.sh"; do
   /usr/bin/time -v "$c" 2>"$tmp/t" >/dev/null
   printf '%s: user %ss sys %ss maxRSS %s kB\n' "$(basename "$c")" \

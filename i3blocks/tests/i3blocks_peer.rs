@@ -76,9 +76,6 @@ fn i3blocks_shows_each_state_and_a_click_names_who_holds_the_gpu() {
     eprintln!("i3blocks' first line: {:?}", t.elapsed());
 
     // Left click while Linux has it: the status, in a notification.
-    // i3blocks 1.4 drops a click that arrives right after its first line (seen here:
-    // the block is not re-run); a person never clicks that fast.
-    std::thread::sleep(Duration::from_millis(500));
     bar.click(1);
     notes.wait_for(&["GPU: Linux", "nothing uses it"], T);
 

@@ -6,6 +6,7 @@
 //! missing tool fails the test; elsewhere [`have`] says why and the test skips.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use handoff::sim::SimHost;
 
@@ -112,8 +113,12 @@ pub struct Shown {
 /// i3blocks 1.4 running a generated config, its i3bar JSON read on a thread.
 pub struct I3blocks {
     stdin: ChildStdin,
-    lines: Receiver<serde_json::Value>,
+    /// Each status line with the time the reader thread got it.
+    lines: Receiver<(SystemTime, serde_json::Value)>,
+    /// The `handoff`/`gpu` block as last shown.
     pub last: Option<Shown>,
+    /// Every block by name: as last shown, and when that text first appeared.
+    blocks: HashMap<String, (Shown, SystemTime)>,
     clicks: usize,
     group: Group,
 }
@@ -144,7 +149,7 @@ impl I3blocks {
                 let t = line.trim().trim_start_matches(',');
                 if t.starts_with("[{")
                     && let Ok(v) = serde_json::from_str::<serde_json::Value>(t)
-                    && tx.send(v).is_err()
+                    && tx.send((SystemTime::now(), v)).is_err()
                 {
                     return;
                 }
@@ -155,6 +160,7 @@ impl I3blocks {
             stdin,
             lines: rx,
             last: None,
+            blocks: HashMap::new(),
             clicks: 0,
             group,
         };
@@ -168,45 +174,71 @@ impl I3blocks {
 
     /// Waits for the handoff block to show `want` (full text); returns it with its colour.
     pub fn wait_for(&mut self, want: &str, timeout: Duration) -> Shown {
+        self.wait_for_block("handoff", want, timeout).0
+    }
+
+    /// Waits for the block named `name` to show `want`; returns it and the time its
+    /// status line with that text first came out of i3blocks.
+    pub fn wait_for_block(&mut self, name: &str, want: &str, timeout: Duration) -> (Shown, SystemTime) {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(s) = &self.last
+            if let Some((s, at)) = self.blocks.get(name)
                 && s.full_text == want
             {
-                return s.clone();
+                return (s.clone(), *at);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(v) => {
-                    if let Some(b) = v
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .find(|b| b["name"] == "handoff" && b["instance"] == "gpu")
-                    {
-                        self.last = Some(Shown {
+                Ok((at, v)) => {
+                    for b in v.as_array().into_iter().flatten() {
+                        let Some(n) = b["name"].as_str() else { continue };
+                        let shown = Shown {
                             full_text: b["full_text"].as_str().unwrap_or_default().to_owned(),
                             short_text: b["short_text"].as_str().map(str::to_owned),
                             color: b["color"].as_str().map(str::to_owned),
                             urgent: b["urgent"].as_bool().unwrap_or(false),
-                        });
+                        };
+                        if n == "handoff" && b["instance"] == "gpu" {
+                            self.last = Some(shown.clone());
+                        }
+                        let changed = self
+                            .blocks
+                            .get(n)
+                            .is_none_or(|(old, _)| old.full_text != shown.full_text);
+                        if changed {
+                            self.blocks.insert(n.to_owned(), (shown, at));
+                        } else if let Some(e) = self.blocks.get_mut(n) {
+                            e.0 = shown;
+                        }
                     }
                 }
                 Err(_) => panic!(
-                    "i3blocks did not show {want:?} within {timeout:?}; last: {:?}",
-                    self.last
+                    "i3blocks did not show {want:?} in block {name} within {timeout:?}; last: {:?}",
+                    self.blocks.get(name).map(|(s, _)| s)
                 ),
             }
         }
     }
 
-    /// A click as i3bar sends it.
+    /// A click as i3bar sends it: the whole line in one `write(2)`.
+    ///
+    /// i3blocks 1.4 reads stdin on SIGIO until `EAGAIN` and takes whatever it has read by
+    /// then as a complete line. `writeln!` on the unbuffered `ChildStdin` issues one write
+    /// per formatting piece (serde_json's `Display` writes every key, quote and colon
+    /// apart), so i3blocks could parse `,{"button` and then `":3,"instance":…` as two
+    /// clicks: the first matches no block, the second runs the block with an empty
+    /// `BLOCK_BUTTON` — a refresh instead of the click. i3bar writes each event at once;
+    /// a line this short (< `PIPE_BUF`) is then also atomic on the pipe.
     pub fn click(&mut self, button: u8) {
         let ev = serde_json::json!({"name": "handoff", "instance": "gpu", "button": button, "x": 1, "y": 1});
         let sep = if self.clicks == 0 { "" } else { "," };
         self.clicks += 1;
-        writeln!(self.stdin, "{sep}{ev}").unwrap();
-        self.stdin.flush().unwrap();
+        let line = format!("{sep}{ev}\n");
+        assert!(
+            line.len() < libc::PIPE_BUF,
+            "a click line fits one atomic pipe write"
+        );
+        self.stdin.write_all(line.as_bytes()).unwrap();
     }
 }
 
@@ -337,8 +369,12 @@ impl Notifications {
                 line.clear();
             }
         });
-        // dbus-monitor prints its own NameAcquired signal once it listens.
-        wait_until(Duration::from_secs(5), || !seen.lock().unwrap().is_empty());
+        // dbus-monitor prints NameAcquired after Hello and NameLost once BecomeMonitor
+        // made it a monitor: only then does it see every Notify call.
+        let listening = wait_until(Duration::from_secs(10), || {
+            seen.lock().unwrap().contains("member=NameLost")
+        });
+        assert!(listening, "dbus-monitor did not become a monitor");
         Some(Notifications {
             address,
             seen,
@@ -354,13 +390,18 @@ impl Notifications {
         self.seen.lock().unwrap().clone()
     }
 
-    /// Waits until a `Notify` call contains every one of `words`; returns the monitor text.
+    /// Waits until a complete `Notify` call contains every one of `words`; returns the
+    /// monitor text.
+    ///
+    /// dbus-monitor prints a call over many lines and the reader thread appends them as
+    /// they come, so a call counts only once its last argument (`int32` expire timeout)
+    /// is in: otherwise a check of the hints (urgency) can read a call cut in half.
     pub fn wait_for(&self, words: &[&str], timeout: Duration) -> String {
         let ok = wait_until(timeout, || {
             let s = self.seen();
             s.split("member=Notify")
                 .skip(1)
-                .any(|call| words.iter().all(|w| call.contains(w)))
+                .any(|call| call.contains("\n   int32 ") && words.iter().all(|w| call.contains(w)))
         });
         assert!(
             ok,
@@ -395,4 +436,38 @@ pub fn holder(node: &Path) -> Group {
             .stdin(Stdio::from(std::fs::File::open(node).unwrap()))
             .stdout(Stdio::null()),
     )
+}
+
+/// Kills, on drop, every process whose environment carries `HANDOFF_TEST_MARK=<mark>`:
+/// the detached jobs a click starts (`setsid`, so outside i3blocks' process group) and
+/// whatever they run. Give the mark to i3blocks; its blocks and their children inherit it.
+pub struct Stragglers(pub String);
+
+impl Stragglers {
+    pub const VAR: &str = "HANDOFF_TEST_MARK";
+
+    pub fn pids(&self) -> Vec<i32> {
+        let want = format!("{}={}", Self::VAR, self.0).into_bytes();
+        let me = std::process::id() as i32;
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| pid != me)
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == want.as_slice()))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Stragglers {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            // SAFETY: a process this test started (it carries the test's mark).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
 }
