@@ -265,6 +265,7 @@ fn start_opens_looking_glass_on_its_workspace_and_without_a_desktop_says_so() {
     let Some(s) = Scene::set_up() else { return };
     let t = Instant::now();
     over_ssh_with_i3sock_the_client_lands_on_its_workspace(&s);
+    again_from_the_runtime_dir_it_focuses_the_open_client(&s);
     s.stop_force_brings_the_gpu_home();
     with_no_desktop_reachable_the_vm_still_starts(&s);
     s.stop_force_brings_the_gpu_home();
@@ -293,6 +294,50 @@ fn over_ssh_with_i3sock_the_client_lands_on_its_workspace(s: &Scene) {
     let lg = s.clients();
     assert_eq!(lg.len(), 1, "{lg:?}");
     assert_eq!(lg[0].workspace.as_deref(), Some(WORKSPACE), "{lg:?}");
+    assert!(lg[0].focused, "{lg:?}");
+    assert_eq!(s.desk.focused_workspace().as_deref(), Some(WORKSPACE));
+}
+
+/// `ssh host windows-start` as the desktop's user: no I3SOCK, but i3's socket in the
+/// runtime dir (`/run/user/<uid>/i3/ipc-socket.<pid>`, here a link to the test's socket on
+/// a tmpfs over /run/user in a private mount namespace).
+fn again_from_the_runtime_dir_it_focuses_the_open_client(s: &Scene) {
+    let before = s.clients();
+    s.desk.i3().command("workspace 1").unwrap();
+    assert_eq!(s.desk.focused_workspace().as_deref(), Some("1"));
+    let script = format!(
+        "mount -t tmpfs handoff-test /run/user && mkdir -p /run/user/0/i3 && \
+         ln -s '{}' /run/user/0/i3/ipc-socket.4242 && exec \"$0\" \"$@\"",
+        s.desk.socket.display()
+    );
+    let prefix = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ];
+    let r = s.handoff_via(&prefix, &[], &["windows-start", s.vm.name()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        r.stdout,
+        format!(
+            "Windows ({}) was already running; GPU 0000:01:00.0 is on vfio-pci.\n",
+            s.vm.name()
+        ),
+        "{r:?}"
+    );
+    assert!(
+        r.stderr.contains(&format!(
+            "Looking Glass was already open; focused it on workspace {WORKSPACE}."
+        )),
+        "{r:?}"
+    );
+    let lg = s.clients();
+    assert_eq!(lg.len(), 1, "exactly one client: {lg:?}");
+    assert_eq!(lg[0].con_id, before[0].con_id);
     assert!(lg[0].focused, "{lg:?}");
     assert_eq!(s.desk.focused_workspace().as_deref(), Some(WORKSPACE));
 }
