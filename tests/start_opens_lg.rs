@@ -41,6 +41,9 @@ const ETC_HANDOFF: &str = "/etc/handoff";
 const SYSTEM_CONFIG: &str = "/etc/handoff/config.toml";
 const CLASS: &str = "looking-glass-client";
 const WORKSPACE: &str = "lg 10";
+/// In the scene's temp dir: the same config, but a client that is not installed (and a
+/// window class no open window has).
+const MISSING_CLIENT_CONFIG: &str = "missing-client.toml";
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 fn required(what: &str) -> bool {
@@ -141,21 +144,31 @@ impl Scene {
         ));
 
         let args = ["-class", CLASS, "-e", "sleep", "600"].map(toml_string);
-        let text = format!(
-            "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 2\n\n\
+        let config = |command: &str, class: &str| {
+            format!(
+                "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 2\n\n\
              [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\n\n\
-             [looking_glass]\ncommand = \"xterm\"\nargs = [{}]\nworkspace = {}\nwindow_class = \"{CLASS}\"\n\n\
+             [looking_glass]\ncommand = \"{command}\"\nargs = [{}]\nworkspace = {}\nwindow_class = \"{class}\"\n\n\
              [[vm]]\nname = \"{}\"\nlabel = \"Windows\"\nshutdown_timeout_s = 3\n",
-            host.sysfs.display(),
-            host.dev.display(),
-            host.run.display(),
-            args.join(", "),
-            toml_string(WORKSPACE),
-            vm.name()
-        );
+                host.sysfs.display(),
+                host.dev.display(),
+                host.run.display(),
+                args.join(", "),
+                toml_string(WORKSPACE),
+                vm.name()
+            )
+        };
         fs::create_dir(ETC_HANDOFF).unwrap();
         fs::set_permissions(ETC_HANDOFF, fs::Permissions::from_mode(0o755)).unwrap();
-        fs::write(SYSTEM_CONFIG, text).unwrap();
+        fs::write(SYSTEM_CONFIG, config("xterm", CLASS)).unwrap();
+        fs::write(
+            tmp.path().join(MISSING_CLIENT_CONFIG),
+            config(
+                "looking-glass-client-not-installed",
+                "looking-glass-not-installed",
+            ),
+        )
+        .unwrap();
         fs::set_permissions(SYSTEM_CONFIG, fs::Permissions::from_mode(0o644)).unwrap();
 
         let out = Command::new(HANDOFF)
@@ -268,6 +281,7 @@ fn start_opens_looking_glass_on_its_workspace_and_without_a_desktop_says_so() {
     again_from_the_runtime_dir_it_focuses_the_open_client(&s);
     s.stop_force_brings_the_gpu_home();
     with_no_desktop_reachable_the_vm_still_starts(&s);
+    a_client_that_is_not_installed_is_a_prompt_warning(&s);
     s.stop_force_brings_the_gpu_home();
     eprintln!("whole scenario: {:?}", t.elapsed());
 }
@@ -378,4 +392,31 @@ fn with_no_desktop_reachable_the_vm_still_starts(s: &Scene) {
         before.len(),
         "nothing was started on the desktop"
     );
+}
+
+/// A client that is not installed does not hold `handoff start` up for the whole window
+/// wait: i3 reports its exit (127) and the command warns at once, the VM running.
+fn a_client_that_is_not_installed_is_a_prompt_warning(s: &Scene) {
+    let config = s._tmp.path().join(MISSING_CLIENT_CONFIG);
+    let r = s.handoff_via(
+        &[],
+        &[("I3SOCK", &s.desk.socket), ("HANDOFF_CONFIG", &config)],
+        &["start", s.vm.name()],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("was already running; GPU 0000:01:00.0 is on vfio-pci"),
+        "{r:?}"
+    );
+    assert!(
+        r.stderr.contains(
+            "handoff: warning: Windows is running, but Looking Glass did not open: i3 ran \
+             `looking-glass-client-not-installed -class looking-glass-client -e sleep 600`, but it exited \
+             with status 127 before its window appeared: it is not found on the desktop session's PATH."
+        ),
+        "{r:?}"
+    );
+    assert!(r.took < Duration::from_secs(5), "it waited for a window: {r:?}");
+    assert_eq!(s.vm.state(), "running");
 }
