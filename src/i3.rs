@@ -27,8 +27,9 @@ pub const GET_WORKSPACES: u32 = 1;
 pub const SUBSCRIBE: u32 = 2;
 pub const GET_TREE: u32 = 4;
 pub const GET_VERSION: u32 = 7;
-/// Event replies have the high bit set; the window event is number 3.
+/// Event replies have the high bit set; the window event is number 3, the tick event 7.
 pub const EVENT_WINDOW: u32 = 0x8000_0003;
+pub const EVENT_TICK: u32 = 0x8000_0007;
 
 /// How long one request may take before i3 counts as not answering.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

@@ -9,8 +9,11 @@
 //!    and have i3 `exec` the client — i3 runs it in the desktop session, with the
 //!    session's environment, even when we were called from SSH. When the client's window
 //!    appears, move it (by `con_id`) to the workspace and focus it, in case the user
-//!    switched away meanwhile. No window within the wait is an error that says what to
-//!    check.
+//!    switched away meanwhile. A client that exits before its window appears (not
+//!    installed: 127; no shared memory; a bad argument) is reported at once with its exit
+//!    status: the shell line i3 runs sends an i3 tick with it (`i3-msg -t send_tick`,
+//!    shipped with i3; i3 gives its children `I3SOCK`). No window within the wait is an
+//!    error that says what to check.
 //! 3. Without i3 but with a `DISPLAY`/`WAYLAND_DISPLAY`, start the client directly and
 //!    say that placement needs i3.
 //! 4. With no desktop reachable at all, report that ([`LgOutcome::NoDesktop`]); for
@@ -19,7 +22,8 @@
 //!
 //! The command and its arguments reach the client exactly as configured: each is
 //! single-quoted for `sh -c` (which i3's exec uses), and the whole is quoted for i3's
-//! command parser, so spaces, quotes and `;` survive both.
+//! command parser, so spaces, quotes and `;` survive both. The shell stays as the
+//! client's parent (no `exec`) so that it can report the exit status.
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -94,10 +98,28 @@ pub enum LgError {
         class: String,
         waited_s: u64,
     },
+    #[error(
+        "i3 ran `{command}`, but it exited with status {status} before its window appeared{}",
+        exit_hint(*.status)
+    )]
+    ClientExited { command: String, status: i32 },
     #[error("cannot start {command:?}: {source}; is it installed and on PATH? (`handoff lg-test` checks)")]
     Spawn { command: String, source: std::io::Error },
     #[error("[looking_glass] command is empty; set it to the client, e.g. \"looking-glass-client\"")]
     NoCommand,
+}
+
+fn exit_hint(status: i32) -> &'static str {
+    match status {
+        127 => {
+            ": it is not found on the desktop session's PATH. Is Looking Glass installed, and is \
+               [looking_glass] command right? (`handoff lg-test` checks)"
+        }
+        126 => ": it is not executable. Is [looking_glass] command the client's binary?",
+        _ => {
+            ".\n  check: run it by hand on the desktop to see why; `handoff lg-test` checks its shared memory"
+        }
+    }
 }
 
 /// Quotes one word for `sh`: single quotes, each `'` as `'\''`.
@@ -112,10 +134,9 @@ pub fn sh_quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', r"'\''"))
 }
 
-/// The shell command line i3 hands to `sh -c`: `exec` replaces the shell with the client.
+/// The client's command line for `sh`, each word quoted.
 pub fn shell_line(command: &str, args: &[String]) -> String {
-    let mut line = String::from("exec ");
-    line += &sh_quote(command);
+    let mut line = sh_quote(command);
     for a in args {
         line.push(' ');
         line += &sh_quote(a);
@@ -123,9 +144,20 @@ pub fn shell_line(command: &str, args: &[String]) -> String {
     line
 }
 
-/// The i3 command that starts the client.
-pub fn exec_command(command: &str, args: &[String]) -> String {
-    format!("exec --no-startup-id {}", i3::quote(&shell_line(command, args)))
+/// The payload of the tick the shell sends when the client exits: `<tag> <status>`.
+fn exit_tick_tag(nonce: &str) -> String {
+    format!("handoff-lg-exited {nonce}")
+}
+
+/// The i3 command that starts the client; when the client exits, the shell sends an i3
+/// tick `handoff-lg-exited <nonce> <status>` (to nobody once [`open`] stopped waiting).
+pub fn exec_command(command: &str, args: &[String], nonce: &str) -> String {
+    let line = format!(
+        "{}; i3-msg -t send_tick {}\"$?\" >/dev/null 2>&1",
+        shell_line(command, args),
+        sh_quote(&format!("{} ", exit_tick_tag(nonce))),
+    );
+    format!("exec --no-startup-id {}", i3::quote(&line))
 }
 
 fn client_window(conn: &mut I3, class: &str) -> Result<Option<Window>, I3Error> {
@@ -175,9 +207,18 @@ pub fn open(cfg: &Config, session: &Session, wait: Duration) -> Result<LgOutcome
     // Subscribe before exec, on a second connection, so the new window's event cannot
     // be missed.
     let mut events = I3::connect(conn.path())?;
-    events.subscribe(&["window"])?;
+    events.subscribe(&["window", "tick"])?;
     let ws = i3::quote(&lg.workspace);
-    let exec = exec_command(&lg.command, &lg.args);
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    );
+    let exited = format!("{} ", exit_tick_tag(&nonce));
+    let exec = exec_command(&lg.command, &lg.args, &nonce);
     conn.command(&format!("workspace {ws}; {exec}"))?;
     let deadline = Instant::now() + wait;
     let con_id = loop {
@@ -193,6 +234,15 @@ pub fn open(cfg: &Config, session: &Session, wait: Duration) -> Result<LgOutcome
                     class: lg.window_class.clone(),
                     waited_s: wait.as_secs(),
                 });
+            }
+            Some((i3::EVENT_TICK, ev)) => {
+                let status = ev["payload"].as_str().and_then(|p| p.strip_prefix(&exited));
+                if let Some(status) = status {
+                    return Err(LgError::ClientExited {
+                        command: shell_line(&lg.command, &lg.args),
+                        status: status.trim().parse().unwrap_or(-1),
+                    });
+                }
             }
             Some((i3::EVENT_WINDOW, ev)) if ev["change"] == "new" => {
                 if let Some(w) = Window::from_container(&ev["container"])
@@ -223,8 +273,8 @@ mod tests {
         assert_eq!(sh_quote("a; b 'c'"), r"'a; b '\''c'\'''");
         assert_eq!(sh_quote(""), "''");
         assert_eq!(
-            exec_command("xterm", &["-title".into(), "a; b \"c\"".into()]),
-            r#"exec --no-startup-id "exec xterm -title 'a; b \"c\"'""#
+            exec_command("xterm", &["-title".into(), "a; b \"c\"".into()], "42-7"),
+            r#"exec --no-startup-id "xterm -title 'a; b \"c\"'; i3-msg -t send_tick 'handoff-lg-exited 42-7 '\"$?\" >/dev/null 2>&1""#
         );
     }
 }

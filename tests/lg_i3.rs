@@ -141,3 +141,49 @@ fn no_desktop_reachable_says_so_and_starts_nothing() {
         "{text}"
     );
 }
+
+#[test]
+fn a_client_that_exits_before_its_window_is_reported_at_once_with_its_status() {
+    let Some(desk) = Desktop::start(None) else { return };
+    let session = Session {
+        i3sock: Some(desk.socket.clone().into()),
+        runtime_root: desk.dir.path().to_owned(),
+        uid: 4242,
+        display: None,
+        wayland_display: None,
+    };
+    let mut cfg = handoff::Config::default();
+    for (command, args, status, hint) in [
+        (
+            "looking-glass-client-not-installed",
+            vec![],
+            127,
+            "not found on the desktop session's PATH",
+        ),
+        (
+            "sh",
+            vec!["-c", "echo no shm >&2; exit 3"],
+            3,
+            "run it by hand on the desktop",
+        ),
+    ] {
+        cfg.looking_glass.command = command.into();
+        cfg.looking_glass.args = args.into_iter().map(String::from).collect();
+        let t = std::time::Instant::now();
+        let err = handoff::lg::open(&cfg, &session, Duration::from_secs(30)).unwrap_err();
+        eprintln!("{command}: {:?}: {err}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "it waited for a window: {err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!(
+                "but it exited with status {status} before its window appeared"
+            )),
+            "{text}"
+        );
+        assert!(text.contains(hint), "{text}");
+    }
+    assert!(desk.windows().iter().all(|w| !w.is(CLASS)));
+}

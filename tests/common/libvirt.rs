@@ -268,12 +268,20 @@ pub struct TestDomain {
 impl TestDomain {
     /// Defines `handoff-test-<pid>-<n>` from `tests/fixtures/libvirt/tiny-domain.xml`.
     pub fn define() -> TestDomain {
+        TestDomain::define_with_devices("")
+    }
+
+    /// As [`TestDomain::define`], with `devices` (XML) added to the tiny domain's
+    /// `<devices>`, e.g. a Looking Glass `<shmem>`.
+    pub fn define_with_devices(devices: &str) -> TestDomain {
         let name = format!(
             "handoff-test-{}-{}",
             std::process::id(),
             NEXT_DOMAIN.fetch_add(1, Ordering::Relaxed)
         );
-        let xml = DOMAIN_XML.replace("@NAME@", &name);
+        let xml = DOMAIN_XML
+            .replace("@NAME@", &name)
+            .replace("</devices>", &format!("{devices}</devices>"));
         let mut file = tempfile::NamedTempFile::new().expect("temp file for domain XML");
         std::io::Write::write_all(&mut file, xml.as_bytes()).expect("write domain XML");
         let out = virsh(&["define", file.path().to_str().expect("temp path is UTF-8")]);
