@@ -56,6 +56,9 @@ struct Scene {
     host: Host,
     _etc_handoff: DirBackup,
     _hooks: DirBackup,
+    /// `/etc/libvirt/hooks` and `/etc/handoff` as found once the libvirtd lock was ours:
+    /// another test process may have its own hook in place until then.
+    before: (Snapshot, Snapshot),
     _libvirtd: LibvirtdLock,
 }
 
@@ -72,6 +75,7 @@ impl Scene {
             return None;
         }
         let libvirtd = require_libvirtd()?;
+        let before = (snapshot(Path::new(HOOKS_DIR)), snapshot(Path::new(ETC_HANDOFF)));
         let hooks = DirBackup::take(HOOKS_DIR).then(reload_libvirtd);
         let etc_handoff = DirBackup::take(ETC_HANDOFF);
 
@@ -107,8 +111,27 @@ impl Scene {
             host,
             _etc_handoff: etc_handoff,
             _hooks: hooks,
+            before,
             _libvirtd: libvirtd,
         })
+    }
+
+    /// Undo everything (in the order fields drop) but keep the libvirtd lock, so the caller
+    /// can check the machine is as found before another test process may touch it.
+    fn tear_down(self) -> ((Snapshot, Snapshot), LibvirtdLock) {
+        let Scene {
+            domain,
+            other,
+            mount,
+            _tmp,
+            host,
+            _etc_handoff,
+            _hooks,
+            before,
+            _libvirtd,
+        } = self;
+        drop((domain, other, mount, _tmp, host, _etc_handoff, _hooks));
+        (before, _libvirtd)
     }
 
     /// Every function of the GPU's slot with its driver and override, from the mount.
@@ -284,8 +307,6 @@ fn is_mounted(path: &Path) -> bool {
 
 #[test]
 fn the_real_libvirtd_runs_the_hook_refuses_binds_returns_and_survives_a_hang() {
-    let hooks_before = snapshot(Path::new(HOOKS_DIR));
-    let etc_before = snapshot(Path::new(ETC_HANDOFF));
     let Some(s) = Scene::set_up() else { return };
     let domain_name = s.domain.name().to_owned();
     let mountpoint = s.mount.path().to_owned();
@@ -302,7 +323,7 @@ fn the_real_libvirtd_runs_the_hook_refuses_binds_returns_and_survives_a_hang() {
     a_hung_unbind_fails_the_start_cleanly_and_libvirtd_keeps_answering(&s, &home);
 
     // Everything as found: the hook directory, /etc/handoff, no domain, no mount.
-    drop(s);
+    let ((hooks_before, etc_before), _libvirtd) = s.tear_down();
     assert_eq!(
         snapshot(Path::new(HOOKS_DIR)),
         hooks_before,
