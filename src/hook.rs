@@ -92,7 +92,19 @@ pub fn run(args: &[String], stdin: &mut dyn std::io::Read, system_config: &Path,
             return if op == "prepare" { 1 } else { 0 };
         }
     };
-    let (uses, warning) = uses_gpu(&cfg, domain, &xml);
+    run_event(&cfg, domain, op, sub, &xml, err)
+}
+
+/// The hook's work for one event with the config already read: `prepare begin` refuses
+/// (exit 1, the refusal on `err`) or binds; `release end` returns the GPU; anything else
+/// is 0. [`run`] calls it for libvirtd; `handoff demo`'s VMs (libvirt's test driver runs
+/// no hooks) call it in-process from [`crate::vm`].
+pub fn run_event(cfg: &Config, domain: &str, op: &str, sub: &str, xml: &str, err: &mut dyn Write) -> i32 {
+    if !matches!((op, sub), ("prepare", "begin") | ("release", "end")) {
+        return 0;
+    }
+    let domain = &domain.to_owned();
+    let (uses, warning) = uses_gpu(cfg, domain, xml);
     if !uses {
         return 0;
     }

@@ -14,6 +14,8 @@
 
 pub mod bind;
 pub mod config;
+#[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
+pub mod demo;
 pub mod doctor;
 pub mod gpu;
 pub mod holders;

@@ -34,10 +34,32 @@ pub fn quiet() {
 
 pub fn connect(uri: &str) -> Result<Connect, VirtError> {
     quiet();
-    Connect::open(Some(uri)).map_err(|e| VirtError::Connect {
+    // The test driver with a node file (`test:///path/node.xml`) builds a fresh machine
+    // for every open; `test:///default` is shared by the process's connections. Share the
+    // node-file ones too, so that in one process (the tray, `handoff demo`) a VM started
+    // by one action is still running for the next, as with a real libvirtd.
+    let shared = uri.starts_with("test:///") && uri != "test:///default";
+    if shared && let Some(c) = test_conns().lock().unwrap_or_else(|e| e.into_inner()).get(uri) {
+        return Ok(c.clone());
+    }
+    let c = Connect::open(Some(uri)).map_err(|e| VirtError::Connect {
         uri: uri.to_owned(),
         message: e.message().to_owned(),
-    })
+    })?;
+    if shared {
+        test_conns()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(uri.to_owned())
+            .or_insert_with(|| c.clone());
+    }
+    Ok(c)
+}
+
+fn test_conns() -> &'static std::sync::Mutex<HashMap<String, Connect>> {
+    static CONNS: std::sync::OnceLock<std::sync::Mutex<HashMap<String, Connect>>> =
+        std::sync::OnceLock::new();
+    CONNS.get_or_init(Default::default)
 }
 
 fn map_state(s: DomainState) -> VmState {

@@ -125,6 +125,31 @@ enum Command {
     /// What the tray and `handoff-block --watch` listen to; no polling. Runs until
     /// interrupted (or stdout closes).
     Watch(JsonFlag),
+    /// Try handoff without a passthrough GPU: a simulated host (kernel sysfs with an RTX
+    /// 3090 Ti, libvirt's test driver with a "Windows" VM, a process holding the GPU), the
+    /// tray on it when there is a display, and a line per change here.
+    ///
+    /// Without a display, or with --script, it walks through the handoff itself: start
+    /// (refused, naming the process), terminate the process, start (GPU to vfio-pci), stop
+    /// (GPU back to nvidia). Needs root (a FUSE mount). Ctrl-C ends it and removes all of
+    /// it: children, mount, temporary directory.
+    #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
+    Demo(DemoArgs),
+    /// The demo's GPU user (`cuda-training`): holds NODE open until killed.
+    #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
+    #[command(hide = true)]
+    DemoHolder { node: PathBuf },
+}
+
+#[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
+#[derive(Args)]
+struct DemoArgs {
+    /// Do the clicks itself and exit (the default without a display is to wait for Ctrl-C).
+    #[arg(long)]
+    script: bool,
+    /// Do not start handoff-tray even when there is a display.
+    #[arg(long)]
+    no_tray: bool,
 }
 
 #[derive(Args)]
@@ -408,6 +433,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
+        Command::Demo(a) => {
+            let exe = std::env::current_exe().context("finding the handoff binary")?;
+            let bin_dir = exe.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+            let opts = handoff::demo::Options {
+                script: a.script,
+                tray: !a.no_tray && handoff::demo::have_display(),
+            };
+            let code = handoff::demo::run(&opts, &exe, &bin_dir).context("handoff demo")?;
+            Ok(ExitCode::from(code))
+        }
+        #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
+        Command::DemoHolder { node } => {
+            handoff::demo::hold(&node).with_context(|| format!("opening {}", node.display()))?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Hook { args, system_config } => {
             let path = system_config.unwrap_or_else(|| PathBuf::from(handoff::config::SYSTEM_CONFIG));

@@ -233,6 +233,7 @@ impl SimHost {
             procfs: "/proc".into(),
             dev: self.dev(),
             run: self.run(),
+            demo: false,
         }
     }
 

@@ -439,7 +439,26 @@ impl<'a> Ctl<'a> {
             self.check_holders(vm)?;
         }
         self.say(&format!("Starting {} ({})…", vm.label(), vm.name));
+        let demo = self.demo_hook(vm);
+        if demo {
+            let xml = dom.xml_desc(0).unwrap_or_default();
+            let mut said = Vec::new();
+            if crate::hook::run_event(self.cfg, &vm.name, "prepare", "begin", &xml, &mut said) != 0 {
+                let text = String::from_utf8_lossy(&said);
+                // What libvirt would wrap the hook's stderr in, read back the same way.
+                let wrapped = format!("Hook script execution failed: unexpected exit status 1: {text}");
+                let (message, warnings) = hook_message(&wrapped).unwrap_or_default();
+                return Err(VmError::HookRefused {
+                    vm: vm.name.clone(),
+                    message,
+                    warnings,
+                });
+            }
+        }
         if let Err(e) = dom.create() {
+            if demo {
+                self.demo_release(vm, &dom);
+            }
             let message = e.message().to_owned();
             return Err(match hook_message(&message) {
                 Some((message, warnings)) => VmError::HookRefused {
@@ -613,6 +632,9 @@ impl<'a> Ctl<'a> {
                 std::thread::sleep(POLL.min(timeout.saturating_sub(waited)));
             }
         }
+        if state.is_active() && self.demo_hook(vm) {
+            self.demo_release(vm, &dom);
+        }
         let waited_s = started.elapsed().as_secs_f64();
         let (gpu, gpu_returned) = if was_ours {
             let g = self.wait_gpu_home()?;
@@ -630,6 +652,22 @@ impl<'a> Ctl<'a> {
             gpu,
             gpu_returned,
         })
+    }
+
+    /// `handoff demo`: the VM is a `test://` domain on a simulated host, whose driver runs
+    /// no hooks, so this process runs the hook's logic where libvirtd would run the hook.
+    fn demo_hook(&self, vm: &VmConfig) -> bool {
+        self.cfg.host.demo && !self.cfg.host.is_system() && vm.uri.starts_with("test://")
+    }
+
+    /// The hook's `release end` after a demo VM stopped (or failed to start).
+    fn demo_release(&mut self, vm: &VmConfig, dom: &Domain) {
+        let xml = dom.xml_desc(0).unwrap_or_default();
+        let mut said = Vec::new();
+        crate::hook::run_event(self.cfg, &vm.name, "release", "end", &xml, &mut said);
+        for line in String::from_utf8_lossy(&said).lines() {
+            self.say(line);
+        }
     }
 
     /// Whether the GPU is off the host for this VM: on this machine, not on the host
