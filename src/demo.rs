@@ -469,6 +469,6 @@ fn walkthrough(cfg: &Config, holder: u32) -> io::Result<()> {
         stopped.label, stopped.gpu.address, stopped.gpu.phrase
     );
     gpu_line(cfg);
-    println!("\nThat is the handoff. On a real workstation: README, \"Setting up a workstation\".");
+    println!("\nThat is the handoff. On a real workstation: README, \"Installing on a real workstation\".");
     Ok(())
 }
