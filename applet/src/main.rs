@@ -35,7 +35,7 @@ use ksni::TrayMethods;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::actions::Action;
-use crate::model::{Note, NoteAction, Snapshot, UnitScope};
+use crate::model::{Note, NoteAction, OrphanWatch, Settled, Snapshot, UnitScope};
 use crate::tray::HandoffTray;
 
 /// Everything that reaches the main loop.
@@ -191,16 +191,10 @@ struct Loop {
     notifier: notify::Notifier,
     inhibitor: Option<handoff::inhibit::Inhibitor>,
     inhibit_asked: bool,
-    /// The last settled snapshot (no handoff under way): notifications compare against it,
-    /// so "Windows stopped" waits for the GPU to be home and says so in one notification.
-    settled: Snapshot,
-    /// Since when the GPU has been seen orphaned (off the host, no VM).
-    orphan_since: Option<Instant>,
+    /// What notifications compare against (see [`Settled`]).
+    settled: Settled,
+    orphan: OrphanWatch,
 }
-
-/// How long the GPU may sit off the host with no VM before that is "restore required":
-/// the hook's `release` runs right after a VM stops and takes well under a second.
-const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
@@ -235,12 +229,12 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         collecting: false,
         dirty: false,
         reconnect: false,
-        settled: snap.clone(),
+        settled: Settled(snap.clone()),
         snap,
         notifier: notify::Notifier::new(tx.clone()),
         inhibitor: None,
         inhibit_asked: false,
-        orphan_since: None,
+        orphan: OrphanWatch::default(),
     };
     l.check_orphan();
     l.inhibit();
@@ -271,12 +265,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 l.check_orphan();
                 let s = l.snap.clone();
                 handle.update(|t: &mut HandoffTray| t.snap = s).await;
-                if l.snap.icon_state(None) != icons::IconState::Switching {
-                    let note = model::transition_note(&l.settled, &l.snap);
-                    l.settled = l.snap.clone();
-                    if let Some(n) = note {
-                        l.notifier.show(n, l.icon()).await;
-                    }
+                if let Some(n) = l.settled.next(&l.snap) {
+                    l.notifier.show(n, l.icon()).await;
                 }
                 l.inhibit();
                 if l.dirty {
@@ -326,25 +316,15 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 impl Loop {
-    /// Confirms an orphaned GPU once it has stayed so for [`ORPHAN_GRACE`]: the first
-    /// sighting schedules one more read after the grace (a one-shot timer, only while the
-    /// GPU is in this transient state; never while idle).
+    /// Confirms an orphaned GPU once it has stayed so for [`model::ORPHAN_GRACE`]; the
+    /// first sighting schedules one more read after the grace.
     fn check_orphan(&mut self) {
-        if self.snap.orphaned().is_none() {
-            self.orphan_since = None;
-            return;
-        }
-        match self.orphan_since {
-            Some(t) if t.elapsed() >= ORPHAN_GRACE => self.snap.orphan_confirmed = true,
-            Some(_) => {}
-            None => {
-                self.orphan_since = Some(Instant::now());
-                let tx = self.tx.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(ORPHAN_GRACE).await;
-                    let _ = tx.send(Msg::Recheck);
-                });
-            }
+        if let Some(wait) = self.orphan.observe(&mut self.snap, Instant::now()) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let _ = tx.send(Msg::Recheck);
+            });
         }
     }
 
