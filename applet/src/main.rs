@@ -397,3 +397,61 @@ fn clock() -> String {
         format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+
+    use super::*;
+    use crate::icons::IconState;
+
+    /// The real read ([`collect`]: sysfs of a simulated GPU, the real `/proc`, the real
+    /// libvirt client library) with the only VM at a libvirt that is not there: the icon
+    /// says libvirt is unreachable, the tooltip says why, and saying so is fast.
+    #[test]
+    fn a_vm_at_an_unreachable_libvirt_shows_the_offline_icon_and_why() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sim = SimHost::build(tmp.path(), &SimSpec::workstation()).unwrap();
+        let socket = tmp.path().join("no-such-libvirt-sock");
+        let text = format!(
+            "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\n\n\
+             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\n\n\
+             [[vm]]\nname = \"win11\"\nlabel = \"Windows\"\nuri = \"qemu+unix:///system?socket={}\"\n",
+            sim.sysfs().display(),
+            sim.dev().display(),
+            sim.run().display(),
+            socket.display()
+        );
+        let cfg = Config::parse(&text, std::path::Path::new("test.toml")).unwrap();
+        let t = Instant::now();
+        let snap = collect(&cfg, &mut Prober::new());
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+
+        assert_eq!(snap.vms()[0].state, handoff::status::VmState::Unknown);
+        assert_eq!(snap.owner(), Some(handoff::gpu::Owner::Host));
+        assert_eq!(snap.icon_state(None), IconState::Offline);
+        assert_eq!(snap.icon_state(None).name(), "handoff-offline");
+        let why = snap.libvirt_unreachable().expect("libvirt unreachable");
+        assert!(why.contains("no-such-libvirt-sock"), "{why}");
+        let lines = snap.tooltip_lines(None);
+        assert!(
+            lines.contains(&"Windows (win11): unknown".to_owned()),
+            "{lines:#?}"
+        );
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with("libvirt unreachable: "))
+            .unwrap_or_else(|| panic!("{lines:#?}"));
+        assert!(line.contains("no-such-libvirt-sock"), "{line}");
+        assert!(
+            line.contains("No such file or directory"),
+            "the system's reason is passed on: {line}"
+        );
+        // Not a stuck handoff: the GPU is home, and no VM state is known to say otherwise.
+        assert!(snap.restore_required().is_none() && snap.orphaned().is_none());
+        assert_eq!(snap.title(None), "GPU on Linux (nvidia)");
+    }
+}
