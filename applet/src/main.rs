@@ -35,7 +35,7 @@ use ksni::TrayMethods;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::actions::Action;
-use crate::model::{Note, NoteAction, Snapshot, UnitScope};
+use crate::model::{Note, NoteAction, OrphanWatch, Settled, Snapshot, UnitScope};
 use crate::tray::HandoffTray;
 
 /// Everything that reaches the main loop.
@@ -191,16 +191,10 @@ struct Loop {
     notifier: notify::Notifier,
     inhibitor: Option<handoff::inhibit::Inhibitor>,
     inhibit_asked: bool,
-    /// The last settled snapshot (no handoff under way): notifications compare against it,
-    /// so "Windows stopped" waits for the GPU to be home and says so in one notification.
-    settled: Snapshot,
-    /// Since when the GPU has been seen orphaned (off the host, no VM).
-    orphan_since: Option<Instant>,
+    /// What notifications compare against (see [`Settled`]).
+    settled: Settled,
+    orphan: OrphanWatch,
 }
-
-/// How long the GPU may sit off the host with no VM before that is "restore required":
-/// the hook's `release` runs right after a VM stops and takes well under a second.
-const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
@@ -235,12 +229,12 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         collecting: false,
         dirty: false,
         reconnect: false,
-        settled: snap.clone(),
+        settled: Settled(snap.clone()),
         snap,
         notifier: notify::Notifier::new(tx.clone()),
         inhibitor: None,
         inhibit_asked: false,
-        orphan_since: None,
+        orphan: OrphanWatch::default(),
     };
     l.check_orphan();
     l.inhibit();
@@ -271,12 +265,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 l.check_orphan();
                 let s = l.snap.clone();
                 handle.update(|t: &mut HandoffTray| t.snap = s).await;
-                if l.snap.icon_state(None) != icons::IconState::Switching {
-                    let note = model::transition_note(&l.settled, &l.snap);
-                    l.settled = l.snap.clone();
-                    if let Some(n) = note {
-                        l.notifier.show(n, l.icon()).await;
-                    }
+                if let Some(n) = l.settled.next(&l.snap) {
+                    l.notifier.show(n, l.icon()).await;
                 }
                 l.inhibit();
                 if l.dirty {
@@ -326,25 +316,15 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 impl Loop {
-    /// Confirms an orphaned GPU once it has stayed so for [`ORPHAN_GRACE`]: the first
-    /// sighting schedules one more read after the grace (a one-shot timer, only while the
-    /// GPU is in this transient state; never while idle).
+    /// Confirms an orphaned GPU once it has stayed so for [`model::ORPHAN_GRACE`]; the
+    /// first sighting schedules one more read after the grace.
     fn check_orphan(&mut self) {
-        if self.snap.orphaned().is_none() {
-            self.orphan_since = None;
-            return;
-        }
-        match self.orphan_since {
-            Some(t) if t.elapsed() >= ORPHAN_GRACE => self.snap.orphan_confirmed = true,
-            Some(_) => {}
-            None => {
-                self.orphan_since = Some(Instant::now());
-                let tx = self.tx.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(ORPHAN_GRACE).await;
-                    let _ = tx.send(Msg::Recheck);
-                });
-            }
+        if let Some(wait) = self.orphan.observe(&mut self.snap, Instant::now()) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let _ = tx.send(Msg::Recheck);
+            });
         }
     }
 
@@ -415,5 +395,63 @@ fn clock() -> String {
         let mut tm: libc::tm = std::mem::zeroed();
         libc::localtime_r(&t, &mut tm);
         format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+
+    use super::*;
+    use crate::icons::IconState;
+
+    /// The real read ([`collect`]: sysfs of a simulated GPU, the real `/proc`, the real
+    /// libvirt client library) with the only VM at a libvirt that is not there: the icon
+    /// says libvirt is unreachable, the tooltip says why, and saying so is fast.
+    #[test]
+    fn a_vm_at_an_unreachable_libvirt_shows_the_offline_icon_and_why() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sim = SimHost::build(tmp.path(), &SimSpec::workstation()).unwrap();
+        let socket = tmp.path().join("no-such-libvirt-sock");
+        let text = format!(
+            "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\n\n\
+             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\n\n\
+             [[vm]]\nname = \"win11\"\nlabel = \"Windows\"\nuri = \"qemu+unix:///system?socket={}\"\n",
+            sim.sysfs().display(),
+            sim.dev().display(),
+            sim.run().display(),
+            socket.display()
+        );
+        let cfg = Config::parse(&text, std::path::Path::new("test.toml")).unwrap();
+        let t = Instant::now();
+        let snap = collect(&cfg, &mut Prober::new());
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+
+        assert_eq!(snap.vms()[0].state, handoff::status::VmState::Unknown);
+        assert_eq!(snap.owner(), Some(handoff::gpu::Owner::Host));
+        assert_eq!(snap.icon_state(None), IconState::Offline);
+        assert_eq!(snap.icon_state(None).name(), "handoff-offline");
+        let why = snap.libvirt_unreachable().expect("libvirt unreachable");
+        assert!(why.contains("no-such-libvirt-sock"), "{why}");
+        let lines = snap.tooltip_lines(None);
+        assert!(
+            lines.contains(&"Windows (win11): unknown".to_owned()),
+            "{lines:#?}"
+        );
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with("libvirt unreachable: "))
+            .unwrap_or_else(|| panic!("{lines:#?}"));
+        assert!(line.contains("no-such-libvirt-sock"), "{line}");
+        assert!(
+            line.contains("No such file or directory"),
+            "the system's reason is passed on: {line}"
+        );
+        // Not a stuck handoff: the GPU is home, and no VM state is known to say otherwise.
+        assert!(snap.restore_required().is_none() && snap.orphaned().is_none());
+        assert_eq!(snap.title(None), "GPU on Linux (nvidia)");
     }
 }

@@ -3,6 +3,7 @@
 //! notifications a change deserves are tested without a desktop.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::gpu::Owner;
@@ -226,6 +227,61 @@ pub fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
 }
 
+/// How long the GPU may sit off the host with no VM before that is "restore required":
+/// the hook's `release` runs right after a VM stops and takes well under a second.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(3);
+
+/// Tells a VM that just stopped (the GPU sits on vfio-pci until the hook's `release`
+/// runs) from a handoff that got stuck: an orphaned GPU ([`Snapshot::orphaned`]) is
+/// confirmed only once it has stayed so for [`ORPHAN_GRACE`]. The clock is passed in.
+#[derive(Debug, Default)]
+pub struct OrphanWatch {
+    /// Since when the GPU has been seen orphaned.
+    since: Option<Instant>,
+}
+
+impl OrphanWatch {
+    /// Looks at a fresh snapshot read at `now`: sets its `orphan_confirmed` once the grace
+    /// is over. Returns how long to wait before reading again, on the first sighting only
+    /// (one one-shot timer, while the GPU is in this transient state; never while idle).
+    pub fn observe(&mut self, snap: &mut Snapshot, now: Instant) -> Option<Duration> {
+        if snap.orphaned().is_none() {
+            self.since = None;
+            return None;
+        }
+        match self.since {
+            Some(t) => {
+                if now.saturating_duration_since(t) >= ORPHAN_GRACE {
+                    snap.orphan_confirmed = true;
+                }
+                None
+            }
+            None => {
+                self.since = Some(now);
+                Some(ORPHAN_GRACE)
+            }
+        }
+    }
+}
+
+/// The last settled snapshot (no handoff under way): notifications compare against it, so
+/// "Windows stopped" waits for the GPU to be home and says so in one notification.
+#[derive(Debug, Clone)]
+pub struct Settled(pub Snapshot);
+
+impl Settled {
+    /// The notification `new` deserves, if it is settled (not switching); it becomes the
+    /// new reference then. While switching, nothing is said and the reference stays.
+    pub fn next(&mut self, new: &Snapshot) -> Option<Note> {
+        if new.icon_state(None) == IconState::Switching {
+            return None;
+        }
+        let note = transition_note(&self.0, new);
+        self.0 = new.clone();
+        note
+    }
+}
+
 /// A notification the tray shows; at most one is visible (each replaces the last).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Note {
@@ -360,3 +416,6 @@ pub fn transition_note(old: &Snapshot, new: &Snapshot) -> Option<Note> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests;
