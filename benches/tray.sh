@@ -73,6 +73,18 @@ rss() { awk '/VmRSS/ {print $2}' "/proc/$TRAYPID/status"; }
 HZ=$(getconf CLK_TCK)
 
 threads=$(ls /proc/$TRAYPID/task | wc -l)
+# Where the resident memory is, from /proc/<pid>/smaps: the binary's own pages, the
+# shared libraries' (and how many), and anonymous memory (heap, malloc arenas, stacks).
+breakdown() {
+  awk -v exe="$(readlink /proc/$TRAYPID/exe)" '
+    /^[0-9a-f]+-[0-9a-f]+ / { p = (NF >= 6) ? $6 : ""
+      k = (p == exe) ? "bin" : (p ~ /\.so/) ? "lib" : (p == "" || p ~ /^\[(heap|stack)/) ? "anon" : "other"
+      if (k == "lib") libs[p] = 1; next }
+    /^Rss:/ { r[k] += $2 }
+    END { n = 0; for (l in libs) n++
+      printf "binary %.1f MB, %d shared libraries %.1f MB, heap/anon/stacks %.1f MB", r["bin"]/1024, n, r["lib"]/1024, r["anon"]/1024 }' "/proc/$TRAYPID/smaps"
+}
+mem0=$(breakdown)
 rss0=$(rss); t0=$(ticks); c0=$(ctxt)
 timeout -s INT "$IDLE" strace -f -c -p "$TRAYPID" -o "$T/strace" >/dev/null 2>&1 || true
 rss1=$(rss); t1=$(ticks); c1=$(ctxt)
@@ -126,6 +138,7 @@ cat <<EOF
 | measure | target | result |
 |---|---|---|
 | idle RSS (VmRSS) | < 20 MB | $((rss0 / 1024)).$(((rss0 % 1024) * 10 / 1024)) MB at start of idle, $((rss1 / 1024)).$(((rss1 % 1024) * 10 / 1024)) MB after ${IDLE} s; $threads threads |
+| idle RSS by kind (smaps) | | $mem0 |
 | idle CPU over ${IDLE} s | ~0 | $((t1 - t0)) ticks (1/$HZ s) = $(awk -v d=$((t1 - t0)) -v hz="$HZ" -v s="$IDLE" 'BEGIN{printf "%.3f%%", d/hz/s*100}') |
 | context switches over ${IDLE} s (all threads) | 0 of its own | $((c1 - c0)) (under strace, which adds none to the count of its own) |
 | syscalls over ${IDLE} s (strace -f -c) | 0 of its own | ${calls:-0}: ${top:-none} |
