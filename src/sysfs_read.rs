@@ -145,7 +145,6 @@ fn spawn_reader(path: &Path) -> io::Result<Reader> {
     }
     let [read_end, write_end] = fds;
     let mut buf = vec![0u8; MAX_LEN];
-    let devnull = c"/dev/null";
     // SAFETY: between fork and _exit the child calls only async-signal-safe functions
     // (open, dup2, close_range, read, write, _exit) on memory prepared before the fork.
     let pid = unsafe { libc::fork() };
@@ -159,15 +158,7 @@ fn spawn_reader(path: &Path) -> io::Result<Reader> {
     }
     if pid == 0 {
         unsafe {
-            // stdin and stderr on /dev/null, stdout the pipe, nothing else open: a child
-            // stuck in the kernel must not keep any pipe of the caller's open.
-            let null = libc::open(devnull.as_ptr(), libc::O_RDWR);
-            if null >= 0 {
-                libc::dup2(null, 0);
-                libc::dup2(null, 2);
-            }
-            libc::dup2(write_end, 1);
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            isolate_child_fds(write_end);
             let fd = libc::open(cpath.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
             if fd < 0 {
                 libc::_exit(errno_code());
@@ -242,6 +233,27 @@ impl Reader {
 }
 
 /// The child's errno as its exit code (errnos fit in 1..=133).
+/// In a forked child, before it touches sysfs: stdin and stderr on /dev/null, stdout on
+/// `stdout` (or /dev/null when negative), every other descriptor closed. A child stuck in the
+/// kernel must keep no pipe of its parent's open: a hook's stderr held open keeps libvirtd
+/// waiting for EOF (virt-manager#299), a reader's stray pipe end would hide its EOF.
+///
+/// # Safety
+/// Call only between `fork` and `_exit`: it makes only async-signal-safe calls (open, dup2,
+/// close_range).
+pub(crate) unsafe fn isolate_child_fds(stdout: libc::c_int) {
+    // SAFETY: per the function's contract; the path is a static C string.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::dup2(null, 2);
+        }
+        libc::dup2(if stdout >= 0 { stdout } else { null }, 1);
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+    }
+}
+
 pub(crate) fn errno_code() -> i32 {
     io::Error::last_os_error()
         .raw_os_error()

@@ -46,7 +46,6 @@ pub fn write_with_watchdog(path: &Path, value: &str, timeout: Duration) -> Resul
     };
     let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|e| spawn_err(io::Error::other(e)))?;
     let bytes = value.as_bytes().to_vec();
-    let devnull = c"/dev/null";
     // SAFETY: between fork and _exit the child calls only async-signal-safe functions
     // (open, dup2, close_range, write, _exit) on memory prepared before the fork.
     let pid = unsafe { libc::fork() };
@@ -55,13 +54,7 @@ pub fn write_with_watchdog(path: &Path, value: &str, timeout: Duration) -> Resul
     }
     if pid == 0 {
         unsafe {
-            let null = libc::open(devnull.as_ptr(), libc::O_RDWR);
-            if null >= 0 {
-                libc::dup2(null, 0);
-                libc::dup2(null, 1);
-                libc::dup2(null, 2);
-            }
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            crate::sysfs_read::isolate_child_fds(-1);
             let fd = libc::open(cpath.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
             if fd < 0 {
                 libc::_exit(errno_code());
