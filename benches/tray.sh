@@ -28,7 +28,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Each binary built alone, as `make` does: a workspace build would unify features and link
+# libvirt into the tray. The tray runs target/release/handoff as its libvirt agent.
 cargo build -q --release -p handoff-tray
+cargo build -q --release --bin handoff
 cargo build -q --release --features kernel-sim --bin handoff-kernelsim
 TRAY=target/release/handoff-tray
 
@@ -67,27 +70,37 @@ TRAYPID=$!
 PIDS+=($TRAYPID)
 sleep 3
 
-ticks() { awk '{print $14+$15}' "/proc/$TRAYPID/stat"; }
+# The tray's child `handoff __agent` holds libvirt (src/agent.rs); measured on its own.
+AGENTPID=$(pgrep -P "$TRAYPID" -f __agent | head -1)
+[ -n "$AGENTPID" ] || { echo "no handoff __agent child of the tray; see $T/tray.log" >&2; cat "$T/tray.log" >&2; exit 1; }
+ticks() { awk '{print $14+$15}' "/proc/${1:-$TRAYPID}/stat"; }
 ctxt() { cat /proc/$TRAYPID/task/*/status | awk '/voluntary_ctxt_switches/ {s+=$2} END {print s}'; }
-rss() { awk '/VmRSS/ {print $2}' "/proc/$TRAYPID/status"; }
+rss() { awk '/VmRSS/ {print $2}' "/proc/${1:-$TRAYPID}/status"; }
+pss() { awk '/^Pss:/ {print $2}' "/proc/${1:-$TRAYPID}/smaps_rollup"; }
+mb() { awk -v k="$1" 'BEGIN { printf "%.1f MB", k/1024 }'; }
 HZ=$(getconf CLK_TCK)
 
 threads=$(ls /proc/$TRAYPID/task | wc -l)
 # Where the resident memory is, from /proc/<pid>/smaps: the binary's own pages, the
 # shared libraries' (and how many), and anonymous memory (heap, malloc arenas, stacks).
 breakdown() {
-  awk -v exe="$(readlink /proc/$TRAYPID/exe)" '
+  local pid=${1:-$TRAYPID}
+  awk -v exe="$(readlink /proc/$pid/exe)" '
     /^[0-9a-f]+-[0-9a-f]+ / { p = (NF >= 6) ? $6 : ""
       k = (p == exe) ? "bin" : (p ~ /\.so/) ? "lib" : (p == "" || p ~ /^\[(heap|stack)/) ? "anon" : "other"
       if (k == "lib") libs[p] = 1; next }
     /^Rss:/ { r[k] += $2 }
     END { n = 0; for (l in libs) n++
-      printf "binary %.1f MB, %d shared libraries %.1f MB, heap/anon/stacks %.1f MB", r["bin"]/1024, n, r["lib"]/1024, r["anon"]/1024 }' "/proc/$TRAYPID/smaps"
+      printf "binary %.1f MB, %d shared libraries %.1f MB, heap/anon/stacks %.1f MB", r["bin"]/1024, n, r["lib"]/1024, r["anon"]/1024 }' "/proc/$pid/smaps"
 }
 mem0=$(breakdown)
+amem0=$(breakdown "$AGENTPID")
 rss0=$(rss); t0=$(ticks); c0=$(ctxt)
+arss0=$(rss "$AGENTPID"); at0=$(ticks "$AGENTPID")
 timeout -s INT "$IDLE" strace -f -c -p "$TRAYPID" -o "$T/strace" >/dev/null 2>&1 || true
 rss1=$(rss); t1=$(ticks); c1=$(ctxt)
+arss1=$(rss "$AGENTPID"); at1=$(ticks "$AGENTPID")
+pss1=$(pss); apss1=$(pss "$AGENTPID")
 calls=$(awk '$NF=="total" {print $4}' "$T/strace")
 top=$(awk 'NR>2 && $1 !~ /^-/ && $NF!="total" && NF>=5 {print $NF"="$4}' "$T/strace" | head -5 | paste -sd' ')
 
@@ -139,6 +152,9 @@ cat <<EOF
 |---|---|---|
 | idle RSS (VmRSS) | < 20 MB | $((rss0 / 1024)).$(((rss0 % 1024) * 10 / 1024)) MB at start of idle, $((rss1 / 1024)).$(((rss1 % 1024) * 10 / 1024)) MB after ${IDLE} s; $threads threads |
 | idle RSS by kind (smaps) | | $mem0 |
+| its libvirt agent (handoff __agent): idle RSS | | $(mb "$arss0") at start of idle, $(mb "$arss1") after ${IDLE} s; $amem0 |
+| tray + agent together | | RSS $(mb $((rss1 + arss1))), PSS $(mb $((pss1 + apss1))) (tray PSS $(mb "$pss1"), agent PSS $(mb "$apss1")) |
+| agent's idle CPU over ${IDLE} s | ~0 | $((at1 - at0)) ticks (1/$HZ s) |
 | idle CPU over ${IDLE} s | ~0 | $((t1 - t0)) ticks (1/$HZ s) = $(awk -v d=$((t1 - t0)) -v hz="$HZ" -v s="$IDLE" 'BEGIN{printf "%.3f%%", d/hz/s*100}') |
 | context switches over ${IDLE} s (all threads) | 0 of its own | $((c1 - c0)) (under strace, which adds none to the count of its own) |
 | syscalls over ${IDLE} s (strace -f -c) | 0 of its own | ${calls:-0}: ${top:-none} |

@@ -139,6 +139,11 @@ enum Command {
     #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
     #[command(hide = true)]
     DemoHolder { node: PathBuf },
+    /// The libvirt side of `handoff-tray`: reads requests as JSON lines on stdin, writes
+    /// VM changes and replies as JSON lines on stdout, ends when stdin closes. The tray
+    /// runs it so that it links no libvirt itself (see the library's `agent` module).
+    #[command(name = "__agent", hide = true)]
+    Agent,
 }
 
 #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
@@ -446,6 +451,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(code))
         }
         #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
+        Command::Agent => {
+            let (cfg, _) = load_config(cli.config)?;
+            handoff::agent::serve(&cfg, std::io::stdin().lock(), Box::new(std::io::stdout()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::DemoHolder { node } => {
             handoff::demo::hold(&node).with_context(|| format!("opening {}", node.display()))?;
             Ok(ExitCode::SUCCESS)

@@ -83,7 +83,7 @@ impl VmState {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmStatus {
     pub name: String,
     pub label: String,

@@ -8,7 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use handoff::Config;
-use handoff::vm::{Ctl, VmError};
+use handoff::agent::{Agent, Failure, FailureKind, Request};
+use handoff::config::VmConfig;
 
 use crate::model::{self, Note, UnitScope};
 
@@ -63,13 +64,30 @@ impl Action {
     }
 }
 
-/// Runs `a`; blocking. Returns the notification to show, if any.
-pub fn run(cfg: &Config, a: &Action) -> Option<Note> {
+/// Runs `a`; blocking. VM actions go to the libvirt agent. Returns the notification to
+/// show, if any.
+pub fn run(cfg: &Config, agent: &Agent, a: &Action) -> Option<Note> {
     match a {
-        Action::Start(vm) => start(cfg, vm),
-        Action::Stop(vm) => stop(cfg, vm, false),
-        Action::ForceStop(vm) => stop(cfg, vm, true),
-        Action::Switch(vm) => switch(cfg, vm),
+        Action::Start(vm) => vm_action(cfg, agent, vm, Request::Start { vm: vm.clone() }),
+        Action::Stop(vm) => vm_action(
+            cfg,
+            agent,
+            vm,
+            Request::Stop {
+                vm: vm.clone(),
+                force: false,
+            },
+        ),
+        Action::ForceStop(vm) => vm_action(
+            cfg,
+            agent,
+            vm,
+            Request::Stop {
+                vm: vm.clone(),
+                force: true,
+            },
+        ),
+        Action::Switch(vm) => vm_action(cfg, agent, vm, Request::Switch { vm: vm.clone() }),
         Action::Terminate { pid, command } => terminate(&[*pid])
             .err()
             .map(|e| Note::plain(format!("{command} (pid {pid}) is still running"), e)),
@@ -78,47 +96,58 @@ pub fn run(cfg: &Config, a: &Action) -> Option<Note> {
         Action::OpenLookingGlass => open_lg(cfg),
         Action::Details => details(),
         Action::TerminateAndStart { vm, pids } => match terminate(pids) {
-            Ok(()) => start(cfg, vm),
+            Ok(()) => vm_action(cfg, agent, vm, Request::Start { vm: vm.clone() }),
             Err(e) => Some(Note::plain(format!("Not starting {vm}"), e)),
         },
     }
 }
 
-fn vm_config<'a>(cfg: &'a Config, vm: &str) -> Result<&'a handoff::config::VmConfig, Note> {
-    handoff::vm::resolve(cfg, Some(vm)).map_err(|e| Note::plain(format!("No VM {vm}"), e.to_string()))
+/// The configured VM called `name` (domain name or label), as `handoff start NAME` finds it.
+fn vm_config<'a>(cfg: &'a Config, name: &str) -> Result<&'a VmConfig, Note> {
+    cfg.vm(Some(name)).ok_or_else(|| {
+        let known: Vec<&str> = cfg.vms.iter().map(|v| v.name.as_str()).collect();
+        Note::plain(
+            format!("No VM {name}"),
+            format!("no VM {name:?} in the config; configured: {}", known.join(", ")),
+        )
+    })
 }
 
-fn log(line: &str) {
-    tracing::info!("{line}");
-}
-
-fn start(cfg: &Config, vm: &str) -> Option<Note> {
-    let v = match vm_config(cfg, vm) {
+/// A start, stop or switch through the agent, and the note its outcome deserves (none for
+/// a plain success: the state change announces it).
+fn vm_action(cfg: &Config, agent: &Agent, name: &str, request: Request) -> Option<Note> {
+    let v = match vm_config(cfg, name) {
         Ok(v) => v,
         Err(n) => return Some(n),
     };
-    let mut say = log;
-    let mut ctl = Ctl::new(cfg, &mut say);
-    match ctl.start(v) {
-        Ok(out) if out.warnings.is_empty() => None,
-        Ok(out) => Some(Note::plain(
-            format!("{} is running, but", out.label),
-            out.warnings.join("\n"),
+    let stopping = matches!(request, Request::Stop { .. });
+    match agent.act(request) {
+        Ok(Ok(done)) if done.warnings.is_empty() => None,
+        Ok(Ok(done)) => Some(Note::plain(
+            format!("{} is running, but", done.label),
+            done.warnings.join("\n"),
         )),
-        Err(e) => Some(start_error(cfg, v, &e)),
+        Ok(Err(f)) if stopping => Some(stop_error(v, &f)),
+        Ok(Err(f)) => Some(start_error(cfg, agent, v, &f)),
+        Err(e) => Some(Note {
+            summary: format!(
+                "{} was not {}",
+                v.label(),
+                if stopping { "stopped" } else { "started" }
+            ),
+            body: e.to_string(),
+            actions: vec![(model::NoteAction::Details, "Details".into())],
+            critical: true,
+        }),
     }
 }
 
 /// A refused start names who holds the GPU: our own scan (what the user may end), or the
 /// hook's record of the refusal (what root saw).
-fn start_error(cfg: &Config, v: &handoff::config::VmConfig, e: &VmError) -> Note {
-    let inner = match e {
-        VmError::Switch { source, .. } => source.as_ref(),
-        e => e,
-    };
-    match inner {
-        VmError::Busy { .. } | VmError::HookRefused { .. } => {
-            let snap = crate::collect(cfg, &mut handoff::libvirt::Prober::new());
+fn start_error(cfg: &Config, agent: &Agent, v: &VmConfig, f: &Failure) -> Note {
+    match f.kind {
+        FailureKind::Refused => {
+            let snap = crate::collect(cfg, &mut || agent.probe(cfg));
             let mut holders = snap.holders().to_vec();
             if holders.is_empty()
                 && let Some(r) = snap.hook.as_ref().and_then(|h| h.last_refusal.as_ref())
@@ -126,51 +155,35 @@ fn start_error(cfg: &Config, v: &handoff::config::VmConfig, e: &VmError) -> Note
             {
                 holders = r.holders.clone();
             }
-            model::refusal_note(v.label(), &v.name, &holders, snap.uid, &inner.to_string())
+            model::refusal_note(v.label(), &v.name, &holders, snap.uid, &f.cause)
         }
         _ => Note {
             summary: format!("{} did not start", v.label()),
-            body: e.to_string(),
+            body: f.message.clone(),
             actions: vec![(model::NoteAction::Details, "Details".into())],
             critical: true,
         },
     }
 }
 
-fn stop(cfg: &Config, vm: &str, force: bool) -> Option<Note> {
-    let v = match vm_config(cfg, vm) {
-        Ok(v) => v,
-        Err(n) => return Some(n),
-    };
-    let mut say = log;
-    let mut ctl = Ctl::new(cfg, &mut say);
-    match ctl.stop(v, force, Duration::from_secs(v.shutdown_timeout_s)) {
-        Ok(_) => None,
-        Err(e @ VmError::StopTimeout { .. }) => Some(Note {
+fn stop_error(v: &VmConfig, f: &Failure) -> Note {
+    match f.kind {
+        FailureKind::StopTimeout => Note {
             summary: format!("{} is still running", v.label()),
-            body: format!("{e}\nOr use \"Force stop {}…\" in the tray menu.", v.label()),
+            body: format!(
+                "{}\nOr use \"Force stop {}…\" in the tray menu.",
+                f.message,
+                v.label()
+            ),
             actions: Vec::new(),
             critical: false,
-        }),
-        Err(e) => Some(Note {
+        },
+        _ => Note {
             summary: format!("Stopping {} failed", v.label()),
-            body: e.to_string(),
+            body: f.message.clone(),
             actions: vec![(model::NoteAction::Details, "Details".into())],
             critical: true,
-        }),
-    }
-}
-
-fn switch(cfg: &Config, vm: &str) -> Option<Note> {
-    let v = match vm_config(cfg, vm) {
-        Ok(v) => v,
-        Err(n) => return Some(n),
-    };
-    let mut say = log;
-    let mut ctl = Ctl::new(cfg, &mut say);
-    match ctl.switch(v, false, None) {
-        Ok(_) => None,
-        Err(e) => Some(start_error(cfg, v, &e)),
+        },
     }
 }
 

@@ -12,7 +12,9 @@
 //!   action runs on a blocking thread with the menu disabled, and its outcome comes back
 //!   as a message.
 //!
-//! Links libvirt but not GTK: "Details…" starts `handoff-details`, its own process.
+//! Links neither libvirt nor GTK, so it stays small: VM states, starts and stops and
+//! libvirt's events go through `handoff __agent` ([`handoff::agent`]), a child process;
+//! "Details…" starts `handoff-details`, its own process.
 
 mod actions;
 mod icons;
@@ -22,15 +24,16 @@ mod tray;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use handoff::Config;
+use handoff::agent::Agent;
 use handoff::bind::record::RestoreRecord;
-use handoff::libvirt::Prober;
 use handoff::live::{Change, Sources, Watcher};
 use handoff::state::HookState;
+use handoff::status::{VmState, VmStatus};
 use ksni::TrayMethods;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
@@ -88,8 +91,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cfg = match Config::load() {
-        Ok((c, _)) => c,
+    let (cfg, source) = match Config::load() {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("handoff-tray: {e}");
             return ExitCode::from(2);
@@ -108,7 +111,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cfg)) {
+    match rt.block_on(run(cfg, source)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("handoff-tray: {e:#}");
@@ -133,9 +136,10 @@ pub fn no_watcher_text(reason: &ksni::OfflineReason) -> String {
     )
 }
 
-/// Reads the machine once: status (sysfs, holders, VM states), the hook's state and the
-/// restore record, and which holders run in a stoppable `.service`. Blocking.
-pub fn collect(cfg: &Config, prober: &mut Prober) -> Snapshot {
+/// Reads the machine once: status (sysfs, holders, VM states from the libvirt agent), the
+/// hook's state and the restore record, and which holders run in a stoppable `.service`.
+/// `probe` returns every configured VM's state, in config order. Blocking.
+pub fn collect(cfg: &Config, probe: &mut dyn FnMut() -> Vec<VmStatus>) -> Snapshot {
     // The VM states are asked before and after sysfs is read, until both agree: libvirt
     // can take a while to answer while it starts a domain, and a sysfs read from before
     // the start paired with a state from after it would show a VM running on a GPU that
@@ -143,8 +147,17 @@ pub fn collect(cfg: &Config, prober: &mut Prober) -> Snapshot {
     let mut tries = 0;
     let status = loop {
         tries += 1;
-        let before: Vec<_> = cfg.vms.iter().map(|vm| prober.probe(vm).state).collect();
-        let status = handoff::status::collect(cfg, &mut |vm| prober.probe(vm)).map_err(|e| e.to_string());
+        let before: Vec<_> = probe().into_iter().map(|v| v.state).collect();
+        // status::collect asks for each VM after it has read sysfs: one probe for all.
+        let mut after: Option<Vec<VmStatus>> = None;
+        let status = handoff::status::collect(cfg, &mut |vm| {
+            let all = after.get_or_insert_with(&mut *probe);
+            all.iter()
+                .find(|s| s.name == vm.name && s.uri == vm.uri)
+                .cloned()
+                .unwrap_or_else(|| VmStatus::new(vm, VmState::Unknown, None))
+        })
+        .map_err(|e| e.to_string());
         let agree = match &status {
             Ok(s) => s.vms.iter().map(|v| v.state).eq(before.iter().copied()),
             Err(_) => true,
@@ -182,11 +195,9 @@ pub fn collect(cfg: &Config, prober: &mut Prober) -> Snapshot {
 struct Loop {
     cfg: Arc<Config>,
     tx: UnboundedSender<Msg>,
-    prober: Arc<Mutex<Prober>>,
+    agent: Arc<Agent>,
     collecting: bool,
     dirty: bool,
-    /// Set when libvirt was lost or came back: its connections are made anew.
-    reconnect: bool,
     snap: Snapshot,
     notifier: notify::Notifier,
     inhibitor: Option<handoff::inhibit::Inhibitor>,
@@ -196,19 +207,37 @@ struct Loop {
     orphan: OrphanWatch,
 }
 
-async fn run(cfg: Config) -> anyhow::Result<()> {
+/// The libvirt agent for `cfg` (loaded from `source`): `handoff [--config FILE] __agent`,
+/// the `handoff` beside this binary, else the one on PATH.
+pub fn agent_for(source: &handoff::config::Source, sink: handoff::live::Sink) -> Agent {
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    if let handoff::config::Source::File(path) = source {
+        args.push("--config".into());
+        args.push(path.into());
+    }
+    args.push("__agent".into());
+    Agent::new(actions::sibling("handoff"), args, sink)
+}
+
+async fn run(cfg: Config, source: handoff::config::Source) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let (tx, mut rx) = unbounded_channel();
-    let sink_tx = tx.clone();
-    let _watcher = Watcher::with_sink(
-        &cfg,
-        Sources::all(),
-        Arc::new(move |c| sink_tx.send(Msg::Change(c)).is_ok()),
-    )?;
-    let prober = Arc::new(Mutex::new(Prober::new()));
+    let sink: handoff::live::Sink = {
+        let tx = tx.clone();
+        Arc::new(move |c| tx.send(Msg::Change(c)).is_ok())
+    };
+    // The kernel and the hook's files here; libvirt in the agent (no libvirt in this
+    // process: benches/RESULTS-tray.md).
+    let _watcher = Watcher::with_sink(&cfg, Sources::without_libvirt(), sink.clone())?;
+    let agent = Arc::new(agent_for(&source, sink));
+    if !cfg.vms.is_empty()
+        && let Err(e) = agent.start()
+    {
+        tracing::warn!("{e}");
+    }
     let snap = {
-        let (cfg, prober) = (cfg.clone(), prober.clone());
-        tokio::task::spawn_blocking(move || collect(&cfg, &mut prober.lock().unwrap())).await?
+        let (cfg, agent) = (cfg.clone(), agent.clone());
+        tokio::task::spawn_blocking(move || collect(&cfg, &mut || agent.probe(&cfg))).await?
     };
     let tray = HandoffTray {
         snap: snap.clone(),
@@ -225,10 +254,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut l = Loop {
         cfg,
         tx: tx.clone(),
-        prober,
+        agent,
         collecting: false,
         dirty: false,
-        reconnect: false,
         settled: Settled(snap.clone()),
         snap,
         notifier: notify::Notifier::new(tx.clone()),
@@ -250,9 +278,6 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             Msg::Quit => break,
             Msg::Change(c) => {
                 tracing::info!("change: {c}");
-                if matches!(c, Change::SourceLost { .. } | Change::SourceBack { .. }) {
-                    l.reconnect = true;
-                }
                 let event = format!("{} ({})", c, clock());
                 handle
                     .update(|t: &mut HandoffTray| t.last_event = Some(event))
@@ -278,10 +303,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                     let doing = a.doing();
                     handle.update(|t: &mut HandoffTray| t.action = Some(doing)).await;
                 }
-                let cfg = l.cfg.clone();
+                let (cfg, agent) = (l.cfg.clone(), l.agent.clone());
                 let tx = l.tx.clone();
                 tokio::task::spawn_blocking(move || {
-                    let note = actions::run(&cfg, &a);
+                    let note = actions::run(&cfg, &agent, &a);
                     let _ = tx.send(Msg::Done(a, note));
                 });
             }
@@ -341,21 +366,12 @@ impl Loop {
         }
         self.collecting = true;
         self.dirty = false;
-        let reconnect = std::mem::take(&mut self.reconnect)
-            || self
-                .snap
-                .vms()
-                .iter()
-                .any(|v| v.state == handoff::status::VmState::Unknown);
-        let (cfg, prober, tx) = (self.cfg.clone(), self.prober.clone(), self.tx.clone());
+        let (cfg, agent, tx) = (self.cfg.clone(), self.agent.clone(), self.tx.clone());
         tokio::task::spawn_blocking(move || {
             let t = Instant::now();
-            let mut p = prober.lock().unwrap();
-            // A connection that failed (or was lost) is retried on the next read.
-            if reconnect {
-                *p = Prober::new();
-            }
-            let snap = collect(&cfg, &mut p);
+            // The agent connects anew after a lost connection, and is started again if
+            // it exited.
+            let snap = collect(&cfg, &mut || agent.probe(&cfg));
             tracing::debug!("collected in {:?}", t.elapsed());
             let _ = tx.send(Msg::Collected(Box::new(snap)));
         });
@@ -407,9 +423,26 @@ mod tests {
     use super::*;
     use crate::icons::IconState;
 
+    /// `target/debug/handoff`, the agent's binary (this test runs from `target/debug/deps`),
+    /// built if a narrower build left it out.
+    fn handoff_bin() -> std::path::PathBuf {
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe.parent().unwrap().parent().unwrap().join("handoff");
+        if !bin.exists() {
+            let st = std::process::Command::new(env!("CARGO"))
+                .args(["build", "-p", "handoff", "--bin", "handoff"])
+                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+                .status()
+                .expect("cargo build --bin handoff");
+            assert!(st.success(), "cargo build --bin handoff failed");
+        }
+        bin
+    }
+
     /// The real read ([`collect`]: sysfs of a simulated GPU, the real `/proc`, the real
-    /// libvirt client library) with the only VM at a libvirt that is not there: the icon
-    /// says libvirt is unreachable, the tooltip says why, and saying so is fast.
+    /// libvirt client library in a real `handoff __agent`) with the only VM at a libvirt
+    /// that is not there: the icon says libvirt is unreachable, the tooltip says why, and
+    /// saying so is fast.
     #[test]
     fn a_vm_at_an_unreachable_libvirt_shows_the_offline_icon_and_why() {
         let tmp = tempfile::tempdir().unwrap();
@@ -424,9 +457,16 @@ mod tests {
             sim.run().display(),
             socket.display()
         );
-        let cfg = Config::parse(&text, std::path::Path::new("test.toml")).unwrap();
+        let path = tmp.path().join("config.toml");
+        std::fs::write(&path, &text).unwrap();
+        let cfg = Config::load_file(&path).unwrap();
+        let agent = Agent::new(
+            handoff_bin(),
+            vec!["--config".into(), path.into(), "__agent".into()],
+            Arc::new(|_| true),
+        );
         let t = Instant::now();
-        let snap = collect(&cfg, &mut Prober::new());
+        let snap = collect(&cfg, &mut || agent.probe(&cfg));
         let took = t.elapsed();
         assert!(took < Duration::from_secs(5), "took {took:?}");
 

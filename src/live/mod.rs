@@ -63,7 +63,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvError, RecvTimeoutError};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::pci::PciAddress;
@@ -103,12 +103,20 @@ impl Sources {
 }
 
 /// A source of changes, as named in [`Change::SourceLost`] and [`Change::SourceBack`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Source {
     Uevents,
-    RunDir { path: String },
-    Libvirt { uri: String },
+    RunDir {
+        path: String,
+    },
+    Libvirt {
+        uri: String,
+    },
+    /// The process that talks to libvirt for a surface ([`crate::agent`]).
+    Agent {
+        program: String,
+    },
 }
 
 impl fmt::Display for Source {
@@ -117,12 +125,13 @@ impl fmt::Display for Source {
             Source::Uevents => f.write_str("kernel uevents"),
             Source::RunDir { path } => write!(f, "{path}"),
             Source::Libvirt { uri } => write!(f, "libvirt at {uri}"),
+            Source::Agent { program } => write!(f, "the libvirt agent ({program} __agent)"),
         }
     }
 }
 
 /// What a kernel uevent did to a function of the GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DriverAction {
     Bind,
@@ -155,7 +164,7 @@ impl DriverAction {
 }
 
 /// A libvirt domain lifecycle event (`virDomainEventType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DomainEvent {
     Defined,
@@ -191,7 +200,7 @@ impl DomainEvent {
 }
 
 /// One change. Consumers re-read the full status; this says what moved.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "change", rename_all = "kebab-case")]
 pub enum Change {
     /// A function of the GPU's slot was bound, unbound, added or removed. `driver` is the
