@@ -65,7 +65,7 @@ setsid virsh -c qemu:///system event --all --loop --timestamp >"$T/virsh-events"
 PIDS+=($!)
 sleep 0.5
 
-DBUS_SESSION_BUS_ADDRESS=$BUS HANDOFF_CONFIG=$T/config.toml setsid "$TRAY" -v 2>"$T/tray.log" &
+DBUS_SESSION_BUS_ADDRESS=$BUS HANDOFF_CONFIG=$T/config.toml HANDOFF_LOG=handoff_tray=debug,handoff=info setsid "$TRAY" 2>"$T/tray.log" &
 TRAYPID=$!
 PIDS+=($TRAYPID)
 sleep 3
@@ -167,3 +167,5 @@ echo "lifecycle latencies (ms): ${event_lat[*]}"
 echo "strace:"; cat "$T/strace"
 echo "tray log (changes):"; grep "change:" "$T/tray.log" | sed "s/^.*change: //" | sort | uniq -c | sort -rn | head -8
 grep -m3 "member=" "$T/signals" || true; grep -c "change:" "$T/tray.log" || true
+echo "re-reads (collect) in ms:"; grep -o "collected in [0-9.]*[mµ]s" "$T/tray.log" | awk '{v=$3; if (v ~ /µs$/) {sub(/µs/,"",v); v/=1000} else sub(/ms/,"",v); printf "%.1f ", v} END {print ""}'
+cp "$T/tray.log" /tmp/handoff-bench-tray.log

@@ -14,6 +14,14 @@ mk() { make --no-print-directory PROFILE=debug "$@" >"$tmp/make.log" 2>&1 || { c
 # Type, mode, path and link target of everything under a root, plus file checksums.
 tree() { (cd "$1" && find . -mindepth 1 -printf '%y %m %p %l\n' | sort && find . -type f -exec sha256sum {} + | sort -k2); }
 
+# The tray as `make` builds it (alone, so cargo does not unify the library's features with
+# the tests'): it must not link libvirt — its libvirt agent is `handoff __agent`, a child
+# process (src/agent.rs) — nor GTK.
+cargo build -q -p handoff-tray
+if ldd target/debug/handoff-tray | grep -E 'libvirt|libgtk'; then
+  fail "handoff-tray links libvirt or GTK (see above); it must leave them to handoff __agent / handoff-details"
+fi
+
 root="$tmp/root"
 mkdir "$root"
 mk install DESTDIR="$root" prefix=/usr

@@ -147,7 +147,9 @@ pub fn collect(cfg: &Config, probe: &mut dyn FnMut() -> Vec<VmStatus>) -> Snapsh
     let mut tries = 0;
     let status = loop {
         tries += 1;
+        let t = Instant::now();
         let before: Vec<_> = probe().into_iter().map(|v| v.state).collect();
+        tracing::debug!("probe {tries} in {:?}", t.elapsed());
         // status::collect asks for each VM after it has read sysfs: one probe for all.
         let mut after: Option<Vec<VmStatus>> = None;
         let status = handoff::status::collect(cfg, &mut |vm| {
@@ -158,6 +160,7 @@ pub fn collect(cfg: &Config, probe: &mut dyn FnMut() -> Vec<VmStatus>) -> Snapsh
                 .unwrap_or_else(|| VmStatus::new(vm, VmState::Unknown, None))
         })
         .map_err(|e| e.to_string());
+        tracing::debug!("status {tries} in {:?}", t.elapsed());
         let agree = match &status {
             Ok(s) => s.vms.iter().map(|v| v.state).eq(before.iter().copied()),
             Err(_) => true,
