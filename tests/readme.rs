@@ -109,6 +109,24 @@ fn code_spans(line: &str) -> Vec<String> {
     spans
 }
 
+/// The prose lines joined into paragraphs (a code span may wrap), each with its first line.
+fn paragraphs(prose: &[(usize, String)]) -> Vec<(usize, String)> {
+    let mut out: Vec<(usize, String)> = Vec::new();
+    let mut last = 0;
+    for (n, line) in prose {
+        let continues = *n == last + 1 && !line.trim().is_empty();
+        match out.last_mut() {
+            Some((_, p)) if continues && !p.is_empty() => {
+                p.push(' ');
+                p.push_str(line.trim());
+            }
+            _ => out.push((*n, line.trim().to_owned())),
+        }
+        last = *n;
+    }
+    out
+}
+
 /// The Rust sources the messages come from, with Rust's string line continuations joined,
 /// escaped quotes unescaped, comments and unit tests left out.
 fn source_text() -> String {
@@ -329,8 +347,8 @@ fn mentions() -> Vec<Mention> {
     for (file, text) in docs() {
         let (blocks, prose) = split_markdown(&text);
         let mut pieces: Vec<(usize, String)> = Vec::new();
-        for (n, line) in &prose {
-            pieces.extend(code_spans(line).into_iter().map(|s| (*n, s)));
+        for (n, paragraph) in paragraphs(&prose) {
+            pieces.extend(code_spans(&paragraph).into_iter().map(|s| (n, s)));
         }
         for b in &blocks {
             for (i, line) in b.lines.iter().enumerate() {
