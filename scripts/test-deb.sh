@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # Installs handoff's .deb into a clean Debian 12 (bookworm, minbase) root with apt, which
-# resolves its dependencies from the Debian mirror, then runs `handoff --version` and
-# `vfio-status --help` there, and removes the package again leaving none of its files.
+# resolves its dependencies from the Debian mirror, then checks what a person would: every
+# binary finds its shared libraries, the bar block links neither libvirt nor GTK, `handoff
+# --version` and the seed's command names run, the polkit policy and man pages are there;
+# then removes the package and checks that none of its files are left.
 #
-#   bash scripts/test-deb.sh [path/to/handoff.deb]      (default: build it with `make deb`)
+#   bash scripts/test-deb.sh --debug       package the debug binaries already built
+#                                          (`make deb PROFILE=debug`: ~15 s); what .ci/run does
+#   bash scripts/test-deb.sh [--release]   build the release package first (`make deb`: a
+#                                          release build, ~10 min on two cores)
+#   bash scripts/test-deb.sh FILE.deb      test that package
 #
-# Root only (debootstrap, chroot); needs the network. Slow (a release build and an apt
-# install: several minutes), so .ci/run runs it only with HANDOFF_TEST_DEB=1. The
-# debootstrapped root is cached as a tarball under /var/cache/handoff-test/, one per day;
-# each run unpacks a fresh copy into a temp dir, so nothing from a previous run leaks in.
+# Root only (debootstrap, chroot); needs Debian's mirror. Cached under
+# /var/cache/handoff-test/, so that a warm run asks the mirror nothing but fresh package
+# lists once a day: the debootstrapped root as a tarball (made again after 7 days, ~1 min),
+# apt's package lists (refreshed after a day) and the .debs apt downloaded (kept until the
+# root is made again). Each run unpacks a fresh copy of the root into a temp dir, so nothing
+# installed by a previous run leaks in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,16 +29,33 @@ t0=$(date +%s)
 phase() { echo "test-deb: $1 ($(($(date +%s) - t0)) s)"; }
 fail() { echo "test-deb: FAIL: $*" >&2; exit 1; }
 
-deb="${1:-}"
-if [ -z "$deb" ]; then
+# The cargo-deb the packaging was checked with; `make deb` needs it.
+CARGO_DEB_VERSION=3.8.0
+
+build_deb() { # PROFILE
   if ! cargo deb --version >/dev/null 2>&1; then
-    echo "test-deb: installing cargo-deb from crates.io (a few minutes)"
-    cargo install --locked cargo-deb >/dev/null
+    echo "test-deb: installing cargo-deb $CARGO_DEB_VERSION from crates.io (a few minutes)"
+    cargo install --locked cargo-deb --version "$CARGO_DEB_VERSION" >/dev/null
   fi
-  make --no-print-directory deb >/tmp/handoff-make-deb.log 2>&1 || { tail -50 /tmp/handoff-make-deb.log >&2; fail "make deb"; }
-  deb=$(ls -t target/debian/handoff_*.deb | head -1)
-  phase "built $deb"
-fi
+  local log=/tmp/handoff-make-deb.$$.log
+  make --no-print-directory deb PROFILE="$1" >"$log" 2>&1 || { tail -50 "$log" >&2; rm -f "$log"; fail "make deb PROFILE=$1"; }
+  rm -f "$log"
+}
+
+case "${1:---release}" in
+  --debug)
+    build_deb debug
+    deb=$(ls -t target/debian-debug/handoff_*.deb | head -1)
+    phase "packaged the debug binaries: $deb ($(du -h "$deb" | cut -f1))"
+    ;;
+  --release)
+    build_deb release
+    deb=$(ls -t target/debian/handoff_*.deb | head -1)
+    phase "built $deb"
+    ;;
+  -*) fail "unknown option $1 (--debug, --release or a .deb file)" ;;
+  *) deb=$1 ;;
+esac
 [ -f "$deb" ] || fail "no .deb at $deb"
 
 # The mirror apt already uses here for bookworm main (Debian's by default).
@@ -38,16 +63,21 @@ mirror=$(apt-cache policy 2>/dev/null | awk '$3 == "bookworm/main" { print $2; e
 mirror=${mirror:-http://deb.debian.org/debian}
 
 cache_dir=/var/cache/handoff-test
-cache="$cache_dir/bookworm-minbase-$(date +%Y%m%d).tar"
-if [ ! -f "$cache" ]; then
-  mkdir -p "$cache_dir"
+cache="$cache_dir/bookworm-minbase.tar"
+lists_cache="$cache_dir/apt-lists"
+debs_cache="$cache_dir/apt-archives"
+mkdir -p "$cache_dir"
+# One run at a time writes the caches (other checkouts on this machine run it too).
+exec 9>"$cache_dir/.lock"
+flock 9
+# Tarballs of the earlier layout (one per day).
+find "$cache_dir" -maxdepth 1 -name 'bookworm-minbase-*.tar' -delete
+if [ -z "$(find "$cache" -mtime -7 2>/dev/null)" ]; then
   build=$(mktemp -d "$cache_dir/build.XXXXXX")
   debootstrap --variant=minbase bookworm "$build" "$mirror" >"$cache_dir/debootstrap.log" 2>&1 \
     || { rm -rf "$build"; tail -20 "$cache_dir/debootstrap.log" >&2; fail "debootstrap from $mirror"; }
   tar -C "$build" -cf "$cache.tmp" . && mv "$cache.tmp" "$cache"
-  rm -rf "$build"
-  # Older days' roots are stale (security updates); keep only today's.
-  find "$cache_dir" -maxdepth 1 -name 'bookworm-minbase-*.tar' ! -path "$cache" -delete
+  rm -rf "$build" "$lists_cache" "$lists_cache.stamp" "$debs_cache"
   phase "debootstrapped bookworm from $mirror into $cache"
 fi
 
@@ -67,15 +97,59 @@ tar -C "$root" -xf "$cache"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 echo "deb $mirror bookworm main" >"$root/etc/apt/sources.list"
 cp "$deb" "$root/tmp/handoff.deb"
+# The lists and .debs of earlier runs: apt takes a cached .deb whose checksum the lists name.
+[ -d "$lists_cache" ] && cp -a "$lists_cache/." "$root/var/lib/apt/lists/"
+[ -d "$debs_cache" ] && cp -a "$debs_cache/." "$root/var/cache/apt/archives/"
 phase "unpacked a clean bookworm root"
 
 in_root() { chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 "$@"; }
-in_root apt-get update -qq >"$tmp/apt.log" 2>&1 || { cat "$tmp/apt.log" >&2; fail "apt-get update in the root"; }
+apt_update() {
+  in_root apt-get update -qq >"$tmp/apt.log" 2>&1 || { cat "$tmp/apt.log" >&2; fail "apt-get update in the root"; }
+  rm -rf "$lists_cache" && mkdir -p "$lists_cache" && cp -a "$root/var/lib/apt/lists/." "$lists_cache/"
+  touch "$lists_cache.stamp"
+  updated="updated from $mirror"
+}
 # Depends only: what a person gets with --no-install-recommends.
-in_root apt-get install -y -q --no-install-recommends /tmp/handoff.deb >"$tmp/apt.log" 2>&1 \
-  || { tail -40 "$tmp/apt.log" >&2; fail "apt-get install handoff.deb"; }
+apt_install() { in_root apt-get install -y -q --no-install-recommends /tmp/handoff.deb >"$tmp/apt.log" 2>&1; }
+install_failed() { tail -40 "$tmp/apt.log" >&2; fail "apt-get install handoff.deb"; }
+updated="from the cache"
+if [ -z "$(find "$lists_cache.stamp" -mtime -1 2>/dev/null)" ]; then
+  apt_update
+fi
+if ! apt_install; then
+  # Lists from the cache may name versions the mirror has replaced since.
+  [ "$updated" = "from the cache" ] || install_failed
+  apt_update
+  apt_install || install_failed
+fi
 pulled=$(grep -c '^Unpacking ' "$tmp/apt.log" || true)
-phase "installed the .deb with apt ($pulled packages unpacked)"
+fetched=$(grep '^Get:' "$tmp/apt.log" | grep -vc ' /tmp/handoff.deb ' || true)
+mkdir -p "$debs_cache"
+cp -an "$root/var/cache/apt/archives/." "$debs_cache/"
+rm -rf "$debs_cache/partial" "$debs_cache/lock"
+phase "installed the .deb with apt ($pulled packages unpacked, $fetched downloaded; package lists $updated)"
+
+# Every binary finds all its libraries through the package's Depends, and links what it
+# should: the block neither libvirt nor GTK, the tray and the CLI no GTK (DESIGN.md,
+# "Binaries stay light").
+links() { in_root ldd "/usr/bin/$1" || fail "ldd /usr/bin/$1"; }
+for b in handoff handoff-tray handoff-block handoff-details; do
+  [ -f "$root/usr/bin/$b" ] || continue
+  libs=$(links "$b")
+  if grep -q 'not found' <<<"$libs"; then
+    fail "/usr/bin/$b misses libraries the package does not depend on: $(grep 'not found' <<<"$libs" | tr -s ' \t' ' ')"
+  fi
+  case "$b" in
+    handoff-block) ! grep -Eq 'libvirt|libgtk' <<<"$libs" \
+      || fail "handoff-block links $(grep -Eo 'lib(virt|gtk)[^ ]*' <<<"$libs" | sort -u | tr '\n' ' ')(built in a workspace build? \`cargo build -p handoff-block --bin handoff-block\` builds it alone)" ;;
+    handoff | handoff-tray) ! grep -q 'libgtk' <<<"$libs" || fail "$b links GTK" ;;
+  esac
+  case "$b" in
+    handoff | handoff-tray) grep -q 'libvirt\.so' <<<"$libs" || fail "$b does not link libvirt" ;;
+    handoff-details) grep -q 'libgtk-4' <<<"$libs" || fail "handoff-details does not link GTK 4" ;;
+  esac
+done
+phase "every binary finds its libraries; handoff-block links $(links handoff-block | grep -c '=>') of them, no libvirt"
 
 version=$(in_root handoff --version) || fail "handoff --version"
 [[ "$version" == "handoff "* ]] || fail "handoff --version printed: $version"
