@@ -12,14 +12,18 @@
 //! - a GPU user: `cuda-training`, a real child process holding `<dev>/nvidia0` open.
 //!
 //! With a display, `handoff-tray` (beside this binary) is started on the demo config and
-//! owns "the VM"; the terminal prints a line per change. `--script` (and the walkthrough a
-//! headless machine wants) does the clicks itself: start (refused, naming cuda-training),
-//! terminate cuda-training, start (GPU to vfio-pci), stop (GPU home on nvidia).
+//! owns "the VM"; `handoff-block --watch` (beside it too) runs as a bar would run it, and
+//! its lines, one per change, are printed in the terminal as they come. `--script` (and the
+//! walkthrough a headless machine wants) does the clicks itself: start (refused, naming
+//! cuda-training), terminate cuda-training, start (GPU to vfio-pci), stop (GPU home on
+//! nvidia).
 //!
-//! SIGINT, SIGTERM and SIGHUP end it: children are killed by process group, the mount is
-//! unmounted and the directory removed.
+//! The main thread sleeps in `sigwaitinfo` (no timer): SIGINT, SIGTERM and SIGHUP end the
+//! demo, SIGCHLD says which child ended, SIGUSR1 is the walkthrough finishing. At the end
+//! every process of the demo's process group (its children and anything they started) is
+//! killed, the mount is unmounted and the directory removed.
 
-use std::io::{self, Write};
+use std::io::{self, BufRead, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -63,70 +67,129 @@ pub fn hold(node: &Path) -> io::Result<()> {
     }
 }
 
-fn stop_signals() -> libc::sigset_t {
+/// The signals the demo's main thread waits for: the three that end it, `SIGCHLD` (a child
+/// ended: say so, reap it) and `SIGUSR1` (the scripted walkthrough finished).
+fn wait_signals() -> libc::sigset_t {
     // SAFETY: sigemptyset initialises the set before sigaddset reads it.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        for s in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGCHLD,
+            libc::SIGUSR1,
+        ] {
             libc::sigaddset(&mut set, s);
         }
         set
     }
 }
 
-/// Everything the demo made, undone on drop.
+/// One process the demo started.
+struct Started {
+    /// How the terminal names it: "cuda-training", "handoff-tray", "handoff-block".
+    name: &'static str,
+    child: Child,
+    /// Said (or not worth saying) that it ended.
+    ended: bool,
+}
+
+/// Everything the demo made, undone on drop: its processes (one process group, the first
+/// child's, so whatever they start in turn goes with them), the FUSE mount, the directory.
 struct Stage {
     root: PathBuf,
+    config: PathBuf,
     mount: Option<SimMount>,
-    children: Vec<Child>,
+    children: Vec<Started>,
     pgid: Option<i32>,
 }
 
 impl Stage {
-    fn reap(&mut self) {
-        for c in &mut self.children {
-            let _ = c.try_wait();
+    /// Reaps the children that ended; returns what to say about each (nothing for those
+    /// already said, or when `quiet`).
+    fn reap(&mut self, quiet: bool) -> Vec<String> {
+        let mut said = Vec::new();
+        for s in &mut self.children {
+            if s.ended {
+                continue;
+            }
+            if let Ok(Some(status)) = s.child.try_wait() {
+                s.ended = true;
+                if !quiet {
+                    said.push(format!("{} (pid {}) ended ({status})", s.name, s.child.id()));
+                }
+            }
         }
+        said
     }
 
-    fn spawn(&mut self, cmd: &mut Command) -> io::Result<u32> {
-        cmd.process_group(self.pgid.unwrap_or(0));
-        // std's spawn keeps the parent's signal mask, where the stop signals are blocked.
-        // SAFETY: the closure only calls sigemptyset/pthread_sigmask, async-signal-safe.
+    fn spawn(&mut self, name: &'static str, cmd: &mut Command) -> io::Result<&mut Child> {
+        cmd.process_group(self.pgid.unwrap_or(0))
+            .env("HANDOFF_CONFIG", &self.config);
+        // std's spawn keeps the parent's signal mask, where the demo's signals are blocked.
+        // A demo killed outright (SIGKILL) cannot clean up: its children then end with it.
+        // SAFETY: the closure only calls sigemptyset, pthread_sigmask and prctl, which are
+        // async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
                 let mut none: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut none);
                 libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
                 Ok(())
             });
         }
-        let child = cmd.spawn()?;
-        let pid = child.id();
-        self.pgid.get_or_insert(pid as i32);
-        self.children.push(child);
-        Ok(pid)
+        let child = cmd
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("starting {name}: {e}")))?;
+        self.pgid.get_or_insert(child.id() as i32);
+        self.children.push(Started {
+            name,
+            child,
+            ended: false,
+        });
+        Ok(&mut self.children.last_mut().expect("just pushed").child)
+    }
+
+    /// Ends the process group: SIGTERM, up to 3 s, then SIGKILL; waits until no process
+    /// of the group is left (the children's own children included) or gives up after 2 s
+    /// more, saying so.
+    fn end_processes(&mut self) {
+        let Some(pgid) = self.pgid else { return };
+        // SAFETY: kill has no memory preconditions; the group is the demo's own.
+        unsafe { libc::kill(-pgid, libc::SIGTERM) };
+        let gone = |stage: &mut Stage, limit: Duration| {
+            let until = Instant::now() + limit;
+            loop {
+                stage.reap(true);
+                if group_members(pgid).is_empty() {
+                    return true;
+                }
+                if Instant::now() >= until {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        if gone(self, Duration::from_secs(3)) {
+            return;
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        if !gone(self, Duration::from_secs(2)) {
+            eprintln!(
+                "handoff demo: processes {:?} of process group {pgid} did not end on SIGKILL",
+                group_members(pgid)
+            );
+        }
     }
 }
 
 impl Drop for Stage {
     fn drop(&mut self) {
-        if let Some(pgid) = self.pgid {
-            // SAFETY: kill has no memory preconditions; the group is ours.
-            unsafe { libc::kill(-pgid, libc::SIGTERM) };
-            let until = Instant::now() + Duration::from_secs(3);
-            for c in &mut self.children {
-                while matches!(c.try_wait(), Ok(None)) && Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-            // SAFETY: as above.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-            for c in &mut self.children {
-                let _ = c.wait();
-            }
-        }
+        self.end_processes();
         let mountpoint = self.mount.as_ref().map(|m| m.path().to_owned());
         if let Some(m) = self.mount.take() {
             m.unmount();
@@ -143,6 +206,29 @@ impl Drop for Stage {
         }
         let _ = std::fs::remove_dir_all(&self.root);
     }
+}
+
+/// The live (not zombie) processes of process group `pgid`, from `/proc/<pid>/stat`.
+fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // After the command's closing parenthesis: state, ppid, pgrp, …
+            let Some((_, rest)) = stat.rsplit_once(") ") else {
+                return false;
+            };
+            let mut f = rest.split(' ');
+            let state = f.next().unwrap_or("");
+            let pgrp = f.nth(1).and_then(|g| g.parse::<i32>().ok());
+            pgrp == Some(pgid) && state != "Z" && state != "X"
+        })
+        .collect()
 }
 
 /// Whether `path` is a mount point, from `/proc/self/mountinfo`.
@@ -254,20 +340,26 @@ fn status_line(cfg: &Config) -> String {
 }
 
 /// Run the demo; returns the process exit code. `exe` is the `handoff` binary (for the
-/// demo GPU user), `bin_dir` where `handoff-tray` is looked for.
+/// demo GPU user), `bin_dir` where `handoff-tray` and `handoff-block` are looked for.
 pub fn run(opts: &Options, exe: &Path, bin_dir: &Path) -> io::Result<u8> {
-    // Block the stop signals before any thread exists (the FUSE server, libvirt's), so
-    // every thread inherits the mask and the waits below are where they arrive. Children
-    // get an empty mask from std's spawn.
-    let signals = stop_signals();
+    // Block the signals the main thread waits for before any thread exists (the FUSE
+    // server, libvirt's, the walkthrough), so every thread inherits the mask and
+    // `sigwaitinfo` below is where they arrive. Children get an empty mask (Stage::spawn).
+    // SIGCHLD must not be ignored (an inherited SIG_IGN would reap children unseen).
+    let signals = wait_signals();
     // SAFETY: `signals` is initialised; called before this function starts threads.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+    unsafe {
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut());
+    }
 
     let root = std::env::temp_dir().join(format!("handoff-demo-{}", std::process::id()));
     std::fs::create_dir(&root)
         .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", root.display())))?;
+    let config_path = root.join("config.toml");
     let mut stage = Stage {
         root: root.clone(),
+        config: config_path.clone(),
         mount: None,
         children: Vec::new(),
         pgid: None,
@@ -278,18 +370,20 @@ pub fn run(opts: &Options, exe: &Path, bin_dir: &Path) -> io::Result<u8> {
     stage.mount = Some(SimMount::mount(kernel, &sysfs)?);
     std::fs::create_dir_all(root.join("run"))?;
     std::fs::write(root.join("demo-node.xml"), node_xml())?;
-    let config_path = root.join("config.toml");
     std::fs::write(&config_path, config_toml(&root, &sysfs))?;
     let cfg = Config::load_file(&config_path).map_err(|e| io::Error::other(e.to_string()))?;
 
     let node = root.join("dev/nvidia0");
-    let holder = stage.spawn(
-        Command::new(exe)
-            .arg0(HOLDER_NAME)
-            .arg("demo-holder")
-            .arg(&node)
-            .stdin(Stdio::null()),
-    )?;
+    let holder = stage
+        .spawn(
+            HOLDER_NAME,
+            Command::new(exe)
+                .arg0(HOLDER_NAME)
+                .arg("demo-holder")
+                .arg(&node)
+                .stdin(Stdio::null()),
+        )?
+        .id();
     let until = Instant::now() + Duration::from_secs(5);
     while !holds(holder, &node) {
         if Instant::now() > until || ended(holder) {
@@ -301,9 +395,7 @@ pub fn run(opts: &Options, exe: &Path, bin_dir: &Path) -> io::Result<u8> {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    let mut out = io::stdout().lock();
-    writeln!(
-        out,
+    println!(
         "handoff demo: a simulated workstation, in {dir} (removed at the end)
 
   simulated  the kernel's sysfs with an RTX 3090 Ti at 0000:01:00.0 on nvidia, mounted at
@@ -318,86 +410,144 @@ pub fn run(opts: &Options, exe: &Path, bin_dir: &Path) -> io::Result<u8> {
         sysfs = sysfs.display(),
         node = node.display(),
         config = config_path.display(),
-    )?;
-    out.flush()?;
-    drop(out);
+    );
 
     let worker = if opts.script {
         let cfg = cfg.clone();
-        Some(std::thread::spawn(move || walkthrough(&cfg, holder)))
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Declared first, dropped last: after the result is sent, or after `tx` is
+            // dropped by a panic, so the main thread finds one or the other.
+            let _wake = WakeMain;
+            let tx = tx;
+            let _ = tx.send(walkthrough(&cfg, holder));
+        });
+        Some(rx)
     } else {
-        let tray = bin_dir.join("handoff-tray");
-        if opts.tray && tray.exists() {
-            let pid = stage.spawn(
-                Command::new(&tray)
-                    .env("HANDOFF_CONFIG", &config_path)
-                    .stdin(Stdio::null()),
-            )?;
-            println!(
-                "
-The tray (handoff-tray, pid {pid}) shows the simulated GPU. Try:
-  1. Start Windows from the tray: it is refused, because {HOLDER_NAME} holds the GPU.
-  2. Terminate {HOLDER_NAME} from the notification or the \"Using the GPU\" menu.
-  3. Start Windows again: the GPU goes to vfio-pci, and Windows \"runs\".
-  4. Stop Windows: the GPU comes back to nvidia.
-The VM lives in the tray's process (the test driver is per process), so start and stop it
-from the tray; `HANDOFF_CONFIG={} handoff status` shows the GPU from another terminal.",
-                config_path.display()
-            );
-        } else {
-            println!(
-                "
-No tray here ({}). `handoff demo --script` walks through it in this terminal; meanwhile
-`HANDOFF_CONFIG={} handoff status` (or `blockers`) shows the simulated GPU from another terminal.",
-                if !opts.tray {
-                    "no display".to_owned()
-                } else {
-                    format!("{} not found", tray.display())
-                },
-                config_path.display()
-            );
-        }
-        println!("Ctrl-C ends the demo and removes all of it.\n");
+        start_tray_and_block(opts, &mut stage, bin_dir, &config_path)?;
         None
     };
+    io::stdout().flush()?;
 
-    let mut last = String::new();
     let code = loop {
-        stage.reap();
-        if let Some(w) = &worker {
-            if w.is_finished() {
-                break match worker.map(|w| w.join()) {
-                    Some(Ok(Ok(()))) => 0,
-                    Some(Ok(Err(e))) => {
-                        eprintln!("handoff demo: {e}");
-                        1
-                    }
-                    _ => 1,
-                };
-            }
-        } else {
-            let line = status_line(&cfg);
-            if line != last {
-                println!("  now: {line}");
-                last = line;
-            }
-        }
-        let timeout = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 250_000_000,
+        // SAFETY: a zeroed siginfo_t is a valid out-parameter; the set is initialised.
+        let sig = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::sigwaitinfo(&signals, &mut info)
         };
-        // SAFETY: valid set and timeout; a null info pointer is allowed.
-        let sig = unsafe { libc::sigtimedwait(&signals, std::ptr::null_mut(), &timeout) };
-        if sig > 0 {
-            println!(
-                "\nhandoff demo: signal {sig}: stopping, removing {}",
-                root.display()
-            );
-            break 130;
+        match sig {
+            libc::SIGCHLD => {
+                for line in stage.reap(worker.is_some()) {
+                    println!("  {line}");
+                }
+            }
+            libc::SIGUSR1 => match worker.as_ref().map(std::sync::mpsc::Receiver::try_recv) {
+                Some(Ok(Ok(()))) => break 0,
+                Some(Ok(Err(e))) => {
+                    eprintln!("handoff demo: {e}");
+                    break 1;
+                }
+                Some(Err(std::sync::mpsc::TryRecvError::Disconnected)) => {
+                    eprintln!("handoff demo: the walkthrough ended without a result");
+                    break 1;
+                }
+                // Not the walkthrough's signal.
+                Some(Err(std::sync::mpsc::TryRecvError::Empty)) | None => {}
+            },
+            s if s > 0 => {
+                println!(
+                    "\nhandoff demo: signal {s}: stopping, removing {}",
+                    root.display()
+                );
+                break 130;
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    drop(stage);
+                    return Err(io::Error::new(e.kind(), format!("waiting for signals: {e}")));
+                }
+            }
         }
     };
     drop(stage);
     Ok(code)
+}
+
+/// Wakes the main thread's `sigwaitinfo` (every thread blocks SIGUSR1) when dropped.
+struct WakeMain;
+
+impl Drop for WakeMain {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
+    }
+}
+
+/// The display path (and the waiting one without a display): `handoff-tray` when there is
+/// a display, and `handoff-block --watch`, whose lines, one per change of what a bar would
+/// show, go to this terminal as they come. Each one missing is said once; the rest runs.
+fn start_tray_and_block(opts: &Options, stage: &mut Stage, bin_dir: &Path, config: &Path) -> io::Result<()> {
+    let tray = bin_dir.join("handoff-tray");
+    if opts.tray && tray.exists() {
+        let pid = stage
+            .spawn("handoff-tray", Command::new(&tray).stdin(Stdio::null()))?
+            .id();
+        println!(
+            "
+The tray (handoff-tray, pid {pid}) shows the simulated GPU in your panel. Try:
+  1. Start Windows from the tray's menu: it is refused, and a notification names
+     {HOLDER_NAME}, which holds the GPU.
+  2. Click \"Terminate and start\" in it: {HOLDER_NAME} ends and the GPU goes to vfio-pci
+     for Windows.
+  3. Stop Windows from the tray: the GPU comes back to nvidia.
+The VM lives inside the tray (libvirt's test driver keeps one copy per process), so start
+and stop it from the tray. From another terminal, this shows the GPU:
+  HANDOFF_CONFIG={} handoff status",
+            config.display()
+        );
+    } else {
+        println!(
+            "
+No tray here ({}). `handoff demo --script` walks through it in this terminal; meanwhile,
+from another terminal, this shows the simulated GPU (or `blockers`, who uses it):
+  HANDOFF_CONFIG={} handoff status",
+            if !opts.tray {
+                "no display".to_owned()
+            } else {
+                format!("{} not found", tray.display())
+            },
+            config.display()
+        );
+    }
+    println!("Ctrl-C ends the demo and removes all of it.\n");
+
+    let block = bin_dir.join("handoff-block");
+    if !block.exists() {
+        println!(
+            "No bar block here ({} not found; `cargo build -p handoff-block` builds it).",
+            block.display()
+        );
+        return Ok(());
+    }
+    let child = stage.spawn(
+        "handoff-block",
+        Command::new(&block)
+            .arg("--watch")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped()),
+    )?;
+    let pid = child.id();
+    let out = child.stdout.take().expect("piped");
+    println!("The bar block (handoff-block --watch, pid {pid}) prints what a bar shows, a line per change:");
+    io::stdout().flush()?;
+    std::thread::spawn(move || {
+        for line in io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            println!("  bar: {line}");
+        }
+    });
+    Ok(())
 }
 
 /// What a person would click, done here, each step said.

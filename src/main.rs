@@ -127,7 +127,7 @@ enum Command {
     Watch(JsonFlag),
     /// Try handoff without a passthrough GPU: a simulated host (kernel sysfs with an RTX
     /// 3090 Ti, libvirt's test driver with a "Windows" VM, a process holding the GPU), the
-    /// tray on it when there is a display, and a line per change here.
+    /// tray on it when there is a display, and the bar block's line per change here.
     ///
     /// Without a display, or with --script, it walks through the handoff itself: start
     /// (refused, naming the process), terminate the process, start (GPU to vfio-pci), stop

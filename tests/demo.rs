@@ -1,10 +1,15 @@
-//! `handoff demo`: the scripted walkthrough runs to the end and shows the handoff; a
-//! signal in the middle of the waiting demo leaves nothing behind. Needs root and
-//! /dev/fuse (the simulated sysfs is a FUSE mount).
+//! `handoff demo` without a display: the scripted walkthrough runs to the end and shows
+//! the handoff; the waiting demo prints the bar block's line, and a signal then leaves
+//! nothing behind. Needs root and /dev/fuse (the simulated sysfs is a FUSE mount). The
+//! demo with a display is tested in applet/tests/demo_desktop.rs.
 #![cfg(all(feature = "kernel-sim", feature = "libvirt"))]
 
+mod common;
+
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 fn demo() -> Command {
@@ -17,16 +22,24 @@ fn demo() -> Command {
     c
 }
 
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(") ")
-            .is_some_and(|(_, r)| !r.starts_with('Z') && !r.starts_with('X'))
-    })
+/// `/proc/<pid>/stat` fields after the command: state and process group. None: gone.
+fn stat(pid: u32) -> Option<(char, u32)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = s.rsplit_once(") ")?;
+    let mut f = rest.split(' ');
+    let state = f.next()?.chars().next()?;
+    let pgrp = f.nth(1)?.parse().ok()?;
+    Some((state, pgrp))
 }
 
-/// The pids after "(pid " in the output: the demo's children.
+fn alive(pid: u32) -> bool {
+    stat(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
+}
+
+/// The pids the demo printed ("cuda-training (pid N)", "handoff-block --watch, pid N"): its
+/// children.
 fn pids(out: &str) -> Vec<u32> {
-    out.match_indices("(pid ")
+    out.match_indices("pid ")
         .filter_map(|(i, m)| {
             let rest = &out[i + m.len()..];
             rest[..rest.find(|c: char| !c.is_ascii_digit())?].parse().ok()
@@ -52,16 +65,55 @@ fn assert_gone(out: &str, dir: &Path) {
     );
     let ps = pids(out);
     assert!(!ps.is_empty(), "no pids in\n{out}");
-    for pid in ps {
-        assert!(!alive(pid), "pid {pid} still runs\n{out}");
+    for pid in &ps {
+        assert!(!alive(*pid), "pid {pid} still runs\n{out}");
+    }
+    // The children's process group (the first child's: the GPU user's) is empty, so
+    // nothing they started is left either.
+    let group = ps[0];
+    let left: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&pid| stat(pid).is_some_and(|(st, g)| g == group && st != 'Z' && st != 'X'))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "processes of group {group} left: {left:?}\n{out}"
+    );
+}
+
+/// Runs `cmd` to the end, its output captured; a demo that has not ended after `limit`
+/// is hung: it gets SIGTERM (it cleans up on it) and the test fails with what it printed.
+fn bounded(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("handoff demo");
+    let pid = child.id() as i32;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("wait for handoff demo"),
+        Err(_) => {
+            // SAFETY: kill on our child's pid, which has not been reaped (no output yet).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let out = rx.recv().unwrap().unwrap();
+            panic!(
+                "handoff demo did not end within {limit:?}:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 }
 
 #[test]
 fn script_shows_refusal_vfio_and_return_and_cleans_up() {
-    let started = Instant::now();
-    let out = demo().arg("--script").output().expect("handoff demo --script");
-    assert!(started.elapsed() < Duration::from_secs(60));
+    let out = bounded(demo().arg("--script"), Duration::from_secs(120));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}\n{err}");
@@ -79,41 +131,45 @@ fn script_shows_refusal_vfio_and_return_and_cleans_up() {
 }
 
 #[test]
-fn sigterm_while_waiting_leaves_nothing_behind() {
+fn waiting_demo_prints_the_block_and_sigterm_leaves_nothing_behind() {
+    let dir = Path::new(env!("CARGO_BIN_EXE_handoff")).parent().unwrap();
+    common::bins::sibling(dir, "handoff-block", "handoff-block", &["src", "i3blocks/src"]);
     let mut child = demo().stdout(Stdio::piped()).spawn().expect("handoff demo");
-    let mut stdout = child.stdout.take().unwrap();
-    // Read until the demo says it waits.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
-        use std::io::Read;
-        let mut all = Vec::new();
-        let _ = stdout.read_to_end(&mut all);
-        String::from_utf8_lossy(&all).into_owned()
-    });
-    let until = Instant::now() + Duration::from_secs(30);
-    let dir = loop {
-        let dirs: Vec<PathBuf> = std::fs::read_dir(std::env::temp_dir())
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| *n == *format!("handoff-demo-{}", child.id()))
-            })
-            .collect();
-        if let Some(d) = dirs.first()
-            && d.join("config.toml").exists()
-        {
-            break d.clone();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
         }
-        assert!(Instant::now() < until, "the demo did not set up");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    // Wait for the status line (the holder is up by then).
-    std::thread::sleep(Duration::from_millis(1500));
+    });
+    // Wait for the block's first line: by then the GPU user holds the GPU and the block
+    // has read it.
+    let mut text = String::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    while !text.contains("  bar: ") {
+        let left = until.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                text.push_str(&line);
+                text.push('\n');
+            }
+            Err(e) => panic!("no line from the block ({e}):\n{text}"),
+        }
+    }
+    assert!(text.contains("No tray here (no display)"), "{text}");
+    assert!(
+        text.contains("The bar block (handoff-block --watch, pid "),
+        "{text}"
+    );
+    assert!(text.contains("\n  bar: GPU: Linux · 1 busy\n"), "{text}");
+    let dir = demo_dir(&text);
     // SAFETY: kill on our child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
-    let text = reader.join().unwrap();
+    reader.join().unwrap();
+    text.extend(rx.try_iter().map(|l| l + "\n"));
+    assert_eq!(status.code(), Some(130), "{text}");
     assert!(text.contains("signal 15"), "{status:?}\n{text}");
     assert!(text.contains("cuda-training (pid "), "{text}");
     assert_gone(&text, &dir);

@@ -125,7 +125,27 @@ pub fn label<'a>(cfg: &'a Config, vm: &'a str) -> &'a str {
 }
 
 /// Reads the GPU, the hook's files and, while the host has the GPU, who holds it.
+///
+/// The hook writes its state file before it touches sysfs (`binding`, `returning`) and
+/// again once the GPU has settled (`vfio`, `host`). A reading of sysfs pairs with the
+/// state file only when that file did not change around it; otherwise a reading taken
+/// mid-handoff, paired with the `host` written just after, would show a GPU "split!" across
+/// drivers that is only on its way home. So the state is read before and after, and the
+/// reading is taken again (a few times at most) when the two differ.
 pub fn read(cfg: &Config) -> View {
+    let mut state = HookState::load(&cfg.host);
+    for _ in 0..3 {
+        let v = read_with(cfg, state.clone());
+        let after = HookState::load(&cfg.host);
+        if after == state {
+            return v;
+        }
+        state = after;
+    }
+    read_with(cfg, state)
+}
+
+fn read_with(cfg: &Config, state: Option<HookState>) -> View {
     let host = &cfg.host;
     let g = match gpu::read_gpu(host, cfg.gpu.address) {
         Ok(g) => g,
@@ -138,7 +158,6 @@ pub fn read(cfg: &Config) -> View {
         eprintln!("handoff-block: {note}");
         return View::new(Kind::Restore, "GPU: stuck!", "GPU!", note);
     }
-    let state = HookState::load(host);
     let record = RestoreRecord::load(host, cfg.gpu.address).ok().flatten();
     let stuck = record.as_ref().is_some_and(|r| r.phase == Phase::Stuck)
         || state

@@ -3,5 +3,6 @@
 #![allow(dead_code)]
 
 pub mod backup;
+pub mod bins;
 pub mod desktop;
 pub mod libvirt;

@@ -1,0 +1,54 @@
+//! The workspace's other binaries, for tests that run them side by side (as `handoff demo`
+//! runs `handoff-tray` and `handoff-block` from its own directory).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::SystemTime;
+
+/// `bin` of `package` in `dir` (the directory of a binary cargo built for this test), built
+/// when missing or older than any file under `sources` (directories relative to the
+/// workspace root): a test run of one package builds neither the other packages' binaries
+/// nor, after a change, its own other binaries.
+pub fn sibling(dir: &Path, bin: &str, package: &str, sources: &[&str]) -> PathBuf {
+    let path = dir.join(bin);
+    let root = workspace_root();
+    let built = fs::metadata(&path).and_then(|m| m.modified()).ok();
+    let stale = built.is_none_or(|built| {
+        sources
+            .iter()
+            .any(|d| newest(&root.join(d)).is_some_and(|t| t > built))
+    });
+    if stale {
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "-p", package, "--bin", bin])
+            .current_dir(&root)
+            .status()
+            .unwrap_or_else(|e| panic!("cargo build --bin {bin}: {e}"));
+        assert!(st.success(), "cargo build -p {package} --bin {bin} failed");
+    }
+    path
+}
+
+/// The workspace root: where the `Cargo.lock` is, above this crate's manifest.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .find(|d| d.join("Cargo.lock").exists())
+        .expect("a Cargo.lock above the manifest")
+        .to_owned()
+}
+
+/// The newest modification time of the files under `dir`.
+fn newest(dir: &Path) -> Option<SystemTime> {
+    let mut t = None;
+    for e in fs::read_dir(dir).ok()?.flatten() {
+        let m = if e.file_type().ok()?.is_dir() {
+            newest(&e.path())
+        } else {
+            e.metadata().and_then(|m| m.modified()).ok()
+        };
+        t = t.max(m);
+    }
+    t
+}
