@@ -297,8 +297,12 @@ fn watcher_threads() -> usize {
         .unwrap()
         .flatten()
         .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm"))
-                .is_ok_and(|c| c.trim() == "handoff-uevents" || c.trim() == "handoff-inotify")
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| {
+                matches!(
+                    c.trim(),
+                    "handoff-uevents" | "handoff-inotify" | "handoff-holders"
+                )
+            })
         })
         .count()
 }
@@ -387,4 +391,50 @@ fn a_simulated_handoff_looks_like_a_real_one_to_the_watcher() {
             },
         ]
     );
+}
+
+/// A holder of the last scan that exits is a change of its own (nothing else moves when a
+/// CUDA job ends); one already gone when handed over is reported at once; a pid dropped
+/// from the set is no longer watched; and the watch's thread ends with the watcher.
+#[test]
+fn holders_that_exit_are_reported_and_the_set_can_change() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = config_with_gpu(0x32, tmp.path());
+    wait_for_no_watcher_threads("before the test");
+    // Only the run dir, idle: every change below comes from the holder watch.
+    let w = Watcher::new(&config, only(false, true)).expect("watcher");
+    let spawn = || std::process::Command::new("sleep").arg("600").spawn().unwrap();
+    let (mut a, mut b) = (spawn(), spawn());
+    let (pa, pb) = (a.id(), b.id());
+
+    w.watch_holders(&[pa, pb]);
+    a.kill().unwrap();
+    // Not reaped yet: a zombie has exited all the same.
+    let (c, _) = next(&w, Duration::from_secs(5));
+    assert_eq!(c, Change::HolderExited { pid: pa });
+    assert_eq!(c.to_string(), format!("pid {pa}, which used the GPU, exited"));
+    a.wait().unwrap();
+
+    // Handing over a pid that is already gone reports it at once.
+    w.watch_holders(&[pa, pb]);
+    let (c, _) = next(&w, Duration::from_secs(5));
+    assert_eq!(c, Change::HolderExited { pid: pa });
+
+    // A new set replaces the old one (its exit reported proves the thread took it)...
+    let mut c3 = spawn();
+    w.watch_holders(&[c3.id()]);
+    c3.kill().unwrap();
+    let (c, _) = next(&w, Duration::from_secs(5));
+    assert_eq!(c, Change::HolderExited { pid: c3.id() });
+    c3.wait().unwrap();
+    // ...so the exit of one dropped from it is not news.
+    b.kill().unwrap();
+    b.wait().unwrap();
+    let late = w.recv_timeout(Duration::from_millis(300));
+    assert!(late.is_err(), "pid {pb} was no longer watched, yet: {late:?}");
+
+    wait_for_watcher_threads(2, "with the holder watch");
+    drop(w);
+    wait_for_watcher_threads(0, "after drop");
 }

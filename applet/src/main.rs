@@ -231,7 +231,7 @@ async fn run(cfg: Config, source: handoff::config::Source) -> anyhow::Result<()>
     };
     // The kernel and the hook's files here; libvirt in the agent (no libvirt in this
     // process: benches/RESULTS-tray.md).
-    let _watcher = Watcher::with_sink(&cfg, Sources::without_libvirt(), sink.clone())?;
+    let watcher = Watcher::with_sink(&cfg, Sources::without_libvirt(), sink.clone())?;
     let agent = Arc::new(agent_for(&source, sink));
     if !cfg.vms.is_empty()
         && let Err(e) = agent.start()
@@ -290,6 +290,9 @@ async fn run(cfg: Config, source: handoff::config::Source) -> anyhow::Result<()>
             Msg::Collected(snap) => {
                 l.collecting = false;
                 l.snap = *snap;
+                // A CUDA job that ends moves nothing else: hear it through its pidfd.
+                let pids: Vec<u32> = l.snap.holders().iter().map(|h| h.pid).collect();
+                watcher.watch_holders(&pids);
                 l.check_orphan();
                 let s = l.snap.clone();
                 handle.update(|t: &mut HandoffTray| t.snap = s).await;

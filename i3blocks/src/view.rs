@@ -96,6 +96,8 @@ pub struct View {
     pub vm: Option<String>,
     /// One line per process holding the GPU.
     pub holders: Vec<String>,
+    /// Their pids, for `--watch` to hear when one exits.
+    pub holder_pids: Vec<u32>,
 }
 
 impl View {
@@ -107,6 +109,7 @@ impl View {
             detail: detail.into(),
             vm: None,
             holders: Vec::new(),
+            holder_pids: Vec::new(),
         }
     }
 
@@ -286,6 +289,7 @@ fn read_with(cfg: &Config, state: Option<HookState>) -> View {
                 );
             }
             v.holders = holders;
+            v.holder_pids = scan.holders.iter().map(|h| h.pid).collect();
             v
         }
     }

@@ -11,9 +11,11 @@
 //!   setup that keeps clicks working in i3blocks 1.4, which does not forward clicks to
 //!   persist blocks.
 //!
-//! What no event announces: a process opening or closing the GPU's nodes (the "2 busy"
-//! count). In these modes that count is refreshed by the next GPU or hook change, or a
-//! click; the one-shot block scans for holders on every run.
+//! A holder that exits is heard through a pidfd per holder of the last scan
+//! ([`Watcher::watch_holders`]), so "1 busy" goes when the CUDA job ends. What no event
+//! announces: a process opening the GPU's nodes, or closing them and living on. In these
+//! modes that is refreshed by the next GPU or hook change, or a click; the one-shot block
+//! scans for holders on every run.
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -30,7 +32,9 @@ pub fn watch(cfg: &Config, fmt: Format, short: bool) -> Result<(), String> {
     let mut out = io::stdout().lock();
     let mut last = String::new();
     loop {
-        let line = format::render(&view::read(cfg), fmt, short, true);
+        let v = view::read(cfg);
+        w.watch_holders(&v.holder_pids);
+        let line = format::render(&v, fmt, short, true);
         if line != last {
             // The bar went away (EPIPE): nothing left to do.
             if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
@@ -55,11 +59,14 @@ pub fn signal_i3blocks(cfg: &Config, n: i32) -> Result<(), String> {
     let w = Watcher::new(cfg, Sources::without_libvirt()).map_err(|e| e.to_string())?;
     // SAFETY: getuid cannot fail.
     let uid = unsafe { libc::getuid() };
-    // Once at start: whatever changed while nothing watched.
+    // Once at start: whatever changed while nothing watched. The scan here is only for
+    // the holders' pids, so that one exiting re-runs the blocks too.
     signal_all(&cfg.host.procfs, uid, sig);
+    w.watch_holders(&view::read(cfg).holder_pids);
     while w.recv().is_ok() {
         drain(&w);
         signal_all(&cfg.host.procfs, uid, sig);
+        w.watch_holders(&view::read(cfg).holder_pids);
     }
     Err("the change stream ended".into())
 }

@@ -95,3 +95,51 @@ fn says_none_without_a_gpu_and_explains_a_broken_config() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("config.toml:2:1") && err.contains("addres"), "{err}");
 }
+
+/// `--watch` hears a holder exit: nothing else moves when a CUDA job ends (no uevent, no
+/// hook), so without the pidfd watch "1 busy" would stay until the next GPU change.
+#[test]
+fn watch_drops_busy_when_the_holder_exits() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    use std::sync::mpsc;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = SimHost::build(tmp.path(), &SimSpec::workstation()).unwrap();
+    let cfg = config(tmp.path(), &sim);
+    let node = std::fs::File::open(sim.dev().join("nvidia0")).unwrap();
+    let mut holder = Child(
+        Command::new("sleep")
+            .arg("600")
+            .stdin(Stdio::from(node))
+            .spawn()
+            .unwrap(),
+    );
+    let mut watch = Child(
+        Command::new(env!("CARGO_BIN_EXE_handoff-block"))
+            .arg("--watch")
+            .env("HANDOFF_CONFIG", &cfg)
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = mpsc::channel();
+    let out = watch.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let wait = std::time::Duration::from_secs(10);
+    let first = rx.recv_timeout(wait).expect("a first line");
+    assert_eq!(first, "GPU: Linux · 1 busy");
+
+    // End the holder the way a finished job ends; reap it, as its parent would.
+    holder.0.kill().unwrap();
+    holder.0.wait().unwrap();
+    let next = rx.recv_timeout(wait).expect("a line after the holder exited");
+    assert_eq!(next, "GPU: Linux");
+}

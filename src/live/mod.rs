@@ -51,6 +51,7 @@
 //! returns whether it succeeded. A sink runs on the sources' threads (libvirt's event
 //! loop among them), so it must not block.
 
+mod pids;
 pub mod run_dir;
 pub mod uevent;
 #[cfg(feature = "libvirt")]
@@ -227,6 +228,9 @@ pub enum Change {
     SourceLost { source: Source, why: String },
     /// A lost source delivers again; re-read everything it covers.
     SourceBack { source: Source },
+    /// A process the last scan found holding the GPU has exited (see
+    /// [`Watcher::watch_holders`]).
+    HolderExited { pid: u32 },
 }
 
 impl fmt::Display for Change {
@@ -254,6 +258,7 @@ impl fmt::Display for Change {
             }
             Change::SourceLost { source, why } => write!(f, "lost {source}: {why}"),
             Change::SourceBack { source } => write!(f, "{source}: back"),
+            Change::HolderExited { pid } => write!(f, "pid {pid}, which used the GPU, exited"),
         }
     }
 }
@@ -279,8 +284,13 @@ pub enum WatchError {
 /// A running watch. Dropping it stops the sources (see the module docs).
 pub struct Watcher {
     rx: Option<Receiver<Change>>,
-    /// Closing this wakes the uevent and inotify threads (POLLHUP on the read end).
+    /// Closing this wakes the uevent, inotify and holder threads (POLLHUP on the read end).
     _stop: OwnedFd,
+    stop_rx: Arc<OwnedFd>,
+    /// Weak: the channel of [`Watcher::new`] must end when every source has ended.
+    sink: std::sync::Weak<dyn Fn(Change) -> bool + Send + Sync>,
+    /// Started by the first [`Watcher::watch_holders`].
+    holders: std::sync::OnceLock<Option<pids::PidWatch>>,
     #[cfg(feature = "libvirt")]
     libvirt: Vec<virt::Supervisor>,
 }
@@ -323,6 +333,9 @@ impl Watcher {
         Ok(Watcher {
             rx: None,
             _stop: stop_tx,
+            stop_rx,
+            sink: Arc::downgrade(&sink),
+            holders: std::sync::OnceLock::new(),
             #[cfg(feature = "libvirt")]
             libvirt,
         })
@@ -331,6 +344,23 @@ impl Watcher {
     /// The next change; blocks. Errors only when there is no channel ([`Watcher::with_sink`]).
     pub fn recv(&self) -> Result<Change, RecvError> {
         self.rx.as_ref().ok_or(RecvError)?.recv()
+    }
+
+    /// From now on, report [`Change::HolderExited`] when one of `pids` exits: the
+    /// surfaces pass the holders of their last scan (an empty slice stops watching).
+    /// Nothing else announces a CUDA job that ends. One thread, started on the first call,
+    /// sleeps in `poll` on a pidfd per pid; a process that closes the GPU but keeps
+    /// running is not seen.
+    pub fn watch_holders(&self, pids: &[u32]) {
+        let w = self.holders.get_or_init(|| {
+            let sink = self.sink.upgrade()?;
+            pids::PidWatch::spawn(sink, self.stop_rx.clone())
+                .inspect_err(|e| tracing::warn!("holders that exit will not be noticed: {e}"))
+                .ok()
+        });
+        if let Some(w) = w {
+            w.set(pids);
+        }
     }
 
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Change, RecvTimeoutError> {
