@@ -16,8 +16,9 @@ packages=(
   psmisc lsof hyperfine time
   # the tray benchmark counts syscalls of an idle handoff-tray
   strace
-  # checking the polkit policy in desktop-files/ (xmllint, polkit's DTD)
-  libxml2-utils polkitd
+  # checking the polkit policy in desktop-files/ (xmllint, polkit's DTD); the tray's
+  # "Return GPU to Linux" runs pkexec against polkitd in the tests
+  libxml2-utils polkitd pkexec
   # reading PCI names
   pci.ids
   # validating what install-services writes (systemd-analyze, desktop-file-validate)

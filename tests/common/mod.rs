@@ -5,3 +5,5 @@
 pub mod backup;
 pub mod desktop;
 pub mod libvirt;
+pub mod system_bus;
+pub mod systemd_user;
