@@ -10,6 +10,8 @@ packages=(
   # the real components the tests run against (DESIGN.md, "Testing against real things")
   libvirt-daemon-system libvirt-clients qemu-system-x86 dbus dbus-x11 dunst xvfb
   xfce4-panel i3-wm i3blocks x11-utils xterm imagemagick
+  # the details window's tests read it and press its buttons over the accessibility bus
+  at-spi2-core
   # the bar block's notifications (notify-send -A needs libnotify >= 0.7.9)
   libnotify-bin
   # the benchmarks compare against these
