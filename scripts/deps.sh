@@ -10,14 +10,17 @@ packages=(
   # the real components the tests run against (DESIGN.md, "Testing against real things")
   libvirt-daemon-system libvirt-clients qemu-system-x86 dbus dbus-x11 dunst xvfb
   xfce4-panel i3-wm i3blocks x11-utils xterm imagemagick
+  # the details window's tests read it and press its buttons over the accessibility bus
+  at-spi2-core
   # the bar block's notifications (notify-send -A needs libnotify >= 0.7.9)
   libnotify-bin
   # the benchmarks compare against these
   psmisc lsof hyperfine time
   # the tray benchmark counts syscalls of an idle handoff-tray
   strace
-  # checking the polkit policy in desktop-files/ (xmllint, polkit's DTD)
-  libxml2-utils polkitd
+  # checking the polkit policy in desktop-files/ (xmllint, polkit's DTD); the tray's
+  # "Return GPU to Linux" runs pkexec against polkitd in the tests
+  libxml2-utils polkitd pkexec
   # reading PCI names
   pci.ids
   # validating what install-services writes (systemd-analyze, desktop-file-validate)

@@ -614,6 +614,14 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
         progress(s, host)
     }) {
         Ok(_) => {
+            // The hook's state.json still says "restore required": the tray, the details
+            // window and the bar read it, so it must say the GPU is home now.
+            if let Err(e) = handoff::state::HookState::returned_by_hand(host, cfg.gpu.address) {
+                eprintln!(
+                    "handoff: warning: cannot update {}: {e}; the tray may still say a restore is required",
+                    host.state_file().display()
+                );
+            }
             let g = handoff::gpu::read_gpu(host, cfg.gpu.address)?;
             println!("GPU {} is back {}.", g.address, g.owner_phrase());
             Ok(ExitCode::SUCCESS)

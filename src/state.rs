@@ -76,4 +76,61 @@ impl HookState {
         let json = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         write_atomic(&host.state_file(), &json, 0o644)
     }
+
+    /// After the GPU was returned by hand (`handoff rebind --force`): the file says it is
+    /// home, so the surfaces that read it stop asking for a restore. The last refusal is
+    /// kept (it is history); nothing is written when the hook never ran, or ran for
+    /// another GPU, or already says so.
+    pub fn returned_by_hand(host: &Host, gpu: PciAddress) -> io::Result<()> {
+        let Some(mut state) = HookState::load(host).filter(|s| s.gpu == gpu) else {
+            return Ok(());
+        };
+        if state.phase == HookPhase::Host && state.vm.is_none() && state.last_error.is_none() {
+            return Ok(());
+        }
+        state.phase = HookPhase::Host;
+        state.vm = None;
+        state.last_error = None;
+        state.save(host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{RTX_3090_TI, SimHost, SimSpec};
+
+    #[test]
+    fn a_return_by_hand_clears_restore_required_and_keeps_the_last_refusal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sim = SimHost::build(tmp.path(), &SimSpec::workstation()).unwrap();
+        let host = sim.host();
+        // The hook never ran: nothing to say.
+        HookState::returned_by_hand(&host, RTX_3090_TI).unwrap();
+        assert!(HookState::load(&host).is_none());
+
+        let mut s = HookState::new(RTX_3090_TI);
+        s.phase = HookPhase::RestoreRequired;
+        s.vm = Some("win11".into());
+        s.last_error = Some("probing a driver for 0000:01:00.1 failed".into());
+        s.last_refusal = Some(Refusal {
+            vm: "win11".into(),
+            at: 1,
+            holders: Vec::new(),
+            message: "busy".into(),
+        });
+        s.save(&host).unwrap();
+        HookState::returned_by_hand(&host, RTX_3090_TI).unwrap();
+        let after = HookState::load(&host).unwrap();
+        assert_eq!(after.phase, HookPhase::Host);
+        assert_eq!(after.vm, None);
+        assert_eq!(after.last_error, None);
+        assert_eq!(after.last_refusal, s.last_refusal);
+
+        // Another GPU's file is left alone.
+        let other = PciAddress::new(0, 2, 0, 0);
+        s.save(&host).unwrap();
+        HookState::returned_by_hand(&host, other).unwrap();
+        assert_eq!(HookState::load(&host).unwrap().phase, HookPhase::RestoreRequired);
+    }
 }

@@ -25,7 +25,7 @@ use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
 use virt::error::ErrorNumber;
 
-use crate::bind::record::RestoreRecord;
+use crate::bind::record::{Phase, RestoreRecord};
 use crate::config::{Config, VmConfig};
 use crate::gpu::{self, Owner};
 use crate::hooks::{self, InstalledShim};
@@ -101,8 +101,10 @@ pub enum VmError {
         waited_s: u64,
     },
     #[error(
-        "GPU {gpu} did not come back to {driver} within {waited_s} s: it is {phrase}.{}\n  \
+        "GPU {gpu} did not come back to {driver}{}: it is {phrase}.{}\n  \
          Return it by hand: `sudo gpu-rebind-nvidia` (the same as `sudo handoff rebind --force`)",
+        // 0: the hook had already given up (a stuck record); nothing was waited for.
+        if *waited_s == 0 { String::new() } else { format!(" within {waited_s} s") },
         problem.as_ref().map(|p| format!("\n  The restore record says: {p}")).unwrap_or_default()
     )]
     GpuNotHome {
@@ -709,7 +711,10 @@ impl<'a> Ctl<'a> {
                     phrase,
                 });
             }
-            if started.elapsed() >= self.gpu_wait {
+            // A stuck record: the hook has given up, and nothing will retry; waiting on
+            // would only delay saying so.
+            let stuck = matches!(&record, Ok(Some(r)) if r.phase == Phase::Stuck);
+            if stuck || started.elapsed() >= self.gpu_wait {
                 let problem = match record {
                     Ok(Some(r)) => r
                         .problem

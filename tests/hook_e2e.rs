@@ -554,4 +554,8 @@ fn a_hung_unbind_fails_the_start_cleanly_and_libvirtd_keeps_answering(s: &Scene,
     assert!(out.status.success());
     assert_eq!(s.functions(), home, "rebind --force did not bring the GPU home");
     assert_eq!(s.record(), None);
+    // What the surfaces read: no more "restore required".
+    let state = s.state();
+    assert_eq!(state.phase, HookPhase::Host, "{state:?}");
+    assert_eq!(state.last_error, None, "{state:?}");
 }

@@ -280,16 +280,27 @@ fn rebind() -> Option<Note> {
     {
         Ok(o) if o.status.success() => None,
         // 126: the person dismissed the password dialog; 127: not authorised / no agent.
-        Ok(o) => Some(Note {
-            summary: "The GPU was not returned to Linux".into(),
-            body: format!(
-                "pkexec {} rebind --force: {}\nFrom a terminal: sudo handoff rebind --force",
+        // What to type comes first: pkexec's stderr can be long enough (GLib warnings) to
+        // push it out of a notification's box. Its last line says why; all of it is logged.
+        Ok(o) => {
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            tracing::warn!(
+                "pkexec {} rebind --force: {}: {}",
                 handoff.display(),
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            actions: Vec::new(),
-            critical: true,
-        }),
+                o.status,
+                stderr.trim()
+            );
+            Some(Note {
+                summary: "The GPU was not returned to Linux".into(),
+                body: format!(
+                    "From a terminal: sudo handoff rebind --force\npkexec {} rebind --force: {}",
+                    handoff.display(),
+                    stderr.trim().lines().last().unwrap_or("no reason given")
+                ),
+                actions: Vec::new(),
+                critical: true,
+            })
+        }
         Err(e) => Some(Note::plain(
             "The GPU was not returned to Linux",
             format!("cannot run pkexec ({e}); from a terminal: sudo handoff rebind --force"),

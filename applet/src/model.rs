@@ -417,5 +417,6 @@ pub fn transition_note(old: &Snapshot, new: &Snapshot) -> Option<Note> {
     None
 }
 
+/// The tests' snapshot builders are shared with the menu's tests (`crate::tray`).
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

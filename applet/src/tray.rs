@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use handoff::status::VmState;
 use ksni::menu::{MenuItem, StandardItem, SubMenu};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -135,6 +136,9 @@ impl ksni::Tray for HandoffTray {
 
         let holder = snap.vm_with_gpu().map(|v| v.name.clone());
         let any_active = snap.active_vms().next().is_some();
+        // A VM libvirt could not be asked about, or does not know, can be neither started
+        // nor switched to: the click could only fail.
+        let startable = |s: VmState| !matches!(s, VmState::Unknown | VmState::Undefined);
         for v in snap.vms() {
             let who = format!("{} ({})", v.label, v.name);
             if v.state.is_active() {
@@ -148,16 +152,13 @@ impl ksni::Tray for HandoffTray {
                 // Another VM holds the (shared) GPU: starting means switching.
                 m.push(self.item(
                     format!("Switch to {}", v.label),
-                    v.state != handoff::status::VmState::Unknown,
+                    startable(v.state),
                     Action::Switch(v.name.clone()),
                 ));
             } else {
                 m.push(self.item(
                     format!("Start {}", v.label),
-                    !matches!(
-                        v.state,
-                        handoff::status::VmState::Unknown | handoff::status::VmState::Undefined
-                    ),
+                    startable(v.state),
                     Action::Start(v.name.clone()),
                 ));
             }
@@ -268,3 +269,6 @@ impl ksni::Tray for HandoffTray {
         true
     }
 }
+
+#[cfg(test)]
+mod tests;

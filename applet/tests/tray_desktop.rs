@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::backup::DirBackup;
 use common::libvirt::{LibvirtdLock, TestDomain, require_libvirtd};
-use common_tray::{Item, ItemView, Session, required, screenshots_dir, split_item, wait_for};
+use common_tray::{Item, Session, find_item, required, screenshots_dir, wait_for, wait_view};
 use handoff::Host;
 use handoff::kernelsim::Kernel;
 use handoff::kernelsim::fuse::SimMount;
@@ -36,17 +36,7 @@ const LABEL: &str = "Windows";
 
 /// The `handoff` binary the hook shim runs: built by the workspace next to ours.
 fn handoff_bin() -> PathBuf {
-    let dir = Path::new(TRAY).parent().unwrap();
-    let bin = dir.join("handoff");
-    if !bin.exists() {
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", "handoff", "--bin", "handoff"])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .status()
-            .expect("cargo build --bin handoff");
-        assert!(st.success(), "cargo build --bin handoff failed");
-    }
-    bin
+    common_tray::built(TRAY, "handoff", "handoff")
 }
 
 fn reload_libvirtd() {
@@ -175,37 +165,6 @@ impl Drop for Holder {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Waits until the item's view satisfies `f`; returns it and how long it took.
-fn wait_view(conn: &Connection, item: &Item, what: &str, mut f: impl FnMut(&ItemView) -> bool) -> ItemView {
-    let t = Instant::now();
-    loop {
-        let v = item.view(conn);
-        if f(&v) {
-            eprintln!("  {what}: after {:?}", t.elapsed());
-            return v;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}; the item shows {v:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn find_item(s: &Session, conn: &Connection) -> Item {
-    let mut entry = None;
-    wait_for(
-        Duration::from_secs(20),
-        "the tray to register with the watcher",
-        || {
-            entry = s.registered(conn).into_iter().next();
-            entry.is_some()
-        },
-    );
-    let (dest, path) = split_item(&entry.unwrap());
-    Item { dest, path }
 }
 
 #[test]

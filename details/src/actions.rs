@@ -143,8 +143,15 @@ fn run_inner(cfg: &Config, action: &Action) -> Result<Outcome, Outcome> {
     })
 }
 
+/// Still running: in `/proc` and not a zombie. A process that ended stays in `/proc` as a
+/// zombie until its parent collects it; its files are closed then, so it holds nothing.
 fn alive(cfg: &Config, pid: u32) -> bool {
-    cfg.host.procfs.join(pid.to_string()).exists()
+    match std::fs::read_to_string(cfg.host.procfs.join(pid.to_string()).join("stat")) {
+        Err(_) => false,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+    }
 }
 
 /// SIGTERM, then wait a little for the process to go, so the refresh that follows no

@@ -19,7 +19,8 @@ pub struct Desktop {
     pub dir: tempfile::TempDir,
     pub display: String,
     pub socket: PathBuf,
-    xvfb: Child,
+    /// None when i3 runs on a display someone else started ([`Desktop::i3_on`]).
+    xvfb: Option<Child>,
     i3: Child,
     /// Process groups of clients to kill on drop (found before X goes away).
     extra_groups: Vec<i32>,
@@ -49,6 +50,16 @@ pub fn i3_config(socket: &Path) -> String {
 impl Desktop {
     /// A desktop whose i3 socket is at `socket` (None: in the temp dir).
     pub fn start(socket: Option<PathBuf>) -> Option<Desktop> {
+        Desktop::start_inner(socket, None)
+    }
+
+    /// i3 on `display`, an X server the caller started and stops (after dropping this):
+    /// e.g. the tray tests' Xvfb with xfce4-panel on it, which i3 then manages as a dock.
+    pub fn i3_on(display: &str) -> Option<Desktop> {
+        Desktop::start_inner(None, Some(display))
+    }
+
+    fn start_inner(socket: Option<PathBuf>, display: Option<&str>) -> Option<Desktop> {
         for tool in ["Xvfb", "i3", "xprop"] {
             if !have(tool) {
                 let why = format!("{tool} is not installed (scripts/deps.sh installs it)");
@@ -59,9 +70,21 @@ impl Desktop {
         }
         let dir = tempfile::tempdir().unwrap();
         let socket = socket.unwrap_or_else(|| dir.path().join("i3-ipc.sock"));
-        let (xvfb, display) = start_xvfb(dir.path());
+        let (xvfb, display) = match display {
+            Some(d) => (None, d.to_owned()),
+            None => {
+                let (x, d) = start_xvfb(dir.path());
+                (Some(x), d)
+            }
+        };
         let conf = dir.path().join("i3.conf");
-        std::fs::write(&conf, i3_config(&socket)).unwrap();
+        let mut text = i3_config(&socket);
+        if xvfb.is_none() {
+            // The display has a tray of its own (xfce4-panel's): i3bar must not take the
+            // system tray selection from it.
+            text = text.replace("bar {\n", "bar {\n  tray_output none\n");
+        }
+        std::fs::write(&conf, text).unwrap();
         let i3 = Command::new("i3")
             .arg("-c")
             .arg(&conf)
@@ -229,6 +252,8 @@ impl Drop for Desktop {
             unsafe { libc::kill(-g, libc::SIGTERM) };
         }
         kill_group(&mut self.i3);
-        kill_group(&mut self.xvfb);
+        if let Some(x) = &mut self.xvfb {
+            kill_group(x);
+        }
     }
 }

@@ -6,3 +6,5 @@ pub mod backup;
 pub mod bins;
 pub mod desktop;
 pub mod libvirt;
+pub mod system_bus;
+pub mod systemd_user;

@@ -16,23 +16,23 @@ use handoff::status::{GpuStatus, Status, VmState, VmStatus};
 use super::*;
 use crate::icons::IconState;
 
-const ME: u32 = 1000;
-const SOMEONE_ELSE: u32 = 1001;
-const WIN: &str = "win11";
-const LIN: &str = "debian";
+pub(crate) const ME: u32 = 1000;
+pub(crate) const SOMEONE_ELSE: u32 = 1001;
+pub(crate) const WIN: &str = "win11";
+pub(crate) const LIN: &str = "debian";
 
-fn addr() -> PciAddress {
+pub(crate) fn addr() -> PciAddress {
     "0000:01:00.0".parse().unwrap()
 }
 
-fn vm(name: &str, state: VmState) -> VmStatus {
+pub(crate) fn vm(name: &str, state: VmState) -> VmStatus {
     let label = if name == WIN { "Windows" } else { "Debian" };
     VmStatus::new(&VmConfig::named(name, label), state, None)
 }
 
 /// What `handoff::status::collect` would have read: the GPU with `owner`, these VMs, no
 /// holders; the holding VM worked out the way the library does it.
-fn machine(owner: Owner, vms: Vec<VmStatus>) -> Snapshot {
+pub(crate) fn machine(owner: Owner, vms: Vec<VmStatus>) -> Snapshot {
     let active: Vec<&VmStatus> = vms.iter().filter(|v| v.state.is_active()).collect();
     let holding = match (owner, active.as_slice()) {
         (Owner::Vfio | Owner::Mixed, [one]) => Some(one.name.clone()),
@@ -69,15 +69,15 @@ fn machine(owner: Owner, vms: Vec<VmStatus>) -> Snapshot {
     }
 }
 
-fn on_host() -> Snapshot {
+pub(crate) fn on_host() -> Snapshot {
     machine(Owner::Host, vec![vm(WIN, VmState::Shutoff)])
 }
 
-fn in_windows() -> Snapshot {
+pub(crate) fn in_windows() -> Snapshot {
     machine(Owner::Vfio, vec![vm(WIN, VmState::Running)])
 }
 
-fn holder(pid: u32, uid: u32, command: &str) -> Holder {
+pub(crate) fn holder(pid: u32, uid: u32, command: &str) -> Holder {
     Holder {
         pid,
         command: command.into(),
@@ -90,12 +90,12 @@ fn holder(pid: u32, uid: u32, command: &str) -> Holder {
     }
 }
 
-fn with_holders(mut s: Snapshot, holders: Vec<Holder>) -> Snapshot {
+pub(crate) fn with_holders(mut s: Snapshot, holders: Vec<Holder>) -> Snapshot {
     s.status.as_mut().unwrap().gpu.blockers = holders;
     s
 }
 
-fn with_hook(mut s: Snapshot, phase: HookPhase) -> Snapshot {
+pub(crate) fn with_hook(mut s: Snapshot, phase: HookPhase) -> Snapshot {
     let mut h = HookState::new(addr());
     h.phase = phase;
     h.vm = Some(WIN.into());
@@ -103,7 +103,7 @@ fn with_hook(mut s: Snapshot, phase: HookPhase) -> Snapshot {
     s
 }
 
-fn with_record(mut s: Snapshot, phase: Phase, problem: Option<&str>) -> Snapshot {
+pub(crate) fn with_record(mut s: Snapshot, phase: Phase, problem: Option<&str>) -> Snapshot {
     s.restore = Some(RestoreRecord {
         version: 1,
         gpu: addr(),
@@ -118,7 +118,7 @@ fn with_record(mut s: Snapshot, phase: Phase, problem: Option<&str>) -> Snapshot
 }
 
 /// Every configured VM unknown: libvirt refused the connection.
-fn libvirt_down(owner: Owner) -> Snapshot {
+pub(crate) fn libvirt_down(owner: Owner) -> Snapshot {
     let mut v = vm(WIN, VmState::Unknown);
     v.error = Some(
         "cannot connect to libvirt at qemu:///system: Failed to connect socket to \

@@ -72,6 +72,8 @@ pub struct Session {
     monitor: Option<Child>,
     /// Processes started by the test under this session (the tray), killed on drop.
     pub others: Vec<Child>,
+    /// The session's i3 (`I3SOCK`, as i3 sets it for what it starts), when it has one.
+    pub i3sock: Option<PathBuf>,
 }
 
 const PANEL_XML: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
@@ -181,6 +183,7 @@ impl Session {
             panel: None,
             monitor: None,
             others: Vec::new(),
+            i3sock: None,
         };
         s.start_monitor();
         s.start_dunst();
@@ -199,8 +202,11 @@ impl Session {
             .env("XDG_DATA_HOME", d.join("data"))
             .env("XDG_RUNTIME_DIR", d.join("runtime"))
             .env("NO_AT_BRIDGE", "1")
-            .env_remove("WAYLAND_DISPLAY")
-            .env_remove("I3SOCK");
+            .env_remove("WAYLAND_DISPLAY");
+        match &self.i3sock {
+            Some(s) => c.env("I3SOCK", s),
+            None => c.env_remove("I3SOCK"),
+        };
     }
 
     pub fn spawn(&self, c: &mut Command, log: &str) -> Child {
@@ -351,10 +357,17 @@ impl Drop for Session {
         {
             kill_group(c);
         }
-        // The bus (and xfconfd, which it activated: same uid, found by its bus address in
-        // its environment would be overkill — it exits when the bus goes away).
-        // SAFETY: the daemon we forked.
-        unsafe { libc::kill(self.bus_pid, libc::SIGTERM) };
+        // The bus, and what it activated (xfconfd; the accessibility bus of a GTK window):
+        // `--fork` makes the daemon a process group leader, and activated services stay in
+        // its group.
+        // SAFETY: signalling the daemon we forked, and its group only when it leads one.
+        unsafe {
+            if libc::getpgid(self.bus_pid) == self.bus_pid {
+                libc::kill(-self.bus_pid, libc::SIGTERM);
+            } else {
+                libc::kill(self.bus_pid, libc::SIGTERM);
+            }
+        }
         kill_group(&mut self.xvfb);
     }
 }
@@ -400,6 +413,42 @@ pub fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Dur
         sleep(Duration::from_millis(20));
     }
     t.elapsed()
+}
+
+/// Waits until the item's view satisfies `f`; returns it and how long it took.
+pub fn wait_view(
+    conn: &Connection,
+    item: &Item,
+    what: &str,
+    mut f: impl FnMut(&ItemView) -> bool,
+) -> ItemView {
+    let t = Instant::now();
+    loop {
+        let v = item.view(conn);
+        if f(&v) {
+            eprintln!("  {what}: after {:?}", t.elapsed());
+            return v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}; the item shows {v:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn find_item(s: &Session, conn: &Connection) -> Item {
+    let mut entry = None;
+    wait_for(
+        Duration::from_secs(20),
+        "the tray to register with the watcher",
+        || {
+            entry = s.registered(conn).into_iter().next();
+            entry.is_some()
+        },
+    );
+    let (dest, path) = split_item(&entry.unwrap());
+    Item { dest, path }
 }
 
 /// Our item as the watcher lists it: `(bus name, object path)`.
@@ -450,6 +499,18 @@ impl Item {
             tooltip_text: text(&f[3]),
             pixmap_sizes: pix.iter().map(|p| p.0).collect(),
         }
+    }
+
+    /// A left click on the icon, as the panel sends it: `Activate(x, y)`.
+    pub fn activate(&self, conn: &Connection) {
+        conn.call_method(
+            Some(self.dest.as_str()),
+            self.path.as_str(),
+            Some(ITEM),
+            "Activate",
+            &(0i32, 0i32),
+        )
+        .expect("Activate");
     }
 
     pub fn menu_path(&self, conn: &Connection) -> String {
@@ -641,6 +702,21 @@ fn start_xvfb(dir: &Path, width: u32, height: u32) -> (Child, String) {
     let n = number.trim();
     assert!(!n.is_empty(), "Xvfb did not start");
     (child, format!(":{n}"))
+}
+
+/// A workspace binary next to `beside` (the tray under test): built when missing, as in a
+/// `cargo test -p handoff-tray` that did not build the other packages.
+pub fn built(beside: &str, package: &str, bin: &str) -> PathBuf {
+    let path = Path::new(beside).parent().unwrap().join(bin);
+    if !path.exists() {
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "-p", package, "--bin", bin])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .unwrap_or_else(|e| panic!("cargo build --bin {bin}: {e}"));
+        assert!(st.success(), "cargo build --bin {bin} failed");
+    }
+    path
 }
 
 /// Where screenshots go: `docs/screenshots/` of the repository.
