@@ -111,7 +111,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cfg, source)) {
+    match rt.block_on(run(cfg, source, level)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("handoff-tray: {e:#}");
@@ -212,8 +212,15 @@ struct Loop {
 
 /// The libvirt agent for `cfg` (loaded from `source`): `handoff [--config FILE] __agent`,
 /// the `handoff` beside this binary, else the one on PATH.
-pub fn agent_for(source: &handoff::config::Source, sink: handoff::live::Sink) -> Agent {
-    let mut args: Vec<std::ffi::OsString> = Vec::new();
+/// `level` is the tray's own log level: the agent logs what it does (a start's progress)
+/// at the same one, to the same stderr.
+pub fn agent_for(source: &handoff::config::Source, level: &str, sink: handoff::live::Sink) -> Agent {
+    let mut args: Vec<std::ffi::OsString> = match level {
+        "info" => vec!["-v".into()],
+        "debug" => vec!["-vv".into()],
+        "error" => vec!["-q".into()],
+        _ => Vec::new(),
+    };
     if let handoff::config::Source::File(path) = source {
         args.push("--config".into());
         args.push(path.into());
@@ -222,7 +229,7 @@ pub fn agent_for(source: &handoff::config::Source, sink: handoff::live::Sink) ->
     Agent::new(actions::sibling("handoff"), args, sink)
 }
 
-async fn run(cfg: Config, source: handoff::config::Source) -> anyhow::Result<()> {
+async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let (tx, mut rx) = unbounded_channel();
     let sink: handoff::live::Sink = {
@@ -232,7 +239,7 @@ async fn run(cfg: Config, source: handoff::config::Source) -> anyhow::Result<()>
     // The kernel and the hook's files here; libvirt in the agent (no libvirt in this
     // process: benches/RESULTS-tray.md).
     let watcher = Watcher::with_sink(&cfg, Sources::without_libvirt(), sink.clone())?;
-    let agent = Arc::new(agent_for(&source, sink));
+    let agent = Arc::new(agent_for(&source, level, sink));
     if !cfg.vms.is_empty()
         && let Err(e) = agent.start()
     {

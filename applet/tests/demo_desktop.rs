@@ -281,13 +281,17 @@ fn demo_with_a_display_refuses_hands_over_brings_home_and_leaves_nothing_behind(
     let lines = bar_lines(&text);
     eprintln!("the block printed: {lines:?}");
     // Every change the block saw, in order; "switching…" may be missed when a handoff is
-    // over before the block reads, never a state the GPU was not in.
+    // over before the block reads, never a state the GPU was not in. Between the
+    // terminated holder and the start, "GPU: Linux" (nothing uses it) shows when the block
+    // hears the holder exit before the hook begins.
     let mut want = ["GPU: Linux · 1 busy", "GPU: Windows", "GPU: Linux"]
         .into_iter()
         .peekable();
     for l in &lines {
         if want.peek() == Some(l) {
             want.next();
+        } else if want.peek() == Some(&"GPU: Windows") && *l == "GPU: Linux" {
+            // the holder ended; the start has not begun yet
         } else {
             assert_eq!(*l, "GPU: switching…", "an unexpected block line in {lines:?}");
         }

@@ -618,7 +618,8 @@ fn a_real_read_with_my_process_and_someone_elses_on_the_gpu() {
         eprintln!("not root: someone else's process is left out (it needs setuid)");
     }
 
-    let snap = crate::collect(&cfg, &mut Prober::new());
+    let mut p = Prober::new();
+    let snap = crate::collect(&cfg, &mut || cfg.vms.iter().map(|v| p.probe(v)).collect());
     let (mut t, mut rx) = tray(snap);
     assert_eq!(entries(&t)[0].label, "GPU on Linux (nvidia)");
     assert!(entry(&t, "Start Windows").enabled && entry(&t, "Start AI").enabled);
@@ -662,7 +663,8 @@ fn a_real_read_with_one_of_two_vms_running_on_the_gpu_offers_switching() {
             .unwrap();
     }
     let cfg = config(tmp.path(), &sim, 1);
-    let snap = crate::collect(&cfg, &mut Prober::new());
+    let mut p = Prober::new();
+    let snap = crate::collect(&cfg, &mut || cfg.vms.iter().map(|v| p.probe(v)).collect());
     let (mut t, mut rx) = tray(snap);
     assert_eq!(
         top(&t),
