@@ -352,6 +352,10 @@ impl Watcher {
     /// sleeps in `poll` on a pidfd per pid; a process that closes the GPU but keeps
     /// running is not seen.
     pub fn watch_holders(&self, pids: &[u32]) {
+        // No thread until there is something to watch.
+        if pids.is_empty() && self.holders.get().is_none() {
+            return;
+        }
         let w = self.holders.get_or_init(|| {
             let sink = self.sink.upgrade()?;
             pids::PidWatch::spawn(sink, self.stop_rx.clone())
