@@ -29,27 +29,22 @@ mod common;
 mod common_tray;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::backup::DirBackup;
 use common::desktop::Desktop;
-use common::libvirt::{LibvirtdLock, TestDomain, require_libvirtd};
+use common::libvirt::TestDomain;
+use common::stage::{SYSTEM_CONFIG, Stage, host_section};
 use common::system_bus::SystemBus;
 use common::systemd_user::UserManager;
 use common_tray::{Item, Session, built, find_item, have, required, wait_for, wait_view};
-use handoff::Host;
-use handoff::kernelsim::fuse::SimMount;
-use handoff::kernelsim::{Kernel, send_command};
+use handoff::kernelsim::send_command;
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use zbus::blocking::Connection;
 
 const TRAY: &str = env!("CARGO_BIN_EXE_handoff-tray");
-const ETC_HANDOFF: &str = "/etc/handoff";
-const SYSTEM_CONFIG: &str = "/etc/handoff/config.toml";
 const LG_CLASS: &str = "looking-glass-client";
 const LG_WORKSPACE: &str = "lg 10";
 const DETAILS_CLASS: &str = "handoff-details";
@@ -60,15 +55,6 @@ fn looking_glass() -> String {
     format!(
         "[looking_glass]\ncommand = \"xterm\"\nargs = [\"-class\", \"{LG_CLASS}\", \"-e\", \"sleep\", \"600\"]\n\
          workspace = \"{LG_WORKSPACE}\"\nwindow_class = \"{LG_CLASS}\"\n\n"
-    )
-}
-
-fn host_section(host: &Host) -> String {
-    format!(
-        "[host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\n\n",
-        host.sysfs.display(),
-        host.dev.display(),
-        host.run.display()
     )
 }
 
@@ -477,36 +463,14 @@ struct Scene {
     session: Session,
     win: TestDomain,
     ai: TestDomain,
-    mount: SimMount,
-    _tmp: tempfile::TempDir,
-    host: Host,
-    _etc_handoff: DirBackup,
-    _hooks: DirBackup,
-    _libvirtd: LibvirtdLock,
-}
-
-fn reload_libvirtd() {
-    handoff::hooks::reload_libvirt(Path::new("/proc"));
-    std::thread::sleep(Duration::from_millis(500));
+    stage: Stage,
 }
 
 impl Scene {
     fn set_up() -> Option<Scene> {
-        if !Path::new("/dev/fuse").exists() {
-            required("/dev/fuse is missing: the simulated sysfs needs FUSE");
-            return None;
-        }
         let mut session = Session::start(800, 600)?;
         let i3 = with_i3(&mut session)?;
-        let libvirtd = require_libvirtd()?;
-        let hooks = DirBackup::take(handoff::hooks::DEFAULT_HOOKS_DIR).then(reload_libvirtd);
-        let etc_handoff = DirBackup::take(ETC_HANDOFF);
-        let tmp = tempfile::tempdir().unwrap();
-        let kernel = Kernel::build(&tmp.path().join("machine"), SimSpec::workstation()).unwrap();
-        let mountpoint = tmp.path().join("sys");
-        fs::create_dir(&mountpoint).unwrap();
-        let mount = SimMount::mount(kernel, &mountpoint).unwrap();
-        let host = mount.host();
+        let stage = Stage::set_up()?;
         let win = TestDomain::define();
         let ai = TestDomain::define();
         // A long graceful timeout: the guests have no OS to honour the power button, so
@@ -515,51 +479,19 @@ impl Scene {
             "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 2\n\n{}{}\
              [[vm]]\nname = \"{}\"\nlabel = \"Windows\"\nshutdown_timeout_s = 60\n\n\
              [[vm]]\nname = \"{}\"\nlabel = \"AI\"\nshutdown_timeout_s = 60\n",
-            host_section(&host),
+            stage.host_section(),
             looking_glass(),
             win.name(),
             ai.name()
         );
-        fs::create_dir(ETC_HANDOFF).unwrap();
-        fs::set_permissions(ETC_HANDOFF, fs::Permissions::from_mode(0o755)).unwrap();
-        fs::write(SYSTEM_CONFIG, text).unwrap();
-        fs::set_permissions(SYSTEM_CONFIG, fs::Permissions::from_mode(0o644)).unwrap();
-        let out = Command::new(built(TRAY, "handoff", "handoff"))
-            .arg("install-hooks")
-            .env_remove("HANDOFF_CONFIG")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "install-hooks: {out:?}");
-        std::thread::sleep(Duration::from_millis(500));
+        stage.install(&text, &built(TRAY, "handoff", "handoff"));
         Some(Scene {
             i3,
             session,
             win,
             ai,
-            mount,
-            _tmp: tmp,
-            host,
-            _etc_handoff: etc_handoff,
-            _hooks: hooks,
-            _libvirtd: libvirtd,
+            stage,
         })
-    }
-
-    fn drivers(&self) -> Vec<Option<String>> {
-        handoff::gpu::read_gpu(&self.host, RTX_3090_TI)
-            .unwrap()
-            .functions
-            .into_iter()
-            .map(|f| f.driver)
-            .collect()
-    }
-
-    fn on_host(&self) -> bool {
-        self.drivers() == ["nvidia", "snd_hda_intel", "xhci_hcd", "nvidia-gpu"].map(|d| Some(d.to_owned()))
-    }
-
-    fn on_vfio(&self) -> bool {
-        self.drivers().iter().all(|d| d.as_deref() == Some("vfio-pci"))
     }
 
     fn item(&self) -> (Connection, Item) {
@@ -577,7 +509,7 @@ impl Scene {
             v.icon_name == "handoff-vm" && v.title == title
         });
         assert_eq!(self.win.state(), "running");
-        assert!(self.on_vfio(), "{:?}", self.drivers());
+        assert!(self.stage.on_vfio(), "{:?}", self.stage.drivers());
     }
 }
 
@@ -653,7 +585,7 @@ fn looking_glass_switch_and_force_stop_from_the_menu() {
         s.session.log("tray").contains(&asked)
     });
     assert_eq!(s.win.state(), "running");
-    assert!(s.on_vfio(), "the GPU stays with Windows until it is off");
+    assert!(s.stage.on_vfio(), "the GPU stays with Windows until it is off");
     s.win.destroy().unwrap();
     let title = format!("GPU in AI ({})", s.ai.name());
     wait_view(&conn, &item, "AI with the GPU", |v| {
@@ -662,8 +594,8 @@ fn looking_glass_switch_and_force_stop_from_the_menu() {
     eprintln!("  Switch to AI → AI has the GPU: {:?}", t.elapsed());
     assert_eq!(s.ai.state(), "running");
     assert_eq!(s.win.state(), "shut off");
-    assert!(s.on_vfio(), "{:?}", s.drivers());
-    let record = handoff::bind::record::RestoreRecord::load(&s.host, RTX_3090_TI)
+    assert!(s.stage.on_vfio(), "{:?}", s.stage.drivers());
+    let record = handoff::bind::record::RestoreRecord::load(&s.stage.host, RTX_3090_TI)
         .unwrap()
         .expect("the hook's record");
     assert_eq!(record.vm.as_deref(), Some(s.ai.name()));
@@ -686,7 +618,7 @@ fn looking_glass_switch_and_force_stop_from_the_menu() {
     });
     eprintln!("  Force stop → host icon: {:?}", t.elapsed());
     assert_eq!(s.ai.state(), "shut off");
-    assert!(s.on_host(), "{:?}", s.drivers());
+    assert!(s.stage.on_host(), "{:?}", s.stage.drivers());
 
     let (notes, raw) = s.session.notifications();
     let summaries: Vec<&str> = notes.iter().map(|n| n.summary.as_str()).collect();
@@ -715,7 +647,7 @@ fn return_gpu_to_linux_runs_pkexec_handoff_rebind_after_a_failed_return() {
     // The audio function will not come back: the kernel refuses to probe it.
     let audio = RTX_3090_TI.with_function(1);
     send_command(
-        s.mount.path(),
+        s.stage.mount.path(),
         &format!("fail drivers_probe ENODEV {audio} always\n"),
     )
     .unwrap();
@@ -732,7 +664,7 @@ fn return_gpu_to_linux_runs_pkexec_handoff_rebind_after_a_failed_return() {
     assert!(v.title.starts_with("GPU: restore required ("), "{v:#?}");
     assert!(v.title.contains(&audio.to_string()), "{v:#?}");
     assert_eq!(s.win.state(), "shut off");
-    assert!(!s.on_host(), "{:?}", s.drivers());
+    assert!(!s.stage.on_host(), "{:?}", s.stage.drivers());
     let menu = item.menu(&conn);
     assert!(
         menu.iter().any(|e| e.label == "Return GPU to Linux" && e.enabled),
@@ -774,7 +706,7 @@ fn return_gpu_to_linux_runs_pkexec_handoff_rebind_after_a_failed_return() {
 
     // The kernel lets the audio function probe again, polkitd runs: pkexec runs the real
     // `handoff rebind --force` as root, which brings every function home.
-    send_command(s.mount.path(), "clear\n").unwrap();
+    send_command(s.stage.mount.path(), "clear\n").unwrap();
     let polkitd = bus.start_polkitd(tray_pid);
     s.session.others.push(polkitd);
     let t = Instant::now();
@@ -783,9 +715,9 @@ fn return_gpu_to_linux_runs_pkexec_handoff_rebind_after_a_failed_return() {
         v.icon_name == "handoff-host" && !v.title.starts_with("GPU: ")
     });
     eprintln!("  Return GPU to Linux (pkexec) → host icon: {:?}", t.elapsed());
-    assert!(s.on_host(), "{:?}", s.drivers());
+    assert!(s.stage.on_host(), "{:?}", s.stage.drivers());
     assert!(
-        handoff::bind::record::RestoreRecord::load(&s.host, RTX_3090_TI)
+        handoff::bind::record::RestoreRecord::load(&s.stage.host, RTX_3090_TI)
             .unwrap()
             .is_none(),
         "the record is gone once the GPU is home"

@@ -15,33 +15,22 @@ mod common;
 mod common_tray;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::backup::DirBackup;
-use common::libvirt::{LibvirtdLock, TestDomain, require_libvirtd};
-use common_tray::{Item, Session, find_item, required, screenshots_dir, wait_for, wait_view};
-use handoff::Host;
-use handoff::kernelsim::Kernel;
-use handoff::kernelsim::fuse::SimMount;
-use handoff::sim::{RTX_3090_TI, SimSpec};
+use common::libvirt::TestDomain;
+use common::stage::{SYSTEM_CONFIG, Stage};
+use common_tray::{Item, Session, find_item, screenshots_dir, wait_for, wait_view};
+use handoff::sim::RTX_3090_TI;
 use zbus::blocking::Connection;
 
 const TRAY: &str = env!("CARGO_BIN_EXE_handoff-tray");
-const ETC_HANDOFF: &str = "/etc/handoff";
-const SYSTEM_CONFIG: &str = "/etc/handoff/config.toml";
 const LABEL: &str = "Windows";
 
 /// The `handoff` binary the hook shim runs: built by the workspace next to ours.
 fn handoff_bin() -> PathBuf {
     common_tray::built(TRAY, "handoff", "handoff")
-}
-
-fn reload_libvirtd() {
-    handoff::hooks::reload_libvirt(Path::new("/proc"));
-    std::thread::sleep(Duration::from_millis(500));
 }
 
 /// Drops in declaration order: the session (tray, panel, dunst), the domain (its destroy
@@ -50,61 +39,22 @@ fn reload_libvirtd() {
 struct Scene {
     session: Session,
     win: TestDomain,
-    _mount: SimMount,
-    _tmp: tempfile::TempDir,
-    host: Host,
-    _etc_handoff: DirBackup,
-    _hooks: DirBackup,
-    _libvirtd: LibvirtdLock,
+    stage: Stage,
 }
 
 impl Scene {
     fn set_up() -> Option<Scene> {
-        if !Path::new("/dev/fuse").exists() {
-            required("/dev/fuse is missing: the simulated sysfs needs FUSE");
-            return None;
-        }
         let session = Session::start(640, 300)?;
-        let libvirtd = require_libvirtd()?;
-        let hooks = DirBackup::take(handoff::hooks::DEFAULT_HOOKS_DIR).then(reload_libvirtd);
-        let etc_handoff = DirBackup::take(ETC_HANDOFF);
-        let tmp = tempfile::tempdir().unwrap();
-        let kernel = Kernel::build(&tmp.path().join("machine"), SimSpec::workstation()).unwrap();
-        let mountpoint = tmp.path().join("sys");
-        fs::create_dir(&mountpoint).unwrap();
-        let mount = SimMount::mount(kernel, &mountpoint).unwrap();
-        let host = mount.host();
+        let stage = Stage::set_up()?;
         let win = TestDomain::define();
         let text = format!(
             "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 2\n\n\
-             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\n\n\
-             [[vm]]\nname = \"{}\"\nlabel = \"{LABEL}\"\nshutdown_timeout_s = 2\n",
-            host.sysfs.display(),
-            host.dev.display(),
-            host.run.display(),
+             {}[[vm]]\nname = \"{}\"\nlabel = \"{LABEL}\"\nshutdown_timeout_s = 2\n",
+            stage.host_section(),
             win.name()
         );
-        fs::create_dir(ETC_HANDOFF).unwrap();
-        fs::set_permissions(ETC_HANDOFF, fs::Permissions::from_mode(0o755)).unwrap();
-        fs::write(SYSTEM_CONFIG, text).unwrap();
-        fs::set_permissions(SYSTEM_CONFIG, fs::Permissions::from_mode(0o644)).unwrap();
-        let out = Command::new(handoff_bin())
-            .arg("install-hooks")
-            .env_remove("HANDOFF_CONFIG")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "install-hooks: {out:?}");
-        std::thread::sleep(Duration::from_millis(500));
-        Some(Scene {
-            session,
-            win,
-            _mount: mount,
-            _tmp: tmp,
-            host,
-            _etc_handoff: etc_handoff,
-            _hooks: hooks,
-            _libvirtd: libvirtd,
-        })
+        stage.install(&text, &handoff_bin());
+        Some(Scene { session, win, stage })
     }
 
     fn start_tray(&mut self) {
@@ -112,19 +62,6 @@ impl Scene {
         c.arg("-v").env("HANDOFF_CONFIG", SYSTEM_CONFIG);
         let child = self.session.spawn(&mut c, "tray");
         self.session.others.push(child);
-    }
-
-    fn drivers(&self) -> Vec<Option<String>> {
-        handoff::gpu::read_gpu(&self.host, RTX_3090_TI)
-            .unwrap()
-            .functions
-            .into_iter()
-            .map(|f| f.driver)
-            .collect()
-    }
-
-    fn on_host(&self) -> bool {
-        self.drivers() == ["nvidia", "snd_hda_intel", "xhci_hcd", "nvidia-gpu"].map(|d| Some(d.to_owned()))
     }
 
     fn shot(&self, name: &str) {
@@ -233,7 +170,7 @@ fn tray_follows_the_gpu_and_drives_the_vm_on_a_real_panel() {
 }
 
 fn refused_start_names_the_holder_and_terminate_and_start_works(s: &Scene, conn: &Connection, item: &Item) {
-    let mut job = Holder::of(&s.host.dev.join("nvidia0"));
+    let mut job = Holder::of(&s.stage.host.dev.join("nvidia0"));
     let pid = job.0.id();
     let before = s.session.notifications().0.len();
     item.click(conn, "Start Windows");
@@ -257,7 +194,7 @@ fn refused_start_names_the_holder_and_terminate_and_start_works(s: &Scene, conn:
         ["terminate-and-start", "Terminate and start", "details", "Details"],
         "{n:#?}"
     );
-    assert!(s.on_host());
+    assert!(s.stage.on_host());
     // The holder is in the menu, with Terminate behind a confirmation.
     let menu = item.menu(conn);
     let really = menu
@@ -289,7 +226,7 @@ fn refused_start_names_the_holder_and_terminate_and_start_works(s: &Scene, conn:
     eprintln!("  terminate and start → VM icon: {:?}", t.elapsed());
     assert_eq!(v.title, format!("GPU in Windows ({})", s.win.name()));
     assert_eq!(s.win.state(), "running");
-    assert!(s.drivers().iter().all(|d| d.as_deref() == Some("vfio-pci")));
+    assert!(s.stage.drivers().iter().all(|d| d.as_deref() == Some("vfio-pci")));
     wait_for(Duration::from_secs(5), "the started notification", || {
         s.session
             .notifications()
@@ -344,7 +281,7 @@ fn force_stop_asks_first_then_brings_the_gpu_home(s: &Scene, conn: &Connection, 
     eprintln!("  force stop → host icon: {:?}", t.elapsed());
     assert_eq!(v.title, "GPU on Linux (nvidia)");
     assert_eq!(s.win.state(), "shut off");
-    assert!(s.on_host(), "{:?}", s.drivers());
+    assert!(s.stage.on_host(), "{:?}", s.stage.drivers());
 }
 
 fn start_from_the_menu_and_back(s: &Scene, conn: &Connection, item: &Item) {
@@ -362,16 +299,16 @@ fn start_from_the_menu_and_back(s: &Scene, conn: &Connection, item: &Item) {
         v.icon_name == "handoff-host"
     });
     eprintln!("  virsh destroy → host icon: {:?}", t.elapsed());
-    assert!(s.on_host());
+    assert!(s.stage.on_host());
 }
 
 fn restore_required_offers_return_gpu_to_linux(s: &Scene, conn: &Connection, item: &Item) {
     // A stuck record, as the hook leaves it when the GPU did not come back.
-    let g = handoff::gpu::read_gpu(&s.host, RTX_3090_TI).unwrap();
+    let g = handoff::gpu::read_gpu(&s.stage.host, RTX_3090_TI).unwrap();
     let mut r = handoff::bind::record::RestoreRecord::new(&g, Some(s.win.name()));
     r.phase = handoff::bind::record::Phase::Stuck;
     r.problem = Some("0000:01:00.1 did not come back to snd_hda_intel".into());
-    r.save(&s.host).unwrap();
+    r.save(&s.stage.host).unwrap();
     let v = wait_view(conn, item, "restore icon", |v| {
         v.icon_name == "handoff-restore" && v.title.contains("restore required")
     });
@@ -391,7 +328,7 @@ fn restore_required_offers_return_gpu_to_linux(s: &Scene, conn: &Connection, ite
     });
     std::thread::sleep(Duration::from_millis(300));
     s.shot("restore");
-    handoff::bind::record::RestoreRecord::remove(&s.host, RTX_3090_TI).unwrap();
+    handoff::bind::record::RestoreRecord::remove(&s.stage.host, RTX_3090_TI).unwrap();
     wait_view(conn, item, "host icon after the record went", |v| {
         v.icon_name == "handoff-host"
     });

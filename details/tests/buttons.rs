@@ -36,22 +36,18 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use a11y::{A11y, dialog, main_window};
-use common::backup::DirBackup;
 use common::desktop::Desktop;
-use common::libvirt::{LibvirtdLock, TestDomain, require_libvirtd};
+use common::libvirt::TestDomain;
+use common::stage::{SYSTEM_CONFIG, Stage, host_section};
 use common::system_bus::SystemBus;
 use common::systemd_user::UserManager;
-use handoff::Host;
-use handoff::kernelsim::fuse::SimMount;
-use handoff::kernelsim::{Kernel, send_command};
+use handoff::kernelsim::send_command;
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 
 const BIN: &str = env!("CARGO_BIN_EXE_handoff-details");
 const WAIT: Duration = Duration::from_secs(60);
 const LG_CLASS: &str = "looking-glass-client";
 const LG_WORKSPACE: &str = "lg 10";
-const ETC_HANDOFF: &str = "/etc/handoff";
-const SYSTEM_CONFIG: &str = "/etc/handoff/config.toml";
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
@@ -285,15 +281,6 @@ fn workstation(dir: &Path) -> (SimHost, PathBuf) {
     (sim, config)
 }
 
-fn host_section(host: &Host) -> String {
-    format!(
-        "[host]\nsysfs = \"{}\"\nproc = \"/proc\"\ndev = \"{}\"\nrun = \"{}\"\n\n",
-        host.sysfs.display(),
-        host.dev.display(),
-        host.run.display()
-    )
-}
-
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let t = Instant::now();
     while !ok() {
@@ -453,17 +440,7 @@ struct Scene {
     s: Session,
     win: TestDomain,
     ai: TestDomain,
-    mount: SimMount,
-    _tmp: tempfile::TempDir,
-    host: Host,
-    _etc_handoff: DirBackup,
-    _hooks: DirBackup,
-    _libvirtd: LibvirtdLock,
-}
-
-fn reload_libvirtd() {
-    handoff::hooks::reload_libvirt(Path::new("/proc"));
-    std::thread::sleep(Duration::from_millis(500));
+    stage: Stage,
 }
 
 /// The `handoff` CLI beside the window (the hook shim and pkexec run it): built when
@@ -483,20 +460,8 @@ fn handoff_bin() -> PathBuf {
 
 impl Scene {
     fn set_up() -> Option<Scene> {
-        if !Path::new("/dev/fuse").exists() {
-            required("/dev/fuse is missing: the simulated sysfs needs FUSE");
-            return None;
-        }
         let s = Session::start()?;
-        let libvirtd = require_libvirtd()?;
-        let hooks = DirBackup::take(handoff::hooks::DEFAULT_HOOKS_DIR).then(reload_libvirtd);
-        let etc_handoff = DirBackup::take(ETC_HANDOFF);
-        let tmp = tempfile::tempdir().unwrap();
-        let kernel = Kernel::build(&tmp.path().join("machine"), SimSpec::workstation()).unwrap();
-        let mountpoint = tmp.path().join("sys");
-        fs::create_dir(&mountpoint).unwrap();
-        let mount = SimMount::mount(kernel, &mountpoint).unwrap();
-        let host = mount.host();
+        let stage = Stage::set_up()?;
         let win = TestDomain::define();
         let ai = TestDomain::define();
         // Windows waits long for its guest to power off (the test plays that part when it
@@ -507,49 +472,12 @@ impl Scene {
              workspace = \"{LG_WORKSPACE}\"\nwindow_class = \"{LG_CLASS}\"\n\n\
              [[vm]]\nname = \"{}\"\nlabel = \"Windows\"\nshutdown_timeout_s = 60\n\n\
              [[vm]]\nname = \"{}\"\nlabel = \"AI\"\nshutdown_timeout_s = 2\n",
-            host_section(&host),
+            stage.host_section(),
             win.name(),
             ai.name()
         );
-        fs::create_dir(ETC_HANDOFF).unwrap();
-        fs::set_permissions(ETC_HANDOFF, fs::Permissions::from_mode(0o755)).unwrap();
-        fs::write(SYSTEM_CONFIG, text).unwrap();
-        fs::set_permissions(SYSTEM_CONFIG, fs::Permissions::from_mode(0o644)).unwrap();
-        let out = Command::new(handoff_bin())
-            .arg("install-hooks")
-            .env_remove("HANDOFF_CONFIG")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "install-hooks: {out:?}");
-        std::thread::sleep(Duration::from_millis(500));
-        Some(Scene {
-            s,
-            win,
-            ai,
-            mount,
-            _tmp: tmp,
-            host,
-            _etc_handoff: etc_handoff,
-            _hooks: hooks,
-            _libvirtd: libvirtd,
-        })
-    }
-
-    fn drivers(&self) -> Vec<Option<String>> {
-        handoff::gpu::read_gpu(&self.host, RTX_3090_TI)
-            .unwrap()
-            .functions
-            .into_iter()
-            .map(|f| f.driver)
-            .collect()
-    }
-
-    fn on_host(&self) -> bool {
-        self.drivers() == ["nvidia", "snd_hda_intel", "xhci_hcd", "nvidia-gpu"].map(|d| Some(d.to_owned()))
-    }
-
-    fn on_vfio(&self) -> bool {
-        self.drivers().iter().all(|d| d.as_deref() == Some("vfio-pci"))
+        stage.install(&text, &handoff_bin());
+        Some(Scene { s, win, ai, stage })
     }
 
     /// The row anchor of a VM: its name label, "Windows (handoff-test-…)".
@@ -565,7 +493,7 @@ impl Scene {
             v["busy"].is_null() && v["owner"] == "vm" && v["headline"] == "GPU is in Windows"
         });
         assert_eq!(self.win.state(), "running");
-        assert!(self.on_vfio(), "{:?}", self.drivers());
+        assert!(self.stage.on_vfio(), "{:?}", self.stage.drivers());
         said
     }
 }
@@ -631,7 +559,7 @@ fn start_looking_glass_switch_stop_and_force_stop_against_the_real_libvirtd() {
     );
     wait_for("the graceful shutdown request", || sc.s.log().contains(&asked));
     assert_eq!(sc.win.state(), "running");
-    assert!(sc.on_vfio());
+    assert!(sc.stage.on_vfio());
     sc.win.destroy().unwrap();
     let said = a.wait_text("the switch's outcome", |t| t.contains("AI is running"));
     eprintln!("  Switch to AI → {said:?}: {:?}", t.elapsed());
@@ -641,7 +569,7 @@ fn start_looking_glass_switch_stop_and_force_stop_against_the_real_libvirtd() {
         "{said}"
     );
     assert_eq!(sc.ai.state(), "running");
-    assert!(sc.on_vfio(), "{:?}", sc.drivers());
+    assert!(sc.stage.on_vfio(), "{:?}", sc.stage.drivers());
     let v = views.wait_for("AI with the GPU", |v| {
         v["busy"].is_null() && v["headline"] == "GPU is in AI"
     });
@@ -675,7 +603,7 @@ fn start_looking_glass_switch_stop_and_force_stop_against_the_real_libvirtd() {
         format!("AI was forced off; GPU {RTX_3090_TI} is back on Linux (nvidia).")
     );
     assert_eq!(sc.ai.state(), "shut off");
-    assert!(sc.on_host(), "{:?}", sc.drivers());
+    assert!(sc.stage.on_host(), "{:?}", sc.stage.drivers());
     views.wait_for("the GPU home", |v| {
         v["busy"].is_null() && v["headline"] == "GPU is on Linux (nvidia)"
     });
@@ -698,7 +626,7 @@ fn return_gpu_to_linux_runs_pkexec_after_a_failed_return() {
     // The audio function will not come back: the kernel refuses to probe it.
     let audio = RTX_3090_TI.with_function(1);
     send_command(
-        sc.mount.path(),
+        sc.stage.mount.path(),
         &format!("fail drivers_probe ENODEV {audio} always\n"),
     )
     .unwrap();
@@ -712,7 +640,7 @@ fn return_gpu_to_linux_runs_pkexec_after_a_failed_return() {
     });
     assert_eq!(v["headline"], "Restore required");
     assert_eq!(labels(&v["actions"]), ["Return GPU to Linux", "Refresh"]);
-    assert!(!sc.on_host());
+    assert!(!sc.stage.on_host());
     sc.s.shot("restore-required");
 
     // No polkit daemon: pkexec cannot authorise, and the window says what to do instead.
@@ -725,11 +653,11 @@ fn return_gpu_to_linux_runs_pkexec_after_a_failed_return() {
             handoff_bin().display()
         )
     );
-    assert!(!sc.on_host());
+    assert!(!sc.stage.on_host());
 
     // The kernel lets the function probe again, polkitd runs: pkexec runs the real
     // `handoff rebind --force` as root.
-    send_command(sc.mount.path(), "clear\n").unwrap();
+    send_command(sc.stage.mount.path(), "clear\n").unwrap();
     let _polkitd = Group(bus.start_polkitd(window_pid));
     let t = Instant::now();
     a.press(main_window, None, "Return GPU to Linux");
@@ -738,7 +666,7 @@ fn return_gpu_to_linux_runs_pkexec_after_a_failed_return() {
     });
     eprintln!("  Return GPU to Linux → {said:?}: {:?}", t.elapsed());
     assert_eq!(said, format!("GPU {RTX_3090_TI} is back on Linux (nvidia)."));
-    assert!(sc.on_host(), "{:?}", sc.drivers());
+    assert!(sc.stage.on_host(), "{:?}", sc.stage.drivers());
     let v = views.wait_for("the GPU on Linux", |v| {
         v["busy"].is_null() && v["owner"] == "host"
     });

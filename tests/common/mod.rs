@@ -6,5 +6,6 @@ pub mod backup;
 pub mod bins;
 pub mod desktop;
 pub mod libvirt;
+pub mod stage;
 pub mod system_bus;
 pub mod systemd_user;
