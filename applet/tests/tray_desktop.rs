@@ -172,6 +172,18 @@ fn tray_follows_the_gpu_and_drives_the_vm_on_a_real_panel() {
 fn refused_start_names_the_holder_and_terminate_and_start_works(s: &Scene, conn: &Connection, item: &Item) {
     let mut job = Holder::of(&s.stage.host.dev.join("nvidia0"));
     let pid = job.0.id();
+    // Opening a node is no event: the tray sees the new holder when its menu opens.
+    item.about_to_show(conn);
+    let row = format!("sleep (pid {pid}, root)");
+    wait_for(
+        Duration::from_secs(10),
+        "the new holder in the opened menu",
+        || {
+            item.menu(conn)
+                .iter()
+                .any(|e| e.label == row && e.parents == ["Using the GPU (1)"])
+        },
+    );
     let before = s.session.notifications().0.len();
     item.click(conn, "Start Windows");
     let v = wait_view(conn, item, "busy icon after the refused start", |v| {

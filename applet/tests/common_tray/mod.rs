@@ -518,6 +518,19 @@ impl Item {
         zbus::zvariant::OwnedObjectPath::try_from(v).unwrap().to_string()
     }
 
+    /// `AboutToShow(0)`: what a host calls as it opens the root menu.
+    pub fn about_to_show(&self, conn: &Connection) {
+        let path = self.menu_path(conn);
+        conn.call_method(
+            Some(self.dest.as_str()),
+            path.as_str(),
+            Some(MENU),
+            "AboutToShow",
+            &(0i32),
+        )
+        .expect("AboutToShow");
+    }
+
     /// `GetLayout(0, -1, [])`, flattened: `(id, label, enabled, path of parent labels)`.
     pub fn menu(&self, conn: &Connection) -> Vec<MenuEntry> {
         let path = self.menu_path(conn);
