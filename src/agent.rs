@@ -388,13 +388,16 @@ impl Inner {
                     let _ = (self.sink)(c);
                 }
                 Ok(Out::Reply { id, reply }) => {
-                    let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(tx) = st.pending.get(&id) {
+                    let tx = self
+                        .state
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .pending
+                        .remove(&id);
+                    // None: its caller timed out and stopped waiting.
+                    if let Some(tx) = tx {
                         let _ = tx.send(reply);
                     }
-                    drop(st);
-                    let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                    st.pending.remove(&id);
                 }
                 Err(e) => tracing::warn!(
                     "the libvirt agent said something unreadable ({e}): {}",

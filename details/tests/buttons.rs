@@ -444,18 +444,9 @@ struct Scene {
 }
 
 /// The `handoff` CLI beside the window (the hook shim and pkexec run it): built when
-/// missing, as in a `cargo test -p handoff-details` that did not build the CLI.
+/// missing or stale, as in a `cargo test -p handoff-details` that did not build the CLI.
 fn handoff_bin() -> PathBuf {
-    let path = Path::new(BIN).parent().unwrap().join("handoff");
-    if !path.exists() {
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", "handoff", "--bin", "handoff"])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .status()
-            .expect("cargo build --bin handoff");
-        assert!(st.success(), "cargo build --bin handoff failed");
-    }
-    path
+    common::bins::sibling(Path::new(BIN).parent().unwrap(), "handoff", "handoff", &["src"])
 }
 
 impl Scene {

@@ -717,19 +717,17 @@ fn start_xvfb(dir: &Path, width: u32, height: u32) -> (Child, String) {
     (child, format!(":{n}"))
 }
 
-/// A workspace binary next to `beside` (the tray under test): built when missing, as in a
-/// `cargo test -p handoff-tray` that did not build the other packages.
+/// A workspace binary next to `beside` (the tray under test), built when missing or older
+/// than its sources, as in a `cargo test -p handoff-tray` that did not build the other
+/// packages ([`crate::common::bins::sibling`]).
 pub fn built(beside: &str, package: &str, bin: &str) -> PathBuf {
-    let path = Path::new(beside).parent().unwrap().join(bin);
-    if !path.exists() {
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", package, "--bin", bin])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .status()
-            .unwrap_or_else(|e| panic!("cargo build --bin {bin}: {e}"));
-        assert!(st.success(), "cargo build --bin {bin} failed");
-    }
-    path
+    let sources: &[&str] = match package {
+        "handoff" => &["src"],
+        "handoff-block" => &["src", "i3blocks/src"],
+        "handoff-details" => &["src", "details/src"],
+        _ => &["src", "applet/src"],
+    };
+    crate::common::bins::sibling(Path::new(beside).parent().unwrap(), bin, package, sources)
 }
 
 /// Where screenshots go: `docs/screenshots/` of the repository.
