@@ -1,7 +1,9 @@
 //! `handoff install-hooks`: put handoff's libvirt qemu hook in place, or take it away.
 //!
 //! What it writes: one file, `<hooks dir>/qemu.d/handoff` (mode 0755), a `#!/bin/sh` shim
-//! that `exec`s `<absolute path of handoff> hook "$@"`. libvirt ≥ 6.5 runs every executable
+//! that `exec`s `<absolute path of handoff> hook -- "$@"` (the `--`: a domain called
+//! `--help` or `--config=x` is a domain name, never an option). It refuses a handoff binary
+//! that anyone but root could change, since libvirt runs the hook as root. libvirt ≥ 6.5 runs every executable
 //! in `qemu.d/` as well as `<hooks dir>/qemu`, with `<domain> <operation> <sub-operation>
 //! <extra>` as arguments and the domain XML on stdin; a non-zero exit from `prepare`
 //! refuses the start, and libvirt puts the hook's stderr into its error.
@@ -52,7 +54,7 @@ pub const SHIM_NAME: &str = "handoff";
 pub const SHIM_MARKER: &str = "# handoff-hook-shim: written by `handoff install-hooks`";
 
 /// Bumped when the shim's text changes, so an old shim is replaced, not kept.
-pub const SHIM_VERSION: u32 = 1;
+pub const SHIM_VERSION: u32 = 2;
 
 /// The shim's mode: libvirt runs only executable files.
 pub const SHIM_MODE: u32 = 0o755;
@@ -96,6 +98,14 @@ pub enum HooksError {
     ExeMissing { path: PathBuf, why: String },
 
     #[error(
+        "not installing a hook that runs {path}: it is not owned by root and writable only by root \
+         ({why}); libvirt runs the hook as root, so whoever can change it could run anything as \
+         root. Install handoff root-owned, e.g. `sudo install -m 0755 handoff /usr/local/bin/`, \
+         and run install-hooks from there"
+    )]
+    ExeNotTrusted { path: PathBuf, why: String },
+
+    #[error(
         "{path} exists but was not written by handoff (no `{SHIM_MARKER}` line); move it away \
          and run install-hooks again"
     )]
@@ -118,7 +128,7 @@ pub enum HooksError {
 
     #[error(
         "libvirt {found} runs only /etc/libvirt/hooks/qemu, not the scripts in qemu.d/ (that \
-         needs libvirt {MIN_LIBVIRT} or newer); upgrade libvirt, or call `{exe} hook \"$@\"` from \
+         needs libvirt {MIN_LIBVIRT} or newer); upgrade libvirt, or call `{exe} hook -- \"$@\"` from \
          your own qemu hook script"
     )]
     LibvirtTooOld { found: LibvirtVersion, exe: String },
@@ -256,8 +266,6 @@ impl fmt::Display for Action {
 pub enum Warning {
     /// Another hook script already binds/unbinds GPUs.
     ForeignGpuHook { path: PathBuf, mentions: Vec<String> },
-    /// The hook runs as root: a handoff binary others can replace is a way to root.
-    ExeWritableByOthers { path: PathBuf },
     /// `--uninstall` found a `qemu.d/handoff` that handoff didn't write; it stays.
     ForeignShimLeft { path: PathBuf },
 }
@@ -272,12 +280,6 @@ impl fmt::Display for Warning {
                  (or move it away) and let handoff do the binding.",
                 path.display(),
                 mentions.join(", ")
-            ),
-            Warning::ExeWritableByOthers { path } => write!(
-                f,
-                "{} is not owned by root or is writable by others, and libvirt runs the hook as \
-                 root; install handoff root-owned, e.g. `sudo install -m 0755 handoff /usr/local/bin/`",
-                path.display()
             ),
             Warning::ForeignShimLeft { path } => write!(
                 f,
@@ -352,7 +354,7 @@ pub fn shim_contents(handoff_exe: &Path) -> Result<String, HooksError> {
          \x20   echo \"handoff's libvirt hook: {printable} is missing; reinstall handoff, or remove $0\" >&2\n\
          \x20   exit 1\n\
          fi\n\
-         exec {quoted} hook \"$@\"\n"
+         exec {quoted} hook -- \"$@\"\n"
     ))
 }
 
@@ -381,7 +383,7 @@ fn shell_quote(path: &Path) -> Result<String, HooksError> {
 pub fn plan_install(hooks_dir: &Path, handoff_exe: &Path) -> Result<InstallPlan, HooksError> {
     let contents = shim_contents(handoff_exe)?;
     let mut plan = empty_plan(Direction::Install, hooks_dir);
-    check_exe(handoff_exe, &mut plan.warnings)?;
+    check_exe(handoff_exe)?;
 
     let qemu_d = hooks_dir.join("qemu.d");
     for dir in [hooks_dir, &qemu_d] {
@@ -467,7 +469,12 @@ fn empty_plan(direction: Direction, hooks_dir: &Path) -> InstallPlan {
     }
 }
 
-fn check_exe(exe: &Path, warnings: &mut Vec<Warning>) -> Result<(), HooksError> {
+/// The binary the root hook will run must be an executable file that only root (or, for an
+/// install by another user into hooks of their own, that user) can change: the file and
+/// every directory above it owned so and writable by no one else — a directory others can
+/// write lets them rename another binary into its place, unless it is sticky (`/tmp`).
+/// Refused like the hook refuses a config others can write.
+fn check_exe(exe: &Path) -> Result<(), HooksError> {
     let meta = fs::metadata(exe).map_err(|e| HooksError::ExeMissing {
         path: exe.to_owned(),
         why: e.to_string(),
@@ -478,8 +485,46 @@ fn check_exe(exe: &Path, warnings: &mut Vec<Warning>) -> Result<(), HooksError> 
             why: "not an executable file".into(),
         });
     }
-    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
-        warnings.push(Warning::ExeWritableByOthers { path: exe.to_owned() });
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let trusted = |uid: u32| uid == 0 || uid == me;
+    let untrusted = |why: String| HooksError::ExeNotTrusted {
+        path: exe.to_owned(),
+        why,
+    };
+    if !trusted(meta.uid()) {
+        return Err(untrusted(format!("owned by uid {}", meta.uid())));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(untrusted(format!(
+            "mode {:o}: group or others can write it",
+            meta.mode() & 0o7777
+        )));
+    }
+    let real = exe.canonicalize().map_err(|e| HooksError::ExeMissing {
+        path: exe.to_owned(),
+        why: e.to_string(),
+    })?;
+    for dir in real.ancestors().skip(1) {
+        let meta = fs::metadata(dir).map_err(|e| HooksError::Read {
+            path: dir.to_owned(),
+            source: e,
+        })?;
+        let sticky = meta.mode() & 0o1000 != 0;
+        if !trusted(meta.uid()) {
+            return Err(untrusted(format!(
+                "its directory {} is owned by uid {}",
+                dir.display(),
+                meta.uid()
+            )));
+        }
+        if meta.mode() & 0o022 != 0 && !sticky {
+            return Err(untrusted(format!(
+                "its directory {} has mode {:o}: group or others can put another binary there",
+                dir.display(),
+                meta.mode() & 0o7777
+            )));
+        }
     }
     Ok(())
 }
@@ -543,12 +588,14 @@ pub fn installed_shim(hooks_dir: &Path) -> Result<InstalledShim, HooksError> {
     })
 }
 
-/// The binary a shim written by [`shim_contents`] runs: its `exec '<path>' hook "$@"` line,
-/// unquoted.
+/// The binary a shim written by [`shim_contents`] runs: its `exec '<path>' hook -- "$@"`
+/// line (`hook "$@"` in a version 1 shim), unquoted.
 pub fn shim_exe(shim: &str) -> Option<PathBuf> {
-    let quoted = shim
-        .lines()
-        .find_map(|l| l.strip_prefix("exec '")?.strip_suffix("' hook \"$@\""))?;
+    let quoted = shim.lines().find_map(|l| {
+        let rest = l.strip_prefix("exec '")?;
+        rest.strip_suffix("' hook -- \"$@\"")
+            .or_else(|| rest.strip_suffix("' hook \"$@\""))
+    })?;
     Some(PathBuf::from(quoted.replace(r"'\''", "'")))
 }
 

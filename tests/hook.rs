@@ -357,3 +357,41 @@ fn a_hung_unbind_fails_the_start_in_time_and_release_brings_the_gpu_home_once_it
     assert_eq!(m.record(), None);
     assert_eq!(m.state()["phase"], "host");
 }
+
+#[test]
+fn a_vm_named_like_an_option_is_still_guarded_through_the_shims_arguments() {
+    // What the qemu.d shim runs: `handoff hook -- <domain> prepare begin -`. A [[vm]]
+    // called `--help` (or `-q`, `--config=x`) is a domain name there, so the holder check
+    // runs and the start is refused.
+    let Some(m) = machine() else { return };
+    let text = fs::read_to_string(&m.config).unwrap();
+    for name in ["--help", "-q", "--config=/tmp/x.toml"] {
+        fs::write(
+            &m.config,
+            text.replace("name = \"win11\"", &format!("name = {name:?}")),
+        )
+        .unwrap();
+        let holder = hold(&m.sim.dev("nvidia0"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_handoff"))
+            .arg("hook")
+            .arg("--system-config")
+            .arg(&m.config)
+            .args(["--", name, "prepare", "begin", "-"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("not handing GPU {GPU} to {name}")),
+            "{name}: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("sleep (pid {}", holder.pid())),
+            "{name}: {stderr}"
+        );
+        assert_eq!(m.sim.short_log(), vec![], "{name}: a refusal writes nothing");
+        m.sim.assert_home();
+        drop(holder);
+    }
+}

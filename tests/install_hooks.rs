@@ -87,7 +87,7 @@ fn fresh_install_creates_qemu_d_and_an_executable_shim_that_execs_handoff_hook()
     assert!(text.starts_with("#!/bin/sh\n"));
     assert!(text.lines().any(|l| l == SHIM_MARKER));
     assert!(
-        text.ends_with(&format!("exec '{}' hook \"$@\"\n", s.exe.display())),
+        text.ends_with(&format!("exec '{}' hook -- \"$@\"\n", s.exe.display())),
         "{text}"
     );
     assert_eq!(report.summary, format!("installing {}", shim.display()));
@@ -298,8 +298,12 @@ fn dry_run_plans_but_changes_nothing() {
 
 /// Runs the installed shim the way libvirt does: args, domain XML on stdin.
 fn run_shim_like_libvirt(shim: &Path) -> std::process::Output {
+    run_shim_for(shim, "win11")
+}
+
+fn run_shim_for(shim: &Path, domain: &str) -> std::process::Output {
     let mut child = Command::new(shim)
-        .args(["win11", "prepare", "begin", "-"])
+        .args([domain, "prepare", "begin", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -332,7 +336,7 @@ fn a_handoff_path_with_spaces_quotes_and_dollars_reaches_the_shim_intact() {
     let dir = s.exe.parent().unwrap();
     assert_eq!(
         fs::read_to_string(dir.join("argv")).unwrap(),
-        "hook\nwin11\nprepare\nbegin\n-\n"
+        "hook\n--\nwin11\nprepare\nbegin\n-\n"
     );
     assert_eq!(
         fs::read_to_string(dir.join("stdin")).unwrap(),
@@ -434,4 +438,65 @@ fn cli_options_signal_libvirtd_only_for_the_real_hooks_directory() {
     assert!(real.handoff_exe.is_absolute());
     let test = InstallOptions::for_cli(true, true, Some("/tmp/x".into())).unwrap();
     assert!(!test.reload_daemon && test.uninstall && test.dry_run);
+}
+
+#[test]
+fn a_domain_named_like_an_option_reaches_handoff_as_a_domain_name() {
+    // libvirt passes the domain name first; `--` keeps `--help` or `--config=x` from being
+    // read as handoff's options (which skipped the holder check).
+    let s = scene();
+    hooks::install_hooks(&options(&s)).unwrap();
+    for domain in ["--help", "-q", "--config=/tmp/x.toml"] {
+        let out = run_shim_for(&s.hooks_dir.join("qemu.d/handoff"), domain);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            fs::read_to_string(s.exe.parent().unwrap().join("argv")).unwrap(),
+            format!("hook\n--\n{domain}\nprepare\nbegin\n-\n")
+        );
+    }
+}
+
+#[test]
+fn a_handoff_binary_others_can_change_is_refused_before_anything_is_written() {
+    use std::os::unix::fs::chown;
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    type Spoil = fn(&Path);
+    let mut cases: Vec<(&str, Spoil, &str)> = vec![
+        (
+            "group-writable binary",
+            |exe| fs::set_permissions(exe, fs::Permissions::from_mode(0o775)).unwrap(),
+            "(mode 775: group or others can write it)",
+        ),
+        (
+            "world-writable directory",
+            |exe| fs::set_permissions(exe.parent().unwrap(), fs::Permissions::from_mode(0o777)).unwrap(),
+            "has mode 777: group or others can put another binary there",
+        ),
+    ];
+    if root {
+        cases.push((
+            "binary owned by another user",
+            |exe| chown(exe, Some(1000), Some(1000)).unwrap(),
+            "(owned by uid 1000)",
+        ));
+    } else {
+        eprintln!("not checked: a binary owned by another user (needs root to chown)");
+    }
+    for (case, spoil, why) in cases {
+        let s = scene();
+        spoil(&s.exe);
+        let err = hooks::install_hooks(&options(&s)).unwrap_err();
+        assert!(matches!(err, HooksError::ExeNotTrusted { .. }), "{case}: {err}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "not installing a hook that runs {}: it is not owned by root and writable only by root",
+                s.exe.display()
+            )),
+            "{case}: {msg}"
+        );
+        assert!(msg.contains(why), "{case}: {msg}");
+        assert!(!s.hooks_dir.exists(), "{case}: nothing is written");
+    }
 }
