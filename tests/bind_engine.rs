@@ -813,3 +813,125 @@ fn a_rollback_write_that_hangs_is_recorded_not_leaked() {
     sim.assert_home();
     assert_eq!(record(&sim), None);
 }
+
+// ---------------------------------------------------------------------------------------
+// What root trusts: records, temp files, and a GPU that is not away.
+
+#[test]
+fn rebind_without_a_record_leaves_a_gpu_on_another_host_driver_alone() {
+    // The iGPU case: [gpu] host_driver says one driver, the GPU is on another host driver,
+    // no handoff of ours moved it, and something uses it. Nothing is ours to undo.
+    let Some(sim) = workstation() else { return };
+    let holder = hold(&sim.dev("nvidia0"));
+    let out = bind::return_to_host(&sim.host(), addr(GPU), "nouveau", PATIENT, &mut |_| {}).unwrap();
+    assert_eq!(out.steps, vec![], "nothing planned for a GPU that is not away");
+    assert_eq!(sim.short_log(), vec![], "no write reached the kernel");
+    sim.assert_home();
+    assert_eq!(record(&sim), None);
+    drop(holder);
+}
+
+#[test]
+fn a_return_that_would_unbind_a_host_driver_refuses_while_a_process_holds_the_gpu() {
+    let Some(sim) = workstation() else { return };
+    let host = sim.host();
+    // A record that sends the graphics function to another host driver than the one it is
+    // on: going there means unbinding nvidia, from under whoever uses it.
+    let g = handoff::gpu::read_gpu(&host, addr(GPU)).unwrap();
+    let mut r = RestoreRecord::new(&g, None);
+    r.functions[0].driver = Some("nouveau".into());
+    r.phase = Phase::Stuck;
+    r.save(&host).unwrap();
+    let node = sim.dev("nvidia0");
+    let holder = hold(&node);
+    let e = to_host(&sim, PATIENT).unwrap_err();
+    let BindError::HeldOnHost { holders, .. } = &e else {
+        panic!("expected a refusal naming the holder, got: {e}")
+    };
+    assert!(holders.iter().any(|h| h.pid == holder.pid()), "{holders:?}");
+    let msg = e.to_string();
+    assert!(msg.contains(&format!("not unbinding {GPU} from nvidia")), "{msg}");
+    assert!(msg.contains(&format!("sleep (pid {}", holder.pid())), "{msg}");
+    assert!(msg.contains("Nothing was changed"), "{msg}");
+    assert_eq!(sim.short_log(), vec![], "a refusal writes nothing");
+    sim.assert_home();
+    assert_eq!(
+        record(&sim).map(|r| r.phase),
+        Some(Phase::Stuck),
+        "the record stays"
+    );
+}
+
+#[test]
+fn a_record_naming_a_driver_outside_sysfs_is_refused_and_nothing_is_written() {
+    let Some(sim) = workstation() else { return };
+    let host = sim.host();
+    to_vfio(&sim, PATIENT).unwrap();
+    sim.clear_log();
+    let path = RestoreRecord::path(&host, addr(GPU));
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    json["functions"][1]["driver"] = "../../../../../tmp/evil".into();
+    std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+
+    let e = to_host(&sim, PATIENT).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains(&path.display().to_string()), "{msg}");
+    assert!(msg.contains(AUDIO), "names the function: {msg}");
+    assert!(msg.contains("not a kernel driver name"), "{msg}");
+    assert!(msg.contains("nothing was changed"), "{msg}");
+    assert_eq!(sim.short_log(), vec![], "no write reached the kernel");
+    sim.assert_on_vfio();
+}
+
+#[test]
+fn a_symlink_planted_at_the_records_temp_name_is_not_followed() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let secret = tmp.path().join("shadow");
+    std::fs::write(&secret, "root only\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The name an earlier version wrote through: `.<file>.tmp.<pid>` of the writer.
+    let planted = run.join(format!(".restore-{GPU}.json.tmp.{}", std::process::id()));
+    std::os::unix::fs::symlink(&secret, &planted).unwrap();
+
+    let host = handoff::Host {
+        run: run.clone(),
+        ..handoff::Host::system()
+    };
+    let r = RestoreRecord {
+        version: 1,
+        gpu: addr(GPU),
+        vm: Some("win11".into()),
+        created: 1,
+        phase: Phase::Bound,
+        functions: Vec::new(),
+        problem: None,
+        hung_writer: None,
+    };
+    r.save(&host).unwrap();
+
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "root only\n");
+    let mode = std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the link's target keeps its mode");
+    assert_eq!(RestoreRecord::load(&host, addr(GPU)).unwrap(), Some(r));
+    let mode = std::fs::metadata(RestoreRecord::path(&host, addr(GPU)))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o644, "the record itself is world-readable");
+    let mut names: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            planted.file_name().unwrap().to_str().unwrap().to_owned(),
+            format!("restore-{GPU}.json")
+        ],
+        "no temp file left behind"
+    );
+}

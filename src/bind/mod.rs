@@ -30,6 +30,14 @@ pub enum BindError {
         holders: Vec<Holder>,
         framebuffers: Vec<Framebuffer>,
     },
+    #[error("{}", held_on_host_text(*.gpu, *.function, driver, holders, framebuffers))]
+    HeldOnHost {
+        gpu: PciAddress,
+        function: PciAddress,
+        driver: String,
+        holders: Vec<Holder>,
+        framebuffers: Vec<Framebuffer>,
+    },
     #[error("no GPU at {0}: nothing to hand over (check [gpu] address; `handoff doctor`)")]
     Absent(PciAddress),
     #[error(
@@ -91,6 +99,34 @@ pub fn refusal_text(
         s += &format!("  {}\n", f.summary());
     }
     s += "Nothing was changed. Stop them (systemctl stop <unit>, or end the process), then start the VM again.";
+    s
+}
+
+/// Why a return to the host stopped before unbinding a function from a host driver.
+fn held_on_host_text(
+    gpu: PciAddress,
+    function: PciAddress,
+    driver: &str,
+    holders: &[Holder],
+    framebuffers: &[Framebuffer],
+) -> String {
+    let what = match (holders.len(), framebuffers.is_empty()) {
+        (0, false) => "the boot framebuffer holds it".to_owned(),
+        // Clear of known holders but not clear: the scan could not look everywhere.
+        (0, true) => "what holds it could not be checked".to_owned(),
+        (1, _) => "1 process uses it".to_owned(),
+        (n, _) => format!("{n} processes use it"),
+    };
+    let mut s = format!(
+        "handoff: not unbinding {function} from {driver} (GPU {gpu} is on a host driver there): {what}:\n"
+    );
+    for h in holders {
+        s += &format!("  {}\n", h.summary());
+    }
+    for f in framebuffers {
+        s += &format!("  {}\n", f.summary());
+    }
+    s += "Nothing was changed. Stop them (systemctl stop <unit>, or end the process), then run `handoff rebind --force` again.";
     s
 }
 
@@ -432,8 +468,38 @@ fn record_host_driver(r: &RestoreRecord) -> String {
         .unwrap_or_default()
 }
 
+/// Whether any function is away from the host: on vfio-pci, on no driver, with a
+/// `driver_override` set, or locked (its override unknown).
+fn is_away(g: &Gpu) -> bool {
+    g.functions.iter().any(|f| {
+        f.driver.is_none() || f.driver.as_deref() == Some(VFIO) || f.driver_override.is_some() || f.locked
+    })
+}
+
+/// What returning the GPU to the host would do, as [`return_to_host`] plans it. Without a
+/// restore record only a GPU that is away is touched: one on host drivers with no record
+/// is not handoff's to move (it may be the desktop's iGPU, busy, with [gpu] address or
+/// host_driver wrong), so the plan is empty — nothing to do.
+pub fn return_plan(g: &Gpu, record: Option<&RestoreRecord>, host_driver: &str) -> Vec<Step> {
+    if record.is_none() && !is_away(g) {
+        return Vec::new();
+    }
+    plan::to_host(g, record, host_driver)
+}
+
+/// The first unbind of a function from a host driver (not vfio-pci) in `steps`: that takes
+/// the function from whatever uses it on the host, so the holders are checked first.
+fn unbind_from_host_driver(steps: &[Step]) -> Option<(PciAddress, &str)> {
+    steps.iter().find_map(|s| match s {
+        Step::Unbind { function, driver } if driver != VFIO => Some((*function, driver.as_str())),
+        _ => None,
+    })
+}
+
 /// Return every function to the driver the restore record names (or, without a record,
 /// the graphics function to `host_driver`). The record is removed only when all are home.
+/// Without a record a GPU already on host drivers is left alone ([`return_plan`]); before
+/// any unbind from a host driver the holders are checked, and any holder means no change.
 pub fn return_to_host(
     host: &Host,
     address: PciAddress,
@@ -466,7 +532,23 @@ pub fn return_to_host(
     }
     refuse_if_locked(&g)?;
     let mut record = loaded.clone().unwrap_or_else(|| RestoreRecord::new(&g, None));
-    let steps = plan::to_host(&g, loaded.as_ref(), host_driver);
+    let steps = return_plan(&g, loaded.as_ref(), host_driver);
+    if steps.is_empty() {
+        return Ok(Outcome::default());
+    }
+    if let Some((function, driver)) = unbind_from_host_driver(&steps) {
+        let nodes = holders::gpu_nodes(host, &g);
+        let scan = holders::scan(host, &g, &nodes);
+        if !scan.is_clear() {
+            return Err(BindError::HeldOnHost {
+                gpu: address,
+                function,
+                driver: driver.to_owned(),
+                holders: scan.holders,
+                framebuffers: scan.framebuffers,
+            });
+        }
+    }
     if loaded.is_some() {
         record.phase = Phase::Returning;
         record.save(host)?;

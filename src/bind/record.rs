@@ -66,6 +66,10 @@ pub enum RecordError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error(
+        "the restore record {path} is not to be trusted: {why}; nothing was changed. Move it away and run `handoff rebind --force`"
+    )]
+    Invalid { path: PathBuf, why: String },
 }
 
 impl RestoreRecord {
@@ -101,12 +105,41 @@ impl RestoreRecord {
     pub fn load(host: &Host, gpu: PciAddress) -> Result<Option<Self>, RecordError> {
         let path = Self::path(host, gpu);
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| RecordError::Parse { path, source }),
+            Ok(bytes) => {
+                let record: Self = serde_json::from_slice(&bytes).map_err(|source| RecordError::Parse {
+                    path: path.clone(),
+                    source,
+                })?;
+                match record.untrusted(gpu) {
+                    Some(why) => Err(RecordError::Invalid { path, why }),
+                    None => Ok(Some(record)),
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(RecordError::Read { path, source }),
         }
+    }
+
+    /// Why the record cannot be acted on, if it can't: its driver names become path
+    /// components under `/sys/bus/pci/drivers` that root writes to (`../../..` would leave
+    /// sysfs), and its GPU names the file it is saved to and removed from.
+    fn untrusted(&self, gpu: PciAddress) -> Option<String> {
+        if self.gpu != gpu {
+            return Some(format!("it is about GPU {}, not {gpu}", self.gpu));
+        }
+        self.functions.iter().find_map(|f| {
+            [("driver", &f.driver), ("driver_override", &f.driver_override)]
+                .into_iter()
+                .find_map(|(key, value)| {
+                    let d = value.as_deref()?;
+                    (!crate::config::is_driver_name(d)).then(|| {
+                        format!(
+                            "its {key} for {} is {d:?}, which is not a kernel driver name",
+                            f.address
+                        )
+                    })
+                })
+        })
     }
 
     pub fn save(&self, host: &Host) -> Result<(), RecordError> {
@@ -147,25 +180,54 @@ pub(crate) fn now() -> u64 {
 }
 
 /// Write `bytes` to `path` so readers see the old or the new file, never half of one.
+///
+/// Root writes here (the hook, `rebind`): the temp file is created new (`O_EXCL`), never
+/// through a symlink (`O_NOFOLLOW`), and its mode is set on the open file (`fchmod`), so a
+/// link planted at a predictable temp name cannot redirect the write or the chmod to a
+/// file of root's. A name already taken is skipped, not reused.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    // The umask may have narrowed the mode; state files must be world-readable.
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-    std::fs::rename(&tmp, path)
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let pid = std::process::id();
+    let mut taken = None;
+    for attempt in 0..16u32 {
+        let tmp = if attempt == 0 {
+            dir.join(format!(".{name}.tmp.{pid}"))
+        } else {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            dir.join(format!(".{name}.tmp.{pid}.{attempt}.{nanos:x}"))
+        };
+        let mut f = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o600)
+            .open(&tmp)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                taken = Some(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let written = (|| {
+            f.write_all(bytes)?;
+            // fchmod: the umask narrowed the mode, and state files must be world-readable.
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        return written;
+    }
+    Err(taken.unwrap_or_else(|| io::Error::from(io::ErrorKind::AlreadyExists)))
 }
