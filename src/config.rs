@@ -173,6 +173,15 @@ pub enum ConfigError {
     )]
     Insecure { path: PathBuf, why: String },
     #[error(
+        "{path} (from {given_by}) was not read: as root, handoff trusts only the root-owned system config {}, since the config decides which files root writes; put the settings there (owned by root, writable by no one else), or run without {given_by}",
+        system.display()
+    )]
+    NotForRoot {
+        path: PathBuf,
+        given_by: &'static str,
+        system: PathBuf,
+    },
+    #[error(
         "HANDOFF_CONFIG names {path}, which does not exist; create it, or unset HANDOFF_CONFIG to use ~/.config/handoff/config.toml"
     )]
     EnvMissing { path: PathBuf },
@@ -292,6 +301,37 @@ impl Config {
             });
         }
         Ok((Self::load_file(path)?, Source::File(path.to_owned())))
+    }
+
+    /// What a command that writes as root reads (`rebind --force`, `bind`): only the system
+    /// file, checked as [`Config::load_system`] checks it, whose `[host]` roots then decide
+    /// every path written. `--config` (`explicit`) or `HANDOFF_CONFIG` (`env`) naming another
+    /// file is refused rather than ignored, so nobody believes their file was used; the
+    /// user's own file is not looked at.
+    pub fn load_as_root(
+        explicit: Option<&Path>,
+        env: Option<PathBuf>,
+        system: &Path,
+    ) -> Result<(Self, Source), ConfigError> {
+        let given = explicit.map(|p| (p.to_owned(), "--config")).or_else(|| {
+            env.filter(|p| !p.as_os_str().is_empty())
+                .map(|p| (p, "HANDOFF_CONFIG"))
+        });
+        if let Some((path, given_by)) = given {
+            let same = path == system
+                || matches!(
+                    (path.canonicalize(), system.canonicalize()),
+                    (Ok(a), Ok(b)) if a == b
+                );
+            if !same {
+                return Err(ConfigError::NotForRoot {
+                    path,
+                    given_by,
+                    system: system.to_owned(),
+                });
+            }
+        }
+        Self::load_system(system)
     }
 
     /// Checks serde cannot express. Values that end up in paths are checked here. An

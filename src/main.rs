@@ -58,8 +58,10 @@ enum Command {
     /// `gpu-rebind-nvidia`). Needs root: `sudo handoff rebind --force` or `pkexec handoff rebind --force`.
     ///
     /// Uses the restore record under [host] run when there is one (each function goes back to the
-    /// driver it had), else returns the graphics function to [gpu] host_driver. Refuses while a VM
-    /// still uses the GPU.
+    /// driver it had), else returns the graphics function to [gpu] host_driver — only when the GPU
+    /// is away (on vfio-pci or no driver). Refuses while a VM still uses the GPU, and while a
+    /// process holds a function it would unbind from a host driver. As root (--force) it reads
+    /// only the root-owned /etc/handoff/config.toml.
     #[command(visible_alias = "gpu-rebind-nvidia")]
     Rebind(RebindArgs),
     /// Move the GPU to vfio-pci by hand, as the hook does before a VM starts (root).
@@ -288,6 +290,10 @@ struct RebindArgs {
     /// Rebind even though a VM still holds the GPU. The VM loses its GPU and will likely crash.
     #[arg(long)]
     even_if_vm_runs: bool,
+    /// Refuse unless the config's [gpu] address is this one. The tray passes it so that
+    /// pkexec's password prompt names the GPU that will be touched.
+    #[arg(long, value_name = "ADDRESS")]
+    gpu: Option<handoff::pci::PciAddress>,
 }
 
 #[derive(Args)]
@@ -370,6 +376,21 @@ fn load_config(explicit: Option<PathBuf>) -> anyhow::Result<(Config, Source)> {
         return Ok((Config::load_file(&path)?, Source::File(path)));
     }
     Ok(Config::load()?)
+}
+
+/// The config of a command that writes as root (`rebind --force`, `bind`): as root only the
+/// root-owned system file (see `Config::load_as_root`); as anyone else the usual search,
+/// since their writes are limited to what they may write anyway.
+fn load_config_to_write(explicit: Option<PathBuf>) -> anyhow::Result<(Config, Source)> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return load_config(explicit);
+    }
+    Ok(Config::load_as_root(
+        explicit.as_deref(),
+        std::env::var_os("HANDOFF_CONFIG").map(PathBuf::from),
+        std::path::Path::new(handoff::config::SYSTEM_CONFIG),
+    )?)
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
@@ -572,13 +593,34 @@ fn progress(step: &handoff::bind::plan::Step, host: &handoff::Host) {
 }
 
 fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode> {
-    use handoff::bind::{plan, record::RestoreRecord};
-    let (cfg, _) = load_config(config)?;
+    use handoff::bind::record::RestoreRecord;
+    let writes = args.force && !args.dry_run;
+    let (cfg, source) = if writes {
+        load_config_to_write(config)?
+    } else {
+        load_config(config)?
+    };
+    if let Some(asked) = args.gpu
+        && asked != cfg.gpu.address
+    {
+        anyhow::bail!(
+            "--gpu {asked} is not the GPU in {source} ([gpu] address = {}); nothing was changed",
+            cfg.gpu.address
+        );
+    }
     let host = &cfg.host;
     let g = handoff::gpu::read_gpu(host, cfg.gpu.address)?;
     let record = RestoreRecord::load(host, cfg.gpu.address)?;
-    if args.dry_run || !args.force {
-        let steps = plan::to_host(&g, record.as_ref(), &cfg.gpu.host_driver);
+    if !writes {
+        let steps = handoff::bind::return_plan(&g, record.as_ref(), &cfg.gpu.host_driver);
+        if steps.is_empty() {
+            println!(
+                "GPU {} is {} and there is no restore record: nothing to return.",
+                g.address,
+                g.owner_phrase()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         println!(
             "GPU {} is {}. To return it to the host, handoff would:",
             g.address,
@@ -613,6 +655,14 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
     match handoff::bind::return_to_host(host, cfg.gpu.address, &cfg.gpu.host_driver, timeout, &mut |s| {
         progress(s, host)
     }) {
+        Ok(out) if out.steps.is_empty() => {
+            println!(
+                "GPU {} is {} and there is no restore record: nothing to return, nothing was changed.",
+                g.address,
+                g.owner_phrase()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Ok(_) => {
             // The hook's state.json still says "restore required": the tray, the details
             // window and the bar read it, so it must say the GPU is home now.
@@ -635,7 +685,11 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
 
 fn bind(config: Option<PathBuf>, args: BindArgs) -> anyhow::Result<ExitCode> {
     use handoff::bind::plan;
-    let (cfg, _) = load_config(config)?;
+    let (cfg, _) = if args.dry_run {
+        load_config(config)?
+    } else {
+        load_config_to_write(config)?
+    };
     let host = &cfg.host;
     let g = handoff::gpu::read_gpu(host, cfg.gpu.address)?;
     if args.dry_run {

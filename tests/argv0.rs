@@ -173,6 +173,13 @@ fn global_flags_pass_through_after_the_seed_name() {
 #[test]
 fn gpu_rebind_nvidia_forces_where_plain_rebind_only_shows_the_plan() {
     let l = Links::new();
+    // On vfio-pci, so that there is something to return (a GPU at home with no restore
+    // record has no plan at all).
+    for n in 0..4 {
+        l._sim
+            .set_driver(RTX_3090_TI.with_function(n), Some("vfio-pci"))
+            .unwrap();
+    }
     let plain = l.run("handoff", &["rebind"]);
     assert_eq!(plain.code, 2, "{plain:?}");
     assert!(plain.stdout.contains("add --force"), "{plain:?}");

@@ -573,3 +573,99 @@ fn an_unknown_subcommand_is_a_usage_error() {
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("frobnicate"), "{r:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// What root reads: `rebind --force` and `bind` as root trust only the system config.
+
+/// The run dir, driver links and overrides of the simulated GPU, to compare before/after.
+fn untouched(h: &Host) -> Vec<String> {
+    let mut seen = Vec::new();
+    for n in 0..4 {
+        let dev = h
+            .sim
+            .sysfs()
+            .join(format!("bus/pci/devices/{}", RTX_3090_TI.with_function(n)));
+        seen.push(format!("{:?}", fs::read_link(dev.join("driver")).ok()));
+        seen.push(fs::read_to_string(dev.join("driver_override")).unwrap_or_default());
+    }
+    seen.push(format!("{:?}", fs::read_dir(h.sim.run()).map(|d| d.count()).ok()));
+    seen
+}
+
+#[test]
+fn as_root_rebind_and_bind_refuse_a_config_that_is_not_the_system_one() {
+    if !as_root() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "this test checks what root reads: run it as root"
+        );
+        eprintln!("SKIPPED: this test checks what root reads; not root");
+        return;
+    }
+    let h = Host::workstation();
+    h.move_all(Some("vfio-pci"));
+    let before = untouched(&h);
+    let config = h.config_path();
+    let config = config.to_str().unwrap();
+    for (args, given_by) in [
+        (vec!["rebind", "--force"], "HANDOFF_CONFIG"),
+        (vec!["rebind", "--force", "--config", config], "--config"),
+        (vec!["bind"], "HANDOFF_CONFIG"),
+        (vec!["bind", "--vm", RUNNING_VM, "--config", config], "--config"),
+    ] {
+        let r = h.run(&args);
+        assert_eq!(r.code, 2, "{args:?}: {r:?}");
+        assert!(
+            r.stderr.contains(&format!(
+                "{config} (from {given_by}) was not read: as root, handoff trusts only the root-owned system config /etc/handoff/config.toml"
+            )),
+            "{args:?}: {r:?}"
+        );
+        assert_eq!(untouched(&h), before, "{args:?} changed something");
+    }
+    // Only looking is still allowed with any config.
+    let r = h.run(&["rebind", "--dry-run", "--force"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("To return it to the host"), "{r:?}");
+    let r = h.run(&["bind", "--dry-run"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(untouched(&h), before);
+}
+
+#[test]
+fn rebind_gpu_must_name_the_configs_gpu() {
+    let h = Host::workstation();
+    h.move_all(Some("vfio-pci"));
+    let other = RTX_3090_TI
+        .with_function(0)
+        .to_string()
+        .replace("0000:01", "0000:02");
+    let r = h.run(&["rebind", "--dry-run", "--gpu", &other]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains(&format!(
+            "--gpu {other} is not the GPU in {} ([gpu] address = {RTX_3090_TI}); nothing was changed",
+            h.config_path().display()
+        )),
+        "{r:?}"
+    );
+    let r = h.run(&["rebind", "--dry-run", "--gpu", &RTX_3090_TI.to_string()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("To return it to the host"), "{r:?}");
+}
+
+#[test]
+fn rebind_without_a_record_on_a_gpu_at_home_plans_nothing() {
+    let h = Host::workstation();
+    for args in [&["rebind", "--dry-run"][..], &["rebind"]] {
+        let r = h.run(args);
+        assert_eq!(r.code, 0, "{args:?}: {r:?}");
+        assert_eq!(
+            r.stdout,
+            format!(
+                "GPU {RTX_3090_TI} is on Linux (nvidia) and there is no restore record: nothing to return.\n"
+            ),
+            "{args:?}"
+        );
+    }
+}

@@ -77,3 +77,26 @@ fn the_polkit_policy_lets_pkexec_run_exactly_handoff_rebind() {
     assert_eq!(default("allow_inactive"), Some("auth_admin"));
     assert_eq!(default("allow_any"), Some("auth_admin"));
 }
+
+#[test]
+fn the_polkit_prompt_names_the_gpu_the_tray_asks_to_return() {
+    // pkexec fills $(command_line) into the message; the tray and the details window put
+    // the GPU's address on that command line.
+    let text = std::fs::read_to_string(POLICY).unwrap();
+    let opts = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    let doc = roxmltree::Document::parse_with_options(&text, opts).unwrap();
+    let message = doc
+        .descendants()
+        .find(|n| n.has_tag_name("message"))
+        .and_then(|n| n.text())
+        .unwrap();
+    assert!(message.contains("$(command_line)"), "{message}");
+    let gpu: handoff::PciAddress = "0000:0a:00.0".parse().unwrap();
+    let args = handoff::bind::pkexec_rebind_args(gpu);
+    assert_eq!(args[0], "rebind", "the policy matches argv1 == rebind");
+    assert!(args.contains(&"--force".to_owned()), "{args:?}");
+    assert!(args.contains(&gpu.to_string()), "{args:?}");
+}

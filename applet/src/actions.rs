@@ -92,7 +92,7 @@ pub fn run(cfg: &Config, agent: &Agent, a: &Action) -> Option<Note> {
             .err()
             .map(|e| Note::plain(format!("{command} (pid {pid}) is still running"), e)),
         Action::StopUnit { unit, scope } => stop_unit(unit, *scope),
-        Action::Rebind => rebind(),
+        Action::Rebind => rebind(cfg),
         Action::OpenLookingGlass => open_lg(cfg),
         Action::Details => details(),
         Action::TerminateAndStart { vm, pids } => match terminate(pids) {
@@ -270,11 +270,13 @@ pub fn sibling(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn rebind() -> Option<Note> {
+fn rebind(cfg: &Config) -> Option<Note> {
     let handoff = sibling("handoff");
+    let args = handoff::bind::pkexec_rebind_args(cfg.gpu.address);
+    let shown = format!("pkexec {} {}", handoff.display(), args.join(" "));
     match Command::new("pkexec")
         .arg(&handoff)
-        .args(["rebind", "--force"])
+        .args(&args)
         .stdin(Stdio::null())
         .output()
     {
@@ -284,17 +286,11 @@ fn rebind() -> Option<Note> {
         // push it out of a notification's box. Its last line says why; all of it is logged.
         Ok(o) => {
             let stderr = String::from_utf8_lossy(&o.stderr);
-            tracing::warn!(
-                "pkexec {} rebind --force: {}: {}",
-                handoff.display(),
-                o.status,
-                stderr.trim()
-            );
+            tracing::warn!("{shown}: {}: {}", o.status, stderr.trim());
             Some(Note {
                 summary: "The GPU was not returned to Linux".into(),
                 body: format!(
-                    "From a terminal: sudo handoff rebind --force\npkexec {} rebind --force: {}",
-                    handoff.display(),
+                    "From a terminal: sudo handoff rebind --force\n{shown}: {}",
                     stderr.trim().lines().last().unwrap_or("no reason given")
                 ),
                 actions: Vec::new(),

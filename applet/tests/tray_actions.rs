@@ -692,7 +692,7 @@ fn return_gpu_to_linux_runs_pkexec_handoff_rebind_after_a_failed_return() {
     // own reason.
     assert!(
         n.body.starts_with(&format!(
-            "From a terminal: sudo handoff rebind --force\npkexec {} rebind --force: ",
+            "From a terminal: sudo handoff rebind --force\npkexec {} rebind --force --gpu {RTX_3090_TI}: ",
             handoff.display()
         )),
         "{n:#?}"

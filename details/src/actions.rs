@@ -138,7 +138,7 @@ fn run_inner(cfg: &Config, action: &Action) -> Result<Outcome, Outcome> {
         }
         Action::Terminate { pid, command } => terminate(cfg, *pid, command),
         Action::StopUnit { unit, pid } => stop_unit(cfg, unit, *pid),
-        Action::ReturnToLinux => return_to_linux(),
+        Action::ReturnToLinux => return_to_linux(cfg),
         Action::Refresh => Outcome::ok(""),
     })
 }
@@ -217,12 +217,13 @@ fn handoff_cli() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("handoff"))
 }
 
-fn return_to_linux() -> Outcome {
+fn return_to_linux(cfg: &Config) -> Outcome {
     let cli = handoff_cli();
-    let shown = format!("pkexec {} rebind --force", cli.display());
+    let args = handoff::bind::pkexec_rebind_args(cfg.gpu.address);
+    let shown = format!("pkexec {} {}", cli.display(), args.join(" "));
     match Command::new("pkexec")
         .arg(&cli)
-        .args(["rebind", "--force"])
+        .args(&args)
         .stdin(Stdio::null())
         .output()
     {

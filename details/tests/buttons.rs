@@ -640,7 +640,7 @@ fn return_gpu_to_linux_runs_pkexec_after_a_failed_return() {
     assert_eq!(
         said,
         format!(
-            "Not authorised to run `pkexec {} rebind --force`; run `sudo handoff rebind --force` in a terminal",
+            "Not authorised to run `pkexec {} rebind --force --gpu {RTX_3090_TI}`; run `sudo handoff rebind --force` in a terminal",
             handoff_bin().display()
         )
     );

@@ -71,6 +71,14 @@ pub enum BindError {
     Sysfs(#[from] gpu::SysfsError),
 }
 
+/// The arguments after the `handoff` binary that the tray and the details window give
+/// `pkexec` for "Return GPU to Linux". The polkit action's message shows pkexec's
+/// `$(command_line)`, so the address here is how the password prompt names the GPU that
+/// will be touched; `rebind` refuses when it is not the system config's GPU.
+pub fn pkexec_rebind_args(gpu: PciAddress) -> [String; 4] {
+    ["rebind".into(), "--force".into(), "--gpu".into(), gpu.to_string()]
+}
+
 /// What [`hand_to_vfio`] or [`return_to_host`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outcome {
