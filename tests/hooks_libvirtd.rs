@@ -65,7 +65,7 @@ fn calls_for(log: &Path, domain: &str) -> Vec<String> {
     fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
-        .filter(|l| l.split(' ').nth(1) == Some(domain))
+        .filter(|l| l.split(' ').nth(2) == Some(domain))
         .map(str::to_owned)
         .collect()
 }
@@ -106,7 +106,7 @@ fn libvirt_runs_the_installed_hook_and_a_refused_prepare_fails_the_start_with_it
     let started = calls_for(&calls, name);
     assert_eq!(
         started.first().map(String::as_str),
-        Some(format!("hook {name} prepare begin -").as_str())
+        Some(format!("hook -- {name} prepare begin -").as_str())
     );
     eprintln!("hook calls for an allowed start: {started:?}");
     let xml = fs::read_to_string(stand_in_dir.path().join(format!("stdin.{name}.prepare.begin"))).unwrap();
@@ -119,7 +119,7 @@ fn libvirt_runs_the_installed_hook_and_a_refused_prepare_fails_the_start_with_it
         "hook calls after destroy: {:?}",
         &calls_for(&calls, name)[started.len()..]
     );
-    assert!(calls_for(&calls, name).contains(&format!("hook {name} release end -")));
+    assert!(calls_for(&calls, name).contains(&format!("hook -- {name} release end -")));
 
     // A start the hook refuses.
     fs::write(
