@@ -29,7 +29,7 @@ cache=${HANDOFF_GUEST_CACHE:-/var/cache/handoff-test/guest}
 say() { echo "guest-image: $*" >&2; }
 fail() { echo "guest-image: FAIL: $*" >&2; exit 1; }
 
-for tool in apt-get apt-cache dpkg-deb depmod modprobe cpio xz zstd; do
+for tool in apt-get apt-cache dpkg-deb depmod modprobe cpio xz zstd flock; do
   command -v "$tool" >/dev/null || fail "$tool missing (run scripts/deps.sh as root)"
 done
 
@@ -54,6 +54,12 @@ if [ -f "$cache/current" ]; then
   fi
 fi
 
+# One build at a time (test runs in several worktrees share the cache); a waiter finds
+# the image the other one built.
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+flock 9
+
 meta=linux-image-amd64
 kpkg=$(apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
 [ -n "$kpkg" ] || fail "apt knows no $meta (is a Debian amd64 archive in the apt sources? apt-get update)"
@@ -71,7 +77,6 @@ if [ -f "$out/ready" ]; then
 fi
 
 t0=$(date +%s)
-mkdir -p "$cache"
 work=$(mktemp -d "$cache/.build.XXXXXX")
 chmod 755 "$work" # apt downloads as _apt when it can write there
 trap 'rm -rf "$work"' EXIT

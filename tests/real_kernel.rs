@@ -39,9 +39,18 @@ fn guest() -> Option<&'static Transcript> {
         );
         let files = [
             ("/init", GuestFile::Text(include_str!("kernel/init.sh"), 0o755)),
-            ("/scenarios.sh", GuestFile::Text(include_str!("kernel/scenarios.sh"), 0o755)),
-            ("/etc/handoff/config.toml", GuestFile::Text(include_str!("kernel/config.toml"), 0o644)),
-            ("/etc/handoff/win11.xml", GuestFile::Text(include_str!("kernel/win11.xml"), 0o644)),
+            (
+                "/scenarios.sh",
+                GuestFile::Text(include_str!("kernel/scenarios.sh"), 0o755),
+            ),
+            (
+                "/etc/handoff/config.toml",
+                GuestFile::Text(include_str!("kernel/config.toml"), 0o644),
+            ),
+            (
+                "/etc/handoff/win11.xml",
+                GuestFile::Text(include_str!("kernel/win11.xml"), 0o644),
+            ),
             ("/bin/handoff", GuestFile::Binary(handoff)),
             ("/bin/handoff-block", GuestFile::Binary(&block)),
         ];
@@ -70,14 +79,17 @@ fn guest() -> Option<&'static Transcript> {
 
 fn json(t: &Transcript, label: &str) -> serde_json::Value {
     let c = t.cmd(label);
-    serde_json::from_str(&c.text())
-        .unwrap_or_else(|e| panic!("{label}: not JSON ({e}):\n{}", c.text()))
+    serde_json::from_str(&c.text()).unwrap_or_else(|e| panic!("{label}: not JSON ({e}):\n{}", c.text()))
 }
 
 #[test]
 fn the_slot_is_one_iommu_group_on_its_host_drivers_at_boot() {
     let Some(t) = guest() else { return };
-    assert_eq!(t.fact("boot.group0"), t.fact("boot.group1"), "both functions in one group");
+    assert_eq!(
+        t.fact("boot.group0"),
+        t.fact("boot.group1"),
+        "both functions in one group"
+    );
     assert_eq!(t.fact("boot.group_devices"), "0000:01:00.0 0000:01:00.1");
     assert_eq!(t.fact("boot.driver0"), "bochs-drm");
     assert_eq!(t.fact("boot.driver1"), "snd_hda_intel");
@@ -98,7 +110,10 @@ fn hook_refuses_while_a_process_holds_the_audio_control_node() {
         text.contains(&format!("not handing GPU {GPU} to win11: 1 process uses it")),
         "{text}"
     );
-    assert!(text.contains(pid) && text.contains("sleep"), "names the holder (pid {pid}):\n{text}");
+    assert!(
+        text.contains(pid) && text.contains("sleep"),
+        "names the holder (pid {pid}):\n{text}"
+    );
     assert!(text.contains("/dev/snd/controlC0"), "names the node:\n{text}");
     assert!(text.contains("Nothing was changed"), "{text}");
     for step in ["after", "released"] {
@@ -108,7 +123,12 @@ fn hook_refuses_while_a_process_holds_the_audio_control_node() {
         assert!(!t.fact(&format!("snd_holder.{step}.run")).contains(RECORD));
     }
     // libvirt's release after the refused start leaves the GPU where it is.
-    assert_eq!(t.cmd("snd_holder.release").rc, 0, "{}", t.cmd("snd_holder.release").text());
+    assert_eq!(
+        t.cmd("snd_holder.release").rc,
+        0,
+        "{}",
+        t.cmd("snd_holder.release").text()
+    );
 }
 
 #[test]
@@ -117,7 +137,10 @@ fn hook_refuses_while_a_process_holds_the_drm_card() {
     let c = t.cmd("drm_holder.prepare");
     let text = c.text();
     assert_eq!(c.rc, 1, "prepare must refuse:\n{text}");
-    assert!(text.contains(t.fact("drm_holder.pid")), "names the holder:\n{text}");
+    assert!(
+        text.contains(t.fact("drm_holder.pid")),
+        "names the holder:\n{text}"
+    );
     assert!(text.contains("/dev/dri/card0"), "names the node:\n{text}");
     assert_eq!(t.fact("drm_holder.after.driver0"), "bochs-drm");
     assert_eq!(t.fact("drm_holder.after.driver1"), "snd_hda_intel");
@@ -132,12 +155,18 @@ fn prepare_hands_both_functions_to_vfio_and_release_brings_them_home() {
     assert_eq!(t.fact("handoff.prepared.driver1"), "vfio-pci");
     let group = t.fact("boot.group0");
     assert!(
-        t.fact("handoff.prepared.vfio").split_whitespace().any(|g| g == group),
+        t.fact("handoff.prepared.vfio")
+            .split_whitespace()
+            .any(|g| g == group),
         "/dev/vfio/{group} present: {}",
         t.fact("handoff.prepared.vfio")
     );
     assert!(t.fact("handoff.prepared.run").contains(RECORD));
-    assert_eq!(t.fact("handoff.prepared.dri"), "", "the card's nodes went with bochs-drm");
+    assert_eq!(
+        t.fact("handoff.prepared.dri"),
+        "",
+        "the card's nodes went with bochs-drm"
+    );
     let s = json(t, "handoff.status_vfio");
     assert_eq!(s["gpu"]["owner"], "vfio", "{s}");
 
@@ -179,7 +208,12 @@ fn a_card_held_through_the_handoff_comes_back_as_card1_and_its_holder_is_still_f
     assert_eq!(b["paths"][0], "/dev/dri/card1", "{b}");
     let c = t.cmd("hotunplug.blockers_held");
     assert_eq!(c.rc, 1, "blockers exits 1 while card1 is held:\n{}", c.text());
-    assert!(c.text().contains(&format!("(pid {pid}, user root) holds /dev/dri/card1")), "{}", c.text());
+    assert!(
+        c.text()
+            .contains(&format!("(pid {pid}, user root) holds /dev/dri/card1")),
+        "{}",
+        c.text()
+    );
 }
 
 #[test]
@@ -194,19 +228,28 @@ fn watchdog_returns_from_a_real_hung_unbind_and_rebind_brings_the_gpu_home() {
     let text = c.text();
     assert_eq!(c.rc, 1, "prepare fails:\n{text}");
     assert!(
-        text.contains(&format!("unbinding 0000:01:00.1 from snd_hda_intel did not return after {WATCHDOG_S} s")),
+        text.contains(&format!(
+            "unbinding 0000:01:00.1 from snd_hda_intel did not return after {WATCHDOG_S} s"
+        )),
         "{text}"
     );
     // The caller returned: the watchdog plus the rollback, not the hang.
     assert!(c.ms < (WATCHDOG_S + 6) * 1000, "the hook took {} ms", c.ms);
     let record = t.fact("hang.after.record");
-    assert!(record.contains(r#""phase":"stuck""#) || record.contains(r#""phase": "stuck""#), "{record}");
+    assert!(
+        record.contains(r#""phase":"stuck""#) || record.contains(r#""phase": "stuck""#),
+        "{record}"
+    );
     // The graphics function was rolled back; the audio one is mid-unbind in the kernel.
     assert_eq!(t.fact("hang.after.driver0"), "bochs-drm");
     // While the unbind holds the device lock, reading driver_override blocks, and a
     // drivers_probe returns success at once and does nothing.
     assert_eq!(t.fact("hang.override1"), "blocked");
-    assert!(t.fact("hang.probe_rc").starts_with("0 "), "{}", t.fact("hang.probe_rc"));
+    assert!(
+        t.fact("hang.probe_rc").starts_with("0 "),
+        "{}",
+        t.fact("hang.probe_rc")
+    );
 
     // Still held: rebind changes nothing and says the writer is still in the kernel.
     let c = t.cmd("hang.rebind_held");
@@ -227,11 +270,43 @@ fn watchdog_returns_from_a_real_hung_unbind_and_rebind_brings_the_gpu_home() {
 #[test]
 fn live_watchers_see_the_real_bind_and_unbind_uevents() {
     let Some(t) = guest() else { return };
-    let watch = t.lines("watch");
-    let has = |needle: &str| watch.iter().any(|l| l.contains(needle));
-    assert!(has("vfio-pci"), "handoff watch saw the bind to vfio-pci:\n{}", watch.join("\n"));
-    assert!(has("snd_hda_intel"), "handoff watch saw snd_hda_intel:\n{}", watch.join("\n"));
-    assert!(has("bochs-drm"), "handoff watch saw bochs-drm:\n{}", watch.join("\n"));
+    // `handoff watch --json`: one line per kernel bind/unbind uevent of the GPU's functions,
+    // with the driver the kernel names in DRIVER=.
+    let drivers: Vec<(String, String, String)> = t
+        .lines("watch")
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["change"] == "driver")
+        .map(|v| {
+            let s = |k: &str| v[k].as_str().unwrap_or("-").to_owned();
+            (s("function"), s("action"), s("driver"))
+        })
+        .collect();
+    let saw = |f: &str, action: &str, driver: &str| {
+        drivers
+            .iter()
+            .any(|(a, b, c)| a == f && b == action && c == driver)
+    };
+    let all = t.lines("watch").join("\n");
+    for f in ["0000:01:00.0", "0000:01:00.1"] {
+        assert!(saw(f, "unbind", "-"), "unbind of {f}:\n{all}");
+        assert!(saw(f, "bind", "vfio-pci"), "bind of {f} to vfio-pci:\n{all}");
+    }
+    assert!(saw("0000:01:00.0", "bind", "bochs-drm"), "{all}");
+    assert!(saw("0000:01:00.1", "bind", "snd_hda_intel"), "{all}");
+    // Three handoffs there and back (prepare/release twice, the hung one rolled back and
+    // rebound): never fewer binds to vfio-pci than that for the graphics function.
+    let to_vfio = drivers
+        .iter()
+        .filter(|(f, a, d)| f == "0000:01:00.0" && a == "bind" && d == "vfio-pci")
+        .count();
+    assert_eq!(to_vfio, 3, "{all}");
+
+    // The bar block's streaming mode followed the same changes: the VM took the GPU, the
+    // hang showed, and the GPU ended at home.
     let block = t.lines("block");
-    assert!(block.len() >= 3, "handoff-block --watch printed a line per change:\n{}", block.join("\n"));
+    let text = block.join("\n");
+    assert!(block.contains(&"GPU: win11"), "{text}");
+    assert!(block.contains(&"GPU: restore!"), "{text}");
+    assert_eq!(block.last(), Some(&"GPU: Linux"), "{text}");
 }

@@ -261,7 +261,10 @@ impl Transcript {
 
     pub fn serial_tail(&self) -> String {
         let n = self.serial.len().saturating_sub(80);
-        format!("--- serial console (last lines) ---\n{}", self.serial[n..].join("\n"))
+        format!(
+            "--- serial console (last lines) ---\n{}",
+            self.serial[n..].join("\n")
+        )
     }
 
     fn parse(&mut self, line: &str) {
@@ -270,7 +273,11 @@ impl Transcript {
             self.facts.insert(k.to_owned(), v.trim_end().to_owned());
         } else if let Some(rest) = line.strip_prefix("OUT ") {
             let (label, text) = rest.split_once(' ').unwrap_or((rest, ""));
-            self.cmds.entry(label.to_owned()).or_default().out.push(text.to_owned());
+            self.cmds
+                .entry(label.to_owned())
+                .or_default()
+                .out
+                .push(text.to_owned());
         } else if let Some(rest) = line.strip_prefix("CMD ") {
             let mut it = rest.split_whitespace();
             let label = it.next().unwrap_or_default().to_owned();
