@@ -310,3 +310,26 @@ fn live_watchers_see_the_real_bind_and_unbind_uevents() {
     assert!(block.contains(&"GPU: restore!"), "{text}");
     assert_eq!(block.last(), Some(&"GPU: Linux"), "{text}");
 }
+
+#[test]
+fn a_guest_that_overruns_its_deadline_is_killed_and_reaped() {
+    // A guest whose /init never finishes: boot must give up at the deadline, say so, and
+    // leave no QEMU behind (its own boot, not the shared one).
+    let image = match kernel::image() {
+        Ok(i) => i,
+        Err(why) => return kernel::missing(&why),
+    };
+    let files = [("/init", GuestFile::Text("#!/bin/sh\nexec sleep 1000\n", 0o755))];
+    let err = kernel::boot(&image, &files, Duration::from_secs(3)).expect_err("cannot finish");
+    assert!(err.contains("did not finish within 3 s"), "{err}");
+    let pid: u32 = err
+        .split("pid ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in: {err}"));
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU (pid {pid}) still exists after boot returned"
+    );
+}

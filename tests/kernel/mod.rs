@@ -12,7 +12,8 @@
 //! (`tests/kernel/init.sh`), the scenario script and `/etc/handoff`.
 //!
 //! QEMU runs with a hard deadline and is killed by its pid on every path out (timeout,
-//! panic, early exit): [`Qemu`]'s drop kills and reaps it.
+//! panic, early exit): [`Qemu`]'s drop kills and reaps it, and a parent-death signal ends
+//! it should the test process itself be killed.
 //!
 //! Guest output is a transcript (see `tests/kernel/scenarios.sh`): `OUT`/`CMD`/`FACT`
 //! lines, parsed into a [`Transcript`] the tests assert on.
@@ -304,7 +305,18 @@ pub fn boot(image: &Path, files: &[(&str, GuestFile)], deadline: Duration) -> Re
     fs::write(&initrd, joined).map_err(|e| e.to_string())?;
 
     let start = Instant::now();
-    let child = Command::new("qemu-system-x86_64")
+    let mut cmd = Command::new("qemu-system-x86_64");
+    // Should this test process die without unwinding (SIGKILL, abort), QEMU goes with it.
+    // SAFETY: prctl is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
         .args(QEMU_ARGS)
         .arg("-kernel")
         .arg(image.join("vmlinuz"))
@@ -316,6 +328,7 @@ pub fn boot(image: &Path, files: &[(&str, GuestFile)], deadline: Duration) -> Re
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
+    let pid = child.id();
     let mut qemu = Qemu(child);
     let stdout = qemu.0.stdout.take().unwrap();
     let stderr = qemu.0.stderr.take().unwrap();
@@ -361,7 +374,7 @@ pub fn boot(image: &Path, files: &[(&str, GuestFile)], deadline: Duration) -> Re
     let qemu_err = errs.join().unwrap_or_default();
     if !done {
         return Err(format!(
-            "the guest did not finish within {} s (QEMU killed){}\n{}",
+            "the guest did not finish within {} s (QEMU, pid {pid}, killed){}\n{}",
             deadline.as_secs(),
             if qemu_err.is_empty() {
                 String::new()
