@@ -117,8 +117,8 @@ fn on_path(tool: &str) -> bool {
 pub enum GuestFile<'a> {
     /// Contents, mode.
     Text(&'a str, u32),
-    /// A binary from the host: stripped (debug info would make the archive ~200 MB) and its
-    /// shared libraries added.
+    /// A binary from the host: stripped (the debug build's symbols and debug info would
+    /// add ~200 MB for QEMU to unpack at every boot) and its shared libraries added.
     Binary(&'a Path),
 }
 
@@ -142,7 +142,7 @@ fn overlay(dir: &Path, files: &[(&str, GuestFile)]) -> Result<PathBuf, String> {
             }
             GuestFile::Binary(host) => {
                 let st = Command::new("strip")
-                    .args(["--strip-debug", "-o"])
+                    .args(["--strip-all", "-o"])
                     .arg(&dest)
                     .arg(host)
                     .status()
