@@ -169,6 +169,13 @@ fn prepare_hands_both_functions_to_vfio_and_release_brings_them_home() {
     );
     let s = json(t, "handoff.status_vfio");
     assert_eq!(s["gpu"]["owner"], "vfio", "{s}");
+    // The group is viable for a VM: status sees every member of group 3 on vfio-pci (the
+    // kernel's own VFIO_GROUP_GET_STATUS needs an ioctl no shell tool in the guest makes).
+    let g = &s["gpu"]["iommu_group"];
+    assert_eq!(g["id"].to_string(), group, "{s}");
+    let members = g["members"].as_array().expect("group members");
+    assert_eq!(members.len(), 2, "{s}");
+    assert!(members.iter().all(|m| m["driver"] == "vfio-pci"), "{s}");
 
     let c = t.cmd("handoff.release");
     assert_eq!(c.rc, 0, "release:\n{}", c.text());
