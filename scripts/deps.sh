@@ -10,6 +10,10 @@ packages=(
   # the real components the tests run against (DESIGN.md, "Testing against real things")
   libvirt-daemon-system libvirt-clients qemu-system-x86 dbus dbus-x11 dunst xvfb
   xfce4-panel i3-wm i3blocks x11-utils xterm imagemagick
+  # tests/real_kernel.rs: scripts/guest-image.sh unpacks Debian's kernel and busybox-static
+  # (fetched with apt-get download), finds the module closure with depmod/modprobe and
+  # packs the guest's initramfs; QEMU (above) boots it
+  kmod cpio xz-utils zstd
   # the details window's tests read it and press its buttons over the accessibility bus
   at-spi2-core
   # the bar block's notifications (notify-send -A needs libnotify >= 0.7.9)

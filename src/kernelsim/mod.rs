@@ -44,6 +44,24 @@
 //! the devices before the locked one, and `modprobe` skips a locked device instead of
 //! waiting for it.
 //!
+//! Checked against a real kernel (Debian's 6.1 in QEMU, `tests/real_kernel.rs`, scenarios
+//! in `docs/real-kernel.md`), the simulator agrees on: a hung unbind's `driver` link is
+//! already gone while its writer is in D state, and the function stays unbound once the
+//! holder goes; a read of that device's `driver_override` blocks meanwhile; `drivers_probe`
+//! for it returns success at once and binds nothing; a cleared or never-set
+//! `driver_override` reads `(null)`; bind/unbind uevents carry `DRIVER=` on bind only.
+//! Where it still differs from that kernel (none of it changes what handoff decides, which
+//! reads the `driver` link and the class directories as they are when it looks):
+//! - device nodes are laid out once and stay: the kernel removes a function's class
+//!   devices (`<dev>/drm/card0`, `sound/card0`, `/dev/dri/card0`, `/dev/snd/*`) when its
+//!   driver unbinds, and the rebound driver registers new ones with the lowest free minor —
+//!   `card1`, not `card0`, while a process still has the old card open (DRM hot-unplug
+//!   lets bochs-drm or nvidia-drm unbind with its node open; snd_hda_intel's unbind waits);
+//! - `/dev/vfio/<group>` and `/dev/vfio/vfio` are not created when vfio-pci binds, and
+//!   vfio-pci's own unbind never waits for an open VFIO device fd (the kernel's does);
+//! - which drivers hang is whatever the test says: on the kernel, the driver's `remove`
+//!   decides (snd_hda_intel waits for its control node, bochs-drm does not).
+//!
 //! What the kernel does, and this copies (drivers/base/bus.c, drivers/pci/pci-driver.c):
 //! - `driver_override`: the value up to the first newline; empty clears it (`(null)`).
 //! - `drivers/<drv>/unbind` ← BDF: detach if bound to `<drv>`, else ENODEV.
