@@ -307,9 +307,21 @@ impl Config {
                 vec![Key("gpu"), Key("host_driver")],
             ));
         }
+        // Durations are bounded here, once, so that no deadline computed from them
+        // (`Instant + Duration`) can overflow in the middle of a handoff.
         if self.gpu.watchdog_s == 0 {
             return Err((
                 "[gpu] watchdog_s must be at least 1 (seconds)".into(),
+                vec![Key("gpu"), Key("watchdog_s")],
+            ));
+        }
+        if self.gpu.watchdog_s > *WATCHDOG_S.end() {
+            return Err((
+                format!(
+                    "[gpu] watchdog_s = {} is too long: it must be at most {} (seconds)",
+                    self.gpu.watchdog_s,
+                    WATCHDOG_S.end()
+                ),
                 vec![Key("gpu"), Key("watchdog_s")],
             ));
         }
@@ -320,6 +332,18 @@ impl Config {
                 return Err((
                     "a [[vm]] entry has an empty name; it must be the libvirt domain name".into(),
                     at,
+                ));
+            }
+            if !SHUTDOWN_TIMEOUT_S.contains(&vm.shutdown_timeout_s) {
+                return Err((
+                    format!(
+                        "[[vm]] shutdown_timeout_s = {} of {:?} is out of range: it must be {} to {} (seconds)",
+                        vm.shutdown_timeout_s,
+                        vm.name,
+                        SHUTDOWN_TIMEOUT_S.start(),
+                        SHUTDOWN_TIMEOUT_S.end()
+                    ),
+                    vec![Key("vm"), Index(i), Key("shutdown_timeout_s")],
                 ));
             }
             if !seen.insert(vm.name.as_str()) {
@@ -359,6 +383,13 @@ impl Config {
         }
     }
 }
+
+/// `[gpu] watchdog_s`: a write to sysfs that takes longer is reported as hung. Ten minutes
+/// is already far longer than any healthy unbind (milliseconds) or libvirt's patience.
+pub const WATCHDOG_S: std::ops::RangeInclusive<u64> = 1..=600;
+
+/// `[[vm]] shutdown_timeout_s`: how long a graceful shutdown may take; a day at most.
+pub const SHUTDOWN_TIMEOUT_S: std::ops::RangeInclusive<u64> = 1..=86_400;
 
 /// Kernel driver names are used as path components under `/sys/bus/pci/drivers`.
 pub fn is_driver_name(s: &str) -> bool {

@@ -70,7 +70,7 @@ pub fn read_all(paths: &[PathBuf], timeout: Duration) -> Vec<Bounded> {
             }
         })
         .collect();
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline_after(timeout);
     started
         .into_iter()
         .zip(paths)
@@ -254,6 +254,15 @@ pub(crate) unsafe fn isolate_child_fds(stdout: libc::c_int) {
     }
 }
 
+/// `now + timeout`, or a century from now when that would overflow `Instant` (a timeout
+/// taken from the command line can be anything): waiting "forever" must not panic.
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
 pub(crate) fn errno_code() -> i32 {
     io::Error::last_os_error()
         .raw_os_error()
@@ -269,7 +278,7 @@ pub(crate) fn wait_with_deadline(pid: i32, timeout: Duration) -> io::Result<Opti
     if pidfd < 0 {
         return Err(io::Error::last_os_error());
     }
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline_after(timeout);
     let result = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut pfd = libc::pollfd {
@@ -307,6 +316,15 @@ pub(crate) fn wait_with_deadline(pid: i32, timeout: Duration) -> io::Result<Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deadline_past_the_end_of_time_does_not_panic() {
+        let far = deadline_after(Duration::MAX);
+        assert!(far > Instant::now() + Duration::from_secs(86_400));
+        let child = std::process::Command::new("true").spawn().unwrap();
+        let answer = wait_with_deadline(child.id() as i32, Duration::MAX).unwrap();
+        assert_eq!(answer, Some(0));
+    }
 
     #[test]
     fn reads_a_file_and_says_missing_for_none() {
