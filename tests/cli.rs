@@ -84,11 +84,14 @@ impl Host {
                 label(vm)
             );
         }
+        // The processes root cannot inspect here (PID 1 of the container the tests run in)
+        // are passed over: these tests are about the GPU's own holders, real children.
         text += &format!(
-            "[host]\nsysfs = \"{}\"\nproc = \"/proc\"\ndev = \"{}\"\nrun = \"{}\"\n",
+            "[host]\nsysfs = \"{}\"\nproc = \"/proc\"\ndev = \"{}\"\nrun = \"{}\"\nuninspectable_ok = {:?}\n",
             self.sim.sysfs().display(),
             self.sim.dev().display(),
-            self.sim.run().display()
+            self.sim.run().display(),
+            handoff::holders::uninspectable_now(Path::new("/proc"))
         );
         fs::write(self.config_path(), text).unwrap();
     }

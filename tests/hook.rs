@@ -41,10 +41,11 @@ fn machine() -> Option<Machine> {
     let text = format!(
         "[gpu]\naddress = \"{GPU}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 1\n\n\
          [[vm]]\nname = \"win11\"\nlabel = \"Windows\"\n\n\
-         [host]\nsysfs = {:?}\nproc = \"/proc\"\ndev = {:?}\nrun = {:?}\n",
+         [host]\nsysfs = {:?}\nproc = \"/proc\"\ndev = {:?}\nrun = {:?}\nuninspectable_ok = {:?}\n",
         host.sysfs.display().to_string(),
         host.dev.display().to_string(),
         host.run.display().to_string(),
+        host.uninspectable_ok,
     );
     fs::write(&config, text).unwrap();
     std::os::unix::fs::chown(&config, Some(0), Some(0)).unwrap();
