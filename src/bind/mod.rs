@@ -47,16 +47,7 @@ pub enum BindError {
         /// What could not be checked, one line each.
         what: Vec<String>,
     },
-    #[error(
-        "handoff: not handing GPU {gpu}{to}: it is with {with}; stop that VM first, then {again}{stale}",
-        to = vm.as_ref().map(|v| format!(" to {v}")).unwrap_or_default(),
-        again = vm.as_ref().map(|v| format!("start {v} again")).unwrap_or_else(|| "try again".into()),
-        stale = if *phase == Phase::Binding {
-            " (if its start failed and it is not running, `handoff rebind --force` returns the GPU)"
-        } else {
-            ""
-        }
-    )]
+    #[error("{}", busy_text(*.gpu, vm.as_deref(), with, *phase))]
     Busy {
         gpu: PciAddress,
         /// The VM this handoff was for.
@@ -160,6 +151,22 @@ fn refusal_with_unchecked(
         for u in unchecked {
             s += &format!("\n  {u}");
         }
+    }
+    s
+}
+
+/// The refusal when the restore record gives the GPU to another VM.
+fn busy_text(gpu: PciAddress, vm: Option<&str>, with: &str, phase: Phase) -> String {
+    let mut s = match vm {
+        Some(vm) => format!(
+            "handoff: not handing GPU {gpu} to {vm}: it is with {with}; stop that VM first, then start {vm} again"
+        ),
+        None => {
+            format!("handoff: not handing GPU {gpu}: it is with {with}; stop that VM first, then try again")
+        }
+    };
+    if phase == Phase::Binding {
+        s += " (if its start failed and it is not running, `handoff rebind --force` returns the GPU)";
     }
     s
 }
