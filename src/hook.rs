@@ -7,6 +7,12 @@
 //! config, and never passes config values through a shell. Its stderr is what libvirt
 //! shows in a refused `virsh start`: the refusal is written for people.
 //!
+//! Both events run under the GPU's lock ([`crate::bind::lock`]): libvirtd does not
+//! serialise two domains' starts, so a second `prepare` waits for the first and then finds
+//! the GPU with that VM (refused, naming it). A `release` for a domain the restore record
+//! does not name changes nothing and says so. `prepare` also refuses when the holder scan
+//! could not look everywhere ([`crate::holders::Verdict::Unchecked`]), naming what.
+//!
 //! A domain uses the GPU when a `[[vm]]` entry names it or its XML has a `<hostdev>` with
 //! the GPU's address: either is enough (the union is the safe choice: a hostdev that
 //! libvirt would detach itself still needs the holder check), and a disagreement is
