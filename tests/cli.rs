@@ -476,6 +476,40 @@ fn blockers_exits_4_naming_what_it_could_not_check() {
 }
 
 #[test]
+fn rebind_with_a_watchdog_of_u64_max_exits_2_naming_the_key_and_changes_nothing() {
+    let h = Host::workstation();
+    h.move_all(Some("vfio-pci"));
+    let text = fs::read_to_string(h.config_path()).unwrap();
+    fs::write(
+        h.config_path(),
+        text.replace(
+            "host_driver = \"nvidia\"\n",
+            "host_driver = \"nvidia\"\nwatchdog_s = 18446744073709551615\n",
+        ),
+    )
+    .unwrap();
+    let r = h.run(&["rebind", "--force"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("[gpu] watchdog_s = 18446744073709551615 is too long"),
+        "{r:?}"
+    );
+    assert!(!r.stderr.contains("panicked"), "{r:?}");
+    for n in 0..4 {
+        assert_eq!(
+            h.sim.driver(RTX_3090_TI.with_function(n)).as_deref(),
+            Some("vfio-pci"),
+            "nothing was rebound: {r:?}"
+        );
+    }
+    assert!(
+        !h.sim.run().join("restore-0000:01:00.0.json").exists(),
+        "no record written"
+    );
+}
+
+#[test]
 fn blockers_without_root_exits_4_and_says_to_run_as_root() {
     if !as_root() {
         eprintln!("skipping: needs root to run blockers as another user");
