@@ -347,9 +347,21 @@ impl Config {
                 vec![Key("gpu"), Key("host_driver")],
             ));
         }
+        // Durations are bounded here, once, so that no deadline computed from them
+        // (`Instant + Duration`) can overflow in the middle of a handoff.
         if self.gpu.watchdog_s == 0 {
             return Err((
                 "[gpu] watchdog_s must be at least 1 (seconds)".into(),
+                vec![Key("gpu"), Key("watchdog_s")],
+            ));
+        }
+        if self.gpu.watchdog_s > *WATCHDOG_S.end() {
+            return Err((
+                // The bound is spelled out so that docs/troubleshooting.md can quote it.
+                format!(
+                    "[gpu] watchdog_s = {} is too long: it must be at most 600 (seconds)",
+                    self.gpu.watchdog_s
+                ),
                 vec![Key("gpu"), Key("watchdog_s")],
             ));
         }
@@ -360,6 +372,15 @@ impl Config {
                 return Err((
                     "a [[vm]] entry has an empty name; it must be the libvirt domain name".into(),
                     at,
+                ));
+            }
+            if !SHUTDOWN_TIMEOUT_S.contains(&vm.shutdown_timeout_s) {
+                return Err((
+                    format!(
+                        "[[vm]] shutdown_timeout_s = {} of {:?} is out of range: it must be 1 to 86400 (seconds)",
+                        vm.shutdown_timeout_s, vm.name,
+                    ),
+                    vec![Key("vm"), Index(i), Key("shutdown_timeout_s")],
                 ));
             }
             if !seen.insert(vm.name.as_str()) {
@@ -399,6 +420,21 @@ impl Config {
         }
     }
 }
+
+/// `[gpu] watchdog_s`: a write to sysfs that takes longer is reported as hung. Ten minutes
+/// is already far longer than any healthy unbind (milliseconds) or libvirt's patience.
+pub const WATCHDOG_S: std::ops::RangeInclusive<u64> = 1..=600;
+const _: () = assert!(
+    *WATCHDOG_S.start() == 1 && *WATCHDOG_S.end() == 600,
+    "the messages say 1 and 600"
+);
+
+/// `[[vm]] shutdown_timeout_s`: how long a graceful shutdown may take; a day at most.
+pub const SHUTDOWN_TIMEOUT_S: std::ops::RangeInclusive<u64> = 1..=86_400;
+const _: () = assert!(
+    *SHUTDOWN_TIMEOUT_S.start() == 1 && *SHUTDOWN_TIMEOUT_S.end() == 86_400,
+    "the messages say 1 and 86400"
+);
 
 /// Kernel driver names are used as path components under `/sys/bus/pci/drivers`.
 pub fn is_driver_name(s: &str) -> bool {

@@ -266,8 +266,13 @@ fn node_xml() -> String {
     .to_owned()
 }
 
-fn config_toml(root: &Path, sysfs: &Path) -> String {
+/// The demo's config. `uninspectable` goes to `[host] uninspectable_ok`: the processes this
+/// machine's root cannot inspect (PID 1 of a container the demo runs in), which the holder
+/// check would otherwise refuse every start on. The demo is about its own simulated GPU and
+/// the holder it starts; a real hook names those processes and refuses.
+fn config_toml(root: &Path, sysfs: &Path, uninspectable: &[String]) -> String {
     let q = |p: &Path| toml::Value::String(p.to_string_lossy().into_owned()).to_string();
+    let list = toml::Value::Array(uninspectable.iter().cloned().map(toml::Value::String).collect());
     format!(
         "# handoff demo: a simulated host (see `handoff demo --help`). Removed when the demo ends.
 [gpu]
@@ -286,6 +291,7 @@ sysfs = {sysfs}
 dev = {dev}
 run = {run}
 demo = true
+uninspectable_ok = {list}
 ",
         uri = toml::Value::String(format!("test://{}", root.join("demo-node.xml").display())),
         sysfs = q(sysfs),
@@ -370,7 +376,14 @@ pub fn run(opts: &Options, exe: &Path, bin_dir: &Path) -> io::Result<u8> {
     stage.mount = Some(SimMount::mount(kernel, &sysfs)?);
     std::fs::create_dir_all(root.join("run"))?;
     std::fs::write(root.join("demo-node.xml"), node_xml())?;
-    std::fs::write(&config_path, config_toml(&root, &sysfs))?;
+    let uninspectable = crate::holders::uninspectable_now(Path::new("/proc"));
+    if !uninspectable.is_empty() {
+        eprintln!(
+            "handoff demo: even root cannot inspect {} here; the demo passes over them, a real hook would refuse",
+            uninspectable.join(", ")
+        );
+    }
+    std::fs::write(&config_path, config_toml(&root, &sysfs, &uninspectable))?;
     let cfg = Config::load_file(&config_path).map_err(|e| io::Error::other(e.to_string()))?;
 
     let node = root.join("dev/nvidia0");

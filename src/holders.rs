@@ -23,6 +23,26 @@
 //! - Processes whose fds cannot be read (EACCES/EPERM: another user's, when we are not
 //!   root; PID 1 in some containers) are counted in [`Scan::uninspected`], never dropped.
 //!   Processes that exit during the scan are ignored.
+//!
+//! The gate fails closed: [`Scan::verdict`] is [`Verdict::Clear`] only when the scan looked
+//! everywhere it needed to. Anything it could not look at makes it
+//! [`Verdict::Unchecked`], which the hook and `handoff bind` refuse on, naming what was
+//! not checked: a process whose fds could not be read, `/proc` that could not be listed,
+//! `/proc/iomem` unreadable or without addresses (boot framebuffers not checked), and no
+//! device node found for a GPU that is on a host driver (`[host] dev` wrong). How the
+//! special processes count:
+//! - Kernel threads have no fd table: as root their `/proc/<pid>/fd` lists empty, so they
+//!   are inspected and hold nothing. Unprivileged, their fd directory is root's like any
+//!   other root process's, so they count as uninspected (a non-root scan is never Clear).
+//! - PID 1 of a container (or any process a confined root may not trace: AppArmor,
+//!   SELinux, another user namespace) whose `fd` is EACCES even for root counts as
+//!   uninspected: it could hold the GPU, so a handoff is refused, naming it, until the hook
+//!   can read it (host PID namespace, CAP_SYS_PTRACE, no confinement rule denying it) or
+//!   the process is gone.
+//!
+//! Surfaces that run unprivileged (the tray, the bar, `handoff start`'s own pre-check)
+//! don't refuse on Unchecked: the hook, as root, checks again. They must not call it
+//! "free" either.
 //! - `nvidia-persistenced` is a [`Holder`] with its real pid and a `reason`, whether or
 //!   not its fds were visible. A boot framebuffer (efifb, simpledrm, …) has no process at
 //!   all, so it is a [`Framebuffer`] in [`Scan::framebuffers`]. When something could not
@@ -45,7 +65,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::gpu::{Function, Gpu};
+use crate::gpu::{Function, Gpu, Owner};
 use crate::host::Host;
 use crate::pci::PciAddress;
 
@@ -87,19 +107,90 @@ pub struct Framebuffer {
 pub struct Scan {
     /// Processes holding the GPU, sorted by pid (nvidia-persistenced included).
     pub holders: Vec<Holder>,
-    /// Processes whose fds could not be read (not ours, and we are not root).
+    /// Processes whose fds could not be read (not ours and we are not root, or denied even
+    /// to root: PID 1 of a container, a confined caller).
     pub uninspected: usize,
+    /// The first few of those, by pid, with their command when it could be read: what a
+    /// refusal names when even root could not look.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uninspected_examples: Vec<Uninspected>,
     /// Boot framebuffers on the GPU's BARs: holders without a process.
     pub framebuffers: Vec<Framebuffer>,
     /// What could not be checked, in words a person can act on.
     pub notes: Vec<String>,
 }
 
+/// A process whose fds could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Uninspected {
+    pub pid: u32,
+    /// Its `comm`, when even that could not be read: None.
+    pub command: Option<String>,
+}
+
+/// What a scan allows: the gate every handoff goes through. A scan that could not look
+/// everywhere it needed to is never [`Verdict::Clear`]: what it did not see may hold the
+/// GPU, and an unbind under a holder hangs in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every process and every other kind of holder was looked at; nothing holds the GPU.
+    Clear,
+    /// Something holds the GPU ([`Scan::holders`], [`Scan::framebuffers`]). `unchecked`
+    /// says what else could not be looked at, as in [`Verdict::Unchecked`].
+    Held { unchecked: Vec<String> },
+    /// Nothing was seen holding the GPU, but the look was partial: one line per thing
+    /// that could not be checked, each saying what to do. A handoff must be refused;
+    /// a surface running unprivileged shows it as "not known", never as "free".
+    Unchecked { what: Vec<String> },
+}
+
+impl Verdict {
+    /// One word for scripts and JSON: `clear`, `held` or `unchecked`.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Verdict::Clear => "clear",
+            Verdict::Held { .. } => "held",
+            Verdict::Unchecked { .. } => "unchecked",
+        }
+    }
+
+    /// What could not be checked (empty for a full look).
+    pub fn unchecked(&self) -> &[String] {
+        match self {
+            Verdict::Clear => &[],
+            Verdict::Held { unchecked } => unchecked,
+            Verdict::Unchecked { what } => what,
+        }
+    }
+}
+
 impl Scan {
-    /// Nothing seen holding the GPU. (`uninspected` and `notes` may still say the look was
-    /// partial: callers that refuse on doubt check them too.)
-    pub fn is_clear(&self) -> bool {
-        self.holders.is_empty() && self.framebuffers.is_empty()
+    /// The gate: [`Verdict::Held`] when anything was seen holding the GPU, else
+    /// [`Verdict::Unchecked`] when some process could not be inspected or a note says
+    /// something was not checked, else [`Verdict::Clear`].
+    pub fn verdict(&self) -> Verdict {
+        let unchecked = self.unchecked();
+        if !self.holders.is_empty() || !self.framebuffers.is_empty() {
+            Verdict::Held { unchecked }
+        } else if !unchecked.is_empty() {
+            Verdict::Unchecked { what: unchecked }
+        } else {
+            Verdict::Clear
+        }
+    }
+
+    /// What this scan could not look at, one line each, in words a person can act on.
+    fn unchecked(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.uninspected > 0 {
+            out.push(uninspected_text(
+                self.uninspected,
+                &self.uninspected_examples,
+                is_root(),
+            ));
+        }
+        out.extend(self.notes.iter().cloned());
+        out
     }
 
     /// One line per holder of either kind, for an error message or a notification.
@@ -110,6 +201,46 @@ impl Scan {
             .chain(self.framebuffers.iter().map(Framebuffer::summary))
             .collect()
     }
+}
+
+/// Whether this process runs as root (the hook, `bind`, `sudo handoff blockers`).
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// "3 processes could not be inspected: run as root to see them". As root that advice is
+/// useless: what is left is what even root may not read (PID 1 of a container, processes a
+/// confined caller may not trace), so the line names them and says how to let root look.
+pub fn uninspected_text(n: usize, examples: &[Uninspected], as_root: bool) -> String {
+    let what = if n == 1 {
+        "1 process".to_owned()
+    } else {
+        format!("{n} processes")
+    };
+    if !as_root {
+        return format!("{what} could not be inspected: run as root to see them");
+    }
+    let mut named: Vec<String> = examples
+        .iter()
+        .map(|u| match &u.command {
+            Some(c) => format!("pid {} ({c})", u.pid),
+            None => format!("pid {}", u.pid),
+        })
+        .collect();
+    if n > examples.len() && !named.is_empty() {
+        named.push(format!("{} more", n - examples.len()));
+    }
+    let named = if named.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", named.join(", "))
+    };
+    format!(
+        "{what} could not be inspected even as root{named}; what they hold is unknown. \
+         Let handoff read their /proc/<pid>/fd (run it in the host's PID namespace, with \
+         CAP_SYS_PTRACE and no AppArmor/SELinux rule denying it), or stop them"
+    )
 }
 
 const PERSISTENCED_COMM: &str = "nvidia-persiste";
@@ -657,6 +788,9 @@ pub fn scan(host: &Host, gpu: &Gpu, nodes: &[GpuNode]) -> Scan {
     scan_with_threads(host, gpu, nodes, None)
 }
 
+/// How many processes that could not be inspected a scan names.
+const UNINSPECTED_EXAMPLES: usize = 3;
+
 /// Below this many processes the walk stays on the calling thread: starting a thread
 /// costs more than it saves on a few hundred processes (~20 µs each to walk).
 const PARALLEL_MIN_PROCESSES: usize = 256;
@@ -669,6 +803,17 @@ const MAX_THREADS: usize = 2;
 /// thread for small process lists and up to [`MAX_THREADS`] for large ones.
 fn scan_with_threads(host: &Host, gpu: &Gpu, nodes: &[GpuNode], threads: Option<usize>) -> Scan {
     let mut result = Scan::default();
+    if nodes.is_empty() && gpu.owner == Owner::Host {
+        // A GPU on a host driver has nodes (a DRM card, /dev/nvidia*, its audio's ALSA
+        // nodes): finding none means `[host] dev` is not where they are, and a scan of
+        // nothing would find nothing.
+        result.notes.push(format!(
+            "no device nodes of GPU {} were found under {}: holders of its nodes were not checked; \
+             check [host] dev in the config (normally /dev)",
+            gpu.address,
+            host.dev.display()
+        ));
+    }
     let targets = Targets::new(nodes);
     let nvidia = is_nvidia(gpu);
     let cannot_list = |e: io::Error| {
@@ -706,6 +851,7 @@ fn scan_with_threads(host: &Host, gpu: &Gpu, nodes: &[GpuNode], threads: Option<
         nvidia,
         pids: &pids,
         next: AtomicUsize::new(0),
+        accept: &host.uninspectable_ok,
     };
     let parts: Vec<Part> = if threads <= 1 {
         vec![walker.run()]
@@ -722,10 +868,23 @@ fn scan_with_threads(host: &Host, gpu: &Gpu, nodes: &[GpuNode], threads: Option<
                 .collect()
         })
     };
+    let mut uninspected = Vec::new();
     for part in parts {
-        result.uninspected += part.uninspected;
+        uninspected.extend(part.uninspected);
         result.holders.extend(part.holders);
     }
+    result.uninspected = uninspected.len();
+    uninspected.sort_unstable();
+    result.uninspected_examples = uninspected
+        .iter()
+        .take(UNINSPECTED_EXAMPLES)
+        .map(|&pid| Uninspected {
+            pid,
+            command: fs::read_to_string(host.procfs.join(pid.to_string()).join("comm"))
+                .ok()
+                .map(|c| c.trim_end_matches('\n').to_owned()),
+        })
+        .collect();
     // User names are looked up here, once per uid, rather than in the walkers: NSS may
     // read /etc/passwd or ask a daemon, and the usual scan has one or two uids.
     let mut users = HashMap::new();
@@ -742,7 +901,8 @@ fn scan_with_threads(host: &Host, gpu: &Gpu, nodes: &[GpuNode], threads: Option<
 struct Part {
     /// Described, with `user` still empty.
     holders: Vec<Holder>,
-    uninspected: usize,
+    /// The pids whose fds could not be read.
+    uninspected: Vec<u32>,
 }
 
 /// The shared state of a walk: the pid list and the index of the next batch to take.
@@ -753,9 +913,23 @@ struct Walker<'a> {
     nvidia: bool,
     pids: &'a [u32],
     next: AtomicUsize,
+    /// `[host] uninspectable_ok`.
+    accept: &'a [String],
 }
 
 impl Walker<'_> {
+    /// Whether `pid`, whose fds could not be read, is one the config says to pass over
+    /// (`[host] uninspectable_ok`, by comm).
+    fn accepted(&self, pid: u32, bufs: &mut Buffers) -> bool {
+        if self.accept.is_empty() {
+            return false;
+        }
+        bufs.read(self.proc_dir, pid, "comm").is_some_and(|c| {
+            let c = c.strip_suffix(b"\n").unwrap_or(c);
+            self.accept.iter().any(|a| a.as_bytes() == c)
+        })
+    }
+
     /// Pids per batch taken from the shared list. Batches, not a fixed half each: on a
     /// busy machine one thread may sit descheduled while the other finishes the list.
     const BATCH: usize = 32;
@@ -781,12 +955,15 @@ impl Walker<'_> {
                     },
                     Fds::Gone => continue,
                     Fds::Denied => {
-                        part.uninspected += 1;
+                        part.uninspected.push(pid);
                         // As root, nvidia-persistenced's fds are readable and it shows up
                         // by the nodes it holds (persistence mode keeps /dev/nvidia* open).
                         // Without root they are not: then its name is all there is to go
                         // on. Checking only here keeps a comm read off every process's path.
                         if !(self.nvidia && is_persistenced(self.proc_dir, pid, &mut bufs)) {
+                            if self.accepted(pid, &mut bufs) {
+                                part.uninspected.pop();
+                            }
                             continue;
                         }
                         Found {
@@ -1048,6 +1225,30 @@ fn check_framebuffers(host: &Host, gpu: &Gpu, result: &mut Scan) {
         })
         .collect();
     result.framebuffers = boot_framebuffers(&regions, &bars);
+}
+
+/// The command names of the processes under `procfs` whose fds this process cannot read
+/// now, sorted, without duplicates: what `[host] uninspectable_ok` would have to list for
+/// a scan here to be complete. For tests and the demo, which run wherever they are put
+/// (in a container whose PID 1 even root cannot inspect).
+pub fn uninspectable_now(procfs: &Path) -> Vec<String> {
+    let Ok(proc_dir) = Dir::open(procfs) else {
+        return Vec::new();
+    };
+    let targets = Targets::new(&[]);
+    let mut bufs = Buffers::new();
+    let mut names = Vec::new();
+    for pid in list_pids(&proc_dir).unwrap_or_default() {
+        if !matches!(process_fds(&proc_dir, pid, &targets, &mut bufs), Fds::Denied) {
+            continue;
+        }
+        if let Some(c) = bufs.read(&proc_dir, pid, "comm") {
+            names.push(String::from_utf8_lossy(c.strip_suffix(b"\n").unwrap_or(c)).into_owned());
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// The processes (normally a VM's QEMU) holding the GPU's VFIO group node

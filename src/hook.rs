@@ -7,6 +7,12 @@
 //! config, and never passes config values through a shell. Its stderr is what libvirt
 //! shows in a refused `virsh start`: the refusal is written for people.
 //!
+//! Both events run under the GPU's lock ([`crate::bind::lock`]): libvirtd does not
+//! serialise two domains' starts, so a second `prepare` waits for the first and then finds
+//! the GPU with that VM (refused, naming it). A `release` for a domain the restore record
+//! does not name changes nothing and says so. `prepare` also refuses when the holder scan
+//! could not look everywhere ([`crate::holders::Verdict::Unchecked`]), naming what.
+//!
 //! A domain uses the GPU when a `[[vm]]` entry names it or its XML has a `<hostdev>` with
 //! the GPU's address: either is enough (the union is the safe choice: a hostdev that
 //! libvirt would detach itself still needs the holder check), and a disagreement is
@@ -17,7 +23,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::bind::record::{Phase, RestoreRecord};
-use crate::bind::{self, BindError};
+use crate::bind::{self, BindError, GpuLock};
 use crate::config::Config;
 use crate::pci::PciAddress;
 use crate::state::{HookPhase, HookState, Refusal};
@@ -114,19 +120,39 @@ pub fn run_event(cfg: &Config, domain: &str, op: &str, sub: &str, xml: &str, err
     let host = &cfg.host;
     let address = cfg.gpu.address;
     let timeout = Duration::from_secs(cfg.gpu.watchdog_s);
+    let mut quiet = |_: &bind::plan::Step| {};
+    // One handoff of this GPU at a time, held from reading the record to writing the state
+    // file: another domain's prepare (libvirtd does not serialise two starts), a release,
+    // `handoff bind` or `rebind` waits here and then sees what this one did.
+    let lock = match GpuLock::acquire(host, address, bind::lock::wait_for(timeout)) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = writeln!(err, "handoff: {e}");
+            if op != "prepare" {
+                let _ = writeln!(
+                    err,
+                    "handoff: GPU {address} was not returned for {domain}; once the other handoff is over, \
+                     `handoff rebind --force` returns it"
+                );
+            }
+            // Refuse a start we cannot make safely; never block a release.
+            return if op == "prepare" { 1 } else { 0 };
+        }
+    };
+    // Read under the lock: what the handoff before this one left.
     let mut state = HookState::load(host)
         .filter(|s| s.gpu == address)
         .unwrap_or_else(|| HookState::new(address));
-    let mut quiet = |_: &bind::plan::Step| {};
     let code = if op == "prepare" {
-        if let Ok(Some(r)) = RestoreRecord::load(host, address)
-            && r.phase == Phase::Bound
-            && r.vm.as_deref().is_some_and(|v| v != domain)
-        {
-            let msg = format!(
-                "handoff: not handing GPU {address} to {domain}: it is with {}; stop that VM first, then start {domain} again",
-                r.vm.unwrap_or_default()
-            );
+        // A record of another VM, bound or still being bound: that VM has the GPU. The
+        // state file keeps saying so (it is that VM's), only the refusal is added.
+        let busy = match RestoreRecord::load(host, address) {
+            Ok(r) => bind::check_not_with_another(r.as_ref(), Some(domain)),
+            // A damaged record: the engine refuses it below, saying what to do.
+            Err(_) => Ok(()),
+        };
+        if let Err(e) = busy {
+            let msg = e.to_string();
             let _ = writeln!(err, "{msg}");
             state.last_error = Some(msg);
             let _ = state.save(host);
@@ -135,7 +161,7 @@ pub fn run_event(cfg: &Config, domain: &str, op: &str, sub: &str, xml: &str, err
         state.phase = HookPhase::Binding;
         state.vm = Some(domain.clone());
         let _ = state.save(host);
-        match bind::hand_to_vfio(host, address, Some(domain), timeout, &mut quiet) {
+        match bind::hand_to_vfio_locked(&lock, host, Some(domain), timeout, &mut quiet) {
             Ok(_) => {
                 state.phase = HookPhase::Vfio;
                 state.last_error = None;
@@ -145,15 +171,26 @@ pub fn run_event(cfg: &Config, domain: &str, op: &str, sub: &str, xml: &str, err
                 let _ = writeln!(err, "{e}");
                 state.vm = None;
                 state.phase = phase_after_error(host, address);
-                if let BindError::Refused { holders, .. } = &e {
-                    state.last_refusal = Some(Refusal {
-                        vm: domain.clone(),
-                        at: state.updated,
-                        holders: holders.clone(),
-                        message: e.to_string(),
-                    });
-                } else {
-                    state.last_error = Some(e.to_string());
+                match &e {
+                    BindError::Refused { holders, .. } => {
+                        state.last_refusal = Some(Refusal {
+                            vm: domain.clone(),
+                            at: state.updated,
+                            holders: holders.clone(),
+                            message: e.to_string(),
+                        });
+                    }
+                    // Refused too, with nobody to blame: the message says what could
+                    // not be checked.
+                    BindError::Unchecked { .. } => {
+                        state.last_refusal = Some(Refusal {
+                            vm: domain.clone(),
+                            at: state.updated,
+                            holders: Vec::new(),
+                            message: e.to_string(),
+                        });
+                    }
+                    _ => state.last_error = Some(e.to_string()),
                 }
                 1
             }
@@ -164,12 +201,19 @@ pub fn run_event(cfg: &Config, domain: &str, op: &str, sub: &str, xml: &str, err
         // refusal was "the GPU is with another VM", that VM must keep it).
         match RestoreRecord::load(host, address) {
             Ok(None) => return 0,
-            Ok(Some(r)) if r.vm.as_deref().is_some_and(|v| v != domain) => return 0,
+            Ok(Some(r)) if r.vm.as_deref().is_some_and(|v| v != domain) => {
+                let _ = writeln!(
+                    err,
+                    "handoff: not returning GPU {address} for {domain}: the restore record says it is with {}; nothing was changed",
+                    r.vm.as_deref().unwrap_or_default()
+                );
+                return 0;
+            }
             _ => {}
         }
         state.phase = HookPhase::Returning;
         let _ = state.save(host);
-        match bind::return_to_host(host, address, &cfg.gpu.host_driver, timeout, &mut quiet) {
+        match bind::return_to_host_locked(&lock, host, &cfg.gpu.host_driver, timeout, &mut quiet) {
             Ok(_) => {
                 state.phase = HookPhase::Host;
                 state.vm = None;

@@ -25,6 +25,13 @@ pub struct Host {
     /// the process that does it. Ignored unless sysfs is a simulated one (never `/sys`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub demo: bool,
+    /// Command names (`/proc/<pid>/comm`) of processes whose fds even root cannot read and
+    /// that you know do not use the GPU: PID 1 of the container handoff runs in, say. The
+    /// holder scan fails closed on every other process it cannot inspect (a handoff is
+    /// refused); these it passes over. Empty by default: list one only after `sudo handoff
+    /// blockers` named it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub uninspectable_ok: Vec<String>,
 }
 
 impl Default for Host {
@@ -41,6 +48,7 @@ impl Host {
             dev: "/dev".into(),
             run: "/run/handoff".into(),
             demo: false,
+            uninspectable_ok: Vec::new(),
         }
     }
 

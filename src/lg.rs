@@ -27,7 +27,7 @@
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -220,7 +220,8 @@ pub fn open(cfg: &Config, session: &Session, wait: Duration) -> Result<LgOutcome
     let exited = format!("{} ", exit_tick_tag(&nonce));
     let exec = exec_command(&lg.command, &lg.args, &nonce);
     conn.command(&format!("workspace {ws}; {exec}"))?;
-    let deadline = Instant::now() + wait;
+    // `--wait` is any u64 of seconds: a plain `+` could overflow and panic.
+    let deadline = crate::sysfs_read::deadline_after(wait);
     let con_id = loop {
         match events.next_event(deadline)? {
             None => {

@@ -23,7 +23,7 @@ mod generate;
         GPU happens in the libvirt hook, as root.",
     after_help = "Config: $HANDOFF_CONFIG, else ~/.config/handoff/config.toml, else /etc/handoff/config.toml, \
         else built-in defaults. `handoff config check` validates it.\n\
-        Exit codes: 0 success, 1 the answer is a problem (blockers: something holds the GPU; doctor: the host is not ready; a handoff failed), 2 usage or config error, 3 (lg) no desktop session reachable to open Looking Glass on."
+        Exit codes: 0 success, 1 the answer is a problem (blockers: something holds the GPU; doctor: the host is not ready; a handoff failed), 2 usage or config error, 3 (lg) no desktop session reachable to open Looking Glass on, 4 (blockers) not everything could be checked for holders."
 )]
 struct Cli {
     /// Use this config file instead of the usual search (same as HANDOFF_CONFIG=FILE).
@@ -46,8 +46,11 @@ enum Command {
     Status(JsonFlag),
     /// The processes that would stop a handoff now: what holds the GPU's device nodes.
     ///
-    /// Exit status 0 when nothing holds the GPU, 1 when something does. Unprivileged, it sees
-    /// your own processes and counts the ones it could not inspect; as root it sees all.
+    /// Exit status 0 when nothing holds the GPU and everything was checked, 1 when something
+    /// holds it, 4 when nothing was seen holding it but not everything could be checked
+    /// (processes it could not inspect, an unreadable /proc or /proc/iomem, no device node of
+    /// the GPU under [host] dev): a handoff would be refused then. Unprivileged, it sees your
+    /// own processes only and so exits 4 unless one of them holds the GPU; as root it sees all.
     Blockers(JsonFlag),
     /// Is this host ready for passthrough, and what to fix (exit 0 ready, 1 problems found).
     Doctor(DoctorArgs),
@@ -428,36 +431,50 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Blockers(flags) => {
+            use handoff::holders::Verdict;
             let (cfg, _) = load_config(cli.config)?;
             let g = handoff::gpu::read_gpu(&cfg.host, cfg.gpu.address)?;
             let nodes = handoff::holders::gpu_nodes(&cfg.host, &g);
             let scan = handoff::holders::scan(&cfg.host, &g, &nodes);
+            let absent = g.owner == handoff::gpu::Owner::Absent;
+            let verdict = scan.verdict();
             if flags.json {
-                print_json(&scan)?;
-            } else if g.owner == handoff::gpu::Owner::Absent {
+                print_json(&BlockersJson {
+                    verdict: if absent { "clear" } else { verdict.word() },
+                    unchecked: verdict.unchecked(),
+                    scan: &scan,
+                })?;
+            } else if absent {
                 println!("No GPU at {}: nothing to hold.", cfg.gpu.address);
             } else {
-                if scan.holders.is_empty() {
-                    println!(
+                match &verdict {
+                    Verdict::Clear => println!(
                         "Nothing holds GPU {} ({} device nodes checked).",
                         g.address,
                         nodes.len()
-                    );
+                    ),
+                    Verdict::Unchecked { .. } => println!(
+                        "Nothing seen holding GPU {} ({} device nodes checked), but not everything could be checked; a handoff would be refused:",
+                        g.address,
+                        nodes.len()
+                    ),
+                    Verdict::Held { .. } => {}
                 }
                 for h in &scan.holders {
                     println!("{}", h.summary());
                 }
-                if scan.uninspected > 0 {
-                    println!("{}", status::uninspected_line(scan.uninspected));
+                for f in &scan.framebuffers {
+                    println!("{}", f.summary());
                 }
-                for n in &scan.notes {
-                    println!("Note: {n}");
+                for u in verdict.unchecked() {
+                    println!("Not checked: {u}");
                 }
             }
-            Ok(if scan.holders.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
+            Ok(match verdict {
+                _ if absent => ExitCode::SUCCESS,
+                Verdict::Clear => ExitCode::SUCCESS,
+                Verdict::Held { .. } => ExitCode::from(1),
+                Verdict::Unchecked { .. } => ExitCode::from(BLOCKERS_UNCHECKED),
             })
         }
         #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
@@ -550,6 +567,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(report.exit_code() as u8))
         }
     }
+}
+
+/// `handoff blockers`' exit status when nothing was seen holding the GPU but not everything
+/// could be checked.
+const BLOCKERS_UNCHECKED: u8 = 4;
+
+/// `handoff blockers --json`: the scan, and what it allows.
+#[derive(serde::Serialize)]
+struct BlockersJson<'a> {
+    /// `clear`, `held` or `unchecked` (see [`handoff::holders::Verdict`]).
+    verdict: &'static str,
+    /// What could not be checked, one line each.
+    unchecked: &'a [String],
+    #[serde(flatten)]
+    scan: &'a handoff::holders::Scan,
 }
 
 fn collect_status(cfg: &Config) -> anyhow::Result<status::Status> {

@@ -234,6 +234,7 @@ impl SimHost {
             dev: self.dev(),
             run: self.run(),
             demo: false,
+            uninspectable_ok: Vec::new(),
         }
     }
 

@@ -289,20 +289,10 @@ impl Status {
     }
 }
 
-/// "3 processes could not be inspected — run as root to see them". As root the advice
-/// would be useless: what is left is what even root may not read (PID 1 of a container).
+/// "3 processes could not be inspected: run as root to see them" (see
+/// [`crate::holders::uninspected_text`]).
 pub fn uninspected_line(n: usize) -> String {
-    let what = if n == 1 {
-        "1 process"
-    } else {
-        &format!("{n} processes")
-    };
     // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        format!(
-            "{what} could not be inspected even as root (e.g. PID 1 of a container); what they hold is unknown"
-        )
-    } else {
-        format!("{what} could not be inspected — run as root to see them")
-    }
+    let root = unsafe { libc::geteuid() } == 0;
+    crate::holders::uninspected_text(n, &[], root)
 }

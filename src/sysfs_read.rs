@@ -23,6 +23,16 @@
 //! keep the process from exiting), reaps it when the kernel lets it go, and forgets it, so
 //! the next read tries again. Only that thread reaps it: reaping it elsewhere would let its
 //! pid be reused by a new child, which the thread would then reap by mistake.
+//!
+//! That guard alone is per process, and the bar block is a new process every refresh (720
+//! an hour at i3blocks' `interval=5`), each of which would leave its own stuck reader. So
+//! a stuck reader is also written down for other processes of the same user: a marker
+//! file per sysfs path under `$XDG_RUNTIME_DIR/handoff/stuck-reads/` (else
+//! `/run/user/<uid>/…`; without either, only the in-process guard applies), naming the
+//! reader's pid and its start time from `/proc/<pid>/stat`. A read first looks for a marker
+//! of its path: while the reader it names is alive (same pid, same start time, not a
+//! zombie) the answer is [`Bounded::Locked`] at once and nothing is forked; a marker whose
+//! reader is gone is removed and the read goes ahead.
 
 use std::ffi::CString;
 use std::io;
@@ -60,17 +70,21 @@ static PENDING: Mutex<Vec<(PathBuf, i32)>> = Mutex::new(Vec::new());
 pub fn read_all(paths: &[PathBuf], timeout: Duration) -> Vec<Bounded> {
     // Held throughout, so two threads never fork two readers of one file.
     let mut pending = PENDING.lock().unwrap_or_else(|p| p.into_inner());
+    let markers = marker_dir();
     let started: Vec<Result<Reader, Bounded>> = paths
         .iter()
         .map(|p| {
             if pending.iter().any(|(q, _)| q == p) {
+                Err(Bounded::Locked)
+            } else if markers.as_deref().is_some_and(|d| stuck_elsewhere(d, p)) {
+                tracing::debug!(path = %p.display(), "another process's read of this file is still stuck");
                 Err(Bounded::Locked)
             } else {
                 spawn_reader(p).map_err(Bounded::Failed)
             }
         })
         .collect();
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline_after(timeout);
     started
         .into_iter()
         .zip(paths)
@@ -83,6 +97,9 @@ pub fn read_all(paths: &[PathBuf], timeout: Duration) -> Vec<Bounded> {
                     Finished::Stuck(pid) => {
                         tracing::debug!(path = %path.display(), pid, "sysfs read did not return in time");
                         pending.push((path.clone(), pid));
+                        if let Some(dir) = &markers {
+                            mark_stuck(dir, path, pid);
+                        }
                         reap_later(pid);
                         Bounded::Locked
                     }
@@ -90,6 +107,81 @@ pub fn read_all(paths: &[PathBuf], timeout: Duration) -> Vec<Bounded> {
             }
         })
         .collect()
+}
+
+/// Where this user's processes note their stuck readers: `$XDG_RUNTIME_DIR` (a
+/// per-user directory only they can write), else `/run/user/<uid>`, when it is an
+/// absolute directory owned by us; None otherwise.
+fn marker_dir() -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| PathBuf::from(format!("/run/user/{uid}")));
+    let meta = std::fs::symlink_metadata(&base).ok()?;
+    (meta.is_dir() && meta.uid() == uid).then(|| base.join("handoff/stuck-reads"))
+}
+
+/// The marker file of `path`: a stable hash of it (FNV-1a), so every binary of any build
+/// finds the same name.
+fn marker_of(dir: &Path, path: &Path) -> PathBuf {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in path.as_os_str().as_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    dir.join(format!("{h:016x}"))
+}
+
+/// A process's start time (field 22 of `/proc/<pid>/stat`, clock ticks since boot) and
+/// whether it is still running (not a zombie): what tells a pid from its reuse.
+fn start_time(pid: i32) -> Option<(u64, bool)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?;
+    // After the state come ppid … starttime: starttime is the 19th field after it.
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((start, state != "Z" && state != "X"))
+}
+
+/// Whether a marker says a reader of `path` is still stuck (in another process, or one
+/// of ours that has exited). A stale marker is removed.
+fn stuck_elsewhere(dir: &Path, path: &Path) -> bool {
+    let marker = marker_of(dir, path);
+    let Ok(text) = std::fs::read_to_string(&marker) else {
+        return false;
+    };
+    let mut lines = text.lines();
+    let ids = lines.next().and_then(|l| {
+        let (pid, start) = l.split_once(' ')?;
+        Some((pid.parse::<i32>().ok()?, start.parse::<u64>().ok()?))
+    });
+    let same_path = lines.next() == Some(&*path.to_string_lossy());
+    if let (Some((pid, start)), true) = (ids, same_path)
+        && start_time(pid) == Some((start, true))
+    {
+        return true;
+    }
+    let _ = std::fs::remove_file(&marker);
+    false
+}
+
+/// Note that our reader `pid` of `path` is stuck, for the processes that come after us.
+fn mark_stuck(dir: &Path, path: &Path, pid: i32) {
+    let Some((start, true)) = start_time(pid) else {
+        return; // it finished meanwhile
+    };
+    let marker = marker_of(dir, path);
+    let text = format!("{pid} {start}\n{}\n", path.to_string_lossy());
+    let written = std::fs::DirBuilder::new()
+        .recursive(true)
+        .create(dir)
+        .and_then(|()| crate::bind::record::write_atomic(&marker, text.as_bytes(), 0o600));
+    if let Err(e) = written {
+        tracing::debug!(marker = %marker.display(), error = %e, "cannot note the stuck reader");
+    }
 }
 
 /// [`read_all`] for one file.
@@ -254,6 +346,15 @@ pub(crate) unsafe fn isolate_child_fds(stdout: libc::c_int) {
     }
 }
 
+/// `now + timeout`, or a century from now when that would overflow `Instant` (a timeout
+/// taken from the command line can be anything): waiting "forever" must not panic.
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
 pub(crate) fn errno_code() -> i32 {
     io::Error::last_os_error()
         .raw_os_error()
@@ -269,7 +370,7 @@ pub(crate) fn wait_with_deadline(pid: i32, timeout: Duration) -> io::Result<Opti
     if pidfd < 0 {
         return Err(io::Error::last_os_error());
     }
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline_after(timeout);
     let result = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut pfd = libc::pollfd {
@@ -307,6 +408,17 @@ pub(crate) fn wait_with_deadline(pid: i32, timeout: Duration) -> io::Result<Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deadline_past_the_end_of_time_does_not_panic() {
+        let far = deadline_after(Duration::MAX);
+        assert!(far > Instant::now() + Duration::from_secs(86_400));
+        // Reaped by wait_with_deadline's waitpid, not by Child.
+        #[allow(clippy::zombie_processes)]
+        let child = std::process::Command::new("true").spawn().unwrap();
+        let answer = wait_with_deadline(child.id() as i32, Duration::MAX).unwrap();
+        assert_eq!(answer, Some(0));
+    }
 
     #[test]
     fn reads_a_file_and_says_missing_for_none() {

@@ -498,8 +498,12 @@ impl<'a> Ctl<'a> {
         Ok(out)
     }
 
-    /// Our own scan for holders (as this user: the hook, as root, sees the rest).
+    /// Our own scan for holders (as this user: the hook, as root, sees the rest). A holder
+    /// seen here refuses at once; a partial look (other users' processes, which an
+    /// unprivileged scan can never read) does not, because the hook checks again as root
+    /// and refuses on what it cannot see itself.
     fn check_holders(&mut self, vm: &VmConfig) -> Result<(), VmError> {
+        use crate::holders::Verdict;
         let host = &self.cfg.host;
         let g = gpu::read_gpu(host, self.cfg.gpu.address)?;
         if g.owner != Owner::Host {
@@ -507,8 +511,16 @@ impl<'a> Ctl<'a> {
         }
         let nodes = crate::holders::gpu_nodes(host, &g);
         let scan = crate::holders::scan(host, &g, &nodes);
-        if scan.is_clear() {
-            return Ok(());
+        match scan.verdict() {
+            Verdict::Clear => return Ok(()),
+            Verdict::Unchecked { what } => {
+                tracing::info!(
+                    "not everything could be checked for holders here; the hook checks again as root: {}",
+                    what.join("; ")
+                );
+                return Ok(());
+            }
+            Verdict::Held { .. } => {}
         }
         let text = crate::bind::refusal_text(g.address, Some(&vm.name), &scan.holders, &scan.framebuffers);
         Err(VmError::Busy {

@@ -159,6 +159,30 @@ fn watchdog_zero_is_refused_at_its_value() {
 }
 
 #[test]
+fn a_watchdog_too_long_to_count_to_is_refused_at_its_value() {
+    // u64::MAX seconds used to panic the root hook mid-handoff (Instant + Duration).
+    assert_broken(
+        "watchdog-huge.toml",
+        2,
+        14,
+        &[
+            "[gpu] watchdog_s = 18446744073709551615 is too long",
+            "at most 600",
+        ],
+    );
+}
+
+#[test]
+fn a_shutdown_timeout_over_a_day_is_refused_at_its_value() {
+    assert_broken(
+        "shutdown-timeout-huge.toml",
+        6,
+        22,
+        &["[[vm]] shutdown_timeout_s = 86401 of \"win11\"", "1 to 86400"],
+    );
+}
+
+#[test]
 fn vm_as_a_number_names_the_key() {
     assert_broken("vm-integer.toml", 2, 6, &["vm: ", "expected an array"]);
 }

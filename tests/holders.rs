@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 
 use handoff::Host;
 use handoff::gpu::{Function, FunctionKind, Gpu, Owner};
-use handoff::holders::{self, GpuNode, Holder, Scan};
+use handoff::holders::{self, GpuNode, Holder, Scan, Verdict};
 use handoff::pci::PciAddress;
 use handoff::sim::{IGPU, RTX_3090_TI, SimHost, SimSpec};
 
@@ -429,13 +429,18 @@ fn efifb_on_the_gpus_bar_is_a_holder_without_a_process() {
         procfs: fake_proc(&s.sim.root, "bash", FakeFds::None, &fixture("iomem-efifb")),
         ..s.host()
     };
-    let scan = holders::scan(&host, &rtx(), &[]);
+    let scan = holders::scan(&host, &rtx(), &holders::gpu_nodes(&host, &rtx()));
     assert!(scan.holders.is_empty());
     assert_eq!(scan.framebuffers.len(), 1, "{scan:#?}");
     let fb = &scan.framebuffers[0];
     assert_eq!((fb.name.as_str(), fb.function), ("efifb", RTX_3090_TI));
     assert_eq!((fb.start, fb.end), (0xfb000000, 0xfb2fffff));
-    assert!(!scan.is_clear());
+    assert_eq!(
+        scan.verdict(),
+        Verdict::Held {
+            unchecked: Vec::new()
+        }
+    );
     assert!(scan.summary_lines()[0].starts_with("efifb (boot framebuffer) holds 0000:01:00.0"));
 }
 
@@ -446,10 +451,130 @@ fn iomem_without_addresses_is_a_note_not_a_clean_bill() {
         procfs: fake_proc(&s.sim.root, "bash", FakeFds::None, &fixture("iomem-redacted")),
         ..s.host()
     };
-    let scan = holders::scan(&host, &rtx(), &[]);
+    let scan = holders::scan(&host, &rtx(), &holders::gpu_nodes(&host, &rtx()));
     assert!(scan.framebuffers.is_empty());
     assert_eq!(scan.notes.len(), 1);
     assert!(scan.notes[0].contains("not checked"), "{}", scan.notes[0]);
+    assert_eq!(
+        scan.verdict(),
+        Verdict::Unchecked {
+            what: scan.notes.clone()
+        }
+    );
+}
+
+// --- The gate fails closed. ----------------------------------------------------------------
+
+#[test]
+fn a_process_whose_fds_even_root_cannot_read_makes_the_scan_unchecked_naming_it() {
+    // A container's PID 1 seen from a confined hook: its fd directory gives an error even
+    // to root (here: `fd` is a file, which fails for root too).
+    let s = Sim::new();
+    let host = Host {
+        procfs: fake_proc(&s.sim.root, "containerd-shim", FakeFds::Unreadable, ""),
+        ..s.host()
+    };
+    let scan = holders::scan(&host, &rtx(), &holders::gpu_nodes(&host, &rtx()));
+    assert!(
+        scan.holders.is_empty() && scan.framebuffers.is_empty(),
+        "{scan:#?}"
+    );
+    assert_eq!(scan.uninspected, 1);
+    let Verdict::Unchecked { what } = scan.verdict() else {
+        panic!("a process nobody looked at must not make the GPU free: {scan:#?}")
+    };
+    assert_eq!(what.len(), 1, "{what:?}");
+    // The tests run as root, like the hook.
+    assert!(
+        what[0].starts_with("1 process could not be inspected even as root: pid 812 (containerd-shim)"),
+        "{what:?}"
+    );
+    assert!(
+        what[0].contains("CAP_SYS_PTRACE"),
+        "says how to let it look: {what:?}"
+    );
+}
+
+#[test]
+fn a_kernel_thread_with_no_fds_is_inspected_and_holds_nothing() {
+    // As root a kernel thread's fd directory lists empty: looked at, nothing held.
+    let s = Sim::new();
+    let host = Host {
+        procfs: fake_proc(&s.sim.root, "kworker/0:1", FakeFds::None, ""),
+        ..s.host()
+    };
+    let scan = holders::scan(&host, &rtx(), &holders::gpu_nodes(&host, &rtx()));
+    assert_eq!(scan.uninspected, 0);
+    assert_eq!(scan.verdict(), Verdict::Clear, "{scan:#?}");
+}
+
+#[test]
+fn a_proc_that_cannot_be_listed_is_unchecked() {
+    let s = Sim::new();
+    let host = Host {
+        procfs: s.sim.root.join("no-such-proc"),
+        ..s.host()
+    };
+    let scan = holders::scan(&host, &rtx(), &holders::gpu_nodes(&host, &rtx()));
+    let Verdict::Unchecked { what } = scan.verdict() else {
+        panic!("an unreadable /proc must not make the GPU free: {scan:#?}")
+    };
+    assert!(
+        what.iter()
+            .any(|w| w.contains("cannot list processes in") && w.contains("holders were not checked")),
+        "{what:?}"
+    );
+}
+
+#[test]
+fn no_device_nodes_for_a_gpu_on_its_driver_is_unchecked_naming_host_dev() {
+    // `[host] dev` pointing where the nodes are not: a scan of no nodes finds no holder.
+    let s = Sim::new();
+    let empty = s.sim.root.join("empty-dev");
+    fs::create_dir_all(&empty).unwrap();
+    let host = Host {
+        dev: empty.clone(),
+        ..s.host()
+    };
+    let job = hold(&s.dev("nvidia0"), &[]);
+    let nodes = holders::gpu_nodes(&host, &rtx());
+    assert_eq!(nodes, []);
+    let scan = holders::scan(&host, &rtx(), &nodes);
+    assert!(holder(&scan, job.pid()).is_none());
+    let Verdict::Unchecked { what } = scan.verdict() else {
+        panic!("no nodes found must not make the GPU free: {scan:#?}")
+    };
+    let want = format!(
+        "no device nodes of GPU 0000:01:00.0 were found under {}",
+        empty.display()
+    );
+    assert!(
+        what.iter()
+            .any(|w| w.starts_with(&want) && w.contains("[host] dev")),
+        "{what:?}"
+    );
+
+    // A GPU with no driver has no nodes: nothing to check there, nothing missing.
+    let unbound = Gpu {
+        owner: Owner::Unbound,
+        functions: rtx()
+            .functions
+            .into_iter()
+            .map(|f| Function { driver: None, ..f })
+            .collect(),
+        ..rtx()
+    };
+    let scan = holders::scan(&host, &unbound, &[]);
+    assert!(scan.notes.is_empty(), "{:?}", scan.notes);
+}
+
+#[test]
+fn unprivileged_the_verdict_says_how_many_and_to_run_as_root() {
+    let text = holders::uninspected_text(3, &[], false);
+    assert_eq!(
+        text,
+        "3 processes could not be inspected: run as root to see them"
+    );
 }
 
 // --- Parsers against fixture text. ---------------------------------------------------------

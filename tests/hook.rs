@@ -34,22 +34,35 @@ struct Machine {
 
 fn machine() -> Option<Machine> {
     let sim = workstation()?;
-    let host = sim.host();
     let etc = sim.tmp.path().join("etc");
     fs::create_dir(&etc).unwrap();
-    let config = etc.join("config.toml");
-    let text = format!(
-        "[gpu]\naddress = \"{GPU}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 1\n\n\
-         [[vm]]\nname = \"win11\"\nlabel = \"Windows\"\n\n\
-         [host]\nsysfs = {:?}\nproc = \"/proc\"\ndev = {:?}\nrun = {:?}\n",
-        host.sysfs.display().to_string(),
-        host.dev.display().to_string(),
-        host.run.display().to_string(),
-    );
-    fs::write(&config, text).unwrap();
-    std::os::unix::fs::chown(&config, Some(0), Some(0)).unwrap();
-    fs::set_permissions(&config, fs::Permissions::from_mode(0o644)).unwrap();
-    Some(Machine { sim, config })
+    let m = Machine {
+        config: etc.join("config.toml"),
+        sim,
+    };
+    m.configure("watchdog_s = 1", None, None);
+    Some(m)
+}
+
+impl Machine {
+    /// (Re)write the system config: `gpu_extra` in `[gpu]`, `[host]` on the mount with
+    /// `proc` and `dev` replaced when given.
+    fn configure(&self, gpu_extra: &str, proc: Option<&Path>, dev: Option<&Path>) {
+        let host = self.sim.host();
+        let text = format!(
+            "[gpu]\naddress = \"{GPU}\"\nhost_driver = \"nvidia\"\n{gpu_extra}\n\n\
+             [[vm]]\nname = \"win11\"\nlabel = \"Windows\"\n\n\
+             [host]\nsysfs = {:?}\nproc = {:?}\ndev = {:?}\nrun = {:?}\nuninspectable_ok = {:?}\n",
+            host.sysfs.display().to_string(),
+            proc.unwrap_or(Path::new("/proc")).display().to_string(),
+            dev.unwrap_or(&host.dev).display().to_string(),
+            host.run.display().to_string(),
+            host.uninspectable_ok,
+        );
+        fs::write(&self.config, text).unwrap();
+        std::os::unix::fs::chown(&self.config, Some(0), Some(0)).unwrap();
+        fs::set_permissions(&self.config, fs::Permissions::from_mode(0o644)).unwrap();
+    }
 }
 
 /// What one hook run returned.
@@ -394,4 +407,232 @@ fn a_vm_named_like_an_option_is_still_guarded_through_the_shims_arguments() {
         m.sim.assert_home();
         drop(holder);
     }
+}
+// --- The gate fails closed. ----------------------------------------------------------------
+
+/// A procfs with one process, pid 4242 (`containerd-shim`), whose `fd` gives an error even
+/// to root (it is a file: what a container's PID 1 looks like to a confined hook).
+fn unreadable_proc(root: &Path) -> PathBuf {
+    let proc = root.join("fakeproc");
+    let pid = proc.join("4242");
+    fs::create_dir_all(&pid).unwrap();
+    fs::write(pid.join("fd"), "").unwrap();
+    fs::write(pid.join("comm"), "containerd-shim\n").unwrap();
+    fs::write(pid.join("status"), "Name:\tcontainerd-shim\nUid:\t0\t0\t0\t0\n").unwrap();
+    fs::write(proc.join("iomem"), "").unwrap();
+    proc
+}
+
+#[test]
+fn prepare_is_refused_naming_a_process_it_could_not_inspect() {
+    let Some(m) = machine() else { return };
+    let proc = unreadable_proc(m.sim.tmp.path());
+    m.configure("watchdog_s = 1", Some(&proc), None);
+    let r = m.hook("win11", "prepare", "begin", &fixture("win11.xml"));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("not handing GPU 0000:01:00.0 to win11: it could not be checked for holders"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("1 process could not be inspected even as root: pid 4242 (containerd-shim)"),
+        "names what it could not check:\n{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("CAP_SYS_PTRACE"),
+        "and the way out:\n{}",
+        r.stderr
+    );
+    assert_eq!(
+        m.sim.short_log(),
+        vec![],
+        "a refused start writes nothing to sysfs"
+    );
+    m.sim.assert_home();
+    assert_eq!(m.record(), None);
+    let st = m.state();
+    assert_eq!(st["phase"], "host");
+    assert!(
+        st["last_refusal"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("pid 4242"),
+        "{st}"
+    );
+
+    // Named in [host] uninspectable_ok, it no longer stops the start.
+    let text = fs::read_to_string(&m.config).unwrap().replace(
+        "uninspectable_ok = [",
+        "uninspectable_ok = [\"containerd-shim\", ",
+    );
+    fs::write(&m.config, text).unwrap();
+    let r = m.hook("win11", "prepare", "begin", &fixture("win11.xml"));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    m.sim.assert_on_vfio();
+    assert_eq!(m.hook("win11", "release", "end", &fixture("win11.xml")).code, 0);
+    m.sim.assert_home();
+}
+
+#[test]
+fn prepare_is_refused_when_no_device_node_of_the_gpu_is_found() {
+    let Some(m) = machine() else { return };
+    // `[host] dev` where the nodes are not, while a process holds the real nvidia0.
+    let empty = m.sim.tmp.path().join("empty-dev");
+    fs::create_dir(&empty).unwrap();
+    m.configure("watchdog_s = 1", None, Some(&empty));
+    let _holder = hold(&m.sim.dev("nvidia0"));
+    let r = m.hook("win11", "prepare", "begin", &fixture("win11.xml"));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "no device nodes of GPU 0000:01:00.0 were found under {}",
+            empty.display()
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("[host] dev"), "{}", r.stderr);
+    assert_eq!(m.sim.short_log(), vec![]);
+    m.sim.assert_home();
+    assert_eq!(m.record(), None);
+}
+
+// --- Durations that cannot be counted to. --------------------------------------------------
+
+#[test]
+fn a_watchdog_of_u64_max_is_a_config_error_and_nothing_is_written() {
+    let Some(m) = machine() else { return };
+    m.configure("watchdog_s = 18446744073709551615", None, None);
+    let xml = fixture("win11.xml");
+    let r = m.hook("win11", "prepare", "begin", &xml);
+    assert_eq!(
+        r.code, 1,
+        "a start that cannot be made safely is refused: {}",
+        r.stderr
+    );
+    let at = format!(
+        "{}:4:14: [gpu] watchdog_s = 18446744073709551615 is too long",
+        m.config.display()
+    );
+    assert!(
+        r.stderr.contains(&at),
+        "names the file, line, column and key:\n{}",
+        r.stderr
+    );
+    m.assert_nothing_written("prepare with a broken watchdog");
+    let r = m.hook("win11", "release", "end", &xml);
+    assert_eq!(r.code, 0, "a release is never blocked: {}", r.stderr);
+    assert!(r.stderr.contains(&at), "{}", r.stderr);
+    m.assert_nothing_written("release with a broken watchdog");
+}
+
+// --- One handoff at a time. ----------------------------------------------------------------
+
+/// `handoff hook --system-config CONFIG <domain> <op> <sub> -` as libvirtd runs it, with
+/// `xml` on stdin, started (not waited for).
+fn spawn_hook(config: &Path, domain: &str, op: &str, sub: &str, xml: &str) -> std::process::Child {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .args(["hook", "--system-config"])
+        .arg(config)
+        .args([domain, op, sub, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(xml.as_bytes()).unwrap();
+    child
+}
+
+fn finish(child: std::process::Child) -> Run {
+    let out = child.wait_with_output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn two_vms_started_at_once_get_the_gpu_one_at_most_and_the_other_is_told_which() {
+    let Some(m) = machine() else { return };
+    let win = fixture("win11.xml");
+    let ai = fixture("linux-ai.xml");
+    // Both at once, several times over: without a lock both used to succeed.
+    for round in 0..4 {
+        let a = spawn_hook(&m.config, "win11", "prepare", "begin", &win);
+        let b = spawn_hook(&m.config, "linux-ai", "prepare", "begin", &ai);
+        let (a, b) = (finish(a), finish(b));
+        let (winner, loser, lost) = match (a.code, b.code) {
+            (0, 1) => ("win11", "linux-ai", &b),
+            (1, 0) => ("linux-ai", "win11", &a),
+            _ => panic!(
+                "round {round}: exactly one start must succeed:\nwin11 {}: {}\nlinux-ai {}: {}",
+                a.code, a.stderr, b.code, b.stderr
+            ),
+        };
+        assert!(
+            lost.stderr.contains(&format!(
+                "not handing GPU 0000:01:00.0 to {loser}: it is with {winner}"
+            )),
+            "round {round}: the refusal names the VM that has the GPU:\n{}",
+            lost.stderr
+        );
+        m.sim.assert_on_vfio();
+        let rec = m.record().unwrap();
+        assert_eq!(
+            (rec.phase, rec.vm.as_deref()),
+            (Phase::Bound, Some(winner)),
+            "round {round}"
+        );
+        assert_eq!(m.state()["vm"], winner, "round {round}");
+
+        // libvirt releases the refused domain: the GPU stays with the winner.
+        let xml_of = |vm: &str| if vm == "win11" { &win } else { &ai };
+        let r = finish(spawn_hook(&m.config, loser, "release", "end", xml_of(loser)));
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(
+            r.stderr.contains(&format!(
+                "not returning GPU 0000:01:00.0 for {loser}: the restore record says it is with {winner}; nothing was changed"
+            )),
+            "{}",
+            r.stderr
+        );
+        m.sim.assert_on_vfio();
+        assert_eq!(m.record().unwrap().vm.as_deref(), Some(winner));
+
+        let r = finish(spawn_hook(&m.config, winner, "release", "end", xml_of(winner)));
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        m.sim.assert_home();
+        assert_eq!(m.record(), None);
+    }
+}
+
+#[test]
+fn a_start_of_another_vm_is_refused_while_the_gpu_is_still_being_handed_to_the_first() {
+    let Some(m) = machine() else { return };
+    // What a prepare that died half-way (or one still running) leaves: a `binding` record.
+    let host = m.sim.host();
+    let g = handoff::gpu::read_gpu(&host, addr(GPU)).unwrap();
+    RestoreRecord::new(&g, Some("win11")).save(&host).unwrap();
+    let r = m.hook("linux-ai", "prepare", "begin", &fixture("linux-ai.xml"));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("not handing GPU 0000:01:00.0 to linux-ai: it is with win11"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("handoff rebind --force"),
+        "the way out of a stale one: {}",
+        r.stderr
+    );
+    assert_eq!(m.sim.short_log(), vec![]);
+    m.sim.assert_home();
 }

@@ -171,10 +171,13 @@ type FunctionState = (PciAddress, Option<String>, Option<String>);
 fn write_system_config(host: &Host, domains: &[&str]) {
     let mut text = format!(
         "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = {WATCHDOG_S}\n\n\
-         [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\n",
+         [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\nuninspectable_ok = {:?}\n",
         host.sysfs.display(),
         host.dev.display(),
-        host.run.display()
+        host.run.display(),
+        // Processes root cannot inspect here (PID 1 of the container): the scan
+        // fails closed on them; these tests are about the GPU's own holders.
+        handoff::holders::uninspectable_now(std::path::Path::new("/proc"))
     );
     for d in domains {
         text += &format!("\n[[vm]]\nname = \"{d}\"\n");

@@ -147,12 +147,15 @@ impl Scene {
         let config = |command: &str, class: &str| {
             format!(
                 "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 2\n\n\
-             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\n\n\
+             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\nuninspectable_ok = {:?}\n\n\
              [looking_glass]\ncommand = \"{command}\"\nargs = [{}]\nworkspace = {}\nwindow_class = \"{class}\"\n\n\
              [[vm]]\nname = \"{}\"\nlabel = \"Windows\"\nshutdown_timeout_s = 3\n",
                 host.sysfs.display(),
                 host.dev.display(),
                 host.run.display(),
+                // Processes root cannot inspect here (PID 1 of the container): the scan
+                // fails closed on them; these tests are about the GPU's own holders.
+                handoff::holders::uninspectable_now(std::path::Path::new("/proc")),
                 args.join(", "),
                 toml_string(WORKSPACE),
                 vm.name()

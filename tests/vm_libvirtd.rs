@@ -94,10 +94,13 @@ impl Scene {
 
         let mut text = format!(
             "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 2\n\n\
-             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\n",
+             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\nuninspectable_ok = {:?}\n",
             host.sysfs.display(),
             host.dev.display(),
-            host.run.display()
+            host.run.display(),
+            // Processes root cannot inspect here (PID 1 of the container): the scan
+            // fails closed on them; these tests are about the GPU's own holders.
+            handoff::holders::uninspectable_now(std::path::Path::new("/proc"))
         );
         for (d, label) in [(&win, "Windows"), (&ai, "Linux AI")] {
             text += &format!(

@@ -105,11 +105,14 @@ impl Scene {
 
         let text = format!(
             "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 2\n\n\
-             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\n\n\
+             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\nuninspectable_ok = {:?}\n\n\
              [[vm]]\nname = \"{}\"\nlabel = \"Windows\"\nshutdown_timeout_s = 3\n",
             host.sysfs.display(),
             host.dev.display(),
             host.run.display(),
+            // Processes root cannot inspect here (PID 1 of the container): the scan
+            // fails closed on them; these tests are about the GPU's own holders.
+            handoff::holders::uninspectable_now(std::path::Path::new("/proc")),
             domain.name()
         );
         fs::create_dir(ETC_HANDOFF).unwrap();

@@ -5,13 +5,21 @@
 //! Every write that can hang goes through [`write::write_with_watchdog`]. A restore record
 //! is saved before the first change; a failed step rolls back what was done, and what
 //! cannot be rolled back leaves the record in phase `stuck` ("restore required").
+//!
+//! Every change happens under the GPU's [`lock::GpuLock`], from reading the restore record
+//! to saving what was done: two handoffs of one GPU never interleave. A record that says
+//! the GPU is with (or being handed to) one VM makes a handoff to any other VM
+//! [`BindError::Busy`].
 
+pub mod lock;
 pub mod plan;
 pub mod record;
 pub mod write;
 
 use std::time::Duration;
 
+pub use lock::GpuLock;
+use lock::LockError;
 use plan::{Expect, Step, VFIO};
 use record::{Phase, RecordError, RestoreRecord};
 use write::{WriteError, write_with_watchdog};
@@ -23,21 +31,43 @@ use crate::pci::PciAddress;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
-    #[error("{}", refusal_text(*.gpu, vm.as_deref(), holders, framebuffers))]
+    #[error("{}", refusal_with_unchecked(*.gpu, vm.as_deref(), holders, framebuffers, unchecked))]
     Refused {
         gpu: PciAddress,
         vm: Option<String>,
         holders: Vec<Holder>,
         framebuffers: Vec<Framebuffer>,
+        /// What the scan could not check besides (see [`holders::Verdict::Held`]).
+        unchecked: Vec<String>,
     },
-    #[error("{}", held_on_host_text(*.gpu, *.function, driver, holders, framebuffers))]
+    #[error("{}", held_on_host_text(*.gpu, *.function, driver, holders, framebuffers, unchecked))]
     HeldOnHost {
         gpu: PciAddress,
         function: PciAddress,
         driver: String,
         holders: Vec<Holder>,
         framebuffers: Vec<Framebuffer>,
+        /// What the scan could not check (see [`holders::Verdict`]).
+        unchecked: Vec<String>,
     },
+    #[error("{}", unchecked_text(*.gpu, vm.as_deref(), what))]
+    Unchecked {
+        gpu: PciAddress,
+        vm: Option<String>,
+        /// What could not be checked, one line each.
+        what: Vec<String>,
+    },
+    #[error("{}", busy_text(*.gpu, vm.as_deref(), with, *phase))]
+    Busy {
+        gpu: PciAddress,
+        /// The VM this handoff was for.
+        vm: Option<String>,
+        /// The VM the restore record names.
+        with: String,
+        phase: Phase,
+    },
+    #[error(transparent)]
+    Lock(#[from] LockError),
     #[error("no GPU at {0}: nothing to hand over (check [gpu] address; `handoff doctor`)")]
     Absent(PciAddress),
     #[error(
@@ -117,6 +147,7 @@ fn held_on_host_text(
     driver: &str,
     holders: &[Holder],
     framebuffers: &[Framebuffer],
+    unchecked: &[String],
 ) -> String {
     let what = match (holders.len(), framebuffers.is_empty()) {
         (0, false) => "the boot framebuffer holds it".to_owned(),
@@ -134,7 +165,59 @@ fn held_on_host_text(
     for f in framebuffers {
         s += &format!("  {}\n", f.summary());
     }
+    for u in unchecked {
+        s += &format!("  not checked: {u}\n");
+    }
     s += "Nothing was changed. Stop them (systemctl stop <unit>, or end the process), then run `handoff rebind --force` again.";
+    s
+}
+
+/// The refusal when the holder scan could not look everywhere: what it could not check,
+/// and that nothing was changed. A hidden holder would hang the unbind.
+pub fn unchecked_text(gpu: PciAddress, vm: Option<&str>, what: &[String]) -> String {
+    let to = vm.map(|v| format!(" to {v}")).unwrap_or_default();
+    let mut s = format!(
+        "handoff: not handing GPU {gpu}{to}: it could not be checked for holders, and a holder it cannot see would hang the unbind:\n"
+    );
+    for w in what {
+        s += &format!("  {w}\n");
+    }
+    s += "Nothing was changed. Fix what is named above, then start the VM again (`sudo handoff blockers` checks).";
+    s
+}
+
+/// [`refusal_text`], then what could not be checked besides, so that stopping the named
+/// holders is not taken as the whole story.
+fn refusal_with_unchecked(
+    gpu: PciAddress,
+    vm: Option<&str>,
+    holders: &[Holder],
+    framebuffers: &[Framebuffer],
+    unchecked: &[String],
+) -> String {
+    let mut s = refusal_text(gpu, vm, holders, framebuffers);
+    if !unchecked.is_empty() {
+        s += "\nAlso not checked:";
+        for u in unchecked {
+            s += &format!("\n  {u}");
+        }
+    }
+    s
+}
+
+/// The refusal when the restore record gives the GPU to another VM.
+fn busy_text(gpu: PciAddress, vm: Option<&str>, with: &str, phase: Phase) -> String {
+    let mut s = match vm {
+        Some(vm) => format!(
+            "handoff: not handing GPU {gpu} to {vm}: it is with {with}; stop that VM first, then start {vm} again"
+        ),
+        None => {
+            format!("handoff: not handing GPU {gpu}: it is with {with}; stop that VM first, then try again")
+        }
+    };
+    if phase == Phase::Binding {
+        s += " (if its start failed and it is not running, `handoff rebind --force` returns the GPU)";
+    }
     s
 }
 
@@ -335,7 +418,26 @@ fn describe_state(host: &Host, address: PciAddress) -> String {
     }
 }
 
-/// Refuse when anything holds the GPU; otherwise move every function to vfio-pci.
+/// [`BindError::Busy`] when `record` says the GPU is with, or being handed to, a VM other
+/// than `vm`: that VM has it, and handing it on would pull it from under a running guest.
+pub fn check_not_with_another(record: Option<&RestoreRecord>, vm: Option<&str>) -> Result<(), BindError> {
+    match record {
+        Some(r) if matches!(r.phase, Phase::Binding | Phase::Bound) => match r.vm.as_deref() {
+            Some(with) if Some(with) != vm => Err(BindError::Busy {
+                gpu: r.gpu,
+                vm: vm.map(str::to_owned),
+                with: with.to_owned(),
+                phase: r.phase,
+            }),
+            _ => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// Refuse when anything holds the GPU (or the scan could not look everywhere), when
+/// another VM has it, or when another handoff of it is running; otherwise move every
+/// function to vfio-pci. Takes the GPU's lock for the whole handoff.
 pub fn hand_to_vfio(
     host: &Host,
     address: PciAddress,
@@ -343,6 +445,20 @@ pub fn hand_to_vfio(
     timeout: Duration,
     progress: &mut dyn FnMut(&Step),
 ) -> Result<Outcome, BindError> {
+    let lock = GpuLock::acquire(host, address, lock::wait_for(timeout))?;
+    hand_to_vfio_locked(&lock, host, vm, timeout, progress)
+}
+
+/// [`hand_to_vfio`] for a caller that already holds the GPU's lock (the hook, which keeps
+/// it across its own state file writes too).
+pub fn hand_to_vfio_locked(
+    lock: &GpuLock,
+    host: &Host,
+    vm: Option<&str>,
+    timeout: Duration,
+    progress: &mut dyn FnMut(&Step),
+) -> Result<Outcome, BindError> {
+    let address = lock.gpu();
     let g = gpu::read_gpu(host, address)?;
     if g.owner == Owner::Absent {
         return Err(BindError::Absent(address));
@@ -359,16 +475,28 @@ pub fn hand_to_vfio(
                 .unwrap_or_else(|| "an earlier handoff did not finish".into()),
         });
     }
+    check_not_with_another(earlier.as_ref(), vm)?;
     refuse_if_locked(&g)?;
     let nodes = holders::gpu_nodes(host, &g);
     let scan = holders::scan(host, &g, &nodes);
-    if !scan.is_clear() {
-        return Err(BindError::Refused {
-            gpu: address,
-            vm: vm.map(str::to_owned),
-            holders: scan.holders,
-            framebuffers: scan.framebuffers,
-        });
+    match scan.verdict() {
+        holders::Verdict::Clear => {}
+        holders::Verdict::Held { unchecked } => {
+            return Err(BindError::Refused {
+                gpu: address,
+                vm: vm.map(str::to_owned),
+                holders: scan.holders,
+                framebuffers: scan.framebuffers,
+                unchecked,
+            });
+        }
+        holders::Verdict::Unchecked { what } => {
+            return Err(BindError::Unchecked {
+                gpu: address,
+                vm: vm.map(str::to_owned),
+                what,
+            });
+        }
     }
     let steps = plan::to_vfio(&g, vfio_loaded(host));
     let mut record = RestoreRecord::new(&g, vm);
@@ -508,6 +636,7 @@ fn unbind_from_host_driver(steps: &[Step]) -> Option<(PciAddress, &str)> {
 /// the graphics function to `host_driver`). The record is removed only when all are home.
 /// Without a record a GPU already on host drivers is left alone ([`return_plan`]); before
 /// any unbind from a host driver the holders are checked, and any holder means no change.
+/// Takes the GPU's lock for the whole handoff.
 pub fn return_to_host(
     host: &Host,
     address: PciAddress,
@@ -515,6 +644,19 @@ pub fn return_to_host(
     timeout: Duration,
     progress: &mut dyn FnMut(&Step),
 ) -> Result<Outcome, BindError> {
+    let lock = GpuLock::acquire(host, address, lock::wait_for(timeout))?;
+    return_to_host_locked(&lock, host, host_driver, timeout, progress)
+}
+
+/// [`return_to_host`] for a caller that already holds the GPU's lock.
+pub fn return_to_host_locked(
+    lock: &GpuLock,
+    host: &Host,
+    host_driver: &str,
+    timeout: Duration,
+    progress: &mut dyn FnMut(&Step),
+) -> Result<Outcome, BindError> {
+    let address = lock.gpu();
     let g = gpu::read_gpu(host, address)?;
     if g.owner == Owner::Absent {
         return Err(BindError::Absent(address));
@@ -547,13 +689,15 @@ pub fn return_to_host(
     if let Some((function, driver)) = unbind_from_host_driver(&steps) {
         let nodes = holders::gpu_nodes(host, &g);
         let scan = holders::scan(host, &g, &nodes);
-        if !scan.is_clear() {
+        let verdict = scan.verdict();
+        if verdict != holders::Verdict::Clear {
             return Err(BindError::HeldOnHost {
                 gpu: address,
                 function,
                 driver: driver.to_owned(),
                 holders: scan.holders,
                 framebuffers: scan.framebuffers,
+                unchecked: verdict.unchecked().to_vec(),
             });
         }
     }

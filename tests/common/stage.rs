@@ -36,12 +36,17 @@ pub struct Stage {
 }
 
 /// A config's `[host]` section for `host` (a simulated machine's roots).
+///
+/// `uninspectable_ok` lists the processes this machine's root cannot inspect (PID 1 of the
+/// container the tests run in): the holder scan fails closed on them, and these tests are
+/// about the GPU's own holders, which are real child processes root does see.
 pub fn host_section(host: &Host) -> String {
     format!(
-        "[host]\nsysfs = \"{}\"\nproc = \"/proc\"\ndev = \"{}\"\nrun = \"{}\"\n\n",
+        "[host]\nsysfs = \"{}\"\nproc = \"/proc\"\ndev = \"{}\"\nrun = \"{}\"\nuninspectable_ok = {:?}\n\n",
         host.sysfs.display(),
         host.dev.display(),
-        host.run.display()
+        host.run.display(),
+        handoff::holders::uninspectable_now(Path::new("/proc"))
     )
 }
 
