@@ -26,7 +26,6 @@ fn main() -> ExitCode {
                 procfs: PathBuf::from(procfs),
                 dev: PathBuf::from(dev),
                 run: PathBuf::from("/nonexistent"),
-                demo: false,
             };
             let Ok(address) = bdf.parse::<PciAddress>() else {
                 eprintln!("not a PCI address: {bdf}");

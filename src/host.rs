@@ -20,11 +20,6 @@ pub struct Host {
     pub dev: PathBuf,
     /// Where the hook keeps its state and restore records, normally `/run/handoff`.
     pub run: PathBuf,
-    /// `handoff demo`'s simulated host: starting or stopping a VM on a `test://` URI
-    /// (libvirt's in-process test driver, which runs no hooks) runs the hook's logic in
-    /// the process that does it. Ignored unless sysfs is a simulated one (never `/sys`).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub demo: bool,
 }
 
 impl Default for Host {
@@ -40,7 +35,6 @@ impl Host {
             procfs: "/proc".into(),
             dev: "/dev".into(),
             run: "/run/handoff".into(),
-            demo: false,
         }
     }
 
