@@ -539,3 +539,193 @@ fn qemu_pid(uri: &str, name: &str) -> Option<u32> {
     };
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::hypervisor::test_node;
+    use crate::live::DomainEvent;
+    use crate::pci::PciAddress;
+
+    fn done(hv: &mut Libvirt, task: &Task) -> VmState {
+        match hv.poll(task).expect("poll") {
+            TaskState::Done { state, .. } => state,
+            other => panic!("{:?} not done: {other:?}", task.action),
+        }
+    }
+
+    #[test]
+    fn start_and_destroy_are_tasks_that_end_in_the_state_probe_reads() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lab = VmRef::named(&test_node(tmp.path()), "lab");
+        let mut hv = Libvirt::new();
+        assert_eq!(hv.probe(&lab).unwrap().state, VmState::Shutoff);
+
+        let Start::Begun(task) = hv.start(&lab).unwrap() else {
+            panic!("the test driver runs no hook, so nothing refuses")
+        };
+        assert_eq!((task.action, task.upid.as_deref()), (Action::Start, None));
+        assert_eq!(done(&mut hv, &task), VmState::Running);
+        assert_eq!(
+            hv.probe(&lab).unwrap(),
+            Probe {
+                state: VmState::Running,
+                reason: Some("booted".into())
+            }
+        );
+
+        let task = hv.destroy(&lab).unwrap();
+        assert_eq!(done(&mut hv, &task), VmState::Shutoff);
+        assert_eq!(
+            hv.probe(&lab).unwrap().reason.as_deref(),
+            Some("forced off (destroyed)")
+        );
+
+        // Starting what runs is libvirt's error, not a refusal of the guard.
+        hv.start(&lab).unwrap();
+        match hv.start(&lab) {
+            Err(HypervisorError::Start { uri, name, message }) => {
+                assert_eq!((uri.as_str(), name.as_str()), (lab.at.as_str(), "lab"));
+                assert!(message.contains("already running"), "{message}");
+            }
+            other => panic!("a second start: {other:?}"),
+        }
+        let task = hv.shutdown(&lab).unwrap();
+        assert_eq!(done(&mut hv, &task), VmState::Shutoff);
+    }
+
+    #[test]
+    fn describe_names_every_passed_through_function_and_the_looking_glass_device() {
+        let tmp = tempfile::tempdir().unwrap();
+        let uri = test_node(tmp.path());
+        let mut hv = Libvirt::new();
+        let d = hv.describe(&VmRef::named(&uri, "lab")).unwrap();
+        let gpu = PciAddress::new(0, 1, 0, 0);
+        assert_eq!(d.passthrough, [gpu, gpu.with_function(1)]);
+        assert_eq!(
+            d.looking_glass,
+            Some(Shmem {
+                name: "looking-glass".into(),
+                model: Some("ivshmem-plain".into()),
+                size_bytes: Some(32 << 20),
+            })
+        );
+        assert!(d.definition.contains("<name>lab</name>"), "{}", d.definition);
+        let other = hv.describe(&VmRef::named(&uri, "other")).unwrap();
+        assert_eq!((other.passthrough.len(), other.looking_glass), (0, None));
+    }
+
+    #[test]
+    fn list_gives_every_domain_with_its_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let uri = test_node(tmp.path());
+        let mut hv = Libvirt::new();
+        hv.start(&VmRef::named(&uri, "other")).unwrap();
+        let names: Vec<(String, VmState)> = hv
+            .list(&uri)
+            .unwrap()
+            .into_iter()
+            .map(|(vm, s)| (vm.name, s))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("lab".into(), VmState::Shutoff),
+                ("other".into(), VmState::Running)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unknown_domain_is_undefined_and_an_unreachable_uri_unknown_each_saying_why() {
+        let tmp = tempfile::tempdir().unwrap();
+        let uri = test_node(tmp.path());
+        let mut hv = Libvirt::new();
+        let missing = VmConfig {
+            name: "nope".into(),
+            label: None,
+            uri: uri.clone(),
+            shutdown_timeout_s: 1,
+        };
+        let st = super::super::vm_status(&mut hv, &missing);
+        assert_eq!(st.state, VmState::Undefined);
+        assert!(st.error.unwrap().contains("virsh -c"));
+
+        let gone = format!("test://{}", tmp.path().join("no-such-node.xml").display());
+        match hv.probe(&VmRef::named(&gone, "lab")) {
+            Err(HypervisorError::Connect { uri, message }) => {
+                assert_eq!(uri, gone);
+                assert!(!message.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        // Its guest facts are unknown, not an error.
+        assert_eq!(hv.guest(&VmRef::named(&gone, "lab")), Guest::default());
+    }
+
+    #[test]
+    fn subscribe_delivers_the_subscribed_vms_lifecycle_until_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let uri = test_node(tmp.path());
+        let lab = VmRef::named(&uri, "lab");
+        let mut hv = Libvirt::new();
+        // Subscribe before anything opens the URI: libvirt's event loop must exist before
+        // the connection it reports on.
+        let (tx, rx) = mpsc::channel();
+        let sub = hv
+            .subscribe(
+                std::slice::from_ref(&lab),
+                Arc::new(move |ev| tx.send(ev).is_ok()),
+            )
+            .unwrap();
+        let next = || {
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("an event within 10 s")
+        };
+
+        // `other` is not subscribed: its start is not delivered, so lab's comes first.
+        hv.start(&VmRef::named(&uri, "other")).unwrap();
+        hv.start(&lab).unwrap();
+        assert_eq!(
+            next(),
+            VmEvent::Lifecycle {
+                vm: lab.clone(),
+                event: DomainEvent::Started
+            }
+        );
+        hv.destroy(&lab).unwrap();
+        assert_eq!(
+            next(),
+            VmEvent::Lifecycle {
+                vm: lab.clone(),
+                event: DomainEvent::Stopped
+            }
+        );
+        drop(sub);
+    }
+
+    #[test]
+    fn a_refusal_inside_libvirts_error_is_a_refusal_with_the_hooks_own_words() {
+        let err = "Hook script execution failed: internal error: Child process (LC_ALL=C \
+            /etc/libvirt/hooks/qemu.d/handoff win11 prepare begin -) unexpected exit status 1: \
+            handoff: warning: win11 passes 0000:01:00.0 through but is not a [[vm]]\n\
+            handoff: not handing GPU 0000:01:00.0 to win11: 1 process uses it:\n  \
+            sleep (pid 42, user root) holds /dev/nvidia0\n";
+        assert_eq!(
+            hook_message(err),
+            Some(Refusal {
+                message: "not handing GPU 0000:01:00.0 to win11: 1 process uses it:\n  \
+                          sleep (pid 42, user root) holds /dev/nvidia0"
+                    .into(),
+                warnings: vec!["win11 passes 0000:01:00.0 through but is not a [[vm]]".into()],
+            })
+        );
+        assert_eq!(
+            hook_message("Requested operation is not valid: domain is already running"),
+            None
+        );
+    }
+}

@@ -337,3 +337,34 @@ pub fn vm_status(hv: &mut dyn Hypervisor, vm: &VmConfig) -> VmStatus {
         Err(e) => VmStatus::new(vm, VmState::Unknown, Some(e.to_string())),
     }
 }
+
+/// A libvirt test-driver machine in a file, for the implementations' tests: `lab` passes
+/// the GPU's two functions through and has Looking Glass's shared memory; `other` passes
+/// nothing. Both shut off. Each file is its own machine, so tests do not meet.
+#[cfg(all(test, feature = "libvirt"))]
+pub(crate) fn test_node(dir: &std::path::Path) -> String {
+    let domain = |name: &str, devices: &str| {
+        format!(
+            "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
+             <name>{name}</name><memory unit='MiB'>64</memory><vcpu>2</vcpu><os><type>hvm</type></os>\
+             <devices>{devices}</devices><test:runstate>5</test:runstate></domain>"
+        )
+    };
+    let hostdev = |f: u8| {
+        format!(
+            "<hostdev mode='subsystem' type='pci' managed='no'><source>\
+             <address domain='0x0000' bus='0x01' slot='0x00' function='0x{f}'/></source></hostdev>"
+        )
+    };
+    let lab = domain(
+        "lab",
+        &format!(
+            "{}{}<shmem name='looking-glass'><model type='ivshmem-plain'/><size unit='M'>32</size></shmem>",
+            hostdev(0),
+            hostdev(1)
+        ),
+    );
+    let path = dir.join("node.xml");
+    std::fs::write(&path, format!("<node>{lab}{}</node>", domain("other", ""))).unwrap();
+    format!("test://{}", path.display())
+}

@@ -141,3 +141,86 @@ impl Hypervisor for Simulated {
         self.libvirt.subscribe(vms, sink)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Command, Stdio};
+
+    use super::*;
+    use crate::config::VmConfig;
+    use crate::hypervisor::test_node;
+    use crate::sim::{SimHost, SimSpec};
+
+    #[test]
+    fn refuses_to_run_the_hook_for_a_real_host_or_a_real_libvirt() {
+        match Simulated::new(&Config::default()) {
+            Err(e @ HypervisorError::NotSimulated { .. }) => {
+                let e = e.to_string();
+                assert!(
+                    e.contains("real /sys") && e.contains(crate::hypervisor::SIMULATED_ENV),
+                    "{e}"
+                )
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let sim = SimHost::build(tmp.path(), &SimSpec::workstation()).unwrap();
+        let cfg = Config {
+            host: sim.host(),
+            ..Config::default() // win11 at qemu:///system
+        };
+        let e = Simulated::new(&cfg)
+            .err()
+            .expect("qemu:///system is refused")
+            .to_string();
+        assert!(e.contains("win11 is at qemu:///system"), "{e}");
+    }
+
+    #[test]
+    fn refuses_a_start_while_a_process_holds_the_gpu_naming_it_and_leaves_the_vm_off() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sim = SimHost::build(tmp.path(), &SimSpec::workstation()).unwrap();
+        let uri = test_node(tmp.path());
+        let cfg = Config {
+            host: sim.host(),
+            vms: vec![VmConfig {
+                name: "lab".into(),
+                label: Some("Lab".into()),
+                uri: uri.clone(),
+                shutdown_timeout_s: 5,
+            }],
+            ..Config::default()
+        };
+        // A real process holding the GPU's node, as a CUDA job would.
+        let node = std::fs::File::open(sim.dev().join("nvidia0")).unwrap();
+        let mut holder = Command::new("sleep")
+            .arg("60")
+            .stdin(Stdio::from(node))
+            .spawn()
+            .expect("sleep");
+        let pid = holder.id();
+        let lab = VmRef::named(&uri, "lab");
+        let mut hv = Simulated::new(&cfg).unwrap();
+        let started = hv.start(&lab);
+        let state = hv.probe(&lab).map(|p| p.state);
+        let _ = holder.kill();
+        let _ = holder.wait();
+
+        let Ok(Start::Refused(r)) = started else {
+            panic!("not refused: {started:?}")
+        };
+        assert!(
+            r.message.starts_with("not handing GPU 0000:01:00.0 to lab"),
+            "{}",
+            r.message
+        );
+        assert!(r.message.contains(&format!("sleep (pid {pid}")), "{}", r.message);
+        assert!(
+            !r.message.contains("handoff: "),
+            "unwrapped like libvirt's error: {}",
+            r.message
+        );
+        assert_eq!(state.unwrap(), VmState::Shutoff, "the domain was never started");
+        assert_eq!(sim.driver(crate::sim::RTX_3090_TI).as_deref(), Some("nvidia"));
+    }
+}
