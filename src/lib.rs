@@ -7,8 +7,8 @@
 //! show); [`bind`] (plans and executes a handoff), [`hook`] (what libvirtd runs) and
 //! [`state`] (the hook's state file); [`live`] streams changes to the surfaces. [`sim`] and [`kernelsim`] simulate the kernel for
 //! tests and the demo. [`hypervisor`] is the interface to whatever runs the VMs; its
-//! [`libvirt`] implementation (feature `libvirt`) is, with the lifecycle-event modules
-//! ([`vm_events`], [`live`]'s libvirt source), the only part that calls libvirt, and
+//! [`libvirt`] implementation (feature `libvirt`) is, with [`live`]'s libvirt event
+//! source, the only part that calls libvirt, and
 //! [`vm`] (start, stop, switch and health of the configured VMs) works through it.
 //! The session side: [`i3`] and [`lg`] (open Looking Glass on its workspace), [`lg_test`],
 //! [`services`] (user units and .desktop files) and [`inhibit`] (feature `inhibit`: a
@@ -43,8 +43,6 @@ pub mod status;
 pub mod sysfs_read;
 #[cfg(feature = "libvirt")]
 pub mod vm;
-#[cfg(feature = "libvirt")]
-pub mod vm_events;
 
 pub use config::Config;
 pub use host::Host;

@@ -2,8 +2,8 @@
 //! only the CLI, the agent and the details window turn it on). Any URI works:
 //! `qemu:///system`, `qemu+ssh://host/system`, `test:///default`.
 //!
-//! Besides the lifecycle-event modules ([`crate::live`]'s libvirt source,
-//! [`crate::vm_events`]), this is the only code that calls libvirt. It is also the only
+//! Besides the lifecycle-event source of [`crate::live`] (which [`Hypervisor::subscribe`]
+//! uses here), this is the only code that calls libvirt. It is also the only
 //! code that knows how libvirt reports a refusal of handoff's hook: inside the text of
 //! `virDomainCreate`'s error ([`hook_message`]), turned here into [`Start::Refused`].
 

@@ -4,8 +4,8 @@
 //! `lg --on-vm-start`) reaches a hypervisor through. Two implementations exist:
 //!
 //! - [`libvirt::Libvirt`] (feature `libvirt`): any libvirt URI. It is the only code that
-//!   calls libvirt's API, besides the lifecycle-event modules ([`crate::live`]'s libvirt
-//!   source and [`crate::vm_events`]).
+//!   calls libvirt's API, besides the lifecycle-event source of [`crate::live`] (which
+//!   [`libvirt::Libvirt`]'s subscriptions use).
 //! - [`simulated::Simulated`] (feature `libvirt`): `handoff demo`'s hypervisor. It wraps
 //!   [`libvirt::Libvirt`] on libvirt's in-process test driver, which runs no hooks, and
 //!   runs the hook's logic ([`crate::hook::run_event`]) in the process where libvirtd
