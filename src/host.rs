@@ -58,3 +58,24 @@ impl Host {
         self.sysfs == Path::new("/sys") && self.procfs == Path::new("/proc") && self.dev == Path::new("/dev")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    /// `demo` was a `[host]` key until the demo chose its simulated hypervisor itself
+    /// (`crate::hypervisor::simulated`); a config that still sets it names the key.
+    #[test]
+    fn the_retired_demo_key_is_an_unknown_key_with_its_line() {
+        let text = "[host]\nsysfs = \"/tmp/sys\"\ndemo = true\n";
+        let e = Config::parse(text, Path::new("/tmp/old.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/tmp/old.toml") && e.contains("demo") && e.contains('3'),
+            "{e}"
+        );
+    }
+}

@@ -307,8 +307,8 @@ impl Hypervisor for Libvirt {
         let Ok(dom) = self.domain(vm) else {
             return Guest::default();
         };
-        let running = state_of(vm, &dom).is_ok_and(|p| p.state == VmState::Running);
-        let active = state_of(vm, &dom).is_ok_and(|p| p.state.is_active());
+        let state = state_of(vm, &dom).map_or(VmState::Unknown, |p| p.state);
+        let (running, active) = (state == VmState::Running, state.is_active());
         let info = dom.info().ok();
         Guest {
             pid: if active && crate::vm::is_local(&vm.at) {
