@@ -446,6 +446,13 @@ impl<'a> Ctl<'a> {
                         message,
                     });
                 }
+                TaskState::Refused(r) => {
+                    return Err(VmError::HookRefused {
+                        vm: vm.name.clone(),
+                        message: r.message,
+                        warnings: r.warnings,
+                    });
+                }
             }
         };
         if state != VmState::Running {
@@ -606,7 +613,8 @@ impl<'a> Ctl<'a> {
                     return Ok(());
                 }
                 TaskState::Pending { state } => state,
-                TaskState::Failed { message } => {
+                TaskState::Failed { message }
+                | TaskState::Refused(crate::hypervisor::Refusal { message, .. }) => {
                     return Err(VmError::StopFailed {
                         vm: vm.name.clone(),
                         uri: vm.uri.clone(),

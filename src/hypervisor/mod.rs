@@ -28,14 +28,14 @@
 //! | [`VmRef`] | `at` = URI, `name` = domain name, `id` = None | `at` = API endpoint (`https://pve:8006`, node), `id` = VMID (140), `name` = the VM's `name` |
 //! | [`Hypervisor::list`] | `virConnectListAllDomains` | `GET /cluster/resources?type=vm` (or `/nodes/{node}/qemu`) |
 //! | [`Hypervisor::probe`] | `virDomainGetState` + reason | `GET /nodes/{node}/qemu/{vmid}/status/current` (`status`, `qmpstatus`, `lock`) |
-//! | [`Hypervisor::start`] | `virDomainCreate`; a refusal of our hook comes back in libvirt's error text, parsed into [`Start::Refused`] here only | `POST …/status/start` → a UPID in [`Task::upid`]; a hookscript `pre-start` refusal is a failed task whose log holds the hookscript's output → [`TaskState::Failed`]/[`Start::Refused`] |
+//! | [`Hypervisor::start`] | `virDomainCreate`; a refusal of our hook comes back in libvirt's error text, parsed into [`Start::Refused`] here only | `POST …/status/start` → a UPID in [`Task::upid`]; the hookscript's `pre-start` refusal is a failed task whose log holds its output, so it arrives on a poll: [`TaskState::Refused`] |
 //! | [`Hypervisor::shutdown`] | `virDomainShutdown` (ACPI) | `POST …/status/shutdown` (with `timeout`, no `forceStop`) → UPID |
 //! | [`Hypervisor::destroy`] | `virDomainDestroy` | `POST …/status/stop` → UPID |
 //! | [`Hypervisor::poll`] | the domain's state (libvirt's calls are synchronous) | `GET /nodes/{node}/tasks/{upid}/status` (+ `…/log` for progress and the failure's last lines) |
 //! | [`Hypervisor::describe`] | `<hostdev type='pci'>` and `<shmem>` of the live XML | `hostpciN` of `/etc/pve/qemu-server/<vmid>.conf` (`GET …/config`): `0000:01:00` = every function, `0000:01:00.0`, `mapping=NAME` via `/cluster/mapping/pci`; Looking Glass = an `ivshmem` in `args` |
 //! | [`Hypervisor::guest`] | `virDomainGetInfo`, interface addresses, the QEMU pid file | `status/current` (`cpus`, `maxmem`, `pid`), `agent/network-get-interfaces` |
 //! | [`Hypervisor::subscribe`] | `virConnectDomainEventRegisterAny(LIFECYCLE)` + the close callback | no event stream: a thread polls `status/current` at a configured interval and sends the differences; stops when the [`Subscription`] drops |
-//! | the guard | the qemu hook (`prepare`/`release`), run by libvirtd | the hookscript, `<vmid> pre-start|post-start|pre-stop|post-stop`, run by `qm`; `pre-start` ↔ `prepare`, `post-stop` ↔ `release` |
+//! | the guard | the qemu hook (`prepare`/`release`), run by libvirtd | the hookscript, called as `<vmid> <phase>` with phases `pre-start`, `post-start`, `pre-stop`, `post-stop`; `pre-start` ↔ `prepare`, `post-stop` ↔ `release` |
 //!
 //! Every call that acts returns a [`Task`] that [`Hypervisor::poll`] follows to its end,
 //! so a caller says progress the same way whether the hypervisor answers at once
@@ -161,6 +161,10 @@ pub enum TaskState {
     Done { state: VmState, notes: Vec<String> },
     /// The hypervisor's task failed (PVE: its exit status and last log lines).
     Failed { message: String },
+    /// A start task that handoff's guard refused after it had begun (PVE runs the
+    /// hookscript inside the start task; libvirt's refusal comes at once, as
+    /// [`Start::Refused`]).
+    Refused(Refusal),
 }
 
 /// Which devices a VM takes from the host, from its definition.
