@@ -450,7 +450,7 @@ pub fn serve(
 ) -> Result<(), crate::live::WatchError> {
     use std::sync::atomic::AtomicBool;
 
-    use crate::libvirt::Prober;
+    use crate::hypervisor::{self, vm_status};
     use crate::live::{Sources, Watcher};
 
     let out = Arc::new(Mutex::new(output));
@@ -485,15 +485,15 @@ pub fn serve(
         thread::Builder::new()
             .name("handoff-agent-probe".into())
             .spawn(move || {
-                let mut prober = Prober::new();
+                let mut hv = hypervisor::open(&cfg);
                 let mut unknown_seen = false;
                 while let Ok(first) = probe_rx.recv() {
                     let mut ids = vec![first];
                     ids.extend(probe_rx.try_iter());
                     if reconnect.swap(false, Ordering::Relaxed) || unknown_seen {
-                        prober = Prober::new();
+                        hv = hypervisor::open(&cfg);
                     }
-                    let probes: Vec<VmStatus> = cfg.vms.iter().map(|vm| prober.probe(vm)).collect();
+                    let probes: Vec<VmStatus> = cfg.vms.iter().map(|vm| vm_status(&mut *hv, vm)).collect();
                     unknown_seen = probes.iter().any(|p| p.state == VmState::Unknown);
                     for id in ids {
                         send(

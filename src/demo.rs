@@ -6,9 +6,11 @@
 //!   `vfio-pci` loaded) mounted with FUSE, and its `/dev`;
 //! - libvirt: the built-in test driver (`test:///<dir>/demo-node.xml`) with a shut-off
 //!   "Windows" domain `win11`. That driver runs no hooks and each process has its own copy,
-//!   so the demo config sets `[host] demo = true`: then the process that starts or stops the
-//!   VM runs the hook's logic itself ([`crate::vm`]), refusing or binding exactly as
-//!   libvirtd's hook would, and writing the hook's state file the bar reads;
+//!   so VMs are started and stopped through the simulated hypervisor
+//!   ([`crate::hypervisor::simulated`]), which runs the hook's logic in the process that
+//!   starts or stops the VM, refusing or binding exactly as libvirtd's hook would, and
+//!   writing the hook's state file the bar reads. The walkthrough builds one itself; the
+//!   tray (and its agent) gets [`crate::hypervisor::SIMULATED_ENV`] from the demo;
 //! - a GPU user: `cuda-training`, a real child process holding `<dev>/nvidia0` open.
 //!
 //! With a display, `handoff-tray` (beside this binary) is started on the demo config and
@@ -30,6 +32,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use crate::hypervisor::SIMULATED_ENV;
+use crate::hypervisor::simulated::Simulated;
 use crate::kernelsim::Kernel;
 use crate::kernelsim::fuse::SimMount;
 use crate::sim::SimSpec;
@@ -126,8 +130,11 @@ impl Stage {
     }
 
     fn spawn(&mut self, name: &'static str, cmd: &mut Command) -> io::Result<&mut Child> {
+        // The demo's context for what it starts: its config, and its simulated hypervisor
+        // for any VM action (the tray's agent inherits both).
         cmd.process_group(self.pgid.unwrap_or(0))
-            .env("HANDOFF_CONFIG", &self.config);
+            .env("HANDOFF_CONFIG", &self.config)
+            .env(SIMULATED_ENV, "1");
         // std's spawn keeps the parent's signal mask, where the demo's signals are blocked.
         // A demo killed outright (SIGKILL) cannot clean up: its children then end with it.
         // SAFETY: the closure only calls sigemptyset, pthread_sigmask and prctl, which are
@@ -290,7 +297,6 @@ shutdown_timeout_s = 10
 sysfs = {sysfs}
 dev = {dev}
 run = {run}
-demo = true
 uninspectable_ok = {list}
 ",
         uri = toml::Value::String(format!("test://{}", root.join("demo-node.xml").display())),
@@ -567,7 +573,8 @@ from another terminal, this shows the simulated GPU (or `blockers`, who uses it)
 fn walkthrough(cfg: &Config, holder: u32) -> io::Result<()> {
     let vm = cfg.vms.first().ok_or_else(|| io::Error::other("no [[vm]]"))?;
     let mut say = |l: &str| println!("    {l}");
-    let mut ctl = Ctl::new(cfg, &mut say);
+    let hv = Simulated::new(cfg).map_err(|e| io::Error::other(e.to_string()))?;
+    let mut ctl = Ctl::with_hypervisor(cfg, &mut say, Box::new(hv));
     ctl.start_wait = Duration::from_secs(10);
     ctl.gpu_wait = Duration::from_secs(10);
     let gpu_line = |cfg: &Config| {

@@ -20,11 +20,6 @@ pub struct Host {
     pub dev: PathBuf,
     /// Where the hook keeps its state and restore records, normally `/run/handoff`.
     pub run: PathBuf,
-    /// `handoff demo`'s simulated host: starting or stopping a VM on a `test://` URI
-    /// (libvirt's in-process test driver, which runs no hooks) runs the hook's logic in
-    /// the process that does it. Ignored unless sysfs is a simulated one (never `/sys`).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub demo: bool,
     /// Command names (`/proc/<pid>/comm`) of processes whose fds even root cannot read and
     /// that you know do not use the GPU: PID 1 of the container handoff runs in, say. The
     /// holder scan fails closed on every other process it cannot inspect (a handoff is
@@ -47,7 +42,6 @@ impl Host {
             procfs: "/proc".into(),
             dev: "/dev".into(),
             run: "/run/handoff".into(),
-            demo: false,
             uninspectable_ok: Vec::new(),
         }
     }
@@ -70,5 +64,26 @@ impl Host {
     /// True when every root is the real one: only then may anything be written as root.
     pub fn is_system(&self) -> bool {
         self.sysfs == Path::new("/sys") && self.procfs == Path::new("/proc") && self.dev == Path::new("/dev")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    /// `demo` was a `[host]` key until the demo chose its simulated hypervisor itself
+    /// (`crate::hypervisor::simulated`); a config that still sets it names the key.
+    #[test]
+    fn the_retired_demo_key_is_an_unknown_key_with_its_line() {
+        let text = "[host]\nsysfs = \"/tmp/sys\"\ndemo = true\n";
+        let e = Config::parse(text, Path::new("/tmp/old.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/tmp/old.toml") && e.contains("demo") && e.contains('3'),
+            "{e}"
+        );
     }
 }

@@ -6,8 +6,10 @@
 //! [`holders`] (read-only sysfs and `/proc`); [`status`] and [`doctor`] (what surfaces
 //! show); [`bind`] (plans and executes a handoff), [`hook`] (what libvirtd runs) and
 //! [`state`] (the hook's state file); [`live`] streams changes to the surfaces. [`sim`] and [`kernelsim`] simulate the kernel for
-//! tests and the demo. [`libvirt`] (feature `libvirt`) is the only part that links libvirt,
-//! with [`vm`] (start, stop, switch and health of the configured VMs) and [`vm_events`] over it.
+//! tests and the demo. [`hypervisor`] is the interface to whatever runs the VMs; its
+//! [`libvirt`] implementation (feature `libvirt`) is, with [`live`]'s libvirt event
+//! source, the only part that calls libvirt, and
+//! [`vm`] (start, stop, switch and health of the configured VMs) works through it.
 //! The session side: [`i3`] and [`lg`] (open Looking Glass on its workspace), [`lg_test`],
 //! [`services`] (user units and .desktop files) and [`inhibit`] (feature `inhibit`: a
 //! logind sleep inhibitor while a VM owns the GPU).
@@ -23,6 +25,7 @@ pub mod holders;
 pub mod hook;
 pub mod hooks;
 pub mod host;
+pub mod hypervisor;
 pub mod i3;
 #[cfg(feature = "inhibit")]
 pub mod inhibit;
@@ -30,7 +33,7 @@ pub mod kernelsim;
 pub mod lg;
 pub mod lg_test;
 #[cfg(feature = "libvirt")]
-pub mod libvirt;
+pub use hypervisor::libvirt;
 pub mod live;
 pub mod pci;
 pub mod services;
@@ -40,8 +43,6 @@ pub mod status;
 pub mod sysfs_read;
 #[cfg(feature = "libvirt")]
 pub mod vm;
-#[cfg(feature = "libvirt")]
-pub mod vm_events;
 
 pub use config::Config;
 pub use host::Host;

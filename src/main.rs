@@ -585,17 +585,19 @@ struct BlockersJson<'a> {
 }
 
 fn collect_status(cfg: &Config) -> anyhow::Result<status::Status> {
-    let mut prober = handoff::libvirt::Prober::new();
-    Ok(status::collect(cfg, &mut |vm| prober.probe(vm))?)
+    let mut hv = handoff::hypervisor::open(cfg);
+    Ok(status::collect(cfg, &mut |vm| {
+        handoff::hypervisor::vm_status(&mut *hv, vm)
+    })?)
 }
 
 /// Doctor's libvirt checks: each configured VM's URI answers and defines the domain.
 fn libvirt_checks(cfg: &Config) -> Vec<doctor::Check> {
-    let mut prober = handoff::libvirt::Prober::new();
+    let mut hv = handoff::hypervisor::open(cfg);
     cfg.vms
         .iter()
         .map(|vm| {
-            let st = prober.probe(vm);
+            let st = handoff::hypervisor::vm_status(&mut *hv, vm);
             match st.state {
                 status::VmState::Unknown | status::VmState::Undefined => doctor::Check {
                     id: "libvirt",
@@ -902,7 +904,10 @@ fn lg_test(config: Option<PathBuf>, args: LgTestArgs) -> anyhow::Result<ExitCode
     };
     let xml = match &args.xml {
         Some(f) => std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display())),
-        None => handoff::libvirt::domain_xml(&vm).map_err(|e| e.to_string()),
+        None => handoff::hypervisor::open(&cfg)
+            .describe(&handoff::hypervisor::VmRef::from(&vm))
+            .map(|d| d.definition)
+            .map_err(|e| e.to_string()),
     };
     let inputs = lg_test::Inputs {
         xml,
@@ -957,15 +962,18 @@ fn lg_on_vm_start(
     session: &handoff::i3::Session,
     wait: std::time::Duration,
 ) -> anyhow::Result<ExitCode> {
-    use handoff::vm_events::{self, Lifecycle};
+    use handoff::hypervisor::{self, VmEvent, VmRef};
+    use handoff::live::DomainEvent;
     let vm = cfg
         .vm(None)
         .context("no [[vm]] in the config to wait for")?
         .clone();
-    vm_events::start_event_loop().map_err(anyhow::Error::msg)?;
-    let conn = handoff::libvirt::connect(&vm.uri)?;
-    let events = vm_events::watch(&conn, &vm.name)
-        .map_err(|e| anyhow::anyhow!("watching VM {} at {}: {e}", vm.name, vm.uri))?;
+    let mut hv = hypervisor::open(cfg);
+    let (tx, events) = std::sync::mpsc::channel();
+    let _subscription = hv.subscribe(
+        &[VmRef::from(&vm)],
+        std::sync::Arc::new(move |ev| tx.send(ev).is_ok()),
+    )?;
     // Opens the client; returns the sleep inhibitor (when built with it) as an opaque guard
     // that releases the lock when dropped.
     let started = |cfg: &Config| -> Option<Box<dyn std::any::Any>> {
@@ -982,13 +990,25 @@ fn lg_on_vm_start(
     };
     eprintln!("Waiting for VM {} to start (Looking Glass opens then).", vm.name);
     let mut held = None;
-    if handoff::libvirt::domain_state(&conn, &vm.uri, &vm.name)? == status::VmState::Running {
+    if hv.probe(&VmRef::from(&vm))?.state == status::VmState::Running {
         held = started(cfg);
     }
     for ev in events {
         match ev {
-            Lifecycle::Started => held = started(cfg),
-            Lifecycle::Stopped => held = None,
+            VmEvent::Lifecycle {
+                event: DomainEvent::Started | DomainEvent::Resumed,
+                ..
+            } => held = started(cfg),
+            VmEvent::Lifecycle {
+                event: DomainEvent::Stopped | DomainEvent::Crashed,
+                ..
+            } => held = None,
+            VmEvent::Lifecycle { .. } | VmEvent::Back { .. } => {}
+            // systemd restarts the unit, which then looks at the VM afresh.
+            VmEvent::Lost { why, .. } => {
+                drop(held);
+                anyhow::bail!("lost libvirt's events for VM {} at {}: {why}", vm.name, vm.uri)
+            }
         }
     }
     drop(held);

@@ -233,7 +233,6 @@ impl SimHost {
             procfs: "/proc".into(),
             dev: self.dev(),
             run: self.run(),
-            demo: false,
             uninspectable_ok: Vec::new(),
         }
     }

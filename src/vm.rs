@@ -5,8 +5,9 @@
 //! `qemu+ssh://host/system`, `test:///default`), reads sysfs and `/proc` through the
 //! config's [`Host`](crate::Host) to see where the GPU went, and reads (never writes) the
 //! hook's restore record. It never binds or unbinds anything itself: the libvirt hook does
-//! that when libvirt starts or stops the domain, and a refusal of the hook comes back here
-//! inside libvirt's error, from which [`hook_message`] digs out the hook's own words.
+//! that when libvirt starts or stops the domain. The hypervisor is reached only through
+//! [`crate::hypervisor::Hypervisor`] (libvirt, or `handoff demo`'s simulated one), which
+//! reports a refusal of the hook as a value with the hook's own words.
 //!
 //! Nothing here waits for a desktop (no D-Bus, no display): every command works over SSH.
 //! Progress goes to a caller-supplied sink, one line at a time; the outcome is a value the
@@ -16,20 +17,17 @@
 //! The GPU checks only make sense when the VM runs on this machine: for a remote URI the
 //! local sysfs says nothing about that host's GPU, so they are skipped and said to be.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use virt::connect::Connect;
-use virt::domain::{Domain, DomainState};
-use virt::error::ErrorNumber;
 
 use crate::bind::record::{Phase, RestoreRecord};
 use crate::config::{Config, VmConfig};
 use crate::gpu::{self, Owner};
 use crate::hooks::{self, InstalledShim};
-use crate::libvirt::{self as lv, VirtError};
+use crate::hypervisor::{self, Hypervisor, HypervisorError, Start, Task, TaskState, VmRef};
+use crate::libvirt::VirtError;
 use crate::pci::PciAddress;
 use crate::status::VmState;
 
@@ -68,7 +66,7 @@ pub enum VmError {
         message: String,
         warnings: Vec<String>,
     },
-    #[error("libvirt at {uri} could not start {vm}: {message}{}", hint(message))]
+    #[error("libvirt at {uri} could not start {vm}: {message}{}", access_hint(message))]
     StartFailed {
         vm: String,
         uri: String,
@@ -83,7 +81,7 @@ pub enum VmError {
         state: &'static str,
         waited_s: u64,
     },
-    #[error("libvirt at {uri} could not stop {vm}: {message}{}", hint(message))]
+    #[error("libvirt at {uri} could not stop {vm}: {message}{}", access_hint(message))]
     StopFailed {
         vm: String,
         uri: String,
@@ -152,7 +150,7 @@ fn known_list(known: &[String]) -> String {
 }
 
 /// What to check when libvirt says no for a reason of access.
-fn hint(message: &str) -> &'static str {
+pub(crate) fn access_hint(message: &str) -> &'static str {
     let m = message.to_ascii_lowercase();
     if m.contains("polkit")
         || m.contains("authentication")
@@ -196,39 +194,15 @@ pub fn is_local(uri: &str) -> bool {
     matches!(uri_host(uri), None | Some("localhost" | "127.0.0.1" | "::1"))
 }
 
-/// The hook's own message inside libvirt's error for a refused start, e.g. from
-/// `Hook script execution failed: internal error: Child process (LC_ALL=C PATH=… /etc/libvirt/hooks/qemu.d/handoff win11 prepare begin -) unexpected exit status 1: handoff: not handing GPU …`.
-/// Returns (message, warnings): handoff's `warning:` lines apart, the rest as the hook
-/// said it, each `handoff: ` prefix removed. None when the error is not a hook's refusal.
+/// The hook's own words inside libvirt's error for a refused start: (message, warnings).
+/// The parsing lives with the libvirt implementation
+/// ([`crate::hypervisor::libvirt::hook_message`]); this is its old name.
 pub fn hook_message(libvirt_error: &str) -> Option<(String, Vec<String>)> {
-    if !libvirt_error.contains("Hook script execution failed") {
-        return None;
-    }
-    let after = match libvirt_error.find("unexpected exit status") {
-        Some(i) => {
-            let rest = &libvirt_error[i..];
-            rest.split_once(": ").map(|(_, m)| m).unwrap_or("")
-        }
-        None => libvirt_error
-            .split_once("Hook script execution failed: ")
-            .map(|(_, m)| m)
-            .unwrap_or(libvirt_error),
-    };
-    let mut warnings = Vec::new();
-    let mut lines = Vec::new();
-    for line in after.trim().lines() {
-        if let Some(w) = line.strip_prefix("handoff: warning: ") {
-            warnings.push(w.trim_end().to_owned());
-        } else {
-            lines.push(line.strip_prefix("handoff: ").unwrap_or(line).trim_end());
-        }
-    }
-    let mut message = lines.join("\n").trim().to_owned();
-    if message.is_empty() {
-        message = "the libvirt hook refused the start without saying why".to_owned();
-    }
-    Some((message, warnings))
+    crate::hypervisor::libvirt::hook_message(libvirt_error).map(|r| (r.message, r.warnings))
 }
+
+pub use crate::hypervisor::libvirt::{reason_words, shmem};
+pub use crate::hypervisor::{GuestIp, Shmem};
 
 /// Where the GPU is, as far as this machine can tell.
 #[derive(Debug, Clone, Serialize)]
@@ -347,18 +321,29 @@ pub struct Ctl<'a> {
     /// How long the GPU may take to come home after the VM stopped.
     pub gpu_wait: Duration,
     progress: &'a mut dyn FnMut(&str),
-    conns: HashMap<String, Connect>,
+    hv: Box<dyn Hypervisor>,
 }
 
 impl<'a> Ctl<'a> {
+    /// For `cfg`'s VMs through [`hypervisor::open`]: libvirt, or the demo's simulated
+    /// hypervisor in a process `handoff demo` started.
     pub fn new(cfg: &'a Config, progress: &'a mut dyn FnMut(&str)) -> Self {
+        Self::with_hypervisor(cfg, progress, hypervisor::open(cfg))
+    }
+
+    /// For `cfg`'s VMs through `hv` (`handoff demo` passes its simulated hypervisor).
+    pub fn with_hypervisor(
+        cfg: &'a Config,
+        progress: &'a mut dyn FnMut(&str),
+        hv: Box<dyn Hypervisor>,
+    ) -> Self {
         Self {
             cfg,
             hooks_dir: PathBuf::from(hooks::DEFAULT_HOOKS_DIR),
             start_wait: Duration::from_secs(60),
             gpu_wait: Duration::from_secs(15),
             progress,
-            conns: HashMap::new(),
+            hv,
         }
     }
 
@@ -366,27 +351,9 @@ impl<'a> Ctl<'a> {
         (self.progress)(line);
     }
 
-    fn conn(&mut self, uri: &str) -> Result<Connect, VirtError> {
-        if let Some(c) = self.conns.get(uri) {
-            return Ok(c.clone());
-        }
-        let c = lv::connect(uri)?;
-        self.conns.insert(uri.to_owned(), c.clone());
-        Ok(c)
-    }
-
-    fn domain(&mut self, vm: &VmConfig) -> Result<Domain, VirtError> {
-        let conn = self.conn(&vm.uri)?;
-        conn.lookup_domain_by_name(&vm.name).map_err(|e| {
-            if e.code().is_known_and(|c| c == ErrorNumber::NoDomain) {
-                VirtError::NoDomain {
-                    uri: vm.uri.clone(),
-                    name: vm.name.clone(),
-                }
-            } else {
-                domain_error(vm, &e)
-            }
-        })
+    fn state(&mut self, vm: &VmConfig) -> Result<(VmState, Option<String>), VirtError> {
+        let p = self.hv.probe(&VmRef::from(vm))?;
+        Ok((p.state, p.reason))
     }
 
     /// The other configured VMs that are active (they may hold the shared GPU).
@@ -402,7 +369,7 @@ impl<'a> Ctl<'a> {
         for o in others {
             // A VM we cannot ask (its host is down) cannot be proven to hold the GPU; the
             // hook still refuses if it does.
-            match self.domain(&o).and_then(|d| state_of(&o, &d)) {
+            match self.state(&o) {
                 Ok((s, _)) if s.is_active() => active.push((o, s)),
                 Ok(_) => {}
                 Err(e) => tracing::info!("cannot ask about {}: {e}", o.name),
@@ -420,10 +387,9 @@ impl<'a> Ctl<'a> {
 
     /// `handoff start [VM]`: check, start, wait until running, say where the GPU went.
     pub fn start(&mut self, vm: &VmConfig) -> Result<StartOutcome, VmError> {
-        let dom = self.domain(vm)?;
-        let (state, _) = state_of(vm, &dom)?;
+        let (state, _) = self.state(vm)?;
         if state.is_active() {
-            let mut out = self.outcome(vm, &dom, state, true)?;
+            let mut out = self.outcome(vm, state, true)?;
             out.warnings.retain(|w| !w.starts_with("the libvirt hook"));
             return Ok(out);
         }
@@ -441,47 +407,53 @@ impl<'a> Ctl<'a> {
             self.check_holders(vm)?;
         }
         self.say(&format!("Starting {} ({})…", vm.label(), vm.name));
-        let demo = self.demo_hook(vm);
-        if demo {
-            let xml = dom.xml_desc(0).unwrap_or_default();
-            let mut said = Vec::new();
-            if crate::hook::run_event(self.cfg, &vm.name, "prepare", "begin", &xml, &mut said) != 0 {
-                let text = String::from_utf8_lossy(&said);
-                // What libvirt would wrap the hook's stderr in, read back the same way.
-                let wrapped = format!("Hook script execution failed: unexpected exit status 1: {text}");
-                let (message, warnings) = hook_message(&wrapped).unwrap_or_default();
+        let task = match self.hv.start(&VmRef::from(vm)) {
+            Ok(Start::Begun(task)) => task,
+            Ok(Start::Refused(r)) => {
                 return Err(VmError::HookRefused {
                     vm: vm.name.clone(),
-                    message,
-                    warnings,
+                    message: r.message,
+                    warnings: r.warnings,
                 });
             }
-        }
-        if let Err(e) = dom.create() {
-            if demo {
-                self.demo_release(vm, &dom);
-            }
-            let message = e.message().to_owned();
-            return Err(match hook_message(&message) {
-                Some((message, warnings)) => VmError::HookRefused {
-                    vm: vm.name.clone(),
-                    message,
-                    warnings,
-                },
-                None => VmError::StartFailed {
+            Err(HypervisorError::Start { message, .. }) => {
+                return Err(VmError::StartFailed {
                     vm: vm.name.clone(),
                     uri: vm.uri.clone(),
                     message,
-                },
-            });
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for line in &task.notes {
+            self.say(line);
         }
         let started = Instant::now();
         let state = loop {
-            let (s, _) = state_of(vm, &dom)?;
-            if s == VmState::Running || started.elapsed() >= self.start_wait {
-                break s;
+            match self.hv.poll(&task)? {
+                TaskState::Done { state, notes } => {
+                    for line in &notes {
+                        self.say(line);
+                    }
+                    break state;
+                }
+                TaskState::Pending { state } if started.elapsed() >= self.start_wait => break state,
+                TaskState::Pending { .. } => std::thread::sleep(POLL),
+                TaskState::Failed { message } => {
+                    return Err(VmError::StartFailed {
+                        vm: vm.name.clone(),
+                        uri: vm.uri.clone(),
+                        message,
+                    });
+                }
+                TaskState::Refused(r) => {
+                    return Err(VmError::HookRefused {
+                        vm: vm.name.clone(),
+                        message: r.message,
+                        warnings: r.warnings,
+                    });
+                }
             }
-            std::thread::sleep(POLL);
         };
         if state != VmState::Running {
             return Err(VmError::NotRunning {
@@ -491,7 +463,7 @@ impl<'a> Ctl<'a> {
                 waited_s: started.elapsed().as_secs(),
             });
         }
-        let out = self.outcome(vm, &dom, state, false)?;
+        let out = self.outcome(vm, state, false)?;
         for w in &out.warnings {
             (self.progress)(&format!("warning: {w}"));
         }
@@ -529,15 +501,13 @@ impl<'a> Ctl<'a> {
         })
     }
 
-    fn outcome(
-        &mut self,
-        vm: &VmConfig,
-        dom: &Domain,
-        state: VmState,
-        already: bool,
-    ) -> Result<StartOutcome, VmError> {
+    fn outcome(&mut self, vm: &VmConfig, state: VmState, already: bool) -> Result<StartOutcome, VmError> {
         let gpu = GpuReport::read(self.cfg, &vm.uri)?;
-        let xml = dom.xml_desc(0).unwrap_or_default();
+        let looking_glass = self
+            .hv
+            .describe(&VmRef::from(vm))
+            .ok()
+            .and_then(|d| d.looking_glass);
         let gpu_on_vfio = gpu
             .owner
             .filter(|o| *o != Owner::Absent)
@@ -569,17 +539,24 @@ impl<'a> Ctl<'a> {
             gpu,
             gpu_on_vfio,
             warnings,
-            looking_glass: shmem(&xml),
+            looking_glass,
         })
     }
 
     /// `handoff stop [VM]`: graceful (ACPI) with a timeout, or `force` (destroy); then wait
     /// for the GPU to come home when it was this VM's.
     pub fn stop(&mut self, vm: &VmConfig, force: bool, timeout: Duration) -> Result<StopOutcome, VmError> {
-        let dom = self.domain(vm)?;
-        let (state, _) = state_of(vm, &dom)?;
+        let (state, _) = self.state(vm)?;
         let was_ours = self.gpu_is_with(vm)?;
         let started = Instant::now();
+        let stop_failed = |e: HypervisorError| match e {
+            HypervisorError::Stop { message, .. } => VmError::StopFailed {
+                vm: vm.name.clone(),
+                uri: vm.uri.clone(),
+                message,
+            },
+            e => e.into(),
+        };
         if !state.is_active() {
             self.say(&format!(
                 "{} ({}) is not running ({}).",
@@ -593,15 +570,9 @@ impl<'a> Ctl<'a> {
                 vm.label(),
                 vm.name
             ));
-            if let Err(e) = dom.destroy() {
-                // It may have stopped on its own meanwhile.
-                if state_of(vm, &dom)?.0.is_active() {
-                    return Err(VmError::StopFailed {
-                        vm: vm.name.clone(),
-                        uri: vm.uri.clone(),
-                        message: e.message().to_owned(),
-                    });
-                }
+            let task = self.hv.destroy(&VmRef::from(vm)).map_err(stop_failed)?;
+            for line in &task.notes {
+                self.say(line);
             }
         } else {
             self.say(&format!(
@@ -610,44 +581,8 @@ impl<'a> Ctl<'a> {
                 vm.name,
                 timeout.as_secs()
             ));
-            if let Err(e) = dom.shutdown() {
-                if state_of(vm, &dom)?.0.is_active() {
-                    return Err(VmError::StopFailed {
-                        vm: vm.name.clone(),
-                        uri: vm.uri.clone(),
-                        message: e.message().to_owned(),
-                    });
-                }
-            }
-            let mut next_note = PROGRESS_EVERY;
-            loop {
-                let (s, _) = state_of(vm, &dom)?;
-                if !s.is_active() {
-                    break;
-                }
-                let waited = started.elapsed();
-                if waited >= timeout {
-                    return Err(VmError::StopTimeout {
-                        vm: vm.name.clone(),
-                        label: vm.label().to_owned(),
-                        waited_s: waited.as_secs(),
-                    });
-                }
-                if waited >= next_note {
-                    self.say(&format!(
-                        "  {} is still {} after {} s (of {} s)…",
-                        vm.label(),
-                        s.words(),
-                        waited.as_secs(),
-                        timeout.as_secs()
-                    ));
-                    next_note += PROGRESS_EVERY;
-                }
-                std::thread::sleep(POLL.min(timeout.saturating_sub(waited)));
-            }
-        }
-        if state.is_active() && self.demo_hook(vm) {
-            self.demo_release(vm, &dom);
+            let task = self.hv.shutdown(&VmRef::from(vm)).map_err(stop_failed)?;
+            self.wait_stopped(vm, &task, started, timeout)?;
         }
         let waited_s = started.elapsed().as_secs_f64();
         let (gpu, gpu_returned) = if was_ours {
@@ -668,19 +603,56 @@ impl<'a> Ctl<'a> {
         })
     }
 
-    /// `handoff demo`: the VM is a `test://` domain on a simulated host, whose driver runs
-    /// no hooks, so this process runs the hook's logic where libvirtd would run the hook.
-    fn demo_hook(&self, vm: &VmConfig) -> bool {
-        self.cfg.host.demo && !self.cfg.host.is_system() && vm.uri.starts_with("test://")
-    }
-
-    /// The hook's `release end` after a demo VM stopped (or failed to start).
-    fn demo_release(&mut self, vm: &VmConfig, dom: &Domain) {
-        let xml = dom.xml_desc(0).unwrap_or_default();
-        let mut said = Vec::new();
-        crate::hook::run_event(self.cfg, &vm.name, "release", "end", &xml, &mut said);
-        for line in String::from_utf8_lossy(&said).lines() {
+    /// Follows a graceful shutdown until the VM is off, a line of progress every
+    /// [`PROGRESS_EVERY`]; gives up after `timeout` (the VM still runs).
+    fn wait_stopped(
+        &mut self,
+        vm: &VmConfig,
+        task: &Task,
+        started: Instant,
+        timeout: Duration,
+    ) -> Result<(), VmError> {
+        for line in &task.notes {
             self.say(line);
+        }
+        let mut next_note = PROGRESS_EVERY;
+        loop {
+            let s = match self.hv.poll(task)? {
+                TaskState::Done { notes, .. } => {
+                    for line in &notes {
+                        self.say(line);
+                    }
+                    return Ok(());
+                }
+                TaskState::Pending { state } => state,
+                TaskState::Failed { message }
+                | TaskState::Refused(crate::hypervisor::Refusal { message, .. }) => {
+                    return Err(VmError::StopFailed {
+                        vm: vm.name.clone(),
+                        uri: vm.uri.clone(),
+                        message,
+                    });
+                }
+            };
+            let waited = started.elapsed();
+            if waited >= timeout {
+                return Err(VmError::StopTimeout {
+                    vm: vm.name.clone(),
+                    label: vm.label().to_owned(),
+                    waited_s: waited.as_secs(),
+                });
+            }
+            if waited >= next_note {
+                self.say(&format!(
+                    "  {} is still {} after {} s (of {} s)…",
+                    vm.label(),
+                    s.words(),
+                    waited.as_secs(),
+                    timeout.as_secs()
+                ));
+                next_note += PROGRESS_EVERY;
+            }
+            std::thread::sleep(POLL.min(timeout.saturating_sub(waited)));
         }
     }
 
@@ -754,8 +726,7 @@ impl<'a> Ctl<'a> {
         force: bool,
         timeout: Option<Duration>,
     ) -> Result<SwitchOutcome, VmError> {
-        let dom = self.domain(target)?;
-        let (state, _) = state_of(target, &dom)?;
+        let (state, _) = self.state(target)?;
         let holders: Vec<VmConfig> = if state.is_active() {
             Vec::new()
         } else {
@@ -800,16 +771,11 @@ impl<'a> Ctl<'a> {
     /// `handoff vm-health [VM]`. Only a missing connection or domain is an error; every
     /// other fact that cannot be read is "unknown".
     pub fn health(&mut self, vm: &VmConfig) -> Result<Health, VmError> {
-        let dom = self.domain(vm)?;
-        let (state, reason) = state_of(vm, &dom)?;
-        let info = dom.info().ok();
-        let xml = dom.xml_desc(0).unwrap_or_default();
-        let pid = if state.is_active() && is_local(&vm.uri) {
-            qemu_pid(&vm.uri, &vm.name)
-        } else {
-            None
-        };
-        let uptime_s = pid.and_then(|p| process_age(&self.cfg.host.procfs, p));
+        let (state, reason) = self.state(vm)?;
+        let r = VmRef::from(vm);
+        let description = self.hv.describe(&r).ok();
+        let guest = self.hv.guest(&r);
+        let uptime_s = guest.pid.and_then(|p| process_age(&self.cfg.host.procfs, p));
         let local_gpu = if is_local(&vm.uri) {
             gpu::read_gpu(&self.cfg.host, self.cfg.gpu.address).ok()
         } else {
@@ -823,136 +789,24 @@ impl<'a> Ctl<'a> {
             self.cfg.gpu.address,
             &functions,
             local_gpu.as_ref().is_some_and(|g| g.owner != Owner::Absent),
-            &crate::hook::hostdev_addresses(&xml),
+            description.as_ref().map(|d| &d.passthrough[..]).unwrap_or(&[]),
         );
-        let ip = if state == VmState::Running {
-            guest_ip(&dom)
-        } else {
-            None
-        };
         Ok(Health {
             name: vm.name.clone(),
             label: vm.label().to_owned(),
             uri: vm.uri.clone(),
             state,
             reason,
-            pid,
+            pid: guest.pid,
             uptime_s,
-            vcpus: info.as_ref().map(|i| i.nr_virt_cpu),
-            memory_kib: info.as_ref().map(|i| i.memory),
-            max_memory_kib: info.as_ref().map(|i| i.max_mem),
+            vcpus: guest.vcpus,
+            memory_kib: guest.memory_kib,
+            max_memory_kib: guest.max_memory_kib,
             gpu: passthrough,
-            looking_glass: shmem(&xml),
-            ip,
+            looking_glass: description.and_then(|d| d.looking_glass),
+            ip: guest.ip,
         })
     }
-}
-
-fn domain_error(vm: &VmConfig, e: &virt::error::Error) -> VirtError {
-    VirtError::Domain {
-        uri: vm.uri.clone(),
-        name: vm.name.clone(),
-        message: format!("{}{}", e.message(), hint(e.message())),
-    }
-}
-
-/// The domain's state in `virsh domstate` words and libvirt's reason for it.
-fn state_of(vm: &VmConfig, dom: &Domain) -> Result<(VmState, Option<String>), VirtError> {
-    let (state, reason) = dom.state().map_err(|e| domain_error(vm, &e))?;
-    let s = match state.known() {
-        Some(DomainState::Running | DomainState::Blocked | DomainState::NoState) => VmState::Running,
-        Some(DomainState::Paused) => VmState::Paused,
-        Some(DomainState::Shutdown) => VmState::Shutdown,
-        Some(DomainState::Shutoff) => VmState::Shutoff,
-        Some(DomainState::Crashed) => VmState::Crashed,
-        Some(DomainState::PMSuspended) => VmState::Suspended,
-        None => VmState::Unknown,
-    };
-    let reason = match reason {
-        virt::enumutil::Enum::Known(r) => {
-            Some(reason_words(&r.to_string())).filter(|r| r != "reason unknown")
-        }
-        virt::enumutil::Enum::Unknown(_) => None,
-    };
-    Ok((s, reason))
-}
-
-/// libvirt's reason names ("booted", "destroyed", "fromsnapshot") in plainer words.
-pub fn reason_words(reason: &str) -> String {
-    match reason {
-        "booted" => "booted",
-        "destroyed" => "forced off (destroyed)",
-        "shutdown" => "shut down",
-        "crashed" => "crashed",
-        "migrated" => "migrated",
-        "saved" => "saved",
-        "failed" => "failed to start",
-        "fromsnapshot" => "restored from a snapshot",
-        "restored" => "restored from a saved state",
-        "unpaused" => "resumed",
-        "wakeup" => "woke up",
-        "user" => "paused or shut down by a user",
-        "daemon" => "stopped by libvirtd",
-        "unknown" => "reason unknown",
-        other => other,
-    }
-    .to_owned()
-}
-
-/// The Looking Glass shared memory device of a domain XML.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Shmem {
-    pub name: String,
-    /// `ivshmem-plain`, `ivshmem-doorbell`, or None when the XML names none.
-    pub model: Option<String>,
-    /// Bytes, when the XML says.
-    pub size_bytes: Option<u64>,
-}
-
-/// The `<shmem>` device Looking Glass uses (name `looking-glass`, or the only one there is
-/// with "looking" in its name).
-pub fn shmem(xml: &str) -> Option<Shmem> {
-    let doc = roxmltree::Document::parse(xml).ok()?;
-    let devices: Vec<_> = doc.descendants().filter(|n| n.has_tag_name("shmem")).collect();
-    let dev = devices
-        .iter()
-        .find(|n| n.attribute("name") == Some("looking-glass"))
-        .or_else(|| {
-            devices
-                .iter()
-                .find(|n| n.attribute("name").is_some_and(|v| v.contains("looking")))
-        })?;
-    let model = dev
-        .children()
-        .find(|c| c.has_tag_name("model"))
-        .and_then(|m| m.attribute("type"))
-        .map(str::to_owned);
-    let size_bytes = dev.children().find(|c| c.has_tag_name("size")).and_then(|s| {
-        let n: u64 = s.text()?.trim().parse().ok()?;
-        let unit = s.attribute("unit").unwrap_or("b");
-        Some(n * unit_bytes(unit)?)
-    });
-    Some(Shmem {
-        name: dev.attribute("name").unwrap_or_default().to_owned(),
-        model,
-        size_bytes,
-    })
-}
-
-/// libvirt's size units (domain XML "memory allocation" units).
-fn unit_bytes(unit: &str) -> Option<u64> {
-    Some(match unit {
-        "b" | "bytes" => 1,
-        "KB" => 1000,
-        "k" | "KiB" => 1 << 10,
-        "MB" => 1000 * 1000,
-        "M" | "MiB" => 1 << 20,
-        "GB" => 1000 * 1000 * 1000,
-        "G" | "GiB" => 1 << 30,
-        "TB" => 1000u64.pow(4),
-        "T" | "TiB" => 1 << 40,
-        _ => return None,
-    })
 }
 
 /// Whether the live XML passes the configured GPU through, function by function.
@@ -1032,64 +886,6 @@ impl Passthrough {
             summary,
         }
     }
-}
-
-/// The guest's address and who told us.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct GuestIp {
-    pub address: String,
-    pub interface: String,
-    /// `agent` (QEMU guest agent) or `lease` (libvirt's DHCP lease).
-    pub source: &'static str,
-}
-
-fn guest_ip(dom: &Domain) -> Option<GuestIp> {
-    for (source, name) in [
-        (virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, "agent"),
-        (virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, "lease"),
-    ] {
-        let ifaces = match dom.interface_addresses(source, 0) {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::debug!("guest addresses from the {name}: {}", e.message());
-                continue;
-            }
-        };
-        let mut candidates: Vec<GuestIp> = ifaces
-            .iter()
-            .filter(|i| i.name != "lo" && !i.name.starts_with("Loopback"))
-            .flat_map(|i| {
-                i.addrs.iter().map(|a| GuestIp {
-                    address: a.addr.clone(),
-                    interface: i.name.clone(),
-                    source: name,
-                })
-            })
-            .filter(|g| {
-                !g.address.starts_with("127.") && g.address != "::1" && !g.address.starts_with("fe80:")
-            })
-            .collect();
-        // IPv4 first: it is what people type into ssh and Moonlight.
-        candidates.sort_by_key(|g| g.address.contains(':'));
-        if let Some(first) = candidates.into_iter().next() {
-            return Some(first);
-        }
-    }
-    None
-}
-
-/// The QEMU process of a running domain, from libvirt's pid file (readable by root, and
-/// for `qemu:///session` by the user).
-fn qemu_pid(uri: &str, name: &str) -> Option<u32> {
-    let path = if uri.contains("/session") {
-        crate::config::user_config_path()?
-            .parent()?
-            .parent()?
-            .join(format!("libvirt/qemu/run/{name}.pid"))
-    } else {
-        PathBuf::from(format!("/run/libvirt/qemu/{name}.pid"))
-    };
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// Field 22 of `/proc/<pid>/stat`: start time in clock ticks after boot.

@@ -64,18 +64,18 @@ enum Ctl {
 }
 
 /// One URI's supervisor; [`Supervisor::stop`] ends it.
-pub(super) struct Supervisor {
+pub(crate) struct Supervisor {
     ctl: Sender<Ctl>,
 }
 
 impl Supervisor {
-    pub(super) fn stop(&self) {
+    pub(crate) fn stop(&self) {
         let _ = self.ctl.send(Ctl::Stop);
     }
 }
 
 /// A supervisor per distinct URI of the configured VMs.
-pub(super) fn start(config: &Config, sink: &Sink) -> Result<Vec<Supervisor>, WatchError> {
+pub(crate) fn start(config: &Config, sink: &Sink) -> Result<Vec<Supervisor>, WatchError> {
     ensure_event_loop()?;
     let mut uris: Vec<&str> = config.vms.iter().map(|vm| vm.uri.as_str()).collect();
     uris.sort();
