@@ -64,10 +64,11 @@ impl HookState {
         }
     }
 
-    /// The current file, or None when the hook never ran (or the file is unreadable:
-    /// surfaces then fall back to sysfs alone).
+    /// The current file, or None when the hook never ran (or the file is unreadable, or
+    /// not a regular file of sane size — a FIFO there must not hang the hook: surfaces then
+    /// fall back to sysfs alone, and the hook writes a fresh one by rename).
     pub fn load(host: &Host) -> Option<Self> {
-        let bytes = std::fs::read(host.state_file()).ok()?;
+        let bytes = crate::bounded::read(&host.state_file(), crate::bounded::Links::Refuse).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
