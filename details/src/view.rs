@@ -724,6 +724,7 @@ mod tests {
             functions: Vec::new(),
             problem: (phase == Phase::Stuck).then(|| "unbinding 0000:01:00.0 from nvidia hung".to_owned()),
             hung_writer: None,
+            hung_writer_start: None,
         }
     }
 
