@@ -45,6 +45,8 @@ struct Args {
     watch: bool,
     signal: Option<i32>,
     job: Option<Vec<String>>,
+    /// `--config FILE`: read as given, so a missing one is blamed on that flag.
+    config: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -55,6 +57,7 @@ fn parse_args() -> Result<Args, String> {
         watch: false,
         signal: None,
         job: None,
+        config: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -83,14 +86,18 @@ fn parse_args() -> Result<Args, String> {
             "--watch" => a.watch = true,
             "--signal-i3blocks" => {
                 let v = value("--signal-i3blocks")?;
-                a.signal = Some(
-                    v.parse()
-                        .map_err(|_| format!("--signal-i3blocks {v}: expected a number"))?,
-                );
+                // Checked here, before anything runs: i3blocks' signal=N is SIGRTMIN+N, and
+                // only a few of those exist.
+                let n = v.parse().map_err(|_| watch::signal_range_error(&v))?;
+                watch::rt_signal(n)?;
+                a.signal = Some(n);
             }
             "--config" => {
+                let path = value("--config")?;
+                // For the `handoff` commands a click runs, which read HANDOFF_CONFIG.
                 // SAFETY: single-threaded at this point; nothing else reads the environment.
-                unsafe { std::env::set_var("HANDOFF_CONFIG", value("--config")?) };
+                unsafe { std::env::set_var("HANDOFF_CONFIG", &path) };
+                a.config = Some(path.into());
             }
             "--job" => {
                 a.job = Some(it.by_ref().collect());
@@ -113,8 +120,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cfg = match Config::load() {
-        Ok((cfg, _)) => cfg,
+    let loaded = match &args.config {
+        Some(path) => Config::load_file(path),
+        None => Config::load().map(|(cfg, _)| cfg),
+    };
+    let cfg = match loaded {
+        Ok(cfg) => cfg,
         Err(e) => {
             // A bar shows the first line: keep it short, put the detail on stderr.
             eprintln!("handoff-block: {e}");
