@@ -227,33 +227,3 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A holder whose process name (`comm`, what `Name:` in `/proc/<pid>/status` shows) is
-/// `name`, set by the process itself (bash writes its own `/proc/self/comm`, at most 15
-/// bytes), holding `node` as its stdin. Only shell builtins run after that, so the name stays:
-/// it waits on a FIFO of its own until killed.
-pub fn hold_named(node: &Path, name: &[u8], dir: &Path) -> Holder {
-    use std::os::unix::ffi::OsStrExt;
-    assert!(name.len() <= 15, "the kernel keeps 15 bytes of a name");
-    let fifo = dir.join(format!("hold-named-{}.fifo", std::process::id()));
-    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
-    // SAFETY: mkfifo on a path in the test's temp dir.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let child = Command::new("bash")
-        .arg("-c")
-        .arg(r#"printf '%s' "$NAME" > /proc/self/comm && exec 4<>"$FIFO" && echo ready && read -r -u 4"#)
-        .env("NAME", std::ffi::OsStr::from_bytes(name))
-        .env("FIFO", &fifo)
-        .stdin(Stdio::from(File::open(node).unwrap()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut holder = Holder(child);
-    let mut ready = String::new();
-    use std::io::BufRead;
-    std::io::BufReader::new(holder.0.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    assert_eq!(ready, "ready\n", "the named holder did not start");
-    holder
-}
