@@ -79,7 +79,10 @@ pub fn read_to_string(path: &Path, links: Links) -> io::Result<String> {
     String::from_utf8(read(path, links)?).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("it is not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+            format!(
+                "it is not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
         )
     })
 }

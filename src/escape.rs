@@ -101,7 +101,10 @@ mod tests {
     #[test]
     fn markup_escapes_entities_and_controls_but_keeps_line_breaks() {
         assert_eq!(markup(EVIL), "evil\\x1b[31m&lt;b&gt;x\n\\x07");
-        assert_eq!(markup(r#"Tom & "Jerry's" <i>"#), "Tom &amp; &quot;Jerry&#39;s&quot; &lt;i&gt;");
+        assert_eq!(
+            markup(r#"Tom & "Jerry's" <i>"#),
+            "Tom &amp; &quot;Jerry&#39;s&quot; &lt;i&gt;"
+        );
         assert_eq!(markup("GPU: Linux · 2 busy"), "GPU: Linux · 2 busy");
         // Text that went through `plain` first (a holder line) keeps its escapes visible.
         assert_eq!(markup(&plain(EVIL)), r"evil\x1b[31m&lt;b&gt;x\x0a\x07");

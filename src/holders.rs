@@ -127,7 +127,12 @@ impl Holder {
     /// the result again for their markup.
     pub fn summary(&self) -> String {
         use crate::escape::plain;
-        let mut s = format!("{} (pid {}, user {}", plain(&self.command), self.pid, plain(&self.user));
+        let mut s = format!(
+            "{} (pid {}, user {}",
+            plain(&self.command),
+            self.pid,
+            plain(&self.user)
+        );
         if let Some(unit) = &self.unit {
             s += ", ";
             s += &plain(unit);

@@ -395,12 +395,19 @@ fn warnings_on_stderr_carry_no_colour_codes_when_it_is_not_a_terminal() {
     let h = Host::workstation();
     // An attribute that cannot be read (a directory where sysfs has a file) is warned
     // about through tracing; stderr here is a pipe, as the hook's is to libvirtd.
-    let attr = h.sim.sysfs().join("bus/pci/devices/0000:01:00.0/power/runtime_status");
+    let attr = h
+        .sim
+        .sysfs()
+        .join("bus/pci/devices/0000:01:00.0/power/runtime_status");
     fs::remove_file(&attr).unwrap();
     fs::create_dir(&attr).unwrap();
     let r = h.run(&["status"]);
     assert!(r.stderr.contains("cannot read sysfs attribute"), "{r:?}");
-    assert!(!r.stderr.contains('\x1b'), "no ANSI codes in a pipe: {:?}", r.stderr);
+    assert!(
+        !r.stderr.contains('\x1b'),
+        "no ANSI codes in a pipe: {:?}",
+        r.stderr
+    );
 }
 
 #[test]

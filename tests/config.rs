@@ -441,7 +441,10 @@ fn a_dangling_system_config_link_is_an_error_not_defaults() {
     assert!(matches!(err, ConfigError::BrokenLink { .. }), "{err:?}");
     let text = err.to_string();
     assert!(text.starts_with(&link.display().to_string()), "{text}");
-    assert!(text.contains(&target.display().to_string()), "names the target: {text}");
+    assert!(
+        text.contains(&target.display().to_string()),
+        "names the target: {text}"
+    );
     assert!(text.contains("not the same as no config"), "{text}");
 
     // The interactive search stops there too, instead of falling through to defaults.
@@ -465,7 +468,10 @@ fn a_fifo_or_a_device_as_the_config_is_refused_at_once_naming_the_file() {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
     let started = std::time::Instant::now();
     let err = Config::load_file(&fifo).unwrap_err();
-    assert!(started.elapsed() < std::time::Duration::from_secs(2), "it did not hang");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "it did not hang"
+    );
     let text = err.to_string();
     assert!(text.contains(&fifo.display().to_string()), "{text}");
     assert!(text.contains("a FIFO, not a regular file"), "{text}");

@@ -387,9 +387,11 @@ fn a_fifo_in_place_of_state_json_neither_hangs_the_hook_nor_stops_the_handoff() 
     let xml = fixture("win11.xml");
     let r = {
         let m = m.clone();
-        within(Duration::from_secs(10), "prepare with a FIFO state.json", move || {
-            m.hook("win11", "prepare", "begin", &xml)
-        })
+        within(
+            Duration::from_secs(10),
+            "prepare with a FIFO state.json",
+            move || m.hook("win11", "prepare", "begin", &xml),
+        )
     };
     assert_eq!(r.code, 0, "{}", r.stderr);
     m.sim.assert_on_vfio();
@@ -410,9 +412,11 @@ fn a_restore_record_that_is_a_fifo_refuses_the_start_at_once_naming_it() {
     let xml = fixture("win11.xml");
     let r = {
         let m = m.clone();
-        within(Duration::from_secs(10), "prepare with a FIFO restore record", move || {
-            m.hook("win11", "prepare", "begin", &xml)
-        })
+        within(
+            Duration::from_secs(10),
+            "prepare with a FIFO restore record",
+            move || m.hook("win11", "prepare", "begin", &xml),
+        )
     };
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
@@ -442,8 +446,11 @@ fn a_dangling_system_config_link_refuses_prepare_before_touching_sysfs() {
     let r = m.hook("win11", "prepare", "begin", &xml);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
-        r.stderr
-            .contains(&format!("{} is a symbolic link to {}", m.config.display(), gone.display())),
+        r.stderr.contains(&format!(
+            "{} is a symbolic link to {}",
+            m.config.display(),
+            gone.display()
+        )),
         "{}",
         r.stderr
     );
@@ -533,7 +540,12 @@ fn a_hung_writer_pid_reused_by_another_process_does_not_block_the_return() {
     record.hung_writer_start = Some(start);
     record.save(&host).unwrap();
     let r = m.hook("win11", "release", "end", &xml);
-    assert!(r.stderr.contains(&format!("writer process {pid} is still blocked")), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("writer process {pid} is still blocked")),
+        "{}",
+        r.stderr
+    );
     m.sim.assert_on_vfio();
 }
 
@@ -544,8 +556,11 @@ fn a_holder_named_with_terminal_controls_and_markup_is_shown_escaped_in_the_refu
     let r = m.hook("win11", "prepare", "begin", &fixture("win11.xml"));
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
-        r.stderr
-            .contains(&format!("{} (pid {}, user root", named_holder::EVIL_PLAIN, holder.pid())),
+        r.stderr.contains(&format!(
+            "{} (pid {}, user root",
+            named_holder::EVIL_PLAIN,
+            holder.pid()
+        )),
         "{}",
         r.stderr
     );

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use handoff::bind::record::{Phase, RestoreRecord};
-use handoff::gpu::Owner;
 use handoff::escape::plain;
+use handoff::gpu::Owner;
 use handoff::holders::Holder;
 use handoff::state::{HookPhase, HookState};
 use handoff::status::{Status, VmState, VmStatus};
@@ -203,7 +203,12 @@ impl Snapshot {
             Err(e) => lines.push(e.clone()),
         }
         for v in self.vms() {
-            lines.push(format!("{} ({}): {}", plain(&v.label), plain(&v.name), v.state.words()));
+            lines.push(format!(
+                "{} ({}): {}",
+                plain(&v.label),
+                plain(&v.name),
+                v.state.words()
+            ));
         }
         if let Some(why) = self.libvirt_unreachable() {
             lines.push(format!("libvirt unreachable: {}", first_line(&why)));

@@ -187,7 +187,11 @@ impl ksni::Tray for HandoffTray {
                 if h.uid == snap.uid {
                     items.push(self.confirm(
                         "Terminate…".into(),
-                        format!("Really terminate {} (pid {})? (SIGTERM)", plain(&h.command), h.pid),
+                        format!(
+                            "Really terminate {} (pid {})? (SIGTERM)",
+                            plain(&h.command),
+                            h.pid
+                        ),
                         Action::Terminate {
                             pid: h.pid,
                             command: h.command.clone(),

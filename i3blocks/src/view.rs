@@ -7,8 +7,8 @@
 
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::config::Config;
-use handoff::gpu::{self, Owner};
 use handoff::escape::plain;
+use handoff::gpu::{self, Owner};
 use handoff::holders;
 use handoff::state::{HookPhase, HookState};
 

@@ -178,12 +178,18 @@ fn a_holder_name_and_a_vm_label_cannot_break_a_bar_line_or_open_markup() {
     assert_eq!(lines, ["GPU: Linux · 1 busy", "L·1", "#FFAA00"]);
     let tooltip = waybar["tooltip"].as_str().unwrap();
     let shown = format!(r"evil\x1b[31m&lt;b&gt;\x07\x0a (pid {}, user ", h.pid());
-    assert!(tooltip.contains(&shown), "waybar's tooltip is Pango markup: {tooltip}");
+    assert!(
+        tooltip.contains(&shown),
+        "waybar's tooltip is Pango markup: {tooltip}"
+    );
     assert!(!tooltip.contains('\x1b') && !tooltip.contains("<b>"), "{tooltip}");
     for v in [&ib, &i3rs, &waybar] {
         assert!(!v.to_string().contains("\\u001b"), "{v}");
     }
-    assert!(!polybar.contains('\n') && !polybar.contains('\x1b'), "{polybar:?}");
+    assert!(
+        !polybar.contains('\n') && !polybar.contains('\x1b'),
+        "{polybar:?}"
+    );
     drop(h);
 
     // The VM has the GPU: its label is the text.
@@ -203,7 +209,10 @@ fn a_holder_name_and_a_vm_label_cannot_break_a_bar_line_or_open_markup() {
     assert_eq!(ib["markup"], "pango");
     assert_eq!(ib["full_text"], r"GPU: &lt;i&gt;Win&lt;/i&gt;\x0a%{F#f00}&amp;");
     assert_eq!(waybar["text"], ib["full_text"]);
-    assert_eq!(polybar_tags(&polybar), ("#00AAFF".to_owned(), r"GPU: <i>Win</i>\x0a% {F#f00}&".to_owned()));
+    assert_eq!(
+        polybar_tags(&polybar),
+        ("#00AAFF".to_owned(), r"GPU: <i>Win</i>\x0a% {F#f00}&".to_owned())
+    );
 }
 
 #[test]
@@ -239,5 +248,8 @@ fn a_missing_config_flag_is_blamed_by_its_own_name() {
         stderr.contains(&format!("cannot read config {}", missing.display())),
         "{stderr}"
     );
-    assert!(!stderr.contains("HANDOFF_CONFIG"), "the flag was given, not the variable: {stderr}");
+    assert!(
+        !stderr.contains("HANDOFF_CONFIG"),
+        "the flag was given, not the variable: {stderr}"
+    );
 }

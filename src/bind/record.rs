@@ -227,7 +227,10 @@ mod tests {
         let pid = child.id() as i32;
         let start = process_start_time(pid).expect("our own child has a start time");
         assert!(writer_alive(pid, Some(start)));
-        assert!(writer_alive(pid, None), "a record without a start time goes by the pid");
+        assert!(
+            writer_alive(pid, None),
+            "a record without a start time goes by the pid"
+        );
         // The pid reused by another process: another start time.
         assert!(!writer_alive(pid, Some(start.wrapping_sub(1))));
         child.kill().unwrap();
