@@ -287,3 +287,25 @@ fn notify(title: &str, body: &str, u: Urgency) -> io::Result<()> {
         .status()
         .map(drop)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notification_body_is_escaped_for_markup_and_its_title_for_plain_text() {
+        let argv = notify_argv(
+            "Win\x1b[31m not started",
+            "Stop these first:\nevil\\x1b[31m<b>x (pid 1, user root) & more",
+            Urgency::Critical,
+            &[],
+        );
+        let n = argv.len();
+        assert_eq!(argv[n - 2], OsString::from(r"Win\x1b[31m not started"));
+        // The line break is ours and stays; the name's markup shows as text.
+        assert_eq!(
+            argv[n - 1],
+            OsString::from("Stop these first:\nevil\\x1b[31m&lt;b&gt;x (pid 1, user root) &amp; more")
+        );
+    }
+}
