@@ -510,15 +510,32 @@ pub fn serve(
     };
 
     let mut actions: Vec<thread::JoinHandle<()>> = Vec::new();
-    for line in input.lines() {
-        let Ok(line) = line else { break };
-        if line.trim().is_empty() {
-            continue;
+    let mut input = input;
+    let mut bytes = Vec::new();
+    loop {
+        bytes.clear();
+        // Bytes, not `lines()`: one line that is not UTF-8 must not end the loop (that
+        // would leave the surface without answers until it restarts the agent).
+        match input.read_until(b'\n', &mut bytes) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
         }
-        let req: In = match serde_json::from_str(&line) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("ignoring a request that is not one ({e}): {line}");
+        let req = match parse_request(&bytes) {
+            Ok(None) => continue,
+            Ok(Some(r)) => r,
+            Err((id, why)) => {
+                tracing::warn!("{why}");
+                // Answered when the line says which request it was; the surface waits on it.
+                if let Some(id) = id {
+                    let reply = Reply::Failed(Failure {
+                        kind: FailureKind::Other,
+                        message: why.clone(),
+                        cause: why,
+                    });
+                    send(&out, &Out::Reply { id, reply });
+                }
                 continue;
             }
         };
@@ -555,6 +572,44 @@ pub fn serve(
     drop(probe_tx);
     let _ = prober.join();
     Ok(())
+}
+
+/// One line from the surface as a request: `Ok(None)` for a blank line; an error with
+/// the request's id when the line names one (so it can be answered) and what was wrong.
+/// A line that is not UTF-8 is refused whole: a VM name decoded lossily would name
+/// another VM.
+#[cfg(feature = "libvirt")]
+fn parse_request(line: &[u8]) -> Result<Option<In>, (Option<u64>, String)> {
+    let id_of = |text: &str| {
+        serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .and_then(|v| v.get("id")?.as_u64())
+    };
+    let text = match std::str::from_utf8(line) {
+        Ok(t) => t,
+        Err(e) => {
+            let lossy = String::from_utf8_lossy(line);
+            return Err((
+                id_of(&lossy),
+                format!(
+                    "the agent's request line is not UTF-8 text (invalid byte at offset {}); nothing was done",
+                    e.valid_up_to()
+                ),
+            ));
+        }
+    };
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(text).map(Some).map_err(|e| {
+        (
+            id_of(text),
+            format!(
+                "the agent's request line is not a request ({e}): {}",
+                crate::escape::plain(text.trim_end())
+            ),
+        )
+    })
 }
 
 /// Writes one line; false once the surface stopped reading.

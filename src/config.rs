@@ -182,6 +182,15 @@ pub enum ConfigError {
         system: PathBuf,
     },
     #[error(
+        "{path} is a symbolic link to {target}, which cannot be read ({source}); that is not the same as no config, \
+         so nothing was done: point the link at the config, or remove the link to use the defaults"
+    )]
+    BrokenLink {
+        path: PathBuf,
+        target: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
         "HANDOFF_CONFIG names {path}, which does not exist; create it, or unset HANDOFF_CONFIG to use ~/.config/handoff/config.toml"
     )]
     EnvMissing { path: PathBuf },
@@ -226,10 +235,14 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Reads and parses one file: a regular file of at most [`crate::bounded::MAX_LEN`]
+    /// bytes (a FIFO or a device at the path is an error, never a hang).
     pub fn load_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
+        let text = crate::bounded::read_to_string(path, crate::bounded::Links::Follow).map_err(|source| {
+            ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }
         })?;
         Self::parse(&text, path)
     }
@@ -256,13 +269,13 @@ impl Config {
         system: &Path,
     ) -> Result<(Self, Source), ConfigError> {
         if let Some(path) = env.filter(|p| !p.as_os_str().is_empty()) {
-            if !path.exists() {
+            if !present(&path)? {
                 return Err(ConfigError::EnvMissing { path });
             }
             return Ok((Self::load_file(&path)?, Source::File(path)));
         }
         for path in user.into_iter().chain([system.to_owned()]) {
-            if path.exists() {
+            if present(&path)? {
                 return Ok((Self::load_file(&path)?, Source::File(path)));
             }
         }
@@ -276,6 +289,9 @@ impl Config {
         let meta = match std::fs::metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Only a path with nothing at it means defaults: a dangling link is a
+                // config someone meant to have, and the defaults act on the real /sys.
+                present(path)?;
                 return Ok((Self::default(), Source::Defaults));
             }
             Err(source) => {
@@ -435,6 +451,33 @@ const _: () = assert!(
     *SHUTDOWN_TIMEOUT_S.start() == 1 && *SHUTDOWN_TIMEOUT_S.end() == 86_400,
     "the messages say 1 and 86400"
 );
+/// Whether a config file is at `path`: false only when nothing is there at all. A symbolic
+/// link whose target cannot be reached (dangling, or behind a directory we cannot enter) is
+/// an error, not an absent file: falling back to another file or the defaults would act on
+/// a config nobody chose.
+fn present(path: &Path) -> Result<bool, ConfigError> {
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(true),
+        Err(source) => match std::fs::symlink_metadata(path) {
+            Ok(link) if link.file_type().is_symlink() => Err(ConfigError::BrokenLink {
+                path: path.to_owned(),
+                target: std::fs::read_link(path).unwrap_or_default(),
+                source,
+            }),
+            Ok(_) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) => {
+                Ok(false)
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        },
+    }
+}
 
 /// Kernel driver names are used as path components under `/sys/bus/pci/drivers`.
 pub fn is_driver_name(s: &str) -> bool {

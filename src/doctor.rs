@@ -559,6 +559,7 @@ mod tests {
             }],
             problem: problem.map(str::to_owned),
             hung_writer: None,
+            hung_writer_start: None,
         }
     }
 

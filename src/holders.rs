@@ -251,11 +251,22 @@ const NVIDIA_VENDOR: u16 = 0x10de;
 impl Holder {
     /// One line, short enough for a `virsh start` error and a notification:
     /// `python3 (pid 4242, user alice, ollama.service) holds /dev/nvidia0, /dev/nvidiactl`.
+    ///
+    /// The process chose its own name: every part that came from it (command, user, unit,
+    /// paths) is escaped for plain text ([`crate::escape::plain`]), so the line stays one
+    /// line with no terminal control in it wherever it goes; markup destinations escape
+    /// the result again for their markup.
     pub fn summary(&self) -> String {
-        let mut s = format!("{} (pid {}, user {}", self.command, self.pid, self.user);
+        use crate::escape::plain;
+        let mut s = format!(
+            "{} (pid {}, user {}",
+            plain(&self.command),
+            self.pid,
+            plain(&self.user)
+        );
         if let Some(unit) = &self.unit {
             s += ", ";
-            s += unit;
+            s += &plain(unit);
         }
         s += ")";
         if !self.paths.is_empty() {
@@ -265,7 +276,7 @@ impl Holder {
                 .paths
                 .iter()
                 .take(SHOWN)
-                .map(|p| p.display().to_string())
+                .map(|p| plain(&p.display().to_string()))
                 .collect();
             s += &shown.join(", ");
             if self.paths.len() > SHOWN {

@@ -28,37 +28,118 @@ use crate::config::Config;
 use crate::pci::PciAddress;
 use crate::state::{HookPhase, HookState, Refusal};
 
-/// The PCI addresses of `<hostdev type='pci'>` sources in a domain XML.
-pub fn hostdev_addresses(xml: &str) -> Vec<PciAddress> {
-    let Ok(doc) = roxmltree::Document::parse(xml) else {
-        return Vec::new();
-    };
-    let hex = |n: roxmltree::Node, a: &str| {
-        n.attribute(a)
-            .and_then(|v| u32::from_str_radix(v.trim_start_matches("0x"), 16).ok())
-            .unwrap_or(0)
-    };
-    doc.descendants()
-        .filter(|n| n.has_tag_name("hostdev") && n.attribute("type") == Some("pci"))
-        .filter_map(|h| h.children().find(|c| c.has_tag_name("source")))
-        .filter_map(|s| s.children().find(|c| c.has_tag_name("address")))
-        .map(|a| {
-            PciAddress::new(
-                hex(a, "domain") as u16,
-                hex(a, "bus") as u8,
-                hex(a, "slot") as u8,
-                hex(a, "function") as u8,
-            )
-        })
-        .collect()
+/// The most domain XML the hook reads from libvirt: a real one is a few KiB.
+pub const MAX_XML: u64 = 16 << 20;
+
+/// Why the domain XML libvirt passed could not be read. Each message starts with what was
+/// read ("the domain XML"), so that it makes sense on its own in libvirt's error.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainXmlError {
+    #[error("the domain XML on stdin could not be read: {0}")]
+    Read(std::io::Error),
+    #[error("the domain XML is not UTF-8 text (invalid byte at offset {offset})")]
+    NotUtf8 { offset: usize },
+    #[error("the domain XML is not well-formed ({0})")]
+    Malformed(String),
+    #[error(
+        "the domain XML has a <hostdev> whose source address {attr}='{value}' is not a PCI {attr} \
+         number (0 to {max:#x}, written like libvirt's 0x{max:02x})"
+    )]
+    BadAddress {
+        attr: &'static str,
+        value: String,
+        max: u32,
+    },
 }
 
-/// Whether `domain` uses the GPU, with a warning when config and XML disagree.
-pub fn uses_gpu(cfg: &Config, domain: &str, xml: &str) -> (bool, Option<String>) {
+/// Reads the domain XML from the hook's stdin: at most [`MAX_XML`] bytes, UTF-8.
+pub fn read_domain_xml(stdin: &mut dyn std::io::Read) -> Result<String, DomainXmlError> {
+    let bytes = crate::bounded::read_stream(stdin, MAX_XML).map_err(DomainXmlError::Read)?;
+    String::from_utf8(bytes).map_err(|e| DomainXmlError::NotUtf8 {
+        offset: e.utf8_error().valid_up_to(),
+    })
+}
+
+/// The PCI addresses of the `<hostdev type='pci'>` devices of a domain XML: only
+/// `/domain/devices/hostdev/source/address`, as libvirt reads them (a `<hostdev>` elsewhere,
+/// say inside `<metadata>`, passes nothing through). An address attribute is read the way
+/// libvirt reads it (C `strtoul` base 0: `0x` hex, leading `0` octal, else decimal; absent
+/// means 0), and one out of range for its field is an error, never truncated to fit.
+pub fn domain_hostdevs(xml: &str) -> Result<Vec<PciAddress>, DomainXmlError> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| DomainXmlError::Malformed(e.to_string()))?;
+    let root = doc.root_element();
+    if !root.has_tag_name("domain") {
+        return Ok(Vec::new());
+    }
+    let field = |a: roxmltree::Node, attr: &'static str, max: u32| -> Result<u32, DomainXmlError> {
+        let Some(value) = a.attribute(attr) else {
+            return Ok(0);
+        };
+        parse_c_uint(value)
+            .filter(|n| *n <= max)
+            .ok_or_else(|| DomainXmlError::BadAddress {
+                attr,
+                value: crate::escape::plain(value),
+                max,
+            })
+    };
+    let mut found = Vec::new();
+    let hostdevs = root
+        .children()
+        .filter(|n| n.has_tag_name("devices"))
+        .flat_map(|d| d.children())
+        .filter(|n| n.has_tag_name("hostdev") && n.attribute("type") == Some("pci"));
+    for h in hostdevs {
+        let Some(a) = h
+            .children()
+            .find(|c| c.has_tag_name("source"))
+            .and_then(|s| s.children().find(|c| c.has_tag_name("address")))
+        else {
+            continue;
+        };
+        found.push(PciAddress::new(
+            field(a, "domain", 0xffff)? as u16,
+            field(a, "bus", 0xff)? as u8,
+            field(a, "slot", 0x1f)? as u8,
+            field(a, "function", 0x7)? as u8,
+        ));
+    }
+    Ok(found)
+}
+
+/// An unsigned number as C's `strtoul(s, NULL, 0)` reads a whole string: `0x`/`0X` hex,
+/// a leading `0` octal, else decimal; nothing else may follow.
+fn parse_c_uint(s: &str) -> Option<u32> {
+    let (digits, radix) = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        (h, 16)
+    } else if s.len() > 1 && s.starts_with('0') {
+        (&s[1..], 8)
+    } else {
+        (s, 10)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    u32::from_str_radix(digits, radix).ok()
+}
+
+/// [`domain_hostdevs`] for showing (`vm-health`): an XML it cannot read lists nothing.
+pub fn hostdev_addresses(xml: &str) -> Vec<PciAddress> {
+    domain_hostdevs(xml).unwrap_or_default()
+}
+
+/// Whether `domain` uses the GPU, with a warning when config and XML disagree. An XML that
+/// cannot be read is an error: whether it passes the GPU through is then unknown.
+pub fn uses_gpu(cfg: &Config, domain: &str, xml: &str) -> Result<(bool, Option<String>), DomainXmlError> {
     let configured = cfg.vms.iter().any(|v| v.name == domain);
-    let in_xml = hostdev_addresses(xml)
-        .iter()
-        .any(|a| a.same_slot(&cfg.gpu.address));
+    let in_xml = if xml.trim().is_empty() {
+        false
+    } else {
+        domain_hostdevs(xml)?
+            .iter()
+            .any(|a| a.same_slot(&cfg.gpu.address))
+    };
+    let domain = crate::escape::plain(domain);
     let warning = match (configured, in_xml) {
         (true, false) if !xml.trim().is_empty() => Some(format!(
             "handoff: warning: {domain} is a [[vm]] in the config but its XML passes no function of {} through; \
@@ -72,7 +153,17 @@ pub fn uses_gpu(cfg: &Config, domain: &str, xml: &str) -> (bool, Option<String>)
         )),
         _ => None,
     };
-    (configured || in_xml, warning)
+    Ok((configured || in_xml, warning))
+}
+
+/// The refusal of a start whose domain XML could not be read.
+fn unreadable_xml(cfg: &Config, domain: &str, e: &str) -> String {
+    format!(
+        "handoff: not starting {}: {e}, so handoff cannot tell whether it passes GPU {} through. \
+         Nothing was changed; check the domain with `virsh dumpxml {0}`.",
+        crate::escape::plain(domain),
+        cfg.gpu.address
+    )
 }
 
 /// Run the hook. Returns the exit code; everything for people goes to `err`.
@@ -88,8 +179,7 @@ pub fn run(args: &[String], stdin: &mut dyn std::io::Read, system_config: &Path,
     if !matches!((op, sub), ("prepare", "begin") | ("release", "end")) {
         return 0;
     }
-    let mut xml = String::new();
-    let _ = stdin.read_to_string(&mut xml);
+    let xml = read_domain_xml(stdin);
     let cfg = match Config::load_system(system_config) {
         Ok((cfg, _)) => cfg,
         Err(e) => {
@@ -98,7 +188,7 @@ pub fn run(args: &[String], stdin: &mut dyn std::io::Read, system_config: &Path,
             return if op == "prepare" { 1 } else { 0 };
         }
     };
-    run_event(&cfg, domain, op, sub, &xml, err)
+    event(&cfg, domain, op, sub, xml.as_deref(), err)
 }
 
 /// The hook's work for one event with the config already read: `prepare begin` refuses
@@ -106,17 +196,44 @@ pub fn run(args: &[String], stdin: &mut dyn std::io::Read, system_config: &Path,
 /// is 0. [`run`] calls it for libvirtd; `handoff demo`'s VMs (libvirt's test driver runs
 /// no hooks) call it in-process from [`crate::vm`].
 pub fn run_event(cfg: &Config, domain: &str, op: &str, sub: &str, xml: &str, err: &mut dyn Write) -> i32 {
+    event(cfg, domain, op, sub, Ok(xml), err)
+}
+
+/// [`run_event`] with the XML as read: one that could not be read refuses a start (it may
+/// pass the GPU through: fail closed) and counts as using the GPU for a release (which
+/// acts only on a restore record naming this domain, so that is safe).
+fn event(
+    cfg: &Config,
+    domain: &str,
+    op: &str,
+    sub: &str,
+    xml: Result<&str, &DomainXmlError>,
+    err: &mut dyn Write,
+) -> i32 {
     if !matches!((op, sub), ("prepare", "begin") | ("release", "end")) {
         return 0;
     }
-    let domain = &domain.to_owned();
-    let (uses, warning) = uses_gpu(cfg, domain, xml);
+    let uses = match xml {
+        Ok(x) => uses_gpu(cfg, domain, x).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let (uses, warning) = match uses {
+        Ok(u) => u,
+        Err(why) if op == "prepare" => {
+            let _ = writeln!(err, "{}", unreadable_xml(cfg, domain, &why));
+            return 1;
+        }
+        Err(_) => (true, None),
+    };
     if !uses {
         return 0;
     }
     if let Some(w) = warning {
         let _ = writeln!(err, "{w}");
     }
+    // Domain names are libvirt's, but may hold anything but '/': shown escaped.
+    let shown = crate::escape::plain(domain);
+    let domain = &domain.to_owned();
     let host = &cfg.host;
     let address = cfg.gpu.address;
     let timeout = Duration::from_secs(cfg.gpu.watchdog_s);
@@ -131,7 +248,7 @@ pub fn run_event(cfg: &Config, domain: &str, op: &str, sub: &str, xml: &str, err
             if op != "prepare" {
                 let _ = writeln!(
                     err,
-                    "handoff: GPU {address} was not returned for {domain}; once the other handoff is over, \
+                    "handoff: GPU {address} was not returned for {shown}; once the other handoff is over, \
                      `handoff rebind --force` returns it"
                 );
             }
@@ -204,8 +321,8 @@ pub fn run_event(cfg: &Config, domain: &str, op: &str, sub: &str, xml: &str, err
             Ok(Some(r)) if r.vm.as_deref().is_some_and(|v| v != domain) => {
                 let _ = writeln!(
                     err,
-                    "handoff: not returning GPU {address} for {domain}: the restore record says it is with {}; nothing was changed",
-                    r.vm.as_deref().unwrap_or_default()
+                    "handoff: not returning GPU {address} for {shown}: the restore record says it is with {}; nothing was changed",
+                    crate::escape::plain(r.vm.as_deref().unwrap_or_default())
                 );
                 return 0;
             }

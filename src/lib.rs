@@ -16,10 +16,12 @@
 
 pub mod agent;
 pub mod bind;
+pub mod bounded;
 pub mod config;
 #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
 pub mod demo;
 pub mod doctor;
+pub mod escape;
 pub mod gpu;
 pub mod holders;
 pub mod hook;

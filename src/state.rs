@@ -4,6 +4,7 @@
 //! tray and the block read it and watch it with inotify (DESIGN.md, "Live updates").
 
 use std::io;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +38,18 @@ pub struct Refusal {
     pub message: String,
 }
 
+/// Why `state.json` could not be read; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot read the hook's state file {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("the hook's state file {path} is damaged ({source}); the hook writes a new one on its next run")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HookState {
     pub version: u32,
@@ -64,11 +77,25 @@ impl HookState {
         }
     }
 
-    /// The current file, or None when the hook never ran (or the file is unreadable:
-    /// surfaces then fall back to sysfs alone).
+    /// The current file, or None when the hook never ran (or the file is unreadable, or
+    /// not a regular file of sane size — a FIFO there must not hang the hook: surfaces then
+    /// fall back to sysfs alone, and the hook writes a fresh one by rename).
     pub fn load(host: &Host) -> Option<Self> {
-        let bytes = std::fs::read(host.state_file()).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        Self::read(host).ok().flatten()
+    }
+
+    /// [`HookState::load`] saying why: `Ok(None)` when there is no file, an error naming
+    /// the file when it cannot be read or parsed.
+    pub fn read(host: &Host) -> Result<Option<Self>, StateError> {
+        let path = host.state_file();
+        let bytes = match crate::bounded::read(&path, crate::bounded::Links::Refuse) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StateError::Parse { path, source })
     }
 
     pub fn save(&mut self, host: &Host) -> io::Result<()> {

@@ -192,3 +192,59 @@ fn an_agent_that_cannot_run_says_why_as_the_vms_state() {
     assert!(a.probe(&empty).is_empty());
     assert_eq!(a.pid(), None);
 }
+
+#[test]
+fn a_request_line_that_is_not_utf8_is_answered_with_an_error_and_the_agent_goes_on() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, path) = config(tmp.path(), TEST_VM);
+    let mut child = Command::new(HANDOFF)
+        .args(["--config".as_ref(), path.as_os_str(), "__agent".as_ref()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let (tx, replies) = mpsc::channel::<serde_json::Value>();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v.get("reply").is_some() && tx.send(v).is_err() {
+                break;
+            }
+        }
+    });
+    // A start of a VM whose name is not UTF-8 (decoded lossily it would be another name),
+    // then garbage without an id, then a probe.
+    stdin
+        .write_all(b"{\"id\":7,\"request\":{\"op\":\"start\",\"vm\":\"t\xffst\"}}\n\xfe\xfe\n")
+        .unwrap();
+    stdin
+        .write_all(b"{\"id\":8,\"request\":{\"op\":\"probe\"}}\n")
+        .unwrap();
+    stdin.flush().unwrap();
+
+    let mut got = std::collections::HashMap::new();
+    while got.len() < 2 {
+        let r = replies
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the agent answered both requests");
+        got.insert(r["reply"]["id"].as_u64().unwrap(), r["reply"]["reply"].clone());
+    }
+    let failed = &got[&7]["failed"];
+    assert!(
+        failed["message"].as_str().unwrap().contains("not UTF-8"),
+        "{failed}"
+    );
+    let probes = got[&8]["probes"].as_array().expect("the probe was answered");
+    assert_eq!(probes[0]["name"], "test");
+
+    drop(stdin);
+    let pid = child.id();
+    wait_for("the agent to exit after its stdin closed", || !alive(pid));
+    let _ = child.wait();
+}

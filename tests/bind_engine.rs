@@ -909,6 +909,7 @@ fn a_symlink_planted_at_the_records_temp_name_is_not_followed() {
         functions: Vec::new(),
         problem: None,
         hung_writer: None,
+        hung_writer_start: None,
     };
     r.save(&host).unwrap();
 

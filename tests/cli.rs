@@ -6,6 +6,8 @@
 //! it with `HANDOFF_CONFIG`; `HOME` and the XDG directories point into the temp dir too, so
 //! nothing outside it is read or written. Every child process is killed by its guard.
 
+mod named_holder;
+
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -367,6 +369,49 @@ fn status_with_an_empty_slot_says_there_is_no_gpu() {
 
 // ---------------------------------------------------------------------------------------
 // handoff blockers
+
+#[test]
+fn blockers_and_status_show_a_holder_named_with_controls_and_markup_escaped() {
+    let h = Host::workstation();
+    let holder = named_holder::hold_named(&h.sim.dev().join("nvidia0"), named_holder::EVIL, h.tmp.path());
+    for args in [&["blockers"][..], &["status"][..]] {
+        let r = h.run(args);
+        let line = format!("{} (pid {}, user ", named_holder::EVIL_PLAIN, holder.pid());
+        assert!(r.stdout.contains(&line), "{args:?}: {r:?}");
+        assert!(
+            !r.stdout.contains('\x1b') && !r.stdout.contains('\x07'),
+            "{args:?}: no raw control reaches the terminal: {:?}",
+            r.stdout
+        );
+        assert!(
+            !r.stdout.lines().any(|l| l.starts_with(" (pid")),
+            "{args:?}: the name's newline forged no line: {r:?}"
+        );
+    }
+    // JSON keeps the name as it is (JSON escapes it itself): scripts get the real name.
+    let v = h.run(&["blockers", "--json"]).json();
+    assert_eq!(v["holders"][0]["command"], "evil\x1b[31m<b>\x07\n");
+}
+
+#[test]
+fn warnings_on_stderr_carry_no_colour_codes_when_it_is_not_a_terminal() {
+    let h = Host::workstation();
+    // An attribute that cannot be read (a directory where sysfs has a file) is warned
+    // about through tracing; stderr here is a pipe, as the hook's is to libvirtd.
+    let attr = h
+        .sim
+        .sysfs()
+        .join("bus/pci/devices/0000:01:00.0/power/runtime_status");
+    fs::remove_file(&attr).unwrap();
+    fs::create_dir(&attr).unwrap();
+    let r = h.run(&["status"]);
+    assert!(r.stderr.contains("cannot read sysfs attribute"), "{r:?}");
+    assert!(
+        !r.stderr.contains('\x1b'),
+        "no ANSI codes in a pipe: {:?}",
+        r.stderr
+    );
+}
 
 #[test]
 fn blockers_exits_0_when_nothing_holds_and_1_with_a_holder() {

@@ -451,3 +451,59 @@ fn a_missing_system_file_means_defaults() {
     assert_eq!(source, Source::Defaults);
     assert_eq!(cfg, Config::default());
 }
+
+#[test]
+fn a_dangling_system_config_link_is_an_error_not_defaults() {
+    // /etc/handoff/config.toml -> a file that was moved away: the hook must not act on the
+    // real /sys with the defaults.
+    let tmp = tempfile::tempdir().unwrap();
+    let link = tmp.path().join("config.toml");
+    let target = tmp.path().join("managed/handoff.toml");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+
+    let err = Config::load_system(&link).unwrap_err();
+    assert!(matches!(err, ConfigError::BrokenLink { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.starts_with(&link.display().to_string()), "{text}");
+    assert!(
+        text.contains(&target.display().to_string()),
+        "names the target: {text}"
+    );
+    assert!(text.contains("not the same as no config"), "{text}");
+
+    // The interactive search stops there too, instead of falling through to defaults.
+    let err = Config::load_from_paths(None, None, &link).unwrap_err();
+    assert!(matches!(err, ConfigError::BrokenLink { .. }), "{err:?}");
+    // And a dangling user file does not fall through to the system file.
+    let err = Config::load_from_paths(None, Some(link.clone()), &fixture("system.toml")).unwrap_err();
+    assert!(matches!(err, ConfigError::BrokenLink { .. }), "{err:?}");
+
+    let (code, _, stderr) = handoff(tmp.path(), Some(&link), &["config", "check"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("is a symbolic link to"), "{stderr}");
+}
+
+#[test]
+fn a_fifo_or_a_device_as_the_config_is_refused_at_once_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("config.toml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a path in our temp dir.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let started = std::time::Instant::now();
+    let err = Config::load_file(&fifo).unwrap_err();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "it did not hang"
+    );
+    let text = err.to_string();
+    assert!(text.contains(&fifo.display().to_string()), "{text}");
+    assert!(text.contains("a FIFO, not a regular file"), "{text}");
+
+    // A device (here /dev/null, which reads as an empty file and so as the defaults).
+    let null = tmp.path().join("null.toml");
+    std::os::unix::fs::symlink("/dev/null", &null).unwrap();
+    let text = Config::load_file(&null).unwrap_err().to_string();
+    assert!(text.contains(&null.display().to_string()), "{text}");
+    assert!(text.contains("a character device"), "{text}");
+}

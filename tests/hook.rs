@@ -7,6 +7,7 @@
 //! Under `CI=true` a missing `/dev/fuse` fails; elsewhere these tests skip, saying why.
 #![cfg(feature = "kernel-sim")]
 
+mod named_holder;
 mod simgpu;
 
 use std::fs;
@@ -74,8 +75,13 @@ struct Run {
 impl Machine {
     /// `handoff hook <domain> <op> <sub> -` with `xml` on stdin.
     fn hook(&self, domain: &str, op: &str, sub: &str, xml: &str) -> Run {
+        self.hook_bytes(domain, op, sub, xml.as_bytes())
+    }
+
+    /// [`Machine::hook`] with whatever bytes libvirt (or something else) writes to stdin.
+    fn hook_bytes(&self, domain: &str, op: &str, sub: &str, xml: &[u8]) -> Run {
         let args: Vec<String> = [domain, op, sub, "-"].map(String::from).to_vec();
-        let mut stdin = xml.as_bytes();
+        let mut stdin = xml;
         let mut stderr = Vec::new();
         let code = handoff::hook::run(&args, &mut stdin, &self.config, &mut stderr);
         Run {
@@ -634,5 +640,216 @@ fn a_start_of_another_vm_is_refused_while_the_gpu_is_still_being_handed_to_the_f
         r.stderr
     );
     assert_eq!(m.sim.short_log(), vec![]);
+    m.sim.assert_home();
+}
+
+/// Runs `f` on a thread and fails the test when it has not returned within `limit`: what
+/// is checked is that the hook does not hang (a hung thread is left behind, blocked).
+fn within<T: Send + 'static>(limit: Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{what} did not return within {limit:?}"))
+}
+
+#[test]
+fn a_fifo_in_place_of_state_json_neither_hangs_the_hook_nor_stops_the_handoff() {
+    let Some(m) = machine() else { return };
+    let m = std::sync::Arc::new(m);
+    let state = m.state_path();
+    fs::create_dir_all(state.parent().unwrap()).unwrap();
+    let c = std::ffi::CString::new(state.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a path in the test's temp dir.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let xml = fixture("win11.xml");
+    let r = {
+        let m = m.clone();
+        within(
+            Duration::from_secs(10),
+            "prepare with a FIFO state.json",
+            move || m.hook("win11", "prepare", "begin", &xml),
+        )
+    };
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    m.sim.assert_on_vfio();
+    // The hook replaced it (by rename) with a real state file.
+    assert!(fs::symlink_metadata(&state).unwrap().is_file());
+    assert_eq!(m.state()["phase"], "vfio");
+}
+
+#[test]
+fn a_restore_record_that_is_a_fifo_refuses_the_start_at_once_naming_it() {
+    let Some(m) = machine() else { return };
+    let m = std::sync::Arc::new(m);
+    let record = RestoreRecord::path(&m.sim.host(), addr(GPU));
+    fs::create_dir_all(record.parent().unwrap()).unwrap();
+    let c = std::ffi::CString::new(record.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a path in the test's temp dir.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let xml = fixture("win11.xml");
+    let r = {
+        let m = m.clone();
+        within(
+            Duration::from_secs(10),
+            "prepare with a FIFO restore record",
+            move || m.hook("win11", "prepare", "begin", &xml),
+        )
+    };
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("cannot read the restore record {}", record.display())),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("a FIFO, not a regular file"), "{}", r.stderr);
+    assert_eq!(m.sim.short_log(), vec![], "no sysfs writes");
+    m.sim.assert_home();
+}
+
+#[test]
+fn a_dangling_system_config_link_refuses_prepare_before_touching_sysfs() {
+    let Some(m) = machine() else { return };
+    fs::remove_file(&m.config).unwrap();
+    let gone = m.sim.tmp.path().join("etc/moved-away.toml");
+    std::os::unix::fs::symlink(&gone, &m.config).unwrap();
+    // The library says so first: with it reading the link as "no config", the hook below
+    // would act with the defaults, on the real /sys.
+    assert!(
+        handoff::config::Config::load_system(&m.config).is_err(),
+        "a dangling link must not read as defaults"
+    );
+    let xml = fixture("win11.xml");
+    let r = m.hook("win11", "prepare", "begin", &xml);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "{} is a symbolic link to {}",
+            m.config.display(),
+            gone.display()
+        )),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(m.hook("win11", "release", "end", &xml).code, 0);
+    m.assert_nothing_written("a dangling config link");
+}
+
+#[test]
+fn a_domain_xml_that_is_not_utf8_refuses_the_start_instead_of_skipping_the_guard() {
+    let Some(m) = machine() else { return };
+    // linux-ai is not a [[vm]]: only its XML says it takes the GPU.
+    let xml = fixture("linux-ai.xml").replace("<name>linux-ai</name>", "<name>linux-ai\u{1}</name>");
+    let mut bytes = xml.into_bytes();
+    let at = bytes.iter().position(|&b| b == 1).unwrap();
+    bytes[at] = 0xff;
+    let r = m.hook_bytes("linux-ai", "prepare", "begin", &bytes);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "not starting linux-ai: the domain XML is not UTF-8 text (invalid byte at offset {at})"
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("GPU 0000:01:00.0"), "{}", r.stderr);
+    assert_eq!(m.hook_bytes("linux-ai", "release", "end", &bytes).code, 0);
+    m.assert_nothing_written("a non-UTF-8 domain XML");
+}
+
+#[test]
+fn a_hostdev_bus_out_of_range_is_refused_not_truncated_onto_the_gpu() {
+    let Some(m) = machine() else { return };
+    let xml = fixture("bus-out-of-range.xml");
+    let r = m.hook("wide-bus", "prepare", "begin", &xml);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("source address bus='0x101' is not a PCI bus number (0 to 0xff"),
+        "{}",
+        r.stderr
+    );
+    m.assert_nothing_written("a hostdev address out of range");
+}
+
+#[test]
+fn a_hostdev_inside_metadata_passes_nothing_through() {
+    let Some(m) = machine() else { return };
+    let xml = fixture("hostdev-in-metadata.xml");
+    for (op, sub) in [("prepare", "begin"), ("release", "end")] {
+        let r = m.hook("router", op, sub, &xml);
+        assert_eq!(r.code, 0, "{op} {sub}: {}", r.stderr);
+        assert_eq!(r.stderr, "", "{op} {sub}: no warning, nothing guarded");
+    }
+    m.assert_nothing_written("a domain whose <hostdev> is only in its metadata");
+}
+
+#[test]
+fn a_hung_writer_pid_reused_by_another_process_does_not_block_the_return() {
+    let Some(m) = machine() else { return };
+    let xml = fixture("win11.xml");
+    assert_eq!(m.hook("win11", "prepare", "begin", &xml).code, 0);
+    // The record says a write hung in a writer that has since gone, and its pid now
+    // belongs to an unrelated process: same pid, another start time.
+    let other = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+    let other = simgpu::Holder(other);
+    let pid = other.pid() as i32;
+    let start = handoff::bind::record::process_start_time(pid).unwrap();
+    let host = m.sim.host();
+    let mut record = m.record().unwrap();
+    record.phase = Phase::Stuck;
+    record.problem = Some("unbinding 0000:01:00.0 from nvidia hung".into());
+    record.hung_writer = Some(pid);
+    record.hung_writer_start = Some(start + 1);
+    record.save(&host).unwrap();
+
+    let r = m.hook("win11", "release", "end", &xml);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("still blocked"), "{}", r.stderr);
+    m.sim.assert_home();
+    assert_eq!(m.record(), None);
+
+    // The writer itself (same pid, same start time) still blocks it, as before.
+    assert_eq!(m.hook("win11", "prepare", "begin", &xml).code, 0);
+    let mut record = m.record().unwrap();
+    record.phase = Phase::Stuck;
+    record.hung_writer = Some(pid);
+    record.hung_writer_start = Some(start);
+    record.save(&host).unwrap();
+    let r = m.hook("win11", "release", "end", &xml);
+    assert!(
+        r.stderr
+            .contains(&format!("writer process {pid} is still blocked")),
+        "{}",
+        r.stderr
+    );
+    m.sim.assert_on_vfio();
+}
+
+#[test]
+fn a_holder_named_with_terminal_controls_and_markup_is_shown_escaped_in_the_refusal() {
+    let Some(m) = machine() else { return };
+    let holder = named_holder::hold_named(&m.sim.dev("nvidia0"), named_holder::EVIL, m.sim.tmp.path());
+    let r = m.hook("win11", "prepare", "begin", &fixture("win11.xml"));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "{} (pid {}, user root",
+            named_holder::EVIL_PLAIN,
+            holder.pid()
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !r.stderr.contains('\x1b') && !r.stderr.contains('\x07'),
+        "no raw control reaches libvirt's error: {:?}",
+        r.stderr
+    );
+    // One line per holder: the name's newline did not forge a line.
+    assert!(!r.stderr.lines().any(|l| l.starts_with(" (pid")), "{}", r.stderr);
+    assert_eq!(m.sim.short_log(), vec![], "no sysfs writes");
     m.sim.assert_home();
 }

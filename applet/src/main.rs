@@ -90,6 +90,9 @@ fn main() -> ExitCode {
             }),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal: as the hook, stderr becomes
+        // libvirt's error text, and in a log or a pipe they are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let (cfg, source) = match Config::load() {
         Ok(loaded) => loaded,

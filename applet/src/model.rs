@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use handoff::bind::record::{Phase, RestoreRecord};
+use handoff::escape::plain;
 use handoff::gpu::Owner;
 use handoff::holders::Holder;
 use handoff::state::{HookPhase, HookState};
@@ -202,7 +203,12 @@ impl Snapshot {
             Err(e) => lines.push(e.clone()),
         }
         for v in self.vms() {
-            lines.push(format!("{} ({}): {}", v.label, v.name, v.state.words()));
+            lines.push(format!(
+                "{} ({}): {}",
+                plain(&v.label),
+                plain(&v.name),
+                v.state.words()
+            ));
         }
         if let Some(why) = self.libvirt_unreachable() {
             lines.push(format!("libvirt unreachable: {}", first_line(&why)));
@@ -214,7 +220,7 @@ impl Snapshot {
             n => format!("{n} processes use the GPU"),
         });
         if let Some(r) = self.hook.as_ref().and_then(|h| h.last_refusal.as_ref()) {
-            lines.push(format!("Last refused start: {}", r.vm));
+            lines.push(format!("Last refused start: {}", plain(&r.vm)));
         }
         if let Some(e) = last_event {
             lines.push(format!("Last event: {e}"));

@@ -6,6 +6,7 @@
 //! (dunst does so), so the handle of the last one is kept and a task waits on it; a newer
 //! notification aborts the older wait.
 
+use handoff::escape::{markup, plain};
 use notify_rust::{Notification, NotificationResponse, Timeout, Urgency};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
@@ -39,10 +40,13 @@ impl Notifier {
         if let Some(w) = self.waiter.take() {
             w.abort();
         }
+        // The body is markup to the server (body-markup): `<`, `&` and controls in a
+        // process or VM name must show as text. The summary is plain text by the spec
+        // (dunst escapes it itself): only its controls are escaped.
         let mut n = Notification::new();
         n.appname("handoff")
-            .summary(&note.summary)
-            .body(&note.body)
+            .summary(&plain(&note.summary))
+            .body(&markup(&note.body))
             .icon(icon)
             .urgency(if note.critical {
                 Urgency::Critical

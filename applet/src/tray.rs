@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use handoff::escape::{markup, plain};
 use handoff::status::VmState;
 use ksni::menu::{MenuItem, StandardItem, SubMenu};
 use tokio::sync::mpsc::UnboundedSender;
@@ -116,7 +117,8 @@ impl ksni::Tray for HandoffTray {
             icon_name: self.icon_name(),
             icon_pixmap: Vec::new(),
             title: self.title(),
-            description: self.snap.tooltip_lines(self.last_event.as_deref()).join("\n"),
+            // The SNI tooltip's description is markup (a subset of HTML) to the hosts.
+            description: markup(&self.snap.tooltip_lines(self.last_event.as_deref()).join("\n")),
         }
     }
 
@@ -185,7 +187,11 @@ impl ksni::Tray for HandoffTray {
                 if h.uid == snap.uid {
                     items.push(self.confirm(
                         "Terminate…".into(),
-                        format!("Really terminate {} (pid {})? (SIGTERM)", h.command, h.pid),
+                        format!(
+                            "Really terminate {} (pid {})? (SIGTERM)",
+                            plain(&h.command),
+                            h.pid
+                        ),
                         Action::Terminate {
                             pid: h.pid,
                             command: h.command.clone(),
@@ -198,8 +204,8 @@ impl ksni::Tray for HandoffTray {
                         UnitScope::System => "systemctl stop, asks for a password",
                     };
                     items.push(self.confirm(
-                        format!("Stop {unit}…"),
-                        format!("Really stop {unit}? ({how})"),
+                        format!("Stop {}…", plain(unit)),
+                        format!("Really stop {}? ({how})", plain(unit)),
                         Action::StopUnit {
                             unit: unit.clone(),
                             scope: *scope,
@@ -209,13 +215,14 @@ impl ksni::Tray for HandoffTray {
                 if items.is_empty() {
                     items.push(Self::disabled(format!(
                         "not yours ({}): ask its owner or root",
-                        h.user
+                        plain(&h.user)
                     )));
                 }
-                let mut what = format!("{} (pid {}, {}", h.command, h.pid, h.user);
+                // Menu labels are plain text; the names are the processes' own choice.
+                let mut what = format!("{} (pid {}, {}", plain(&h.command), h.pid, plain(&h.user));
                 if let Some(u) = &h.unit {
                     what += ", ";
-                    what += u;
+                    what += &plain(u);
                 }
                 what += ")";
                 sub.push(

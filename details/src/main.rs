@@ -63,6 +63,9 @@ fn init_logging(args: &Args) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal: as the hook, stderr becomes
+        // libvirt's error text, and in a log or a pipe they are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

@@ -9,6 +9,7 @@
 use serde::Serialize;
 
 use handoff::bind::record::{Phase, RestoreRecord};
+use handoff::escape::plain;
 use handoff::gpu::{self, FunctionKind, Owner};
 use handoff::holders::Holder;
 use handoff::state::{HookPhase, HookState};
@@ -308,7 +309,7 @@ fn holder_row(h: &Holder, uid: u32, busy: bool) -> HolderRow {
                 },
             )
             .confirm(
-                format!("Terminate {} (pid {})?", h.command, h.pid),
+                format!("Terminate {} (pid {})?", plain(&h.command), h.pid),
                 "It is sent SIGTERM and may lose unsaved work.".to_owned(),
                 "Terminate",
             ),
@@ -318,17 +319,18 @@ fn holder_row(h: &Holder, uid: u32, busy: bool) -> HolderRow {
     if let Some(unit) = h.unit.as_ref().filter(|u| u.ends_with(".service")) {
         buttons.push(
             Button::new(
-                format!("Stop {unit}"),
+                format!("Stop {}", plain(unit)),
                 Action::StopUnit {
                     unit: unit.clone(),
                     pid: h.pid,
                 },
             )
             .confirm(
-                format!("Stop {unit}?"),
+                format!("Stop {}?", plain(unit)),
                 format!(
-                    "`systemctl stop {unit}` ends every process of the unit, not only {}.",
-                    h.command
+                    "`systemctl stop {}` ends every process of the unit, not only {}.",
+                    plain(unit),
+                    plain(&h.command)
                 ),
                 "Stop",
             ),
@@ -345,9 +347,10 @@ fn holder_row(h: &Holder, uid: u32, busy: bool) -> HolderRow {
     };
     HolderRow {
         pid: h.pid,
-        command: h.command.clone(),
-        user: h.user.clone(),
-        unit: h.unit.clone(),
+        // Shown in GTK labels: the names are the processes' own, kept to one line.
+        command: plain(&h.command),
+        user: plain(&h.user),
+        unit: h.unit.as_deref().map(plain),
         what,
         mine,
         buttons,
@@ -724,6 +727,7 @@ mod tests {
             functions: Vec::new(),
             problem: (phase == Phase::Stuck).then(|| "unbinding 0000:01:00.0 from nvidia hung".to_owned()),
             hung_writer: None,
+            hung_writer_start: None,
         }
     }
 
@@ -832,6 +836,25 @@ mod tests {
         assert_eq!(v.owner, OwnerKind::RestoreRequired);
         assert!(v.subline.contains("did not come back"));
         assert_eq!(v.last_error, None, "said once, in the subline");
+    }
+
+    #[test]
+    fn a_holder_named_with_controls_shows_as_one_escaped_line_but_is_acted_on_by_its_name() {
+        let mut f = facts("nvidia", vec![vm("win11", "Windows", VmState::Shutoff)]);
+        f.status.gpu.blockers = vec![holder(4242, "evil\x1b[31m<b>\n", ME, Some("x\ny.service"))];
+        let v = View::build(&f, None);
+        let row = &v.holders[0];
+        assert_eq!(row.command, r"evil\x1b[31m<b>\x0a");
+        assert_eq!(row.unit.as_deref(), Some(r"x\x0ay.service"));
+        assert_eq!(labels(&row.buttons), ["Terminate", r"Stop x\x0ay.service"]);
+        // The action itself carries the real name (the kill checks it against /proc).
+        assert_eq!(
+            row.buttons[0].action,
+            Action::Terminate {
+                pid: 4242,
+                command: "evil\x1b[31m<b>\n".into()
+            }
+        );
     }
 
     #[test]

@@ -94,7 +94,7 @@ fn right_when_off(cfg: &Config, v: &View) -> Action {
             Urgency::Normal,
         );
     };
-    let label = first.label();
+    let label = handoff::escape::plain(first.label());
     match v.kind {
         Kind::Linux | Kind::Vfio => Action::Job(vec!["start".into(), first.name.clone()]),
         Kind::Busy => Action::Notify(
@@ -128,7 +128,9 @@ pub fn perform(action: &Action) -> io::Result<()> {
     }
 }
 
-/// `notify-send` with handoff's app name; `actions` are `name=Label` pairs.
+/// `notify-send` with handoff's app name; `actions` are `name=Label` pairs. The body is
+/// markup to the server (body-markup), so it is escaped for it; the title is plain text
+/// by the spec, so only its controls are.
 pub fn notify_argv(title: &str, body: &str, u: Urgency, actions: &[&str]) -> Vec<OsString> {
     let mut argv: Vec<OsString> = vec![
         "notify-send".into(),
@@ -142,8 +144,8 @@ pub fn notify_argv(title: &str, body: &str, u: Urgency, actions: &[&str]) -> Vec
     for a in actions {
         argv.push(format!("--action={a}").into());
     }
-    argv.push(title.into());
-    argv.push(body.into());
+    argv.push(handoff::escape::plain(title).into());
+    argv.push(handoff::escape::markup(body).into());
     argv
 }
 
@@ -190,7 +192,7 @@ pub fn handoff_bin() -> OsString {
 /// The detached half of a click (`handoff-block --job …`): runs `handoff`, waits for it
 /// (nobody waits for us), and says how it went.
 pub fn run_job(cfg: &Config, args: &[String]) -> io::Result<()> {
-    let label = |vm: &str| view::label(cfg, vm).to_owned();
+    let label = |vm: &str| view::label(cfg, vm);
     match args {
         [kind, vm] if kind == "start" => {
             let l = label(vm);
@@ -284,4 +286,26 @@ fn notify(title: &str, body: &str, u: Urgency) -> io::Result<()> {
         .stdin(Stdio::null())
         .status()
         .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notification_body_is_escaped_for_markup_and_its_title_for_plain_text() {
+        let argv = notify_argv(
+            "Win\x1b[31m not started",
+            "Stop these first:\nevil\\x1b[31m<b>x (pid 1, user root) & more",
+            Urgency::Critical,
+            &[],
+        );
+        let n = argv.len();
+        assert_eq!(argv[n - 2], OsString::from(r"Win\x1b[31m not started"));
+        // The line break is ours and stays; the name's markup shows as text.
+        assert_eq!(
+            argv[n - 1],
+            OsString::from("Stop these first:\nevil\\x1b[31m&lt;b&gt;x (pid 1, user root) &amp; more")
+        );
+    }
 }

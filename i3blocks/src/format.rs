@@ -8,10 +8,18 @@
 //! | `waybar` | `custom` module with `return-type = "json"`: `text`, `alt`, `tooltip`, `class` | `class` (style it in CSS) |
 //! | `polybar` | `custom/script`: one line with `%{F#rrggbb}…%{F-}` colour tags | the tag |
 //!
+//! Text that reaches a bar is escaped for it ([`handoff::escape`]): a VM label or a
+//! process name must neither break the line protocol (a newline) nor open markup.
+//! `i3blocks` (three lines, i3blocks' default `markup=none`) and `i3status-rust` (which
+//! escapes for itself) get plain text; `i3blocks-json` declares `"markup": "pango"` and is
+//! escaped for it; waybar parses its text and tooltip as Pango markup; polybar's `%{`
+//! would open a format tag.
+//!
 //! In `--watch` mode every format prints one line per change; for `i3blocks` that line is
 //! the full text only (i3blocks reads a persist block's lines as full texts), so use
 //! `i3blocks-json` there to keep the colour.
 
+use handoff::escape::{markup, plain, polybar};
 use serde_json::json;
 
 use crate::view::View;
@@ -42,37 +50,39 @@ impl Format {
 /// waybar have no short form of their own). `one_line`: for `--watch`.
 pub fn render(v: &View, format: Format, short: bool, one_line: bool) -> String {
     let text = if short { &v.short } else { &v.text };
-    let tooltip = tooltip(v);
     match format {
-        Format::I3blocks if one_line => text.clone(),
-        Format::I3blocks => format!("{text}\n{}\n{}", v.short, v.kind.colour()),
+        Format::I3blocks if one_line => plain(text),
+        Format::I3blocks => format!("{}\n{}\n{}", plain(text), plain(&v.short), v.kind.colour()),
         Format::I3blocksJson => json!({
-            "full_text": text,
-            "short_text": v.short,
+            "full_text": markup(&plain(text)),
+            "short_text": markup(&plain(&v.short)),
             "color": v.kind.colour(),
             "urgent": v.kind.urgent(),
+            "markup": "pango",
         })
         .to_string(),
         Format::I3statusRust => json!({
             "icon": "gpu",
             "state": v.kind.i3status_state(),
-            "text": text,
-            "short_text": v.short,
+            "text": plain(text),
+            "short_text": plain(&v.short),
         })
         .to_string(),
         Format::Waybar => json!({
-            "text": text,
+            "text": markup(&plain(text)),
             "alt": v.kind.class(),
-            "tooltip": tooltip,
+            "tooltip": markup(&tooltip(v)),
             "class": v.kind.class(),
         })
         .to_string(),
         // `%{` starts a tag: a VM label must not open one.
-        Format::Polybar => format!("%{{F{}}}{}%{{F-}}", v.kind.colour(), text.replace("%{", "% {")),
+        Format::Polybar => format!("%{{F{}}}{}%{{F-}}", v.kind.colour(), polybar(text)),
     }
 }
 
-/// What a tooltip or a notification body says: the detail, which names the holders.
+/// What a tooltip or a notification body says: the detail, which names the holders. Plain
+/// text, one line per line of ours: the parts that came from elsewhere (a label, a holder
+/// line) were escaped with [`plain`] where the view was made, so a `\n` here is ours.
 pub fn tooltip(v: &View) -> String {
-    format!("{}\n{}", v.text, v.detail)
+    format!("{}\n{}", plain(&v.text), v.detail)
 }

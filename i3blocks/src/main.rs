@@ -14,6 +14,7 @@ mod watch;
 use std::process::ExitCode;
 
 use handoff::config::Config;
+use handoff::escape::plain;
 
 use click::Button;
 use format::Format;
@@ -38,37 +39,44 @@ the GPU; right starts the first [[vm]] (refused, naming them, while anything hol
 GPU) or asks whether to stop it; middle runs [block] middle_click. Actions run detached.
 ";
 
+#[derive(Debug)]
 struct Args {
+    help: bool,
     format: Format,
     short: bool,
     click: Option<Button>,
     watch: bool,
     signal: Option<i32>,
     job: Option<Vec<String>>,
+    /// `--config FILE`: read as given, so a missing one is blamed on that flag.
+    config: Option<std::path::PathBuf>,
 }
 
-fn parse_args() -> Result<Args, String> {
+/// The command line (without the program name), and i3blocks' `BLOCK_BUTTON` for the
+/// click when `--click` is not given. Pure: `main` prints the help and sets the
+/// environment. An error quotes the argument it is about (escaped: it goes to a terminal).
+fn parse_args(argv: impl IntoIterator<Item = String>, block_button: Option<&str>) -> Result<Args, String> {
     let mut a = Args {
+        help: false,
         format: Format::I3blocks,
         short: false,
         click: None,
         watch: false,
         signal: None,
         job: None,
+        config: None,
     };
-    let mut it = std::env::args().skip(1);
+    let mut it = argv.into_iter();
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
-            "-h" | "--help" => {
-                print!("{HELP}");
-                std::process::exit(0);
-            }
+            "-h" | "--help" => a.help = true,
             "--format" => {
                 let v = value("--format")?;
                 a.format = Format::parse(&v).ok_or_else(|| {
                     format!(
-                        "--format {v}: expected i3blocks, i3blocks-json, i3status-rust, waybar or polybar"
+                        "--format {}: expected i3blocks, i3blocks-json, i3status-rust, waybar or polybar",
+                        plain(&v)
                     )
                 })?;
             }
@@ -77,44 +85,56 @@ fn parse_args() -> Result<Args, String> {
                 let v = value("--click")?;
                 a.click = Some(
                     Button::parse(&v)
-                        .ok_or_else(|| format!("--click {v}: expected left, middle or right"))?,
+                        .ok_or_else(|| format!("--click {}: expected left, middle or right", plain(&v)))?,
                 );
             }
             "--watch" => a.watch = true,
             "--signal-i3blocks" => {
                 let v = value("--signal-i3blocks")?;
-                a.signal = Some(
-                    v.parse()
-                        .map_err(|_| format!("--signal-i3blocks {v}: expected a number"))?,
-                );
+                // Checked here, before anything runs: i3blocks' signal=N is SIGRTMIN+N, and
+                // only a few of those exist.
+                let n = v.parse().map_err(|_| watch::signal_range_error(&plain(&v)))?;
+                watch::rt_signal(n)?;
+                a.signal = Some(n);
             }
-            "--config" => {
-                // SAFETY: single-threaded at this point; nothing else reads the environment.
-                unsafe { std::env::set_var("HANDOFF_CONFIG", value("--config")?) };
-            }
+            "--config" => a.config = Some(value("--config")?.into()),
             "--job" => {
                 a.job = Some(it.by_ref().collect());
             }
-            other => return Err(format!("unknown argument {other} (see --help)")),
+            other => return Err(format!("unknown argument \"{}\" (see --help)", plain(other))),
         }
     }
     if a.click.is_none() {
         // i3blocks: 1 left, 2 middle, 3 right; 4/5 (wheel) do nothing.
-        a.click = std::env::var("BLOCK_BUTTON").ok().and_then(|b| Button::parse(&b));
+        a.click = block_button.and_then(Button::parse);
     }
     Ok(a)
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
+    let button = std::env::var("BLOCK_BUTTON").ok();
+    let args = match parse_args(std::env::args().skip(1), button.as_deref()) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("handoff-block: {e}");
             return ExitCode::from(2);
         }
     };
-    let cfg = match Config::load() {
-        Ok((cfg, _)) => cfg,
+    if args.help {
+        print!("{HELP}");
+        return ExitCode::SUCCESS;
+    }
+    if let Some(path) = &args.config {
+        // For the `handoff` commands a click runs, which read HANDOFF_CONFIG.
+        // SAFETY: single-threaded at this point; nothing else reads the environment.
+        unsafe { std::env::set_var("HANDOFF_CONFIG", path) };
+    }
+    let loaded = match &args.config {
+        Some(path) => Config::load_file(path),
+        None => Config::load().map(|(cfg, _)| cfg),
+    };
+    let cfg = match loaded {
+        Ok(cfg) => cfg,
         Err(e) => {
             // A bar shows the first line: keep it short, put the detail on stderr.
             eprintln!("handoff-block: {e}");
@@ -161,4 +181,99 @@ fn main() -> ExitCode {
         return ExitCode::from(33);
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> proptest::test_runner::Config {
+        proptest::test_runner::Config {
+            cases: 256,
+            failure_persistence: None,
+            ..proptest::test_runner::Config::default()
+        }
+    }
+
+    const WORDS: &[&str] = &[
+        "--format",
+        "--short",
+        "--click",
+        "--watch",
+        "--signal-i3blocks",
+        "--config",
+        "--job",
+        "--help",
+        "i3blocks",
+        "waybar",
+        "polybar",
+        "left",
+        "middle",
+        "right",
+        "1",
+        "2",
+        "3",
+        "4",
+        "0",
+        "-1",
+        "2147483647",
+        "-2147483648",
+        "99999999999",
+        "",
+        "\u{1b}[31m",
+        "<b>",
+    ];
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn the_click_reader_never_panics_and_a_refusal_quotes_the_argument(
+            argv in proptest::collection::vec(
+                prop_oneof![3 => proptest::sample::select(WORDS).prop_map(str::to_owned), 1 => any::<String>()],
+                0..8,
+            ),
+            button in proptest::option::of(prop_oneof![
+                proptest::sample::select(WORDS).prop_map(str::to_owned),
+                any::<String>(),
+            ]),
+        ) {
+            // BLOCK_BUTTON: anything that is not a button (wheel, junk) is no click.
+            if let Some(b) = &button {
+                let parsed = Button::parse(b);
+                prop_assert_eq!(parsed.is_some(), ["1", "2", "3", "left", "middle", "right"].contains(&b.as_str()));
+            }
+            match parse_args(argv.clone(), button.as_deref()) {
+                Ok(a) => {
+                    if let Some(n) = a.signal {
+                        prop_assert!(watch::rt_signal(n).is_ok());
+                    }
+                }
+                Err(e) => {
+                    // The message names the flag or argument it is about, escaped, on one line.
+                    prop_assert!(!e.contains('\n') && !e.contains('\x1b'), "{e:?}");
+                    let about = argv
+                        .iter()
+                        .any(|w| (!w.is_empty() && e.contains(&plain(w))) || e.contains(&format!("\"{}\"", plain(w))));
+                    prop_assert!(about, "{e:?} names none of {argv:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn block_button_and_click_flags_read_as_i3blocks_means_them() {
+        let a = parse_args(Vec::<String>::new(), Some("3")).unwrap();
+        assert_eq!(a.click, Some(Button::Right));
+        let a = parse_args(["--click".to_owned(), "left".to_owned()], Some("3")).unwrap();
+        assert_eq!(a.click, Some(Button::Left), "--click wins over BLOCK_BUTTON");
+        assert_eq!(
+            parse_args(Vec::<String>::new(), Some("4")).unwrap().click,
+            None,
+            "the wheel is no click"
+        );
+        let e = parse_args(["--click".to_owned(), "up\x1b".to_owned()], None).unwrap_err();
+        assert_eq!(e, r"--click up\x1b: expected left, middle or right");
+    }
 }

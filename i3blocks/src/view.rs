@@ -7,6 +7,7 @@
 
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::config::Config;
+use handoff::escape::plain;
 use handoff::gpu::{self, Owner};
 use handoff::holders;
 use handoff::state::{HookPhase, HookState};
@@ -118,13 +119,16 @@ impl View {
     }
 }
 
-/// The label a person gave the VM (`[[vm]] label`), else its name.
-pub fn label<'a>(cfg: &'a Config, vm: &'a str) -> &'a str {
-    cfg.vms
-        .iter()
-        .find(|v| v.name == vm)
-        .map(|v| v.label())
-        .unwrap_or(vm)
+/// The label a person gave the VM (`[[vm]] label`), else its name (as the hook's state
+/// file has it): as plain text, since either may hold a newline or a terminal control.
+pub fn label(cfg: &Config, vm: &str) -> String {
+    plain(
+        cfg.vms
+            .iter()
+            .find(|v| v.name == vm)
+            .map(|v| v.label())
+            .unwrap_or(vm),
+    )
 }
 
 /// Reads the GPU, the hook's files and, while the host has the GPU, who holds it.
@@ -231,12 +235,12 @@ fn read_with(cfg: &Config, state: Option<HookState>) -> View {
         ),
         Owner::Vfio => match hook_vm {
             Some(vm) => {
-                let l = label(cfg, &vm).to_owned();
+                let l = label(cfg, &vm);
                 let mut v = View::new(
                     Kind::Vm,
                     format!("GPU: {l}"),
                     l.chars().next().unwrap_or('V').to_string(),
-                    format!("The GPU is in the VM {l} ({vm})."),
+                    format!("The GPU is in the VM {l} ({}).", plain(&vm)),
                 );
                 v.vm = Some(vm);
                 v

@@ -71,16 +71,22 @@ pub fn signal_i3blocks(cfg: &Config, n: i32) -> Result<(), String> {
     Err("the change stream ended".into())
 }
 
-/// `SIGRTMIN+n`, as i3blocks' `signal=n` means it.
+/// `SIGRTMIN+n`, as i3blocks' `signal=n` means it. Compared as `n` against the room
+/// left above SIGRTMIN, so no `n` can overflow.
 pub fn rt_signal(n: i32) -> Result<i32, String> {
     let (min, max) = (libc::SIGRTMIN(), libc::SIGRTMAX());
-    if n < 1 || min + n > max {
-        return Err(format!(
-            "--signal-i3blocks {n}: i3blocks signals run from 1 to {}",
-            max - min
-        ));
+    if n < 1 || n > max - min {
+        return Err(signal_range_error(&n.to_string()));
     }
     Ok(min + n)
+}
+
+/// `--signal-i3blocks` given something that is not one of the real-time signals.
+pub fn signal_range_error(given: &str) -> String {
+    format!(
+        "--signal-i3blocks {given}: i3blocks signals run from 1 to {} (signal=N in the i3blocks config)",
+        libc::SIGRTMAX() - libc::SIGRTMIN()
+    )
 }
 
 fn signal_all(procfs: &Path, uid: u32, sig: i32) {

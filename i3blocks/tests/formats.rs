@@ -1,6 +1,8 @@
 //! Each `--format` against what its bar parses, in every state the simulated machine can
 //! be put in; and what the built binary links.
 
+#[path = "../../tests/named_holder/mod.rs"]
+mod named_holder;
 mod support;
 
 use std::process::Command;
@@ -158,4 +160,96 @@ fn a_bad_flag_says_what_is_expected() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("i3status-rust"));
+}
+
+#[test]
+fn a_holder_name_and_a_vm_label_cannot_break_a_bar_line_or_open_markup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = SimHost::build(tmp.path(), &SimSpec::workstation()).unwrap();
+    // A label with a newline, markup and a polybar tag, as TOML allows.
+    let cfg = write_config(tmp.path(), &sim, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("label = \"Windows\"", r#"label = "<i>Win</i>\n%{F#f00}&""#);
+    std::fs::write(&cfg, text).unwrap();
+
+    let h = named_holder::hold_named(&sim.dev().join("nvidia0"), named_holder::EVIL, tmp.path());
+    let (lines, ib, i3rs, waybar, polybar) = all(&cfg);
+    assert_eq!(lines, ["GPU: Linux · 1 busy", "L·1", "#FFAA00"]);
+    let tooltip = waybar["tooltip"].as_str().unwrap();
+    let shown = format!(r"evil\x1b[31m&lt;b&gt;\x07\x0a (pid {}, user ", h.pid());
+    assert!(
+        tooltip.contains(&shown),
+        "waybar's tooltip is Pango markup: {tooltip}"
+    );
+    assert!(!tooltip.contains('\x1b') && !tooltip.contains("<b>"), "{tooltip}");
+    for v in [&ib, &i3rs, &waybar] {
+        assert!(!v.to_string().contains("\\u001b"), "{v}");
+    }
+    assert!(
+        !polybar.contains('\n') && !polybar.contains('\x1b'),
+        "{polybar:?}"
+    );
+    drop(h);
+
+    // The VM has the GPU: its label is the text.
+    for f in 0..4 {
+        sim.set_driver(RTX_3090_TI.with_function(f), Some("vfio-pci"))
+            .unwrap();
+    }
+    let mut state = HookState::new(RTX_3090_TI);
+    state.phase = HookPhase::Vfio;
+    state.vm = Some("win11".into());
+    state.save(&sim.host()).unwrap();
+    let (lines, ib, i3rs, waybar, polybar) = all(&cfg);
+    assert_eq!(lines.len(), 3, "i3blocks reads three lines: {lines:?}");
+    assert_eq!(lines[0], r"GPU: <i>Win</i>\x0a%{F#f00}&");
+    assert_eq!(i3rs["text"], lines[0]);
+    // i3blocks-json says it is Pango markup, and is escaped for it.
+    assert_eq!(ib["markup"], "pango");
+    assert_eq!(ib["full_text"], r"GPU: &lt;i&gt;Win&lt;/i&gt;\x0a%{F#f00}&amp;");
+    assert_eq!(waybar["text"], ib["full_text"]);
+    assert_eq!(
+        polybar_tags(&polybar),
+        ("#00AAFF".to_owned(), r"GPU: <i>Win</i>\x0a% {F#f00}&".to_owned())
+    );
+}
+
+#[test]
+fn a_signal_number_beyond_the_realtime_range_is_refused_without_overflow() {
+    for n in ["2147483647", "-2147483648", "0", "99999999999"] {
+        let out = Command::new(BLOCK)
+            .args(["--signal-i3blocks", n])
+            .env("HANDOFF_CONFIG", "/nonexistent/handoff.toml")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{n}: {stderr}");
+        assert!(
+            stderr.contains(&format!("--signal-i3blocks {n}: i3blocks signals run from 1 to ")),
+            "{n}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{n}: {stderr}");
+    }
+}
+
+#[test]
+fn a_missing_config_flag_is_blamed_by_its_own_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing.toml");
+    let out = Command::new(BLOCK)
+        .args(["--config", missing.to_str().unwrap()])
+        .env_remove("HANDOFF_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(33), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot read config {}", missing.display())),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("HANDOFF_CONFIG"),
+        "the flag was given, not the variable: {stderr}"
+    );
 }

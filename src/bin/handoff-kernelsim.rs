@@ -54,6 +54,9 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal: as the hook, stderr becomes
+        // libvirt's error text, and in a log or a pipe they are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     // Block the stop signals before any thread exists, so every thread inherits the mask

@@ -123,7 +123,9 @@ pub fn refusal_text(
     holders: &[Holder],
     framebuffers: &[Framebuffer],
 ) -> String {
-    let to = vm.map(|v| format!(" to {v}")).unwrap_or_default();
+    let to = vm
+        .map(|v| format!(" to {}", crate::escape::plain(v)))
+        .unwrap_or_default();
     let what = match holders.len() {
         0 => "the boot framebuffer holds it".to_owned(),
         1 => "1 process uses it".to_owned(),
@@ -207,6 +209,10 @@ fn refusal_with_unchecked(
 
 /// The refusal when the restore record gives the GPU to another VM.
 fn busy_text(gpu: PciAddress, vm: Option<&str>, with: &str, phase: Phase) -> String {
+    // Domain names reach libvirt's error and terminals: no control characters through.
+    let vm = vm.map(crate::escape::plain);
+    let vm = vm.as_deref();
+    let with = crate::escape::plain(with);
     let mut s = match vm {
         Some(vm) => format!(
             "handoff: not handing GPU {gpu} to {vm}: it is with {with}; stop that VM first, then start {vm} again"
@@ -227,8 +233,9 @@ enum StepError {
     Hung {
         what: String,
         timeout: Duration,
-        /// The writer process, still blocked in the kernel.
+        /// The writer process, still blocked in the kernel, and its start time.
         pid: i32,
+        start: Option<u64>,
     },
     Failed {
         what: String,
@@ -256,7 +263,14 @@ impl Executor<'_> {
     fn write(&self, path: std::path::PathBuf, value: &str, what: String) -> Result<(), StepError> {
         match write_with_watchdog(&path, value, self.timeout) {
             Ok(()) => Ok(()),
-            Err(WriteError::Hung { timeout, pid, .. }) => Err(StepError::Hung { what, timeout, pid }),
+            Err(WriteError::Hung {
+                timeout, pid, start, ..
+            }) => Err(StepError::Hung {
+                what,
+                timeout,
+                pid,
+                start,
+            }),
             Err(e @ (WriteError::Failed { .. } | WriteError::Spawn { .. })) => Err(StepError::Failed {
                 what,
                 cause: e.to_string(),
@@ -550,7 +564,7 @@ fn roll_back(ex: &mut Executor<'_>, before: &Gpu, mut record: RestoreRecord, cau
             (e, None) => (e, None),
             // A rollback write can block too (behind another hung write on that device):
             // its writer is in flight just the same.
-            (e, Some(pid)) => (format!("{e} (writer process {pid})"), Some(pid)),
+            (e, Some((pid, start))) => (format!("{e} (writer process {pid})"), Some((pid, start))),
         });
     let state = describe_state(host, before.address);
     let state = match (&rollback, hung) {
@@ -558,7 +572,7 @@ fn roll_back(ex: &mut Executor<'_>, before: &Gpu, mut record: RestoreRecord, cau
         (Ok(()), Some(f)) => {
             record.phase = Phase::Stuck;
             record.problem = Some(format!("{} hung; the kernel may still finish it", cause.what()));
-            record.hung_writer = hung_pid(&cause);
+            record.set_hung_writer(hung_pid(&cause));
             let _ = record.save(host);
             format!(
                 "The other functions were rolled back, but {f} is in the middle of a write the kernel has not finished: {state}. {RESTORE_REQUIRED}"
@@ -567,7 +581,7 @@ fn roll_back(ex: &mut Executor<'_>, before: &Gpu, mut record: RestoreRecord, cau
         (Err((e, rollback_writer)), _) => {
             record.phase = Phase::Stuck;
             record.problem = Some(format!("{}; rolling back failed too: {e}", cause.what()));
-            record.hung_writer = hung_pid(&cause).or(*rollback_writer);
+            record.set_hung_writer(hung_pid(&cause).or(*rollback_writer));
             let _ = record.save(host);
             format!("Rolling back failed too ({e}): {state}. {RESTORE_REQUIRED}")
         }
@@ -578,9 +592,10 @@ fn roll_back(ex: &mut Executor<'_>, before: &Gpu, mut record: RestoreRecord, cau
     }
 }
 
-fn hung_pid(e: &StepError) -> Option<i32> {
+/// The hung writer of a failed step: its pid and start time.
+fn hung_pid(e: &StepError) -> Option<(i32, Option<u64>)> {
     match e {
-        StepError::Hung { pid, .. } => Some(*pid),
+        StepError::Hung { pid, start, .. } => Some((*pid, *start)),
         StepError::Failed { .. } => None,
     }
 }
@@ -667,7 +682,7 @@ pub fn return_to_host_locked(
     // home leaves it unbound with no record). Change nothing until it has returned.
     if let Some(r) = &loaded
         && let Some(pid) = r.hung_writer
-        && record::writer_alive(pid)
+        && r.hung_writer_alive()
     {
         return Err(BindError::RestoreRequired {
             gpu: address,
@@ -716,7 +731,7 @@ pub fn return_to_host_locked(
         Err(e) => {
             record.phase = Phase::Stuck;
             record.problem = Some(format!("{}: {}", e.what(), step_cause(&e)));
-            record.hung_writer = hung_pid(&e);
+            record.set_hung_writer(hung_pid(&e));
             record.save(host)?;
             let state = format!("{}. {RESTORE_REQUIRED}", describe_state(host, address));
             Err(match e {

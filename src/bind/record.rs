@@ -53,6 +53,10 @@ pub struct RestoreRecord {
     /// finish that write, so the GPU cannot be declared home.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hung_writer: Option<i32>,
+    /// That writer's start time (`/proc/<pid>/stat` field 22, clock ticks since boot):
+    /// once it is gone its pid may be reused, and only the pair names the writer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hung_writer_start: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +95,22 @@ impl RestoreRecord {
                 .collect(),
             problem: None,
             hung_writer: None,
+            hung_writer_start: None,
         }
+    }
+
+    /// Notes the writer process whose write hung (or none) with its start time, so that a
+    /// later process given the same pid is not taken for it.
+    pub fn set_hung_writer(&mut self, writer: Option<(i32, Option<u64>)>) {
+        self.hung_writer = writer.map(|(pid, _)| pid);
+        self.hung_writer_start = writer.and_then(|(_, start)| start);
+    }
+
+    /// Whether the hung writer this record names is still in the kernel (see
+    /// [`writer_alive`]); false when it names none.
+    pub fn hung_writer_alive(&self) -> bool {
+        self.hung_writer
+            .is_some_and(|pid| writer_alive(pid, self.hung_writer_start))
     }
 
     pub fn function(&self, address: PciAddress) -> Option<&RecordedFunction> {
@@ -104,7 +123,9 @@ impl RestoreRecord {
 
     pub fn load(host: &Host, gpu: PciAddress) -> Result<Option<Self>, RecordError> {
         let path = Self::path(host, gpu);
-        match std::fs::read(&path) {
+        // Bounded and non-blocking: a FIFO or a link to /dev/zero here must not hang or
+        // bloat the hook; it is reported as unreadable, which refuses a handoff.
+        match crate::bounded::read(&path, crate::bounded::Links::Refuse) {
             Ok(bytes) => {
                 let record: Self = serde_json::from_slice(&bytes).map_err(|source| RecordError::Parse {
                     path: path.clone(),
@@ -158,18 +179,38 @@ impl RestoreRecord {
     }
 }
 
-/// Whether a hung writer is still in the kernel: its process exists and is not a zombie
-/// (a zombie's write is over). It is our child, or init's once the hook has exited.
-pub fn writer_alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let state = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].trim_start().chars().next())?;
-            Some(state != 'Z' && state != 'X')
-        })
-        .unwrap_or(false)
+/// Whether a hung writer is still in the kernel: its process exists, is not a zombie (a
+/// zombie's write is over), and is the same process — it started at `start` (when the
+/// record knows it; a record written before start times were kept has only the pid). It
+/// is our child, or init's once the hook has exited. The writer is a real process, so
+/// this reads the real `/proc`, whatever `[host] proc` says.
+pub fn writer_alive(pid: i32, start: Option<u64>) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some((state, started)) = parse_stat(&stat) else {
+        return false;
+    };
+    state != 'Z' && state != 'X' && start.is_none_or(|s| Some(s) == started)
+}
+
+/// A process's start time in clock ticks since boot (`/proc/<pid>/stat` field 22), the
+/// number that tells two processes with the same pid apart.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat)?.1
+}
+
+/// The state letter (field 3) and the start time (field 22) of a `/proc/<pid>/stat` line.
+/// The command (field 2) is in parentheses and may hold spaces and `)`: fields are counted
+/// after its last `)`.
+fn parse_stat(stat: &str) -> Option<(char, Option<u64>)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // Fields 4..=21 lie between the state and the start time.
+    let started = fields.nth(18).and_then(|f| f.parse().ok());
+    Some((state, started))
 }
 
 pub(crate) fn now() -> u64 {
@@ -230,4 +271,32 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<(
         return written;
     }
     Err(taken.unwrap_or_else(|| io::Error::from(io::ErrorKind::AlreadyExists)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_time_is_field_22_even_when_the_command_has_spaces_and_parens() {
+        let stat = "4242 (evil) S (x) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_stat(stat), Some(('S', Some(987654))));
+    }
+
+    #[test]
+    fn a_writer_is_alive_only_while_the_same_process_runs() {
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let pid = child.id() as i32;
+        let start = process_start_time(pid).expect("our own child has a start time");
+        assert!(writer_alive(pid, Some(start)));
+        assert!(
+            writer_alive(pid, None),
+            "a record without a start time goes by the pid"
+        );
+        // The pid reused by another process: another start time.
+        assert!(!writer_alive(pid, Some(start.wrapping_sub(1))));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!writer_alive(pid, Some(start)));
+    }
 }

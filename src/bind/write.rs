@@ -33,6 +33,9 @@ pub enum WriteError {
         value: String,
         timeout: Duration,
         pid: i32,
+        /// The writer's start time ([`super::record::process_start_time`]), read before
+        /// anything could reap it: with the pid, it names this process and no later one.
+        start: Option<u64>,
     },
     #[error("cannot start the writer process for {path}: {source}")]
     Spawn { path: PathBuf, source: io::Error },
@@ -78,12 +81,15 @@ pub fn write_with_watchdog(path: &Path, value: &str, timeout: Duration) -> Resul
             source: io::Error::from_raw_os_error(code),
         }),
         Ok(None) => {
+            // Unreaped until reap_later runs, so its /proc entry is still this process.
+            let start = super::record::process_start_time(pid);
             reap_later(pid);
             Err(WriteError::Hung {
                 path: path.to_owned(),
                 value: value.to_owned(),
                 timeout,
                 pid,
+                start,
             })
         }
         Err(source) => Err(WriteError::Failed {

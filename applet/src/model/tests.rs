@@ -113,6 +113,7 @@ pub(crate) fn with_record(mut s: Snapshot, phase: Phase, problem: Option<&str>) 
         functions: Vec::new(),
         problem: problem.map(str::to_owned),
         hung_writer: None,
+        hung_writer_start: None,
     });
     s
 }
