@@ -141,7 +141,10 @@ fn drivers(cfg: &Config) -> Vec<String> {
 fn shot(s: &Session, name: &str) {
     // Let the panel and dunst draw what they were just told.
     std::thread::sleep(Duration::from_millis(400));
-    s.screenshot(&screenshots_dir().join(format!("demo-{name}.png")), None);
+    s.screenshot(
+        &screenshots_dir(s.dir.path()).join(format!("demo-{name}.png")),
+        None,
+    );
 }
 
 #[test]

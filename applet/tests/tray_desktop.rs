@@ -66,7 +66,7 @@ impl Scene {
 
     fn shot(&self, name: &str) {
         // The panel is the bottom 30 px; the notification sits at the top right.
-        let dir = screenshots_dir();
+        let dir = screenshots_dir(self.session.dir.path());
         self.session
             .screenshot(&dir.join(format!("tray-{name}.png")), None);
         // The icon itself, 4× (the panel is the bottom 30 px of the 640×300 screen).

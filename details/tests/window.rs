@@ -142,7 +142,16 @@ impl Desktop {
     }
 
     fn screenshot(&self, name: &str) -> PathBuf {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots");
+        // HANDOFF_SCREENSHOTS (relative to the workspace root) to refresh docs/screenshots
+        // (scripts/refresh-screenshots.sh); else the test's temp dir: a test run never
+        // rewrites the repository's pictures.
+        let dir = match std::env::var_os("HANDOFF_SCREENSHOTS") {
+            Some(d) if Path::new(&d).is_relative() => {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(d)
+            }
+            Some(d) => PathBuf::from(d),
+            None => self.dir.path().join("screenshots"),
+        };
         fs::create_dir_all(&dir).unwrap();
         let to = dir.join(name);
         let out = Command::new("import")

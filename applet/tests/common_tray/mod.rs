@@ -730,7 +730,15 @@ pub fn built(beside: &str, package: &str, bin: &str) -> PathBuf {
     crate::common::bins::sibling(Path::new(beside).parent().unwrap(), bin, package, sources)
 }
 
-/// Where screenshots go: `docs/screenshots/` of the repository.
-pub fn screenshots_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots")
+/// Where screenshots go: `HANDOFF_SCREENSHOTS` (relative to the workspace root), else
+/// `fallback`, a temp dir of the test. A test run never rewrites the pictures under
+/// `docs/`; `scripts/refresh-screenshots.sh` does that, on purpose.
+pub fn screenshots_dir(fallback: &Path) -> PathBuf {
+    let dir = match std::env::var_os("HANDOFF_SCREENSHOTS") {
+        Some(d) if Path::new(&d).is_relative() => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(d),
+        Some(d) => PathBuf::from(d),
+        None => fallback.to_owned(),
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
