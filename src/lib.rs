@@ -38,6 +38,7 @@ pub mod sim;
 pub mod state;
 pub mod status;
 pub mod sysfs_read;
+pub mod verdict;
 #[cfg(feature = "libvirt")]
 pub mod vm;
 #[cfg(feature = "libvirt")]
