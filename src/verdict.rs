@@ -18,7 +18,7 @@
 //! | 3 | no PCI device at the address | `absent` | "No GPU at <address>" | grey `#888888` / `absent` | offline | none | set `[gpu] address` |
 //! | 4 | this surface is acting (the tray's "stopping win11…"), or the hook or the record says `binding`/`returning` | `switching` | "GPU is moving to <VM>" / "GPU is moving back to Linux" / "GPU: <action>" | yellow `#FFDD00` / `switching` | switching | none (wait) | wait |
 //! | 5 | orphaned: the GPU is off the host (vfio-pci, no driver, split) or a restore record is left, and no VM holds it | `restore_required` once the grace ([`ORPHAN_GRACE`]) is over, `switching` within it | "Restore required" | as 2 / as 4 | as 2 / as 4 | return the GPU to Linux | as 2 |
-//! | 6 | functions split or unbound while a VM may hold the GPU (the hook is mid-way) | `switching` | "GPU is moving" | as 4 | as 4 | none (wait) | wait |
+//! | 6 | functions split or unbound while a VM may hold the GPU (the hook is mid-way) | `switching` | "GPU is split between drivers" / "GPU has no driver" | as 4 | as 4 | none (wait) | wait |
 //! | 7 | VMs were asked and none answered (libvirt down) | `libvirt_unreachable` | "libvirt unreachable" | grey / `offline` | offline | none | check libvirtd |
 //! | 8 | a VM holds the GPU | `in_vm` | "GPU is in <VM>" | blue `#00AAFF` / `vm` | vm | stop, force stop, open Looking Glass, switch | stop the VM to get it back |
 //! | 9 | on the host driver and processes use it | `busy` | "GPU is on Linux (<driver>)" | amber `#FFAA00` / `busy` | busy | terminate a process, stop a unit | end them before a VM start |
@@ -284,7 +284,13 @@ impl HookFiles {
 
     /// For tests: a restore record in this phase (`binding`, `bound`, `returning`,
     /// `stuck`) for `vm`.
-    pub fn with_record(mut self, gpu: PciAddress, phase: &str, vm: Option<&str>, problem: Option<&str>) -> Self {
+    pub fn with_record(
+        mut self,
+        gpu: PciAddress,
+        phase: &str,
+        vm: Option<&str>,
+        problem: Option<&str>,
+    ) -> Self {
         self.record = Some(RestoreRecord {
             version: 1,
             gpu,
@@ -347,7 +353,7 @@ impl Verdict {
     /// "Restore required: <why>", "GPU is in Windows": the headline with its reason.
     pub fn line(&self) -> String {
         match &self.reason {
-            Some(r) if self.state != State::Switching => format!("{}: {}", self.headline, first_line(r)),
+            Some(r) => format!("{}: {}", self.headline, first_line(r)),
             _ => self.headline.clone(),
         }
     }
@@ -363,8 +369,18 @@ fn orphaned(g: &GpuFacts, files: &HookFiles, vm_holds: bool, vms_unknown: bool) 
         return None;
     }
     match g.owner {
-        Owner::Vfio => return Some((Cause::LeftOnVfio, "the GPU is on vfio-pci and no VM is running".into())),
-        Owner::Unbound => return Some((Cause::LeftUnbound, "the GPU has no driver and no VM is running".into())),
+        Owner::Vfio => {
+            return Some((
+                Cause::LeftOnVfio,
+                "the GPU is on vfio-pci and no VM is running".into(),
+            ));
+        }
+        Owner::Unbound => {
+            return Some((
+                Cause::LeftUnbound,
+                "the GPU has no driver and no VM is running".into(),
+            ));
+        }
         Owner::Mixed => {
             let how = g.split.map(|s| format!(" ({s})")).unwrap_or_default();
             return Some((
@@ -408,13 +424,17 @@ pub fn decide(f: &Facts) -> Verdict {
     if let Some(a) = g.locked.first() {
         return Verdict::restore(
             Cause::Locked,
-            format!("{a} is locked in the kernel: an unbind is probably stuck (something still holds the GPU)"),
+            format!(
+                "{a} is locked in the kernel: an unbind is probably stuck (something still holds the GPU)"
+            ),
         );
     }
     if let Some(r) = record.filter(|r| r.phase == Phase::Stuck) {
         return Verdict::restore(
             Cause::StuckRecord,
-            r.problem.clone().unwrap_or_else(|| "the handoff got stuck".into()),
+            r.problem
+                .clone()
+                .unwrap_or_else(|| "the handoff got stuck".into()),
         );
     }
     if let Some(h) = hook.filter(|h| h.phase == HookPhase::RestoreRequired) {
@@ -441,13 +461,19 @@ pub fn decide(f: &Facts) -> Verdict {
     };
     // 4. Switching: this surface, the hook, or the record.
     let hook_vm = hook
-        .filter(|h| matches!(h.phase, HookPhase::Binding | HookPhase::Vfio | HookPhase::Returning))
+        .filter(|h| {
+            matches!(
+                h.phase,
+                HookPhase::Binding | HookPhase::Vfio | HookPhase::Returning
+            )
+        })
         .and_then(|h| h.vm.as_deref());
     if let Some(doing) = f.doing {
-        let v = Verdict {
-            reason: Some(doing.to_owned()),
-            ..Verdict::new(State::Switching, format!("GPU: {doing}"), "Wait for it to finish.")
-        };
+        let v = Verdict::new(
+            State::Switching,
+            format!("GPU: {doing}"),
+            "Wait for it to finish.",
+        );
         return with_vm(v, hook_vm);
     }
     let moving = hook
@@ -500,9 +526,18 @@ pub fn decide(f: &Facts) -> Verdict {
     }
     // 6. Split or unbound while a VM may hold it: the hook is mid-way.
     if matches!(g.owner, Owner::Mixed | Owner::Unbound) {
+        let headline = if g.owner == Owner::Mixed {
+            "GPU is split between drivers"
+        } else {
+            "GPU has no driver"
+        };
         let v = Verdict {
             reason: g.split.map(str::to_owned),
-            ..Verdict::new(State::Switching, "GPU is moving", "Wait: the hook is moving it.")
+            ..Verdict::new(
+                State::Switching,
+                headline,
+                "Wait: the hook is moving it while a VM starts or stops.",
+            )
         };
         return with_vm(v, holding.as_deref());
     }
@@ -525,7 +560,12 @@ pub fn decide(f: &Facts) -> Verdict {
             None => "GPU is in a VM".to_owned(),
         };
         let v = Verdict {
-            offers: vec![Offer::Stop, Offer::ForceStop, Offer::OpenLookingGlass, Offer::Switch],
+            offers: vec![
+                Offer::Stop,
+                Offer::ForceStop,
+                Offer::OpenLookingGlass,
+                Offer::Switch,
+            ],
             ..Verdict::new(State::InVm, headline, "It comes back to Linux when the VM stops.")
         };
         return with_vm(v, holding.as_deref());

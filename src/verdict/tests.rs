@@ -11,12 +11,18 @@ const GPU: PciAddress = PciAddress::new(0, 1, 0, 0);
 const WIN: &str = "win11";
 
 fn vm(name: &str, state: VmState) -> VmStatus {
-    VmStatus::new(&VmConfig::named(name, if name == WIN { "Windows" } else { "Debian" }), state, None)
+    VmStatus::new(
+        &VmConfig::named(name, if name == WIN { "Windows" } else { "Debian" }),
+        state,
+        None,
+    )
 }
 
 fn unreachable_vm() -> VmStatus {
     let mut v = vm(WIN, VmState::Unknown);
-    v.error = Some("cannot connect to libvirt at qemu:///system: Failed to connect socket\nis libvirtd running?".into());
+    v.error = Some(
+        "cannot connect to libvirt at qemu:///system: Failed to connect socket\nis libvirtd running?".into(),
+    );
     v
 }
 
@@ -125,64 +131,347 @@ fn every_machine_the_surfaces_tell_apart_has_one_verdict() {
     unreadable.unreadable = true;
     let cases: Vec<(&str, M, State, &str, Option<&str>)> = vec![
         // Settled.
-        ("gpu_on_linux_with_nothing_using_it_shows_the_host_icon", on_host(), Idle, "GPU is on Linux (nvidia)", None),
-        ("a_process_on_the_gpu_shows_the_busy_icon", on_host().users(1), Busy, "GPU is on Linux (nvidia)", None),
-        ("a_vm_holding_the_gpu_beats_busy", in_windows().users(1), InVm, "GPU is in Windows", None),
+        (
+            "gpu_on_linux_with_nothing_using_it_shows_the_host_icon",
+            on_host(),
+            Idle,
+            "GPU is on Linux (nvidia)",
+            None,
+        ),
+        (
+            "a_process_on_the_gpu_shows_the_busy_icon",
+            on_host().users(1),
+            Busy,
+            "GPU is on Linux (nvidia)",
+            None,
+        ),
+        (
+            "a_vm_holding_the_gpu_beats_busy",
+            in_windows().users(1),
+            InVm,
+            "GPU is in Windows",
+            None,
+        ),
         (
             "gpu_on_vfio_with_an_unknown_vm_still_shows_the_vm_icon_when_libvirt_answers",
-            m(Owner::Vfio, vec![vm(WIN, VmState::Running), vm("debian", VmState::Paused)]),
+            m(
+                Owner::Vfio,
+                vec![vm(WIN, VmState::Running), vm("debian", VmState::Paused)],
+            ),
             InVm,
             "GPU is in a VM",
             None,
         ),
-        ("a_vm_running_without_the_gpu_leaves_it_on_linux", m(Owner::Host, vec![vm(WIN, VmState::Running)]), Idle, "GPU is on Linux (nvidia)", None),
-        ("no_vms_configured_is_not_unreachable", m(Owner::Host, vec![]), Idle, "GPU is on Linux (nvidia)", None),
+        (
+            "a_vm_running_without_the_gpu_leaves_it_on_linux",
+            m(Owner::Host, vec![vm(WIN, VmState::Running)]),
+            Idle,
+            "GPU is on Linux (nvidia)",
+            None,
+        ),
+        (
+            "no_vms_configured_is_not_unreachable",
+            m(Owner::Host, vec![]),
+            Idle,
+            "GPU is on Linux (nvidia)",
+            None,
+        ),
         // libvirt.
-        ("libvirt_unreachable_beats_vm_and_busy_and_says_why", m(Owner::Vfio, vec![unreachable_vm()]).users(1), LibvirtUnreachable, "libvirt unreachable", Some("Failed to connect socket")),
-        ("libvirt_unreachable_on_the_host_says_so_too", m(Owner::Host, vec![unreachable_vm()]), LibvirtUnreachable, "libvirt unreachable", Some("cannot connect")),
-        ("libvirt_unreachable_without_an_error_text_still_says_something", m(Owner::Host, vec![vm(WIN, VmState::Unknown)]), LibvirtUnreachable, "libvirt unreachable", Some("libvirt did not answer")),
-        ("one_vm_answering_means_libvirt_is_reachable", m(Owner::Host, vec![vm(WIN, VmState::Shutoff), vm("debian", VmState::Unknown)]), Idle, "GPU is on Linux (nvidia)", None),
-        ("a_bound_record_with_libvirt_unreachable_does_not_guess", m(Owner::Vfio, vec![unreachable_vm()]).record("bound", None), LibvirtUnreachable, "libvirt unreachable", None),
+        (
+            "libvirt_unreachable_beats_vm_and_busy_and_says_why",
+            m(Owner::Vfio, vec![unreachable_vm()]).users(1),
+            LibvirtUnreachable,
+            "libvirt unreachable",
+            Some("Failed to connect socket"),
+        ),
+        (
+            "libvirt_unreachable_on_the_host_says_so_too",
+            m(Owner::Host, vec![unreachable_vm()]),
+            LibvirtUnreachable,
+            "libvirt unreachable",
+            Some("cannot connect"),
+        ),
+        (
+            "libvirt_unreachable_without_an_error_text_still_says_something",
+            m(Owner::Host, vec![vm(WIN, VmState::Unknown)]),
+            LibvirtUnreachable,
+            "libvirt unreachable",
+            Some("libvirt did not answer"),
+        ),
+        (
+            "one_vm_answering_means_libvirt_is_reachable",
+            m(
+                Owner::Host,
+                vec![vm(WIN, VmState::Shutoff), vm("debian", VmState::Unknown)],
+            ),
+            Idle,
+            "GPU is on Linux (nvidia)",
+            None,
+        ),
+        (
+            "a_bound_record_with_libvirt_unreachable_does_not_guess",
+            m(Owner::Vfio, vec![unreachable_vm()]).record("bound", None),
+            LibvirtUnreachable,
+            "libvirt unreachable",
+            None,
+        ),
         // Switching.
-        ("switching_beats_libvirt_unreachable", m(Owner::Host, vec![unreachable_vm()]).hook("binding", Some(WIN)), Switching, "GPU is moving to Windows", None),
-        ("the_trays_own_action_shows_switching_and_names_it", in_windows().doing("stopping win11…"), Switching, "GPU: stopping win11…", None),
-        ("the_trays_own_action_beats_busy", on_host().users(1).doing("starting win11…"), Switching, "GPU: starting win11…", None),
-        ("the_hook_binding_shows_switching", on_host().hook("binding", Some(WIN)), Switching, "GPU is moving to Windows", None),
-        ("the_hook_returning_shows_switching", on_host().hook("returning", Some(WIN)), Switching, "GPU is moving back to Linux", None),
-        ("a_binding_record_shows_switching", just_stopped().record("binding", None), Switching, "GPU is moving to Windows", None),
-        ("a_returning_record_shows_switching", just_stopped().record("returning", None), Switching, "GPU is moving back to Linux", None),
-        ("functions_split_between_drivers_while_a_vm_runs_is_switching", m(Owner::Mixed, vec![vm(WIN, VmState::Running)]), Switching, "GPU is moving", None),
-        ("no_driver_while_a_vm_runs_is_switching", m(Owner::Unbound, vec![vm(WIN, VmState::Running)]), Switching, "GPU is moving", None),
+        (
+            "switching_beats_libvirt_unreachable",
+            m(Owner::Host, vec![unreachable_vm()]).hook("binding", Some(WIN)),
+            Switching,
+            "GPU is moving to Windows",
+            None,
+        ),
+        (
+            "the_trays_own_action_shows_switching_and_names_it",
+            in_windows().doing("stopping win11…"),
+            Switching,
+            "GPU: stopping win11…",
+            None,
+        ),
+        (
+            "the_trays_own_action_beats_busy",
+            on_host().users(1).doing("starting win11…"),
+            Switching,
+            "GPU: starting win11…",
+            None,
+        ),
+        (
+            "the_hook_binding_shows_switching",
+            on_host().hook("binding", Some(WIN)),
+            Switching,
+            "GPU is moving to Windows",
+            None,
+        ),
+        (
+            "the_hook_returning_shows_switching",
+            on_host().hook("returning", Some(WIN)),
+            Switching,
+            "GPU is moving back to Linux",
+            None,
+        ),
+        (
+            "a_binding_record_shows_switching",
+            just_stopped().record("binding", None),
+            Switching,
+            "GPU is moving to Windows",
+            None,
+        ),
+        (
+            "a_returning_record_shows_switching",
+            just_stopped().record("returning", None),
+            Switching,
+            "GPU is moving back to Linux",
+            None,
+        ),
+        (
+            "functions_split_between_drivers_while_a_vm_runs_is_switching",
+            m(Owner::Mixed, vec![vm(WIN, VmState::Running)]),
+            Switching,
+            "GPU is split between drivers",
+            Some("snd_hda_intel"),
+        ),
+        (
+            "no_driver_while_a_vm_runs_is_switching",
+            m(Owner::Unbound, vec![vm(WIN, VmState::Running)]),
+            Switching,
+            "GPU has no driver",
+            None,
+        ),
         // Absent.
-        ("no_gpu_at_the_address_is_offline_even_while_switching", m(Owner::Absent, vec![vm(WIN, VmState::Running)]).hook("binding", Some(WIN)).doing("starting win11…"), Absent, "No GPU at 0000:01:00.0", None),
-        ("no_gpu_with_libvirt_down_is_absent", m(Owner::Absent, vec![vm(WIN, VmState::Unknown)]), Absent, "No GPU at 0000:01:00.0", None),
+        (
+            "no_gpu_at_the_address_is_offline_even_while_switching",
+            m(Owner::Absent, vec![vm(WIN, VmState::Running)])
+                .hook("binding", Some(WIN))
+                .doing("starting win11…"),
+            Absent,
+            "No GPU at 0000:01:00.0",
+            None,
+        ),
+        (
+            "no_gpu_with_libvirt_down_is_absent",
+            m(Owner::Absent, vec![vm(WIN, VmState::Unknown)]),
+            Absent,
+            "No GPU at 0000:01:00.0",
+            None,
+        ),
         // Restore required: the hook, the record, the kernel.
-        ("restore_required_by_the_hook_beats_everything", in_windows().users(1).hook("restore-required", Some(WIN)).doing("stopping win11…"), RestoreRequired, "Restore required", Some("the last handoff did not finish")),
-        ("restore_required_by_the_hook_beats_an_absent_gpu", m(Owner::Absent, vec![unreachable_vm()]).hook("restore-required", None), RestoreRequired, "Restore required", None),
-        ("a_stuck_restore_record_is_restore_required_with_its_problem", on_host().record("stuck", Some("a write to unbind hung")), RestoreRequired, "Restore required", Some("a write to unbind hung")),
-        ("a_stuck_record_without_a_problem_still_says_something", on_host().record("stuck", None), RestoreRequired, "Restore required", Some("the handoff got stuck")),
-        ("a_locked_function_is_restore_required", locked, RestoreRequired, "Restore required", Some("0000:01:00.0 is locked in the kernel")),
-        ("an_unreadable_sysfs_shows_the_restore_icon_and_the_error", unreadable, Unreadable, "GPU unreadable", Some("Permission denied")),
+        (
+            "restore_required_by_the_hook_beats_everything",
+            in_windows()
+                .users(1)
+                .hook("restore-required", Some(WIN))
+                .doing("stopping win11…"),
+            RestoreRequired,
+            "Restore required",
+            Some("the last handoff did not finish"),
+        ),
+        (
+            "restore_required_by_the_hook_beats_an_absent_gpu",
+            m(Owner::Absent, vec![unreachable_vm()]).hook("restore-required", None),
+            RestoreRequired,
+            "Restore required",
+            None,
+        ),
+        (
+            "a_stuck_restore_record_is_restore_required_with_its_problem",
+            on_host().record("stuck", Some("a write to unbind hung")),
+            RestoreRequired,
+            "Restore required",
+            Some("a write to unbind hung"),
+        ),
+        (
+            "a_stuck_record_without_a_problem_still_says_something",
+            on_host().record("stuck", None),
+            RestoreRequired,
+            "Restore required",
+            Some("the handoff got stuck"),
+        ),
+        (
+            "a_locked_function_is_restore_required",
+            locked,
+            RestoreRequired,
+            "Restore required",
+            Some("0000:01:00.0 is locked in the kernel"),
+        ),
+        (
+            "an_unreadable_sysfs_shows_the_restore_icon_and_the_error",
+            unreadable,
+            Unreadable,
+            "GPU unreadable",
+            Some("Permission denied"),
+        ),
         // Orphaned: past the grace (or a one-shot reader), and within it.
-        ("the_gpu_left_on_vfio_is_restore_required", just_stopped(), RestoreRequired, "Restore required", Some("the GPU is on vfio-pci and no VM is running")),
-        ("the_gpu_left_on_vfio_for_3_s_is_restore_required", just_stopped().seen(ORPHAN_GRACE), RestoreRequired, "Restore required", Some("on vfio-pci")),
-        ("a_vm_that_just_stopped_shows_switching_not_restore", just_stopped().seen(Duration::from_millis(2999)), Switching, "GPU is moving back to Linux", None),
-        ("a_bound_record_is_a_restore_only_when_no_vm_runs_and_every_vm_answered", just_stopped().record("bound", None), RestoreRequired, "Restore required", Some("on vfio-pci")),
-        ("a_bound_record_with_the_vm_running_is_the_vm", in_windows().record("bound", None), InVm, "GPU is in Windows", None),
-        ("leftover_record_on_the_host", on_host().record("bound", None), RestoreRequired, "Restore required", Some("a restore record is left from win11 but no VM is running")),
-        ("leftover_no_driver", m(Owner::Unbound, vec![vm(WIN, VmState::Shutoff)]), RestoreRequired, "Restore required", Some("the GPU has no driver and no VM is running")),
-        ("leftover_split", m(Owner::Mixed, vec![vm(WIN, VmState::Shutoff)]), RestoreRequired, "Restore required", Some("the GPU is split between drivers (01:00.0 vfio-pci, 01:00.1 snd_hda_intel) and no VM is running")),
-        ("a_running_vm_is_never_an_orphan", in_windows().seen(ORPHAN_GRACE * 10), InVm, "GPU is in Windows", None),
+        (
+            "the_gpu_left_on_vfio_is_restore_required",
+            just_stopped(),
+            RestoreRequired,
+            "Restore required",
+            Some("the GPU is on vfio-pci and no VM is running"),
+        ),
+        (
+            "the_gpu_left_on_vfio_for_3_s_is_restore_required",
+            just_stopped().seen(ORPHAN_GRACE),
+            RestoreRequired,
+            "Restore required",
+            Some("on vfio-pci"),
+        ),
+        (
+            "a_vm_that_just_stopped_shows_switching_not_restore",
+            just_stopped().seen(Duration::from_millis(2999)),
+            Switching,
+            "GPU is moving back to Linux",
+            None,
+        ),
+        (
+            "a_bound_record_is_a_restore_only_when_no_vm_runs_and_every_vm_answered",
+            just_stopped().record("bound", None),
+            RestoreRequired,
+            "Restore required",
+            Some("on vfio-pci"),
+        ),
+        (
+            "a_bound_record_with_the_vm_running_is_the_vm",
+            in_windows().record("bound", None),
+            InVm,
+            "GPU is in Windows",
+            None,
+        ),
+        (
+            "leftover_record_on_the_host",
+            on_host().record("bound", None),
+            RestoreRequired,
+            "Restore required",
+            Some("a restore record is left from win11 but no VM is running"),
+        ),
+        (
+            "leftover_no_driver",
+            m(Owner::Unbound, vec![vm(WIN, VmState::Shutoff)]),
+            RestoreRequired,
+            "Restore required",
+            Some("the GPU has no driver and no VM is running"),
+        ),
+        (
+            "leftover_split",
+            m(Owner::Mixed, vec![vm(WIN, VmState::Shutoff)]),
+            RestoreRequired,
+            "Restore required",
+            Some(
+                "the GPU is split between drivers (01:00.0 vfio-pci, 01:00.1 snd_hda_intel) and no VM is running",
+            ),
+        ),
+        (
+            "a_running_vm_is_never_an_orphan",
+            in_windows().seen(ORPHAN_GRACE * 10),
+            InVm,
+            "GPU is in Windows",
+            None,
+        ),
         // The bar: VMs not asked, the hook's file stands in for them.
-        ("bar_linux", on_host().not_asked(), Idle, "GPU is on Linux (nvidia)", None),
-        ("bar_busy", on_host().users(2).not_asked(), Busy, "GPU is on Linux (nvidia)", None),
-        ("bar_in_the_vm_the_hook_names", in_windows().not_asked().hook("vfio", Some(WIN)), InVm, "GPU is in Windows", None),
-        ("bar_on_vfio_with_no_vm_of_the_hooks", in_windows().not_asked(), RestoreRequired, "Restore required", Some("on vfio-pci")),
-        ("bar_switching", on_host().not_asked().hook("binding", None), Switching, "GPU is moving to vfio-pci", None),
-        ("bar_split", m(Owner::Mixed, vec![]).not_asked().hook("host", None), RestoreRequired, "Restore required", Some("split between drivers")),
-        ("bar_split_while_the_hook_says_vfio", m(Owner::Mixed, vec![]).not_asked().hook("vfio", Some(WIN)), Switching, "GPU is moving", None),
-        ("bar_unbound", m(Owner::Unbound, vec![]).not_asked(), RestoreRequired, "Restore required", Some("no driver")),
-        ("bar_never_says_libvirt_unreachable", m(Owner::Host, vec![]).not_asked(), Idle, "GPU is on Linux (nvidia)", None),
+        (
+            "bar_linux",
+            on_host().not_asked(),
+            Idle,
+            "GPU is on Linux (nvidia)",
+            None,
+        ),
+        (
+            "bar_busy",
+            on_host().users(2).not_asked(),
+            Busy,
+            "GPU is on Linux (nvidia)",
+            None,
+        ),
+        (
+            "bar_in_the_vm_the_hook_names",
+            in_windows().not_asked().hook("vfio", Some(WIN)),
+            InVm,
+            "GPU is in Windows",
+            None,
+        ),
+        (
+            "bar_on_vfio_with_no_vm_of_the_hooks",
+            in_windows().not_asked(),
+            RestoreRequired,
+            "Restore required",
+            Some("on vfio-pci"),
+        ),
+        (
+            "bar_switching",
+            on_host().not_asked().hook("binding", None),
+            Switching,
+            "GPU is moving to vfio-pci",
+            None,
+        ),
+        (
+            "bar_split",
+            m(Owner::Mixed, vec![]).not_asked().hook("host", None),
+            RestoreRequired,
+            "Restore required",
+            Some("split between drivers"),
+        ),
+        (
+            "bar_split_while_the_hook_says_vfio",
+            m(Owner::Mixed, vec![]).not_asked().hook("vfio", Some(WIN)),
+            Switching,
+            "GPU is split between drivers",
+            None,
+        ),
+        (
+            "bar_unbound",
+            m(Owner::Unbound, vec![]).not_asked(),
+            RestoreRequired,
+            "Restore required",
+            Some("no driver"),
+        ),
+        (
+            "bar_never_says_libvirt_unreachable",
+            m(Owner::Host, vec![]).not_asked(),
+            Idle,
+            "GPU is on Linux (nvidia)",
+            None,
+        ),
     ];
     let mut failures = Vec::new();
     for (name, machine, state, headline, reason) in cases {
@@ -244,9 +533,18 @@ fn is_orphaned_is_only_rule_5() {
     let cases = [
         (m(Owner::Vfio, vec![vm(WIN, VmState::Shutoff)]), true),
         (m(Owner::Vfio, vec![vm(WIN, VmState::Running)]), false),
-        (m(Owner::Host, vec![vm(WIN, VmState::Shutoff)]).record("stuck", None), false),
-        (m(Owner::Vfio, vec![vm(WIN, VmState::Shutoff)]).record("returning", None), false),
-        (m(Owner::Host, vec![vm(WIN, VmState::Shutoff)]).record("bound", None), true),
+        (
+            m(Owner::Host, vec![vm(WIN, VmState::Shutoff)]).record("stuck", None),
+            false,
+        ),
+        (
+            m(Owner::Vfio, vec![vm(WIN, VmState::Shutoff)]).record("returning", None),
+            false,
+        ),
+        (
+            m(Owner::Host, vec![vm(WIN, VmState::Shutoff)]).record("bound", None),
+            true,
+        ),
     ];
     for (i, (machine, want)) in cases.into_iter().enumerate() {
         let vms = machine.vms.clone().unwrap();
