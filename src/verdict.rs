@@ -18,7 +18,7 @@
 //! | 3 | no PCI device at the address | `absent` | "No GPU at <address>" | grey `#888888` / `absent` | offline | none | set `[gpu] address` |
 //! | 4 | this surface is acting (the tray's "stopping win11…"), or the hook or the record says `binding`/`returning` | `switching` | "GPU is moving to <VM>" / "GPU is moving back to Linux" / "GPU: <action>" | yellow `#FFDD00` / `switching` | switching | none (wait) | wait |
 //! | 5 | orphaned: the GPU is off the host (vfio-pci, no driver, split) or a restore record is left, and no VM holds it | `restore_required` once the grace ([`ORPHAN_GRACE`]) is over, `switching` within it | "Restore required" | as 2 / as 4 | as 2 / as 4 | return the GPU to Linux | as 2 |
-//! | 6 | functions split or unbound while a VM may hold the GPU (the hook is mid-way) | `switching` | "GPU is split between drivers" / "GPU has no driver" | as 4 | as 4 | none (wait) | wait |
+//! | 6 | functions split or unbound while a VM may hold the GPU and the hook's state is not settled (`host`/`vfio`): mid-way; with it settled, `restore_required` as 2 |  `switching` | "GPU is split between drivers" / "GPU has no driver" | as 4 | as 4 | none (wait) | wait |
 //! | 7 | VMs were asked and none answered (libvirt down) | `libvirt_unreachable` | "libvirt unreachable" | grey / `offline` | offline | none | check libvirtd |
 //! | 8 | a VM holds the GPU | `in_vm` | "GPU is in <VM>" | blue `#00AAFF` / `vm` | vm | stop, force stop, open Looking Glass, switch | stop the VM to get it back |
 //! | 9 | on the host driver and processes use it | `busy` | "GPU is on Linux (<driver>)" | amber `#FFAA00` / `busy` | busy | terminate a process, stop a unit | end them before a VM start |
@@ -524,7 +524,23 @@ pub fn decide(f: &Facts) -> Verdict {
         }
         return with_vm(Verdict::restore(cause, why), None);
     }
-    // 6. Split or unbound while a VM may hold it: the hook is mid-way.
+    // 6. Split or unbound while a VM may hold it: mid-way (libvirt detaching a managed
+    // device itself, or the hook before its state file said so), unless the hook's state
+    // says it has settled: then a function was moved by hand and nothing will finish it.
+    let settled = hook.is_some_and(|h| matches!(h.phase, HookPhase::Host | HookPhase::Vfio));
+    if settled && g.owner == Owner::Mixed {
+        let how = g.split.map(|s| format!(" ({s})")).unwrap_or_default();
+        return with_vm(
+            Verdict::restore(Cause::Split, format!("the GPU is split between drivers{how}")),
+            None,
+        );
+    }
+    if settled && g.owner == Owner::Unbound {
+        return with_vm(
+            Verdict::restore(Cause::LeftUnbound, "the GPU has no driver".into()),
+            None,
+        );
+    }
     if matches!(g.owner, Owner::Mixed | Owner::Unbound) {
         let headline = if g.owner == Owner::Mixed {
             "GPU is split between drivers"

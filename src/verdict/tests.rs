@@ -454,9 +454,16 @@ fn every_machine_the_surfaces_tell_apart_has_one_verdict() {
         (
             "bar_split_while_the_hook_says_vfio",
             m(Owner::Mixed, vec![]).not_asked().hook("vfio", Some(WIN)),
-            Switching,
-            "GPU is split between drivers",
-            None,
+            RestoreRequired,
+            "Restore required",
+            Some("split between drivers (01:00.0"),
+        ),
+        (
+            "a_split_while_a_vm_runs_and_the_hook_settled_is_restore_required",
+            m(Owner::Mixed, vec![vm(WIN, VmState::Running)]).hook("vfio", Some(WIN)),
+            RestoreRequired,
+            "Restore required",
+            Some("split between drivers"),
         ),
         (
             "bar_unbound",
