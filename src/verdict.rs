@@ -232,10 +232,7 @@ impl HookFiles {
     /// Reads both; an unreadable or foreign file counts as absent (surfaces fall back to
     /// sysfs alone), as before.
     pub fn load(host: &Host, gpu: PciAddress) -> HookFiles {
-        HookFiles {
-            state: HookState::load(host).filter(|s| s.gpu == gpu),
-            record: RestoreRecord::load(host, gpu).ok().flatten(),
-        }
+        HookFiles::load_state(host, gpu).with_record_of(host, gpu)
     }
 
     /// Only the state file (cheap: the bar compares it before and after a reading).
@@ -244,6 +241,12 @@ impl HookFiles {
             state: HookState::load(host).filter(|s| s.gpu == gpu),
             record: None,
         }
+    }
+
+    /// These files with the restore record read too.
+    pub fn with_record_of(mut self, host: &Host, gpu: PciAddress) -> HookFiles {
+        self.record = RestoreRecord::load(host, gpu).ok().flatten();
+        self
     }
 
     /// The last start the hook refused.

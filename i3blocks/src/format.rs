@@ -14,7 +14,7 @@
 
 use serde_json::json;
 
-use crate::view::View;
+use crate::view::{View, look};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -43,32 +43,34 @@ impl Format {
 pub fn render(v: &View, format: Format, short: bool, one_line: bool) -> String {
     let text = if short { &v.short } else { &v.text };
     let tooltip = tooltip(v);
+    let look = look(v.verdict.state);
+    let urgent = v.verdict.state.urgent();
     match format {
         Format::I3blocks if one_line => text.clone(),
-        Format::I3blocks => format!("{text}\n{}\n{}", v.short, v.kind.colour()),
+        Format::I3blocks => format!("{text}\n{}\n{}", v.short, look.colour),
         Format::I3blocksJson => json!({
             "full_text": text,
             "short_text": v.short,
-            "color": v.kind.colour(),
-            "urgent": v.kind.urgent(),
+            "color": look.colour,
+            "urgent": urgent,
         })
         .to_string(),
         Format::I3statusRust => json!({
             "icon": "gpu",
-            "state": v.kind.i3status_state(),
+            "state": look.i3status,
             "text": text,
             "short_text": v.short,
         })
         .to_string(),
         Format::Waybar => json!({
             "text": text,
-            "alt": v.kind.class(),
+            "alt": look.class,
             "tooltip": tooltip,
-            "class": v.kind.class(),
+            "class": look.class,
         })
         .to_string(),
         // `%{` starts a tag: a VM label must not open one.
-        Format::Polybar => format!("%{{F{}}}{}%{{F-}}", v.kind.colour(), text.replace("%{", "% {")),
+        Format::Polybar => format!("%{{F{}}}{}%{{F-}}", look.colour, text.replace("%{", "% {")),
     }
 }
 
