@@ -44,6 +44,7 @@ use serde::Serialize;
 use crate::bind::record::{Phase, RestoreRecord};
 use crate::config::VmConfig;
 use crate::gpu::Owner;
+use crate::holders::Holder;
 use crate::host::Host;
 use crate::pci::PciAddress;
 use crate::state::{HookPhase, HookState, Refusal};
@@ -278,10 +279,22 @@ impl HookFiles {
         self
     }
 
-    /// For tests: the hook's last refusal.
-    pub fn with_refusal(mut self, gpu: PciAddress, refusal: Refusal) -> Self {
+    /// For tests: the hook's last refusal of `vm`'s start, at unix time `at`.
+    pub fn with_refusal(
+        mut self,
+        gpu: PciAddress,
+        vm: &str,
+        at: u64,
+        holders: Vec<Holder>,
+        message: &str,
+    ) -> Self {
         let s = self.state.get_or_insert_with(|| HookState::new(gpu));
-        s.last_refusal = Some(refusal);
+        s.last_refusal = Some(Refusal {
+            vm: vm.to_owned(),
+            at,
+            holders,
+            message: message.to_owned(),
+        });
         self
     }
 
