@@ -154,6 +154,13 @@ pub struct Verdict {
     pub vm_label: Option<String>,
     /// Processes using the GPU.
     pub users: usize,
+    /// The graphics function's driver, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// What the surface that asked is doing itself ("stopping win11…"), whatever the state:
+    /// a title may say it while a restore or an absent GPU decides the colour.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub doing: Option<String>,
     /// What makes sense now.
     pub offers: Vec<Offer>,
 }
@@ -208,17 +215,25 @@ impl Vms<'_> {
 
     /// libvirt was asked about every VM and answered about none: why.
     fn unreachable(&self) -> Option<String> {
-        let Vms::Known(vms) = self else { return None };
-        if vms.is_empty() || !vms.iter().all(|v| v.state == VmState::Unknown) {
-            return None;
+        match self {
+            Vms::Known(vms) => libvirt_unreachable(vms),
+            Vms::NotAsked(_) => None,
         }
-        Some(
-            vms[0]
-                .error
-                .clone()
-                .unwrap_or_else(|| "libvirt did not answer".into()),
-        )
     }
+}
+
+/// libvirt was asked about every configured VM and answered about none (daemon down, no
+/// permission): why, from the first VM's error. No VMs configured is not unreachable.
+pub fn libvirt_unreachable(vms: &[VmStatus]) -> Option<String> {
+    if vms.is_empty() || !vms.iter().all(|v| v.state == VmState::Unknown) {
+        return None;
+    }
+    Some(
+        vms[0]
+            .error
+            .clone()
+            .unwrap_or_else(|| "libvirt did not answer".into()),
+    )
 }
 
 /// The hook's two files for one GPU: `state.json` and the restore record. Surfaces get
@@ -353,6 +368,8 @@ impl Verdict {
             vm: None,
             vm_label: None,
             users: 0,
+            driver: None,
+            doing: None,
             offers: Vec::new(),
         }
     }
@@ -419,6 +436,16 @@ fn orphaned(g: &GpuFacts, files: &HookFiles, vm_holds: bool, vms_unknown: bool) 
 
 /// The verdict of one GPU. See the table in this module's header.
 pub fn decide(f: &Facts) -> Verdict {
+    let mut v = rules(f);
+    v.doing = f.doing.map(str::to_owned);
+    if let Ok(g) = &f.gpu {
+        v.driver = g.driver.map(str::to_owned);
+        v.users = g.users;
+    }
+    v
+}
+
+fn rules(f: &Facts) -> Verdict {
     let files = f.files;
     let hook = files.state.as_ref();
     let record = files.record.as_ref();

@@ -150,7 +150,7 @@ fn start_error(cfg: &Config, agent: &Agent, v: &VmConfig, f: &Failure) -> Note {
             let snap = crate::collect(cfg, &mut || agent.probe(cfg));
             let mut holders = snap.holders().to_vec();
             if holders.is_empty()
-                && let Some(r) = snap.hook.as_ref().and_then(|h| h.last_refusal.as_ref())
+                && let Some(r) = snap.files.last_refusal()
                 && r.vm == v.name
             {
                 holders = r.holders.clone();

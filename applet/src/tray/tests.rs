@@ -11,11 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use handoff::bind::record::Phase;
 use handoff::gpu::Owner;
 use handoff::libvirt::Prober;
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
-use handoff::state::HookPhase;
 use handoff::status::VmState;
 use ksni::Tray;
 use ksni::menu::MenuItem;
@@ -28,7 +26,7 @@ use crate::model::tests::{
     LIN, ME, SOMEONE_ELSE, WIN, holder, in_windows, machine, on_host, vm, with_holders, with_hook,
     with_record,
 };
-use crate::model::{Snapshot, UnitScope};
+use crate::model::{ORPHAN_GRACE, Snapshot, UnitScope};
 
 const SEP: &str = "—";
 
@@ -291,7 +289,7 @@ fn while_an_action_runs_only_details_and_quit_can_be_clicked() {
     );
     s.units.insert(4242, UnitScope::User);
     s.status.as_mut().unwrap().gpu.blockers[0].unit = Some("cuda.service".into());
-    let s = with_record(s, Phase::Stuck, Some("0000:01:00.1 did not come back"));
+    let s = with_record(s, "stuck", Some("0000:01:00.1 did not come back"));
     let (mut t, _rx) = tray(s);
     let idle = entries(&t);
     t.action = Some("stopping win11…".into());
@@ -457,19 +455,19 @@ fn return_gpu_to_linux_is_offered_only_when_a_restore_is_required() {
     let (t, _rx) = tray(just_stopped.clone());
     assert!(!has(&t, "Return GPU to Linux"));
     let mut stayed = just_stopped;
-    stayed.orphan_confirmed = true;
+    stayed.orphan_seen_for = Some(ORPHAN_GRACE);
     let (t, _rx) = tray(stayed);
     assert!(entry(&t, "Return GPU to Linux").enabled);
 
-    let (t, _rx) = tray(with_hook(on_host(), HookPhase::RestoreRequired));
+    let (t, _rx) = tray(with_hook(on_host(), "restore-required"));
     assert!(entry(&t, "Return GPU to Linux").enabled);
     // While the hook is moving the GPU nothing needs returning.
-    let (t, _rx) = tray(with_hook(on_host(), HookPhase::Binding));
+    let (t, _rx) = tray(with_hook(on_host(), "binding"));
     assert!(!has(&t, "Return GPU to Linux"));
 
     let (mut t, mut rx) = tray(with_record(
         on_host(),
-        Phase::Stuck,
+        "stuck",
         Some("0000:01:00.1 did not come back to snd_hda_intel"),
     ));
     assert_eq!(
@@ -504,7 +502,7 @@ fn left_click_opens_looking_glass_when_a_vm_has_the_gpu_and_the_details_otherwis
     for s in [
         on_host(),
         with_holders(on_host(), vec![holder(4242, ME, "python3")]),
-        with_record(on_host(), Phase::Stuck, None),
+        with_record(on_host(), "stuck", None),
     ] {
         let (mut t, mut rx) = tray(s);
         t.activate(10, 10);
