@@ -265,6 +265,18 @@ impl HookFiles {
         self
     }
 
+    /// Writes both files as the hook would (for the simulator and tests, which put a
+    /// machine in a state without naming the hook's types); an absent one is left alone.
+    pub fn save(&self, host: &Host) -> std::io::Result<()> {
+        if let Some(s) = &self.state {
+            s.clone().save(host)?;
+        }
+        if let Some(r) = &self.record {
+            r.save(host).map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
+
     /// The last start the hook refused.
     pub fn last_refusal(&self) -> Option<&Refusal> {
         self.state.as_ref().and_then(|s| s.last_refusal.as_ref())
