@@ -33,6 +33,7 @@ pub mod lg_test;
 pub mod libvirt;
 pub mod live;
 pub mod pci;
+pub mod scenes;
 pub mod services;
 pub mod sim;
 pub mod state;

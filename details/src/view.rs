@@ -896,3 +896,68 @@ mod tests {
         assert_eq!(j["vms"][0]["buttons"][0]["action"]["vm"], "win11");
     }
 }
+
+/// Every surface, one verdict (issue 12): the window's view of each scene, read the way the
+/// window reads it (status with libvirt asked, the hook's files through the library), says
+/// what `handoff status --json` says.
+#[cfg(test)]
+mod every_surface {
+    use std::process::Command;
+
+    use handoff::libvirt::Prober;
+
+    use super::*;
+
+    #[test]
+    fn the_window_says_what_status_says_in_every_state() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "handoff", "--bin", "handoff"])
+            .current_dir(root)
+            .status()
+            .expect("cargo build");
+        assert!(st.success(), "building handoff failed");
+        let bin = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("handoff");
+        for name in handoff::scenes::ALL {
+            let tmp = tempfile::tempdir().unwrap();
+            let scene = handoff::scenes::Scene::put(tmp.path(), name).unwrap();
+            let out = Command::new(&bin)
+                .args(["status", "--json"])
+                .env("HANDOFF_CONFIG", &scene.config)
+                .env("HOME", tmp.path())
+                .output()
+                .unwrap();
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("{name}: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+            let want = &status["verdict"];
+
+            let cfg = handoff::config::Config::load_from(Some(scene.config.clone()), None)
+                .unwrap()
+                .0;
+            let mut p = Prober::new();
+            let facts = Facts {
+                status: handoff::status::collect(&cfg, &mut |vm| p.probe(vm)).unwrap(),
+                files: HookFiles::load(&cfg.host, cfg.gpu.address),
+                uid: 1000,
+                now: 0,
+            };
+            let v = View::build(&facts, None);
+            assert_eq!(v.verdict.state.word(), want["state"], "{name}");
+            assert_eq!(v.headline, want["headline"], "{name}");
+            assert_eq!(v.owner, owner_word(v.verdict.state), "{name}");
+            let offers_return = v.actions.iter().any(|b| b.action == Action::ReturnToLinux);
+            assert_eq!(
+                offers_return,
+                want["state"] == "restore_required",
+                "{name}: {:?}",
+                v.actions
+            );
+        }
+    }
+}

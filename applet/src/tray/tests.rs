@@ -718,133 +718,32 @@ fn workspace_bins() -> std::path::PathBuf {
     dir
 }
 
-struct Scene {
-    name: &'static str,
-    /// (state word in `status --json`, tray icon, the block's text, the block's waybar class)
-    want: (&'static str, &'static str, &'static str, &'static str),
-    /// The block links no libvirt: where it cannot know what status and the tray know, what
-    /// it says instead.
-    block: Option<(&'static str, &'static str)>,
+/// What each scene must show: (state word in `status --json`, tray icon, the block's text,
+/// the block's waybar class). The block links no libvirt: "libvirt unreachable" it cannot
+/// know, and it says what sysfs and the hook's files say instead.
+fn scene_wants(name: &str) -> (&'static str, &'static str, &'static str, &'static str) {
+    match name {
+        "idle" => ("idle", "handoff-host", "GPU: Linux", "linux"),
+        "busy" => ("busy", "handoff-busy", "GPU: Linux · 1 busy", "busy"),
+        "in a VM" => ("in_vm", "handoff-vm", "GPU: Windows", "vm"),
+        "switching" => ("switching", "handoff-switching", "GPU: switching…", "switching"),
+        "left on vfio-pci" | "stuck record" => {
+            ("restore_required", "handoff-restore", "GPU: restore!", "restore")
+        }
+        "split binding" => ("restore_required", "handoff-restore", "GPU: split!", "restore"),
+        "absent" => ("absent", "handoff-offline", "GPU: none", "absent"),
+        "libvirt unreachable" => ("libvirt_unreachable", "handoff-offline", "GPU: Linux", "linux"),
+        other => unreachable!("{other}"),
+    }
 }
 
 #[test]
 fn every_surface_says_the_same_in_every_state() {
-    use handoff::verdict::HookFiles;
     let bins = workspace_bins();
-    let scenes = [
-        Scene {
-            name: "idle",
-            want: ("idle", "handoff-host", "GPU: Linux", "linux"),
-            block: None,
-        },
-        Scene {
-            name: "busy",
-            want: ("busy", "handoff-busy", "GPU: Linux · 1 busy", "busy"),
-            block: None,
-        },
-        Scene {
-            name: "in a VM",
-            want: ("in_vm", "handoff-vm", "GPU: Windows", "vm"),
-            block: None,
-        },
-        Scene {
-            name: "switching",
-            want: ("switching", "handoff-switching", "GPU: switching…", "switching"),
-            block: None,
-        },
-        Scene {
-            name: "left on vfio-pci",
-            want: ("restore_required", "handoff-restore", "GPU: restore!", "restore"),
-            block: None,
-        },
-        Scene {
-            name: "stuck record",
-            want: ("restore_required", "handoff-restore", "GPU: restore!", "restore"),
-            block: None,
-        },
-        Scene {
-            name: "split binding",
-            want: ("restore_required", "handoff-restore", "GPU: split!", "restore"),
-            block: None,
-        },
-        Scene {
-            name: "absent",
-            want: ("absent", "handoff-offline", "GPU: none", "absent"),
-            block: None,
-        },
-        Scene {
-            name: "libvirt unreachable",
-            want: ("libvirt_unreachable", "handoff-offline", "", ""),
-            block: Some(("GPU: Linux", "linux")),
-        },
-    ];
-    for scene in scenes {
+    for name in handoff::scenes::ALL {
         let tmp = tempfile::tempdir().unwrap();
-        let sim = SimHost::build(&tmp.path().join("root"), &SimSpec::workstation()).unwrap();
-        let host = sim.host();
-        let vfio = |functions: u8| {
-            for f in 0..functions {
-                sim.set_driver(RTX_3090_TI.with_function(f), Some("vfio-pci"))
-                    .unwrap();
-            }
-        };
-        // libvirt's test driver defines one running domain, `test`; `win11` is defined
-        // nowhere there, so it is not running.
-        let (mut vm, mut uri, mut gpu) = ("win11", "test:///default".to_owned(), RTX_3090_TI.to_string());
-        let mut files = HookFiles::default();
-        let mut _holder = None;
-        match scene.name {
-            "idle" => {}
-            "busy" => _holder = Some(hold(&sim.dev().join("nvidia0"), None)),
-            "in a VM" => {
-                vm = "test";
-                vfio(4);
-                files = files.with_hook(RTX_3090_TI, "vfio", Some("test")).with_record(
-                    RTX_3090_TI,
-                    "bound",
-                    Some("test"),
-                    None,
-                );
-            }
-            "switching" => files = files.with_hook(RTX_3090_TI, "binding", Some("win11")),
-            "left on vfio-pci" => {
-                vfio(4);
-                files = files.with_record(RTX_3090_TI, "bound", Some("win11"), None);
-            }
-            "stuck record" => {
-                files = files.with_record(
-                    RTX_3090_TI,
-                    "stuck",
-                    Some("win11"),
-                    Some("a write to unbind hung"),
-                )
-            }
-            "split binding" => {
-                vfio(1);
-                files = files.with_hook(RTX_3090_TI, "host", None);
-            }
-            "absent" => gpu = "0000:02:00.0".to_owned(),
-            "libvirt unreachable" => {
-                uri = format!(
-                    "qemu+unix:///system?socket={}/no-such-libvirt-sock",
-                    tmp.path().display()
-                )
-            }
-            other => unreachable!("{other}"),
-        }
-        files.save(&host).unwrap();
-        let config = tmp.path().join("config.toml");
-        fs::write(
-            &config,
-            format!(
-                "[gpu]\naddress = \"{gpu}\"\n\n[[vm]]\nname = \"{vm}\"\nlabel = \"Windows\"\nuri = \"{uri}\"\n\n\
-                 [host]\nsysfs = {:?}\ndev = {:?}\nrun = {:?}\n",
-                sim.sysfs(),
-                sim.dev(),
-                sim.run()
-            ),
-        )
-        .unwrap();
+        let scene = handoff::scenes::Scene::put(tmp.path(), name).unwrap();
+        let config = scene.config.clone();
         let run = |bin: &str, args: &[&str]| {
             let out = Command::new(bins.join(bin))
                 .args(args)
@@ -854,20 +753,20 @@ fn every_surface_says_the_same_in_every_state() {
                 .unwrap();
             String::from_utf8(out.stdout).unwrap()
         };
-        let (state, icon, text, class) = scene.want;
+        let (state, icon, text, class) = scene_wants(name);
 
         // handoff status --json.
         let status: serde_json::Value = serde_json::from_str(&run("handoff", &["status", "--json"]))
-            .unwrap_or_else(|e| panic!("{}: status --json: {e}", scene.name));
+            .unwrap_or_else(|e| panic!("{}: status --json: {e}", name));
         let v = &status["verdict"];
-        assert_eq!(v["state"], state, "{}: status: {v:#}", scene.name);
+        assert_eq!(v["state"], state, "{}: status: {v:#}", name);
         // Its text leads with the verdict whenever a person must act or wait.
         let text_out = run("handoff", &["status"]);
         if ["restore_required", "switching", "libvirt_unreachable"].contains(&state) {
             assert!(
                 text_out.starts_with(v["headline"].as_str().unwrap()),
                 "{}: {text_out}",
-                scene.name
+                name
             );
         }
 
@@ -886,28 +785,22 @@ fn every_surface_says_the_same_in_every_state() {
         let mut snap2 = read();
         watch.observe(&mut snap2, t0 + ORPHAN_GRACE);
         let (t, _rx) = tray(snap2);
-        assert_eq!(t.icon().name(), icon, "{}: tray", scene.name);
+        assert_eq!(t.icon().name(), icon, "{}: tray", name);
         let tv = t.snap.verdict(None);
-        assert_eq!(tv.state.word(), state, "{}: tray verdict", scene.name);
+        assert_eq!(tv.state.word(), state, "{}: tray verdict", name);
         assert_eq!(
             tv.headline,
             v["headline"].as_str().unwrap(),
             "{}: tray and status headlines",
-            scene.name
+            name
         );
 
         // The bar, in i3blocks' and waybar's output.
-        let (text, class) = scene.block.unwrap_or((text, class));
         let lines = run("handoff-block", &[]);
-        assert_eq!(
-            lines.lines().next(),
-            Some(text),
-            "{}: i3blocks: {lines}",
-            scene.name
-        );
+        assert_eq!(lines.lines().next(), Some(text), "{}: i3blocks: {lines}", name);
         let waybar: serde_json::Value =
             serde_json::from_str(&run("handoff-block", &["--format", "waybar"])).unwrap();
-        assert_eq!(waybar["text"], text, "{}: waybar", scene.name);
-        assert_eq!(waybar["class"], class, "{}: waybar", scene.name);
+        assert_eq!(waybar["text"], text, "{}: waybar", name);
+        assert_eq!(waybar["class"], class, "{}: waybar", name);
     }
 }
