@@ -12,6 +12,7 @@
 //! [`services`] (user units and .desktop files) and [`inhibit`] (feature `inhibit`: a
 //! logind sleep inhibitor while a VM owns the GPU).
 
+pub mod action;
 pub mod agent;
 pub mod bind;
 pub mod config;

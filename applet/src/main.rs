@@ -37,7 +37,7 @@ use ksni::TrayMethods;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::actions::Action;
-use crate::model::{Note, NoteAction, OrphanWatch, Settled, Snapshot, UnitScope};
+use crate::model::{Note, NoteAction, OrphanWatch, Settled, Snapshot};
 use crate::tray::HandoffTray;
 
 /// Everything that reaches the main loop.
@@ -172,13 +172,8 @@ pub fn collect(cfg: &Config, probe: &mut dyn FnMut() -> Vec<VmStatus>) -> Snapsh
     if let Ok(s) = &status {
         for h in &s.gpu.blockers {
             if h.unit.as_deref().is_some_and(|u| u.ends_with(".service"))
-                && let Ok(cg) = std::fs::read_to_string(cfg.host.procfs.join(format!("{}/cgroup", h.pid)))
+                && let Some(scope) = handoff::action::unit_scope(&cfg.host, h.pid)
             {
-                let scope = if cg.contains("/user@") {
-                    UnitScope::User
-                } else {
-                    UnitScope::System
-                };
                 units.insert(h.pid, scope);
             }
         }
@@ -224,7 +219,7 @@ pub fn agent_for(source: &handoff::config::Source, level: &str, sink: handoff::l
         args.push(path.into());
     }
     args.push("__agent".into());
-    Agent::new(actions::sibling("handoff"), args, sink)
+    Agent::new(handoff::action::sibling("handoff"), args, sink)
 }
 
 async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyhow::Result<()> {

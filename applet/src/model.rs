@@ -13,14 +13,7 @@ use handoff::verdict::{self, Facts, GpuFacts, HookFiles, State, Verdict, Vms};
 
 use crate::icons::Icon;
 
-/// Which systemd manager runs a holder's unit, and so how to stop it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnitScope {
-    /// `systemctl --user stop`.
-    User,
-    /// `systemctl stop` (polkit asks for a password).
-    System,
-}
+pub use handoff::action::UnitScope;
 
 /// Everything one read of the machine found (see `crate::collect`).
 #[derive(Debug, Clone)]
