@@ -4,9 +4,12 @@
 //!
 //! Layers, bottom up: [`pci`], [`host`] and [`config`] (pure values); [`gpu`] and
 //! [`holders`] (read-only sysfs and `/proc`); [`status`] and [`doctor`] (what surfaces
-//! show); [`bind`] (plans and executes a handoff), [`hook`] (what libvirtd runs) and
+//! show); [`verdict`] (the one decision of what state a GPU is in, which every surface
+//! renders) and [`action`] (the one vocabulary of what a person can do, with one
+//! implementation of each action that needs no libvirt); [`bind`] (plans and executes a handoff), [`hook`] (what libvirtd runs) and
 //! [`state`] (the hook's state file); [`live`] streams changes to the surfaces. [`sim`] and [`kernelsim`] simulate the kernel for
-//! tests and the demo. [`libvirt`] (feature `libvirt`) is the only part that links libvirt,
+//! tests and the demo; [`scenes`] puts a simulated machine in each state the surfaces tell
+//! apart. [`libvirt`] (feature `libvirt`) is the only part that links libvirt,
 //! with [`vm`] (start, stop, switch and health of the configured VMs) and [`vm_events`] over it.
 //! The session side: [`i3`] and [`lg`] (open Looking Glass on its workspace), [`lg_test`],
 //! [`services`] (user units and .desktop files) and [`inhibit`] (feature `inhibit`: a
