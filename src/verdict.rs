@@ -15,14 +15,14 @@
 //! |---|---|---|---|---|---|---|---|
 //! | 1 | sysfs or the config could not be read | `unreadable` | "GPU unreadable" | red `#FF0000` / `error`, urgent | restore | none | fix what the error names |
 //! | 2 | a function is locked in the kernel (an unbind hangs), the restore record is `stuck`, or the hook's state says `restore-required` | `restore_required` | "Restore required" | red / `restore`, urgent | restore | return the GPU to Linux | `pkexec handoff rebind --force` ("Return GPU to Linux") |
-//! | 3 | no PCI device at the address | `absent` | "No GPU at <address>" | grey `#888888` / `absent` | offline | none | set `[gpu] address` |
-//! | 4 | this surface is acting (the tray's "stopping win11…"), or the hook or the record says `binding`/`returning` | `switching` | "GPU is moving to <VM>" / "GPU is moving back to Linux" / "GPU: <action>" | yellow `#FFDD00` / `switching` | switching | none (wait) | wait |
+//! | 3 | no PCI device at the address | `absent` | "No GPU at `<address>`" | grey `#888888` / `absent` | offline | none | set `[gpu] address` |
+//! | 4 | this surface is acting (the tray's "stopping win11…"), or the hook or the record says `binding`/`returning` | `switching` | "GPU is moving to `<VM>`" / "GPU is moving back to Linux" / "GPU: `<action>`" | yellow `#FFDD00` / `switching` | switching | none (wait) | wait |
 //! | 5 | orphaned: the GPU is off the host (vfio-pci, no driver, split) or a restore record is left, and no VM holds it | `restore_required` once the grace ([`ORPHAN_GRACE`]) is over, `switching` within it | "Restore required" | as 2 / as 4 | as 2 / as 4 | return the GPU to Linux | as 2 |
 //! | 6 | functions split or unbound while a VM may hold the GPU and the hook's state is not settled (`host`/`vfio`): mid-way; with it settled, `restore_required` as 2 |  `switching` | "GPU is split between drivers" / "GPU has no driver" | as 4 | as 4 | none (wait) | wait |
 //! | 7 | VMs were asked and none answered (libvirt down) | `libvirt_unreachable` | "libvirt unreachable" | grey / `offline` | offline | none | check libvirtd |
-//! | 8 | a VM holds the GPU | `in_vm` | "GPU is in <VM>" | blue `#00AAFF` / `vm` | vm | stop, force stop, open Looking Glass, switch | stop the VM to get it back |
-//! | 9 | on the host driver and processes use it | `busy` | "GPU is on Linux (<driver>)" | amber `#FFAA00` / `busy` | busy | terminate a process, stop a unit | end them before a VM start |
-//! | 10 | on the host driver, nothing uses it | `idle` | "GPU is on Linux (<driver>)" | green `#00CC00` / `linux` | host | start, switch | a VM can take it |
+//! | 8 | a VM holds the GPU | `in_vm` | "GPU is in `<VM>`" | blue `#00AAFF` / `vm` | vm | stop, force stop, open Looking Glass, switch | stop the VM to get it back |
+//! | 9 | on the host driver and processes use it | `busy` | "GPU is on Linux (`<driver>`)" | amber `#FFAA00` / `busy` | busy | terminate a process, stop a unit | end them before a VM start |
+//! | 10 | on the host driver, nothing uses it | `idle` | "GPU is on Linux (`<driver>`)" | green `#00CC00` / `linux` | host | start, switch | a VM can take it |
 //!
 //! "No VM holds it" (rule 5) and "a VM holds it" (rule 8): with [`Vms::Known`], an active
 //! configured VM (the status model's `gpu.vm`, or any active VM while the GPU is on
