@@ -395,7 +395,7 @@ impl Verdict {
         }
     }
 
-    /// "Restore required: <why>", "GPU is in Windows": the headline with its reason.
+    /// `Restore required: <why>`, "GPU is in Windows": the headline with its reason.
     pub fn line(&self) -> String {
         match &self.reason {
             Some(r) => format!("{}: {}", self.headline, first_line(r)),
