@@ -4,16 +4,21 @@
 //!
 //! Layers, bottom up: [`pci`], [`host`] and [`config`] (pure values); [`gpu`] and
 //! [`holders`] (read-only sysfs and `/proc`); [`status`] and [`doctor`] (what surfaces
-//! show); [`bind`] (plans and executes a handoff), [`hook`] (what libvirtd runs) and
+//! show); [`verdict`] (the one decision of what state a GPU is in, which every surface
+//! renders) and [`action`] (the one vocabulary of what a person can do, with one
+//! implementation of each action that needs no libvirt); [`bind`] (plans and executes a handoff), [`hook`] (what libvirtd runs) and
 //! [`state`] (the hook's state file); [`live`] streams changes to the surfaces. [`sim`] and [`kernelsim`] simulate the kernel for
-//! tests and the demo. [`hypervisor`] is the interface to whatever runs the VMs; its
-//! [`libvirt`] implementation (feature `libvirt`) is, with [`live`]'s libvirt event
-//! source, the only part that calls libvirt, and
-//! [`vm`] (start, stop, switch and health of the configured VMs) works through it.
+//! tests and the demo; [`scenes`] puts a simulated machine in each state the surfaces tell
+//! apart. [`hypervisor`] is the interface to whatever runs the VMs; its [`libvirt`]
+//! implementation (feature `libvirt`) is, with [`live`]'s libvirt event source, the only
+//! part that calls libvirt, and [`vm`] (start, stop, switch and health of the configured
+//! VMs) works through it. [`escape`] makes names safe for each place they are shown, and
+//! [`bounded`] reads the files root trusts without hanging or growing.
 //! The session side: [`i3`] and [`lg`] (open Looking Glass on its workspace), [`lg_test`],
 //! [`services`] (user units and .desktop files) and [`inhibit`] (feature `inhibit`: a
 //! logind sleep inhibitor while a VM owns the GPU).
 
+pub mod action;
 pub mod agent;
 pub mod bind;
 pub mod bounded;
@@ -38,11 +43,13 @@ pub mod lg_test;
 pub use hypervisor::libvirt;
 pub mod live;
 pub mod pci;
+pub mod scenes;
 pub mod services;
 pub mod sim;
 pub mod state;
 pub mod status;
 pub mod sysfs_read;
+pub mod verdict;
 #[cfg(feature = "libvirt")]
 pub mod vm;
 

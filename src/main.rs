@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use handoff::config::{Config, Source};
+use handoff::verdict::HookFiles;
 use handoff::{doctor, status};
 
 // The seed's command names (argv[0] dispatch) and `handoff __generate` (man pages,
@@ -426,10 +427,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(flags) => {
             let (cfg, _) = load_config(cli.config)?;
             let st = collect_status(&cfg)?;
+            let verdict = st.verdict(&HookFiles::load(&cfg.host, cfg.gpu.address));
             if flags.json {
-                print_json(&st)?;
+                print_json(&status::Report { status: &st, verdict })?;
             } else {
-                print!("{}", st.render_text());
+                print!("{}", st.report_text(&verdict));
             }
             Ok(ExitCode::SUCCESS)
         }

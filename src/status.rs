@@ -11,6 +11,7 @@ use crate::config::{Config, VmConfig};
 use crate::gpu::{self, Function, Gpu, IommuGroup, Owner};
 use crate::holders::{self, Holder};
 use crate::pci::PciAddress;
+use crate::verdict::{self, Facts, GpuFacts, HookFiles, State, Verdict, Vms};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -160,7 +161,56 @@ fn holding_vm(g: &Gpu, vms: &[VmStatus]) -> Option<String> {
     }
 }
 
+/// `handoff status --json`: the status with its verdict (`"verdict": {"state":
+/// "restore_required", "headline": …, "next": …}`); the status's own fields keep their names.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report<'a> {
+    #[serde(flatten)]
+    pub status: &'a Status,
+    pub verdict: Verdict,
+}
+
 impl Status {
+    /// The verdict of a one-shot reader (the CLI, the window): VMs as asked, no grace.
+    pub fn verdict(&self, files: &HookFiles) -> Verdict {
+        verdict::decide(&self.facts(files, None, None))
+    }
+
+    /// The inputs [`verdict::decide`] takes for this status; `doing` and `orphan_seen_for`
+    /// come from a surface that acts and watches (the tray).
+    pub fn facts<'a>(
+        &'a self,
+        files: &'a HookFiles,
+        doing: Option<&'a str>,
+        orphan_seen_for: Option<std::time::Duration>,
+    ) -> Facts<'a> {
+        Facts {
+            gpu: Ok(GpuFacts::from(&self.gpu)),
+            files,
+            vms: Vms::Known(&self.vms),
+            doing,
+            orphan_seen_for,
+        }
+    }
+
+    /// What `handoff status` prints: the verdict's line first when it says something the
+    /// facts line does not (a person must act, wait, or fix libvirt), then the facts, then
+    /// the next step for those states.
+    pub fn report_text(&self, v: &Verdict) -> String {
+        let said_by_facts = matches!(v.state, State::Idle | State::Busy | State::InVm | State::Absent);
+        if said_by_facts {
+            return self.render_text();
+        }
+        format!(
+            "{}
+Next: {}
+{}",
+            v.line(),
+            v.next,
+            self.render_text()
+        )
+    }
+
     fn gpu_label(&self) -> String {
         match &self.gpu.name {
             Some(n) => format!("GPU {} ({})", self.gpu.address, gpu::short_name(n)),

@@ -319,12 +319,23 @@ fn status_on_vfio_with_no_vm_running_says_so() {
     h.configure(RTX_3090_TI, &["win11"]);
     h.move_all(Some("vfio-pci"));
     let r = h.run(&["status"]);
+    // Left on vfio-pci with no VM: the verdict leads and says what to do (issue 13), the
+    // facts line follows.
     assert_eq!(
         r.first_line(),
-        "GPU 0000:01:00.0 (RTX 3090 Ti) is on vfio-pci, no VM running",
+        "Restore required: the GPU is on vfio-pci and no VM is running",
         "{r:?}"
     );
-    assert!(h.run(&["status", "--json"]).json()["gpu"]["vm"].is_null());
+    assert!(r.stdout.contains("Next: Return it to Linux"), "{r:?}");
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l == "GPU 0000:01:00.0 (RTX 3090 Ti) is on vfio-pci, no VM running"),
+        "{r:?}"
+    );
+    let v = h.run(&["status", "--json"]).json();
+    assert!(v["gpu"]["vm"].is_null());
+    assert_eq!(v["verdict"]["state"], "restore_required", "{v:#}");
 }
 
 #[test]

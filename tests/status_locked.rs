@@ -162,9 +162,16 @@ fn status_answers_in_time_and_says_the_gpu_is_locked() {
         .run(&["status"], Duration::from_secs(10))
         .expect("handoff status hung behind the stuck unbind");
     assert!(took < IN_TIME, "handoff status took {took:?}\n{out}{err}");
+    // The verdict leads (issue 13: status says "restore required" as the bar and doctor
+    // do), then the facts line with the uncertainty.
     let first = out.lines().next().unwrap_or("");
     assert!(
-        first.contains("state is uncertain") && first.contains(&format!("{GPU} locked in the kernel")),
+        first.starts_with("Restore required: ") && first.contains(&format!("{GPU} is locked in the kernel")),
+        "{out}\n{err}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains("state is uncertain") && l.contains(&format!("{GPU} locked in the kernel"))),
         "{out}\n{err}"
     );
     assert!(
@@ -184,6 +191,8 @@ fn status_json_answers_in_time_and_marks_the_locked_function() {
     assert!(took < IN_TIME, "handoff status --json took {took:?}\n{out}{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
     assert_eq!(v["gpu"]["locked"], serde_json::json!([GPU]), "{v:#}");
+    assert_eq!(v["verdict"]["state"], "restore_required", "{v:#}");
+    assert_eq!(v["verdict"]["cause"], "locked", "{v:#}");
     let functions = v["gpu"]["functions"].as_array().unwrap();
     assert_eq!(functions[0]["locked"], true, "{v:#}");
     assert!(functions[1..].iter().all(|f| f["locked"] == false), "{v:#}");

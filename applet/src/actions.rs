@@ -3,15 +3,15 @@
 //! [`Note`] to show (or none: a VM that started is announced by the state change itself).
 
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use handoff::Config;
 use handoff::agent::{Agent, Failure, FailureKind, Request};
 use handoff::config::VmConfig;
 
-use crate::model::{self, Note, UnitScope};
+use handoff::action::{self, UnitScope};
+
+use crate::model::{self, Note};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -88,17 +88,22 @@ pub fn run(cfg: &Config, agent: &Agent, a: &Action) -> Option<Note> {
             },
         ),
         Action::Switch(vm) => vm_action(cfg, agent, vm, Request::Switch { vm: vm.clone() }),
-        Action::Terminate { pid, command } => terminate(&[*pid])
+        Action::Terminate { pid, command } => terminate(cfg, &[(*pid, command.as_str())])
             .err()
-            .map(|e| Note::plain(format!("{command} (pid {pid}) is still running"), e)),
-        Action::StopUnit { unit, scope } => stop_unit(unit, *scope),
+            .map(|e| Note::plain(format!("{command} (pid {pid}) is still running"), e.to_string())),
+        Action::StopUnit { unit, scope } => action::stop_unit(unit, *scope)
+            .err()
+            .map(|e| Note::plain(format!("{unit} was not stopped"), e.to_string())),
         Action::Rebind => rebind(cfg),
         Action::OpenLookingGlass => open_lg(cfg),
         Action::Details => details(),
-        Action::TerminateAndStart { vm, pids } => match terminate(pids) {
-            Ok(()) => vm_action(cfg, agent, vm, Request::Start { vm: vm.clone() }),
-            Err(e) => Some(Note::plain(format!("Not starting {vm}"), e)),
-        },
+        Action::TerminateAndStart { vm, pids } => {
+            let named: Vec<(u32, &str)> = pids.iter().map(|&p| (p, "process")).collect();
+            match terminate(cfg, &named) {
+                Ok(_) => vm_action(cfg, agent, vm, Request::Start { vm: vm.clone() }),
+                Err(e) => Some(Note::plain(format!("Not starting {vm}"), e.to_string())),
+            }
+        }
     }
 }
 
@@ -150,7 +155,7 @@ fn start_error(cfg: &Config, agent: &Agent, v: &VmConfig, f: &Failure) -> Note {
             let snap = crate::collect(cfg, &mut || agent.probe(cfg));
             let mut holders = snap.holders().to_vec();
             if holders.is_empty()
-                && let Some(r) = snap.hook.as_ref().and_then(|h| h.last_refusal.as_ref())
+                && let Some(r) = snap.files.last_refusal()
                 && r.vm == v.name
             {
                 holders = r.holders.clone();
@@ -187,121 +192,31 @@ fn stop_error(v: &VmConfig, f: &Failure) -> Note {
     }
 }
 
-fn own_process(pid: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return false;
-    };
+/// SIGTERM the user's own `pids` and wait for them: the library's one implementation,
+/// which touches none unless every one is this user's.
+fn terminate(cfg: &Config, pids: &[(u32, &str)]) -> action::Outcome {
     // SAFETY: getuid cannot fail.
-    handoff::holders::parse_status_uid(&status) == Some(unsafe { libc::getuid() })
-}
-
-/// Gone, or a zombie (its fds are closed; only its parent's wait is missing).
-fn ended(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
-    }
-}
-
-/// SIGTERM each of the user's own `pids` and wait (5 s at most) until they have ended.
-pub fn terminate(pids: &[u32]) -> Result<(), String> {
-    for &pid in pids {
-        if ended(pid) {
-            continue;
-        }
-        if !own_process(pid) {
-            return Err(format!("pid {pid} is not your process; it was not touched"));
-        }
-        // SAFETY: kill with a pid we checked is ours.
-        if unsafe { libc::kill(pid as i32, libc::SIGTERM) } != 0 {
-            return Err(format!(
-                "cannot send SIGTERM to pid {pid}: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let left: Vec<u32> = pids.iter().copied().filter(|&p| !ended(p)).collect();
-        if left.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "pid {left:?} did not exit within 5 s of SIGTERM; close it yourself, or `kill -9 {}`",
-                left[0]
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn stop_unit(unit: &str, scope: UnitScope) -> Option<Note> {
-    let mut c = Command::new("systemctl");
-    if scope == UnitScope::User {
-        c.arg("--user");
-    }
-    c.args(["stop", "--", unit]).stdin(Stdio::null());
-    match c.output() {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => Some(Note::plain(
-            format!("{unit} was not stopped"),
-            format!(
-                "systemctl{} stop {unit}: {}",
-                if scope == UnitScope::User { " --user" } else { "" },
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-        )),
-        Err(e) => Some(Note::plain(
-            format!("{unit} was not stopped"),
-            format!("cannot run systemctl: {e}"),
-        )),
-    }
-}
-
-/// A sibling binary next to our own executable, else the name (found on PATH).
-pub fn sibling(name: &str) -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.join(name)))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from(name))
+    action::terminate(&cfg.host, unsafe { libc::getuid() }, pids)
 }
 
 fn rebind(cfg: &Config) -> Option<Note> {
-    let handoff = sibling("handoff");
-    let args = handoff::bind::pkexec_rebind_args(cfg.gpu.address);
-    let shown = format!("pkexec {} {}", handoff.display(), args.join(" "));
-    match Command::new("pkexec")
-        .arg(&handoff)
-        .args(&args)
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(o) if o.status.success() => None,
-        // 126: the person dismissed the password dialog; 127: not authorised / no agent.
-        // What to type comes first: pkexec's stderr can be long enough (GLib warnings) to
-        // push it out of a notification's box. Its last line says why; all of it is logged.
-        Ok(o) => {
-            let stderr = String::from_utf8_lossy(&o.stderr);
-            tracing::warn!("{shown}: {}: {}", o.status, stderr.trim());
-            Some(Note {
-                summary: "The GPU was not returned to Linux".into(),
-                body: format!(
-                    "From a terminal: sudo handoff rebind --force\n{shown}: {}",
-                    stderr.trim().lines().last().unwrap_or("no reason given")
-                ),
-                actions: Vec::new(),
-                critical: true,
-            })
-        }
-        Err(e) => Some(Note::plain(
-            "The GPU was not returned to Linux",
-            format!("cannot run pkexec ({e}); from a terminal: sudo handoff rebind --force"),
-        )),
-    }
+    // What to type comes first: pkexec's stderr can be long enough (GLib warnings) to push
+    // it out of a notification's box. Its last line says why; all of it is logged.
+    let e = action::return_to_linux(cfg.gpu.address).err()?;
+    tracing::warn!("{e}");
+    let body = match e.command_said() {
+        Some((shown, stderr)) => format!(
+            "From a terminal: sudo handoff rebind --force\n{shown}: {}",
+            stderr.lines().last().unwrap_or("no reason given")
+        ),
+        None => format!("{e}; from a terminal: sudo handoff rebind --force"),
+    };
+    Some(Note {
+        summary: "The GPU was not returned to Linux".into(),
+        body,
+        actions: Vec::new(),
+        critical: true,
+    })
 }
 
 fn open_lg(cfg: &Config) -> Option<Note> {
@@ -318,7 +233,7 @@ fn open_lg(cfg: &Config) -> Option<Note> {
 
 /// Starts `handoff-details` in its own process group; a thread reaps it when it closes.
 pub fn details() -> Option<Note> {
-    let bin = sibling("handoff-details");
+    let bin = action::sibling("handoff-details");
     match Command::new(&bin).stdin(Stdio::null()).process_group(0).spawn() {
         Ok(mut child) => {
             let _ = std::thread::Builder::new()

@@ -6,11 +6,15 @@
 
 use std::sync::OnceLock;
 
+use handoff::verdict::State;
+
 /// The sizes rendered for `IconPixmap`: panel sizes at 1x, 1.5x and 2x.
 pub const SIZES: [u32; 3] = [22, 32, 48];
 
+/// The six icons. Which one a GPU shows is a render of the library's verdict
+/// ([`Icon::of`]); the rules are `handoff::verdict`'s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IconState {
+pub enum Icon {
     /// On the host driver, nothing uses it.
     Host,
     /// On vfio-pci, in a VM.
@@ -25,36 +29,48 @@ pub enum IconState {
     Offline,
 }
 
-impl IconState {
-    pub const ALL: [IconState; 6] = [
-        IconState::Host,
-        IconState::Vm,
-        IconState::Switching,
-        IconState::Busy,
-        IconState::Restore,
-        IconState::Offline,
+impl Icon {
+    /// The tray's render table: verdict state → icon.
+    pub fn of(state: State) -> Icon {
+        match state {
+            State::Idle => Icon::Host,
+            State::Busy => Icon::Busy,
+            State::InVm => Icon::Vm,
+            State::Switching => Icon::Switching,
+            State::RestoreRequired | State::Unreadable => Icon::Restore,
+            State::Absent | State::LibvirtUnreachable => Icon::Offline,
+        }
+    }
+
+    pub const ALL: [Icon; 6] = [
+        Icon::Host,
+        Icon::Vm,
+        Icon::Switching,
+        Icon::Busy,
+        Icon::Restore,
+        Icon::Offline,
     ];
 
     /// The themed icon name (the SVG's file name without `.svg`).
     pub fn name(self) -> &'static str {
         match self {
-            IconState::Host => "handoff-host",
-            IconState::Vm => "handoff-vm",
-            IconState::Switching => "handoff-switching",
-            IconState::Busy => "handoff-busy",
-            IconState::Restore => "handoff-restore",
-            IconState::Offline => "handoff-offline",
+            Icon::Host => "handoff-host",
+            Icon::Vm => "handoff-vm",
+            Icon::Switching => "handoff-switching",
+            Icon::Busy => "handoff-busy",
+            Icon::Restore => "handoff-restore",
+            Icon::Offline => "handoff-offline",
         }
     }
 
     fn svg(self) -> &'static str {
         match self {
-            IconState::Host => include_str!("../../icons/hicolor/scalable/apps/handoff-host.svg"),
-            IconState::Vm => include_str!("../../icons/hicolor/scalable/apps/handoff-vm.svg"),
-            IconState::Switching => include_str!("../../icons/hicolor/scalable/apps/handoff-switching.svg"),
-            IconState::Busy => include_str!("../../icons/hicolor/scalable/apps/handoff-busy.svg"),
-            IconState::Restore => include_str!("../../icons/hicolor/scalable/apps/handoff-restore.svg"),
-            IconState::Offline => include_str!("../../icons/hicolor/scalable/apps/handoff-offline.svg"),
+            Icon::Host => include_str!("../../icons/hicolor/scalable/apps/handoff-host.svg"),
+            Icon::Vm => include_str!("../../icons/hicolor/scalable/apps/handoff-vm.svg"),
+            Icon::Switching => include_str!("../../icons/hicolor/scalable/apps/handoff-switching.svg"),
+            Icon::Busy => include_str!("../../icons/hicolor/scalable/apps/handoff-busy.svg"),
+            Icon::Restore => include_str!("../../icons/hicolor/scalable/apps/handoff-restore.svg"),
+            Icon::Offline => include_str!("../../icons/hicolor/scalable/apps/handoff-offline.svg"),
         }
     }
 
@@ -101,7 +117,7 @@ mod tests {
 
     #[test]
     fn every_state_renders_at_every_size_with_visible_pixels() {
-        for s in IconState::ALL {
+        for s in Icon::ALL {
             let icons = s.pixmaps();
             assert_eq!(icons.len(), SIZES.len(), "{s:?}");
             for (icon, size) in icons.iter().zip(SIZES) {
@@ -118,7 +134,7 @@ mod tests {
 
     #[test]
     fn states_look_different() {
-        let colours: Vec<[u8; 4]> = IconState::ALL
+        let colours: Vec<[u8; 4]> = Icon::ALL
             .iter()
             .map(|s| {
                 let icon = &s.pixmaps()[2];
@@ -138,7 +154,7 @@ mod tests {
     #[test]
     fn names_match_the_installed_files() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../icons/hicolor/scalable/apps");
-        for s in IconState::ALL {
+        for s in Icon::ALL {
             let path = format!("{dir}/{}.svg", s.name());
             assert!(std::path::Path::new(&path).exists(), "{path} is missing");
         }

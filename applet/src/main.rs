@@ -30,15 +30,14 @@ use std::time::Instant;
 
 use handoff::Config;
 use handoff::agent::Agent;
-use handoff::bind::record::RestoreRecord;
 use handoff::live::{Change, Sources, Watcher};
-use handoff::state::HookState;
 use handoff::status::{VmState, VmStatus};
+use handoff::verdict::HookFiles;
 use ksni::TrayMethods;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::actions::Action;
-use crate::model::{Note, NoteAction, OrphanWatch, Settled, Snapshot, UnitScope};
+use crate::model::{Note, NoteAction, OrphanWatch, Settled, Snapshot};
 use crate::tray::HandoffTray;
 
 /// Everything that reaches the main loop.
@@ -176,25 +175,19 @@ pub fn collect(cfg: &Config, probe: &mut dyn FnMut() -> Vec<VmStatus>) -> Snapsh
     if let Ok(s) = &status {
         for h in &s.gpu.blockers {
             if h.unit.as_deref().is_some_and(|u| u.ends_with(".service"))
-                && let Ok(cg) = std::fs::read_to_string(cfg.host.procfs.join(format!("{}/cgroup", h.pid)))
+                && let Some(scope) = handoff::action::unit_scope(&cfg.host, h.pid)
             {
-                let scope = if cg.contains("/user@") {
-                    UnitScope::User
-                } else {
-                    UnitScope::System
-                };
                 units.insert(h.pid, scope);
             }
         }
     }
     Snapshot {
         status,
-        hook: HookState::load(&cfg.host),
-        restore: RestoreRecord::load(&cfg.host, cfg.gpu.address).ok().flatten(),
+        files: HookFiles::load(&cfg.host, cfg.gpu.address),
         // SAFETY: getuid cannot fail.
         uid: unsafe { libc::getuid() },
         units,
-        orphan_confirmed: false,
+        orphan_seen_for: Some(std::time::Duration::ZERO),
     }
 }
 
@@ -229,7 +222,7 @@ pub fn agent_for(source: &handoff::config::Source, level: &str, sink: handoff::l
         args.push(path.into());
     }
     args.push("__agent".into());
-    Agent::new(actions::sibling("handoff"), args, sink)
+    Agent::new(handoff::action::sibling("handoff"), args, sink)
 }
 
 async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyhow::Result<()> {
@@ -370,7 +363,7 @@ impl Loop {
     }
 
     fn icon(&self) -> &'static str {
-        self.snap.icon_state(None).name()
+        self.snap.icon(None).name()
     }
 
     /// Re-read the machine on a blocking thread; a change that arrives meanwhile is read by
@@ -437,7 +430,7 @@ mod tests {
     use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 
     use super::*;
-    use crate::icons::IconState;
+    use crate::icons::Icon;
 
     /// `target/debug/handoff`, the agent's binary (this test runs from `target/debug/deps`),
     /// built if a narrower build left it out.
@@ -488,8 +481,8 @@ mod tests {
 
         assert_eq!(snap.vms()[0].state, handoff::status::VmState::Unknown);
         assert_eq!(snap.owner(), Some(handoff::gpu::Owner::Host));
-        assert_eq!(snap.icon_state(None), IconState::Offline);
-        assert_eq!(snap.icon_state(None).name(), "handoff-offline");
+        assert_eq!(snap.icon(None), Icon::Offline);
+        assert_eq!(snap.icon(None).name(), "handoff-offline");
         let why = snap.libvirt_unreachable().expect("libvirt unreachable");
         assert!(why.contains("no-such-libvirt-sock"), "{why}");
         let lines = snap.tooltip_lines(None);
@@ -508,6 +501,13 @@ mod tests {
         );
         // Not a stuck handoff: the GPU is home, and no VM state is known to say otherwise.
         assert!(snap.restore_required().is_none() && snap.orphaned().is_none());
-        assert_eq!(snap.title(None), "GPU on Linux (nvidia)");
+        // The title is the verdict's (issue 12: libvirt unreachable is one state for every
+        // surface that asks libvirt); the tooltip's first line still says where sysfs has it.
+        assert!(
+            snap.title(None).starts_with("libvirt unreachable: "),
+            "{}",
+            snap.title(None)
+        );
+        assert!(lines[0].contains("is on Linux (nvidia)"), "{lines:#?}");
     }
 }

@@ -1,44 +1,37 @@
 //! What the tray shows, computed from what was read: pure functions over a [`Snapshot`]
-//! (no D-Bus, no libvirt, no files), so the state → icon mapping, the tooltip and the
-//! notifications a change deserves are tested without a desktop.
+//! (no D-Bus, no libvirt, no files). The GPU's state is the library's verdict
+//! (`handoff::verdict`); this renders it as an icon and a tooltip and decides which
+//! notifications a change deserves, tested without a desktop.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::escape::plain;
 use handoff::gpu::Owner;
 use handoff::holders::Holder;
-use handoff::state::{HookPhase, HookState};
-use handoff::status::{Status, VmState, VmStatus};
+use handoff::status::{Status, VmStatus};
+use handoff::verdict::{self, Facts, GpuFacts, HookFiles, State, Verdict, Vms};
 
-use crate::icons::IconState;
+use crate::icons::Icon;
 
-/// Which systemd manager runs a holder's unit, and so how to stop it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnitScope {
-    /// `systemctl --user stop`.
-    User,
-    /// `systemctl stop` (polkit asks for a password).
-    System,
-}
+pub use handoff::action::UnitScope;
 
 /// Everything one read of the machine found (see `crate::collect`).
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     /// The status, or why it could not be read (sysfs unreadable).
     pub status: Result<Status, String>,
-    pub hook: Option<HookState>,
-    pub restore: Option<RestoreRecord>,
+    /// The hook's files (state and restore record), through the library.
+    pub files: HookFiles,
     /// This process's uid: holders with it may be terminated from the menu.
     pub uid: u32,
     /// For holders in a `.service` unit: which manager runs it. Scopes (login sessions,
     /// terminal tabs) are not offered: stopping one ends everything in it.
     pub units: HashMap<u32, UnitScope>,
-    /// [`Snapshot::orphaned`] has held for a while (set by the main loop): only then is it
-    /// "restore required". Right after a VM stops, the GPU sits on vfio-pci with its record
-    /// until libvirt runs the hook's `release`; that moment must not alarm anyone.
-    pub orphan_confirmed: bool,
+    /// How long the tray has seen the GPU orphaned (set by [`OrphanWatch`]); a fresh
+    /// reading starts at zero, within the grace: the tray watches, so a GPU that sits on
+    /// vfio-pci for the moment between a VM's stop and the hook's `release` must not alarm.
+    pub orphan_seen_for: Option<Duration>,
 }
 
 impl Snapshot {
@@ -57,7 +50,7 @@ impl Snapshot {
         self.status.as_ref().ok().map(|s| s.gpu.owner)
     }
 
-    /// The running configured VM that holds the GPU.
+    /// The running configured VM that holds the GPU (the status model's `gpu.vm`).
     pub fn vm_with_gpu(&self) -> Option<&VmStatus> {
         let s = self.status.as_ref().ok()?;
         let name = s.gpu.vm.as_ref()?;
@@ -68,129 +61,73 @@ impl Snapshot {
         self.vms().iter().filter(|v| v.state.is_active())
     }
 
-    /// libvirt could not be asked about any VM (daemon down, no permission).
-    pub fn libvirt_unreachable(&self) -> Option<String> {
-        let vms = self.vms();
-        if vms.is_empty() || !vms.iter().all(|v| v.state == VmState::Unknown) {
-            return None;
-        }
-        Some(
-            vms[0]
-                .error
-                .clone()
-                .unwrap_or_else(|| "libvirt did not answer".into()),
-        )
-    }
-
-    /// A handoff that did not finish: the hook says so, the record is stuck, or (once
-    /// confirmed, see [`Snapshot::orphan_confirmed`]) the GPU is off the host with no VM.
-    pub fn restore_required(&self) -> Option<String> {
-        if let Some(h) = &self.hook
-            && h.phase == HookPhase::RestoreRequired
-        {
-            return Some(
-                h.last_error
-                    .clone()
-                    .unwrap_or_else(|| "the last handoff did not finish".into()),
-            );
-        }
-        if let Some(r) = &self.restore
-            && r.phase == Phase::Stuck
-        {
-            return Some(
-                r.problem
-                    .clone()
-                    .unwrap_or_else(|| "the handoff got stuck".into()),
-            );
-        }
-        if self.orphan_confirmed {
-            return self.orphaned();
-        }
-        None
-    }
-
-    /// The GPU is off the host (or its restore record is left) while no VM runs and no
-    /// handoff is under way. Transient right after a VM stops; see `orphan_confirmed`.
-    pub fn orphaned(&self) -> Option<String> {
-        if self.active_vms().next().is_some() || self.libvirt_unreachable().is_some() || self.hook_moving() {
-            return None;
-        }
-        if let Some(r) = &self.restore {
-            return Some(format!(
-                "a restore record is left from {} but no VM is running",
-                r.vm.as_deref().unwrap_or("a VM")
-            ));
-        }
-        match self.owner() {
-            Some(Owner::Vfio) => Some("the GPU is on vfio-pci and no VM is running".into()),
-            Some(Owner::Unbound) => Some("the GPU has no driver and no VM is running".into()),
-            Some(Owner::Mixed) => Some("the GPU is split between drivers and no VM is running".into()),
-            _ => None,
-        }
-    }
-
-    fn hook_moving(&self) -> bool {
-        self.hook
-            .as_ref()
-            .is_some_and(|h| matches!(h.phase, HookPhase::Binding | HookPhase::Returning))
-            || self
-                .restore
+    fn facts<'a>(&'a self, action: Option<&'a str>) -> Facts<'a> {
+        Facts {
+            gpu: self
+                .status
                 .as_ref()
-                .is_some_and(|r| matches!(r.phase, Phase::Binding | Phase::Returning))
+                .map(|s| GpuFacts::from(&s.gpu))
+                .map_err(String::as_str),
+            files: &self.files,
+            vms: Vms::Known(self.vms()),
+            doing: action,
+            orphan_seen_for: self.orphan_seen_for,
+        }
+    }
+
+    /// The library's verdict on this reading; `action` is what the tray itself is doing.
+    pub fn verdict(&self, action: Option<&str>) -> Verdict {
+        verdict::decide(&self.facts(action))
+    }
+
+    /// libvirt could not be asked about any VM (daemon down, no permission): why.
+    pub fn libvirt_unreachable(&self) -> Option<String> {
+        verdict::libvirt_unreachable(self.vms())
+    }
+
+    /// Why a handoff needs `handoff rebind --force`, when the verdict says so.
+    pub fn restore_required(&self) -> Option<String> {
+        let v = self.verdict(None);
+        (v.state == State::RestoreRequired).then(|| v.reason.unwrap_or_default())
+    }
+
+    /// The GPU is orphaned (off the host, or its record left, with no VM and no handoff
+    /// under way), whatever the grace: why.
+    pub fn orphaned(&self) -> Option<String> {
+        let f = self.facts(None);
+        if !verdict::is_orphaned(&f) {
+            return None;
+        }
+        verdict::decide(&Facts {
+            orphan_seen_for: None,
+            ..f
+        })
+        .reason
     }
 
     /// The icon for this snapshot; `action` is what the tray itself is doing, if anything.
-    pub fn icon_state(&self, action: Option<&str>) -> IconState {
-        if self.status.is_err() || self.restore_required().is_some() {
-            return IconState::Restore;
-        }
-        if self.owner() == Some(Owner::Absent) {
-            return IconState::Offline;
-        }
-        // Functions on different drivers (or none) while a VM runs: the hook is mid-way.
-        let split = matches!(self.owner(), Some(Owner::Mixed | Owner::Unbound));
-        if action.is_some() || self.hook_moving() || self.orphaned().is_some() || split {
-            return IconState::Switching;
-        }
-        if self.libvirt_unreachable().is_some() {
-            return IconState::Offline;
-        }
-        if self.vm_with_gpu().is_some() || self.owner() == Some(Owner::Vfio) {
-            return IconState::Vm;
-        }
-        if !self.holders().is_empty() {
-            return IconState::Busy;
-        }
-        IconState::Host
+    pub fn icon(&self, action: Option<&str>) -> Icon {
+        Icon::of(self.verdict(action).state)
     }
 
-    /// The tooltip's title: who owns the GPU, in a few words.
+    /// The tooltip's title (and the menu's first line): the tray's words for the verdict.
+    /// What the tray itself is doing comes first, whatever the state.
     pub fn title(&self, action: Option<&str>) -> String {
-        if let Some(a) = action {
-            return format!("GPU: {a}");
+        let v = self.verdict(action);
+        if let Some(d) = &v.doing {
+            return format!("GPU: {d}");
         }
-        if let Err(e) = &self.status {
-            return format!("GPU unreadable: {e}");
-        }
-        if let Some(why) = self.restore_required() {
-            return format!("GPU: restore required ({why})");
-        }
-        match self.owner() {
-            Some(Owner::Absent) => "GPU not found".into(),
-            Some(Owner::Host) => {
-                let driver = self
-                    .status
-                    .as_ref()
-                    .ok()
-                    .and_then(|s| s.gpu.driver.clone())
-                    .unwrap_or_else(|| "?".into());
-                format!("GPU on Linux ({driver})")
-            }
-            _ => match self.vm_with_gpu() {
-                Some(v) => format!("GPU in {} ({})", v.label, v.name),
-                None if self.libvirt_unreachable().is_some() => "GPU on vfio-pci; libvirt unreachable".into(),
-                None => "GPU on vfio-pci".into(),
+        let why = v.reason.clone().unwrap_or_default();
+        match v.state {
+            State::Unreadable => format!("GPU unreadable: {why}"),
+            State::RestoreRequired => format!("GPU: restore required ({why})"),
+            State::Absent => "GPU not found".into(),
+            State::Idle | State::Busy => format!("GPU on Linux ({})", v.driver.as_deref().unwrap_or("?")),
+            State::InVm => match (&v.vm, &v.vm_label) {
+                (Some(name), Some(label)) => format!("GPU in {label} ({name})"),
+                _ => "GPU in a VM".into(),
             },
+            State::Switching | State::LibvirtUnreachable => v.line(),
         }
     }
 
@@ -219,7 +156,7 @@ impl Snapshot {
             1 => "1 process uses the GPU".into(),
             n => format!("{n} processes use the GPU"),
         });
-        if let Some(r) = self.hook.as_ref().and_then(|h| h.last_refusal.as_ref()) {
+        if let Some(r) = self.files.last_refusal() {
             lines.push(format!("Last refused start: {}", plain(&r.vm)));
         }
         if let Some(e) = last_event {
@@ -233,40 +170,23 @@ pub fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
 }
 
-/// How long the GPU may sit off the host with no VM before that is "restore required":
-/// the hook's `release` runs right after a VM stops and takes well under a second.
-pub const ORPHAN_GRACE: Duration = Duration::from_secs(3);
+#[cfg(test)]
+pub use handoff::verdict::ORPHAN_GRACE;
 
-/// Tells a VM that just stopped (the GPU sits on vfio-pci until the hook's `release`
-/// runs) from a handoff that got stuck: an orphaned GPU ([`Snapshot::orphaned`]) is
-/// confirmed only once it has stayed so for [`ORPHAN_GRACE`]. The clock is passed in.
+/// The library's [`verdict::OrphanWatch`] over snapshots: sets each fresh snapshot's
+/// `orphan_seen_for`, so the verdict tells a VM that just stopped from a stuck handoff.
 #[derive(Debug, Default)]
-pub struct OrphanWatch {
-    /// Since when the GPU has been seen orphaned.
-    since: Option<Instant>,
-}
+pub struct OrphanWatch(verdict::OrphanWatch);
 
 impl OrphanWatch {
-    /// Looks at a fresh snapshot read at `now`: sets its `orphan_confirmed` once the grace
-    /// is over. Returns how long to wait before reading again, on the first sighting only
-    /// (one one-shot timer, while the GPU is in this transient state; never while idle).
+    /// Looks at a fresh snapshot read at `now`. Returns how long to wait before reading
+    /// again, on the first sighting only (one one-shot timer, while the GPU is in this
+    /// transient state; never while idle).
     pub fn observe(&mut self, snap: &mut Snapshot, now: Instant) -> Option<Duration> {
-        if snap.orphaned().is_none() {
-            self.since = None;
-            return None;
-        }
-        match self.since {
-            Some(t) => {
-                if now.saturating_duration_since(t) >= ORPHAN_GRACE {
-                    snap.orphan_confirmed = true;
-                }
-                None
-            }
-            None => {
-                self.since = Some(now);
-                Some(ORPHAN_GRACE)
-            }
-        }
+        let orphaned = verdict::is_orphaned(&snap.facts(None));
+        let (seen, reread) = self.0.observe(orphaned, now);
+        snap.orphan_seen_for = Some(seen.unwrap_or_default());
+        reread
     }
 }
 
@@ -279,7 +199,7 @@ impl Settled {
     /// The notification `new` deserves, if it is settled (not switching); it becomes the
     /// new reference then. While switching, nothing is said and the reference stays.
     pub fn next(&mut self, new: &Snapshot) -> Option<Note> {
-        if new.icon_state(None) == IconState::Switching {
+        if new.verdict(None).state == State::Switching {
             return None;
         }
         let note = transition_note(&self.0, new);

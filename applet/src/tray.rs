@@ -13,7 +13,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::Msg;
 use crate::actions::Action;
-use crate::icons::IconState;
+use crate::icons::Icon;
 use crate::model::{Snapshot, UnitScope};
 
 pub struct HandoffTray {
@@ -40,8 +40,8 @@ impl HandoffTray {
         let _ = self.tx.send(Msg::Action(a));
     }
 
-    pub fn icon_state(&self) -> IconState {
-        self.snap.icon_state(self.action.as_deref())
+    pub fn icon(&self) -> Icon {
+        self.snap.icon(self.action.as_deref())
     }
 
     fn item(&self, text: String, enabled: bool, a: Action) -> MenuItem<Self> {
@@ -89,18 +89,18 @@ impl ksni::Tray for HandoffTray {
     }
 
     fn status(&self) -> ksni::Status {
-        match self.icon_state() {
-            IconState::Restore | IconState::Busy => ksni::Status::NeedsAttention,
+        match self.icon() {
+            Icon::Restore | Icon::Busy => ksni::Status::NeedsAttention,
             _ => ksni::Status::Active,
         }
     }
 
     fn icon_name(&self) -> String {
-        self.icon_state().name().into()
+        self.icon().name().into()
     }
 
     fn icon_pixmap(&self) -> Vec<ksni::Icon> {
-        self.icon_state().pixmaps()
+        self.icon().pixmaps()
     }
 
     // The attention icon is the same picture: the state already says it.

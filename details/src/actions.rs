@@ -4,10 +4,9 @@
 //! VM actions go through the library's [`handoff::vm::Ctl`], exactly as `handoff start` /
 //! `stop` / `switch` do; nothing here decides policy.
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use handoff::action::{self, UnitScope};
 use handoff::config::{Config, VmConfig};
 use handoff::i3::Session;
 use handoff::vm::{Ctl, StartOutcome, StopOutcome};
@@ -136,116 +135,25 @@ fn run_inner(cfg: &Config, action: &Action) -> Result<Outcome, Outcome> {
                 Err(e) => Outcome::failed(format!("Could not open Looking Glass: {e}")),
             }
         }
-        Action::Terminate { pid, command } => terminate(cfg, *pid, command),
-        Action::StopUnit { unit, pid } => stop_unit(cfg, unit, *pid),
-        Action::ReturnToLinux => return_to_linux(cfg),
+        // One implementation each, the library's (issue 12 item 3): the ownership check
+        // before a SIGTERM, the unit's manager from its cgroup, pkexec's exit codes.
+        Action::Terminate { pid, command } => {
+            // SAFETY: getuid cannot fail.
+            let uid = unsafe { libc::getuid() };
+            outcome(action::terminate(&cfg.host, uid, &[(*pid, command.as_str())]))
+        }
+        Action::StopUnit { unit, pid } => {
+            let scope = action::unit_scope(&cfg.host, *pid).unwrap_or(UnitScope::System);
+            outcome(action::stop_unit(unit, scope))
+        }
+        Action::ReturnToLinux => outcome(action::return_to_linux(cfg.gpu.address)),
         Action::Refresh => Outcome::ok(""),
     })
 }
 
-/// Still running: in `/proc` and not a zombie. A process that ended stays in `/proc` as a
-/// zombie until its parent collects it; its files are closed then, so it holds nothing.
-fn alive(cfg: &Config, pid: u32) -> bool {
-    match std::fs::read_to_string(cfg.host.procfs.join(pid.to_string()).join("stat")) {
-        Err(_) => false,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
-    }
-}
-
-/// SIGTERM, then wait a little for the process to go, so the refresh that follows no
-/// longer lists it.
-fn terminate(cfg: &Config, pid: u32, command: &str) -> Outcome {
-    // SAFETY: kill has no memory effects; a stale pid fails with ESRCH.
-    let r = unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        return Outcome::failed(format!("Could not terminate {command} (pid {pid}): {e}"));
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if !alive(cfg, pid) {
-            return Outcome::ok(format!("{command} (pid {pid}) has ended."));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Outcome::failed(format!(
-        "{command} (pid {pid}) got SIGTERM but is still running after 5 s; it may be saving, or ignore it (kill -KILL {pid} ends it for sure)"
-    ))
-}
-
-/// A unit under `user@<uid>.service` is the user's own (`systemctl --user`); any other is
-/// the system's (polkit may ask for a password).
-fn is_user_unit(cfg: &Config, pid: u32) -> bool {
-    std::fs::read_to_string(cfg.host.procfs.join(pid.to_string()).join("cgroup"))
-        .is_ok_and(|c| c.contains("/user@"))
-}
-
-fn stop_unit(cfg: &Config, unit: &str, pid: u32) -> Outcome {
-    let mut cmd = Command::new("systemctl");
-    if is_user_unit(cfg, pid) {
-        cmd.arg("--user");
-    }
-    cmd.args(["stop", "--", unit]);
-    let shown = format!("systemctl {}", shell_words(&cmd));
-    match cmd.stdin(Stdio::null()).output() {
-        Ok(out) if out.status.success() => Outcome::ok(format!("Stopped {unit}.")),
-        Ok(out) => Outcome::failed(format!(
-            "`{shown}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Err(e) => Outcome::failed(format!("Could not run `{shown}`: {e}")),
-    }
-}
-
-fn shell_words(cmd: &Command) -> String {
-    cmd.get_args()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// The `handoff` CLI: beside this binary when installed together (or in a cargo target
-/// dir), else from PATH. pkexec matches the policy's `exec.path` (/usr/bin/handoff).
-fn handoff_cli() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|me| Some(me.parent()?.join("handoff")))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from("handoff"))
-}
-
-fn return_to_linux(cfg: &Config) -> Outcome {
-    let cli = handoff_cli();
-    let args = handoff::bind::pkexec_rebind_args(cfg.gpu.address);
-    let shown = format!("pkexec {} {}", cli.display(), args.join(" "));
-    match Command::new("pkexec")
-        .arg(&cli)
-        .args(&args)
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(out) if out.status.success() => {
-            let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            Outcome::ok(if said.is_empty() {
-                "The GPU is back on Linux.".to_owned()
-            } else {
-                said
-            })
-        }
-        // pkexec: 126 the password dialog was dismissed, 127 not authorised.
-        Ok(out) if matches!(out.status.code(), Some(126 | 127)) => Outcome::failed(format!(
-            "Not authorised to run `{shown}`; run `sudo handoff rebind --force` in a terminal"
-        )),
-        Ok(out) => Outcome::failed(format!(
-            "`{shown}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Err(e) => Outcome::failed(format!(
-            "Could not run `{shown}`: {e}; run `sudo handoff rebind --force` in a terminal"
-        )),
+fn outcome(o: action::Outcome) -> Outcome {
+    match o {
+        Ok(said) => Outcome::ok(said),
+        Err(e) => Outcome::failed(e.to_string()),
     }
 }

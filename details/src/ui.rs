@@ -12,14 +12,13 @@ use gtk4::glib;
 use gtk4::prelude::*;
 use gtk4::{gio, pango};
 
-use handoff::bind::record::RestoreRecord;
 use handoff::config::Config;
 use handoff::libvirt::Prober;
 use handoff::live::{Change, Sources, Watcher};
-use handoff::state::HookState;
+use handoff::verdict::{HookFiles, State};
 
 use crate::actions::{self, Outcome};
-use crate::view::{Action, Button, Facts, OwnerKind, View};
+use crate::view::{Action, Button, Facts, View};
 
 const CSS: &str = "
 .headline { font-size: 24pt; font-weight: bold; }
@@ -40,8 +39,7 @@ fn read_facts(cfg: &Config, prober: &Mutex<Prober>) -> Result<Facts, String> {
     let status = handoff::status::collect(cfg, &mut |vm| prober.probe(vm)).map_err(|e| e.to_string())?;
     Ok(Facts {
         status,
-        hook: HookState::load(&cfg.host),
-        record: RestoreRecord::load(&cfg.host, cfg.gpu.address).ok().flatten(),
+        files: HookFiles::load(&cfg.host, cfg.gpu.address),
         // SAFETY: getuid cannot fail.
         uid: unsafe { libc::getuid() },
         now: std::time::SystemTime::now()
@@ -303,12 +301,12 @@ impl Details {
         let c = &self.content;
         let headline = label(&v.headline);
         headline.add_css_class("headline");
-        headline.add_css_class(match v.owner {
-            OwnerKind::Host if v.holders.is_empty() => "owner-host",
-            OwnerKind::Host => "owner-warn",
-            OwnerKind::Vm | OwnerKind::VfioIdle => "owner-vm",
-            OwnerKind::RestoreRequired | OwnerKind::Split | OwnerKind::Absent => "owner-restore",
-            OwnerKind::Unbound => "owner-warn",
+        // The window's colour per verdict state (the rules are the library's).
+        headline.add_css_class(match v.verdict.state {
+            State::Idle => "owner-host",
+            State::Busy | State::Switching | State::LibvirtUnreachable => "owner-warn",
+            State::InVm => "owner-vm",
+            State::RestoreRequired | State::Absent | State::Unreadable => "owner-restore",
         });
         c.append(&headline);
         c.append(&label(&v.subline));

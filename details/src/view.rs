@@ -1,28 +1,25 @@
 //! The details window's view-model: everything the window shows and which buttons it
-//! offers, computed from the library's [`Status`], the hook's state file and the restore
-//! record. Pure (no GTK, no I/O), so the rules — which button exists for which state, and
-//! when it is disabled — are unit-tested here; `ui.rs` only renders a [`View`].
+//! offers, computed from the library's [`Status`] and its verdict (`handoff::verdict`,
+//! which reads the hook's files). Pure (no GTK, no I/O), so which button exists for which
+//! verdict, and when it is disabled, is unit-tested here; `ui.rs` only renders a [`View`].
 //!
 //! `HANDOFF_DETAILS_DUMP=1` prints each rendered [`View`] as one JSON line on stdout: a
 //! test and debugging aid, since a GTK4 window's text is not readable without AT-SPI.
 
 use serde::Serialize;
 
-use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::escape::plain;
-use handoff::gpu::{self, FunctionKind, Owner};
+use handoff::gpu::{self, FunctionKind};
 use handoff::holders::Holder;
-use handoff::state::{HookPhase, HookState};
 use handoff::status::{Status, VmState, VmStatus};
+use handoff::verdict::{HookFiles, Offer, State, Verdict};
 
 /// What the window is built from: one reading of the machine.
 #[derive(Debug, Clone)]
 pub struct Facts {
     pub status: Status,
-    /// `state.json` under `[host] run`; None when the hook never ran.
-    pub hook: Option<HookState>,
-    /// The restore record under `[host] run`; None when no handoff is in place.
-    pub record: Option<RestoreRecord>,
+    /// The hook's files under `[host] run` (its state and the restore record).
+    pub files: HookFiles,
     /// The uid the window runs as: only its own processes get "Terminate".
     pub uid: u32,
     /// Unix time now, for "… ago".
@@ -126,19 +123,18 @@ impl Button {
     }
 }
 
-/// Who owns the GPU, as the big line says it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OwnerKind {
-    Host,
-    /// On vfio-pci with a running VM.
-    Vm,
-    /// On vfio-pci, no VM running.
-    VfioIdle,
-    RestoreRequired,
-    Unbound,
-    Split,
-    Absent,
+/// The window's word for a verdict state (the dump's `owner`, and the headline's CSS
+/// class in `ui.rs`): a render table, the rules are the library's.
+pub fn owner_word(state: State) -> &'static str {
+    match state {
+        State::Idle | State::Busy => "host",
+        State::InVm => "vm",
+        State::Switching => "switching",
+        State::RestoreRequired => "restore-required",
+        State::Absent => "absent",
+        State::LibvirtUnreachable => "libvirt-unreachable",
+        State::Unreadable => "unreadable",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -201,7 +197,10 @@ pub struct HolderRow {
 pub struct View {
     /// The window title: "handoff — RTX 3090 Ti".
     pub title: String,
-    pub owner: OwnerKind,
+    /// [`owner_word`] of the verdict's state.
+    pub owner: &'static str,
+    /// The library's verdict: the headline and subline render it.
+    pub verdict: Verdict,
     /// The big line: "GPU is on Linux (nvidia)", "GPU is in Windows", "Restore required".
     pub headline: String,
     /// The line under it: who uses the GPU, or what to do.
@@ -223,49 +222,6 @@ pub struct View {
     pub actions: Vec<Button>,
     /// An action under way ("Stopping Windows…"): every button but Refresh is disabled.
     pub busy: Option<String>,
-}
-
-/// Why the GPU needs `handoff rebind --force`, or None. A stuck record, or the hook saying
-/// so, always counts; a `Bound` record counts only when every VM could be asked and none
-/// runs (a VM we cannot ask may still hold the GPU). `Binding`/`Returning` records are a
-/// handoff under way.
-pub fn restore_required(facts: &Facts) -> Option<String> {
-    // A function locked by a stuck unbind: nothing can move until the kernel lets go.
-    if let Some(a) = facts.status.gpu.locked.first() {
-        return Some(format!(
-            "{a} is locked in the kernel: an unbind is probably stuck (something still holds the GPU)"
-        ));
-    }
-    if let Some(r) = &facts.record {
-        match r.phase {
-            Phase::Stuck => {
-                return Some(
-                    r.problem
-                        .clone()
-                        .unwrap_or_else(|| "a handoff stopped half-way".to_owned()),
-                );
-            }
-            Phase::Bound => {
-                let vms = &facts.status.vms;
-                let all_known = vms.iter().all(|v| v.state != VmState::Unknown);
-                if all_known && !vms.iter().any(|v| v.state.is_active()) {
-                    let vm = r.vm.as_deref().unwrap_or("a VM");
-                    return Some(format!(
-                        "the GPU was handed to {vm}, which is not running, and did not come back"
-                    ));
-                }
-            }
-            Phase::Binding | Phase::Returning => {}
-        }
-    }
-    match &facts.hook {
-        Some(h) if h.phase == HookPhase::RestoreRequired => Some(
-            h.last_error
-                .clone()
-                .unwrap_or_else(|| "the hook could not return the GPU to Linux".to_owned()),
-        ),
-        _ => None,
-    }
 }
 
 fn vm_label<'a>(vms: &'a [VmStatus], name: &'a str) -> &'a str {
@@ -364,59 +320,13 @@ impl View {
     pub fn build(facts: &Facts, busy: Option<&str>) -> View {
         let st = &facts.status;
         let g = &st.gpu;
-        let restore = restore_required(facts);
+        let verdict = st.verdict(&facts.files);
+        let restore = verdict.state == State::RestoreRequired;
         let active: Vec<&VmStatus> = st.vms.iter().filter(|v| v.state.is_active()).collect();
-
-        let (owner, headline) = if restore.is_some() {
-            (OwnerKind::RestoreRequired, "Restore required".to_owned())
-        } else {
-            match g.owner {
-                Owner::Host => (
-                    OwnerKind::Host,
-                    format!("GPU is on Linux ({})", g.driver.as_deref().unwrap_or("?")),
-                ),
-                Owner::Vfio | Owner::Mixed if g.vm.is_some() => {
-                    let vm = g.vm.as_deref().unwrap_or_default();
-                    (OwnerKind::Vm, format!("GPU is in {}", vm_label(&st.vms, vm)))
-                }
-                Owner::Vfio => (
-                    OwnerKind::VfioIdle,
-                    "GPU is on vfio-pci, no VM running".to_owned(),
-                ),
-                Owner::Mixed => (OwnerKind::Split, "GPU is split between drivers".to_owned()),
-                Owner::Unbound => (OwnerKind::Unbound, "GPU has no driver".to_owned()),
-                Owner::Absent => (OwnerKind::Absent, format!("No GPU at {}", g.address)),
-            }
-        };
-
-        let users = match g.blockers.len() {
-            0 => "nothing uses it".to_owned(),
-            1 => "1 process uses it".to_owned(),
-            n => format!("{n} processes use it"),
-        };
-        let subline = match (&restore, owner) {
-            (Some(why), _) => format!("{why}.\n“Return GPU to Linux” runs `handoff rebind --force`."),
-            (None, OwnerKind::Host) => {
-                if g.blockers.is_empty() {
-                    "Nothing uses it: a VM can take it.".to_owned()
-                } else {
-                    format!(
-                        "{}: a VM start would be refused until they let go.",
-                        capitalise(&users)
-                    )
-                }
-            }
-            (None, OwnerKind::Vm) => "It comes back to Linux when the VM stops.".to_owned(),
-            (None, OwnerKind::VfioIdle) => {
-                "Start a VM, or the hook returns it to Linux on the next VM stop.".to_owned()
-            }
-            (None, OwnerKind::Split) => g.split.clone().unwrap_or_default(),
-            (None, OwnerKind::Unbound) => "No driver is bound to its graphics function.".to_owned(),
-            (None, OwnerKind::Absent) => {
-                "This machine has no PCI device there: set [gpu] address (`lspci -D` lists devices)."
-                    .to_owned()
-            }
-            (None, OwnerKind::RestoreRequired) => String::new(),
+        let headline = verdict.headline.clone();
+        let subline = match &verdict.reason {
+            Some(why) => format!("{why}.\n{}", verdict.next),
+            None => verdict.next.clone(),
         };
 
         let is_busy = busy.is_some();
@@ -448,9 +358,9 @@ impl View {
                     } else {
                         Button::new("Start", Action::Start { vm: v.name.clone() })
                     };
-                    let b = match (&restore, v.state) {
-                        (Some(_), _) => b.disabled_because("Return the GPU to Linux first"),
-                        (None, VmState::Undefined | VmState::Unknown) => {
+                    let b = match (restore, v.state) {
+                        (true, _) => b.disabled_because("Return the GPU to Linux first"),
+                        (false, VmState::Undefined | VmState::Unknown) => {
                             b.disabled_because(v.error.clone().unwrap_or_else(|| v.state.words().to_owned()))
                         }
                         _ => b,
@@ -480,7 +390,7 @@ impl View {
                     .tooltip("Open (or focus) the Looking Glass client on its workspace"),
             );
         }
-        if restore.is_some() {
+        if verdict.offers.contains(&Offer::ReturnToLinux) {
             actions.push(
                 Button::new("Return GPU to Linux", Action::ReturnToLinux)
                     .tooltip("pkexec handoff rebind --force: asks for an administrator's password")
@@ -492,18 +402,14 @@ impl View {
         }
         actions.push(Button::new("Refresh", Action::Refresh));
 
-        let last_refusal = facts
-            .hook
-            .as_ref()
-            .and_then(|h| h.last_refusal.as_ref())
-            .map(|r| {
-                format!(
-                    "{}, {}: {}",
-                    vm_label(&st.vms, &r.vm),
-                    ago(facts.now, r.at),
-                    r.message.trim()
-                )
-            });
+        let last_refusal = facts.files.last_refusal().map(|r| {
+            format!(
+                "{}, {}: {}",
+                vm_label(&st.vms, &r.vm),
+                ago(facts.now, r.at),
+                r.message.trim()
+            )
+        });
 
         let gpu_name = g.name.clone().unwrap_or_else(|| "unknown GPU".to_owned());
         View {
@@ -511,7 +417,8 @@ impl View {
                 "handoff — {}",
                 g.name.as_deref().map(gpu::short_name).unwrap_or("GPU")
             ),
-            owner,
+            owner: owner_word(verdict.state),
+            verdict,
             headline,
             subline,
             gpu_name,
@@ -567,10 +474,10 @@ impl View {
             notes: g.notes.clone(),
             last_refusal,
             last_error: facts
-                .hook
-                .as_ref()
-                .and_then(|h| h.last_error.clone())
-                .filter(|_| restore.is_none()),
+                .files
+                .last_error()
+                .map(str::to_owned)
+                .filter(|_| !restore),
             actions,
             busy: busy.map(str::to_owned),
         }
@@ -587,21 +494,12 @@ impl View {
     }
 }
 
-fn capitalise(s: &str) -> String {
-    let mut c = s.chars();
-    match c.next() {
-        Some(f) => f.to_uppercase().chain(c).collect(),
-        None => String::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
 
-    use handoff::gpu::{Function, IommuGroup, IommuMember};
+    use handoff::gpu::{Function, IommuGroup, IommuMember, Owner};
     use handoff::pci::PciAddress;
-    use handoff::state::Refusal;
     use handoff::status::GpuStatus;
 
     use super::*;
@@ -706,8 +604,7 @@ mod tests {
                 },
                 vms,
             },
-            hook: None,
-            record: None,
+            files: HookFiles::default(),
             uid: ME,
             now: 1_700_000_000,
         }
@@ -717,18 +614,10 @@ mod tests {
         buttons.iter().map(|b| b.label.as_str()).collect()
     }
 
-    fn record(phase: Phase) -> RestoreRecord {
-        RestoreRecord {
-            version: 1,
-            gpu: GPU,
-            vm: Some("win11".to_owned()),
-            created: 1_700_000_000,
-            phase,
-            functions: Vec::new(),
-            problem: (phase == Phase::Stuck).then(|| "unbinding 0000:01:00.0 from nvidia hung".to_owned()),
-            hung_writer: None,
-            hung_writer_start: None,
-        }
+    /// The hook's files with a restore record in `phase` (its file's word) for win11.
+    fn record(phase: &str) -> HookFiles {
+        let problem = (phase == "stuck").then_some("unbinding 0000:01:00.0 from nvidia hung");
+        HookFiles::default().with_record(GPU, phase, Some("win11"), problem)
     }
 
     #[test]
@@ -737,7 +626,7 @@ mod tests {
             &facts("nvidia", vec![vm("win11", "Windows", VmState::Shutoff)]),
             None,
         );
-        assert_eq!(v.owner, OwnerKind::Host);
+        assert_eq!(v.owner, "host");
         assert_eq!(v.headline, "GPU is on Linux (nvidia)");
         assert_eq!(v.subline, "Nothing uses it: a VM can take it.");
         assert_eq!(v.title, "handoff — RTX 3090 Ti");
@@ -754,7 +643,7 @@ mod tests {
             &facts("vfio-pci", vec![vm("win11", "Windows", VmState::Running)]),
             None,
         );
-        assert_eq!(v.owner, OwnerKind::Vm);
+        assert_eq!(v.owner, "vm");
         assert_eq!(v.headline, "GPU is in Windows");
         assert!(v.vms[0].holds_gpu);
         assert_eq!(labels(&v.vms[0].buttons), ["Stop", "Force stop…"]);
@@ -775,17 +664,28 @@ mod tests {
             &facts("vfio-pci", vec![vm("win11", "Windows", VmState::Shutoff)]),
             None,
         );
-        assert_eq!(v.owner, OwnerKind::VfioIdle);
-        assert_eq!(v.headline, "GPU is on vfio-pci, no VM running");
+        // Issue 12: left on vfio-pci with no VM is what every surface calls "restore
+        // required" now (it was "GPU is on vfio-pci, no VM running" with Start here only):
+        // the start waits for the return, which the window offers.
+        assert_eq!(v.owner, "restore-required");
+        assert_eq!(v.headline, "Restore required");
+        assert!(
+            v.subline
+                .starts_with("the GPU is on vfio-pci and no VM is running.\n"),
+            "{}",
+            v.subline
+        );
         assert_eq!(labels(&v.vms[0].buttons), ["Start"]);
+        assert!(!v.vms[0].buttons[0].enabled);
+        assert_eq!(labels(&v.actions), ["Return GPU to Linux", "Refresh"]);
     }
 
     #[test]
     fn a_stuck_restore_record_says_restore_required_and_offers_return_only() {
         let mut f = facts("vfio-pci", vec![vm("win11", "Windows", VmState::Shutoff)]);
-        f.record = Some(record(Phase::Stuck));
+        f.files = record("stuck");
         let v = View::build(&f, None);
-        assert_eq!(v.owner, OwnerKind::RestoreRequired);
+        assert_eq!(v.owner, "restore-required");
         assert_eq!(v.headline, "Restore required");
         assert!(
             v.subline.starts_with("unbinding 0000:01:00.0 from nvidia hung."),
@@ -805,35 +705,30 @@ mod tests {
     #[test]
     fn a_bound_record_is_a_restore_only_when_no_vm_runs_and_every_vm_answered() {
         let mut f = facts("vfio-pci", vec![vm("win11", "Windows", VmState::Running)]);
-        f.record = Some(record(Phase::Bound));
-        assert_eq!(View::build(&f, None).owner, OwnerKind::Vm);
+        f.files = record("bound");
+        assert_eq!(View::build(&f, None).owner, "vm");
         f.status.vms[0].state = VmState::Shutoff;
         f.status.gpu.vm = None;
-        assert_eq!(View::build(&f, None).owner, OwnerKind::RestoreRequired);
+        assert_eq!(View::build(&f, None).owner, "restore-required");
         f.status.vms[0].state = VmState::Unknown;
         assert_eq!(
             View::build(&f, None).owner,
-            OwnerKind::VfioIdle,
+            "libvirt-unreachable",
             "libvirt unreachable: don't guess"
         );
-        f.record = Some(record(Phase::Binding));
+        f.files = record("binding");
         f.status.vms[0].state = VmState::Shutoff;
-        assert_eq!(
-            View::build(&f, None).owner,
-            OwnerKind::VfioIdle,
-            "a handoff under way"
-        );
+        assert_eq!(View::build(&f, None).owner, "switching", "a handoff under way");
     }
 
     #[test]
     fn the_hook_saying_restore_required_is_believed() {
         let mut f = facts("nvidia", vec![vm("win11", "Windows", VmState::Shutoff)]);
-        let mut h = HookState::new(GPU);
-        h.phase = HookPhase::RestoreRequired;
-        h.last_error = Some("0000:01:00.1 did not come back to snd_hda_intel".into());
-        f.hook = Some(h);
+        f.files = HookFiles::default()
+            .with_hook(GPU, "restore-required", None)
+            .with_hook_error(GPU, "0000:01:00.1 did not come back to snd_hda_intel");
         let v = View::build(&f, None);
-        assert_eq!(v.owner, OwnerKind::RestoreRequired);
+        assert_eq!(v.owner, "restore-required");
         assert!(v.subline.contains("did not come back"));
         assert_eq!(v.last_error, None, "said once, in the subline");
     }
@@ -967,14 +862,13 @@ mod tests {
     #[test]
     fn the_last_refusal_names_the_vm_when_and_why() {
         let mut f = facts("nvidia", vec![vm("win11", "Windows", VmState::Shutoff)]);
-        let mut h = HookState::new(GPU);
-        h.last_refusal = Some(Refusal {
-            vm: "win11".into(),
-            at: f.now - 180,
-            holders: vec![holder(4242, "python3", ME, None)],
-            message: "GPU 0000:01:00.0 is busy: python3 (pid 4242, user alice) holds /dev/nvidia0\n".into(),
-        });
-        f.hook = Some(h);
+        f.files = HookFiles::default().with_refusal(
+            GPU,
+            "win11",
+            f.now - 180,
+            vec![holder(4242, "python3", ME, None)],
+            "GPU 0000:01:00.0 is busy: python3 (pid 4242, user alice) holds /dev/nvidia0\n",
+        );
         let v = View::build(&f, None);
         assert_eq!(
             v.last_refusal.as_deref(),
@@ -1022,5 +916,70 @@ mod tests {
         assert_eq!(j["owner"], "host");
         assert_eq!(j["vms"][0]["buttons"][0]["action"]["action"], "start");
         assert_eq!(j["vms"][0]["buttons"][0]["action"]["vm"], "win11");
+    }
+}
+
+/// Every surface, one verdict (issue 12): the window's view of each scene, read the way the
+/// window reads it (status with libvirt asked, the hook's files through the library), says
+/// what `handoff status --json` says.
+#[cfg(test)]
+mod every_surface {
+    use std::process::Command;
+
+    use handoff::libvirt::Prober;
+
+    use super::*;
+
+    #[test]
+    fn the_window_says_what_status_says_in_every_state() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "handoff", "--bin", "handoff"])
+            .current_dir(root)
+            .status()
+            .expect("cargo build");
+        assert!(st.success(), "building handoff failed");
+        let bin = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("handoff");
+        for name in handoff::scenes::ALL {
+            let tmp = tempfile::tempdir().unwrap();
+            let scene = handoff::scenes::Scene::put(tmp.path(), name).unwrap();
+            let out = Command::new(&bin)
+                .args(["status", "--json"])
+                .env("HANDOFF_CONFIG", &scene.config)
+                .env("HOME", tmp.path())
+                .output()
+                .unwrap();
+            let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("{name}: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+            let want = &status["verdict"];
+
+            let cfg = handoff::config::Config::load_from(Some(scene.config.clone()), None)
+                .unwrap()
+                .0;
+            let mut p = Prober::new();
+            let facts = Facts {
+                status: handoff::status::collect(&cfg, &mut |vm| p.probe(vm)).unwrap(),
+                files: HookFiles::load(&cfg.host, cfg.gpu.address),
+                uid: 1000,
+                now: 0,
+            };
+            let v = View::build(&facts, None);
+            assert_eq!(v.verdict.state.word(), want["state"], "{name}");
+            assert_eq!(v.headline, want["headline"], "{name}");
+            assert_eq!(v.owner, owner_word(v.verdict.state), "{name}");
+            let offers_return = v.actions.iter().any(|b| b.action == Action::ReturnToLinux);
+            assert_eq!(
+                offers_return,
+                want["state"] == "restore_required",
+                "{name}: {:?}",
+                v.actions
+            );
+        }
     }
 }

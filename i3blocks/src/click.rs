@@ -29,7 +29,9 @@ use std::process::{Command, Stdio};
 
 use handoff::config::Config;
 
-use crate::view::{self, Kind, View};
+use handoff::verdict::State;
+
+use crate::view::{self, View};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Button {
@@ -67,7 +69,7 @@ pub enum Urgency {
 
 /// Decides, without side effects, what `button` does while the block shows `v`.
 pub fn action(cfg: &Config, v: &View, button: Button) -> Action {
-    let vm = v.vm.clone().filter(|_| v.kind == Kind::Vm);
+    let vm = v.vm_shown().map(str::to_owned);
     match (button, vm) {
         (Button::Left, Some(_)) => Action::Job(vec!["lg".into()]),
         (Button::Left, None) => Action::Notify(v.text.clone(), v.detail.clone(), urgency(v)),
@@ -79,7 +81,7 @@ pub fn action(cfg: &Config, v: &View, button: Button) -> Action {
 }
 
 fn urgency(v: &View) -> Urgency {
-    if v.kind.urgent() {
+    if v.verdict.state.urgent() {
         Urgency::Critical
     } else {
         Urgency::Normal
@@ -95,14 +97,14 @@ fn right_when_off(cfg: &Config, v: &View) -> Action {
         );
     };
     let label = handoff::escape::plain(first.label());
-    match v.kind {
-        Kind::Linux | Kind::Vfio => Action::Job(vec!["start".into(), first.name.clone()]),
-        Kind::Busy => Action::Notify(
+    match v.verdict.state {
+        State::Idle => Action::Job(vec!["start".into(), first.name.clone()]),
+        State::Busy => Action::Notify(
             format!("{label} not started: the GPU is in use"),
             format!("Stop these first, then click again:\n{}", v.holders.join("\n")),
             Urgency::Critical,
         ),
-        Kind::Switching => Action::Notify(
+        State::Switching => Action::Notify(
             format!("{label} not started: the GPU is switching"),
             v.detail.clone(),
             Urgency::Normal,

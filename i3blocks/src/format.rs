@@ -22,7 +22,7 @@
 use handoff::escape::{markup, plain, polybar};
 use serde_json::json;
 
-use crate::view::View;
+use crate::view::{View, look};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -50,33 +50,35 @@ impl Format {
 /// waybar have no short form of their own). `one_line`: for `--watch`.
 pub fn render(v: &View, format: Format, short: bool, one_line: bool) -> String {
     let text = if short { &v.short } else { &v.text };
+    let look = look(v.verdict.state);
+    let urgent = v.verdict.state.urgent();
     match format {
         Format::I3blocks if one_line => plain(text),
-        Format::I3blocks => format!("{}\n{}\n{}", plain(text), plain(&v.short), v.kind.colour()),
+        Format::I3blocks => format!("{}\n{}\n{}", plain(text), plain(&v.short), look.colour),
         Format::I3blocksJson => json!({
             "full_text": markup(&plain(text)),
             "short_text": markup(&plain(&v.short)),
-            "color": v.kind.colour(),
-            "urgent": v.kind.urgent(),
+            "color": look.colour,
+            "urgent": urgent,
             "markup": "pango",
         })
         .to_string(),
         Format::I3statusRust => json!({
             "icon": "gpu",
-            "state": v.kind.i3status_state(),
+            "state": look.i3status,
             "text": plain(text),
             "short_text": plain(&v.short),
         })
         .to_string(),
         Format::Waybar => json!({
             "text": markup(&plain(text)),
-            "alt": v.kind.class(),
+            "alt": look.class,
             "tooltip": markup(&tooltip(v)),
-            "class": v.kind.class(),
+            "class": look.class,
         })
         .to_string(),
         // `%{` starts a tag: a VM label must not open one.
-        Format::Polybar => format!("%{{F{}}}{}%{{F-}}", v.kind.colour(), polybar(text)),
+        Format::Polybar => format!("%{{F{}}}{}%{{F-}}", look.colour, polybar(text)),
     }
 }
 

@@ -177,7 +177,7 @@ fn main() -> ExitCode {
         }
     }
     println!("{}", format::render(&v, args.format, args.short, false));
-    if args.format == Format::I3blocks && v.kind.urgent() {
+    if args.format == Format::I3blocks && v.verdict.state.urgent() {
         return ExitCode::from(33);
     }
     ExitCode::SUCCESS

@@ -77,7 +77,7 @@ fn i3blocks_shows_each_state_and_a_click_names_who_holds_the_gpu() {
 
     // Left click while Linux has it: the status, in a notification.
     bar.click(1);
-    notes.wait_for(&["GPU: Linux", "nothing uses it"], T);
+    notes.wait_for(&["GPU: Linux", "Nothing uses it"], T);
 
     // A stand-in CUDA job; a click re-runs the block, so it shows at once.
     let job = holder(&sim.dev().join("nvidia0"));
@@ -155,7 +155,8 @@ fn watch_under_i3blocks_persist_follows_binds_and_the_hook_state_within_100ms() 
 
     // Back to Linux: the hook's file first, then only a kernel event tells.
     std::fs::remove_file(sim.host().state_file()).unwrap();
-    bar.wait_for("GPU: VFIO", T);
+    // On vfio-pci with no VM of the hook's: left behind, as every surface says (issue 12).
+    bar.wait_for("GPU: restore!", T);
     for f in 0..4 {
         let d = if f == 1 { "snd_hda_intel" } else { "nvidia" };
         sim.set_driver(RTX_3090_TI.with_function(f), Some(d)).unwrap();

@@ -6,15 +6,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use handoff::PciAddress;
-use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::config::VmConfig;
 use handoff::gpu::Owner;
 use handoff::holders::Holder;
-use handoff::state::{HookPhase, HookState, Refusal};
 use handoff::status::{GpuStatus, Status, VmState, VmStatus};
 
 use super::*;
-use crate::icons::IconState;
+use crate::icons::Icon;
 
 pub(crate) const ME: u32 = 1000;
 pub(crate) const SOMEONE_ELSE: u32 = 1001;
@@ -61,11 +59,11 @@ pub(crate) fn machine(owner: Owner, vms: Vec<VmStatus>) -> Snapshot {
             },
             vms,
         }),
-        hook: None,
-        restore: None,
+        files: HookFiles::default(),
         uid: ME,
         units: HashMap::new(),
-        orphan_confirmed: false,
+        // Read by the tray, which watches: a fresh sighting, within the grace.
+        orphan_seen_for: Some(Duration::ZERO),
     }
 }
 
@@ -95,26 +93,16 @@ pub(crate) fn with_holders(mut s: Snapshot, holders: Vec<Holder>) -> Snapshot {
     s
 }
 
-pub(crate) fn with_hook(mut s: Snapshot, phase: HookPhase) -> Snapshot {
-    let mut h = HookState::new(addr());
-    h.phase = phase;
-    h.vm = Some(WIN.into());
-    s.hook = Some(h);
+/// The hook's state file says `phase` (its file's word: `binding`, `vfio`, `returning`,
+/// `restore-required`, `host`) for win11.
+pub(crate) fn with_hook(mut s: Snapshot, phase: &str) -> Snapshot {
+    s.files = s.files.with_hook(addr(), phase, Some(WIN));
     s
 }
 
-pub(crate) fn with_record(mut s: Snapshot, phase: Phase, problem: Option<&str>) -> Snapshot {
-    s.restore = Some(RestoreRecord {
-        version: 1,
-        gpu: addr(),
-        vm: Some(WIN.into()),
-        created: 0,
-        phase,
-        functions: Vec::new(),
-        problem: problem.map(str::to_owned),
-        hung_writer: None,
-        hung_writer_start: None,
-    });
+/// A restore record in `phase` (`binding`, `bound`, `returning`, `stuck`) for win11.
+pub(crate) fn with_record(mut s: Snapshot, phase: &str, problem: Option<&str>) -> Snapshot {
+    s.files = s.files.with_record(addr(), phase, Some(WIN), problem);
     s
 }
 
@@ -136,7 +124,7 @@ pub(crate) fn libvirt_down(owner: Owner) -> Snapshot {
 #[test]
 fn gpu_on_linux_with_nothing_using_it_shows_the_host_icon() {
     let s = on_host();
-    assert_eq!(s.icon_state(None), IconState::Host);
+    assert_eq!(s.icon(None), Icon::Host);
     assert_eq!(s.title(None), "GPU on Linux (nvidia)");
     assert!(s.restore_required().is_none() && s.orphaned().is_none());
 }
@@ -144,7 +132,7 @@ fn gpu_on_linux_with_nothing_using_it_shows_the_host_icon() {
 #[test]
 fn a_process_on_the_gpu_shows_the_busy_icon() {
     let s = with_holders(on_host(), vec![holder(4242, ME, "python3")]);
-    assert_eq!(s.icon_state(None), IconState::Busy);
+    assert_eq!(s.icon(None), Icon::Busy);
     assert_eq!(s.title(None), "GPU on Linux (nvidia)");
 }
 
@@ -152,7 +140,7 @@ fn a_process_on_the_gpu_shows_the_busy_icon() {
 fn a_vm_holding_the_gpu_beats_busy() {
     // Holders of a GPU in a VM (a stale fd on the vfio group): the VM is what matters.
     let s = with_holders(in_windows(), vec![holder(4242, ME, "python3")]);
-    assert_eq!(s.icon_state(None), IconState::Vm);
+    assert_eq!(s.icon(None), Icon::Vm);
     assert_eq!(s.title(None), format!("GPU in Windows ({WIN})"));
 }
 
@@ -164,33 +152,37 @@ fn gpu_on_vfio_with_an_unknown_vm_still_shows_the_vm_icon_when_libvirt_answers()
         vec![vm(WIN, VmState::Running), vm(LIN, VmState::Paused)],
     );
     assert!(s.vm_with_gpu().is_none());
-    assert_eq!(s.icon_state(None), IconState::Vm);
-    assert_eq!(s.title(None), "GPU on vfio-pci");
+    assert_eq!(s.icon(None), Icon::Vm);
+    assert_eq!(s.title(None), "GPU in a VM");
 }
 
 #[test]
 fn libvirt_unreachable_beats_vm_and_busy_and_says_why() {
     for owner in [Owner::Host, Owner::Vfio] {
         let s = with_holders(libvirt_down(owner), vec![holder(4242, ME, "python3")]);
-        assert_eq!(s.icon_state(None), IconState::Offline, "{owner:?}");
+        assert_eq!(s.icon(None), Icon::Offline, "{owner:?}");
         let why = s.libvirt_unreachable().expect("unreachable");
         assert!(why.contains("virtqemud-sock"), "{why}");
         // Not mistaken for a GPU left behind by a VM: no VM state is known.
         assert!(s.orphaned().is_none(), "{owner:?}");
     }
+    // The verdict's line: who holds the GPU cannot be told, and why (issue 12: one set of
+    // words; the tooltip's first line still says where sysfs has it).
+    let why = "libvirt unreachable: cannot connect to libvirt at qemu:///system: Failed to connect \
+               socket to '/var/run/libvirt/virtqemud-sock': No such file or directory";
+    assert_eq!(libvirt_down(Owner::Vfio).title(None), why);
+    assert_eq!(libvirt_down(Owner::Host).title(None), why);
     assert_eq!(
-        libvirt_down(Owner::Vfio).title(None),
-        "GPU on vfio-pci; libvirt unreachable"
+        libvirt_down(Owner::Host).tooltip_lines(None)[0],
+        "GPU 0000:01:00.0 is on Linux (nvidia); nothing uses it"
     );
-    // The GPU's owner is still read from sysfs.
-    assert_eq!(libvirt_down(Owner::Host).title(None), "GPU on Linux (nvidia)");
 }
 
 #[test]
 fn libvirt_unreachable_without_an_error_text_still_says_something() {
     let s = machine(Owner::Host, vec![vm(WIN, VmState::Unknown)]);
     assert_eq!(s.libvirt_unreachable().as_deref(), Some("libvirt did not answer"));
-    assert_eq!(s.icon_state(None), IconState::Offline);
+    assert_eq!(s.icon(None), Icon::Offline);
 }
 
 #[test]
@@ -199,38 +191,38 @@ fn one_vm_answering_means_libvirt_is_reachable() {
     lost.uri = "qemu+ssh://elsewhere/system".into();
     let s = machine(Owner::Host, vec![vm(WIN, VmState::Shutoff), lost]);
     assert!(s.libvirt_unreachable().is_none());
-    assert_eq!(s.icon_state(None), IconState::Host);
+    assert_eq!(s.icon(None), Icon::Host);
     // No VMs configured at all is not "unreachable" either.
     assert!(machine(Owner::Host, vec![]).libvirt_unreachable().is_none());
 }
 
 #[test]
 fn switching_beats_libvirt_unreachable() {
-    let s = with_hook(libvirt_down(Owner::Host), HookPhase::Binding);
-    assert_eq!(s.icon_state(None), IconState::Switching);
+    let s = with_hook(libvirt_down(Owner::Host), "binding");
+    assert_eq!(s.icon(None), Icon::Switching);
     let s = libvirt_down(Owner::Host);
-    assert_eq!(s.icon_state(Some("starting win11…")), IconState::Switching);
+    assert_eq!(s.icon(Some("starting win11…")), Icon::Switching);
 }
 
 #[test]
 fn the_trays_own_action_shows_switching_and_names_it() {
     let s = in_windows();
-    assert_eq!(s.icon_state(Some("stopping win11…")), IconState::Switching);
+    assert_eq!(s.icon(Some("stopping win11…")), Icon::Switching);
     assert_eq!(s.title(Some("stopping win11…")), "GPU: stopping win11…");
     // Even over busy.
     let s = with_holders(on_host(), vec![holder(4242, ME, "python3")]);
-    assert_eq!(s.icon_state(Some("starting win11…")), IconState::Switching);
+    assert_eq!(s.icon(Some("starting win11…")), Icon::Switching);
 }
 
 #[test]
 fn the_hook_binding_or_returning_shows_switching() {
-    for phase in [HookPhase::Binding, HookPhase::Returning] {
+    for phase in ["binding", "returning"] {
         let s = with_hook(on_host(), phase);
-        assert_eq!(s.icon_state(None), IconState::Switching, "{phase:?}");
+        assert_eq!(s.icon(None), Icon::Switching, "{phase:?}");
     }
-    for phase in [Phase::Binding, Phase::Returning] {
+    for phase in ["binding", "returning"] {
         let s = with_record(machine(Owner::Vfio, vec![vm(WIN, VmState::Shutoff)]), phase, None);
-        assert_eq!(s.icon_state(None), IconState::Switching, "{phase:?}");
+        assert_eq!(s.icon(None), Icon::Switching, "{phase:?}");
         // Under way, so not orphaned even once confirmed.
         assert!(s.orphaned().is_none(), "{phase:?}");
     }
@@ -240,37 +232,34 @@ fn the_hook_binding_or_returning_shows_switching() {
 fn functions_split_between_drivers_while_a_vm_runs_is_switching() {
     for owner in [Owner::Mixed, Owner::Unbound] {
         let s = machine(owner, vec![vm(WIN, VmState::Running)]);
-        assert_eq!(s.icon_state(None), IconState::Switching, "{owner:?}");
+        assert_eq!(s.icon(None), Icon::Switching, "{owner:?}");
     }
 }
 
 #[test]
 fn no_gpu_at_the_address_is_offline_even_while_switching() {
-    let s = with_hook(
-        machine(Owner::Absent, vec![vm(WIN, VmState::Running)]),
-        HookPhase::Binding,
-    );
-    assert_eq!(s.icon_state(Some("starting win11…")), IconState::Offline);
+    let s = with_hook(machine(Owner::Absent, vec![vm(WIN, VmState::Running)]), "binding");
+    assert_eq!(s.icon(Some("starting win11…")), Icon::Offline);
     assert_eq!(s.title(None), "GPU not found");
     let s = machine(Owner::Absent, vec![vm(WIN, VmState::Unknown)]);
-    assert_eq!(s.icon_state(None), IconState::Offline);
+    assert_eq!(s.icon(None), Icon::Offline);
 }
 
 #[test]
 fn restore_required_by_the_hook_beats_everything() {
     let mut s = with_hook(
         with_holders(in_windows(), vec![holder(4242, ME, "python3")]),
-        HookPhase::RestoreRequired,
+        "restore-required",
     );
-    s.hook.as_mut().unwrap().last_error = Some("0000:01:00.1 did not come back".into());
-    assert_eq!(s.icon_state(Some("stopping win11…")), IconState::Restore);
+    s.files = s.files.with_hook_error(addr(), "0000:01:00.1 did not come back");
+    assert_eq!(s.icon(Some("stopping win11…")), Icon::Restore);
     assert_eq!(
         s.title(None),
         "GPU: restore required (0000:01:00.1 did not come back)"
     );
     // Beats an absent GPU and libvirt being down too.
-    let s = with_hook(libvirt_down(Owner::Absent), HookPhase::RestoreRequired);
-    assert_eq!(s.icon_state(None), IconState::Restore);
+    let s = with_hook(libvirt_down(Owner::Absent), "restore-required");
+    assert_eq!(s.icon(None), Icon::Restore);
     assert_eq!(
         s.restore_required().as_deref(),
         Some("the last handoff did not finish")
@@ -279,10 +268,10 @@ fn restore_required_by_the_hook_beats_everything() {
 
 #[test]
 fn a_stuck_restore_record_is_restore_required_with_its_problem() {
-    let s = with_record(on_host(), Phase::Stuck, Some("a write to unbind hung"));
-    assert_eq!(s.icon_state(None), IconState::Restore);
+    let s = with_record(on_host(), "stuck", Some("a write to unbind hung"));
+    assert_eq!(s.icon(None), Icon::Restore);
     assert_eq!(s.restore_required().as_deref(), Some("a write to unbind hung"));
-    let s = with_record(on_host(), Phase::Stuck, None);
+    let s = with_record(on_host(), "stuck", None);
     assert_eq!(s.restore_required().as_deref(), Some("the handoff got stuck"));
 }
 
@@ -290,7 +279,7 @@ fn a_stuck_restore_record_is_restore_required_with_its_problem() {
 fn an_unreadable_sysfs_shows_the_restore_icon_and_the_error() {
     let mut s = on_host();
     s.status = Err("cannot read /sys/bus/pci/devices/0000:01:00.0: Permission denied".into());
-    assert_eq!(s.icon_state(None), IconState::Restore);
+    assert_eq!(s.icon(None), Icon::Restore);
     assert_eq!(
         s.title(None),
         "GPU unreadable: cannot read /sys/bus/pci/devices/0000:01:00.0: Permission denied"
@@ -316,7 +305,7 @@ fn a_vm_that_just_stopped_shows_switching_not_restore() {
         Some("the GPU is on vfio-pci and no VM is running")
     );
     assert!(s.restore_required().is_none());
-    assert_eq!(s.icon_state(None), IconState::Switching);
+    assert_eq!(s.icon(None), Icon::Switching);
 }
 
 #[test]
@@ -326,17 +315,17 @@ fn the_gpu_left_on_vfio_for_3_s_is_restore_required() {
     let mut s = just_stopped();
     // First sighting: one re-read is scheduled, after the grace.
     assert_eq!(w.observe(&mut s, t0), Some(Duration::from_secs(3)));
-    assert!(!s.orphan_confirmed);
+    assert_eq!(s.icon(None), Icon::Switching);
     // Re-reads within the grace (other changes) confirm nothing and schedule nothing more.
     let mut s = just_stopped();
     assert_eq!(w.observe(&mut s, t0 + Duration::from_millis(2999)), None);
-    assert!(!s.orphan_confirmed);
-    assert_eq!(s.icon_state(None), IconState::Switching);
+    assert_eq!(s.icon(None), Icon::Switching);
+    assert_eq!(s.icon(None), Icon::Switching);
     // The scheduled re-read: still there, so it is stuck.
     let mut s = just_stopped();
     assert_eq!(w.observe(&mut s, t0 + ORPHAN_GRACE), None);
-    assert!(s.orphan_confirmed);
-    assert_eq!(s.icon_state(None), IconState::Restore);
+    assert_eq!(s.orphan_seen_for, Some(ORPHAN_GRACE));
+    assert_eq!(s.icon(None), Icon::Restore);
     assert_eq!(
         s.title(None),
         "GPU: restore required (the GPU is on vfio-pci and no VM is running)"
@@ -350,20 +339,20 @@ fn the_gpu_coming_home_within_the_grace_resets_it() {
     assert!(w.observe(&mut just_stopped(), t0).is_some());
     let mut home = on_host();
     assert_eq!(w.observe(&mut home, t0 + Duration::from_millis(400)), None);
-    assert!(!home.orphan_confirmed);
-    assert_eq!(home.icon_state(None), IconState::Host);
+    assert_eq!(home.orphan_seen_for, Some(Duration::ZERO));
+    assert_eq!(home.icon(None), Icon::Host);
     // A later stop starts a fresh grace: not confirmed by the old first sighting.
     let mut s = just_stopped();
     let later = t0 + Duration::from_secs(60);
     assert_eq!(w.observe(&mut s, later), Some(ORPHAN_GRACE));
-    assert!(!s.orphan_confirmed);
+    assert_eq!(s.icon(None), Icon::Switching);
 }
 
 #[test]
 fn leftovers_of_a_handoff_each_say_what_is_wrong() {
     let cases = [
         (
-            with_record(on_host(), Phase::Bound, None),
+            with_record(on_host(), "bound", None),
             "a restore record is left from win11 but no VM is running",
         ),
         (
@@ -372,24 +361,24 @@ fn leftovers_of_a_handoff_each_say_what_is_wrong() {
         ),
         (
             machine(Owner::Mixed, vec![vm(WIN, VmState::Shutoff)]),
-            "the GPU is split between drivers and no VM is running",
+            "the GPU is split between drivers (01:00.0 vfio-pci, 01:00.1 snd_hda_intel) and no VM is running",
         ),
     ];
     for (mut s, why) in cases {
         assert_eq!(s.orphaned().as_deref(), Some(why));
-        assert_eq!(s.icon_state(None), IconState::Switching, "{why}");
-        s.orphan_confirmed = true;
+        assert_eq!(s.icon(None), Icon::Switching, "{why}");
+        s.orphan_seen_for = Some(ORPHAN_GRACE);
         assert_eq!(s.restore_required().as_deref(), Some(why));
-        assert_eq!(s.icon_state(None), IconState::Restore, "{why}");
+        assert_eq!(s.icon(None), Icon::Restore, "{why}");
     }
 }
 
 #[test]
 fn a_running_vm_is_never_an_orphan() {
     let mut s = in_windows();
-    s.orphan_confirmed = true;
+    s.orphan_seen_for = Some(ORPHAN_GRACE);
     assert!(s.orphaned().is_none() && s.restore_required().is_none());
-    assert_eq!(s.icon_state(None), IconState::Vm);
+    assert_eq!(s.icon(None), Icon::Vm);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -440,13 +429,14 @@ fn tooltip_in_the_vm_names_it() {
 
 #[test]
 fn tooltip_ends_with_the_last_refusal_and_the_last_event() {
-    let mut s = with_hook(on_host(), HookPhase::Host);
-    s.hook.as_mut().unwrap().last_refusal = Some(Refusal {
-        vm: WIN.into(),
-        at: 0,
-        holders: vec![holder(4242, ME, "python3")],
-        message: "the GPU is busy".into(),
-    });
+    let mut s = with_hook(on_host(), "host");
+    s.files = s.files.with_refusal(
+        addr(),
+        WIN,
+        0,
+        vec![holder(4242, ME, "python3")],
+        "the GPU is busy",
+    );
     let lines = s.tooltip_lines(Some("win11 (qemu:///system): Stopped (12:00:01)"));
     let n = lines.len();
     assert_eq!(lines[n - 2], "Last refused start: win11");
@@ -573,8 +563,8 @@ fn a_vm_stopping_with_the_gpu_still_away_says_it_is_waiting() {
 #[test]
 fn the_gpu_coming_home_on_its_own_is_announced() {
     let mut away = just_stopped();
-    away.orphan_confirmed = true;
-    let away = with_record(away, Phase::Bound, None);
+    away.orphan_seen_for = Some(ORPHAN_GRACE);
+    let away = with_record(away, "bound", None);
     // From restore required back home (after "Return GPU to Linux").
     let n = transition_note(&away, &on_host()).unwrap();
     assert_eq!(
@@ -588,7 +578,7 @@ fn the_gpu_coming_home_on_its_own_is_announced() {
 
 #[test]
 fn a_handoff_that_fails_is_one_critical_notification_with_what_to_do() {
-    let stuck = with_record(on_host(), Phase::Stuck, Some("0000:01:00.1 did not come back"));
+    let stuck = with_record(on_host(), "stuck", Some("0000:01:00.1 did not come back"));
     let n = transition_note(&in_windows(), &stuck).unwrap();
     assert_eq!(n.summary, "GPU handoff failed: restore required");
     assert!(n.critical);
@@ -621,10 +611,7 @@ fn host_to_vm_and_back_through_switching_gives_one_notification_each_way() {
     let mut settled = Settled(on_host());
     let mut notes = Vec::new();
     // Start: the hook binds (switching), the VM runs with the GPU.
-    let binding = with_hook(
-        machine(Owner::Mixed, vec![vm(WIN, VmState::Running)]),
-        HookPhase::Binding,
-    );
+    let binding = with_hook(machine(Owner::Mixed, vec![vm(WIN, VmState::Running)]), "binding");
     let sequence = [binding, in_windows()];
     for s in &sequence {
         notes.extend(settled.next(s));
@@ -633,7 +620,7 @@ fn host_to_vm_and_back_through_switching_gives_one_notification_each_way() {
     assert_eq!(notes[0].summary, "Windows is running");
     // Stop: the GPU sits on vfio-pci until the release (within the grace), then comes home.
     let mut notes = Vec::new();
-    let returning = with_hook(just_stopped(), HookPhase::Returning);
+    let returning = with_hook(just_stopped(), "returning");
     for s in [just_stopped(), returning, on_host()] {
         notes.extend(settled.next(&s));
     }

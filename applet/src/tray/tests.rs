@@ -11,11 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use handoff::bind::record::Phase;
 use handoff::gpu::Owner;
 use handoff::libvirt::Prober;
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
-use handoff::state::HookPhase;
 use handoff::status::VmState;
 use ksni::Tray;
 use ksni::menu::MenuItem;
@@ -28,7 +26,7 @@ use crate::model::tests::{
     LIN, ME, SOMEONE_ELSE, WIN, holder, in_windows, machine, on_host, vm, with_holders, with_hook,
     with_record,
 };
-use crate::model::{Snapshot, UnitScope};
+use crate::model::{ORPHAN_GRACE, Snapshot, UnitScope};
 
 const SEP: &str = "—";
 
@@ -291,7 +289,7 @@ fn while_an_action_runs_only_details_and_quit_can_be_clicked() {
     );
     s.units.insert(4242, UnitScope::User);
     s.status.as_mut().unwrap().gpu.blockers[0].unit = Some("cuda.service".into());
-    let s = with_record(s, Phase::Stuck, Some("0000:01:00.1 did not come back"));
+    let s = with_record(s, "stuck", Some("0000:01:00.1 did not come back"));
     let (mut t, _rx) = tray(s);
     let idle = entries(&t);
     t.action = Some("stopping win11…".into());
@@ -457,19 +455,19 @@ fn return_gpu_to_linux_is_offered_only_when_a_restore_is_required() {
     let (t, _rx) = tray(just_stopped.clone());
     assert!(!has(&t, "Return GPU to Linux"));
     let mut stayed = just_stopped;
-    stayed.orphan_confirmed = true;
+    stayed.orphan_seen_for = Some(ORPHAN_GRACE);
     let (t, _rx) = tray(stayed);
     assert!(entry(&t, "Return GPU to Linux").enabled);
 
-    let (t, _rx) = tray(with_hook(on_host(), HookPhase::RestoreRequired));
+    let (t, _rx) = tray(with_hook(on_host(), "restore-required"));
     assert!(entry(&t, "Return GPU to Linux").enabled);
     // While the hook is moving the GPU nothing needs returning.
-    let (t, _rx) = tray(with_hook(on_host(), HookPhase::Binding));
+    let (t, _rx) = tray(with_hook(on_host(), "binding"));
     assert!(!has(&t, "Return GPU to Linux"));
 
     let (mut t, mut rx) = tray(with_record(
         on_host(),
-        Phase::Stuck,
+        "stuck",
         Some("0000:01:00.1 did not come back to snd_hda_intel"),
     ));
     assert_eq!(
@@ -504,7 +502,7 @@ fn left_click_opens_looking_glass_when_a_vm_has_the_gpu_and_the_details_otherwis
     for s in [
         on_host(),
         with_holders(on_host(), vec![holder(4242, ME, "python3")]),
-        with_record(on_host(), Phase::Stuck, None),
+        with_record(on_host(), "stuck", None),
     ] {
         let (mut t, mut rx) = tray(s);
         t.activate(10, 10);
@@ -684,4 +682,125 @@ fn a_real_read_with_one_of_two_vms_running_on_the_gpu_offers_switching() {
     assert!(entry(&t, "Switch to AI").enabled && entry(&t, "Open Looking Glass").enabled);
     t.activate(0, 0);
     assert_eq!(sent(&mut rx), Action::OpenLookingGlass);
+}
+
+// ---------------------------------------------------------------------------------------
+// Every surface, one verdict (issue 12): the machine put in each state, read by the real
+// `handoff status --json` and `handoff-block` binaries and by the tray's own read path.
+
+/// The workspace's binaries next to this test's (`target/debug`), built first: this crate's
+/// test run builds neither.
+fn workspace_bins() -> std::path::PathBuf {
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_owned();
+    let st = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "handoff",
+            "--bin",
+            "handoff",
+            "-p",
+            "handoff-block",
+            "--bin",
+            "handoff-block",
+        ])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .status()
+        .expect("cargo build");
+    assert!(st.success(), "building handoff and handoff-block failed");
+    dir
+}
+
+/// What each scene must show: (state word in `status --json`, tray icon, the block's text,
+/// the block's waybar class). The block links no libvirt: "libvirt unreachable" it cannot
+/// know, and it says what sysfs and the hook's files say instead.
+fn scene_wants(name: &str) -> (&'static str, &'static str, &'static str, &'static str) {
+    match name {
+        "idle" => ("idle", "handoff-host", "GPU: Linux", "linux"),
+        "busy" => ("busy", "handoff-busy", "GPU: Linux · 1 busy", "busy"),
+        "in a VM" => ("in_vm", "handoff-vm", "GPU: Windows", "vm"),
+        "switching" => ("switching", "handoff-switching", "GPU: switching…", "switching"),
+        "left on vfio-pci" | "stuck record" => {
+            ("restore_required", "handoff-restore", "GPU: restore!", "restore")
+        }
+        "split binding" => ("restore_required", "handoff-restore", "GPU: split!", "restore"),
+        "absent" => ("absent", "handoff-offline", "GPU: none", "absent"),
+        "libvirt unreachable" => ("libvirt_unreachable", "handoff-offline", "GPU: Linux", "linux"),
+        other => unreachable!("{other}"),
+    }
+}
+
+#[test]
+fn every_surface_says_the_same_in_every_state() {
+    let bins = workspace_bins();
+    for name in handoff::scenes::ALL {
+        let tmp = tempfile::tempdir().unwrap();
+        let scene = handoff::scenes::Scene::put(tmp.path(), name).unwrap();
+        let config = scene.config.clone();
+        let run = |bin: &str, args: &[&str]| {
+            let out = Command::new(bins.join(bin))
+                .args(args)
+                .env("HANDOFF_CONFIG", &config)
+                .env("HOME", tmp.path())
+                .output()
+                .unwrap();
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let (state, icon, text, class) = scene_wants(name);
+
+        // handoff status --json.
+        let status: serde_json::Value = serde_json::from_str(&run("handoff", &["status", "--json"]))
+            .unwrap_or_else(|e| panic!("{}: status --json: {e}", name));
+        let v = &status["verdict"];
+        assert_eq!(v["state"], state, "{}: status: {v:#}", name);
+        // Its text leads with the verdict whenever a person must act or wait.
+        let text_out = run("handoff", &["status"]);
+        if ["restore_required", "switching", "libvirt_unreachable"].contains(&state) {
+            assert!(
+                text_out.starts_with(v["headline"].as_str().unwrap()),
+                "{}: {text_out}",
+                name
+            );
+        }
+
+        // The tray: its own read, then the grace a watching tray gives an orphaned GPU.
+        let cfg = handoff::config::Config::load_from(Some(config.clone()), None)
+            .unwrap()
+            .0;
+        let read = || {
+            let mut p = Prober::new();
+            crate::collect(&cfg, &mut || cfg.vms.iter().map(|v| p.probe(v)).collect())
+        };
+        let t0 = std::time::Instant::now();
+        let mut watch = crate::model::OrphanWatch::default();
+        let mut snap = read();
+        watch.observe(&mut snap, t0);
+        let mut snap2 = read();
+        watch.observe(&mut snap2, t0 + ORPHAN_GRACE);
+        let (t, _rx) = tray(snap2);
+        assert_eq!(t.icon().name(), icon, "{}: tray", name);
+        let tv = t.snap.verdict(None);
+        assert_eq!(tv.state.word(), state, "{}: tray verdict", name);
+        assert_eq!(
+            tv.headline,
+            v["headline"].as_str().unwrap(),
+            "{}: tray and status headlines",
+            name
+        );
+
+        // The bar, in i3blocks' and waybar's output.
+        let lines = run("handoff-block", &[]);
+        assert_eq!(lines.lines().next(), Some(text), "{}: i3blocks: {lines}", name);
+        let waybar: serde_json::Value =
+            serde_json::from_str(&run("handoff-block", &["--format", "waybar"])).unwrap();
+        assert_eq!(waybar["text"], text, "{}: waybar", name);
+        assert_eq!(waybar["class"], class, "{}: waybar", name);
+    }
 }

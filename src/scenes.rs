@@ -1,0 +1,129 @@
+//! A simulated machine put in each state every surface tells apart (idle, busy, in a VM,
+//! switching, left on vfio-pci, stuck record, split binding, absent, libvirt unreachable):
+//! a [`SimHost`] tree, the hook's files, a config beside them, and, for "busy", a process
+//! holding the GPU. The cross-surface tests (the tray's, the details window's) put the
+//! machine in each of these and check that every surface says the same.
+//!
+//! VMs use libvirt's in-process `test:///default` driver, whose one domain `test` runs;
+//! `win11` is defined nowhere there, so it does not run.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::sim::{RTX_3090_TI, SimHost, SimSpec};
+use crate::verdict::HookFiles;
+
+/// Every scene, by name.
+pub const ALL: [&str; 9] = [
+    "idle",
+    "busy",
+    "in a VM",
+    "switching",
+    "left on vfio-pci",
+    "stuck record",
+    "split binding",
+    "absent",
+    "libvirt unreachable",
+];
+
+/// One machine in one state; the holder process (if any) is killed on drop.
+pub struct Scene {
+    pub name: &'static str,
+    pub sim: SimHost,
+    /// The config to point every binary at (`HANDOFF_CONFIG`).
+    pub config: PathBuf,
+    holder: Option<Child>,
+}
+
+impl Scene {
+    /// Builds scene `name` under `dir` (a fresh temp dir).
+    pub fn put(dir: &Path, name: &'static str) -> std::io::Result<Scene> {
+        let sim = SimHost::build(&dir.join("root"), &SimSpec::workstation())?;
+        let host = sim.host();
+        let vfio = |functions: u8| -> std::io::Result<()> {
+            for f in 0..functions {
+                sim.set_driver(RTX_3090_TI.with_function(f), Some("vfio-pci"))?;
+            }
+            Ok(())
+        };
+        let (mut vm, mut uri, mut gpu) = ("win11", "test:///default".to_owned(), RTX_3090_TI.to_string());
+        let mut files = HookFiles::default();
+        let mut holder = None;
+        match name {
+            "idle" => {}
+            "busy" => {
+                holder = Some(
+                    Command::new("sleep")
+                        .arg("600")
+                        .stdin(std::fs::File::open(sim.dev().join("nvidia0"))?)
+                        .stdout(Stdio::null())
+                        .process_group(0)
+                        .spawn()?,
+                );
+            }
+            "in a VM" => {
+                vm = "test";
+                vfio(4)?;
+                files = files.with_hook(RTX_3090_TI, "vfio", Some("test")).with_record(
+                    RTX_3090_TI,
+                    "bound",
+                    Some("test"),
+                    None,
+                );
+            }
+            "switching" => files = files.with_hook(RTX_3090_TI, "binding", Some("win11")),
+            "left on vfio-pci" => {
+                vfio(4)?;
+                files = files.with_record(RTX_3090_TI, "bound", Some("win11"), None);
+            }
+            "stuck record" => {
+                files = files.with_record(
+                    RTX_3090_TI,
+                    "stuck",
+                    Some("win11"),
+                    Some("a write to unbind hung"),
+                )
+            }
+            "split binding" => {
+                vfio(1)?;
+                files = files.with_hook(RTX_3090_TI, "host", None);
+            }
+            "absent" => gpu = "0000:02:00.0".to_owned(),
+            "libvirt unreachable" => {
+                uri = format!(
+                    "qemu+unix:///system?socket={}/no-such-libvirt-sock",
+                    dir.display()
+                )
+            }
+            other => return Err(std::io::Error::other(format!("no scene {other:?}"))),
+        }
+        files.save(&host)?;
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[gpu]\naddress = \"{gpu}\"\n\n[[vm]]\nname = \"{vm}\"\nlabel = \"Windows\"\nuri = \"{uri}\"\n\n\
+                 [host]\nsysfs = {:?}\ndev = {:?}\nrun = {:?}\n",
+                sim.sysfs(),
+                sim.dev(),
+                sim.run()
+            ),
+        )?;
+        Ok(Scene {
+            name,
+            sim,
+            config,
+            holder,
+        })
+    }
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.holder {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Issue 12 item 2: the tray (`applet/`), the bar block (`i3blocks/`) and the details window
+//! (`details/`) learn the GPU's state only from the library's verdict and status API
+//! (`handoff::verdict`, `handoff::status`). None of them may read the hook's state file or
+//! the restore record by itself, nor name their types: a surface that did would be
+//! deciding the state its own way again.
+
+use std::path::{Path, PathBuf};
+
+/// What a surface's source must not contain: the modules and the types of the hook's files.
+const FORBIDDEN: [&str; 6] = [
+    "bind::record",
+    "handoff::state",
+    "state::HookState",
+    "HookState",
+    "HookPhase",
+    "RestoreRecord",
+];
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// Every line of `sources` containing a forbidden word, as `file:line: text`.
+fn offences(sources: &[PathBuf]) -> Vec<String> {
+    let mut found = Vec::new();
+    for file in sources {
+        let text = std::fs::read_to_string(file).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            if let Some(word) = FORBIDDEN.iter().find(|w| line.contains(*w)) {
+                found.push(format!("{}:{}: {word}: {}", file.display(), n + 1, line.trim()));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn no_surface_crate_reads_the_restore_record_or_the_hook_state_directly() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut sources = Vec::new();
+    for krate in ["applet/src", "i3blocks/src", "details/src"] {
+        rust_files(&root.join(krate), &mut sources);
+    }
+    // The walk found the surfaces (a moved directory must not make this pass vacuously).
+    for must in [
+        "applet/src/model.rs",
+        "i3blocks/src/view.rs",
+        "details/src/view.rs",
+    ] {
+        assert!(sources.contains(&root.join(must)), "{must} not found");
+    }
+    let found = offences(&sources);
+    assert!(
+        found.is_empty(),
+        "surfaces must use handoff::verdict (HookFiles, decide) or handoff::status instead:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn the_check_finds_a_surface_that_reads_the_record_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("view.rs");
+    std::fs::write(
+        &file,
+        "use handoff::gpu::Owner;\nuse handoff::bind::record::{Phase, RestoreRecord};\n",
+    )
+    .unwrap();
+    let found = offences(&[file]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("view.rs:2: bind::record"), "{found:?}");
+}
