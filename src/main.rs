@@ -62,7 +62,7 @@ enum Command {
     /// `gpu-rebind-nvidia`). Needs root: `sudo handoff rebind --force` or `pkexec handoff rebind --force`.
     ///
     /// Uses the restore record under [host] run when there is one (each function goes back to the
-    /// driver it had), else returns the graphics function to [gpu] host_driver — only when the GPU
+    /// driver it had), else returns the graphics function to [gpu] host_driver, but only when the GPU
     /// is away (on vfio-pci or no driver). Refuses while a VM still uses the GPU, and while a
     /// process holds a function it would unbind from a host driver. As root (--force) it reads
     /// only the root-owned /etc/handoff/config.toml.
