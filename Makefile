@@ -35,7 +35,7 @@ OUT := $(TARGET_DIR)/$(PROFILE)
 GEN := $(OUT)/gen
 
 # One crate per binary, built one at a time: a workspace build would unify features and
-# link libvirt into the block (DESIGN.md, "Binaries stay light"). Crates that do not exist
+# link libvirt into the block (ARCHITECTURE.md, "Binaries stay light"). Crates that do not exist
 # yet in this tree are left out.
 CRATES := handoff $(if $(wildcard applet/Cargo.toml),handoff-tray) \
 	$(if $(wildcard i3blocks/Cargo.toml),handoff-block) \

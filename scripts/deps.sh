@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(
   # building: libvirt and GTK bindings, FUSE for the kernel simulator
   build-essential pkg-config libvirt-dev libgtk-4-dev fuse3 libfuse3-dev
-  # the real components the tests run against (DESIGN.md, "Testing against real things")
+  # the real components the tests run against (ARCHITECTURE.md, "Testing against real things")
   libvirt-daemon-system libvirt-clients qemu-system-x86 dbus dbus-x11 dunst xvfb
   xfce4-panel i3-wm i3blocks x11-utils xterm imagemagick
   # tests/real_kernel.rs: scripts/guest-image.sh unpacks Debian's kernel and busybox-static

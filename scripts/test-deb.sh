@@ -131,7 +131,7 @@ phase "installed the .deb with apt ($pulled packages unpacked, $fetched download
 
 # Every binary finds all its libraries through the package's Depends, and links what it
 # should: the block and the tray neither libvirt nor GTK (the tray's libvirt side is
-# `handoff __agent`, a child process), the CLI no GTK (DESIGN.md, "Binaries stay light").
+# `handoff __agent`, a child process), the CLI no GTK (ARCHITECTURE.md, "Binaries stay light").
 links() { in_root ldd "/usr/bin/$1" || fail "ldd /usr/bin/$1"; }
 for b in handoff handoff-tray handoff-block handoff-details; do
   [ -f "$root/usr/bin/$b" ] || continue

@@ -1,4 +1,4 @@
-//! The configuration file (TOML), as DESIGN.md describes it.
+//! The configuration file (TOML), as the README's "Configuration" describes it.
 //!
 //! Which file: `HANDOFF_CONFIG` when set (it must exist), else the user's
 //! `$XDG_CONFIG_HOME/handoff/config.toml` (or `~/.config/…`), else

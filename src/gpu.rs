@@ -61,7 +61,7 @@ pub const VFIO_DRIVER: &str = "vfio-pci";
 /// Where distributions put `pci.ids` (Debian's `pci.ids` package, Fedora's `hwdata`).
 pub const PCI_IDS_PATHS: &[&str] = &["/usr/share/misc/pci.ids", "/usr/share/hwdata/pci.ids"];
 
-/// Who owns the GPU, as DESIGN.md names it.
+/// Who owns the GPU, as `handoff status --json` names it (ARCHITECTURE.md, "Status").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Owner {

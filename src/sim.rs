@@ -15,7 +15,7 @@
 //! ```
 //!
 //! Device nodes are made with `mknod` as character devices 1:3 (the numbers of
-//! `/dev/null`, so that opening them works; DESIGN.md's trap about ENXIO) when we may, and
+//! `/dev/null`, so that opening them works; ARCHITECTURE.md's trap about ENXIO) when we may, and
 //! as plain files otherwise. Holders are identified by path and inode, so either works.
 //!
 //! This module only builds and rearranges the tree; giving writes to `bind`, `unbind`, …

@@ -1,7 +1,7 @@
 //! `state.json` under `[host] run`: what the root hook last did, for unprivileged surfaces.
 //!
 //! The hook rewrites it (atomically, world-readable, no secrets) on every transition; the
-//! tray and the block read it and watch it with inotify (DESIGN.md, "Live updates").
+//! tray and the block read it and watch it with inotify (ARCHITECTURE.md, "Live updates without polling").
 
 use std::io;
 use std::path::PathBuf;

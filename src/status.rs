@@ -1,4 +1,4 @@
-//! The one status model every surface shows (DESIGN.md, "Status"): who owns the GPU, which
+//! The one status model every surface shows (ARCHITECTURE.md, "Status"): who owns the GPU, which
 //! VM holds it, who keeps it busy, and each configured VM's state.
 //!
 //! Collecting it is split from rendering it: [`collect`] reads sysfs and `/proc` and asks

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_handoff");
 
-/// The names and the subcommand each stands for (the seed's table, DESIGN.md "Surfaces").
+/// The names and the subcommand each stands for (the seed's table; README, "What it does today").
 const SEED_NAMES: &[(&str, &str)] = &[
     ("windows-start", "start"),
     ("windows-stop", "stop"),

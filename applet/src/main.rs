@@ -122,7 +122,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// The one explanation printed when no tray host is there (DESIGN.md, i3/i3#2088).
+/// The one explanation printed when no tray host is there (ARCHITECTURE.md, i3/i3#2088).
 pub fn no_watcher_text(reason: &ksni::OfflineReason) -> String {
     let why = match reason {
         ksni::OfflineReason::No => "the StatusNotifierWatcher went away".to_owned(),

@@ -2,7 +2,7 @@
 //! drivers, the IOMMU group, each VM's state, what holds the GPU, the hook's last refusal,
 //! and buttons for the same actions as the tray.
 //!
-//! A process of its own so the tray does not link GTK (DESIGN.md, "Binaries stay light");
+//! A process of its own so the tray does not link GTK (ARCHITECTURE.md, "Binaries stay light");
 //! the tray runs `handoff-details` with no arguments. It is a single-instance GTK
 //! application (`org.handoff.Details` on the session bus): running it again raises the open
 //! window instead of opening a second one.

@@ -2,7 +2,7 @@
 //! polybar), and what a click on it does. docs/bar.md has the bar configs.
 //!
 //! Answers from sysfs, `/proc` and the hook's files under `[host] run` only: it links
-//! neither libvirt nor GTK and never opens a GPU node (DESIGN.md, "Binaries stay light").
+//! neither libvirt nor GTK and never opens a GPU node (ARCHITECTURE.md, "Binaries stay light").
 //! [`view`] reads the machine, [`format`] prints it per bar, [`click`] acts on a click
 //! (detached), [`watch`] streams changes or signals i3blocks.
 

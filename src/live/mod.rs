@@ -1,5 +1,5 @@
 //! Live state: one stream of changes for the tray and the bar block, merged from three
-//! sources, with no polling (DESIGN.md, "Live updates without polling").
+//! sources, with no polling (ARCHITECTURE.md, "Live updates without polling").
 //!
 //! | source | what it reads | thread | feature |
 //! |---|---|---|---|

@@ -6,7 +6,7 @@
 //!   the test ends, because other test binaries (and other tests in this one) use it.
 //!   Nothing here ever stops it.
 //! - Makes `/dev/kvm` `root:kvm 0660` when it is root-only; otherwise every libvirt call
-//!   re-probes QEMU's capabilities (~4 s each, DESIGN.md "Testing against real things").
+//!   re-probes QEMU's capabilities (~4 s each, ARCHITECTURE.md "Testing against real things").
 //! - Takes an `flock` on [`LOCK_PATH`] for the whole test, so tests in different test
 //!   binaries (which cargo runs in parallel) don't trip over each other's daemon state
 //!   (hooks, SIGHUP). Threads of one binary are serialised by it too.

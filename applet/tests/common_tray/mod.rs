@@ -3,7 +3,7 @@
 //! `dbus-monitor` recording every notification sent. Each runs in its own process group
 //! and is killed (group and all) on drop; everything lives in one temp dir.
 //!
-//! Traps (DESIGN.md): xfce4-panel needs a seeded panel config (xfconf, here an XML file
+//! Traps (ARCHITECTURE.md): xfce4-panel needs a seeded panel config (xfconf, here an XML file
 //! under `XDG_CONFIG_HOME`), `--disable-wm-check` without a window manager and
 //! `NO_AT_BRIDGE=1`; dunst needs a display; `dunstctl` talks over the bus in
 //! `DBUS_SESSION_BUS_ADDRESS`. A bus with the standard service dirs auto-starts dunst
