@@ -13,10 +13,11 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::bind::record::{Phase, RestoreRecord};
-use crate::config::{Config, Source};
+use crate::config::{Config, Source, VmConfig};
 use crate::gpu::{self, Gpu, Owner};
 use crate::holders;
 use crate::hooks::{self, InstalledShim};
+use crate::status::{VmState, VmStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -470,6 +471,37 @@ pub fn check_restore(cfg: &Config) -> Option<Check> {
     }
 }
 
+/// Doctor's libvirt checks: each configured VM's URI answers and defines the domain. `probe`
+/// says what the hypervisor knows of a VM ([`crate::hypervisor::vm_status`] in the CLI).
+pub fn libvirt_checks(cfg: &Config, probe: &mut dyn FnMut(&VmConfig) -> VmStatus) -> Vec<Check> {
+    cfg.vms
+        .iter()
+        .map(|vm| {
+            let st = probe(vm);
+            match st.state {
+                VmState::Unknown | VmState::Undefined => Check {
+                    id: "libvirt",
+                    level: Level::Fail,
+                    summary: format!("VM {} at {}: {}", vm.name, vm.uri, st.state.words()),
+                    fix: st.error,
+                },
+                s => Check {
+                    id: "libvirt",
+                    level: Level::Ok,
+                    summary: format!(
+                        "VM {} ({}) at {} is defined, {}",
+                        vm.name,
+                        vm.label(),
+                        vm.uri,
+                        s.words()
+                    ),
+                    fix: None,
+                },
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;
@@ -588,5 +620,49 @@ mod tests {
         let c = check_restore(&cfg).unwrap();
         assert_eq!(c.level, Level::Info);
         assert!(c.summary.contains("handed to win11"), "{}", c.summary);
+    }
+
+    fn two_vms() -> Config {
+        let mut cfg = Config::default();
+        let vm = cfg.vms[0].clone();
+        cfg.vms = vec![
+            VmConfig {
+                name: "win11".into(),
+                label: Some("Windows".into()),
+                ..vm.clone()
+            },
+            VmConfig {
+                name: "ai".into(),
+                label: None,
+                ..vm
+            },
+        ];
+        cfg
+    }
+
+    #[test]
+    fn libvirt_checks_pass_a_defined_vm_and_fail_an_unreachable_one_with_the_fix() {
+        let cfg = two_vms();
+        let checks = libvirt_checks(&cfg, &mut |vm| match vm.name.as_str() {
+            "win11" => VmStatus::new(vm, VmState::Shutoff, None),
+            _ => VmStatus::new(vm, VmState::Unknown, Some("is libvirtd running?".into())),
+        });
+        assert_eq!(checks.len(), 2);
+        assert_eq!((checks[0].id, checks[0].level), ("libvirt", Level::Ok));
+        assert_eq!(
+            checks[0].summary,
+            format!("VM win11 (Windows) at {} is defined, shut off", cfg.vms[0].uri)
+        );
+        assert_eq!(checks[0].fix, None);
+        assert_eq!(checks[1].level, Level::Fail);
+        assert_eq!(checks[1].summary, format!("VM ai at {}: unknown", cfg.vms[1].uri));
+        assert_eq!(checks[1].fix.as_deref(), Some("is libvirtd running?"));
+    }
+
+    #[test]
+    fn libvirt_checks_fail_an_undefined_domain() {
+        let cfg = two_vms();
+        let checks = libvirt_checks(&cfg, &mut |vm| VmStatus::new(vm, VmState::Undefined, None));
+        assert!(checks.iter().all(|c| c.level == Level::Fail), "{checks:?}");
     }
 }

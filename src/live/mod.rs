@@ -101,6 +101,36 @@ impl Sources {
             ..Self::all()
         }
     }
+
+    /// What `handoff watch` listens to for `cfg`: the kernel and the hook's files, and
+    /// libvirt when this build has it and a VM is configured.
+    pub fn for_watch(cfg: &Config) -> Self {
+        Self {
+            libvirt: cfg!(feature = "libvirt") && !cfg.vms.is_empty(),
+            ..Self::without_libvirt()
+        }
+    }
+}
+
+/// `handoff watch`'s output: each change as one line (its text, or one JSON object with
+/// `json`), flushed at once so that a reader sees it as it happens. Ends when `changes` ends
+/// or `out` fails (stdout closed: nobody is reading).
+pub fn write_changes(
+    changes: impl IntoIterator<Item = Change>,
+    json: bool,
+    out: &mut dyn io::Write,
+) -> Result<(), serde_json::Error> {
+    for change in changes {
+        let line = if json {
+            serde_json::to_string(&change)?
+        } else {
+            change.to_string()
+        };
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// A source of changes, as named in [`Change::SourceLost`] and [`Change::SourceBack`].
@@ -426,5 +456,70 @@ fn wait_readable(fd: BorrowedFd<'_>, stop: &OwnedFd) -> io::Result<bool> {
         if fds[0].revents != 0 {
             return Ok(true);
         }
+    }
+}
+
+#[cfg(test)]
+mod write_changes_tests {
+    use super::*;
+
+    fn changes() -> Vec<Change> {
+        vec![
+            Change::SourceBack {
+                source: Source::Libvirt {
+                    uri: "qemu:///system".into(),
+                },
+            },
+            Change::RestoreRecord {
+                file: "/run/handoff/restore-0000:01:00.0.json".into(),
+                present: true,
+            },
+        ]
+    }
+
+    #[test]
+    fn one_line_per_change_as_text_or_json() {
+        let mut text = Vec::new();
+        write_changes(changes(), false, &mut text).unwrap();
+        let want: String = changes().iter().map(|c| format!("{c}\n")).collect();
+        assert_eq!(String::from_utf8(text).unwrap(), want);
+
+        let mut json = Vec::new();
+        write_changes(changes(), true, &mut json).unwrap();
+        let lines: Vec<Change> = String::from_utf8(json)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines, changes());
+    }
+
+    /// A writer whose reader went away after `left` lines.
+    struct Closing {
+        left: usize,
+        written: usize,
+    }
+
+    impl io::Write for Closing {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.left == 0 {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.left -= 1;
+            self.written += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn stops_when_nobody_reads() {
+        let mut out = Closing { left: 1, written: 0 };
+        // An endless stream: only the closed output can end it.
+        let endless = std::iter::repeat_with(|| changes().remove(0));
+        write_changes(endless, false, &mut out).unwrap();
+        assert_eq!(out.written, 1);
     }
 }
