@@ -111,8 +111,7 @@ pub struct Caller {
 
 impl Caller {
     pub fn current() -> Self {
-        // SAFETY: getuid cannot fail.
-        let uid = unsafe { libc::getuid() };
+        let uid = nix::unistd::getuid().as_raw();
         Self {
             uid,
             groups: current_group_names(),
@@ -121,34 +120,16 @@ impl Caller {
 }
 
 fn current_group_names() -> Vec<String> {
-    // SAFETY: getgroups with a correctly sized buffer, then getgrgid_r with its own buffer.
-    unsafe {
-        let n = libc::getgroups(0, std::ptr::null_mut());
-        if n <= 0 {
-            return Vec::new();
-        }
-        let mut gids = vec![0 as libc::gid_t; n as usize];
-        let n = libc::getgroups(n, gids.as_mut_ptr());
-        gids.truncate(n.max(0) as usize);
-        gids.push(libc::getegid());
-        gids.iter().filter_map(|&g| group_name(g)).collect()
-    }
-}
-
-fn group_name(gid: libc::gid_t) -> Option<String> {
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16384];
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: all pointers are valid for the call; the name is copied out before buf drops.
-    let rc = unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut result) };
-    if rc != 0 || result.is_null() {
-        return None;
-    }
-    Some(
-        unsafe { std::ffi::CStr::from_ptr(grp.gr_name) }
-            .to_string_lossy()
-            .into_owned(),
-    )
+    use nix::unistd::{Group, getegid, getgroups};
+    let mut gids = match getgroups() {
+        Ok(gids) if !gids.is_empty() => gids,
+        _ => return Vec::new(),
+    };
+    gids.push(getegid());
+    gids.into_iter()
+        .filter_map(|g| Group::from_gid(g).ok().flatten())
+        .map(|g| g.name)
+        .collect()
 }
 
 /// Every check, in fixing order. `hooks_dir` is libvirt's hooks directory
