@@ -426,51 +426,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Blockers(flags) => {
-            use handoff::holders::Verdict;
             let (cfg, _) = load_config(cli.config)?;
-            let g = handoff::gpu::read_gpu(&cfg.host, cfg.gpu.address)?;
-            let nodes = handoff::holders::gpu_nodes(&cfg.host, &g);
-            let scan = handoff::holders::scan(&cfg.host, &g, &nodes);
-            let absent = g.owner == handoff::gpu::Owner::Absent;
-            let verdict = scan.verdict();
+            let blockers = handoff::blockers::Blockers::check(&cfg.host, cfg.gpu.address)?;
             if flags.json {
-                print_json(&BlockersJson {
-                    verdict: if absent { "clear" } else { verdict.word() },
-                    unchecked: verdict.unchecked(),
-                    scan: &scan,
-                })?;
-            } else if absent {
-                println!("No GPU at {}: nothing to hold.", cfg.gpu.address);
+                print_json(&blockers.json())?;
             } else {
-                match &verdict {
-                    Verdict::Clear => println!(
-                        "Nothing holds GPU {} ({} device nodes checked).",
-                        g.address,
-                        nodes.len()
-                    ),
-                    Verdict::Unchecked { .. } => println!(
-                        "Nothing seen holding GPU {} ({} device nodes checked), but not everything could be checked; a handoff would be refused:",
-                        g.address,
-                        nodes.len()
-                    ),
-                    Verdict::Held { .. } => {}
-                }
-                for h in &scan.holders {
-                    println!("{}", h.summary());
-                }
-                for f in &scan.framebuffers {
-                    println!("{}", f.summary());
-                }
-                for u in verdict.unchecked() {
-                    println!("Not checked: {u}");
-                }
+                print!("{}", blockers.render_text());
             }
-            Ok(match verdict {
-                _ if absent => ExitCode::SUCCESS,
-                Verdict::Clear => ExitCode::SUCCESS,
-                Verdict::Held { .. } => ExitCode::from(1),
-                Verdict::Unchecked { .. } => ExitCode::from(BLOCKERS_UNCHECKED),
-            })
+            Ok(ExitCode::from(blockers.exit_code()))
         }
         #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
         Command::Demo(a) => {
@@ -564,21 +527,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(report.exit_code() as u8))
         }
     }
-}
-
-/// `handoff blockers`' exit status when nothing was seen holding the GPU but not everything
-/// could be checked.
-const BLOCKERS_UNCHECKED: u8 = 4;
-
-/// `handoff blockers --json`: the scan, and what it allows.
-#[derive(serde::Serialize)]
-struct BlockersJson<'a> {
-    /// `clear`, `held` or `unchecked` (see [`handoff::holders::Verdict`]).
-    verdict: &'static str,
-    /// What could not be checked, one line each.
-    unchecked: &'a [String],
-    #[serde(flatten)]
-    scan: &'a handoff::holders::Scan,
 }
 
 fn collect_status(cfg: &Config) -> anyhow::Result<status::Status> {
