@@ -139,12 +139,13 @@ pub fn terminate(host: &Host, uid: u32, pids: &[(u32, &str)]) -> Outcome {
         });
     }
     for &(pid, command) in &live {
-        // SAFETY: kill has no memory effects; the pid was checked to be `uid`'s just above.
-        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } != 0 {
+        // The pid was checked to be `uid`'s just above.
+        let pid_t = nix::unistd::Pid::from_raw(pid as i32);
+        if let Err(errno) = nix::sys::signal::kill(pid_t, nix::sys::signal::Signal::SIGTERM) {
             return Err(ActionError::Signal {
                 pid,
                 command: command.to_owned(),
-                source: io::Error::last_os_error(),
+                source: errno.into(),
             });
         }
     }
@@ -249,8 +250,7 @@ mod tests {
 
     #[test]
     fn terminate_refuses_a_process_that_is_not_yours_and_touches_nothing() {
-        // SAFETY: getuid cannot fail.
-        let me = unsafe { libc::getuid() };
+        let me = nix::unistd::getuid().as_raw();
         let someone_else = if me == 0 { 65534 } else { me + 1 };
         let mut c = Command::new("sleep").arg("30").spawn().unwrap();
         let pid = c.id();

@@ -143,7 +143,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("state.json");
         let c = CString::new(p.as_os_str().as_bytes()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        nix::unistd::mkfifo(c.as_c_str(), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let t = Instant::now();
         let e = read(&p, Links::Follow).unwrap_err();
         assert!(t.elapsed() < Duration::from_secs(1));

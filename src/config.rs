@@ -350,6 +350,35 @@ impl Config {
         Self::load_system(system)
     }
 
+    /// What a command reads: `--config FILE` (`explicit`) as given, so that a missing one is
+    /// reported as that file and not as `HANDOFF_CONFIG`; else the usual search
+    /// ([`Config::load`]).
+    pub fn load_cli(explicit: Option<PathBuf>) -> Result<(Self, Source), ConfigError> {
+        match explicit {
+            Some(path) => Ok((Self::load_file(&path)?, Source::File(path))),
+            None => Self::load(),
+        }
+    }
+
+    /// The config of a command that writes as root (`rebind --force`, `bind`): as root
+    /// (`as_root`) only the root-owned system file ([`Config::load_as_root`], `system`); as
+    /// anyone else [`Config::load_cli`], since their writes are limited to what they may write
+    /// anyway.
+    pub fn load_to_write(
+        explicit: Option<PathBuf>,
+        as_root: bool,
+        system: &Path,
+    ) -> Result<(Self, Source), ConfigError> {
+        if !as_root {
+            return Self::load_cli(explicit);
+        }
+        Self::load_as_root(
+            explicit.as_deref(),
+            std::env::var_os("HANDOFF_CONFIG").map(PathBuf::from),
+            system,
+        )
+    }
+
     /// Checks serde cannot express. Values that end up in paths are checked here. An
     /// error comes with the key it is about, so that [`Config::parse`] can point at it.
     fn validate(&self) -> Result<(), (String, Vec<KeySeg>)> {

@@ -31,6 +31,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{SigSet, Signal, kill, killpg};
+use nix::unistd::Pid;
+
 use crate::config::Config;
 use crate::hypervisor::SIMULATED_ENV;
 use crate::hypervisor::simulated::Simulated;
@@ -62,33 +65,28 @@ pub fn have_display() -> bool {
 /// `node` open and sleep until killed.
 pub fn hold(node: &Path) -> io::Result<()> {
     let name = std::ffi::CString::new(HOLDER_NAME).expect("no NUL");
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
-    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    // What ps and the holder scan show; a name the kernel would cut (16 bytes) still works.
+    let _ = nix::sys::prctl::set_name(&name);
     let _f = std::fs::File::open(node)?;
     loop {
-        // SAFETY: pause has no preconditions.
-        unsafe { libc::pause() };
+        nix::unistd::pause();
     }
 }
 
 /// The signals the demo's main thread waits for: the three that end it, `SIGCHLD` (a child
 /// ended: say so, reap it) and `SIGUSR1` (the scripted walkthrough finished).
-fn wait_signals() -> libc::sigset_t {
-    // SAFETY: sigemptyset initialises the set before sigaddset reads it.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [
-            libc::SIGINT,
-            libc::SIGTERM,
-            libc::SIGHUP,
-            libc::SIGCHLD,
-            libc::SIGUSR1,
-        ] {
-            libc::sigaddset(&mut set, s);
-        }
-        set
+fn wait_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGCHLD,
+        Signal::SIGUSR1,
+    ] {
+        set.add(s);
     }
+    set
 }
 
 /// One process the demo started.
@@ -137,14 +135,13 @@ impl Stage {
             .env(SIMULATED_ENV, "1");
         // std's spawn keeps the parent's signal mask, where the demo's signals are blocked.
         // A demo killed outright (SIGKILL) cannot clean up: its children then end with it.
-        // SAFETY: the closure only calls sigemptyset, pthread_sigmask and prctl, which are
-        // async-signal-safe.
+        // SAFETY: the closure runs between fork and exec, so it may only make
+        // async-signal-safe calls: nix's SigSet::empty, thread_set_mask and set_pdeathsig are
+        // sigemptyset on the stack, pthread_sigmask and prctl, with no allocation or lock.
         unsafe {
             cmd.pre_exec(|| {
-                let mut none: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut none);
-                libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                let _ = SigSet::empty().thread_set_mask();
+                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
                 Ok(())
             });
         }
@@ -165,8 +162,8 @@ impl Stage {
     /// more, saying so.
     fn end_processes(&mut self) {
         let Some(pgid) = self.pgid else { return };
-        // SAFETY: kill has no memory preconditions; the group is the demo's own.
-        unsafe { libc::kill(-pgid, libc::SIGTERM) };
+        // The group is the demo's own.
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
         let gone = |stage: &mut Stage, limit: Duration| {
             let until = Instant::now() + limit;
             loop {
@@ -183,8 +180,7 @@ impl Stage {
         if gone(self, Duration::from_secs(3)) {
             return;
         }
-        // SAFETY: as above.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         if !gone(self, Duration::from_secs(2)) {
             eprintln!(
                 "handoff demo: processes {:?} of process group {pgid} did not end on SIGKILL",
@@ -359,11 +355,10 @@ pub fn run(opts: &Options, exe: &Path, bin_dir: &Path) -> io::Result<u8> {
     // `sigwaitinfo` below is where they arrive. Children get an empty mask (Stage::spawn).
     // SIGCHLD must not be ignored (an inherited SIG_IGN would reap children unseen).
     let signals = wait_signals();
-    // SAFETY: `signals` is initialised; called before this function starts threads.
-    unsafe {
-        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut());
-    }
+    // SAFETY: SIG_DFL installs no handler of ours, so nothing of this process runs in a
+    // signal context; called before this function starts threads.
+    let _ = unsafe { nix::sys::signal::signal(Signal::SIGCHLD, nix::sys::signal::SigHandler::SigDfl) };
+    let _ = signals.thread_block();
 
     let root = std::env::temp_dir().join(format!("handoff-demo-{}", std::process::id()));
     std::fs::create_dir(&root)
@@ -449,18 +444,13 @@ pub fn run(opts: &Options, exe: &Path, bin_dir: &Path) -> io::Result<u8> {
     io::stdout().flush()?;
 
     let code = loop {
-        // SAFETY: a zeroed siginfo_t is a valid out-parameter; the set is initialised.
-        let sig = unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            libc::sigwaitinfo(&signals, &mut info)
-        };
-        match sig {
-            libc::SIGCHLD => {
+        match signals.wait() {
+            Ok(Signal::SIGCHLD) => {
                 for line in stage.reap(worker.is_some()) {
                     println!("  {line}");
                 }
             }
-            libc::SIGUSR1 => match worker.as_ref().map(std::sync::mpsc::Receiver::try_recv) {
+            Ok(Signal::SIGUSR1) => match worker.as_ref().map(std::sync::mpsc::Receiver::try_recv) {
                 Some(Ok(Ok(()))) => break 0,
                 Some(Ok(Err(e))) => {
                     eprintln!("handoff demo: {e}");
@@ -473,15 +463,16 @@ pub fn run(opts: &Options, exe: &Path, bin_dir: &Path) -> io::Result<u8> {
                 // Not the walkthrough's signal.
                 Some(Err(std::sync::mpsc::TryRecvError::Empty)) | None => {}
             },
-            s if s > 0 => {
+            Ok(s) => {
                 println!(
-                    "\nhandoff demo: signal {s}: stopping, removing {}",
+                    "\nhandoff demo: signal {}: stopping, removing {}",
+                    s as i32,
                     root.display()
                 );
                 break 130;
             }
-            _ => {
-                let e = io::Error::last_os_error();
+            Err(errno) => {
+                let e = io::Error::from(errno);
                 if e.kind() != io::ErrorKind::Interrupted {
                     drop(stage);
                     return Err(io::Error::new(e.kind(), format!("waiting for signals: {e}")));
@@ -498,8 +489,7 @@ struct WakeMain;
 
 impl Drop for WakeMain {
     fn drop(&mut self) {
-        // SAFETY: kill has no memory preconditions.
-        unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
+        let _ = kill(nix::unistd::getpid(), Signal::SIGUSR1);
     }
 }
 
@@ -605,8 +595,8 @@ fn walkthrough(cfg: &Config, holder: u32) -> io::Result<()> {
     }
 
     println!("\n== 2. Terminate {HOLDER_NAME} (pid {holder}), as the tray's \"Terminate\" does (SIGTERM)");
-    // SAFETY: kill has no memory preconditions; the pid is our child.
-    unsafe { libc::kill(holder as i32, libc::SIGTERM) };
+    // The pid is our child.
+    let _ = kill(Pid::from_raw(holder as i32), Signal::SIGTERM);
     let until = Instant::now() + Duration::from_secs(5);
     while !ended(holder) && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(20));

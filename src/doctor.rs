@@ -13,10 +13,11 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::bind::record::{Phase, RestoreRecord};
-use crate::config::{Config, Source};
+use crate::config::{Config, Source, VmConfig};
 use crate::gpu::{self, Gpu, Owner};
 use crate::holders;
 use crate::hooks::{self, InstalledShim};
+use crate::status::{VmState, VmStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -110,8 +111,7 @@ pub struct Caller {
 
 impl Caller {
     pub fn current() -> Self {
-        // SAFETY: getuid cannot fail.
-        let uid = unsafe { libc::getuid() };
+        let uid = nix::unistd::getuid().as_raw();
         Self {
             uid,
             groups: current_group_names(),
@@ -120,34 +120,16 @@ impl Caller {
 }
 
 fn current_group_names() -> Vec<String> {
-    // SAFETY: getgroups with a correctly sized buffer, then getgrgid_r with its own buffer.
-    unsafe {
-        let n = libc::getgroups(0, std::ptr::null_mut());
-        if n <= 0 {
-            return Vec::new();
-        }
-        let mut gids = vec![0 as libc::gid_t; n as usize];
-        let n = libc::getgroups(n, gids.as_mut_ptr());
-        gids.truncate(n.max(0) as usize);
-        gids.push(libc::getegid());
-        gids.iter().filter_map(|&g| group_name(g)).collect()
-    }
-}
-
-fn group_name(gid: libc::gid_t) -> Option<String> {
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16384];
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: all pointers are valid for the call; the name is copied out before buf drops.
-    let rc = unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut result) };
-    if rc != 0 || result.is_null() {
-        return None;
-    }
-    Some(
-        unsafe { std::ffi::CStr::from_ptr(grp.gr_name) }
-            .to_string_lossy()
-            .into_owned(),
-    )
+    use nix::unistd::{Group, getegid, getgroups};
+    let mut gids = match getgroups() {
+        Ok(gids) if !gids.is_empty() => gids,
+        _ => return Vec::new(),
+    };
+    gids.push(getegid());
+    gids.into_iter()
+        .filter_map(|g| Group::from_gid(g).ok().flatten())
+        .map(|g| g.name)
+        .collect()
 }
 
 /// Every check, in fixing order. `hooks_dir` is libvirt's hooks directory
@@ -470,6 +452,37 @@ pub fn check_restore(cfg: &Config) -> Option<Check> {
     }
 }
 
+/// Doctor's libvirt checks: each configured VM's URI answers and defines the domain. `probe`
+/// says what the hypervisor knows of a VM ([`crate::hypervisor::vm_status`] in the CLI).
+pub fn libvirt_checks(cfg: &Config, probe: &mut dyn FnMut(&VmConfig) -> VmStatus) -> Vec<Check> {
+    cfg.vms
+        .iter()
+        .map(|vm| {
+            let st = probe(vm);
+            match st.state {
+                VmState::Unknown | VmState::Undefined => Check {
+                    id: "libvirt",
+                    level: Level::Fail,
+                    summary: format!("VM {} at {}: {}", vm.name, vm.uri, st.state.words()),
+                    fix: st.error,
+                },
+                s => Check {
+                    id: "libvirt",
+                    level: Level::Ok,
+                    summary: format!(
+                        "VM {} ({}) at {} is defined, {}",
+                        vm.name,
+                        vm.label(),
+                        vm.uri,
+                        s.words()
+                    ),
+                    fix: None,
+                },
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;
@@ -588,5 +601,49 @@ mod tests {
         let c = check_restore(&cfg).unwrap();
         assert_eq!(c.level, Level::Info);
         assert!(c.summary.contains("handed to win11"), "{}", c.summary);
+    }
+
+    fn two_vms() -> Config {
+        let mut cfg = Config::default();
+        let vm = cfg.vms[0].clone();
+        cfg.vms = vec![
+            VmConfig {
+                name: "win11".into(),
+                label: Some("Windows".into()),
+                ..vm.clone()
+            },
+            VmConfig {
+                name: "ai".into(),
+                label: None,
+                ..vm
+            },
+        ];
+        cfg
+    }
+
+    #[test]
+    fn libvirt_checks_pass_a_defined_vm_and_fail_an_unreachable_one_with_the_fix() {
+        let cfg = two_vms();
+        let checks = libvirt_checks(&cfg, &mut |vm| match vm.name.as_str() {
+            "win11" => VmStatus::new(vm, VmState::Shutoff, None),
+            _ => VmStatus::new(vm, VmState::Unknown, Some("is libvirtd running?".into())),
+        });
+        assert_eq!(checks.len(), 2);
+        assert_eq!((checks[0].id, checks[0].level), ("libvirt", Level::Ok));
+        assert_eq!(
+            checks[0].summary,
+            format!("VM win11 (Windows) at {} is defined, shut off", cfg.vms[0].uri)
+        );
+        assert_eq!(checks[0].fix, None);
+        assert_eq!(checks[1].level, Level::Fail);
+        assert_eq!(checks[1].summary, format!("VM ai at {}: unknown", cfg.vms[1].uri));
+        assert_eq!(checks[1].fix.as_deref(), Some("is libvirtd running?"));
+    }
+
+    #[test]
+    fn libvirt_checks_fail_an_undefined_domain() {
+        let cfg = two_vms();
+        let checks = libvirt_checks(&cfg, &mut |vm| VmStatus::new(vm, VmState::Undefined, None));
+        assert!(checks.iter().all(|c| c.level == Level::Fail), "{checks:?}");
     }
 }

@@ -485,8 +485,7 @@ fn check_exe(exe: &Path) -> Result<(), HooksError> {
             why: "not an executable file".into(),
         });
     }
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
+    let me = nix::unistd::geteuid().as_raw();
     let trusted = |uid: u32| uid == 0 || uid == me;
     let untrusted = |why: String| HooksError::ExeNotTrusted {
         path: exe.to_owned(),
@@ -787,11 +786,11 @@ pub fn reload_libvirt(proc_root: &Path) -> Reload {
         return Reload::NotRunning;
     }
     for &pid in &pids {
-        // SAFETY: kill(2) with a pid read from /proc and a plain signal number.
-        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) } != 0 {
+        let pid_t = nix::unistd::Pid::from_raw(pid as i32);
+        if let Err(errno) = nix::sys::signal::kill(pid_t, nix::sys::signal::Signal::SIGHUP) {
             return Reload::Failed {
                 pid,
-                error: io::Error::last_os_error().to_string(),
+                error: io::Error::from(errno).to_string(),
             };
         }
     }

@@ -283,8 +283,7 @@ impl Session {
         Session {
             i3sock: nonempty("I3SOCK"),
             runtime_root: PathBuf::from("/run/user"),
-            // SAFETY: getuid cannot fail.
-            uid: unsafe { libc::getuid() },
+            uid: nix::unistd::getuid().as_raw(),
             display: nonempty("DISPLAY"),
             wayland_display: nonempty("WAYLAND_DISPLAY"),
         }

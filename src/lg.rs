@@ -264,6 +264,82 @@ pub fn open(cfg: &Config, session: &Session, wait: Duration) -> Result<LgOutcome
     })
 }
 
+/// Why `handoff lg --on-vm-start` stopped watching; it runs until one of these, and systemd
+/// restarts the unit, which then looks at the VM afresh.
+#[derive(Debug, thiserror::Error)]
+pub enum OnVmStartError {
+    #[error("no [[vm]] in the config to wait for")]
+    NoVm,
+    #[error(transparent)]
+    Hypervisor(#[from] crate::hypervisor::HypervisorError),
+    #[error("lost libvirt's events for VM {vm} at {uri}: {why}")]
+    Lost { vm: String, uri: String, why: String },
+    /// The event stream ended without saying why.
+    #[error("lost libvirt's events for VM {vm} at {uri}")]
+    Ended { vm: String, uri: String },
+}
+
+/// `handoff lg --on-vm-start`: calls `started` whenever the first `[[vm]]` starts or resumes
+/// (and at once when it already runs), keeping what it returns (the client's sleep inhibitor)
+/// until the VM stops or crashes. `say` gets the progress line. Returns only when the VM's
+/// events are lost.
+pub fn on_vm_start<G>(
+    cfg: &Config,
+    hv: &mut dyn crate::hypervisor::Hypervisor,
+    started: &mut dyn FnMut(&crate::config::VmConfig) -> Option<G>,
+    say: &mut dyn FnMut(&str),
+) -> OnVmStartError {
+    use crate::hypervisor::{VmEvent, VmRef};
+    use crate::live::DomainEvent;
+    let Some(vm) = cfg.vm(None) else {
+        return OnVmStartError::NoVm;
+    };
+    let (tx, events) = std::sync::mpsc::channel();
+    let _subscription = match hv.subscribe(
+        &[VmRef::from(vm)],
+        std::sync::Arc::new(move |ev| tx.send(ev).is_ok()),
+    ) {
+        Ok(s) => s,
+        Err(e) => return e.into(),
+    };
+    say(&format!(
+        "Waiting for VM {} to start (Looking Glass opens then).",
+        vm.name
+    ));
+    let mut held = None;
+    match hv.probe(&VmRef::from(vm)) {
+        Ok(p) if p.state == crate::status::VmState::Running => held = started(vm),
+        Ok(_) => {}
+        Err(e) => return e.into(),
+    }
+    for ev in events {
+        match ev {
+            VmEvent::Lifecycle {
+                event: DomainEvent::Started | DomainEvent::Resumed,
+                ..
+            } => held = started(vm),
+            VmEvent::Lifecycle {
+                event: DomainEvent::Stopped | DomainEvent::Crashed,
+                ..
+            } => held = None,
+            VmEvent::Lifecycle { .. } | VmEvent::Back { .. } => {}
+            VmEvent::Lost { why, .. } => {
+                drop(held);
+                return OnVmStartError::Lost {
+                    vm: vm.name.clone(),
+                    uri: vm.uri.clone(),
+                    why,
+                };
+            }
+        }
+    }
+    drop(held);
+    OnVmStartError::Ended {
+        vm: vm.name.clone(),
+        uri: vm.uri.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,5 +353,177 @@ mod tests {
             exec_command("xterm", &["-title".into(), "a; b \"c\"".into()], "42-7"),
             r#"exec --no-startup-id "xterm -title 'a; b \"c\"'; i3-msg -t send_tick 'handoff-lg-exited 42-7 '\"$?\" >/dev/null 2>&1""#
         );
+    }
+
+    /// A hypervisor whose VM is in `state` and whose event stream delivers `events`, then ends.
+    struct Scripted {
+        state: crate::status::VmState,
+        events: Vec<crate::hypervisor::VmEvent>,
+    }
+
+    impl crate::hypervisor::Hypervisor for Scripted {
+        fn kind(&self) -> &'static str {
+            "scripted"
+        }
+        fn list(
+            &mut self,
+            _: &str,
+        ) -> Result<Vec<(crate::hypervisor::VmRef, crate::status::VmState)>, crate::hypervisor::HypervisorError>
+        {
+            unreachable!("on_vm_start lists nothing")
+        }
+        fn probe(
+            &mut self,
+            _: &crate::hypervisor::VmRef,
+        ) -> Result<crate::hypervisor::Probe, crate::hypervisor::HypervisorError> {
+            Ok(crate::hypervisor::Probe {
+                state: self.state,
+                reason: None,
+            })
+        }
+        fn start(
+            &mut self,
+            _: &crate::hypervisor::VmRef,
+        ) -> Result<crate::hypervisor::Start, crate::hypervisor::HypervisorError> {
+            unreachable!("on_vm_start starts nothing")
+        }
+        fn shutdown(
+            &mut self,
+            _: &crate::hypervisor::VmRef,
+        ) -> Result<crate::hypervisor::Task, crate::hypervisor::HypervisorError> {
+            unreachable!("on_vm_start stops nothing")
+        }
+        fn destroy(
+            &mut self,
+            _: &crate::hypervisor::VmRef,
+        ) -> Result<crate::hypervisor::Task, crate::hypervisor::HypervisorError> {
+            unreachable!("on_vm_start stops nothing")
+        }
+        fn poll(
+            &mut self,
+            _: &crate::hypervisor::Task,
+        ) -> Result<crate::hypervisor::TaskState, crate::hypervisor::HypervisorError> {
+            unreachable!("on_vm_start has no task")
+        }
+        fn describe(
+            &mut self,
+            _: &crate::hypervisor::VmRef,
+        ) -> Result<crate::hypervisor::Description, crate::hypervisor::HypervisorError> {
+            unreachable!("on_vm_start describes nothing")
+        }
+        fn guest(&mut self, _: &crate::hypervisor::VmRef) -> crate::hypervisor::Guest {
+            unreachable!("on_vm_start asks no guest")
+        }
+        fn subscribe(
+            &mut self,
+            vms: &[crate::hypervisor::VmRef],
+            sink: crate::hypervisor::EventSink,
+        ) -> Result<crate::hypervisor::Subscription, crate::hypervisor::HypervisorError> {
+            assert_eq!(vms.len(), 1);
+            for ev in self.events.drain(..) {
+                sink(ev);
+            }
+            Ok(crate::hypervisor::Subscription::new(|| {}))
+        }
+    }
+
+    fn lifecycle(event: crate::live::DomainEvent) -> crate::hypervisor::VmEvent {
+        crate::hypervisor::VmEvent::Lifecycle {
+            vm: crate::hypervisor::VmRef::named("test:///default", "win11"),
+            event,
+        }
+    }
+
+    /// What `started` saw: each call's VM, and how many of its guards are still held.
+    fn run(
+        state: crate::status::VmState,
+        events: Vec<crate::hypervisor::VmEvent>,
+    ) -> (
+        Vec<String>,
+        std::rc::Rc<std::cell::Cell<i32>>,
+        OnVmStartError,
+        Vec<String>,
+    ) {
+        struct Guard(std::rc::Rc<std::cell::Cell<i32>>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                self.0.set(self.0.get() - 1);
+            }
+        }
+        let held = std::rc::Rc::new(std::cell::Cell::new(0));
+        let mut opened = Vec::new();
+        let mut said = Vec::new();
+        let cfg = Config::default();
+        let e = on_vm_start(
+            &cfg,
+            &mut Scripted { state, events },
+            &mut |vm| {
+                opened.push(vm.name.clone());
+                held.set(held.get() + 1);
+                Some(Guard(held.clone()))
+            },
+            &mut |line| said.push(line.to_owned()),
+        );
+        (opened, held, e, said)
+    }
+
+    #[test]
+    fn on_vm_start_opens_on_each_start_and_releases_when_the_vm_stops() {
+        use crate::live::DomainEvent::{Crashed, Resumed, Started, Stopped, Suspended};
+        use crate::status::VmState;
+        let lost = crate::hypervisor::VmEvent::Lost {
+            at: "test:///default".into(),
+            why: "libvirtd went away".into(),
+        };
+        let (opened, held, e, said) = run(
+            VmState::Shutoff,
+            vec![
+                lifecycle(Started),
+                lifecycle(Suspended),
+                lifecycle(Stopped),
+                lifecycle(Resumed),
+                lifecycle(Crashed),
+                lost,
+            ],
+        );
+        assert_eq!(opened, ["win11", "win11"]);
+        assert_eq!(held.get(), 0, "a guard outlived its VM");
+        assert_eq!(
+            said,
+            ["Waiting for VM win11 to start (Looking Glass opens then)."]
+        );
+        assert_eq!(
+            e.to_string(),
+            "lost libvirt's events for VM win11 at qemu:///system: libvirtd went away"
+        );
+    }
+
+    #[test]
+    fn on_vm_start_opens_at_once_for_a_running_vm_and_lets_go_when_events_end() {
+        let (opened, held, e, _) = run(crate::status::VmState::Running, vec![]);
+        assert_eq!(opened, ["win11"]);
+        assert_eq!(held.get(), 0);
+        assert_eq!(
+            e.to_string(),
+            "lost libvirt's events for VM win11 at qemu:///system"
+        );
+    }
+
+    #[test]
+    fn on_vm_start_without_a_vm_says_so() {
+        let cfg = Config {
+            vms: vec![],
+            ..Config::default()
+        };
+        let e = on_vm_start::<()>(
+            &cfg,
+            &mut Scripted {
+                state: crate::status::VmState::Running,
+                events: vec![],
+            },
+            &mut |_| unreachable!(),
+            &mut |_| {},
+        );
+        assert_eq!(e.to_string(), "no [[vm]] in the config to wait for");
     }
 }

@@ -33,15 +33,14 @@ pub struct Caller {
 
 impl Caller {
     pub fn current() -> Caller {
-        // SAFETY: getuid/getgid/getgroups with a correctly sized buffer.
-        let (uid, mut gids) = unsafe {
-            let n = libc::getgroups(0, std::ptr::null_mut()).max(0);
-            let mut g = vec![0 as libc::gid_t; n as usize];
-            let n = libc::getgroups(n, g.as_mut_ptr()).max(0);
-            g.truncate(n as usize);
-            (libc::getuid(), g)
-        };
-        gids.push(unsafe { libc::getgid() });
+        use nix::unistd::{getgid, getgroups, getuid};
+        let uid = getuid().as_raw();
+        let mut gids: Vec<u32> = getgroups()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        gids.push(getgid().as_raw());
         let name = std::env::var("USER").unwrap_or_else(|_| uid.to_string());
         Caller { uid, gids, name }
     }
@@ -449,33 +448,17 @@ fn has_acl(path: &Path) -> bool {
 }
 
 fn user_name(uid: u32) -> String {
-    // SAFETY: getpwuid_r with its own buffer; the name is copied out before it drops.
-    unsafe {
-        let mut pw: libc::passwd = std::mem::zeroed();
-        let mut buf = vec![0 as libc::c_char; 4096];
-        let mut res = std::ptr::null_mut();
-        if libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut res) == 0 && !res.is_null() {
-            return std::ffi::CStr::from_ptr(pw.pw_name)
-                .to_string_lossy()
-                .into_owned();
-        }
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(user)) => user.name,
+        _ => uid.to_string(),
     }
-    uid.to_string()
 }
 
 fn group_name(gid: u32) -> String {
-    // SAFETY: as in user_name.
-    unsafe {
-        let mut gr: libc::group = std::mem::zeroed();
-        let mut buf = vec![0 as libc::c_char; 16384];
-        let mut res = std::ptr::null_mut();
-        if libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut res) == 0 && !res.is_null() {
-            return std::ffi::CStr::from_ptr(gr.gr_name)
-                .to_string_lossy()
-                .into_owned();
-        }
+    match nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)) {
+        Ok(Some(group)) => group.name,
+        _ => gid.to_string(),
     }
-    gid.to_string()
 }
 
 /// The client on `PATH` (or the configured path itself).

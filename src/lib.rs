@@ -21,6 +21,7 @@
 pub mod action;
 pub mod agent;
 pub mod bind;
+pub mod blockers;
 pub mod bounded;
 pub mod config;
 #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]

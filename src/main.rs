@@ -377,25 +377,15 @@ fn init_logging(verbose: u8, quiet: bool) {
 }
 
 fn load_config(explicit: Option<PathBuf>) -> anyhow::Result<(Config, Source)> {
-    // `--config FILE` is read as given, so a missing one is reported as that file, not
-    // as HANDOFF_CONFIG.
-    if let Some(path) = explicit {
-        return Ok((Config::load_file(&path)?, Source::File(path)));
-    }
-    Ok(Config::load()?)
+    Ok(Config::load_cli(explicit)?)
 }
 
-/// The config of a command that writes as root (`rebind --force`, `bind`): as root only the
-/// root-owned system file (see `Config::load_as_root`); as anyone else the usual search,
-/// since their writes are limited to what they may write anyway.
+/// The config of a command that writes as root (`rebind --force`, `bind`): see
+/// [`Config::load_to_write`].
 fn load_config_to_write(explicit: Option<PathBuf>) -> anyhow::Result<(Config, Source)> {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return load_config(explicit);
-    }
-    Ok(Config::load_as_root(
-        explicit.as_deref(),
-        std::env::var_os("HANDOFF_CONFIG").map(PathBuf::from),
+    Ok(Config::load_to_write(
+        explicit,
+        nix::unistd::geteuid().is_root(),
         std::path::Path::new(handoff::config::SYSTEM_CONFIG),
     )?)
 }
@@ -436,51 +426,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Blockers(flags) => {
-            use handoff::holders::Verdict;
             let (cfg, _) = load_config(cli.config)?;
-            let g = handoff::gpu::read_gpu(&cfg.host, cfg.gpu.address)?;
-            let nodes = handoff::holders::gpu_nodes(&cfg.host, &g);
-            let scan = handoff::holders::scan(&cfg.host, &g, &nodes);
-            let absent = g.owner == handoff::gpu::Owner::Absent;
-            let verdict = scan.verdict();
+            let blockers = handoff::blockers::Blockers::check(&cfg.host, cfg.gpu.address)?;
             if flags.json {
-                print_json(&BlockersJson {
-                    verdict: if absent { "clear" } else { verdict.word() },
-                    unchecked: verdict.unchecked(),
-                    scan: &scan,
-                })?;
-            } else if absent {
-                println!("No GPU at {}: nothing to hold.", cfg.gpu.address);
+                print_json(&blockers.json())?;
             } else {
-                match &verdict {
-                    Verdict::Clear => println!(
-                        "Nothing holds GPU {} ({} device nodes checked).",
-                        g.address,
-                        nodes.len()
-                    ),
-                    Verdict::Unchecked { .. } => println!(
-                        "Nothing seen holding GPU {} ({} device nodes checked), but not everything could be checked; a handoff would be refused:",
-                        g.address,
-                        nodes.len()
-                    ),
-                    Verdict::Held { .. } => {}
-                }
-                for h in &scan.holders {
-                    println!("{}", h.summary());
-                }
-                for f in &scan.framebuffers {
-                    println!("{}", f.summary());
-                }
-                for u in verdict.unchecked() {
-                    println!("Not checked: {u}");
-                }
+                print!("{}", blockers.render_text());
             }
-            Ok(match verdict {
-                _ if absent => ExitCode::SUCCESS,
-                Verdict::Clear => ExitCode::SUCCESS,
-                Verdict::Held { .. } => ExitCode::from(1),
-                Verdict::Unchecked { .. } => ExitCode::from(BLOCKERS_UNCHECKED),
-            })
+            Ok(ExitCode::from(blockers.exit_code()))
         }
         #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
         Command::Demo(a) => {
@@ -557,8 +510,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .as_deref()
                     .unwrap_or(std::path::Path::new(handoff::hooks::DEFAULT_HOOKS_DIR)),
                 {
+                    let mut hv = handoff::hypervisor::open(&cfg);
                     #[allow(unused_mut)]
-                    let mut extra = libvirt_checks(&cfg);
+                    let mut extra =
+                        doctor::libvirt_checks(&cfg, &mut |vm| handoff::hypervisor::vm_status(&mut *hv, vm));
                     #[cfg(feature = "inhibit")]
                     extra.push(handoff::inhibit::doctor_check());
                     extra
@@ -574,57 +529,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `handoff blockers`' exit status when nothing was seen holding the GPU but not everything
-/// could be checked.
-const BLOCKERS_UNCHECKED: u8 = 4;
-
-/// `handoff blockers --json`: the scan, and what it allows.
-#[derive(serde::Serialize)]
-struct BlockersJson<'a> {
-    /// `clear`, `held` or `unchecked` (see [`handoff::holders::Verdict`]).
-    verdict: &'static str,
-    /// What could not be checked, one line each.
-    unchecked: &'a [String],
-    #[serde(flatten)]
-    scan: &'a handoff::holders::Scan,
-}
-
 fn collect_status(cfg: &Config) -> anyhow::Result<status::Status> {
     let mut hv = handoff::hypervisor::open(cfg);
     Ok(status::collect(cfg, &mut |vm| {
         handoff::hypervisor::vm_status(&mut *hv, vm)
     })?)
-}
-
-/// Doctor's libvirt checks: each configured VM's URI answers and defines the domain.
-fn libvirt_checks(cfg: &Config) -> Vec<doctor::Check> {
-    let mut hv = handoff::hypervisor::open(cfg);
-    cfg.vms
-        .iter()
-        .map(|vm| {
-            let st = handoff::hypervisor::vm_status(&mut *hv, vm);
-            match st.state {
-                status::VmState::Unknown | status::VmState::Undefined => doctor::Check {
-                    id: "libvirt",
-                    level: doctor::Level::Fail,
-                    summary: format!("VM {} at {}: {}", vm.name, vm.uri, st.state.words()),
-                    fix: st.error,
-                },
-                s => doctor::Check {
-                    id: "libvirt",
-                    level: doctor::Level::Ok,
-                    summary: format!(
-                        "VM {} ({}) at {} is defined, {}",
-                        vm.name,
-                        vm.label(),
-                        vm.uri,
-                        s.words()
-                    ),
-                    fix: None,
-                },
-            }
-        })
-        .collect()
 }
 
 fn progress(step: &handoff::bind::plan::Step, host: &handoff::Host) {
@@ -639,14 +548,11 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
     } else {
         load_config(config)?
     };
-    if let Some(asked) = args.gpu
-        && asked != cfg.gpu.address
-    {
-        anyhow::bail!(
-            "--gpu {asked} is not the GPU in {source} ([gpu] address = {}); nothing was changed",
-            cfg.gpu.address
-        );
-    }
+    let guard = handoff::bind::guard::RebindGuard {
+        gpu: args.gpu,
+        even_if_vm_runs: args.even_if_vm_runs,
+    };
+    guard.check_gpu(&cfg, &source)?;
     let host = &cfg.host;
     let g = handoff::gpu::read_gpu(host, cfg.gpu.address)?;
     let record = RestoreRecord::load(host, cfg.gpu.address)?;
@@ -674,19 +580,11 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let users = handoff::holders::vfio_users(host, &g);
-    if !users.is_empty() {
-        let list: Vec<String> = users.iter().map(|h| format!("  {}", h.summary())).collect();
-        if !args.even_if_vm_runs {
-            anyhow::bail!(
-                "a VM still uses GPU {}:\n{}\nStop the VM first (handoff stop), or add --even-if-vm-runs: the VM loses its GPU and will likely crash",
-                g.address,
-                list.join("\n")
-            );
-        }
+    let taken = guard.check_vm_users(g.address, &handoff::holders::vfio_users(host, &g))?;
+    if !taken.is_empty() {
         eprintln!(
             "handoff: warning: taking the GPU from a running VM:\n{}",
-            list.join("\n")
+            handoff::bind::guard::indented(&taken)
         );
     }
     let timeout = std::time::Duration::from_secs(cfg.gpu.watchdog_s);
@@ -960,28 +858,17 @@ fn install_services(config: Option<PathBuf>, args: InstallServicesArgs) -> anyho
     })
 }
 
-/// `handoff lg --on-vm-start`: open the client whenever the first [[vm]] starts, and hold a
-/// sleep inhibitor while it runs. Returns only on error (systemd restarts the unit).
+/// `handoff lg --on-vm-start` (see [`handoff::lg::on_vm_start`]): opens the client and holds
+/// a sleep inhibitor (when built with it) while the VM runs. Returns only on error (systemd
+/// restarts the unit).
 fn lg_on_vm_start(
     cfg: &Config,
     session: &handoff::i3::Session,
     wait: std::time::Duration,
 ) -> anyhow::Result<ExitCode> {
-    use handoff::hypervisor::{self, VmEvent, VmRef};
-    use handoff::live::DomainEvent;
-    let vm = cfg
-        .vm(None)
-        .context("no [[vm]] in the config to wait for")?
-        .clone();
-    let mut hv = hypervisor::open(cfg);
-    let (tx, events) = std::sync::mpsc::channel();
-    let _subscription = hv.subscribe(
-        &[VmRef::from(&vm)],
-        std::sync::Arc::new(move |ev| tx.send(ev).is_ok()),
-    )?;
-    // Opens the client; returns the sleep inhibitor (when built with it) as an opaque guard
-    // that releases the lock when dropped.
-    let started = |cfg: &Config| -> Option<Box<dyn std::any::Any>> {
+    let mut hv = handoff::hypervisor::open(cfg);
+    // The guard is the sleep inhibitor, opaque here: dropping it releases the lock.
+    let mut started = |vm: &handoff::config::VmConfig| -> Option<Box<dyn std::any::Any>> {
         match handoff::lg::open(cfg, session, wait) {
             Ok(o) => eprintln!("{}", o.describe(cfg, Some(vm.label()))),
             Err(e) => eprintln!("handoff: {e}"),
@@ -993,51 +880,17 @@ fn lg_on_vm_start(
         }
         None
     };
-    eprintln!("Waiting for VM {} to start (Looking Glass opens then).", vm.name);
-    let mut held = None;
-    if hv.probe(&VmRef::from(&vm))?.state == status::VmState::Running {
-        held = started(cfg);
-    }
-    for ev in events {
-        match ev {
-            VmEvent::Lifecycle {
-                event: DomainEvent::Started | DomainEvent::Resumed,
-                ..
-            } => held = started(cfg),
-            VmEvent::Lifecycle {
-                event: DomainEvent::Stopped | DomainEvent::Crashed,
-                ..
-            } => held = None,
-            VmEvent::Lifecycle { .. } | VmEvent::Back { .. } => {}
-            // systemd restarts the unit, which then looks at the VM afresh.
-            VmEvent::Lost { why, .. } => {
-                drop(held);
-                anyhow::bail!("lost libvirt's events for VM {} at {}: {why}", vm.name, vm.uri)
-            }
-        }
-    }
-    drop(held);
-    anyhow::bail!("lost libvirt's events for VM {} at {}", vm.name, vm.uri)
+    let e = handoff::lg::on_vm_start(cfg, &mut *hv, &mut started, &mut |line| eprintln!("{line}"));
+    Err(e.into())
 }
 
 /// `handoff watch`: the live change stream, one line (or JSON object) per change.
 fn watch(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    use std::io::Write;
-    let sources = handoff::live::Sources {
-        libvirt: cfg!(feature = "libvirt") && !cfg.vms.is_empty(),
-        ..handoff::live::Sources::without_libvirt()
-    };
-    let watcher = handoff::live::Watcher::new(cfg, sources)?;
-    let mut out = std::io::stdout().lock();
-    while let Ok(change) = watcher.recv() {
-        let line = if json {
-            serde_json::to_string(&change)?
-        } else {
-            change.to_string()
-        };
-        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
-            break; // stdout closed: nobody is reading
-        }
-    }
+    let watcher = handoff::live::Watcher::new(cfg, handoff::live::Sources::for_watch(cfg))?;
+    handoff::live::write_changes(
+        std::iter::from_fn(|| watcher.recv().ok()),
+        json,
+        &mut std::io::stdout().lock(),
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -342,7 +342,6 @@ Next: {}
 /// "3 processes could not be inspected: run as root to see them" (see
 /// [`crate::holders::uninspected_text`]).
 pub fn uninspected_line(n: usize) -> String {
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().as_raw() == 0;
     crate::holders::uninspected_text(n, &[], root)
 }

@@ -36,6 +36,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -114,8 +115,7 @@ pub fn read_all(paths: &[PathBuf], timeout: Duration) -> Vec<Bounded> {
 /// absolute directory owned by us; None otherwise.
 fn marker_dir() -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid cannot fail.
-    let uid = unsafe { libc::geteuid() };
+    let uid = nix::unistd::geteuid().as_raw();
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
@@ -196,10 +196,9 @@ fn reap_later(pid: i32) {
     let spawned = std::thread::Builder::new()
         .name(format!("reap-read-{pid}"))
         .spawn(move || {
-            let mut status = 0;
-            // SAFETY: waits on our own child only.
-            while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
-                && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+            // Its exit status does not matter: it was given up on.
+            while nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None)
+                == Err(nix::errno::Errno::EINTR)
             {}
             forget(pid);
         });
@@ -220,7 +219,7 @@ fn forget(pid: i32) {
 struct Reader {
     pid: i32,
     /// The pipe's read end (non-blocking).
-    pipe: i32,
+    pipe: OwnedFd,
 }
 
 enum Finished {
@@ -230,25 +229,22 @@ enum Finished {
 
 fn spawn_reader(path: &Path) -> io::Result<Reader> {
     let cpath = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let mut fds = [0i32; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let [read_end, write_end] = fds;
+    use nix::fcntl::OFlag;
+    let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
     let mut buf = vec![0u8; MAX_LEN];
+    // libc, not nix, from here to _exit: the child may only make async-signal-safe calls
+    // on memory prepared before the fork, and the raw calls make that plain to see.
     // SAFETY: between fork and _exit the child calls only async-signal-safe functions
     // (open, dup2, close_range, read, write, _exit) on memory prepared before the fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        let e = io::Error::last_os_error();
-        unsafe {
-            libc::close(read_end);
-            libc::close(write_end);
-        }
-        return Err(e);
+        // Both ends close as they drop.
+        return Err(io::Error::last_os_error());
     }
     if pid == 0 {
+        let write_end = write_end.as_raw_fd();
+        // SAFETY: in the forked child: only async-signal-safe calls (above), on `cpath` and
+        // `buf`, allocated before the fork; it never returns (every path ends in _exit).
         unsafe {
             isolate_child_fds(write_end);
             let fd = libc::open(cpath.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
@@ -273,19 +269,16 @@ fn spawn_reader(path: &Path) -> io::Result<Reader> {
             libc::_exit(0);
         }
     }
-    // SAFETY: our copy of the write end; the child has its own.
-    unsafe { libc::close(write_end) };
+    // Our copy of the write end closes here; the child has its own.
+    drop(write_end);
     Ok(Reader { pid, pipe: read_end })
 }
 
 impl Reader {
     fn finish(self, timeout: Duration) -> Finished {
         let answer = match wait_with_deadline(self.pid, timeout) {
-            Ok(None) => {
-                // SAFETY: our own descriptor; the stuck child writes to its own copy.
-                unsafe { libc::close(self.pipe) };
-                return Finished::Stuck(self.pid);
-            }
+            // Our read end closes as `self` drops; the stuck child writes to its own copy.
+            Ok(None) => return Finished::Stuck(self.pid),
             Ok(Some(0)) => match self.drain() {
                 Ok(bytes) => Bounded::Value(String::from_utf8_lossy(&bytes).into_owned()),
                 Err(e) => Bounded::Failed(e),
@@ -294,7 +287,6 @@ impl Reader {
             Ok(Some(code)) => Bounded::Failed(io::Error::from_raw_os_error(code)),
             Err(e) => Bounded::Failed(e),
         };
-        unsafe { libc::close(self.pipe) };
         Finished::Answer(answer)
     }
 
@@ -303,16 +295,14 @@ impl Reader {
         let mut out = Vec::new();
         let mut chunk = [0u8; 4096];
         loop {
-            // SAFETY: reads into a local buffer of the given size.
-            let n = unsafe { libc::read(self.pipe, chunk.as_mut_ptr().cast(), chunk.len()) };
-            if n > 0 {
-                out.extend_from_slice(&chunk[..n as usize]);
-                continue;
-            }
-            if n == 0 {
-                return Ok(out);
-            }
-            let e = io::Error::last_os_error();
+            let e = match nix::unistd::read(&self.pipe, &mut chunk) {
+                Ok(0) => return Ok(out),
+                Ok(n) => {
+                    out.extend_from_slice(&chunk[..n]);
+                    continue;
+                }
+                Err(errno) => io::Error::from(errno),
+            };
             match e.kind() {
                 io::ErrorKind::Interrupted => continue,
                 // Only while another process briefly shares the write end (a sibling
@@ -365,44 +355,39 @@ pub(crate) fn errno_code() -> i32 {
 /// Wait for our child `pid` up to `timeout` without a polling loop: poll(2) on a pidfd.
 /// Ok(Some(exit code)), Ok(None) on timeout (the child is left unreaped).
 pub(crate) fn wait_with_deadline(pid: i32, timeout: Duration) -> io::Result<Option<i32>> {
-    // SAFETY: plain syscalls on our own child's pid.
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    // libc, not nix: nix 0.31 has no pidfd_open.
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
     if pidfd < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: a fresh descriptor that nothing else owns; it closes when this returns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let deadline = deadline_after(timeout);
-    let result = loop {
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut pfd = libc::pollfd {
-            fd: pidfd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = left.as_millis().min(i32::MAX as u128) as i32;
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            break Err(e);
+        let ms = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        match poll(&mut [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)], ms) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
         }
-        if rc == 0 {
-            break Ok(None);
-        }
+        // libc, not nix: nix's waitpid fails on a child killed by a signal it has no name
+        // for (SIGRTMIN+n), and that child is reaped all the same.
         let mut status = 0;
+        // SAFETY: waits on our own child, writing only into `status`.
         let r = unsafe { libc::waitpid(pid, &mut status, 0) };
         if r < 0 {
-            break Err(io::Error::last_os_error());
+            return Err(io::Error::last_os_error());
         }
-        break Ok(Some(if libc::WIFEXITED(status) {
+        return Ok(Some(if libc::WIFEXITED(status) {
             libc::WEXITSTATUS(status)
         } else {
             libc::EINTR
         }));
-    };
-    unsafe { libc::close(pidfd) };
-    result
+    }
 }
 
 #[cfg(test)]
@@ -440,7 +425,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("stuck");
         let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        nix::unistd::mkfifo(c.as_c_str(), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let t = Instant::now();
         assert!(matches!(read(&fifo, Duration::from_millis(100)), Bounded::Locked));
         assert!(t.elapsed() < Duration::from_secs(1));

@@ -905,8 +905,7 @@ pub fn process_age(procfs: &Path, pid: u32) -> Option<u64> {
         .next()?
         .parse()
         .ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
     if hz <= 0 {
         return None;
     }

@@ -507,3 +507,25 @@ fn a_fifo_or_a_device_as_the_config_is_refused_at_once_naming_the_file() {
     assert!(text.contains(&null.display().to_string()), "{text}");
     assert!(text.contains("a character device"), "{text}");
 }
+
+/// A command that writes, run by a person: their `--config` is read as given; run as root:
+/// a `--config` naming another file than the system one is refused, never silently used.
+#[test]
+fn writing_commands_read_the_callers_file_unless_root_then_only_the_system_one() {
+    let good = fixture("good.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let system = dir.path().join("system.toml");
+    let (cfg, source) = Config::load_to_write(Some(good.clone()), false, &system).unwrap();
+    assert_eq!(source, Source::File(good.clone()));
+    assert_eq!(cfg, Config::load_file(&good).unwrap());
+    match Config::load_to_write(Some(good.clone()), true, &system) {
+        Err(ConfigError::NotForRoot {
+            path,
+            given_by,
+            system: s,
+        }) => {
+            assert_eq!((path, given_by, s), (good, "--config", system));
+        }
+        other => panic!("root read a caller's file: {other:?}"),
+    }
+}

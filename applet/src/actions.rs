@@ -195,8 +195,7 @@ fn stop_error(v: &VmConfig, f: &Failure) -> Note {
 /// SIGTERM the user's own `pids` and wait for them: the library's one implementation,
 /// which touches none unless every one is this user's.
 fn terminate(cfg: &Config, pids: &[(u32, &str)]) -> action::Outcome {
-    // SAFETY: getuid cannot fail.
-    action::terminate(&cfg.host, unsafe { libc::getuid() }, pids)
+    action::terminate(&cfg.host, nix::unistd::getuid().as_raw(), pids)
 }
 
 fn rebind(cfg: &Config) -> Option<Note> {

@@ -184,8 +184,7 @@ pub fn collect(cfg: &Config, probe: &mut dyn FnMut() -> Vec<VmStatus>) -> Snapsh
     Snapshot {
         status,
         files: HookFiles::load(&cfg.host, cfg.gpu.address),
-        // SAFETY: getuid cannot fail.
-        uid: unsafe { libc::getuid() },
+        uid: nix::unistd::getuid().as_raw(),
         units,
         orphan_seen_for: Some(std::time::Duration::ZERO),
     }

@@ -138,8 +138,7 @@ fn run_inner(cfg: &Config, action: &Action) -> Result<Outcome, Outcome> {
         // One implementation each, the library's (issue 12 item 3): the ownership check
         // before a SIGTERM, the unit's manager from its cgroup, pkexec's exit codes.
         Action::Terminate { pid, command } => {
-            // SAFETY: getuid cannot fail.
-            let uid = unsafe { libc::getuid() };
+            let uid = nix::unistd::getuid().as_raw();
             outcome(action::terminate(&cfg.host, uid, &[(*pid, command.as_str())]))
         }
         Action::StopUnit { unit, pid } => {

@@ -40,8 +40,7 @@ fn read_facts(cfg: &Config, prober: &Mutex<Prober>) -> Result<Facts, String> {
     Ok(Facts {
         status,
         files: HookFiles::load(&cfg.host, cfg.gpu.address),
-        // SAFETY: getuid cannot fail.
-        uid: unsafe { libc::getuid() },
+        uid: nix::unistd::getuid().as_raw(),
         now: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

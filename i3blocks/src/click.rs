@@ -170,11 +170,12 @@ pub fn spawn_detached(argv: &[OsString]) -> io::Result<()> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log.map(Stdio::from).unwrap_or_else(|_| Stdio::null()));
-    // SAFETY: setsid is async-signal-safe; it only fails when we already lead a group,
-    // which a freshly forked child never does.
+    // SAFETY: the closure runs between fork and exec, so it may only make async-signal-safe
+    // calls: nix's setsid is setsid(2) and nothing else (no allocation, no lock). It only
+    // fails when we already lead a group, which a freshly forked child never does.
     unsafe {
         cmd.pre_exec(|| {
-            libc::setsid();
+            let _ = nix::unistd::setsid();
             Ok(())
         });
     }

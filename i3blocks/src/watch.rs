@@ -57,8 +57,7 @@ fn drain(w: &Watcher) {
 pub fn signal_i3blocks(cfg: &Config, n: i32) -> Result<(), String> {
     let sig = rt_signal(n)?;
     let w = Watcher::new(cfg, Sources::without_libvirt()).map_err(|e| e.to_string())?;
-    // SAFETY: getuid cannot fail.
-    let uid = unsafe { libc::getuid() };
+    let uid = nix::unistd::getuid().as_raw();
     // Once at start: whatever changed while nothing watched. The scan here is only for
     // the holders' pids, so that one exiting re-runs the blocks too.
     signal_all(&cfg.host.procfs, uid, sig);
@@ -91,7 +90,8 @@ pub fn signal_range_error(given: &str) -> String {
 
 fn signal_all(procfs: &Path, uid: u32, sig: i32) {
     for pid in i3blocks_pids(procfs, uid) {
-        // SAFETY: sending a signal to a pid we just found; a pid that has gone is ESRCH.
+        // libc, not nix: nix's `Signal` has no real-time signals (SIGRTMIN+n).
+        // SAFETY: kill(2) touches no memory of ours; a pid that has gone is ESRCH.
         unsafe { libc::kill(pid, sig) };
     }
 }

@@ -11,6 +11,7 @@
 //! the GPU is with (or being handed to) one VM makes a handoff to any other VM
 //! [`BindError::Busy`].
 
+pub mod guard;
 pub mod lock;
 pub mod plan;
 pub mod record;

@@ -56,6 +56,8 @@ pub fn write_with_watchdog(path: &Path, value: &str, timeout: Duration) -> Resul
         return Err(spawn_err(io::Error::last_os_error()));
     }
     if pid == 0 {
+        // SAFETY: in the forked child: only async-signal-safe calls (above), on `cpath` and
+        // `bytes`, allocated before the fork; it never returns (every path ends in _exit).
         unsafe {
             crate::sysfs_read::isolate_child_fds(-1);
             let fd = libc::open(cpath.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -148,6 +150,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("unbind");
         let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let t = std::time::Instant::now();
         let e = write_with_watchdog(&fifo, "0000:01:00.0", Duration::from_millis(300)).unwrap_err();

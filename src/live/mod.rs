@@ -59,7 +59,7 @@ pub mod virt;
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvError, RecvTimeoutError};
 use std::time::Duration;
@@ -101,6 +101,36 @@ impl Sources {
             ..Self::all()
         }
     }
+
+    /// What `handoff watch` listens to for `cfg`: the kernel and the hook's files, and
+    /// libvirt when this build has it and a VM is configured.
+    pub fn for_watch(cfg: &Config) -> Self {
+        Self {
+            libvirt: cfg!(feature = "libvirt") && !cfg.vms.is_empty(),
+            ..Self::without_libvirt()
+        }
+    }
+}
+
+/// `handoff watch`'s output: each change as one line (its text, or one JSON object with
+/// `json`), flushed at once so that a reader sees it as it happens. Ends when `changes` ends
+/// or `out` fails (stdout closed: nobody is reading).
+pub fn write_changes(
+    changes: impl IntoIterator<Item = Change>,
+    json: bool,
+    out: &mut dyn io::Write,
+) -> Result<(), serde_json::Error> {
+    for change in changes {
+        let line = if json {
+            serde_json::to_string(&change)?
+        } else {
+            change.to_string()
+        };
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// A source of changes, as named in [`Change::SourceLost`] and [`Change::SourceBack`].
@@ -386,45 +416,93 @@ impl Drop for Watcher {
 
 /// `pipe2(O_CLOEXEC)`: (read end, write end).
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds on success; we take ownership of both.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both are fresh fds owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }
 
 /// Blocks until `fd` is readable (true) or `stop` hung up (false). No timeout: this is
 /// the only place the uevent and inotify threads sleep.
 fn wait_readable(fd: BorrowedFd<'_>, stop: &OwnedFd) -> io::Result<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let mut fds = [
-        libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.as_fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
+        PollFd::new(fd, PollFlags::POLLIN),
+        PollFd::new(stop.as_fd(), PollFlags::POLLIN),
     ];
     loop {
-        // SAFETY: fds is a valid array of two pollfd for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
         }
-        if fds[1].revents != 0 {
+        if fds[1].any().unwrap_or(true) {
             return Ok(false);
         }
-        if fds[0].revents != 0 {
+        if fds[0].any().unwrap_or(true) {
             return Ok(true);
         }
+    }
+}
+
+#[cfg(test)]
+mod write_changes_tests {
+    use super::*;
+
+    fn changes() -> Vec<Change> {
+        vec![
+            Change::SourceBack {
+                source: Source::Libvirt {
+                    uri: "qemu:///system".into(),
+                },
+            },
+            Change::RestoreRecord {
+                file: "/run/handoff/restore-0000:01:00.0.json".into(),
+                present: true,
+            },
+        ]
+    }
+
+    #[test]
+    fn one_line_per_change_as_text_or_json() {
+        let mut text = Vec::new();
+        write_changes(changes(), false, &mut text).unwrap();
+        let want: String = changes().iter().map(|c| format!("{c}\n")).collect();
+        assert_eq!(String::from_utf8(text).unwrap(), want);
+
+        let mut json = Vec::new();
+        write_changes(changes(), true, &mut json).unwrap();
+        let lines: Vec<Change> = String::from_utf8(json)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines, changes());
+    }
+
+    /// A writer whose reader went away after `left` lines.
+    struct Closing {
+        left: usize,
+        written: usize,
+    }
+
+    impl io::Write for Closing {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.left == 0 {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.left -= 1;
+            self.written += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn stops_when_nobody_reads() {
+        let mut out = Closing { left: 1, written: 0 };
+        // An endless stream: only the closed output can end it.
+        let endless = std::iter::repeat_with(|| changes().remove(0));
+        write_changes(endless, false, &mut out).unwrap();
+        assert_eq!(out.written, 1);
     }
 }

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -45,22 +45,19 @@ impl PidWatch {
         w.0 += 1;
         w.1 = pids.to_vec();
         drop(w);
-        // SAFETY: one byte from a valid buffer to a pipe we own; a full pipe already
-        // holds a wake-up, so EAGAIN loses nothing.
-        unsafe { libc::write(self.wake.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        // A full pipe already holds a wake-up, so EAGAIN loses nothing.
+        let _ = nix::unistd::write(&self.wake, &[1u8]);
     }
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: fcntl on an fd we own.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     Ok(())
 }
 
+/// libc, not nix: nix 0.31 has no pidfd_open.
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -95,7 +92,7 @@ fn run(wanted: &Mutex<(u64, Vec<u32>)>, wake: &OwnedFd, stop: &OwnedFd, sink: &S
                         open.insert(pid, fd);
                     }
                     // Gone between the scan and now: that is the news.
-                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                    Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ESRCH as i32) => {
                         reported.push(pid);
                         if !sink(Change::HolderExited { pid }) {
                             return;
@@ -105,45 +102,43 @@ fn run(wanted: &Mutex<(u64, Vec<u32>)>, wake: &OwnedFd, stop: &OwnedFd, sink: &S
                 }
             }
         }
-        let mut fds = vec![
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
         let order: Vec<u32> = open.keys().copied().collect();
-        fds.extend(order.iter().map(|pid| libc::pollfd {
-            fd: open[pid].as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }));
-        // SAFETY: fds is a valid array of pollfd for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+        let ready = {
+            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+            let mut fds = vec![
+                PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+                PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+            ];
+            fds.extend(
+                order
+                    .iter()
+                    .map(|pid| PollFd::new(open[pid].as_fd(), PollFlags::POLLIN)),
+            );
+            match poll(&mut fds, PollTimeout::NONE) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!(
+                        "no more news of the GPU's holders exiting: poll: {}",
+                        io::Error::from(e)
+                    );
+                    return;
+                }
+                Ok(_) => {}
             }
-            tracing::warn!("no more news of the GPU's holders exiting: poll: {e}");
+            // Unknown revents bits are still news: None counts as ready.
+            fds.iter().map(|f| f.any().unwrap_or(true)).collect::<Vec<bool>>()
+        };
+        if ready[0] {
             return;
         }
-        if fds[0].revents != 0 {
-            return;
-        }
-        if fds[1].revents != 0 {
+        if ready[1] {
             let mut buf = [0u8; 64];
-            // SAFETY: reading into a valid buffer from our non-blocking pipe.
-            while unsafe { libc::read(wake.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+            // The pipe is non-blocking: read until it is empty.
+            while nix::unistd::read(wake, &mut buf).is_ok_and(|n| n > 0) {}
             reconcile = true;
         }
         for (i, pid) in order.iter().enumerate() {
-            if fds[i + 2].revents != 0 {
+            if ready[i + 2] {
                 open.remove(pid);
                 reported.push(*pid);
                 if !sink(Change::HolderExited { pid: *pid }) {

@@ -11,13 +11,15 @@
 //! files already in it are reported.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
+
+use nix::errno::Errno;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, WatchDescriptor};
 
 use super::{Change, Sink, Source, WatchError};
 use crate::host::Host;
@@ -25,16 +27,19 @@ use crate::state::HookState;
 
 const STATE_FILE: &str = "state.json";
 
-const DIR_MASK: u32 = libc::IN_MOVED_TO
-    | libc::IN_CLOSE_WRITE
-    | libc::IN_DELETE
-    | libc::IN_MOVED_FROM
-    | libc::IN_DELETE_SELF
-    | libc::IN_MOVE_SELF
-    | libc::IN_ONLYDIR;
+const DIR_MASK: AddWatchFlags = AddWatchFlags::IN_MOVED_TO
+    .union(AddWatchFlags::IN_CLOSE_WRITE)
+    .union(AddWatchFlags::IN_DELETE)
+    .union(AddWatchFlags::IN_MOVED_FROM)
+    .union(AddWatchFlags::IN_DELETE_SELF)
+    .union(AddWatchFlags::IN_MOVE_SELF)
+    .union(AddWatchFlags::IN_ONLYDIR);
 
-const ANCESTOR_MASK: u32 =
-    libc::IN_CREATE | libc::IN_MOVED_TO | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_ONLYDIR;
+const ANCESTOR_MASK: AddWatchFlags = AddWatchFlags::IN_CREATE
+    .union(AddWatchFlags::IN_MOVED_TO)
+    .union(AddWatchFlags::IN_DELETE_SELF)
+    .union(AddWatchFlags::IN_MOVE_SELF)
+    .union(AddWatchFlags::IN_ONLYDIR);
 
 /// What a file name in the run directory means, if anything.
 fn change_for(run: &Path, name: &OsStr, present: bool) -> Option<Change> {
@@ -61,38 +66,25 @@ fn change_for(run: &Path, name: &OsStr, present: bool) -> Option<Change> {
 }
 
 struct Inotify {
-    fd: OwnedFd,
+    fd: nix::sys::inotify::Inotify,
     run: PathBuf,
-    wd: Option<i32>,
+    wd: Option<WatchDescriptor>,
     /// True when `wd` watches the run directory itself, not an ancestor.
     on_run: bool,
 }
 
 impl Inotify {
     fn new(run: &Path) -> io::Result<Self> {
-        // SAFETY: plain inotify_init1; the fd is owned below.
-        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(Self {
-            // SAFETY: fresh fd, ours.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd: nix::sys::inotify::Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)?,
             run: run.to_owned(),
             wd: None,
             on_run: false,
         })
     }
 
-    fn add_watch(&self, path: &Path, mask: u32) -> io::Result<i32> {
-        let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-        // SAFETY: c is a valid NUL-terminated path.
-        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), mask) };
-        if wd < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(wd)
-        }
+    fn add_watch(&self, path: &Path, mask: AddWatchFlags) -> io::Result<WatchDescriptor> {
+        Ok(self.fd.add_watch(path, mask)?)
     }
 
     /// Watches the run directory if it exists, else its nearest existing ancestor. Returns
@@ -118,7 +110,8 @@ impl Inotify {
                 Ok(wd) => wd,
                 // Removed between the check and the watch: look again.
                 Err(e)
-                    if e.raw_os_error() == Some(libc::ENOENT) || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                    if e.raw_os_error() == Some(Errno::ENOENT as i32)
+                        || e.raw_os_error() == Some(Errno::ENOTDIR as i32) =>
                 {
                     continue;
                 }
@@ -127,8 +120,8 @@ impl Inotify {
                 }
             };
             if let Some(old) = self.wd.filter(|&old| old != wd) {
-                // SAFETY: removing a watch descriptor of our own fd; failure is harmless.
-                unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), old) };
+                // Failure is harmless: the old watch only sends events that are ignored.
+                let _ = self.fd.rm_watch(old);
             }
             self.wd = Some(wd);
             let moved = on_run && !self.on_run;
@@ -178,7 +171,6 @@ fn watch(mut ino: Inotify, sink: &Sink, stop: &OwnedFd) {
             why,
         });
     };
-    let mut buf = vec![0u8; 16 * 1024];
     // The hook's write_atomic renames its temporary file into place while it is still
     // open, so one save is both IN_MOVED_TO and IN_CLOSE_WRITE of `state.json`: report a
     // file only when what it says differs from what was last reported for it.
@@ -189,34 +181,16 @@ fn watch(mut ino: Inotify, sink: &Sink, stop: &OwnedFd) {
             Ok(false) => return,
             Err(e) => return lost(format!("poll: {e}")),
         }
-        // SAFETY: buf is valid for its length.
-        let n = unsafe {
-            libc::read(
-                ino.fd.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-            )
+        let events = match ino.fd.read_events() {
+            Ok(events) => events,
+            Err(Errno::EAGAIN | Errno::EINTR) => continue,
+            Err(e) => return lost(format!("read inotify: {}", io::Error::from(e))),
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => continue,
-                _ => return lost(format!("read inotify: {e}")),
-            }
-        }
         let mut changes = Vec::new();
         let mut rearm = false;
-        let mut off = 0;
-        let n = n as usize;
-        let header = std::mem::size_of::<libc::inotify_event>();
-        while off + header <= n {
-            // SAFETY: the kernel wrote a whole inotify_event at off; read it unaligned.
-            let ev: libc::inotify_event =
-                unsafe { std::ptr::read_unaligned(buf.as_ptr().add(off) as *const libc::inotify_event) };
-            let name_bytes = &buf[off + header..(off + header + ev.len as usize).min(n)];
-            let name = OsStr::from_bytes(name_bytes.split(|&b| b == 0).next().unwrap_or_default());
-            off += header + ev.len as usize;
-            if ev.mask & libc::IN_Q_OVERFLOW != 0 {
+        for ev in events {
+            let name = ev.name.as_deref().unwrap_or(OsStr::new(""));
+            if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                 rearm = true;
                 changes.push(Change::SourceLost {
                     source: source(),
@@ -228,7 +202,9 @@ fn watch(mut ino: Inotify, sink: &Sink, stop: &OwnedFd) {
             if Some(ev.wd) != ino.wd {
                 continue; // a watch we already replaced
             }
-            if ev.mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_IGNORED) != 0 {
+            if ev.mask.intersects(
+                AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF | AddWatchFlags::IN_IGNORED,
+            ) {
                 rearm = true;
                 continue;
             }
@@ -237,7 +213,9 @@ fn watch(mut ino: Inotify, sink: &Sink, stop: &OwnedFd) {
                 rearm = true;
                 continue;
             }
-            let present = ev.mask & (libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE) != 0;
+            let present = ev
+                .mask
+                .intersects(AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE);
             if let Some(c) = change_for(&ino.run, name, present) {
                 changes.push(c);
             }

@@ -12,8 +12,12 @@
 //! Since only root can send there, the receiver accepts any sender.
 
 use std::io;
-use std::mem;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, setsockopt, sockopt,
+};
 use std::sync::Arc;
 use std::thread;
 
@@ -142,82 +146,40 @@ pub struct UeventSocket {
 }
 
 fn netlink_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the fd is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_KOBJECT_UEVENT,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is fresh and ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(nix::sys::socket::socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkKObjectUEvent,
+    )?)
 }
 
-fn sockaddr(groups: u32) -> libc::sockaddr_nl {
-    // SAFETY: sockaddr_nl is plain data; all-zero is valid.
-    let mut sa: libc::sockaddr_nl = unsafe { mem::zeroed() };
-    sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    sa.nl_groups = groups;
-    sa
+/// The kernel's uevent group, port 0 (the kernel; a bind picks our own port).
+fn sockaddr(groups: u32) -> NetlinkAddr {
+    NetlinkAddr::new(0, groups)
 }
 
 impl UeventSocket {
     /// Subscribes to group 1. Works unprivileged (the kernel lets anyone listen).
     pub fn open() -> io::Result<Self> {
         let fd = netlink_socket()?;
-        let sa = sockaddr(KERNEL_GROUP);
-        // SAFETY: sa is a valid sockaddr_nl of the size given.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sa as *const _ as *const libc::sockaddr,
-                mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        nix::sys::socket::bind(fd.as_raw_fd(), &sockaddr(KERNEL_GROUP))?;
         // A burst (a rescan, a module load) can overflow the default buffer; ask for 1 MiB
         // and live with what we get (FORCE works for root only).
-        let size: libc::c_int = 1 << 20;
-        for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-            // SAFETY: setsockopt with a pointer to a c_int of the size given.
-            let rc = unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    &size as *const _ as *const libc::c_void,
-                    mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc == 0 {
-                break;
-            }
+        let size: usize = 1 << 20;
+        if setsockopt(&fd, sockopt::RcvBufForce, &size).is_err() {
+            let _ = setsockopt(&fd, sockopt::RcvBuf, &size);
         }
         Ok(Self { fd })
     }
 
     /// One datagram, without blocking (`WouldBlock` when none is queued).
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: buf is valid for buf.len() bytes.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        Ok(nix::sys::socket::recv(
+            self.fd.as_raw_fd(),
+            buf,
+            MsgFlags::MSG_DONTWAIT,
+        )?)
     }
 }
 
@@ -225,27 +187,11 @@ impl UeventSocket {
 /// does. Needs `CAP_NET_ADMIN` (root): `EPERM` otherwise.
 pub fn send_uevent(bytes: &[u8]) -> io::Result<()> {
     let fd = netlink_socket()?;
-    let sa = sockaddr(KERNEL_GROUP);
-    // SAFETY: bytes and sa are valid for the sizes given.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            bytes.as_ptr() as *const libc::c_void,
-            bytes.len(),
-            0,
-            &sa as *const _ as *const libc::sockaddr,
-            mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if n >= 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    // The broadcast went out; only the unicast to the kernel (port 0) was refused.
-    if e.raw_os_error() == Some(libc::ECONNREFUSED) {
-        Ok(())
-    } else {
-        Err(e)
+    match nix::sys::socket::sendto(fd.as_raw_fd(), bytes, &sockaddr(KERNEL_GROUP), MsgFlags::empty()) {
+        Ok(_) => Ok(()),
+        // The broadcast went out; only the unicast to the kernel (port 0) was refused.
+        Err(Errno::ECONNREFUSED) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -291,7 +237,7 @@ fn run(socket: UeventSocket, filter: SlotFilter, sink: Sink, stop: &OwnedFd) {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                Err(e) if e.raw_os_error() == Some(Errno::ENOBUFS as i32) => {
                     // The kernel dropped uevents: say so, and that the stream goes on.
                     let lost = sink(Change::SourceLost {
                         source: Source::Uevents,

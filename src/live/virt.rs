@@ -316,10 +316,13 @@ unsafe extern "C" fn on_lifecycle(
         // SAFETY: opaque is the LifecycleCtx registered with this callback, alive until
         // free_box; dom is valid for the duration of the callback.
         let ctx = unsafe { &*(opaque as *const LifecycleCtx) };
+        // SAFETY: dom is valid for the duration of the callback (above).
         let name = unsafe { sys::virDomainGetName(dom) };
         if name.is_null() {
             return;
         }
+        // SAFETY: not null, and libvirt returns a NUL-terminated name owned by dom, which
+        // outlives this borrow (the callback).
         let name = unsafe { CStr::from_ptr(name) }.to_string_lossy();
         if !ctx.names.iter().any(|n| *n == name) {
             return;

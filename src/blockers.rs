@@ -1,0 +1,168 @@
+//! `handoff blockers`' answer: what holds the GPU's device nodes now, what that allows, and
+//! the exit status scripts branch on. Reads sysfs, `/proc` and `[host] dev` through
+//! [`crate::holders`]; decides here, once, what an absent GPU and a partial scan mean.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::gpu::{self, Owner, SysfsError};
+use crate::holders::{self, Scan, Verdict};
+use crate::host::Host;
+use crate::pci::PciAddress;
+
+/// The exit status when nothing was seen holding the GPU but not everything could be
+/// checked: a handoff would be refused.
+pub const EXIT_UNCHECKED: u8 = 4;
+
+/// One look at the GPU's holders.
+#[derive(Debug)]
+pub struct Blockers {
+    pub address: PciAddress,
+    /// No GPU at `address`: nothing can hold it.
+    pub absent: bool,
+    /// How many of the GPU's device nodes were checked.
+    pub nodes: usize,
+    pub scan: Scan,
+    pub verdict: Verdict,
+}
+
+/// `handoff blockers --json`: the scan, and what it allows.
+#[derive(Serialize)]
+pub struct BlockersJson<'a> {
+    /// `clear`, `held` or `unchecked` (see [`Verdict`]).
+    pub verdict: &'static str,
+    /// What could not be checked, one line each.
+    pub unchecked: &'a [String],
+    #[serde(flatten)]
+    pub scan: &'a Scan,
+}
+
+impl Blockers {
+    /// Scans for what holds the GPU at `address` under `host`.
+    pub fn check(host: &Host, address: PciAddress) -> Result<Self, SysfsError> {
+        let g = gpu::read_gpu(host, address)?;
+        let nodes = holders::gpu_nodes(host, &g);
+        let scan = holders::scan(host, &g, &nodes);
+        let verdict = scan.verdict();
+        Ok(Self {
+            address: g.address,
+            absent: g.owner == Owner::Absent,
+            nodes: nodes.len(),
+            scan,
+            verdict,
+        })
+    }
+
+    /// `clear`, `held` or `unchecked`; an absent GPU is clear.
+    pub fn word(&self) -> &'static str {
+        if self.absent { "clear" } else { self.verdict.word() }
+    }
+
+    /// 0 clear (or no GPU), 1 held, [`EXIT_UNCHECKED`] when not everything was checked.
+    pub fn exit_code(&self) -> u8 {
+        match self.verdict {
+            _ if self.absent => 0,
+            Verdict::Clear => 0,
+            Verdict::Held { .. } => 1,
+            Verdict::Unchecked { .. } => EXIT_UNCHECKED,
+        }
+    }
+
+    pub fn json(&self) -> BlockersJson<'_> {
+        BlockersJson {
+            verdict: self.word(),
+            unchecked: self.verdict.unchecked(),
+            scan: &self.scan,
+        }
+    }
+
+    /// What `handoff blockers` prints: a headline when nothing was seen holding the GPU,
+    /// then each holder, each framebuffer and each thing not checked, one line each.
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        if self.absent {
+            let _ = writeln!(out, "No GPU at {}: nothing to hold.", self.address);
+            return out;
+        }
+        match &self.verdict {
+            Verdict::Clear => {
+                let _ = writeln!(
+                    out,
+                    "Nothing holds GPU {} ({} device nodes checked).",
+                    self.address, self.nodes
+                );
+            }
+            Verdict::Unchecked { .. } => {
+                let _ = writeln!(
+                    out,
+                    "Nothing seen holding GPU {} ({} device nodes checked), but not everything could be checked; a handoff would be refused:",
+                    self.address, self.nodes
+                );
+            }
+            Verdict::Held { .. } => {}
+        }
+        for line in self.scan.summary_lines() {
+            let _ = writeln!(out, "{line}");
+        }
+        for u in self.verdict.unchecked() {
+            let _ = writeln!(out, "Not checked: {u}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blockers(absent: bool, verdict: Verdict) -> Blockers {
+        Blockers {
+            address: "0000:01:00.0".parse().unwrap(),
+            absent,
+            nodes: 7,
+            scan: Scan::default(),
+            verdict,
+        }
+    }
+
+    #[test]
+    fn exit_status_and_word_follow_the_verdict_and_an_absent_gpu_is_clear() {
+        let held = || Verdict::Held { unchecked: vec![] };
+        let unchecked = || Verdict::Unchecked {
+            what: vec!["3 processes could not be inspected: run as root to see them".into()],
+        };
+        for (b, word, code) in [
+            (blockers(false, Verdict::Clear), "clear", 0),
+            (blockers(false, held()), "held", 1),
+            (blockers(false, unchecked()), "unchecked", EXIT_UNCHECKED),
+            (blockers(true, unchecked()), "clear", 0),
+        ] {
+            assert_eq!((b.word(), b.exit_code()), (word, code), "{b:?}");
+        }
+    }
+
+    #[test]
+    fn text_says_what_was_checked_and_what_was_not() {
+        assert_eq!(
+            blockers(false, Verdict::Clear).render_text(),
+            "Nothing holds GPU 0000:01:00.0 (7 device nodes checked).\n"
+        );
+        assert_eq!(
+            blockers(true, Verdict::Clear).render_text(),
+            "No GPU at 0000:01:00.0: nothing to hold.\n"
+        );
+        let text = blockers(
+            false,
+            Verdict::Unchecked {
+                what: vec!["/proc/iomem could not be read".into()],
+            },
+        )
+        .render_text();
+        assert!(text.starts_with("Nothing seen holding GPU 0000:01:00.0 (7 device nodes checked), but not everything could be checked; a handoff would be refused:\n"), "{text}");
+        assert!(
+            text.ends_with("Not checked: /proc/iomem could not be read\n"),
+            "{text}"
+        );
+    }
+}
