@@ -197,7 +197,14 @@ impl SimHost {
         fs::create_dir_all(dev.join("dri/by-path"))?;
         fs::create_dir_all(dev.join("snd"))?;
         fs::create_dir_all(dev.join("vfio"))?;
-        mknod(&dev.join("vfio/vfio"))?;
+        // vfio.ko's container node exists once the module is loaded (modprobe vfio-pci
+        // loads it); the group nodes while a device of the group is on vfio-pci.
+        if spec.drivers.iter().any(|d| d == "vfio-pci") {
+            mknod(&dev.join("vfio/vfio"))?;
+        }
+        for func in &spec.functions {
+            sim.sync_vfio_node(func.address)?;
+        }
         if spec.nvidia_nodes {
             for n in [
                 "nvidia0",
@@ -462,7 +469,55 @@ impl SimHost {
             s += line;
             s.push('\n');
         }
-        fs::write(dir.join("uevent"), s)
+        fs::write(dir.join("uevent"), s)?;
+        self.sync_vfio_node(address)
+    }
+
+    /// `/dev/vfio/<group>` for `address`'s IOMMU group, as vfio keeps it: present while
+    /// any device of the group is bound to vfio-pci, gone when the last one leaves
+    /// (drivers/vfio/group.c: `vfio_create_group` adds the cdev when the group's first
+    /// device registers, `vfio_device_remove_group` deletes it when its last one
+    /// unregisters). A process that still has the node open keeps its fd, whose link then
+    /// reads `… (deleted)`, as on the kernel.
+    pub fn sync_vfio_node(&self, address: PciAddress) -> io::Result<()> {
+        let Ok(group) = fs::read_link(self.device_dir(address).join("iommu_group")) else {
+            return Ok(());
+        };
+        let Some(id) = group.file_name() else {
+            return Ok(());
+        };
+        let members = self.sysfs().join("kernel/iommu_groups").join(id).join("devices");
+        let on_vfio = fs::read_dir(&members).into_iter().flatten().flatten().any(|m| {
+            fs::read_link(m.path().join("driver"))
+                .is_ok_and(|l| l.file_name() == Some(std::ffi::OsStr::new("vfio-pci")))
+        });
+        let node = self.dev().join("vfio").join(id);
+        if on_vfio {
+            mknod(&node)
+        } else {
+            match fs::remove_file(&node) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    /// A framebuffer device of `address`, as DRM's fbdev emulation registers it
+    /// (`<device>/graphics/fb<n>` with its `dev`, and the node `/dev/fb<n>`). Returns the
+    /// node's path.
+    pub fn add_framebuffer(&self, address: PciAddress, n: u32) -> io::Result<PathBuf> {
+        let d = self.device_dir(address).join(format!("graphics/fb{n}"));
+        fs::create_dir_all(&d)?;
+        fs::write(d.join("dev"), format!("29:{n}\n"))?;
+        let node = self.dev().join(format!("fb{n}"));
+        mknod(&node)?;
+        Ok(node)
+    }
+
+    /// vfio.ko's container node `/dev/vfio/vfio`: loading vfio-pci loads vfio, which
+    /// registers it; it stays when vfio-pci is unloaded (vfio itself stays loaded).
+    pub fn add_vfio_container_node(&self) -> io::Result<()> {
+        mknod(&self.dev().join("vfio/vfio"))
     }
 
     /// Remove a function from the tree as if it fell off the bus.

@@ -786,6 +786,9 @@ impl Kernel {
         }
         self.sim.add_driver(name)?;
         self.drivers.push(name.to_owned());
+        if name == "vfio-pci" {
+            self.sim.add_vfio_container_node()?;
+        }
         for a in self.present() {
             // A device a hung write holds is skipped; the kernel's `driver_attach` would
             // wait for its lock (the simulation can't block a control command).
