@@ -441,18 +441,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let g = handoff::gpu::read_gpu(&cfg.host, cfg.gpu.address)?;
             let nodes = handoff::holders::gpu_nodes(&cfg.host, &g);
             let scan = handoff::holders::scan(&cfg.host, &g, &nodes);
+            // Who holds its VFIO group: what keeps a GPU on vfio-pci from going home (and
+            // what a hung unbind from vfio-pci waits for).
+            let vfio_users = handoff::holders::vfio_users(&cfg.host, &g);
             let absent = g.owner == handoff::gpu::Owner::Absent;
             let verdict = scan.verdict();
             if flags.json {
                 print_json(&BlockersJson {
                     verdict: if absent { "clear" } else { verdict.word() },
                     unchecked: verdict.unchecked(),
+                    vfio_users: &vfio_users,
                     scan: &scan,
                 })?;
             } else if absent {
                 println!("No GPU at {}: nothing to hold.", cfg.gpu.address);
             } else {
                 match &verdict {
+                    Verdict::Clear if !vfio_users.is_empty() => println!(
+                        "Nothing holds GPU {} on the host ({} device nodes checked).",
+                        g.address,
+                        nodes.len()
+                    ),
                     Verdict::Clear => println!(
                         "Nothing holds GPU {} ({} device nodes checked).",
                         g.address,
@@ -471,14 +480,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for f in &scan.framebuffers {
                     println!("{}", f.summary());
                 }
+                if !vfio_users.is_empty() {
+                    println!(
+                        "Holding its VFIO group (GPU {} cannot return to the host until they exit):",
+                        g.address
+                    );
+                    for h in &vfio_users {
+                        println!("  {}", h.summary());
+                    }
+                }
                 for u in verdict.unchecked() {
                     println!("Not checked: {u}");
                 }
             }
             Ok(match verdict {
                 _ if absent => ExitCode::SUCCESS,
-                Verdict::Clear => ExitCode::SUCCESS,
-                Verdict::Held { .. } => ExitCode::from(1),
+                Verdict::Clear if vfio_users.is_empty() => ExitCode::SUCCESS,
+                Verdict::Clear | Verdict::Held { .. } => ExitCode::from(1),
                 Verdict::Unchecked { .. } => ExitCode::from(BLOCKERS_UNCHECKED),
             })
         }
@@ -585,6 +603,9 @@ struct BlockersJson<'a> {
     verdict: &'static str,
     /// What could not be checked, one line each.
     unchecked: &'a [String],
+    /// Processes holding the GPU's VFIO group `/dev/vfio/<group>` (with `vm` when one is
+    /// a VM's QEMU).
+    vfio_users: &'a [handoff::holders::Holder],
     #[serde(flatten)]
     scan: &'a handoff::holders::Scan,
 }
@@ -691,9 +712,20 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
     }
     let timeout = std::time::Duration::from_secs(cfg.gpu.watchdog_s);
     eprintln!("Returning GPU {} to the host:", g.address);
-    match handoff::bind::return_to_host(host, cfg.gpu.address, &cfg.gpu.host_driver, timeout, &mut |s| {
-        progress(s, host)
-    }) {
+    // Users were checked above: none, or the person said to take the GPU anyway.
+    let vfio = if args.even_if_vm_runs {
+        handoff::bind::VfioUsers::Ignore
+    } else {
+        handoff::bind::VfioUsers::Wait(std::time::Duration::ZERO)
+    };
+    match handoff::bind::return_to_host_with(
+        host,
+        cfg.gpu.address,
+        &cfg.gpu.host_driver,
+        timeout,
+        vfio,
+        &mut |s| progress(s, host),
+    ) {
         Ok(out) if out.steps.is_empty() => {
             println!(
                 "GPU {} is {} and there is no restore record: nothing to return, nothing was changed.",
