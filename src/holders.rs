@@ -49,6 +49,24 @@
 //!   be checked (as non-root `/proc/iomem` shows zero addresses) it goes to
 //!   [`Scan::notes`] rather than being reported as "none".
 //!
+//! Framebuffer devices: `/dev/fbN` is one of the GPU's nodes when `<BDF>/graphics/fbN`
+//! exists (DRM's fbdev emulation — nvidia-drm with `fbdev=1`, amdgpu, i915, bochs —
+//! registers it with the PCI device as parent), and a process holding it is a holder like
+//! one of `/dev/dri/card*`. A *console* bound to that framebuffer (fbcon,
+//! `/sys/class/vtconsole/vtcon*/bind`) is not a refusal: in the kernel's sources (6.1 and
+//! later) the driver's unbind unregisters the fbdev emulation (drivers/gpu/drm/drm_client.c
+//! `drm_client_dev_unregister`, from `drm_dev_unregister`; drm_fb_helper.c), and
+//! drivers/video/fbdev/core/fbmem.c `do_unregister_framebuffer` → `unlink_framebuffer` →
+//! `unbind_console` → fbcon.c `fbcon_fb_unbind` moves the consoles off it (to another fb or
+//! the dummy console) without failing or waiting; an fb still open is only kept alive by
+//! its refcount (`put_fb_info`). The single-GPU guides' `vtcon` and `efi-framebuffer`
+//! unbinds are about the boot framebuffer, which is a [`Framebuffer`] here. Unproven:
+//! nvidia.ko's remove with nvidia-drm's fbdev client (real hardware only).
+//!
+//! VFIO users ([`vfio_users`]): processes holding `<dev>/vfio/<group>` (a VM's QEMU, named
+//! by its `-name guest=<vm>` in [`Holder::vm`]). They are not holders of a GPU on the host
+//! (the gate above), but what keeps one on vfio-pci: a return waits for them.
+//!
 //! Not covered: memory mappings of a node whose fd was closed (`/proc/<pid>/maps`; CUDA and
 //! the NVIDIA driver keep their fds open, and reading every process's maps would make the
 //! scan as slow as fuser), and threads that unshared their fd table (`CLONE_FILES`).
