@@ -45,10 +45,12 @@ enum Command {
     /// Who owns the GPU, which VM runs, and what uses the GPU (also installed as `vfio-status`).
     #[command(visible_alias = "vfio-status")]
     Status(JsonFlag),
-    /// The processes that would stop a handoff now: what holds the GPU's device nodes.
+    /// The processes that would stop a handoff now: what holds the GPU's device nodes, and
+    /// what holds its VFIO group /dev/vfio/<group> (a VM's QEMU, named with its VM), which
+    /// keeps it from returning to the host.
     ///
     /// Exit status 0 when nothing holds the GPU and everything was checked, 1 when something
-    /// holds it, 4 when nothing was seen holding it but not everything could be checked
+    /// holds it (a VFIO group user included), 4 when nothing was seen holding it but not everything could be checked
     /// (processes it could not inspect, an unreadable /proc or /proc/iomem, no device node of
     /// the GPU under [host] dev): a handoff would be refused then. Unprivileged, it sees your
     /// own processes only and so exits 4 unless one of them holds the GPU; as root it sees all.
