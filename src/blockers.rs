@@ -25,6 +25,10 @@ pub struct Blockers {
     pub nodes: usize,
     pub scan: Scan,
     pub verdict: Verdict,
+    /// Processes holding the GPU's VFIO group `/dev/vfio/<group>` (with `vm` when one is a
+    /// VM's QEMU): what keeps a GPU on vfio-pci from going home, and what a hung unbind from
+    /// vfio-pci waits for.
+    pub vfio_users: Vec<holders::Holder>,
 }
 
 /// `handoff blockers --json`: the scan, and what it allows.
@@ -34,6 +38,8 @@ pub struct BlockersJson<'a> {
     pub verdict: &'static str,
     /// What could not be checked, one line each.
     pub unchecked: &'a [String],
+    /// Processes holding the GPU's VFIO group (with `vm` when one is a VM's QEMU).
+    pub vfio_users: &'a [holders::Holder],
     #[serde(flatten)]
     pub scan: &'a Scan,
 }
@@ -45,12 +51,14 @@ impl Blockers {
         let nodes = holders::gpu_nodes(host, &g);
         let scan = holders::scan(host, &g, &nodes);
         let verdict = scan.verdict();
+        let vfio_users = holders::vfio_users(host, &g);
         Ok(Self {
             address: g.address,
             absent: g.owner == Owner::Absent,
             nodes: nodes.len(),
             scan,
             verdict,
+            vfio_users,
         })
     }
 
@@ -59,12 +67,13 @@ impl Blockers {
         if self.absent { "clear" } else { self.verdict.word() }
     }
 
-    /// 0 clear (or no GPU), 1 held, [`EXIT_UNCHECKED`] when not everything was checked.
+    /// 0 clear (or no GPU), 1 held (on the host, or its VFIO group by a process),
+    /// [`EXIT_UNCHECKED`] when not everything was checked.
     pub fn exit_code(&self) -> u8 {
         match self.verdict {
             _ if self.absent => 0,
-            Verdict::Clear => 0,
-            Verdict::Held { .. } => 1,
+            Verdict::Clear if self.vfio_users.is_empty() => 0,
+            Verdict::Clear | Verdict::Held { .. } => 1,
             Verdict::Unchecked { .. } => EXIT_UNCHECKED,
         }
     }
@@ -73,6 +82,7 @@ impl Blockers {
         BlockersJson {
             verdict: self.word(),
             unchecked: self.verdict.unchecked(),
+            vfio_users: &self.vfio_users,
             scan: &self.scan,
         }
     }
@@ -86,6 +96,13 @@ impl Blockers {
             return out;
         }
         match &self.verdict {
+            Verdict::Clear if !self.vfio_users.is_empty() => {
+                let _ = writeln!(
+                    out,
+                    "Nothing holds GPU {} on the host ({} device nodes checked).",
+                    self.address, self.nodes
+                );
+            }
             Verdict::Clear => {
                 let _ = writeln!(
                     out,
@@ -105,6 +122,16 @@ impl Blockers {
         for line in self.scan.summary_lines() {
             let _ = writeln!(out, "{line}");
         }
+        if !self.vfio_users.is_empty() {
+            let _ = writeln!(
+                out,
+                "Holding its VFIO group (GPU {} cannot return to the host until they exit):",
+                self.address
+            );
+            for h in &self.vfio_users {
+                let _ = writeln!(out, "  {}", h.summary());
+            }
+        }
         for u in self.verdict.unchecked() {
             let _ = writeln!(out, "Not checked: {u}");
         }
@@ -123,6 +150,7 @@ mod tests {
             nodes: 7,
             scan: Scan::default(),
             verdict,
+            vfio_users: Vec::new(),
         }
     }
 

@@ -49,6 +49,24 @@
 //!   be checked (as non-root `/proc/iomem` shows zero addresses) it goes to
 //!   [`Scan::notes`] rather than being reported as "none".
 //!
+//! Framebuffer devices: `/dev/fbN` is one of the GPU's nodes when `<BDF>/graphics/fbN`
+//! exists (DRM's fbdev emulation — nvidia-drm with `fbdev=1`, amdgpu, i915, bochs —
+//! registers it with the PCI device as parent), and a process holding it is a holder like
+//! one of `/dev/dri/card*`. A *console* bound to that framebuffer (fbcon,
+//! `/sys/class/vtconsole/vtcon*/bind`) is not a refusal: in the kernel's sources (6.1 and
+//! later) the driver's unbind unregisters the fbdev emulation (drivers/gpu/drm/drm_client.c
+//! `drm_client_dev_unregister`, from `drm_dev_unregister`; drm_fb_helper.c), and
+//! drivers/video/fbdev/core/fbmem.c `do_unregister_framebuffer` → `unlink_framebuffer` →
+//! `unbind_console` → fbcon.c `fbcon_fb_unbind` moves the consoles off it (to another fb or
+//! the dummy console) without failing or waiting; an fb still open is only kept alive by
+//! its refcount (`put_fb_info`). The single-GPU guides' `vtcon` and `efi-framebuffer`
+//! unbinds are about the boot framebuffer, which is a [`Framebuffer`] here. Unproven:
+//! nvidia.ko's remove with nvidia-drm's fbdev client (real hardware only).
+//!
+//! VFIO users ([`vfio_users`]): processes holding `<dev>/vfio/<group>` (a VM's QEMU, named
+//! by its `-name guest=<vm>` in [`Holder::vm`]). They are not holders of a GPU on the host
+//! (the gate above), but what keeps one on vfio-pci: a return waits for them.
+//!
 //! Not covered: memory mappings of a node whose fd was closed (`/proc/<pid>/maps`; CUDA and
 //! the NVIDIA driver keep their fds open, and reading every process's maps would make the
 //! scan as slow as fuser), and threads that unshared their fd table (`CLONE_FILES`).
@@ -89,6 +107,9 @@ pub struct Holder {
     pub paths: Vec<PathBuf>,
     /// Why it counts, when not an open node (e.g. "nvidia-persistenced keeps the GPU initialised").
     pub reason: Option<String>,
+    /// The VM whose QEMU this is (its `-name guest=<vm>`), when it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
 }
 
 /// A firmware/boot framebuffer driver that sits on one of the GPU's BARs. It has no
@@ -268,6 +289,10 @@ impl Holder {
             s += ", ";
             s += &plain(unit);
         }
+        if let Some(vm) = &self.vm {
+            s += ", QEMU of VM ";
+            s += &plain(vm);
+        }
         s += ")";
         if !self.paths.is_empty() {
             const SHOWN: usize = 3;
@@ -389,6 +414,14 @@ fn function_nodes(host: &Host, function: &Function, out: &mut Vec<PathBuf>) {
             out.push(host.dev.join("dri").join(name));
         }
     }
+    // The framebuffer device of the function (`graphics/fbN`): DRM's fbdev emulation
+    // (nvidia-drm with fbdev=1, amdgpu, i915, bochs) registers it with the PCI device as
+    // parent. Its holders are counted like a DRM node's (see the module doc for fbcon).
+    for name in dir_names(&dir.join("graphics")) {
+        if numbered(&name, "fb") {
+            out.push(host.dev.join(name));
+        }
+    }
     let sound = dir.join("sound");
     for card in dir_names(&sound) {
         if !numbered(&card, "card") {
@@ -416,7 +449,7 @@ fn function_nodes(host: &Host, function: &Function, out: &mut Vec<PathBuf>) {
 }
 
 /// The GPU's device nodes under `host.dev`: `/dev/nvidia*` for an NVIDIA GPU, its DRM card
-/// and render nodes, the audio function's `/dev/snd/*`, and the i2c buses of every
+/// and render nodes, its framebuffer devices (`/dev/fbN`), the audio function's `/dev/snd/*`, and the i2c buses of every
 /// function. Only nodes that exist, sorted, without duplicates. Nothing is opened.
 pub fn gpu_nodes(host: &Host, gpu: &Gpu) -> Vec<GpuNode> {
     let mut paths = Vec::new();
@@ -1169,7 +1202,9 @@ fn describe(
     paths.sort();
     paths.dedup();
     let persistenced = found.persistenced_without_fds || (nvidia && command == PERSISTENCED_COMM);
+    let vm = qemu_vm(&command, &cmdline);
     Some(Holder {
+        vm,
         pid: found.pid,
         command,
         cmdline,
@@ -1179,6 +1214,49 @@ fn describe(
         paths,
         reason: persistenced.then(|| PERSISTENCED_REASON.to_owned()),
     })
+}
+
+/// The VM a QEMU process runs: the guest name of its `-name` option, as libvirt writes it
+/// (`-name guest=win11,debug-threads=on`) or as people do (`-name win11`); QEMU's option
+/// syntax doubles a comma inside a value. None for a process that is not a QEMU (its
+/// `comm` or program name starts with `qemu`) or has no name.
+pub fn qemu_vm(command: &str, cmdline: &[String]) -> Option<String> {
+    let program = cmdline
+        .first()
+        .map(|p| p.rsplit('/').next().unwrap_or(p))
+        .unwrap_or_default();
+    if !command.starts_with("qemu") && !program.starts_with("qemu") {
+        return None;
+    }
+    let value = cmdline
+        .windows(2)
+        .find(|w| w[0] == "-name" || w[0] == "--name")
+        .map(|w| w[1].as_str())?;
+    // Split at single commas; ",," is a literal comma.
+    let mut parts = vec![String::new()];
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                parts.last_mut()?.push(',');
+            } else {
+                parts.push(String::new());
+            }
+        } else {
+            parts.last_mut()?.push(c);
+        }
+    }
+    let name = parts
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| match p.split_once('=') {
+            Some(("guest", v)) => Some(v.to_owned()),
+            // The first part without a key is the guest name (QEMU's implied key).
+            None if i == 0 => Some(p.clone()),
+            _ => None,
+        })?;
+    (!name.is_empty()).then_some(name)
 }
 
 /// The user name for `uid` (passwd, NSS), or the number when there is none.
@@ -1282,6 +1360,25 @@ pub fn vfio_users(host: &Host, gpu: &Gpu) -> Vec<Holder> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qemu_vm_reads_libvirts_and_plain_name_options() {
+        let cmd = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let libvirt = cmd(&[
+            "/usr/bin/qemu-system-x86_64",
+            "-name",
+            "guest=win11,debug-threads=on",
+            "-S",
+        ]);
+        assert_eq!(qemu_vm("qemu-system-x86", &libvirt).as_deref(), Some("win11"));
+        let plain = cmd(&["qemu-system-x86_64", "-name", "my,,vm,process=q"]);
+        assert_eq!(qemu_vm("qemu-system-x86", &plain).as_deref(), Some("my,vm"));
+        assert_eq!(qemu_vm("sleep", &cmd(&["sleep", "-name", "x"])), None);
+        assert_eq!(
+            qemu_vm("qemu-system-x86", &cmd(&["qemu-system-x86_64", "-S"])),
+            None
+        );
+    }
 
     #[test]
     fn numbered_names() {

@@ -330,7 +330,9 @@ fn event(
         }
         state.phase = HookPhase::Returning;
         let _ = state.save(host);
-        match bind::return_to_host_locked(&lock, host, &cfg.gpu.host_driver, timeout, &mut quiet) {
+        // QEMU may still be exiting when libvirt runs this: wait for it up to the watchdog.
+        let vfio = bind::VfioUsers::Wait(timeout);
+        match bind::return_to_host_locked(&lock, host, &cfg.gpu.host_driver, timeout, vfio, &mut quiet) {
             Ok(_) => {
                 state.phase = HookPhase::Host;
                 state.vm = None;

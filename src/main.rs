@@ -45,10 +45,12 @@ enum Command {
     /// Who owns the GPU, which VM runs, and what uses the GPU (also installed as `vfio-status`).
     #[command(visible_alias = "vfio-status")]
     Status(JsonFlag),
-    /// The processes that would stop a handoff now: what holds the GPU's device nodes.
+    /// The processes that would stop a handoff now: what holds the GPU's device nodes, and
+    /// what holds its VFIO group /dev/vfio/<group> (a VM's QEMU, named with its VM), which
+    /// keeps it from returning to the host.
     ///
     /// Exit status 0 when nothing holds the GPU and everything was checked, 1 when something
-    /// holds it, 4 when nothing was seen holding it but not everything could be checked
+    /// holds it (a VFIO group user included), 4 when nothing was seen holding it but not everything could be checked
     /// (processes it could not inspect, an unreadable /proc or /proc/iomem, no device node of
     /// the GPU under [host] dev): a handoff would be refused then. Unprivileged, it sees your
     /// own processes only and so exits 4 unless one of them holds the GPU; as root it sees all.
@@ -589,9 +591,20 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
     }
     let timeout = std::time::Duration::from_secs(cfg.gpu.watchdog_s);
     eprintln!("Returning GPU {} to the host:", g.address);
-    match handoff::bind::return_to_host(host, cfg.gpu.address, &cfg.gpu.host_driver, timeout, &mut |s| {
-        progress(s, host)
-    }) {
+    // Users were checked above: none, or the person said to take the GPU anyway.
+    let vfio = if args.even_if_vm_runs {
+        handoff::bind::VfioUsers::Ignore
+    } else {
+        handoff::bind::VfioUsers::Wait(std::time::Duration::ZERO)
+    };
+    match handoff::bind::return_to_host_with(
+        host,
+        cfg.gpu.address,
+        &cfg.gpu.host_driver,
+        timeout,
+        vfio,
+        &mut |s| progress(s, host),
+    ) {
         Ok(out) if out.steps.is_empty() => {
             println!(
                 "GPU {} is {} and there is no restore record: nothing to return, nothing was changed.",

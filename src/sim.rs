@@ -197,7 +197,14 @@ impl SimHost {
         fs::create_dir_all(dev.join("dri/by-path"))?;
         fs::create_dir_all(dev.join("snd"))?;
         fs::create_dir_all(dev.join("vfio"))?;
-        mknod(&dev.join("vfio/vfio"))?;
+        // vfio.ko's container node exists once the module is loaded (modprobe vfio-pci
+        // loads it); the group nodes while a device of the group is on vfio-pci.
+        if spec.drivers.iter().any(|d| d == "vfio-pci") {
+            mknod(&dev.join("vfio/vfio"))?;
+        }
+        for func in &spec.functions {
+            sim.sync_vfio_node(func.address)?;
+        }
         if spec.nvidia_nodes {
             for n in [
                 "nvidia0",
@@ -462,7 +469,118 @@ impl SimHost {
             s += line;
             s.push('\n');
         }
-        fs::write(dir.join("uevent"), s)
+        fs::write(dir.join("uevent"), s)?;
+        self.sync_vfio_node(address)
+    }
+
+    /// `/dev/vfio/<group>` for `address`'s IOMMU group, as vfio keeps it: present while
+    /// any device of the group is bound to vfio-pci, gone when the last one leaves
+    /// (drivers/vfio/group.c: `vfio_create_group` adds the cdev when the group's first
+    /// device registers, `vfio_device_remove_group` deletes it when its last one
+    /// unregisters). A process that still has the node open keeps its fd, whose link then
+    /// reads `… (deleted)`, as on the kernel.
+    pub fn sync_vfio_node(&self, address: PciAddress) -> io::Result<()> {
+        let Ok(group) = fs::read_link(self.device_dir(address).join("iommu_group")) else {
+            return Ok(());
+        };
+        let Some(id) = group.file_name() else {
+            return Ok(());
+        };
+        let members = self.sysfs().join("kernel/iommu_groups").join(id).join("devices");
+        let on_vfio = fs::read_dir(&members).into_iter().flatten().flatten().any(|m| {
+            fs::read_link(m.path().join("driver"))
+                .is_ok_and(|l| l.file_name() == Some(std::ffi::OsStr::new("vfio-pci")))
+        });
+        let node = self.dev().join("vfio").join(id);
+        if on_vfio {
+            mknod(&node)
+        } else {
+            match fs::remove_file(&node) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    /// The DRM driver of `address` unbound: its class devices (`<device>/drm/card<n>`,
+    /// `renderD<n>`), their nodes under `/dev/dri` and udev's `by-path` links go, as
+    /// `drm_dev_unregister` removes them. A process that has a node open keeps its fd,
+    /// whose link then reads `… (deleted)`, and with it the minor (see [`SimHost::drm_register`]).
+    pub fn drm_unregister(&self, address: PciAddress) -> io::Result<()> {
+        let drm = self.device_dir(address).join("drm");
+        for name in dir_entries(&drm) {
+            let _ = fs::remove_file(self.dev().join("dri").join(&name));
+            fs::remove_dir_all(drm.join(&name))?;
+        }
+        let by_path = self.dev().join("dri/by-path");
+        for kind in ["card", "render"] {
+            let _ = fs::remove_file(by_path.join(format!("pci-{address}-{kind}")));
+        }
+        Ok(())
+    }
+
+    /// The DRM driver of `address` bound: a card and a render node with the lowest free
+    /// minors (cards from 0, render nodes from 128), as `drm_minor_alloc` hands them out.
+    /// A minor stays taken while its node exists or a process still has a removed node of
+    /// that name open (the kernel frees a minor with its last reference) — so a card held
+    /// through an unbind comes back as the next free index (`card1` for a held `card0`).
+    pub fn drm_register(&self, address: PciAddress) -> io::Result<(u32, u32)> {
+        // Left over from an unbind that hung (its remove never ran here): replaced.
+        self.drm_unregister(address)?;
+        let dri = self.dev().join("dri");
+        let held = deleted_nodes_held(&dri);
+        let free = |prefix: &str, from: u32| {
+            (from..from + 64)
+                .find(|n| {
+                    let name = format!("{prefix}{n}");
+                    !dri.join(&name).exists() && !held.contains(&name)
+                })
+                .unwrap_or(from)
+        };
+        let (card, render) = (free("card", 0), free("renderD", 128));
+        let dir = self.device_dir(address);
+        for (name, minor) in [
+            (format!("card{card}"), card),
+            (format!("renderD{render}"), render),
+        ] {
+            let d = dir.join("drm").join(&name);
+            fs::create_dir_all(&d)?;
+            fs::write(d.join("dev"), format!("226:{minor}\n"))?;
+            fs::write(
+                d.join("uevent"),
+                format!("MAJOR=226\nMINOR={minor}\nDEVNAME=dri/{name}\n"),
+            )?;
+            mknod(&dri.join(&name))?;
+        }
+        let by_path = dri.join("by-path");
+        fs::create_dir_all(&by_path)?;
+        for (kind, target) in [
+            ("card", format!("../card{card}")),
+            ("render", format!("../renderD{render}")),
+        ] {
+            let link = by_path.join(format!("pci-{address}-{kind}"));
+            let _ = fs::remove_file(&link);
+            symlink(target, link)?;
+        }
+        Ok((card, render))
+    }
+
+    /// A framebuffer device of `address`, as DRM's fbdev emulation registers it
+    /// (`<device>/graphics/fb<n>` with its `dev`, and the node `/dev/fb<n>`). Returns the
+    /// node's path.
+    pub fn add_framebuffer(&self, address: PciAddress, n: u32) -> io::Result<PathBuf> {
+        let d = self.device_dir(address).join(format!("graphics/fb{n}"));
+        fs::create_dir_all(&d)?;
+        fs::write(d.join("dev"), format!("29:{n}\n"))?;
+        let node = self.dev().join(format!("fb{n}"));
+        mknod(&node)?;
+        Ok(node)
+    }
+
+    /// vfio.ko's container node `/dev/vfio/vfio`: loading vfio-pci loads vfio, which
+    /// registers it; it stays when vfio-pci is unloaded (vfio itself stays loaded).
+    pub fn add_vfio_container_node(&self) -> io::Result<()> {
+        mknod(&self.dev().join("vfio/vfio"))
     }
 
     /// Remove a function from the tree as if it fell off the bus.
@@ -484,6 +602,43 @@ impl SimHost {
             format!("{status}\n"),
         )
     }
+}
+
+/// The names in a directory (none when it cannot be read).
+fn dir_entries(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The names of nodes under `dir` that were removed while some process (under the real
+/// `/proc`) still has them open: their fd links read `<dir>/<name> (deleted)`.
+fn deleted_nodes_held(dir: &Path) -> Vec<String> {
+    let Ok(dir) = fs::canonicalize(dir) else {
+        return Vec::new();
+    };
+    let mut held = Vec::new();
+    for pid in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        for fd in fs::read_dir(pid.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy();
+            if let Some(path) = target.strip_suffix(" (deleted)")
+                && let Ok(name) = Path::new(path).strip_prefix(&dir)
+            {
+                held.push(name.to_string_lossy().into_owned());
+            }
+        }
+    }
+    held
 }
 
 /// `symlink`, where a link left from before (a removed function coming back) is fine.

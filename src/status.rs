@@ -31,6 +31,9 @@ pub struct GpuStatus {
     /// The running VM that holds the GPU.
     pub vm: Option<String>,
     pub blockers: Vec<Holder>,
+    /// Processes holding the GPU's VFIO group `/dev/vfio/<group>` (a VM's QEMU, with its
+    /// `vm`): while there are any, the GPU cannot go back to the host.
+    pub vfio_users: Vec<Holder>,
     /// Processes whose fds could not be read; their holders are unknown.
     pub uninspected: usize,
     pub iommu_group: Option<IommuGroup>,
@@ -125,10 +128,12 @@ pub fn collect(cfg: &Config, probe: &mut dyn FnMut(&VmConfig) -> VmStatus) -> Re
         let scan = holders::scan(host, &g, &nodes);
         (scan.holders, scan.uninspected, scan.notes)
     };
+    let vfio_users = holders::vfio_users(host, &g);
     // The uncertainty first: it qualifies everything else shown.
     let notes: Vec<String> = g.lock_note().into_iter().chain(notes).collect();
     let vms: Vec<VmStatus> = cfg.vms.iter().map(probe).collect();
-    let vm = holding_vm(&g, &vms);
+    // libvirt may not know it (the VM is gone, or another URI), but its QEMU still runs.
+    let vm = holding_vm(&g, &vms).or_else(|| vfio_vm(&g, &vfio_users));
     Ok(Status {
         gpu: GpuStatus {
             address: g.address,
@@ -138,6 +143,7 @@ pub fn collect(cfg: &Config, probe: &mut dyn FnMut(&VmConfig) -> VmStatus) -> Re
             functions: g.functions.clone(),
             vm,
             blockers,
+            vfio_users,
             uninspected,
             iommu_group: g.iommu_group.clone(),
             notes,
@@ -157,6 +163,20 @@ fn holding_vm(g: &Gpu, vms: &[VmStatus]) -> Option<String> {
     let mut active = vms.iter().filter(|v| v.state.is_active());
     match (active.next(), active.next()) {
         (Some(v), None) => Some(v.name.clone()),
+        _ => None,
+    }
+}
+
+/// The VM whose QEMU holds the GPU's VFIO group while the GPU is off the host, when the
+/// holders name exactly one.
+fn vfio_vm(g: &Gpu, users: &[Holder]) -> Option<String> {
+    if !matches!(g.owner, Owner::Vfio | Owner::Mixed) {
+        return None;
+    }
+    let mut vms: Vec<&String> = users.iter().filter_map(|h| h.vm.as_ref()).collect();
+    vms.dedup();
+    match vms.as_slice() {
+        [one] => Some((*one).clone()),
         _ => None,
     }
 }
@@ -239,6 +259,13 @@ Next: {}
             Owner::Host => format!("is on Linux ({})", g.driver.as_deref().unwrap_or("?")),
             Owner::Vfio => match &g.vm {
                 Some(vm) => format!("is in the VM {} (vfio-pci)", self.vm_label(vm)),
+                None if !g.vfio_users.is_empty() => format!(
+                    "is on vfio-pci, no VM known to be running, but {} its VFIO group",
+                    match g.vfio_users.len() {
+                        1 => "1 process holds".to_owned(),
+                        n => format!("{n} processes hold"),
+                    }
+                ),
                 None => "is on vfio-pci, no VM running".to_owned(),
             },
             Owner::Unbound => "has no driver (unbound)".to_owned(),
@@ -326,6 +353,12 @@ Next: {}
         if !g.blockers.is_empty() {
             s += "\nUsing the GPU:\n";
             for h in &g.blockers {
+                let _ = writeln!(s, "  {}", h.summary());
+            }
+        }
+        if !g.vfio_users.is_empty() {
+            s += "\nHolding its VFIO group (the GPU cannot return to the host until they exit):\n";
+            for h in &g.vfio_users {
                 let _ = writeln!(s, "  {}", h.summary());
             }
         }

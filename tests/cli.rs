@@ -339,6 +339,57 @@ fn status_on_vfio_with_no_vm_running_says_so() {
 }
 
 #[test]
+fn blockers_and_status_name_the_qemu_holding_the_vfio_group_and_its_vm() {
+    let h = Host::workstation();
+    h.configure(RTX_3090_TI, &["win11"]);
+    h.move_all(Some("vfio-pci"));
+    let group = h.sim.dev().join("vfio/13");
+    assert!(
+        group.exists(),
+        "the group node is there while the GPU is on vfio-pci"
+    );
+    // A QEMU of win11 that libvirt no longer reports (test:///default does not define it).
+    let qemu = named_holder::hold_as_qemu(&group, "win11", h.tmp.path());
+    let line = format!("(pid {}", qemu.pid());
+
+    let r = h.run(&["blockers"]);
+    assert_eq!(r.code, 1, "a VFIO user holds the GPU: {r:?}");
+    assert!(
+        r.stdout
+            .contains("Holding its VFIO group (GPU 0000:01:00.0 cannot return to the host until they exit):"),
+        "{r:?}"
+    );
+    let held = r
+        .stdout
+        .lines()
+        .find(|l| l.contains(&line))
+        .unwrap_or_else(|| panic!("names the QEMU: {r:?}"));
+    assert!(held.starts_with("  qemu-system-x86 "), "{held}");
+    assert!(held.contains("QEMU of VM win11"), "{held}");
+    assert!(held.ends_with(&format!("holds {}", group.display())), "{held}");
+
+    let v = h.run(&["blockers", "--json"]).json();
+    assert_eq!(v["vfio_users"][0]["pid"], qemu.pid(), "{v:#}");
+    assert_eq!(v["vfio_users"][0]["vm"], "win11", "{v:#}");
+
+    let r = h.run(&["status"]);
+    assert!(
+        !r.stdout.contains("no VM running"),
+        "the group's user is a VM's QEMU: {r:?}"
+    );
+    assert!(r.stdout.contains("Holding its VFIO group"), "{r:?}");
+    assert!(r.stdout.contains(&line), "{r:?}");
+    let v = h.run(&["status", "--json"]).json();
+    assert_eq!(v["gpu"]["vfio_users"][0]["pid"], qemu.pid(), "{v:#}");
+    assert_eq!(v["gpu"]["vm"], "win11", "{v:#}");
+
+    // Gone with the QEMU: nothing holds the GPU any more.
+    drop(qemu);
+    let v = h.run(&["blockers", "--json"]).json();
+    assert_eq!(v["vfio_users"], serde_json::json!([]), "{v:#}");
+}
+
+#[test]
 fn status_names_which_function_is_where_when_only_vga_moved() {
     let h = Host::workstation();
     h.sim.set_driver(RTX_3090_TI, Some("vfio-pci")).unwrap();

@@ -290,6 +290,31 @@ fn finds_a_holder_of_the_audio_function() {
 }
 
 #[test]
+fn a_holder_of_the_gpus_framebuffer_device_is_a_holder() {
+    let s = Sim::new();
+    // DRM's fbdev emulation registers fb0 under the VGA function (graphics/fb0).
+    let fb = s.sim.add_framebuffer(RTX_3090_TI, 0).unwrap();
+    let nodes: Vec<PathBuf> = holders::gpu_nodes(&s.host(), &rtx())
+        .into_iter()
+        .map(|n| n.path)
+        .collect();
+    assert!(nodes.contains(&fb), "{nodes:?}");
+    assert!(
+        !holders::gpu_nodes(&s.host(), &igpu())
+            .iter()
+            .any(|n| n.path == fb),
+        "not the iGPU's"
+    );
+    let console_user = hold(&fb, &[]);
+    let scan = s.scan(&rtx());
+    assert_eq!(holder(&scan, console_user.pid()).unwrap().paths, [fb]);
+    assert!(
+        matches!(scan.verdict(), Verdict::Held { .. }),
+        "a framebuffer holder refuses"
+    );
+}
+
+#[test]
 fn finds_a_holder_of_the_gpus_i2c_bus() {
     let s = Sim::new();
     let powerdevil = hold(&s.dev("i2c-5"), &[]);
@@ -656,6 +681,7 @@ fn summary_is_one_short_line() {
         unit: Some("ollama.service".into()),
         paths: vec!["/dev/nvidia0".into(), "/dev/nvidiactl".into()],
         reason: None,
+        vm: None,
     };
     assert_eq!(
         h.summary(),

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::kernelsim::{Errno, FaultRule, FileKind, Release};
-use simgpu::{GPU, Sim, addr, hold, workstation};
+use simgpu::{AUDIO, GPU, Sim, addr, hold, workstation};
 
 fn fixture(name: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -851,5 +851,179 @@ fn a_holder_named_with_terminal_controls_and_markup_is_shown_escaped_in_the_refu
     // One line per holder: the name's newline did not forge a line.
     assert!(!r.stderr.lines().any(|l| l.starts_with(" (pid")), "{}", r.stderr);
     assert_eq!(m.sim.short_log(), vec![], "no sysfs writes");
+    m.sim.assert_home();
+}
+
+/// The VFIO group node of the workstation's GPU (IOMMU group 13) under the mount's `/dev`.
+fn vfio_group(m: &Machine) -> PathBuf {
+    m.sim.dev("vfio/13")
+}
+
+#[test]
+fn the_vfio_group_node_is_there_while_the_gpu_is_on_vfio_and_gone_once_it_is_home() {
+    let Some(m) = machine() else { return };
+    let xml = fixture("win11.xml");
+    assert!(
+        !vfio_group(&m).exists(),
+        "no group node while the GPU is on its host drivers"
+    );
+    assert_eq!(m.hook("win11", "prepare", "begin", &xml).code, 0);
+    assert!(vfio_group(&m).exists(), "vfio-pci bound: /dev/vfio/13 appears");
+    assert!(
+        m.sim.dev("vfio/vfio").exists(),
+        "vfio is loaded: the container node"
+    );
+    let r = m.hook("win11", "release", "end", &xml);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""));
+    m.sim.assert_home();
+    assert!(
+        !vfio_group(&m).exists(),
+        "gone with the last function leaving vfio-pci"
+    );
+}
+
+#[test]
+fn release_leaves_the_gpu_on_vfio_while_a_qemu_still_holds_its_group_and_names_it() {
+    let Some(m) = machine() else { return };
+    let xml = fixture("win11.xml");
+    assert_eq!(m.hook("win11", "prepare", "begin", &xml).code, 0);
+    let qemu = named_holder::hold_as_qemu(&vfio_group(&m), "win11", m.sim.tmp.path());
+    m.sim.clear_log();
+    let t0 = Instant::now();
+    let r = m.hook("win11", "release", "end", &xml);
+    let waited = t0.elapsed();
+    // A release never blocks libvirt with an exit code; the words are for its log.
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        waited >= Duration::from_secs(1),
+        "waited the 1 s watchdog for QEMU to exit: {waited:?}"
+    );
+    assert!(
+        r.stderr.contains(
+            "not returning GPU 0000:01:00.0 to the host: the QEMU of VM win11 still holds its VFIO group"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains(&format!("qemu-system-x86 (pid {}, user root", qemu.pid())),
+        "names the process:\n{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("every function stays on vfio-pci"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("handoff rebind --force"),
+        "says what to do:\n{}",
+        r.stderr
+    );
+    assert_eq!(m.sim.short_log(), vec![], "nothing was written to sysfs");
+    m.sim.assert_on_vfio();
+    let record = m.record().unwrap();
+    assert_eq!(record.phase, Phase::Stuck, "restore required");
+    let problem = record.problem.unwrap();
+    assert!(
+        problem.contains(&format!("pid {}", qemu.pid())) && problem.contains("VFIO group"),
+        "the record names the holder: {problem}"
+    );
+    let st = m.state();
+    assert_eq!(st["phase"], "restore-required");
+    assert!(
+        st["last_error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("pid {}", qemu.pid())),
+        "{st}"
+    );
+    // Once QEMU is gone, the restore brings the GPU home.
+    drop(qemu);
+    let host = m.sim.host();
+    handoff::bind::return_to_host(&host, addr(GPU), "nvidia", Duration::from_secs(1), &mut |_| {}).unwrap();
+    m.sim.assert_home();
+    assert_eq!(m.record(), None);
+}
+
+#[test]
+fn release_waits_for_a_qemu_that_exits_meanwhile_and_brings_the_gpu_home() {
+    let Some(m) = machine() else { return };
+    m.configure("watchdog_s = 5", None, None);
+    let xml = fixture("win11.xml");
+    assert_eq!(m.hook("win11", "prepare", "begin", &xml).code, 0);
+    let qemu = named_holder::hold_as_qemu(&vfio_group(&m), "win11", m.sim.tmp.path());
+    // QEMU's exit races libvirt's release: it goes 300 ms into the hook's wait.
+    let exiting = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(qemu);
+    });
+    let t0 = Instant::now();
+    let r = m.hook("win11", "release", "end", &xml);
+    exiting.join().unwrap();
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""));
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "did not wait the whole watchdog"
+    );
+    m.sim.assert_home();
+    assert_eq!(m.record(), None);
+    assert_eq!(m.state()["phase"], "host");
+}
+
+#[test]
+fn a_function_the_host_driver_refuses_goes_back_to_vfio_instead_of_staying_driverless() {
+    let Some(m) = machine() else { return };
+    let xml = fixture("win11.xml");
+    assert_eq!(m.hook("win11", "prepare", "begin", &xml).code, 0);
+    // The kernel refuses the audio function's host driver, as the real one did with only
+    // the group and .0's device fd held: "probing a driver for 0000:01:00.1 failed".
+    m.sim
+        .mount
+        .inject(FaultRule::fail(FileKind::DriversProbe, Errno::EINVAL).device(addr(AUDIO)));
+    let r = m.hook("win11", "release", "end", &xml);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("probing a driver for 0000:01:00.1 failed"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("0000:01:00.1 was put back on vfio-pci rather than left with no driver"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        m.sim.driver(AUDIO).as_deref(),
+        Some("vfio-pci"),
+        "never driverless"
+    );
+    assert_eq!(
+        m.sim.driver(GPU).as_deref(),
+        Some("vfio-pci"),
+        ".0 not touched after .1 failed"
+    );
+    assert!(
+        m.sim.drivers().iter().all(|(_, d)| d.is_some()),
+        "{:?}",
+        m.sim.drivers()
+    );
+    let record = m.record().unwrap();
+    assert_eq!(record.phase, Phase::Stuck);
+    assert!(
+        record
+            .problem
+            .as_deref()
+            .unwrap()
+            .contains("put back on vfio-pci"),
+        "{:?}",
+        record.problem
+    );
+    assert_eq!(m.state()["phase"], "restore-required");
+    // The fault was once: a restore now brings everything home.
+    let host = m.sim.host();
+    handoff::bind::return_to_host(&host, addr(GPU), "nvidia", Duration::from_secs(1), &mut |_| {}).unwrap();
     m.sim.assert_home();
 }

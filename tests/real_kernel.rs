@@ -301,13 +301,14 @@ fn live_watchers_see_the_real_bind_and_unbind_uevents() {
     }
     assert!(saw("0000:01:00.0", "bind", "bochs-drm"), "{all}");
     assert!(saw("0000:01:00.1", "bind", "snd_hda_intel"), "{all}");
-    // Three handoffs there and back (prepare/release twice, the hung one rolled back and
-    // rebound): never fewer binds to vfio-pci than that for the graphics function.
+    // Four handoffs there and back (prepare/release three times — the plain one, the VFIO
+    // user's, the hot-unplug's —, the hung one rolled back and rebound): that many binds of
+    // the graphics function to vfio-pci.
     let to_vfio = drivers
         .iter()
         .filter(|(f, a, d)| f == "0000:01:00.0" && a == "bind" && d == "vfio-pci")
         .count();
-    assert_eq!(to_vfio, 3, "{all}");
+    assert_eq!(to_vfio, 4, "{all}");
 
     // The bar block's streaming mode followed the same changes: the VM took the GPU, the
     // hang showed, and the GPU ended at home.
@@ -316,6 +317,91 @@ fn live_watchers_see_the_real_bind_and_unbind_uevents() {
     assert!(block.contains(&"GPU: win11"), "{text}");
     assert!(block.contains(&"GPU: restore!"), "{text}");
     assert_eq!(block.last(), Some(&"GPU: Linux"), "{text}");
+}
+
+#[test]
+fn a_framebuffer_holder_is_refused_and_a_console_on_the_cards_framebuffer_does_not_stop_the_unbind() {
+    let Some(t) = guest() else { return };
+    // bochs-drm's fbdev emulation registers fb0 under the PCI device, and fbcon is on it.
+    assert_eq!(t.fact("fb.graphics"), "fb0");
+    assert_eq!(t.fact("fb.vtcon0"), "bind=1 (M) frame buffer device");
+    let c = t.cmd("fb_holder.prepare");
+    let text = c.text();
+    assert_eq!(c.rc, 1, "a holder of /dev/fb0 refuses the start:\n{text}");
+    assert!(
+        text.contains(&format!(
+            "sleep (pid {}, user root) holds /dev/fb0",
+            t.fact("fb_holder.pid")
+        )),
+        "{text}"
+    );
+    assert_eq!(t.fact("fb_holder.after.driver0"), "bochs-drm", "nothing changed");
+    // With only the console on fb0, the handoff went through (the kernel moved the console
+    // off the framebuffer itself) and the console was back on it afterwards.
+    assert_eq!(t.fact("handoff.prepared.driver0"), "vfio-pci");
+    assert_eq!(t.fact("handoff.released.driver0"), "bochs-drm");
+    assert_eq!(t.fact("handoff.vtcon0"), "bind=1 (M) frame buffer device");
+}
+
+#[test]
+fn release_waits_for_a_vfio_group_user_then_leaves_the_gpu_on_vfio_naming_it() {
+    let Some(t) = guest() else { return };
+    let pid = t.fact("vfio_user.pid");
+    let held = format!("sleep (pid {pid}, user root) holds /dev/vfio/3");
+    // blockers and status show the group's user.
+    let c = t.cmd("vfio_user.blockers");
+    assert_eq!(c.rc, 1, "{}", c.text());
+    assert!(c.text().contains("Holding its VFIO group"), "{}", c.text());
+    assert!(c.text().contains(&held), "{}", c.text());
+    let v = json(t, "vfio_user.blockers_json");
+    assert_eq!(v["vfio_users"][0]["pid"].to_string(), pid, "{v:#}");
+    let c = t.cmd("vfio_user.status");
+    assert!(
+        c.text()
+            .contains("is on vfio-pci, no VM known to be running, but 1 process holds its VFIO group"),
+        "{}",
+        c.text()
+    );
+    // release waits the watchdog, then changes nothing and says who and what to do.
+    let c = t.cmd("vfio_user.release");
+    let text = c.text();
+    assert_eq!(c.rc, 0, "a release never fails libvirt:\n{text}");
+    assert!(
+        text.contains(&format!(
+            "not returning GPU {GPU} to the host: 1 process still holds its VFIO group /dev/vfio/3 after waiting {WATCHDOG_S} s"
+        )),
+        "{text}"
+    );
+    assert!(text.contains(&held), "{text}");
+    assert!(text.contains("handoff rebind --force"), "{text}");
+    assert!(c.ms >= WATCHDOG_S * 1000, "waited for the holder: {} ms", c.ms);
+    assert_eq!(t.fact("vfio_user.after.driver0"), "vfio-pci");
+    assert_eq!(
+        t.fact("vfio_user.after.driver1"),
+        "vfio-pci",
+        "not left driverless"
+    );
+    assert_eq!(t.fact("vfio_user.after.vfio"), "3");
+    let record: serde_json::Value = serde_json::from_str(t.fact("vfio_user.after.record")).unwrap();
+    assert_eq!(record["phase"], "stuck");
+    assert!(record["problem"].as_str().unwrap().contains(&held), "{record}");
+    let v = json(t, "vfio_user.status_after");
+    assert_eq!(v["verdict"]["state"], "restore_required", "{v:#}");
+    assert_eq!(v["gpu"]["vfio_users"][0]["pid"].to_string(), pid, "{v:#}");
+    // Measured, not assumed: with only the group fd open (no device fd), this kernel does
+    // not make vfio-pci's unbind wait; the function is left with no driver.
+    assert_eq!(t.fact("vfio_user.raw_unbind"), "returned");
+    assert_eq!(t.fact("vfio_user.raw.driver1"), "none");
+    // Once the holder is gone, rebind --force brings the GPU home.
+    assert_eq!(
+        t.cmd("vfio_user.rebind").rc,
+        0,
+        "{}",
+        t.cmd("vfio_user.rebind").text()
+    );
+    assert_eq!(t.fact("vfio_user.home.driver0"), "bochs-drm");
+    assert_eq!(t.fact("vfio_user.home.driver1"), "snd_hda_intel");
+    assert_eq!(t.fact("vfio_user.home.vfio"), "");
 }
 
 #[test]

@@ -546,6 +546,7 @@ mod tests {
             unit: unit.map(str::to_owned),
             paths: vec![PathBuf::from("/dev/nvidia0")],
             reason: None,
+            vm: None,
         }
     }
 
@@ -578,6 +579,7 @@ mod tests {
                     ],
                     vm: holding,
                     blockers: Vec::new(),
+                    vfio_users: Vec::new(),
                     uninspected: 0,
                     locked: Vec::new(),
                     iommu_group: Some(IommuGroup {

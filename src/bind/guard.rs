@@ -92,6 +92,7 @@ mod tests {
             unit: Some("machine-qemu\\x2d1\\x2dwin11.scope".into()),
             paths: vec![PathBuf::from("/dev/vfio/13")],
             reason: None,
+            vm: Some("win11".into()),
         }
     }
 

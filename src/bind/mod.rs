@@ -91,6 +91,16 @@ pub enum BindError {
         cause: String,
         state: String,
     },
+    #[error("{}", vfio_in_use_text(*.gpu, users, *.waited, group))]
+    VfioInUse {
+        gpu: PciAddress,
+        /// The processes still holding the group's node (normally the VM's QEMU).
+        users: Vec<Holder>,
+        /// How long the return waited for them to exit.
+        waited: Duration,
+        /// The group's node, `/dev/vfio/<group>`.
+        group: std::path::PathBuf,
+    },
     #[error(
         "GPU {gpu}: {note}.\n  Nothing was changed: any write to it would block behind the stuck one. \
          Once whatever holds the GPU lets go (`handoff blockers`), try again."
@@ -206,6 +216,72 @@ fn refusal_with_unchecked(
         }
     }
     s
+}
+
+/// Why a return left every function on vfio-pci: who still holds the VFIO group, and what
+/// to do.
+fn vfio_in_use_text(gpu: PciAddress, users: &[Holder], waited: Duration, group: &std::path::Path) -> String {
+    let who = match users {
+        [one] => match &one.vm {
+            Some(vm) => format!("the QEMU of VM {} still holds", crate::escape::plain(vm)),
+            None => "1 process still holds".to_owned(),
+        },
+        more => format!("{} processes still hold", more.len()),
+    };
+    let mut s = format!(
+        "handoff: not returning GPU {gpu} to the host: {who} its VFIO group {} after waiting {} s:\n",
+        group.display(),
+        waited.as_secs()
+    );
+    for h in users {
+        s += &format!("  {}\n", h.summary());
+    }
+    s += "Nothing was changed: every function stays on vfio-pci (unbinding it now would hang). \
+          Once that process has exited (stop the VM, or end the process), run `handoff rebind --force` \
+          (gpu-rebind-nvidia) to return the GPU.";
+    s
+}
+
+/// The one line a restore record keeps about VFIO users that stopped a return.
+fn vfio_in_use_problem(users: &[Holder], group: &std::path::Path) -> String {
+    let list: Vec<String> = users.iter().map(Holder::summary).collect();
+    format!(
+        "still in use through its VFIO group {}: {}; the GPU stays on vfio-pci until that ends",
+        group.display(),
+        list.join("; ")
+    )
+}
+
+/// How a return treats processes that hold the GPU's VFIO group (`/dev/vfio/<group>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VfioUsers {
+    /// Wait up to this long for them to exit (a VM's QEMU is still exiting when libvirt
+    /// runs the release hook), then change nothing if they are still there.
+    Wait(Duration),
+    /// Go ahead anyway: a person asked to take the GPU from a running VM
+    /// (`rebind --force --even-if-vm-runs`).
+    Ignore,
+}
+
+/// How often a return looks again for VFIO users while it waits for them.
+const VFIO_POLL: Duration = Duration::from_millis(100);
+
+/// The processes holding the GPU's VFIO group after waiting up to `wait` for them to go,
+/// and the group's node. Empty when the GPU has no group node (nothing on vfio-pci).
+fn vfio_users_after(host: &Host, g: &Gpu, wait: Duration) -> (Vec<Holder>, std::path::PathBuf) {
+    let node = g
+        .iommu_group
+        .as_ref()
+        .map(|group| host.dev.join("vfio").join(group.id.to_string()))
+        .unwrap_or_default();
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let users = holders::vfio_users(host, g);
+        if users.is_empty() || std::time::Instant::now() >= deadline {
+            return (users, node);
+        }
+        std::thread::sleep(VFIO_POLL.min(deadline.saturating_duration_since(std::time::Instant::now())));
+    }
 }
 
 /// The refusal when the restore record gives the GPU to another VM.
@@ -593,6 +669,70 @@ fn roll_back(ex: &mut Executor<'_>, before: &Gpu, mut record: RestoreRecord, cau
     }
 }
 
+/// After a failed return: put every function that was on vfio-pci before the return and
+/// now has no driver back on vfio-pci (override, probe, check), so that none is left
+/// driverless — the host driver refused it, or its probe failed. A function whose write
+/// hung is left alone: the kernel is still in the middle of it. Returns what it did, for
+/// the record and the message, or None when no function needed it.
+fn back_to_vfio(
+    ex: &mut Executor<'_>,
+    before: &Gpu,
+    cause: &StepError,
+    record: &mut RestoreRecord,
+) -> Option<String> {
+    let hung = match cause {
+        StepError::Hung { what, .. } => before
+            .functions
+            .iter()
+            .find(|f| what.contains(&f.address.to_string()))
+            .map(|f| f.address),
+        StepError::Failed { .. } => None,
+    };
+    let driverless: Vec<PciAddress> = before
+        .functions
+        .iter()
+        .filter(|f| f.driver.as_deref() == Some(VFIO) && Some(f.address) != hung)
+        .map(|f| f.address)
+        .filter(|a| ex.driver_of(*a).is_none())
+        .collect();
+    if driverless.is_empty() {
+        return None;
+    }
+    let mut notes = Vec::new();
+    for function in driverless {
+        let steps = [
+            Step::SetOverride {
+                function,
+                driver: Some(VFIO.into()),
+            },
+            Step::Probe { function },
+            Step::Verify {
+                function,
+                expect: Expect::Driver(VFIO.into()),
+            },
+        ];
+        let mut done = Vec::new();
+        notes.push(match ex.run(&steps, record, &mut done) {
+            Ok(()) => format!("{function} was put back on vfio-pci rather than left with no driver"),
+            Err(e) => format!(
+                "{function} has no driver: putting it back on vfio-pci failed too ({}: {})",
+                e.what(),
+                step_cause(&e)
+            ),
+        });
+    }
+    Some(notes.join("; "))
+}
+
+/// `s` with its first letter in upper case, to start a sentence.
+fn capitalised(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
 /// The hung writer of a failed step: its pid and start time.
 fn hung_pid(e: &StepError) -> Option<(i32, Option<u64>)> {
     match e {
@@ -660,16 +800,43 @@ pub fn return_to_host(
     timeout: Duration,
     progress: &mut dyn FnMut(&Step),
 ) -> Result<Outcome, BindError> {
+    return_to_host_with(
+        host,
+        address,
+        host_driver,
+        timeout,
+        VfioUsers::Wait(timeout),
+        progress,
+    )
+}
+
+/// [`return_to_host`], saying what to do about VFIO users.
+pub fn return_to_host_with(
+    host: &Host,
+    address: PciAddress,
+    host_driver: &str,
+    timeout: Duration,
+    vfio: VfioUsers,
+    progress: &mut dyn FnMut(&Step),
+) -> Result<Outcome, BindError> {
     let lock = GpuLock::acquire(host, address, lock::wait_for(timeout))?;
-    return_to_host_locked(&lock, host, host_driver, timeout, progress)
+    return_to_host_locked(&lock, host, host_driver, timeout, vfio, progress)
 }
 
 /// [`return_to_host`] for a caller that already holds the GPU's lock.
+///
+/// Before the first unbind from vfio-pci it looks for processes holding the GPU's VFIO
+/// group ([`VfioUsers`]): an unbind from vfio-pci blocks in the kernel while a VFIO device
+/// fd is open, and QEMU's exit races libvirt's release hook. If they stay, nothing changes:
+/// every function stays on vfio-pci, the record turns `stuck` naming them, and the error
+/// says who and what to do. A function that a failed step left with no driver is put back
+/// on vfio-pci, never left driverless.
 pub fn return_to_host_locked(
     lock: &GpuLock,
     host: &Host,
     host_driver: &str,
     timeout: Duration,
+    vfio: VfioUsers,
     progress: &mut dyn FnMut(&Step),
 ) -> Result<Outcome, BindError> {
     let address = lock.gpu();
@@ -717,6 +884,27 @@ pub fn return_to_host_locked(
             });
         }
     }
+    let unbinds_vfio = steps
+        .iter()
+        .any(|s| matches!(s, Step::Unbind { driver, .. } if driver == VFIO));
+    if let (true, VfioUsers::Wait(wait)) = (unbinds_vfio, vfio) {
+        let (users, group) = vfio_users_after(host, &g, wait);
+        if !users.is_empty() {
+            // Only a record of ours is updated: without one, a record made now would
+            // note vfio-pci as where the functions came from.
+            if loaded.is_some() {
+                record.phase = Phase::Stuck;
+                record.problem = Some(vfio_in_use_problem(&users, &group));
+                record.save(host)?;
+            }
+            return Err(BindError::VfioInUse {
+                gpu: address,
+                users,
+                waited: wait,
+                group,
+            });
+        }
+    }
     if loaded.is_some() {
         record.phase = Phase::Returning;
         record.save(host)?;
@@ -733,8 +921,19 @@ pub fn return_to_host_locked(
             record.phase = Phase::Stuck;
             record.problem = Some(format!("{}: {}", e.what(), step_cause(&e)));
             record.set_hung_writer(hung_pid(&e));
+            let back = back_to_vfio(&mut ex, &g, &e, &mut record);
+            if let Some(note) = &back {
+                record.problem = Some(format!("{}; {note}", record.problem.take().unwrap_or_default()));
+            }
             record.save(host)?;
-            let state = format!("{}. {RESTORE_REQUIRED}", describe_state(host, address));
+            let state = match back {
+                Some(note) => format!(
+                    "{}; {}. {RESTORE_REQUIRED}",
+                    capitalised(&note),
+                    describe_state(host, address)
+                ),
+                None => format!("{}. {RESTORE_REQUIRED}", describe_state(host, address)),
+            };
             Err(match e {
                 StepError::Hung { what, timeout, .. } => BindError::Hung { what, timeout, state },
                 StepError::Failed { what, cause } => BindError::Failed { what, cause, state },

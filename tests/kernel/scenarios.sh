@@ -95,6 +95,23 @@ state drm_holder.after
 kill $holder
 wait $holder 2>/dev/null
 
+# --- the GPU's framebuffer (bochs-drm's fbdev emulation, graphics/fbN): which console is
+# bound to it, and a process holding /dev/fbN is refused like a DRM holder -----------------
+fact fb.graphics "$(ls $DEV/$GPU/graphics 2>/dev/null | tr '\n' ' ')"
+for v in /sys/class/vtconsole/vtcon*; do
+  [ -e "$v/name" ] && fact "fb.$(basename "$v")" "bind=$(cat "$v/bind") $(cat "$v/name")"
+done
+fb=$(ls $DEV/$GPU/graphics 2>/dev/null | grep '^fb' | head -1)
+if [ -n "$fb" ]; then
+  sleep 1000 </dev/"$fb" &
+  holder=$!
+  fact fb_holder.pid $holder
+  run fb_holder.prepare handoff hook win11 prepare begin - <$XML
+  state fb_holder.after
+  kill $holder
+  wait $holder 2>/dev/null
+fi
+
 # --- nothing holds it: prepare hands both functions to vfio-pci, release brings them home --
 run handoff.prepare handoff hook win11 prepare begin - <$XML
 state handoff.prepared
@@ -105,6 +122,40 @@ fact handoff.override1 "$(cat $DEV/$AUDIO/driver_override)"
 fact handoff.drm_of_gpu "$(ls $DEV/$GPU/drm 2>/dev/null | tr '\n' ' ')"
 run handoff.blockers_home handoff blockers --json
 fact handoff.card "$(ls $DEV/$GPU/drm | grep '^card' | tr '\n' ' ')"
+# The console came back with the card (fbcon was moved off the framebuffer and back).
+for v in /sys/class/vtconsole/vtcon*; do
+  [ -e "$v/name" ] && fact "handoff.$(basename "$v")" "bind=$(cat "$v/bind") $(cat "$v/name")"
+done
+
+# --- a process still holds the VFIO group when release runs (a QEMU that has not quite
+# exited): release waits watchdog_s, then changes nothing and names it; blockers and status
+# show it. Then: does the real kernel block vfio-pci's unbind with only the group fd open?
+run vfio_user.prepare handoff hook win11 prepare begin - <$XML
+group=$(basename "$(readlink $DEV/$GPU/iommu_group)")
+sleep 1000 </dev/vfio/"$group" &
+holder=$!
+fact vfio_user.pid $holder
+run vfio_user.blockers handoff blockers
+run vfio_user.blockers_json handoff blockers --json
+run vfio_user.status handoff status
+run vfio_user.release handoff hook win11 release end - <$XML
+state vfio_user.after
+run vfio_user.status_after handoff status --json
+# The raw unbind of .1 from vfio-pci with only the group fd open (no device fd).
+rm -f /tmp/unbind.done
+(echo $AUDIO >/sys/bus/pci/drivers/vfio-pci/unbind; touch /tmp/unbind.done) >/dev/null 2>&1 &
+i=0
+while [ ! -e /tmp/unbind.done ] && [ $i -lt 20 ]; do sleep 0.1; i=$((i + 1)); done
+if [ -e /tmp/unbind.done ]; then fact vfio_user.raw_unbind returned; else fact vfio_user.raw_unbind blocked; fi
+state vfio_user.raw
+# Put .1 back on vfio-pci (its override still says so) for the release below.
+echo $AUDIO >/sys/bus/pci/drivers_probe 2>/dev/null
+kill $holder
+wait $holder 2>/dev/null
+sleep 1
+state vfio_user.holder_gone
+run vfio_user.rebind handoff rebind --force
+state vfio_user.home
 
 # --- DRM hot-unplug: a holder of card0 the scan cannot see (the same device through a node
 # of its own) does not stop bochs-drm's unbind; the old minor stays taken while it is open,

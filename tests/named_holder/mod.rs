@@ -63,3 +63,35 @@ pub fn hold_named(node: &Path, name: &[u8], dir: &Path) -> Named {
     assert_eq!(ready, "ready\n", "the named holder did not start");
     holder
 }
+
+/// Starts a process that looks like libvirt's QEMU for `vm` to the holder scan: named
+/// `qemu-system-x86` (what `comm` keeps of `qemu-system-x86_64`), with
+/// `-name guest=<vm>,debug-threads=on` in its command line, holding `node` (say the VFIO
+/// group `/dev/vfio/<group>`). Its FIFO goes in `dir`.
+pub fn hold_as_qemu(node: &Path, vm: &str, dir: &Path) -> Named {
+    let fifo = dir.join(format!("qemu-holder-{}-{vm}.fifo", std::process::id()));
+    let _ = std::fs::remove_file(&fifo);
+    let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: mkfifo on a path in the test's temp dir.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // bash -c SCRIPT NAME ARGS…: the arguments after the script stay in its cmdline.
+    let child = Command::new("bash")
+        .arg("-c")
+        .arg(r#"printf '%s' qemu-system-x86 > /proc/self/comm && exec 4<>"$FIFO" && echo ready && read -r -u 4"#)
+        .arg("qemu-system-x86_64")
+        .arg("-name")
+        .arg(format!("guest={vm},debug-threads=on"))
+        .env("FIFO", &fifo)
+        .stdin(Stdio::from(File::open(node).unwrap()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut holder = Named(child);
+    let mut ready = String::new();
+    BufReader::new(holder.0.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready, "ready\n", "the QEMU-like holder did not start");
+    holder
+}

@@ -51,6 +51,7 @@ pub(crate) fn machine(owner: Owner, vms: Vec<VmStatus>) -> Snapshot {
                 functions: Vec::new(),
                 vm: holding,
                 blockers: Vec::new(),
+                vfio_users: Vec::new(),
                 uninspected: 0,
                 iommu_group: None,
                 notes: Vec::new(),
@@ -85,6 +86,7 @@ pub(crate) fn holder(pid: u32, uid: u32, command: &str) -> Holder {
         unit: None,
         paths: vec![PathBuf::from("/dev/nvidia0")],
         reason: None,
+        vm: None,
     }
 }
 
