@@ -98,6 +98,11 @@ impl Sim {
             .collect()
     }
 
+    /// The directory of PCI function `bdf` (`bus/pci/devices/<bdf>` under the mount).
+    pub fn device(&self, bdf: &str) -> PathBuf {
+        self.sys().join("bus/pci/devices").join(bdf)
+    }
+
     /// The function's `driver_override` as a reader sees it, without the trailing newline.
     pub fn override_of(&self, bdf: &str) -> String {
         fs::read_to_string(
