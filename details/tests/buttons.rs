@@ -37,7 +37,7 @@ use handoff_test_support::a11y::{A11y, dialog, main_window};
 use handoff_test_support::config::workstation_with_test_vm;
 use handoff_test_support::desktop::Desktop;
 use handoff_test_support::libvirt::TestDomain;
-use handoff_test_support::process::Group;
+use handoff_test_support::process::{Group, holder};
 use handoff_test_support::stage::{SYSTEM_CONFIG, Stage};
 use handoff_test_support::system_bus::SystemBus;
 use handoff_test_support::systemd_user::UserManager;
@@ -211,21 +211,6 @@ fn labels(buttons: &Value) -> Vec<&str> {
         .collect()
 }
 
-/// `sleep 600` holding `node` on stdin, in its own process group. Not reaped until the
-/// test says so: until then a process that ended stays a zombie, as the child of a busy
-/// parent does.
-fn hold(node: &Path) -> Group {
-    Group(
-        Command::new("sleep")
-            .arg("600")
-            .stdin(File::open(node).unwrap())
-            .stdout(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .unwrap(),
-    )
-}
-
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let t = Instant::now();
     while !ok() {
@@ -255,7 +240,7 @@ fn dialog_texts(a: &A11y) -> Option<Vec<String>> {
 fn terminate_asks_first_then_ends_my_process() {
     let Some(mut s) = Session::start() else { return };
     let (sim, config) = workstation_with_test_vm(s.dir.path(), "");
-    let mut holder = hold(&sim.dev().join("nvidia0"));
+    let mut holder = holder(&sim.dev().join("nvidia0"));
     let pid = holder.0.id();
     let mut views = s.open_window(Command::new(BIN), &config);
     let v = views.wait_for("the holder", |v| {

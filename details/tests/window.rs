@@ -7,7 +7,7 @@
 //! group and is killed by group when the test ends, passing or not. Under `CI=true` a
 //! missing Xvfb, dbus-daemon, xwininfo or import fails the test; elsewhere it skips.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,7 +19,7 @@ use serde_json::Value;
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookState, Refusal};
-use handoff_test_support::process::Group;
+use handoff_test_support::process::{Group, holder};
 use handoff_test_support::tools::have_all;
 use handoff_test_support::xvfb;
 
@@ -257,23 +257,13 @@ fn labels(buttons: &Value) -> Vec<&str> {
         .collect()
 }
 
-/// `sleep 600` holding `node` open on stdin: a CUDA job, as far as the scan can tell.
-fn hold(node: &Path) -> Group {
-    Group::spawn(
-        Command::new("sleep")
-            .arg("600")
-            .stdin(File::open(node).unwrap())
-            .stdout(Stdio::null()),
-    )
-}
-
 #[test]
 fn shows_the_gpu_on_linux_with_a_holder_then_a_refused_start_as_it_happens() {
     let Some(desktop) = Desktop::start() else { return };
     let m = Machine::new(&[]);
     let uri = m.test_driver(&["win11", "ai"]);
     m.configure(&[("win11", "Windows", &uri), ("ai", "AI", &uri)]);
-    let holder = hold(&m.sim.dev().join("nvidia0"));
+    let holder = holder(&m.sim.dev().join("nvidia0"));
     let pid = holder.0.id() as u64;
 
     let mut w = Window::open(&desktop, &m);

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookPhase, HookState};
-use handoff_test_support::block::{holder, write_config};
-use handoff_test_support::process::{Group, Stragglers};
+use handoff_test_support::block::write_config;
+use handoff_test_support::process::{Group, Stragglers, holder};
 use handoff_test_support::tools::have_all;
 use handoff_test_support::wait::wait_until;
 use handoff_test_support::xvfb;

@@ -6,8 +6,9 @@ use std::process::Command;
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookPhase, HookState};
-use handoff_test_support::block::{holder, write_config};
+use handoff_test_support::block::write_config;
 use handoff_test_support::named_holder;
+use handoff_test_support::process::holder;
 use serde_json::Value;
 
 /// The block under test.

@@ -13,8 +13,8 @@ use handoff::live::uevent::{Uevent, send_uevent};
 use handoff::pci::PciAddress;
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookPhase, HookState};
-use handoff_test_support::block::{I3blocks, Notifications, holder, write_config};
-use handoff_test_support::process::Group;
+use handoff_test_support::block::{I3blocks, Notifications, write_config};
+use handoff_test_support::process::{Group, holder};
 use handoff_test_support::tools::{have_all, is_root};
 use handoff_test_support::wait::wait_until;
 

@@ -24,9 +24,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use handoff::sim::RTX_3090_TI;
 use handoff::state::{HookPhase, HookState};
-use handoff_test_support::block::{I3blocks, Notifications, holder};
+use handoff_test_support::block::{I3blocks, Notifications};
 use handoff_test_support::libvirt::TestDomain;
-use handoff_test_support::process::Stragglers;
+use handoff_test_support::process::{Stragglers, holder};
 use handoff_test_support::stage::{SYSTEM_CONFIG, Stage};
 use handoff_test_support::tools::{have_all, is_root, required};
 use handoff_test_support::wait::wait_until;

@@ -332,13 +332,3 @@ impl Drop for Notifications {
         unsafe { libc::kill(self.bus_pid, libc::SIGTERM) };
     }
 }
-
-/// `sleep 600` holding `node` open on stdin: a stand-in CUDA job.
-pub fn holder(node: &Path) -> Group {
-    Group::spawn(
-        Command::new("sleep")
-            .arg("600")
-            .stdin(Stdio::from(std::fs::File::open(node).unwrap()))
-            .stdout(Stdio::null()),
-    )
-}

@@ -1,8 +1,10 @@
 //! Processes a test starts, each in a process group of its own so that it and whatever it
 //! starts can be ended together, and the detached ones that left every group.
 
+use std::fs::File;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -53,6 +55,18 @@ impl Drop for Group {
     fn drop(&mut self) {
         kill_group(&mut self.0);
     }
+}
+
+/// `sleep 600` holding `node` open on stdin, in a process group of its own: a stand-in CUDA
+/// job, as far as a holder scan can tell. Killed on drop; until then it is not reaped, so
+/// one that ended stays a zombie, as the child of a busy parent does.
+pub fn holder(node: &Path) -> Group {
+    Group::spawn(
+        Command::new("sleep")
+            .arg("600")
+            .stdin(File::open(node).unwrap_or_else(|e| panic!("open {}: {e}", node.display())))
+            .stdout(Stdio::null()),
+    )
 }
 
 /// Kills, on drop, every process whose environment carries `HANDOFF_TEST_MARK=<mark>`:
