@@ -41,7 +41,7 @@ pub const LOCK_PATH: &str = "/tmp/handoff-test-libvirtd.lock";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One virsh call never takes longer than this in a healthy setup (destroy is ~1.8 s).
-const VIRSH_TIMEOUT: Duration = Duration::from_secs(30);
+pub const VIRSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 const DOMAIN_XML: &str = include_str!("../../tests/fixtures/libvirt/tiny-domain.xml");
 

@@ -1,5 +1,5 @@
 //! A real systemd user manager (`systemd --user`) for tests on machines whose PID 1 is not
-//! systemd (containers): the holders that "Stop <unit>" stops must run in real units.
+//! systemd (containers): the holders that "Stop `<unit>`" stops must run in real units.
 //!
 //! What it does, and what it touches:
 //! - Creates one cgroup, `handoff-test-<pid>-<n>/user@0.service`, at the root of the
