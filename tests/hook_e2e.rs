@@ -25,6 +25,7 @@ use handoff::state::{HookPhase, HookState};
 use handoff_test_support::libvirt::{LibvirtdLock, TestDomain, virsh};
 use handoff_test_support::simgpu::hold;
 use handoff_test_support::stage::{ETC_HANDOFF, SYSTEM_CONFIG, Stage};
+use handoff_test_support::wait::wait_until;
 
 const HANDOFF: &str = env!("CARGO_BIN_EXE_handoff");
 const HOOKS_DIR: &str = "/etc/libvirt/hooks";
@@ -162,17 +163,6 @@ fn state_and_parent(pid: u32) -> Option<(String, u32)> {
             .map(|v| v.trim().to_owned())
     };
     Some((field("State:")?, field("PPid:")?.parse().ok()?))
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
 }
 
 /// A directory tree as (relative path, inode, mode, uid, gid, contents), to compare

@@ -211,12 +211,9 @@ fn labels(buttons: &Value) -> Vec<&str> {
         .collect()
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < WAIT, "timed out after {WAIT:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// The shared wait with this file's patience.
+fn wait_for(what: &str, ok: impl FnMut() -> bool) {
+    handoff_test_support::wait::wait_for(WAIT, what, ok);
 }
 
 /// The texts of the open dialog (None when there is none).
