@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use handoff::Config;
 use handoff::agent::{Agent, FailureKind, Request};
@@ -51,12 +51,9 @@ fn alive(pid: u32) -> bool {
     })
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// The shared wait, 10 s at most.
+fn wait_for(what: &str, f: impl FnMut() -> bool) {
+    handoff_test_support::wait::wait_for(Duration::from_secs(10), what, f);
 }
 
 #[test]

@@ -8,8 +8,6 @@
 //! Under `CI=true` a missing `/dev/fuse` fails; elsewhere these tests skip, saying why.
 #![cfg(feature = "kernel-sim")]
 
-mod simgpu;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -19,6 +17,7 @@ use handoff::bind::{self, BindError, Outcome};
 use handoff::gpu::{Function, FunctionKind, Gpu, Owner};
 use handoff::kernelsim::{Errno, FaultRule, FileKind, Release};
 use handoff::sim::{RTX_3090_TI, SimSpec};
+use handoff_test_support::simgpu;
 use simgpu::{AUDIO, GPU, HOME, Sim, UCSI, USB, addr, forked_children, hold, serial, wait_gone, workstation};
 
 const PATIENT: Duration = Duration::from_secs(5);

@@ -6,14 +6,13 @@
 //! it with `HANDOFF_CONFIG`; `HOME` and the XDG directories point into the temp dir too, so
 //! nothing outside it is read or written. Every child process is killed by its guard.
 
-mod named_holder;
-
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 use handoff::pci::PciAddress;
 use handoff::sim::{RTX_3090_TI, SimFunction, SimHost, SimSpec};
+use handoff_test_support::named_holder;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_handoff");

@@ -11,16 +11,12 @@ use std::process::Command;
 
 use handoff::config::{Config, ConfigError, Source};
 use handoff::pci::PciAddress;
+use handoff_test_support::tools::is_root;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/config")
         .join(name)
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// The binary's exit code, stdout and stderr, with HOME and XDG pointed at `home` so no

@@ -4,8 +4,6 @@
 //! demo with a display is tested in applet/tests/demo_desktop.rs.
 #![cfg(all(feature = "kernel-sim", feature = "libvirt"))]
 
-mod common;
-
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -133,7 +131,7 @@ fn script_shows_refusal_vfio_and_return_and_cleans_up() {
 #[test]
 fn waiting_demo_prints_the_block_and_sigterm_leaves_nothing_behind() {
     let dir = Path::new(env!("CARGO_BIN_EXE_handoff")).parent().unwrap();
-    common::bins::sibling(dir, "handoff-block", "handoff-block", &["src", "i3blocks/src"]);
+    handoff_test_support::bins::sibling(dir, "handoff-block", "handoff-block", &["src", "i3blocks/src"]);
     let mut child = demo().stdout(Stdio::piped()).spawn().expect("handoff demo");
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();

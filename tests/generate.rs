@@ -6,6 +6,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use handoff_test_support::tools::have_all;
+
 const BIN: &str = env!("CARGO_BIN_EXE_handoff");
 
 fn generate(what: &str, dir: &Path) {
@@ -15,22 +17,6 @@ fn generate(what: &str, dir: &Path) {
         .output()
         .unwrap();
     assert!(out.status.success(), "__generate {what}: {out:?}");
-}
-
-/// Whether `tool` runs; false (skip) only outside CI.
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{tool} is missing (scripts/deps.sh installs it)"
-        );
-        eprintln!("skipping: {tool} is not installed (scripts/deps.sh installs it)");
-    }
-    found
 }
 
 fn subcommands() -> Vec<String> {
@@ -50,7 +36,7 @@ fn subcommands() -> Vec<String> {
 
 #[test]
 fn man_pages_render_without_warnings_one_per_subcommand_and_seed_name() {
-    if !have("groff") {
+    if !have_all(&["groff"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -117,7 +103,7 @@ fn render(root: &Path, page: &Path) -> String {
 
 #[test]
 fn bash_completion_loads_and_completes_subcommands() {
-    if !have("bash") {
+    if !have_all(&["bash"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

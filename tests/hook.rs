@@ -7,9 +7,6 @@
 //! Under `CI=true` a missing `/dev/fuse` fails; elsewhere these tests skip, saying why.
 #![cfg(feature = "kernel-sim")]
 
-mod named_holder;
-mod simgpu;
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -17,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::kernelsim::{Errno, FaultRule, FileKind, Release};
+use handoff_test_support::named_holder;
+use handoff_test_support::simgpu;
 use simgpu::{AUDIO, GPU, Sim, addr, hold, workstation};
 
 fn fixture(name: &str) -> String {

@@ -11,108 +11,60 @@
 //! Under `CI=true` a missing part fails the test; elsewhere it skips, saying why.
 #![cfg(feature = "kernel-sim")]
 
-mod common;
-
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::backup::DirBackup;
-use common::libvirt::{LibvirtdLock, TestDomain, require_libvirtd, virsh};
-use handoff::Host;
 use handoff::bind::record::{Phase, RestoreRecord};
-use handoff::kernelsim::fuse::SimMount;
-use handoff::kernelsim::{Kernel, send_command};
+use handoff::kernelsim::send_command;
 use handoff::pci::PciAddress;
-use handoff::sim::{RTX_3090_TI, SimSpec};
+use handoff::sim::RTX_3090_TI;
 use handoff::state::{HookPhase, HookState};
+use handoff_test_support::libvirt::{LibvirtdLock, TestDomain, virsh};
+use handoff_test_support::simgpu::hold;
+use handoff_test_support::stage::{ETC_HANDOFF, SYSTEM_CONFIG, Stage};
+use handoff_test_support::wait::wait_until;
 
 const HANDOFF: &str = env!("CARGO_BIN_EXE_handoff");
 const HOOKS_DIR: &str = "/etc/libvirt/hooks";
-const ETC_HANDOFF: &str = "/etc/handoff";
-const SYSTEM_CONFIG: &str = "/etc/handoff/config.toml";
 /// Short, so the hang case takes seconds; the hook reads it from the system config.
 const WATCHDOG_S: u64 = 2;
 
-fn required(what: &str) -> bool {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{what}");
-    }
-    eprintln!("SKIPPED: {what}");
-    false
-}
-
-/// Everything one run sets up. Fields drop in declaration order: the domain first (its
-/// destroy runs the hook's `release`, which still needs the mount), then the mount, the
-/// temp tree, `/etc/handoff`, `/etc/libvirt/hooks` (+ SIGHUP), and the libvirtd lock last.
+/// Everything one run sets up. Fields drop in declaration order: the domains first (their
+/// destroy runs the hook's `release`, which still needs the mount), then the stage (the
+/// mount, the temp tree, `/etc/handoff`, `/etc/libvirt/hooks` + SIGHUP, the libvirtd lock).
 struct Scene {
     domain: TestDomain,
     /// A second `[[vm]]` wanting the same GPU (the homelab's two VMs).
     other: TestDomain,
-    mount: SimMount,
-    _tmp: tempfile::TempDir,
-    host: Host,
-    _etc_handoff: DirBackup,
-    _hooks: DirBackup,
     /// `/etc/libvirt/hooks` and `/etc/handoff` as found once the libvirtd lock was ours:
     /// another test process may have its own hook in place until then.
     before: (Snapshot, Snapshot),
-    _libvirtd: LibvirtdLock,
-}
-
-fn reload_libvirtd() {
-    handoff::hooks::reload_libvirt(Path::new("/proc"));
-    // libvirtd handles SIGHUP on a thread of its own; give it a moment.
-    std::thread::sleep(Duration::from_millis(500));
+    stage: Stage,
 }
 
 impl Scene {
     fn set_up() -> Option<Scene> {
-        if !Path::new("/dev/fuse").exists() {
-            required("/dev/fuse is missing: the simulated sysfs needs FUSE (root, /dev/fuse, Debian fuse3)");
-            return None;
-        }
-        let libvirtd = require_libvirtd()?;
-        let before = (snapshot(Path::new(HOOKS_DIR)), snapshot(Path::new(ETC_HANDOFF)));
-        let hooks = DirBackup::take(HOOKS_DIR).then(reload_libvirtd);
-        let etc_handoff = DirBackup::take(ETC_HANDOFF);
-
-        let tmp = tempfile::tempdir().unwrap();
-        let kernel = Kernel::build(&tmp.path().join("machine"), SimSpec::workstation()).unwrap();
-        let mountpoint = tmp.path().join("sys");
-        fs::create_dir(&mountpoint).unwrap();
-        let mount = SimMount::mount(kernel, &mountpoint).unwrap();
-        let host = mount.host();
-
+        let mut before = None;
+        let stage = Stage::set_up_after(|| {
+            before = Some((snapshot(Path::new(HOOKS_DIR)), snapshot(Path::new(ETC_HANDOFF))));
+        })?;
         let domain = TestDomain::define();
         let other = TestDomain::define();
-        write_system_config(&host, &[domain.name(), other.name()]);
-        let out = Command::new(HANDOFF)
-            .arg("install-hooks")
-            .env_remove("HANDOFF_CONFIG")
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&out.stdout);
-        eprintln!(
-            "handoff install-hooks: {said}{}",
-            String::from_utf8_lossy(&out.stderr)
+        let said = stage.install(
+            &system_config(&stage, &[domain.name(), other.name()]),
+            Path::new(HANDOFF),
         );
-        assert!(out.status.success(), "install-hooks failed");
+        let meta = fs::metadata(SYSTEM_CONFIG).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "the test must run as root");
         assert!(said.contains("reloaded its hooks"), "{said}");
-        std::thread::sleep(Duration::from_millis(500));
-
         Some(Scene {
             domain,
             other,
-            mount,
-            _tmp: tmp,
-            host,
-            _etc_handoff: etc_handoff,
-            _hooks: hooks,
-            before,
-            _libvirtd: libvirtd,
+            before: before.expect("set_up_after ran `found`"),
+            stage,
         })
     }
 
@@ -122,21 +74,16 @@ impl Scene {
         let Scene {
             domain,
             other,
-            mount,
-            _tmp,
-            host,
-            _etc_handoff,
-            _hooks,
             before,
-            _libvirtd,
+            stage,
         } = self;
-        drop((domain, other, mount, _tmp, host, _etc_handoff, _hooks));
-        (before, _libvirtd)
+        drop((domain, other));
+        (before, stage.into_lock())
     }
 
     /// Every function of the GPU's slot with its driver and override, from the mount.
     fn functions(&self) -> Vec<FunctionState> {
-        let g = handoff::gpu::read_gpu(&self.host, RTX_3090_TI).unwrap();
+        let g = handoff::gpu::read_gpu(&self.stage.host, RTX_3090_TI).unwrap();
         g.functions
             .iter()
             .map(|f| (f.address, f.driver.clone(), f.driver_override.clone()))
@@ -148,19 +95,19 @@ impl Scene {
     }
 
     fn state(&self) -> HookState {
-        HookState::load(&self.host).expect("the hook wrote no state.json")
+        HookState::load(&self.stage.host).expect("the hook wrote no state.json")
     }
 
     fn record(&self) -> Option<RestoreRecord> {
-        RestoreRecord::load(&self.host, RTX_3090_TI).unwrap()
+        RestoreRecord::load(&self.stage.host, RTX_3090_TI).unwrap()
     }
 
     fn write_log(&self) -> Vec<(String, String)> {
-        self.mount.log().iter().map(|r| r.short()).collect()
+        self.stage.mount.log().iter().map(|r| r.short()).collect()
     }
 
     fn node(&self, name: &str) -> PathBuf {
-        self.host.dev.join(name)
+        self.stage.host.dev.join(name)
     }
 }
 
@@ -168,54 +115,16 @@ impl Scene {
 type FunctionState = (PciAddress, Option<String>, Option<String>);
 
 /// The config the hook reads: the simulated roots, a short watchdog, the test domains.
-fn write_system_config(host: &Host, domains: &[&str]) {
+/// The system config: the simulated GPU (a short watchdog) and one `[[vm]]` per domain.
+fn system_config(stage: &Stage, domains: &[&str]) -> String {
     let mut text = format!(
-        "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = {WATCHDOG_S}\n\n\
-         [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\nuninspectable_ok = {:?}\n",
-        host.sysfs.display(),
-        host.dev.display(),
-        host.run.display(),
-        // Processes root cannot inspect here (PID 1 of the container): the scan
-        // fails closed on them; these tests are about the GPU's own holders.
-        handoff::holders::uninspectable_now(std::path::Path::new("/proc"))
+        "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = {WATCHDOG_S}\n\n{}",
+        stage.host_section()
     );
     for d in domains {
         text += &format!("\n[[vm]]\nname = \"{d}\"\n");
     }
-    fs::create_dir(ETC_HANDOFF).unwrap();
-    fs::set_permissions(ETC_HANDOFF, fs::Permissions::from_mode(0o755)).unwrap();
-    fs::write(SYSTEM_CONFIG, text).unwrap();
-    fs::set_permissions(SYSTEM_CONFIG, fs::Permissions::from_mode(0o644)).unwrap();
-    let meta = fs::metadata(SYSTEM_CONFIG).unwrap();
-    assert_eq!((meta.uid(), meta.gid()), (0, 0), "the test must run as root");
-}
-
-/// A child process (a stand-in CUDA job), killed and reaped by pid when dropped.
-struct Holder(Child);
-
-impl Holder {
-    /// `sleep 600` with stdin read from `node`: it holds the node until killed.
-    fn of(node: &Path) -> Holder {
-        let child = Command::new("sleep")
-            .arg("600")
-            .stdin(Stdio::from(fs::File::open(node).unwrap()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Holder(child)
-    }
-
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    text
 }
 
 /// Pids of processes with a file open under `dir` (the hook's writer child, stuck in a
@@ -254,17 +163,6 @@ fn state_and_parent(pid: u32) -> Option<(String, u32)> {
             .map(|v| v.trim().to_owned())
     };
     Some((field("State:")?, field("PPid:")?.parse().ok()?))
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
 }
 
 /// A directory tree as (relative path, inode, mode, uid, gid, contents), to compare
@@ -312,7 +210,7 @@ fn is_mounted(path: &Path) -> bool {
 fn the_real_libvirtd_runs_the_hook_refuses_binds_returns_and_survives_a_hang() {
     let Some(s) = Scene::set_up() else { return };
     let domain_name = s.domain.name().to_owned();
-    let mountpoint = s.mount.path().to_owned();
+    let mountpoint = s.stage.mount.path().to_owned();
     let home = s.functions();
     assert_eq!(
         s.drivers(),
@@ -349,7 +247,7 @@ fn the_real_libvirtd_runs_the_hook_refuses_binds_returns_and_survives_a_hang() {
 }
 
 fn refuses_start_while_a_cuda_job_holds_the_gpu(s: &Scene, home: &[FunctionState]) {
-    let job = Holder::of(&s.node("nvidia0"));
+    let job = hold(&s.node("nvidia0"));
     let t = Instant::now();
     let err = s
         .domain
@@ -433,7 +331,7 @@ fn destroy_brings_every_function_home(s: &Scene, home: &[FunctionState]) {
 }
 
 fn a_hung_unbind_fails_the_start_cleanly_and_libvirtd_keeps_answering(s: &Scene, home: &[FunctionState]) {
-    let sys = s.mount.path();
+    let sys = s.stage.mount.path();
     send_command(sys, &format!("hang unbind {RTX_3090_TI} nvidia once\n")).unwrap();
 
     let t = Instant::now();
@@ -451,7 +349,7 @@ fn a_hung_unbind_fails_the_start_cleanly_and_libvirtd_keeps_answering(s: &Scene,
         "{err}"
     );
     assert!(err.contains("Restore required"), "{err}");
-    assert_eq!(s.mount.hung().len(), 1, "the unbind should still be hung");
+    assert_eq!(s.stage.mount.hung().len(), 1, "the unbind should still be hung");
 
     let t = Instant::now();
     let list = virsh(&["list"]);

@@ -5,15 +5,13 @@
 //! It changes `/etc/libvirt/hooks` for the length of the test: the directory is moved aside
 //! and moved back on drop (also when the test fails), then libvirtd is told to re-read it.
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::libvirt::{TestDomain, require_libvirtd, virsh};
 use handoff::hooks::{self, DEFAULT_HOOKS_DIR, InstallOptions, Reload};
+use handoff_test_support::libvirt::{TestDomain, require_libvirtd, virsh};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hooks");
 const BACKUP: &str = "/etc/libvirt/hooks.handoff-test-backup";

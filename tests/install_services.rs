@@ -8,6 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use handoff_test_support::tools::have_all;
+
 struct Home {
     dir: tempfile::TempDir,
 }
@@ -71,19 +73,6 @@ impl Home {
         walk(&self.home(), &self.home(), &mut out);
         out
     }
-}
-
-fn validator(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        let why = format!("{tool} is not installed (scripts/deps.sh installs it)");
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-        eprintln!("skipping validation: {why}");
-    }
-    found
 }
 
 #[test]
@@ -184,7 +173,7 @@ fn installed_units_and_desktop_files_pass_the_validators() {
     let h = Home::new();
     h.run(&["--lg-autostart"]);
     let units = h.home().join(".config/systemd/user");
-    if validator("systemd-analyze") {
+    if have_all(&["systemd-analyze"]) {
         // --user needs a runtime dir; a private one keeps it off the real session.
         let rt = h.dir.path().join("runtime");
         std::fs::create_dir(&rt).unwrap();
@@ -204,7 +193,7 @@ fn installed_units_and_desktop_files_pass_the_validators() {
             );
         }
     }
-    if validator("desktop-file-validate") {
+    if have_all(&["desktop-file-validate"]) {
         for f in [
             ".config/autostart/handoff-tray.desktop",
             ".local/share/applications/handoff-windows.desktop",

@@ -7,59 +7,13 @@
 
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use handoff::kernelsim::fuse::SimMount;
-use handoff::kernelsim::{Errno, FaultRule, FileKind, Kernel, Release, WriteResult, read_log, send_command};
+use handoff::kernelsim::{Errno, FaultRule, FileKind, Release, WriteResult, read_log, send_command};
 use handoff::sim::SimSpec;
-
-/// A mounted workstation. Fields drop in order: the mount before its directory.
-struct Sim {
-    mount: SimMount,
-    tmp: tempfile::TempDir,
-}
-
-impl Sim {
-    fn sys(&self) -> &Path {
-        self.mount.path()
-    }
-
-    fn dev(&self, bdf: &str) -> PathBuf {
-        self.sys().join("bus/pci/devices").join(bdf)
-    }
-
-    fn driver(&self, bdf: &str) -> Option<String> {
-        let link = fs::read_link(self.dev(bdf).join("driver")).ok()?;
-        Some(link.file_name()?.to_string_lossy().into_owned())
-    }
-
-    fn short_log(&self) -> Vec<(String, String)> {
-        self.mount.log().iter().map(|r| r.short()).collect()
-    }
-}
-
-/// Mount `spec`, or None (skip) when FUSE isn't there outside CI.
-fn mount(spec: SimSpec) -> Option<Sim> {
-    if !Path::new("/dev/fuse").exists() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("/dev/fuse is missing: the kernel simulator needs FUSE (root, /dev/fuse, Debian fuse3)");
-        }
-        eprintln!("skipping: /dev/fuse is missing, so the simulated sysfs can't be mounted");
-        return None;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let kernel = Kernel::build(&tmp.path().join("machine"), spec).unwrap();
-    let mountpoint = tmp.path().join("sys");
-    fs::create_dir(&mountpoint).unwrap();
-    let mount = SimMount::mount(kernel, &mountpoint).unwrap();
-    Some(Sim { mount, tmp })
-}
-
-fn workstation() -> Option<Sim> {
-    mount(SimSpec::workstation())
-}
+use handoff_test_support::simgpu::{Sim, mount, workstation};
 
 fn write(path: impl AsRef<Path>, value: &str) -> io::Result<()> {
     fs::write(path, value)
@@ -115,7 +69,7 @@ const GPU: &str = "0000:01:00.0";
 #[test]
 fn override_unbind_probe_moves_the_gpu_to_vfio_and_back_to_nvidia() {
     let Some(sim) = workstation() else { return };
-    let dev = sim.dev(GPU);
+    let dev = sim.device(GPU);
     let sys = sim.sys();
     assert_eq!(
         fs::read_link(dev.join("driver")).unwrap(),
@@ -205,7 +159,7 @@ fn bind_while_bound_is_ebusy_and_unbind_from_another_driver_is_enodev() {
 #[test]
 fn injected_errors_surface_as_the_writers_io_error_without_effect() {
     let Some(sim) = workstation() else { return };
-    let dev = sim.dev(GPU);
+    let dev = sim.device(GPU);
     let sys = sim.sys();
     sim.mount
         .inject(FaultRule::fail(FileKind::Unbind, Errno::EBUSY).device("0000:01:00.0".parse().unwrap()));
@@ -284,7 +238,7 @@ fn a_hung_unbind_blocks_its_writer_and_driver_override_readers_until_released_wh
     // Like the kernel inside nvidia's remove callback: the driver links are gone already.
     assert_eq!(sim.driver(GPU), None);
     assert!(!sys.join(format!("bus/pci/drivers/nvidia/{GPU}")).exists());
-    let uevent = fs::read_to_string(sim.dev(GPU).join("uevent")).unwrap();
+    let uevent = fs::read_to_string(sim.device(GPU).join("uevent")).unwrap();
     assert!(!uevent.contains("DRIVER="), "{uevent}");
     // Everyone else keeps being served, in this process and in others.
     assert_eq!(fs::read_dir(sys.join("bus/pci/devices")).unwrap().count(), 6);
@@ -341,11 +295,11 @@ fn a_hung_unbind_blocks_its_writer_and_driver_override_readers_until_released_wh
         "the override reader should block behind the hung unbind"
     );
     assert_eq!(
-        fs::read_to_string(sim.dev(GPU).join("vendor")).unwrap(),
+        fs::read_to_string(sim.device(GPU).join("vendor")).unwrap(),
         "0x10de\n"
     );
     assert_eq!(
-        fs::read_to_string(sim.dev("0000:01:00.1").join("driver_override")).unwrap(),
+        fs::read_to_string(sim.device("0000:01:00.1").join("driver_override")).unwrap(),
         "(null)\n"
     );
 
@@ -358,7 +312,7 @@ fn a_hung_unbind_blocks_its_writer_and_driver_override_readers_until_released_wh
     }
     assert_eq!(sim.driver(GPU), None, "no re-probe after an unbind");
     assert_eq!(
-        fs::read_to_string(sim.dev(GPU).join("driver_override")).unwrap(),
+        fs::read_to_string(sim.device(GPU).join("driver_override")).unwrap(),
         "vfio-pci\n"
     );
     // The reader got the lock after the override write that was waiting before it.
@@ -410,15 +364,15 @@ fn a_killed_hung_writer_dies_once_released_and_control_works_across_processes() 
 fn remove_and_rescan_bring_functions_back_probed_without_override() {
     let Some(sim) = workstation() else { return };
     let sys = sim.sys();
-    write(sim.dev("0000:01:00.1").join("driver_override"), "vfio-pci").unwrap();
-    write(sim.dev("0000:01:00.1").join("remove"), "1\n").unwrap();
-    assert!(!sim.dev("0000:01:00.1").exists());
+    write(sim.device("0000:01:00.1").join("driver_override"), "vfio-pci").unwrap();
+    write(sim.device("0000:01:00.1").join("remove"), "1\n").unwrap();
+    assert!(!sim.device("0000:01:00.1").exists());
     assert!(!sys.join("bus/pci/drivers/snd_hda_intel/0000:01:00.1").exists());
     assert!(!sys.join("kernel/iommu_groups/13/devices/0000:01:00.1").exists());
     write(sys.join("bus/pci/rescan"), "1").unwrap();
     assert_eq!(sim.driver("0000:01:00.1").as_deref(), Some("snd_hda_intel"));
     assert_eq!(
-        fs::read_to_string(sim.dev("0000:01:00.1").join("driver_override")).unwrap(),
+        fs::read_to_string(sim.device("0000:01:00.1").join("driver_override")).unwrap(),
         "(null)\n"
     );
     assert!(
@@ -433,7 +387,7 @@ fn vfio_pci_takes_overridden_devices_once_loaded() {
     spec.drivers.retain(|d| d != "vfio-pci");
     let Some(sim) = mount(spec) else { return };
     let sys = sim.sys();
-    let dev = sim.dev(GPU);
+    let dev = sim.device(GPU);
     write(dev.join("driver_override"), "vfio-pci").unwrap();
     write(dev.join("driver/unbind"), GPU).unwrap();
     write(sys.join("bus/pci/drivers_probe"), GPU).unwrap();

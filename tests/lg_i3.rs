@@ -5,14 +5,12 @@
 //! runtime directory. Set `HANDOFF_SCREENSHOTS=DIR` to keep the screenshot of the desktop
 //! with the window on its workspace (docs/screenshots/ holds the committed one).
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::desktop::Desktop;
 use handoff::i3::Session;
+use handoff_test_support::desktop::Desktop;
 
 const CLASS: &str = "looking-glass-client";
 const TRICKY_TITLE: &str = "a; b 'c' \"d\" $HOME \\e";

@@ -1,9 +1,7 @@
 //! The test harness for the system libvirtd works: the daemon answers, and a tiny TCG
 //! domain starts and is gone again after its guard is dropped.
 
-mod common;
-
-use common::libvirt::{TestDomain, require_libvirtd, virsh};
+use handoff_test_support::libvirt::{TestDomain, require_libvirtd, virsh};
 
 #[test]
 fn tiny_domain_runs_and_is_destroyed_and_undefined_on_drop() {

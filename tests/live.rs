@@ -11,6 +11,7 @@ use handoff::live::uevent::{SlotFilter, Uevent, parse_uevent, send_uevent};
 use handoff::live::{Change, DriverAction, Sources, Watcher};
 use handoff::pci::PciAddress;
 use handoff::state::{HookPhase, HookState};
+use handoff_test_support::tools::is_root;
 
 /// Watchers in this binary share the uevent group and the thread names the shutdown test
 /// counts, so they run one at a time.
@@ -141,11 +142,6 @@ fn next(w: &Watcher, within: Duration) -> (Change, Duration) {
 
 fn devpath(f: PciAddress) -> String {
     format!("/devices/pci{:04x}:00/{:04x}:00:01.0/{f}", f.domain, f.domain)
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
 
 #[test]

@@ -4,18 +4,16 @@
 //!
 //! The restart test stops the system libvirtd by pid (SIGTERM) and starts it again with
 //! the harness's `ensure_libvirtd`. That daemon is a test-harness singleton on these
-//! machines (tests/common/libvirt.rs starts it; nothing else depends on it), and the test
+//! machines (handoff_test_support::libvirt starts it; nothing else depends on it), and the test
 //! holds the harness's cross-process lock throughout, so no other test sees it go.
 #![cfg(feature = "libvirt")]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::libvirt::{TestDomain, URI, ensure_libvirtd, pids_named, require_libvirtd};
 use handoff::Config;
 use handoff::config::VmConfig;
 use handoff::live::{Change, DomainEvent, Source, Sources, Watcher};
+use handoff_test_support::libvirt::{TestDomain, URI, ensure_libvirtd, pids_named, require_libvirtd};
 
 fn libvirt_only() -> Sources {
     Sources {

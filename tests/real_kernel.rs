@@ -9,7 +9,6 @@
 //! packages through apt, cached under /var/cache/handoff-test/guest). Without QEMU, cpio
 //! or apt's packages the tests skip saying why; under `CI=true` they fail.
 
-mod common;
 mod kernel;
 
 use std::path::Path;
@@ -31,7 +30,7 @@ fn guest() -> Option<&'static Transcript> {
     let r = BOOT.get_or_init(|| {
         let image = kernel::image().map_err(|e| (true, e))?;
         let handoff = Path::new(env!("CARGO_BIN_EXE_handoff"));
-        let block = common::bins::sibling(
+        let block = handoff_test_support::bins::sibling(
             handoff.parent().unwrap(),
             "handoff-block",
             "handoff-block",

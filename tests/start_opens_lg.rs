@@ -19,53 +19,25 @@
 //! `/dev/fuse`, libvirtd, QEMU, Xvfb, i3 and xterm. Under `CI=true` a missing part fails.
 #![cfg(feature = "kernel-sim")]
 
-mod common;
-
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::backup::DirBackup;
-use common::desktop::Desktop;
-use common::libvirt::{LibvirtdLock, TestDomain, require_libvirtd};
-use handoff::Host;
 use handoff::bind::record::RestoreRecord;
-use handoff::kernelsim::Kernel;
-use handoff::kernelsim::fuse::SimMount;
-use handoff::sim::{RTX_3090_TI, SimSpec};
+use handoff::sim::RTX_3090_TI;
+use handoff_test_support::desktop::Desktop;
+use handoff_test_support::libvirt::TestDomain;
+use handoff_test_support::stage::{SYSTEM_CONFIG, Stage};
+use handoff_test_support::tools::{have, required};
 
 const HANDOFF: &str = env!("CARGO_BIN_EXE_handoff");
-const ETC_HANDOFF: &str = "/etc/handoff";
-const SYSTEM_CONFIG: &str = "/etc/handoff/config.toml";
 const CLASS: &str = "looking-glass-client";
 const WORKSPACE: &str = "lg 10";
 /// In the scene's temp dir: the same config, but a client that is not installed (and a
 /// window class no open window has).
 const MISSING_CLIENT_CONFIG: &str = "missing-client.toml";
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-fn required(what: &str) -> bool {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{what}");
-    }
-    eprintln!("SKIPPED: {what}");
-    false
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn reload_libvirtd() {
-    handoff::hooks::reload_libvirt(Path::new("/proc"));
-    std::thread::sleep(Duration::from_millis(500));
-}
 
 fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
@@ -81,18 +53,13 @@ impl Drop for ShmFile {
 }
 
 /// Fields drop in declaration order: the domain first (its destroy runs the hook's
-/// `release`, which needs the mount), its shm file, the desktop, the mount, /etc/handoff,
-/// the hooks, and the lock last.
+/// `release`, which needs the mount), its shm file, the desktop, then the stage (the mount,
+/// /etc/handoff, the hooks, and the lock last).
 struct Scene {
     vm: TestDomain,
     shm: ShmFile,
     desk: Desktop,
-    _mount: SimMount,
-    _tmp: tempfile::TempDir,
-    host: Host,
-    _etc_handoff: DirBackup,
-    _hooks: DirBackup,
-    _libvirtd: LibvirtdLock,
+    stage: Stage,
 }
 
 struct Run {
@@ -114,26 +81,14 @@ impl std::fmt::Debug for Run {
 
 impl Scene {
     fn set_up() -> Option<Scene> {
-        if !Path::new("/dev/fuse").exists() {
-            required("/dev/fuse is missing: the simulated sysfs needs FUSE");
-            return None;
-        }
         for tool in ["xterm", "unshare", "qemu-system-x86_64"] {
             if !have(tool) {
                 required(&format!("{tool} is not installed (scripts/deps.sh installs it)"));
                 return None;
             }
         }
-        let libvirtd = require_libvirtd()?;
+        let stage = Stage::set_up()?;
         let desk = Desktop::start(None)?;
-        let hooks = DirBackup::take(handoff::hooks::DEFAULT_HOOKS_DIR).then(reload_libvirtd);
-        let etc_handoff = DirBackup::take(ETC_HANDOFF);
-        let tmp = tempfile::tempdir().unwrap();
-        let kernel = Kernel::build(&tmp.path().join("machine"), SimSpec::workstation()).unwrap();
-        let mountpoint = tmp.path().join("sys");
-        fs::create_dir(&mountpoint).unwrap();
-        let mount = SimMount::mount(kernel, &mountpoint).unwrap();
-        let host = mount.host();
 
         // A name of its own, so parallel runs and a real Looking Glass never share it;
         // handoff recognises any shmem whose name contains "looking".
@@ -144,54 +99,27 @@ impl Scene {
         ));
 
         let args = ["-class", CLASS, "-e", "sleep", "600"].map(toml_string);
+        let host_section = stage.host_section();
         let config = |command: &str, class: &str| {
             format!(
-                "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 2\n\n\
-             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\nuninspectable_ok = {:?}\n\n\
+                "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 2\n\n{host_section}\
              [looking_glass]\ncommand = \"{command}\"\nargs = [{}]\nworkspace = {}\nwindow_class = \"{class}\"\n\n\
              [[vm]]\nname = \"{}\"\nlabel = \"Windows\"\nshutdown_timeout_s = 3\n",
-                host.sysfs.display(),
-                host.dev.display(),
-                host.run.display(),
-                // Processes root cannot inspect here (PID 1 of the container): the scan
-                // fails closed on them; these tests are about the GPU's own holders.
-                handoff::holders::uninspectable_now(std::path::Path::new("/proc")),
                 args.join(", "),
                 toml_string(WORKSPACE),
                 vm.name()
             )
         };
-        fs::create_dir(ETC_HANDOFF).unwrap();
-        fs::set_permissions(ETC_HANDOFF, fs::Permissions::from_mode(0o755)).unwrap();
-        fs::write(SYSTEM_CONFIG, config("xterm", CLASS)).unwrap();
         fs::write(
-            tmp.path().join(MISSING_CLIENT_CONFIG),
+            stage.dir().join(MISSING_CLIENT_CONFIG),
             config(
                 "looking-glass-client-not-installed",
                 "looking-glass-not-installed",
             ),
         )
         .unwrap();
-        fs::set_permissions(SYSTEM_CONFIG, fs::Permissions::from_mode(0o644)).unwrap();
-
-        let out = Command::new(HANDOFF)
-            .arg("install-hooks")
-            .env_remove("HANDOFF_CONFIG")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "install-hooks: {out:?}");
-        std::thread::sleep(Duration::from_millis(500));
-        Some(Scene {
-            vm,
-            shm,
-            desk,
-            _mount: mount,
-            _tmp: tmp,
-            host,
-            _etc_handoff: etc_handoff,
-            _hooks: hooks,
-            _libvirtd: libvirtd,
-        })
+        stage.install(&config("xterm", CLASS), Path::new(HANDOFF));
+        Some(Scene { vm, shm, desk, stage })
     }
 
     /// `<prefix…> handoff <args>` in an SSH-like environment: PATH, HOME, the config and
@@ -227,12 +155,7 @@ impl Scene {
     }
 
     fn drivers(&self) -> Vec<Option<String>> {
-        handoff::gpu::read_gpu(&self.host, RTX_3090_TI)
-            .unwrap()
-            .functions
-            .into_iter()
-            .map(|f| f.driver)
-            .collect()
+        self.stage.drivers()
     }
 
     fn all_on_vfio(&self) -> bool {
@@ -244,7 +167,7 @@ impl Scene {
     }
 
     fn record_vm(&self) -> Option<String> {
-        RestoreRecord::load(&self.host, RTX_3090_TI)
+        RestoreRecord::load(&self.stage.host, RTX_3090_TI)
             .unwrap()
             .and_then(|r| r.vm)
     }
@@ -400,7 +323,7 @@ fn with_no_desktop_reachable_the_vm_still_starts(s: &Scene) {
 /// A client that is not installed does not hold `handoff start` up for the whole window
 /// wait: i3 reports its exit (127) and the command warns at once, the VM running.
 fn a_client_that_is_not_installed_is_a_prompt_warning(s: &Scene) {
-    let config = s._tmp.path().join(MISSING_CLIENT_CONFIG);
+    let config = s.stage.dir().join(MISSING_CLIENT_CONFIG);
     let r = s.handoff_via(
         &[],
         &[("I3SOCK", &s.desk.socket), ("HANDOFF_CONFIG", &config)],

@@ -12,9 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use handoff::kernelsim::fuse::SimMount;
-use handoff::kernelsim::{Errno, FaultRule, FileKind, Kernel, Release};
-use handoff::sim::SimSpec;
+use handoff::kernelsim::{Errno, FaultRule, FileKind, Release};
+use handoff_test_support::simgpu::{self, Sim};
 
 const BIN: &str = env!("CARGO_BIN_EXE_handoff");
 const GPU: &str = "0000:01:00.0";
@@ -26,26 +25,13 @@ const IN_TIME: Duration = Duration::from_secs(3);
 /// order: the stuck writer (released, then reaped), the mount, its directory.
 struct Stuck {
     writer: Option<Child>,
-    mount: SimMount,
-    tmp: tempfile::TempDir,
+    sim: Sim,
 }
 
 impl Stuck {
     fn new() -> Option<Stuck> {
-        if !Path::new("/dev/fuse").exists() {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!(
-                    "/dev/fuse is missing: the kernel simulator needs FUSE (root, /dev/fuse, Debian fuse3)"
-                );
-            }
-            eprintln!("skipping: /dev/fuse is missing, so the simulated sysfs can't be mounted");
-            return None;
-        }
-        let tmp = tempfile::tempdir().unwrap();
-        let kernel = Kernel::build(&tmp.path().join("machine"), SimSpec::workstation()).unwrap();
-        let mountpoint = tmp.path().join("sys");
-        fs::create_dir(&mountpoint).unwrap();
-        let mount = SimMount::mount(kernel, &mountpoint).unwrap();
+        let sim = simgpu::workstation()?;
+        let (mount, mountpoint) = (&sim.mount, sim.sys().to_owned());
         mount.inject(
             FaultRule::hang(FileKind::Unbind)
                 .device(GPU.parse().unwrap())
@@ -61,24 +47,23 @@ impl Stuck {
             .unwrap();
         let s = Stuck {
             writer: Some(writer),
-            mount,
-            tmp,
+            sim,
         };
         assert!(
-            s.mount.wait_for_hung(1, Duration::from_secs(5)),
+            s.sim.mount.wait_for_hung(1, Duration::from_secs(5)),
             "the unbind never arrived"
         );
         Some(s)
     }
 
     fn sys(&self) -> &Path {
-        self.mount.path()
+        self.sim.mount.path()
     }
 
     /// A config pointing every root into the simulation; no VMs, so libvirt isn't asked.
     fn config(&self) -> PathBuf {
-        let sim = self.mount.host();
-        let path = self.tmp.path().join("config.toml");
+        let sim = self.sim.mount.host();
+        let path = self.sim.tmp.path().join("config.toml");
         let text = format!(
             "[gpu]\naddress = \"{GPU}\"\n\n[host]\nsysfs = {:?}\ndev = {:?}\nrun = {:?}\n",
             sim.sysfs, sim.dev, sim.run
@@ -94,8 +79,8 @@ impl Stuck {
         let mut child = Command::new(BIN)
             .args(args)
             .env("HANDOFF_CONFIG", self.config())
-            .env("HOME", self.tmp.path())
-            .env("XDG_CONFIG_HOME", self.tmp.path().join("config"))
+            .env("HOME", self.sim.tmp.path())
+            .env("XDG_CONFIG_HOME", self.sim.tmp.path().join("config"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -113,7 +98,7 @@ impl Stuck {
             if started.elapsed() > limit {
                 let _ = child.kill();
                 // A child blocked in the FUSE read dies only once it is answered.
-                self.mount.release(Release::Fail(Errno::EIO));
+                self.sim.mount.release(Release::Fail(Errno::EIO));
                 let _ = child.wait();
                 return None;
             }
@@ -124,7 +109,7 @@ impl Stuck {
 
 impl Drop for Stuck {
     fn drop(&mut self) {
-        self.mount.release(Release::Fail(Errno::EIO));
+        self.sim.mount.release(Release::Fail(Errno::EIO));
         if let Some(mut w) = self.writer.take() {
             let _ = w.kill();
             let _ = w.wait();
@@ -142,12 +127,12 @@ fn a_plain_read_of_driver_override_blocks_until_the_unbind_ends() {
         .spawn()
         .unwrap();
     assert!(
-        s.mount.wait_for_blocked_reads(1, Duration::from_secs(5)),
+        s.sim.mount.wait_for_blocked_reads(1, Duration::from_secs(5)),
         "the read never arrived"
     );
     std::thread::sleep(Duration::from_millis(300));
     assert!(reader.try_wait().unwrap().is_none(), "the reader should block");
-    s.mount.release(Release::Complete);
+    s.sim.mount.release(Release::Complete);
     let out = reader.wait_with_output().unwrap();
     assert!(out.status.success());
     assert_eq!(out.stdout, b"(null)\n");
@@ -179,7 +164,7 @@ fn status_answers_in_time_and_says_the_gpu_is_locked() {
         "{out}"
     );
     assert!(out.contains("LOCKED"), "{out}");
-    assert_eq!(s.mount.blocked_reads(), 1, "one reader stuck, as its child");
+    assert_eq!(s.sim.mount.blocked_reads(), 1, "one reader stuck, as its child");
 }
 
 #[test]

@@ -11,50 +11,24 @@
 //! Run with `cargo test --features kernel-sim --test vm_libvirtd` as root with `/dev/fuse`.
 #![cfg(feature = "kernel-sim")]
 
-mod common;
-
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::backup::DirBackup;
-use common::libvirt::{LibvirtdLock, TestDomain, require_libvirtd};
-use handoff::Host;
 use handoff::bind::record::RestoreRecord;
-use handoff::kernelsim::Kernel;
-use handoff::kernelsim::fuse::SimMount;
-use handoff::sim::{RTX_3090_TI, SimSpec};
+use handoff::sim::RTX_3090_TI;
+use handoff_test_support::libvirt::TestDomain;
+use handoff_test_support::simgpu::hold;
+use handoff_test_support::stage::{SYSTEM_CONFIG, Stage};
 
 const HANDOFF: &str = env!("CARGO_BIN_EXE_handoff");
-const ETC_HANDOFF: &str = "/etc/handoff";
-const SYSTEM_CONFIG: &str = "/etc/handoff/config.toml";
-
-fn required(what: &str) -> bool {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{what}");
-    }
-    eprintln!("SKIPPED: {what}");
-    false
-}
-
-fn reload_libvirtd() {
-    handoff::hooks::reload_libvirt(Path::new("/proc"));
-    std::thread::sleep(Duration::from_millis(500));
-}
 
 /// Fields drop in declaration order: domains first (their destroy runs the hook's
-/// `release`, which needs the mount), then the mount, /etc/handoff, the hooks, the lock.
+/// `release`, which needs the mount), then the stage (mount, /etc/handoff, hooks, lock).
 struct Scene {
     win: TestDomain,
     ai: TestDomain,
-    _mount: SimMount,
-    _tmp: tempfile::TempDir,
-    host: Host,
-    _etc_handoff: DirBackup,
-    _hooks: DirBackup,
-    _libvirtd: LibvirtdLock,
+    stage: Stage,
 }
 
 struct Run {
@@ -76,31 +50,12 @@ impl std::fmt::Debug for Run {
 
 impl Scene {
     fn set_up() -> Option<Scene> {
-        if !Path::new("/dev/fuse").exists() {
-            required("/dev/fuse is missing: the simulated sysfs needs FUSE");
-            return None;
-        }
-        let libvirtd = require_libvirtd()?;
-        let hooks = DirBackup::take(handoff::hooks::DEFAULT_HOOKS_DIR).then(reload_libvirtd);
-        let etc_handoff = DirBackup::take(ETC_HANDOFF);
-        let tmp = tempfile::tempdir().unwrap();
-        let kernel = Kernel::build(&tmp.path().join("machine"), SimSpec::workstation()).unwrap();
-        let mountpoint = tmp.path().join("sys");
-        fs::create_dir(&mountpoint).unwrap();
-        let mount = SimMount::mount(kernel, &mountpoint).unwrap();
-        let host = mount.host();
+        let stage = Stage::set_up()?;
         let win = TestDomain::define();
         let ai = TestDomain::define();
-
         let mut text = format!(
-            "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 2\n\n\
-             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\nuninspectable_ok = {:?}\n",
-            host.sysfs.display(),
-            host.dev.display(),
-            host.run.display(),
-            // Processes root cannot inspect here (PID 1 of the container): the scan
-            // fails closed on them; these tests are about the GPU's own holders.
-            handoff::holders::uninspectable_now(std::path::Path::new("/proc"))
+            "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 2\n\n{}",
+            stage.host_section()
         );
         for (d, label) in [(&win, "Windows"), (&ai, "Linux AI")] {
             text += &format!(
@@ -108,28 +63,8 @@ impl Scene {
                 d.name()
             );
         }
-        fs::create_dir(ETC_HANDOFF).unwrap();
-        fs::set_permissions(ETC_HANDOFF, fs::Permissions::from_mode(0o755)).unwrap();
-        fs::write(SYSTEM_CONFIG, text).unwrap();
-        fs::set_permissions(SYSTEM_CONFIG, fs::Permissions::from_mode(0o644)).unwrap();
-
-        let out = Command::new(HANDOFF)
-            .arg("install-hooks")
-            .env_remove("HANDOFF_CONFIG")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "install-hooks: {out:?}");
-        std::thread::sleep(Duration::from_millis(500));
-        Some(Scene {
-            win,
-            ai,
-            _mount: mount,
-            _tmp: tmp,
-            host,
-            _etc_handoff: etc_handoff,
-            _hooks: hooks,
-            _libvirtd: libvirtd,
-        })
+        stage.install(&text, Path::new(HANDOFF));
+        Some(Scene { win, ai, stage })
     }
 
     /// `handoff <args>` as over `ssh host handoff …`: the system config, no session.
@@ -170,12 +105,7 @@ impl Scene {
     }
 
     fn drivers(&self) -> Vec<Option<String>> {
-        handoff::gpu::read_gpu(&self.host, RTX_3090_TI)
-            .unwrap()
-            .functions
-            .into_iter()
-            .map(|f| f.driver)
-            .collect()
+        self.stage.drivers()
     }
 
     fn all_on(&self, driver: &str) -> bool {
@@ -183,33 +113,9 @@ impl Scene {
     }
 
     fn record_vm(&self) -> Option<String> {
-        RestoreRecord::load(&self.host, RTX_3090_TI)
+        RestoreRecord::load(&self.stage.host, RTX_3090_TI)
             .unwrap()
             .and_then(|r| r.vm)
-    }
-}
-
-/// A stand-in CUDA job holding a node; killed and reaped on drop.
-struct Holder(Child);
-
-impl Holder {
-    fn of(node: &Path) -> Holder {
-        Holder(
-            Command::new("sleep")
-                .arg("600")
-                .stdin(Stdio::from(fs::File::open(node).unwrap()))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -229,7 +135,7 @@ fn start_stop_switch_and_health_with_the_real_hook_and_libvirtd() {
 }
 
 fn refuses_start_while_a_cuda_job_holds_the_gpu(s: &Scene) {
-    let job = Holder::of(&s.host.dev.join("nvidia0"));
+    let job = hold(&s.stage.host.dev.join("nvidia0"));
     let holder = format!("sleep (pid {}, user root", job.0.id());
 
     // Our own scan (as root it sees the job) refuses before libvirt is asked.

@@ -16,18 +16,16 @@
 //!
 //! Run with `cargo test -p handoff-tray --test demo_desktop`.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-mod common_tray;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::bins::sibling;
-use common_tray::{Item, ItemView, Session, required, screenshots_dir, split_item, wait_for};
 use handoff::config::Config;
+use handoff_test_support::bins::sibling;
+use handoff_test_support::tools::required;
+use handoff_test_support::tray::{Item, ItemView, Session, screenshots_dir, split_item};
+use handoff_test_support::wait::wait_for;
 use zbus::blocking::Connection;
 
 const TRAY: &str = env!("CARGO_BIN_EXE_handoff-tray");

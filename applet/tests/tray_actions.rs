@@ -6,14 +6,14 @@
 //! - "Terminate" in "Using the GPU" ends the test's own process holding a GPU node after
 //!   its question, and offers nothing for another user's; "Stop <unit>" stops a real
 //!   systemd user unit holding a node (a real `systemd --user`, see
-//!   `tests/common/systemd_user.rs`);
+//!   `handoff_test_support::systemd_user`);
 //! - with the real system libvirtd, the real hook and a simulated RTX 3090 Ti (FUSE):
 //!   "Open Looking Glass" and a left click put the client (a stand-in: `xterm -class
 //!   looking-glass-client`) on its i3 workspace; "Switch to <VM>" hands the GPU from one
 //!   VM to the other; "Force stop…" does nothing until its question is answered;
 //! - a return of the GPU that fails in the (simulated) kernel leaves "Return GPU to Linux",
 //!   which runs the real `pkexec handoff rebind --force` against the real polkitd on a
-//!   system bus of the test's own (`tests/common/system_bus.rs`): first without polkitd
+//!   system bus of the test's own (`handoff_test_support::system_bus`): first without polkitd
 //!   (the notification says what failed and what to type instead), then with it.
 //!
 //! What it changes outside its temp dirs, for the length of a test only: with libvirt,
@@ -24,24 +24,23 @@
 //! `HANDOFF_SCREENSHOTS=DIR` keeps screenshots of the desktop at the interesting moments.
 //! Run as root with `/dev/fuse`: `cargo test -p handoff-tray --test tray_actions`.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-mod common_tray;
-
 use std::fs;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::desktop::Desktop;
-use common::libvirt::TestDomain;
-use common::stage::{SYSTEM_CONFIG, Stage, host_section};
-use common::system_bus::SystemBus;
-use common::systemd_user::UserManager;
-use common_tray::{Item, Session, built, find_item, have, required, wait_for, wait_view};
 use handoff::kernelsim::send_command;
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::sim::{RTX_3090_TI, SimHost};
+use handoff_test_support::config::workstation_with_test_vm;
+use handoff_test_support::desktop::Desktop;
+use handoff_test_support::libvirt::TestDomain;
+use handoff_test_support::stage::{SYSTEM_CONFIG, Stage};
+use handoff_test_support::system_bus::SystemBus;
+use handoff_test_support::systemd_user::UserManager;
+use handoff_test_support::tools::{have, required};
+use handoff_test_support::tray::{Item, Session, built, find_item, wait_view};
+use handoff_test_support::wait::wait_for;
 use zbus::blocking::Connection;
 
 const TRAY: &str = env!("CARGO_BIN_EXE_handoff-tray");
@@ -173,27 +172,7 @@ impl Desk {
         let mut session = Session::start(800, 600)?;
         let i3 = with_i3(&mut session)?;
         let dir = session.dir.path().to_owned();
-        let sim = SimHost::build(&dir.join("machine"), &SimSpec::workstation()).unwrap();
-        let driver = dir.join("libvirt-test.xml");
-        fs::write(
-            &driver,
-            "<node><domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
-             <name>win11</name><memory>32768</memory><vcpu>1</vcpu><os><type>hvm</type></os>\
-             <test:runstate>5</test:runstate></domain></node>\n",
-        )
-        .unwrap();
-        let config = dir.join("config.toml");
-        fs::write(
-            &config,
-            format!(
-                "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\n\n{}{}\
-                 [[vm]]\nname = \"win11\"\nlabel = \"Windows\"\nuri = \"test://{}\"\n",
-                host_section(&sim.host()),
-                looking_glass(),
-                driver.display()
-            ),
-        )
-        .unwrap();
+        let (sim, config) = workstation_with_test_vm(&dir, &looking_glass());
         // The tray starts the window from beside itself.
         built(TRAY, "handoff-details", "handoff-details");
         Some(Desk {
@@ -211,7 +190,7 @@ impl Desk {
     fn start_tray_seeing(
         &mut self,
         what: &str,
-        first: impl FnMut(&common_tray::ItemView) -> bool,
+        first: impl FnMut(&handoff_test_support::tray::ItemView) -> bool,
     ) -> (Connection, Item) {
         let mut c = Command::new(TRAY);
         // The details window inherits the tray's environment and stdout: it prints each

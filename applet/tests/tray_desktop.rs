@@ -10,19 +10,16 @@
 //!
 //! Run with `cargo test -p handoff-tray --test tray_desktop` as root with `/dev/fuse`.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-mod common_tray;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::libvirt::TestDomain;
-use common::stage::{SYSTEM_CONFIG, Stage};
-use common_tray::{Item, Session, find_item, screenshots_dir, wait_for, wait_view};
 use handoff::sim::RTX_3090_TI;
+use handoff_test_support::libvirt::TestDomain;
+use handoff_test_support::stage::{SYSTEM_CONFIG, Stage};
+use handoff_test_support::tray::{Item, Session, find_item, screenshots_dir, wait_view};
+use handoff_test_support::wait::wait_for;
 use zbus::blocking::Connection;
 
 const TRAY: &str = env!("CARGO_BIN_EXE_handoff-tray");
@@ -30,7 +27,7 @@ const LABEL: &str = "Windows";
 
 /// The `handoff` binary the hook shim runs: built by the workspace next to ours.
 fn handoff_bin() -> PathBuf {
-    common_tray::built(TRAY, "handoff", "handoff")
+    handoff_test_support::tray::built(TRAY, "handoff", "handoff")
 }
 
 /// Drops in declaration order: the session (tray, panel, dunst), the domain (its destroy

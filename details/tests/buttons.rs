@@ -20,61 +20,35 @@
 //!
 //! Run as root with `/dev/fuse`: `cargo test -p handoff-details --test buttons`.
 
-mod a11y;
-#[path = "../../tests/common/mod.rs"]
-mod common;
-
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use a11y::{A11y, dialog, main_window};
-use common::desktop::Desktop;
-use common::libvirt::TestDomain;
-use common::stage::{SYSTEM_CONFIG, Stage, host_section};
-use common::system_bus::SystemBus;
-use common::systemd_user::UserManager;
 use handoff::kernelsim::send_command;
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::sim::RTX_3090_TI;
+use handoff_test_support::a11y::{A11y, dialog, main_window};
+use handoff_test_support::config::workstation_with_test_vm;
+use handoff_test_support::desktop::Desktop;
+use handoff_test_support::libvirt::TestDomain;
+use handoff_test_support::process::{Group, holder};
+use handoff_test_support::stage::{SYSTEM_CONFIG, Stage};
+use handoff_test_support::system_bus::SystemBus;
+use handoff_test_support::systemd_user::UserManager;
+use handoff_test_support::tools::{have_all, required};
 
 const BIN: &str = env!("CARGO_BIN_EXE_handoff-details");
 const WAIT: Duration = Duration::from_secs(60);
 const LG_CLASS: &str = "looking-glass-client";
 const LG_WORKSPACE: &str = "lg 10";
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn required(what: &str) -> bool {
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{what}");
-    eprintln!("SKIPPED: {what}");
-    false
-}
-
-/// A child in its own process group; the group is killed and the child reaped on drop.
-struct Group(Child);
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        // SAFETY: the process group made for this child.
-        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
-        let _ = self.0.wait();
-    }
-}
-
-/// A desktop: Xvfb and i3 (`tests/common/desktop.rs`) and a session bus of the test's
+/// A desktop: Xvfb and i3 (`handoff_test_support::desktop`) and a session bus of the test's
 /// own, started with the test's HOME and runtime dir (the accessibility bus it starts on
 /// demand puts its socket there). Drops the window first, then the bus (and what it
 /// started), then i3 and X.
@@ -88,11 +62,8 @@ struct Session {
 
 impl Session {
     fn start() -> Option<Session> {
-        for tool in ["dbus-daemon", "xterm", "import"] {
-            if !have(tool) {
-                required(&format!("{tool} is not installed (scripts/deps.sh installs it)"));
-                return None;
-            }
+        if !have_all(&["dbus-daemon", "xterm", "import"]) {
+            return None;
         }
         if !Path::new("/usr/libexec/at-spi-bus-launcher").exists() {
             required(
@@ -240,53 +211,9 @@ fn labels(buttons: &Value) -> Vec<&str> {
         .collect()
 }
 
-/// `sleep 600` holding `node` on stdin, in its own process group. Not reaped until the
-/// test says so: until then a process that ended stays a zombie, as the child of a busy
-/// parent does.
-fn hold(node: &Path) -> Group {
-    Group(
-        Command::new("sleep")
-            .arg("600")
-            .stdin(File::open(node).unwrap())
-            .stdout(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .unwrap(),
-    )
-}
-
-/// A simulated workstation on plain files (no FUSE: nothing is bound here) with one
-/// shut-off VM in a libvirt test-driver file; returns it and its config.
-fn workstation(dir: &Path) -> (SimHost, PathBuf) {
-    let sim = SimHost::build(&dir.join("machine"), &SimSpec::workstation()).unwrap();
-    let driver = dir.join("libvirt-test.xml");
-    fs::write(
-        &driver,
-        "<node><domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
-         <name>win11</name><memory>32768</memory><vcpu>1</vcpu><os><type>hvm</type></os>\
-         <test:runstate>5</test:runstate></domain></node>\n",
-    )
-    .unwrap();
-    let config = dir.join("config.toml");
-    fs::write(
-        &config,
-        format!(
-            "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\n\n{}\
-             [[vm]]\nname = \"win11\"\nlabel = \"Windows\"\nuri = \"test://{}\"\n",
-            host_section(&sim.host()),
-            driver.display()
-        ),
-    )
-    .unwrap();
-    (sim, config)
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < WAIT, "timed out after {WAIT:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// The shared wait with this file's patience.
+fn wait_for(what: &str, ok: impl FnMut() -> bool) {
+    handoff_test_support::wait::wait_for(WAIT, what, ok);
 }
 
 /// The texts of the open dialog (None when there is none).
@@ -309,8 +236,8 @@ fn dialog_texts(a: &A11y) -> Option<Vec<String>> {
 #[test]
 fn terminate_asks_first_then_ends_my_process() {
     let Some(mut s) = Session::start() else { return };
-    let (sim, config) = workstation(s.dir.path());
-    let mut holder = hold(&sim.dev().join("nvidia0"));
+    let (sim, config) = workstation_with_test_vm(s.dir.path(), "");
+    let mut holder = holder(&sim.dev().join("nvidia0"));
     let pid = holder.0.id();
     let mut views = s.open_window(Command::new(BIN), &config);
     let v = views.wait_for("the holder", |v| {
@@ -376,7 +303,7 @@ fn stop_unit_asks_first_then_stops_my_service() {
         unsafe { libc::getuid() } == 0,
         "run as root: the test starts a systemd manager"
     );
-    let (sim, config) = workstation(s.dir.path());
+    let (sim, config) = workstation_with_test_vm(s.dir.path(), "");
     let runtime = s.runtime();
     // Opt-in: the manager's cgroup is a write under /sys/fs/cgroup (HANDOFF_TEST_CGROUP=1).
     let Some(systemd) = UserManager::start_if_allowed(s.dir.path(), &runtime) else {
@@ -446,7 +373,7 @@ struct Scene {
 /// The `handoff` CLI beside the window (the hook shim and pkexec run it): built when
 /// missing or stale, as in a `cargo test -p handoff-details` that did not build the CLI.
 fn handoff_bin() -> PathBuf {
-    common::bins::sibling(Path::new(BIN).parent().unwrap(), "handoff", "handoff", &["src"])
+    handoff_test_support::bins::sibling(Path::new(BIN).parent().unwrap(), "handoff", "handoff", &["src"])
 }
 
 impl Scene {

@@ -7,12 +7,10 @@
 //! group and is killed by group when the test ends, passing or not. Under `CI=true` a
 //! missing Xvfb, dbus-daemon, xwininfo or import fails the test; elsewhere it skips.
 
-use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read};
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::fs;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -21,39 +19,12 @@ use serde_json::Value;
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookState, Refusal};
+use handoff_test_support::process::{Group, holder};
+use handoff_test_support::tools::have_all;
+use handoff_test_support::xvfb;
 
 const BIN: &str = env!("CARGO_BIN_EXE_handoff-details");
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A child in its own process group; the whole group is killed and the child reaped on drop.
-struct Group(Child);
-
-impl Group {
-    fn spawn(cmd: &mut Command) -> Group {
-        let what = format!("{cmd:?}");
-        Group(
-            cmd.process_group(0)
-                .spawn()
-                .unwrap_or_else(|e| panic!("{what}: {e}")),
-        )
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        // SAFETY: kill has no memory effects; the group is the child's own.
-        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
-        let _ = self.0.wait();
-    }
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 /// Xvfb and a session bus: what a desktop gives the window.
 struct Desktop {
@@ -67,37 +38,12 @@ struct Desktop {
 
 impl Desktop {
     fn start() -> Option<Desktop> {
-        for tool in ["Xvfb", "dbus-daemon", "xwininfo", "import"] {
-            if !have(tool) {
-                let why = format!("{tool} is not installed (scripts/deps.sh installs it)");
-                assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-                eprintln!("skipping: {why}");
-                return None;
-            }
+        if !have_all(&["Xvfb", "dbus-daemon", "xwininfo", "import"]) {
+            return None;
         }
         let dir = tempfile::tempdir().unwrap();
-
-        // -displayfd: Xvfb picks a free display and writes its number to the pipe.
-        let mut fds = [0; 2];
-        // SAFETY: fds is a valid out-array of two ints.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: both fds were just created and are owned here only.
-        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let xvfb = Group::spawn(
-            Command::new("Xvfb")
-                .args(["-displayfd", &fds[1].to_string(), "-noreset", "-nolisten", "tcp"])
-                .args(["-screen", "0", "800x860x24"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        );
-        drop(w);
-        let mut number = String::new();
-        File::from(r).read_to_string(&mut number).unwrap();
-        let display = format!(":{}", number.trim());
-        assert!(
-            number.trim().parse::<u32>().is_ok(),
-            "Xvfb said no display: {number:?}"
-        );
+        let (xvfb, display) = xvfb::start(dir.path(), "800x860x24");
+        let xvfb = Group(xvfb);
 
         let socket = dir.path().join("bus");
         let mut bus = Group::spawn(
@@ -311,23 +257,13 @@ fn labels(buttons: &Value) -> Vec<&str> {
         .collect()
 }
 
-/// `sleep 600` holding `node` open on stdin: a CUDA job, as far as the scan can tell.
-fn hold(node: &Path) -> Group {
-    Group::spawn(
-        Command::new("sleep")
-            .arg("600")
-            .stdin(File::open(node).unwrap())
-            .stdout(Stdio::null()),
-    )
-}
-
 #[test]
 fn shows_the_gpu_on_linux_with_a_holder_then_a_refused_start_as_it_happens() {
     let Some(desktop) = Desktop::start() else { return };
     let m = Machine::new(&[]);
     let uri = m.test_driver(&["win11", "ai"]);
     m.configure(&[("win11", "Windows", &uri), ("ai", "AI", &uri)]);
-    let holder = hold(&m.sim.dev().join("nvidia0"));
+    let holder = holder(&m.sim.dev().join("nvidia0"));
     let pid = holder.0.id() as u64;
 
     let mut w = Window::open(&desktop, &m);

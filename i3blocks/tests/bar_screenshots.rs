@@ -13,8 +13,6 @@
 //! (a relative path is taken from the workspace root). Without `HANDOFF_SCREENSHOTS` they
 //! go to a temp dir and are thrown away. Under `CI=true` a missing tool fails the test.
 
-mod support;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,7 +20,14 @@ use std::time::Duration;
 
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookPhase, HookState};
-use support::{BLOCK, Group, Stragglers, have, holder, wait_until, write_config, xvfb};
+use handoff_test_support::block::write_config;
+use handoff_test_support::process::{Group, Stragglers, holder};
+use handoff_test_support::tools::have_all;
+use handoff_test_support::wait::wait_until;
+use handoff_test_support::xvfb;
+
+/// The block under test.
+const BLOCK: &str = env!("CARGO_BIN_EXE_handoff-block");
 
 const T: Duration = Duration::from_secs(10);
 /// The block's `signal=`: the test sends SIGRTMIN+SIGNAL to its own i3blocks only.
@@ -118,7 +123,7 @@ fn pixels_of(histogram: &str, hex: &str) -> u64 {
 
 #[test]
 fn i3bar_shows_each_state_and_the_screenshots_have_its_colours() {
-    if !have(&["i3", "i3bar", "i3blocks", "Xvfb", "import", "convert", "xwininfo"]) {
+    if !have_all(&["i3", "i3bar", "i3blocks", "Xvfb", "import", "convert", "xwininfo"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -152,7 +157,8 @@ fn i3bar_shows_each_state_and_the_screenshots_have_its_colours() {
     )
     .unwrap();
 
-    let (_x, display) = xvfb(dir, "800x120x24");
+    let (x, display) = xvfb::start(dir, "800x120x24");
+    let _x = Group(x);
     let mark = Stragglers(dir.display().to_string());
     // i3 double-forks i3bar into a session of its own: the mark finds it, its shell,
     // i3blocks and the blocks.

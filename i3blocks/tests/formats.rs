@@ -1,17 +1,18 @@
 //! Each `--format` against what its bar parses, in every state the simulated machine can
 //! be put in; and what the built binary links.
 
-#[path = "../../tests/named_holder/mod.rs"]
-mod named_holder;
-mod support;
-
 use std::process::Command;
 
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookPhase, HookState};
+use handoff_test_support::block::write_config;
+use handoff_test_support::named_holder;
+use handoff_test_support::process::holder;
 use serde_json::Value;
-use support::{BLOCK, holder, write_config};
+
+/// The block under test.
+const BLOCK: &str = env!("CARGO_BIN_EXE_handoff-block");
 
 fn run(cfg: &std::path::Path, args: &[&str]) -> String {
     let out = Command::new(BLOCK)

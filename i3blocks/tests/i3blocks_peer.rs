@@ -5,8 +5,6 @@
 //! Needs root for the synthetic kernel uevents (`--watch` cases). Under `CI=true` a
 //! missing part fails; elsewhere the test skips, saying why.
 
-mod support;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -15,7 +13,13 @@ use handoff::live::uevent::{Uevent, send_uevent};
 use handoff::pci::PciAddress;
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookPhase, HookState};
-use support::{BLOCK, I3blocks, Notifications, have, holder, is_root, write_config};
+use handoff_test_support::block::{I3blocks, Notifications, write_config};
+use handoff_test_support::process::{Group, holder};
+use handoff_test_support::tools::{have_all, is_root};
+use handoff_test_support::wait::wait_until;
+
+/// The block under test.
+const BLOCK: &str = env!("CARGO_BIN_EXE_handoff-block");
 
 const T: Duration = Duration::from_secs(10);
 
@@ -52,7 +56,7 @@ fn announce(f: PciAddress, action: DriverAction, driver: Option<&str>) {
 #[test]
 fn i3blocks_shows_each_state_and_a_click_names_who_holds_the_gpu() {
     let _one = serial();
-    if !have(&["i3blocks"]) {
+    if !have_all(&["i3blocks"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -114,7 +118,7 @@ fn i3blocks_shows_each_state_and_a_click_names_who_holds_the_gpu() {
 #[test]
 fn watch_under_i3blocks_persist_follows_binds_and_the_hook_state_within_100ms() {
     let _one = serial();
-    if !have(&["i3blocks"]) {
+    if !have_all(&["i3blocks"]) {
         return;
     }
     if !is_root() {
@@ -173,7 +177,7 @@ fn watch_under_i3blocks_persist_follows_binds_and_the_hook_state_within_100ms() 
 #[test]
 fn signal_mode_refreshes_a_one_shot_block_that_still_takes_clicks() {
     let _one = serial();
-    if !have(&["i3blocks"]) {
+    if !have_all(&["i3blocks"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -196,7 +200,7 @@ fn signal_mode_refreshes_a_one_shot_block_that_still_takes_clicks() {
         &[("HANDOFF_CONFIG", cfg.as_path())],
     );
     bar.wait_for("GPU: Linux", T);
-    let _signaller = support::Group::spawn(
+    let _signaller = Group::spawn(
         std::process::Command::new(BLOCK)
             .args(["--signal-i3blocks", &n.to_string()])
             .env("HANDOFF_CONFIG", &cfg),
@@ -210,9 +214,6 @@ fn signal_mode_refreshes_a_one_shot_block_that_still_takes_clicks() {
 
     // Clicks still reach the block: the configured middle command runs, detached.
     bar.click(2);
-    assert!(
-        support::wait_until(T, || marker.exists()),
-        "middle_click did not run"
-    );
+    assert!(wait_until(T, || marker.exists()), "middle_click did not run");
     let _ = Path::new(&marker);
 }

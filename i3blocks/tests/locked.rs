@@ -6,13 +6,12 @@
 //! test skips, saying why.
 
 use std::fs;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use handoff::kernelsim::fuse::SimMount;
-use handoff::kernelsim::{Errno, FaultRule, FileKind, Kernel, Release};
-use handoff::sim::SimSpec;
+use handoff::kernelsim::{Errno, FaultRule, FileKind, Release};
+use handoff_test_support::simgpu;
 
 const GPU: &str = "0000:01:00.0";
 
@@ -35,20 +34,10 @@ impl Drop for Guard<'_> {
 
 #[test]
 fn the_block_answers_in_time_and_says_stuck_while_an_unbind_hangs() {
-    if !Path::new("/dev/fuse").exists() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("/dev/fuse is missing: the kernel simulator needs FUSE (root, /dev/fuse, Debian fuse3)");
-        }
-        eprintln!("skipping: /dev/fuse is missing, so the simulated sysfs can't be mounted");
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let kernel = Kernel::build(&tmp.path().join("machine"), SimSpec::workstation()).unwrap();
-    let sys = tmp.path().join("sys");
-    fs::create_dir(&sys).unwrap();
-    let mount = SimMount::mount(kernel, &sys).unwrap();
+    let Some(sim) = simgpu::workstation() else { return };
+    let (mount, tmp, sys) = (&sim.mount, &sim.tmp, sim.sys().to_owned());
     let mut guard = Guard {
-        mount: &mount,
+        mount,
         children: Vec::new(),
     };
     let host = mount.host();

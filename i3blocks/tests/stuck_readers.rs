@@ -8,13 +8,13 @@
 //! test skips, saying why.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use handoff::kernelsim::fuse::SimMount;
-use handoff::kernelsim::{Errno, FaultRule, FileKind, Kernel, Release};
-use handoff::sim::SimSpec;
+use handoff::kernelsim::{Errno, FaultRule, FileKind, Release};
+use handoff_test_support::simgpu;
 
 const GPU: &str = "0000:01:00.0";
 const BLOCK: &str = env!("CARGO_BIN_EXE_handoff-block");
@@ -63,25 +63,15 @@ fn block_processes() -> Vec<u32> {
 
 #[test]
 fn one_shot_runs_during_a_hung_unbind_leave_one_stuck_reader_not_one_each() {
-    if !Path::new("/dev/fuse").exists() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("/dev/fuse is missing: the kernel simulator needs FUSE (root, /dev/fuse, Debian fuse3)");
-        }
-        eprintln!("skipping: /dev/fuse is missing, so the simulated sysfs can't be mounted");
-        return;
-    }
     assert_eq!(
         block_processes(),
         Vec::<u32>::new(),
         "no handoff-block left from before"
     );
-    let tmp = tempfile::tempdir().unwrap();
-    let kernel = Kernel::build(&tmp.path().join("machine"), SimSpec::workstation()).unwrap();
-    let sys = tmp.path().join("sys");
-    fs::create_dir(&sys).unwrap();
-    let mount = SimMount::mount(kernel, &sys).unwrap();
+    let Some(sim) = simgpu::workstation() else { return };
+    let (mount, tmp, sys) = (&sim.mount, &sim.tmp, sim.sys().to_owned());
     let mut guard = Guard {
-        mount: &mount,
+        mount,
         children: Vec::new(),
     };
     let host = mount.host();

@@ -14,39 +14,29 @@
 //! killed, also when the test fails. Needs root and `/dev/fuse`; under `CI=true` a
 //! missing part fails the test, elsewhere it skips, saying why.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-mod support;
-
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::backup::DirBackup;
-use common::libvirt::{LibvirtdLock, TestDomain, require_libvirtd};
-use handoff::Host;
-use handoff::kernelsim::Kernel;
-use handoff::kernelsim::fuse::SimMount;
-use handoff::sim::{RTX_3090_TI, SimSpec};
+use handoff::sim::RTX_3090_TI;
 use handoff::state::{HookPhase, HookState};
-use support::{BLOCK, I3blocks, Notifications, Stragglers, have, holder, is_root};
+use handoff_test_support::block::{I3blocks, Notifications};
+use handoff_test_support::libvirt::TestDomain;
+use handoff_test_support::process::{Stragglers, holder};
+use handoff_test_support::stage::{SYSTEM_CONFIG, Stage};
+use handoff_test_support::tools::{have_all, is_root, required};
+use handoff_test_support::wait::wait_until;
+
+/// The block under test.
+const BLOCK: &str = env!("CARGO_BIN_EXE_handoff-block");
 
 const T: Duration = Duration::from_secs(10);
-const ETC_HANDOFF: &str = "/etc/handoff";
-const SYSTEM_CONFIG: &str = "/etc/handoff/config.toml";
 /// A TCG start through the hook is ~1 s on an idle machine; generous for a loaded one.
 const VM_START: Duration = Duration::from_secs(60);
-
-fn required(what: &str) -> bool {
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{what}");
-    eprintln!("SKIPPED: {what}");
-    false
-}
 
 /// The `handoff` CLI the click's job runs (`click::handoff_bin`: next to the block).
 fn handoff_cli() -> PathBuf {
@@ -63,79 +53,34 @@ fn handoff_cli() -> PathBuf {
     p
 }
 
-fn reload_libvirtd() {
-    handoff::hooks::reload_libvirt(Path::new("/proc"));
-    std::thread::sleep(Duration::from_millis(500));
-}
-
 /// Fields drop in declaration order: the domain first (its destroy runs the hook's
-/// `release`, which needs the mount), then the mount, the temp tree, /etc/handoff, the
-/// hooks (+ SIGHUP), and the libvirtd lock last.
+/// `release`, which needs the mount), then the stage (the mount, the temp tree,
+/// /etc/handoff, the hooks + SIGHUP, and the libvirtd lock last).
 struct Scene {
     domain: TestDomain,
-    _mount: SimMount,
-    tmp: tempfile::TempDir,
-    /// The FUSE view: what the hook and the one-shot block read and write.
-    host: Host,
-    /// The simulated kernel's own tree under the view.
+    /// The simulated kernel's own tree under the FUSE view (`stage.host`, what the hook and
+    /// the one-shot block read and write).
     tree_sysfs: PathBuf,
-    _etc_handoff: DirBackup,
-    _hooks: DirBackup,
-    _libvirtd: LibvirtdLock,
+    stage: Stage,
 }
 
 impl Scene {
     fn set_up(handoff: &Path) -> Option<Scene> {
-        if !Path::new("/dev/fuse").exists() {
-            required("/dev/fuse is missing: the simulated sysfs needs FUSE");
-            return None;
-        }
-        let libvirtd = require_libvirtd()?;
-        let hooks = DirBackup::take(handoff::hooks::DEFAULT_HOOKS_DIR).then(reload_libvirtd);
-        let etc_handoff = DirBackup::take(ETC_HANDOFF);
-        let tmp = tempfile::tempdir().unwrap();
-        let kernel = Kernel::build(&tmp.path().join("machine"), SimSpec::workstation()).unwrap();
-        let tree_sysfs = tmp.path().join("machine").join("sys");
+        let stage = Stage::set_up()?;
+        let tree_sysfs = stage.dir().join("machine").join("sys");
         assert!(tree_sysfs.is_dir(), "{}", tree_sysfs.display());
-        let mountpoint = tmp.path().join("sys");
-        fs::create_dir(&mountpoint).unwrap();
-        let mount = SimMount::mount(kernel, &mountpoint).unwrap();
-        let host = mount.host();
         let domain = TestDomain::define();
-
         let text = format!(
-            "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 2\n\n\
-             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\nuninspectable_ok = {:?}\n\n\
+            "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 2\n\n{}\
              [[vm]]\nname = \"{}\"\nlabel = \"Windows\"\nshutdown_timeout_s = 3\n",
-            host.sysfs.display(),
-            host.dev.display(),
-            host.run.display(),
-            // Processes root cannot inspect here (PID 1 of the container): the scan
-            // fails closed on them; these tests are about the GPU's own holders.
-            handoff::holders::uninspectable_now(std::path::Path::new("/proc")),
+            stage.host_section(),
             domain.name()
         );
-        fs::create_dir(ETC_HANDOFF).unwrap();
-        fs::set_permissions(ETC_HANDOFF, fs::Permissions::from_mode(0o755)).unwrap();
-        fs::write(SYSTEM_CONFIG, text).unwrap();
-        fs::set_permissions(SYSTEM_CONFIG, fs::Permissions::from_mode(0o644)).unwrap();
-
-        let out = Command::new(handoff)
-            .arg("install-hooks")
-            .env_remove("HANDOFF_CONFIG")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "handoff install-hooks: {out:?}");
-        std::thread::sleep(Duration::from_millis(500));
+        stage.install(&text, handoff);
         Some(Scene {
             domain,
-            _mount: mount,
-            tmp,
-            host,
             tree_sysfs,
-            _etc_handoff: etc_handoff,
-            _hooks: hooks,
-            _libvirtd: libvirtd,
+            stage,
         })
     }
 }
@@ -191,7 +136,7 @@ impl Drop for VfioSeen {
 
 #[test]
 fn right_click_starts_the_real_vm_and_is_refused_while_a_process_holds_the_gpu() {
-    if !have(&["i3blocks", "virsh", "notify-send"]) {
+    if !have_all(&["i3blocks", "virsh", "notify-send"]) {
         return;
     }
     if !is_root() {
@@ -203,12 +148,12 @@ fn right_click_starts_the_real_vm_and_is_refused_while_a_process_holds_the_gpu()
         return;
     };
     let vm = scene.domain.name().to_owned();
-    let Some(notes) = Notifications::start(scene.tmp.path()) else {
+    let Some(notes) = Notifications::start(scene.stage.dir()) else {
         return;
     };
-    let mark = scene.tmp.path().display().to_string();
+    let mark = scene.stage.dir().display().to_string();
     let _stragglers = Stragglers(mark.clone());
-    let xdg = scene.tmp.path().join("xdg");
+    let xdg = scene.stage.dir().join("xdg");
     fs::create_dir(&xdg).unwrap();
     let bus = PathBuf::from(&notes.address);
     let config = PathBuf::from(SYSTEM_CONFIG);
@@ -225,11 +170,11 @@ fn right_click_starts_the_real_vm_and_is_refused_while_a_process_holds_the_gpu()
     // kernel's effects): every read through FUSE is a round trip to this test process,
     // and one reading of the GPU took 15–80 ms that way at load 7 on 2 cores against
     // 4–8 ms from the tree — real sysfs is served in the kernel, with no such trip.
-    let watch_cfg = scene.tmp.path().join("watch.toml");
+    let watch_cfg = scene.stage.dir().join("watch.toml");
     fs::write(
         &watch_cfg,
         fs::read_to_string(SYSTEM_CONFIG).unwrap().replace(
-            &format!("sysfs = \"{}\"", scene.host.sysfs.display()),
+            &format!("sysfs = \"{}\"", scene.stage.host.sysfs.display()),
             &format!("sysfs = \"{}\"", scene.tree_sysfs.display()),
         ),
     )
@@ -241,7 +186,7 @@ fn right_click_starts_the_real_vm_and_is_refused_while_a_process_holds_the_gpu()
          interval=persist\nformat=json\n",
         watch_cfg.display()
     );
-    let mut bar = I3blocks::start(scene.tmp.path(), &blocks, &env);
+    let mut bar = I3blocks::start(scene.stage.dir(), &blocks, &env);
     let log = || fs::read_to_string(xdg.join("handoff-block.log")).unwrap_or_default();
     bar.wait_for("GPU: Linux", T);
     bar.wait_for_block("handoff-watch", "GPU: Linux", T);
@@ -249,7 +194,7 @@ fn right_click_starts_the_real_vm_and_is_refused_while_a_process_holds_the_gpu()
 
     // (a) A stand-in CUDA job holds /dev/nvidia0: the click is refused, naming it, and
     // nothing starts.
-    let job = holder(&scene.host.dev.join("nvidia0"));
+    let job = holder(&scene.stage.host.dev.join("nvidia0"));
     let t = Instant::now();
     bar.click(3);
     bar.wait_for("GPU: Linux · 1 busy", T);
@@ -266,18 +211,18 @@ fn right_click_starts_the_real_vm_and_is_refused_while_a_process_holds_the_gpu()
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(scene.domain.state(), "shut off", "block log:\n{}", log());
     assert!(
-        HookState::load(&scene.host).is_none_or(|s| s.last_refusal.is_none()),
+        HookState::load(&scene.stage.host).is_none_or(|s| s.last_refusal.is_none()),
         "the hook ran: the block must refuse before asking libvirt"
     );
     drop(job);
 
     // (b) Nothing holds it: the click's detached `handoff start` starts the domain.
-    let vfio = VfioSeen::watch(scene.host.state_file());
+    let vfio = VfioSeen::watch(scene.stage.host.state_file());
     let t = Instant::now();
     bar.click(3);
     bar.wait_for("GPU: Linux", T); // the click's own refresh: the job runs on, detached
     let clicked_back = t.elapsed();
-    let running = support::wait_until(VM_START, || scene.domain.state() == "running");
+    let running = wait_until(VM_START, || scene.domain.state() == "running");
     assert!(
         running,
         "the domain did not start within {VM_START:?}; block log:\n{}\nnotifications:\n{}",
@@ -305,7 +250,7 @@ fn right_click_starts_the_real_vm_and_is_refused_while_a_process_holds_the_gpu()
         (s.short_text.as_deref(), s.color.as_deref()),
         (Some("W"), Some("#00AAFF"))
     );
-    let st = HookState::load(&scene.host).unwrap();
+    let st = HookState::load(&scene.stage.host).unwrap();
     assert_eq!((st.phase, st.vm.as_deref()), (HookPhase::Vfio, Some(vm.as_str())));
     assert!(notes.dunstctl(&["close-all"]));
 }

@@ -3,45 +3,22 @@
 //!
 //! Every process starts in a process group of its own and is killed by group on drop
 //! (i3blocks does not exit on EOF, and its blocks are its children). Under `CI=true` a
-//! missing tool fails the test; elsewhere [`have`] says why and the test skips.
-#![allow(dead_code)]
+//! missing tool fails the test; elsewhere [`crate::tools::have_all`] says why and the test
+//! skips.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::process::CommandExt;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
-use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime};
 
 use handoff::sim::SimHost;
 
-pub const BLOCK: &str = env!("CARGO_BIN_EXE_handoff-block");
-
-/// The tools are installed, or (outside CI) the test prints why it skips.
-pub fn have(tools: &[&str]) -> bool {
-    for t in tools {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            let why = format!("{t} is not installed (scripts/deps.sh installs it)");
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-            eprintln!("SKIPPED: {why}");
-            return false;
-        }
-    }
-    true
-}
-
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+use crate::process::Group;
+use crate::tools::have_all;
+use crate::wait::wait_until;
 
 /// The handoff config for a simulated machine, plus any extra TOML.
 pub fn write_config(dir: &Path, sim: &SimHost, extra: &str) -> PathBuf {
@@ -57,56 +34,16 @@ pub fn write_config(dir: &Path, sim: &SimHost, extra: &str) -> PathBuf {
     path
 }
 
-/// A child in its own process group; the whole group is killed and reaped on drop.
-pub struct Group(pub Child);
-
-impl Group {
-    pub fn spawn(cmd: &mut Command) -> Group {
-        Group(cmd.process_group(0).spawn().expect("spawn"))
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.0.id() as i32
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        // SAFETY: the group this child leads.
-        unsafe { libc::kill(-self.pid(), libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while !matches!(self.0.try_wait(), Ok(Some(_))) {
-            if Instant::now() > deadline {
-                unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
-                let _ = self.0.wait();
-                return;
-            }
-            sleep(Duration::from_millis(10));
-        }
-        // Stragglers of the group (blocks i3blocks started) go too.
-        unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
-    }
-}
-
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        sleep(Duration::from_millis(10));
-    }
-}
-
 /// A block as i3blocks printed it to i3bar.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shown {
+    /// The block's `full_text`.
     pub full_text: String,
+    /// Its `short_text`, when it set one.
     pub short_text: Option<String>,
+    /// Its `color` (`#rrggbb`), when it set one.
     pub color: Option<String>,
+    /// Whether it asked to be shown as urgent.
     pub urgent: bool,
 }
 
@@ -168,6 +105,7 @@ impl I3blocks {
         me
     }
 
+    /// The pid of i3blocks, which leads the process group of the blocks it runs.
     pub fn pid(&self) -> i32 {
         self.group.pid()
     }
@@ -242,46 +180,10 @@ impl I3blocks {
     }
 }
 
-/// Xvfb on a display it picks (`-displayfd`), in its own process group.
-pub fn xvfb(dir: &Path, size: &str) -> (Group, String) {
-    use std::os::fd::FromRawFd;
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds that we then own.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    let (r, w) = (fds[0], fds[1]);
-    let mut read_end = unsafe { std::fs::File::from_raw_fd(r) };
-    let mut cmd = Command::new("Xvfb");
-    cmd.args([
-        "-displayfd",
-        &w.to_string(),
-        "-noreset",
-        "-nolisten",
-        "tcp",
-        "-screen",
-        "0",
-        size,
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(dir.join("xvfb.log")).unwrap());
-    // SAFETY: only fcntl between fork and exec: let Xvfb inherit the write end.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::fcntl(w, libc::F_SETFD, 0);
-            Ok(())
-        });
-    }
-    let g = Group::spawn(&mut cmd);
-    unsafe { libc::close(w) };
-    let mut n = String::new();
-    read_end.read_to_string(&mut n).unwrap();
-    assert!(!n.trim().is_empty(), "Xvfb did not start");
-    (g, format!(":{}", n.trim()))
-}
-
 /// A private session bus, dunst on Xvfb owning `org.freedesktop.Notifications`, and
 /// `dbus-monitor` recording every `Notify` call.
 pub struct Notifications {
+    /// The private session bus's address (`DBUS_SESSION_BUS_ADDRESS` for what notifies).
     pub address: String,
     seen: Arc<Mutex<String>>,
     _monitor: Group,
@@ -291,8 +193,10 @@ pub struct Notifications {
 }
 
 impl Notifications {
+    /// Starts the bus, Xvfb, dunst and the monitor, their files in `dir`. None when a tool is
+    /// missing outside CI (under `CI=true` that fails the test).
     pub fn start(dir: &Path) -> Option<Notifications> {
-        if !have(&[
+        if !have_all(&[
             "dbus-daemon",
             "dbus-monitor",
             "dbus-send",
@@ -327,7 +231,8 @@ impl Notifications {
             String::from_utf8_lossy(&out.stderr)
         );
         let bus_pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-        let (x, display) = xvfb(dir, "640x480x24");
+        let (x, display) = crate::xvfb::start(dir, "640x480x24");
+        let x = Group(x);
         let dunst = Group::spawn(
             Command::new("dunst")
                 .env("DBUS_SESSION_BUS_ADDRESS", &address)
@@ -425,49 +330,5 @@ impl Drop for Notifications {
     fn drop(&mut self) {
         // SAFETY: the bus daemon this value started (it forked away from our group).
         unsafe { libc::kill(self.bus_pid, libc::SIGTERM) };
-    }
-}
-
-/// `sleep 600` holding `node` open on stdin: a stand-in CUDA job.
-pub fn holder(node: &Path) -> Group {
-    Group::spawn(
-        Command::new("sleep")
-            .arg("600")
-            .stdin(Stdio::from(std::fs::File::open(node).unwrap()))
-            .stdout(Stdio::null()),
-    )
-}
-
-/// Kills, on drop, every process whose environment carries `HANDOFF_TEST_MARK=<mark>`:
-/// the detached jobs a click starts (`setsid`, so outside i3blocks' process group) and
-/// whatever they run. Give the mark to i3blocks; its blocks and their children inherit it.
-pub struct Stragglers(pub String);
-
-impl Stragglers {
-    pub const VAR: &str = "HANDOFF_TEST_MARK";
-
-    pub fn pids(&self) -> Vec<i32> {
-        let want = format!("{}={}", Self::VAR, self.0).into_bytes();
-        let me = std::process::id() as i32;
-        std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|&pid| pid != me)
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/environ"))
-                    .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == want.as_slice()))
-            })
-            .collect()
-    }
-}
-
-impl Drop for Stragglers {
-    fn drop(&mut self) {
-        for pid in self.pids() {
-            // SAFETY: a process this test started (it carries the test's mark).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
     }
 }

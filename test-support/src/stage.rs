@@ -19,35 +19,25 @@ use handoff::kernelsim::Kernel;
 use handoff::kernelsim::fuse::SimMount;
 use handoff::sim::{RTX_3090_TI, SimSpec};
 
-use super::backup::DirBackup;
-use super::libvirt::{LibvirtdLock, require_libvirtd};
+use crate::backup::DirBackup;
+use crate::config::host_section;
+use crate::libvirt::{LibvirtdLock, require_libvirtd};
 
+/// The system config's directory, moved aside for the stage's lifetime.
 pub const ETC_HANDOFF: &str = "/etc/handoff";
+/// The system config the real hook reads.
 pub const SYSTEM_CONFIG: &str = "/etc/handoff/config.toml";
 
 /// Field order is drop order: the mount before /etc/handoff, the hooks, then the lock.
 pub struct Stage {
+    /// The FUSE mount of the simulated RTX 3090 Ti's sysfs.
     pub mount: SimMount,
+    /// The simulated machine's roots (through the mount).
     pub host: Host,
     _tmp: tempfile::TempDir,
     _etc_handoff: DirBackup,
     _hooks: DirBackup,
     _libvirtd: LibvirtdLock,
-}
-
-/// A config's `[host]` section for `host` (a simulated machine's roots).
-///
-/// `uninspectable_ok` lists the processes this machine's root cannot inspect (PID 1 of the
-/// container the tests run in): the holder scan fails closed on them, and these tests are
-/// about the GPU's own holders, which are real child processes root does see.
-pub fn host_section(host: &Host) -> String {
-    format!(
-        "[host]\nsysfs = \"{}\"\nproc = \"/proc\"\ndev = \"{}\"\nrun = \"{}\"\nuninspectable_ok = {:?}\n\n",
-        host.sysfs.display(),
-        host.dev.display(),
-        host.run.display(),
-        handoff::holders::uninspectable_now(Path::new("/proc"))
-    )
 }
 
 fn reload_libvirtd() {
@@ -59,15 +49,19 @@ impl Stage {
     /// Takes the libvirtd lock first (the backups of /etc are taken under it). None when
     /// FUSE or libvirtd is missing outside CI (under `CI=true` that fails the test).
     pub fn set_up() -> Option<Stage> {
+        Stage::set_up_after(|| ())
+    }
+
+    /// [`Stage::set_up`], calling `found` once the libvirtd lock is held and before
+    /// anything is moved aside: what `found` reads of `/etc` is the machine as the previous
+    /// holder of the lock left it (a test that checks it is put back as found).
+    pub fn set_up_after(found: impl FnOnce()) -> Option<Stage> {
         if !Path::new("/dev/fuse").exists() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "/dev/fuse is missing: the simulated sysfs needs FUSE"
-            );
-            eprintln!("SKIPPED: /dev/fuse is missing: the simulated sysfs needs FUSE");
+            crate::tools::required("/dev/fuse is missing: the simulated sysfs needs FUSE");
             return None;
         }
         let libvirtd = require_libvirtd()?;
+        found();
         let hooks = DirBackup::take(handoff::hooks::DEFAULT_HOOKS_DIR).then(reload_libvirtd);
         let etc_handoff = DirBackup::take(ETC_HANDOFF);
         let tmp = tempfile::tempdir().unwrap();
@@ -86,6 +80,12 @@ impl Stage {
         })
     }
 
+    /// The stage's temp dir (the simulated machine is under it): for the test's own files,
+    /// removed with the stage.
+    pub fn dir(&self) -> &Path {
+        self._tmp.path()
+    }
+
     /// The `[host]` section that points handoff at the simulated machine.
     pub fn host_section(&self) -> String {
         host_section(&self.host)
@@ -94,7 +94,9 @@ impl Stage {
     /// Writes the system config as root leaves it (0755 dir, 0644 file: the hook reads
     /// only a root-owned config), then installs the hook with `handoff` and gives
     /// libvirtd a moment to re-read its hooks.
-    pub fn install(&self, config: &str, handoff: &Path) {
+    ///
+    /// Returns what `handoff install-hooks` printed on stdout (also echoed to stderr).
+    pub fn install(&self, config: &str, handoff: &Path) -> String {
         fs::create_dir(ETC_HANDOFF).unwrap();
         fs::set_permissions(ETC_HANDOFF, fs::Permissions::from_mode(0o755)).unwrap();
         fs::write(SYSTEM_CONFIG, config).unwrap();
@@ -104,8 +106,30 @@ impl Stage {
             .env_remove("HANDOFF_CONFIG")
             .output()
             .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!(
+            "handoff install-hooks: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(out.status.success(), "install-hooks: {out:?}");
         std::thread::sleep(Duration::from_millis(500));
+        said
+    }
+
+    /// Puts everything back as [`Stage`]'s drop does (the mount, `/etc/handoff`, the hooks
+    /// and libvirtd's re-read of them) but keeps the libvirtd lock, so the caller can check
+    /// the machine is as found before another test process may touch it.
+    pub fn into_lock(self) -> LibvirtdLock {
+        let Stage {
+            mount,
+            host,
+            _tmp,
+            _etc_handoff,
+            _hooks,
+            _libvirtd,
+        } = self;
+        drop((mount, host, _tmp, _etc_handoff, _hooks));
+        _libvirtd
     }
 
     /// Each function's driver, in function order.
@@ -123,6 +147,7 @@ impl Stage {
         self.drivers() == ["nvidia", "snd_hda_intel", "xhci_hcd", "nvidia-gpu"].map(|d| Some(d.to_owned()))
     }
 
+    /// Every function on vfio-pci, as after a VM took the GPU.
     pub fn on_vfio(&self) -> bool {
         self.drivers().iter().all(|d| d.as_deref() == Some("vfio-pci"))
     }

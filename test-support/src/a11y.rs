@@ -9,7 +9,6 @@
 //!
 //! GTK 4.8 quirk: `GetChildren` can return fewer children than `ChildCount`; the tree is
 //! walked with `GetChildAtIndex`, which returns them all.
-#![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 
@@ -22,14 +21,19 @@ const ROOT: &str = "/org/a11y/atspi/accessible/root";
 /// One accessible object: where it lives, what it is, what it says.
 #[derive(Debug, Clone)]
 pub struct Node {
+    /// The bus name of the application that owns it.
     pub dest: String,
+    /// Its object path on the accessibility bus.
     pub path: OwnedObjectPath,
+    /// Its role name (`push button`, `label`, `dialog`, …).
     pub role: String,
+    /// Its accessible name: a button's or label's text.
     pub name: String,
     /// 1 for a window of the application, 2 for its children, ….
     pub depth: usize,
 }
 
+/// A connection to the accessibility bus, reading one application's widgets.
 pub struct A11y {
     conn: Connection,
     /// The application's name on the accessibility bus (its `Name` property).

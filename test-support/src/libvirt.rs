@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// The system libvirtd every test here talks to.
 pub const URI: &str = "qemu:///system";
 
 /// Every test that uses the system libvirtd holds an exclusive `flock` on this file.
@@ -40,16 +41,20 @@ pub const LOCK_PATH: &str = "/tmp/handoff-test-libvirtd.lock";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One virsh call never takes longer than this in a healthy setup (destroy is ~1.8 s).
-const VIRSH_TIMEOUT: Duration = Duration::from_secs(30);
+pub const VIRSH_TIMEOUT: Duration = Duration::from_secs(30);
 
-const DOMAIN_XML: &str = include_str!("../fixtures/libvirt/tiny-domain.xml");
+const DOMAIN_XML: &str = include_str!("../../tests/fixtures/libvirt/tiny-domain.xml");
 
 /// What one `virsh` call did.
 #[derive(Debug)]
 pub struct Virsh {
+    /// Whether virsh exited 0 (false also when it was killed at the timeout).
     pub success: bool,
+    /// What it printed on stdout.
     pub stdout: String,
+    /// What it printed on stderr (libvirt's error, a hook's refusal).
     pub stderr: String,
+    /// How long it took.
     pub elapsed: Duration,
 }
 
@@ -59,6 +64,7 @@ pub fn virsh(args: &[&str]) -> Virsh {
     virsh_with_timeout(args, VIRSH_TIMEOUT)
 }
 
+/// [`virsh`] with a timeout of the caller's.
 pub fn virsh_with_timeout(args: &[&str], timeout: Duration) -> Virsh {
     let started = Instant::now();
     let out_dir = tempfile::tempdir().expect("temp dir for virsh output");
@@ -242,13 +248,13 @@ impl LibvirtdLock {
 /// test is skipped. Under `CI=true` a missing daemon fails the test.
 ///
 /// ```ignore
-/// let Some(_libvirtd) = common::libvirt::require_libvirtd() else { return };
+/// let Some(_libvirtd) = handoff_test_support::libvirt::require_libvirtd() else { return };
 /// ```
 pub fn require_libvirtd() -> Option<LibvirtdLock> {
     let lock = LibvirtdLock::acquire();
     match ensure_libvirtd() {
         Ok(()) => Some(lock),
-        Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+        Err(why) if crate::tools::ci() => {
             panic!("the system libvirtd is needed and could not be started: {why}")
         }
         Err(why) => {
@@ -289,6 +295,7 @@ impl TestDomain {
         TestDomain { name }
     }
 
+    /// The domain's name (`handoff-test-<pid>-<n>`).
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -8,62 +8,35 @@
 //! `NO_AT_BRIDGE=1`; dunst needs a display; `dunstctl` talks over the bus in
 //! `DBUS_SESSION_BUS_ADDRESS`. A bus with the standard service dirs auto-starts dunst
 //! and xfconfd, so dunst is started here, with its config, before anything notifies.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Read;
-use std::os::fd::FromRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use zbus::blocking::Connection;
 use zbus::zvariant::{OwnedValue, Structure, Value};
 
+use crate::process::kill_group;
+use crate::tools::have_all;
+use crate::wait::wait_for;
+
+/// The StatusNotifierWatcher's bus name and interface.
 pub const WATCHER: &str = "org.kde.StatusNotifierWatcher";
+/// The StatusNotifierItem interface.
 pub const ITEM: &str = "org.kde.StatusNotifierItem";
+/// The dbusmenu interface an item's menu is read through.
 pub const MENU: &str = "com.canonical.dbusmenu";
 
-pub fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Under CI a missing part fails; elsewhere the test skips, saying why.
-pub fn required(what: &str) -> bool {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{what}");
-    }
-    eprintln!("SKIPPED: {what}");
-    false
-}
-
-fn kill_group(child: &mut Child) {
-    let pg = child.id() as i32;
-    // SAFETY: signalling the process group created for this child.
-    unsafe { libc::kill(-pg, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !matches!(child.try_wait(), Ok(Some(_))) {
-        if Instant::now() > deadline {
-            unsafe { libc::kill(-pg, libc::SIGKILL) };
-            let _ = child.wait();
-            break;
-        }
-        sleep(Duration::from_millis(20));
-    }
-    // Anything left in the group (xfconfd is activated by the bus, not in it).
-    unsafe { libc::kill(-pg, libc::SIGKILL) };
-}
-
+/// The tray's desktop session (see the module header); everything in it is killed on drop.
 pub struct Session {
+    /// The session's temp dir: home, XDG dirs, logs (`<name>.log`, `<name>.out`).
     pub dir: tempfile::TempDir,
+    /// The Xvfb display (`:N`).
     pub display: String,
+    /// The session bus's address.
     pub bus: String,
     xvfb: Child,
     bus_pid: i32,
@@ -127,8 +100,10 @@ const DUNSTRC: &str = r##"[global]
 "##;
 
 impl Session {
+    /// Starts Xvfb (`width`×`height`), the session bus, dbus-monitor, dunst and
+    /// xfce4-panel. None when a tool is missing outside CI (under `CI=true` that fails).
     pub fn start(width: u32, height: u32) -> Option<Session> {
-        for tool in [
+        if !have_all(&[
             "Xvfb",
             "dbus-daemon",
             "dbus-monitor",
@@ -136,14 +111,11 @@ impl Session {
             "dunstctl",
             "xfce4-panel",
             "import",
-        ] {
-            if !have(tool) {
-                required(&format!("{tool} is not installed (scripts/deps.sh installs it)"));
-                return None;
-            }
+        ]) {
+            return None;
         }
         let dir = tempfile::tempdir().unwrap();
-        let (xvfb, display) = start_xvfb(dir.path(), width, height);
+        let (xvfb, display) = crate::xvfb::start(dir.path(), &format!("{width}x{height}x24"));
         for d in ["config", "cache", "data", "runtime", "home"] {
             fs::create_dir_all(dir.path().join(d)).unwrap();
         }
@@ -209,6 +181,9 @@ impl Session {
         };
     }
 
+    /// Starts `c` in the session, in a process group of its own, its stdout in
+    /// `<log>.out` and its stderr in `<log>.log`. The caller ends it (or puts it in
+    /// [`Session::others`]).
     pub fn spawn(&self, c: &mut Command, log: &str) -> Child {
         self.env(c);
         c.stdin(Stdio::null())
@@ -219,6 +194,7 @@ impl Session {
             .unwrap_or_else(|e| panic!("start {log}: {e}"))
     }
 
+    /// What the process started as `name` wrote to stderr so far.
     pub fn log(&self, name: &str) -> String {
         fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
@@ -264,6 +240,7 @@ impl Session {
         );
     }
 
+    /// Starts xfce4-panel and waits for its StatusNotifierWatcher on the bus.
     pub fn start_panel(&mut self) {
         let mut c = Command::new("xfce4-panel");
         c.arg("--disable-wm-check");
@@ -287,6 +264,7 @@ impl Session {
         });
     }
 
+    /// A new connection to the session bus.
     pub fn conn(&self) -> Connection {
         zbus::blocking::connection::Builder::address(self.bus.as_str())
             .unwrap()
@@ -372,6 +350,7 @@ impl Drop for Session {
     }
 }
 
+/// Whether some connection owns `name` on the bus.
 pub fn has_owner(conn: &Connection, name: &str) -> bool {
     conn.call_method(
         Some("org.freedesktop.DBus"),
@@ -385,6 +364,7 @@ pub fn has_owner(conn: &Connection, name: &str) -> bool {
     .unwrap_or(false)
 }
 
+/// One D-Bus property (`org.freedesktop.DBus.Properties.Get`).
 pub fn get_prop(
     conn: &Connection,
     dest: &str,
@@ -401,18 +381,6 @@ pub fn get_prop(
     )?;
     let v: OwnedValue = reply.body().deserialize()?;
     Ok(v)
-}
-
-pub fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        sleep(Duration::from_millis(20));
-    }
-    t.elapsed()
 }
 
 /// Waits until the item's view satisfies `f`; returns it and how long it took.
@@ -437,6 +405,7 @@ pub fn wait_view(
     }
 }
 
+/// The first item registered with the watcher, waiting up to 20 s for it.
 pub fn find_item(s: &Session, conn: &Connection) -> Item {
     let mut entry = None;
     wait_for(
@@ -462,16 +431,25 @@ pub fn split_item(entry: &str) -> (String, String) {
 /// What the item shows, read over D-Bus.
 #[derive(Debug, Clone)]
 pub struct ItemView {
+    /// The `IconName` property.
     pub icon_name: String,
+    /// The `Title` property.
     pub title: String,
+    /// The `Status` property (`Active`, `NeedsAttention`, …).
     pub status: String,
+    /// The tooltip's title.
     pub tooltip_title: String,
+    /// The tooltip's text.
     pub tooltip_text: String,
+    /// The widths of the `IconPixmap` images.
     pub pixmap_sizes: Vec<i32>,
 }
 
+/// A StatusNotifierItem on the bus.
 pub struct Item {
+    /// Its bus name.
     pub dest: String,
+    /// Its object path.
     pub path: String,
 }
 
@@ -480,6 +458,7 @@ impl Item {
         get_prop(conn, &self.dest, &self.path, ITEM, name).unwrap_or_else(|e| panic!("Get {name}: {e}"))
     }
 
+    /// What the item shows now.
     pub fn view(&self, conn: &Connection) -> ItemView {
         let s = |v: OwnedValue| String::try_from(v).unwrap();
         let tt = self.prop(conn, "ToolTip");
@@ -513,6 +492,7 @@ impl Item {
         .expect("Activate");
     }
 
+    /// The object path of the item's dbusmenu (its `Menu` property).
     pub fn menu_path(&self, conn: &Connection) -> String {
         let v = self.prop(conn, "Menu");
         zbus::zvariant::OwnedObjectPath::try_from(v).unwrap().to_string()
@@ -574,11 +554,16 @@ impl Item {
     }
 }
 
+/// One entry of the item's menu.
 #[derive(Debug, Clone)]
 pub struct MenuEntry {
+    /// Its dbusmenu id (what a click sends).
     pub id: i32,
+    /// Its label, with dbusmenu's `__` read back as `_`.
     pub label: String,
+    /// Whether it can be clicked.
     pub enabled: bool,
+    /// The labels of the submenus it is in, outermost first.
     pub parents: Vec<String>,
 }
 
@@ -630,9 +615,13 @@ fn walk(v: &Value, parents: &mut Vec<String>, out: &mut Vec<MenuEntry>) {
 /// One `Notify` call seen by dbus-monitor.
 #[derive(Debug, Clone)]
 pub struct Notify {
+    /// The id of the notification it replaces (0: a new one).
     pub replaces_id: u32,
+    /// The summary (title).
     pub summary: String,
+    /// The body text.
     pub body: String,
+    /// The actions, as `[key, label, key, label, …]`.
     pub actions: Vec<String>,
 }
 
@@ -679,47 +668,9 @@ fn string_args(b: &str) -> Vec<String> {
     out
 }
 
-/// Xvfb on a display it picks itself (`-displayfd`).
-fn start_xvfb(dir: &Path, width: u32, height: u32) -> (Child, String) {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds that we then own.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    let (r, w) = (fds[0], fds[1]);
-    let mut read_end = unsafe { fs::File::from_raw_fd(r) };
-    let mut cmd = Command::new("Xvfb");
-    cmd.args([
-        "-displayfd",
-        &w.to_string(),
-        "-noreset",
-        "-nolisten",
-        "tcp",
-        "-screen",
-        "0",
-    ])
-    .arg(format!("{width}x{height}x24"))
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(fs::File::create(dir.join("xvfb.log")).unwrap())
-    .process_group(0);
-    // SAFETY: only fcntl between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::fcntl(w, libc::F_SETFD, 0);
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().expect("start Xvfb");
-    unsafe { libc::close(w) };
-    let mut number = String::new();
-    read_end.read_to_string(&mut number).unwrap();
-    let n = number.trim();
-    assert!(!n.is_empty(), "Xvfb did not start");
-    (child, format!(":{n}"))
-}
-
 /// A workspace binary next to `beside` (the tray under test), built when missing or older
 /// than its sources, as in a `cargo test -p handoff-tray` that did not build the other
-/// packages ([`crate::common::bins::sibling`]).
+/// packages ([`crate::bins::sibling`]).
 pub fn built(beside: &str, package: &str, bin: &str) -> PathBuf {
     let sources: &[&str] = match package {
         "handoff" => &["src"],
@@ -727,7 +678,7 @@ pub fn built(beside: &str, package: &str, bin: &str) -> PathBuf {
         "handoff-details" => &["src", "details/src"],
         _ => &["src", "applet/src"],
     };
-    crate::common::bins::sibling(Path::new(beside).parent().unwrap(), bin, package, sources)
+    crate::bins::sibling(Path::new(beside).parent().unwrap(), bin, package, sources)
 }
 
 /// Where screenshots go: `HANDOFF_SCREENSHOTS` (relative to the workspace root), else

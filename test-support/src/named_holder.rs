@@ -3,8 +3,7 @@
 //! A process picks its own name: here bash writes its `/proc/self/comm` (what `Name:` in
 //! `/proc/<pid>/status` shows, at most 15 bytes) and then runs only builtins, so the name
 //! stays. It holds a node as its stdin and waits on a FIFO of its own until killed (by
-//! pid, on drop). Shared by the hook, CLI and bar block tests (`#[path]` from i3blocks/).
-#![allow(dead_code)]
+//! pid, on drop). Shared by the hook, CLI and bar block tests.
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -25,6 +24,7 @@ pub const EVIL_PLAIN: &str = r"evil\x1b[31m<b>\x07\x0a";
 pub struct Named(pub Child);
 
 impl Named {
+    /// The holder's pid.
     pub fn pid(&self) -> u32 {
         self.0.id()
     }

@@ -15,23 +15,23 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use crate::process::kill_group;
+use crate::tools::have_all;
+
+/// Xvfb (unless the caller brought a display) and i3 on it, with its IPC socket; see the
+/// module header for what its drop ends.
 pub struct Desktop {
+    /// The temp dir with the i3 config and the logs (`i3.log`, `xvfb.log`).
     pub dir: tempfile::TempDir,
+    /// The X display (`:N`).
     pub display: String,
+    /// i3's IPC socket.
     pub socket: PathBuf,
     /// None when i3 runs on a display someone else started ([`Desktop::i3_on`]).
     xvfb: Option<Child>,
     i3: Child,
     /// Process groups of clients to kill on drop (found before X goes away).
     extra_groups: Vec<i32>,
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// The i3 config the tests use: a bar (so a screenshot shows the workspace), no
@@ -60,20 +60,15 @@ impl Desktop {
     }
 
     fn start_inner(socket: Option<PathBuf>, display: Option<&str>) -> Option<Desktop> {
-        for tool in ["Xvfb", "i3", "xprop"] {
-            if !have(tool) {
-                let why = format!("{tool} is not installed (scripts/deps.sh installs it)");
-                assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-                eprintln!("skipping: {why}");
-                return None;
-            }
+        if !have_all(&["Xvfb", "i3", "xprop"]) {
+            return None;
         }
         let dir = tempfile::tempdir().unwrap();
         let socket = socket.unwrap_or_else(|| dir.path().join("i3-ipc.sock"));
         let (xvfb, display) = match display {
             Some(d) => (None, d.to_owned()),
             None => {
-                let (x, d) = start_xvfb(dir.path());
+                let (x, d) = crate::xvfb::start(dir.path(), "1024x640x24");
                 (Some(x), d)
             }
         };
@@ -123,14 +118,17 @@ impl Desktop {
         Some(d)
     }
 
+    /// A new IPC connection to this desktop's i3.
     pub fn i3(&self) -> handoff::i3::I3 {
         handoff::i3::I3::connect(&self.socket).unwrap()
     }
 
+    /// Every window in i3's tree now.
     pub fn windows(&self) -> Vec<handoff::i3::Window> {
         handoff::i3::windows(&self.i3().tree().unwrap())
     }
 
+    /// The name of the focused workspace.
     pub fn focused_workspace(&self) -> Option<String> {
         handoff::i3::focused_workspace(&self.i3().workspaces().unwrap())
     }
@@ -178,66 +176,6 @@ fn collect_x_ids(node: &serde_json::Value, out: &mut Vec<u64>) {
         for c in node[key].as_array().into_iter().flatten() {
             collect_x_ids(c, out);
         }
-    }
-}
-
-/// Starts Xvfb on a display it picks itself (`-displayfd`: it writes the number to a pipe
-/// once it listens), so parallel tests never race for a display number.
-fn start_xvfb(dir: &Path) -> (Child, String) {
-    use std::io::Read;
-    use std::os::fd::FromRawFd;
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds that we then own.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    let (r, w) = (fds[0], fds[1]);
-    let mut read_end = unsafe { std::fs::File::from_raw_fd(r) };
-    let mut cmd = Command::new("Xvfb");
-    cmd.args([
-        "-displayfd",
-        &w.to_string(),
-        "-noreset",
-        "-nolisten",
-        "tcp",
-        "-screen",
-        "0",
-        "1024x640x24",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(dir.join("xvfb.log")).unwrap())
-    .process_group(0);
-    // SAFETY: only fcntl between fork and exec: let Xvfb inherit the write end.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::fcntl(w, libc::F_SETFD, 0);
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().expect("start Xvfb");
-    // SAFETY: our copy of the write end; closing it lets read see EOF if Xvfb dies.
-    unsafe { libc::close(w) };
-    let mut number = String::new();
-    read_end.read_to_string(&mut number).unwrap();
-    let n = number.trim();
-    assert!(
-        !n.is_empty(),
-        "Xvfb did not start: {}",
-        std::fs::read_to_string(dir.join("xvfb.log")).unwrap_or_default()
-    );
-    (child, format!(":{n}"))
-}
-
-fn kill_group(child: &mut Child) {
-    // SAFETY: signalling the process group we created for this child.
-    unsafe { libc::kill(-(child.id() as i32), libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !matches!(child.try_wait(), Ok(Some(_))) {
-        if Instant::now() > deadline {
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
-            return;
-        }
-        sleep(Duration::from_millis(20));
     }
 }
 

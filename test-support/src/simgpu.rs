@@ -4,7 +4,6 @@
 //!
 //! Everything here cleans up on drop, assertion failure or not: holders are killed by pid,
 //! hung writes are released and the mount goes away before its temp dir.
-#![allow(dead_code)]
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -17,9 +16,13 @@ use handoff::kernelsim::{Errno, Kernel, Release};
 use handoff::pci::PciAddress;
 use handoff::sim::SimSpec;
 
+/// The simulated GPU's graphics function.
 pub const GPU: &str = "0000:01:00.0";
+/// Its HDMI audio function.
 pub const AUDIO: &str = "0000:01:00.1";
+/// Its USB controller.
 pub const USB: &str = "0000:01:00.2";
+/// Its USB-C (UCSI) controller.
 pub const UCSI: &str = "0000:01:00.3";
 /// The workstation's functions and the drivers they start on.
 pub const HOME: [(&str, &str); 4] = [
@@ -29,6 +32,7 @@ pub const HOME: [(&str, &str); 4] = [
     (UCSI, "nvidia-gpu"),
 ];
 
+/// A PCI address from its text; panics on a malformed one (a test's own constant).
 pub fn addr(bdf: &str) -> PciAddress {
     bdf.parse().unwrap()
 }
@@ -36,7 +40,9 @@ pub fn addr(bdf: &str) -> PciAddress {
 /// A mounted simulation. Fields drop in order: the mount (releasing hung writes) before
 /// its directory.
 pub struct Sim {
+    /// The FUSE mount of the simulated sysfs.
     pub mount: SimMount,
+    /// The temp dir holding the machine and the mount point.
     pub tmp: tempfile::TempDir,
 }
 
@@ -44,7 +50,7 @@ pub struct Sim {
 /// `CI=true` a missing `/dev/fuse` fails the test.
 pub fn mount(spec: SimSpec) -> Option<Sim> {
     if !Path::new("/dev/fuse").exists() {
-        if std::env::var("CI").as_deref() == Ok("true") {
+        if crate::tools::ci() {
             panic!("/dev/fuse is missing: the kernel simulator needs FUSE (root, /dev/fuse, Debian fuse3)");
         }
         eprintln!("skipping: /dev/fuse is missing, so the simulated sysfs can't be mounted");
@@ -58,6 +64,7 @@ pub fn mount(spec: SimSpec) -> Option<Sim> {
     Some(Sim { mount, tmp })
 }
 
+/// [`mount`] of the workstation (an RTX 3090 Ti with four functions).
 pub fn workstation() -> Option<Sim> {
     mount(SimSpec::workstation())
 }
@@ -73,6 +80,7 @@ impl Sim {
         }
     }
 
+    /// The mounted sysfs root.
     pub fn sys(&self) -> &Path {
         self.mount.path()
     }
@@ -90,6 +98,12 @@ impl Sim {
             .collect()
     }
 
+    /// The directory of PCI function `bdf` (`bus/pci/devices/<bdf>` under the mount).
+    pub fn device(&self, bdf: &str) -> PathBuf {
+        self.sys().join("bus/pci/devices").join(bdf)
+    }
+
+    /// The function's `driver_override` as a reader sees it, without the trailing newline.
     pub fn override_of(&self, bdf: &str) -> String {
         fs::read_to_string(
             self.sys()
@@ -107,14 +121,17 @@ impl Sim {
         self.mount.log().iter().map(|r| r.short()).collect()
     }
 
+    /// Forgets the writes logged so far.
     pub fn clear_log(&self) {
         self.mount.kernel(|k| k.clear_log());
     }
 
+    /// The machine's `[host] run` dir (state file, restore records).
     pub fn run_dir(&self) -> PathBuf {
         self.host().run
     }
 
+    /// The path of the device node `node` under the machine's `/dev`.
     pub fn dev(&self, node: &str) -> PathBuf {
         self.host().dev.join(node)
     }
@@ -131,6 +148,7 @@ impl Sim {
         }
     }
 
+    /// Asserts every function is bound to vfio-pci.
     pub fn assert_on_vfio(&self) {
         let want: Vec<(String, Option<String>)> = HOME
             .iter()
@@ -150,6 +168,7 @@ impl Drop for Sim {
 pub struct Holder(pub Child);
 
 impl Holder {
+    /// The holder's pid.
     pub fn pid(&self) -> u32 {
         self.0.id()
     }
@@ -229,6 +248,7 @@ pub fn wait_gone(pids: &[u32], timeout: Duration) -> Vec<(u32, String)> {
 /// Serialises tests that count this process's children or rely on timing.
 pub static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Takes [`SERIAL`] (also after a test that held it panicked).
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -1,0 +1,43 @@
+//! What the tests of every crate of the workspace share, written once: whether a tool is
+//! installed and what to do when it is not ([`tools`]), process groups and their clean-up
+//! ([`process`]), waits ([`wait`]), Xvfb ([`xvfb`]), a real i3 desktop ([`desktop`]), the
+//! tray's desktop session with dunst and xfce4-panel ([`tray`]), the bar's i3blocks and
+//! notification helpers ([`block`]), the details window's accessibility bus ([`a11y`]), a
+//! private system bus with polkitd ([`system_bus`]), a systemd user manager
+//! ([`systemd_user`]), the real system libvirtd ([`libvirt`]) and the end-to-end scene
+//! around it ([`stage`]), the simulated GPU behind FUSE ([`simgpu`]), processes that hold a
+//! node under a chosen name ([`named_holder`]), system directories moved aside
+//! ([`backup`]), the workspace's other binaries ([`bins`]) and configs for simulated
+//! machines ([`config`]).
+//!
+//! Rules every helper keeps: a missing component fails the test under `CI=true` and skips
+//! it, saying why, elsewhere ([`tools::required`]); every process a helper starts is
+//! killed and reaped when the value that owns it drops, assertion failure or not; nothing
+//! outside the test's temp dir is touched, except the shared system libvirtd, its hook dir
+//! and `/etc/handoff`, which [`stage`] and [`backup`] restore under [`libvirt`]'s lock.
+//!
+//! Features: `sim` (the kernel simulator: [`simgpu`], [`stage`]) and `dbus` (zbus: [`tray`],
+//! [`a11y`]). Neither turns on the library's `libvirt`: libvirt is driven through `virsh`.
+#![warn(missing_docs)]
+
+#[cfg(feature = "dbus")]
+pub mod a11y;
+pub mod backup;
+pub mod bins;
+pub mod block;
+pub mod config;
+pub mod desktop;
+pub mod libvirt;
+pub mod named_holder;
+pub mod process;
+#[cfg(feature = "sim")]
+pub mod simgpu;
+#[cfg(feature = "sim")]
+pub mod stage;
+pub mod system_bus;
+pub mod systemd_user;
+pub mod tools;
+#[cfg(feature = "dbus")]
+pub mod tray;
+pub mod wait;
+pub mod xvfb;

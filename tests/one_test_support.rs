@@ -1,0 +1,127 @@
+//! Issue 12 item 6: the helpers the tests share live once, in the dev-only
+//! `handoff-test-support` crate (`test-support/`), which every test crate lists under
+//! `[dev-dependencies]`. A `#[path]` include of another crate's test module, or an
+//! `allow(dead_code)` that hides which binary uses which helper, is how the copies crept
+//! in before; this test fails when either comes back.
+
+use std::path::{Path, PathBuf};
+
+/// What no test source may contain.
+const FORBIDDEN: [&str; 2] = [concat!("#[", "path"), concat!("allow(", "dead_code)")];
+
+/// Where test code lives: every test crate's `tests/` and the support crate itself.
+const TEST_DIRS: [&str; 5] = [
+    "tests",
+    "applet/tests",
+    "i3blocks/tests",
+    "details/tests",
+    "test-support/src",
+];
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// Every line of `sources` containing a forbidden word, as `file:line: text`.
+fn offences(sources: &[PathBuf]) -> Vec<String> {
+    let mut found = Vec::new();
+    for file in sources {
+        let text = std::fs::read_to_string(file).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            if let Some(word) = FORBIDDEN.iter().find(|w| line.contains(*w)) {
+                found.push(format!("{}:{}: {word}: {}", file.display(), n + 1, line.trim()));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn no_test_includes_a_helper_by_path_or_allows_dead_code() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut sources = Vec::new();
+    for dir in TEST_DIRS {
+        rust_files(&root.join(dir), &mut sources);
+    }
+    // This file names the words it looks for (in its header and its own check's asserts).
+    let me = root.join("tests/one_test_support.rs");
+    assert!(sources.contains(&me), "the walk missed tests/one_test_support.rs");
+    sources.retain(|f| *f != me);
+    // The walk found the tests and the helpers (a moved directory must not make this pass
+    // vacuously).
+    for must in [
+        "tests/hook.rs",
+        "applet/tests/tray_actions.rs",
+        "i3blocks/tests/vm_click.rs",
+        "details/tests/buttons.rs",
+        "test-support/src/stage.rs",
+    ] {
+        assert!(sources.contains(&root.join(must)), "{must} not found");
+    }
+    let found = offences(&sources);
+    assert!(
+        found.is_empty(),
+        "shared test helpers belong in test-support/ (a `pub`, documented item of \
+         handoff-test-support), used through [dev-dependencies]:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn every_test_crate_takes_the_support_crate_as_a_dev_dependency() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for manifest in [
+        "Cargo.toml",
+        "applet/Cargo.toml",
+        "i3blocks/Cargo.toml",
+        "details/Cargo.toml",
+    ] {
+        let text = std::fs::read_to_string(root.join(manifest)).unwrap();
+        let dev = text
+            .split("[dev-dependencies]")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{manifest} has no [dev-dependencies]"));
+        let dev = dev.split("\n[").next().unwrap();
+        assert!(
+            dev.lines().any(|l| l.starts_with("handoff-test-support = ")),
+            "{manifest}: handoff-test-support is not among its [dev-dependencies]"
+        );
+    }
+    // The block's tests must not make its build of the library link libvirt (.ci/run and
+    // DESIGN.md, "Binaries stay light"): the support crate turns on nothing but the
+    // simulator.
+    let support = std::fs::read_to_string(root.join("test-support/Cargo.toml")).unwrap();
+    assert!(
+        !support.contains("handoff/libvirt"),
+        "test-support/Cargo.toml turns on the library's libvirt feature"
+    );
+    assert!(
+        support.contains("handoff = { path = \"..\", default-features = false }"),
+        "test-support/Cargo.toml must take the library without its default features"
+    );
+}
+
+#[test]
+fn the_check_finds_a_path_include_and_a_dead_code_allowance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("vm_click.rs");
+    std::fs::write(
+        &file,
+        format!(
+            "//! A test.\n{} = \"../../tests/common/mod.rs\"]\nmod common;\n#![{}]\n",
+            FORBIDDEN[0], FORBIDDEN[1]
+        ),
+    )
+    .unwrap();
+    let found = offences(&[file]);
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(found[0].contains("vm_click.rs:2: #[path"), "{found:?}");
+    assert!(found[1].contains("vm_click.rs:4: allow(dead_code)"), "{found:?}");
+}
