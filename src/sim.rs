@@ -502,69 +502,6 @@ impl SimHost {
         }
     }
 
-    /// The DRM driver of `address` unbound: its class devices (`<device>/drm/card<n>`,
-    /// `renderD<n>`), their nodes under `/dev/dri` and udev's `by-path` links go, as
-    /// `drm_dev_unregister` removes them. A process that has a node open keeps its fd,
-    /// whose link then reads `… (deleted)`, and with it the minor (see [`SimHost::drm_register`]).
-    pub fn drm_unregister(&self, address: PciAddress) -> io::Result<()> {
-        let drm = self.device_dir(address).join("drm");
-        for name in dir_entries(&drm) {
-            let _ = fs::remove_file(self.dev().join("dri").join(&name));
-            fs::remove_dir_all(drm.join(&name))?;
-        }
-        let by_path = self.dev().join("dri/by-path");
-        for kind in ["card", "render"] {
-            let _ = fs::remove_file(by_path.join(format!("pci-{address}-{kind}")));
-        }
-        Ok(())
-    }
-
-    /// The DRM driver of `address` bound: a card and a render node with the lowest free
-    /// minors (cards from 0, render nodes from 128), as `drm_minor_alloc` hands them out.
-    /// A minor stays taken while its node exists or a process still has a removed node of
-    /// that name open (the kernel frees a minor with its last reference) — so a card held
-    /// through an unbind comes back as the next free index (`card1` for a held `card0`).
-    pub fn drm_register(&self, address: PciAddress) -> io::Result<(u32, u32)> {
-        // Left over from an unbind that hung (its remove never ran here): replaced.
-        self.drm_unregister(address)?;
-        let dri = self.dev().join("dri");
-        let held = deleted_nodes_held(&dri);
-        let free = |prefix: &str, from: u32| {
-            (from..from + 64)
-                .find(|n| {
-                    let name = format!("{prefix}{n}");
-                    !dri.join(&name).exists() && !held.contains(&name)
-                })
-                .unwrap_or(from)
-        };
-        let (card, render) = (free("card", 0), free("renderD", 128));
-        let dir = self.device_dir(address);
-        for (name, minor) in [
-            (format!("card{card}"), card),
-            (format!("renderD{render}"), render),
-        ] {
-            let d = dir.join("drm").join(&name);
-            fs::create_dir_all(&d)?;
-            fs::write(d.join("dev"), format!("226:{minor}\n"))?;
-            fs::write(
-                d.join("uevent"),
-                format!("MAJOR=226\nMINOR={minor}\nDEVNAME=dri/{name}\n"),
-            )?;
-            mknod(&dri.join(&name))?;
-        }
-        let by_path = dri.join("by-path");
-        fs::create_dir_all(&by_path)?;
-        for (kind, target) in [
-            ("card", format!("../card{card}")),
-            ("render", format!("../renderD{render}")),
-        ] {
-            let link = by_path.join(format!("pci-{address}-{kind}"));
-            let _ = fs::remove_file(&link);
-            symlink(target, link)?;
-        }
-        Ok((card, render))
-    }
-
     /// A framebuffer device of `address`, as DRM's fbdev emulation registers it
     /// (`<device>/graphics/fb<n>` with its `dev`, and the node `/dev/fb<n>`). Returns the
     /// node's path.
@@ -602,43 +539,6 @@ impl SimHost {
             format!("{status}\n"),
         )
     }
-}
-
-/// The names in a directory (none when it cannot be read).
-fn dir_entries(dir: &Path) -> Vec<String> {
-    fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
-}
-
-/// The names of nodes under `dir` that were removed while some process (under the real
-/// `/proc`) still has them open: their fd links read `<dir>/<name> (deleted)`.
-fn deleted_nodes_held(dir: &Path) -> Vec<String> {
-    let Ok(dir) = fs::canonicalize(dir) else {
-        return Vec::new();
-    };
-    let mut held = Vec::new();
-    for pid in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        for fd in fs::read_dir(pid.path().join("fd"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let Ok(target) = fs::read_link(fd.path()) else {
-                continue;
-            };
-            let target = target.to_string_lossy();
-            if let Some(path) = target.strip_suffix(" (deleted)")
-                && let Ok(name) = Path::new(path).strip_prefix(&dir)
-            {
-                held.push(name.to_string_lossy().into_owned());
-            }
-        }
-    }
-    held
 }
 
 /// `symlink`, where a link left from before (a removed function coming back) is fine.

@@ -52,36 +52,15 @@
 //! `driver_override` reads `(null)`; bind/unbind uevents carry `DRIVER=` on bind only.
 //! Where it still differs from that kernel (none of it changes what handoff decides, which
 //! reads the `driver` link and the class directories as they are when it looks):
-//! - sound, i2c and framebuffer class devices are laid out once and stay: the kernel
-//!   removes them (`<dev>/sound/card1`, `/dev/snd/*`, …) when the driver unbinds and
-//!   registers new ones on a rebind. DRM's are modelled (below); the others keep their
-//!   numbers here, which is what the kernel gives them too when nothing held the old ones
-//!   (snd_hda_intel's unbind waits for its holders);
-//! - a hung unbind's DRM nodes stay until the driver is bound again (the kernel removes them
-//!   in the driver's `remove`, wherever that blocks);
-//! - vfio-pci's own unbind never waits for an open VFIO device fd (the kernel's does:
-//!   `vfio_unregister_group_dev` waits for the device's users). A test process cannot open
-//!   a VFIO device fd here (that takes the group's `VFIO_GROUP_GET_DEVICE_FD` ioctl on a
-//!   real group), and the group node alone does not make the kernel wait (see
-//!   `docs/real-kernel.md`), so the simulator does not turn a held `/dev/vfio/<group>` into
-//!   a hang; a test that wants one says so with a hang rule (`hang unbind <bdf> vfio-pci`);
+//! - device nodes are laid out once and stay: the kernel removes a function's class
+//!   devices (`<dev>/drm/card0`, `sound/card0`, `/dev/dri/card0`, `/dev/snd/*`) when its
+//!   driver unbinds, and the rebound driver registers new ones with the lowest free minor —
+//!   `card1`, not `card0`, while a process still has the old card open (DRM hot-unplug
+//!   lets bochs-drm or nvidia-drm unbind with its node open; snd_hda_intel's unbind waits);
+//! - `/dev/vfio/<group>` and `/dev/vfio/vfio` are not created when vfio-pci binds, and
+//!   vfio-pci's own unbind never waits for an open VFIO device fd (the kernel's does);
 //! - which drivers hang is whatever the test says: on the kernel, the driver's `remove`
 //!   decides (snd_hda_intel waits for its control node, bochs-drm does not).
-//!
-//! What it models of `/dev`: a function with DRM nodes in the spec loses its
-//! `<dev>/drm/card<n>`, `renderD<n>`, `/dev/dri/…` and udev's `by-path` links when it leaves
-//! its DRM driver (for vfio-pci, or none) and gets new ones when it comes back, with the
-//! lowest free minors — a minor stays taken while a process still has its removed node open
-//! (`drm_minor_alloc`/`drm_minor_free` in drivers/gpu/drm/drm_drv.c; DRM hot-unplug lets the
-//! driver unbind with the node open), so a card held through a handoff comes back as the
-//! next index, as bochs-drm's card0 came back as card1 on the real kernel. And
-//! `/dev/vfio/<group>` exists while any device of the group is on
-//! vfio-pci and goes when the last one leaves (drivers/vfio/group.c: the group's cdev is
-//! added when its first device registers with vfio and deleted when its last one
-//! unregisters — the group is *viable* only with every member on vfio-pci, but the node is
-//! there before); `/dev/vfio/vfio` once vfio-pci is registered (loading it loads vfio, whose
-//! container node stays after vfio-pci is unloaded). A process holding the group node keeps
-//! its fd after the node goes, reading `… (deleted)`, as on the kernel.
 //!
 //! What the kernel does, and this copies (drivers/base/bus.c, drivers/pci/pci-driver.c):
 //! - `driver_override`: the value up to the first newline; empty clears it (`(null)`).
@@ -695,7 +674,7 @@ impl Kernel {
             self.finish(h.id, h.log_index, result);
         }
         self.run_waiting();
-        self.after_change(&before);
+        self.announce_uevents(&before);
     }
 
     fn finish(&mut self, id: HangId, log_index: usize, result: Result<(), Errno>) {
@@ -800,34 +779,6 @@ impl Kernel {
         std::mem::take(&mut self.finished)
     }
 
-    /// What follows a change of drivers: the DRM class devices of a function that left or
-    /// reached its DRM driver go or come (see [`SimHost::drm_register`]), then the uevents.
-    fn after_change(&mut self, before: &uevents::Snapshot) {
-        let on_drm = |d: Option<&String>| d.is_some_and(|d| d != "vfio-pci");
-        let drm_functions: Vec<PciAddress> = self
-            .spec
-            .functions
-            .iter()
-            .filter(|f| f.drm.is_some())
-            .map(|f| f.address)
-            .collect();
-        for a in drm_functions {
-            let Some((true, was)) = before.get(&a) else {
-                continue;
-            };
-            let now = self.driver(a);
-            let r = match (on_drm(was.as_ref()), on_drm(now.as_ref())) {
-                (true, false) => self.sim.drm_unregister(a),
-                (false, true) => self.sim.drm_register(a).map(|_| ()),
-                _ => Ok(()),
-            };
-            if let Err(e) = r {
-                tracing::warn!("simulated kernel: DRM nodes of {a}: {e}");
-            }
-        }
-        self.announce_uevents(before);
-    }
-
     /// `modprobe`: register a driver, and let it take the unbound devices it matches.
     pub fn load_driver(&mut self, name: &str) -> io::Result<()> {
         if self.is_registered(name) {
@@ -838,7 +789,6 @@ impl Kernel {
         if name == "vfio-pci" {
             self.sim.add_vfio_container_node()?;
         }
-        let before = self.uevent_snapshot();
         for a in self.present() {
             // A device a hung write holds is skipped; the kernel's `driver_attach` would
             // wait for its lock (the simulation can't block a control command).
@@ -846,7 +796,6 @@ impl Kernel {
                 self.sim.set_driver(a, Some(name))?;
             }
         }
-        self.after_change(&before);
         Ok(())
     }
 
@@ -855,13 +804,11 @@ impl Kernel {
         if !self.is_registered(name) {
             return Ok(());
         }
-        let before = self.uevent_snapshot();
         for a in self.present() {
             if self.driver(a).as_deref() == Some(name) {
                 self.sim.set_driver(a, None)?;
             }
         }
-        self.after_change(&before);
         self.drivers.retain(|d| d != name);
         self.dynids.remove(name);
         fs::remove_dir_all(self.sim.sysfs().join("bus/pci/drivers").join(name))
@@ -915,7 +862,7 @@ impl Kernel {
             Pre::Lock(_) => {
                 let before = self.uevent_snapshot();
                 let r = self.apply_locked(&file, data);
-                self.after_change(&before);
+                self.announce_uevents(&before);
                 (
                     Outcome::Done(r),
                     r.err().map_or(WriteResult::Ok, WriteResult::Err),
@@ -1368,74 +1315,6 @@ mod tests {
     }
 
     const GPU: &str = "bus/pci/devices/0000:01:00.0";
-
-    /// The DRM class devices of the workstation's GPU: `(sysfs names, /dev/dri names,
-    /// by-path card target)`.
-    fn drm_of_gpu(k: &Kernel) -> (Vec<String>, Vec<String>, Option<PathBuf>) {
-        let names = |d: PathBuf| {
-            let mut v: Vec<String> = fs::read_dir(d)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n != "by-path")
-                .collect();
-            v.sort();
-            v
-        };
-        let a = PciAddress::new(0, 1, 0, 0);
-        (
-            names(k.sim().device_dir(a).join("drm")),
-            names(k.sim().dev().join("dri")),
-            fs::read_link(k.sim().dev().join("dri/by-path/pci-0000:01:00.0-card")).ok(),
-        )
-    }
-
-    #[test]
-    fn drm_nodes_go_with_the_driver_and_come_back_with_the_lowest_free_minor() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut k = kernel(tmp.path());
-        let all = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(
-            drm_of_gpu(&k),
-            (
-                all(&["card1", "renderD129"]),
-                all(&["card0", "card1", "renderD128", "renderD129"]),
-                Some(PathBuf::from("../card1"))
-            )
-        );
-        // To vfio-pci: the card, its render node and udev's links go (the iGPU's stay).
-        write(&mut k, &format!("{GPU}/driver_override"), "vfio-pci").unwrap();
-        write(&mut k, "bus/pci/drivers/nvidia/unbind", "0000:01:00.0").unwrap();
-        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.0").unwrap();
-        assert_eq!(drm_of_gpu(&k), (vec![], all(&["card0", "renderD128"]), None));
-        // Back with nobody holding the old card: the same minors.
-        write(&mut k, &format!("{GPU}/driver_override"), "\n").unwrap();
-        write(&mut k, "bus/pci/drivers/vfio-pci/unbind", "0000:01:00.0").unwrap();
-        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.0").unwrap();
-        assert_eq!(drm_of_gpu(&k).0, all(&["card1", "renderD129"]));
-
-        // A process keeps card1 open through an unbind: the minor stays taken, so the
-        // card comes back as card2 (the real kernel's card0 → card1 in docs/real-kernel.md).
-        let mut holder = std::process::Command::new("sleep")
-            .arg("600")
-            .stdin(fs::File::open(k.sim().dev().join("dri/card1")).unwrap())
-            .spawn()
-            .unwrap();
-        write(&mut k, "bus/pci/drivers/nvidia/unbind", "0000:01:00.0").unwrap();
-        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.0").unwrap();
-        let got = drm_of_gpu(&k);
-        let _ = holder.kill();
-        let _ = holder.wait();
-        assert_eq!(
-            got,
-            (
-                all(&["card2", "renderD129"]),
-                all(&["card0", "card2", "renderD128", "renderD129"]),
-                Some(PathBuf::from("../card2"))
-            )
-        );
-    }
 
     #[test]
     fn override_unbind_probe_moves_gpu_to_vfio_and_back() {
