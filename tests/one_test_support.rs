@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+use handoff_test_support::source::rust_files;
+
 /// What no test source may contain.
 const FORBIDDEN: [&str; 2] = [concat!("#[", "path"), concat!("allow(", "dead_code)")];
 
@@ -17,17 +19,6 @@ const TEST_DIRS: [&str; 5] = [
     "details/tests",
     "test-support/src",
 ];
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
 
 /// Every line of `sources` containing a forbidden word, as `file:line: text`.
 fn offences(sources: &[PathBuf]) -> Vec<String> {

@@ -7,25 +7,15 @@
 //!
 //! It reads the files at test time, relative to `CARGO_MANIFEST_DIR`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+use handoff_test_support::source::rust_files;
 
 /// How many lines above an `unsafe {` its `// SAFETY:` comment may start.
 const SAFETY_REACH: usize = 3;
 
 /// The directories whose `.rs` files are product code.
 const PRODUCT_DIRS: [&str; 4] = ["src", "applet/src", "i3blocks/src", "details/src"];
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    for entry in entries {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|x| x == "rs") {
-            out.push(path);
-        }
-    }
-}
 
 /// The 1-based line numbers of `unsafe {` blocks in `text` that have no `SAFETY:` comment on
 /// their line or within [`SAFETY_REACH`] lines above. Lines that are comments are not code.

@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+use handoff_test_support::source::rust_files;
+
 /// What a surface's source must not contain: the modules and the types of the hook's files.
 const FORBIDDEN: [&str; 6] = [
     "bind::record",
@@ -15,17 +17,6 @@ const FORBIDDEN: [&str; 6] = [
     "HookPhase",
     "RestoreRecord",
 ];
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
 
 /// Every line of `sources` containing a forbidden word, as `file:line: text`.
 fn offences(sources: &[PathBuf]) -> Vec<String> {

@@ -32,6 +32,7 @@ pub mod named_holder;
 pub mod process;
 #[cfg(feature = "sim")]
 pub mod simgpu;
+pub mod source;
 #[cfg(feature = "sim")]
 pub mod stage;
 pub mod system_bus;
