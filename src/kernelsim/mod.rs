@@ -78,6 +78,7 @@
 
 #[cfg(feature = "kernel-sim")]
 pub mod fuse;
+mod nodes;
 mod uevents;
 
 use std::collections::BTreeMap;
@@ -88,7 +89,7 @@ use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
 use crate::pci::PciAddress;
-use crate::sim::{SimFunction, SimHost, SimSpec};
+use crate::sim::{SimFunction, SimHost, SimSpec, registers_class_devices};
 
 /// An error a control-file write returns, as the kernel would.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -487,6 +488,9 @@ struct HungWrite {
     /// An unbind inside the driver's `remove`: the device and the driver it still has
     /// inside the kernel (`dev->driver`), though its links are gone.
     releasing: Option<(PciAddress, String)>,
+    /// A sound card's unbind waiting for the processes that have its (already removed)
+    /// nodes open: it ends by itself once none does (see [`Kernel::nodes_changed`]).
+    until_closed: Vec<PathBuf>,
 }
 
 /// A write waiting for device locks, in arrival order.
@@ -585,6 +589,8 @@ pub struct Kernel {
     waiting: Vec<Waiting>,
     finished: Vec<(HangId, Result<(), Errno>)>,
     next_hang: HangId,
+    /// Removed device nodes some process still has open.
+    removed: nodes::RemovedNodes,
 }
 
 impl Kernel {
@@ -607,6 +613,7 @@ impl Kernel {
             waiting: Vec::new(),
             finished: Vec::new(),
             next_hang: 1,
+            removed: nodes::RemovedNodes::new(),
         }
     }
 
@@ -674,6 +681,7 @@ impl Kernel {
             self.finish(h.id, h.log_index, result);
         }
         self.run_waiting();
+        self.sync_class_devices();
         self.announce_uevents(&before);
     }
 
@@ -702,7 +710,10 @@ impl Kernel {
             let w = self.waiting.remove(i);
             if w.hang {
                 self.log[w.log_index].result = WriteResult::Hung;
-                self.start_hang(w.id, w.log_index, w.file, w.data, w.locks);
+                self.start_hang(w.id, w.log_index, w.file, w.data, w.locks, Vec::new());
+            } else if let Some(held) = self.disconnect_sound(&w.file, &w.data) {
+                self.log[w.log_index].result = WriteResult::Hung;
+                self.start_hang(w.id, w.log_index, w.file, w.data, w.locks, held);
             } else {
                 let result = self.apply_locked(&w.file, &w.data);
                 self.finish(w.id, w.log_index, result);
@@ -728,6 +739,7 @@ impl Kernel {
         file: ControlFile,
         data: Vec<u8>,
         locks: Vec<PciAddress>,
+        until_closed: Vec<PathBuf>,
     ) {
         let mut releasing = None;
         if let ControlFile::Unbind(drv) = &file
@@ -746,6 +758,7 @@ impl Kernel {
             data,
             locks,
             releasing,
+            until_closed,
         });
     }
 
@@ -779,6 +792,177 @@ impl Kernel {
         std::mem::take(&mut self.finished)
     }
 
+    /// Let sound unbinds that wait for the holders of their card's nodes finish once no
+    /// process has any of them open (see [`Kernel::disconnect_sound`]). Called after every
+    /// write; a mount also calls it when [`Kernel::node_events`] becomes readable.
+    pub fn nodes_changed(&mut self) {
+        // Always read the queue, so that a poller is not woken again for the same events.
+        let held = self.removed.held();
+        let done: Vec<HangId> = self
+            .hung
+            .iter()
+            .filter(|h| !h.until_closed.is_empty() && !h.until_closed.iter().any(|n| held.contains(n)))
+            .map(|h| h.id)
+            .collect();
+        for id in done {
+            self.release(Some(id), Release::Complete);
+        }
+    }
+
+    /// A descriptor that becomes readable when a removed device node's last holder closes
+    /// it: when to call [`Kernel::nodes_changed`]. None without inotify.
+    pub fn node_events(&self) -> Option<std::os::fd::OwnedFd> {
+        self.removed.fd()
+    }
+
+    /// An unbind from the driver of a function with a registered sound card does what
+    /// snd_hda_intel's `remove` does (sound/core/init.c, `snd_card_free`): disconnect the
+    /// card at once — its class devices and `/dev/snd` nodes go, and new opens fail — then
+    /// wait until every process that has one of its nodes open has closed it, in D state,
+    /// holding the device lock. Returns the nodes still open when the unbind has to wait
+    /// (the caller hangs it), None when it can go on.
+    fn disconnect_sound(&mut self, file: &ControlFile, data: &[u8]) -> Option<Vec<PathBuf>> {
+        let ControlFile::Unbind(drv) = file else {
+            return None;
+        };
+        let a = exact_bdf(&String::from_utf8_lossy(data)).filter(|a| self.is_present(*a))?;
+        if self.sim.driver(a).as_deref() != Some(drv.as_str()) || !registers_class_devices(drv) {
+            return None;
+        }
+        self.function(a)?.sound_card?;
+        self.sim.sound_card(a)?;
+        let removed = self
+            .unregister_class_devices(a, false, true)
+            .inspect_err(|e| tracing::warn!("simulated kernel: sound card of {a}: {e}"))
+            .ok()?;
+        let held = self.removed.held_of(&removed);
+        (!held.is_empty()).then_some(held)
+    }
+
+    /// Whether `a`'s sound card was disconnected by an unbind that still waits for its
+    /// holders.
+    fn disconnected(&self, a: PciAddress) -> bool {
+        self.hung
+            .iter()
+            .any(|h| !h.until_closed.is_empty() && h.releasing.as_ref().is_some_and(|(d, _)| *d == a))
+    }
+
+    /// Make every function's class devices (DRM card and render node, sound card) match the
+    /// driver the kernel has for it (`dev->driver`): registered on any driver but vfio-pci,
+    /// gone otherwise. A rebound driver gets the lowest free numbers, where a number stays
+    /// taken while a process still has its removed node open (`drm_minor_alloc` and
+    /// `drm_minor_free` in drivers/gpu/drm/drm_drv.c; DRM hot-unplug lets the driver
+    /// unbind with the node open): a card held through a handoff comes back as the next
+    /// index, as bochs-drm's card0 came back as card1 on the real kernel.
+    fn sync_class_devices(&mut self) {
+        let functions: Vec<SimFunction> = self
+            .spec
+            .functions
+            .iter()
+            .filter(|f| f.drm.is_some() || f.sound_card.is_some())
+            .cloned()
+            .collect();
+        for f in functions {
+            if let Err(e) = self.sync_class_devices_of(&f) {
+                tracing::warn!("simulated kernel: class devices of {}: {e}", f.address);
+            }
+        }
+    }
+
+    fn sync_class_devices_of(&mut self, f: &SimFunction) -> io::Result<()> {
+        let a = f.address;
+        if !self.is_present(a) {
+            return Ok(());
+        }
+        let on = self.kernel_driver(a).is_some_and(|d| registers_class_devices(&d));
+        if f.drm.is_some() {
+            match (on, self.sim.drm_minors(a)) {
+                (true, None) => {
+                    let (card, render) = self.free_drm_minors();
+                    self.sim.drm_register(a, card, render)?;
+                }
+                (false, Some(_)) => {
+                    self.unregister_class_devices(a, true, false)?;
+                }
+                _ => {}
+            }
+        }
+        if let Some(from) = f.sound_card {
+            match (on && !self.disconnected(a), self.sim.sound_card(a)) {
+                (true, None) => {
+                    let card = self.free_sound_card(from);
+                    self.sim.sound_register(a, card)?;
+                }
+                (false, Some(_)) => {
+                    self.unregister_class_devices(a, false, true)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove `a`'s DRM and/or sound class devices and their nodes, watching each node
+    /// first so that its holders keep it (and its number) taken. Returns the nodes removed.
+    fn unregister_class_devices(
+        &mut self,
+        a: PciAddress,
+        drm: bool,
+        sound: bool,
+    ) -> io::Result<Vec<PathBuf>> {
+        let (drm_nodes, sound_nodes) = self.sim.class_nodes(a);
+        let mut removed = Vec::new();
+        if drm {
+            drm_nodes.iter().for_each(|n| self.removed.watch(n));
+            removed.extend(self.sim.drm_unregister(a)?);
+        }
+        if sound {
+            sound_nodes.iter().for_each(|n| self.removed.watch(n));
+            removed.extend(self.sim.sound_unregister(a)?);
+        }
+        Ok(removed)
+    }
+
+    /// The lowest free card and render minors: no node of that name, and no removed one
+    /// that a process still has open.
+    fn free_drm_minors(&mut self) -> (u32, u32) {
+        let held = self.removed.held();
+        let dri = self.sim.dev().join("dri");
+        let free = |prefix: &str, from: u32| {
+            (from..from + 64)
+                .find(|n| {
+                    let node = dri.join(format!("{prefix}{n}"));
+                    node.symlink_metadata().is_err() && !held.contains(&node)
+                })
+                .unwrap_or(from)
+        };
+        (free("card", 0), free("renderD", 128))
+    }
+
+    /// The lowest free ALSA card number from `from` (the spec's: the workstation's onboard
+    /// audio, which the simulation leaves out, is card0): no node of that card, and no
+    /// removed one still open.
+    fn free_sound_card(&mut self, from: u32) -> u32 {
+        let held = self.removed.held();
+        let snd = self.sim.dev().join("snd");
+        let card_of = |p: &Path| -> Option<u32> {
+            let name = p.file_name()?.to_str()?;
+            let rest = ["controlC", "hwC", "pcmC", "midiC"]
+                .iter()
+                .find_map(|prefix| name.strip_prefix(prefix))?;
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        };
+        (from..from + 32)
+            .find(|n| {
+                snd.join(format!("controlC{n}")).symlink_metadata().is_err()
+                    && !held
+                        .iter()
+                        .any(|p| p.parent() == Some(snd.as_path()) && card_of(p) == Some(*n))
+            })
+            .unwrap_or(from)
+    }
+
     /// `modprobe`: register a driver, and let it take the unbound devices it matches.
     pub fn load_driver(&mut self, name: &str) -> io::Result<()> {
         if self.is_registered(name) {
@@ -796,6 +980,7 @@ impl Kernel {
                 self.sim.set_driver(a, Some(name))?;
             }
         }
+        self.sync_class_devices();
         Ok(())
     }
 
@@ -809,6 +994,7 @@ impl Kernel {
                 self.sim.set_driver(a, None)?;
             }
         }
+        self.sync_class_devices();
         self.drivers.retain(|d| d != name);
         self.dynids.remove(name);
         fs::remove_dir_all(self.sim.sysfs().join("bus/pci/drivers").join(name))
@@ -855,18 +1041,26 @@ impl Kernel {
                     });
                     (Outcome::Hung(id), WriteResult::Blocked)
                 } else {
-                    self.start_hang(id, log_index, file.clone(), data.to_vec(), locks);
+                    self.start_hang(id, log_index, file.clone(), data.to_vec(), locks, Vec::new());
                     (Outcome::Hung(id), WriteResult::Hung)
                 }
             }
-            Pre::Lock(_) => {
-                let before = self.uevent_snapshot();
-                let r = self.apply_locked(&file, data);
-                self.announce_uevents(&before);
-                (
-                    Outcome::Done(r),
-                    r.err().map_or(WriteResult::Ok, WriteResult::Err),
-                )
+            Pre::Lock(locks) => {
+                if let Some(held) = self.disconnect_sound(&file, data) {
+                    let id = self.next_hang;
+                    self.next_hang += 1;
+                    self.start_hang(id, log_index, file.clone(), data.to_vec(), locks, held);
+                    (Outcome::Hung(id), WriteResult::Hung)
+                } else {
+                    let before = self.uevent_snapshot();
+                    let r = self.apply_locked(&file, data);
+                    self.sync_class_devices();
+                    self.announce_uevents(&before);
+                    (
+                        Outcome::Done(r),
+                        r.err().map_or(WriteResult::Ok, WriteResult::Err),
+                    )
+                }
             }
         };
         tracing::debug!(%file, ?value, %result, "sysfs write");
@@ -876,6 +1070,7 @@ impl Kernel {
             value,
             result,
         });
+        self.nodes_changed();
         outcome
     }
 
@@ -1154,6 +1349,7 @@ impl Kernel {
             .collect();
         gone.sort_by_key(|f| std::cmp::Reverse(self.depth(*f)));
         for f in gone {
+            self.unregister_class_devices(f, true, true)?;
             self.sim.remove_function(f)?;
         }
         Ok(())
@@ -1315,6 +1511,227 @@ mod tests {
     }
 
     const GPU: &str = "bus/pci/devices/0000:01:00.0";
+
+    /// The class devices of function `a`: `(sysfs names under drm/ and sound/card*/,
+    /// /dev/dri names, /dev/snd names, by-path card target)`.
+    fn class_of(k: &Kernel, a: PciAddress) -> (Vec<String>, Vec<String>, Vec<String>, Option<PathBuf>) {
+        let names = |d: PathBuf| {
+            let mut v: Vec<String> = fs::read_dir(d)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "by-path")
+                .collect();
+            v.sort();
+            v
+        };
+        let dir = k.sim().device_dir(a);
+        let mut sysfs = names(dir.join("drm"));
+        for card in names(dir.join("sound")) {
+            sysfs.push(card.clone());
+            sysfs.extend(names(dir.join("sound").join(card)));
+        }
+        (
+            sysfs,
+            names(k.sim().dev().join("dri")),
+            names(k.sim().dev().join("snd")),
+            fs::read_link(k.sim().dev().join(format!("dri/by-path/pci-{a}-card"))).ok(),
+        )
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A child process that has `node` open (as its stdin) until dropped.
+    struct Opener(std::process::Child);
+
+    impl Opener {
+        fn new(node: &Path) -> Opener {
+            Opener(
+                std::process::Command::new("sleep")
+                    .arg("600")
+                    .stdin(fs::File::open(node).unwrap())
+                    .spawn()
+                    .unwrap(),
+            )
+        }
+    }
+
+    impl Drop for Opener {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// `GPU` to vfio-pci and back, each step through override, unbind and probe.
+    fn round_trip(k: &mut Kernel, home: &str) {
+        write(k, &format!("{GPU}/driver_override"), "vfio-pci").unwrap();
+        write(k, &format!("bus/pci/drivers/{home}/unbind"), "0000:01:00.0").unwrap();
+        write(k, "bus/pci/drivers_probe", "0000:01:00.0").unwrap();
+        assert_eq!(k.driver(RTX_3090_TI).as_deref(), Some("vfio-pci"));
+        write(k, &format!("{GPU}/driver_override"), "\n").unwrap();
+        write(k, "bus/pci/drivers/vfio-pci/unbind", "0000:01:00.0").unwrap();
+        write(k, "bus/pci/drivers_probe", "0000:01:00.0").unwrap();
+        assert_eq!(k.driver(RTX_3090_TI).as_deref(), Some(home));
+    }
+
+    #[test]
+    fn drm_nodes_go_with_the_driver_and_come_back_with_the_lowest_free_minor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut k = kernel(tmp.path());
+        let gpu = |k: &Kernel| {
+            let (sysfs, dri, _, by_path) = class_of(k, RTX_3090_TI);
+            (sysfs, dri, by_path)
+        };
+        let card = |n: u32| Some(PathBuf::from(format!("../card{n}")));
+        assert_eq!(
+            gpu(&k),
+            (
+                strings(&["card1", "renderD129"]),
+                strings(&["card0", "card1", "renderD128", "renderD129"]),
+                card(1)
+            )
+        );
+        // On vfio-pci: the card, its render node and udev's links are gone (the iGPU's stay).
+        write(&mut k, &format!("{GPU}/driver_override"), "vfio-pci").unwrap();
+        write(&mut k, "bus/pci/drivers/nvidia/unbind", "0000:01:00.0").unwrap();
+        assert_eq!(gpu(&k), (vec![], strings(&["card0", "renderD128"]), None));
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.0").unwrap();
+        assert_eq!(gpu(&k), (vec![], strings(&["card0", "renderD128"]), None));
+        write(&mut k, &format!("{GPU}/driver_override"), "\n").unwrap();
+        write(&mut k, "bus/pci/drivers/vfio-pci/unbind", "0000:01:00.0").unwrap();
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.0").unwrap();
+        // Nobody held the old card: the same minors.
+        assert_eq!(gpu(&k).0, strings(&["card1", "renderD129"]));
+
+        // A process keeps card1 open through the round trip: DRM hot-unplug lets nvidia
+        // unbind, the node goes at once (its fd reads "(deleted)"), but the minor stays
+        // taken, so the card comes back as card2 — the real kernel's card0 → card1.
+        let holder = Opener::new(&k.sim().dev().join("dri/card1"));
+        round_trip(&mut k, "nvidia");
+        assert_eq!(
+            gpu(&k),
+            (
+                strings(&["card2", "renderD129"]),
+                strings(&["card0", "card2", "renderD128", "renderD129"]),
+                card(2)
+            )
+        );
+        // Its last holder gone, the minor is free again: the next return takes card1.
+        drop(holder);
+        round_trip(&mut k, "nvidia");
+        assert_eq!(gpu(&k).0, strings(&["card1", "renderD129"]));
+        assert_eq!(gpu(&k).2, card(1));
+    }
+
+    #[test]
+    fn class_devices_follow_remove_rescan_and_rmmod() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut k = kernel(tmp.path());
+        let audio = RTX_3090_TI.with_function(1);
+        write(&mut k, "bus/pci/devices/0000:00:01.0/remove", "1").unwrap();
+        assert_eq!(class_of(&k, RTX_3090_TI).1, strings(&["card0", "renderD128"]));
+        assert_eq!(class_of(&k, audio).2, Vec::<String>::new());
+        write(&mut k, "bus/pci/rescan", "1").unwrap();
+        assert_eq!(class_of(&k, RTX_3090_TI).0, strings(&["card1", "renderD129"]));
+        assert!(class_of(&k, audio).2.contains(&"controlC1".to_owned()));
+        k.unload_driver("snd_hda_intel").unwrap();
+        assert_eq!(
+            class_of(&k, audio),
+            (
+                vec![],
+                strings(&["card0", "card1", "renderD128", "renderD129"]),
+                vec![],
+                None
+            )
+        );
+        k.load_driver("snd_hda_intel").unwrap();
+        assert_eq!(class_of(&k, audio).0[0], "card1");
+    }
+
+    #[test]
+    fn a_sound_unbind_disconnects_the_card_then_waits_for_its_holders() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut k = kernel(tmp.path());
+        let audio = RTX_3090_TI.with_function(1);
+        let nodes = strings(&["controlC1", "hwC1D0", "pcmC1D3p", "pcmC1D7p"]);
+        assert_eq!(class_of(&k, audio).2, nodes);
+
+        // Nothing holds it: the unbind returns, the card and its nodes are gone; back home
+        // it is card1 again.
+        write(&mut k, "bus/pci/drivers/snd_hda_intel/unbind", "0000:01:00.1").unwrap();
+        assert_eq!(
+            class_of(&k, audio),
+            (
+                vec![],
+                strings(&["card0", "card1", "renderD128", "renderD129"]),
+                vec![],
+                None
+            )
+        );
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.1").unwrap();
+        assert_eq!(class_of(&k, audio).2, nodes);
+
+        // A process has controlC1 open: the card is disconnected at once (its nodes go),
+        // and the unbind waits, holding the device lock, until the holder closes it.
+        let holder = Opener::new(&k.sim().dev().join("snd/controlC1"));
+        let Outcome::Hung(id) = k.write(Path::new("bus/pci/drivers/snd_hda_intel/unbind"), b"0000:01:00.1")
+        else {
+            panic!("the unbind should wait for the holder of controlC1");
+        };
+        assert_eq!(class_of(&k, audio).2, Vec::<String>::new(), "disconnected first");
+        assert_eq!(k.driver(audio), None, "the driver link is already gone");
+        assert_eq!(
+            k.read_waits_for(Path::new("bus/pci/devices/0000:01:00.1/driver_override")),
+            Some(audio)
+        );
+        // drivers_probe meanwhile: returns at once and binds nothing, as on the kernel.
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.1").unwrap();
+        assert_eq!(k.driver(audio), None);
+        k.nodes_changed();
+        assert_eq!(k.hung(), vec![id], "still held");
+        drop(holder);
+        k.nodes_changed();
+        assert_eq!(k.hung(), Vec::<HangId>::new());
+        assert_eq!(k.take_finished(), vec![(id, Ok(()))]);
+        assert_eq!(
+            k.driver(audio),
+            None,
+            "stays unbound, as after the kernel's hung unbind"
+        );
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.1").unwrap();
+        assert_eq!(k.driver(audio).as_deref(), Some("snd_hda_intel"));
+        assert_eq!(
+            class_of(&k, audio).2,
+            nodes,
+            "its holder gone, card1 is free again"
+        );
+    }
+
+    #[test]
+    fn the_vfio_group_node_is_there_while_any_function_of_the_group_is_on_vfio_pci() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut k = kernel(tmp.path());
+        let group = k.sim().dev().join("vfio/13");
+        assert!(
+            k.sim().dev().join("vfio/vfio").exists(),
+            "vfio-pci registered: the container"
+        );
+        assert!(!group.exists());
+        write(&mut k, &format!("{GPU}/driver_override"), "vfio-pci").unwrap();
+        write(&mut k, "bus/pci/drivers/nvidia/unbind", "0000:01:00.0").unwrap();
+        assert!(!group.exists(), "unbound is not on vfio-pci");
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.0").unwrap();
+        assert!(
+            group.exists(),
+            "one function of group 13 on vfio-pci: the group's node"
+        );
+        write(&mut k, "bus/pci/drivers/vfio-pci/unbind", "0000:01:00.0").unwrap();
+        assert!(!group.exists(), "the last one left");
+    }
 
     #[test]
     fn override_unbind_probe_moves_gpu_to_vfio_and_back() {
