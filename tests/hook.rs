@@ -1042,7 +1042,10 @@ fn a_card_held_through_a_handoff_comes_back_as_card2_and_status_and_blockers_fin
     let r = m.hook("win11", "prepare", "begin", &xml);
     assert_eq!(r.code, 0, "{}", r.stderr);
     m.sim.assert_on_vfio();
-    assert!(!m.sim.dev("dri/card1").exists(), "the card's node went with nvidia");
+    assert!(
+        !m.sim.dev("dri/card1").exists(),
+        "the card's node went with nvidia"
+    );
     let r = m.hook("win11", "release", "end", &xml);
     assert_eq!((r.code, r.stderr.as_str()), (0, ""));
     m.sim.assert_home();
@@ -1076,7 +1079,11 @@ fn a_card_held_through_a_handoff_comes_back_as_card2_and_status_and_blockers_fin
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "blockers exits 1 while card2 is held:\n{text}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "blockers exits 1 while card2 is held:\n{text}"
+    );
     assert!(
         text.contains(&format!("(pid {}", holder.pid())) && text.contains("dri/card2"),
         "{text}"

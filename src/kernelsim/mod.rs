@@ -44,23 +44,60 @@
 //! the devices before the locked one, and `modprobe` skips a locked device instead of
 //! waiting for it.
 //!
+//! What it models of `/dev` (`Kernel::sync_class_devices`): a function's class
+//! devices — DRM's `<dev>/drm/card<n>` and `renderD<n>` with `/dev/dri/…` and udev's
+//! `by-path` links, ALSA's `<dev>/sound/card<n>` with `/dev/snd/controlC<n>`, `hwC<n>D0`,
+//! `pcmC<n>D…` — exist while the driver the kernel has for it (`dev->driver`) is not
+//! vfio-pci, and are removed when it unbinds; the rebound driver registers new ones with
+//! the lowest free numbers. A removed node goes at once even when a process has it open
+//! (devtmpfs; the holder keeps its fd, which reads `… (deleted)`), but its number stays
+//! taken until the last holder closes it (`drm_minor_free` runs with the last reference),
+//! so a card held through a handoff comes back under the next index. An unbind from the
+//! driver of a function with a sound card disconnects the card at once and then waits,
+//! holding the device lock like a hung write, until no process has one of its nodes open
+//! (`snd_card_free` in snd_hda_intel's `remove`); it ends by itself when the last one
+//! closes. A DRM driver's unbind does not wait (DRM hot-unplug). `/dev/vfio/<group>` exists
+//! while any function of the group is on vfio-pci (vfio adds the group's cdev with its
+//! first device, before the group is viable) and `/dev/vfio/vfio` once vfio-pci is
+//! registered.
+//!
+//! Which removed nodes are still open the simulator learns from the file system, not from
+//! `/proc`: it puts an inotify watch on a node just before removing it, and the node's
+//! inode reports `IN_DELETE_SELF` once its last opener closes it (see `nodes.rs`). Reading
+//! `/proc/<pid>/fd` inside the FUSE handler deadlocked against a write of the same process
+//! stuck in this mount; a non-blocking inotify read cannot wait for anything. A mount polls
+//! the queue on a thread of its own to end the sound unbinds (`tests/kernelsim.rs` has a
+//! DRM round trip with the card open and a hung write in the same process).
+//!
 //! Checked against a real kernel (Debian's 6.1 in QEMU, `tests/real_kernel.rs`, scenarios
 //! in `docs/real-kernel.md`), the simulator agrees on: a hung unbind's `driver` link is
 //! already gone while its writer is in D state, and the function stays unbound once the
 //! holder goes; a read of that device's `driver_override` blocks meanwhile; `drivers_probe`
 //! for it returns success at once and binds nothing; a cleared or never-set
-//! `driver_override` reads `(null)`; bind/unbind uevents carry `DRIVER=` on bind only.
+//! `driver_override` reads `(null)`; bind/unbind uevents carry `DRIVER=` on bind only; a
+//! card held through a handoff comes back under the next index (card0 → card1 there, card1
+//! → card2 on the simulated workstation, whose iGPU is card0) and its node is gone while
+//! it is away; snd_hda_intel's unbind waits while its control node is open, with the card's
+//! nodes already gone; the group's node appears with its first function on vfio-pci.
 //! Where it still differs from that kernel (none of it changes what handoff decides, which
 //! reads the `driver` link and the class directories as they are when it looks):
-//! - device nodes are laid out once and stay: the kernel removes a function's class
-//!   devices (`<dev>/drm/card0`, `sound/card0`, `/dev/dri/card0`, `/dev/snd/*`) when its
-//!   driver unbinds, and the rebound driver registers new ones with the lowest free minor —
-//!   `card1`, not `card0`, while a process still has the old card open (DRM hot-unplug
-//!   lets bochs-drm or nvidia-drm unbind with its node open; snd_hda_intel's unbind waits);
-//! - `/dev/vfio/<group>` and `/dev/vfio/vfio` are not created when vfio-pci binds, and
-//!   vfio-pci's own unbind never waits for an open VFIO device fd (the kernel's does);
-//! - which drivers hang is whatever the test says: on the kernel, the driver's `remove`
-//!   decides (snd_hda_intel waits for its control node, bochs-drm does not).
+//! - a process holding a node through another name of the same file (a hard link, the
+//!   simulator's stand-in for a second `mknod` of the same numbers) holds it for as long as
+//!   that name exists, open or not; the kernel counts only opens;
+//! - which drivers wait in their unbind is decided by class: any sound driver waits for its
+//!   card's holders, no DRM driver does; nvidia.ko's own `remove` (with `/dev/nvidia*`
+//!   open) hangs only where a test says so (`hang unbind <bdf> nvidia`), and a rule-hung
+//!   unbind keeps its class devices until it is released;
+//! - a sound function's `remove` (PCI remove) and `rmmod` of its driver do not wait for its
+//!   holders; i2c adapters, framebuffers (`graphics/fb<n>`) and the NVIDIA nodes are laid
+//!   out once and stay;
+//! - vfio-pci's own unbind never waits for an open VFIO device fd (the kernel's does:
+//!   `vfio_unregister_group_dev` waits for the device's users). A test process cannot open
+//!   a VFIO device fd here (that takes the group's `VFIO_GROUP_GET_DEVICE_FD` ioctl on a
+//!   real group), and the group node alone does not make the kernel wait (see
+//!   `docs/real-kernel.md`), so a test that wants that hang says so with a hang rule;
+//! - ALSA card numbers are taken from the spec's number up (the workstation's onboard
+//!   audio, card0, is not simulated); DRM minors from 0 and 128.
 //!
 //! What the kernel does, and this copies (drivers/base/bus.c, drivers/pci/pci-driver.c):
 //! - `driver_override`: the value up to the first newline; empty clears it (`(null)`).
@@ -793,7 +830,7 @@ impl Kernel {
     }
 
     /// Let sound unbinds that wait for the holders of their card's nodes finish once no
-    /// process has any of them open (see [`Kernel::disconnect_sound`]). Called after every
+    /// process has any of them open (see `Kernel::disconnect_sound`). Called after every
     /// write; a mount also calls it when [`Kernel::node_events`] becomes readable.
     pub fn nodes_changed(&mut self) {
         // Always read the queue, so that a poller is not woken again for the same events.
