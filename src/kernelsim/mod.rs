@@ -16,7 +16,7 @@
 //! `device_release_driver_internal` → `__device_release_driver`):
 //! - it holds its device's lock (`device_lock`): every later write that needs that lock
 //!   blocks its writer too, until the hung write ends, and then they run in arrival order
-//!   (see [`Kernel::precheck`] for which writes need it: `driver_override`, `bind`,
+//!   (see `Kernel::precheck` for which writes need it: `driver_override`, `bind`,
 //!   `unbind` through the same driver, `remove`, a matching `new_id`; not `drivers_probe`,
 //!   which sees `dev->driver` still set and returns at once having done nothing);
 //! - a hung unbind has already run `driver_sysfs_remove`: the device's `driver` link, the
