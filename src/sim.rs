@@ -288,7 +288,7 @@ impl SimHost {
     }
 
     /// Add one function (and link it to `func.driver`). Also how a rescan brings a removed
-    /// function back; `/dev` nodes and links left from before are reused.
+    /// function back.
     pub(crate) fn add_function(&self, spec: &SimSpec, func: &SimFunction) -> io::Result<()> {
         let sys = self.sysfs();
         let rel = Self::device_rel(spec, func);
@@ -345,42 +345,14 @@ impl SimHost {
             Path::new("../../..").join(&rel),
             sys.join("bus/pci/devices").join(&a),
         )?;
-        if let Some((card, render)) = func.drm {
-            for (name, minor) in [
-                (format!("card{card}"), card),
-                (format!("renderD{render}"), render),
-            ] {
-                let d = dir.join("drm").join(&name);
-                fs::create_dir_all(&d)?;
-                fs::write(d.join("dev"), format!("226:{minor}\n"))?;
-                fs::write(
-                    d.join("uevent"),
-                    format!("MAJOR=226\nMINOR={minor}\nDEVNAME=dri/{name}\n"),
-                )?;
-                mknod(&self.dev().join("dri").join(&name))?;
+        // Class devices exist while the function is on the driver that registers them
+        // (not vfio-pci, not unbound); [`crate::kernelsim`] keeps them so afterwards.
+        if func.driver.as_deref().is_some_and(registers_class_devices) {
+            if let Some((card, render)) = func.drm {
+                self.drm_register(func.address, card, render)?;
             }
-            let by_path = self.dev().join("dri/by-path");
-            fs::create_dir_all(&by_path)?;
-            symlink_again(format!("../card{card}"), by_path.join(format!("pci-{a}-card")))?;
-            symlink_again(
-                format!("../renderD{render}"),
-                by_path.join(format!("pci-{a}-render")),
-            )?;
-        }
-        if let Some(card) = func.sound_card {
-            let snd = self.dev().join("snd");
-            fs::create_dir_all(&snd)?;
-            for name in [
-                format!("controlC{card}"),
-                format!("hwC{card}D0"),
-                format!("pcmC{card}D3p"),
-                format!("pcmC{card}D7p"),
-            ] {
-                let d = dir.join("sound").join(format!("card{card}")).join(&name);
-                fs::create_dir_all(&d)?;
-                fs::write(d.join("dev"), "116:1\n")?;
-                fs::write(d.join("uevent"), format!("DEVNAME=snd/{name}\n"))?;
-                mknod(&snd.join(&name))?;
+            if let Some(card) = func.sound_card {
+                self.sound_register(func.address, card)?;
             }
         }
         for bus in &func.i2c {
@@ -502,6 +474,139 @@ impl SimHost {
         }
     }
 
+    /// The DRM minors `(card, render)` of `address`'s registered class devices
+    /// (`<device>/drm/card<n>`, `renderD<n>`), None when its DRM driver has none.
+    pub fn drm_minors(&self, address: PciAddress) -> Option<(u32, u32)> {
+        let names = dir_entries(&self.device_dir(address).join("drm"));
+        let minor = |prefix: &str| {
+            names
+                .iter()
+                .find_map(|n| n.strip_prefix(prefix).and_then(|m| m.parse().ok()))
+        };
+        Some((minor("card")?, minor("renderD")?))
+    }
+
+    /// The DRM driver of `address` bound: its class devices `<device>/drm/card<card>` and
+    /// `renderD<render>`, their nodes under `/dev/dri` and udev's `by-path` links.
+    /// Returns the nodes.
+    pub fn drm_register(&self, address: PciAddress, card: u32, render: u32) -> io::Result<Vec<PathBuf>> {
+        let dir = self.device_dir(address);
+        let dri = self.dev().join("dri");
+        let mut nodes = Vec::new();
+        for (name, minor) in [
+            (format!("card{card}"), card),
+            (format!("renderD{render}"), render),
+        ] {
+            let d = dir.join("drm").join(&name);
+            fs::create_dir_all(&d)?;
+            fs::write(d.join("dev"), format!("226:{minor}\n"))?;
+            fs::write(
+                d.join("uevent"),
+                format!("MAJOR=226\nMINOR={minor}\nDEVNAME=dri/{name}\n"),
+            )?;
+            mknod(&dri.join(&name))?;
+            nodes.push(dri.join(&name));
+        }
+        let by_path = dri.join("by-path");
+        fs::create_dir_all(&by_path)?;
+        for (kind, target) in [
+            ("card", format!("../card{card}")),
+            ("render", format!("../renderD{render}")),
+        ] {
+            let link = by_path.join(format!("pci-{address}-{kind}"));
+            let _ = fs::remove_file(&link);
+            symlink(target, link)?;
+        }
+        Ok(nodes)
+    }
+
+    /// The DRM driver of `address` unbound: its class devices, their `/dev/dri` nodes and
+    /// udev's `by-path` links go (`drm_dev_unregister`; devtmpfs removes a node even while
+    /// a process has it open — that process keeps its fd, whose link reads `… (deleted)`).
+    /// Returns the nodes removed.
+    pub fn drm_unregister(&self, address: PciAddress) -> io::Result<Vec<PathBuf>> {
+        let drm = self.device_dir(address).join("drm");
+        let mut nodes = Vec::new();
+        for name in dir_entries(&drm) {
+            let node = self.dev().join("dri").join(&name);
+            if fs::remove_file(&node).is_ok() {
+                nodes.push(node);
+            }
+            fs::remove_dir_all(drm.join(&name))?;
+        }
+        let _ = fs::remove_dir(&drm);
+        let by_path = self.dev().join("dri/by-path");
+        for kind in ["card", "render"] {
+            let _ = fs::remove_file(by_path.join(format!("pci-{address}-{kind}")));
+        }
+        Ok(nodes)
+    }
+
+    /// The `/dev` nodes of `address`'s registered class devices: `(DRM, sound)`.
+    pub fn class_nodes(&self, address: PciAddress) -> (Vec<PathBuf>, Vec<PathBuf>) {
+        let dir = self.device_dir(address);
+        let drm = dir_entries(&dir.join("drm"))
+            .into_iter()
+            .map(|n| self.dev().join("dri").join(n))
+            .collect();
+        let mut sound = Vec::new();
+        for card in dir_entries(&dir.join("sound")) {
+            for name in dir_entries(&dir.join("sound").join(card)) {
+                sound.push(self.dev().join("snd").join(name));
+            }
+        }
+        (drm, sound)
+    }
+
+    /// The ALSA card number of `address`'s registered sound card (`<device>/sound/card<n>`).
+    pub fn sound_card(&self, address: PciAddress) -> Option<u32> {
+        dir_entries(&self.device_dir(address).join("sound"))
+            .iter()
+            .find_map(|n| n.strip_prefix("card").and_then(|c| c.parse().ok()))
+    }
+
+    /// The sound driver of `address` registered ALSA card `card`: `<device>/sound/card<n>`
+    /// with its control, hwdep and PCM devices, and their nodes under `/dev/snd`. Returns
+    /// the nodes.
+    pub fn sound_register(&self, address: PciAddress, card: u32) -> io::Result<Vec<PathBuf>> {
+        let snd = self.dev().join("snd");
+        fs::create_dir_all(&snd)?;
+        let dir = self.device_dir(address).join("sound").join(format!("card{card}"));
+        let mut nodes = Vec::new();
+        for name in [
+            format!("controlC{card}"),
+            format!("hwC{card}D0"),
+            format!("pcmC{card}D3p"),
+            format!("pcmC{card}D7p"),
+        ] {
+            let d = dir.join(&name);
+            fs::create_dir_all(&d)?;
+            fs::write(d.join("dev"), "116:1\n")?;
+            fs::write(d.join("uevent"), format!("DEVNAME=snd/{name}\n"))?;
+            mknod(&snd.join(&name))?;
+            nodes.push(snd.join(&name));
+        }
+        Ok(nodes)
+    }
+
+    /// The sound card of `address` disconnected (`snd_card_disconnect`): its class devices
+    /// and `/dev/snd` nodes go. Returns the nodes removed.
+    pub fn sound_unregister(&self, address: PciAddress) -> io::Result<Vec<PathBuf>> {
+        let sound = self.device_dir(address).join("sound");
+        let mut nodes = Vec::new();
+        for card in dir_entries(&sound) {
+            for name in dir_entries(&sound.join(&card)) {
+                let node = self.dev().join("snd").join(&name);
+                if fs::remove_file(&node).is_ok() {
+                    nodes.push(node);
+                }
+            }
+            fs::remove_dir_all(sound.join(&card))?;
+        }
+        let _ = fs::remove_dir(&sound);
+        Ok(nodes)
+    }
+
     /// A framebuffer device of `address`, as DRM's fbdev emulation registers it
     /// (`<device>/graphics/fb<n>` with its `dev`, and the node `/dev/fb<n>`). Returns the
     /// node's path.
@@ -541,12 +646,22 @@ impl SimHost {
     }
 }
 
-/// `symlink`, where a link left from before (a removed function coming back) is fine.
-fn symlink_again(target: impl AsRef<Path>, link: impl AsRef<Path>) -> io::Result<()> {
-    match symlink(target, link) {
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        other => other,
-    }
+/// Whether a function bound to `driver` has the class devices (DRM, sound) its spec gives
+/// it: every driver but vfio-pci, which registers none.
+pub fn registers_class_devices(driver: &str) -> bool {
+    driver != "vfio-pci"
+}
+
+/// The names in a directory, sorted (none when it cannot be read).
+fn dir_entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
 }
 
 /// A character device 1:3 when we may make one, else a plain file.

@@ -1026,3 +1026,67 @@ fn a_function_the_host_driver_refuses_goes_back_to_vfio_instead_of_staying_drive
     handoff::bind::return_to_host(&host, addr(GPU), "nvidia", Duration::from_secs(1), &mut |_| {}).unwrap();
     m.sim.assert_home();
 }
+
+/// The real kernel's DRM hot-unplug (docs/real-kernel.md, "a new card index"): a card held
+/// through a handoff by a process the scan cannot see comes back under the next index, and
+/// the surfaces follow `<dev>/drm/cardN` to find a holder of the new node.
+#[test]
+fn a_card_held_through_a_handoff_comes_back_as_card2_and_status_and_blockers_find_its_holder() {
+    let Some(m) = machine() else { return };
+    let xml = fixture("win11.xml");
+    // card1 opened through another name of the same node (like the guest's own mknod of
+    // 226:0): the scan matches nodes by path and inode name, so it does not see it.
+    let hidden = m.sim.tmp.path().join("hidden-card");
+    fs::hard_link(m.sim.dev("dri/card1"), &hidden).unwrap();
+    let unseen = hold(&hidden);
+    let r = m.hook("win11", "prepare", "begin", &xml);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    m.sim.assert_on_vfio();
+    assert!(
+        !m.sim.dev("dri/card1").exists(),
+        "the card's node went with nvidia"
+    );
+    let r = m.hook("win11", "release", "end", &xml);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""));
+    m.sim.assert_home();
+    let drm: Vec<String> = {
+        let mut v: Vec<String> = fs::read_dir(m.sim.device(GPU).join("drm"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(drm, ["card2", "renderD129"], "card1's minor is still taken");
+
+    let holder = hold(&m.sim.dev("dri/card2"));
+    let cfg = handoff::config::Config::load_file(&m.config).unwrap();
+    let status = handoff::status::collect(&cfg, &mut |vm| {
+        handoff::status::VmStatus::new(vm, handoff::status::VmState::Shutoff, None)
+    })
+    .unwrap();
+    let json = serde_json::to_value(&status).unwrap();
+    let blockers = json["gpu"]["blockers"].as_array().unwrap();
+    let b = blockers
+        .iter()
+        .find(|b| b["pid"] == holder.pid())
+        .unwrap_or_else(|| panic!("status lists the holder of card2: {json}"));
+    assert_eq!(b["paths"][0], m.sim.dev("dri/card2").display().to_string(), "{b}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .arg("blockers")
+        .env("HANDOFF_CONFIG", &m.config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "blockers exits 1 while card2 is held:\n{text}"
+    );
+    assert!(
+        text.contains(&format!("(pid {}", holder.pid())) && text.contains("dri/card2"),
+        "{text}"
+    );
+    assert!(!text.contains(&format!("(pid {}", unseen.pid())), "{text}");
+}

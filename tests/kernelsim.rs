@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use handoff::kernelsim::{Errno, FaultRule, FileKind, Release, WriteResult, read_log, send_command};
 use handoff::sim::SimSpec;
-use handoff_test_support::simgpu::{Sim, mount, workstation};
+use handoff_test_support::simgpu::{AUDIO, Sim, USB, mount, workstation};
 
 fn write(path: impl AsRef<Path>, value: &str) -> io::Result<()> {
     fs::write(path, value)
@@ -416,4 +416,129 @@ fn the_mount_goes_away_on_drop_even_when_a_test_panics() {
     assert!(r.is_err());
     assert!(!is_mounted(&path), "{} is still mounted", path.display());
     assert!(!root.exists(), "the temp dir should be gone with the mount");
+}
+
+/// Run `f` on a thread and return what it returns, or None if it has not returned after
+/// `timeout`: a deadlock fails the test instead of hanging it (the thread is left behind).
+fn within<T: Send + 'static>(timeout: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(timeout).ok()
+}
+
+/// The names in a directory, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The proof that the simulator's DRM lifecycle cannot deadlock the way its first version
+/// did (it read /proc inside the FUSE handler while a thread of the same process was stuck
+/// in a write to the mount): here a write of this very process hangs in the mount, this
+/// process has the GPU's card open, and the GPU goes to vfio-pci and back.
+#[test]
+fn a_drm_rebind_with_the_card_open_and_a_hung_write_in_this_process_does_not_block() {
+    let Some(sim) = workstation() else { return };
+    let sys = sim.sys().to_owned();
+    sim.mount
+        .inject(FaultRule::hang(FileKind::Unbind).device(USB.parse().unwrap()));
+    let hung = {
+        let p = sys.join("bus/pci/drivers/xhci_hcd/unbind");
+        std::thread::spawn(move || fs::write(p, USB))
+    };
+    assert!(
+        sim.mount.wait_for_hung(1, Duration::from_secs(5)),
+        "the USB unbind never arrived"
+    );
+    // DRM hot-unplug: the DRM driver's unbind does not wait for the card's holders.
+    let card = fs::File::open(sim.dev("dri/card1")).unwrap();
+    let over = format!("bus/pci/devices/{GPU}/driver_override");
+    let steps = [
+        (over.clone(), "vfio-pci"),
+        ("bus/pci/drivers/nvidia/unbind".to_owned(), GPU),
+        ("bus/pci/drivers_probe".to_owned(), GPU),
+        (over, "\n"),
+        ("bus/pci/drivers/vfio-pci/unbind".to_owned(), GPU),
+        ("bus/pci/drivers_probe".to_owned(), GPU),
+    ];
+    let root = sys.clone();
+    let done = within(Duration::from_secs(20), move || {
+        for (file, value) in steps {
+            fs::write(root.join(&file), value).map_err(|e| format!("{file}: {e}"))?;
+        }
+        Ok::<(), String>(())
+    });
+    assert_eq!(done, Some(Ok(())), "the round trip returned");
+    assert_eq!(sim.driver(GPU).as_deref(), Some("nvidia"));
+    // card1 is still open here: its node is gone, its minor taken, the card is card2.
+    assert_eq!(names(&sim.device(GPU).join("drm")), ["card2", "renderD129"]);
+    assert!(!sim.dev("dri/card1").exists());
+    assert!(sim.dev("dri/card2").exists());
+    assert_eq!(
+        fs::read_link(sim.dev("dri/by-path/pci-0000:01:00.0-card")).unwrap(),
+        Path::new("../card2")
+    );
+    drop(card);
+    sim.mount.release(Release::Complete);
+    hung.join().unwrap().unwrap();
+    assert_eq!(sim.driver(USB), None);
+}
+
+/// snd_hda_intel's unbind on the real kernel: the card is disconnected at once, then the
+/// writer waits, unkillable, until the last holder of a node of that card closes it. Holder
+/// and writer are in this process, as in the deadlock above.
+#[test]
+fn a_sound_unbind_waits_for_the_holder_of_its_control_node_and_ends_when_it_closes() {
+    let Some(sim) = workstation() else { return };
+    let sys = sim.sys().to_owned();
+    let control = fs::File::open(sim.dev("snd/controlC1")).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = {
+        let p = sys.join("bus/pci/drivers/snd_hda_intel/unbind");
+        std::thread::spawn(move || {
+            let r = fs::write(p, AUDIO);
+            let _ = tx.send(());
+            r
+        })
+    };
+    assert!(
+        sim.mount.wait_for_hung(1, Duration::from_secs(5)),
+        "the unbind waits for controlC1's holder"
+    );
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "its writer is blocked"
+    );
+    assert!(!sim.dev("snd/controlC1").exists(), "disconnected first");
+    assert!(names(&sim.device(AUDIO).join("sound")).is_empty());
+    assert_eq!(sim.driver(AUDIO), None);
+    // The rest of the GPU keeps working meanwhile (a DRM round trip of the same process).
+    write(
+        sys.join(format!("bus/pci/devices/{GPU}/driver_override")),
+        "vfio-pci",
+    )
+    .unwrap();
+    write(sys.join("bus/pci/drivers/nvidia/unbind"), GPU).unwrap();
+    write(sys.join("bus/pci/drivers_probe"), GPU).unwrap();
+    assert_eq!(sim.driver(GPU).as_deref(), Some("vfio-pci"));
+
+    drop(control);
+    assert!(
+        rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "the unbind ends once its holder closed the node"
+    );
+    writer.join().unwrap().unwrap();
+    assert!(sim.mount.hung().is_empty());
+    assert_eq!(sim.driver(AUDIO), None, "no re-probe after an unbind");
+    write(sys.join("bus/pci/drivers_probe"), AUDIO).unwrap();
+    assert_eq!(sim.driver(AUDIO).as_deref(), Some("snd_hda_intel"));
+    assert!(sim.dev("snd/controlC1").exists(), "the card is back as card1");
 }

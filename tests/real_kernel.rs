@@ -199,6 +199,9 @@ fn a_card_held_through_the_handoff_comes_back_as_card1_and_its_holder_is_still_f
     let c = t.cmd("hotunplug.prepare");
     assert_eq!(c.rc, 0, "{}", c.text());
     assert_eq!(t.fact("hotunplug.prepared.driver0"), "vfio-pci");
+    // The held card's node went at the unbind all the same (devtmpfs removes it with the
+    // class device); only its minor stays taken. The simulator does the same.
+    assert_eq!(t.fact("hotunplug.prepared.dri"), "");
     assert_eq!(t.cmd("hotunplug.release").rc, 0);
     assert_eq!(t.fact("hotunplug.released.driver0"), "bochs-drm");
     assert_eq!(t.fact("hotunplug.card"), "card1");
@@ -246,8 +249,15 @@ fn watchdog_returns_from_a_real_hung_unbind_and_rebind_brings_the_gpu_home() {
         record.contains(r#""phase":"stuck""#) || record.contains(r#""phase": "stuck""#),
         "{record}"
     );
-    // The graphics function was rolled back; the audio one is mid-unbind in the kernel.
+    // The graphics function was rolled back; the audio one is mid-unbind in the kernel,
+    // its card already disconnected (`snd_card_free` removes the card's devices, then
+    // waits for their holders): no controlC0 while the writer waits.
     assert_eq!(t.fact("hang.after.driver0"), "bochs-drm");
+    assert!(
+        !t.fact("hang.after.snd").contains("controlC0"),
+        "{}",
+        t.fact("hang.after.snd")
+    );
     // While the unbind holds the device lock, reading driver_override blocks, and a
     // drivers_probe returns success at once and does nothing.
     assert_eq!(t.fact("hang.override1"), "blocked");
@@ -423,5 +433,24 @@ fn a_guest_that_overruns_its_deadline_is_killed_and_reaped() {
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
         "QEMU (pid {pid}) still exists after boot returned"
+    );
+}
+
+#[test]
+fn one_function_on_vfio_pci_already_has_the_group_node_and_a_free_card_returns_as_card0() {
+    let Some(t) = guest() else { return };
+    // vfio creates the group's node with the group's first device on vfio-pci, before the
+    // group is viable (its other function is still on snd_hda_intel).
+    assert_eq!(t.fact("partial.one.driver0"), "vfio-pci");
+    assert_eq!(t.fact("partial.one.driver1"), "snd_hda_intel");
+    assert_eq!(t.fact("partial.one.vfio"), "3");
+    assert_eq!(t.fact("partial.drm"), "", "no DRM class devices on vfio-pci");
+    // Back home with nothing holding any old card: the lowest free index, card0.
+    assert_eq!(t.fact("partial.home.driver0"), "bochs-drm");
+    assert_eq!(t.fact("partial.card"), "card0");
+    assert_eq!(
+        t.fact("partial.home.vfio"),
+        "",
+        "the group's node went with its last device"
     );
 }

@@ -26,10 +26,13 @@ use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use fuser::{
@@ -451,6 +454,35 @@ pub struct SimMount {
     shared: Arc<Mutex<Shared>>,
     mountpoint: PathBuf,
     session: Option<BackgroundSession>,
+    /// The thread that ends sound unbinds once their holders close (see [`node_watcher`]).
+    watcher: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+}
+
+/// Wait for a removed device node's last holder to close it, then let the kernel finish
+/// what waited for that ([`Kernel::nodes_changed`]) and answer its writer. A `write(2)` to
+/// the mount can wait for a process that is not writing, so nothing inside a FUSE handler
+/// can wake it: this thread does, and it only polls an inotify queue and takes the same
+/// lock the handlers take (never while a handler waits on anything). Stops within 100 ms
+/// of `stop`.
+fn node_watcher(shared: Arc<Mutex<Shared>>, events: OwnedFd, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let mut fds = [PollFd::new(events.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(100u16)) {
+                Ok(n) if n > 0 => {
+                    let mut shared = lock(&shared);
+                    shared.kernel.nodes_changed();
+                    shared.settle();
+                }
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::warn!("simulated kernel: polling for closed device nodes: {e}");
+                    return;
+                }
+            }
+        }
+    })
 }
 
 impl SimMount {
@@ -458,6 +490,7 @@ impl SimMount {
     /// on a background thread.
     pub fn mount(kernel: Kernel, mountpoint: &Path) -> io::Result<SimMount> {
         let backing = kernel.sim().sysfs();
+        let events = kernel.node_events();
         let shared = Arc::new(Mutex::new(Shared {
             kernel,
             parked: HashMap::new(),
@@ -500,10 +533,15 @@ impl SimMount {
                 })?
             }
         };
+        let watcher = events.map(|fd| {
+            let stop = Arc::new(AtomicBool::new(false));
+            (stop.clone(), node_watcher(shared.clone(), fd, stop))
+        });
         Ok(SimMount {
             shared,
             mountpoint: mountpoint.to_owned(),
             session: Some(session),
+            watcher,
         })
     }
 
@@ -606,6 +644,10 @@ impl SimMount {
     }
 
     fn shutdown(&mut self) {
+        if let Some((stop, thread)) = self.watcher.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+        }
         let Some(session) = self.session.take() else {
             return;
         };

@@ -16,7 +16,7 @@
 //! `device_release_driver_internal` → `__device_release_driver`):
 //! - it holds its device's lock (`device_lock`): every later write that needs that lock
 //!   blocks its writer too, until the hung write ends, and then they run in arrival order
-//!   (see [`Kernel::precheck`] for which writes need it: `driver_override`, `bind`,
+//!   (see `Kernel::precheck` for which writes need it: `driver_override`, `bind`,
 //!   `unbind` through the same driver, `remove`, a matching `new_id`; not `drivers_probe`,
 //!   which sees `dev->driver` still set and returns at once having done nothing);
 //! - a hung unbind has already run `driver_sysfs_remove`: the device's `driver` link, the
@@ -44,23 +44,60 @@
 //! the devices before the locked one, and `modprobe` skips a locked device instead of
 //! waiting for it.
 //!
+//! What it models of `/dev` (`Kernel::sync_class_devices`): a function's class
+//! devices — DRM's `<dev>/drm/card<n>` and `renderD<n>` with `/dev/dri/…` and udev's
+//! `by-path` links, ALSA's `<dev>/sound/card<n>` with `/dev/snd/controlC<n>`, `hwC<n>D0`,
+//! `pcmC<n>D…` — exist while the driver the kernel has for it (`dev->driver`) is not
+//! vfio-pci, and are removed when it unbinds; the rebound driver registers new ones with
+//! the lowest free numbers. A removed node goes at once even when a process has it open
+//! (devtmpfs; the holder keeps its fd, which reads `… (deleted)`), but its number stays
+//! taken until the last holder closes it (`drm_minor_free` runs with the last reference),
+//! so a card held through a handoff comes back under the next index. An unbind from the
+//! driver of a function with a sound card disconnects the card at once and then waits,
+//! holding the device lock like a hung write, until no process has one of its nodes open
+//! (`snd_card_free` in snd_hda_intel's `remove`); it ends by itself when the last one
+//! closes. A DRM driver's unbind does not wait (DRM hot-unplug). `/dev/vfio/<group>` exists
+//! while any function of the group is on vfio-pci (vfio adds the group's cdev with its
+//! first device, before the group is viable) and `/dev/vfio/vfio` once vfio-pci is
+//! registered.
+//!
+//! Which removed nodes are still open the simulator learns from the file system, not from
+//! `/proc`: it puts an inotify watch on a node just before removing it, and the node's
+//! inode reports `IN_DELETE_SELF` once its last opener closes it (see `nodes.rs`). Reading
+//! `/proc/<pid>/fd` inside the FUSE handler deadlocked against a write of the same process
+//! stuck in this mount; a non-blocking inotify read cannot wait for anything. A mount polls
+//! the queue on a thread of its own to end the sound unbinds (`tests/kernelsim.rs` has a
+//! DRM round trip with the card open and a hung write in the same process).
+//!
 //! Checked against a real kernel (Debian's 6.1 in QEMU, `tests/real_kernel.rs`, scenarios
 //! in `docs/real-kernel.md`), the simulator agrees on: a hung unbind's `driver` link is
 //! already gone while its writer is in D state, and the function stays unbound once the
 //! holder goes; a read of that device's `driver_override` blocks meanwhile; `drivers_probe`
 //! for it returns success at once and binds nothing; a cleared or never-set
-//! `driver_override` reads `(null)`; bind/unbind uevents carry `DRIVER=` on bind only.
+//! `driver_override` reads `(null)`; bind/unbind uevents carry `DRIVER=` on bind only; a
+//! card held through a handoff comes back under the next index (card0 → card1 there, card1
+//! → card2 on the simulated workstation, whose iGPU is card0) and its node is gone while
+//! it is away; snd_hda_intel's unbind waits while its control node is open, with the card's
+//! nodes already gone; the group's node appears with its first function on vfio-pci.
 //! Where it still differs from that kernel (none of it changes what handoff decides, which
 //! reads the `driver` link and the class directories as they are when it looks):
-//! - device nodes are laid out once and stay: the kernel removes a function's class
-//!   devices (`<dev>/drm/card0`, `sound/card0`, `/dev/dri/card0`, `/dev/snd/*`) when its
-//!   driver unbinds, and the rebound driver registers new ones with the lowest free minor —
-//!   `card1`, not `card0`, while a process still has the old card open (DRM hot-unplug
-//!   lets bochs-drm or nvidia-drm unbind with its node open; snd_hda_intel's unbind waits);
-//! - `/dev/vfio/<group>` and `/dev/vfio/vfio` are not created when vfio-pci binds, and
-//!   vfio-pci's own unbind never waits for an open VFIO device fd (the kernel's does);
-//! - which drivers hang is whatever the test says: on the kernel, the driver's `remove`
-//!   decides (snd_hda_intel waits for its control node, bochs-drm does not).
+//! - a process holding a node through another name of the same file (a hard link, the
+//!   simulator's stand-in for a second `mknod` of the same numbers) holds it for as long as
+//!   that name exists, open or not; the kernel counts only opens;
+//! - which drivers wait in their unbind is decided by class: any sound driver waits for its
+//!   card's holders, no DRM driver does; nvidia.ko's own `remove` (with `/dev/nvidia*`
+//!   open) hangs only where a test says so (`hang unbind <bdf> nvidia`), and a rule-hung
+//!   unbind keeps its class devices until it is released;
+//! - a sound function's `remove` (PCI remove) and `rmmod` of its driver do not wait for its
+//!   holders; i2c adapters, framebuffers (`graphics/fb<n>`) and the NVIDIA nodes are laid
+//!   out once and stay;
+//! - vfio-pci's own unbind never waits for an open VFIO device fd (the kernel's does:
+//!   `vfio_unregister_group_dev` waits for the device's users). A test process cannot open
+//!   a VFIO device fd here (that takes the group's `VFIO_GROUP_GET_DEVICE_FD` ioctl on a
+//!   real group), and the group node alone does not make the kernel wait (see
+//!   `docs/real-kernel.md`), so a test that wants that hang says so with a hang rule;
+//! - ALSA card numbers are taken from the spec's number up (the workstation's onboard
+//!   audio, card0, is not simulated); DRM minors from 0 and 128.
 //!
 //! What the kernel does, and this copies (drivers/base/bus.c, drivers/pci/pci-driver.c):
 //! - `driver_override`: the value up to the first newline; empty clears it (`(null)`).
@@ -78,6 +115,7 @@
 
 #[cfg(feature = "kernel-sim")]
 pub mod fuse;
+mod nodes;
 mod uevents;
 
 use std::collections::BTreeMap;
@@ -88,7 +126,7 @@ use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
 use crate::pci::PciAddress;
-use crate::sim::{SimFunction, SimHost, SimSpec};
+use crate::sim::{SimFunction, SimHost, SimSpec, registers_class_devices};
 
 /// An error a control-file write returns, as the kernel would.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -487,6 +525,9 @@ struct HungWrite {
     /// An unbind inside the driver's `remove`: the device and the driver it still has
     /// inside the kernel (`dev->driver`), though its links are gone.
     releasing: Option<(PciAddress, String)>,
+    /// A sound card's unbind waiting for the processes that have its (already removed)
+    /// nodes open: it ends by itself once none does (see [`Kernel::nodes_changed`]).
+    until_closed: Vec<PathBuf>,
 }
 
 /// A write waiting for device locks, in arrival order.
@@ -585,6 +626,8 @@ pub struct Kernel {
     waiting: Vec<Waiting>,
     finished: Vec<(HangId, Result<(), Errno>)>,
     next_hang: HangId,
+    /// Removed device nodes some process still has open.
+    removed: nodes::RemovedNodes,
 }
 
 impl Kernel {
@@ -607,6 +650,7 @@ impl Kernel {
             waiting: Vec::new(),
             finished: Vec::new(),
             next_hang: 1,
+            removed: nodes::RemovedNodes::new(),
         }
     }
 
@@ -674,6 +718,7 @@ impl Kernel {
             self.finish(h.id, h.log_index, result);
         }
         self.run_waiting();
+        self.sync_class_devices();
         self.announce_uevents(&before);
     }
 
@@ -702,7 +747,10 @@ impl Kernel {
             let w = self.waiting.remove(i);
             if w.hang {
                 self.log[w.log_index].result = WriteResult::Hung;
-                self.start_hang(w.id, w.log_index, w.file, w.data, w.locks);
+                self.start_hang(w.id, w.log_index, w.file, w.data, w.locks, Vec::new());
+            } else if let Some(held) = self.disconnect_sound(&w.file, &w.data) {
+                self.log[w.log_index].result = WriteResult::Hung;
+                self.start_hang(w.id, w.log_index, w.file, w.data, w.locks, held);
             } else {
                 let result = self.apply_locked(&w.file, &w.data);
                 self.finish(w.id, w.log_index, result);
@@ -728,6 +776,7 @@ impl Kernel {
         file: ControlFile,
         data: Vec<u8>,
         locks: Vec<PciAddress>,
+        until_closed: Vec<PathBuf>,
     ) {
         let mut releasing = None;
         if let ControlFile::Unbind(drv) = &file
@@ -746,6 +795,7 @@ impl Kernel {
             data,
             locks,
             releasing,
+            until_closed,
         });
     }
 
@@ -779,6 +829,177 @@ impl Kernel {
         std::mem::take(&mut self.finished)
     }
 
+    /// Let sound unbinds that wait for the holders of their card's nodes finish once no
+    /// process has any of them open (see `Kernel::disconnect_sound`). Called after every
+    /// write; a mount also calls it when [`Kernel::node_events`] becomes readable.
+    pub fn nodes_changed(&mut self) {
+        // Always read the queue, so that a poller is not woken again for the same events.
+        let held = self.removed.held();
+        let done: Vec<HangId> = self
+            .hung
+            .iter()
+            .filter(|h| !h.until_closed.is_empty() && !h.until_closed.iter().any(|n| held.contains(n)))
+            .map(|h| h.id)
+            .collect();
+        for id in done {
+            self.release(Some(id), Release::Complete);
+        }
+    }
+
+    /// A descriptor that becomes readable when a removed device node's last holder closes
+    /// it: when to call [`Kernel::nodes_changed`]. None without inotify.
+    pub fn node_events(&self) -> Option<std::os::fd::OwnedFd> {
+        self.removed.fd()
+    }
+
+    /// An unbind from the driver of a function with a registered sound card does what
+    /// snd_hda_intel's `remove` does (sound/core/init.c, `snd_card_free`): disconnect the
+    /// card at once — its class devices and `/dev/snd` nodes go, and new opens fail — then
+    /// wait until every process that has one of its nodes open has closed it, in D state,
+    /// holding the device lock. Returns the nodes still open when the unbind has to wait
+    /// (the caller hangs it), None when it can go on.
+    fn disconnect_sound(&mut self, file: &ControlFile, data: &[u8]) -> Option<Vec<PathBuf>> {
+        let ControlFile::Unbind(drv) = file else {
+            return None;
+        };
+        let a = exact_bdf(&String::from_utf8_lossy(data)).filter(|a| self.is_present(*a))?;
+        if self.sim.driver(a).as_deref() != Some(drv.as_str()) || !registers_class_devices(drv) {
+            return None;
+        }
+        self.function(a)?.sound_card?;
+        self.sim.sound_card(a)?;
+        let removed = self
+            .unregister_class_devices(a, false, true)
+            .inspect_err(|e| tracing::warn!("simulated kernel: sound card of {a}: {e}"))
+            .ok()?;
+        let held = self.removed.held_of(&removed);
+        (!held.is_empty()).then_some(held)
+    }
+
+    /// Whether `a`'s sound card was disconnected by an unbind that still waits for its
+    /// holders.
+    fn disconnected(&self, a: PciAddress) -> bool {
+        self.hung
+            .iter()
+            .any(|h| !h.until_closed.is_empty() && h.releasing.as_ref().is_some_and(|(d, _)| *d == a))
+    }
+
+    /// Make every function's class devices (DRM card and render node, sound card) match the
+    /// driver the kernel has for it (`dev->driver`): registered on any driver but vfio-pci,
+    /// gone otherwise. A rebound driver gets the lowest free numbers, where a number stays
+    /// taken while a process still has its removed node open (`drm_minor_alloc` and
+    /// `drm_minor_free` in drivers/gpu/drm/drm_drv.c; DRM hot-unplug lets the driver
+    /// unbind with the node open): a card held through a handoff comes back as the next
+    /// index, as bochs-drm's card0 came back as card1 on the real kernel.
+    fn sync_class_devices(&mut self) {
+        let functions: Vec<SimFunction> = self
+            .spec
+            .functions
+            .iter()
+            .filter(|f| f.drm.is_some() || f.sound_card.is_some())
+            .cloned()
+            .collect();
+        for f in functions {
+            if let Err(e) = self.sync_class_devices_of(&f) {
+                tracing::warn!("simulated kernel: class devices of {}: {e}", f.address);
+            }
+        }
+    }
+
+    fn sync_class_devices_of(&mut self, f: &SimFunction) -> io::Result<()> {
+        let a = f.address;
+        if !self.is_present(a) {
+            return Ok(());
+        }
+        let on = self.kernel_driver(a).is_some_and(|d| registers_class_devices(&d));
+        if f.drm.is_some() {
+            match (on, self.sim.drm_minors(a)) {
+                (true, None) => {
+                    let (card, render) = self.free_drm_minors();
+                    self.sim.drm_register(a, card, render)?;
+                }
+                (false, Some(_)) => {
+                    self.unregister_class_devices(a, true, false)?;
+                }
+                _ => {}
+            }
+        }
+        if let Some(from) = f.sound_card {
+            match (on && !self.disconnected(a), self.sim.sound_card(a)) {
+                (true, None) => {
+                    let card = self.free_sound_card(from);
+                    self.sim.sound_register(a, card)?;
+                }
+                (false, Some(_)) => {
+                    self.unregister_class_devices(a, false, true)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove `a`'s DRM and/or sound class devices and their nodes, watching each node
+    /// first so that its holders keep it (and its number) taken. Returns the nodes removed.
+    fn unregister_class_devices(
+        &mut self,
+        a: PciAddress,
+        drm: bool,
+        sound: bool,
+    ) -> io::Result<Vec<PathBuf>> {
+        let (drm_nodes, sound_nodes) = self.sim.class_nodes(a);
+        let mut removed = Vec::new();
+        if drm {
+            drm_nodes.iter().for_each(|n| self.removed.watch(n));
+            removed.extend(self.sim.drm_unregister(a)?);
+        }
+        if sound {
+            sound_nodes.iter().for_each(|n| self.removed.watch(n));
+            removed.extend(self.sim.sound_unregister(a)?);
+        }
+        Ok(removed)
+    }
+
+    /// The lowest free card and render minors: no node of that name, and no removed one
+    /// that a process still has open.
+    fn free_drm_minors(&mut self) -> (u32, u32) {
+        let held = self.removed.held();
+        let dri = self.sim.dev().join("dri");
+        let free = |prefix: &str, from: u32| {
+            (from..from + 64)
+                .find(|n| {
+                    let node = dri.join(format!("{prefix}{n}"));
+                    node.symlink_metadata().is_err() && !held.contains(&node)
+                })
+                .unwrap_or(from)
+        };
+        (free("card", 0), free("renderD", 128))
+    }
+
+    /// The lowest free ALSA card number from `from` (the spec's: the workstation's onboard
+    /// audio, which the simulation leaves out, is card0): no node of that card, and no
+    /// removed one still open.
+    fn free_sound_card(&mut self, from: u32) -> u32 {
+        let held = self.removed.held();
+        let snd = self.sim.dev().join("snd");
+        let card_of = |p: &Path| -> Option<u32> {
+            let name = p.file_name()?.to_str()?;
+            let rest = ["controlC", "hwC", "pcmC", "midiC"]
+                .iter()
+                .find_map(|prefix| name.strip_prefix(prefix))?;
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        };
+        (from..from + 32)
+            .find(|n| {
+                snd.join(format!("controlC{n}")).symlink_metadata().is_err()
+                    && !held
+                        .iter()
+                        .any(|p| p.parent() == Some(snd.as_path()) && card_of(p) == Some(*n))
+            })
+            .unwrap_or(from)
+    }
+
     /// `modprobe`: register a driver, and let it take the unbound devices it matches.
     pub fn load_driver(&mut self, name: &str) -> io::Result<()> {
         if self.is_registered(name) {
@@ -796,6 +1017,7 @@ impl Kernel {
                 self.sim.set_driver(a, Some(name))?;
             }
         }
+        self.sync_class_devices();
         Ok(())
     }
 
@@ -809,6 +1031,7 @@ impl Kernel {
                 self.sim.set_driver(a, None)?;
             }
         }
+        self.sync_class_devices();
         self.drivers.retain(|d| d != name);
         self.dynids.remove(name);
         fs::remove_dir_all(self.sim.sysfs().join("bus/pci/drivers").join(name))
@@ -855,18 +1078,26 @@ impl Kernel {
                     });
                     (Outcome::Hung(id), WriteResult::Blocked)
                 } else {
-                    self.start_hang(id, log_index, file.clone(), data.to_vec(), locks);
+                    self.start_hang(id, log_index, file.clone(), data.to_vec(), locks, Vec::new());
                     (Outcome::Hung(id), WriteResult::Hung)
                 }
             }
-            Pre::Lock(_) => {
-                let before = self.uevent_snapshot();
-                let r = self.apply_locked(&file, data);
-                self.announce_uevents(&before);
-                (
-                    Outcome::Done(r),
-                    r.err().map_or(WriteResult::Ok, WriteResult::Err),
-                )
+            Pre::Lock(locks) => {
+                if let Some(held) = self.disconnect_sound(&file, data) {
+                    let id = self.next_hang;
+                    self.next_hang += 1;
+                    self.start_hang(id, log_index, file.clone(), data.to_vec(), locks, held);
+                    (Outcome::Hung(id), WriteResult::Hung)
+                } else {
+                    let before = self.uevent_snapshot();
+                    let r = self.apply_locked(&file, data);
+                    self.sync_class_devices();
+                    self.announce_uevents(&before);
+                    (
+                        Outcome::Done(r),
+                        r.err().map_or(WriteResult::Ok, WriteResult::Err),
+                    )
+                }
             }
         };
         tracing::debug!(%file, ?value, %result, "sysfs write");
@@ -876,6 +1107,7 @@ impl Kernel {
             value,
             result,
         });
+        self.nodes_changed();
         outcome
     }
 
@@ -1154,6 +1386,7 @@ impl Kernel {
             .collect();
         gone.sort_by_key(|f| std::cmp::Reverse(self.depth(*f)));
         for f in gone {
+            self.unregister_class_devices(f, true, true)?;
             self.sim.remove_function(f)?;
         }
         Ok(())
@@ -1315,6 +1548,227 @@ mod tests {
     }
 
     const GPU: &str = "bus/pci/devices/0000:01:00.0";
+
+    /// The class devices of function `a`: `(sysfs names under drm/ and sound/card*/,
+    /// /dev/dri names, /dev/snd names, by-path card target)`.
+    fn class_of(k: &Kernel, a: PciAddress) -> (Vec<String>, Vec<String>, Vec<String>, Option<PathBuf>) {
+        let names = |d: PathBuf| {
+            let mut v: Vec<String> = fs::read_dir(d)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "by-path")
+                .collect();
+            v.sort();
+            v
+        };
+        let dir = k.sim().device_dir(a);
+        let mut sysfs = names(dir.join("drm"));
+        for card in names(dir.join("sound")) {
+            sysfs.push(card.clone());
+            sysfs.extend(names(dir.join("sound").join(card)));
+        }
+        (
+            sysfs,
+            names(k.sim().dev().join("dri")),
+            names(k.sim().dev().join("snd")),
+            fs::read_link(k.sim().dev().join(format!("dri/by-path/pci-{a}-card"))).ok(),
+        )
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A child process that has `node` open (as its stdin) until dropped.
+    struct Opener(std::process::Child);
+
+    impl Opener {
+        fn new(node: &Path) -> Opener {
+            Opener(
+                std::process::Command::new("sleep")
+                    .arg("600")
+                    .stdin(fs::File::open(node).unwrap())
+                    .spawn()
+                    .unwrap(),
+            )
+        }
+    }
+
+    impl Drop for Opener {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// `GPU` to vfio-pci and back, each step through override, unbind and probe.
+    fn round_trip(k: &mut Kernel, home: &str) {
+        write(k, &format!("{GPU}/driver_override"), "vfio-pci").unwrap();
+        write(k, &format!("bus/pci/drivers/{home}/unbind"), "0000:01:00.0").unwrap();
+        write(k, "bus/pci/drivers_probe", "0000:01:00.0").unwrap();
+        assert_eq!(k.driver(RTX_3090_TI).as_deref(), Some("vfio-pci"));
+        write(k, &format!("{GPU}/driver_override"), "\n").unwrap();
+        write(k, "bus/pci/drivers/vfio-pci/unbind", "0000:01:00.0").unwrap();
+        write(k, "bus/pci/drivers_probe", "0000:01:00.0").unwrap();
+        assert_eq!(k.driver(RTX_3090_TI).as_deref(), Some(home));
+    }
+
+    #[test]
+    fn drm_nodes_go_with_the_driver_and_come_back_with_the_lowest_free_minor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut k = kernel(tmp.path());
+        let gpu = |k: &Kernel| {
+            let (sysfs, dri, _, by_path) = class_of(k, RTX_3090_TI);
+            (sysfs, dri, by_path)
+        };
+        let card = |n: u32| Some(PathBuf::from(format!("../card{n}")));
+        assert_eq!(
+            gpu(&k),
+            (
+                strings(&["card1", "renderD129"]),
+                strings(&["card0", "card1", "renderD128", "renderD129"]),
+                card(1)
+            )
+        );
+        // On vfio-pci: the card, its render node and udev's links are gone (the iGPU's stay).
+        write(&mut k, &format!("{GPU}/driver_override"), "vfio-pci").unwrap();
+        write(&mut k, "bus/pci/drivers/nvidia/unbind", "0000:01:00.0").unwrap();
+        assert_eq!(gpu(&k), (vec![], strings(&["card0", "renderD128"]), None));
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.0").unwrap();
+        assert_eq!(gpu(&k), (vec![], strings(&["card0", "renderD128"]), None));
+        write(&mut k, &format!("{GPU}/driver_override"), "\n").unwrap();
+        write(&mut k, "bus/pci/drivers/vfio-pci/unbind", "0000:01:00.0").unwrap();
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.0").unwrap();
+        // Nobody held the old card: the same minors.
+        assert_eq!(gpu(&k).0, strings(&["card1", "renderD129"]));
+
+        // A process keeps card1 open through the round trip: DRM hot-unplug lets nvidia
+        // unbind, the node goes at once (its fd reads "(deleted)"), but the minor stays
+        // taken, so the card comes back as card2 — the real kernel's card0 → card1.
+        let holder = Opener::new(&k.sim().dev().join("dri/card1"));
+        round_trip(&mut k, "nvidia");
+        assert_eq!(
+            gpu(&k),
+            (
+                strings(&["card2", "renderD129"]),
+                strings(&["card0", "card2", "renderD128", "renderD129"]),
+                card(2)
+            )
+        );
+        // Its last holder gone, the minor is free again: the next return takes card1.
+        drop(holder);
+        round_trip(&mut k, "nvidia");
+        assert_eq!(gpu(&k).0, strings(&["card1", "renderD129"]));
+        assert_eq!(gpu(&k).2, card(1));
+    }
+
+    #[test]
+    fn class_devices_follow_remove_rescan_and_rmmod() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut k = kernel(tmp.path());
+        let audio = RTX_3090_TI.with_function(1);
+        write(&mut k, "bus/pci/devices/0000:00:01.0/remove", "1").unwrap();
+        assert_eq!(class_of(&k, RTX_3090_TI).1, strings(&["card0", "renderD128"]));
+        assert_eq!(class_of(&k, audio).2, Vec::<String>::new());
+        write(&mut k, "bus/pci/rescan", "1").unwrap();
+        assert_eq!(class_of(&k, RTX_3090_TI).0, strings(&["card1", "renderD129"]));
+        assert!(class_of(&k, audio).2.contains(&"controlC1".to_owned()));
+        k.unload_driver("snd_hda_intel").unwrap();
+        assert_eq!(
+            class_of(&k, audio),
+            (
+                vec![],
+                strings(&["card0", "card1", "renderD128", "renderD129"]),
+                vec![],
+                None
+            )
+        );
+        k.load_driver("snd_hda_intel").unwrap();
+        assert_eq!(class_of(&k, audio).0[0], "card1");
+    }
+
+    #[test]
+    fn a_sound_unbind_disconnects_the_card_then_waits_for_its_holders() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut k = kernel(tmp.path());
+        let audio = RTX_3090_TI.with_function(1);
+        let nodes = strings(&["controlC1", "hwC1D0", "pcmC1D3p", "pcmC1D7p"]);
+        assert_eq!(class_of(&k, audio).2, nodes);
+
+        // Nothing holds it: the unbind returns, the card and its nodes are gone; back home
+        // it is card1 again.
+        write(&mut k, "bus/pci/drivers/snd_hda_intel/unbind", "0000:01:00.1").unwrap();
+        assert_eq!(
+            class_of(&k, audio),
+            (
+                vec![],
+                strings(&["card0", "card1", "renderD128", "renderD129"]),
+                vec![],
+                None
+            )
+        );
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.1").unwrap();
+        assert_eq!(class_of(&k, audio).2, nodes);
+
+        // A process has controlC1 open: the card is disconnected at once (its nodes go),
+        // and the unbind waits, holding the device lock, until the holder closes it.
+        let holder = Opener::new(&k.sim().dev().join("snd/controlC1"));
+        let Outcome::Hung(id) = k.write(Path::new("bus/pci/drivers/snd_hda_intel/unbind"), b"0000:01:00.1")
+        else {
+            panic!("the unbind should wait for the holder of controlC1");
+        };
+        assert_eq!(class_of(&k, audio).2, Vec::<String>::new(), "disconnected first");
+        assert_eq!(k.driver(audio), None, "the driver link is already gone");
+        assert_eq!(
+            k.read_waits_for(Path::new("bus/pci/devices/0000:01:00.1/driver_override")),
+            Some(audio)
+        );
+        // drivers_probe meanwhile: returns at once and binds nothing, as on the kernel.
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.1").unwrap();
+        assert_eq!(k.driver(audio), None);
+        k.nodes_changed();
+        assert_eq!(k.hung(), vec![id], "still held");
+        drop(holder);
+        k.nodes_changed();
+        assert_eq!(k.hung(), Vec::<HangId>::new());
+        assert_eq!(k.take_finished(), vec![(id, Ok(()))]);
+        assert_eq!(
+            k.driver(audio),
+            None,
+            "stays unbound, as after the kernel's hung unbind"
+        );
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.1").unwrap();
+        assert_eq!(k.driver(audio).as_deref(), Some("snd_hda_intel"));
+        assert_eq!(
+            class_of(&k, audio).2,
+            nodes,
+            "its holder gone, card1 is free again"
+        );
+    }
+
+    #[test]
+    fn the_vfio_group_node_is_there_while_any_function_of_the_group_is_on_vfio_pci() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut k = kernel(tmp.path());
+        let group = k.sim().dev().join("vfio/13");
+        assert!(
+            k.sim().dev().join("vfio/vfio").exists(),
+            "vfio-pci registered: the container"
+        );
+        assert!(!group.exists());
+        write(&mut k, &format!("{GPU}/driver_override"), "vfio-pci").unwrap();
+        write(&mut k, "bus/pci/drivers/nvidia/unbind", "0000:01:00.0").unwrap();
+        assert!(!group.exists(), "unbound is not on vfio-pci");
+        write(&mut k, "bus/pci/drivers_probe", "0000:01:00.0").unwrap();
+        assert!(
+            group.exists(),
+            "one function of group 13 on vfio-pci: the group's node"
+        );
+        write(&mut k, "bus/pci/drivers/vfio-pci/unbind", "0000:01:00.0").unwrap();
+        assert!(!group.exists(), "the last one left");
+    }
 
     #[test]
     fn override_unbind_probe_moves_gpu_to_vfio_and_back() {

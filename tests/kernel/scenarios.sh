@@ -210,3 +210,17 @@ kill $watch_pid $block_pid
 wait $watch_pid $block_pid 2>/dev/null
 sed 's/^/OUT watch /' /tmp/watch.log
 sed 's/^/OUT block /' /tmp/block.log
+
+# --- one function of the group on vfio-pci, the other on its host driver (after the
+# watchers stopped: no surface sees this half-way state): is the group's node there
+# already? And with nothing holding the card any more, which index does it come back as?
+echo vfio-pci >$DEV/$GPU/driver_override
+echo $GPU >$DEV/$GPU/driver/unbind
+echo $GPU >/sys/bus/pci/drivers_probe
+state partial.one
+fact partial.drm "$(ls $DEV/$GPU/drm 2>/dev/null | tr '\n' ' ')"
+echo >$DEV/$GPU/driver_override
+echo $GPU >/sys/bus/pci/drivers/vfio-pci/unbind
+echo $GPU >/sys/bus/pci/drivers_probe
+state partial.home
+fact partial.card "$(ls $DEV/$GPU/drm 2>/dev/null | grep '^card' | tr '\n' ' ')"
