@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use handoff::config::{Config, Source};
-use handoff::verdict::HookFiles;
 use handoff::{doctor, status};
 
 // The seed's command names (argv[0] dispatch) and `handoff __generate` (man pages,
@@ -42,9 +41,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Who owns the GPU, which VM runs, and what uses the GPU (also installed as `vfio-status`).
+    /// Who owns each GPU, which VM runs, and what uses each GPU (also installed as `vfio-status`).
+    ///
+    /// With several [[gpu]] entries, every GPU is shown, each with its own verdict; GPU (an
+    /// address or a [[gpu]] label) narrows it to one. --json is one object: `schema`, the
+    /// primary (or named) GPU's `gpu` and `verdict`, `vms`, and `gpus`, a list of every GPU.
     #[command(visible_alias = "vfio-status")]
-    Status(JsonFlag),
+    Status(GpuArgs),
     /// The processes that would stop a handoff now: what holds the GPU's device nodes, and
     /// what holds its VFIO group /dev/vfio/<group> (a VM's QEMU, named with its VM), which
     /// keeps it from returning to the host.
@@ -54,7 +57,10 @@ enum Command {
     /// (processes it could not inspect, an unreadable /proc or /proc/iomem, no device node of
     /// the GPU under [host] dev): a handoff would be refused then. Unprivileged, it sees your
     /// own processes only and so exits 4 unless one of them holds the GPU; as root it sees all.
-    Blockers(JsonFlag),
+    ///
+    /// With several [[gpu]] entries, every GPU is scanned (exit 1 when any is held, else 4 when
+    /// any was not wholly checked); GPU (an address or a [[gpu]] label) narrows it to one.
+    Blockers(GpuArgs),
     /// Is this host ready for passthrough, and what to fix (exit 0 ready, 1 problems found).
     Doctor(DoctorArgs),
     /// Validate or show the configuration.
@@ -313,6 +319,15 @@ struct BindArgs {
 }
 
 #[derive(Args)]
+struct GpuArgs {
+    /// Only this GPU: its address (0000:01:00.0, or 01:00.0) or its [[gpu]] label.
+    gpu: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct JsonFlag {
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -404,8 +419,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(f) => (Config::load_file(&f)?, Source::File(f)),
                 None => load_config(cli.config)?,
             };
-            println!("{source}: ok ({} VM(s), GPU {})", cfg.vms.len(), cfg.gpu.address);
-            Ok(ExitCode::SUCCESS)
+            println!("{source}: ok ({} VM(s), {})", cfg.vms.len(), cfg.gpus_summary());
+            Ok(config_check_vms(&cfg))
         }
         Command::Config(ConfigCommand::Show) => {
             let (cfg, source) = load_config(cli.config)?;
@@ -416,27 +431,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status(flags) => {
-            let (cfg, _) = load_config(cli.config)?;
-            let st = collect_status(&cfg)?;
-            let verdict = st.verdict(&HookFiles::load(&cfg.host, cfg.gpu.address));
-            if flags.json {
-                print_json(&status::Report { status: &st, verdict })?;
-            } else {
-                print!("{}", st.report_text(&verdict));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Blockers(flags) => {
-            let (cfg, _) = load_config(cli.config)?;
-            let blockers = handoff::blockers::Blockers::check(&cfg.host, cfg.gpu.address)?;
-            if flags.json {
-                print_json(&blockers.json())?;
-            } else {
-                print!("{}", blockers.render_text());
-            }
-            Ok(ExitCode::from(blockers.exit_code()))
-        }
+        Command::Status(args) => status_each(cli.config, args),
+        Command::Blockers(args) => blockers_each(cli.config, args),
         #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
         Command::Demo(a) => {
             let exe = std::env::current_exe().context("finding the handoff binary")?;
@@ -516,6 +512,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     #[allow(unused_mut)]
                     let mut extra =
                         doctor::libvirt_checks(&cfg, &mut |vm| handoff::hypervisor::vm_status(&mut *hv, vm));
+                    extra.extend(doctor::vm_definition_checks(&cfg, &mut |vm| {
+                        hv.describe(&handoff::hypervisor::VmRef::from(vm))
+                            .map(|d| d.definition)
+                            .map_err(|e| e.to_string())
+                    }));
                     #[cfg(feature = "inhibit")]
                     extra.push(handoff::inhibit::doctor_check());
                     extra
@@ -531,11 +532,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn collect_status(cfg: &Config) -> anyhow::Result<status::Status> {
-    let mut hv = handoff::hypervisor::open(cfg);
-    Ok(status::collect(cfg, &mut |vm| {
+/// `handoff status [GPU]`: every GPU (or the one named), each with its verdict.
+fn status_each(config: Option<PathBuf>, args: GpuArgs) -> anyhow::Result<ExitCode> {
+    let (cfg, _) = load_config(config)?;
+    let mut hv = handoff::hypervisor::open(&cfg);
+    let each = status::collect_each(&cfg, args.gpu.as_deref(), &mut |vm| {
         handoff::hypervisor::vm_status(&mut *hv, vm)
-    })?)
+    })?;
+    let report = status::AllReport::new(&cfg, &each).context("no GPU to show")?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", report.report_text(&each));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `handoff blockers [GPU]`: every GPU's holders (or the one named's).
+fn blockers_each(config: Option<PathBuf>, args: GpuArgs) -> anyhow::Result<ExitCode> {
+    let (cfg, _) = load_config(config)?;
+    let each = handoff::blockers::Each::check(&cfg, args.gpu.as_deref())?;
+    if args.json {
+        print_json(&each.json().context("no GPU to scan")?)?;
+    } else {
+        print!("{}", each.render_text());
+    }
+    Ok(ExitCode::from(each.exit_code()))
+}
+
+/// `config check`'s look at the VMs' definitions: devices they pass through that no
+/// [[gpu]] names, a macOS VM given an NVIDIA card it has no driver for. Printed only when
+/// there is something to say; never a failure of the check (the file itself is fine), and a
+/// VM whose definition cannot be read is passed over (`handoff doctor` reports it).
+fn config_check_vms(cfg: &Config) -> ExitCode {
+    let mut hv = handoff::hypervisor::open(cfg);
+    let checks = doctor::vm_definition_checks(cfg, &mut |vm| {
+        hv.describe(&handoff::hypervisor::VmRef::from(vm))
+            .map(|d| d.definition)
+            .map_err(|e| e.to_string())
+    });
+    print!("{}", doctor::render_checks(&checks));
+    ExitCode::SUCCESS
 }
 
 fn progress(step: &handoff::bind::plan::Step, host: &handoff::Host) {

@@ -254,7 +254,7 @@ impl HookFiles {
     /// Only the state file (cheap: the bar compares it before and after a reading).
     pub fn load_state(host: &Host, gpu: PciAddress) -> HookFiles {
         HookFiles {
-            state: HookState::load(host).filter(|s| s.gpu == gpu),
+            state: HookState::load_gpu(host, gpu),
             record: None,
         }
     }
