@@ -41,7 +41,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Who owns each GPU, which VM runs, and what uses each GPU (also installed as `vfio-status`).
+    /// Who owns the GPU (each one, when there are several), which VM runs, and what uses it (also installed as `vfio-status`).
     ///
     /// With several [[gpu]] entries, every GPU is shown, each with its own verdict; GPU (an
     /// address or a [[gpu]] label) narrows it to one. --json is one object: `schema`, the

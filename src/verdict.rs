@@ -277,6 +277,18 @@ impl HookFiles {
         Ok(())
     }
 
+    /// [`HookFiles::save`] for one of several GPUs: its state file where the hook keeps it
+    /// ([`HookState::path_for`]; the primary GPU's is `state.json`).
+    pub fn save_gpu(&self, host: &Host, primary: bool) -> std::io::Result<()> {
+        if let Some(s) = &self.state {
+            s.clone().save_gpu(host, primary)?;
+        }
+        if let Some(r) = &self.record {
+            r.save(host).map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
+
     /// The last start the hook refused.
     pub fn last_refusal(&self) -> Option<&Refusal> {
         self.state.as_ref().and_then(|s| s.last_refusal.as_ref())

@@ -235,3 +235,25 @@ fn doctor_reads_the_vms_definitions_for_unnamed_devices_macos_and_the_igpu() {
     );
     assert!(display[0].fix.as_deref().unwrap().contains("no console on a screen and no local desktop"));
 }
+
+#[test]
+fn the_two_gpu_scene_shows_the_igpu_in_the_macos_vm_and_the_rtx_on_linux() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scene = handoff::scenes::Scene::put(tmp.path(), "macOS has the iGPU").unwrap();
+    let home = tmp.path().join("home");
+    let out = Command::new(BIN)
+        .args(["status", "--json"])
+        .env("HANDOFF_CONFIG", &scene.config)
+        .env("HOME", &home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gpus = v["gpus"].as_array().unwrap();
+    assert_eq!(gpus[0]["gpu"]["address"], IGPU);
+    assert_eq!(gpus[0]["gpu"]["vm"], "test", "{}", gpus[0]);
+    assert_eq!(gpus[0]["verdict"]["state"], "in_vm", "{}", gpus[0]["verdict"]);
+    assert_eq!(gpus[1]["gpu"]["address"], RTX);
+    assert_eq!(gpus[1]["gpu"]["owner"], "host");
+    assert_eq!(gpus[1]["gpu"]["vm"], Value::Null, "the RTX is not with the macOS VM");
+}
