@@ -276,3 +276,63 @@ fn a_macos_vm_given_an_nvidia_card_newer_than_kepler_is_warned_about() {
     assert_eq!((r.code, r.stderr.as_str()), (0, ""));
     assert_eq!(m.hook("macos", "release", &domain("macos", &[IGPU], None)).code, 0);
 }
+
+#[test]
+fn a_card_that_stays_on_vfio_pci_goes_to_one_vm_at_a_time_and_is_never_rebound() {
+    // The homelab: the RTX 5070 Ti is isolated on vfio-pci from boot (host_driver
+    // "vfio-pci"); VMs 140 (Windows) and 141 (Linux AI) take turns.
+    let Some(sim) = simgpu::mount(handoff::sim::SimSpec::homelab()) else { return };
+    let etc = sim.tmp.path().join("etc");
+    fs::create_dir(&etc).unwrap();
+    let host = sim.host();
+    let config = etc.join("config.toml");
+    fs::write(
+        &config,
+        format!(
+            "[[gpu]]\naddress = \"{GPU}\"\nhost_driver = \"vfio-pci\"\nwatchdog_s = 1\n\n\
+             [[vm]]\nname = \"140\"\n\n[[vm]]\nname = \"141\"\n\n\
+             [host]\nsysfs = {:?}\nproc = \"/proc\"\ndev = {:?}\nrun = {:?}\nuninspectable_ok = {:?}\n",
+            host.sysfs.display().to_string(),
+            host.dev.display().to_string(),
+            host.run.display().to_string(),
+            host.uninspectable_ok,
+        ),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(&config, Some(0), Some(0)).unwrap();
+    fs::set_permissions(&config, fs::Permissions::from_mode(0o644)).unwrap();
+    let m = Machine { sim, config };
+    let on_vfio = |m: &Machine| {
+        for f in RTX {
+            assert_eq!(m.sim.driver(f).as_deref(), Some("vfio-pci"), "{f}");
+        }
+    };
+    let win = domain("140", &RTX, None);
+    let ai = domain("141", &RTX, None);
+
+    let r = m.hook("140", "prepare", &win);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""));
+    on_vfio(&m);
+    assert_eq!(m.record(GPU).unwrap().vm.as_deref(), Some("140"));
+    let unbinds: Vec<(String, String)> = m
+        .sim
+        .short_log()
+        .into_iter()
+        .filter(|(file, _)| file.ends_with("unbind"))
+        .collect();
+    assert_eq!(unbinds, vec![], "a card on vfio-pci is not unbound to be handed");
+
+    let r = m.hook("141", "prepare", &ai);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("it is with 140"), "{}", r.stderr);
+
+    let r = m.hook("140", "release", &win);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""));
+    on_vfio(&m);
+    assert_eq!(m.record(GPU), None, "released: free for the next VM");
+    let r = m.hook("141", "prepare", &ai);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""));
+    assert_eq!(m.record(GPU).unwrap().vm.as_deref(), Some("141"));
+    assert_eq!(m.hook("141", "release", &ai).code, 0);
+    on_vfio(&m);
+}
