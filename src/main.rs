@@ -302,8 +302,9 @@ struct RebindArgs {
     /// Rebind even though a VM still holds the GPU. The VM loses its GPU and will likely crash.
     #[arg(long)]
     even_if_vm_runs: bool,
-    /// Refuse unless the config's [gpu] address is this one. The tray passes it so that
-    /// pkexec's password prompt names the GPU that will be touched.
+    /// Return this GPU (a [[gpu]] address; default: the primary one), and refuse unless the
+    /// config has it. The tray passes it so that pkexec's password prompt names the GPU that
+    /// will be touched.
     #[arg(long, value_name = "ADDRESS")]
     gpu: Option<handoff::pci::PciAddress>,
 }
@@ -316,6 +317,9 @@ struct BindArgs {
     /// Record this VM as the GPU's holder.
     #[arg(long)]
     vm: Option<String>,
+    /// Which GPU, with several [[gpu]] entries: its address or label (default: the primary one).
+    #[arg(long, value_name = "GPU")]
+    gpu: Option<String>,
 }
 
 #[derive(Args)]
@@ -591,12 +595,13 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
         gpu: args.gpu,
         even_if_vm_runs: args.even_if_vm_runs,
     };
-    guard.check_gpu(&cfg, &source)?;
+    // With several [[gpu]] entries, --gpu chooses; without it, the primary one.
+    let gc = guard.pick_gpu(&cfg, &source)?;
     let host = &cfg.host;
-    let g = handoff::gpu::read_gpu(host, cfg.gpu.address)?;
-    let record = RestoreRecord::load(host, cfg.gpu.address)?;
+    let g = handoff::gpu::read_gpu(host, gc.address)?;
+    let record = RestoreRecord::load(host, gc.address)?;
     if !writes {
-        let steps = handoff::bind::return_plan(&g, record.as_ref(), &cfg.gpu.host_driver);
+        let steps = handoff::bind::return_plan(&g, record.as_ref(), &gc.host_driver);
         if steps.is_empty() {
             println!(
                 "GPU {} is {} and there is no restore record: nothing to return.",
@@ -626,7 +631,7 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
             handoff::bind::guard::indented(&taken)
         );
     }
-    let timeout = std::time::Duration::from_secs(cfg.gpu.watchdog_s);
+    let timeout = std::time::Duration::from_secs(gc.watchdog_s);
     eprintln!("Returning GPU {} to the host:", g.address);
     // Users were checked above: none, or the person said to take the GPU anyway.
     let vfio = if args.even_if_vm_runs {
@@ -636,8 +641,8 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
     };
     match handoff::bind::return_to_host_with(
         host,
-        cfg.gpu.address,
-        &cfg.gpu.host_driver,
+        gc.address,
+        &gc.host_driver,
         timeout,
         vfio,
         &mut |s| progress(s, host),
@@ -653,13 +658,13 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
         Ok(_) => {
             // The hook's state.json still says "restore required": the tray, the details
             // window and the bar read it, so it must say the GPU is home now.
-            if let Err(e) = handoff::state::HookState::returned_by_hand(host, cfg.gpu.address) {
+            if let Err(e) = handoff::state::HookState::returned_by_hand(host, gc.address) {
                 eprintln!(
                     "handoff: warning: cannot update {}: {e}; the tray may still say a restore is required",
                     host.state_file().display()
                 );
             }
-            let g = handoff::gpu::read_gpu(host, cfg.gpu.address)?;
+            let g = handoff::gpu::read_gpu(host, gc.address)?;
             println!("GPU {} is back {}.", g.address, g.owner_phrase());
             Ok(ExitCode::SUCCESS)
         }
@@ -678,7 +683,15 @@ fn bind(config: Option<PathBuf>, args: BindArgs) -> anyhow::Result<ExitCode> {
         load_config_to_write(config)?
     };
     let host = &cfg.host;
-    let g = handoff::gpu::read_gpu(host, cfg.gpu.address)?;
+    // --gpu chooses among several [[gpu]] entries; without it, the primary one.
+    let gc = match &args.gpu {
+        Some(name) => cfg
+            .gpu
+            .find(name)
+            .with_context(|| format!("no [[gpu]] is {name:?} (an address or label from the config)"))?,
+        None => cfg.gpu.primary(),
+    };
+    let g = handoff::gpu::read_gpu(host, gc.address)?;
     if args.dry_run {
         println!(
             "GPU {} is {}. To hand it to vfio-pci, handoff would:",
@@ -690,9 +703,9 @@ fn bind(config: Option<PathBuf>, args: BindArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let timeout = std::time::Duration::from_secs(cfg.gpu.watchdog_s);
+    let timeout = std::time::Duration::from_secs(gc.watchdog_s);
     eprintln!("Handing GPU {} to vfio-pci:", g.address);
-    match handoff::bind::hand_to_vfio(host, cfg.gpu.address, args.vm.as_deref(), timeout, &mut |s| {
+    match handoff::bind::hand_to_vfio(host, gc.address, args.vm.as_deref(), timeout, &mut |s| {
         progress(s, host)
     }) {
         Ok(_) => {
