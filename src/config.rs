@@ -605,17 +605,21 @@ impl Config {
                     vec![Key("gpu"), Index(i), Key(key)]
                 }
             };
-            let table = if single {
-                "[gpu]".to_owned()
-            } else {
-                format!("[[gpu]] {}:", g.address)
+            // The messages say `[gpu] key`, as docs/troubleshooting.md quotes them; an entry
+            // of `[[gpu]]` is named by its address instead.
+            let named = |m: String| {
+                if single {
+                    m
+                } else {
+                    m.replacen("[gpu]", &format!("[[gpu]] {}:", g.address), 1)
+                }
             };
             if !is_driver_name(&g.host_driver) {
                 return Err((
-                    format!(
-                        "{table} host_driver = {:?} is not a kernel driver name (letters, digits, '_' and '-' only), e.g. \"nvidia\"",
+                    named(format!(
+                        "[gpu] host_driver = {:?} is not a kernel driver name (letters, digits, '_' and '-' only), e.g. \"nvidia\"",
                         g.host_driver
-                    ),
+                    )),
                     at("host_driver"),
                 ));
             }
@@ -623,23 +627,23 @@ impl Config {
             // (`Instant + Duration`) can overflow in the middle of a handoff.
             if g.watchdog_s == 0 {
                 return Err((
-                    format!("{table} watchdog_s must be at least 1 (seconds)"),
+                    named("[gpu] watchdog_s must be at least 1 (seconds)".into()),
                     at("watchdog_s"),
                 ));
             }
             if g.watchdog_s > *WATCHDOG_S.end() {
                 return Err((
                     // The bound is spelled out so that docs/troubleshooting.md can quote it.
-                    format!(
-                        "{table} watchdog_s = {} is too long: it must be at most 600 (seconds)",
+                    named(format!(
+                        "[gpu] watchdog_s = {} is too long: it must be at most 600 (seconds)",
                         g.watchdog_s
-                    ),
+                    )),
                     at("watchdog_s"),
                 ));
             }
             if g.label.as_deref().is_some_and(|l| l.trim().is_empty()) {
                 return Err((
-                    format!("{table} label is empty; leave it out to use the name from pci.ids"),
+                    named("[gpu] label is empty; leave it out to use the name from pci.ids".into()),
                     at("label"),
                 ));
             }
