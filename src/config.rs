@@ -647,12 +647,16 @@ impl Config {
                     at("label"),
                 ));
             }
-            if let Some(j) = self.gpu.iter().take(i).position(|o| o.address.same_slot(&g.address)) {
+            if let Some(j) = self
+                .gpu
+                .iter()
+                .take(i)
+                .position(|o| o.address.same_slot(&g.address))
+            {
                 return Err((
                     format!(
                         "[[gpu]] address = \"{}\" is the slot of GPU {} again; list each card once (its other functions follow it)",
-                        g.address,
-                        self.gpu.list[j].address
+                        g.address, self.gpu.list[j].address
                     ),
                     at("address"),
                 ));
@@ -667,7 +671,9 @@ impl Config {
             }
             if g.primary && primaries > 1 {
                 return Err((
-                    format!("[[gpu]] primary = true is set on {primaries} GPUs; mark one (or none: the first is primary)"),
+                    format!(
+                        "[[gpu]] primary = true is set on {primaries} GPUs; mark one (or none: the first is primary)"
+                    ),
                     at("primary"),
                 ));
             }

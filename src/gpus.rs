@@ -130,7 +130,8 @@ pub fn display_refusal(gpu: PciAddress, vm: &str, why: &str) -> String {
 /// every Intel iGPU sits.
 pub fn is_intel_igpu(g: &Gpu) -> bool {
     let a = g.address;
-    g.graphics().is_some_and(|f| f.vendor == 0x8086 && is_display_class(f.class))
+    g.graphics()
+        .is_some_and(|f| f.vendor == 0x8086 && is_display_class(f.class))
         && a.bus == 0
         && a.device == 2
 }
@@ -147,7 +148,10 @@ pub fn nvidia_newer_than_kepler(vendor: u16, device: u16) -> bool {
 /// virt-install and virt-manager), e.g. `http://apple.com/macos/14`.
 pub fn libosinfo_id(xml: &str) -> Option<String> {
     let doc = roxmltree::Document::parse(xml).ok()?;
-    let metadata = doc.root_element().children().find(|n| n.has_tag_name("metadata"))?;
+    let metadata = doc
+        .root_element()
+        .children()
+        .find(|n| n.has_tag_name("metadata"))?;
     metadata
         .descendants()
         .find(|n| n.tag_name().name() == "os" && n.tag_name().namespace() == Some(LIBOSINFO_NS))

@@ -132,7 +132,10 @@ pub fn hostdev_addresses(xml: &str) -> Vec<PciAddress> {
 /// that cannot be read is an error: whether it passes a GPU through is then unknown.
 pub fn uses_gpu(cfg: &Config, domain: &str, xml: &str) -> Result<(bool, Option<String>), DomainXmlError> {
     let (gpus, warnings) = gpus_used(cfg, domain, xml)?;
-    Ok((!gpus.is_empty(), (!warnings.is_empty()).then(|| warnings.join("\n"))))
+    Ok((
+        !gpus.is_empty(),
+        (!warnings.is_empty()).then(|| warnings.join("\n")),
+    ))
 }
 
 /// The refusal of a start whose domain XML could not be read.
@@ -236,7 +239,11 @@ fn event(
 /// takes the primary GPU, as before there were several (the union is the safe choice: a
 /// hostdev that libvirt would detach itself still needs the holder check). A disagreement
 /// between config and XML is warned about.
-pub fn gpus_used(cfg: &Config, domain: &str, xml: &str) -> Result<(Vec<PciAddress>, Vec<String>), DomainXmlError> {
+pub fn gpus_used(
+    cfg: &Config,
+    domain: &str,
+    xml: &str,
+) -> Result<(Vec<PciAddress>, Vec<String>), DomainXmlError> {
     let configured = cfg.vms.iter().any(|v| v.name == domain);
     let hostdevs = if xml.trim().is_empty() {
         Vec::new()

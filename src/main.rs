@@ -639,14 +639,9 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
     } else {
         handoff::bind::VfioUsers::Wait(std::time::Duration::ZERO)
     };
-    match handoff::bind::return_to_host_with(
-        host,
-        gc.address,
-        &gc.host_driver,
-        timeout,
-        vfio,
-        &mut |s| progress(s, host),
-    ) {
+    match handoff::bind::return_to_host_with(host, gc.address, &gc.host_driver, timeout, vfio, &mut |s| {
+        progress(s, host)
+    }) {
         Ok(out) if out.steps.is_empty() => {
             println!(
                 "GPU {} is {} and there is no restore record: nothing to return, nothing was changed.",

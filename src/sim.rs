@@ -326,7 +326,10 @@ impl SimHost {
             w(f, String::new())?;
         }
         if func.class >> 8 == 0x0300 {
-            w("boot_vga", format!("{}\n", u8::from(spec.boot_vga == Some(func.address))))?;
+            w(
+                "boot_vga",
+                format!("{}\n", u8::from(spec.boot_vga == Some(func.address))),
+            )?;
         }
         // BAR0 and BAR1 like a 3090 Ti's; other functions get a small BAR0.
         let resource = if func.class >> 8 == 0x0300 && func.vendor == 0x10de {

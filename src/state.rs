@@ -124,7 +124,9 @@ impl HookState {
     pub fn load_gpu(host: &Host, gpu: PciAddress) -> Option<Self> {
         let own = Self::path_for(host, gpu, false);
         match crate::bounded::read(&own, crate::bounded::Links::Refuse) {
-            Ok(bytes) => serde_json::from_slice::<Self>(&bytes).ok().filter(|s| s.gpu == gpu),
+            Ok(bytes) => serde_json::from_slice::<Self>(&bytes)
+                .ok()
+                .filter(|s| s.gpu == gpu),
             Err(_) => Self::load(host).filter(|s| s.gpu == gpu),
         }
     }

@@ -145,26 +145,37 @@ pub fn collect_each(
 }
 
 /// The configured GPUs a command is about: all of them, or the one `only` names.
-pub fn chosen_gpus<'a>(cfg: &'a Config, only: Option<&str>) -> Result<Vec<&'a crate::config::GpuConfig>, StatusError> {
+pub fn chosen_gpus<'a>(
+    cfg: &'a Config,
+    only: Option<&str>,
+) -> Result<Vec<&'a crate::config::GpuConfig>, StatusError> {
     match only {
         None => Ok(cfg.gpu.iter().collect()),
-        Some(name) => cfg.gpu.find(name).map(|g| vec![g]).ok_or_else(|| StatusError::NoSuchGpu {
-            name: crate::escape::plain(name),
-            known: cfg
-                .gpu
-                .iter()
-                .map(|g| match &g.label {
-                    Some(l) => format!("{} or {l:?}", g.address),
-                    None => g.address.to_string(),
-                })
-                .collect::<Vec<_>>()
-                .join(", "),
-        }),
+        Some(name) => cfg
+            .gpu
+            .find(name)
+            .map(|g| vec![g])
+            .ok_or_else(|| StatusError::NoSuchGpu {
+                name: crate::escape::plain(name),
+                known: cfg
+                    .gpu
+                    .iter()
+                    .map(|g| match &g.label {
+                        Some(l) => format!("{} or {l:?}", g.address),
+                        None => g.address.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
     }
 }
 
 /// One GPU's status with the VMs already probed.
-pub fn collect_gpu(cfg: &Config, gc: &crate::config::GpuConfig, vms: Vec<VmStatus>) -> Result<Status, StatusError> {
+pub fn collect_gpu(
+    cfg: &Config,
+    gc: &crate::config::GpuConfig,
+    vms: Vec<VmStatus>,
+) -> Result<Status, StatusError> {
     let host = &cfg.host;
     let g = gpu::read_gpu(host, gc.address)?;
     let (blockers, uninspected, notes) = if g.owner == Owner::Absent {

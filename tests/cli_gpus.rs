@@ -139,9 +139,22 @@ fn status_json_lists_every_gpu_with_its_own_verdict_and_narrows_to_one() {
 
     let text = m.run(&["status"]);
     assert_eq!(text.code, 0);
-    assert!(text.stdout.starts_with("== GPU 0000:00:02.0 iGPU ==\n"), "{}", text.stdout);
-    assert!(text.stdout.contains("\n== GPU 0000:01:00.0 RTX ==\n"), "{}", text.stdout);
-    assert_eq!(text.stdout.matches("\nVMs:\n").count(), 1, "VMs said once: {}", text.stdout);
+    assert!(
+        text.stdout.starts_with("== GPU 0000:00:02.0 iGPU ==\n"),
+        "{}",
+        text.stdout
+    );
+    assert!(
+        text.stdout.contains("\n== GPU 0000:01:00.0 RTX ==\n"),
+        "{}",
+        text.stdout
+    );
+    assert_eq!(
+        text.stdout.matches("\nVMs:\n").count(),
+        1,
+        "VMs said once: {}",
+        text.stdout
+    );
 
     let wrong = m.run(&["status", "RTX 9999"]);
     assert_eq!(wrong.code, 2);
@@ -164,8 +177,14 @@ fn blockers_json_lists_both_gpus_and_the_exit_status_is_the_worst() {
     assert_eq!(v["schema"], 2);
     let gpus = v["gpus"].as_array().unwrap();
     assert_eq!(gpus.len(), 2);
-    assert_eq!((gpus[0]["address"].as_str(), gpus[0]["verdict"].as_str()), (Some(IGPU), Some("clear")));
-    assert_eq!((gpus[1]["address"].as_str(), gpus[1]["verdict"].as_str()), (Some(RTX), Some("held")));
+    assert_eq!(
+        (gpus[0]["address"].as_str(), gpus[0]["verdict"].as_str()),
+        (Some(IGPU), Some("clear"))
+    );
+    assert_eq!(
+        (gpus[1]["address"].as_str(), gpus[1]["verdict"].as_str()),
+        (Some(RTX), Some("held"))
+    );
     assert_eq!(gpus[1]["holders"][0]["pid"], holder.0.id());
     // Schema 1's fields: the primary GPU's scan.
     assert_eq!(v["verdict"], "held");
@@ -174,7 +193,10 @@ fn blockers_json_lists_both_gpus_and_the_exit_status_is_the_worst() {
     assert_eq!(igpu.code, 0, "the iGPU alone is clear: {}", igpu.stdout);
     assert_eq!(igpu.json()["gpus"].as_array().unwrap().len(), 1);
     let text = m.run(&["blockers", "iGPU"]);
-    assert_eq!(text.stdout, "Nothing holds GPU 0000:00:02.0 (3 device nodes checked).\n");
+    assert_eq!(
+        text.stdout,
+        "Nothing holds GPU 0000:00:02.0 (3 device nodes checked).\n"
+    );
     drop(holder);
     assert_eq!(m.run(&["blockers"]).code, 0);
 }
@@ -191,7 +213,10 @@ fn definitions(vm: &VmConfig) -> Result<String, String> {
     let macos = "<metadata><libosinfo:libosinfo xmlns:libosinfo='http://libosinfo.org/xmlns/libvirt/domain/1.0'>\
                  <libosinfo:os id='http://apple.com/macos/14'/></libosinfo:libosinfo></metadata>";
     match vm.name.as_str() {
-        "macos" => Ok(format!("<domain><name>macos</name>{macos}<devices>{}</devices></domain>", hostdev(0, 2, 0))),
+        "macos" => Ok(format!(
+            "<domain><name>macos</name>{macos}<devices>{}</devices></domain>",
+            hostdev(0, 2, 0)
+        )),
         "hackintosh" => Ok(format!(
             "<domain><name>hackintosh</name>{macos}<devices>{}{}{}</devices></domain>",
             hostdev(1, 0, 0),
@@ -206,7 +231,10 @@ fn definitions(vm: &VmConfig) -> Result<String, String> {
 fn doctor_reads_the_vms_definitions_for_unnamed_devices_macos_and_the_igpu() {
     let m = machine();
     let mut cfg = Config::load_file(&m.config()).unwrap();
-    cfg.vms = vec![VmConfig::named("macos", "macOS"), VmConfig::named("hackintosh", "Hack")];
+    cfg.vms = vec![
+        VmConfig::named("macos", "macOS"),
+        VmConfig::named("hackintosh", "Hack"),
+    ];
     let checks = doctor::vm_definition_checks(&cfg, &mut definitions);
     let said: Vec<(&str, Level, &str)> = checks
         .iter()
@@ -214,12 +242,27 @@ fn doctor_reads_the_vms_definitions_for_unnamed_devices_macos_and_the_igpu() {
         .collect();
     assert_eq!(said.len(), 3, "{said:#?}");
     assert_eq!(said[0].0, "igpu-vm");
-    assert!(said[0].2.contains("VM macos takes the Intel iGPU 0000:00:02.0, but its <hostdev> for 0000:00:02.0 has no <rom file="), "{said:#?}");
+    assert!(
+        said[0].2.contains(
+            "VM macos takes the Intel iGPU 0000:00:02.0, but its <hostdev> for 0000:00:02.0 has no <rom file="
+        ),
+        "{said:#?}"
+    );
     assert!(said[0].2.contains("x-igd-opregion=on"), "{said:#?}");
     assert_eq!((said[1].0, said[1].1), ("vm-unnamed-device", Level::Info));
-    assert!(said[1].2.contains("VM hackintosh passes through 0000:05:00.0, which no [[gpu]] names"), "{said:#?}");
+    assert!(
+        said[1]
+            .2
+            .contains("VM hackintosh passes through 0000:05:00.0, which no [[gpu]] names"),
+        "{said:#?}"
+    );
     assert_eq!((said[2].0, said[2].1), ("macos-nvidia", Level::Warn));
-    assert!(said[2].2.contains("hackintosh is a macOS VM and GPU 0000:01:00.0"), "{said:#?}");
+    assert!(
+        said[2]
+            .2
+            .contains("hackintosh is a macOS VM and GPU 0000:01:00.0"),
+        "{said:#?}"
+    );
     assert!(said[2].2.contains("macOS has no driver for it"), "{said:#?}");
 
     // The host side: the iGPU drives this host's desktop (boot VGA).
@@ -228,12 +271,20 @@ fn doctor_reads_the_vms_definitions_for_unnamed_devices_macos_and_the_igpu() {
     assert_eq!(display.len(), 1, "{gpus:#?}");
     assert_eq!(display[0].level, Level::Warn);
     assert!(
-        display[0].summary.contains("GPU 0000:00:02.0 drives the desktop of this host") &&
-            display[0].summary.contains("the hook refuses to hand it"),
+        display[0]
+            .summary
+            .contains("GPU 0000:00:02.0 drives the desktop of this host")
+            && display[0].summary.contains("the hook refuses to hand it"),
         "{:?}",
         display[0]
     );
-    assert!(display[0].fix.as_deref().unwrap().contains("no console on a screen and no local desktop"));
+    assert!(
+        display[0]
+            .fix
+            .as_deref()
+            .unwrap()
+            .contains("no console on a screen and no local desktop")
+    );
 }
 
 #[test]
@@ -255,5 +306,9 @@ fn the_two_gpu_scene_shows_the_igpu_in_the_macos_vm_and_the_rtx_on_linux() {
     assert_eq!(gpus[0]["verdict"]["state"], "in_vm", "{}", gpus[0]["verdict"]);
     assert_eq!(gpus[1]["gpu"]["address"], RTX);
     assert_eq!(gpus[1]["gpu"]["owner"], "host");
-    assert_eq!(gpus[1]["gpu"]["vm"], Value::Null, "the RTX is not with the macOS VM");
+    assert_eq!(
+        gpus[1]["gpu"]["vm"],
+        Value::Null,
+        "the RTX is not with the macOS VM"
+    );
 }

@@ -533,12 +533,18 @@ fn several_gpus_are_read_in_file_order_with_the_marked_one_primary() {
     assert_eq!(addresses, ["0000:00:02.0", "0000:01:00.0"]);
     // `cfg.gpu` is the primary GPU wherever one GPU is meant.
     assert_eq!(cfg.gpu.address, PciAddress::new(0, 1, 0, 0));
-    assert!(cfg.gpu.isolated(), "host_driver vfio-pci: the card stays isolated");
+    assert!(
+        cfg.gpu.isolated(),
+        "host_driver vfio-pci: the card stays isolated"
+    );
     let igpu = cfg.gpu.find("UHD 630").unwrap();
     assert_eq!(igpu.host_driver, "i915");
     assert!(igpu.allow_display);
     assert_eq!(cfg.gpu.find("00:02.0").unwrap().address, igpu.address);
-    assert_eq!(cfg.gpu.find("0000:01:00.1").unwrap().label.as_deref(), Some("RTX"));
+    assert_eq!(
+        cfg.gpu.find("0000:01:00.1").unwrap().label.as_deref(),
+        Some("RTX")
+    );
     assert!(cfg.gpu.find("RTX 9999").is_none());
 
     let (code, stdout, stderr) = check(&fixture("gpus.toml"));
@@ -570,13 +576,22 @@ fn a_mistake_in_the_second_gpu_is_located_and_named_by_its_address() {
         14,
         &["[[gpu]] 0000:01:00.0: watchdog_s must be at least 1 (seconds)"],
     );
-    assert_broken("gpus-unknown-key.toml", 7, 1, &["unknown field `display`", "`allow_display`"]);
+    assert_broken(
+        "gpus-unknown-key.toml",
+        7,
+        1,
+        &["unknown field `display`", "`allow_display`"],
+    );
     assert_broken(
         "gpus-same-slot.toml",
         5,
         11,
         &["0000:01:00.1", "is the slot of GPU 0000:01:00.0 again"],
     );
-    assert_broken("gpus-two-primaries.toml", 3, 11, &["primary = true is set on 2 GPUs"]);
+    assert_broken(
+        "gpus-two-primaries.toml",
+        3,
+        11,
+        &["primary = true is set on 2 GPUs"],
+    );
 }
-

@@ -111,7 +111,9 @@ impl Machine {
 
 #[test]
 fn two_vms_on_two_gpus_at_once_both_bound_and_both_returned() {
-    let Some(m) = machine("allow_display = true") else { return };
+    let Some(m) = machine("allow_display = true") else {
+        return;
+    };
     let mac = domain("macos", &[IGPU], None);
     let win = domain("win11", &RTX, None);
 
@@ -123,11 +125,21 @@ fn two_vms_on_two_gpus_at_once_both_bound_and_both_returned() {
     let r = m.hook("win11", "prepare", &win);
     assert_eq!((r.code, r.stderr.as_str()), (0, ""));
     m.sim.assert_on_vfio();
-    assert_eq!(m.igpu_driver().as_deref(), Some("vfio-pci"), "the iGPU stays with macOS");
+    assert_eq!(
+        m.igpu_driver().as_deref(),
+        Some("vfio-pci"),
+        "the iGPU stays with macOS"
+    );
     assert_eq!(m.record(IGPU).unwrap().vm.as_deref(), Some("macos"));
     assert_eq!(m.record(GPU).unwrap().vm.as_deref(), Some("win11"));
-    assert_eq!((m.state(IGPU)["vm"].clone(), m.state(IGPU)["phase"].clone()), ("macos".into(), "vfio".into()));
-    assert_eq!((m.state(GPU)["vm"].clone(), m.state(GPU)["phase"].clone()), ("win11".into(), "vfio".into()));
+    assert_eq!(
+        (m.state(IGPU)["vm"].clone(), m.state(IGPU)["phase"].clone()),
+        ("macos".into(), "vfio".into())
+    );
+    assert_eq!(
+        (m.state(GPU)["vm"].clone(), m.state(GPU)["phase"].clone()),
+        ("win11".into(), "vfio".into())
+    );
 
     // Each release returns its own GPU only.
     let r = m.hook("macos", "release", &mac);
@@ -145,9 +157,14 @@ fn two_vms_on_two_gpus_at_once_both_bound_and_both_returned() {
 
 #[test]
 fn a_third_vm_wanting_a_taken_gpu_is_refused_naming_the_vm_that_has_it() {
-    let Some(m) = machine("allow_display = true") else { return };
+    let Some(m) = machine("allow_display = true") else {
+        return;
+    };
     let win = domain("win11", &RTX, None);
-    assert_eq!(m.hook("macos", "prepare", &domain("macos", &[IGPU], None)).code, 0);
+    assert_eq!(
+        m.hook("macos", "prepare", &domain("macos", &[IGPU], None)).code,
+        0
+    );
     assert_eq!(m.hook("win11", "prepare", &win).code, 0);
     m.sim.clear_log();
 
@@ -160,7 +177,11 @@ fn a_third_vm_wanting_a_taken_gpu_is_refused_naming_the_vm_that_has_it() {
         "{}",
         r.stderr
     );
-    assert_eq!(m.sim.short_log(), vec![], "a refused start writes nothing to sysfs");
+    assert_eq!(
+        m.sim.short_log(),
+        vec![],
+        "a refused start writes nothing to sysfs"
+    );
     // libvirt's release after the refused start leaves win11's GPU alone.
     let r = m.hook("linux-ai", "release", &ai);
     assert_eq!(r.code, 0);
@@ -168,7 +189,10 @@ fn a_third_vm_wanting_a_taken_gpu_is_refused_naming_the_vm_that_has_it() {
     assert_eq!(m.record(GPU).unwrap().vm.as_deref(), Some("win11"));
 
     // A VM wanting both GPUs is refused on the one taken, before touching the free one.
-    assert_eq!(m.hook("macos", "release", &domain("macos", &[IGPU], None)).code, 0);
+    assert_eq!(
+        m.hook("macos", "release", &domain("macos", &[IGPU], None)).code,
+        0
+    );
     m.sim.clear_log();
     let r = m.hook("both", "prepare", &domain("both", &[IGPU, GPU], None));
     assert_eq!(r.code, 1);
@@ -179,7 +203,9 @@ fn a_third_vm_wanting_a_taken_gpu_is_refused_naming_the_vm_that_has_it() {
 
 #[test]
 fn a_vm_with_two_gpus_whose_second_bind_fails_leaves_both_on_their_host_drivers() {
-    let Some(m) = machine("allow_display = true") else { return };
+    let Some(m) = machine("allow_display = true") else {
+        return;
+    };
     // The iGPU (00:02.0) is bound first; the RTX's audio function then fails to probe.
     m.sim
         .mount
@@ -219,12 +245,22 @@ fn the_display_gpu_is_refused_with_the_reason_unless_the_config_allows_it() {
         "{}",
         r.stderr
     );
-    assert!(r.stderr.contains("set allow_display = true in its [[gpu]]"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("set allow_display = true in its [[gpu]]"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(m.sim.short_log(), vec![], "nothing written");
     assert_eq!(m.igpu_driver().as_deref(), Some("i915"));
     let refusal = &m.state(IGPU)["last_refusal"];
     assert_eq!(refusal["vm"], "macos");
-    assert!(refusal["message"].as_str().unwrap().contains("drives the desktop"), "{refusal}");
+    assert!(
+        refusal["message"]
+            .as_str()
+            .unwrap()
+            .contains("drives the desktop"),
+        "{refusal}"
+    );
 
     // The explicit override hands it.
     let m = machine("allow_display = true").unwrap();
@@ -251,13 +287,19 @@ fn a_display_server_holding_a_card_is_named_as_the_desktop_in_the_refusal() {
         r.stderr
     );
     // The holder list follows, as for any holder.
-    assert!(r.stderr.contains(&format!("Xorg (pid {}", xorg.pid())), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("Xorg (pid {}", xorg.pid())),
+        "{}",
+        r.stderr
+    );
     m.sim.assert_home();
 }
 
 #[test]
 fn a_macos_vm_given_an_nvidia_card_newer_than_kepler_is_warned_about() {
-    let Some(m) = machine("allow_display = true") else { return };
+    let Some(m) = machine("allow_display = true") else {
+        return;
+    };
     let xml = domain("macos", &RTX, Some("http://apple.com/macos/14"));
     let r = m.hook("macos", "prepare", &xml);
     assert_eq!(r.code, 0, "a warning, not a refusal: {}", r.stderr);
@@ -272,16 +314,25 @@ fn a_macos_vm_given_an_nvidia_card_newer_than_kepler_is_warned_about() {
     m.sim.assert_on_vfio();
     assert_eq!(m.hook("macos", "release", &xml).code, 0);
     // The iGPU draws no such warning.
-    let r = m.hook("macos", "prepare", &domain("macos", &[IGPU], Some("http://apple.com/macos/14")));
+    let r = m.hook(
+        "macos",
+        "prepare",
+        &domain("macos", &[IGPU], Some("http://apple.com/macos/14")),
+    );
     assert_eq!((r.code, r.stderr.as_str()), (0, ""));
-    assert_eq!(m.hook("macos", "release", &domain("macos", &[IGPU], None)).code, 0);
+    assert_eq!(
+        m.hook("macos", "release", &domain("macos", &[IGPU], None)).code,
+        0
+    );
 }
 
 #[test]
 fn a_card_that_stays_on_vfio_pci_goes_to_one_vm_at_a_time_and_is_never_rebound() {
     // The homelab: the RTX 5070 Ti is isolated on vfio-pci from boot (host_driver
     // "vfio-pci"); VMs 140 (Windows) and 141 (Linux AI) take turns.
-    let Some(sim) = simgpu::mount(handoff::sim::SimSpec::homelab()) else { return };
+    let Some(sim) = simgpu::mount(handoff::sim::SimSpec::homelab()) else {
+        return;
+    };
     let etc = sim.tmp.path().join("etc");
     fs::create_dir(&etc).unwrap();
     let host = sim.host();

@@ -49,9 +49,15 @@ fn the_macos_vm_on_the_igpu_and_windows_on_the_rtx_run_at_once_and_only_the_rtx_
     ctl.gpu_wait = Duration::from_secs(5);
 
     let mac = ctl.start(&vm("macos")).unwrap();
-    assert_eq!(mac.gpu.address.to_string(), IGPU, "the outcome names the VM's own GPU");
+    assert_eq!(
+        mac.gpu.address.to_string(),
+        IGPU,
+        "the outcome names the VM's own GPU"
+    );
     assert_eq!(mac.gpu_on_vfio, Some(true));
-    let win = ctl.start(&vm("win11")).expect("the RTX is free while macOS has the iGPU");
+    let win = ctl
+        .start(&vm("win11"))
+        .expect("the RTX is free while macOS has the iGPU");
     assert_eq!(win.gpu.address.to_string(), GPU);
     assert_eq!(sim.driver(IGPU).as_deref(), Some("vfio-pci"));
     sim.assert_on_vfio();
@@ -70,7 +76,11 @@ fn the_macos_vm_on_the_igpu_and_windows_on_the_rtx_run_at_once_and_only_the_rtx_
     assert_eq!(stopped, ["win11"]);
     assert_eq!(switched.started.vm, "ai");
     sim.assert_on_vfio();
-    assert_eq!(sim.driver(IGPU).as_deref(), Some("vfio-pci"), "macOS keeps the iGPU");
+    assert_eq!(
+        sim.driver(IGPU).as_deref(),
+        Some("vfio-pci"),
+        "macOS keeps the iGPU"
+    );
 
     let out = ctl.stop(&vm("macos"), true, Duration::from_secs(5)).unwrap();
     assert_eq!(out.gpu_returned, Some(true), "{said:?}");
