@@ -164,6 +164,15 @@ impl Gpus {
         self.list.iter().find(|g| g.label.as_deref() == Some(name))
     }
 
+    /// The same GPUs with the one at `address` (any function of its slot) as primary.
+    pub fn with_primary(&self, address: PciAddress) -> Option<Gpus> {
+        let primary = self.list.iter().position(|g| g.address.same_slot(&address))?;
+        Some(Gpus {
+            primary,
+            ..self.clone()
+        })
+    }
+
     /// Adds a GPU (tests, the demo).
     pub fn push(&mut self, gpu: GpuConfig) {
         self.list.push(gpu);
@@ -679,6 +688,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// This config about the GPU `name` (an address or label, [`Gpus::find`]): that GPU
+    /// made primary, for a surface asked to show one GPU (`handoff-block --gpu`).
+    pub fn focused_on(&self, name: &str) -> Option<Config> {
+        let address = self.gpu.find(name)?.address;
+        Some(Config {
+            gpu: self.gpu.with_primary(address)?,
+            ..self.clone()
+        })
     }
 
     /// "GPU 0000:01:00.0", or "GPUs 0000:00:02.0, 0000:01:00.0" (`config check`).
