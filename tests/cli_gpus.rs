@@ -312,3 +312,57 @@ fn the_two_gpu_scene_shows_the_igpu_in_the_macos_vm_and_the_rtx_on_linux() {
         "the RTX is not with the macOS VM"
     );
 }
+
+#[test]
+fn config_check_and_doctor_read_the_vms_definitions_from_libvirt() {
+    let m = machine();
+    let node = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/libvirt/three-vms-two-gpus-node.xml"
+    );
+    let text = fs::read_to_string(m.config()).unwrap().replace(
+        "[[vm]]\nname = \"test\"\nuri = \"test:///default\"\n",
+        &format!("[[vm]]\nname = \"macos\"\nuri = \"test://{node}\"\n\n[[vm]]\nname = \"hackintosh\"\nuri = \"test://{node}\"\n"),
+    );
+    fs::write(m.config(), text).unwrap();
+    let r = m.run(&["config", "check"]);
+    assert_eq!(r.code, 0, "notes, not a failure: {}{}", r.stdout, r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(
+        lines[0].ends_with(": ok (2 VM(s), GPUs 0000:00:02.0, 0000:01:00.0)"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .contains("[warn] VM macos takes the Intel iGPU 0000:00:02.0, but"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .contains("[info] VM hackintosh passes through 0000:05:00.0, which no [[gpu]] names"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .contains("[warn] hackintosh is a macOS VM and GPU 0000:01:00.0"),
+        "{}",
+        r.stdout
+    );
+
+    let hooks = m.tmp.path().join("hooks");
+    let d = m.run(&["doctor", "--hooks-dir", hooks.to_str().unwrap()]);
+    for says in [
+        "VM hackintosh passes through 0000:05:00.0",
+        "hackintosh is a macOS VM",
+        "GPU 0000:00:02.0 drives the desktop of this host",
+    ] {
+        assert!(
+            d.stdout.contains(says),
+            "doctor should say {says:?}:\n{}",
+            d.stdout
+        );
+    }
+}
