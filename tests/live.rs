@@ -434,3 +434,26 @@ fn holders_that_exit_are_reported_and_the_set_can_change() {
     drop(w);
     wait_for_watcher_threads(0, "after drop");
 }
+
+#[test]
+fn the_state_file_of_a_second_gpu_is_seen_with_its_content() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let config = config_with_gpu(0x22, &run);
+    let watcher = Watcher::new(&config, only(false, true)).expect("watcher");
+
+    // The hook keeps a GPU other than the primary one in state-<BDF>.json.
+    let igpu = handoff::pci::PciAddress::new(0, 0, 2, 0);
+    let mut state = HookState::new(igpu);
+    state.phase = HookPhase::Vfio;
+    state.vm = Some("macos".into());
+    state.save_gpu(&config.host, false).expect("save the iGPU's state");
+    let (change, _) = next(&watcher, Duration::from_millis(100));
+    let Change::HookState { state: Some(seen) } = change else {
+        panic!("expected the iGPU's hook state, got {change:?}");
+    };
+    assert_eq!(*seen, state);
+    assert!(run.join("state-0000:00:02.0.json").is_file());
+}
