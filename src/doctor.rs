@@ -504,7 +504,16 @@ pub fn several_gpus_checks(cfg: &Config) -> Vec<Check> {
             }
             checks.push(check_iommu_group(&g));
             checks.push(check_holders(&one, &g));
-            checks.extend(check_restore(&one));
+            // `rebind` returns the primary GPU unless told which.
+            checks.extend(check_restore(&one).map(|mut c| {
+                c.fix = c.fix.map(|f| {
+                    f.replace(
+                        "`handoff rebind --force`",
+                        &format!("`handoff rebind --force --gpu {}`", g.address),
+                    )
+                });
+                c
+            }));
         }
         if g.owner == Owner::Absent {
             continue;

@@ -366,3 +366,32 @@ fn config_check_and_doctor_read_the_vms_definitions_from_libvirt() {
         );
     }
 }
+
+#[test]
+fn doctor_says_to_restore_a_stuck_second_gpu_with_its_address() {
+    let m = machine();
+    let cfg = Config::load_file(&m.config()).unwrap();
+    let igpu: handoff::pci::PciAddress = IGPU.parse().unwrap();
+    handoff::verdict::HookFiles::default()
+        .with_record(igpu, "stuck", Some("macos"), Some("a write to unbind hung"))
+        .save_gpu(&cfg.host, false)
+        .unwrap();
+    let checks = doctor::several_gpus_checks(&cfg);
+    let restore = checks
+        .iter()
+        .find(|c| c.id == "restore")
+        .unwrap_or_else(|| panic!("{checks:#?}"));
+    assert_eq!(restore.level, Level::Fail);
+    assert!(
+        restore.summary.contains("Restore required for GPU 0000:00:02.0"),
+        "{restore:?}"
+    );
+    assert!(
+        restore
+            .fix
+            .as_deref()
+            .unwrap()
+            .contains("`handoff rebind --force --gpu 0000:00:02.0`"),
+        "{restore:?}"
+    );
+}

@@ -449,7 +449,9 @@ fn the_state_file_of_a_second_gpu_is_seen_with_its_content() {
     let mut state = HookState::new(igpu);
     state.phase = HookPhase::Vfio;
     state.vm = Some("macos".into());
-    state.save_gpu(&config.host, false).expect("save the iGPU's state");
+    state
+        .save_gpu(&config.host, false)
+        .expect("save the iGPU's state");
     let (change, _) = next(&watcher, Duration::from_millis(100));
     let Change::HookState { state: Some(seen) } = change else {
         panic!("expected the iGPU's hook state, got {change:?}");
