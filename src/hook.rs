@@ -13,10 +13,16 @@
 //! does not name changes nothing and says so. `prepare` also refuses when the holder scan
 //! could not look everywhere ([`crate::holders::Verdict::Unchecked`]), naming what.
 //!
-//! A domain uses the GPU when a `[[vm]]` entry names it or its XML has a `<hostdev>` with
-//! the GPU's address: either is enough (the union is the safe choice: a hostdev that
-//! libvirt would detach itself still needs the holder check), and a disagreement is
-//! warned about on stderr (libvirtd logs it).
+//! A domain uses each configured GPU its XML has a `<hostdev>` of ([`gpus_used`]); a
+//! `[[vm]]` entry whose XML passes none uses the primary GPU (the union is the safe choice:
+//! a hostdev that libvirt would detach itself still needs the holder check), and a
+//! disagreement is warned about on stderr (libvirtd logs it).
+//!
+//! With several GPUs (ARCHITECTURE.md, "Several GPUs"): a domain gets every GPU it uses or
+//! none — locks in address order, every GPU checked before any is touched, the ones bound
+//! returned when a later one fails; each GPU has its own lock, record and state file, so
+//! two domains on two GPUs never wait for each other. A GPU that drives the host's display
+//! is refused unless its `[[gpu]]` says `allow_display = true`.
 
 use std::io::Write;
 use std::path::Path;
