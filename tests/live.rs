@@ -459,3 +459,26 @@ fn the_state_file_of_a_second_gpu_is_seen_with_its_content() {
     assert_eq!(*seen, state);
     assert!(run.join("state-0000:00:02.0.json").is_file());
 }
+
+#[test]
+fn a_bind_of_any_configured_gpu_is_a_change_and_of_another_device_is_not() {
+    let igpu: PciAddress = "0000:00:02.0".parse().unwrap();
+    let ev = parse_uevent(
+        b"bind@/devices/pci0000:00/0000:00:02.0\0ACTION=bind\0DEVPATH=/devices/pci0000:00/0000:00:02.0\0\
+          SUBSYSTEM=pci\0DRIVER=vfio-pci\0PCI_SLOT_NAME=0000:00:02.0\0SEQNUM=7\0",
+    )
+    .expect("parses");
+    assert_eq!(SlotFilter::new(gpu()).change(&ev), None, "not the RTX's slot");
+    assert_eq!(
+        SlotFilter::for_gpus([igpu, gpu()]).change(&ev),
+        Some(Change::Driver {
+            function: igpu,
+            action: DriverAction::Bind,
+            driver: Some("vfio-pci".into()),
+        })
+    );
+    assert_eq!(
+        SlotFilter::for_gpus([igpu, gpu()]).change(&parse_uevent(&fixture("other-device-bind.bin")).unwrap()),
+        None
+    );
+}
