@@ -387,3 +387,84 @@ fn a_card_that_stays_on_vfio_pci_goes_to_one_vm_at_a_time_and_is_never_rebound()
     assert_eq!(m.hook("141", "release", &ai).code, 0);
     on_vfio(&m);
 }
+
+/// `handoff hook --system-config CONFIG <domain> <op> <sub> -` as libvirtd runs it, with
+/// `xml` on stdin, started (not waited for).
+fn spawn_hook(config: &std::path::Path, domain: &str, op: &str, xml: &str) -> std::process::Child {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let sub = if op == "prepare" { "begin" } else { "end" };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .args(["hook", "--system-config"])
+        .arg(config)
+        .args([domain, op, sub, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(xml.as_bytes()).unwrap();
+    child
+}
+
+fn finish(child: std::process::Child) -> Run {
+    let out = child.wait_with_output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn two_vms_wanting_both_gpus_at_once_one_gets_both_and_neither_waits_on_the_other() {
+    let Some(m) = machine("allow_display = true") else {
+        return;
+    };
+    // Each lists the GPUs in another order: locking in the XML's order could deadlock.
+    let xml = |vm: &str| match vm {
+        "both" => domain(vm, &[IGPU, GPU, simgpu::AUDIO], None),
+        _ => domain(vm, &[GPU, simgpu::AUDIO, IGPU], None),
+    };
+    for round in 0..3 {
+        let started = std::time::Instant::now();
+        let a = spawn_hook(&m.config, "both", "prepare", &xml("both"));
+        let b = spawn_hook(&m.config, "linux-ai", "prepare", &xml("linux-ai"));
+        let (a, b) = (finish(a), finish(b));
+        // Locks are taken in address order: no start waits out the lock's bound (14 s with
+        // a 1 s watchdog) for the other.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "round {round}: {:?}",
+            started.elapsed()
+        );
+        let (winner, loser, lost) = match (a.code, b.code) {
+            (0, 1) => ("both", "linux-ai", &b),
+            (1, 0) => ("linux-ai", "both", &a),
+            _ => panic!(
+                "round {round}: exactly one start must succeed:\nboth {}: {}\nlinux-ai {}: {}",
+                a.code, a.stderr, b.code, b.stderr
+            ),
+        };
+        assert!(
+            lost.stderr.contains(&format!("to {loser}: it is with {winner}")),
+            "round {round}: {}",
+            lost.stderr
+        );
+        m.sim.assert_on_vfio();
+        assert_eq!(m.igpu_driver().as_deref(), Some("vfio-pci"));
+        assert_eq!(m.record(IGPU).unwrap().vm.as_deref(), Some(winner));
+        assert_eq!(m.record(GPU).unwrap().vm.as_deref(), Some(winner));
+
+        // The loser's release leaves both with the winner; the winner's brings both home.
+        assert_eq!(
+            finish(spawn_hook(&m.config, loser, "release", &xml(loser))).code,
+            0
+        );
+        m.sim.assert_on_vfio();
+        let r = finish(spawn_hook(&m.config, winner, "release", &xml(winner)));
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        m.sim.assert_home();
+        assert_eq!(m.igpu_driver().as_deref(), Some("i915"));
+        assert_eq!((m.record(IGPU), m.record(GPU)), (None, None));
+    }
+}
