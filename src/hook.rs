@@ -220,6 +220,13 @@ fn event(
     for w in warnings {
         let _ = writeln!(err, "{w}");
     }
+    if op == "prepare"
+        && let Ok(x) = xml
+    {
+        for w in macos_warnings(cfg, domain, x, &gpus) {
+            let _ = writeln!(err, "{w}");
+        }
+    }
     if op == "prepare" {
         prepare(cfg, domain, &gpus, err)
     } else {
@@ -283,16 +290,21 @@ pub fn gpus_used(
         }
         _ => {}
     }
-    // macOS has no driver for NVIDIA cards after Kepler: the VM would start with a GPU it
-    // cannot use. Said, not refused: the start itself is safe.
-    if crate::gpus::libosinfo_id(xml).is_some_and(|id| crate::gpus::is_macos_id(&id)) {
-        for a in &gpus {
-            if let Some(w) = macos_nvidia_warning(&cfg.host, &shown, *a) {
-                warnings.push(format!("handoff: warning: {w}"));
-            }
-        }
-    }
     Ok((gpus, warnings))
+}
+
+/// The warnings of a start of a macOS VM (its libosinfo id) given an NVIDIA GPU newer than
+/// Kepler: macOS has no driver for it, so the VM would start with a GPU it cannot use.
+/// Said, not refused: the start itself is safe.
+fn macos_warnings(cfg: &Config, domain: &str, xml: &str, gpus: &[PciAddress]) -> Vec<String> {
+    if !crate::gpus::libosinfo_id(xml).is_some_and(|id| crate::gpus::is_macos_id(&id)) {
+        return Vec::new();
+    }
+    let shown = crate::escape::plain(domain);
+    gpus.iter()
+        .filter_map(|a| macos_nvidia_warning(&cfg.host, &shown, *a))
+        .map(|w| format!("handoff: warning: {w}"))
+        .collect()
 }
 
 /// The warning for a macOS VM given an NVIDIA GPU newer than Kepler, or None.
