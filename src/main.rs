@@ -144,8 +144,9 @@ enum Command {
     /// tray on it when there is a display, and the bar block's line per change here.
     ///
     /// Without a display, or with --script, it walks through the handoff itself: start
-    /// (refused, naming the process), terminate the process, start (GPU to vfio-pci), stop
-    /// (GPU back to nvidia). Needs root (a FUSE mount). Ctrl-C ends it and removes all of
+    /// (refused, naming the process), terminate the process, start (GPU to vfio-pci), a
+    /// macOS VM taking the iGPU meanwhile and giving it back, stop (GPU back to nvidia).
+    /// Needs root (a FUSE mount). Ctrl-C ends it and removes all of
     /// it: children, mount, temporary directory.
     #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
     Demo(DemoArgs),
