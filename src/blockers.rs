@@ -139,6 +139,117 @@ impl Blockers {
     }
 }
 
+/// `blockers --json`'s schema: 2 added `schema` and `gpus` (each GPU's scan); the fields of
+/// 1 (the scan of the primary GPU, or of the one asked for) stay at the top.
+pub const SCHEMA: u32 = 2;
+
+/// `handoff blockers --json` with every GPU.
+#[derive(Serialize)]
+pub struct AllJson<'a> {
+    pub schema: u32,
+    #[serde(flatten)]
+    pub first: BlockersJson<'a>,
+    pub gpus: Vec<GpuJson<'a>>,
+}
+
+/// One GPU of [`AllJson`].
+#[derive(Serialize)]
+pub struct GpuJson<'a> {
+    pub address: PciAddress,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    pub primary: bool,
+    #[serde(flatten)]
+    pub scan: BlockersJson<'a>,
+}
+
+/// The scans of several GPUs (each configured GPU, or the one asked for), in file order.
+pub struct Each {
+    pub gpus: Vec<(crate::config::GpuConfig, Blockers)>,
+    /// The primary GPU's address.
+    pub primary: PciAddress,
+}
+
+impl Each {
+    /// Scans the GPUs `only` chooses ([`crate::status::chosen_gpus`]).
+    pub fn check(cfg: &crate::config::Config, only: Option<&str>) -> Result<Self, EachError> {
+        let chosen = crate::status::chosen_gpus(cfg, only).map_err(|e| EachError::Choose(e.to_string()))?;
+        let mut gpus = Vec::new();
+        for g in chosen {
+            gpus.push((g.clone(), Blockers::check(&cfg.host, g.address)?));
+        }
+        Ok(Self {
+            gpus,
+            primary: cfg.gpu.address,
+        })
+    }
+
+    /// 1 when something holds any GPU, else 4 when any was not wholly checked, else 0.
+    pub fn exit_code(&self) -> u8 {
+        let codes: Vec<u8> = self.gpus.iter().map(|(_, b)| b.exit_code()).collect();
+        if codes.contains(&1) {
+            1
+        } else {
+            codes.into_iter().max().unwrap_or(0)
+        }
+    }
+
+    pub fn json(&self) -> Option<AllJson<'_>> {
+        let first = self
+            .gpus
+            .iter()
+            .find(|(g, _)| g.address == self.primary)
+            .or_else(|| self.gpus.first())?;
+        Some(AllJson {
+            schema: SCHEMA,
+            first: first.1.json(),
+            gpus: self
+                .gpus
+                .iter()
+                .map(|(g, b)| GpuJson {
+                    address: g.address,
+                    label: g.label.clone(),
+                    primary: g.address == self.primary,
+                    scan: b.json(),
+                })
+                .collect(),
+        })
+    }
+
+    /// One GPU: exactly [`Blockers::render_text`]; several: each under its own heading.
+    pub fn render_text(&self) -> String {
+        if let [(_, one)] = self.gpus.as_slice() {
+            return one.render_text();
+        }
+        let mut out = String::new();
+        for (i, (g, b)) in self.gpus.iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            let _ = writeln!(
+                out,
+                "== GPU {}{} ==",
+                g.address,
+                g.label
+                    .as_deref()
+                    .map(|l| format!(" {}", crate::escape::plain(l)))
+                    .unwrap_or_default()
+            );
+            out += &b.render_text();
+        }
+        out
+    }
+}
+
+/// Why [`Each::check`] could not scan.
+#[derive(Debug, thiserror::Error)]
+pub enum EachError {
+    #[error("{0}")]
+    Choose(String),
+    #[error(transparent)]
+    Sysfs(#[from] SysfsError),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,9 @@ pub const SYSTEM_CONFIG: &str = "/etc/handoff/config.toml";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    pub gpu: GpuConfig,
+    /// The GPUs handoff hands: `[[gpu]]` entries, or one `[gpu]` table. `cfg.gpu.address`
+    /// and the like read the primary one (see [`Gpus`]).
+    pub gpu: Gpus,
     #[serde(rename = "vm")]
     pub vms: Vec<VmConfig>,
     pub looking_glass: LookingGlassConfig,
@@ -32,7 +34,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            gpu: GpuConfig::default(),
+            gpu: Gpus::default(),
             vms: vec![VmConfig::named("win11", "Windows")],
             looking_glass: LookingGlassConfig::default(),
             block: BlockConfig::default(),
@@ -51,6 +53,18 @@ pub struct GpuConfig {
     /// How long a write to `unbind`/`bind`/`drivers_probe` may take before it is
     /// reported as hung.
     pub watchdog_s: u64,
+    /// What menus, the bar and `status GPU` call it; unset: the name from pci.ids.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// This GPU may be handed to a VM even though it drives the host's display (it was the
+    /// boot VGA device, or a display server holds its card node). Off by default: the hook
+    /// refuses such a GPU, since the host loses its console and local desktop.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_display: bool,
+    /// The GPU that surfaces showing one GPU show (the tray's icon colour, the bar block's
+    /// default). At most one; unset everywhere: the first `[[gpu]]`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub primary: bool,
 }
 
 impl Default for GpuConfig {
@@ -59,7 +73,162 @@ impl Default for GpuConfig {
             address: PciAddress::new(0, 1, 0, 0),
             host_driver: "nvidia".into(),
             watchdog_s: 10,
+            label: None,
+            allow_display: false,
+            primary: false,
         }
+    }
+}
+
+impl GpuConfig {
+    /// The card stays on vfio-pci between VMs (`host_driver = "vfio-pci"`): handing it
+    /// changes no binding, but the record and the lock still give it to one VM at a time.
+    pub fn isolated(&self) -> bool {
+        self.host_driver == crate::bind::plan::VFIO
+    }
+}
+
+/// The configured GPUs, in file order, and which one is primary.
+///
+/// The file says either `[gpu]` (one table, the form before several GPUs) or `[[gpu]]`
+/// (an array); both read into this, and `config show` prints the array. It dereferences
+/// to the primary GPU so that code about "the GPU" (`cfg.gpu.address`, the tray's icon)
+/// keeps meaning the primary one, and code about each GPU iterates [`Gpus::iter`].
+#[derive(Debug, Clone)]
+pub struct Gpus {
+    list: Vec<GpuConfig>,
+    primary: usize,
+    /// Written as one `[gpu]` table: errors keep naming `[gpu] key` as they always did.
+    single_table: bool,
+}
+
+/// The same GPUs, whichever form the file wrote them in.
+impl PartialEq for Gpus {
+    fn eq(&self, other: &Self) -> bool {
+        self.list == other.list && self.primary == other.primary
+    }
+}
+
+impl Default for Gpus {
+    fn default() -> Self {
+        Self {
+            list: vec![GpuConfig::default()],
+            primary: 0,
+            single_table: true,
+        }
+    }
+}
+
+impl Gpus {
+    /// `list` (non-empty) with its primary: the one marked `primary`, else the first.
+    pub fn new(list: Vec<GpuConfig>) -> Self {
+        assert!(!list.is_empty(), "at least one GPU");
+        let primary = list.iter().position(|g| g.primary).unwrap_or(0);
+        Self {
+            list,
+            primary,
+            single_table: false,
+        }
+    }
+
+    /// Every GPU, in file order.
+    pub fn iter(&self) -> std::slice::Iter<'_, GpuConfig> {
+        self.list.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn primary(&self) -> &GpuConfig {
+        &self.list[self.primary]
+    }
+
+    /// The GPU at `address` (any function of its slot).
+    pub fn at(&self, address: PciAddress) -> Option<&GpuConfig> {
+        self.list.iter().find(|g| g.address.same_slot(&address))
+    }
+
+    /// The GPU a person named: its address (any function of its slot, short form too) or
+    /// its label.
+    pub fn find(&self, name: &str) -> Option<&GpuConfig> {
+        if let Ok(a) = name.parse::<PciAddress>()
+            && let Some(g) = self.at(a)
+        {
+            return Some(g);
+        }
+        self.list.iter().find(|g| g.label.as_deref() == Some(name))
+    }
+
+    /// The same GPUs with the one at `address` (any function of its slot) as primary.
+    pub fn with_primary(&self, address: PciAddress) -> Option<Gpus> {
+        let primary = self.list.iter().position(|g| g.address.same_slot(&address))?;
+        Some(Gpus {
+            primary,
+            ..self.clone()
+        })
+    }
+
+    /// Adds a GPU (tests, the demo).
+    pub fn push(&mut self, gpu: GpuConfig) {
+        self.list.push(gpu);
+        self.single_table = false;
+    }
+}
+
+impl std::ops::Deref for Gpus {
+    type Target = GpuConfig;
+    fn deref(&self) -> &GpuConfig {
+        self.primary()
+    }
+}
+
+impl std::ops::DerefMut for Gpus {
+    fn deref_mut(&mut self) -> &mut GpuConfig {
+        &mut self.list[self.primary]
+    }
+}
+
+impl Serialize for Gpus {
+    /// Always the array form: `config show` prints `[[gpu]]`.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.list.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Gpus {
+    /// `[gpu]` (a table) or `[[gpu]]` (an array of tables). Each entry is read by
+    /// `GpuConfig`'s own derive, so a wrong key or type keeps its line and column.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Gpus;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a [gpu] table or [[gpu]] entries")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Gpus, A::Error> {
+                let one = GpuConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(Gpus {
+                    list: vec![one],
+                    primary: 0,
+                    single_table: true,
+                })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Gpus, A::Error> {
+                let list = Vec::<GpuConfig>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+                if list.is_empty() {
+                    return Err(serde::de::Error::custom(
+                        "gpu is an empty array: give at least one [[gpu]] with its address",
+                    ));
+                }
+                Ok(Gpus::new(list))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -383,33 +552,7 @@ impl Config {
     /// error comes with the key it is about, so that [`Config::parse`] can point at it.
     fn validate(&self) -> Result<(), (String, Vec<KeySeg>)> {
         use KeySeg::{Index, Key};
-        if !is_driver_name(&self.gpu.host_driver) {
-            return Err((
-                format!(
-                    "[gpu] host_driver = {:?} is not a kernel driver name (letters, digits, '_' and '-' only), e.g. \"nvidia\"",
-                    self.gpu.host_driver
-                ),
-                vec![Key("gpu"), Key("host_driver")],
-            ));
-        }
-        // Durations are bounded here, once, so that no deadline computed from them
-        // (`Instant + Duration`) can overflow in the middle of a handoff.
-        if self.gpu.watchdog_s == 0 {
-            return Err((
-                "[gpu] watchdog_s must be at least 1 (seconds)".into(),
-                vec![Key("gpu"), Key("watchdog_s")],
-            ));
-        }
-        if self.gpu.watchdog_s > *WATCHDOG_S.end() {
-            return Err((
-                // The bound is spelled out so that docs/troubleshooting.md can quote it.
-                format!(
-                    "[gpu] watchdog_s = {} is too long: it must be at most 600 (seconds)",
-                    self.gpu.watchdog_s
-                ),
-                vec![Key("gpu"), Key("watchdog_s")],
-            ));
-        }
+        self.validate_gpus()?;
         let mut seen = std::collections::HashSet::new();
         for (i, vm) in self.vms.iter().enumerate() {
             let at = vec![Key("vm"), Index(i), Key("name")];
@@ -455,6 +598,115 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// [`Config::validate`] for each GPU. A single `[gpu]` table is named `[gpu]` as it
+    /// always was; an entry of `[[gpu]]` is named with its address.
+    fn validate_gpus(&self) -> Result<(), (String, Vec<KeySeg>)> {
+        use KeySeg::{Index, Key};
+        let single = self.gpu.single_table;
+        let primaries = self.gpu.iter().filter(|g| g.primary).count();
+        for (i, g) in self.gpu.iter().enumerate() {
+            let at = |key: &'static str| {
+                if single {
+                    vec![Key("gpu"), Key(key)]
+                } else {
+                    vec![Key("gpu"), Index(i), Key(key)]
+                }
+            };
+            // The messages say `[gpu] key`, as docs/troubleshooting.md quotes them; an entry
+            // of `[[gpu]]` is named by its address instead.
+            let named = |m: String| {
+                if single {
+                    m
+                } else {
+                    m.replacen("[gpu]", &format!("[[gpu]] {}:", g.address), 1)
+                }
+            };
+            if !is_driver_name(&g.host_driver) {
+                return Err((
+                    named(format!(
+                        "[gpu] host_driver = {:?} is not a kernel driver name (letters, digits, '_' and '-' only), e.g. \"nvidia\"",
+                        g.host_driver
+                    )),
+                    at("host_driver"),
+                ));
+            }
+            // Durations are bounded here, once, so that no deadline computed from them
+            // (`Instant + Duration`) can overflow in the middle of a handoff.
+            if g.watchdog_s == 0 {
+                return Err((
+                    named("[gpu] watchdog_s must be at least 1 (seconds)".into()),
+                    at("watchdog_s"),
+                ));
+            }
+            if g.watchdog_s > *WATCHDOG_S.end() {
+                return Err((
+                    // The bound is spelled out so that docs/troubleshooting.md can quote it.
+                    named(format!(
+                        "[gpu] watchdog_s = {} is too long: it must be at most 600 (seconds)",
+                        g.watchdog_s
+                    )),
+                    at("watchdog_s"),
+                ));
+            }
+            if g.label.as_deref().is_some_and(|l| l.trim().is_empty()) {
+                return Err((
+                    named("[gpu] label is empty; leave it out to use the name from pci.ids".into()),
+                    at("label"),
+                ));
+            }
+            if let Some(j) = self
+                .gpu
+                .iter()
+                .take(i)
+                .position(|o| o.address.same_slot(&g.address))
+            {
+                return Err((
+                    format!(
+                        "[[gpu]] address = \"{}\" is the slot of GPU {} again; list each card once (its other functions follow it)",
+                        g.address, self.gpu.list[j].address
+                    ),
+                    at("address"),
+                ));
+            }
+            if let Some(l) = &g.label
+                && self.gpu.iter().take(i).any(|o| o.label.as_ref() == Some(l))
+            {
+                return Err((
+                    format!("[[gpu]] label = {l:?} is used twice; `status GPU` needs each label once"),
+                    at("label"),
+                ));
+            }
+            if g.primary && primaries > 1 {
+                return Err((
+                    format!(
+                        "[[gpu]] primary = true is set on {primaries} GPUs; mark one (or none: the first is primary)"
+                    ),
+                    at("primary"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// This config about the GPU `name` (an address or label, [`Gpus::find`]): that GPU
+    /// made primary, for a surface asked to show one GPU (`handoff-block --gpu`).
+    pub fn focused_on(&self, name: &str) -> Option<Config> {
+        let address = self.gpu.find(name)?.address;
+        Some(Config {
+            gpu: self.gpu.with_primary(address)?,
+            ..self.clone()
+        })
+    }
+
+    /// "GPU 0000:01:00.0", or "GPUs 0000:00:02.0, 0000:01:00.0" (`config check`).
+    pub fn gpus_summary(&self) -> String {
+        let list: Vec<String> = self.gpu.iter().map(|g| g.address.to_string()).collect();
+        match list.len() {
+            1 => format!("GPU {}", list[0]),
+            _ => format!("GPUs {}", list.join(", ")),
+        }
     }
 
     /// The VM named `name`, or the first (default) VM when `name` is None.

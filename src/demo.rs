@@ -246,7 +246,8 @@ pub fn is_mounted(path: &Path) -> bool {
 }
 
 fn node_xml() -> String {
-    "<!-- handoff demo: libvirt's test driver. `win11` is shut off (test:runstate 5). -->
+    "<!-- handoff demo: libvirt's test driver. `win11` (the RTX) and `macos` (the iGPU) are
+     shut off (test:runstate 5). -->
 <node>
   <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
     <name>win11</name>
@@ -264,6 +265,23 @@ fn node_xml() -> String {
     </devices>
     <test:runstate>5</test:runstate>
   </domain>
+  <domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
+    <name>macos</name>
+    <metadata>
+      <libosinfo:libosinfo xmlns:libosinfo='http://libosinfo.org/xmlns/libvirt/domain/1.0'>
+        <libosinfo:os id='http://apple.com/macos/14'/>
+      </libosinfo:libosinfo>
+    </metadata>
+    <memory unit='GiB'>8</memory>
+    <vcpu>4</vcpu>
+    <os><type>hvm</type></os>
+    <devices>
+      <hostdev mode='subsystem' type='pci' managed='no'>
+        <source><address domain='0x0000' bus='0x00' slot='0x02' function='0x0'/></source>
+      </hostdev>
+    </devices>
+    <test:runstate>5</test:runstate>
+  </domain>
 </node>
 "
     .to_owned()
@@ -278,14 +296,29 @@ fn config_toml(root: &Path, sysfs: &Path, uninspectable: &[String]) -> String {
     let list = toml::Value::Array(uninspectable.iter().cloned().map(toml::Value::String).collect());
     format!(
         "# handoff demo: a simulated host (see `handoff demo --help`). Removed when the demo ends.
-[gpu]
+[[gpu]]
 address = \"0000:01:00.0\"
 host_driver = \"nvidia\"
 watchdog_s = 5
 
+# The iGPU, for the macOS VM. It shows this simulated host's console (boot_vga), so it is
+# handed only because the config says so.
+[[gpu]]
+address = \"0000:00:02.0\"
+label = \"UHD 770\"
+host_driver = \"i915\"
+watchdog_s = 5
+allow_display = true
+
 [[vm]]
 name = \"win11\"
 label = \"Windows\"
+uri = {uri}
+shutdown_timeout_s = 10
+
+[[vm]]
+name = \"macos\"
+label = \"macOS\"
 uri = {uri}
 shutdown_timeout_s = 10
 
@@ -619,6 +652,29 @@ fn walkthrough(cfg: &Config, holder: u32) -> io::Result<()> {
         started.gpu.phrase
     );
     gpu_line(cfg);
+
+    // Several GPUs: the macOS VM's definition passes the iGPU through, so it takes that one
+    // while Windows keeps the RTX.
+    if let Some(mac) = cfg.vm(Some("macos")) {
+        println!("\n== 3b. Start macOS too: its definition passes the iGPU through, Windows keeps the RTX");
+        let started = ctl.start(mac).map_err(|e| io::Error::other(e.to_string()))?;
+        println!(
+            "  {} is {}; GPU {} {}",
+            started.label,
+            started.state.words(),
+            started.gpu.address,
+            started.gpu.phrase
+        );
+        gpu_line(cfg);
+        println!("\n== 3c. Stop macOS: the iGPU goes back to i915");
+        let stopped = ctl
+            .stop(mac, false, Duration::from_secs(mac.shutdown_timeout_s))
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        println!(
+            "  {} stopped; GPU {} {}",
+            stopped.label, stopped.gpu.address, stopped.gpu.phrase
+        );
+    }
 
     println!("\n== 4. Stop Windows (the tray's \"Stop Windows\", or `handoff stop`)");
     let stopped = ctl

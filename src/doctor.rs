@@ -162,6 +162,7 @@ pub fn run(cfg: &Config, source: &Source, caller: &Caller, hooks_dir: &Path, ext
             format!("Cannot read the GPU: {e}"),
         )),
     }
+    checks.extend(several_gpus_checks(cfg));
     checks.push(check_libvirt_group(caller));
     checks.push(check_hook(hooks_dir));
     checks.extend(extra);
@@ -481,6 +482,147 @@ pub fn libvirt_checks(cfg: &Config, probe: &mut dyn FnMut(&VmConfig) -> VmStatus
             }
         })
         .collect()
+}
+
+/// The checks of the GPUs besides the primary one (found, IOMMU group, holders, a restore
+/// pending), and for every GPU what kind-specific checks say: whether it drives this host's
+/// display (and what the host loses when it is handed), and for an Intel iGPU its host
+/// driver.
+pub fn several_gpus_checks(cfg: &Config) -> Vec<Check> {
+    let host = &cfg.host;
+    let mut checks = Vec::new();
+    for gc in cfg.gpu.iter() {
+        let Ok(g) = gpu::read_gpu(host, gc.address) else {
+            continue;
+        };
+        if gc.address != cfg.gpu.address {
+            let mut one = cfg.clone();
+            *one.gpu = gc.clone();
+            checks.push(check_gpu_found(&one, &g));
+            if g.owner == Owner::Absent {
+                continue;
+            }
+            checks.push(check_iommu_group(&g));
+            checks.push(check_holders(&one, &g));
+            // `rebind` returns the primary GPU unless told which.
+            checks.extend(check_restore(&one).map(|mut c| {
+                c.fix = c.fix.map(|f| {
+                    f.replace(
+                        "`handoff rebind --force`",
+                        &format!("`handoff rebind --force --gpu {}`", g.address),
+                    )
+                });
+                c
+            }));
+        }
+        if g.owner == Owner::Absent {
+            continue;
+        }
+        let nodes = holders::gpu_nodes(host, &g);
+        let scan = holders::scan(host, &g, &nodes);
+        if let Some(why) = crate::gpus::display_use(host, g.address, &scan.holders) {
+            let loses = "while a VM has it, this host has no console on a screen and no local desktop;                          reach it over SSH (and a display server on it must be stopped first)";
+            checks.push(if gc.allow_display {
+                Check::new(
+                    "display-gpu",
+                    Level::Info,
+                    format!("GPU {} drives the desktop of this host ({why}); allow_display = true hands it anyway", g.address),
+                )
+                .fix(loses)
+            } else {
+                Check::new(
+                    "display-gpu",
+                    Level::Warn,
+                    format!(
+                        "GPU {} drives the desktop of this host ({why}): the hook refuses to hand it to a VM",
+                        g.address
+                    ),
+                )
+                .fix(format!(
+                    "to hand it anyway set allow_display = true in its [[gpu]]; {loses}"
+                ))
+            });
+        }
+        if crate::gpus::is_intel_igpu(&g) && !matches!(gc.host_driver.as_str(), "i915" | "xe" | "vfio-pci") {
+            checks.push(
+                Check::new(
+                    "igpu-driver",
+                    Level::Warn,
+                    format!(
+                        "GPU {} is an Intel iGPU but its host_driver is {:?}",
+                        g.address, gc.host_driver
+                    ),
+                )
+                .fix("set host_driver = \"i915\" (or \"xe\" on newer iGPUs) in its [[gpu]]"),
+            );
+        }
+    }
+    checks
+}
+
+/// What the VMs' own definitions say (`doctor` and `config check`): each device a VM passes
+/// through that no `[[gpu]]` names (a display controller is a warning: handoff does not
+/// guard it), a macOS VM given an NVIDIA card newer than Kepler, and what a VM taking an
+/// Intel iGPU lacks to drive it. `definition` gives a VM's XML; one it cannot give is
+/// passed over (the libvirt checks report it).
+pub fn vm_definition_checks(
+    cfg: &Config,
+    definition: &mut dyn FnMut(&VmConfig) -> Result<String, String>,
+) -> Vec<Check> {
+    let host = &cfg.host;
+    let mut checks = Vec::new();
+    for vm in &cfg.vms {
+        let Ok(xml) = definition(vm) else { continue };
+        let Ok(hostdevs) = crate::hook::domain_hostdevs(&xml) else {
+            continue;
+        };
+        let name = crate::escape::plain(&vm.name);
+        for a in crate::gpus::unnamed(cfg, &hostdevs) {
+            let display = crate::gpus::class_of(host, a).is_some_and(crate::gpus::is_display_class);
+            checks.push(if display {
+                Check::new(
+                    "vm-unnamed-device",
+                    Level::Warn,
+                    format!("VM {name} passes through the display controller {a}, which no [[gpu]] names: handoff does not guard it"),
+                )
+                .fix(format!("add a [[gpu]] with address = \"{a}\" and its host_driver"))
+            } else {
+                Check::new(
+                    "vm-unnamed-device",
+                    Level::Info,
+                    format!("VM {name} passes through {a}, which no [[gpu]] names; libvirt alone hands it"),
+                )
+            });
+        }
+        let taken = crate::gpus::taken_by(cfg, &hostdevs);
+        if crate::gpus::libosinfo_id(&xml).is_some_and(|id| crate::gpus::is_macos_id(&id)) {
+            for g in &taken {
+                if let Some(w) = crate::hook::macos_nvidia_warning(host, &name, g.address) {
+                    checks.push(Check::new("macos-nvidia", Level::Warn, w));
+                }
+            }
+        }
+        for g in &taken {
+            let Ok(gpu) = gpu::read_gpu(host, g.address) else {
+                continue;
+            };
+            if !crate::gpus::is_intel_igpu(&gpu) {
+                continue;
+            }
+            let missing = crate::gpus::igpu_missing(&xml, g.address);
+            if !missing.is_empty() {
+                checks.push(
+                    Check::new(
+                        "igpu-vm",
+                        Level::Warn,
+                        format!("VM {name} takes the Intel iGPU {}, but {}", g.address, missing.join("; ")),
+                    )
+                    .fix("add what is missing to the VM's definition (virsh edit); the iGPU's ROM comes from its vendor or the OVMF/IGD project of your choice"),
+                );
+            }
+        }
+    }
+    checks
 }
 
 #[cfg(test)]

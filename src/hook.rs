@@ -13,10 +13,16 @@
 //! does not name changes nothing and says so. `prepare` also refuses when the holder scan
 //! could not look everywhere ([`crate::holders::Verdict::Unchecked`]), naming what.
 //!
-//! A domain uses the GPU when a `[[vm]]` entry names it or its XML has a `<hostdev>` with
-//! the GPU's address: either is enough (the union is the safe choice: a hostdev that
-//! libvirt would detach itself still needs the holder check), and a disagreement is
-//! warned about on stderr (libvirtd logs it).
+//! A domain uses each configured GPU its XML has a `<hostdev>` of ([`gpus_used`]); a
+//! `[[vm]]` entry whose XML passes none uses the primary GPU (the union is the safe choice:
+//! a hostdev that libvirt would detach itself still needs the holder check), and a
+//! disagreement is warned about on stderr (libvirtd logs it).
+//!
+//! With several GPUs (ARCHITECTURE.md, "Several GPUs"): a domain gets every GPU it uses or
+//! none — locks in address order, every GPU checked before any is touched, the ones bound
+//! returned when a later one fails; each GPU has its own lock, record and state file, so
+//! two domains on two GPUs never wait for each other. A GPU that drives the host's display
+//! is refused unless its `[[gpu]]` says `allow_display = true`.
 
 use std::io::Write;
 use std::path::Path;
@@ -128,32 +134,14 @@ pub fn hostdev_addresses(xml: &str) -> Vec<PciAddress> {
     domain_hostdevs(xml).unwrap_or_default()
 }
 
-/// Whether `domain` uses the GPU, with a warning when config and XML disagree. An XML that
-/// cannot be read is an error: whether it passes the GPU through is then unknown.
+/// Whether `domain` uses any configured GPU, with the warnings [`gpus_used`] gives. An XML
+/// that cannot be read is an error: whether it passes a GPU through is then unknown.
 pub fn uses_gpu(cfg: &Config, domain: &str, xml: &str) -> Result<(bool, Option<String>), DomainXmlError> {
-    let configured = cfg.vms.iter().any(|v| v.name == domain);
-    let in_xml = if xml.trim().is_empty() {
-        false
-    } else {
-        domain_hostdevs(xml)?
-            .iter()
-            .any(|a| a.same_slot(&cfg.gpu.address))
-    };
-    let domain = crate::escape::plain(domain);
-    let warning = match (configured, in_xml) {
-        (true, false) if !xml.trim().is_empty() => Some(format!(
-            "handoff: warning: {domain} is a [[vm]] in the config but its XML passes no function of {} through; \
-             the GPU is prepared anyway (add it as a <hostdev> for the VM to see it)",
-            cfg.gpu.address
-        )),
-        (false, true) => Some(format!(
-            "handoff: warning: {domain} passes {} through but is not a [[vm]] in /etc/handoff/config.toml; \
-             handoff guards it anyway (add it to the config so the tray and block know it)",
-            cfg.gpu.address
-        )),
-        _ => None,
-    };
-    Ok((configured || in_xml, warning))
+    let (gpus, warnings) = gpus_used(cfg, domain, xml)?;
+    Ok((
+        !gpus.is_empty(),
+        (!warnings.is_empty()).then(|| warnings.join("\n")),
+    ))
 }
 
 /// The refusal of a start whose domain XML could not be read.
@@ -213,57 +201,161 @@ fn event(
     if !matches!((op, sub), ("prepare", "begin") | ("release", "end")) {
         return 0;
     }
-    let uses = match xml {
-        Ok(x) => uses_gpu(cfg, domain, x).map_err(|e| e.to_string()),
+    let used = match xml {
+        Ok(x) => gpus_used(cfg, domain, x).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    let (uses, warning) = match uses {
+    let (gpus, warnings) = match used {
         Ok(u) => u,
         Err(why) if op == "prepare" => {
             let _ = writeln!(err, "{}", unreadable_xml(cfg, domain, &why));
             return 1;
         }
-        Err(_) => (true, None),
+        // A release acts only on records naming this domain: safe with every GPU.
+        Err(_) => (cfg.gpu.iter().map(|g| g.address).collect(), Vec::new()),
     };
-    if !uses {
+    if op == "prepare" && gpus.is_empty() {
         return 0;
     }
-    if let Some(w) = warning {
+    for w in warnings {
         let _ = writeln!(err, "{w}");
     }
-    // Domain names are libvirt's, but may hold anything but '/': shown escaped.
+    if op == "prepare"
+        && let Ok(x) = xml
+    {
+        for w in macos_warnings(cfg, domain, x, &gpus) {
+            let _ = writeln!(err, "{w}");
+        }
+    }
+    if op == "prepare" {
+        prepare(cfg, domain, &gpus, err)
+    } else {
+        // Every GPU whose record names this domain too: it is what the domain was given,
+        // whatever its definition says now.
+        let host = &cfg.host;
+        let mut all = gpus;
+        for g in cfg.gpu.iter() {
+            let named = matches!(RestoreRecord::load(host, g.address), Ok(Some(r)) if r.vm.as_deref() == Some(domain));
+            if named && !all.contains(&g.address) {
+                all.push(g.address);
+            }
+        }
+        for address in all {
+            release_one(cfg, domain, address, err);
+        }
+        0
+    }
+}
+
+/// The configured GPUs a domain takes, in lock order, with warnings for libvirtd's log: the
+/// GPUs its XML passes through ([`crate::gpus::taken_by`]); a `[[vm]]` whose XML passes none
+/// takes the primary GPU, as before there were several (the union is the safe choice: a
+/// hostdev that libvirt would detach itself still needs the holder check). A disagreement
+/// between config and XML is warned about.
+pub fn gpus_used(
+    cfg: &Config,
+    domain: &str,
+    xml: &str,
+) -> Result<(Vec<PciAddress>, Vec<String>), DomainXmlError> {
+    let configured = cfg.vms.iter().any(|v| v.name == domain);
+    let hostdevs = if xml.trim().is_empty() {
+        Vec::new()
+    } else {
+        domain_hostdevs(xml)?
+    };
+    let mut gpus: Vec<PciAddress> = crate::gpus::taken_by(cfg, &hostdevs)
+        .iter()
+        .map(|g| g.address)
+        .collect();
+    let shown = crate::escape::plain(domain);
+    let mut warnings = Vec::new();
+    match (configured, gpus.is_empty()) {
+        (true, true) => {
+            if !xml.trim().is_empty() {
+                warnings.push(format!(
+                    "handoff: warning: {shown} is a [[vm]] in the config but its XML passes no function of {} through; \
+                     the GPU is prepared anyway (add it as a <hostdev> for the VM to see it)",
+                    cfg.gpu.address
+                ));
+            }
+            gpus.push(cfg.gpu.address);
+        }
+        (false, false) => {
+            let list: Vec<String> = gpus.iter().map(ToString::to_string).collect();
+            warnings.push(format!(
+                "handoff: warning: {shown} passes {} through but is not a [[vm]] in /etc/handoff/config.toml; \
+                 handoff guards it anyway (add it to the config so the tray and block know it)",
+                list.join(" and ")
+            ));
+        }
+        _ => {}
+    }
+    Ok((gpus, warnings))
+}
+
+/// The warnings of a start of a macOS VM (its libosinfo id) given an NVIDIA GPU newer than
+/// Kepler: macOS has no driver for it, so the VM would start with a GPU it cannot use.
+/// Said, not refused: the start itself is safe.
+fn macos_warnings(cfg: &Config, domain: &str, xml: &str, gpus: &[PciAddress]) -> Vec<String> {
+    if !crate::gpus::libosinfo_id(xml).is_some_and(|id| crate::gpus::is_macos_id(&id)) {
+        return Vec::new();
+    }
+    let shown = crate::escape::plain(domain);
+    gpus.iter()
+        .filter_map(|a| macos_nvidia_warning(&cfg.host, &shown, *a))
+        .map(|w| format!("handoff: warning: {w}"))
+        .collect()
+}
+
+/// The warning for a macOS VM given an NVIDIA GPU newer than Kepler, or None.
+pub fn macos_nvidia_warning(host: &crate::host::Host, vm: &str, address: PciAddress) -> Option<String> {
+    let g = crate::gpu::read_gpu(host, address).ok()?;
+    let f = g.graphics()?;
+    crate::gpus::nvidia_newer_than_kepler(f.vendor, f.device).then(|| {
+        format!(
+            "{vm} is a macOS VM and GPU {address} ({}) is an NVIDIA card newer than Kepler: macOS has no driver for it, \
+             so the VM will not use it (give macOS an Intel iGPU or a supported AMD card)",
+            g.name.as_deref().unwrap_or("NVIDIA")
+        )
+    })
+}
+
+/// `prepare begin` for the GPUs a domain takes: all of them or none. Locks are taken in
+/// address order and held until every state file is written; a GPU with another VM, or one
+/// that drives the host's display without `allow_display`, refuses the start before any
+/// change; a bind that fails after another GPU was bound returns that GPU to the host.
+fn prepare(cfg: &Config, domain: &str, gpus: &[PciAddress], err: &mut dyn Write) -> i32 {
+    let host = &cfg.host;
     let shown = crate::escape::plain(domain);
     let domain = &domain.to_owned();
-    let host = &cfg.host;
-    let address = cfg.gpu.address;
-    let timeout = Duration::from_secs(cfg.gpu.watchdog_s);
     let mut quiet = |_: &bind::plan::Step| {};
-    // One handoff of this GPU at a time, held from reading the record to writing the state
-    // file: another domain's prepare (libvirtd does not serialise two starts), a release,
-    // `handoff bind` or `rebind` waits here and then sees what this one did.
-    let lock = match GpuLock::acquire(host, address, bind::lock::wait_for(timeout)) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = writeln!(err, "handoff: {e}");
-            if op != "prepare" {
-                let _ = writeln!(
-                    err,
-                    "handoff: GPU {address} was not returned for {shown}; once the other handoff is over, \
-                     `handoff rebind --force` returns it"
-                );
+    let mut locks = Vec::new();
+    for address in gpus {
+        let gc = cfg.gpu.at(*address).unwrap_or(&cfg.gpu);
+        let timeout = Duration::from_secs(gc.watchdog_s);
+        // One handoff of this GPU at a time, held from reading the record to writing the
+        // state file: another domain's prepare (libvirtd does not serialise two starts), a
+        // release, `handoff bind` or `rebind` waits here and then sees what this one did.
+        match GpuLock::acquire(host, *address, bind::lock::wait_for(timeout)) {
+            Ok(l) => locks.push(l),
+            Err(e) => {
+                let _ = writeln!(err, "handoff: {e}");
+                // Refuse a start we cannot make safely.
+                return 1;
             }
-            // Refuse a start we cannot make safely; never block a release.
-            return if op == "prepare" { 1 } else { 0 };
         }
-    };
+    }
+    let primary = |a: PciAddress| a == cfg.gpu.address;
     // Read under the lock: what the handoff before this one left.
-    let mut state = HookState::load(host)
-        .filter(|s| s.gpu == address)
-        .unwrap_or_else(|| HookState::new(address));
-    let code = if op == "prepare" {
+    let mut states: Vec<HookState> = gpus
+        .iter()
+        .map(|a| HookState::load_gpu(host, *a).unwrap_or_else(|| HookState::new(*a)))
+        .collect();
+    // Before any change: every GPU is free for this domain and may be handed at all.
+    for (i, address) in gpus.iter().enumerate() {
         // A record of another VM, bound or still being bound: that VM has the GPU. The
         // state file keeps saying so (it is that VM's), only the refusal is added.
-        let busy = match RestoreRecord::load(host, address) {
+        let busy = match RestoreRecord::load(host, *address) {
             Ok(r) => bind::check_not_with_another(r.as_ref(), Some(domain)),
             // A damaged record: the engine refuses it below, saying what to do.
             Err(_) => Ok(()),
@@ -271,30 +363,59 @@ fn event(
         if let Err(e) = busy {
             let msg = e.to_string();
             let _ = writeln!(err, "{msg}");
-            state.last_error = Some(msg);
-            let _ = state.save(host);
+            states[i].last_error = Some(msg);
+            let _ = states[i].save_gpu(host, primary(*address));
             return 1;
         }
+        let gc = cfg.gpu.at(*address).unwrap_or(&cfg.gpu);
+        if !gc.allow_display && crate::gpus::boot_vga(host, *address) {
+            let why = crate::gpus::display_use(host, *address, &[]).unwrap_or_default();
+            let msg = crate::gpus::display_refusal(*address, domain, &why);
+            let _ = writeln!(err, "{msg}");
+            let state = &mut states[i];
+            state.last_refusal = Some(Refusal {
+                vm: domain.clone(),
+                at: crate::bind::record::now(),
+                holders: Vec::new(),
+                message: msg,
+            });
+            let _ = state.save_gpu(host, primary(*address));
+            return 1;
+        }
+    }
+    let mut bound: Vec<usize> = Vec::new();
+    for (i, address) in gpus.iter().enumerate() {
+        let gc = cfg.gpu.at(*address).unwrap_or(&cfg.gpu);
+        let timeout = Duration::from_secs(gc.watchdog_s);
+        let state = &mut states[i];
         state.phase = HookPhase::Binding;
         state.vm = Some(domain.clone());
-        let _ = state.save(host);
-        match bind::hand_to_vfio_locked(&lock, host, Some(domain), timeout, &mut quiet) {
+        let _ = state.save_gpu(host, primary(*address));
+        match bind::hand_to_vfio_locked(&locks[i], host, Some(domain), timeout, &mut quiet) {
             Ok(_) => {
                 state.phase = HookPhase::Vfio;
                 state.last_error = None;
-                0
+                bound.push(i);
             }
             Err(e) => {
-                let _ = writeln!(err, "{e}");
+                let mut msg = e.to_string();
+                // A display server among the holders: say first what the GPU is to this host.
+                if let BindError::Refused { holders, .. } = &e
+                    && !gc.allow_display
+                    && let Some(why) = crate::gpus::display_use(host, *address, holders)
+                {
+                    msg = format!("{}\n{msg}", crate::gpus::display_refusal(*address, domain, &why));
+                }
+                let _ = writeln!(err, "{msg}");
                 state.vm = None;
-                state.phase = phase_after_error(host, address);
+                state.phase = phase_after_error(host, *address);
                 match &e {
                     BindError::Refused { holders, .. } => {
                         state.last_refusal = Some(Refusal {
                             vm: domain.clone(),
                             at: state.updated,
                             holders: holders.clone(),
-                            message: e.to_string(),
+                            message: msg,
                         });
                     }
                     // Refused too, with nobody to blame: the message says what could
@@ -304,52 +425,121 @@ fn event(
                             vm: domain.clone(),
                             at: state.updated,
                             holders: Vec::new(),
-                            message: e.to_string(),
+                            message: msg,
                         });
                     }
-                    _ => state.last_error = Some(e.to_string()),
+                    _ => state.last_error = Some(msg),
                 }
-                1
+                let _ = state.save_gpu(host, primary(*address));
+                // Both or neither: the GPUs already bound for this domain go home.
+                for j in bound {
+                    let a = gpus[j];
+                    let gc = cfg.gpu.at(a).unwrap_or(&cfg.gpu);
+                    let timeout = Duration::from_secs(gc.watchdog_s);
+                    let back = bind::return_to_host_locked(
+                        &locks[j],
+                        host,
+                        &gc.host_driver,
+                        timeout,
+                        bind::VfioUsers::Wait(Duration::ZERO),
+                        &mut quiet,
+                    );
+                    let st = &mut states[j];
+                    match back {
+                        Ok(_) => {
+                            let _ = writeln!(
+                                err,
+                                "handoff: GPU {a} was returned to the host: {shown} gets all of its GPUs or none"
+                            );
+                            st.phase = HookPhase::Host;
+                            st.vm = None;
+                        }
+                        Err(e) => {
+                            let _ = writeln!(err, "{e}");
+                            st.phase = phase_after_error(host, a);
+                            st.vm = None;
+                            st.last_error = Some(e.to_string());
+                        }
+                    }
+                    if let Err(e) = st.save_gpu(host, primary(a)) {
+                        let _ = writeln!(err, "handoff: cannot write the state of GPU {a}: {e}");
+                    }
+                }
+                return 1;
             }
         }
-    } else {
-        // release: return the GPU only when we took it for this domain (a refused or
-        // failed start also ends in release, with nothing of ours to undo — and when the
-        // refusal was "the GPU is with another VM", that VM must keep it).
-        match RestoreRecord::load(host, address) {
-            Ok(None) => return 0,
-            Ok(Some(r)) if r.vm.as_deref().is_some_and(|v| v != domain) => {
-                let _ = writeln!(
-                    err,
-                    "handoff: not returning GPU {address} for {shown}: the restore record says it is with {}; nothing was changed",
-                    crate::escape::plain(r.vm.as_deref().unwrap_or_default())
-                );
-                return 0;
-            }
-            _ => {}
-        }
-        state.phase = HookPhase::Returning;
-        let _ = state.save(host);
-        // QEMU may still be exiting when libvirt runs this: wait for it up to the watchdog.
-        let vfio = bind::VfioUsers::Wait(timeout);
-        match bind::return_to_host_locked(&lock, host, &cfg.gpu.host_driver, timeout, vfio, &mut quiet) {
-            Ok(_) => {
-                state.phase = HookPhase::Host;
-                state.vm = None;
-                state.last_error = None;
-            }
-            Err(e) => {
-                let _ = writeln!(err, "{e}");
-                state.phase = phase_after_error(host, address);
-                state.last_error = Some(e.to_string());
-            }
-        }
-        0
-    };
-    if let Err(e) = state.save(host) {
-        let _ = writeln!(err, "handoff: cannot write {}: {e}", host.state_file().display());
     }
-    code
+    for (i, address) in gpus.iter().enumerate() {
+        if let Err(e) = states[i].save_gpu(host, primary(*address)) {
+            let _ = writeln!(
+                err,
+                "handoff: cannot write {}: {e}",
+                HookState::path_for(host, *address, primary(*address)).display()
+            );
+        }
+    }
+    0
+}
+
+/// `release end` for one GPU: return it only when we took it for this domain (a refused or
+/// failed start also ends in release, with nothing of ours to undo — and when the refusal
+/// was "the GPU is with another VM", that VM must keep it).
+fn release_one(cfg: &Config, domain: &str, address: PciAddress, err: &mut dyn Write) {
+    let host = &cfg.host;
+    let shown = crate::escape::plain(domain);
+    let gc = cfg.gpu.at(address).unwrap_or(&cfg.gpu);
+    let timeout = Duration::from_secs(gc.watchdog_s);
+    let primary = address == cfg.gpu.address;
+    let mut quiet = |_: &bind::plan::Step| {};
+    let lock = match GpuLock::acquire(host, address, bind::lock::wait_for(timeout)) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = writeln!(err, "handoff: {e}");
+            let _ = writeln!(
+                err,
+                "handoff: GPU {address} was not returned for {shown}; once the other handoff is over, \
+                 `handoff rebind --force` returns it"
+            );
+            // Never block a release.
+            return;
+        }
+    };
+    let mut state = HookState::load_gpu(host, address).unwrap_or_else(|| HookState::new(address));
+    match RestoreRecord::load(host, address) {
+        Ok(None) => return,
+        Ok(Some(r)) if r.vm.as_deref().is_some_and(|v| v != domain) => {
+            let _ = writeln!(
+                err,
+                "handoff: not returning GPU {address} for {shown}: the restore record says it is with {}; nothing was changed",
+                crate::escape::plain(r.vm.as_deref().unwrap_or_default())
+            );
+            return;
+        }
+        _ => {}
+    }
+    state.phase = HookPhase::Returning;
+    let _ = state.save_gpu(host, primary);
+    // QEMU may still be exiting when libvirt runs this: wait for it up to the watchdog.
+    let vfio = bind::VfioUsers::Wait(timeout);
+    match bind::return_to_host_locked(&lock, host, &gc.host_driver, timeout, vfio, &mut quiet) {
+        Ok(_) => {
+            state.phase = HookPhase::Host;
+            state.vm = None;
+            state.last_error = None;
+        }
+        Err(e) => {
+            let _ = writeln!(err, "{e}");
+            state.phase = phase_after_error(host, address);
+            state.last_error = Some(e.to_string());
+        }
+    }
+    if let Err(e) = state.save_gpu(host, primary) {
+        let _ = writeln!(
+            err,
+            "handoff: cannot write {}: {e}",
+            HookState::path_for(host, address, primary).display()
+        );
+    }
 }
 
 fn phase_after_error(host: &crate::host::Host, address: PciAddress) -> HookPhase {

@@ -3,7 +3,8 @@
 //! thin binaries over it.
 //!
 //! Layers, bottom up: [`pci`], [`host`] and [`config`] (pure values); [`gpu`] and
-//! [`holders`] (read-only sysfs and `/proc`); [`status`] and [`doctor`] (what surfaces
+//! [`holders`] (read-only sysfs and `/proc`), [`gpus`] (which GPUs a VM takes, which drives
+//! the display, what each kind needs); [`status`] and [`doctor`] (what surfaces
 //! show); [`verdict`] (the one decision of what state a GPU is in, which every surface
 //! renders) and [`action`] (the one vocabulary of what a person can do, with one
 //! implementation of each action that needs no libvirt); [`bind`] (plans and executes a handoff), [`hook`] (what libvirtd runs) and
@@ -29,6 +30,7 @@ pub mod demo;
 pub mod doctor;
 pub mod escape;
 pub mod gpu;
+pub mod gpus;
 pub mod holders;
 pub mod hook;
 pub mod hooks;

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use handoff::config::{Config, Source};
-use handoff::verdict::HookFiles;
 use handoff::{doctor, status};
 
 // The seed's command names (argv[0] dispatch) and `handoff __generate` (man pages,
@@ -42,9 +41,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Who owns the GPU, which VM runs, and what uses the GPU (also installed as `vfio-status`).
+    /// Who owns the GPU (each one, when there are several), which VM runs, and what uses it (also installed as `vfio-status`).
+    ///
+    /// With several [[gpu]] entries, every GPU is shown, each with its own verdict; GPU (an
+    /// address or a [[gpu]] label) narrows it to one. --json is one object: `schema`, the
+    /// primary (or named) GPU's `gpu` and `verdict`, `vms`, and `gpus`, a list of every GPU.
     #[command(visible_alias = "vfio-status")]
-    Status(JsonFlag),
+    Status(GpuArgs),
     /// The processes that would stop a handoff now: what holds the GPU's device nodes, and
     /// what holds its VFIO group /dev/vfio/<group> (a VM's QEMU, named with its VM), which
     /// keeps it from returning to the host.
@@ -54,7 +57,10 @@ enum Command {
     /// (processes it could not inspect, an unreadable /proc or /proc/iomem, no device node of
     /// the GPU under [host] dev): a handoff would be refused then. Unprivileged, it sees your
     /// own processes only and so exits 4 unless one of them holds the GPU; as root it sees all.
-    Blockers(JsonFlag),
+    ///
+    /// With several [[gpu]] entries, every GPU is scanned (exit 1 when any is held, else 4 when
+    /// any was not wholly checked); GPU (an address or a [[gpu]] label) narrows it to one.
+    Blockers(GpuArgs),
     /// Is this host ready for passthrough, and what to fix (exit 0 ready, 1 problems found).
     Doctor(DoctorArgs),
     /// Validate or show the configuration.
@@ -138,8 +144,9 @@ enum Command {
     /// tray on it when there is a display, and the bar block's line per change here.
     ///
     /// Without a display, or with --script, it walks through the handoff itself: start
-    /// (refused, naming the process), terminate the process, start (GPU to vfio-pci), stop
-    /// (GPU back to nvidia). Needs root (a FUSE mount). Ctrl-C ends it and removes all of
+    /// (refused, naming the process), terminate the process, start (GPU to vfio-pci), a
+    /// macOS VM taking the iGPU meanwhile and giving it back, stop (GPU back to nvidia).
+    /// Needs root (a FUSE mount). Ctrl-C ends it and removes all of
     /// it: children, mount, temporary directory.
     #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
     Demo(DemoArgs),
@@ -296,8 +303,9 @@ struct RebindArgs {
     /// Rebind even though a VM still holds the GPU. The VM loses its GPU and will likely crash.
     #[arg(long)]
     even_if_vm_runs: bool,
-    /// Refuse unless the config's [gpu] address is this one. The tray passes it so that
-    /// pkexec's password prompt names the GPU that will be touched.
+    /// Return this GPU (a [[gpu]] address; default: the primary one), and refuse unless the
+    /// config has it. The tray passes it so that pkexec's password prompt names the GPU that
+    /// will be touched.
     #[arg(long, value_name = "ADDRESS")]
     gpu: Option<handoff::pci::PciAddress>,
 }
@@ -310,6 +318,18 @@ struct BindArgs {
     /// Record this VM as the GPU's holder.
     #[arg(long)]
     vm: Option<String>,
+    /// Which GPU, with several [[gpu]] entries: its address or label (default: the primary one).
+    #[arg(long, value_name = "GPU")]
+    gpu: Option<String>,
+}
+
+#[derive(Args)]
+struct GpuArgs {
+    /// Only this GPU: its address (0000:01:00.0, or 01:00.0) or its [[gpu]] label.
+    gpu: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -404,8 +424,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(f) => (Config::load_file(&f)?, Source::File(f)),
                 None => load_config(cli.config)?,
             };
-            println!("{source}: ok ({} VM(s), GPU {})", cfg.vms.len(), cfg.gpu.address);
-            Ok(ExitCode::SUCCESS)
+            println!("{source}: ok ({} VM(s), {})", cfg.vms.len(), cfg.gpus_summary());
+            Ok(config_check_vms(&cfg))
         }
         Command::Config(ConfigCommand::Show) => {
             let (cfg, source) = load_config(cli.config)?;
@@ -416,27 +436,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status(flags) => {
-            let (cfg, _) = load_config(cli.config)?;
-            let st = collect_status(&cfg)?;
-            let verdict = st.verdict(&HookFiles::load(&cfg.host, cfg.gpu.address));
-            if flags.json {
-                print_json(&status::Report { status: &st, verdict })?;
-            } else {
-                print!("{}", st.report_text(&verdict));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Blockers(flags) => {
-            let (cfg, _) = load_config(cli.config)?;
-            let blockers = handoff::blockers::Blockers::check(&cfg.host, cfg.gpu.address)?;
-            if flags.json {
-                print_json(&blockers.json())?;
-            } else {
-                print!("{}", blockers.render_text());
-            }
-            Ok(ExitCode::from(blockers.exit_code()))
-        }
+        Command::Status(args) => status_each(cli.config, args),
+        Command::Blockers(args) => blockers_each(cli.config, args),
         #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
         Command::Demo(a) => {
             let exe = std::env::current_exe().context("finding the handoff binary")?;
@@ -516,6 +517,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     #[allow(unused_mut)]
                     let mut extra =
                         doctor::libvirt_checks(&cfg, &mut |vm| handoff::hypervisor::vm_status(&mut *hv, vm));
+                    extra.extend(doctor::vm_definition_checks(&cfg, &mut |vm| {
+                        hv.describe(&handoff::hypervisor::VmRef::from(vm))
+                            .map(|d| d.definition)
+                            .map_err(|e| e.to_string())
+                    }));
                     #[cfg(feature = "inhibit")]
                     extra.push(handoff::inhibit::doctor_check());
                     extra
@@ -531,11 +537,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn collect_status(cfg: &Config) -> anyhow::Result<status::Status> {
-    let mut hv = handoff::hypervisor::open(cfg);
-    Ok(status::collect(cfg, &mut |vm| {
+/// `handoff status [GPU]`: every GPU (or the one named), each with its verdict.
+fn status_each(config: Option<PathBuf>, args: GpuArgs) -> anyhow::Result<ExitCode> {
+    let (cfg, _) = load_config(config)?;
+    let mut hv = handoff::hypervisor::open(&cfg);
+    let each = status::collect_each(&cfg, args.gpu.as_deref(), &mut |vm| {
         handoff::hypervisor::vm_status(&mut *hv, vm)
-    })?)
+    })?;
+    let report = status::AllReport::new(&cfg, &each).context("no GPU to show")?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", report.report_text(&each));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `handoff blockers [GPU]`: every GPU's holders (or the one named's).
+fn blockers_each(config: Option<PathBuf>, args: GpuArgs) -> anyhow::Result<ExitCode> {
+    let (cfg, _) = load_config(config)?;
+    let each = handoff::blockers::Each::check(&cfg, args.gpu.as_deref())?;
+    if args.json {
+        print_json(&each.json().context("no GPU to scan")?)?;
+    } else {
+        print!("{}", each.render_text());
+    }
+    Ok(ExitCode::from(each.exit_code()))
+}
+
+/// `config check`'s look at the VMs' definitions: devices they pass through that no
+/// [[gpu]] names, a macOS VM given an NVIDIA card it has no driver for. Printed only when
+/// there is something to say; never a failure of the check (the file itself is fine), and a
+/// VM whose definition cannot be read is passed over (`handoff doctor` reports it).
+fn config_check_vms(cfg: &Config) -> ExitCode {
+    let mut hv = handoff::hypervisor::open(cfg);
+    let checks = doctor::vm_definition_checks(cfg, &mut |vm| {
+        hv.describe(&handoff::hypervisor::VmRef::from(vm))
+            .map(|d| d.definition)
+            .map_err(|e| e.to_string())
+    });
+    print!("{}", doctor::render_checks(&checks));
+    ExitCode::SUCCESS
 }
 
 fn progress(step: &handoff::bind::plan::Step, host: &handoff::Host) {
@@ -554,12 +596,13 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
         gpu: args.gpu,
         even_if_vm_runs: args.even_if_vm_runs,
     };
-    guard.check_gpu(&cfg, &source)?;
+    // With several [[gpu]] entries, --gpu chooses; without it, the primary one.
+    let gc = guard.pick_gpu(&cfg, &source)?;
     let host = &cfg.host;
-    let g = handoff::gpu::read_gpu(host, cfg.gpu.address)?;
-    let record = RestoreRecord::load(host, cfg.gpu.address)?;
+    let g = handoff::gpu::read_gpu(host, gc.address)?;
+    let record = RestoreRecord::load(host, gc.address)?;
     if !writes {
-        let steps = handoff::bind::return_plan(&g, record.as_ref(), &cfg.gpu.host_driver);
+        let steps = handoff::bind::return_plan(&g, record.as_ref(), &gc.host_driver);
         if steps.is_empty() {
             println!(
                 "GPU {} is {} and there is no restore record: nothing to return.",
@@ -589,7 +632,7 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
             handoff::bind::guard::indented(&taken)
         );
     }
-    let timeout = std::time::Duration::from_secs(cfg.gpu.watchdog_s);
+    let timeout = std::time::Duration::from_secs(gc.watchdog_s);
     eprintln!("Returning GPU {} to the host:", g.address);
     // Users were checked above: none, or the person said to take the GPU anyway.
     let vfio = if args.even_if_vm_runs {
@@ -597,14 +640,9 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
     } else {
         handoff::bind::VfioUsers::Wait(std::time::Duration::ZERO)
     };
-    match handoff::bind::return_to_host_with(
-        host,
-        cfg.gpu.address,
-        &cfg.gpu.host_driver,
-        timeout,
-        vfio,
-        &mut |s| progress(s, host),
-    ) {
+    match handoff::bind::return_to_host_with(host, gc.address, &gc.host_driver, timeout, vfio, &mut |s| {
+        progress(s, host)
+    }) {
         Ok(out) if out.steps.is_empty() => {
             println!(
                 "GPU {} is {} and there is no restore record: nothing to return, nothing was changed.",
@@ -616,13 +654,13 @@ fn rebind(config: Option<PathBuf>, args: RebindArgs) -> anyhow::Result<ExitCode>
         Ok(_) => {
             // The hook's state.json still says "restore required": the tray, the details
             // window and the bar read it, so it must say the GPU is home now.
-            if let Err(e) = handoff::state::HookState::returned_by_hand(host, cfg.gpu.address) {
+            if let Err(e) = handoff::state::HookState::returned_by_hand(host, gc.address) {
                 eprintln!(
                     "handoff: warning: cannot update {}: {e}; the tray may still say a restore is required",
                     host.state_file().display()
                 );
             }
-            let g = handoff::gpu::read_gpu(host, cfg.gpu.address)?;
+            let g = handoff::gpu::read_gpu(host, gc.address)?;
             println!("GPU {} is back {}.", g.address, g.owner_phrase());
             Ok(ExitCode::SUCCESS)
         }
@@ -641,7 +679,15 @@ fn bind(config: Option<PathBuf>, args: BindArgs) -> anyhow::Result<ExitCode> {
         load_config_to_write(config)?
     };
     let host = &cfg.host;
-    let g = handoff::gpu::read_gpu(host, cfg.gpu.address)?;
+    // --gpu chooses among several [[gpu]] entries; without it, the primary one.
+    let gc = match &args.gpu {
+        Some(name) => cfg
+            .gpu
+            .find(name)
+            .with_context(|| format!("no [[gpu]] is {name:?} (an address or label from the config)"))?,
+        None => cfg.gpu.primary(),
+    };
+    let g = handoff::gpu::read_gpu(host, gc.address)?;
     if args.dry_run {
         println!(
             "GPU {} is {}. To hand it to vfio-pci, handoff would:",
@@ -653,9 +699,9 @@ fn bind(config: Option<PathBuf>, args: BindArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let timeout = std::time::Duration::from_secs(cfg.gpu.watchdog_s);
+    let timeout = std::time::Duration::from_secs(gc.watchdog_s);
     eprintln!("Handing GPU {} to vfio-pci:", g.address);
-    match handoff::bind::hand_to_vfio(host, cfg.gpu.address, args.vm.as_deref(), timeout, &mut |s| {
+    match handoff::bind::hand_to_vfio(host, gc.address, args.vm.as_deref(), timeout, &mut |s| {
         progress(s, host)
     }) {
         Ok(_) => {

@@ -56,6 +56,9 @@ pub struct SimSpec {
     pub drivers: Vec<String>,
     /// Make the NVIDIA device nodes (`nvidia0`, `nvidiactl`, `nvidia-modeset`, `nvidia-uvm*`).
     pub nvidia_nodes: bool,
+    /// The VGA device the firmware booted on: its `boot_vga` reads 1, every other VGA
+    /// device's 0 (the kernel has the file on VGA-class devices only).
+    pub boot_vga: Option<PciAddress>,
 }
 
 pub const RTX_3090_TI: PciAddress = PciAddress::new(0, 1, 0, 0);
@@ -126,6 +129,8 @@ impl SimSpec {
             .map(String::from)
             .to_vec(),
             nvidia_nodes: true,
+            // Both seeds' firmware shows its console on the iGPU.
+            boot_vga: Some(IGPU),
         }
     }
 
@@ -319,6 +324,12 @@ impl SimHost {
         )?;
         for f in ["remove", "reset", "rescan"] {
             w(f, String::new())?;
+        }
+        if func.class >> 8 == 0x0300 {
+            w(
+                "boot_vga",
+                format!("{}\n", u8::from(spec.boot_vga == Some(func.address))),
+            )?;
         }
         // BAR0 and BAR1 like a 3090 Ti's; other functions get a small BAR0.
         let resource = if func.class >> 8 == 0x0300 && func.vendor == 0x10de {

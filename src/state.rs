@@ -99,9 +99,42 @@ impl HookState {
     }
 
     pub fn save(&mut self, host: &Host) -> io::Result<()> {
+        self.save_to(&host.state_file())
+    }
+
+    fn save_to(&mut self, path: &std::path::Path) -> io::Result<()> {
         self.updated = now();
         let json = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
-        write_atomic(&host.state_file(), &json, 0o644)
+        write_atomic(path, &json, 0o644)
+    }
+
+    /// Where the state of `gpu` lives: the primary GPU's in `state.json` (the file every
+    /// surface read before there were several GPUs), each other GPU's in
+    /// `state-<BDF>.json`, so that two VMs on two GPUs never overwrite each other's.
+    pub fn path_for(host: &Host, gpu: PciAddress, primary: bool) -> PathBuf {
+        if primary {
+            host.state_file()
+        } else {
+            host.run.join(format!("state-{gpu}.json"))
+        }
+    }
+
+    /// The state of `gpu`: its own `state-<BDF>.json`, else `state.json` when that is about
+    /// `gpu` (the primary GPU's, or one written before there were several).
+    pub fn load_gpu(host: &Host, gpu: PciAddress) -> Option<Self> {
+        let own = Self::path_for(host, gpu, false);
+        match crate::bounded::read(&own, crate::bounded::Links::Refuse) {
+            Ok(bytes) => serde_json::from_slice::<Self>(&bytes)
+                .ok()
+                .filter(|s| s.gpu == gpu),
+            Err(_) => Self::load(host).filter(|s| s.gpu == gpu),
+        }
+    }
+
+    /// Saves the state of its GPU where [`HookState::path_for`] says.
+    pub fn save_gpu(&mut self, host: &Host, primary: bool) -> io::Result<()> {
+        let path = Self::path_for(host, self.gpu, primary);
+        self.save_to(&path)
     }
 
     /// After the GPU was returned by hand (`handoff rebind --force`): the file says it is
@@ -109,7 +142,7 @@ impl HookState {
     /// kept (it is history); nothing is written when the hook never ran, or ran for
     /// another GPU, or already says so.
     pub fn returned_by_hand(host: &Host, gpu: PciAddress) -> io::Result<()> {
-        let Some(mut state) = HookState::load(host).filter(|s| s.gpu == gpu) else {
+        let Some(mut state) = HookState::load_gpu(host, gpu) else {
             return Ok(());
         };
         if state.phase == HookPhase::Host && state.vm.is_none() && state.last_error.is_none() {
@@ -118,7 +151,13 @@ impl HookState {
         state.phase = HookPhase::Host;
         state.vm = None;
         state.last_error = None;
-        state.save(host)
+        // Back where it was read from.
+        let own = Self::path_for(host, gpu, false);
+        if own.exists() {
+            state.save_to(&own)
+        } else {
+            state.save(host)
+        }
     }
 }
 

@@ -114,13 +114,70 @@ impl VmStatus {
 pub enum StatusError {
     #[error(transparent)]
     Sysfs(#[from] gpu::SysfsError),
+    #[error("no [[gpu]] is {name:?}: name one by its address or label ({known})")]
+    NoSuchGpu { name: String, known: String },
 }
 
-/// Read everything a surface shows. `probe` answers each VM's state (libvirt in the CLI,
-/// the hook's state file in the block).
+/// Read everything a surface shows about the primary GPU. `probe` answers each VM's state
+/// (libvirt in the CLI, the hook's state file in the block).
 pub fn collect(cfg: &Config, probe: &mut dyn FnMut(&VmConfig) -> VmStatus) -> Result<Status, StatusError> {
+    let vms: Vec<VmStatus> = cfg.vms.iter().map(probe).collect();
+    collect_gpu(cfg, &cfg.gpu, vms)
+}
+
+/// `status --json`'s schema: 2 added `schema` and `gpus` (every GPU with its verdict); the
+/// fields of 1 (`gpu`, `vms`, `verdict`, about the primary GPU or the one asked for) stay.
+pub const SCHEMA: u32 = 2;
+
+/// The status of each configured GPU (or only of `only`, an address or label), in file
+/// order, the VMs probed once.
+pub fn collect_each(
+    cfg: &Config,
+    only: Option<&str>,
+    probe: &mut dyn FnMut(&VmConfig) -> VmStatus,
+) -> Result<Vec<Status>, StatusError> {
+    let chosen = chosen_gpus(cfg, only)?;
+    let vms: Vec<VmStatus> = cfg.vms.iter().map(probe).collect();
+    chosen
+        .into_iter()
+        .map(|g| collect_gpu(cfg, g, vms.clone()))
+        .collect()
+}
+
+/// The configured GPUs a command is about: all of them, or the one `only` names.
+pub fn chosen_gpus<'a>(
+    cfg: &'a Config,
+    only: Option<&str>,
+) -> Result<Vec<&'a crate::config::GpuConfig>, StatusError> {
+    match only {
+        None => Ok(cfg.gpu.iter().collect()),
+        Some(name) => cfg
+            .gpu
+            .find(name)
+            .map(|g| vec![g])
+            .ok_or_else(|| StatusError::NoSuchGpu {
+                name: crate::escape::plain(name),
+                known: cfg
+                    .gpu
+                    .iter()
+                    .map(|g| match &g.label {
+                        Some(l) => format!("{} or {l:?}", g.address),
+                        None => g.address.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+    }
+}
+
+/// One GPU's status with the VMs already probed.
+pub fn collect_gpu(
+    cfg: &Config,
+    gc: &crate::config::GpuConfig,
+    vms: Vec<VmStatus>,
+) -> Result<Status, StatusError> {
     let host = &cfg.host;
-    let g = gpu::read_gpu(host, cfg.gpu.address)?;
+    let g = gpu::read_gpu(host, gc.address)?;
     let (blockers, uninspected, notes) = if g.owner == Owner::Absent {
         (Vec::new(), 0, Vec::new())
     } else {
@@ -131,9 +188,14 @@ pub fn collect(cfg: &Config, probe: &mut dyn FnMut(&VmConfig) -> VmStatus) -> Re
     let vfio_users = holders::vfio_users(host, &g);
     // The uncertainty first: it qualifies everything else shown.
     let notes: Vec<String> = g.lock_note().into_iter().chain(notes).collect();
-    let vms: Vec<VmStatus> = cfg.vms.iter().map(probe).collect();
-    // libvirt may not know it (the VM is gone, or another URI), but its QEMU still runs.
-    let vm = holding_vm(&g, &vms).or_else(|| vfio_vm(&g, &vfio_users));
+    // With several GPUs, "the one active VM" may hold another GPU: the restore record
+    // names this GPU's VM. libvirt may not know it (the VM is gone, or another URI), but its
+    // QEMU still runs.
+    let vm = if cfg.gpu.len() > 1 {
+        record_vm(host, &g, &vms).or_else(|| vfio_vm(&g, &vfio_users))
+    } else {
+        holding_vm(&g, &vms).or_else(|| vfio_vm(&g, &vfio_users))
+    };
     Ok(Status {
         gpu: GpuStatus {
             address: g.address,
@@ -165,6 +227,18 @@ fn holding_vm(g: &Gpu, vms: &[VmStatus]) -> Option<String> {
         (Some(v), None) => Some(v.name.clone()),
         _ => None,
     }
+}
+
+/// The active VM the restore record gives the GPU to, while the GPU is off the host.
+fn record_vm(host: &crate::host::Host, g: &Gpu, vms: &[VmStatus]) -> Option<String> {
+    if !matches!(g.owner, Owner::Vfio | Owner::Mixed) {
+        return None;
+    }
+    let r = crate::bind::record::RestoreRecord::load(host, g.address).ok()??;
+    let vm = r.vm?;
+    vms.iter()
+        .any(|v| v.name == vm && v.state.is_active())
+        .then_some(vm)
 }
 
 /// The VM whose QEMU holds the GPU's VFIO group while the GPU is off the host, when the
@@ -369,6 +443,80 @@ Next: {}
             let _ = writeln!(s, "Note: {n}");
         }
         s
+    }
+}
+
+/// `handoff status --json` with every GPU: the fields of one [`Report`] (the primary GPU,
+/// or the one asked for), `schema`, and `gpus`, each with its own verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct AllReport<'a> {
+    pub schema: u32,
+    #[serde(flatten)]
+    pub first: Report<'a>,
+    pub gpus: Vec<GpuReport<'a>>,
+}
+
+/// One GPU of [`AllReport`].
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuReport<'a> {
+    /// The `[[gpu]] label`, when the config gives one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The GPU surfaces that show one GPU show.
+    pub primary: bool,
+    pub gpu: &'a GpuStatus,
+    pub verdict: Verdict,
+}
+
+impl<'a> AllReport<'a> {
+    /// `each` as [`collect_each`] returned it, each GPU's verdict from its own hook files.
+    pub fn new(cfg: &Config, each: &'a [Status]) -> Option<Self> {
+        let verdict = |s: &Status| s.verdict(&HookFiles::load(&cfg.host, s.gpu.address));
+        let first = each
+            .iter()
+            .find(|s| s.gpu.address == cfg.gpu.address)
+            .or_else(|| each.first())?;
+        Some(AllReport {
+            schema: SCHEMA,
+            first: Report {
+                status: first,
+                verdict: verdict(first),
+            },
+            gpus: each
+                .iter()
+                .map(|s| GpuReport {
+                    label: cfg.gpu.at(s.gpu.address).and_then(|g| g.label.clone()),
+                    primary: s.gpu.address == cfg.gpu.address,
+                    gpu: &s.gpu,
+                    verdict: verdict(s),
+                })
+                .collect(),
+        })
+    }
+
+    /// What `handoff status` prints: with one GPU exactly what it printed before there
+    /// were several; with more, each GPU's report and the VMs once, at the end.
+    pub fn report_text(&self, each: &[Status]) -> String {
+        let mut out = String::new();
+        for (i, (s, r)) in each.iter().zip(&self.gpus).enumerate() {
+            if each.len() > 1 {
+                if i > 0 {
+                    out.push('\n');
+                }
+                let name = r.label.clone().or_else(|| s.gpu.name.clone()).unwrap_or_default();
+                out += &format!("== GPU {} {} ==\n", s.gpu.address, crate::escape::plain(&name));
+            }
+            if i + 1 < each.len() {
+                let without_vms = Status {
+                    gpu: s.gpu.clone(),
+                    vms: Vec::new(),
+                };
+                out += &without_vms.report_text(&r.verdict);
+            } else {
+                out += &s.report_text(&r.verdict);
+            }
+        }
+        out
     }
 }
 

@@ -254,7 +254,7 @@ impl HookFiles {
     /// Only the state file (cheap: the bar compares it before and after a reading).
     pub fn load_state(host: &Host, gpu: PciAddress) -> HookFiles {
         HookFiles {
-            state: HookState::load(host).filter(|s| s.gpu == gpu),
+            state: HookState::load_gpu(host, gpu),
             record: None,
         }
     }
@@ -270,6 +270,18 @@ impl HookFiles {
     pub fn save(&self, host: &Host) -> std::io::Result<()> {
         if let Some(s) = &self.state {
             s.clone().save(host)?;
+        }
+        if let Some(r) = &self.record {
+            r.save(host).map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    /// [`HookFiles::save`] for one of several GPUs: its state file where the hook keeps it
+    /// ([`HookState::path_for`]; the primary GPU's is `state.json`).
+    pub fn save_gpu(&self, host: &Host, primary: bool) -> std::io::Result<()> {
+        if let Some(s) = &self.state {
+            s.clone().save_gpu(host, primary)?;
         }
         if let Some(r) = &self.record {
             r.save(host).map_err(std::io::Error::other)?;

@@ -215,11 +215,11 @@ pub struct GpuReport {
 }
 
 impl GpuReport {
-    fn read(cfg: &Config, uri: &str) -> Result<Self, VmError> {
+    fn read(host: &crate::host::Host, gc: &crate::config::GpuConfig, uri: &str) -> Result<Self, VmError> {
         if !is_local(uri) {
-            return Ok(Self::remote(cfg, uri));
+            return Ok(Self::remote(gc, uri));
         }
-        let g = gpu::read_gpu(&cfg.host, cfg.gpu.address)?;
+        let g = gpu::read_gpu(host, gc.address)?;
         let phrase = if g.owner == Owner::Absent {
             "absent: this machine has no PCI device there".to_owned()
         } else {
@@ -232,9 +232,9 @@ impl GpuReport {
         })
     }
 
-    fn remote(cfg: &Config, uri: &str) -> Self {
+    fn remote(gc: &crate::config::GpuConfig, uri: &str) -> Self {
         Self {
-            address: cfg.gpu.address,
+            address: gc.address,
             owner: None,
             phrase: format!(
                 "on {} (not visible from here)",
@@ -322,6 +322,9 @@ pub struct Ctl<'a> {
     pub gpu_wait: Duration,
     progress: &'a mut dyn FnMut(&str),
     hv: Box<dyn Hypervisor>,
+    /// The GPU the current operation is about: the one the VM's definition passes through
+    /// (its first, in address order, when it takes several), else the primary one.
+    gpu: crate::config::GpuConfig,
 }
 
 impl<'a> Ctl<'a> {
@@ -344,7 +347,39 @@ impl<'a> Ctl<'a> {
             gpu_wait: Duration::from_secs(15),
             progress,
             hv,
+            gpu: cfg.gpu.primary().clone(),
         }
+    }
+
+    /// The configured GPUs `vm` takes, read from its definition as the hook reads them
+    /// ([`crate::hook::gpus_used`]'s rule: none passed through means the primary one). With
+    /// one GPU configured that is it, and the hypervisor is not asked.
+    fn gpus_of(&mut self, vm: &VmConfig) -> Vec<PciAddress> {
+        if self.cfg.gpu.len() < 2 {
+            return vec![self.cfg.gpu.address];
+        }
+        let passed = match self.hv.describe(&VmRef::from(vm)) {
+            Ok(d) => d.passthrough,
+            Err(e) => {
+                tracing::info!("cannot read the definition of {}: {e}", vm.name);
+                Vec::new()
+            }
+        };
+        let gpus: Vec<PciAddress> = crate::gpus::taken_by(self.cfg, &passed)
+            .iter()
+            .map(|g| g.address)
+            .collect();
+        if gpus.is_empty() {
+            vec![self.cfg.gpu.address]
+        } else {
+            gpus
+        }
+    }
+
+    /// Makes `vm`'s (first) GPU the one this operation is about.
+    fn focus(&mut self, vm: &VmConfig) {
+        let first = self.gpus_of(vm)[0];
+        self.gpu = self.cfg.gpu.at(first).unwrap_or(&self.cfg.gpu).clone();
     }
 
     fn say(&mut self, line: &str) {
@@ -356,7 +391,8 @@ impl<'a> Ctl<'a> {
         Ok((p.state, p.reason))
     }
 
-    /// The other configured VMs that are active (they may hold the shared GPU).
+    /// The other configured VMs that are active and take a GPU `vm` takes (with one GPU
+    /// configured: every other active VM).
     fn active_others(&mut self, vm: &VmConfig) -> Vec<(VmConfig, VmState)> {
         let others: Vec<VmConfig> = self
             .cfg
@@ -365,8 +401,12 @@ impl<'a> Ctl<'a> {
             .filter(|o| o.name != vm.name)
             .cloned()
             .collect();
+        let mine = self.gpus_of(vm);
         let mut active = Vec::new();
         for o in others {
+            if self.cfg.gpu.len() > 1 && !self.gpus_of(&o).iter().any(|g| mine.contains(g)) {
+                continue;
+            }
             // A VM we cannot ask (its host is down) cannot be proven to hold the GPU; the
             // hook still refuses if it does.
             match self.state(&o) {
@@ -387,6 +427,7 @@ impl<'a> Ctl<'a> {
 
     /// `handoff start [VM]`: check, start, wait until running, say where the GPU went.
     pub fn start(&mut self, vm: &VmConfig) -> Result<StartOutcome, VmError> {
+        self.focus(vm);
         let (state, _) = self.state(vm)?;
         if state.is_active() {
             let mut out = self.outcome(vm, state, true)?;
@@ -397,7 +438,7 @@ impl<'a> Ctl<'a> {
             return Err(VmError::OtherVmHolds {
                 vm: vm.name.clone(),
                 label: vm.label().to_owned(),
-                gpu: self.cfg.gpu.address,
+                gpu: self.gpu.address,
                 other: other.name.clone(),
                 other_label: other.label().to_owned(),
                 state: s.words(),
@@ -477,7 +518,7 @@ impl<'a> Ctl<'a> {
     fn check_holders(&mut self, vm: &VmConfig) -> Result<(), VmError> {
         use crate::holders::Verdict;
         let host = &self.cfg.host;
-        let g = gpu::read_gpu(host, self.cfg.gpu.address)?;
+        let g = gpu::read_gpu(host, self.gpu.address)?;
         if g.owner != Owner::Host {
             return Ok(());
         }
@@ -502,7 +543,7 @@ impl<'a> Ctl<'a> {
     }
 
     fn outcome(&mut self, vm: &VmConfig, state: VmState, already: bool) -> Result<StartOutcome, VmError> {
-        let gpu = GpuReport::read(self.cfg, &vm.uri)?;
+        let gpu = GpuReport::read(&self.cfg.host, &self.gpu, &vm.uri)?;
         let looking_glass = self
             .hv
             .describe(&VmRef::from(vm))
@@ -546,6 +587,7 @@ impl<'a> Ctl<'a> {
     /// `handoff stop [VM]`: graceful (ACPI) with a timeout, or `force` (destroy); then wait
     /// for the GPU to come home when it was this VM's.
     pub fn stop(&mut self, vm: &VmConfig, force: bool, timeout: Duration) -> Result<StopOutcome, VmError> {
+        self.focus(vm);
         let (state, _) = self.state(vm)?;
         let was_ours = self.gpu_is_with(vm)?;
         let started = Instant::now();
@@ -589,7 +631,7 @@ impl<'a> Ctl<'a> {
             let g = self.wait_gpu_home()?;
             (g, Some(true))
         } else {
-            (GpuReport::read(self.cfg, &vm.uri)?, None)
+            (GpuReport::read(&self.cfg.host, &self.gpu, &vm.uri)?, None)
         };
         Ok(StopOutcome {
             vm: vm.name.clone(),
@@ -663,12 +705,14 @@ impl<'a> Ctl<'a> {
             return Ok(false);
         }
         let host = &self.cfg.host;
-        let g = gpu::read_gpu(host, self.cfg.gpu.address)?;
+        let g = gpu::read_gpu(host, self.gpu.address)?;
         if matches!(g.owner, Owner::Host | Owner::Absent) {
             return Ok(false);
         }
         Ok(match RestoreRecord::load(host, g.address) {
             Ok(Some(r)) => r.vm.as_deref().is_none_or(|v| v == vm.name),
+            // An isolated card rests on vfio-pci: only a record gives it to a VM.
+            Ok(None) if self.gpu.isolated() => false,
             _ => true,
         })
     }
@@ -677,16 +721,19 @@ impl<'a> Ctl<'a> {
     /// record left (the hook removes it once the GPU is verified home).
     fn wait_gpu_home(&mut self) -> Result<GpuReport, VmError> {
         let host = self.cfg.host.clone();
-        let address = self.cfg.gpu.address;
+        let address = self.gpu.address;
         self.say(&format!(
             "Waiting for GPU {address} to return to {}…",
-            self.cfg.gpu.host_driver
+            self.gpu.host_driver
         ));
         let started = Instant::now();
         loop {
             let g = gpu::read_gpu(&host, address)?;
             let record = RestoreRecord::load(&host, address);
-            let home = g.owner == Owner::Host && matches!(record, Ok(None));
+            // A card isolated on vfio-pci (`host_driver = "vfio-pci"`) is home once its
+            // record is gone.
+            let rests = g.owner == Owner::Host || (self.gpu.isolated() && g.owner == Owner::Vfio);
+            let home = rests && matches!(record, Ok(None));
             if home {
                 let phrase = g.owner_phrase();
                 return Ok(GpuReport {
@@ -708,7 +755,7 @@ impl<'a> Ctl<'a> {
                 };
                 return Err(VmError::GpuNotHome {
                     gpu: address,
-                    driver: self.cfg.gpu.host_driver.clone(),
+                    driver: self.gpu.host_driver.clone(),
                     phrase: g.owner_phrase(),
                     waited_s: started.elapsed().as_secs(),
                     problem,
@@ -771,22 +818,23 @@ impl<'a> Ctl<'a> {
     /// `handoff vm-health [VM]`. Only a missing connection or domain is an error; every
     /// other fact that cannot be read is "unknown".
     pub fn health(&mut self, vm: &VmConfig) -> Result<Health, VmError> {
+        self.focus(vm);
         let (state, reason) = self.state(vm)?;
         let r = VmRef::from(vm);
         let description = self.hv.describe(&r).ok();
         let guest = self.hv.guest(&r);
         let uptime_s = guest.pid.and_then(|p| process_age(&self.cfg.host.procfs, p));
         let local_gpu = if is_local(&vm.uri) {
-            gpu::read_gpu(&self.cfg.host, self.cfg.gpu.address).ok()
+            gpu::read_gpu(&self.cfg.host, self.gpu.address).ok()
         } else {
             None
         };
         let functions: Vec<PciAddress> = match &local_gpu {
             Some(g) if g.owner != Owner::Absent => g.functions.iter().map(|f| f.address).collect(),
-            _ => vec![self.cfg.gpu.address],
+            _ => vec![self.gpu.address],
         };
         let passthrough = Passthrough::judge(
-            self.cfg.gpu.address,
+            self.gpu.address,
             &functions,
             local_gpu.as_ref().is_some_and(|g| g.owner != Owner::Absent),
             description.as_ref().map(|d| &d.passthrough[..]).unwrap_or(&[]),

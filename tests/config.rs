@@ -525,3 +525,73 @@ fn writing_commands_read_the_callers_file_unless_root_then_only_the_system_one()
         other => panic!("root read a caller's file: {other:?}"),
     }
 }
+
+#[test]
+fn several_gpus_are_read_in_file_order_with_the_marked_one_primary() {
+    let cfg = Config::load_file(&fixture("gpus.toml")).unwrap();
+    let addresses: Vec<String> = cfg.gpu.iter().map(|g| g.address.to_string()).collect();
+    assert_eq!(addresses, ["0000:00:02.0", "0000:01:00.0"]);
+    // `cfg.gpu` is the primary GPU wherever one GPU is meant.
+    assert_eq!(cfg.gpu.address, PciAddress::new(0, 1, 0, 0));
+    assert!(
+        cfg.gpu.isolated(),
+        "host_driver vfio-pci: the card stays isolated"
+    );
+    let igpu = cfg.gpu.find("UHD 630").unwrap();
+    assert_eq!(igpu.host_driver, "i915");
+    assert!(igpu.allow_display);
+    assert_eq!(cfg.gpu.find("00:02.0").unwrap().address, igpu.address);
+    assert_eq!(
+        cfg.gpu.find("0000:01:00.1").unwrap().label.as_deref(),
+        Some("RTX")
+    );
+    assert!(cfg.gpu.find("RTX 9999").is_none());
+
+    let (code, stdout, stderr) = check(&fixture("gpus.toml"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("gpus.toml: ok (2 VM(s), GPUs 0000:00:02.0, 0000:01:00.0)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn config_show_prints_the_array_form_which_reads_back_the_same() {
+    for name in ["good.toml", "gpus.toml"] {
+        let home = tempfile::tempdir().unwrap();
+        let (code, stdout, stderr) = handoff(home.path(), Some(&fixture(name)), &["config", "show"]);
+        assert_eq!(code, 0, "{name}: {stderr}");
+        assert!(stdout.contains("[[gpu]]\n"), "{name}: {stdout}");
+        assert!(!stdout.contains("\n[gpu]\n"), "{name}: {stdout}");
+        let again = Config::parse(&stdout, Path::new("shown.toml")).unwrap();
+        assert_eq!(again, Config::load_file(&fixture(name)).unwrap(), "{name}");
+    }
+}
+
+#[test]
+fn a_mistake_in_the_second_gpu_is_located_and_named_by_its_address() {
+    assert_broken(
+        "gpus-watchdog-zero.toml",
+        7,
+        14,
+        &["[[gpu]] 0000:01:00.0: watchdog_s must be at least 1 (seconds)"],
+    );
+    assert_broken(
+        "gpus-unknown-key.toml",
+        7,
+        1,
+        &["unknown field `display`", "`allow_display`"],
+    );
+    assert_broken(
+        "gpus-same-slot.toml",
+        5,
+        11,
+        &["0000:01:00.1", "is the slot of GPU 0000:01:00.0 again"],
+    );
+    assert_broken(
+        "gpus-two-primaries.toml",
+        3,
+        11,
+        &["primary = true is set on 2 GPUs"],
+    );
+}

@@ -121,6 +121,15 @@ fn script_shows_refusal_vfio_and_return_and_cleans_up() {
         .find("Windows is running; GPU 0000:01:00.0 on vfio-pci")
         .expect("on vfio");
     assert!(vfio > refused);
+    // Several GPUs: macOS takes the iGPU while Windows keeps the RTX, and gives it back.
+    let mac = text
+        .find("macOS is running; GPU 0000:00:02.0 on vfio-pci")
+        .expect("macOS on the iGPU");
+    assert!(mac > vfio);
+    let mac_home = text
+        .find("macOS stopped; GPU 0000:00:02.0 on Linux (i915)")
+        .expect("the iGPU back on i915");
+    assert!(mac_home > mac);
     let home = text
         .find("Windows stopped; GPU 0000:01:00.0 on Linux (nvidia)")
         .expect("back on nvidia");

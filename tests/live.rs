@@ -434,3 +434,51 @@ fn holders_that_exit_are_reported_and_the_set_can_change() {
     drop(w);
     wait_for_watcher_threads(0, "after drop");
 }
+
+#[test]
+fn the_state_file_of_a_second_gpu_is_seen_with_its_content() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let config = config_with_gpu(0x22, &run);
+    let watcher = Watcher::new(&config, only(false, true)).expect("watcher");
+
+    // The hook keeps a GPU other than the primary one in state-<BDF>.json.
+    let igpu = handoff::pci::PciAddress::new(0, 0, 2, 0);
+    let mut state = HookState::new(igpu);
+    state.phase = HookPhase::Vfio;
+    state.vm = Some("macos".into());
+    state
+        .save_gpu(&config.host, false)
+        .expect("save the iGPU's state");
+    let (change, _) = next(&watcher, Duration::from_millis(100));
+    let Change::HookState { state: Some(seen) } = change else {
+        panic!("expected the iGPU's hook state, got {change:?}");
+    };
+    assert_eq!(*seen, state);
+    assert!(run.join("state-0000:00:02.0.json").is_file());
+}
+
+#[test]
+fn a_bind_of_any_configured_gpu_is_a_change_and_of_another_device_is_not() {
+    let igpu: PciAddress = "0000:00:02.0".parse().unwrap();
+    let ev = parse_uevent(
+        b"bind@/devices/pci0000:00/0000:00:02.0\0ACTION=bind\0DEVPATH=/devices/pci0000:00/0000:00:02.0\0\
+          SUBSYSTEM=pci\0DRIVER=vfio-pci\0PCI_SLOT_NAME=0000:00:02.0\0SEQNUM=7\0",
+    )
+    .expect("parses");
+    assert_eq!(SlotFilter::new(gpu()).change(&ev), None, "not the RTX's slot");
+    assert_eq!(
+        SlotFilter::for_gpus([igpu, gpu()]).change(&ev),
+        Some(Change::Driver {
+            function: igpu,
+            action: DriverAction::Bind,
+            driver: Some("vfio-pci".into()),
+        })
+    );
+    assert_eq!(
+        SlotFilter::for_gpus([igpu, gpu()]).change(&parse_uevent(&fixture("other-device-bind.bin")).unwrap()),
+        None
+    );
+}

@@ -22,7 +22,11 @@ use format::Format;
 const HELP: &str = "\
 handoff-block: who owns the GPU, for a bar.
 
-Usage: handoff-block [--format F] [--short] [--click BUTTON] [--watch | --signal-i3blocks N]
+Usage: handoff-block [--gpu GPU] [--format F] [--short] [--click BUTTON] [--watch | --signal-i3blocks N]
+
+  --gpu GPU           with several [[gpu]] entries, show this one (its address or label).
+                      Without it, i3blocks' instance= (BLOCK_INSTANCE) chooses when it names
+                      a [[gpu]]; else the primary GPU
 
   --format F          i3blocks (default: three lines), i3blocks-json, i3status-rust,
                       waybar, polybar
@@ -50,12 +54,27 @@ struct Args {
     job: Option<Vec<String>>,
     /// `--config FILE`: read as given, so a missing one is blamed on that flag.
     config: Option<std::path::PathBuf>,
+    /// `--gpu GPU`: the GPU to show, by address or label; one it does not name is an error.
+    gpu: Option<String>,
+    /// i3blocks' `BLOCK_INSTANCE`: the GPU to show when it names one. Blocks configured before
+    /// there were several GPUs say `instance=gpu`, which names none: the primary GPU then.
+    instance: Option<String>,
 }
 
 /// The command line (without the program name), and i3blocks' `BLOCK_BUTTON` for the
 /// click when `--click` is not given. Pure: `main` prints the help and sets the
 /// environment. An error quotes the argument it is about (escaped: it goes to a terminal).
+#[cfg(test)]
 fn parse_args(argv: impl IntoIterator<Item = String>, block_button: Option<&str>) -> Result<Args, String> {
+    parse_args_with_instance(argv, block_button, None)
+}
+
+/// [`parse_args`] with i3blocks' `BLOCK_INSTANCE`, the GPU when `--gpu` is not given.
+fn parse_args_with_instance(
+    argv: impl IntoIterator<Item = String>,
+    block_button: Option<&str>,
+    block_instance: Option<&str>,
+) -> Result<Args, String> {
     let mut a = Args {
         help: false,
         format: Format::I3blocks,
@@ -65,6 +84,8 @@ fn parse_args(argv: impl IntoIterator<Item = String>, block_button: Option<&str>
         signal: None,
         job: None,
         config: None,
+        gpu: None,
+        instance: block_instance.filter(|i| !i.is_empty()).map(str::to_owned),
     };
     let mut it = argv.into_iter();
     while let Some(arg) = it.next() {
@@ -98,6 +119,7 @@ fn parse_args(argv: impl IntoIterator<Item = String>, block_button: Option<&str>
                 a.signal = Some(n);
             }
             "--config" => a.config = Some(value("--config")?.into()),
+            "--gpu" => a.gpu = Some(value("--gpu")?),
             "--job" => {
                 a.job = Some(it.by_ref().collect());
             }
@@ -113,13 +135,15 @@ fn parse_args(argv: impl IntoIterator<Item = String>, block_button: Option<&str>
 
 fn main() -> ExitCode {
     let button = std::env::var("BLOCK_BUTTON").ok();
-    let args = match parse_args(std::env::args().skip(1), button.as_deref()) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("handoff-block: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let instance = std::env::var("BLOCK_INSTANCE").ok();
+    let args =
+        match parse_args_with_instance(std::env::args().skip(1), button.as_deref(), instance.as_deref()) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("handoff-block: {e}");
+                return ExitCode::from(2);
+            }
+        };
     if args.help {
         print!("{HELP}");
         return ExitCode::SUCCESS;
@@ -133,8 +157,24 @@ fn main() -> ExitCode {
         Some(path) => Config::load_file(path),
         None => Config::load().map(|(cfg, _)| cfg),
     };
+    // One of several GPUs, when asked: the block then shows it as it shows the primary one.
+    let loaded = loaded.map(|cfg| match (&args.gpu, &args.instance) {
+        (Some(name), _) => cfg.focused_on(name).ok_or_else(|| no_such_gpu(&cfg, name)),
+        (None, Some(instance)) => Ok(cfg.focused_on(instance).unwrap_or(cfg)),
+        (None, None) => Ok(cfg),
+    });
     let cfg = match loaded {
-        Ok(cfg) => cfg,
+        Ok(Ok(cfg)) => cfg,
+        Ok(Err(e)) => {
+            eprintln!("handoff-block: {e}");
+            let v = view::View {
+                text: "GPU: no such GPU".into(),
+                short: "GPU: ?".into(),
+                ..view::View::error(&e)
+            };
+            println!("{}", format::render(&v, args.format, args.short, false));
+            return ExitCode::from(33); // i3blocks: urgent
+        }
         Err(e) => {
             // A bar shows the first line: keep it short, put the detail on stderr.
             eprintln!("handoff-block: {e}");
@@ -181,6 +221,20 @@ fn main() -> ExitCode {
         return ExitCode::from(33);
     }
     ExitCode::SUCCESS
+}
+
+/// What the block says when `--gpu` (or the instance) names no `[[gpu]]`.
+fn no_such_gpu(cfg: &Config, name: &str) -> String {
+    let known: Vec<String> = cfg
+        .gpu
+        .iter()
+        .map(|g| g.label.clone().unwrap_or_else(|| g.address.to_string()))
+        .collect();
+    format!(
+        "no [[gpu]] is \"{}\" (configured: {})",
+        plain(name),
+        known.join(", ")
+    )
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! anyway. Reads nothing itself: the caller passes what it found, so every rule is tested
 //! here without a host.
 
-use crate::config::{Config, Source};
+use crate::config::{Config, GpuConfig, Source};
 use crate::holders::Holder;
 use crate::pci::PciAddress;
 
@@ -39,15 +39,25 @@ pub struct RebindGuard {
 }
 
 impl RebindGuard {
-    /// Refuses when `--gpu` names another GPU than `cfg`'s, loaded from `source`.
+    /// Refuses when `--gpu` names no GPU of `cfg`'s, loaded from `source`.
     pub fn check_gpu(&self, cfg: &Config, source: &Source) -> Result<(), GuardError> {
+        self.pick_gpu(cfg, source).map(|_| ())
+    }
+
+    /// The GPU to return: the one `--gpu` names (a `[[gpu]]` address, exactly: it is what
+    /// pkexec's prompt showed), else the primary one.
+    pub fn pick_gpu<'a>(&self, cfg: &'a Config, source: &Source) -> Result<&'a GpuConfig, GuardError> {
         match self.gpu {
-            Some(asked) if asked != cfg.gpu.address => Err(GuardError::OtherGpu {
-                asked,
-                configured: cfg.gpu.address,
-                config: source.to_string(),
-            }),
-            _ => Ok(()),
+            None => Ok(cfg.gpu.primary()),
+            Some(asked) => cfg
+                .gpu
+                .iter()
+                .find(|g| g.address == asked)
+                .ok_or_else(|| GuardError::OtherGpu {
+                    asked,
+                    configured: cfg.gpu.address,
+                    config: source.to_string(),
+                }),
         }
     }
 

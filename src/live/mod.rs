@@ -344,7 +344,7 @@ impl Watcher {
         let stop_rx = Arc::new(stop_rx);
         if sources.uevents {
             let socket = uevent::UeventSocket::open().map_err(WatchError::Uevents)?;
-            let filter = uevent::SlotFilter::new(config.gpu.address);
+            let filter = uevent::SlotFilter::for_gpus(config.gpu.iter().map(|g| g.address));
             uevent::spawn(socket, filter, sink.clone(), stop_rx.clone()).map_err(WatchError::Thread)?;
         }
         if sources.run_dir {

@@ -44,12 +44,21 @@ const ANCESTOR_MASK: AddWatchFlags = AddWatchFlags::IN_CREATE
 /// What a file name in the run directory means, if anything.
 fn change_for(run: &Path, name: &OsStr, present: bool) -> Option<Change> {
     let name = name.to_str()?;
-    if name == STATE_FILE {
+    // `state-<BDF>.json`: the hook's state of a GPU other than the primary one.
+    let other_gpu = name
+        .strip_prefix("state-")
+        .and_then(|n| n.strip_suffix(".json"))
+        .and_then(|a| a.parse::<crate::pci::PciAddress>().ok());
+    if name == STATE_FILE || other_gpu.is_some() {
+        let host = Host {
+            run: run.to_owned(),
+            ..Host::default()
+        };
         let state = if present {
-            HookState::load(&Host {
-                run: run.to_owned(),
-                ..Host::default()
-            })
+            match other_gpu {
+                Some(gpu) => HookState::load_gpu(&host, gpu),
+                None => HookState::load(&host),
+            }
             .map(Box::new)
         } else {
             None

@@ -110,16 +110,23 @@ pub fn parse_uevent(bytes: &[u8]) -> Option<Uevent> {
     })
 }
 
-/// Which uevents matter: `SUBSYSTEM=pci`, a driver-core action, a function in the GPU's
-/// slot.
-#[derive(Debug, Clone, Copy)]
+/// Which uevents matter: `SUBSYSTEM=pci`, a driver-core action, a function in the slot of
+/// one of the configured GPUs.
+#[derive(Debug, Clone)]
 pub struct SlotFilter {
-    gpu: PciAddress,
+    gpus: Vec<PciAddress>,
 }
 
 impl SlotFilter {
     pub fn new(gpu: PciAddress) -> Self {
-        Self { gpu }
+        Self { gpus: vec![gpu] }
+    }
+
+    /// The slots of several GPUs (each `[[gpu]]`).
+    pub fn for_gpus(gpus: impl IntoIterator<Item = PciAddress>) -> Self {
+        Self {
+            gpus: gpus.into_iter().collect(),
+        }
     }
 
     /// The change a uevent means for the GPU, if any.
@@ -129,7 +136,7 @@ impl SlotFilter {
         }
         let action = DriverAction::parse(ev.get("ACTION").unwrap_or(&ev.action))?;
         let function = ev.pci_address()?;
-        if !function.same_slot(&self.gpu) {
+        if !self.gpus.iter().any(|g| function.same_slot(g)) {
             return None;
         }
         Some(Change::Driver {

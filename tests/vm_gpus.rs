@@ -1,0 +1,92 @@
+//! `handoff start`, `stop` and `switch` (the library's `vm::Ctl`) with several GPUs: which
+//! GPU a VM takes is read from its definition, so the macOS VM on the iGPU and Windows on
+//! the RTX run at once, and only a VM wanting the RTX waits for Windows. libvirt's test
+//! driver runs the domains of `tests/fixtures/libvirt/three-vms-two-gpus-node.xml`, with
+//! the hook's logic run in-process where libvirtd would run it (`hypervisor::simulated`,
+//! the demo's), against the simulated workstation behind the kernel simulator's FUSE
+//! mount.
+//!
+//! Run as root with `/dev/fuse`; under `CI=true` a missing `/dev/fuse` fails.
+#![cfg(all(feature = "kernel-sim", feature = "libvirt"))]
+
+use std::fs;
+use std::time::Duration;
+
+use handoff::config::{Config, VmConfig};
+use handoff::hypervisor::simulated::Simulated;
+use handoff::vm::{Ctl, VmError};
+use handoff_test_support::simgpu::{self, GPU};
+
+const IGPU: &str = "0000:00:02.0";
+const NODE_XML: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/libvirt/three-vms-two-gpus-node.xml"
+);
+
+#[test]
+fn the_macos_vm_on_the_igpu_and_windows_on_the_rtx_run_at_once_and_only_the_rtx_is_switched() {
+    let Some(sim) = simgpu::workstation() else { return };
+    let host = sim.host();
+    let uri = format!("test://{NODE_XML}");
+    let text = format!(
+        "[[gpu]]\naddress = \"{IGPU}\"\nhost_driver = \"i915\"\nwatchdog_s = 1\nallow_display = true\n\n\
+         [[gpu]]\naddress = \"{GPU}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 1\nprimary = true\n\n\
+         [[vm]]\nname = \"macos\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n\
+         [[vm]]\nname = \"win11\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n\
+         [[vm]]\nname = \"ai\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n\
+         [host]\nsysfs = {:?}\nproc = \"/proc\"\ndev = {:?}\nrun = {:?}\nuninspectable_ok = {:?}\n",
+        host.sysfs.display().to_string(),
+        host.dev.display().to_string(),
+        host.run.display().to_string(),
+        host.uninspectable_ok,
+    );
+    let cfg = Config::parse(&text, std::path::Path::new("test.toml")).unwrap();
+    fs::create_dir_all(&host.run).unwrap();
+    let vm = |name: &str| -> VmConfig { cfg.vm(Some(name)).unwrap().clone() };
+    let mut said = Vec::new();
+    let mut say = |l: &str| said.push(l.to_owned());
+    let mut ctl = Ctl::with_hypervisor(&cfg, &mut say, Box::new(Simulated::new(&cfg).unwrap()));
+    ctl.gpu_wait = Duration::from_secs(5);
+
+    let mac = ctl.start(&vm("macos")).unwrap();
+    assert_eq!(
+        mac.gpu.address.to_string(),
+        IGPU,
+        "the outcome names the VM's own GPU"
+    );
+    assert_eq!(mac.gpu_on_vfio, Some(true));
+    let win = ctl
+        .start(&vm("win11"))
+        .expect("the RTX is free while macOS has the iGPU");
+    assert_eq!(win.gpu.address.to_string(), GPU);
+    assert_eq!(sim.driver(IGPU).as_deref(), Some("vfio-pci"));
+    sim.assert_on_vfio();
+
+    // ai wants the RTX: refused, naming Windows; macOS is not in its way.
+    match ctl.start(&vm("ai")) {
+        Err(VmError::OtherVmHolds { other, gpu, .. }) => {
+            assert_eq!((other.as_str(), gpu.to_string().as_str()), ("win11", GPU));
+        }
+        other => panic!("not refused naming win11: {:?}", other.map(|o| o.vm)),
+    }
+
+    // A switch to ai stops Windows only.
+    let switched = ctl.switch(&vm("ai"), true, None).unwrap();
+    let stopped: Vec<&str> = switched.stopped.iter().map(|s| s.vm.as_str()).collect();
+    assert_eq!(stopped, ["win11"]);
+    assert_eq!(switched.started.vm, "ai");
+    sim.assert_on_vfio();
+    assert_eq!(
+        sim.driver(IGPU).as_deref(),
+        Some("vfio-pci"),
+        "macOS keeps the iGPU"
+    );
+
+    let out = ctl.stop(&vm("macos"), true, Duration::from_secs(5)).unwrap();
+    assert_eq!(out.gpu_returned, Some(true), "{said:?}");
+    assert_eq!(sim.driver(IGPU).as_deref(), Some("i915"));
+    let out = ctl.stop(&vm("ai"), true, Duration::from_secs(5)).unwrap();
+    assert_eq!(out.gpu_returned, Some(true));
+    drop(ctl);
+    sim.assert_home();
+}
