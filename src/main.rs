@@ -112,6 +112,27 @@ enum Command {
         #[arg(long, hide = true, value_name = "FILE")]
         system_config: Option<PathBuf>,
     },
+    /// What Proxmox VE runs as the VMs' hookscript, as root: `<vmid> <phase>`.
+    ///
+    /// `install-hooks --pve` puts a snippet that calls this in a snippets storage and sets
+    /// it as the configured VMs' hookscript. In `pre-start` it refuses (exit 1; PVE aborts
+    /// the start and shows the reason in the task log) when another running VM passes the
+    /// same GPU through, or when something holds a GPU that is on a host driver; otherwise it
+    /// hands the GPU to vfio-pci. `post-stop` returns it. See docs/proxmox.md.
+    #[command(hide = true)]
+    PveHook {
+        vmid: u32,
+        phase: String,
+        /// Read this system config instead of /etc/handoff/config.toml (tests).
+        #[arg(long, hide = true, value_name = "FILE")]
+        system_config: Option<PathBuf>,
+        /// Read PVE's files (etc/pve, var/run/qemu-server) under this root instead of / (tests).
+        #[arg(long, hide = true, value_name = "DIR")]
+        pve_root: Option<PathBuf>,
+        /// This node's name, for resource mappings (default: the host name).
+        #[arg(long, hide = true)]
+        node: Option<String>,
+    },
     /// Open Looking Glass on its i3 workspace, or focus it when it is already open.
     ///
     /// Works from SSH: finds the desktop's i3 through I3SOCK, /run/user/<uid>/i3/ipc-socket.*,
@@ -461,6 +482,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Hook { args, system_config } => {
             let path = system_config.unwrap_or_else(|| PathBuf::from(handoff::config::SYSTEM_CONFIG));
             let code = handoff::hook::run(&args, &mut std::io::stdin(), &path, &mut std::io::stderr());
+            Ok(ExitCode::from(code as u8))
+        }
+        Command::PveHook {
+            vmid,
+            phase,
+            system_config,
+            pve_root,
+            node,
+        } => {
+            let path = system_config.unwrap_or_else(|| PathBuf::from(handoff::config::SYSTEM_CONFIG));
+            let mut pve = handoff::pve::PveHost::system();
+            if let Some(root) = pve_root {
+                pve.root = root;
+            }
+            if let Some(node) = node {
+                pve.node = node;
+            }
+            let mut err = std::io::stderr();
+            let code = match handoff::config::Config::load_system(&path) {
+                Ok((cfg, _)) => handoff::pve::run_hookscript(&cfg, &pve, vmid, &phase, &mut err),
+                Err(e) => {
+                    eprintln!("handoff: {e}");
+                    // Refuse a start we cannot check; never block a stop.
+                    i32::from(phase == "pre-start")
+                }
+            };
             Ok(ExitCode::from(code as u8))
         }
         Command::InstallHooks(a) => {

@@ -66,7 +66,7 @@ pub enum VmError {
         message: String,
         warnings: Vec<String>,
     },
-    #[error("libvirt at {uri} could not start {vm}: {message}{}", access_hint(message))]
+    #[error("{} at {uri} could not start {vm}: {message}{}", hypervisor::name_of(uri), access_hint(uri, message))]
     StartFailed {
         vm: String,
         uri: String,
@@ -81,7 +81,7 @@ pub enum VmError {
         state: &'static str,
         waited_s: u64,
     },
-    #[error("libvirt at {uri} could not stop {vm}: {message}{}", access_hint(message))]
+    #[error("{} at {uri} could not stop {vm}: {message}{}", hypervisor::name_of(uri), access_hint(uri, message))]
     StopFailed {
         vm: String,
         uri: String,
@@ -150,9 +150,12 @@ fn known_list(known: &[String]) -> String {
 }
 
 /// What to check when libvirt says no for a reason of access.
-pub(crate) fn access_hint(message: &str) -> &'static str {
+pub(crate) fn access_hint(uri: &str, message: &str) -> &'static str {
     let m = message.to_ascii_lowercase();
-    if m.contains("polkit")
+    // PVE's errors carry their own fix (token, privilege); this one is libvirt's.
+    if hypervisor::name_of(uri) != "libvirt" {
+        ""
+    } else if m.contains("polkit")
         || m.contains("authentication")
         || m.contains("access denied")
         || m.contains("permission denied")
@@ -659,7 +662,9 @@ impl<'a> Ctl<'a> {
     /// Whether the GPU is off the host for this VM: on this machine, not on the host
     /// driver, and the restore record names this VM (or no other).
     fn gpu_is_with(&self, vm: &VmConfig) -> Result<bool, VmError> {
-        if !is_local(&vm.uri) {
+        // `host_driver = "vfio-pci"` (a PVE host that keeps the card isolated): the GPU
+        // never leaves vfio-pci, so there is nothing to wait for after a VM.
+        if !is_local(&vm.uri) || self.cfg.gpu.host_driver == "vfio-pci" {
             return Ok(false);
         }
         let host = &self.cfg.host;

@@ -82,7 +82,10 @@ impl VmRef {
 
 impl From<&VmConfig> for VmRef {
     fn from(vm: &VmConfig) -> Self {
-        Self::named(&vm.uri, &vm.name)
+        Self {
+            id: vm.vmid,
+            ..Self::named(&vm.uri, &vm.name)
+        }
     }
 }
 
@@ -269,14 +272,14 @@ pub enum HypervisorError {
         message: String,
     },
     /// The hypervisor would not start the VM, and not because the guard refused.
-    #[error("libvirt at {uri} could not start {name}: {message}")]
+    #[error("{} at {uri} could not start {name}: {message}", name_of(uri))]
     Start {
         uri: String,
         name: String,
         message: String,
     },
     /// The hypervisor would not shut the VM down or off, and it is still running.
-    #[error("libvirt at {uri} could not stop {name}: {message}")]
+    #[error("{} at {uri} could not stop {name}: {message}", name_of(uri))]
     Stop {
         uri: String,
         name: String,
@@ -284,12 +287,24 @@ pub enum HypervisorError {
     },
     #[error("cannot watch VMs at {uri}: {message}")]
     Events { uri: String, message: String },
+    /// A remote API (Proxmox VE) said no or could not be asked; `message` says what to fix.
+    #[error("{message}")]
+    Api { at: String, message: String },
+    /// The remote API does not know the VM (Proxmox VE: no such VMID).
+    #[error("{message}")]
+    NoVm { at: String, message: String },
     /// `handoff demo`'s hypervisor asked for where it must not run.
     #[error(
         "the simulated hypervisor runs only on a simulated host with test:// VMs: {why}; \
          unset {SIMULATED_ENV} (only `handoff demo` sets it)"
     )]
     NotSimulated { why: String },
+}
+
+/// Who answers at `at`, for messages: a PVE endpoint is `https://…`, anything else a
+/// libvirt URI.
+pub fn name_of(at: &str) -> &'static str {
+    if at.starts_with("https://") { "Proxmox VE" } else { "libvirt" }
 }
 
 /// Start, stop, describe and watch VMs. See the module docs for how each method maps onto
@@ -335,7 +350,7 @@ pub fn open(cfg: &crate::config::Config) -> Box<dyn Hypervisor> {
 pub fn vm_status(hv: &mut dyn Hypervisor, vm: &VmConfig) -> VmStatus {
     match hv.probe(&VmRef::from(vm)) {
         Ok(p) => VmStatus::new(vm, p.state, None),
-        Err(e @ HypervisorError::NoDomain { .. }) => {
+        Err(e @ (HypervisorError::NoDomain { .. } | HypervisorError::NoVm { .. })) => {
             VmStatus::new(vm, VmState::Undefined, Some(e.to_string()))
         }
         Err(e) => VmStatus::new(vm, VmState::Unknown, Some(e.to_string())),
