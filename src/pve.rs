@@ -247,7 +247,9 @@ fn label(cfg: &Config, vmid: u32, conf: Option<&BTreeMap<String, String>>) -> St
 /// reason on `err`, which PVE puts in the task log) when another running VM passes the
 /// same GPU through, or — the GPU on a host driver — when anything holds it; otherwise it
 /// hands the GPU to vfio-pci with the libvirt hook's engine. `post-stop` returns it.
-/// With `host_driver = "vfio-pci"` nothing is ever rebound.
+/// A GPU already on vfio-pci is left there; with `host_driver = "vfio-pci"` it is never
+/// returned either (the card lives on vfio-pci between VMs). One on a host driver (CUDA on
+/// the host or in a container) goes through the holder check first, as with libvirt.
 pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: &mut dyn Write) -> i32 {
     if !PHASES.contains(&phase) {
         let _ = writeln!(
@@ -305,8 +307,14 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
             }
         }
     }
-    if cfg.gpu.host_driver == "vfio-pci" {
-        // The seed's set-up: the card lives on vfio-pci between VMs; nothing to rebind.
+    let owner = gpu::read_gpu(&cfg.host, gpu).map(|g| g.owner);
+    if phase == "pre-start" && matches!(owner, Ok(Owner::Vfio)) {
+        // Already on vfio-pci (the seed's set-up keeps it there between VMs, and another
+        // VM using it was refused above): nothing to rebind.
+        return 0;
+    }
+    if phase == "post-stop" && cfg.gpu.host_driver == "vfio-pci" {
+        // "The GPU stays on vfio-pci between VMs" is the normal state, not a failure.
         return 0;
     }
     let name = match cfg.vms.iter().find(|v| v.vmid == Some(vmid)) {
@@ -323,7 +331,7 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
     }
     if phase == "post-stop" {
         // Only when the GPU is away from the host: the engine acts on its restore record.
-        if matches!(gpu::read_gpu(&cfg.host, gpu).map(|g| g.owner), Ok(Owner::Host)) {
+        if matches!(owner, Ok(Owner::Host)) {
             return 0;
         }
         return crate::hook::run_event(&cfg, &name, "release", "end", "", err);

@@ -479,3 +479,36 @@ pub fn open(cfg: &Config, fallback: Box<dyn Hypervisor>) -> Box<dyn Hypervisor> 
     }
     Box::new(Router::new(cfg, fallback))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A start task's log when the hookscript refused, as PVE writes it: the script's
+    /// output line by line, then `exec_hookscript`'s die message as the task error.
+    #[test]
+    fn a_hookscript_refusal_in_the_task_log_is_the_guards_own_words() {
+        let exit = "hookscript error for 141 on pre-start: command '/var/lib/vz/snippets/handoff 141 pre-start' failed: exit code 1";
+        let log: Vec<String> = [
+            "handoff: warning: Linux AI (VM 141) is a [[vm]] in the config but passes no function of 0000:01:00.0 through",
+            "handoff: not starting Linux AI (VM 141): GPU 0000:01:00.0 is passed through to Windows 11 (VM 140), which is running.",
+            &format!("TASK ERROR: {exit}"),
+        ]
+        .map(String::from)
+        .to_vec();
+        let r = refusal_in(&log, exit).unwrap();
+        assert!(r.message.starts_with("not starting Linux AI (VM 141)"), "{r:?}");
+        assert_eq!(r.warnings.len(), 1);
+        let other = ["TASK ERROR: storage 'x' is not online".to_owned()];
+        assert!(refusal_in(&other, "storage 'x' is not online").is_none());
+    }
+
+    #[test]
+    fn states_from_pve_status_and_qmpstatus() {
+        let v = |s: &str, q: &str| serde_json::json!({"status": s, "qmpstatus": q});
+        assert_eq!(state_of(&v("running", "running")), VmState::Running);
+        assert_eq!(state_of(&v("running", "paused")), VmState::Paused);
+        assert_eq!(state_of(&v("stopped", "stopped")), VmState::Shutoff);
+        assert_eq!(upid_node("UPID:pve1:000003E8:00001B58:6B1503A7:qmshutdown:140:handoff@pve!desk:"), Some("pve1"));
+    }
+}
