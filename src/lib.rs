@@ -45,6 +45,7 @@ pub use hypervisor::libvirt;
 pub mod live;
 pub mod pci;
 pub mod pve;
+pub mod pve_hooks;
 pub mod scenes;
 pub mod services;
 pub mod sim;

@@ -304,6 +304,21 @@ struct InstallHooksArgs {
     /// libvirt's hooks directory (tests).
     #[arg(long, hide = true, value_name = "DIR")]
     hooks_dir: Option<PathBuf>,
+    /// On a Proxmox VE host: put the hookscript in a snippets storage and set it on the
+    /// configured VMs (`[[vm]] vmid`) instead of installing libvirt's hook. Never replaces
+    /// a VM's other hookscript; says how to combine them. See docs/proxmox.md.
+    #[arg(long)]
+    pve: bool,
+    /// With --pve: the storage for the snippet (default: the first directory storage
+    /// whose content includes snippets).
+    #[arg(long, requires = "pve", value_name = "STORAGE")]
+    storage: Option<String>,
+    /// With --pve: guard these VMs (default: every [[vm]] with a vmid in the config).
+    #[arg(long = "vmid", requires = "pve", value_name = "VMID")]
+    vmids: Vec<u32>,
+    /// With --pve: PVE's files under this root instead of / (tests).
+    #[arg(long, hide = true, requires = "pve", value_name = "DIR")]
+    pve_root: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -509,6 +524,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             Ok(ExitCode::from(code as u8))
+        }
+        Command::InstallHooks(a) if a.pve => {
+            use handoff::pve_hooks;
+            let vmids = if a.vmids.is_empty() && !a.uninstall {
+                let (cfg, _) = load_config_to_write(cli.config)?;
+                cfg.vms.iter().filter_map(|v| v.vmid).collect()
+            } else {
+                a.vmids.clone()
+            };
+            let roots = pve_hooks::Roots {
+                root: a.pve_root.clone().unwrap_or_else(|| PathBuf::from("/")),
+            };
+            let exe = std::env::current_exe()?.canonicalize()?;
+            let plan = pve_hooks::plan(&roots, &vmids, a.storage.as_deref(), &exe, a.uninstall)?;
+            if !a.dry_run {
+                pve_hooks::apply(&roots, &plan)?;
+            }
+            if a.json {
+                print_json(&plan)?;
+            } else {
+                for action in &plan.actions {
+                    println!("{}{action}", if a.dry_run { "would " } else { "" });
+                }
+                for f in &plan.foreign {
+                    eprintln!("handoff: warning: {}", f.advice);
+                }
+                if plan.actions.is_empty() {
+                    println!("nothing to do: the hookscript {} is {}", plan.volid, if a.uninstall { "not installed" } else { "in place" });
+                }
+            }
+            Ok(if plan.foreign.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::InstallHooks(a) => {
             let opts = handoff::hooks::InstallOptions::for_cli(a.uninstall, a.dry_run, a.hooks_dir)?;
