@@ -297,6 +297,18 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
                 continue;
             }
             if pve.running(other, &cfg.host.procfs).is_some() {
+                if conf.get("lock").map(String::as_str) == Some("backup") {
+                    // vzdump starts a stopped VM's QEMU (paused) with its hostpci devices
+                    // to read its disks; nothing a hookscript does changes that command line.
+                    let _ = writeln!(
+                        err,
+                        "handoff: not starting {me} for its backup: PVE starts a stopped VM with its PCI devices \
+                         to back it up, and GPU {gpu} is passed through to {}, which is running. Back {me} up \
+                         while that VM is off, or exclude it from this job (docs/proxmox.md, \"Backups\")",
+                        label(cfg, other, Some(&oconf))
+                    );
+                    return 1;
+                }
                 let _ = writeln!(
                     err,
                     "handoff: not starting {me}: GPU {gpu} is passed through to {}, which is running. \

@@ -172,3 +172,21 @@ fn a_vm_without_the_gpu_is_left_alone() {
     assert_eq!((r.code, r.output.as_str()), (0, ""));
     assert_eq!(pve.sim.short_log(), vec![]);
 }
+
+#[test]
+fn a_backup_of_the_stopped_vm_while_the_other_has_the_gpu_is_refused_saying_why() {
+    let _serial = simgpu::serial();
+    let Some(pve) = homelab("vfio-pci") else { return };
+    assert_eq!(pve.hook(140, "pre-start").code, 0);
+    pve.running(140);
+    pve.sim.clear_log();
+    // vzdump sets the backup lock, then starts 141 paused to read its disks.
+    let conf = pve.root.join("etc/pve/qemu-server/141.conf");
+    let text = fs::read_to_string(&conf).unwrap();
+    fs::write(&conf, text.replace("machine: q35\n", "lock: backup\nmachine: q35\n")).unwrap();
+    let r = pve.hook(141, "pre-start");
+    assert_eq!(r.code, 1, "{}", r.output);
+    assert!(r.output.contains("not starting Linux AI (VM 141) for its backup"), "{}", r.output);
+    assert!(r.output.contains("Windows 11 (VM 140), which is running"), "{}", r.output);
+    assert_eq!(pve.sim.short_log(), vec![], "the running VM keeps its GPU");
+}
