@@ -406,78 +406,18 @@ fn stop_error(vm: &VmRef, e: HypervisorError) -> HypervisorError {
     }
 }
 
-/// Sends each VM to the hypervisor that runs it: PVE for `[[vm]]` entries with a `vmid`,
-/// `fallback` (libvirt, or the demo's) for the rest.
-pub struct Router {
-    pve: Option<Proxmox>,
-    fallback: Box<dyn Hypervisor>,
-}
-
-impl Router {
-    pub fn new(cfg: &Config, fallback: Box<dyn Hypervisor>) -> Self {
-        Self {
-            pve: Proxmox::new(cfg),
-            fallback,
-        }
-    }
-
-    fn pick(&mut self, vm: &VmRef) -> &mut dyn Hypervisor {
-        match (&mut self.pve, vm.id) {
-            (Some(p), Some(_)) => p,
-            _ => &mut *self.fallback,
-        }
-    }
-}
-
-impl Hypervisor for Router {
-    fn kind(&self) -> &'static str {
-        "proxmox+libvirt"
-    }
-    fn list(&mut self, at: &str) -> Result<Vec<(VmRef, VmState)>, HypervisorError> {
-        match &mut self.pve {
-            Some(p) if at == p.cfg.url => p.list(at),
-            _ => self.fallback.list(at),
-        }
-    }
-    fn probe(&mut self, vm: &VmRef) -> Result<Probe, HypervisorError> {
-        self.pick(vm).probe(vm)
-    }
-    fn start(&mut self, vm: &VmRef) -> Result<Start, HypervisorError> {
-        self.pick(vm).start(vm)
-    }
-    fn shutdown(&mut self, vm: &VmRef) -> Result<Task, HypervisorError> {
-        self.pick(vm).shutdown(vm)
-    }
-    fn destroy(&mut self, vm: &VmRef) -> Result<Task, HypervisorError> {
-        self.pick(vm).destroy(vm)
-    }
-    fn poll(&mut self, task: &Task) -> Result<TaskState, HypervisorError> {
-        self.pick(&task.vm).poll(task)
-    }
-    fn describe(&mut self, vm: &VmRef) -> Result<Description, HypervisorError> {
-        self.pick(vm).describe(vm)
-    }
-    fn guest(&mut self, vm: &VmRef) -> Guest {
-        self.pick(vm).guest(vm)
-    }
-    fn subscribe(&mut self, vms: &[VmRef], sink: EventSink) -> Result<Subscription, HypervisorError> {
-        let (pve, other): (Vec<VmRef>, Vec<VmRef>) = vms.iter().cloned().partition(|v| v.id.is_some());
-        let a = match (&mut self.pve, pve.is_empty()) {
-            (Some(p), false) => Some(p.subscribe(&pve, sink.clone())?),
-            _ => None,
-        };
-        let b = if other.is_empty() { None } else { Some(self.fallback.subscribe(&other, sink)?) };
-        Ok(Subscription::new(move || drop((a, b))))
-    }
-}
-
-/// The hypervisor for `cfg`'s VMs: PVE for those with a `vmid` when `[proxmox]` is set,
-/// `fallback` for the rest. The CLI calls this where it called `handoff::hypervisor::open`.
+/// The hypervisor for `cfg`'s VMs with PVE in this process: [`Proxmox`] for `[[vm]]`
+/// entries with a `vmid`, `fallback` for the rest. (The `handoff` CLI reaches PVE through
+/// `handoff-pve` over a pipe instead, so that the CLI, which is also the root hooks, links
+/// no TLS: `handoff::hypervisor::piped`.)
 pub fn open(cfg: &Config, fallback: Box<dyn Hypervisor>) -> Box<dyn Hypervisor> {
-    if cfg.proxmox.is_none() {
-        return fallback;
-    }
-    Box::new(Router::new(cfg, fallback))
+    let Some(p) = &cfg.proxmox else { return fallback };
+    let cfg2 = cfg.clone();
+    Box::new(handoff::hypervisor::piped::Router::new(
+        &p.url,
+        Box::new(move || Ok(Box::new(Proxmox::new(&cfg2).expect("[proxmox] is set")) as Box<dyn Hypervisor>)),
+        fallback,
+    ))
 }
 
 #[cfg(test)]

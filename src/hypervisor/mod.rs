@@ -43,6 +43,7 @@
 
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+pub mod piped;
 #[cfg(feature = "libvirt")]
 pub mod simulated;
 
@@ -332,8 +333,9 @@ pub trait Hypervisor: Send {
     fn subscribe(&mut self, vms: &[VmRef], sink: EventSink) -> Result<Subscription, HypervisorError>;
 }
 
-/// The hypervisor for `cfg`'s VMs in this process: libvirt, or the demo's simulated one
-/// when `handoff demo` started this process (see the module docs).
+/// The hypervisor for `cfg`'s VMs in this process: libvirt (with Proxmox VE's `[[vm]]`
+/// entries sent to [`piped::PVE_SERVER`]), or the demo's simulated one when `handoff demo`
+/// started this process (see the module docs).
 #[cfg(feature = "libvirt")]
 pub fn open(cfg: &crate::config::Config) -> Box<dyn Hypervisor> {
     if std::env::var_os(SIMULATED_ENV).is_some_and(|v| v == "1") {
@@ -342,7 +344,8 @@ pub fn open(cfg: &crate::config::Config) -> Box<dyn Hypervisor> {
             Err(e) => tracing::warn!("{e}"),
         }
     }
-    Box::new(libvirt::Libvirt::new())
+    // PVE VMs go to `handoff-pve` over a pipe, so that this binary links no TLS.
+    piped::with_pve(cfg, Box::new(libvirt::Libvirt::new()))
 }
 
 /// `vm`'s status for [`crate::status::collect`]: a VM the hypervisor does not know is
