@@ -116,3 +116,45 @@ fn the_handoff_binary_which_is_also_the_root_hookscript_links_no_tls() {
     assert!(!contains(&handoff(), b"rustls"), "handoff links rustls");
     assert!(!contains(&handoff(), b"ureq"), "handoff links ureq");
 }
+
+#[test]
+fn the_trays_agent_sees_a_pve_vm_start_within_the_poll_interval() {
+    use std::io::{BufRead, BufReader};
+    let Some((_pve, config)) = setup() else { return };
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("fingerprint =", "poll_interval_s = 1\nfingerprint =")).unwrap();
+    let mut agent = handoff_test_support::process::Group::spawn(
+        Command::new(handoff())
+            .arg("--config")
+            .arg(&config)
+            .arg("__agent")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped()),
+    );
+    let stdout = agent.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    // Give the agent's first poll time to see 141 off, then start it behind its back.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let cfg = handoff::Config::load_file(&config).unwrap();
+    let mut pve = handoff_proxmox::Proxmox::new(&cfg).unwrap();
+    use handoff::hypervisor::Hypervisor;
+    pve.start(&(&cfg.vms[1]).into()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            if line.contains("\"change\"") && line.contains("linux-ai") && line.contains("started") {
+                return;
+            }
+            seen.push(line);
+        }
+    }
+    panic!("no change for linux-ai within 10 s; the agent said: {seen:#?}");
+}

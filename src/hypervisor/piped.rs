@@ -296,6 +296,8 @@ pub struct Piped {
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     at: String,
+    exe: PathBuf,
+    cfg: Config,
 }
 
 impl Piped {
@@ -326,6 +328,8 @@ impl Piped {
             stdin,
             stdout,
             at: at.to_owned(),
+            exe: exe.to_owned(),
+            cfg: cfg.clone(),
         })
     }
 
@@ -437,11 +441,77 @@ impl Hypervisor for Piped {
             Err(_) => Guest::default(),
         }
     }
-    fn subscribe(&mut self, _vms: &[VmRef], _sink: EventSink) -> Result<Subscription, HypervisorError> {
-        Err(HypervisorError::Events {
-            uri: self.at.clone(),
-            message: "Proxmox VE has no event stream here yet: its VMs' states are read on demand".into(),
-        })
+    /// Proxmox VE has no event stream: a thread with a server of its own asks for the VMs'
+    /// states every `[proxmox] poll_interval_s` and sends what changed (and a lost or
+    /// regained API once).
+    fn subscribe(&mut self, vms: &[VmRef], sink: EventSink) -> Result<Subscription, HypervisorError> {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+
+        use crate::hypervisor::VmEvent;
+        use crate::live::DomainEvent;
+        let mut poller = Piped::spawn(&self.exe, &self.cfg, &self.at)?;
+        let every = Duration::from_secs(self.cfg.proxmox.as_ref().map_or(5, |p| p.poll_interval_s));
+        let vms = vms.to_vec();
+        let at = self.at.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::Builder::new()
+            .name("handoff-pve-poll".into())
+            .spawn(move || {
+                let mut last: std::collections::HashMap<VmRef, VmState> = Default::default();
+                let mut lost = false;
+                while !stopped.load(Ordering::Relaxed) {
+                    for vm in &vms {
+                        let ev = match poller.probe(vm) {
+                            Ok(p) => {
+                                let back = std::mem::take(&mut lost).then(|| VmEvent::Back { at: at.clone() });
+                                if let Some(b) = back
+                                    && !sink(b)
+                                {
+                                    return;
+                                }
+                                match last.insert(vm.clone(), p.state) {
+                                    Some(before) if before != p.state => Some(VmEvent::Lifecycle {
+                                        vm: vm.clone(),
+                                        event: if p.state.is_active() {
+                                            DomainEvent::Started
+                                        } else {
+                                            DomainEvent::Stopped
+                                        },
+                                    }),
+                                    _ => None,
+                                }
+                            }
+                            Err(e) if !lost => {
+                                lost = true;
+                                Some(VmEvent::Lost {
+                                    at: at.clone(),
+                                    why: e.to_string(),
+                                })
+                            }
+                            Err(_) => None,
+                        };
+                        if let Some(ev) = ev
+                            && !sink(ev)
+                        {
+                            return;
+                        }
+                    }
+                    // Sleep in short steps so that dropping the subscription ends it soon.
+                    let mut slept = Duration::ZERO;
+                    while slept < every && !stopped.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(100));
+                        slept += Duration::from_millis(100);
+                    }
+                }
+            })
+            .map_err(|e| HypervisorError::Events {
+                uri: self.at.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(Subscription::new(move || stop.store(true, Ordering::Relaxed)))
     }
 }
 
