@@ -444,7 +444,12 @@ impl Inner {
 #[cfg(feature = "libvirt")]
 fn pve_poll(cfg: &Config, sink: Sink) -> Option<crate::hypervisor::Subscription> {
     use crate::hypervisor::{VmEvent, VmRef};
-    let vms: Vec<VmRef> = cfg.vms.iter().filter(|v| v.vmid.is_some()).map(VmRef::from).collect();
+    let vms: Vec<VmRef> = cfg
+        .vms
+        .iter()
+        .filter(|v| v.vmid.is_some())
+        .map(VmRef::from)
+        .collect();
     if vms.is_empty() || cfg.proxmox.is_none() {
         return None;
     }

@@ -146,7 +146,10 @@ fn default_poll_interval() -> u64 {
 /// Whether `s` is a SHA-256 fingerprint in PVE's spelling: 32 hex bytes joined by `:`.
 pub fn is_sha256_fingerprint(s: &str) -> bool {
     let parts: Vec<&str> = s.split(':').collect();
-    parts.len() == 32 && parts.iter().all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+    parts.len() == 32
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -608,9 +611,10 @@ impl Config {
     /// `name` is None.
     pub fn vm(&self, name: Option<&str>) -> Option<&VmConfig> {
         match name {
-            Some(n) => self.vms.iter().find(|v| {
-                v.name == n || v.label() == n || v.vmid.is_some_and(|id| id.to_string() == n)
-            }),
+            Some(n) => self
+                .vms
+                .iter()
+                .find(|v| v.name == n || v.label() == n || v.vmid.is_some_and(|id| id.to_string() == n)),
             None => self.vms.first(),
         }
     }

@@ -551,10 +551,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     eprintln!("handoff: warning: {}", f.advice);
                 }
                 if plan.actions.is_empty() {
-                    println!("nothing to do: the hookscript {} is {}", plan.volid, if a.uninstall { "not installed" } else { "in place" });
+                    println!(
+                        "nothing to do: the hookscript {} is {}",
+                        plan.volid,
+                        if a.uninstall { "not installed" } else { "in place" }
+                    );
                 }
             }
-            Ok(if plan.foreign.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if plan.foreign.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::InstallHooks(a) => {
             let opts = handoff::hooks::InstallOptions::for_cli(a.uninstall, a.dry_run, a.hooks_dir)?;

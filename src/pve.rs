@@ -146,7 +146,9 @@ pub fn parse_pci_mapping(text: &str, node: &str) -> BTreeMap<String, Vec<PciSel>
 pub fn passthrough(conf: &BTreeMap<String, String>, mappings: &BTreeMap<String, Vec<PciSel>>) -> Vec<PciSel> {
     let mut out = Vec::new();
     for (key, value) in conf {
-        let Some(n) = key.strip_prefix("hostpci") else { continue };
+        let Some(n) = key.strip_prefix("hostpci") else {
+            continue;
+        };
         if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
@@ -364,7 +366,10 @@ mod tests {
         );
         assert_eq!(
             parse_hostpci("host=01:00.0;01:00.1,pcie=1").unwrap().devices,
-            vec![PciSel::Function(a("0000:01:00.0")), PciSel::Function(a("0000:01:00.1"))]
+            vec![
+                PciSel::Function(a("0000:01:00.0")),
+                PciSel::Function(a("0000:01:00.1"))
+            ]
         );
         let m = parse_hostpci("mapping=rtx5070,pcie=1").unwrap();
         assert_eq!(m.mapping.as_deref(), Some("rtx5070"));
@@ -373,9 +378,7 @@ mod tests {
 
     #[test]
     fn conf_main_section_only_and_mappings_for_this_node() {
-        let conf = parse_conf(
-            "name: win11\nhostpci0: mapping=rtx,pcie=1\n\n[snap1]\nhostpci1: 0000:02:00\n",
-        );
+        let conf = parse_conf("name: win11\nhostpci0: mapping=rtx,pcie=1\n\n[snap1]\nhostpci1: 0000:02:00\n");
         let maps = parse_pci_mapping(
             "rtx\n\tmap id=10de:2c05,node=pve1,path=0000:01:00\n\tmap id=10de:2c05,node=pve2,path=0000:03:00\n",
             "pve1",

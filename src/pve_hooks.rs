@@ -42,8 +42,14 @@ pub enum PveHooksError {
          directory storage, keeping what it already holds, e.g. `pvesm set {example} --content {content}`, \
          then run this again (or name one with --storage)"
     )]
-    NoSnippets { path: PathBuf, example: String, content: String },
-    #[error("storage {name:?} is not in {path} as a directory storage with snippets (`pvesm status` lists storages)")]
+    NoSnippets {
+        path: PathBuf,
+        example: String,
+        content: String,
+    },
+    #[error(
+        "storage {name:?} is not in {path} as a directory storage with snippets (`pvesm status` lists storages)"
+    )]
     NoSuchStorage { name: String, path: PathBuf },
     #[error("VM {vmid} has no config at {path}: is it on this node (`qm list`)?")]
     NoVm { vmid: u32, path: PathBuf },
@@ -72,7 +78,9 @@ impl std::fmt::Display for Action {
             Action::WriteSnippet { path, .. } => write!(f, "write the hookscript {}", path.display()),
             Action::RemoveSnippet { path } => write!(f, "remove {}", path.display()),
             Action::SetHookscript { vmid, volid, .. } => write!(f, "set VM {vmid}'s hookscript to {volid}"),
-            Action::RemoveHookscript { vmid, volid, .. } => write!(f, "remove hookscript {volid} from VM {vmid}"),
+            Action::RemoveHookscript { vmid, volid, .. } => {
+                write!(f, "remove hookscript {volid} from VM {vmid}")
+            }
         }
     }
 }
@@ -140,7 +148,10 @@ pub fn snippet(handoff_exe: &Path) -> String {
 }
 
 fn check_exe(exe: &Path) -> Result<(), PveHooksError> {
-    let meta = fs::metadata(exe).map_err(|source| PveHooksError::Read { path: exe.to_owned(), source })?;
+    let meta = fs::metadata(exe).map_err(|source| PveHooksError::Read {
+        path: exe.to_owned(),
+        source,
+    })?;
     let why = if meta.uid() != 0 {
         Some(format!("it is owned by uid {}", meta.uid()))
     } else if meta.mode() & 0o022 != 0 {
@@ -149,7 +160,10 @@ fn check_exe(exe: &Path) -> Result<(), PveHooksError> {
         None
     };
     match why {
-        Some(why) => Err(PveHooksError::UnsafeExe { exe: exe.to_owned(), why }),
+        Some(why) => Err(PveHooksError::UnsafeExe {
+            exe: exe.to_owned(),
+            why,
+        }),
         None => Ok(()),
     }
 }
@@ -160,11 +174,20 @@ fn hookscript_of(text: &str) -> Option<String> {
 }
 
 fn read(path: &Path) -> Result<String, PveHooksError> {
-    fs::read_to_string(path).map_err(|source| PveHooksError::Read { path: path.to_owned(), source })
+    fs::read_to_string(path).map_err(|source| PveHooksError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// What `install-hooks --pve` (or `--uninstall`) would change.
-pub fn plan(roots: &Roots, vmids: &[u32], storage: Option<&str>, handoff_exe: &Path, uninstall: bool) -> Result<Plan, PveHooksError> {
+pub fn plan(
+    roots: &Roots,
+    vmids: &[u32],
+    storage: Option<&str>,
+    handoff_exe: &Path,
+    uninstall: bool,
+) -> Result<Plan, PveHooksError> {
     if vmids.is_empty() && !uninstall {
         return Err(PveHooksError::NoVms);
     }
@@ -174,19 +197,37 @@ pub fn plan(roots: &Roots, vmids: &[u32], storage: Option<&str>, handoff_exe: &P
         Some(name) => storages
             .iter()
             .find(|s| s.0 == name && s.2.iter().any(|c| c == "snippets"))
-            .ok_or_else(|| PveHooksError::NoSuchStorage { name: name.to_owned(), path: storage_cfg.clone() })?,
-        None => storages.iter().find(|s| s.2.iter().any(|c| c == "snippets")).ok_or_else(|| {
-            let (example, mut content) = storages
-                .first()
-                .map(|s| (s.0.clone(), s.2.clone()))
-                .unwrap_or_else(|| ("local".into(), vec!["iso".into(), "vztmpl".into(), "backup".into()]));
-            content.push("snippets".into());
-            PveHooksError::NoSnippets { path: storage_cfg.clone(), example, content: content.join(",") }
-        })?,
+            .ok_or_else(|| PveHooksError::NoSuchStorage {
+                name: name.to_owned(),
+                path: storage_cfg.clone(),
+            })?,
+        None => storages
+            .iter()
+            .find(|s| s.2.iter().any(|c| c == "snippets"))
+            .ok_or_else(|| {
+                let (example, mut content) = storages
+                    .first()
+                    .map(|s| (s.0.clone(), s.2.clone()))
+                    .unwrap_or_else(|| {
+                        (
+                            "local".into(),
+                            vec!["iso".into(), "vztmpl".into(), "backup".into()],
+                        )
+                    });
+                content.push("snippets".into());
+                PveHooksError::NoSnippets {
+                    path: storage_cfg.clone(),
+                    example,
+                    content: content.join(","),
+                }
+            })?,
     };
     let volid = format!("{}:snippets/{SNIPPET_NAME}", chosen.0);
     let snippet_path = roots.at(&chosen.1).join("snippets").join(SNIPPET_NAME);
-    let mut p = Plan { volid: volid.clone(), ..Plan::default() };
+    let mut p = Plan {
+        volid: volid.clone(),
+        ..Plan::default()
+    };
     let existing = fs::read_to_string(&snippet_path).ok();
     if uninstall {
         // Every VM config on this node that names our snippet, not only the configured
@@ -200,7 +241,11 @@ pub fn plan(roots: &Roots, vmids: &[u32], storage: Option<&str>, handoff_exe: &P
         for vmid in ids {
             let conf = roots.at(&format!("/etc/pve/qemu-server/{vmid}.conf"));
             if hookscript_of(&read(&conf)?).as_deref() == Some(&volid) {
-                p.actions.push(Action::RemoveHookscript { vmid, conf, volid: volid.clone() });
+                p.actions.push(Action::RemoveHookscript {
+                    vmid,
+                    conf,
+                    volid: volid.clone(),
+                });
             }
         }
         if existing.is_some_and(|t| t.contains(SNIPPET_MARKER)) {
@@ -211,7 +256,10 @@ pub fn plan(roots: &Roots, vmids: &[u32], storage: Option<&str>, handoff_exe: &P
     check_exe(handoff_exe)?;
     let contents = snippet(handoff_exe);
     if existing.as_deref() != Some(contents.as_str()) {
-        p.actions.push(Action::WriteSnippet { path: snippet_path, contents });
+        p.actions.push(Action::WriteSnippet {
+            path: snippet_path,
+            contents,
+        });
     }
     for &vmid in vmids {
         let conf = roots.at(&format!("/etc/pve/qemu-server/{vmid}.conf"));
@@ -254,7 +302,9 @@ fn edit_conf(text: &str, value: Option<&str>) -> String {
             continue;
         }
         // Insert before the blank line that ends the main section, or at its end.
-        let ends_main = in_main && (i + 1 == lines.len() || (line.is_empty() && lines.get(i + 1).is_some_and(|n| n.starts_with('['))));
+        let ends_main = in_main
+            && (i + 1 == lines.len()
+                || (line.is_empty() && lines.get(i + 1).is_some_and(|n| n.starts_with('['))));
         if ends_main && !done && line.is_empty() {
             if let Some(v) = value {
                 out += &format!("hookscript: {v}\n");
@@ -278,7 +328,10 @@ fn edit_conf(text: &str, value: Option<&str>) -> String {
 
 /// Replaces `path` by rename from a temp file beside it, under qemu-server's lock of `vmid`.
 fn rewrite_conf(roots: &Roots, vmid: u32, path: &Path, value: Option<&str>) -> Result<(), PveHooksError> {
-    let werr = |source| PveHooksError::Write { path: path.to_owned(), source };
+    let werr = |source| PveHooksError::Write {
+        path: path.to_owned(),
+        source,
+    };
     let lock_dir = roots.at("/var/lock/qemu-server");
     fs::create_dir_all(&lock_dir).map_err(werr)?;
     let lock = fs::OpenOptions::new()
@@ -309,7 +362,10 @@ pub fn apply(roots: &Roots, plan: &Plan) -> Result<(), PveHooksError> {
     for a in &plan.actions {
         match a {
             Action::WriteSnippet { path, contents } => {
-                let werr = |source| PveHooksError::Write { path: path.clone(), source };
+                let werr = |source| PveHooksError::Write {
+                    path: path.clone(),
+                    source,
+                };
                 fs::create_dir_all(path.parent().expect("has a parent")).map_err(werr)?;
                 let tmp = path.with_extension("tmp");
                 let _ = fs::remove_file(&tmp);
@@ -321,12 +377,16 @@ pub fn apply(roots: &Roots, plan: &Plan) -> Result<(), PveHooksError> {
                     .open(&tmp)
                     .map_err(werr)?;
                 f.write_all(contents.as_bytes()).map_err(werr)?;
-                f.set_permissions(fs::Permissions::from_mode(0o755)).map_err(werr)?;
+                f.set_permissions(fs::Permissions::from_mode(0o755))
+                    .map_err(werr)?;
                 drop(f);
                 fs::rename(&tmp, path).map_err(werr)?;
             }
             Action::RemoveSnippet { path } => {
-                fs::remove_file(path).map_err(|source| PveHooksError::Write { path: path.clone(), source })?
+                fs::remove_file(path).map_err(|source| PveHooksError::Write {
+                    path: path.clone(),
+                    source,
+                })?
             }
             Action::SetHookscript { vmid, conf, volid } => rewrite_conf(roots, *vmid, conf, Some(volid))?,
             Action::RemoveHookscript { vmid, conf, .. } => rewrite_conf(roots, *vmid, conf, None)?,

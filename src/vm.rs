@@ -66,7 +66,11 @@ pub enum VmError {
         message: String,
         warnings: Vec<String>,
     },
-    #[error("{} at {uri} could not start {vm}: {message}{}", hypervisor::name_of(uri), access_hint(uri, message))]
+    #[error(
+        "{} at {uri} could not start {vm}: {message}{}",
+        hypervisor::name_of(uri),
+        access_hint(uri, message)
+    )]
     StartFailed {
         vm: String,
         uri: String,
@@ -81,7 +85,11 @@ pub enum VmError {
         state: &'static str,
         waited_s: u64,
     },
-    #[error("{} at {uri} could not stop {vm}: {message}{}", hypervisor::name_of(uri), access_hint(uri, message))]
+    #[error(
+        "{} at {uri} could not stop {vm}: {message}{}",
+        hypervisor::name_of(uri),
+        access_hint(uri, message)
+    )]
     StopFailed {
         vm: String,
         uri: String,

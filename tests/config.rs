@@ -531,7 +531,9 @@ fn writing_commands_read_the_callers_file_unless_root_then_only_the_system_one()
 fn proxmox_sections_are_checked_and_name_the_line_and_the_fix() {
     let fp = ["AB"; 32].join(":");
     let base = |proxmox: &str| {
-        format!("[proxmox]\n{proxmox}\n\n[[vm]]\nvmid = 140\nlabel = \"Windows 11\"\n\n[[vm]]\nvmid = 141\nname = \"linux-ai\"\n")
+        format!(
+            "[proxmox]\n{proxmox}\n\n[[vm]]\nvmid = 140\nlabel = \"Windows 11\"\n\n[[vm]]\nvmid = 141\nname = \"linux-ai\"\n"
+        )
     };
     let good = format!(
         "url = \"https://pve.lan:8006\"\ntoken = \"handoff@pve!desk\"\ntoken_secret_file = \"/etc/handoff/pve-token\"\nfingerprint = \"{fp}\""

@@ -45,7 +45,10 @@ fn conf(root: &Path, vmid: u32) -> String {
 
 fn am_root() -> bool {
     // The snippet must call a root-owned handoff (PVE runs it as root).
-    handoff_test_support::tools::is_root() || handoff_test_support::tools::required("install-hooks --pve checks that handoff is root-owned: run as root")
+    handoff_test_support::tools::is_root()
+        || handoff_test_support::tools::required(
+            "install-hooks --pve checks that handoff is root-owned: run as root",
+        )
 }
 
 #[test]
@@ -56,17 +59,29 @@ fn installs_the_snippet_and_sets_the_hookscript_once_and_uninstall_restores_ever
     let (_tmp, root) = node(STORAGE);
     let (code, out, err) = install(&root, &["--vmid", "140", "--vmid", "141"]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("set VM 140's hookscript to local:snippets/handoff"), "{out}");
+    assert!(
+        out.contains("set VM 140's hookscript to local:snippets/handoff"),
+        "{out}"
+    );
     let snippet = root.join("var/lib/vz/snippets/handoff");
     let text = fs::read_to_string(&snippet).unwrap();
     assert!(text.contains(" pve-hook \"$@\""), "{text}");
-    assert_eq!(fs::metadata(&snippet).unwrap().permissions().mode() & 0o777, 0o755);
+    assert_eq!(
+        fs::metadata(&snippet).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
     // In the main section, not in the snapshot's.
     assert_eq!(
         conf(&root, 140),
-        WIN11.replace("name: win11\n\n", "name: win11\nhookscript: local:snippets/handoff\n\n")
+        WIN11.replace(
+            "name: win11\n\n",
+            "name: win11\nhookscript: local:snippets/handoff\n\n"
+        )
     );
-    assert_eq!(conf(&root, 141), format!("{LINUX_AI}hookscript: local:snippets/handoff\n"));
+    assert_eq!(
+        conf(&root, 141),
+        format!("{LINUX_AI}hookscript: local:snippets/handoff\n")
+    );
 
     let (code, out, _) = install(&root, &["--vmid", "140", "--vmid", "141"]);
     assert_eq!(code, 0);
@@ -89,7 +104,10 @@ fn another_hookscript_is_left_in_place_naming_it_and_how_to_combine_them() {
     fs::write(root.join("etc/pve/qemu-server/141.conf"), &theirs).unwrap();
     let (code, out, err) = install(&root, &["--vmid", "140", "--vmid", "141"]);
     assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("VM 141 already has hookscript local:snippets/gpu-reset.sh"), "{err}");
+    assert!(
+        err.contains("VM 141 already has hookscript local:snippets/gpu-reset.sh"),
+        "{err}"
+    );
     assert!(err.contains("pve-hook \"$1\" \"$2\" || exit $?"), "{err}");
     assert_eq!(conf(&root, 141), theirs, "theirs is untouched");
     assert!(conf(&root, 140).contains("hookscript: local:snippets/handoff"));
@@ -107,6 +125,9 @@ fn without_a_snippets_storage_it_says_which_pvesm_command_enables_one() {
     let (_tmp, root) = node("dir: local\n\tpath /var/lib/vz\n\tcontent iso,vztmpl,backup\n");
     let (code, _, err) = install(&root, &["--vmid", "140"]);
     assert_ne!(code, 0);
-    assert!(err.contains("pvesm set local --content iso,vztmpl,backup,snippets"), "{err}");
+    assert!(
+        err.contains("pvesm set local --content iso,vztmpl,backup,snippets"),
+        "{err}"
+    );
     assert_eq!(conf(&root, 140), WIN11, "nothing was changed");
 }

@@ -35,7 +35,11 @@ fn homelab(host_driver: &str) -> Option<PveHost> {
         "boot: order=scsi0\nhostpci0: 0000:01:00,pcie=1,x-vga=1\nmachine: q35\nname: win11\n\n[before-update]\nhostpci0: 0000:02:00\n",
     )
     .unwrap();
-    fs::write(qs.join("141.conf"), "hostpci0: mapping=rtx5070ti,pcie=1\nmachine: q35\nname: linux-ai\n").unwrap();
+    fs::write(
+        qs.join("141.conf"),
+        "hostpci0: mapping=rtx5070ti,pcie=1\nmachine: q35\nname: linux-ai\n",
+    )
+    .unwrap();
     fs::write(qs.join("130.conf"), "hostpci0: 0000:00:02.0\nname: macos\n").unwrap();
     fs::create_dir_all(root.join("etc/pve/mapping")).unwrap();
     fs::write(
@@ -81,7 +85,11 @@ struct Run {
 impl PveHost {
     /// `run_command([$hookscript, $vmid, $phase])`, as PVE does.
     fn hook(&self, vmid: u32, phase: &str) -> Run {
-        let out = Command::new(&self.snippet).arg(vmid.to_string()).arg(phase).output().unwrap();
+        let out = Command::new(&self.snippet)
+            .arg(vmid.to_string())
+            .arg(phase)
+            .output()
+            .unwrap();
         Run {
             code: out.status.code().unwrap_or(-1),
             output: String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
@@ -146,7 +154,8 @@ fn with_the_card_kept_on_vfio_pci_the_second_vm_is_refused_while_the_first_runs(
     let r = pve.hook(141, "pre-start");
     assert_eq!(r.code, 1, "{}", r.output);
     assert!(
-        r.output.contains("GPU 0000:01:00.0 is passed through to Windows 11 (VM 140), which is running"),
+        r.output
+            .contains("GPU 0000:01:00.0 is passed through to Windows 11 (VM 140), which is running"),
         "{}",
         r.output
     );
@@ -183,10 +192,22 @@ fn a_backup_of_the_stopped_vm_while_the_other_has_the_gpu_is_refused_saying_why(
     // vzdump sets the backup lock, then starts 141 paused to read its disks.
     let conf = pve.root.join("etc/pve/qemu-server/141.conf");
     let text = fs::read_to_string(&conf).unwrap();
-    fs::write(&conf, text.replace("machine: q35\n", "lock: backup\nmachine: q35\n")).unwrap();
+    fs::write(
+        &conf,
+        text.replace("machine: q35\n", "lock: backup\nmachine: q35\n"),
+    )
+    .unwrap();
     let r = pve.hook(141, "pre-start");
     assert_eq!(r.code, 1, "{}", r.output);
-    assert!(r.output.contains("not starting Linux AI (VM 141) for its backup"), "{}", r.output);
-    assert!(r.output.contains("Windows 11 (VM 140), which is running"), "{}", r.output);
+    assert!(
+        r.output.contains("not starting Linux AI (VM 141) for its backup"),
+        "{}",
+        r.output
+    );
+    assert!(
+        r.output.contains("Windows 11 (VM 140), which is running"),
+        "{}",
+        r.output
+    );
     assert_eq!(pve.sim.short_log(), vec![], "the running VM keeps its GPU");
 }

@@ -28,7 +28,11 @@ pub enum ApiError {
         "refusing to use the API token's secret {path}: it is readable by {who} (mode {mode:o}); \
          fix: chmod 600 {path}"
     )]
-    SecretExposed { path: PathBuf, who: &'static str, mode: u32 },
+    SecretExposed {
+        path: PathBuf,
+        who: &'static str,
+        mode: u32,
+    },
     #[error("cannot read [proxmox] ca_file {path}: {why}")]
     CaFile { path: PathBuf, why: String },
     #[error(
@@ -53,24 +57,43 @@ pub enum ApiError {
          user@realm!tokenid exactly as `pveum user token list USER@REALM` shows it, and token_secret_file holds \
          that token's secret (a token that was deleted and re-created has a new secret)"
     )]
-    BadToken { url: String, token: String, message: String },
+    BadToken {
+        url: String,
+        token: String,
+        message: String,
+    },
     #[error(
         "the API token {token} lacks the privilege {privilege} on {path}\n  fix (on the node): \
          `pveum role add HandoffVM --privs \"VM.Audit,VM.PowerMgmt\"` once, then \
          `pveum acl modify {path} --tokens '{token}' --roles HandoffVM` (a token with privilege separation \
          needs the ACL on the token itself, not only on its user)"
     )]
-    Privilege { token: String, path: String, privilege: String },
+    Privilege {
+        token: String,
+        path: String,
+        privilege: String,
+    },
     #[error(
         "VM {vmid} is locked ({lock}): {what} holds it, and PVE refuses to start or stop a locked VM. \
          Wait for that task to end (the node's Tasks list, or `pvesh get /nodes/{node}/tasks --vmid {vmid}`); \
          `qm unlock {vmid}` only if no task is running for it"
     )]
-    Locked { vmid: u32, lock: String, what: &'static str, node: String },
+    Locked {
+        vmid: u32,
+        lock: String,
+        what: &'static str,
+        node: String,
+    },
     #[error("Proxmox VE at {url} has no VM {vmid}; `qm list` on the node lists them (is [[vm]] vmid right?)")]
     NoVm { url: String, vmid: u32 },
     #[error("Proxmox VE at {url}: {method} {path} failed with HTTP {status}: {message}")]
-    Http { url: String, method: &'static str, path: String, status: u16, message: String },
+    Http {
+        url: String,
+        method: &'static str,
+        path: String,
+        status: u16,
+        message: String,
+    },
 }
 
 impl ApiError {
@@ -91,7 +114,11 @@ impl ApiError {
 /// The SHA-256 of a certificate in PVE's spelling, `AB:CD:…`.
 pub fn fingerprint_of(der: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, der);
-    d.as_ref().iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+    d.as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Accepts exactly the certificate whose SHA-256 is pinned (the handshake's signature is
@@ -128,7 +155,12 @@ impl ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -137,28 +169,47 @@ impl ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 /// Reads the token's secret: a regular file that neither group nor others can read.
 pub fn read_secret(path: &Path) -> Result<String, ApiError> {
     use std::os::unix::fs::PermissionsExt;
-    let err = |why: String| ApiError::Secret { path: path.to_owned(), why };
+    let err = |why: String| ApiError::Secret {
+        path: path.to_owned(),
+        why,
+    };
     let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
     if !meta.is_file() {
         return Err(err("it is not a regular file".into()));
     }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        let who = if mode & 0o007 != 0 { "everyone" } else { "its group" };
-        return Err(ApiError::SecretExposed { path: path.to_owned(), who, mode });
+        let who = if mode & 0o007 != 0 {
+            "everyone"
+        } else {
+            "its group"
+        };
+        return Err(ApiError::SecretExposed {
+            path: path.to_owned(),
+            who,
+            mode,
+        });
     }
-    let text = handoff::bounded::read_to_string(path, handoff::bounded::Links::Follow).map_err(|e| err(e.to_string()))?;
+    let text = handoff::bounded::read_to_string(path, handoff::bounded::Links::Follow)
+        .map_err(|e| err(e.to_string()))?;
     let secret = text.trim().to_owned();
     if secret.is_empty() {
         return Err(err("it is empty".into()));
@@ -198,7 +249,10 @@ impl Client {
                 .with_no_client_auth(),
             (None, Some(ca)) => {
                 use rustls::pki_types::pem::PemObject;
-                let ca_err = |why: String| ApiError::CaFile { path: ca.clone(), why };
+                let ca_err = |why: String| ApiError::CaFile {
+                    path: ca.clone(),
+                    why,
+                };
                 let mut roots = rustls::RootCertStore::empty();
                 for cert in CertificateDer::pem_file_iter(ca).map_err(|e| ca_err(e.to_string()))? {
                     roots
@@ -234,12 +288,18 @@ impl Client {
     }
 
     pub fn get(&self, path: &str) -> Result<Value, ApiError> {
-        let req = self.agent.get(&self.endpoint(path)).set("Authorization", &self.auth);
+        let req = self
+            .agent
+            .get(&self.endpoint(path))
+            .set("Authorization", &self.auth);
         self.answer("GET", path, req.call())
     }
 
     pub fn post(&self, path: &str, form: &[(&str, &str)]) -> Result<Value, ApiError> {
-        let req = self.agent.post(&self.endpoint(path)).set("Authorization", &self.auth);
+        let req = self
+            .agent
+            .post(&self.endpoint(path))
+            .set("Authorization", &self.auth);
         self.answer("POST", path, req.send_form(form))
     }
 
@@ -247,7 +307,12 @@ impl Client {
         format!("{}/api2/json{path}", self.url)
     }
 
-    fn answer(&self, method: &'static str, path: &str, r: Result<ureq::Response, ureq::Error>) -> Result<Value, ApiError> {
+    fn answer(
+        &self,
+        method: &'static str,
+        path: &str,
+        r: Result<ureq::Response, ureq::Error>,
+    ) -> Result<Value, ApiError> {
         match r {
             Ok(resp) => {
                 let v: Value = read_json(resp).map_err(|e| ApiError::Http {
@@ -284,17 +349,30 @@ impl Client {
                     });
                 }
                 let why = t.to_string();
-                if why.contains("invalid peer certificate") || why.contains("UnknownIssuer") || why.contains("certificate") {
-                    return Err(ApiError::Certificate { url: self.url.clone(), why });
+                if why.contains("invalid peer certificate")
+                    || why.contains("UnknownIssuer")
+                    || why.contains("certificate")
+                {
+                    return Err(ApiError::Certificate {
+                        url: self.url.clone(),
+                        why,
+                    });
                 }
-                Err(ApiError::Unreachable { url: self.url.clone(), why })
+                Err(ApiError::Unreachable {
+                    url: self.url.clone(),
+                    why,
+                })
             }
         }
     }
 
     fn status_error(&self, method: &'static str, path: &str, status: u16, message: String) -> ApiError {
         if status == 401 {
-            return ApiError::BadToken { url: self.url.clone(), token: self.token.clone(), message };
+            return ApiError::BadToken {
+                url: self.url.clone(),
+                token: self.token.clone(),
+                message,
+            };
         }
         if status == 403
             && let Some(inner) = message
@@ -308,7 +386,9 @@ impl Client {
                 privilege: privilege.trim().to_owned(),
             };
         }
-        if let Some(lock) = message.strip_prefix("VM is locked (").and_then(|m| m.split(')').next())
+        if let Some(lock) = message
+            .strip_prefix("VM is locked (")
+            .and_then(|m| m.split(')').next())
             && let Some(vmid) = vmid_in(path)
         {
             return ApiError::Locked {
@@ -321,9 +401,18 @@ impl Client {
         if message.contains("does not exist")
             && let Some(vmid) = vmid_in(path)
         {
-            return ApiError::NoVm { url: self.url.clone(), vmid };
+            return ApiError::NoVm {
+                url: self.url.clone(),
+                vmid,
+            };
         }
-        ApiError::Http { url: self.url.clone(), method, path: path.to_owned(), status, message }
+        ApiError::Http {
+            url: self.url.clone(),
+            method,
+            path: path.to_owned(),
+            status,
+            message,
+        }
     }
 }
 

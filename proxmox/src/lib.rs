@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use handoff::config::{Config, ProxmoxConfig};
 use handoff::hypervisor::{
-    Action, Description, EventSink, Guest, Hypervisor, HypervisorError, Probe, Refusal, Start, Subscription, Task,
-    TaskState, VmEvent, VmRef,
+    Action, Description, EventSink, Guest, Hypervisor, HypervisorError, Probe, Refusal, Start, Subscription,
+    Task, TaskState, VmEvent, VmRef,
 };
 use handoff::live::DomainEvent;
 use handoff::status::VmState;
@@ -87,10 +87,15 @@ impl Proxmox {
     }
 
     fn vmid(&self, vm: &VmRef) -> Result<u32, HypervisorError> {
-        vm.id.or_else(|| vm.name.parse().ok()).ok_or_else(|| HypervisorError::NoVm {
-            at: self.cfg.url.clone(),
-            message: format!("{} is not a Proxmox VE VM: its [[vm]] entry needs a vmid", vm.name),
-        })
+        vm.id
+            .or_else(|| vm.name.parse().ok())
+            .ok_or_else(|| HypervisorError::NoVm {
+                at: self.cfg.url.clone(),
+                message: format!(
+                    "{} is not a Proxmox VE VM: its [[vm]] entry needs a vmid",
+                    vm.name
+                ),
+            })
     }
 
     /// The node `vmid` is on: `[proxmox] node`, else the cluster's answer (kept).
@@ -107,7 +112,12 @@ impl Proxmox {
                 self.nodes.insert(id as u32, node.to_owned());
             }
         }
-        self.nodes.get(&vmid).cloned().ok_or_else(|| self.err(ApiError::NoVm { url: self.cfg.url.clone(), vmid }))
+        self.nodes.get(&vmid).cloned().ok_or_else(|| {
+            self.err(ApiError::NoVm {
+                url: self.cfg.url.clone(),
+                vmid,
+            })
+        })
     }
 
     fn vm_path(&mut self, vm: &VmRef) -> Result<(u32, String), HypervisorError> {
@@ -121,7 +131,13 @@ impl Proxmox {
         self.get(&format!("{path}/status/current"))
     }
 
-    fn task(&mut self, vm: &VmRef, action: Action, what: &str, form: &[(&str, &str)]) -> Result<Task, HypervisorError> {
+    fn task(
+        &mut self,
+        vm: &VmRef,
+        action: Action,
+        what: &str,
+        form: &[(&str, &str)],
+    ) -> Result<Task, HypervisorError> {
         let (_, path) = self.vm_path(vm)?;
         let upid = self.post(&format!("{path}/status/{what}"), form)?;
         let mut task = Task::new(vm, action);
@@ -131,7 +147,11 @@ impl Proxmox {
 
     /// The last lines of a task's log.
     fn task_log(&mut self, node: &str, upid: &str) -> Vec<String> {
-        let path = format!("/nodes/{}/tasks/{}/log?start=0&limit=500", client::segment(node), client::segment(upid));
+        let path = format!(
+            "/nodes/{}/tasks/{}/log?start=0&limit=500",
+            client::segment(node),
+            client::segment(upid)
+        );
         let lines: Vec<String> = self
             .get(&path)
             .ok()
@@ -167,7 +187,9 @@ fn refusal_in(log: &[String], exit: &str) -> Option<Refusal> {
     }
     let mut r = Refusal::default();
     for line in log {
-        let Some(rest) = line.trim().strip_prefix("handoff: ") else { continue };
+        let Some(rest) = line.trim().strip_prefix("handoff: ") else {
+            continue;
+        };
         match rest.strip_prefix("warning: ") {
             Some(w) => r.warnings.push(w.to_owned()),
             None if r.message.is_empty() => r.message = rest.to_owned(),
@@ -195,7 +217,14 @@ impl Hypervisor for Proxmox {
             .filter_map(|i| {
                 let id = i["vmid"].as_u64()? as u32;
                 let name = i["name"].as_str().unwrap_or_default().to_owned();
-                Some((VmRef { at: at.to_owned(), name, id: Some(id) }, state_of(i)))
+                Some((
+                    VmRef {
+                        at: at.to_owned(),
+                        name,
+                        id: Some(id),
+                    },
+                    state_of(i),
+                ))
             })
             .collect())
     }
@@ -230,13 +259,17 @@ impl Hypervisor for Proxmox {
     }
 
     fn destroy(&mut self, vm: &VmRef) -> Result<Task, HypervisorError> {
-        self.task(vm, Action::Destroy, "stop", &[]).map_err(|e| stop_error(vm, e))
+        self.task(vm, Action::Destroy, "stop", &[])
+            .map_err(|e| stop_error(vm, e))
     }
 
     fn poll(&mut self, task: &Task) -> Result<TaskState, HypervisorError> {
         let state = self.probe(&task.vm).map(|p| p.state)?;
         let Some(upid) = task.upid.clone() else {
-            return Ok(TaskState::Done { state, notes: Vec::new() });
+            return Ok(TaskState::Done {
+                state,
+                notes: Vec::new(),
+            });
         };
         let node = upid_node(&upid).unwrap_or_default().to_owned();
         let s = self.get(&format!(
@@ -254,14 +287,19 @@ impl Hypervisor for Proxmox {
         }
         let exit = s["exitstatus"].as_str().unwrap_or("unknown").to_owned();
         if exit == "OK" {
-            return Ok(TaskState::Done { state, notes: Vec::new() });
+            return Ok(TaskState::Done {
+                state,
+                notes: Vec::new(),
+            });
         }
         // PVE's shutdown task gives up at its timeout ("VM quit/powerdown failed - got
         // timeout") and leaves the VM running: the guest ignored the request. That is
         // still "pending" to the caller, whose own timeout then offers forcing it off,
         // as with libvirt.
         if task.action == Action::Shutdown && state.is_active() && exit.contains("got timeout") {
-            return Ok(TaskState::Pending { state: VmState::Running });
+            return Ok(TaskState::Pending {
+                state: VmState::Running,
+            });
         }
         let log = self.task_log(&node, &upid);
         if task.action == Action::Start
@@ -270,7 +308,10 @@ impl Hypervisor for Proxmox {
             return Ok(TaskState::Refused(r));
         }
         let vmid = self.vmid(&task.vm).unwrap_or_default();
-        let hint = match exit.strip_prefix("VM is locked (").and_then(|m| m.split(')').next()) {
+        let hint = match exit
+            .strip_prefix("VM is locked (")
+            .and_then(|m| m.split(')').next())
+        {
             Some(lock) => ApiError::Locked {
                 vmid,
                 lock: lock.to_owned(),
@@ -304,7 +345,9 @@ impl Hypervisor for Proxmox {
         let mut mappings = std::collections::BTreeMap::new();
         let node = self.node(self.vmid(vm)?)?;
         for v in conf.values() {
-            let Some(m) = handoff::pve::parse_hostpci(v).and_then(|h| h.mapping) else { continue };
+            let Some(m) = handoff::pve::parse_hostpci(v).and_then(|h| h.mapping) else {
+                continue;
+            };
             if let Ok(entry) = self.get(&format!("/cluster/mapping/pci/{}", client::segment(&m))) {
                 let text = entry["map"]
                     .as_array()
@@ -369,15 +412,25 @@ impl Hypervisor for Proxmox {
                             }
                             let before = last.insert(vm.clone(), p.state);
                             if before.is_some_and(|b| b != p.state) {
-                                let event = if p.state.is_active() { DomainEvent::Started } else { DomainEvent::Stopped };
-                                if !sink(VmEvent::Lifecycle { vm: vm.clone(), event }) {
+                                let event = if p.state.is_active() {
+                                    DomainEvent::Started
+                                } else {
+                                    DomainEvent::Stopped
+                                };
+                                if !sink(VmEvent::Lifecycle {
+                                    vm: vm.clone(),
+                                    event,
+                                }) {
                                     return;
                                 }
                             }
                         }
                         Err(e) if !lost => {
                             lost = true;
-                            if !sink(VmEvent::Lost { at: vm.at.clone(), why: e.to_string() }) {
+                            if !sink(VmEvent::Lost {
+                                at: vm.at.clone(),
+                                why: e.to_string(),
+                            }) {
                                 return;
                             }
                         }
@@ -449,6 +502,9 @@ mod tests {
         assert_eq!(state_of(&v("running", "running")), VmState::Running);
         assert_eq!(state_of(&v("running", "paused")), VmState::Paused);
         assert_eq!(state_of(&v("stopped", "stopped")), VmState::Shutoff);
-        assert_eq!(upid_node("UPID:pve1:000003E8:00001B58:6B1503A7:qmshutdown:140:handoff@pve!desk:"), Some("pve1"));
+        assert_eq!(
+            upid_node("UPID:pve1:000003E8:00001B58:6B1503A7:qmshutdown:140:handoff@pve!desk:"),
+            Some("pve1")
+        );
     }
 }

@@ -14,14 +14,15 @@ const TOKEN: &str = "handoff@pve!desk";
 const SECRET: &str = "0b7e9d0c-3f55-4a65-8d7e-1f1f2b3c4d5e";
 
 fn handoff() -> PathBuf {
-    let beside = Path::new(env!("CARGO_BIN_EXE_handoff-pve")).parent().unwrap().to_owned();
+    let beside = Path::new(env!("CARGO_BIN_EXE_handoff-pve"))
+        .parent()
+        .unwrap()
+        .to_owned();
     bins::sibling(&beside, "handoff", "handoff", &["src"])
 }
 
 fn setup() -> Option<(FakePve, PathBuf)> {
-    let vm = |id: u32, name: &str, status: &str| {
-        json!({"vmid": id, "name": name, "status": status, "config": {"hostpci0": "0000:01:00,pcie=1"}})
-    };
+    let vm = |id: u32, name: &str, status: &str| json!({"vmid": id, "name": name, "status": status, "config": {"hostpci0": "0000:01:00,pcie=1"}});
     let pve = FakePve::start(&json!({
         "tokens": {TOKEN: SECRET},
         "guests": [vm(140, "win11", "running"), vm(141, "linux-ai", "stopped")],
@@ -55,7 +56,11 @@ fn setup() -> Option<(FakePve, PathBuf)> {
 }
 
 fn run(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(handoff()).args(args).env("HANDOFF_CONFIG", config).output().unwrap();
+    let out = Command::new(handoff())
+        .args(args)
+        .env("HANDOFF_CONFIG", config)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -71,7 +76,12 @@ fn states(config: &Path) -> Vec<(String, String)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|vm| (vm["name"].as_str().unwrap().to_owned(), vm["state"].as_str().unwrap().to_owned()))
+        .map(|vm| {
+            (
+                vm["name"].as_str().unwrap().to_owned(),
+                vm["state"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect()
 }
 
@@ -84,7 +94,10 @@ fn handoff_status_json_lists_the_pve_vms_with_their_states() {
     assert_eq!(v["vms"][0]["uri"], pve.url.as_str(), "{v}");
     assert_eq!(
         states(&config),
-        vec![("140".into(), "running".into()), ("linux-ai".into(), "shutoff".into())]
+        vec![
+            ("140".into(), "running".into()),
+            ("linux-ai".into(), "shutoff".into())
+        ]
     );
 }
 
@@ -98,13 +111,19 @@ fn handoff_switch_141_and_back_to_140_from_the_command_line() {
     assert!(said.contains("Step 2/2: start Linux AI (linux-ai)"), "{said}");
     assert_eq!(
         states(&config),
-        vec![("140".into(), "shutoff".into()), ("linux-ai".into(), "running".into())]
+        vec![
+            ("140".into(), "shutoff".into()),
+            ("linux-ai".into(), "running".into())
+        ]
     );
     let (code, out, err) = run(&config, &["switch", "140"]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(
         states(&config),
-        vec![("140".into(), "running".into()), ("linux-ai".into(), "shutoff".into())]
+        vec![
+            ("140".into(), "running".into()),
+            ("linux-ai".into(), "shutoff".into())
+        ]
     );
 }
 
@@ -112,7 +131,10 @@ fn handoff_switch_141_and_back_to_140_from_the_command_line() {
 fn the_handoff_binary_which_is_also_the_root_hookscript_links_no_tls() {
     let contains = |p: &Path, what: &[u8]| std::fs::read(p).unwrap().windows(what.len()).any(|w| w == what);
     let pve_side = Path::new(env!("CARGO_BIN_EXE_handoff-pve"));
-    assert!(contains(pve_side, b"rustls"), "the check can see rustls where it is linked");
+    assert!(
+        contains(pve_side, b"rustls"),
+        "the check can see rustls where it is linked"
+    );
     assert!(!contains(&handoff(), b"rustls"), "handoff links rustls");
     assert!(!contains(&handoff(), b"ureq"), "handoff links ureq");
 }
@@ -122,7 +144,11 @@ fn the_trays_agent_sees_a_pve_vm_start_within_the_poll_interval() {
     use std::io::{BufRead, BufReader};
     let Some((_pve, config)) = setup() else { return };
     let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, text.replace("fingerprint =", "poll_interval_s = 1\nfingerprint =")).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("fingerprint =", "poll_interval_s = 1\nfingerprint ="),
+    )
+    .unwrap();
     let mut agent = handoff_test_support::process::Group::spawn(
         Command::new(handoff())
             .arg("--config")

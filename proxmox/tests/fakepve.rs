@@ -81,16 +81,25 @@ fn switch(cfg: &Config, to: &str, force: bool) -> (Vec<String>, Result<(), Strin
     let r = {
         let mut say = |l: &str| lines.push(l.to_owned());
         let mut ctl = Ctl::with_hypervisor(cfg, &mut say, hv(cfg));
-        ctl.switch(&target, force, None).map(|_| ()).map_err(|e| e.to_string())
+        ctl.switch(&target, force, None)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     };
     (lines, r)
 }
 
 #[test]
 fn status_shows_windows_running_and_linux_ai_off_in_the_same_shape_as_libvirt() {
-    let Some(lab) = lab(homelab(|_| {}), 30) else { return };
+    let Some(lab) = lab(homelab(|_| {}), 30) else {
+        return;
+    };
     let mut h = hv(&lab.cfg);
-    let vms: Vec<_> = lab.cfg.vms.iter().map(|v| hypervisor::vm_status(&mut *h, v)).collect();
+    let vms: Vec<_> = lab
+        .cfg
+        .vms
+        .iter()
+        .map(|v| hypervisor::vm_status(&mut *h, v))
+        .collect();
     let json = serde_json::to_value(&vms).unwrap();
     assert_eq!(json[0]["name"], "140", "{json}");
     assert_eq!(json[0]["label"], "Windows 11", "{json}");
@@ -105,7 +114,9 @@ fn status_shows_windows_running_and_linux_ai_off_in_the_same_shape_as_libvirt() 
 
 #[test]
 fn switch_from_windows_to_linux_ai_and_back_says_each_step() {
-    let Some(lab) = lab(homelab(|_| {}), 30) else { return };
+    let Some(lab) = lab(homelab(|_| {}), 30) else {
+        return;
+    };
     let (lines, r) = switch(&lab.cfg, "141", false);
     r.unwrap_or_else(|e| panic!("switch to 141: {e}\n{lines:#?}"));
     let text = lines.join("\n");
@@ -135,12 +146,19 @@ fn a_shutdown_that_outlasts_its_timeout_leaves_windows_running_and_offers_force(
     assert!(e.contains("did not stop within 2 s"), "{e}");
     assert!(e.contains("handoff switch --force linux-ai"), "{e}");
     let s = states(&lab.cfg);
-    assert_eq!((s[0].1, s[1].1), (VmState::Running, VmState::Shutoff), "{s:?}\n{lines:#?}");
+    assert_eq!(
+        (s[0].1, s[1].1),
+        (VmState::Running, VmState::Shutoff),
+        "{s:?}\n{lines:#?}"
+    );
 
     // Forcing is the person's explicit choice.
     let (lines, r) = switch(&lab.cfg, "linux-ai", true);
     r.unwrap_or_else(|e| panic!("forced switch: {e}\n{lines:#?}"));
-    assert!(lines.iter().any(|l| l.contains("Forcing Windows 11 (140) off")), "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.contains("Forcing Windows 11 (140) off")),
+        "{lines:#?}"
+    );
     let s = states(&lab.cfg);
     assert_eq!((s[0].1, s[1].1), (VmState::Shutoff, VmState::Running), "{s:?}");
 }
@@ -169,14 +187,22 @@ fn a_failed_start_task_shows_its_exit_status_and_last_log_lines() {
     let (_, r) = switch(&lab.cfg, "141", false);
     let e = r.expect_err("the start task fails");
     assert!(e.contains("Proxmox VE at"), "{e}");
-    assert!(e.contains("failed with exit status \"storage 'service-pool' is not online\""), "{e}");
-    assert!(e.contains("TASK ERROR: storage 'service-pool' is not online"), "{e}");
+    assert!(
+        e.contains("failed with exit status \"storage 'service-pool' is not online\""),
+        "{e}"
+    );
+    assert!(
+        e.contains("TASK ERROR: storage 'service-pool' is not online"),
+        "{e}"
+    );
     assert!(!e.contains("libvirt"), "{e}");
 }
 
 #[test]
 fn a_bad_token_secret_says_which_token_was_refused_and_what_to_check() {
-    let Some(pve) = FakePve::start(&homelab(|_| {})) else { return };
+    let Some(pve) = FakePve::start(&homelab(|_| {})) else {
+        return;
+    };
     let pin = format!("fingerprint = \"{}\"", pve.fingerprint);
     let cfg = config(pve.dir(), &pve.url, &pin, "not-the-secret", 30);
     let s = states(&cfg);
@@ -198,9 +224,17 @@ fn a_token_that_may_only_audit_names_the_missing_vm_powermgmt_privilege() {
 
 #[test]
 fn a_wrong_fingerprint_is_refused_naming_the_certificate_seen() {
-    let Some(pve) = FakePve::start(&homelab(|_| {})) else { return };
+    let Some(pve) = FakePve::start(&homelab(|_| {})) else {
+        return;
+    };
     let wrong = pve.fingerprint.replace(|c: char| c.is_ascii_hexdigit(), "0");
-    let cfg = config(pve.dir(), &pve.url, &format!("fingerprint = \"{wrong}\""), SECRET, 30);
+    let cfg = config(
+        pve.dir(),
+        &pve.url,
+        &format!("fingerprint = \"{wrong}\""),
+        SECRET,
+        30,
+    );
     let e = states(&cfg)[0].2.clone().unwrap();
     assert!(e.contains("is not the one pinned"), "{e}");
     assert!(e.contains(&pve.fingerprint), "{e}");
@@ -209,12 +243,16 @@ fn a_wrong_fingerprint_is_refused_naming_the_certificate_seen() {
 
 #[test]
 fn a_ca_file_that_signed_the_certificate_is_accepted_and_another_is_not() {
-    let Some(pve) = FakePve::start(&homelab(|_| {})) else { return };
+    let Some(pve) = FakePve::start(&homelab(|_| {})) else {
+        return;
+    };
     let ca = format!("ca_file = \"{}\"", pve.ca_file.display());
     let cfg = config(pve.dir(), &pve.url, &ca, SECRET, 30);
     assert_eq!(states(&cfg)[0].1, VmState::Running, "{:?}", states(&cfg));
 
-    let Some(other) = FakePve::start(&homelab(|_| {})) else { return };
+    let Some(other) = FakePve::start(&homelab(|_| {})) else {
+        return;
+    };
     let ca = format!("ca_file = \"{}\"", other.ca_file.display());
     let cfg = config(pve.dir(), &pve.url, &ca, SECRET, 30);
     let e = states(&cfg)[0].2.clone().unwrap();
@@ -233,7 +271,9 @@ fn an_unreachable_host_says_what_to_check() {
 
 #[test]
 fn a_token_secret_others_can_read_is_refused_with_the_chmod_that_fixes_it() {
-    let Some(lab) = lab(homelab(|_| {}), 30) else { return };
+    let Some(lab) = lab(homelab(|_| {}), 30) else {
+        return;
+    };
     let file = lab.cfg.proxmox.as_ref().unwrap().token_secret_file.clone();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let e = states(&lab.cfg)[0].2.clone().unwrap();

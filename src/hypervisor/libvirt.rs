@@ -370,7 +370,11 @@ fn domain_error(vm: &VmRef, e: &virt::error::Error) -> HypervisorError {
     HypervisorError::Domain {
         uri: vm.at.clone(),
         name: vm.name.clone(),
-        message: format!("{}{}", e.message(), crate::vm::access_hint("qemu:///system", e.message())),
+        message: format!(
+            "{}{}",
+            e.message(),
+            crate::vm::access_hint("qemu:///system", e.message())
+        ),
     }
 }
 

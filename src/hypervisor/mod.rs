@@ -305,7 +305,11 @@ pub enum HypervisorError {
 /// Who answers at `at`, for messages: a PVE endpoint is `https://…`, anything else a
 /// libvirt URI.
 pub fn name_of(at: &str) -> &'static str {
-    if at.starts_with("https://") { "Proxmox VE" } else { "libvirt" }
+    if at.starts_with("https://") {
+        "Proxmox VE"
+    } else {
+        "libvirt"
+    }
 }
 
 /// Start, stop, describe and watch VMs. See the module docs for how each method maps onto

@@ -13,8 +13,8 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Action, Description, EventSink, Guest, Hypervisor, HypervisorError, Probe, Refusal, Start, Subscription, Task,
-    TaskState, VmRef,
+    Action, Description, EventSink, Guest, Hypervisor, HypervisorError, Probe, Refusal, Start, Subscription,
+    Task, TaskState, VmRef,
 };
 use crate::config::Config;
 use crate::pci::PciAddress;
@@ -206,14 +206,26 @@ fn answer(hv: &mut dyn Hypervisor, req: Request) -> Result<serde_json::Value, Hy
         }
         Request::Probe { vm } => {
             let p = hv.probe(&vm.into())?;
-            json(serde_json::to_value(WProbe { state: p.state, reason: p.reason }).expect("serializable"))
+            json(
+                serde_json::to_value(WProbe {
+                    state: p.state,
+                    reason: p.reason,
+                })
+                .expect("serializable"),
+            )
         }
         Request::Start { vm } => match hv.start(&vm.into())? {
             Start::Begun(t) => json(serde_json::json!({ "begun": WTask::from(&t) })),
-            Start::Refused(r) => json(serde_json::json!({ "refused": { "message": r.message, "warnings": r.warnings } })),
+            Start::Refused(r) => {
+                json(serde_json::json!({ "refused": { "message": r.message, "warnings": r.warnings } }))
+            }
         },
-        Request::Shutdown { vm } => json(serde_json::to_value(WTask::from(&hv.shutdown(&vm.into())?)).expect("serializable")),
-        Request::Destroy { vm } => json(serde_json::to_value(WTask::from(&hv.destroy(&vm.into())?)).expect("serializable")),
+        Request::Shutdown { vm } => {
+            json(serde_json::to_value(WTask::from(&hv.shutdown(&vm.into())?)).expect("serializable"))
+        }
+        Request::Destroy { vm } => {
+            json(serde_json::to_value(WTask::from(&hv.destroy(&vm.into())?)).expect("serializable"))
+        }
         Request::Poll { task } => {
             let s = match hv.poll(&task.into())? {
                 TaskState::Pending { state } => WTaskState::Pending { state },
@@ -269,7 +281,10 @@ pub fn serve(
         }
         let a = match serde_json::from_str::<Request>(&line) {
             Ok(req) => match answer(&mut *hv, req) {
-                Ok(v) => Answer { ok: Some(v), err: None },
+                Ok(v) => Answer {
+                    ok: Some(v),
+                    err: None,
+                },
                 Err(e) => Answer {
                     ok: None,
                     err: Some((&e).into()),
@@ -285,7 +300,8 @@ pub fn serve(
                 }),
             },
         };
-        writeln!(output, "{}", serde_json::to_string(&a).expect("serializable")).map_err(|e| e.to_string())?;
+        writeln!(output, "{}", serde_json::to_string(&a).expect("serializable"))
+            .map_err(|e| e.to_string())?;
         output.flush().map_err(|e| e.to_string())?;
     }
 }
@@ -347,14 +363,20 @@ impl Piped {
         writeln!(self.stdin, "{line}").map_err(|e| lost(e.to_string()))?;
         self.stdin.flush().map_err(|e| lost(e.to_string()))?;
         let mut back = String::new();
-        let n = self.stdout.read_line(&mut back).map_err(|e| lost(e.to_string()))?;
+        let n = self
+            .stdout
+            .read_line(&mut back)
+            .map_err(|e| lost(e.to_string()))?;
         if n == 0 {
             return Err(lost("it closed its output".into()));
         }
-        let a: Answer = serde_json::from_str(&back).map_err(|e| lost(format!("an answer that is not JSON: {e}")))?;
+        let a: Answer =
+            serde_json::from_str(&back).map_err(|e| lost(format!("an answer that is not JSON: {e}")))?;
         match (a.ok, a.err) {
             (_, Some(e)) => Err(e.into()),
-            (Some(v), None) => serde_json::from_value(v).map_err(|e| lost(format!("an answer of the wrong shape: {e}"))),
+            (Some(v), None) => {
+                serde_json::from_value(v).map_err(|e| lost(format!("an answer of the wrong shape: {e}")))
+            }
             (None, None) => Err(lost("an empty answer".into())),
         }
     }
@@ -408,18 +430,24 @@ impl Hypervisor for Piped {
         }
     }
     fn shutdown(&mut self, vm: &VmRef) -> Result<Task, HypervisorError> {
-        self.call::<WTask>(&Request::Shutdown { vm: vm.into() }).map(Into::into)
+        self.call::<WTask>(&Request::Shutdown { vm: vm.into() })
+            .map(Into::into)
     }
     fn destroy(&mut self, vm: &VmRef) -> Result<Task, HypervisorError> {
-        self.call::<WTask>(&Request::Destroy { vm: vm.into() }).map(Into::into)
+        self.call::<WTask>(&Request::Destroy { vm: vm.into() })
+            .map(Into::into)
     }
     fn poll(&mut self, task: &Task) -> Result<TaskState, HypervisorError> {
-        Ok(match self.call::<WTaskState>(&Request::Poll { task: task.into() })? {
-            WTaskState::Pending { state } => TaskState::Pending { state },
-            WTaskState::Done { state, notes } => TaskState::Done { state, notes },
-            WTaskState::Failed { message } => TaskState::Failed { message },
-            WTaskState::Refused { message, warnings } => TaskState::Refused(Refusal { message, warnings }),
-        })
+        Ok(
+            match self.call::<WTaskState>(&Request::Poll { task: task.into() })? {
+                WTaskState::Pending { state } => TaskState::Pending { state },
+                WTaskState::Done { state, notes } => TaskState::Done { state, notes },
+                WTaskState::Failed { message } => TaskState::Failed { message },
+                WTaskState::Refused { message, warnings } => {
+                    TaskState::Refused(Refusal { message, warnings })
+                }
+            },
+        )
     }
     fn describe(&mut self, vm: &VmRef) -> Result<Description, HypervisorError> {
         let d: WDescription = self.call(&Request::Describe { vm: vm.into() })?;
@@ -466,7 +494,8 @@ impl Hypervisor for Piped {
                     for vm in &vms {
                         let ev = match poller.probe(vm) {
                             Ok(p) => {
-                                let back = std::mem::take(&mut lost).then(|| VmEvent::Back { at: at.clone() });
+                                let back =
+                                    std::mem::take(&mut lost).then(|| VmEvent::Back { at: at.clone() });
                                 if let Some(b) = back
                                     && !sink(b)
                                 {
@@ -546,7 +575,11 @@ impl Router {
     }
 
     fn pick(&mut self, vm: &VmRef) -> Result<&mut dyn Hypervisor, HypervisorError> {
-        if vm.id.is_some() { self.pve() } else { Ok(&mut *self.fallback) }
+        if vm.id.is_some() {
+            self.pve()
+        } else {
+            Ok(&mut *self.fallback)
+        }
     }
 }
 
@@ -555,7 +588,11 @@ impl Hypervisor for Router {
         "proxmox+libvirt"
     }
     fn list(&mut self, at: &str) -> Result<Vec<(VmRef, VmState)>, HypervisorError> {
-        if at == self.pve_url { self.pve()?.list(at) } else { self.fallback.list(at) }
+        if at == self.pve_url {
+            self.pve()?.list(at)
+        } else {
+            self.fallback.list(at)
+        }
     }
     fn probe(&mut self, vm: &VmRef) -> Result<Probe, HypervisorError> {
         self.pick(vm)?.probe(vm)
@@ -608,7 +645,9 @@ pub fn with_pve(cfg: &Config, fallback: Box<dyn Hypervisor>) -> Box<dyn Hypervis
     let at = url.clone();
     Box::new(Router::new(
         &url,
-        Box::new(move || Ok(Box::new(Piped::spawn(&Piped::pve_server(), &cfg2, &at)?) as Box<dyn Hypervisor>)),
+        Box::new(
+            move || Ok(Box::new(Piped::spawn(&Piped::pve_server(), &cfg2, &at)?) as Box<dyn Hypervisor>),
+        ),
         fallback,
     ))
 }

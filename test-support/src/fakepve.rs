@@ -83,7 +83,11 @@ impl FakePve {
             .expect("fakepve did not say where it listens within 30 s");
         let v: serde_json::Value = serde_json::from_str(&line)
             .unwrap_or_else(|e| panic!("fakepve's first line {line:?} is not its address: {e}"));
-        let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("fakepve said no {k}")).to_owned();
+        let s = |k: &str| {
+            v[k].as_str()
+                .unwrap_or_else(|| panic!("fakepve said no {k}"))
+                .to_owned()
+        };
         Some(FakePve {
             url: s("url"),
             fingerprint: s("fingerprint"),
