@@ -263,12 +263,18 @@ fn answer(hv: &mut dyn Hypervisor, req: Request) -> Result<serde_json::Value, Hy
     }
 }
 
+/// Builds the served hypervisor from the config the client sent.
+pub type MakeHypervisor<'a> = &'a dyn Fn(&Config) -> Result<Box<dyn Hypervisor>, String>;
+
+/// Starts the PVE side on first use.
+pub type MakePve = Box<dyn FnMut() -> Result<Box<dyn Hypervisor>, HypervisorError> + Send>;
+
 /// Reads the config line, builds the hypervisor with `make`, then answers requests until
 /// the input ends.
 pub fn serve(
     input: &mut dyn BufRead,
     output: &mut dyn Write,
-    make: &dyn Fn(&Config) -> Result<Box<dyn Hypervisor>, String>,
+    make: MakeHypervisor,
 ) -> Result<(), String> {
     let mut line = String::new();
     input.read_line(&mut line).map_err(|e| e.to_string())?;
@@ -548,7 +554,7 @@ impl Hypervisor for Piped {
 /// `fallback` (libvirt, or the demo's) for the rest. `pve` starts on first use.
 pub struct Router {
     pve: Option<Box<dyn Hypervisor>>,
-    make_pve: Box<dyn FnMut() -> Result<Box<dyn Hypervisor>, HypervisorError> + Send>,
+    make_pve: MakePve,
     pve_url: String,
     fallback: Box<dyn Hypervisor>,
 }
@@ -556,7 +562,7 @@ pub struct Router {
 impl Router {
     pub fn new(
         pve_url: &str,
-        make_pve: Box<dyn FnMut() -> Result<Box<dyn Hypervisor>, HypervisorError> + Send>,
+        make_pve: MakePve,
         fallback: Box<dyn Hypervisor>,
     ) -> Self {
         Self {
