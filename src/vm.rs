@@ -987,6 +987,9 @@ impl Health {
         let uptime = match (self.state.is_active(), self.uptime_s) {
             (false, _) => "not running".to_owned(),
             (true, Some(u)) => duration_words(u),
+            (true, None) if hypervisor::name_of(&self.uri) != "libvirt" => {
+                format!("{UNKNOWN} (its QEMU runs on the Proxmox VE node)")
+            }
             (true, None) => format!("{UNKNOWN} (no readable QEMU pid file under /run/libvirt/qemu)"),
         };
         let _ = writeln!(s, "  uptime    {uptime}");
@@ -1021,6 +1024,7 @@ impl Health {
                     .map(|b| format!(", {}", size_words(b)))
                     .unwrap_or_default()
             ),
+            None if hypervisor::name_of(&self.uri) != "libvirt" => "not read from Proxmox VE configs yet".to_owned(),
             None => "no shared memory device (<shmem name='looking-glass'>) in the XML".to_owned(),
         };
         let _ = writeln!(s, "  Looking Glass  {lg}");
