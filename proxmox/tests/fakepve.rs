@@ -280,3 +280,23 @@ fn a_token_secret_others_can_read_is_refused_with_the_chmod_that_fixes_it() {
     assert!(e.contains("readable by everyone"), "{e}");
     assert!(e.contains(&format!("chmod 600 {}", file.display())), "{e}");
 }
+
+#[test]
+fn a_start_the_hookscript_refused_comes_back_as_the_guards_refusal_not_a_failure() {
+    // fakepve runs no hookscripts; it fails the start task with the error PVE's
+    // exec_hookscript dies with, which is what handoff reads.
+    let exit = "hookscript error for 141 on pre-start: command '/var/lib/vz/snippets/handoff 141 pre-start' failed: exit code 1";
+    let scenario = homelab(|s| {
+        s["guests"][0]["status"] = json!("stopped");
+        s["guests"][1]["start_error"] = json!(exit);
+    });
+    let Some(lab) = lab(scenario, 30) else { return };
+    let target = vm::resolve(&lab.cfg, Some("141")).unwrap().clone();
+    let mut lines = Vec::new();
+    let mut say = |l: &str| lines.push(l.to_owned());
+    let mut ctl = Ctl::with_hypervisor(&lab.cfg, &mut say, hv(&lab.cfg));
+    match ctl.start(&target) {
+        Err(vm::VmError::HookRefused { message, .. }) => assert!(message.contains("hookscript error for 141"), "{message}"),
+        other => panic!("expected the hookscript's refusal, got {other:?}"),
+    }
+}
