@@ -99,6 +99,12 @@ fn handoff_status_json_lists_the_pve_vms_with_their_states() {
             ("linux-ai".into(), "shutoff".into())
         ]
     );
+    // The desktop has no such GPU; the node's VMs say where it is.
+    assert_eq!(v["verdict"]["state"], "in_vm", "{v}");
+    assert_eq!(v["verdict"]["vm_label"], "Windows 11", "{v}");
+    let (code, text, _) = run(&config, &["status"]);
+    assert_eq!(code, 0);
+    assert!(text.starts_with("GPU is in Windows 11\n"), "{text}");
 }
 
 #[test]
