@@ -229,7 +229,13 @@ impl Status {
             let mut s = format!("{}\n", v.line());
             s += "\nVMs:\n";
             for vm in &self.vms {
-                let _ = writeln!(s, "  {:<16} {:<12} {}", vm.name, format!("({})", vm.label), vm.state.words());
+                let _ = writeln!(
+                    s,
+                    "  {:<16} {:<12} {}",
+                    vm.name,
+                    format!("({})", vm.label),
+                    vm.state.words()
+                );
                 if let Some(e) = &vm.error {
                     let _ = writeln!(s, "      {e}");
                 }

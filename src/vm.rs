@@ -1024,7 +1024,9 @@ impl Health {
                     .map(|b| format!(", {}", size_words(b)))
                     .unwrap_or_default()
             ),
-            None if hypervisor::name_of(&self.uri) != "libvirt" => "not read from Proxmox VE configs yet".to_owned(),
+            None if hypervisor::name_of(&self.uri) != "libvirt" => {
+                "not read from Proxmox VE configs yet".to_owned()
+            }
             None => "no shared memory device (<shmem name='looking-glass'>) in the XML".to_owned(),
         };
         let _ = writeln!(s, "  Looking Glass  {lg}");

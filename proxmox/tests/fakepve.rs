@@ -296,7 +296,9 @@ fn a_start_the_hookscript_refused_comes_back_as_the_guards_refusal_not_a_failure
     let mut say = |l: &str| lines.push(l.to_owned());
     let mut ctl = Ctl::with_hypervisor(&lab.cfg, &mut say, hv(&lab.cfg));
     match ctl.start(&target) {
-        Err(vm::VmError::HookRefused { message, .. }) => assert!(message.contains("hookscript error for 141"), "{message}"),
+        Err(vm::VmError::HookRefused { message, .. }) => {
+            assert!(message.contains("hookscript error for 141"), "{message}")
+        }
         other => panic!("expected the hookscript's refusal, got {other:?}"),
     }
 }

@@ -271,11 +271,7 @@ pub type MakePve = Box<dyn FnMut() -> Result<Box<dyn Hypervisor>, HypervisorErro
 
 /// Reads the config line, builds the hypervisor with `make`, then answers requests until
 /// the input ends.
-pub fn serve(
-    input: &mut dyn BufRead,
-    output: &mut dyn Write,
-    make: MakeHypervisor,
-) -> Result<(), String> {
+pub fn serve(input: &mut dyn BufRead, output: &mut dyn Write, make: MakeHypervisor) -> Result<(), String> {
     let mut line = String::new();
     input.read_line(&mut line).map_err(|e| e.to_string())?;
     let cfg: Config = serde_json::from_str(&line).map_err(|e| format!("the config line: {e}"))?;
@@ -560,11 +556,7 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(
-        pve_url: &str,
-        make_pve: MakePve,
-        fallback: Box<dyn Hypervisor>,
-    ) -> Self {
+    pub fn new(pve_url: &str, make_pve: MakePve, fallback: Box<dyn Hypervisor>) -> Self {
         Self {
             pve: None,
             make_pve,

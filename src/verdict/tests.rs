@@ -593,10 +593,14 @@ fn pve_vm(vmid: u32, label: &str, state: VmState) -> VmStatus {
 
 #[test]
 fn a_card_that_rests_on_vfio_pci_is_free_there_not_orphaned_and_in_a_vm_while_one_runs() {
-    let free = m(Owner::Vfio, vec![vm(WIN, VmState::Shutoff)]).rests_on_vfio().decide();
+    let free = m(Owner::Vfio, vec![vm(WIN, VmState::Shutoff)])
+        .rests_on_vfio()
+        .decide();
     assert_eq!(free.state, State::Idle, "{free:?}");
     assert_eq!(free.headline, "GPU is free on vfio-pci");
-    let busy = m(Owner::Vfio, vec![vm(WIN, VmState::Running)]).rests_on_vfio().decide();
+    let busy = m(Owner::Vfio, vec![vm(WIN, VmState::Running)])
+        .rests_on_vfio()
+        .decide();
     assert_eq!(busy.state, State::InVm, "{busy:?}");
     assert_eq!(busy.headline, "GPU is in Windows");
     // Without the setting, the same card is left behind.
@@ -608,7 +612,10 @@ fn a_card_that_rests_on_vfio_pci_is_free_there_not_orphaned_and_in_a_vm_while_on
 fn from_a_desktop_the_gpu_of_a_proxmox_node_is_with_the_running_vm() {
     let with = m(
         Owner::Absent,
-        vec![pve_vm(140, "Windows 11", VmState::Running), pve_vm(141, "Linux AI", VmState::Shutoff)],
+        vec![
+            pve_vm(140, "Windows 11", VmState::Running),
+            pve_vm(141, "Linux AI", VmState::Shutoff),
+        ],
     )
     .decide();
     assert_eq!(with.state, State::InVm, "{with:?}");
@@ -618,7 +625,10 @@ fn from_a_desktop_the_gpu_of_a_proxmox_node_is_with_the_running_vm() {
 
     let free = m(
         Owner::Absent,
-        vec![pve_vm(140, "Windows 11", VmState::Shutoff), pve_vm(141, "Linux AI", VmState::Shutoff)],
+        vec![
+            pve_vm(140, "Windows 11", VmState::Shutoff),
+            pve_vm(141, "Linux AI", VmState::Shutoff),
+        ],
     )
     .decide();
     assert_eq!(free.state, State::Idle, "{free:?}");
@@ -627,8 +637,14 @@ fn from_a_desktop_the_gpu_of_a_proxmox_node_is_with_the_running_vm() {
     let mut gone = pve_vm(140, "Windows 11", VmState::Unknown);
     gone.error = Some("cannot reach Proxmox VE at https://pve.lan:8006".into());
     let v = m(Owner::Absent, vec![gone]).decide();
-    assert_eq!((v.state, v.headline.as_str()), (State::LibvirtUnreachable, "Proxmox VE unreachable"));
+    assert_eq!(
+        (v.state, v.headline.as_str()),
+        (State::LibvirtUnreachable, "Proxmox VE unreachable")
+    );
 
     // A libvirt VM on this machine keeps the plain "No GPU" answer.
-    assert_eq!(m(Owner::Absent, vec![vm(WIN, VmState::Running)]).decide().state, State::Absent);
+    assert_eq!(
+        m(Owner::Absent, vec![vm(WIN, VmState::Running)]).decide().state,
+        State::Absent
+    );
 }
