@@ -321,7 +321,33 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
             }
         }
     }
-    let owner = gpu::read_gpu(&cfg.host, gpu).map(|g| g.owner);
+    let mut owner = gpu::read_gpu(&cfg.host, gpu).map(|g| g.owner);
+    if phase == "pre-start" && cfg.gpu.host_driver != "vfio-pci" && matches!(owner, Ok(Owner::Vfio)) {
+        // The restore record names a VM that has stopped but whose post-stop has not run
+        // yet (after a shutdown from inside the guest, qmeventd runs it once QEMU is gone):
+        // return the GPU for that VM now, so that this VM takes it with a record of its own
+        // instead of the late post-stop finding this VM's QEMU on the card.
+        if let Ok(Some(r)) = crate::bind::record::RestoreRecord::load(&cfg.host, gpu)
+            && let Some(prev) = r.vm.clone()
+            && let Some(prev_id) = cfg
+                .vms
+                .iter()
+                .find(|v| v.name == prev)
+                .and_then(|v| v.vmid)
+                .or_else(|| prev.parse().ok())
+            && prev_id != vmid
+            && pve.running(prev_id, &cfg.host.procfs).is_none()
+        {
+            let mut prev_cfg = cfg.clone();
+            if !prev_cfg.vms.iter().any(|v| v.name == prev) {
+                let mut v = VmConfig::named(&prev, &prev);
+                v.vmid = Some(prev_id);
+                prev_cfg.vms.push(v);
+            }
+            crate::hook::run_event(&prev_cfg, &prev, "release", "end", "", err);
+            owner = gpu::read_gpu(&cfg.host, gpu).map(|g| g.owner);
+        }
+    }
     if phase == "pre-start" && matches!(owner, Ok(Owner::Vfio)) {
         // Already on vfio-pci (the seed's set-up keeps it there between VMs, and another
         // VM using it was refused above): nothing to rebind.

@@ -211,3 +211,25 @@ fn a_backup_of_the_stopped_vm_while_the_other_has_the_gpu_is_refused_saying_why(
     );
     assert_eq!(pve.sim.short_log(), vec![], "the running VM keeps its GPU");
 }
+
+#[test]
+fn a_start_before_the_previous_vms_late_post_stop_takes_the_gpu_over_cleanly() {
+    let _serial = simgpu::serial();
+    let Some(pve) = homelab("nvidia") else { return };
+    assert_eq!(pve.hook(140, "pre-start").code, 0);
+    pve.sim.assert_on_vfio();
+    // 140 shut down from inside Windows: QEMU is gone, its post-stop not run yet.
+    pve.stopped(140);
+    let r = pve.hook(141, "pre-start");
+    assert_eq!(r.code, 0, "{}", r.output);
+    pve.sim.assert_on_vfio();
+    pve.running(141);
+    // The late post-stop of 140 leaves 141's GPU alone.
+    let r = pve.hook(140, "post-stop");
+    assert_eq!(r.code, 0, "{}", r.output);
+    pve.sim.assert_on_vfio();
+    pve.stopped(141);
+    let r = pve.hook(141, "post-stop");
+    assert_eq!(r.code, 0, "{}", r.output);
+    pve.sim.assert_home();
+}
