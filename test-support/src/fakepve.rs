@@ -38,7 +38,8 @@ pub fn available() -> bool {
     let ok = Command::new("python3")
         .args([
             "-c",
-            &format!("import fakepve, sys; sys.exit(fakepve.__version__ != {VERSION:?})"),
+            // cryptography makes the server's certificate (fakepve's [crypto] extra).
+            &format!("import fakepve, cryptography, sys; sys.exit(fakepve.__version__ != {VERSION:?})"),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
