@@ -39,17 +39,21 @@ GEN := $(OUT)/gen
 # yet in this tree are left out.
 CRATES := handoff $(if $(wildcard applet/Cargo.toml),handoff-tray) \
 	$(if $(wildcard i3blocks/Cargo.toml),handoff-block) \
-	$(if $(wildcard details/Cargo.toml),handoff-details)
+	$(if $(wildcard details/Cargo.toml),handoff-details) \
+	$(if $(wildcard proxmox/Cargo.toml),handoff-pve)
 BINS := $(addprefix $(OUT)/,$(CRATES))
-SOURCES := Cargo.toml Cargo.lock $(shell find src applet i3blocks details icons \
+SOURCES := Cargo.toml Cargo.lock $(shell find src applet i3blocks details proxmox icons \
 	-type f 2>/dev/null)
+# The package a binary is built from: its own name, except handoff-pve (the Proxmox VE API
+# for the CLI, in handoff-proxmox, so that handoff itself links no TLS).
+package = $(if $(filter handoff-pve,$1),handoff-proxmox,$1)
 
 .PHONY: all install uninstall check deb clean-gen FORCE
 
 all: $(BINS) $(GEN)/stamp
 
 $(BINS): $(OUT)/%: $(SOURCES)
-	$(CARGO) build $(CARGO_PROFILE) -p $* --bin $*
+	$(CARGO) build $(CARGO_PROFILE) -p $(call package,$*) --bin $*
 	@touch $@
 
 # Man pages, completions and the seed's command links, from the CLI definition itself.

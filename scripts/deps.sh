@@ -29,6 +29,8 @@ packages=(
   pci.ids
   # validating what install-services writes (systemd-analyze, desktop-file-validate)
   systemd desktop-file-utils
+  # the Proxmox backend's tests run fakepve (PyPI, below) with Python's pip
+  python3 python3-pip
   # packaging: make install, rendering the generated man pages, the .deb ($auto depends
   # through dpkg-shlibdeps) and its test in a debootstrapped root (scripts/test-deb.sh)
   make groff-base man-db dpkg-dev debootstrap
@@ -48,6 +50,16 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# fakepve (PyPI): the Proxmox VE API the proxmox crate's tests talk to on loopback
+# (test-support/src/fakepve.rs pins this version). [crypto] brings what makes its certificate.
+fakepve_version=0.5.0
+if ! python3 -c "import fakepve, cryptography, sys; sys.exit(fakepve.__version__ != '$fakepve_version')" 2>/dev/null; then
+  echo "handoff: installing fakepve $fakepve_version from PyPI"
+  # Debian 12's pip refuses system-wide installs (PEP 668) unless told.
+  python3 -m pip install --quiet "fakepve[crypto]==$fakepve_version" 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages "fakepve[crypto]==$fakepve_version"
 fi
 
 # Rust 1.85+ (edition 2024). Debian 12 and Ubuntu 24.04 ship older compilers, so use

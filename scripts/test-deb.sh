@@ -133,14 +133,14 @@ phase "installed the .deb with apt ($pulled packages unpacked, $fetched download
 # should: the block and the tray neither libvirt nor GTK (the tray's libvirt side is
 # `handoff __agent`, a child process), the CLI no GTK (ARCHITECTURE.md, "Binaries stay light").
 links() { in_root ldd "/usr/bin/$1" || fail "ldd /usr/bin/$1"; }
-for b in handoff handoff-tray handoff-block handoff-details; do
+for b in handoff handoff-tray handoff-block handoff-details handoff-pve; do
   [ -f "$root/usr/bin/$b" ] || continue
   libs=$(links "$b")
   if grep -q 'not found' <<<"$libs"; then
     fail "/usr/bin/$b misses libraries the package does not depend on: $(grep 'not found' <<<"$libs" | tr -s ' \t' ' ')"
   fi
   case "$b" in
-    handoff-block | handoff-tray) ! grep -Eq 'libvirt|libgtk' <<<"$libs" \
+    handoff-block | handoff-tray | handoff-pve) ! grep -Eq 'libvirt|libgtk' <<<"$libs" \
       || fail "$b links $(grep -Eo 'lib(virt|gtk)[^ ]*' <<<"$libs" | sort -u | tr '\n' ' ')(built in a workspace build? \`cargo build -p $b --bin $b\` builds it alone)" ;;
     handoff) ! grep -q 'libgtk' <<<"$libs" || fail "$b links GTK" ;;
   esac

@@ -32,6 +32,7 @@ for b in handoff handoff-tray handoff-block; do
   [ -x "$root/usr/bin/$b" ] || fail "usr/bin/$b missing"
 done
 [ -d details ] && { [ -x "$root/usr/bin/handoff-details" ] || fail "usr/bin/handoff-details missing"; }
+[ -d proxmox ] && { [ -x "$root/usr/bin/handoff-pve" ] || fail "usr/bin/handoff-pve missing"; }
 links=(windows-start windows-stop vfio-status gpu-rebind-nvidia install-hooks install-services lg-test vm-health)
 for l in "${links[@]}"; do
   [ "$(readlink "$root/usr/bin/$l")" = handoff ] || fail "usr/bin/$l is not a link to handoff"

@@ -440,6 +440,42 @@ impl Inner {
     }
 }
 
+/// The PVE VMs' states, polled, as the libvirt source's changes.
+#[cfg(feature = "libvirt")]
+fn pve_poll(cfg: &Config, sink: Sink) -> Option<crate::hypervisor::Subscription> {
+    use crate::hypervisor::{VmEvent, VmRef};
+    let vms: Vec<VmRef> = cfg
+        .vms
+        .iter()
+        .filter(|v| v.vmid.is_some())
+        .map(VmRef::from)
+        .collect();
+    if vms.is_empty() || cfg.proxmox.is_none() {
+        return None;
+    }
+    let forward = Arc::new(move |ev: VmEvent| match ev {
+        VmEvent::Lifecycle { vm, event } => sink(Change::Domain {
+            uri: vm.at,
+            name: vm.name,
+            event,
+        }),
+        VmEvent::Lost { at, why } => sink(Change::SourceLost {
+            source: Source::Libvirt { uri: at },
+            why,
+        }),
+        VmEvent::Back { at } => sink(Change::SourceBack {
+            source: Source::Libvirt { uri: at },
+        }),
+    });
+    match crate::hypervisor::open(cfg).subscribe(&vms, forward) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("not watching the Proxmox VE VMs: {e}");
+            None
+        }
+    }
+}
+
 /// The agent's side: answers requests read from `input` and writes changes and replies to
 /// `output` until `input` ends, then waits for the actions under way. Blocking.
 #[cfg(feature = "libvirt")]
@@ -473,8 +509,11 @@ pub fn serve(
             run_dir: false,
             libvirt: true,
         };
-        Some(Watcher::with_sink(cfg, only_libvirt, sink)?)
+        Some(Watcher::with_sink(cfg, only_libvirt, sink.clone())?)
     };
+    // Proxmox VE has no event stream: its VMs are polled (`[proxmox] poll_interval_s`)
+    // through the hypervisor, and only when a `[[vm]]` has a vmid.
+    let _pve_poll = pve_poll(cfg, sink.clone());
     let cfg = Arc::new(cfg.clone());
 
     // One prober thread; probes that queue while one runs are answered together by the

@@ -29,6 +29,9 @@ pub struct Config {
     pub looking_glass: LookingGlassConfig,
     pub block: BlockConfig,
     pub host: Host,
+    /// The Proxmox VE API that `[[vm]]` entries with a `vmid` live behind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxmox: Option<ProxmoxConfig>,
 }
 
 impl Default for Config {
@@ -39,6 +42,7 @@ impl Default for Config {
             looking_glass: LookingGlassConfig::default(),
             block: BlockConfig::default(),
             host: Host::default(),
+            proxmox: None,
         }
     }
 }
@@ -235,8 +239,13 @@ impl<'de> Deserialize<'de> for Gpus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
-    /// The libvirt domain name.
+    /// The libvirt domain name; for a Proxmox VE VM (`vmid`), a name to call it by
+    /// (`handoff switch linux-ai`), defaulting to the VMID.
+    #[serde(default)]
     pub name: String,
+    /// A Proxmox VE VM's id (140): the VM lives behind `[proxmox]`, not libvirt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmid: Option<u32>,
     /// Shown in menus and the bar; defaults to the name.
     #[serde(default)]
     pub label: Option<String>,
@@ -260,6 +269,7 @@ impl VmConfig {
         Self {
             name: name.into(),
             label: Some(label.into()),
+            vmid: None,
             uri: default_uri(),
             shutdown_timeout_s: default_shutdown_timeout(),
         }
@@ -268,6 +278,47 @@ impl VmConfig {
     pub fn label(&self) -> &str {
         self.label.as_deref().unwrap_or(&self.name)
     }
+}
+
+/// `[proxmox]`: where the PVE API is and how handoff proves who it is and who the node is.
+/// Only `handoff-proxmox` talks to it; the hookscript on the PVE host reads PVE's files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxmoxConfig {
+    /// `https://pve.lan:8006`.
+    pub url: String,
+    /// The API token's id, `user@realm!tokenid` (`handoff@pve!desk`).
+    pub token: String,
+    /// A file holding the token's secret (the UUID PVE showed once); readable by its
+    /// owner only.
+    pub token_secret_file: PathBuf,
+    /// The SHA-256 fingerprint of the node's certificate, `AB:CD:…` as
+    /// `pvenode cert info` prints it. Either this or `ca_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// A PEM file with the CA (or the certificate itself) that signed the node's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// The node the VMs are on; unset: asked of the cluster for each VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// How often a tray or `handoff-block --watch` asks the API for changes (PVE has no
+    /// event stream).
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval_s: u64,
+}
+
+fn default_poll_interval() -> u64 {
+    5
+}
+
+/// Whether `s` is a SHA-256 fingerprint in PVE's spelling: 32 hex bytes joined by `:`.
+pub fn is_sha256_fingerprint(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 32
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -368,7 +419,7 @@ pub enum ConfigError {
 impl Config {
     /// Parse a config text; `path` is only used to name the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
             let span = e.span();
             let (line, column) = span
                 .as_ref()
@@ -387,6 +438,7 @@ impl Config {
                 message,
             }
         })?;
+        cfg.fill_in_proxmox_vms();
         cfg.validate().map_err(|(message, at)| {
             match locate(text, &at).map(|offset| line_column(text, offset)) {
                 Some((line, column)) => ConfigError::Parse {
@@ -548,17 +600,53 @@ impl Config {
         )
     }
 
+    /// A `[[vm]]` with a `vmid` is named by its VMID unless it has a name, and lives at the
+    /// `[proxmox] url` (its `uri`), so that everything keyed by name and URI works for it.
+    fn fill_in_proxmox_vms(&mut self) {
+        let url = self.proxmox.as_ref().map(|p| p.url.clone());
+        for vm in &mut self.vms {
+            if let Some(id) = vm.vmid {
+                if vm.name.is_empty() {
+                    vm.name = id.to_string();
+                }
+                if let Some(url) = &url {
+                    vm.uri = url.clone();
+                }
+            }
+        }
+    }
+
     /// Checks serde cannot express. Values that end up in paths are checked here. An
     /// error comes with the key it is about, so that [`Config::parse`] can point at it.
     fn validate(&self) -> Result<(), (String, Vec<KeySeg>)> {
         use KeySeg::{Index, Key};
         self.validate_gpus()?;
+        if let Some(p) = &self.proxmox {
+            self.validate_proxmox(p)?;
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, vm) in self.vms.iter().enumerate() {
+            if let Some(id) = vm.vmid {
+                if self.proxmox.is_none() {
+                    return Err((
+                        format!(
+                            "[[vm]] vmid = {id} is a Proxmox VE VM, but there is no [proxmox] section \
+                             (url, token, token_secret_file, fingerprint); docs/proxmox.md shows one"
+                        ),
+                        vec![Key("vm"), Index(i), Key("vmid")],
+                    ));
+                }
+                if !(100..=999_999_999).contains(&id) {
+                    return Err((
+                        format!("[[vm]] vmid = {id} is not a PVE VMID (100 to 999999999)"),
+                        vec![Key("vm"), Index(i), Key("vmid")],
+                    ));
+                }
+            }
             let at = vec![Key("vm"), Index(i), Key("name")];
             if vm.name.trim().is_empty() {
                 return Err((
-                    "a [[vm]] entry has an empty name; it must be the libvirt domain name".into(),
+                    "a [[vm]] entry has an empty name; it must be the libvirt domain name (or give a Proxmox VE VM's vmid)".into(),
                     at,
                 ));
             }
@@ -690,6 +778,68 @@ impl Config {
         Ok(())
     }
 
+    fn validate_proxmox(&self, p: &ProxmoxConfig) -> Result<(), (String, Vec<KeySeg>)> {
+        use KeySeg::Key;
+        let at = |k: &'static str| vec![Key("proxmox"), Key(k)];
+        if !p.url.starts_with("https://") {
+            return Err((
+                format!(
+                    "[proxmox] url = {:?} must be https://HOST:8006 (PVE's API speaks only TLS)",
+                    p.url
+                ),
+                at("url"),
+            ));
+        }
+        let (user, tokenid) = p.token.split_once('!').unwrap_or((&p.token, ""));
+        if !user.contains('@') || tokenid.is_empty() {
+            return Err((
+                format!(
+                    "[proxmox] token = {:?} must be the token's id, user@realm!tokenid (e.g. \"handoff@pve!desk\"); \
+                     its secret goes in token_secret_file",
+                    p.token
+                ),
+                at("token"),
+            ));
+        }
+        match (&p.fingerprint, &p.ca_file) {
+            (None, None) => {
+                return Err((
+                    "[proxmox] needs fingerprint = \"AB:CD:…\" (the node certificate's SHA-256, from \
+                     `pvenode cert info` on the node) or ca_file = \"/path/ca.pem\"; handoff never accepts \
+                     any certificate"
+                        .into(),
+                    vec![Key("proxmox")],
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err((
+                    "[proxmox] has both fingerprint and ca_file; keep one".into(),
+                    at("ca_file"),
+                ));
+            }
+            (Some(f), None) if !is_sha256_fingerprint(f) => {
+                return Err((
+                    format!(
+                        "[proxmox] fingerprint = {f:?} is not a SHA-256 fingerprint: 32 hex bytes joined by ':', \
+                         as `pvenode cert info` prints it"
+                    ),
+                    at("fingerprint"),
+                ));
+            }
+            _ => {}
+        }
+        if !(1..=3600).contains(&p.poll_interval_s) {
+            return Err((
+                format!(
+                    "[proxmox] poll_interval_s = {} is out of range: it must be 1 to 3600 (seconds)",
+                    p.poll_interval_s
+                ),
+                at("poll_interval_s"),
+            ));
+        }
+        Ok(())
+    }
+
     /// This config about the GPU `name` (an address or label, [`Gpus::find`]): that GPU
     /// made primary, for a surface asked to show one GPU (`handoff-block --gpu`).
     pub fn focused_on(&self, name: &str) -> Option<Config> {
@@ -709,10 +859,14 @@ impl Config {
         }
     }
 
-    /// The VM named `name`, or the first (default) VM when `name` is None.
+    /// The VM named `name` (its name, label or PVE VMID), or the first (default) VM when
+    /// `name` is None.
     pub fn vm(&self, name: Option<&str>) -> Option<&VmConfig> {
         match name {
-            Some(n) => self.vms.iter().find(|v| v.name == n || v.label() == n),
+            Some(n) => self
+                .vms
+                .iter()
+                .find(|v| v.name == n || v.label() == n || v.vmid.is_some_and(|id| id.to_string() == n)),
             None => self.vms.first(),
         }
     }

@@ -46,6 +46,8 @@ pub mod lg_test;
 pub use hypervisor::libvirt;
 pub mod live;
 pub mod pci;
+pub mod pve;
+pub mod pve_hooks;
 pub mod scenes;
 pub mod services;
 pub mod sim;

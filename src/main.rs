@@ -118,6 +118,27 @@ enum Command {
         #[arg(long, hide = true, value_name = "FILE")]
         system_config: Option<PathBuf>,
     },
+    /// What Proxmox VE runs as the VMs' hookscript, as root: `<vmid> <phase>`.
+    ///
+    /// `install-hooks --pve` puts a snippet that calls this in a snippets storage and sets
+    /// it as the configured VMs' hookscript. In `pre-start` it refuses (exit 1; PVE aborts
+    /// the start and shows the reason in the task log) when another running VM passes the
+    /// same GPU through, or when something holds a GPU that is on a host driver; otherwise it
+    /// hands the GPU to vfio-pci. `post-stop` returns it. See docs/proxmox.md.
+    #[command(hide = true)]
+    PveHook {
+        vmid: u32,
+        phase: String,
+        /// Read this system config instead of /etc/handoff/config.toml (tests).
+        #[arg(long, hide = true, value_name = "FILE")]
+        system_config: Option<PathBuf>,
+        /// Read PVE's files (etc/pve, var/run/qemu-server) under this root instead of / (tests).
+        #[arg(long, hide = true, value_name = "DIR")]
+        pve_root: Option<PathBuf>,
+        /// This node's name, for resource mappings (default: the host name).
+        #[arg(long, hide = true)]
+        node: Option<String>,
+    },
     /// Open Looking Glass on its i3 workspace, or focus it when it is already open.
     ///
     /// Works from SSH: finds the desktop's i3 through I3SOCK, /run/user/<uid>/i3/ipc-socket.*,
@@ -290,6 +311,21 @@ struct InstallHooksArgs {
     /// libvirt's hooks directory (tests).
     #[arg(long, hide = true, value_name = "DIR")]
     hooks_dir: Option<PathBuf>,
+    /// On a Proxmox VE host: put the hookscript in a snippets storage and set it on the
+    /// configured VMs (`[[vm]] vmid`) instead of installing libvirt's hook. Never replaces
+    /// a VM's other hookscript; says how to combine them. See docs/proxmox.md.
+    #[arg(long)]
+    pve: bool,
+    /// With --pve: the storage for the snippet (default: the first directory storage
+    /// whose content includes snippets).
+    #[arg(long, requires = "pve", value_name = "STORAGE")]
+    storage: Option<String>,
+    /// With --pve: guard these VMs (default: every [[vm]] with a vmid in the config).
+    #[arg(long = "vmid", requires = "pve", value_name = "VMID")]
+    vmids: Vec<u32>,
+    /// With --pve: PVE's files under this root instead of / (tests).
+    #[arg(long, hide = true, requires = "pve", value_name = "DIR")]
+    pve_root: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -463,6 +499,71 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let path = system_config.unwrap_or_else(|| PathBuf::from(handoff::config::SYSTEM_CONFIG));
             let code = handoff::hook::run(&args, &mut std::io::stdin(), &path, &mut std::io::stderr());
             Ok(ExitCode::from(code as u8))
+        }
+        Command::PveHook {
+            vmid,
+            phase,
+            system_config,
+            pve_root,
+            node,
+        } => {
+            let path = system_config.unwrap_or_else(|| PathBuf::from(handoff::config::SYSTEM_CONFIG));
+            let mut pve = handoff::pve::PveHost::system();
+            if let Some(root) = pve_root {
+                pve.root = root;
+            }
+            if let Some(node) = node {
+                pve.node = node;
+            }
+            let mut err = std::io::stderr();
+            let code = match handoff::config::Config::load_system(&path) {
+                Ok((cfg, _)) => handoff::pve::run_hookscript(&cfg, &pve, vmid, &phase, &mut err),
+                Err(e) => {
+                    eprintln!("handoff: {e}");
+                    // Refuse a start we cannot check; never block a stop.
+                    i32::from(phase == "pre-start")
+                }
+            };
+            Ok(ExitCode::from(code as u8))
+        }
+        Command::InstallHooks(a) if a.pve => {
+            use handoff::pve_hooks;
+            let vmids = if a.vmids.is_empty() && !a.uninstall {
+                let (cfg, _) = load_config_to_write(cli.config)?;
+                cfg.vms.iter().filter_map(|v| v.vmid).collect()
+            } else {
+                a.vmids.clone()
+            };
+            let roots = pve_hooks::Roots {
+                root: a.pve_root.clone().unwrap_or_else(|| PathBuf::from("/")),
+            };
+            let exe = std::env::current_exe()?.canonicalize()?;
+            let plan = pve_hooks::plan(&roots, &vmids, a.storage.as_deref(), &exe, a.uninstall)?;
+            if !a.dry_run {
+                pve_hooks::apply(&roots, &plan)?;
+            }
+            if a.json {
+                print_json(&plan)?;
+            } else {
+                for action in &plan.actions {
+                    println!("{}{action}", if a.dry_run { "would " } else { "" });
+                }
+                for f in &plan.foreign {
+                    eprintln!("handoff: warning: {}", f.advice);
+                }
+                if plan.actions.is_empty() {
+                    println!(
+                        "nothing to do: the hookscript {} is {}",
+                        plan.volid,
+                        if a.uninstall { "not installed" } else { "in place" }
+                    );
+                }
+            }
+            Ok(if plan.foreign.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::InstallHooks(a) => {
             let opts = handoff::hooks::InstallOptions::for_cli(a.uninstall, a.dry_run, a.hooks_dir)?;

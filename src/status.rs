@@ -46,6 +46,10 @@ pub struct GpuStatus {
     /// time): an unbind is probably stuck, so `owner` and `driver` are uncertain. Empty
     /// normally.
     pub locked: Vec<PciAddress>,
+    /// `[gpu] host_driver = "vfio-pci"`: the card rests on vfio-pci between VMs (a
+    /// Proxmox VE node's usual set-up), so vfio-pci with no VM is free, not orphaned.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rests_on_vfio: bool,
 }
 
 /// A libvirt domain state, in `virsh domstate` words.
@@ -211,6 +215,7 @@ pub fn collect_gpu(
             notes,
             split: g.split_description(),
             locked: g.locked_functions(),
+            rests_on_vfio: cfg.gpu.host_driver == "vfio-pci",
         },
         vms,
     })
@@ -291,6 +296,26 @@ impl Status {
     /// facts line does not (a person must act, wait, or fix libvirt), then the facts, then
     /// the next step for those states.
     pub fn report_text(&self, v: &Verdict) -> String {
+        // Not in this machine, but the verdict knows where it is (a Proxmox VE node seen
+        // from a desktop): say that, then the VMs.
+        if self.gpu.owner == Owner::Absent && v.state != State::Absent {
+            use std::fmt::Write;
+            let mut s = format!("{}\n", v.line());
+            s += "\nVMs:\n";
+            for vm in &self.vms {
+                let _ = writeln!(
+                    s,
+                    "  {:<16} {:<12} {}",
+                    vm.name,
+                    format!("({})", vm.label),
+                    vm.state.words()
+                );
+                if let Some(e) = &vm.error {
+                    let _ = writeln!(s, "      {e}");
+                }
+            }
+            return s;
+        }
         let said_by_facts = matches!(v.state, State::Idle | State::Busy | State::InVm | State::Absent);
         if said_by_facts {
             return self.render_text();

@@ -15,14 +15,15 @@
 //! |---|---|---|---|---|---|---|---|
 //! | 1 | sysfs or the config could not be read | `unreadable` | "GPU unreadable" | red `#FF0000` / `error`, urgent | restore | none | fix what the error names |
 //! | 2 | a function is locked in the kernel (an unbind hangs), the restore record is `stuck`, or the hook's state says `restore-required` | `restore_required` | "Restore required" | red / `restore`, urgent | restore | return the GPU to Linux | `pkexec handoff rebind --force` ("Return GPU to Linux") |
+//! | 3b | no PCI device here, and every `[[vm]]` is on a Proxmox VE node (a desktop's view) | `in_vm` with the running VM, `idle` when none runs, `libvirt_unreachable` ("Proxmox VE unreachable") when the API did not answer | "GPU is in `<VM>`" / "GPU `<address>` is free on the Proxmox VE node" | as 8 / 10 / 7 | as 8 / 10 / 7 | as 8 (no Looking Glass) / 10 | as 8 / 10 / 7 |
 //! | 3 | no PCI device at the address | `absent` | "No GPU at `<address>`" | grey `#888888` / `absent` | offline | none | set `[gpu] address` |
 //! | 4 | this surface is acting (the tray's "stopping win11…"), or the hook or the record says `binding`/`returning` | `switching` | "GPU is moving to `<VM>`" / "GPU is moving back to Linux" / "GPU: `<action>`" | yellow `#FFDD00` / `switching` | switching | none (wait) | wait |
-//! | 5 | orphaned: the GPU is off the host (vfio-pci, no driver, split) or a restore record is left, and no VM holds it | `restore_required` once the grace ([`ORPHAN_GRACE`]) is over, `switching` within it | "Restore required" | as 2 / as 4 | as 2 / as 4 | return the GPU to Linux | as 2 |
+//! | 5 | orphaned: the GPU is off the host (vfio-pci — unless `host_driver = "vfio-pci"`, where it rests —, no driver, split) or a restore record is left, and no VM holds it | `restore_required` once the grace ([`ORPHAN_GRACE`]) is over, `switching` within it | "Restore required" | as 2 / as 4 | as 2 / as 4 | return the GPU to Linux | as 2 |
 //! | 6 | functions split or unbound while a VM may hold the GPU and the hook's state is not settled (`host`/`vfio`): mid-way; with it settled, `restore_required` as 2 |  `switching` | "GPU is split between drivers" / "GPU has no driver" | as 4 | as 4 | none (wait) | wait |
 //! | 7 | VMs were asked and none answered (libvirt down) | `libvirt_unreachable` | "libvirt unreachable" | grey / `offline` | offline | none | check libvirtd |
 //! | 8 | a VM holds the GPU | `in_vm` | "GPU is in `<VM>`" | blue `#00AAFF` / `vm` | vm | stop, force stop, open Looking Glass, switch | stop the VM to get it back |
 //! | 9 | on the host driver and processes use it | `busy` | "GPU is on Linux (`<driver>`)" | amber `#FFAA00` / `busy` | busy | terminate a process, stop a unit | end them before a VM start |
-//! | 10 | on the host driver, nothing uses it | `idle` | "GPU is on Linux (`<driver>`)" | green `#00CC00` / `linux` | host | start, switch | a VM can take it |
+//! | 10 | on the host driver (or on vfio-pci where it rests), nothing uses it | `idle` | "GPU is on Linux (`<driver>`)" / "GPU is free on vfio-pci" | green `#00CC00` / `linux` | host | start, switch | a VM can take it |
 //!
 //! "No VM holds it" (rule 5) and "a VM holds it" (rule 8): with [`Vms::Known`], an active
 //! configured VM (the status model's `gpu.vm`, or any active VM while the GPU is on
@@ -179,6 +180,8 @@ pub struct GpuFacts<'a> {
     pub users: usize,
     /// The VM the status model found holding it (`gpu.vm`), when VMs were asked.
     pub vm: Option<&'a str>,
+    /// The card rests on vfio-pci between VMs (`host_driver = "vfio-pci"`).
+    pub rests_on_vfio: bool,
 }
 
 impl<'a> From<&'a GpuStatus> for GpuFacts<'a> {
@@ -191,6 +194,7 @@ impl<'a> From<&'a GpuStatus> for GpuFacts<'a> {
             locked: &g.locked,
             users: g.blockers.len(),
             vm: g.vm.as_deref(),
+            rests_on_vfio: g.rests_on_vfio,
         }
     }
 }
@@ -427,6 +431,8 @@ fn orphaned(g: &GpuFacts, files: &HookFiles, vm_holds: bool, vms_unknown: bool) 
         return None;
     }
     match g.owner {
+        // Where it rests: free, not left behind.
+        Owner::Vfio if g.rests_on_vfio => {}
         Owner::Vfio => {
             return Some((
                 Cause::LeftOnVfio,
@@ -512,6 +518,15 @@ fn rules(f: &Facts) -> Verdict {
                 .clone()
                 .unwrap_or_else(|| "the last handoff did not finish".into()),
         );
+    }
+    // 3b. Not in this machine, but every VM is on a Proxmox VE node: the GPU is there,
+    // with whichever VM runs (a desktop's view of the node).
+    if g.owner == Owner::Absent
+        && let Vms::Known(vms) = f.vms
+        && !vms.is_empty()
+        && vms.iter().all(|v| v.uri.starts_with("https://"))
+    {
+        return on_pve_node(g.address, vms);
     }
     // 3. Absent.
     if g.owner == Owner::Absent {
@@ -638,7 +653,7 @@ fn rules(f: &Facts) -> Verdict {
         return with_vm(v, None);
     }
     // 8. In a VM.
-    if vm_holds || g.owner == Owner::Vfio {
+    if vm_holds || (g.owner == Owner::Vfio && !g.rests_on_vfio) {
         let headline = match holding.as_deref() {
             Some(vm) => format!("GPU is in {}", f.vms.label(vm)),
             None => "GPU is in a VM".to_owned(),
@@ -654,7 +669,11 @@ fn rules(f: &Facts) -> Verdict {
         };
         return with_vm(v, holding.as_deref());
     }
-    let on_linux = format!("GPU is on Linux ({})", g.driver.unwrap_or("?"));
+    let on_linux = if g.rests_on_vfio && g.owner == Owner::Vfio {
+        "GPU is free on vfio-pci".to_owned()
+    } else {
+        format!("GPU is on Linux ({})", g.driver.unwrap_or("?"))
+    };
     // 9. Busy.
     if g.users > 0 {
         let who = if g.users == 1 {
@@ -678,6 +697,51 @@ fn rules(f: &Facts) -> Verdict {
         ..Verdict::new(State::Idle, on_linux, "Nothing uses it: a VM can take it.")
     };
     with_vm(v, None)
+}
+
+/// Rule 3b: the GPU of a Proxmox VE node seen from elsewhere: with the running VM, free,
+/// or unknown when the node's API did not answer.
+fn on_pve_node(address: PciAddress, vms: &[VmStatus]) -> Verdict {
+    if vms.iter().all(|v| v.state == VmState::Unknown) {
+        let why = vms.iter().find_map(|v| v.error.clone());
+        return Verdict {
+            reason: why,
+            ..Verdict::new(
+                State::LibvirtUnreachable,
+                "Proxmox VE unreachable",
+                "Check [proxmox] url, token and fingerprint: `handoff status` says what failed.",
+            )
+        };
+    }
+    let active: Vec<&VmStatus> = vms.iter().filter(|v| v.state.is_active()).collect();
+    match active.as_slice() {
+        [vm] => Verdict {
+            vm: Some(vm.name.clone()),
+            vm_label: Some(vm.label.clone()),
+            offers: vec![Offer::Stop, Offer::ForceStop, Offer::Switch],
+            ..Verdict::new(
+                State::InVm,
+                format!("GPU is in {}", vm.label),
+                "It is free again when that VM stops (`handoff switch` starts another).",
+            )
+        },
+        [] => Verdict {
+            offers: vec![Offer::Start, Offer::Switch],
+            ..Verdict::new(
+                State::Idle,
+                format!("GPU {address} is free on the Proxmox VE node"),
+                "No VM runs: a VM can take it.",
+            )
+        },
+        _ => Verdict {
+            offers: vec![Offer::Stop, Offer::Switch],
+            ..Verdict::new(
+                State::InVm,
+                "GPU is in a VM",
+                "Several configured VMs run; only one can have the GPU.",
+            )
+        },
+    }
 }
 
 /// Tells a VM that just stopped (the GPU sits on vfio-pci until the hook's `release`

@@ -66,7 +66,11 @@ pub enum VmError {
         message: String,
         warnings: Vec<String>,
     },
-    #[error("libvirt at {uri} could not start {vm}: {message}{}", access_hint(message))]
+    #[error(
+        "{} at {uri} could not start {vm}: {message}{}",
+        hypervisor::name_of(uri),
+        access_hint(uri, message)
+    )]
     StartFailed {
         vm: String,
         uri: String,
@@ -81,7 +85,11 @@ pub enum VmError {
         state: &'static str,
         waited_s: u64,
     },
-    #[error("libvirt at {uri} could not stop {vm}: {message}{}", access_hint(message))]
+    #[error(
+        "{} at {uri} could not stop {vm}: {message}{}",
+        hypervisor::name_of(uri),
+        access_hint(uri, message)
+    )]
     StopFailed {
         vm: String,
         uri: String,
@@ -150,9 +158,12 @@ fn known_list(known: &[String]) -> String {
 }
 
 /// What to check when libvirt says no for a reason of access.
-pub(crate) fn access_hint(message: &str) -> &'static str {
+pub(crate) fn access_hint(uri: &str, message: &str) -> &'static str {
     let m = message.to_ascii_lowercase();
-    if m.contains("polkit")
+    // PVE's errors carry their own fix (token, privilege); this one is libvirt's.
+    if hypervisor::name_of(uri) != "libvirt" {
+        ""
+    } else if m.contains("polkit")
         || m.contains("authentication")
         || m.contains("access denied")
         || m.contains("permission denied")
@@ -701,7 +712,9 @@ impl<'a> Ctl<'a> {
     /// Whether the GPU is off the host for this VM: on this machine, not on the host
     /// driver, and the restore record names this VM (or no other).
     fn gpu_is_with(&self, vm: &VmConfig) -> Result<bool, VmError> {
-        if !is_local(&vm.uri) {
+        // `host_driver = "vfio-pci"` (a PVE host that keeps the card isolated): the GPU
+        // never leaves vfio-pci, so there is nothing to wait for after a VM.
+        if !is_local(&vm.uri) || self.cfg.gpu.host_driver == "vfio-pci" {
             return Ok(false);
         }
         let host = &self.cfg.host;
@@ -1022,6 +1035,9 @@ impl Health {
         let uptime = match (self.state.is_active(), self.uptime_s) {
             (false, _) => "not running".to_owned(),
             (true, Some(u)) => duration_words(u),
+            (true, None) if hypervisor::name_of(&self.uri) != "libvirt" => {
+                format!("{UNKNOWN} (its QEMU runs on the Proxmox VE node)")
+            }
             (true, None) => format!("{UNKNOWN} (no readable QEMU pid file under /run/libvirt/qemu)"),
         };
         let _ = writeln!(s, "  uptime    {uptime}");
@@ -1056,6 +1072,9 @@ impl Health {
                     .map(|b| format!(", {}", size_words(b)))
                     .unwrap_or_default()
             ),
+            None if hypervisor::name_of(&self.uri) != "libvirt" => {
+                "not read from Proxmox VE configs yet".to_owned()
+            }
             None => "no shared memory device (<shmem name='looking-glass'>) in the XML".to_owned(),
         };
         let _ = writeln!(s, "  Looking Glass  {lg}");

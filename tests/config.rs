@@ -595,3 +595,38 @@ fn a_mistake_in_the_second_gpu_is_located_and_named_by_its_address() {
         &["primary = true is set on 2 GPUs"],
     );
 }
+
+/// `[proxmox]` and `[[vm]] vmid`: the mistakes a Proxmox user makes, each pointed at its line.
+#[test]
+fn proxmox_sections_are_checked_and_name_the_line_and_the_fix() {
+    let fp = ["AB"; 32].join(":");
+    let base = |proxmox: &str| {
+        format!(
+            "[proxmox]\n{proxmox}\n\n[[vm]]\nvmid = 140\nlabel = \"Windows 11\"\n\n[[vm]]\nvmid = 141\nname = \"linux-ai\"\n"
+        )
+    };
+    let good = format!(
+        "url = \"https://pve.lan:8006\"\ntoken = \"handoff@pve!desk\"\ntoken_secret_file = \"/etc/handoff/pve-token\"\nfingerprint = \"{fp}\""
+    );
+    let cfg = Config::parse(&base(&good), Path::new("c.toml")).unwrap();
+    // A VM is called by its VMID unless named, lives at the API's URL, and resolves by
+    // either.
+    assert_eq!(cfg.vms[0].name, "140");
+    assert_eq!(cfg.vms[0].uri, "https://pve.lan:8006");
+    assert_eq!(cfg.vm(Some("141")).unwrap().name, "linux-ai");
+    assert_eq!(cfg.vm(Some("linux-ai")).unwrap().vmid, Some(141));
+    assert_eq!(cfg.proxmox.as_ref().unwrap().poll_interval_s, 5);
+
+    let err = |text: &str| Config::parse(text, Path::new("c.toml")).unwrap_err().to_string();
+    let e = err(&base(&good.replace(&fp, "AB:CD")));
+    assert!(e.starts_with("c.toml:5:"), "{e}");
+    assert!(e.contains("is not a SHA-256 fingerprint"), "{e}");
+    let e = err(&base(&good.replace("handoff@pve!desk", "handoff@pve")));
+    assert!(e.contains("user@realm!tokenid"), "{e}");
+    let e = err(&base(&good.replace("https://", "http://")));
+    assert!(e.contains("PVE's API speaks only TLS"), "{e}");
+    let e = err(&base(&good.replace(&format!("fingerprint = \"{fp}\""), "")));
+    assert!(e.contains("never accepts any certificate"), "{e}");
+    let e = err("[[vm]]\nvmid = 140\n");
+    assert!(e.contains("no [proxmox] section"), "{e}");
+}

@@ -582,6 +582,7 @@ mod tests {
                     vfio_users: Vec::new(),
                     uninspected: 0,
                     locked: Vec::new(),
+                    rests_on_vfio: false,
                     iommu_group: Some(IommuGroup {
                         id: 14,
                         members: vec![

@@ -186,6 +186,7 @@ fn read_with(cfg: &Config, state: HookFiles) -> View {
             locked: &locked,
             users: lines.len(),
             vm: None,
+            rests_on_vfio: cfg.gpu.host_driver == "vfio-pci",
         }),
         files: &files,
         vms: Vms::NotAsked(&cfg.vms),

@@ -331,6 +331,7 @@ impl Hypervisor for Libvirt {
                 .iter()
                 .map(|v| VmConfig {
                     name: v.name.clone(),
+                    vmid: v.id,
                     label: None,
                     uri: v.at.clone(),
                     shutdown_timeout_s: 0,
@@ -369,7 +370,11 @@ fn domain_error(vm: &VmRef, e: &virt::error::Error) -> HypervisorError {
     HypervisorError::Domain {
         uri: vm.at.clone(),
         name: vm.name.clone(),
-        message: format!("{}{}", e.message(), crate::vm::access_hint(e.message())),
+        message: format!(
+            "{}{}",
+            e.message(),
+            crate::vm::access_hint("qemu:///system", e.message())
+        ),
     }
 }
 
@@ -646,6 +651,7 @@ mod tests {
         let mut hv = Libvirt::new();
         let missing = VmConfig {
             name: "nope".into(),
+            vmid: None,
             label: None,
             uri: uri.clone(),
             shutdown_timeout_s: 1,

@@ -43,6 +43,7 @@
 
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+pub mod piped;
 #[cfg(feature = "libvirt")]
 pub mod simulated;
 
@@ -82,7 +83,10 @@ impl VmRef {
 
 impl From<&VmConfig> for VmRef {
     fn from(vm: &VmConfig) -> Self {
-        Self::named(&vm.uri, &vm.name)
+        Self {
+            id: vm.vmid,
+            ..Self::named(&vm.uri, &vm.name)
+        }
     }
 }
 
@@ -269,14 +273,14 @@ pub enum HypervisorError {
         message: String,
     },
     /// The hypervisor would not start the VM, and not because the guard refused.
-    #[error("libvirt at {uri} could not start {name}: {message}")]
+    #[error("{} at {uri} could not start {name}: {message}", name_of(uri))]
     Start {
         uri: String,
         name: String,
         message: String,
     },
     /// The hypervisor would not shut the VM down or off, and it is still running.
-    #[error("libvirt at {uri} could not stop {name}: {message}")]
+    #[error("{} at {uri} could not stop {name}: {message}", name_of(uri))]
     Stop {
         uri: String,
         name: String,
@@ -284,12 +288,28 @@ pub enum HypervisorError {
     },
     #[error("cannot watch VMs at {uri}: {message}")]
     Events { uri: String, message: String },
+    /// A remote API (Proxmox VE) said no or could not be asked; `message` says what to fix.
+    #[error("{message}")]
+    Api { at: String, message: String },
+    /// The remote API does not know the VM (Proxmox VE: no such VMID).
+    #[error("{message}")]
+    NoVm { at: String, message: String },
     /// `handoff demo`'s hypervisor asked for where it must not run.
     #[error(
         "the simulated hypervisor runs only on a simulated host with test:// VMs: {why}; \
          unset {SIMULATED_ENV} (only `handoff demo` sets it)"
     )]
     NotSimulated { why: String },
+}
+
+/// Who answers at `at`, for messages: a PVE endpoint is `https://…`, anything else a
+/// libvirt URI.
+pub fn name_of(at: &str) -> &'static str {
+    if at.starts_with("https://") {
+        "Proxmox VE"
+    } else {
+        "libvirt"
+    }
 }
 
 /// Start, stop, describe and watch VMs. See the module docs for how each method maps onto
@@ -317,8 +337,9 @@ pub trait Hypervisor: Send {
     fn subscribe(&mut self, vms: &[VmRef], sink: EventSink) -> Result<Subscription, HypervisorError>;
 }
 
-/// The hypervisor for `cfg`'s VMs in this process: libvirt, or the demo's simulated one
-/// when `handoff demo` started this process (see the module docs).
+/// The hypervisor for `cfg`'s VMs in this process: libvirt (with Proxmox VE's `[[vm]]`
+/// entries sent to [`piped::PVE_SERVER`]), or the demo's simulated one when `handoff demo`
+/// started this process (see the module docs).
 #[cfg(feature = "libvirt")]
 pub fn open(cfg: &crate::config::Config) -> Box<dyn Hypervisor> {
     if std::env::var_os(SIMULATED_ENV).is_some_and(|v| v == "1") {
@@ -327,7 +348,8 @@ pub fn open(cfg: &crate::config::Config) -> Box<dyn Hypervisor> {
             Err(e) => tracing::warn!("{e}"),
         }
     }
-    Box::new(libvirt::Libvirt::new())
+    // PVE VMs go to `handoff-pve` over a pipe, so that this binary links no TLS.
+    piped::with_pve(cfg, Box::new(libvirt::Libvirt::new()))
 }
 
 /// `vm`'s status for [`crate::status::collect`]: a VM the hypervisor does not know is
@@ -335,7 +357,7 @@ pub fn open(cfg: &crate::config::Config) -> Box<dyn Hypervisor> {
 pub fn vm_status(hv: &mut dyn Hypervisor, vm: &VmConfig) -> VmStatus {
     match hv.probe(&VmRef::from(vm)) {
         Ok(p) => VmStatus::new(vm, p.state, None),
-        Err(e @ HypervisorError::NoDomain { .. }) => {
+        Err(e @ (HypervisorError::NoDomain { .. } | HypervisorError::NoVm { .. })) => {
             VmStatus::new(vm, VmState::Undefined, Some(e.to_string()))
         }
         Err(e) => VmStatus::new(vm, VmState::Unknown, Some(e.to_string())),

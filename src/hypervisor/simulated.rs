@@ -185,6 +185,7 @@ mod tests {
             host: sim.host(),
             vms: vec![VmConfig {
                 name: "lab".into(),
+                vmid: None,
                 label: Some("Lab".into()),
                 uri: uri.clone(),
                 shutdown_timeout_s: 5,

@@ -77,7 +77,14 @@ impl Supervisor {
 /// A supervisor per distinct URI of the configured VMs.
 pub(crate) fn start(config: &Config, sink: &Sink) -> Result<Vec<Supervisor>, WatchError> {
     ensure_event_loop()?;
-    let mut uris: Vec<&str> = config.vms.iter().map(|vm| vm.uri.as_str()).collect();
+    // Proxmox VE's VMs (`vmid`) are not libvirt's: their states are polled through the
+    // hypervisor interface instead (`crate::agent`).
+    let mut uris: Vec<&str> = config
+        .vms
+        .iter()
+        .filter(|vm| vm.vmid.is_none())
+        .map(|vm| vm.uri.as_str())
+        .collect();
     uris.sort();
     uris.dedup();
     let mut out = Vec::new();
@@ -86,7 +93,7 @@ pub(crate) fn start(config: &Config, sink: &Sink) -> Result<Vec<Supervisor>, Wat
         let names = config
             .vms
             .iter()
-            .filter(|vm| vm.uri == uri)
+            .filter(|vm| vm.uri == uri && vm.vmid.is_none())
             .map(|vm| vm.name.clone())
             .collect();
         let (tx, rx) = mpsc::channel();

@@ -36,6 +36,7 @@ struct M {
     doing: Option<&'static str>,
     seen: Option<Duration>,
     unreadable: bool,
+    rests_on_vfio: bool,
 }
 
 fn m(owner: Owner, vms: Vec<VmStatus>) -> M {
@@ -48,6 +49,7 @@ fn m(owner: Owner, vms: Vec<VmStatus>) -> M {
         doing: None,
         seen: None,
         unreadable: false,
+        rests_on_vfio: false,
     }
 }
 
@@ -71,6 +73,10 @@ impl M {
     }
     fn doing(mut self, d: &'static str) -> M {
         self.doing = Some(d);
+        self
+    }
+    fn rests_on_vfio(mut self) -> M {
+        self.rests_on_vfio = true;
         self
     }
     fn seen(mut self, d: Duration) -> M {
@@ -104,6 +110,7 @@ impl M {
                     locked: &self.locked,
                     users: self.users,
                     vm: holding.as_deref(),
+                    rests_on_vfio: self.rests_on_vfio,
                 })
             },
             files: &self.files,
@@ -564,6 +571,7 @@ fn is_orphaned_is_only_rule_5() {
                 locked: &[],
                 users: 0,
                 vm: None,
+                rests_on_vfio: false,
             }),
             files: &machine.files,
             vms: Vms::Known(&vms),
@@ -573,4 +581,70 @@ fn is_orphaned_is_only_rule_5() {
         // A VM running while the GPU is on vfio-pci holds it.
         assert_eq!(is_orphaned(&facts), want, "case {i}");
     }
+}
+
+/// A Proxmox VE VM as a desktop sees it: at the node's API.
+fn pve_vm(vmid: u32, label: &str, state: VmState) -> VmStatus {
+    let mut c = VmConfig::named(&vmid.to_string(), label);
+    c.vmid = Some(vmid);
+    c.uri = "https://pve.lan:8006".into();
+    VmStatus::new(&c, state, None)
+}
+
+#[test]
+fn a_card_that_rests_on_vfio_pci_is_free_there_not_orphaned_and_in_a_vm_while_one_runs() {
+    let free = m(Owner::Vfio, vec![vm(WIN, VmState::Shutoff)])
+        .rests_on_vfio()
+        .decide();
+    assert_eq!(free.state, State::Idle, "{free:?}");
+    assert_eq!(free.headline, "GPU is free on vfio-pci");
+    let busy = m(Owner::Vfio, vec![vm(WIN, VmState::Running)])
+        .rests_on_vfio()
+        .decide();
+    assert_eq!(busy.state, State::InVm, "{busy:?}");
+    assert_eq!(busy.headline, "GPU is in Windows");
+    // Without the setting, the same card is left behind.
+    let left = m(Owner::Vfio, vec![vm(WIN, VmState::Shutoff)]).decide();
+    assert_eq!(left.state, State::RestoreRequired, "{left:?}");
+}
+
+#[test]
+fn from_a_desktop_the_gpu_of_a_proxmox_node_is_with_the_running_vm() {
+    let with = m(
+        Owner::Absent,
+        vec![
+            pve_vm(140, "Windows 11", VmState::Running),
+            pve_vm(141, "Linux AI", VmState::Shutoff),
+        ],
+    )
+    .decide();
+    assert_eq!(with.state, State::InVm, "{with:?}");
+    assert_eq!(with.headline, "GPU is in Windows 11");
+    assert_eq!(with.vm.as_deref(), Some("140"));
+    assert!(!with.offers.contains(&Offer::OpenLookingGlass), "{with:?}");
+
+    let free = m(
+        Owner::Absent,
+        vec![
+            pve_vm(140, "Windows 11", VmState::Shutoff),
+            pve_vm(141, "Linux AI", VmState::Shutoff),
+        ],
+    )
+    .decide();
+    assert_eq!(free.state, State::Idle, "{free:?}");
+    assert_eq!(free.headline, "GPU 0000:01:00.0 is free on the Proxmox VE node");
+
+    let mut gone = pve_vm(140, "Windows 11", VmState::Unknown);
+    gone.error = Some("cannot reach Proxmox VE at https://pve.lan:8006".into());
+    let v = m(Owner::Absent, vec![gone]).decide();
+    assert_eq!(
+        (v.state, v.headline.as_str()),
+        (State::LibvirtUnreachable, "Proxmox VE unreachable")
+    );
+
+    // A libvirt VM on this machine keeps the plain "No GPU" answer.
+    assert_eq!(
+        m(Owner::Absent, vec![vm(WIN, VmState::Running)]).decide().state,
+        State::Absent
+    );
 }

@@ -8,7 +8,8 @@
 //! around it ([`stage`]), the simulated GPU behind FUSE ([`simgpu`]), processes that hold a
 //! node under a chosen name ([`named_holder`]), system directories moved aside
 //! ([`backup`]), the workspace's other binaries ([`bins`]) and configs for simulated
-//! machines ([`config`]).
+//! machines ([`config`]), and fakepve, the Proxmox VE API the `proxmox` crate is tested
+//! against ([`fakepve`]).
 //!
 //! Rules every helper keeps: a missing component fails the test under `CI=true` and skips
 //! it, saying why, elsewhere ([`tools::required`]); every process a helper starts is
@@ -27,6 +28,7 @@ pub mod bins;
 pub mod block;
 pub mod config;
 pub mod desktop;
+pub mod fakepve;
 pub mod libvirt;
 pub mod named_holder;
 pub mod process;

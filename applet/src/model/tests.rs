@@ -57,6 +57,7 @@ pub(crate) fn machine(owner: Owner, vms: Vec<VmStatus>) -> Snapshot {
                 notes: Vec::new(),
                 split: (owner == Owner::Mixed).then(|| "01:00.0 vfio-pci, 01:00.1 snd_hda_intel".into()),
                 locked: Vec::new(),
+                rests_on_vfio: false,
             },
             vms,
         }),

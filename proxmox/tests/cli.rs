@@ -1,0 +1,192 @@
+//! The `handoff` CLI with Proxmox VE VMs, against fakepve on loopback: `handoff status
+//! --json` and `handoff switch` as a person runs them (the CLI reaches PVE through
+//! `handoff-pve` over a pipe, so the CLI itself links no TLS).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use handoff_test_support::bins;
+use handoff_test_support::fakepve::FakePve;
+use serde_json::{Value, json};
+
+const TOKEN: &str = "handoff@pve!desk";
+const SECRET: &str = "0b7e9d0c-3f55-4a65-8d7e-1f1f2b3c4d5e";
+
+fn handoff() -> PathBuf {
+    let beside = Path::new(env!("CARGO_BIN_EXE_handoff-pve"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    bins::sibling(&beside, "handoff", "handoff", &["src"])
+}
+
+fn setup() -> Option<(FakePve, PathBuf)> {
+    let vm = |id: u32, name: &str, status: &str| json!({"vmid": id, "name": name, "status": status, "config": {"hostpci0": "0000:01:00,pcie=1"}});
+    let pve = FakePve::start(&json!({
+        "tokens": {TOKEN: SECRET},
+        "guests": [vm(140, "win11", "running"), vm(141, "linux-ai", "stopped")],
+    }))?;
+    let dir = pve.dir().to_owned();
+    let secret = dir.join("pve-token");
+    std::fs::write(&secret, SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for d in ["sys", "dev", "run"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gpu]\naddress = \"0000:01:00.0\"\nhost_driver = \"vfio-pci\"\n\n\
+             [proxmox]\nurl = \"{}\"\ntoken = \"{TOKEN}\"\ntoken_secret_file = \"{}\"\nfingerprint = \"{}\"\n\n\
+             [[vm]]\nvmid = 140\nlabel = \"Windows 11\"\nshutdown_timeout_s = 30\n\n\
+             [[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n\n\
+             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\n",
+            pve.url,
+            secret.display(),
+            pve.fingerprint,
+            dir.join("sys").display(),
+            dir.join("dev").display(),
+            dir.join("run").display()
+        ),
+    )
+    .unwrap();
+    Some((pve, config))
+}
+
+fn run(config: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(handoff())
+        .args(args)
+        .env("HANDOFF_CONFIG", config)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn states(config: &Path) -> Vec<(String, String)> {
+    let (code, out, err) = run(config, &["status", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|vm| {
+            (
+                vm["name"].as_str().unwrap().to_owned(),
+                vm["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn handoff_status_json_lists_the_pve_vms_with_their_states() {
+    let Some((pve, config)) = setup() else { return };
+    let (_, out, _) = run(&config, &["status", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["vms"][0]["label"], "Windows 11", "{v}");
+    assert_eq!(v["vms"][0]["uri"], pve.url.as_str(), "{v}");
+    assert_eq!(
+        states(&config),
+        vec![
+            ("140".into(), "running".into()),
+            ("linux-ai".into(), "shutoff".into())
+        ]
+    );
+    // The desktop has no such GPU; the node's VMs say where it is.
+    assert_eq!(v["verdict"]["state"], "in_vm", "{v}");
+    assert_eq!(v["verdict"]["vm_label"], "Windows 11", "{v}");
+    let (code, text, _) = run(&config, &["status"]);
+    assert_eq!(code, 0);
+    assert!(text.starts_with("GPU is in Windows 11\n"), "{text}");
+}
+
+#[test]
+fn handoff_switch_141_and_back_to_140_from_the_command_line() {
+    let Some((_pve, config)) = setup() else { return };
+    let (code, out, err) = run(&config, &["switch", "141"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let said = format!("{out}{err}");
+    assert!(said.contains("Step 1/2: stop Windows 11 (140)"), "{said}");
+    assert!(said.contains("Step 2/2: start Linux AI (linux-ai)"), "{said}");
+    assert_eq!(
+        states(&config),
+        vec![
+            ("140".into(), "shutoff".into()),
+            ("linux-ai".into(), "running".into())
+        ]
+    );
+    let (code, out, err) = run(&config, &["switch", "140"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        states(&config),
+        vec![
+            ("140".into(), "running".into()),
+            ("linux-ai".into(), "shutoff".into())
+        ]
+    );
+}
+
+#[test]
+fn the_handoff_binary_which_is_also_the_root_hookscript_links_no_tls() {
+    let contains = |p: &Path, what: &[u8]| std::fs::read(p).unwrap().windows(what.len()).any(|w| w == what);
+    let pve_side = Path::new(env!("CARGO_BIN_EXE_handoff-pve"));
+    assert!(
+        contains(pve_side, b"rustls"),
+        "the check can see rustls where it is linked"
+    );
+    assert!(!contains(&handoff(), b"rustls"), "handoff links rustls");
+    assert!(!contains(&handoff(), b"ureq"), "handoff links ureq");
+}
+
+#[test]
+fn the_trays_agent_sees_a_pve_vm_start_within_the_poll_interval() {
+    use std::io::{BufRead, BufReader};
+    let Some((_pve, config)) = setup() else { return };
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("fingerprint =", "poll_interval_s = 1\nfingerprint ="),
+    )
+    .unwrap();
+    let mut agent = handoff_test_support::process::Group::spawn(
+        Command::new(handoff())
+            .arg("--config")
+            .arg(&config)
+            .arg("__agent")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped()),
+    );
+    let stdout = agent.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    // Give the agent's first poll time to see 141 off, then start it behind its back.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let cfg = handoff::Config::load_file(&config).unwrap();
+    let mut pve = handoff_proxmox::Proxmox::new(&cfg).unwrap();
+    use handoff::hypervisor::Hypervisor;
+    pve.start(&(&cfg.vms[1]).into()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            if line.contains("\"change\"") && line.contains("linux-ai") && line.contains("started") {
+                return;
+            }
+            seen.push(line);
+        }
+    }
+    panic!("no change for linux-ai within 10 s; the agent said: {seen:#?}");
+}

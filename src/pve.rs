@@ -1,0 +1,415 @@
+//! Proxmox VE's own files, read on the PVE host without its API, and the hookscript PVE
+//! runs there as root: `handoff pve-hook <vmid> <phase>` (docs/proxmox.md).
+//!
+//! Nothing here speaks HTTP: the REST client lives in the `handoff-proxmox` crate, so the
+//! hookscript (and everything else in this library) links no TLS stack. The hookscript
+//! must not call the API anyway: it runs inside PVE's start task, which holds the VM's
+//! config lock.
+//!
+//! What PVE does around the hookscript, from its sources (qemu-server
+//! `PVE::QemuServer::vm_start_nolock`, pve-guest-common `PVE::GuestHelpers::exec_hookscript`):
+//! `pre-start` runs before the PCI devices are reserved and prepared, with
+//! `stop_on_error`, so a non-zero exit aborts the start and the output lands in the task
+//! log (`hookscript error for 141 on pre-start: command '…' failed: exit code 1`);
+//! `post-start`, `pre-stop` and `post-stop` only warn. `post-stop` runs from
+//! `vm_stop_cleanup`, after `cleanup_pci_devices` has dropped the VM's reservations.
+//!
+//! Which GPU a VM takes is read from its config, never configured twice: every
+//! `hostpciN` of the main section (`0000:01:00` is every function of the slot,
+//! `0000:01:00.0` one, several joined by `;`), and PVE 8's `mapping=NAME` resolved through
+//! `/etc/pve/mapping/pci.cfg` for this node.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::config::{Config, VmConfig};
+use crate::gpu::{self, Owner};
+use crate::pci::PciAddress;
+
+/// A `hostpci` device: one function, or every function of a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PciSel {
+    Function(PciAddress),
+    Slot(PciAddress),
+}
+
+impl PciSel {
+    /// `0000:01:00.0`, `01:00.0`, `0000:01:00` or `01:00`.
+    pub fn parse(s: &str) -> Option<PciSel> {
+        let s = s.trim().to_ascii_lowercase();
+        if s.contains('.') {
+            return s.parse().ok().map(PciSel::Function);
+        }
+        format!("{s}.0").parse().ok().map(PciSel::Slot)
+    }
+
+    /// Whether this device is (or includes) a function of `gpu`'s slot.
+    pub fn touches(&self, gpu: &PciAddress) -> bool {
+        match self {
+            PciSel::Function(a) | PciSel::Slot(a) => a.same_slot(gpu),
+        }
+    }
+
+    /// The function it names, or the slot's function 0.
+    pub fn address(&self) -> PciAddress {
+        match self {
+            PciSel::Function(a) | PciSel::Slot(a) => *a,
+        }
+    }
+}
+
+/// One `hostpciN` value: its host devices, or the name of a resource mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPci {
+    pub devices: Vec<PciSel>,
+    pub mapping: Option<String>,
+}
+
+/// Parses a `hostpciN` value (`0000:01:00,pcie=1,x-vga=1`, `host=01:00.0;01:00.1`,
+/// `mapping=rtx5070,pcie=1`). None when it names neither host devices nor a mapping.
+pub fn parse_hostpci(value: &str) -> Option<HostPci> {
+    let mut devices = Vec::new();
+    let mut mapping = None;
+    for (i, part) in value.split(',').enumerate() {
+        let (key, val) = match part.split_once('=') {
+            Some((k, v)) => (k.trim(), v.trim()),
+            // The default key (`host`) may be given without its name, first.
+            None if i == 0 => ("host", part.trim()),
+            None => continue,
+        };
+        match key {
+            "host" => devices.extend(val.split(';').filter_map(PciSel::parse)),
+            "mapping" => mapping = Some(val.to_owned()),
+            _ => {}
+        }
+    }
+    (!devices.is_empty() || mapping.is_some()).then_some(HostPci { devices, mapping })
+}
+
+/// The main section of a `qemu-server/<vmid>.conf`: `key: value` lines up to the first
+/// `[snapshot]` or `[PENDING]` section (those are not what runs).
+pub fn parse_conf(text: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim_end();
+        if line.starts_with('[') {
+            break;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            out.insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+    }
+    out
+}
+
+/// `/etc/pve/mapping/pci.cfg`: each mapping's host paths on `node` (a section per
+/// mapping id, `map node=…,path=…,id=…` lines; a path may list several devices by `;`).
+pub fn parse_pci_mapping(text: &str, node: &str) -> BTreeMap<String, Vec<PciSel>> {
+    let mut out: BTreeMap<String, Vec<PciSel>> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if !line.starts_with([' ', '\t']) {
+            let id = line.trim().to_owned();
+            out.entry(id.clone()).or_default();
+            current = Some(id);
+            continue;
+        }
+        let Some(id) = &current else { continue };
+        let Some(rest) = line.trim().strip_prefix("map ") else {
+            continue;
+        };
+        let props: BTreeMap<&str, &str> = rest
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.trim(), v.trim()))
+            .collect();
+        if props.get("node") != Some(&node) {
+            continue;
+        }
+        if let Some(path) = props.get("path") {
+            out.entry(id.clone())
+                .or_default()
+                .extend(path.split(';').filter_map(PciSel::parse));
+        }
+    }
+    out
+}
+
+/// Every host PCI device a VM config passes through, with mappings resolved by `mappings`.
+pub fn passthrough(conf: &BTreeMap<String, String>, mappings: &BTreeMap<String, Vec<PciSel>>) -> Vec<PciSel> {
+    let mut out = Vec::new();
+    for (key, value) in conf {
+        let Some(n) = key.strip_prefix("hostpci") else {
+            continue;
+        };
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Some(h) = parse_hostpci(value) else { continue };
+        out.extend(h.devices);
+        if let Some(m) = h.mapping {
+            out.extend(mappings.get(&m).into_iter().flatten().copied());
+        }
+    }
+    out
+}
+
+/// Where PVE keeps its files on the host; tests point `root` at a temp tree.
+#[derive(Debug, Clone)]
+pub struct PveHost {
+    /// `/` on a PVE host.
+    pub root: PathBuf,
+    /// This node's name (`hostname`), for resource mappings.
+    pub node: String,
+}
+
+impl PveHost {
+    pub fn system() -> Self {
+        Self {
+            root: PathBuf::from("/"),
+            // PVE's node name is the short host name (PVE::INotify::nodename).
+            node: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().split('.').next().unwrap_or_default().to_owned())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn etc_pve(&self) -> PathBuf {
+        self.root.join("etc/pve")
+    }
+
+    /// `/etc/pve/qemu-server`: this node's VM configs (a link into `nodes/<node>/`).
+    pub fn qemu_server(&self) -> PathBuf {
+        self.etc_pve().join("qemu-server")
+    }
+
+    pub fn conf_path(&self, vmid: u32) -> PathBuf {
+        self.qemu_server().join(format!("{vmid}.conf"))
+    }
+
+    /// A VM's config, main section.
+    pub fn conf(&self, vmid: u32) -> std::io::Result<BTreeMap<String, String>> {
+        let text = crate::bounded::read_to_string(&self.conf_path(vmid), crate::bounded::Links::Follow)?;
+        Ok(parse_conf(&text))
+    }
+
+    /// This node's PCI resource mappings (none when the file does not exist).
+    pub fn mappings(&self) -> BTreeMap<String, Vec<PciSel>> {
+        let path = self.etc_pve().join("mapping/pci.cfg");
+        crate::bounded::read_to_string(&path, crate::bounded::Links::Follow)
+            .map(|t| parse_pci_mapping(&t, &self.node))
+            .unwrap_or_default()
+    }
+
+    /// The VMs with a config on this node.
+    pub fn vmids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = std::fs::read_dir(self.qemu_server())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".conf")?.parse().ok())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Whether `vmid`'s QEMU runs here: `/var/run/qemu-server/<vmid>.pid` names a live
+    /// process (qemu-server's own `check_running` reads the same file).
+    pub fn running(&self, vmid: u32, procfs: &Path) -> Option<u32> {
+        let path = self.root.join(format!("var/run/qemu-server/{vmid}.pid"));
+        let text = crate::bounded::read_to_string(&path, crate::bounded::Links::Follow).ok()?;
+        let pid: u32 = text.trim().parse().ok()?;
+        procfs.join(pid.to_string()).exists().then_some(pid)
+    }
+}
+
+/// The hookscript's phases (`<script> <vmid> <phase>`).
+pub const PHASES: [&str; 4] = ["pre-start", "post-start", "pre-stop", "post-stop"];
+
+/// The label of a VM for messages: the config's, else `VM <vmid>`.
+fn label(cfg: &Config, vmid: u32, conf: Option<&BTreeMap<String, String>>) -> String {
+    let name = conf.and_then(|c| c.get("name")).cloned();
+    match cfg.vms.iter().find(|v| v.vmid == Some(vmid)) {
+        Some(v) if v.label.is_some() => format!("{} (VM {vmid})", v.label()),
+        _ => match name {
+            Some(n) => format!("{n} (VM {vmid})"),
+            None => format!("VM {vmid}"),
+        },
+    }
+}
+
+/// What PVE runs: `handoff pve-hook <vmid> <phase>`. `pre-start` refuses (exit 1, the
+/// reason on `err`, which PVE puts in the task log) when another running VM passes the
+/// same GPU through, or — the GPU on a host driver — when anything holds it; otherwise it
+/// hands the GPU to vfio-pci with the libvirt hook's engine. `post-stop` returns it.
+/// A GPU already on vfio-pci is left there; with `host_driver = "vfio-pci"` it is never
+/// returned either (the card lives on vfio-pci between VMs). One on a host driver (CUDA on
+/// the host or in a container) goes through the holder check first, as with libvirt.
+pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: &mut dyn Write) -> i32 {
+    if !PHASES.contains(&phase) {
+        let _ = writeln!(
+            err,
+            "handoff pve-hook: unknown phase {phase:?}; PVE calls it with one of {}",
+            PHASES.join(", ")
+        );
+        return 0;
+    }
+    if phase != "pre-start" && phase != "post-stop" {
+        return 0;
+    }
+    let gpu = cfg.gpu.address;
+    let mappings = pve.mappings();
+    let conf = match pve.conf(vmid) {
+        Ok(c) => c,
+        Err(e) if phase == "pre-start" => {
+            let _ = writeln!(
+                err,
+                "handoff: not starting VM {vmid}: cannot read {}: {e}, so handoff cannot tell whether it passes GPU {gpu} through",
+                pve.conf_path(vmid).display()
+            );
+            return 1;
+        }
+        Err(_) => return 0,
+    };
+    let configured = cfg.vms.iter().any(|v| v.vmid == Some(vmid));
+    let uses = passthrough(&conf, &mappings).iter().any(|d| d.touches(&gpu));
+    if !uses && !configured {
+        return 0;
+    }
+    let me = label(cfg, vmid, Some(&conf));
+    if phase == "pre-start" {
+        if configured && !uses {
+            let _ = writeln!(
+                err,
+                "handoff: warning: {me} is a [[vm]] in the config but passes no function of {gpu} through (no hostpciN with it)"
+            );
+        }
+        // Another running VM with the same GPU: PVE would refuse too, later and with
+        // "PCI device '…' already in use by VMID '…'"; this says what to do.
+        for other in pve.vmids().into_iter().filter(|&o| o != vmid) {
+            let Ok(oconf) = pve.conf(other) else { continue };
+            if !passthrough(&oconf, &mappings).iter().any(|d| d.touches(&gpu)) {
+                continue;
+            }
+            if pve.running(other, &cfg.host.procfs).is_some() {
+                if conf.get("lock").map(String::as_str) == Some("backup") {
+                    // vzdump starts a stopped VM's QEMU (paused) with its hostpci devices
+                    // to read its disks; nothing a hookscript does changes that command line.
+                    let _ = writeln!(
+                        err,
+                        "handoff: not starting {me} for its backup: PVE starts a stopped VM with its PCI devices \
+                         to back it up, and GPU {gpu} is passed through to {}, which is running. Back {me} up \
+                         while that VM is off, or exclude it from this job (docs/proxmox.md, \"Backups\")",
+                        label(cfg, other, Some(&oconf))
+                    );
+                    return 1;
+                }
+                let _ = writeln!(
+                    err,
+                    "handoff: not starting {me}: GPU {gpu} is passed through to {}, which is running. \
+                     `handoff switch {vmid}` shuts it down gracefully and then starts {me}",
+                    label(cfg, other, Some(&oconf))
+                );
+                return 1;
+            }
+        }
+    }
+    let mut owner = gpu::read_gpu(&cfg.host, gpu).map(|g| g.owner);
+    if phase == "pre-start" && cfg.gpu.host_driver != "vfio-pci" && matches!(owner, Ok(Owner::Vfio)) {
+        // The restore record names a VM that has stopped but whose post-stop has not run
+        // yet (after a shutdown from inside the guest, qmeventd runs it once QEMU is gone):
+        // return the GPU for that VM now, so that this VM takes it with a record of its own
+        // instead of the late post-stop finding this VM's QEMU on the card.
+        if let Ok(Some(r)) = crate::bind::record::RestoreRecord::load(&cfg.host, gpu)
+            && let Some(prev) = r.vm.clone()
+            && let Some(prev_id) = cfg
+                .vms
+                .iter()
+                .find(|v| v.name == prev)
+                .and_then(|v| v.vmid)
+                .or_else(|| prev.parse().ok())
+            && prev_id != vmid
+            && pve.running(prev_id, &cfg.host.procfs).is_none()
+        {
+            let mut prev_cfg = cfg.clone();
+            if !prev_cfg.vms.iter().any(|v| v.name == prev) {
+                let mut v = VmConfig::named(&prev, &prev);
+                v.vmid = Some(prev_id);
+                prev_cfg.vms.push(v);
+            }
+            crate::hook::run_event(&prev_cfg, &prev, "release", "end", "", err);
+            owner = gpu::read_gpu(&cfg.host, gpu).map(|g| g.owner);
+        }
+    }
+    if phase == "pre-start" && matches!(owner, Ok(Owner::Vfio)) {
+        // Already on vfio-pci (the seed's set-up keeps it there between VMs, and another
+        // VM using it was refused above): nothing to rebind.
+        return 0;
+    }
+    if phase == "post-stop" && cfg.gpu.host_driver == "vfio-pci" {
+        // "The GPU stays on vfio-pci between VMs" is the normal state, not a failure.
+        return 0;
+    }
+    let name = match cfg.vms.iter().find(|v| v.vmid == Some(vmid)) {
+        Some(v) => v.name.clone(),
+        None => vmid.to_string(),
+    };
+    let mut cfg = cfg.clone();
+    if !configured {
+        // Guarded anyway, as the libvirt hook guards a domain whose XML passes the GPU.
+        let pve_name = conf.get("name").cloned().unwrap_or_else(|| name.clone());
+        let mut vm = VmConfig::named(&name, &pve_name);
+        vm.vmid = Some(vmid);
+        cfg.vms.push(vm);
+    }
+    if phase == "post-stop" {
+        // Only when the GPU is away from the host: the engine acts on its restore record.
+        if matches!(owner, Ok(Owner::Host)) {
+            return 0;
+        }
+        return crate::hook::run_event(&cfg, &name, "release", "end", "", err);
+    }
+    crate::hook::run_event(&cfg, &name, "prepare", "begin", "", err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostpci_forms() {
+        let a = |s: &str| s.parse::<PciAddress>().unwrap();
+        assert_eq!(
+            parse_hostpci("0000:01:00,pcie=1,x-vga=1").unwrap().devices,
+            vec![PciSel::Slot(a("0000:01:00.0"))]
+        );
+        assert_eq!(
+            parse_hostpci("host=01:00.0;01:00.1,pcie=1").unwrap().devices,
+            vec![
+                PciSel::Function(a("0000:01:00.0")),
+                PciSel::Function(a("0000:01:00.1"))
+            ]
+        );
+        let m = parse_hostpci("mapping=rtx5070,pcie=1").unwrap();
+        assert_eq!(m.mapping.as_deref(), Some("rtx5070"));
+        assert!(parse_hostpci("pcie=1").is_none());
+    }
+
+    #[test]
+    fn conf_main_section_only_and_mappings_for_this_node() {
+        let conf = parse_conf("name: win11\nhostpci0: mapping=rtx,pcie=1\n\n[snap1]\nhostpci1: 0000:02:00\n");
+        let maps = parse_pci_mapping(
+            "rtx\n\tmap id=10de:2c05,node=pve1,path=0000:01:00\n\tmap id=10de:2c05,node=pve2,path=0000:03:00\n",
+            "pve1",
+        );
+        let devs = passthrough(&conf, &maps);
+        assert_eq!(devs, vec![PciSel::Slot("0000:01:00.0".parse().unwrap())]);
+    }
+}

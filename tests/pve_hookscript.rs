@@ -1,0 +1,235 @@
+//! The Proxmox VE hookscript, run exactly as PVE runs it (`PVE::GuestHelpers::exec_hookscript`:
+//! `<script> <vmid> <phase>`, as root, its output in the task log, a non-zero exit in
+//! `pre-start` aborting the start) against the simulated GPU behind FUSE, with a PVE host's
+//! files (`/etc/pve/qemu-server/<vmid>.conf`, `/var/run/qemu-server/<vmid>.pid`) in a temp
+//! tree. The seed's homelab: VM 140 "Windows 11" and VM 141 "Linux AI" both pass the
+//! GPU's slot through.
+//!
+//! Run as root with `/dev/fuse`; under `CI=true` a missing `/dev/fuse` fails.
+#![cfg(feature = "kernel-sim")]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+use handoff_test_support::simgpu::{self, GPU, Sim, hold};
+
+struct PveHost {
+    sim: Sim,
+    root: PathBuf,
+    snippet: PathBuf,
+}
+
+/// The homelab on the simulated workstation: `host_driver` is where the GPU lives between
+/// VMs (`nvidia`: CUDA on the host; `vfio-pci`: the seed's isolated card).
+fn homelab(host_driver: &str) -> Option<PveHost> {
+    let sim = simgpu::workstation()?;
+    let root = sim.tmp.path().join("pve-root");
+    let qs = root.join("etc/pve/qemu-server");
+    fs::create_dir_all(&qs).unwrap();
+    fs::create_dir_all(root.join("var/run/qemu-server")).unwrap();
+    // 141 reaches the GPU through a PVE 8 resource mapping; 140 names the slot.
+    fs::write(
+        qs.join("140.conf"),
+        "boot: order=scsi0\nhostpci0: 0000:01:00,pcie=1,x-vga=1\nmachine: q35\nname: win11\n\n[before-update]\nhostpci0: 0000:02:00\n",
+    )
+    .unwrap();
+    fs::write(
+        qs.join("141.conf"),
+        "hostpci0: mapping=rtx5070ti,pcie=1\nmachine: q35\nname: linux-ai\n",
+    )
+    .unwrap();
+    fs::write(qs.join("130.conf"), "hostpci0: 0000:00:02.0\nname: macos\n").unwrap();
+    fs::create_dir_all(root.join("etc/pve/mapping")).unwrap();
+    fs::write(
+        root.join("etc/pve/mapping/pci.cfg"),
+        "rtx5070ti\n\tmap id=10de:2c05,iommugroup=12,node=pve1,path=0000:01:00\n\tmap id=10de:2c05,node=pve2,path=0000:41:00\n",
+    )
+    .unwrap();
+    let etc = sim.tmp.path().join("etc-handoff");
+    fs::create_dir(&etc).unwrap();
+    let config = etc.join("config.toml");
+    let host = sim.host();
+    let text = format!(
+        "[gpu]\naddress = \"{GPU}\"\nhost_driver = \"{host_driver}\"\nwatchdog_s = 2\n\n\
+         [proxmox]\nurl = \"https://pve1:8006\"\ntoken = \"handoff@pve!desk\"\ntoken_secret_file = \"/etc/handoff/pve-token\"\n\
+         fingerprint = \"{}\"\n\n\
+         [[vm]]\nvmid = 140\nlabel = \"Windows 11\"\n\n[[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n\n{}",
+        ["AB"; 32].join(":"),
+        handoff_test_support::config::host_section(&host)
+    );
+    fs::write(&config, text).unwrap();
+    fs::set_permissions(&config, fs::Permissions::from_mode(0o644)).unwrap();
+    // What install-hooks puts in the snippets storage, pointed at this test's roots.
+    let snippet = sim.tmp.path().join("handoff-hookscript");
+    fs::write(
+        &snippet,
+        format!(
+            "#!/bin/sh\nexec {} pve-hook --system-config {} --pve-root {} --node pve1 \"$@\"\n",
+            env!("CARGO_BIN_EXE_handoff"),
+            config.display(),
+            root.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&snippet, fs::Permissions::from_mode(0o755)).unwrap();
+    Some(PveHost { sim, root, snippet })
+}
+
+struct Run {
+    code: i32,
+    output: String,
+}
+
+impl PveHost {
+    /// `run_command([$hookscript, $vmid, $phase])`, as PVE does.
+    fn hook(&self, vmid: u32, phase: &str) -> Run {
+        let out = Command::new(&self.snippet)
+            .arg(vmid.to_string())
+            .arg(phase)
+            .output()
+            .unwrap();
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            output: String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        }
+    }
+
+    /// VM `vmid`'s QEMU runs: its pid file names a live process (this test's).
+    fn running(&self, vmid: u32) {
+        fs::write(self.pid_file(vmid), format!("{}\n", std::process::id())).unwrap();
+    }
+
+    fn stopped(&self, vmid: u32) {
+        let _ = fs::remove_file(self.pid_file(vmid));
+    }
+
+    fn pid_file(&self, vmid: u32) -> PathBuf {
+        self.root.join(format!("var/run/qemu-server/{vmid}.pid"))
+    }
+}
+
+#[test]
+fn pre_start_hands_a_host_driver_gpu_to_the_vm_and_post_stop_brings_it_home() {
+    let _serial = simgpu::serial();
+    let Some(pve) = homelab("nvidia") else { return };
+    let r = pve.hook(141, "pre-start");
+    assert_eq!(r.code, 0, "{}", r.output);
+    pve.sim.assert_on_vfio();
+    pve.running(141);
+    assert_eq!(pve.hook(141, "post-start").code, 0);
+    assert_eq!(pve.hook(141, "pre-stop").code, 0);
+    pve.sim.assert_on_vfio();
+    pve.stopped(141);
+    let r = pve.hook(141, "post-stop");
+    assert_eq!(r.code, 0, "{}", r.output);
+    pve.sim.assert_home();
+}
+
+#[test]
+fn pre_start_refuses_while_a_process_holds_the_host_driver_gpu_and_names_it() {
+    let _serial = simgpu::serial();
+    let Some(pve) = homelab("nvidia") else { return };
+    let holder = hold(&pve.sim.dev("nvidia0"));
+    let r = pve.hook(140, "pre-start");
+    assert_eq!(r.code, 1, "{}", r.output);
+    assert!(r.output.contains("nvidia0"), "{}", r.output);
+    assert!(r.output.contains(&format!("{}", holder.pid())), "{}", r.output);
+    assert_eq!(pve.sim.short_log(), vec![], "nothing was unbound under a holder");
+    pve.sim.assert_home();
+}
+
+#[test]
+fn with_the_card_kept_on_vfio_pci_the_second_vm_is_refused_while_the_first_runs() {
+    let _serial = simgpu::serial();
+    let Some(pve) = homelab("vfio-pci") else { return };
+    // The first start takes the card off the host driver once.
+    let r = pve.hook(140, "pre-start");
+    assert_eq!(r.code, 0, "{}", r.output);
+    pve.sim.assert_on_vfio();
+    pve.running(140);
+    pve.sim.clear_log();
+
+    let r = pve.hook(141, "pre-start");
+    assert_eq!(r.code, 1, "{}", r.output);
+    assert!(
+        r.output
+            .contains("GPU 0000:01:00.0 is passed through to Windows 11 (VM 140), which is running"),
+        "{}",
+        r.output
+    );
+    assert!(r.output.contains("`handoff switch 141`"), "{}", r.output);
+    assert_eq!(pve.sim.short_log(), vec![], "a refusal changes nothing");
+
+    // 140 shuts down: the card stays on vfio-pci, which is normal, and 141 may start.
+    pve.stopped(140);
+    let r = pve.hook(140, "post-stop");
+    assert_eq!((r.code, r.output.as_str()), (0, ""));
+    pve.sim.assert_on_vfio();
+    let r = pve.hook(141, "pre-start");
+    assert_eq!((r.code, r.output.as_str()), (0, ""));
+    assert_eq!(pve.sim.short_log(), vec![], "nothing is rebound between VMs");
+}
+
+#[test]
+fn a_vm_without_the_gpu_is_left_alone() {
+    let _serial = simgpu::serial();
+    let Some(pve) = homelab("nvidia") else { return };
+    pve.running(140);
+    let r = pve.hook(130, "pre-start");
+    assert_eq!((r.code, r.output.as_str()), (0, ""));
+    assert_eq!(pve.sim.short_log(), vec![]);
+}
+
+#[test]
+fn a_backup_of_the_stopped_vm_while_the_other_has_the_gpu_is_refused_saying_why() {
+    let _serial = simgpu::serial();
+    let Some(pve) = homelab("vfio-pci") else { return };
+    assert_eq!(pve.hook(140, "pre-start").code, 0);
+    pve.running(140);
+    pve.sim.clear_log();
+    // vzdump sets the backup lock, then starts 141 paused to read its disks.
+    let conf = pve.root.join("etc/pve/qemu-server/141.conf");
+    let text = fs::read_to_string(&conf).unwrap();
+    fs::write(
+        &conf,
+        text.replace("machine: q35\n", "lock: backup\nmachine: q35\n"),
+    )
+    .unwrap();
+    let r = pve.hook(141, "pre-start");
+    assert_eq!(r.code, 1, "{}", r.output);
+    assert!(
+        r.output.contains("not starting Linux AI (VM 141) for its backup"),
+        "{}",
+        r.output
+    );
+    assert!(
+        r.output.contains("Windows 11 (VM 140), which is running"),
+        "{}",
+        r.output
+    );
+    assert_eq!(pve.sim.short_log(), vec![], "the running VM keeps its GPU");
+}
+
+#[test]
+fn a_start_before_the_previous_vms_late_post_stop_takes_the_gpu_over_cleanly() {
+    let _serial = simgpu::serial();
+    let Some(pve) = homelab("nvidia") else { return };
+    assert_eq!(pve.hook(140, "pre-start").code, 0);
+    pve.sim.assert_on_vfio();
+    // 140 shut down from inside Windows: QEMU is gone, its post-stop not run yet.
+    pve.stopped(140);
+    let r = pve.hook(141, "pre-start");
+    assert_eq!(r.code, 0, "{}", r.output);
+    pve.sim.assert_on_vfio();
+    pve.running(141);
+    // The late post-stop of 140 leaves 141's GPU alone.
+    let r = pve.hook(140, "post-stop");
+    assert_eq!(r.code, 0, "{}", r.output);
+    pve.sim.assert_on_vfio();
+    pve.stopped(141);
+    let r = pve.hook(141, "post-stop");
+    assert_eq!(r.code, 0, "{}", r.output);
+    pve.sim.assert_home();
+}
