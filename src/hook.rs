@@ -271,6 +271,7 @@ fn event(
         if let Err(e) = busy {
             let msg = e.to_string();
             let _ = writeln!(err, "{msg}");
+            log_refusal(host, address, domain, &[], &msg, err);
             state.last_error = Some(msg);
             let _ = state.save(host);
             return 1;
@@ -290,6 +291,7 @@ fn event(
                 state.phase = phase_after_error(host, address);
                 match &e {
                     BindError::Refused { holders, .. } => {
+                        log_refusal(host, address, domain, holders, &e.to_string(), err);
                         state.last_refusal = Some(Refusal {
                             vm: domain.clone(),
                             at: state.updated,
@@ -300,6 +302,7 @@ fn event(
                     // Refused too, with nobody to blame: the message says what could
                     // not be checked.
                     BindError::Unchecked { .. } => {
+                        log_refusal(host, address, domain, &[], &e.to_string(), err);
                         state.last_refusal = Some(Refusal {
                             vm: domain.clone(),
                             at: state.updated,
@@ -350,6 +353,26 @@ fn event(
         let _ = writeln!(err, "handoff: cannot write {}: {e}", host.state_file().display());
     }
     code
+}
+
+/// Appends a refusal to `refusals.json` ([`crate::refusals`]), so that every surface tells
+/// its user, whoever asked for the start. Written before `state.json`, whose change the
+/// surfaces hear. A failure only costs the notification: the refusal itself stands.
+fn log_refusal(
+    host: &crate::host::Host,
+    gpu: PciAddress,
+    domain: &str,
+    holders: &[crate::holders::Holder],
+    message: &str,
+    err: &mut dyn Write,
+) {
+    if let Err(e) = crate::refusals::RefusalLog::record(host, gpu, domain, holders, message) {
+        let _ = writeln!(
+            err,
+            "handoff: cannot write {}: {e}",
+            crate::refusals::path(host).display()
+        );
+    }
 }
 
 fn phase_after_error(host: &crate::host::Host, address: PciAddress) -> HookPhase {

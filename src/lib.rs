@@ -44,6 +44,7 @@ pub mod lg_test;
 pub use hypervisor::libvirt;
 pub mod live;
 pub mod pci;
+pub mod refusals;
 pub mod scenes;
 pub mod services;
 pub mod sim;

@@ -47,6 +47,14 @@ impl Action {
         !matches!(self, Action::OpenLookingGlass | Action::Details)
     }
 
+    /// Whether this action asks libvirt to start a VM (so the hook may refuse it).
+    pub fn starts_a_vm(&self) -> bool {
+        matches!(
+            self,
+            Action::Start(_) | Action::Switch(_) | Action::TerminateAndStart { .. }
+        )
+    }
+
     /// "starting win11…", for the tooltip and the status line.
     pub fn doing(&self) -> String {
         match self {

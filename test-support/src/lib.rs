@@ -6,9 +6,9 @@
 //! private system bus with polkitd ([`system_bus`]), a systemd user manager
 //! ([`systemd_user`]), the real system libvirtd ([`libvirt`]) and the end-to-end scene
 //! around it ([`stage`]), the simulated GPU behind FUSE ([`simgpu`]), processes that hold a
-//! node under a chosen name ([`named_holder`]), system directories moved aside
-//! ([`backup`]), the workspace's other binaries ([`bins`]) and configs for simulated
-//! machines ([`config`]).
+//! node under a chosen name ([`named_holder`]) or open and close one on command
+//! ([`opener`]), system directories moved aside ([`backup`]), the workspace's other
+//! binaries ([`bins`]) and configs for simulated machines ([`config`]).
 //!
 //! Rules every helper keeps: a missing component fails the test under `CI=true` and skips
 //! it, saying why, elsewhere ([`tools::required`]); every process a helper starts is
@@ -29,6 +29,7 @@ pub mod config;
 pub mod desktop;
 pub mod libvirt;
 pub mod named_holder;
+pub mod opener;
 pub mod process;
 #[cfg(feature = "sim")]
 pub mod simgpu;
