@@ -24,6 +24,7 @@ pub mod bind;
 pub mod blockers;
 pub mod bounded;
 pub mod config;
+pub mod containers;
 #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
 pub mod demo;
 pub mod doctor;
