@@ -29,6 +29,7 @@ pub mod containers;
 pub mod demo;
 pub mod doctor;
 pub mod escape;
+pub mod free;
 pub mod gpu;
 pub mod holders;
 pub mod hook;
