@@ -51,6 +51,9 @@ pub struct GpuConfig {
     /// How long a write to `unbind`/`bind`/`drivers_probe` may take before it is
     /// reported as hung.
     pub watchdog_s: u64,
+    /// Start the units stopped to free the GPU (`systemctl [--user] stop` from the tray,
+    /// the details window or `start --stop-holders`) again when it is back on Linux.
+    pub restart_stopped_units: bool,
 }
 
 impl Default for GpuConfig {
@@ -59,6 +62,7 @@ impl Default for GpuConfig {
             address: PciAddress::new(0, 1, 0, 0),
             host_driver: "nvidia".into(),
             watchdog_s: 10,
+            restart_stopped_units: true,
         }
     }
 }

@@ -24,7 +24,6 @@ use serde::Serialize;
 use crate::action::{self, UnitScope};
 use crate::containers::Container;
 use crate::holders::Holder;
-use crate::host::Host;
 
 /// One thing to end.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -159,15 +158,21 @@ pub fn plan(holders: &[Holder], uid: u32, scope_of: &dyn Fn(&Holder) -> Option<U
     p
 }
 
-/// Carries out every step, in order, through [`crate::action`]; stops at the first that
-/// fails. Returns what each did, in words.
-pub fn execute(host: &Host, plan: &Plan, say: &mut dyn FnMut(&str)) -> Result<(), action::ActionError> {
+/// Carries out every step, in order, through [`crate::action`] (a unit through
+/// [`crate::stopped::stop_unit`], which records it); stops at the first that fails. Says
+/// what each did, in words.
+pub fn execute(
+    cfg: &crate::Config,
+    plan: &Plan,
+    say: &mut dyn FnMut(&str),
+) -> Result<(), action::ActionError> {
     for step in &plan.steps {
         let done = match step {
             Step::Terminate { pid, command, uid } => {
-                action::terminate(host, *uid, &[(*pid, command.as_str())])
+                action::terminate(&cfg.host, *uid, &[(*pid, command.as_str())])
             }
-            Step::StopUnit { unit, scope, .. } => action::stop_unit(unit, *scope),
+            // Recorded, to be started again when the GPU returns (crate::stopped).
+            Step::StopUnit { unit, scope, .. } => crate::stopped::stop_unit(cfg, unit, *scope),
             Step::StopContainer { container, .. } => action::stop_container(container),
         }?;
         say(&done);
@@ -227,7 +232,7 @@ pub fn before_start(
             return Err(FreeError::Declined);
         }
     }
-    execute(host, &p, say)?;
+    execute(cfg, &p, say)?;
     Ok(())
 }
 

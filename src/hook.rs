@@ -340,6 +340,7 @@ fn event(
                 state.phase = HookPhase::Host;
                 state.vm = None;
                 state.last_error = None;
+                state.returned = Some(crate::bind::record::now());
             }
             Err(e) => {
                 let _ = writeln!(err, "{e}");
@@ -351,6 +352,13 @@ fn event(
     };
     if let Err(e) = state.save(host) {
         let _ = writeln!(err, "handoff: cannot write {}: {e}", host.state_file().display());
+    }
+    if op != "prepare" && state.phase == HookPhase::Host {
+        // Root's system units stopped for this handoff come back (--no-block: libvirtd
+        // waits for the hook). After the save: `stopped` reads when the GPU returned.
+        for line in crate::stopped::start_again(cfg, crate::stopped::Who::Hook) {
+            let _ = writeln!(err, "handoff: {line}");
+        }
     }
     code
 }

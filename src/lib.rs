@@ -52,6 +52,7 @@ pub mod services;
 pub mod sim;
 pub mod state;
 pub mod status;
+pub mod stopped;
 pub mod sysfs_read;
 pub mod verdict;
 #[cfg(feature = "libvirt")]

@@ -757,6 +757,10 @@ fn vm_command(
             } else {
                 print_stopped(out);
             }
+            // Units stopped to free the GPU come back once it is home (handoff::stopped).
+            for line in handoff::stopped::start_again(&cfg, handoff::stopped::Who::Person) {
+                eprintln!("handoff: {line}");
+            }
         }
         VmDone::Switched(out) => {
             if json {

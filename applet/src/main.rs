@@ -51,6 +51,8 @@ pub enum Msg {
     Inhibitor(Option<handoff::inhibit::Inhibitor>),
     /// Read the machine again (after the orphan grace).
     Recheck,
+    /// A notification of the tray's own, not tied to an action (units started again).
+    Said(Note),
     Quit,
 }
 
@@ -359,6 +361,7 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
                 None => tracing::info!("notification action {key:?} is not current; ignored"),
             },
             Msg::Recheck => l.refresh(),
+            Msg::Said(n) => l.notifier.show(n, l.icon()).await,
             Msg::Inhibitor(i) => {
                 if l.snap.vm_with_gpu().is_some() {
                     l.inhibitor = i;
@@ -404,6 +407,12 @@ impl Loop {
             let snap = collect(&cfg, &mut || agent.probe(&cfg));
             tracing::debug!("collected in {:?}", t.elapsed());
             let _ = tx.send(Msg::Collected(Box::new(snap)));
+            // Units stopped to free the GPU come back once the hook has returned it
+            // (handoff::stopped; nothing to do, and no file read twice, most of the time).
+            let back = handoff::stopped::start_again(&cfg, handoff::stopped::Who::Person);
+            if !back.is_empty() {
+                let _ = tx.send(Msg::Said(Note::plain("Services started again", back.join("\n"))));
+            }
         });
     }
 
