@@ -1,6 +1,7 @@
 //! The actions a person takes on the GPU, in one vocabulary for every surface (issue 12
 //! item 3), and the one implementation of each that does not go through libvirt:
-//! terminating one's own process (with the ownership check), stopping a systemd unit,
+//! terminating one's own process (with the ownership check), stopping a systemd unit or a
+//! Docker/Podman container,
 //! returning the GPU to Linux with `pkexec handoff rebind --force`, and finding the
 //! `handoff` CLI beside the running binary.
 //!
@@ -186,6 +187,26 @@ pub fn stop_unit(unit: &str, scope: UnitScope) -> Outcome {
     );
     match cmd.stdin(Stdio::null()).output() {
         Ok(out) if out.status.success() => Ok(format!("Stopped {unit}.")),
+        Ok(out) => Err(ActionError::Failed {
+            shown,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        }),
+        Err(source) => Err(ActionError::Spawn { shown, source }),
+    }
+}
+
+/// `docker stop NAME` / `podman stop NAME` (the engine's own stop: its grace period, then
+/// SIGKILL; a restart policy is the engine's business), as [`crate::containers`] names it.
+pub fn stop_container(c: &crate::containers::Container) -> Outcome {
+    let argv = c.stop_argv();
+    let shown = argv.join(" ");
+    match Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(out) if out.status.success() => Ok(format!("Stopped the {} container {}.", argv[0], argv[2])),
         Ok(out) => Err(ActionError::Failed {
             shown,
             status: out.status.to_string(),

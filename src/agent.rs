@@ -507,6 +507,7 @@ pub fn serve(
         let only_libvirt = Sources {
             uevents: false,
             run_dir: false,
+            nodes: false,
             libvirt: true,
         };
         Some(Watcher::with_sink(cfg, only_libvirt, sink.clone())?)

@@ -49,7 +49,8 @@ impl Blockers {
     pub fn check(host: &Host, address: PciAddress) -> Result<Self, SysfsError> {
         let g = gpu::read_gpu(host, address)?;
         let nodes = holders::gpu_nodes(host, &g);
-        let scan = holders::scan(host, &g, &nodes);
+        let mut scan = holders::scan(host, &g, &nodes);
+        crate::containers::name_all(scan.holders.iter_mut().filter_map(|h| h.container.as_mut()));
         let verdict = scan.verdict();
         let vfio_users = holders::vfio_users(host, &g);
         Ok(Self {

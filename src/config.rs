@@ -69,6 +69,9 @@ pub struct GpuConfig {
     /// default). At most one; unset everywhere: the first `[[gpu]]`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub primary: bool,
+    /// Start the units stopped to free the GPU (`systemctl [--user] stop` from the tray,
+    /// the details window or `start --stop-holders`) again when it is back on Linux.
+    pub restart_stopped_units: bool,
 }
 
 impl Default for GpuConfig {
@@ -80,6 +83,7 @@ impl Default for GpuConfig {
             label: None,
             allow_display: false,
             primary: false,
+            restart_stopped_units: true,
         }
     }
 }

@@ -110,6 +110,10 @@ pub struct Holder {
     /// The VM whose QEMU this is (its `-name guest=<vm>`), when it is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
+    /// The Docker or Podman container it runs in, from its cgroup
+    /// ([`crate::containers`]); `unit` is then the engine's scope, not one to stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<crate::containers::Container>,
 }
 
 /// A firmware/boot framebuffer driver that sits on one of the GPU's BARs. It has no
@@ -285,7 +289,9 @@ impl Holder {
             self.pid,
             plain(&self.user)
         );
-        if let Some(unit) = &self.unit {
+        if let Some(c) = &self.container {
+            s += &format!(", {} container {}", c.engine.cli(), plain(&c.shown()));
+        } else if let Some(unit) = &self.unit {
             s += ", ";
             s += &plain(unit);
         }
@@ -1195,9 +1201,11 @@ fn describe(
         .read(proc_dir, pid, "cmdline")
         .map(parse_cmdline)
         .unwrap_or_default();
-    let unit = bufs
+    let cgroup = bufs
         .read(proc_dir, pid, "cgroup")
-        .and_then(|c| parse_cgroup_unit(&String::from_utf8_lossy(c)));
+        .map(|c| String::from_utf8_lossy(c).into_owned());
+    let unit = cgroup.as_deref().and_then(parse_cgroup_unit);
+    let container = cgroup.as_deref().and_then(crate::containers::parse_cgroup);
     let mut paths: Vec<PathBuf> = found.nodes.iter().map(|&i| nodes[i].path.clone()).collect();
     paths.sort();
     paths.dedup();
@@ -1213,6 +1221,7 @@ fn describe(
         unit,
         paths,
         reason: persistenced.then(|| PERSISTENCED_REASON.to_owned()),
+        container,
     })
 }
 

@@ -363,6 +363,7 @@ fn prepare(cfg: &Config, domain: &str, gpus: &[PciAddress], err: &mut dyn Write)
         if let Err(e) = busy {
             let msg = e.to_string();
             let _ = writeln!(err, "{msg}");
+            log_refusal(host, *address, domain, &[], &msg, err);
             states[i].last_error = Some(msg);
             let _ = states[i].save_gpu(host, primary(*address));
             return 1;
@@ -372,6 +373,7 @@ fn prepare(cfg: &Config, domain: &str, gpus: &[PciAddress], err: &mut dyn Write)
             let why = crate::gpus::display_use(host, *address, &[]).unwrap_or_default();
             let msg = crate::gpus::display_refusal(*address, domain, &why);
             let _ = writeln!(err, "{msg}");
+            log_refusal(host, *address, domain, &[], &msg, err);
             let state = &mut states[i];
             state.last_refusal = Some(Refusal {
                 vm: domain.clone(),
@@ -411,6 +413,7 @@ fn prepare(cfg: &Config, domain: &str, gpus: &[PciAddress], err: &mut dyn Write)
                 state.phase = phase_after_error(host, *address);
                 match &e {
                     BindError::Refused { holders, .. } => {
+                        log_refusal(host, *address, domain, holders, &e.to_string(), err);
                         state.last_refusal = Some(Refusal {
                             vm: domain.clone(),
                             at: state.updated,
@@ -421,6 +424,7 @@ fn prepare(cfg: &Config, domain: &str, gpus: &[PciAddress], err: &mut dyn Write)
                     // Refused too, with nobody to blame: the message says what could
                     // not be checked.
                     BindError::Unchecked { .. } => {
+                        log_refusal(host, *address, domain, &[], &e.to_string(), err);
                         state.last_refusal = Some(Refusal {
                             vm: domain.clone(),
                             at: state.updated,
@@ -526,6 +530,7 @@ fn release_one(cfg: &Config, domain: &str, address: PciAddress, err: &mut dyn Wr
             state.phase = HookPhase::Host;
             state.vm = None;
             state.last_error = None;
+            state.returned = Some(crate::bind::record::now());
         }
         Err(e) => {
             let _ = writeln!(err, "{e}");
@@ -538,6 +543,34 @@ fn release_one(cfg: &Config, domain: &str, address: PciAddress, err: &mut dyn Wr
             err,
             "handoff: cannot write {}: {e}",
             HookState::path_for(host, address, primary).display()
+        );
+    }
+    if primary && state.phase == HookPhase::Host {
+        // Root's system units stopped for this handoff come back (--no-block: libvirtd
+        // waits for the hook). After the save: `stopped` reads when the GPU returned. The
+        // record of stopped units follows the primary GPU only.
+        for line in crate::stopped::start_again(cfg, crate::stopped::Who::Hook) {
+            let _ = writeln!(err, "handoff: {line}");
+        }
+    }
+}
+
+/// Appends a refusal to `refusals.json` ([`crate::refusals`]), so that every surface tells
+/// its user, whoever asked for the start. Written before `state.json`, whose change the
+/// surfaces hear. A failure only costs the notification: the refusal itself stands.
+fn log_refusal(
+    host: &crate::host::Host,
+    gpu: PciAddress,
+    domain: &str,
+    holders: &[crate::holders::Holder],
+    message: &str,
+    err: &mut dyn Write,
+) {
+    if let Err(e) = crate::refusals::RefusalLog::record(host, gpu, domain, holders, message) {
+        let _ = writeln!(
+            err,
+            "handoff: cannot write {}: {e}",
+            crate::refusals::path(host).display()
         );
     }
 }

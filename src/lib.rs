@@ -25,10 +25,12 @@ pub mod bind;
 pub mod blockers;
 pub mod bounded;
 pub mod config;
+pub mod containers;
 #[cfg(all(feature = "kernel-sim", feature = "libvirt"))]
 pub mod demo;
 pub mod doctor;
 pub mod escape;
+pub mod free;
 pub mod gpu;
 pub mod gpus;
 pub mod holders;
@@ -48,11 +50,13 @@ pub mod live;
 pub mod pci;
 pub mod pve;
 pub mod pve_hooks;
+pub mod refusals;
 pub mod scenes;
 pub mod services;
 pub mod sim;
 pub mod state;
 pub mod status;
+pub mod stopped;
 pub mod sysfs_read;
 pub mod verdict;
 #[cfg(feature = "libvirt")]

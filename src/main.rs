@@ -243,6 +243,14 @@ struct LgArgs {
 struct StartArgs {
     /// The [[vm]] name or label (default: the first).
     vm: Option<String>,
+    /// First end what holds the GPU: your processes (SIGTERM, then wait), their systemd
+    /// units (systemctl [--user] stop), their containers (docker/podman stop). Lists
+    /// them and asks on a terminal; never another user's process unless run as root.
+    #[arg(long)]
+    stop_holders: bool,
+    /// With --stop-holders: do not ask (for scripts and SSH without a terminal).
+    #[arg(long, short = 'y', requires = "stop_holders")]
+    yes: bool,
     /// Print the outcome as one JSON object (progress stays on stderr).
     #[arg(long)]
     json: bool,
@@ -575,11 +583,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Start(a) => vm_command(cli.config, cli.quiet, a.json, |ctl, cfg| {
-            let vm = handoff::vm::resolve(cfg, a.vm.as_deref())?;
-            let out = ctl.start(vm)?;
-            Ok(VmDone::Started(out))
-        }),
+        Command::Start(a) => {
+            if a.stop_holders {
+                let (cfg, _) = load_config(cli.config.clone())?;
+                if let Err(e) = stop_holders(&cfg, a.yes) {
+                    eprintln!("handoff: {e}");
+                    return Ok(ExitCode::from(1));
+                }
+            }
+            start(cli.config, cli.quiet, a)
+        }
         Command::Stop(a) => vm_command(cli.config, cli.quiet, a.json, |ctl, cfg| {
             let vm = handoff::vm::resolve(cfg, a.vm.as_deref())?;
             let timeout = std::time::Duration::from_secs(a.timeout.unwrap_or(vm.shutdown_timeout_s));
@@ -826,6 +839,30 @@ enum VmDone {
 
 /// Runs a VM command: progress lines on stderr (none with -q), the outcome on stdout as
 /// text or JSON, errors as `handoff: …` with exit 1 (2 for a usage/config error).
+/// `handoff start`.
+fn start(config: Option<PathBuf>, quiet: bool, a: StartArgs) -> anyhow::Result<ExitCode> {
+    vm_command(config, quiet, a.json, |ctl, cfg| {
+        let vm = handoff::vm::resolve(cfg, a.vm.as_deref())?;
+        let out = ctl.start(vm)?;
+        Ok(VmDone::Started(out))
+    })
+}
+
+/// `start --stop-holders`: end what holds the GPU ([`handoff::free`]), asking on a terminal.
+fn stop_holders(cfg: &Config, yes: bool) -> Result<(), handoff::free::FreeError> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let mut ask = |q: &str| {
+        eprint!("{q}");
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut answer);
+        matches!(answer.trim(), "y" | "Y" | "yes")
+    };
+    let terminal = std::io::stdin().is_terminal();
+    let ask: Option<&mut dyn FnMut(&str) -> bool> = if terminal { Some(&mut ask) } else { None };
+    handoff::free::before_start(cfg, yes, ask, &mut |line| eprintln!("{line}"))
+}
+
 fn vm_command(
     config: Option<PathBuf>,
     quiet: bool,
@@ -866,6 +903,10 @@ fn vm_command(
                 print_json(out)?;
             } else {
                 print_stopped(out);
+            }
+            // Units stopped to free the GPU come back once it is home (handoff::stopped).
+            for line in handoff::stopped::start_again(&cfg, handoff::stopped::Who::Person) {
+                eprintln!("handoff: {line}");
             }
         }
         VmDone::Switched(out) => {

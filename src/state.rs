@@ -62,6 +62,10 @@ pub struct HookState {
     pub last_refusal: Option<Refusal>,
     /// The last failure, in words, with what to do.
     pub last_error: Option<String>,
+    /// Unix time the hook last returned the GPU to the host: units stopped before it
+    /// are started again ([`crate::stopped`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub returned: Option<u64>,
 }
 
 impl HookState {
@@ -74,6 +78,7 @@ impl HookState {
             vm: None,
             last_refusal: None,
             last_error: None,
+            returned: None,
         }
     }
 
@@ -151,6 +156,7 @@ impl HookState {
         state.phase = HookPhase::Host;
         state.vm = None;
         state.last_error = None;
+        state.returned = Some(now());
         // Back where it was read from.
         let own = Self::path_for(host, gpu, false);
         if own.exists() {

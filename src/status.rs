@@ -186,7 +186,10 @@ pub fn collect_gpu(
         (Vec::new(), 0, Vec::new())
     } else {
         let nodes = holders::gpu_nodes(host, &g);
-        let scan = holders::scan(host, &g, &nodes);
+        let mut scan = holders::scan(host, &g, &nodes);
+        // The engine's name for a container holder (its CLI, with a deadline; only when
+        // there is one): never in the hook, which does not read the status.
+        crate::containers::name_all(scan.holders.iter_mut().filter_map(|h| h.container.as_mut()));
         (scan.holders, scan.uninspected, scan.notes)
     };
     let vfio_users = holders::vfio_users(host, &g);

@@ -682,6 +682,7 @@ fn summary_is_one_short_line() {
         paths: vec!["/dev/nvidia0".into(), "/dev/nvidiactl".into()],
         reason: None,
         vm: None,
+        container: None,
     };
     assert_eq!(
         h.summary(),

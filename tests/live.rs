@@ -128,6 +128,7 @@ fn only(uevents: bool, run_dir: bool) -> Sources {
     Sources {
         uevents,
         run_dir,
+        nodes: false,
         libvirt: false,
     }
 }
@@ -296,7 +297,7 @@ fn watcher_threads() -> usize {
             std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| {
                 matches!(
                     c.trim(),
-                    "handoff-uevents" | "handoff-inotify" | "handoff-holders"
+                    "handoff-uevents" | "handoff-inotify" | "handoff-holders" | "handoff-nodes"
                 )
             })
         })
@@ -481,4 +482,91 @@ fn a_bind_of_any_configured_gpu_is_a_change_and_of_another_device_is_not() {
         SlotFilter::for_gpus([igpu, gpu()]).change(&parse_uevent(&fixture("other-device-bind.bin")).unwrap()),
         None
     );
+}
+
+/// The workstation's simulated tree (mknod'ed nodes) with the real `/proc`, watched for
+/// opens and closes of the GPU's nodes only.
+fn node_watch(tmp: &Path) -> (handoff::sim::SimHost, Config, Watcher) {
+    use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+    let sim = SimHost::build(&tmp.join("machine"), &SimSpec::workstation()).unwrap();
+    let mut config = Config::default();
+    config.gpu.address = RTX_3090_TI;
+    config.host = sim.host();
+    config.vms.clear();
+    let nodes_only = Sources {
+        uevents: false,
+        run_dir: false,
+        nodes: true,
+        libvirt: false,
+    };
+    let w = Watcher::new(&config, nodes_only).expect("watcher");
+    (sim, config, w)
+}
+
+/// The next [`Change::Holders`], skipping nothing else: this watcher has no other source.
+fn next_holders(w: &Watcher) -> (Vec<u32>, String, Duration) {
+    let (c, took) = next(w, Duration::from_secs(10));
+    let Change::Holders { holders, .. } = &c else {
+        panic!("expected a holder change, got {c:?}");
+    };
+    (holders.iter().map(|h| h.pid).collect(), c.to_string(), took)
+}
+
+/// A process opening one of the GPU's nodes is a change naming it, without anything else
+/// moving (no bind, no hook); holding it twice is no news; its last close is "free".
+#[test]
+fn opening_and_closing_a_gpu_node_is_heard_and_only_set_changes_are_reported() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sim, _config, w) = node_watch(tmp.path());
+    let mut job = handoff_test_support::opener::Opener::start(&sim.dev().join("nvidia0"), "cuda-training");
+
+    let t = Instant::now();
+    job.open();
+    let (pids, text, _) = next_holders(&w);
+    eprintln!("open → change: {:?}", t.elapsed());
+    assert_eq!(pids, vec![job.pid()]);
+    assert!(
+        text.starts_with(&format!("busy — cuda-training (pid {})", job.pid())),
+        "{text}"
+    );
+
+    // The same process opening the node again leaves the set as it was: nothing is sent.
+    job.open_again();
+    let late = w.recv_timeout(Duration::from_millis(300));
+    assert!(
+        late.is_err(),
+        "a second open by the same holder was reported: {late:?}"
+    );
+
+    let t = Instant::now();
+    job.close();
+    let (pids, text, _) = next_holders(&w);
+    eprintln!("close → change: {:?}", t.elapsed());
+    assert!(pids.is_empty(), "{text}");
+    assert!(text.starts_with("free"), "{text}");
+}
+
+/// A node that appears after the watch started (here a framebuffer device registered by
+/// the driver, `/dev/fb0`) is watched from then on.
+#[test]
+fn a_node_that_appears_later_is_watched_too() {
+    use handoff::sim::RTX_3090_TI;
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sim, _config, w) = node_watch(tmp.path());
+    let node = sim.add_framebuffer(RTX_3090_TI, 0).unwrap();
+    // The creation itself may be reported (a scan follows every new node); what counts
+    // is that an open of the new node is heard.
+    let mut job = handoff_test_support::opener::Opener::start(&node, "fb-reader");
+    job.open();
+    let pids = loop {
+        let (pids, _, _) = next_holders(&w);
+        if !pids.is_empty() {
+            break pids;
+        }
+    };
+    assert_eq!(pids, vec![job.pid()]);
+    job.close();
+    assert!(next_holders(&w).0.is_empty());
 }

@@ -19,6 +19,7 @@ fn libvirt_only() -> Sources {
     Sources {
         uevents: false,
         run_dir: false,
+        nodes: false,
         libvirt: true,
     }
 }

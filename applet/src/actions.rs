@@ -47,6 +47,14 @@ impl Action {
         !matches!(self, Action::OpenLookingGlass | Action::Details)
     }
 
+    /// Whether this action asks libvirt to start a VM (so the hook may refuse it).
+    pub fn starts_a_vm(&self) -> bool {
+        matches!(
+            self,
+            Action::Start(_) | Action::Switch(_) | Action::TerminateAndStart { .. }
+        )
+    }
+
     /// "starting win11…", for the tooltip and the status line.
     pub fn doing(&self) -> String {
         match self {
@@ -91,7 +99,7 @@ pub fn run(cfg: &Config, agent: &Agent, a: &Action) -> Option<Note> {
         Action::Terminate { pid, command } => terminate(cfg, &[(*pid, command.as_str())])
             .err()
             .map(|e| Note::plain(format!("{command} (pid {pid}) is still running"), e.to_string())),
-        Action::StopUnit { unit, scope } => action::stop_unit(unit, *scope)
+        Action::StopUnit { unit, scope } => handoff::stopped::stop_unit(cfg, unit, *scope)
             .err()
             .map(|e| Note::plain(format!("{unit} was not stopped"), e.to_string())),
         Action::Rebind => rebind(cfg),

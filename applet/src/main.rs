@@ -51,6 +51,8 @@ pub enum Msg {
     Inhibitor(Option<handoff::inhibit::Inhibitor>),
     /// Read the machine again (after the orphan grace).
     Recheck,
+    /// A notification of the tray's own, not tied to an action (units started again).
+    Said(Note),
     Quit,
 }
 
@@ -203,6 +205,12 @@ struct Loop {
     /// What notifications compare against (see [`Settled`]).
     settled: Settled,
     orphan: OrphanWatch,
+    /// Refused starts already told (`handoff::refusals`): each one logged by the hook is
+    /// a notification once, whoever asked for the start.
+    refusals: handoff::refusals::Unseen,
+    /// Actions of this tray under way: a refusal of its own start is told by the action's
+    /// own note, so the log is not read meanwhile and is skipped after a start.
+    acting: usize,
 }
 
 /// The libvirt agent for `cfg` (loaded from `source`): `handoff [--config FILE] __agent`,
@@ -233,6 +241,8 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
     };
     // The kernel and the hook's files here; libvirt in the agent (no libvirt in this
     // process: benches/RESULTS-tray.md).
+    // Before the watcher: refusals logged until now are history, later ones news.
+    let refusals = handoff::refusals::Unseen::start(&cfg.host, cfg.gpu.address);
     let watcher = Watcher::with_sink(&cfg, Sources::without_libvirt(), sink.clone())?;
     let agent = Arc::new(agent_for(&source, level, sink));
     if !cfg.vms.is_empty()
@@ -268,6 +278,8 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
         inhibitor: None,
         inhibit_asked: false,
         orphan: OrphanWatch::default(),
+        refusals,
+        acting: 0,
     };
     l.check_orphan();
     l.inhibit();
@@ -301,6 +313,12 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
                 if let Some(n) = l.settled.next(&l.snap) {
                     l.notifier.show(n, l.icon()).await;
                 }
+                if l.acting == 0 {
+                    for r in l.refusals.take(&l.cfg.host) {
+                        let n = model::logged_refusal_note(&l.cfg, &r, l.snap.uid);
+                        l.notifier.show(n, l.icon()).await;
+                    }
+                }
                 l.inhibit();
                 if l.dirty {
                     l.refresh();
@@ -311,6 +329,7 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
                     let doing = a.doing();
                     handle.update(|t: &mut HandoffTray| t.action = Some(doing)).await;
                 }
+                l.acting += 1;
                 let (cfg, agent) = (l.cfg.clone(), l.agent.clone());
                 let tx = l.tx.clone();
                 tokio::task::spawn_blocking(move || {
@@ -319,6 +338,11 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
                 });
             }
             Msg::Done(a, note) => {
+                l.acting = l.acting.saturating_sub(1);
+                if a.starts_a_vm() {
+                    // Its refusal, if any, is in `note`, told with this tray's own scan.
+                    l.refusals.skip(&l.cfg.host);
+                }
                 if a.marks_busy() {
                     handle.update(|t: &mut HandoffTray| t.action = None).await;
                 }
@@ -337,6 +361,7 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
                 None => tracing::info!("notification action {key:?} is not current; ignored"),
             },
             Msg::Recheck => l.refresh(),
+            Msg::Said(n) => l.notifier.show(n, l.icon()).await,
             Msg::Inhibitor(i) => {
                 if l.snap.vm_with_gpu().is_some() {
                     l.inhibitor = i;
@@ -382,6 +407,12 @@ impl Loop {
             let snap = collect(&cfg, &mut || agent.probe(&cfg));
             tracing::debug!("collected in {:?}", t.elapsed());
             let _ = tx.send(Msg::Collected(Box::new(snap)));
+            // Units stopped to free the GPU come back once the hook has returned it
+            // (handoff::stopped; nothing to do, and no file read twice, most of the time).
+            let back = handoff::stopped::start_again(&cfg, handoff::stopped::Who::Person);
+            if !back.is_empty() {
+                let _ = tx.send(Msg::Said(Note::plain("Services started again", back.join("\n"))));
+            }
         });
     }
 

@@ -286,6 +286,21 @@ pub fn refusal_note(vm_label: &str, vm: &str, holders: &[Holder], uid: u32, mess
     }
 }
 
+/// The notification for a start the hook refused that this tray did not ask for
+/// (virt-manager, `virsh start`, SSH): the same as for its own, naming the holders root
+/// saw, with the same buttons ("Terminate and start" only for a configured VM whose
+/// holders are all the user's own).
+pub fn logged_refusal_note(cfg: &handoff::Config, r: &handoff::refusals::Logged, uid: u32) -> Note {
+    let vm = cfg.vms.iter().find(|v| v.name == r.vm);
+    let label = vm.map_or(r.vm.as_str(), |v| v.label());
+    let mut note = refusal_note(label, &r.vm, &r.holders, uid, &r.message);
+    if vm.is_none() {
+        note.actions
+            .retain(|(a, _)| !matches!(a, NoteAction::TerminateAndStart { .. }));
+    }
+    note
+}
+
 /// The notification a change from `old` to `new` deserves, if any: a VM started or
 /// stopped, the GPU came back to Linux, a handoff got stuck. Changes the tray caused
 /// itself are reported the same way, so there is one path for both.

@@ -133,8 +133,9 @@ impl ksni::Tray for HandoffTray {
     }
 
     /// The menu is opening: read the machine again, so "Using the GPU" lists a process
-    /// that opened the GPU since the last event (an open is no event, and the tray does not
-    /// poll). The open menu is updated when the read is in (LayoutUpdated).
+    /// that opened the GPU unheard (another user's, or through another inode of the node;
+    /// opens are heard through inotify otherwise, and the tray does not poll). The open
+    /// menu is updated when the read is in (LayoutUpdated).
     fn menu_about_to_show(&mut self) {
         let _ = self.tx.send(crate::Msg::Recheck);
     }

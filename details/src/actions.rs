@@ -143,7 +143,8 @@ fn run_inner(cfg: &Config, action: &Action) -> Result<Outcome, Outcome> {
         }
         Action::StopUnit { unit, pid } => {
             let scope = action::unit_scope(&cfg.host, *pid).unwrap_or(UnitScope::System);
-            outcome(action::stop_unit(unit, scope))
+            // Recorded: started again when the GPU is back (handoff::stopped).
+            outcome(handoff::stopped::stop_unit(cfg, unit, scope))
         }
         Action::ReturnToLinux => outcome(action::return_to_linux(cfg.gpu.address)),
         Action::Refresh => Outcome::ok(""),

@@ -547,6 +547,7 @@ mod tests {
             paths: vec![PathBuf::from("/dev/nvidia0")],
             reason: None,
             vm: None,
+            container: None,
         }
     }
 

@@ -321,6 +321,33 @@ fn shows_the_gpu_on_linux_with_a_holder_then_a_refused_start_as_it_happens() {
     drop(holder);
 }
 
+/// A process opening the GPU's node while the window is open: the window hears the open
+/// itself (inotify on the nodes, issue 16) and shows the holder, then none after its close.
+#[test]
+fn a_process_opening_and_closing_the_gpu_shows_up_and_goes_as_it_happens() {
+    let Some(desktop) = Desktop::start() else { return };
+    let m = Machine::new(&[]);
+    let uri = m.test_driver(&["win11"]);
+    m.configure(&[("win11", "Windows", &uri)]);
+    let mut w = Window::open(&desktop, &m);
+    w.wait_for("no holder", |v| {
+        v["owner"] == "host" && v["holders"].as_array().is_some_and(|h| h.is_empty())
+    });
+    let mut job = handoff_test_support::opener::Opener::start(&m.sim.dev().join("nvidia0"), "cuda-training");
+    job.open();
+    let pid = job.pid() as u64;
+    let v = w.wait_for("the job after its open", |v| {
+        v["holders"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|h| h["pid"] == pid))
+    });
+    assert_eq!(v["holders"][0]["command"], "cuda-training");
+    job.close();
+    w.wait_for("no holder after the close", |v| {
+        v["holders"].as_array().is_some_and(|h| h.is_empty())
+    });
+}
+
 #[test]
 fn shows_the_gpu_in_the_running_test_vm() {
     let Some(desktop) = Desktop::start() else { return };

@@ -1,5 +1,6 @@
 //! The two long-running modes, both driven by [`handoff::live::Watcher`] without libvirt
-//! (kernel uevents for the GPU's functions, inotify on `[host] run`): no timer, no polling.
+//! (kernel uevents for the GPU's functions, inotify on `[host] run` and on the GPU's
+//! nodes): no timer, no polling.
 //!
 //! - `--watch`: prints the block's line now and again after every change (a burst of
 //!   changes, e.g. the four functions of a card binding one after another, is read as
@@ -11,11 +12,12 @@
 //!   setup that keeps clicks working in i3blocks 1.4, which does not forward clicks to
 //!   persist blocks.
 //!
-//! A holder that exits is heard through a pidfd per holder of the last scan
-//! ([`Watcher::watch_holders`]), so "1 busy" goes when the CUDA job ends. What no event
-//! announces: a process opening the GPU's nodes, or closing them and living on. In these
-//! modes that is refreshed by the next GPU or hook change, or a click; the one-shot block
-//! scans for holders on every run.
+//! A process opening or closing one of the GPU's nodes is heard through inotify on the
+//! nodes (`handoff::live::nodes`), so "1 busy" comes when a CUDA job starts and goes when
+//! it closes the GPU; a holder that exits is heard through a pidfd per holder of the last
+//! scan too ([`Watcher::watch_holders`]). What no event announces: an open by a process
+//! this user cannot inspect (another user's), and an open through another inode of the
+//! same device (a container's own `/dev`).
 
 use std::io::{self, Write};
 use std::path::Path;

@@ -103,6 +103,7 @@ mod tests {
             paths: vec![PathBuf::from("/dev/vfio/13")],
             reason: None,
             vm: Some("win11".into()),
+            container: None,
         }
     }
 

@@ -145,6 +145,10 @@ pub fn refusal_text(
     let mut s = format!("handoff: not handing GPU {gpu}{to}: {what}:\n");
     for h in holders {
         s += &format!("  {}\n", h.summary());
+        // A container's processes are the engine's: its scope is not a unit to stop.
+        if let Some(c) = &h.container {
+            s += &format!("    stop its container: {}\n", c.stop_argv().join(" "));
+        }
     }
     for f in framebuffers {
         s += &format!("  {}\n", f.summary());

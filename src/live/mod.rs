@@ -1,10 +1,11 @@
-//! Live state: one stream of changes for the tray and the bar block, merged from three
+//! Live state: one stream of changes for the tray and the bar block, merged from four
 //! sources, with no polling (ARCHITECTURE.md, "Live updates without polling").
 //!
 //! | source | what it reads | thread | feature |
 //! |---|---|---|---|
 //! | [`Source::Uevents`] | kernel uevents (netlink `NETLINK_KOBJECT_UEVENT`, group 1, no udevd needed): `bind`/`unbind`/`add`/`remove` of the functions in the slot of `[gpu] address`, `SUBSYSTEM=pci` only | `handoff-uevents`, blocked in `poll(2)` | always |
-//! | [`Source::RunDir`] | inotify on `[host] run`: `state.json` (the hook replaces it by rename) and the restore records `restore-*.json`; while the directory does not exist yet, its nearest existing ancestor, until it appears | `handoff-inotify`, blocked in `poll(2)` | always |
+//! | [`Source::RunDir`] | inotify on `[host] run`: `state.json` (the hook replaces it by rename), the restore records `restore-*.json` and the log of refused starts `refusals.json`; while the directory does not exist yet, its nearest existing ancestor, until it appears | `handoff-inotify`, blocked in `poll(2)` | always |
+//! | [`Source::Nodes`] | inotify on the GPU's device nodes (`IN_OPEN`, `IN_CLOSE_*`) and the directories they appear in; a burst of opens and closes is followed by one holder scan, reported as [`Change::Holders`] when the set it sees changed (see [`nodes`]) | `handoff-nodes`, blocked in `poll(2)` | always |
 //! | [`Source::Libvirt`] | domain lifecycle events of the configured VMs, one connection per URI (raw `virConnectDomainEventRegisterAny`), and the connection's close callback | `handoff-libvirt-<uri>` supervises the connection; libvirt's default event loop runs on `handoff-libvirt-events` (one per process) | `libvirt` |
 //!
 //! The stream says *that* and *what* changed; consumers re-read the full status
@@ -51,6 +52,7 @@
 //! returns whether it succeeded. A sink runs on the sources' threads (libvirt's event
 //! loop among them), so it must not block.
 
+pub mod nodes;
 mod pids;
 pub mod run_dir;
 pub mod uevent;
@@ -79,6 +81,8 @@ pub const LIBVIRT_RETRY: Duration = Duration::from_millis(500);
 pub struct Sources {
     pub uevents: bool,
     pub run_dir: bool,
+    /// Opens and closes of the GPU's device nodes ([`nodes`]).
+    pub nodes: bool,
     /// Needs the `libvirt` feature; [`Watcher::new`] refuses it otherwise.
     pub libvirt: bool,
 }
@@ -89,11 +93,12 @@ impl Sources {
         Self {
             uevents: true,
             run_dir: true,
+            nodes: true,
             libvirt: true,
         }
     }
 
-    /// The kernel and the hook's files only: what `handoff-block --watch` uses, since the
+    /// The kernel (uevents, the GPU's nodes) and the hook's files only: what `handoff-block --watch` uses, since the
     /// block does not link libvirt.
     pub fn without_libvirt() -> Self {
         Self {
@@ -138,6 +143,8 @@ pub fn write_changes(
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Source {
     Uevents,
+    /// The GPU's device nodes, watched for opens and closes.
+    Nodes,
     RunDir {
         path: String,
     },
@@ -154,6 +161,7 @@ impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Source::Uevents => f.write_str("kernel uevents"),
+            Source::Nodes => f.write_str("opens of the GPU's device nodes"),
             Source::RunDir { path } => write!(f, "{path}"),
             Source::Libvirt { uri } => write!(f, "libvirt at {uri}"),
             Source::Agent { program } => write!(f, "the libvirt agent ({program} __agent)"),
@@ -261,6 +269,26 @@ pub enum Change {
     /// A process the last scan found holding the GPU has exited (see
     /// [`Watcher::watch_holders`]).
     HolderExited { pid: u32 },
+    /// The hook refused a start of `vm` (whoever asked) and logged it as number `seq`
+    /// ([`crate::refusals`]).
+    Refused { vm: String, seq: u64 },
+    /// A process opened or closed one of the GPU's nodes and the set of holders this
+    /// process can see is now `holders` (empty: none). `uninspected`: processes whose fds
+    /// could not be read (another user's, when not root), so "none" is as far as this user
+    /// can see.
+    Holders {
+        holders: Vec<HolderSeen>,
+        uninspected: usize,
+    },
+}
+
+/// A holder of the GPU's nodes as [`Change::Holders`] names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderSeen {
+    pub pid: u32,
+    /// Its `comm`.
+    pub command: String,
+    pub user: String,
 }
 
 impl fmt::Display for Change {
@@ -289,6 +317,27 @@ impl fmt::Display for Change {
             Change::SourceLost { source, why } => write!(f, "lost {source}: {why}"),
             Change::SourceBack { source } => write!(f, "{source}: back"),
             Change::HolderExited { pid } => write!(f, "pid {pid}, which used the GPU, exited"),
+            Change::Refused { vm, .. } => {
+                write!(f, "start of {} refused", crate::escape::plain(vm))
+            }
+            Change::Holders { holders, uninspected } => {
+                if holders.is_empty() {
+                    f.write_str("free")?;
+                } else {
+                    let named: Vec<String> = holders
+                        .iter()
+                        .map(|h| format!("{} (pid {})", crate::escape::plain(&h.command), h.pid))
+                        .collect();
+                    write!(f, "busy — {}", named.join(", "))?;
+                }
+                if *uninspected > 0 {
+                    write!(
+                        f,
+                        " (as far as this user can see: {uninspected} processes not inspected)"
+                    )?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -303,6 +352,8 @@ pub enum WatchError {
     Uevents(#[source] io::Error),
     #[error("cannot watch {path} with inotify: {why}")]
     RunDir { path: String, why: io::Error },
+    #[error("cannot watch the GPU's device nodes with inotify: {why}")]
+    Nodes { why: io::Error },
     #[error("cannot start a watcher thread: {0}")]
     Thread(#[source] io::Error),
     #[error("cannot start libvirt's event loop: {0}")]
@@ -346,6 +397,9 @@ impl Watcher {
             let socket = uevent::UeventSocket::open().map_err(WatchError::Uevents)?;
             let filter = uevent::SlotFilter::for_gpus(config.gpu.iter().map(|g| g.address));
             uevent::spawn(socket, filter, sink.clone(), stop_rx.clone()).map_err(WatchError::Thread)?;
+        }
+        if sources.nodes {
+            nodes::spawn(&config.host, config.gpu.address, sink.clone(), stop_rx.clone())?;
         }
         if sources.run_dir {
             run_dir::spawn(&config.host.run, sink.clone(), stop_rx.clone())?;

@@ -1,4 +1,5 @@
-//! inotify on `[host] run`: the hook's `state.json` and its restore records.
+//! inotify on `[host] run`: the hook's `state.json`, its restore records and its log of
+//! refused starts (`refusals.json`, [`crate::refusals`]).
 //!
 //! The hook replaces `state.json` atomically (write a dot-file, rename over), so the
 //! directory is watched, not the file: `IN_MOVED_TO` and `IN_CLOSE_WRITE` mean "new
@@ -64,6 +65,22 @@ fn change_for(run: &Path, name: &OsStr, present: bool) -> Option<Change> {
             None
         };
         return Some(Change::HookState { state });
+    }
+    if name == crate::refusals::FILE {
+        // The hook appends each refused start; the newest is the news (a surface reads
+        // all it has not told with `refusals::Unseen`).
+        if !present {
+            return None;
+        }
+        let host = Host {
+            run: run.to_owned(),
+            ..Host::default()
+        };
+        let last = crate::refusals::RefusalLog::read(&host).ok()??.refusals.pop()?;
+        return Some(Change::Refused {
+            vm: last.vm,
+            seq: last.seq,
+        });
     }
     if name.starts_with("restore-") && name.ends_with(".json") {
         return Some(Change::RestoreRecord {
@@ -268,6 +285,7 @@ fn file_key(c: &Change) -> Option<String> {
     match c {
         Change::HookState { .. } => Some(STATE_FILE.to_owned()),
         Change::RestoreRecord { file, .. } => Some(file.clone()),
+        Change::Refused { .. } => Some(crate::refusals::FILE.to_owned()),
         _ => None,
     }
 }

@@ -6,10 +6,10 @@
 //! private system bus with polkitd ([`system_bus`]), a systemd user manager
 //! ([`systemd_user`]), the real system libvirtd ([`libvirt`]) and the end-to-end scene
 //! around it ([`stage`]), the simulated GPU behind FUSE ([`simgpu`]), processes that hold a
-//! node under a chosen name ([`named_holder`]), system directories moved aside
-//! ([`backup`]), the workspace's other binaries ([`bins`]) and configs for simulated
-//! machines ([`config`]), and fakepve, the Proxmox VE API the `proxmox` crate is tested
-//! against ([`fakepve`]).
+//! node under a chosen name ([`named_holder`]) or open and close one on command
+//! ([`opener`]), system directories moved aside ([`backup`]), the workspace's other
+//! binaries ([`bins`]) and configs for simulated machines ([`config`]), and fakepve, the
+//! Proxmox VE API the `proxmox` crate is tested against ([`fakepve`]).
 //!
 //! Rules every helper keeps: a missing component fails the test under `CI=true` and skips
 //! it, saying why, elsewhere ([`tools::required`]); every process a helper starts is
@@ -31,6 +31,7 @@ pub mod desktop;
 pub mod fakepve;
 pub mod libvirt;
 pub mod named_holder;
+pub mod opener;
 pub mod process;
 #[cfg(feature = "sim")]
 pub mod simgpu;

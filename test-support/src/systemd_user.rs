@@ -168,7 +168,9 @@ impl UserManager {
         Some(m)
     }
 
-    fn env(&self, c: &mut Command) {
+    /// Points `c` at this manager, as `systemctl --user` run by its user would be (its
+    /// runtime dir, config and home; no session bus).
+    pub fn env(&self, c: &mut Command) {
         c.env("XDG_RUNTIME_DIR", &self.runtime)
             .env("XDG_CONFIG_HOME", &self.config)
             .env("HOME", &self.home)
@@ -195,6 +197,14 @@ impl UserManager {
         c.arg("--").args(command);
         self.env(&mut c);
         c.output().expect("run systemd-run --user")
+    }
+
+    /// Installs the unit file `name` with `text` in the manager's config and reloads it: a
+    /// unit that can be stopped and started again (a transient one is gone once stopped).
+    pub fn install_unit(&self, name: &str, text: &str) {
+        fs::write(self.config.join("systemd/user").join(name), text).unwrap();
+        let out = self.systemctl(&["daemon-reload"]);
+        assert!(out.status.success(), "systemctl --user daemon-reload: {out:?}");
     }
 
     /// `ActiveState` of `unit`: `active`, `inactive`, `failed`, ….

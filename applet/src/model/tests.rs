@@ -88,6 +88,7 @@ pub(crate) fn holder(pid: u32, uid: u32, command: &str) -> Holder {
         paths: vec![PathBuf::from("/dev/nvidia0")],
         reason: None,
         vm: None,
+        container: None,
     }
 }
 

@@ -1,0 +1,234 @@
+//! Every start the hook refused, kept a little while under `[host] run` so that each
+//! surface can tell its user about each one, once, whoever asked for the start
+//! (virt-manager, `virsh start`, `ssh host windows-start`, the tray itself).
+//!
+//! `state.json` holds only the *last* refusal, and two refusals between two reads of it
+//! would show as one. So the hook (root, under the GPU's lock: one writer at a time) also
+//! appends each refusal to `refusals.json`: the last [`KEEP`] of them, each with a sequence
+//! number, and an `epoch` set when the file is first written (the run dir is a tmpfs: a
+//! reboot or someone removing the file starts a new epoch, whose numbers start again).
+//! World-readable, written by rename like the state file, read with
+//! [`crate::bounded::read`] (no FIFO, no link, no giant file).
+//!
+//! A surface keeps an [`Unseen`]: at start it takes the newest entry as already told (a
+//! restarted tray never repeats an old refusal), and [`Unseen::take`] returns the entries
+//! that came after, oldest first.
+
+use std::io;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bind::record::{now, write_atomic};
+use crate::holders::Holder;
+use crate::host::Host;
+use crate::pci::PciAddress;
+
+/// The file's name under `[host] run`.
+pub const FILE: &str = "refusals.json";
+/// How many refusals the file keeps: enough for every surface to read each one between
+/// two refusals, small enough that the file stays a few KiB.
+pub const KEEP: usize = 16;
+
+/// One refused start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Logged {
+    /// Counts up from 1 within an epoch.
+    pub seq: u64,
+    pub gpu: PciAddress,
+    /// The domain whose start was refused.
+    pub vm: String,
+    /// Unix time.
+    pub at: u64,
+    /// Who held the GPU, as root saw them (empty when nobody is to blame: something could
+    /// not be checked, or another VM has the GPU; `message` says which).
+    pub holders: Vec<Holder>,
+    /// The refusal as `virsh start` showed it.
+    pub message: String,
+}
+
+/// The file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalLog {
+    /// When the file was first written (Unix nanoseconds): a new epoch restarts `seq`.
+    pub epoch: u128,
+    /// Oldest first.
+    pub refusals: Vec<Logged>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RefusalsError {
+    #[error("cannot read the hook's refusals {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error(
+        "the hook's refusals {path} are damaged ({source}); the hook writes a new file on its next refusal"
+    )]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+pub fn path(host: &Host) -> PathBuf {
+    host.run.join(FILE)
+}
+
+impl RefusalLog {
+    /// The file; `Ok(None)` when there is none.
+    pub fn read(host: &Host) -> Result<Option<RefusalLog>, RefusalsError> {
+        let path = path(host);
+        let bytes = match crate::bounded::read(&path, crate::bounded::Links::Refuse) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(RefusalsError::Read { path, source }),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| RefusalsError::Parse { path, source })
+    }
+
+    /// Appends a refusal (the hook, as root, under the GPU's lock). A damaged or missing
+    /// file starts a new epoch. Returns the new entry's number.
+    pub fn record(
+        host: &Host,
+        gpu: PciAddress,
+        vm: &str,
+        holders: &[Holder],
+        message: &str,
+    ) -> io::Result<u64> {
+        let mut log = RefusalLog::read(host)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| RefusalLog {
+                epoch: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(1),
+                refusals: Vec::new(),
+            });
+        let seq = log.refusals.last().map_or(1, |l| l.seq + 1);
+        log.refusals.push(Logged {
+            seq,
+            gpu,
+            vm: vm.to_owned(),
+            at: now(),
+            holders: holders.to_vec(),
+            message: message.to_owned(),
+        });
+        let drop = log.refusals.len().saturating_sub(KEEP);
+        log.refusals.drain(..drop);
+        let json = serde_json::to_vec_pretty(&log).map_err(io::Error::other)?;
+        write_atomic(&path(host), &json, 0o644)?;
+        Ok(seq)
+    }
+
+    /// Where this file stands: its epoch and newest number.
+    fn mark(&self) -> (u128, u64) {
+        (self.epoch, self.refusals.last().map_or(0, |l| l.seq))
+    }
+}
+
+/// What a surface has already told its user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unseen {
+    gpu: PciAddress,
+    /// (epoch, newest number told).
+    told: (u128, u64),
+}
+
+impl Unseen {
+    /// Everything in the file now counts as told: refusals from before the surface started
+    /// are history, not news.
+    pub fn start(host: &Host, gpu: PciAddress) -> Unseen {
+        let told = RefusalLog::read(host).ok().flatten().map_or((0, 0), |l| l.mark());
+        Unseen { gpu, told }
+    }
+
+    /// The refusals of this GPU logged since the last call (or [`Unseen::start`]), oldest
+    /// first; they count as told from now on. A file of a new epoch is news from its first
+    /// entry. An unreadable file is no news (the state file still has the last refusal).
+    pub fn take(&mut self, host: &Host) -> Vec<Logged> {
+        let Ok(Some(log)) = RefusalLog::read(host) else {
+            return Vec::new();
+        };
+        let (epoch, told) = self.told;
+        let after = if log.epoch == epoch { told } else { 0 };
+        let new: Vec<Logged> = log
+            .refusals
+            .iter()
+            .filter(|l| l.seq > after && l.gpu == self.gpu)
+            .cloned()
+            .collect();
+        self.told = log.mark();
+        new
+    }
+
+    /// Counts everything in the file now as told, without returning it: for a surface that
+    /// has just told of a refusal of its own start in its own way.
+    pub fn skip(&mut self, host: &Host) {
+        self.take(host);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(dir: &std::path::Path) -> Host {
+        Host {
+            run: dir.to_owned(),
+            ..Host::system()
+        }
+    }
+
+    #[test]
+    fn each_refusal_is_news_once_and_old_ones_never_after_a_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = host(tmp.path());
+        let gpu = PciAddress::new(0, 1, 0, 0);
+        let other = PciAddress::new(0, 2, 0, 0);
+        RefusalLog::record(&h, gpu, "old", &[], "refused before the tray started").unwrap();
+        let mut u = Unseen::start(&h, gpu);
+        assert!(
+            u.take(&h).is_empty(),
+            "a refusal from before the start is history"
+        );
+
+        RefusalLog::record(&h, gpu, "win11", &[], "one").unwrap();
+        RefusalLog::record(&h, other, "other-gpu", &[], "not ours").unwrap();
+        RefusalLog::record(&h, gpu, "win11", &[], "two").unwrap();
+        let got: Vec<String> = u.take(&h).into_iter().map(|l| l.message).collect();
+        assert_eq!(got, ["one", "two"]);
+        assert!(u.take(&h).is_empty(), "told once");
+
+        // A restarted surface starts from what is there.
+        let mut again = Unseen::start(&h, gpu);
+        assert!(again.take(&h).is_empty());
+
+        // The file removed and written anew (a new epoch): its first entry is news, though
+        // its number is lower than what was told.
+        std::fs::remove_file(path(&h)).unwrap();
+        RefusalLog::record(&h, gpu, "win11", &[], "after reboot").unwrap();
+        let got: Vec<String> = u.take(&h).into_iter().map(|l| l.message).collect();
+        assert_eq!(got, ["after reboot"]);
+    }
+
+    #[test]
+    fn the_file_keeps_the_last_few_and_is_read_safely() {
+        let tmp = tempfile::tempdir().unwrap();
+        let h = host(tmp.path());
+        let gpu = PciAddress::new(0, 1, 0, 0);
+        for i in 0..KEEP + 5 {
+            RefusalLog::record(&h, gpu, "w", &[], &i.to_string()).unwrap();
+        }
+        let log = RefusalLog::read(&h).unwrap().unwrap();
+        assert_eq!(log.refusals.len(), KEEP);
+        assert_eq!(log.refusals.last().unwrap().seq, (KEEP + 5) as u64);
+        // A link in its place is refused, not followed.
+        std::fs::remove_file(path(&h)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", path(&h)).unwrap();
+        assert!(matches!(RefusalLog::read(&h), Err(RefusalsError::Read { .. })));
+        let mut u = Unseen::start(&h, gpu);
+        assert!(u.take(&h).is_empty());
+    }
+}
