@@ -194,7 +194,7 @@ pub fn run(args: &[String], stdin: &mut dyn std::io::Read, system_config: &Path,
 /// The hook's work for one event with the config already read: `prepare begin` refuses
 /// (exit 1, the refusal on `err`) or binds; `release end` returns the GPU; anything else
 /// is 0. [`run`] calls it for libvirtd; `handoff demo`'s VMs (libvirt's test driver runs
-/// no hooks) call it in-process from [`crate::vm`].
+/// no hooks) call it in-process from `handoff_libvirt::vm`.
 pub fn run_event(cfg: &Config, domain: &str, op: &str, sub: &str, xml: &str, err: &mut dyn Write) -> i32 {
     event(cfg, domain, op, sub, Ok(xml), err)
 }

@@ -2,7 +2,6 @@
 //! the handoff; the waiting demo prints the bar block's line, and a signal then leaves
 //! nothing behind. Needs root and /dev/fuse (the simulated sysfs is a FUSE mount). The
 //! demo with a display is tested in applet/tests/demo_desktop.rs.
-#![cfg(all(feature = "kernel-sim", feature = "libvirt"))]
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};

@@ -9,7 +9,6 @@
 //!
 //! Run with `cargo test --features kernel-sim --test hook_e2e` as root with `/dev/fuse`.
 //! Under `CI=true` a missing part fails the test; elsewhere it skips, saying why.
-#![cfg(feature = "kernel-sim")]
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -18,10 +17,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use handoff::bind::record::{Phase, RestoreRecord};
-use handoff::kernelsim::send_command;
 use handoff::pci::PciAddress;
 use handoff::sim::RTX_3090_TI;
 use handoff::state::{HookPhase, HookState};
+use handoff_kernelsim::send_command;
 use handoff_test_support::libvirt::{LibvirtdLock, TestDomain, virsh};
 use handoff_test_support::simgpu::hold;
 use handoff_test_support::stage::{ETC_HANDOFF, SYSTEM_CONFIG, Stage};

@@ -3,7 +3,6 @@
 //! driver (`tests/fixtures/libvirt/two-vms-node.xml`: `win11` shut off): with the VM off it
 //! says it waits and keeps waiting, opening nothing; a VM libvirt does not define ends it
 //! at once (exit 2), naming the domain and the URI. No desktop is involved: nothing is opened.
-#![cfg(feature = "libvirt")]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

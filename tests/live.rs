@@ -129,6 +129,7 @@ fn only(uevents: bool, run_dir: bool) -> Sources {
         uevents,
         run_dir,
         libvirt: false,
+        vm_events: None,
     }
 }
 
@@ -335,8 +336,8 @@ fn wait_for_watcher_threads(n: usize, when: &str) {
 
 #[test]
 fn a_simulated_handoff_looks_like_a_real_one_to_the_watcher() {
-    use handoff::kernelsim::Kernel;
     use handoff::sim::SimSpec;
+    use handoff_kernelsim::Kernel;
     if !is_root() {
         eprintln!("SKIPPED: the simulated kernel's uevents need root (CAP_NET_ADMIN)");
         return;
@@ -360,7 +361,7 @@ fn a_simulated_handoff_looks_like_a_real_one_to_the_watcher() {
     let write = |k: &mut Kernel, file: &str, value: &str| {
         let outcome = k.write(Path::new(file), value.as_bytes());
         assert!(
-            matches!(outcome, handoff::kernelsim::Outcome::Done(Ok(()))),
+            matches!(outcome, handoff_kernelsim::Outcome::Done(Ok(()))),
             "{file} ← {value}: {outcome:?}"
         );
     };

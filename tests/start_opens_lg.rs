@@ -17,7 +17,6 @@
 //!
 //! Run with `cargo test --features kernel-sim --test start_opens_lg` as root with
 //! `/dev/fuse`, libvirtd, QEMU, Xvfb, i3 and xterm. Under `CI=true` a missing part fails.
-#![cfg(feature = "kernel-sim")]
 
 use std::fs;
 use std::path::{Path, PathBuf};

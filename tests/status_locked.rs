@@ -5,14 +5,13 @@
 //!
 //! Run with `cargo test --features kernel-sim` as root with `/dev/fuse`. Under `CI=true`
 //! a missing `/dev/fuse` fails; elsewhere these tests skip, saying why.
-#![cfg(feature = "kernel-sim")]
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use handoff::kernelsim::{Errno, FaultRule, FileKind, Release};
+use handoff_kernelsim::{Errno, FaultRule, FileKind, Release};
 use handoff_test_support::simgpu::{self, Sim};
 
 const BIN: &str = env!("CARGO_BIN_EXE_handoff");

@@ -9,7 +9,6 @@
 //! unmounted and every child process is killed — also when the test fails.
 //!
 //! Run with `cargo test --features kernel-sim --test vm_libvirtd` as root with `/dev/fuse`.
-#![cfg(feature = "kernel-sim")]
 
 use std::path::Path;
 use std::process::{Command, Stdio};

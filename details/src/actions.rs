@@ -1,7 +1,7 @@
 //! What the window's buttons do. Each [`run`] blocks (a graceful VM stop may take two
 //! minutes), so the UI calls it on a worker thread and shows the returned [`Outcome`].
 //!
-//! VM actions go through the library's [`handoff::vm::Ctl`], exactly as `handoff start` /
+//! VM actions go through the library's [`handoff_libvirt::vm::Ctl`], exactly as `handoff start` /
 //! `stop` / `switch` do; nothing here decides policy.
 
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use handoff::action::{self, UnitScope};
 use handoff::config::{Config, VmConfig};
 use handoff::i3::Session;
-use handoff::vm::{Ctl, StartOutcome, StopOutcome};
+use handoff_libvirt::vm::{Ctl, StartOutcome, StopOutcome};
 
 use crate::view::Action;
 

@@ -928,7 +928,7 @@ mod tests {
 mod every_surface {
     use std::process::Command;
 
-    use handoff::libvirt::Prober;
+    use handoff_libvirt::libvirt::Prober;
 
     use super::*;
 

@@ -1,12 +1,11 @@
-//! Starting, stopping and switching the configured VMs, and their health (feature
-//! `libvirt`): what `handoff start`, `stop`, `switch` and `vm-health` do.
+//! Starting, stopping and switching the configured VMs, and their health: what `handoff start`, `stop`, `switch` and `vm-health` do.
 //!
 //! Talks to libvirt at each `[[vm]]`'s URI (any URI: `qemu:///system`,
 //! `qemu+ssh://host/system`, `test:///default`), reads sysfs and `/proc` through the
-//! config's [`Host`](crate::Host) to see where the GPU went, and reads (never writes) the
+//! config's [`Host`](handoff::Host) to see where the GPU went, and reads (never writes) the
 //! hook's restore record. It never binds or unbinds anything itself: the libvirt hook does
 //! that when libvirt starts or stops the domain. The hypervisor is reached only through
-//! [`crate::hypervisor::Hypervisor`] (libvirt, or `handoff demo`'s simulated one), which
+//! [`handoff::hypervisor::Hypervisor`] (libvirt, or `handoff demo`'s simulated one), which
 //! reports a refusal of the hook as a value with the hook's own words.
 //!
 //! Nothing here waits for a desktop (no D-Bus, no display): every command works over SSH.
@@ -22,14 +21,14 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::bind::record::{Phase, RestoreRecord};
-use crate::config::{Config, VmConfig};
-use crate::gpu::{self, Owner};
-use crate::hooks::{self, InstalledShim};
-use crate::hypervisor::{self, Hypervisor, HypervisorError, Start, Task, TaskState, VmRef};
 use crate::libvirt::VirtError;
-use crate::pci::PciAddress;
-use crate::status::VmState;
+use handoff::bind::record::{Phase, RestoreRecord};
+use handoff::config::{Config, VmConfig};
+use handoff::gpu::{self, Owner};
+use handoff::hooks::{self, InstalledShim};
+use handoff::hypervisor::{Hypervisor, HypervisorError, Start, Task, TaskState, VmRef};
+use handoff::pci::PciAddress;
+use handoff::status::VmState;
 
 /// How often a wait looks again. Short: a person is watching.
 const POLL: Duration = Duration::from_millis(250);
@@ -196,13 +195,13 @@ pub fn is_local(uri: &str) -> bool {
 
 /// The hook's own words inside libvirt's error for a refused start: (message, warnings).
 /// The parsing lives with the libvirt implementation
-/// ([`crate::hypervisor::libvirt::hook_message`]); this is its old name.
+/// ([`crate::libvirt::hook_message`]); this is its old name.
 pub fn hook_message(libvirt_error: &str) -> Option<(String, Vec<String>)> {
-    crate::hypervisor::libvirt::hook_message(libvirt_error).map(|r| (r.message, r.warnings))
+    crate::libvirt::hook_message(libvirt_error).map(|r| (r.message, r.warnings))
 }
 
-pub use crate::hypervisor::libvirt::{reason_words, shmem};
-pub use crate::hypervisor::{GuestIp, Shmem};
+pub use crate::libvirt::{reason_words, shmem};
+pub use handoff::hypervisor::{GuestIp, Shmem};
 
 /// Where the GPU is, as far as this machine can tell.
 #[derive(Debug, Clone, Serialize)]
@@ -325,10 +324,10 @@ pub struct Ctl<'a> {
 }
 
 impl<'a> Ctl<'a> {
-    /// For `cfg`'s VMs through [`hypervisor::open`]: libvirt, or the demo's simulated
+    /// For `cfg`'s VMs through [`crate::open`]: libvirt, or the demo's simulated
     /// hypervisor in a process `handoff demo` started.
     pub fn new(cfg: &'a Config, progress: &'a mut dyn FnMut(&str)) -> Self {
-        Self::with_hypervisor(cfg, progress, hypervisor::open(cfg))
+        Self::with_hypervisor(cfg, progress, crate::open(cfg))
     }
 
     /// For `cfg`'s VMs through `hv` (`handoff demo` passes its simulated hypervisor).
@@ -475,14 +474,14 @@ impl<'a> Ctl<'a> {
     /// unprivileged scan can never read) does not, because the hook checks again as root
     /// and refuses on what it cannot see itself.
     fn check_holders(&mut self, vm: &VmConfig) -> Result<(), VmError> {
-        use crate::holders::Verdict;
+        use handoff::holders::Verdict;
         let host = &self.cfg.host;
         let g = gpu::read_gpu(host, self.cfg.gpu.address)?;
         if g.owner != Owner::Host {
             return Ok(());
         }
-        let nodes = crate::holders::gpu_nodes(host, &g);
-        let scan = crate::holders::scan(host, &g, &nodes);
+        let nodes = handoff::holders::gpu_nodes(host, &g);
+        let scan = handoff::holders::scan(host, &g, &nodes);
         match scan.verdict() {
             Verdict::Clear => return Ok(()),
             Verdict::Unchecked { what } => {
@@ -494,7 +493,7 @@ impl<'a> Ctl<'a> {
             }
             Verdict::Held { .. } => {}
         }
-        let text = crate::bind::refusal_text(g.address, Some(&vm.name), &scan.holders, &scan.framebuffers);
+        let text = handoff::bind::refusal_text(g.address, Some(&vm.name), &scan.holders, &scan.framebuffers);
         Err(VmError::Busy {
             vm: vm.name.clone(),
             text: text.strip_prefix("handoff: ").unwrap_or(&text).to_owned(),
@@ -521,7 +520,7 @@ impl<'a> Ctl<'a> {
                     gpu.phrase,
                     vm.name,
                     vm.name,
-                    crate::config::SYSTEM_CONFIG
+                    handoff::config::SYSTEM_CONFIG
                 )
             } else {
                 format!(
@@ -626,7 +625,7 @@ impl<'a> Ctl<'a> {
                 }
                 TaskState::Pending { state } => state,
                 TaskState::Failed { message }
-                | TaskState::Refused(crate::hypervisor::Refusal { message, .. }) => {
+                | TaskState::Refused(handoff::hypervisor::Refusal { message, .. }) => {
                     return Err(VmError::StopFailed {
                         vm: vm.name.clone(),
                         uri: vm.uri.clone(),

@@ -15,9 +15,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use handoff::Host;
-use handoff::kernelsim::Kernel;
-use handoff::kernelsim::fuse::SimMount;
 use handoff::sim::{RTX_3090_TI, SimSpec};
+use handoff_kernelsim::Kernel;
+use handoff_kernelsim::fuse::SimMount;
 
 use crate::backup::DirBackup;
 use crate::config::host_section;
