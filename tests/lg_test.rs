@@ -243,7 +243,7 @@ fn cli_exits_1_with_fixes_and_json_for_a_missing_shm() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_handoff"))
+    let out = std::process::Command::new(handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff")))
         .args([
             "lg-test",
             "--json",

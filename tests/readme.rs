@@ -394,7 +394,7 @@ fn help(cache: &mut HashMap<Vec<String>, (bool, String)>, args: &[String]) -> (b
     cache
         .entry(args.to_vec())
         .or_insert_with(|| {
-            let out = Command::new(env!("CARGO_BIN_EXE_handoff"))
+            let out = Command::new(handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff")))
                 .args(args)
                 .arg("--help")
                 .env_remove("HANDOFF_CONFIG")

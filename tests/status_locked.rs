@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use handoff_kernelsim::{Errno, FaultRule, FileKind, Release};
 use handoff_test_support::simgpu::{self, Sim};
 
-const BIN: &str = env!("CARGO_BIN_EXE_handoff");
+/// `handoff`, with `handoff-vm` (which runs its libvirt commands) built beside it.
+fn bin() -> &'static str {
+    handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff"))
+}
 const GPU: &str = "0000:01:00.0";
 /// "Returns within about a second": the bounded read waits 200 ms, the rest is margin for
 /// a loaded machine.
@@ -75,7 +78,7 @@ impl Stuck {
     /// to the drop, which releases the lock before reaping it).
     fn run(&self, args: &[&str], limit: Duration) -> Option<(Duration, String, String)> {
         let started = Instant::now();
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(args)
             .env("HANDOFF_CONFIG", self.config())
             .env("HOME", self.sim.tmp.path())

@@ -347,7 +347,7 @@ fn status_line(cfg: &Config) -> String {
     line
 }
 
-/// Run the demo; returns the process exit code. `exe` is the `handoff` binary (for the
+/// Run the demo; returns the process exit code. `exe` is the `handoff-vm` binary (for the
 /// demo GPU user), `bin_dir` where `handoff-tray` and `handoff-block` are looked for.
 pub fn run(opts: &Options, exe: &Path, bin_dir: &Path) -> io::Result<u8> {
     // Block the signals the main thread waits for before any thread exists (the FUSE
