@@ -34,14 +34,16 @@ endif
 OUT := $(TARGET_DIR)/$(PROFILE)
 GEN := $(OUT)/gen
 
-# One crate per binary, built one at a time: a workspace build would unify features and
-# link libvirt into the block (ARCHITECTURE.md, "Binaries stay light"). Crates that do not exist
-# yet in this tree are left out.
-CRATES := handoff $(if $(wildcard applet/Cargo.toml),handoff-tray) \
+# The installed binaries, one cargo build each. handoff-vm (package handoff-libvirt) runs the
+# CLI's libvirt commands for handoff, which links no libvirt (ARCHITECTURE.md, "Binaries
+# stay light"). Crates that do not exist yet in this tree are left out.
+CRATES := handoff handoff-vm $(if $(wildcard applet/Cargo.toml),handoff-tray) \
 	$(if $(wildcard i3blocks/Cargo.toml),handoff-block) \
 	$(if $(wildcard details/Cargo.toml),handoff-details)
+# The package of each binary whose package is named otherwise.
+package_handoff-vm := handoff-libvirt
 BINS := $(addprefix $(OUT)/,$(CRATES))
-SOURCES := Cargo.toml Cargo.lock $(shell find src applet i3blocks details icons \
+SOURCES := Cargo.toml Cargo.lock $(shell find src libvirt kernelsim inhibit applet i3blocks details icons \
 	-type f 2>/dev/null)
 
 .PHONY: all install uninstall check deb clean-gen FORCE
@@ -49,7 +51,7 @@ SOURCES := Cargo.toml Cargo.lock $(shell find src applet i3blocks details icons 
 all: $(BINS) $(GEN)/stamp
 
 $(BINS): $(OUT)/%: $(SOURCES)
-	$(CARGO) build $(CARGO_PROFILE) -p $* --bin $*
+	$(CARGO) build $(CARGO_PROFILE) -p $(or $(package_$*),$*) --bin $*
 	@touch $@
 
 # Man pages, completions and the seed's command links, from the CLI definition itself.
