@@ -145,7 +145,7 @@ fn source_text() -> String {
         }
     }
     let mut files = Vec::new();
-    for dir in ["src", "applet/src", "i3blocks/src", "details/src"] {
+    for dir in ["src", "libvirt/src", "kernelsim/src", "inhibit/src", "applet/src", "i3blocks/src", "details/src"] {
         walk(&root().join(dir), &mut files);
     }
     files.sort();
@@ -283,7 +283,7 @@ fn every_quoted_message_still_exists_in_the_source() {
     );
     assert!(
         failures.is_empty(),
-        "{} quoted message part(s) not found in src/, applet/src, i3blocks/src, details/src:\n{}",
+        "{} quoted message part(s) not found in the crates' src/:\n{}",
         failures.len(),
         failures.join("\n")
     );
