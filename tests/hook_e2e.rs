@@ -7,7 +7,7 @@
 //! test fails), and libvirtd is SIGHUPed afterwards so it forgets the test's hook. The
 //! shim the test installs runs the `handoff` binary cargo built under `target/`.
 //!
-//! Run with `cargo test --features kernel-sim --test hook_e2e` as root with `/dev/fuse`.
+//! Run with `cargo test --test hook_e2e` as root with `/dev/fuse`.
 //! Under `CI=true` a missing part fails the test; elsewhere it skips, saying why.
 
 use std::fs;

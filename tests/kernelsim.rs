@@ -1,7 +1,7 @@
 //! The simulated kernel through its FUSE mount, written to with plain `std::fs::write`
 //! and shell children, the way the binding engine and the libvirt hook will.
 //!
-//! Run with `cargo test --features kernel-sim` as root with `/dev/fuse`. Under `CI=true`
+//! Run with `cargo test` as root with `/dev/fuse`. Under `CI=true`
 //! a missing `/dev/fuse` fails; elsewhere these tests skip, saying why.
 
 use std::fs;

@@ -15,7 +15,7 @@
 //! removed, the mount is unmounted, and Xvfb, i3 and the clients i3 started are killed by
 //! process group — also when the test fails. It holds the libvirtd test lock throughout.
 //!
-//! Run with `cargo test --features kernel-sim --test start_opens_lg` as root with
+//! Run with `cargo test --test start_opens_lg` as root with
 //! `/dev/fuse`, libvirtd, QEMU, Xvfb, i3 and xterm. Under `CI=true` a missing part fails.
 
 use std::fs;

@@ -3,7 +3,7 @@
 //! mount, where reading that device's `driver_override` blocks like on a real kernel.
 //! (`handoff-block` is checked the same way in i3blocks/tests.)
 //!
-//! Run with `cargo test --features kernel-sim` as root with `/dev/fuse`. Under `CI=true`
+//! Run with `cargo test` as root with `/dev/fuse`. Under `CI=true`
 //! a missing `/dev/fuse` fails; elsewhere these tests skip, saying why.
 
 use std::fs;

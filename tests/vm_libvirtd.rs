@@ -8,7 +8,7 @@
 //! is SIGHUPed afterwards), the test's domains are destroyed and undefined, the mount is
 //! unmounted and every child process is killed — also when the test fails.
 //!
-//! Run with `cargo test --features kernel-sim --test vm_libvirtd` as root with `/dev/fuse`.
+//! Run with `cargo test --test vm_libvirtd` as root with `/dev/fuse`.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
