@@ -54,11 +54,12 @@ measure() { # measure <key> <command>: one round of runs, appended to $WORK/<key
 }
 load0=$(cut -d' ' -f1 /proc/loadavg)
 for ((r = 0; r < ROUNDS; r++)); do
+    # The shim's exact form: `handoff hook -- <domain> <op> <sub> <extra>`.
     measure shell "$WORK/dispatch router started begin -"
-    measure handoff "$HANDOFF hook --system-config $WORK/config.toml router started begin -"
+    measure handoff "$HANDOFF hook -- router started begin -"
     measure vm "$HANDOFF_VM --version"
     # Debian 12's hyperfine has no --input: a shell redirects the XML, for both alike.
-    measure prepare "/bin/sh -c 'exec $HANDOFF hook --system-config $WORK/config.toml router prepare begin - <$WORK/other.xml'"
+    measure prepare "/bin/sh -c 'exec $HANDOFF hook --system-config $WORK/config.toml -- router prepare begin - <$WORK/other.xml'"
     measure shell_prepare "/bin/sh -c 'exec $WORK/dispatch router prepare begin - <$WORK/other.xml'"
 done
 load1=$(cut -d' ' -f1 /proc/loadavg)

@@ -66,6 +66,39 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request for a VM action of the vocabulary; None for the others (they need no
+    /// libvirt, so no agent). A forced switch is not asked of the agent: none for it.
+    pub fn for_action(action: &crate::action::Action) -> Option<Request> {
+        use crate::action::Action;
+        Some(match action {
+            Action::Start { vm } => Request::Start { vm: vm.clone() },
+            Action::Stop { vm } => Request::Stop {
+                vm: vm.clone(),
+                force: false,
+            },
+            Action::ForceStop { vm } => Request::Stop {
+                vm: vm.clone(),
+                force: true,
+            },
+            Action::Switch { vm } => Request::Switch { vm: vm.clone() },
+            _ => return None,
+        })
+    }
+
+    /// The action a request asks for; None for a probe.
+    pub fn action(&self) -> Option<crate::action::Action> {
+        use crate::action::Action;
+        Some(match self {
+            Request::Probe => return None,
+            Request::Start { vm } => Action::Start { vm: vm.clone() },
+            Request::Stop { vm, force: false } => Action::Stop { vm: vm.clone() },
+            Request::Stop { vm, force: true } => Action::ForceStop { vm: vm.clone() },
+            Request::Switch { vm } => Action::Switch { vm: vm.clone() },
+        })
+    }
+}
+
 /// The agent's answer to one [`Request`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

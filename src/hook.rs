@@ -166,6 +166,11 @@ fn unreadable_xml(cfg: &Config, domain: &str, e: &str) -> String {
     )
 }
 
+/// Whether the hook does anything for this event: `prepare begin` and `release end` only.
+pub fn acts_on(op: &str, sub: &str) -> bool {
+    matches!((op, sub), ("prepare", "begin") | ("release", "end"))
+}
+
 /// Run the hook. Returns the exit code; everything for people goes to `err`.
 pub fn run(args: &[String], stdin: &mut dyn std::io::Read, system_config: &Path, err: &mut dyn Write) -> i32 {
     let [domain, op, sub, ..] = args else {

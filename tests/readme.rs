@@ -145,7 +145,15 @@ fn source_text() -> String {
         }
     }
     let mut files = Vec::new();
-    for dir in ["src", "libvirt/src", "kernelsim/src", "inhibit/src", "applet/src", "i3blocks/src", "details/src"] {
+    for dir in [
+        "src",
+        "libvirt/src",
+        "kernelsim/src",
+        "inhibit/src",
+        "applet/src",
+        "i3blocks/src",
+        "details/src",
+    ] {
         walk(&root().join(dir), &mut files);
     }
     files.sort();

@@ -6,7 +6,6 @@ use std::io::{self, BufRead, Write};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
-use std::time::Duration;
 
 use handoff::agent::{Done, Failure, FailureKind, In, Out, Reply, Request};
 use handoff::config::Config;
@@ -219,37 +218,21 @@ fn act(cfg: &Config, request: &Request) -> Reply {
             cause: cause.to_string(),
         })
     };
-    let name = match request {
-        Request::Probe => unreachable!("probes are answered by the prober thread"),
-        Request::Start { vm } | Request::Stop { vm, .. } | Request::Switch { vm } => vm,
-    };
-    let vm = match crate::vm::resolve(cfg, Some(name)) {
-        Ok(vm) => vm,
-        Err(e) => return fail(&e),
+    let Some(action) = request.action() else {
+        unreachable!("probes are answered by the prober thread")
     };
     let mut say = |line: &str| tracing::info!("{line}");
     let mut ctl = Ctl::new(cfg, &mut say);
-    let done = |warnings: Vec<String>| {
-        Reply::Done(Done {
-            vm: vm.name.clone(),
-            label: vm.label().to_owned(),
-            warnings,
-        })
-    };
-    match request {
-        Request::Probe => unreachable!(),
-        Request::Start { .. } => match ctl.start(vm) {
-            Ok(out) => done(out.warnings),
-            Err(e) => fail(&e),
-        },
-        Request::Stop { force, .. } => match ctl.stop(vm, *force, Duration::from_secs(vm.shutdown_timeout_s))
-        {
-            Ok(_) => done(Vec::new()),
-            Err(e) => fail(&e),
-        },
-        Request::Switch { .. } => match ctl.switch(vm, false, None) {
-            Ok(out) => done(out.started.warnings),
-            Err(e) => fail(&e),
-        },
+    match ctl.act(&action, None) {
+        Some(Ok(done)) => {
+            let vm = crate::vm::resolve(cfg, action.vm()).ok();
+            Reply::Done(Done {
+                vm: vm.map(|v| v.name.clone()).unwrap_or_default(),
+                label: vm.map(|v| v.label().to_owned()).unwrap_or_default(),
+                warnings: done.warnings().to_vec(),
+            })
+        }
+        Some(Err(e)) => fail(&e),
+        None => unreachable!("a request's action is a VM's"),
     }
 }

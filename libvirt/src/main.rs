@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use handoff::action::Action;
 use handoff::cli::{Cli, Command, LgArgs, init_logging, load_config, print_json};
 use handoff::config::Config;
 use handoff_libvirt::vm;
@@ -84,20 +85,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             handoff_libvirt::demo::hold(&node).with_context(|| format!("opening {}", node.display()))?;
             Ok(ExitCode::SUCCESS)
         }
+        // The VM commands are the vocabulary's actions (handoff::action), run by the one
+        // implementation the tray's agent and the details window run too.
         Command::Start(a) => vm_command(cli.config, cli.quiet, a.json, |ctl, cfg| {
-            let vm = vm::resolve(cfg, a.vm.as_deref())?;
-            let out = ctl.start(vm)?;
-            Ok(VmDone::Started(out))
+            let vm = vm::resolve(cfg, a.vm.as_deref())?.name.clone();
+            act(ctl, Action::Start { vm }, None)
         }),
         Command::Stop(a) => vm_command(cli.config, cli.quiet, a.json, |ctl, cfg| {
-            let vm = vm::resolve(cfg, a.vm.as_deref())?;
-            let timeout = std::time::Duration::from_secs(a.timeout.unwrap_or(vm.shutdown_timeout_s));
-            Ok(VmDone::Stopped(ctl.stop(vm, a.force, timeout)?))
+            let vm = vm::resolve(cfg, a.vm.as_deref())?.name.clone();
+            let action = if a.force {
+                Action::ForceStop { vm }
+            } else {
+                Action::Stop { vm }
+            };
+            act(ctl, action, a.timeout.map(std::time::Duration::from_secs))
         }),
         Command::Switch(a) => vm_command(cli.config, cli.quiet, a.json, |ctl, cfg| {
-            let vm = vm::resolve(cfg, Some(&a.vm))?;
-            let timeout = a.timeout.map(std::time::Duration::from_secs);
-            Ok(VmDone::Switched(ctl.switch(vm, a.force, timeout)?))
+            let vm = vm::resolve(cfg, Some(&a.vm))?.name.clone();
+            let action = if a.force {
+                Action::ForceSwitch { vm }
+            } else {
+                Action::Switch { vm }
+            };
+            act(ctl, action, a.timeout.map(std::time::Duration::from_secs))
         }),
         Command::VmHealth(a) => vm_command(cli.config, true, a.json, |ctl, cfg| {
             let vm = vm::resolve(cfg, a.vm.as_deref())?;
@@ -113,10 +123,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// What a VM command produced, for [`vm_command`] to print.
 enum VmDone {
-    Started(vm::StartOutcome),
-    Stopped(vm::StopOutcome),
-    Switched(vm::SwitchOutcome),
+    Acted(vm::Done),
     Health(Box<vm::Health>),
+}
+
+/// Runs a VM action of the vocabulary ([`vm::Ctl::act`]).
+fn act(
+    ctl: &mut vm::Ctl,
+    action: Action,
+    timeout: Option<std::time::Duration>,
+) -> Result<VmDone, vm::VmError> {
+    match ctl.act(&action, timeout) {
+        Some(done) => done.map(VmDone::Acted),
+        None => unreachable!("{action:?} is a VM action"),
+    }
 }
 
 /// Runs a VM command: progress lines on stderr (none with -q), the outcome on stdout as
@@ -148,7 +168,7 @@ fn vm_command(
     };
     drop(ctl);
     match &done {
-        VmDone::Started(out) => {
+        VmDone::Acted(vm::Done::Started(out)) => {
             if json {
                 print_json(out)?;
             } else {
@@ -156,14 +176,14 @@ fn vm_command(
             }
             after_start(&cfg, out);
         }
-        VmDone::Stopped(out) => {
+        VmDone::Acted(vm::Done::Stopped(out)) => {
             if json {
                 print_json(out)?;
             } else {
                 print_stopped(out);
             }
         }
-        VmDone::Switched(out) => {
+        VmDone::Acted(vm::Done::Switched(out)) => {
             if json {
                 print_json(out)?;
             } else {

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::libvirt::VirtError;
+use handoff::action::Action;
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::config::{Config, VmConfig};
 use handoff::gpu::{self, Owner};
@@ -323,7 +324,53 @@ pub struct Ctl<'a> {
     hv: Box<dyn Hypervisor>,
 }
 
+/// What a VM action of [`Action`] did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Done {
+    Started(StartOutcome),
+    Stopped(StopOutcome),
+    Switched(SwitchOutcome),
+}
+
+impl Done {
+    /// The warnings of the VM that started, if one did.
+    pub fn warnings(&self) -> &[String] {
+        match self {
+            Done::Started(out) => &out.warnings,
+            Done::Switched(out) => &out.started.warnings,
+            Done::Stopped(_) => &[],
+        }
+    }
+}
+
 impl<'a> Ctl<'a> {
+    /// The one implementation of the VM actions of [`Action`] (start, stop, force stop,
+    /// switch, force switch): what `handoff start`/`stop`/`switch`, the tray's agent and the
+    /// details window's buttons run. `timeout` bounds a graceful shutdown (default: the VM's
+    /// `shutdown_timeout_s`). None for an action that is not a VM's: those have their own
+    /// one implementation ([`handoff::action`], [`handoff::lg`]).
+    pub fn act(&mut self, action: &Action, timeout: Option<Duration>) -> Option<Result<Done, VmError>> {
+        let name = action.vm()?;
+        let cfg = self.cfg;
+        let vm = match resolve(cfg, Some(name)) {
+            Ok(vm) => vm,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(match action {
+            Action::Start { .. } => self.start(vm).map(Done::Started),
+            Action::Stop { .. } | Action::ForceStop { .. } => {
+                let force = matches!(action, Action::ForceStop { .. });
+                let timeout = timeout.unwrap_or(Duration::from_secs(vm.shutdown_timeout_s));
+                self.stop(vm, force, timeout).map(Done::Stopped)
+            }
+            _ => {
+                let force = matches!(action, Action::ForceSwitch { .. });
+                self.switch(vm, force, timeout).map(Done::Switched)
+            }
+        })
+    }
+
     /// For `cfg`'s VMs through [`crate::open`]: libvirt, or the demo's simulated
     /// hypervisor in a process `handoff demo` started.
     pub fn new(cfg: &'a Config, progress: &'a mut dyn FnMut(&str)) -> Self {
