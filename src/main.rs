@@ -343,3 +343,25 @@ fn install_services(config: Option<PathBuf>, args: InstallServicesArgs) -> anyho
         ExitCode::SUCCESS
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::hook_ignores;
+
+    fn args(list: &[&str]) -> impl Iterator<Item = std::ffi::OsString> {
+        list.iter().map(std::ffi::OsString::from).collect::<Vec<_>>().into_iter()
+    }
+
+    #[test]
+    fn only_the_shims_form_of_an_ignored_event_skips_the_parser() {
+        assert!(hook_ignores(args(&["handoff", "hook", "--", "router", "started", "begin", "-"])));
+        assert!(hook_ignores(args(&["handoff", "hook", "--", "win11", "prepare", "end", "-"])));
+        // The two events the hook acts on, and anything not in the shim's form, go through
+        // the grammar and the hook.
+        assert!(!hook_ignores(args(&["handoff", "hook", "--", "win11", "prepare", "begin", "-"])));
+        assert!(!hook_ignores(args(&["handoff", "hook", "--", "win11", "release", "end", "-"])));
+        assert!(!hook_ignores(args(&["handoff", "hook", "router", "started", "begin", "-"])));
+        assert!(!hook_ignores(args(&["handoff", "status", "--", "a", "b", "c"])));
+        assert!(!hook_ignores(args(&["handoff", "hook", "--", "win11"])));
+    }
+}

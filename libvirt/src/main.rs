@@ -111,7 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }),
         Command::VmHealth(a) => vm_command(cli.config, true, a.json, |ctl, cfg| {
             let vm = vm::resolve(cfg, a.vm.as_deref())?;
-            Ok(VmDone::Health(Box::new(ctl.health(vm)?)))
+            Ok(VmDone::Health(ctl.health(vm)?))
         }),
         // The rest needs no libvirt: `handoff` runs it itself.
         _ => {
@@ -124,7 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// What a VM command produced, for [`vm_command`] to print.
 enum VmDone {
     Acted(vm::Done),
-    Health(Box<vm::Health>),
+    Health(vm::Health),
 }
 
 /// Runs a VM action of the vocabulary ([`vm::Ctl::act`]).
