@@ -4,7 +4,7 @@
 //! crate: the commands that talk to libvirt), which `handoff` runs with its own arguments
 //! for those ([`Command::needs_libvirt`]; ARCHITECTURE.md, "Binaries stay light"). Also
 //! what both print the same way: logging set-up, errors, JSON, and the commands both run
-//! ([`status`], [`doctor`], [`lg_test`], [`watch`]) with what only `handoff-vm` can add.
+//! ([`status`], [`doctor`], [`lg_check`], [`watch`]) with what only `handoff-vm` can add.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -428,7 +428,7 @@ pub fn doctor(
         &crate::doctor::Caller::current(),
         args.hooks_dir
             .as_deref()
-            .unwrap_or(std::path::Path::new(crate::hooks::DEFAULT_HOOKS_DIR)),
+            .unwrap_or(std::path::Path::new(crate::hook_install::DEFAULT_HOOKS_DIR)),
         extra,
     );
     if args.json {
@@ -445,7 +445,7 @@ pub fn lg_test(
     args: &LgTestArgs,
     describe: impl FnOnce(&crate::config::VmConfig) -> Result<String, String>,
 ) -> anyhow::Result<ExitCode> {
-    use crate::lg_test;
+    use crate::lg_check;
     let vm = match cfg.vm(args.vm.as_deref()) {
         Some(v) => v.clone(),
         None => anyhow::bail!(
@@ -457,16 +457,16 @@ pub fn lg_test(
         Some(f) => std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display())),
         None => describe(&vm),
     };
-    let inputs = lg_test::Inputs {
+    let inputs = lg_check::Inputs {
         xml,
         vm: vm.name.clone(),
-        caller: lg_test::Caller::current(),
+        caller: lg_check::Caller::current(),
         path: std::env::var_os("PATH"),
         kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|_| "(unknown)".into()),
     };
-    let report = lg_test::run(cfg, &inputs);
+    let report = lg_check::run(cfg, &inputs);
     if args.json {
         print_json(&report)?;
     } else {

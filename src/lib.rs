@@ -17,7 +17,7 @@
 //! names safe for each place they are shown, and [`bounded`] reads the files root trusts
 //! without hanging or growing. [`cli`] is the `handoff` command line's grammar, shared by
 //! the two binaries that parse it. The session side: [`i3`] and [`lg`] (open Looking
-//! Glass on its workspace), [`lg_test`] and [`services`] (user units and .desktop files).
+//! Glass on its workspace), [`lg_check`] and [`services`] (user units and .desktop files).
 
 pub mod action;
 pub mod agent;
@@ -31,12 +31,12 @@ pub mod escape;
 pub mod gpu;
 pub mod holders;
 pub mod hook;
-pub mod hooks;
+pub mod hook_install;
 pub mod host;
 pub mod hypervisor;
 pub mod i3;
 pub mod lg;
-pub mod lg_test;
+pub mod lg_check;
 pub mod live;
 pub mod pci;
 pub mod scenes;

@@ -128,8 +128,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(code as u8))
         }
         Command::InstallHooks(a) => {
-            let opts = handoff::hooks::InstallOptions::for_cli(a.uninstall, a.dry_run, a.hooks_dir)?;
-            let report = handoff::hooks::install_hooks(&opts)?;
+            let opts = handoff::hook_install::InstallOptions::for_cli(a.uninstall, a.dry_run, a.hooks_dir)?;
+            let report = handoff::hook_install::install_hooks(&opts)?;
             if a.json {
                 print_json(&report)?;
             } else {
@@ -349,18 +349,31 @@ mod tests {
     use super::hook_ignores;
 
     fn args(list: &[&str]) -> impl Iterator<Item = std::ffi::OsString> {
-        list.iter().map(std::ffi::OsString::from).collect::<Vec<_>>().into_iter()
+        list.iter()
+            .map(std::ffi::OsString::from)
+            .collect::<Vec<_>>()
+            .into_iter()
     }
 
     #[test]
     fn only_the_shims_form_of_an_ignored_event_skips_the_parser() {
-        assert!(hook_ignores(args(&["handoff", "hook", "--", "router", "started", "begin", "-"])));
-        assert!(hook_ignores(args(&["handoff", "hook", "--", "win11", "prepare", "end", "-"])));
+        assert!(hook_ignores(args(&[
+            "handoff", "hook", "--", "router", "started", "begin", "-"
+        ])));
+        assert!(hook_ignores(args(&[
+            "handoff", "hook", "--", "win11", "prepare", "end", "-"
+        ])));
         // The two events the hook acts on, and anything not in the shim's form, go through
         // the grammar and the hook.
-        assert!(!hook_ignores(args(&["handoff", "hook", "--", "win11", "prepare", "begin", "-"])));
-        assert!(!hook_ignores(args(&["handoff", "hook", "--", "win11", "release", "end", "-"])));
-        assert!(!hook_ignores(args(&["handoff", "hook", "router", "started", "begin", "-"])));
+        assert!(!hook_ignores(args(&[
+            "handoff", "hook", "--", "win11", "prepare", "begin", "-"
+        ])));
+        assert!(!hook_ignores(args(&[
+            "handoff", "hook", "--", "win11", "release", "end", "-"
+        ])));
+        assert!(!hook_ignores(args(&[
+            "handoff", "hook", "router", "started", "begin", "-"
+        ])));
         assert!(!hook_ignores(args(&["handoff", "status", "--", "a", "b", "c"])));
         assert!(!hook_ignores(args(&["handoff", "hook", "--", "win11"])));
     }

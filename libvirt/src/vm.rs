@@ -26,7 +26,7 @@ use handoff::action::Action;
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::config::{Config, VmConfig};
 use handoff::gpu::{self, Owner};
-use handoff::hooks::{self, InstalledShim};
+use handoff::hook_install::{self, InstalledShim};
 use handoff::hypervisor::{Hypervisor, HypervisorError, Start, Task, TaskState, VmRef};
 use handoff::pci::PciAddress;
 use handoff::status::VmState;
@@ -385,7 +385,7 @@ impl<'a> Ctl<'a> {
     ) -> Self {
         Self {
             cfg,
-            hooks_dir: PathBuf::from(hooks::DEFAULT_HOOKS_DIR),
+            hooks_dir: PathBuf::from(hook_install::DEFAULT_HOOKS_DIR),
             start_wait: Duration::from_secs(60),
             gpu_wait: Duration::from_secs(15),
             progress,
@@ -426,7 +426,7 @@ impl<'a> Ctl<'a> {
 
     fn hook_installed(&self) -> bool {
         matches!(
-            hooks::installed_shim(&self.hooks_dir),
+            hook_install::installed_shim(&self.hooks_dir),
             Ok(InstalledShim::Ours { .. })
         )
     }
