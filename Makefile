@@ -34,19 +34,19 @@ endif
 OUT := $(TARGET_DIR)/$(PROFILE)
 GEN := $(OUT)/gen
 
-# One crate per binary, built one at a time: a workspace build would unify features and
-# link libvirt into the block (ARCHITECTURE.md, "Binaries stay light"). Crates that do not exist
-# yet in this tree are left out.
-CRATES := handoff $(if $(wildcard applet/Cargo.toml),handoff-tray) \
+# The installed binaries, one cargo build each. handoff-vm (package handoff-libvirt) runs the
+# CLI's libvirt commands for handoff, which links no libvirt (ARCHITECTURE.md, "Binaries
+# stay light"). Crates that do not exist yet in this tree are left out.
+CRATES := handoff handoff-vm $(if $(wildcard applet/Cargo.toml),handoff-tray) \
 	$(if $(wildcard i3blocks/Cargo.toml),handoff-block) \
 	$(if $(wildcard details/Cargo.toml),handoff-details) \
 	$(if $(wildcard proxmox/Cargo.toml),handoff-pve)
 BINS := $(addprefix $(OUT)/,$(CRATES))
-SOURCES := Cargo.toml Cargo.lock $(shell find src applet i3blocks details proxmox icons \
+SOURCES := Cargo.toml Cargo.lock $(shell find src libvirt kernelsim inhibit proxmox applet i3blocks details icons \
 	-type f 2>/dev/null)
-# The package a binary is built from: its own name, except handoff-pve (the Proxmox VE API
-# for the CLI, in handoff-proxmox, so that handoff itself links no TLS).
-package = $(if $(filter handoff-pve,$1),handoff-proxmox,$1)
+# The package a binary is built from: its own name, except handoff-vm (handoff-libvirt) and
+# handoff-pve (handoff-proxmox: the Proxmox VE API, so that handoff itself links no TLS).
+package = $(if $(filter handoff-pve,$1),handoff-proxmox,$(if $(filter handoff-vm,$1),handoff-libvirt,$1))
 
 .PHONY: all install uninstall check deb clean-gen FORCE
 

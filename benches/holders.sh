@@ -37,7 +37,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 RUNS=${RUNS:-30}
-cargo build --release --quiet --example scan --example status_nolibvirt --bin handoff
+# handoff runs handoff-vm for `status` with a VM configured.
+cargo build --release --quiet -p handoff --example scan --example status_nolibvirt --bin handoff -p handoff-libvirt --bin handoff-vm
 SCAN=$PWD/target/release/examples/scan
 HANDOFF=$PWD/target/release/handoff
 STATUS_NOLIBVIRT=$PWD/target/release/examples/status_nolibvirt

@@ -28,11 +28,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Each binary built alone, as `make` does: a workspace build would unify features and link
-# libvirt into the tray. The tray runs target/release/handoff as its libvirt agent.
+# The tray runs target/release/handoff as its libvirt agent, which execs handoff-vm.
 cargo build -q --release -p handoff-tray
 cargo build -q --release --bin handoff
-cargo build -q --release --features kernel-sim --bin handoff-kernelsim
+cargo build -q --release -p handoff-libvirt --bin handoff-vm
+cargo build -q --release -p handoff-kernelsim --bin handoff-kernelsim
 TRAY=target/release/handoff-tray
 
 setsid target/release/handoff-kernelsim --root "$T/ws" >"$T/sim.out" 2>"$T/sim.log" &
@@ -70,7 +70,7 @@ TRAYPID=$!
 PIDS+=($TRAYPID)
 sleep 3
 
-# The tray's child `handoff __agent` holds libvirt (src/agent.rs); measured on its own.
+# The tray's child `handoff __agent` holds libvirt (libvirt/src/agent.rs); measured on its own.
 AGENTPID=$(pgrep -P "$TRAYPID" -f __agent | head -1)
 [ -n "$AGENTPID" ] || { echo "no handoff __agent child of the tray; see $T/tray.log" >&2; cat "$T/tray.log" >&2; exit 1; }
 ticks() { awk '{print $14+$15}' "/proc/${1:-$TRAYPID}/stat"; }

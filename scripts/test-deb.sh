@@ -130,26 +130,27 @@ rm -rf "$debs_cache/partial" "$debs_cache/lock"
 phase "installed the .deb with apt ($pulled packages unpacked, $fetched downloaded; package lists $updated)"
 
 # Every binary finds all its libraries through the package's Depends, and links what it
-# should: the block and the tray neither libvirt nor GTK (the tray's libvirt side is
-# `handoff __agent`, a child process), the CLI no GTK (ARCHITECTURE.md, "Binaries stay light").
+# should: the CLI, the block and the tray neither libvirt nor GTK (the tray's libvirt side is
+# `handoff __agent`, the CLI's is handoff-vm), handoff-vm libvirt and no GTK (ARCHITECTURE.md,
+# "Binaries stay light").
 links() { in_root ldd "/usr/bin/$1" || fail "ldd /usr/bin/$1"; }
-for b in handoff handoff-tray handoff-block handoff-details handoff-pve; do
+for b in handoff handoff-vm handoff-tray handoff-block handoff-details handoff-pve; do
   [ -f "$root/usr/bin/$b" ] || continue
   libs=$(links "$b")
   if grep -q 'not found' <<<"$libs"; then
     fail "/usr/bin/$b misses libraries the package does not depend on: $(grep 'not found' <<<"$libs" | tr -s ' \t' ' ')"
   fi
   case "$b" in
-    handoff-block | handoff-tray | handoff-pve) ! grep -Eq 'libvirt|libgtk' <<<"$libs" \
-      || fail "$b links $(grep -Eo 'lib(virt|gtk)[^ ]*' <<<"$libs" | sort -u | tr '\n' ' ')(built in a workspace build? \`cargo build -p $b --bin $b\` builds it alone)" ;;
-    handoff) ! grep -q 'libgtk' <<<"$libs" || fail "$b links GTK" ;;
+    handoff | handoff-block | handoff-tray | handoff-pve) ! grep -Eq 'libvirt|libgtk' <<<"$libs" \
+      || fail "$b links $(grep -Eo 'lib(virt|gtk)[^ ]*' <<<"$libs" | sort -u | tr '\n' ' ')" ;;
+    handoff-vm) ! grep -q 'libgtk' <<<"$libs" || fail "$b links GTK" ;;
   esac
   case "$b" in
-    handoff) grep -q 'libvirt\.so' <<<"$libs" || fail "$b does not link libvirt" ;;
+    handoff-vm) grep -q 'libvirt\.so' <<<"$libs" || fail "$b does not link libvirt" ;;
     handoff-details) grep -q 'libgtk-4' <<<"$libs" || fail "handoff-details does not link GTK 4" ;;
   esac
 done
-phase "every binary finds its libraries; handoff-block links $(links handoff-block | grep -c '=>') of them, handoff-tray $(links handoff-tray | grep -c '=>'), neither libvirt"
+phase "every binary finds its libraries; handoff links $(links handoff | grep -c '=>') of them, handoff-block $(links handoff-block | grep -c '=>'), handoff-tray $(links handoff-tray | grep -c '=>'), none libvirt"
 
 version=$(in_root handoff --version) || fail "handoff --version"
 [[ "$version" == "handoff "* ]] || fail "handoff --version printed: $version"

@@ -23,6 +23,6 @@ echo
 echo "\$ handoff status    # this machine, for real"
 "$bin" status
 echo
-echo "The binaries are in $(pwd)/target/release: handoff, handoff-tray, handoff-block."
+echo "The binaries are in $(pwd)/target/release: handoff (with handoff-vm, its libvirt side), handoff-tray, handoff-block."
 echo "On a machine with a passthrough GPU, \`handoff doctor\` says what to set up next."
 exit $rc

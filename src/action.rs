@@ -5,9 +5,10 @@
 //! returning the GPU to Linux with `pkexec handoff rebind --force`, and finding the
 //! `handoff` CLI beside the running binary.
 //!
-//! The VM actions (start, stop, force stop, switch) and opening Looking Glass are
-//! `vm::Ctl`'s and `lg`'s (reached from the tray through the agent); [`Action`] names them
-//! so that menus, buttons and bar clicks speak of the same things.
+//! The VM actions (start, stop, force stop, switch) have one implementation too,
+//! `handoff_libvirt::vm::Ctl::act` (it needs libvirt, so it lives in that crate): the CLI's
+//! commands, the tray's agent ([`crate::agent::Request`] maps onto [`Action`]) and the
+//! details window's buttons all run it. Opening Looking Glass is [`crate::lg::open`].
 
 use std::io;
 use std::path::PathBuf;
@@ -37,6 +38,10 @@ pub enum Action {
     Switch {
         vm: String,
     },
+    /// Switch, turning the VM that has the GPU off at once (`handoff switch --force`).
+    ForceSwitch {
+        vm: String,
+    },
     OpenLookingGlass,
     /// SIGTERM to one of the user's own processes (confirmed first).
     Terminate {
@@ -50,6 +55,22 @@ pub enum Action {
     },
     /// `pkexec handoff rebind --force`.
     ReturnToLinux,
+    /// Read the state again now (the details window's button).
+    Refresh,
+}
+
+impl Action {
+    /// The VM this action starts, stops or switches to, for a VM action.
+    pub fn vm(&self) -> Option<&str> {
+        match self {
+            Action::Start { vm }
+            | Action::Stop { vm }
+            | Action::ForceStop { vm }
+            | Action::Switch { vm }
+            | Action::ForceSwitch { vm } => Some(vm),
+            _ => None,
+        }
+    }
 }
 
 /// What an action did, in words a person reads.

@@ -66,6 +66,39 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request for a VM action of the vocabulary; None for the others (they need no
+    /// libvirt, so no agent). A forced switch is not asked of the agent: none for it.
+    pub fn for_action(action: &crate::action::Action) -> Option<Request> {
+        use crate::action::Action;
+        Some(match action {
+            Action::Start { vm } => Request::Start { vm: vm.clone() },
+            Action::Stop { vm } => Request::Stop {
+                vm: vm.clone(),
+                force: false,
+            },
+            Action::ForceStop { vm } => Request::Stop {
+                vm: vm.clone(),
+                force: true,
+            },
+            Action::Switch { vm } => Request::Switch { vm: vm.clone() },
+            _ => return None,
+        })
+    }
+
+    /// The action a request asks for; None for a probe.
+    pub fn action(&self) -> Option<crate::action::Action> {
+        use crate::action::Action;
+        Some(match self {
+            Request::Probe => return None,
+            Request::Start { vm } => Action::Start { vm: vm.clone() },
+            Request::Stop { vm, force: false } => Action::Stop { vm: vm.clone() },
+            Request::Stop { vm, force: true } => Action::ForceStop { vm: vm.clone() },
+            Request::Switch { vm } => Action::Switch { vm: vm.clone() },
+        })
+    }
+}
+
 /// The agent's answer to one [`Request`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -107,15 +140,17 @@ pub enum FailureKind {
     Other,
 }
 
+/// One request line, surface → agent.
 #[derive(Debug, Serialize, Deserialize)]
-struct In {
-    id: u64,
-    request: Request,
+pub struct In {
+    pub id: u64,
+    pub request: Request,
 }
 
+/// One line, agent → surface.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-enum Out {
+pub enum Out {
     Change(Change),
     Reply { id: u64, reply: Reply },
 }
@@ -437,290 +472,6 @@ impl Inner {
                 why: exit,
             });
         }
-    }
-}
-
-/// The PVE VMs' states, polled, as the libvirt source's changes.
-#[cfg(feature = "libvirt")]
-fn pve_poll(cfg: &Config, sink: Sink) -> Option<crate::hypervisor::Subscription> {
-    use crate::hypervisor::{VmEvent, VmRef};
-    let vms: Vec<VmRef> = cfg
-        .vms
-        .iter()
-        .filter(|v| v.vmid.is_some())
-        .map(VmRef::from)
-        .collect();
-    if vms.is_empty() || cfg.proxmox.is_none() {
-        return None;
-    }
-    let forward = Arc::new(move |ev: VmEvent| match ev {
-        VmEvent::Lifecycle { vm, event } => sink(Change::Domain {
-            uri: vm.at,
-            name: vm.name,
-            event,
-        }),
-        VmEvent::Lost { at, why } => sink(Change::SourceLost {
-            source: Source::Libvirt { uri: at },
-            why,
-        }),
-        VmEvent::Back { at } => sink(Change::SourceBack {
-            source: Source::Libvirt { uri: at },
-        }),
-    });
-    match crate::hypervisor::open(cfg).subscribe(&vms, forward) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!("not watching the Proxmox VE VMs: {e}");
-            None
-        }
-    }
-}
-
-/// The agent's side: answers requests read from `input` and writes changes and replies to
-/// `output` until `input` ends, then waits for the actions under way. Blocking.
-#[cfg(feature = "libvirt")]
-pub fn serve(
-    cfg: &Config,
-    input: impl BufRead,
-    output: Box<dyn Write + Send>,
-) -> Result<(), crate::live::WatchError> {
-    use std::sync::atomic::AtomicBool;
-
-    use crate::hypervisor::{self, vm_status};
-    use crate::live::{Sources, Watcher};
-
-    let out = Arc::new(Mutex::new(output));
-    // A lost or regained libvirt connection makes the next probe connect anew.
-    let reconnect = Arc::new(AtomicBool::new(false));
-    let sink: Sink = {
-        let (out, reconnect) = (out.clone(), reconnect.clone());
-        Arc::new(move |c: Change| {
-            if matches!(c, Change::SourceLost { .. } | Change::SourceBack { .. }) {
-                reconnect.store(true, Ordering::Relaxed);
-            }
-            send(&out, &Out::Change(c))
-        })
-    };
-    let _watcher = if cfg.vms.is_empty() {
-        None
-    } else {
-        let only_libvirt = Sources {
-            uevents: false,
-            run_dir: false,
-            nodes: false,
-            libvirt: true,
-        };
-        Some(Watcher::with_sink(cfg, only_libvirt, sink.clone())?)
-    };
-    // Proxmox VE has no event stream: its VMs are polled (`[proxmox] poll_interval_s`)
-    // through the hypervisor, and only when a `[[vm]]` has a vmid.
-    let _pve_poll = pve_poll(cfg, sink.clone());
-    let cfg = Arc::new(cfg.clone());
-
-    // One prober thread; probes that queue while one runs are answered together by the
-    // next, so a slow libvirt never piles up threads.
-    let (probe_tx, probe_rx) = mpsc::channel::<u64>();
-    let prober = {
-        let (cfg, out) = (cfg.clone(), out.clone());
-        thread::Builder::new()
-            .name("handoff-agent-probe".into())
-            .spawn(move || {
-                let mut hv = hypervisor::open(&cfg);
-                let mut unknown_seen = false;
-                while let Ok(first) = probe_rx.recv() {
-                    let mut ids = vec![first];
-                    ids.extend(probe_rx.try_iter());
-                    if reconnect.swap(false, Ordering::Relaxed) || unknown_seen {
-                        hv = hypervisor::open(&cfg);
-                    }
-                    let probes: Vec<VmStatus> = cfg.vms.iter().map(|vm| vm_status(&mut *hv, vm)).collect();
-                    unknown_seen = probes.iter().any(|p| p.state == VmState::Unknown);
-                    for id in ids {
-                        send(
-                            &out,
-                            &Out::Reply {
-                                id,
-                                reply: Reply::Probes(probes.clone()),
-                            },
-                        );
-                    }
-                }
-            })
-            .map_err(crate::live::WatchError::Thread)?
-    };
-
-    let mut actions: Vec<thread::JoinHandle<()>> = Vec::new();
-    let mut input = input;
-    let mut bytes = Vec::new();
-    loop {
-        bytes.clear();
-        // Bytes, not `lines()`: one line that is not UTF-8 must not end the loop (that
-        // would leave the surface without answers until it restarts the agent).
-        match input.read_until(b'\n', &mut bytes) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        }
-        let req = match parse_request(&bytes) {
-            Ok(None) => continue,
-            Ok(Some(r)) => r,
-            Err((id, why)) => {
-                tracing::warn!("{why}");
-                // Answered when the line says which request it was; the surface waits on it.
-                if let Some(id) = id {
-                    let reply = Reply::Failed(Failure {
-                        kind: FailureKind::Other,
-                        message: why.clone(),
-                        cause: why,
-                    });
-                    send(&out, &Out::Reply { id, reply });
-                }
-                continue;
-            }
-        };
-        if req.request == Request::Probe {
-            let _ = probe_tx.send(req.id);
-            continue;
-        }
-        let id = req.id;
-        let (cfg, to_surface) = (cfg.clone(), out.clone());
-        let spawned = thread::Builder::new()
-            .name("handoff-agent-action".into())
-            .spawn(move || {
-                let reply = act(&cfg, &req.request);
-                send(&to_surface, &Out::Reply { id: req.id, reply });
-            });
-        match spawned {
-            Ok(h) => actions.push(h),
-            Err(e) => {
-                let reply = Reply::Failed(Failure {
-                    kind: FailureKind::Other,
-                    message: format!("the libvirt agent cannot start a thread: {e}"),
-                    cause: e.to_string(),
-                });
-                send(&out, &Out::Reply { id, reply });
-            }
-        }
-        actions.retain(|h| !h.is_finished());
-    }
-    // Stdin closed: nobody will ask again. Let what runs finish (a half-done start would
-    // leave the GPU mid-handoff), then go.
-    for h in actions {
-        let _ = h.join();
-    }
-    drop(probe_tx);
-    let _ = prober.join();
-    Ok(())
-}
-
-/// One line from the surface as a request: `Ok(None)` for a blank line; an error with
-/// the request's id when the line names one (so it can be answered) and what was wrong.
-/// A line that is not UTF-8 is refused whole: a VM name decoded lossily would name
-/// another VM.
-#[cfg(feature = "libvirt")]
-fn parse_request(line: &[u8]) -> Result<Option<In>, (Option<u64>, String)> {
-    let id_of = |text: &str| {
-        serde_json::from_str::<serde_json::Value>(text)
-            .ok()
-            .and_then(|v| v.get("id")?.as_u64())
-    };
-    let text = match std::str::from_utf8(line) {
-        Ok(t) => t,
-        Err(e) => {
-            let lossy = String::from_utf8_lossy(line);
-            return Err((
-                id_of(&lossy),
-                format!(
-                    "the agent's request line is not UTF-8 text (invalid byte at offset {}); nothing was done",
-                    e.valid_up_to()
-                ),
-            ));
-        }
-    };
-    if text.trim().is_empty() {
-        return Ok(None);
-    }
-    serde_json::from_str(text).map(Some).map_err(|e| {
-        (
-            id_of(text),
-            format!(
-                "the agent's request line is not a request ({e}): {}",
-                crate::escape::plain(text.trim_end())
-            ),
-        )
-    })
-}
-
-/// Writes one line; false once the surface stopped reading.
-#[cfg(feature = "libvirt")]
-fn send(out: &Mutex<Box<dyn Write + Send>>, what: &Out) -> bool {
-    let mut line = match serde_json::to_string(what) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("cannot serialise a message for the surface: {e}");
-            return true;
-        }
-    };
-    line.push('\n');
-    let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
-    out.write_all(line.as_bytes()).and_then(|()| out.flush()).is_ok()
-}
-
-/// Runs one start, stop or switch with [`crate::vm::Ctl`], as `handoff start` would.
-#[cfg(feature = "libvirt")]
-fn act(cfg: &Config, request: &Request) -> Reply {
-    use crate::vm::{Ctl, VmError};
-
-    let fail = |e: &VmError| {
-        let cause = match e {
-            VmError::Switch { source, .. } => source.as_ref(),
-            e => e,
-        };
-        let kind = match cause {
-            VmError::Busy { .. } | VmError::HookRefused { .. } => FailureKind::Refused,
-            VmError::StopTimeout { .. } => FailureKind::StopTimeout,
-            VmError::NotConfigured { .. } | VmError::NoVms => FailureKind::NotConfigured,
-            _ => FailureKind::Other,
-        };
-        Reply::Failed(Failure {
-            kind,
-            message: e.to_string(),
-            cause: cause.to_string(),
-        })
-    };
-    let name = match request {
-        Request::Probe => unreachable!("probes are answered by the prober thread"),
-        Request::Start { vm } | Request::Stop { vm, .. } | Request::Switch { vm } => vm,
-    };
-    let vm = match crate::vm::resolve(cfg, Some(name)) {
-        Ok(vm) => vm,
-        Err(e) => return fail(&e),
-    };
-    let mut say = |line: &str| tracing::info!("{line}");
-    let mut ctl = Ctl::new(cfg, &mut say);
-    let done = |warnings: Vec<String>| {
-        Reply::Done(Done {
-            vm: vm.name.clone(),
-            label: vm.label().to_owned(),
-            warnings,
-        })
-    };
-    match request {
-        Request::Probe => unreachable!(),
-        Request::Start { .. } => match ctl.start(vm) {
-            Ok(out) => done(out.warnings),
-            Err(e) => fail(&e),
-        },
-        Request::Stop { force, .. } => match ctl.stop(vm, *force, Duration::from_secs(vm.shutdown_timeout_s))
-        {
-            Ok(_) => done(Vec::new()),
-            Err(e) => fail(&e),
-        },
-        Request::Switch { .. } => match ctl.switch(vm, false, None) {
-            Ok(out) => done(out.started.warnings),
-            Err(e) => fail(&e),
-        },
     }
 }
 

@@ -50,11 +50,13 @@ pub fn link_for(argv0: &Path) -> Option<&'static Link> {
 }
 
 /// Parses the process's arguments into `C`, dispatching on argv[0] when the binary was
-/// invoked under a seed command name.
-pub fn parse<C: clap::Parser>() -> C {
+/// invoked under a seed command name; also returns the arguments clap saw (`handoff
+/// start …` for `windows-start …`), which `handoff-vm` is given for the commands it runs.
+pub fn parse_with_args<C: clap::Parser>() -> (C, Vec<OsString>) {
     let (mut cmd, args) = dispatch(C::command(), std::env::args_os().collect());
-    let matches = cmd.clone().get_matches_from(args);
-    C::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit())
+    let matches = cmd.clone().get_matches_from(args.clone());
+    let c = C::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit());
+    (c, args)
 }
 
 /// The command (its usage under the link's name) and the arguments clap should see.

@@ -16,7 +16,7 @@ use crate::bind::record::{Phase, RestoreRecord};
 use crate::config::{Config, Source, VmConfig};
 use crate::gpu::{self, Gpu, Owner};
 use crate::holders;
-use crate::hooks::{self, InstalledShim};
+use crate::hook_install::{self, InstalledShim};
 use crate::status::{VmState, VmStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -133,7 +133,7 @@ fn current_group_names() -> Vec<String> {
 }
 
 /// Every check, in fixing order. `hooks_dir` is libvirt's hooks directory
-/// ([`hooks::DEFAULT_HOOKS_DIR`]); `extra` holds checks computed by the binary (libvirt).
+/// ([`hook_install::DEFAULT_HOOKS_DIR`]); `extra` holds checks computed by the binary (libvirt).
 pub fn run(cfg: &Config, source: &Source, caller: &Caller, hooks_dir: &Path, extra: Vec<Check>) -> Report {
     let mut checks = vec![Check::new("config", Level::Info, format!("Config: {source}"))];
     checks.push(check_iommu(cfg));
@@ -351,9 +351,9 @@ fn check_libvirt_group(caller: &Caller) -> Check {
 /// Is handoff's shim in `hooks_dir`, executable, and running a handoff that exists?
 pub fn check_hook(hooks_dir: &Path) -> Check {
     const INSTALL: &str = "sudo handoff install-hooks";
-    let shim = hooks::shim_path(hooks_dir);
+    let shim = hook_install::shim_path(hooks_dir);
     let shim = shim.display();
-    let found = match hooks::installed_shim(hooks_dir) {
+    let found = match hook_install::installed_shim(hooks_dir) {
         Ok(found) => found,
         Err(e) => {
             return Check::new(
@@ -634,7 +634,7 @@ mod tests {
     use crate::bind::record::RecordedFunction;
 
     fn installed(dir: &Path, exe: &Path) {
-        hooks::apply(&hooks::plan_install(dir, exe).unwrap()).unwrap();
+        hook_install::apply(&hook_install::plan_install(dir, exe).unwrap()).unwrap();
     }
 
     fn fake_handoff(dir: &Path) -> std::path::PathBuf {
@@ -668,7 +668,7 @@ mod tests {
             c.summary
         );
 
-        let shim = hooks::shim_path(&hooks_dir);
+        let shim = hook_install::shim_path(&hooks_dir);
         fs::set_permissions(&shim, fs::Permissions::from_mode(0o644)).unwrap();
         let c = check_hook(&hooks_dir);
         assert_eq!(c.level, Level::Fail);
@@ -685,7 +685,7 @@ mod tests {
     #[test]
     fn a_foreign_file_in_the_shims_place_is_reported() {
         let tmp = tempfile::tempdir().unwrap();
-        let shim = hooks::shim_path(tmp.path());
+        let shim = hook_install::shim_path(tmp.path());
         fs::create_dir_all(shim.parent().unwrap()).unwrap();
         fs::write(&shim, "#!/bin/sh\nexit 0\n").unwrap();
         let c = check_hook(tmp.path());

@@ -16,7 +16,7 @@
 //!
 //! Of these, only `driver_override` can block: its show takes the device's lock on kernels
 //! before 7.1, and an unbind stuck in a driver's `remove` holds that lock for as long as it
-//! is stuck (the other files and links take no device lock; see [`crate::kernelsim`] for
+//! is stuck (the other files and links take no device lock; see the `handoff-kernelsim` crate for
 //! the kernel source). So `driver_override` is read through [`crate::sysfs_read`], in a
 //! child process with a deadline ([`LOCKED_READ_TIMEOUT`]); a function whose override
 //! doesn't come back in time is [`Function::locked`], and the GPU's state is uncertain

@@ -154,6 +154,11 @@ fn unreadable_xml(cfg: &Config, domain: &str, e: &str) -> String {
     )
 }
 
+/// Whether the hook does anything for this event: `prepare begin` and `release end` only.
+pub fn acts_on(op: &str, sub: &str) -> bool {
+    matches!((op, sub), ("prepare", "begin") | ("release", "end"))
+}
+
 /// Run the hook. Returns the exit code; everything for people goes to `err`.
 pub fn run(args: &[String], stdin: &mut dyn std::io::Read, system_config: &Path, err: &mut dyn Write) -> i32 {
     let [domain, op, sub, ..] = args else {
@@ -182,7 +187,7 @@ pub fn run(args: &[String], stdin: &mut dyn std::io::Read, system_config: &Path,
 /// The hook's work for one event with the config already read: `prepare begin` refuses
 /// (exit 1, the refusal on `err`) or binds; `release end` returns the GPU; anything else
 /// is 0. [`run`] calls it for libvirtd; `handoff demo`'s VMs (libvirt's test driver runs
-/// no hooks) call it in-process from [`crate::vm`].
+/// no hooks) call it in-process from `handoff_libvirt::vm`.
 pub fn run_event(cfg: &Config, domain: &str, op: &str, sub: &str, xml: &str, err: &mut dyn Write) -> i32 {
     event(cfg, domain, op, sub, Ok(xml), err)
 }

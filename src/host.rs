@@ -74,7 +74,7 @@ mod tests {
     use crate::config::Config;
 
     /// `demo` was a `[host]` key until the demo chose its simulated hypervisor itself
-    /// (`crate::hypervisor::simulated`); a config that still sets it names the key.
+    /// (`handoff_libvirt::simulated`); a config that still sets it names the key.
     #[test]
     fn the_retired_demo_key_is_an_unknown_key_with_its_line() {
         let text = "[host]\nsysfs = \"/tmp/sys\"\ndemo = true\n";

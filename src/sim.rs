@@ -19,7 +19,7 @@
 //! as plain files otherwise. Holders are identified by path and inode, so either works.
 //!
 //! This module only builds and rearranges the tree; giving writes to `bind`, `unbind`, …
-//! the kernel's effects is the job of [`crate::kernelsim`], built on top of it.
+//! the kernel's effects is the job of the `handoff-kernelsim` crate, built on top of it.
 
 use std::fs;
 use std::io;
@@ -294,7 +294,7 @@ impl SimHost {
 
     /// Add one function (and link it to `func.driver`). Also how a rescan brings a removed
     /// function back.
-    pub(crate) fn add_function(&self, spec: &SimSpec, func: &SimFunction) -> io::Result<()> {
+    pub fn add_function(&self, spec: &SimSpec, func: &SimFunction) -> io::Result<()> {
         let sys = self.sysfs();
         let rel = Self::device_rel(spec, func);
         let dir = sys.join(&rel);

@@ -13,7 +13,10 @@ use handoff::agent::{Agent, FailureKind, Request};
 use handoff::live::{Change, DomainEvent, Sink, Source};
 use handoff::status::VmState;
 
-const HANDOFF: &str = env!("CARGO_BIN_EXE_handoff");
+/// `handoff`, with `handoff-vm` (which runs its libvirt commands) built beside it.
+fn handoff() -> &'static str {
+    handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff"))
+}
 
 fn config(dir: &Path, vms: &str) -> (Config, std::path::PathBuf) {
     let path = dir.join("config.toml");
@@ -36,7 +39,7 @@ fn agent(path: &Path) -> (Agent, mpsc::Receiver<Change>) {
     let tx = Mutex::new(tx);
     let sink: Sink = Arc::new(move |c| tx.lock().unwrap().send(c).is_ok());
     let a = Agent::new(
-        HANDOFF,
+        handoff(),
         vec!["--config".into(), path.into(), "__agent".into()],
         sink,
     );
@@ -136,7 +139,7 @@ fn a_killed_agent_is_reported_and_started_again_on_the_next_request() {
             source: Source::Agent { program },
             why,
         } => {
-            assert_eq!(program, HANDOFF);
+            assert_eq!(program, handoff());
             assert!(why.contains("signal 9"), "{why}");
         }
         other => panic!("expected the agent to be reported lost, got {other:?}"),
@@ -197,7 +200,7 @@ fn a_request_line_that_is_not_utf8_is_answered_with_an_error_and_the_agent_goes_
 
     let tmp = tempfile::tempdir().unwrap();
     let (_, path) = config(tmp.path(), TEST_VM);
-    let mut child = Command::new(HANDOFF)
+    let mut child = Command::new(handoff())
         .args(["--config".as_ref(), path.as_os_str(), "__agent".as_ref()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

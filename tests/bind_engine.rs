@@ -6,7 +6,6 @@
 //!
 //! Run with `cargo test --all-features --test bind_engine` as root with `/dev/fuse`.
 //! Under `CI=true` a missing `/dev/fuse` fails; elsewhere these tests skip, saying why.
-#![cfg(feature = "kernel-sim")]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -15,8 +14,8 @@ use handoff::bind::plan::{self, Expect, Step};
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::bind::{self, BindError, Outcome};
 use handoff::gpu::{Function, FunctionKind, Gpu, Owner};
-use handoff::kernelsim::{Errno, FaultRule, FileKind, Release};
 use handoff::sim::{RTX_3090_TI, SimSpec};
+use handoff_kernelsim::{Errno, FaultRule, FileKind, Release};
 use handoff_test_support::simgpu;
 use simgpu::{AUDIO, GPU, HOME, Sim, UCSI, USB, addr, forked_children, hold, serial, wait_gone, workstation};
 

@@ -15,7 +15,10 @@ use handoff::sim::{RTX_3090_TI, SimFunction, SimHost, SimSpec};
 use handoff_test_support::named_holder;
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_handoff");
+/// `handoff`, with `handoff-vm` (which runs its libvirt commands) built beside it.
+fn bin() -> &'static str {
+    handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff"))
+}
 
 /// The running domain libvirt's test driver defines.
 const RUNNING_VM: &str = "test";
@@ -128,7 +131,7 @@ fn label(vm: &str) -> String {
 /// Run the binary with `HANDOFF_CONFIG=config`, home and XDG directories under `tmp`.
 fn run_with_config(config: &Path, tmp: &Path, args: &[&str]) -> Run {
     let home = tmp.join("home");
-    let out: Output = Command::new(BIN)
+    let out: Output = Command::new(bin())
         .args(args)
         .env("HANDOFF_CONFIG", config)
         .env("HOME", &home)
@@ -636,7 +639,7 @@ fn blockers_without_root_exits_4_and_says_to_run_as_root() {
     }
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(BIN)
+        .arg(bin())
         .arg("blockers")
         .env("HANDOFF_CONFIG", h.config_path())
         .env("HOME", h.tmp.path().join("home"))

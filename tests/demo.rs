@@ -2,7 +2,6 @@
 //! the handoff; the waiting demo prints the bar block's line, and a signal then leaves
 //! nothing behind. Needs root and /dev/fuse (the simulated sysfs is a FUSE mount). The
 //! demo with a display is tested in applet/tests/demo_desktop.rs.
-#![cfg(all(feature = "kernel-sim", feature = "libvirt"))]
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -11,7 +10,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 fn demo() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_handoff"));
+    let mut c = Command::new(handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff")));
     c.arg("demo")
         .env_remove("DISPLAY")
         .env_remove("WAYLAND_DISPLAY")
@@ -139,7 +138,9 @@ fn script_shows_refusal_vfio_and_return_and_cleans_up() {
 
 #[test]
 fn waiting_demo_prints_the_block_and_sigterm_leaves_nothing_behind() {
-    let dir = Path::new(env!("CARGO_BIN_EXE_handoff")).parent().unwrap();
+    let dir = Path::new(handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff")))
+        .parent()
+        .unwrap();
     handoff_test_support::bins::sibling(dir, "handoff-block", "handoff-block", &["src", "i3blocks/src"]);
     let mut child = demo().stdout(Stdio::piped()).spawn().expect("handoff demo");
     let stdout = child.stdout.take().unwrap();

@@ -5,7 +5,6 @@
 //!
 //! Run with `cargo test --all-features --test hook` as root with `/dev/fuse`.
 //! Under `CI=true` a missing `/dev/fuse` fails; elsewhere these tests skip, saying why.
-#![cfg(feature = "kernel-sim")]
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -13,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use handoff::bind::record::{Phase, RestoreRecord};
-use handoff::kernelsim::{Errno, FaultRule, FileKind, Release};
+use handoff_kernelsim::{Errno, FaultRule, FileKind, Release};
 use handoff_test_support::named_holder;
 use handoff_test_support::simgpu;
 use simgpu::{AUDIO, GPU, Sim, addr, hold, workstation};

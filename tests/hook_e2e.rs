@@ -7,9 +7,8 @@
 //! test fails), and libvirtd is SIGHUPed afterwards so it forgets the test's hook. The
 //! shim the test installs runs the `handoff` binary cargo built under `target/`.
 //!
-//! Run with `cargo test --features kernel-sim --test hook_e2e` as root with `/dev/fuse`.
+//! Run with `cargo test --test hook_e2e` as root with `/dev/fuse`.
 //! Under `CI=true` a missing part fails the test; elsewhere it skips, saying why.
-#![cfg(feature = "kernel-sim")]
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -18,16 +17,19 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use handoff::bind::record::{Phase, RestoreRecord};
-use handoff::kernelsim::send_command;
 use handoff::pci::PciAddress;
 use handoff::sim::RTX_3090_TI;
 use handoff::state::{HookPhase, HookState};
+use handoff_kernelsim::send_command;
 use handoff_test_support::libvirt::{LibvirtdLock, TestDomain, virsh};
 use handoff_test_support::simgpu::hold;
 use handoff_test_support::stage::{ETC_HANDOFF, SYSTEM_CONFIG, Stage};
 use handoff_test_support::wait::wait_until;
 
-const HANDOFF: &str = env!("CARGO_BIN_EXE_handoff");
+/// `handoff`, with `handoff-vm` (which runs its libvirt commands) built beside it.
+fn handoff() -> &'static str {
+    handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff"))
+}
 const HOOKS_DIR: &str = "/etc/libvirt/hooks";
 /// Short, so the hang case takes seconds; the hook reads it from the system config.
 const WATCHDOG_S: u64 = 2;
@@ -55,7 +57,7 @@ impl Scene {
         let other = TestDomain::define();
         let said = stage.install(
             &system_config(&stage, &[domain.name(), other.name()]),
-            Path::new(HANDOFF),
+            Path::new(handoff()),
         );
         let meta = fs::metadata(SYSTEM_CONFIG).unwrap();
         assert_eq!((meta.uid(), meta.gid()), (0, 0), "the test must run as root");
@@ -416,7 +418,7 @@ fn a_hung_unbind_fails_the_start_cleanly_and_libvirtd_keeps_answering(s: &Scene,
     );
 
     // doctor sees the installed hook and the pending restore.
-    let out = Command::new(HANDOFF)
+    let out = Command::new(handoff())
         .args(["doctor", "--json"])
         .env("HANDOFF_CONFIG", SYSTEM_CONFIG)
         .output()
@@ -442,7 +444,7 @@ fn a_hung_unbind_fails_the_start_cleanly_and_libvirtd_keeps_answering(s: &Scene,
             .contains("handoff rebind --force")
     );
 
-    let out = Command::new(HANDOFF)
+    let out = Command::new(handoff())
         .args(["rebind", "--force"])
         .env("HANDOFF_CONFIG", SYSTEM_CONFIG)
         .output()

@@ -7,14 +7,13 @@
 //!
 //! Run with `cargo test --all-features --test hook_gpus` as root with `/dev/fuse`.
 //! Under `CI=true` a missing `/dev/fuse` fails; elsewhere these tests skip, saying why.
-#![cfg(feature = "kernel-sim")]
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use handoff::bind::record::RestoreRecord;
-use handoff::kernelsim::{Errno, FaultRule, FileKind};
+use handoff_kernelsim::{Errno, FaultRule, FileKind};
 use handoff_test_support::named_holder;
 use handoff_test_support::simgpu::{self, GPU, Sim, addr};
 

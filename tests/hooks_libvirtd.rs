@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use handoff::hooks::{self, DEFAULT_HOOKS_DIR, InstallOptions, Reload};
+use handoff::hook_install::{self, DEFAULT_HOOKS_DIR, InstallOptions, Reload};
 use handoff_test_support::libvirt::{TestDomain, require_libvirtd, virsh};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hooks");
@@ -50,7 +50,7 @@ impl Drop for HooksDirBackup {
         {
             eprintln!("cannot move {BACKUP} back to {DEFAULT_HOOKS_DIR}: {e}; do it by hand");
         }
-        hooks::reload_libvirt(Path::new("/proc"));
+        hook_install::reload_libvirt(Path::new("/proc"));
     }
 }
 
@@ -85,14 +85,18 @@ fn libvirt_runs_the_installed_hook_and_a_refused_prepare_fails_the_start_with_it
         handoff_exe: stand_in.clone(),
         ..InstallOptions::default()
     };
-    let report = hooks::install_hooks(&opts).expect("install-hooks into /etc/libvirt/hooks");
+    let report = hook_install::install_hooks(&opts).expect("install-hooks into /etc/libvirt/hooks");
     eprintln!("{report}");
     assert!(
         matches!(report.reload, Reload::Signalled { .. }),
         "{:?}",
         report.reload
     );
-    assert!(report.libvirt_version.is_some_and(|v| v >= hooks::MIN_LIBVIRT));
+    assert!(
+        report
+            .libvirt_version
+            .is_some_and(|v| v >= hook_install::MIN_LIBVIRT)
+    );
     let_libvirtd_reload();
 
     let domain = TestDomain::define();
@@ -149,7 +153,7 @@ fn libvirt_runs_the_installed_hook_and_a_refused_prepare_fails_the_start_with_it
 
     // Uninstalled and reloaded: libvirt no longer runs it.
     fs::remove_file(stand_in_dir.path().join("refuse")).unwrap();
-    let removed = hooks::install_hooks(&InstallOptions {
+    let removed = hook_install::install_hooks(&InstallOptions {
         uninstall: true,
         ..opts.clone()
     })

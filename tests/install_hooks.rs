@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use handoff::hooks::{
+use handoff::hook_install::{
     self, Action, HooksError, InstallOptions, LibvirtVersion, Reload, SHIM_MARKER, Warning,
 };
 
@@ -62,7 +62,7 @@ fn mode(path: &Path) -> u32 {
 #[test]
 fn fresh_install_creates_qemu_d_and_an_executable_shim_that_execs_handoff_hook() {
     let s = scene();
-    let report = hooks::install_hooks(&options(&s)).unwrap();
+    let report = hook_install::install_hooks(&options(&s)).unwrap();
 
     let shim = s.hooks_dir.join("qemu.d/handoff");
     assert_eq!(
@@ -100,12 +100,12 @@ fn fresh_install_creates_qemu_d_and_an_executable_shim_that_execs_handoff_hook()
 #[test]
 fn second_install_finds_nothing_to_do_and_leaves_the_shim_byte_identical() {
     let s = scene();
-    hooks::install_hooks(&options(&s)).unwrap();
+    hook_install::install_hooks(&options(&s)).unwrap();
     let shim = s.hooks_dir.join("qemu.d/handoff");
     let before = fs::read(&shim).unwrap();
     let mtime = fs::metadata(&shim).unwrap().modified().unwrap();
 
-    let again = hooks::install_hooks(&options(&s)).unwrap();
+    let again = hook_install::install_hooks(&options(&s)).unwrap();
 
     assert!(again.plan.actions.is_empty(), "{:?}", again.plan.actions);
     assert_eq!(again.summary, format!("already installed: {}", shim.display()));
@@ -117,11 +117,11 @@ fn second_install_finds_nothing_to_do_and_leaves_the_shim_byte_identical() {
 #[test]
 fn a_shim_with_the_wrong_mode_gets_its_mode_back() {
     let s = scene();
-    hooks::install_hooks(&options(&s)).unwrap();
+    hook_install::install_hooks(&options(&s)).unwrap();
     let shim = s.hooks_dir.join("qemu.d/handoff");
     fs::set_permissions(&shim, fs::Permissions::from_mode(0o644)).unwrap();
 
-    let report = hooks::install_hooks(&options(&s)).unwrap();
+    let report = hook_install::install_hooks(&options(&s)).unwrap();
 
     assert_eq!(
         report.plan.actions,
@@ -136,11 +136,11 @@ fn a_shim_with_the_wrong_mode_gets_its_mode_back() {
 #[test]
 fn a_shim_for_another_handoff_binary_is_replaced() {
     let s = scene();
-    hooks::install_hooks(&options(&s)).unwrap();
+    hook_install::install_hooks(&options(&s)).unwrap();
     let other = s.exe.with_file_name("handoff-new");
     fs::copy(&s.exe, &other).unwrap();
 
-    let report = hooks::install_hooks(&InstallOptions {
+    let report = hook_install::install_hooks(&InstallOptions {
         handoff_exe: other.clone(),
         ..options(&s)
     })
@@ -162,7 +162,7 @@ fn a_foreign_qemu_hook_that_binds_gpus_is_left_untouched_and_warned_about() {
     let s = scene();
     let foreign = put_foreign_qemu_hook(&s, "qemu-binds-gpu.sh");
 
-    let report = hooks::install_hooks(&options(&s)).unwrap();
+    let report = hook_install::install_hooks(&options(&s)).unwrap();
 
     let qemu = s.hooks_dir.join("qemu");
     assert_eq!(fs::read(&qemu).unwrap(), foreign);
@@ -183,7 +183,7 @@ fn a_foreign_qemu_hook_unrelated_to_gpus_is_left_untouched_without_a_warning() {
     let s = scene();
     let foreign = put_foreign_qemu_hook(&s, "qemu-harmless.sh");
 
-    let report = hooks::install_hooks(&options(&s)).unwrap();
+    let report = hook_install::install_hooks(&options(&s)).unwrap();
 
     assert_eq!(fs::read(s.hooks_dir.join("qemu")).unwrap(), foreign);
     assert!(report.plan.warnings.is_empty(), "{:?}", report.plan.warnings);
@@ -202,7 +202,7 @@ fn another_script_in_qemu_d_that_unbinds_gpus_is_warned_about_too() {
     .unwrap();
     fs::set_permissions(&other, fs::Permissions::from_mode(0o755)).unwrap();
 
-    let report = hooks::install_hooks(&options(&s)).unwrap();
+    let report = hook_install::install_hooks(&options(&s)).unwrap();
 
     assert!(matches!(&report.plan.warnings[..], [Warning::ForeignGpuHook { path, .. }] if *path == other));
 }
@@ -214,9 +214,9 @@ fn uninstall_removes_exactly_the_shim_and_leaves_foreign_files() {
     fs::create_dir_all(s.hooks_dir.join("qemu.d")).unwrap();
     let neighbour = s.hooks_dir.join("qemu.d/10-hugepages");
     fs::write(&neighbour, "#!/bin/sh\nexit 0\n").unwrap();
-    hooks::install_hooks(&options(&s)).unwrap();
+    hook_install::install_hooks(&options(&s)).unwrap();
 
-    let report = hooks::install_hooks(&InstallOptions {
+    let report = hook_install::install_hooks(&InstallOptions {
         uninstall: true,
         ..options(&s)
     })
@@ -229,7 +229,7 @@ fn uninstall_removes_exactly_the_shim_and_leaves_foreign_files() {
     assert_eq!(fs::read_to_string(&neighbour).unwrap(), "#!/bin/sh\nexit 0\n");
     assert!(s.hooks_dir.join("qemu.d").is_dir());
 
-    let again = hooks::install_hooks(&InstallOptions {
+    let again = hook_install::install_hooks(&InstallOptions {
         uninstall: true,
         ..options(&s)
     })
@@ -249,7 +249,7 @@ fn uninstall_leaves_a_qemu_d_handoff_it_did_not_write() {
     )
     .unwrap();
 
-    let report = hooks::install_hooks(&InstallOptions {
+    let report = hook_install::install_hooks(&InstallOptions {
         uninstall: true,
         ..options(&s)
     })
@@ -270,7 +270,7 @@ fn install_refuses_to_overwrite_a_qemu_d_handoff_it_did_not_write() {
     let theirs = s.hooks_dir.join("qemu.d/handoff");
     fs::write(&theirs, "#!/bin/sh\nexit 0\n").unwrap();
 
-    let err = hooks::install_hooks(&options(&s)).unwrap_err();
+    let err = hook_install::install_hooks(&options(&s)).unwrap_err();
 
     assert!(
         matches!(&err, HooksError::ForeignShim { path } if *path == theirs),
@@ -283,7 +283,7 @@ fn install_refuses_to_overwrite_a_qemu_d_handoff_it_did_not_write() {
 #[test]
 fn dry_run_plans_but_changes_nothing() {
     let s = scene();
-    let report = hooks::install_hooks(&InstallOptions {
+    let report = hook_install::install_hooks(&InstallOptions {
         dry_run: true,
         ..options(&s)
     })
@@ -324,7 +324,7 @@ fn run_shim_for(shim: &Path, domain: &str) -> std::process::Output {
 #[test]
 fn a_handoff_path_with_spaces_quotes_and_dollars_reaches_the_shim_intact() {
     let s = scene_with_exe_dir("it's a $HOME `dir`; \"quoted\"");
-    hooks::install_hooks(&options(&s)).unwrap();
+    hook_install::install_hooks(&options(&s)).unwrap();
     eprintln!(
         "{}",
         fs::read_to_string(s.hooks_dir.join("qemu.d/handoff")).unwrap()
@@ -347,17 +347,17 @@ fn a_handoff_path_with_spaces_quotes_and_dollars_reaches_the_shim_intact() {
 #[test]
 fn a_relative_or_multi_line_handoff_path_is_refused() {
     assert!(matches!(
-        hooks::shim_contents(Path::new("target/debug/handoff")),
+        hook_install::shim_contents(Path::new("target/debug/handoff")),
         Err(HooksError::ExeNotAbsolute { .. })
     ));
-    let err = hooks::shim_contents(Path::new("/opt/x\nrm -rf /\n/handoff")).unwrap_err();
+    let err = hook_install::shim_contents(Path::new("/opt/x\nrm -rf /\n/handoff")).unwrap_err();
     assert!(matches!(err, HooksError::ExeUnusable { .. }), "{err}");
 }
 
 #[test]
 fn a_missing_handoff_binary_is_refused_before_anything_is_written() {
     let s = scene();
-    let err = hooks::install_hooks(&InstallOptions {
+    let err = hook_install::install_hooks(&InstallOptions {
         handoff_exe: s.exe.with_file_name("nope"),
         ..options(&s)
     })
@@ -387,8 +387,8 @@ fn libvirt_older_than_6_5_is_refused_with_what_to_do() {
     );
 
     let exe = Path::new("/usr/local/bin/handoff");
-    assert!(hooks::check_libvirt_version(v("libvirtd (libvirt) 6.5.0"), exe).is_ok());
-    let err = hooks::check_libvirt_version(v("libvirtd (libvirt) 6.0.0"), exe).unwrap_err();
+    assert!(hook_install::check_libvirt_version(v("libvirtd (libvirt) 6.5.0"), exe).is_ok());
+    let err = hook_install::check_libvirt_version(v("libvirtd (libvirt) 6.0.0"), exe).unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains("6.0.0") && msg.contains("6.5.0") && msg.contains("/usr/local/bin/handoff hook"),
@@ -406,7 +406,7 @@ fn reload_reports_no_daemon_when_proc_has_none() {
     fs::write(proc_root.path().join("7/comm"), "libvirtd\n").unwrap();
     fs::write(proc_root.path().join("7/stat"), "7 (libvirtd) Z 1 7 7").unwrap();
 
-    assert_eq!(hooks::reload_libvirt(proc_root.path()), Reload::NotRunning);
+    assert_eq!(hook_install::reload_libvirt(proc_root.path()), Reload::NotRunning);
     assert!(
         Reload::NotRunning
             .to_string()
@@ -417,7 +417,7 @@ fn reload_reports_no_daemon_when_proc_has_none() {
 #[test]
 fn a_shim_whose_handoff_was_removed_refuses_with_a_message_that_says_so() {
     let s = scene();
-    hooks::install_hooks(&options(&s)).unwrap();
+    hook_install::install_hooks(&options(&s)).unwrap();
     fs::remove_file(&s.exe).unwrap();
 
     let out = run_shim_like_libvirt(&s.hooks_dir.join("qemu.d/handoff"));
@@ -434,7 +434,7 @@ fn a_shim_whose_handoff_was_removed_refuses_with_a_message_that_says_so() {
 fn cli_options_signal_libvirtd_only_for_the_real_hooks_directory() {
     let real = InstallOptions::for_cli(false, false, None).unwrap();
     assert!(real.reload_daemon && real.check_version);
-    assert_eq!(real.hooks_dir, Path::new(hooks::DEFAULT_HOOKS_DIR));
+    assert_eq!(real.hooks_dir, Path::new(hook_install::DEFAULT_HOOKS_DIR));
     assert!(real.handoff_exe.is_absolute());
     let test = InstallOptions::for_cli(true, true, Some("/tmp/x".into())).unwrap();
     assert!(!test.reload_daemon && test.uninstall && test.dry_run);
@@ -445,7 +445,7 @@ fn a_domain_named_like_an_option_reaches_handoff_as_a_domain_name() {
     // libvirt passes the domain name first; `--` keeps `--help` or `--config=x` from being
     // read as handoff's options (which skipped the holder check).
     let s = scene();
-    hooks::install_hooks(&options(&s)).unwrap();
+    hook_install::install_hooks(&options(&s)).unwrap();
     for domain in ["--help", "-q", "--config=/tmp/x.toml"] {
         let out = run_shim_for(&s.hooks_dir.join("qemu.d/handoff"), domain);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -486,7 +486,7 @@ fn a_handoff_binary_others_can_change_is_refused_before_anything_is_written() {
     for (case, spoil, why) in cases {
         let s = scene();
         spoil(&s.exe);
-        let err = hooks::install_hooks(&options(&s)).unwrap_err();
+        let err = hook_install::install_hooks(&options(&s)).unwrap_err();
         assert!(matches!(err, HooksError::ExeNotTrusted { .. }), "{case}: {err}");
         let msg = err.to_string();
         assert!(

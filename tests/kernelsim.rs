@@ -1,9 +1,8 @@
 //! The simulated kernel through its FUSE mount, written to with plain `std::fs::write`
 //! and shell children, the way the binding engine and the libvirt hook will.
 //!
-//! Run with `cargo test --features kernel-sim` as root with `/dev/fuse`. Under `CI=true`
+//! Run with `cargo test` as root with `/dev/fuse`. Under `CI=true`
 //! a missing `/dev/fuse` fails; elsewhere these tests skip, saying why.
-#![cfg(feature = "kernel-sim")]
 
 use std::fs;
 use std::io;
@@ -11,8 +10,8 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use handoff::kernelsim::{Errno, FaultRule, FileKind, Release, WriteResult, read_log, send_command};
 use handoff::sim::SimSpec;
+use handoff_kernelsim::{Errno, FaultRule, FileKind, Release, WriteResult, read_log, send_command};
 use handoff_test_support::simgpu::{AUDIO, Sim, USB, mount, workstation};
 
 fn write(path: impl AsRef<Path>, value: &str) -> io::Result<()> {

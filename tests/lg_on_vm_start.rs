@@ -3,14 +3,16 @@
 //! driver (`tests/fixtures/libvirt/two-vms-node.xml`: `win11` shut off): with the VM off it
 //! says it waits and keeps waiting, opening nothing; a VM libvirt does not define ends it
 //! at once (exit 2), naming the domain and the URI. No desktop is involved: nothing is opened.
-#![cfg(feature = "libvirt")]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_handoff");
+/// `handoff`, with `handoff-vm` (which runs its libvirt commands) built beside it.
+fn bin() -> &'static str {
+    handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff"))
+}
 const NODE_XML: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fixtures/libvirt/two-vms-node.xml"
@@ -23,7 +25,7 @@ fn lg_on_vm_start(dir: &std::path::Path, vm: &str) -> Command {
         format!("[[vm]]\nname = \"{vm}\"\nlabel = \"Windows\"\nuri = \"test://{NODE_XML}\"\n"),
     )
     .unwrap();
-    let mut c = Command::new(BIN);
+    let mut c = Command::new(bin());
     c.args(["lg", "--on-vm-start"])
         .env("HANDOFF_CONFIG", &config)
         .env_remove(handoff::hypervisor::SIMULATED_ENV)

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use handoff::doctor::Level;
-use handoff::lg_test::{self, Caller, Inputs};
+use handoff::lg_check::{self, Caller, Inputs};
 
 const MIB: u64 = 1024 * 1024;
 const USER: u32 = 4242;
@@ -46,9 +46,9 @@ impl Host {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 
-    fn run(&self, fixture: &str) -> lg_test::Report {
+    fn run(&self, fixture: &str) -> lg_check::Report {
         let xml = std::fs::read_to_string(Path::new("tests/fixtures/lg").join(fixture)).unwrap();
-        lg_test::run(
+        lg_check::run(
             &self.cfg,
             &Inputs {
                 xml: Ok(xml),
@@ -65,7 +65,7 @@ impl Host {
     }
 }
 
-fn check<'a>(r: &'a lg_test::Report, id: &str) -> &'a handoff::doctor::Check {
+fn check<'a>(r: &'a lg_check::Report, id: &str) -> &'a handoff::doctor::Check {
     r.checks
         .iter()
         .find(|c| c.id == id)
@@ -243,7 +243,7 @@ fn cli_exits_1_with_fixes_and_json_for_a_missing_shm() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_handoff"))
+    let out = std::process::Command::new(handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff")))
         .args([
             "lg-test",
             "--json",

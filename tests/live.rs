@@ -130,6 +130,7 @@ fn only(uevents: bool, run_dir: bool) -> Sources {
         run_dir,
         nodes: false,
         libvirt: false,
+        vm_events: None,
     }
 }
 
@@ -336,8 +337,8 @@ fn wait_for_watcher_threads(n: usize, when: &str) {
 
 #[test]
 fn a_simulated_handoff_looks_like_a_real_one_to_the_watcher() {
-    use handoff::kernelsim::Kernel;
     use handoff::sim::SimSpec;
+    use handoff_kernelsim::Kernel;
     if !is_root() {
         eprintln!("SKIPPED: the simulated kernel's uevents need root (CAP_NET_ADMIN)");
         return;
@@ -361,7 +362,7 @@ fn a_simulated_handoff_looks_like_a_real_one_to_the_watcher() {
     let write = |k: &mut Kernel, file: &str, value: &str| {
         let outcome = k.write(Path::new(file), value.as_bytes());
         assert!(
-            matches!(outcome, handoff::kernelsim::Outcome::Done(Ok(()))),
+            matches!(outcome, handoff_kernelsim::Outcome::Done(Ok(()))),
             "{file} ← {value}: {outcome:?}"
         );
     };
@@ -498,6 +499,7 @@ fn node_watch(tmp: &Path) -> (handoff::sim::SimHost, Config, Watcher) {
         run_dir: false,
         nodes: true,
         libvirt: false,
+        vm_events: None,
     };
     let w = Watcher::new(&config, nodes_only).expect("watcher");
     (sim, config, w)

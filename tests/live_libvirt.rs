@@ -6,7 +6,6 @@
 //! the harness's `ensure_libvirtd`. That daemon is a test-harness singleton on these
 //! machines (handoff_test_support::libvirt starts it; nothing else depends on it), and the test
 //! holds the harness's cross-process lock throughout, so no other test sees it go.
-#![cfg(feature = "libvirt")]
 
 use std::time::{Duration, Instant};
 
@@ -16,12 +15,13 @@ use handoff::live::{Change, DomainEvent, Source, Sources, Watcher};
 use handoff_test_support::libvirt::{TestDomain, URI, ensure_libvirtd, pids_named, require_libvirtd};
 
 fn libvirt_only() -> Sources {
-    Sources {
+    handoff_libvirt::events::sources(Sources {
         uevents: false,
         run_dir: false,
         nodes: false,
         libvirt: true,
-    }
+        vm_events: None,
+    })
 }
 
 fn config_for(uri: &str, name: &str) -> Config {
@@ -57,7 +57,7 @@ fn test_driver_lifecycle_events_reach_the_stream() {
     let config = config_for("test:///default", "test");
     let watcher = Watcher::new(&config, libvirt_only()).expect("watcher");
     // Another connection to the same in-process test driver drives the domain.
-    let conn = handoff::libvirt::connect("test:///default").expect("test driver");
+    let conn = handoff_libvirt::libvirt::connect("test:///default").expect("test driver");
     let dom = conn
         .lookup_domain_by_name("test")
         .expect("the test driver's `test` domain");

@@ -6,7 +6,6 @@
 //! GPU's slot through.
 //!
 //! Run as root with `/dev/fuse`; under `CI=true` a missing `/dev/fuse` fails.
-#![cfg(feature = "kernel-sim")]
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -145,7 +145,15 @@ fn source_text() -> String {
         }
     }
     let mut files = Vec::new();
-    for dir in ["src", "applet/src", "i3blocks/src", "details/src"] {
+    for dir in [
+        "src",
+        "libvirt/src",
+        "kernelsim/src",
+        "inhibit/src",
+        "applet/src",
+        "i3blocks/src",
+        "details/src",
+    ] {
         walk(&root().join(dir), &mut files);
     }
     files.sort();
@@ -283,7 +291,7 @@ fn every_quoted_message_still_exists_in_the_source() {
     );
     assert!(
         failures.is_empty(),
-        "{} quoted message part(s) not found in src/, applet/src, i3blocks/src, details/src:\n{}",
+        "{} quoted message part(s) not found in the crates' src/:\n{}",
         failures.len(),
         failures.join("\n")
     );
@@ -394,7 +402,7 @@ fn help(cache: &mut HashMap<Vec<String>, (bool, String)>, args: &[String]) -> (b
     cache
         .entry(args.to_vec())
         .or_insert_with(|| {
-            let out = Command::new(env!("CARGO_BIN_EXE_handoff"))
+            let out = Command::new(handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff")))
                 .args(args)
                 .arg("--help")
                 .env_remove("HANDOFF_CONFIG")

@@ -29,7 +29,7 @@ fn guest() -> Option<&'static Transcript> {
     static BOOT: OnceLock<Result<Transcript, (bool, String)>> = OnceLock::new();
     let r = BOOT.get_or_init(|| {
         let image = kernel::image().map_err(|e| (true, e))?;
-        let handoff = Path::new(env!("CARGO_BIN_EXE_handoff"));
+        let handoff = Path::new(handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff")));
         let block = handoff_test_support::bins::sibling(
             handoff.parent().unwrap(),
             "handoff-block",

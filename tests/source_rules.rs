@@ -15,7 +15,15 @@ use handoff_test_support::source::rust_files;
 const SAFETY_REACH: usize = 3;
 
 /// The directories whose `.rs` files are product code.
-const PRODUCT_DIRS: [&str; 4] = ["src", "applet/src", "i3blocks/src", "details/src"];
+const PRODUCT_DIRS: [&str; 7] = [
+    "src",
+    "libvirt/src",
+    "kernelsim/src",
+    "inhibit/src",
+    "applet/src",
+    "i3blocks/src",
+    "details/src",
+];
 
 /// The 1-based line numbers of `unsafe {` blocks in `text` that have no `SAFETY:` comment on
 /// their line or within [`SAFETY_REACH`] lines above. Lines that are comments are not code.

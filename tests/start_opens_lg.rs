@@ -15,9 +15,8 @@
 //! removed, the mount is unmounted, and Xvfb, i3 and the clients i3 started are killed by
 //! process group — also when the test fails. It holds the libvirtd test lock throughout.
 //!
-//! Run with `cargo test --features kernel-sim --test start_opens_lg` as root with
+//! Run with `cargo test --test start_opens_lg` as root with
 //! `/dev/fuse`, libvirtd, QEMU, Xvfb, i3 and xterm. Under `CI=true` a missing part fails.
-#![cfg(feature = "kernel-sim")]
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -31,7 +30,10 @@ use handoff_test_support::libvirt::TestDomain;
 use handoff_test_support::stage::{SYSTEM_CONFIG, Stage};
 use handoff_test_support::tools::{have, required};
 
-const HANDOFF: &str = env!("CARGO_BIN_EXE_handoff");
+/// `handoff`, with `handoff-vm` (which runs its libvirt commands) built beside it.
+fn handoff() -> &'static str {
+    handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff"))
+}
 const CLASS: &str = "looking-glass-client";
 const WORKSPACE: &str = "lg 10";
 /// In the scene's temp dir: the same config, but a client that is not installed (and a
@@ -118,7 +120,7 @@ impl Scene {
             ),
         )
         .unwrap();
-        stage.install(&config("xterm", CLASS), Path::new(HANDOFF));
+        stage.install(&config("xterm", CLASS), Path::new(handoff()));
         Some(Scene { vm, shm, desk, stage })
     }
 
@@ -128,10 +130,10 @@ impl Scene {
         let mut c = match prefix.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
-                c.args(rest).arg(HANDOFF);
+                c.args(rest).arg(handoff());
                 c
             }
-            None => Command::new(HANDOFF),
+            None => Command::new(handoff()),
         };
         c.args(args)
             .env_clear()

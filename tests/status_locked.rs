@@ -3,19 +3,21 @@
 //! mount, where reading that device's `driver_override` blocks like on a real kernel.
 //! (`handoff-block` is checked the same way in i3blocks/tests.)
 //!
-//! Run with `cargo test --features kernel-sim` as root with `/dev/fuse`. Under `CI=true`
+//! Run with `cargo test` as root with `/dev/fuse`. Under `CI=true`
 //! a missing `/dev/fuse` fails; elsewhere these tests skip, saying why.
-#![cfg(feature = "kernel-sim")]
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use handoff::kernelsim::{Errno, FaultRule, FileKind, Release};
+use handoff_kernelsim::{Errno, FaultRule, FileKind, Release};
 use handoff_test_support::simgpu::{self, Sim};
 
-const BIN: &str = env!("CARGO_BIN_EXE_handoff");
+/// `handoff`, with `handoff-vm` (which runs its libvirt commands) built beside it.
+fn bin() -> &'static str {
+    handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff"))
+}
 const GPU: &str = "0000:01:00.0";
 /// "Returns within about a second": the bounded read waits 200 ms, the rest is margin for
 /// a loaded machine.
@@ -76,7 +78,7 @@ impl Stuck {
     /// to the drop, which releases the lock before reaping it).
     fn run(&self, args: &[&str], limit: Duration) -> Option<(Duration, String, String)> {
         let started = Instant::now();
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(args)
             .env("HANDOFF_CONFIG", self.config())
             .env("HOME", self.sim.tmp.path())

@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_handoff");
+/// `handoff`, with `handoff-vm` (which runs its libvirt commands) built beside it.
+fn bin() -> &'static str {
+    handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff"))
+}
 const NODE_XML: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fixtures/libvirt/two-vms-node.xml"
@@ -85,7 +88,7 @@ impl Scene {
 
     fn command(&self, args: &[&str]) -> Command {
         let home = self.tmp.path().join("home");
-        let mut c = Command::new(BIN);
+        let mut c = Command::new(bin());
         c.args(args)
             .env("HANDOFF_CONFIG", self.tmp.path().join("config.toml"))
             .env("HOME", &home)

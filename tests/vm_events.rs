@@ -1,14 +1,13 @@
 //! Lifecycle events from libvirt's built-in `test:///default` driver (in-process, emits
 //! events, no daemon), through the hypervisor interface's subscription: the subscriber sees
 //! the VM stop and start.
-#![cfg(feature = "libvirt")]
 
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-use handoff::hypervisor::libvirt::Libvirt;
 use handoff::hypervisor::{Hypervisor, VmEvent, VmRef};
 use handoff::live::DomainEvent;
+use handoff_libvirt::libvirt::Libvirt;
 
 #[test]
 fn sees_the_vm_stop_and_start() {

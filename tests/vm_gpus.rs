@@ -7,14 +7,13 @@
 //! mount.
 //!
 //! Run as root with `/dev/fuse`; under `CI=true` a missing `/dev/fuse` fails.
-#![cfg(all(feature = "kernel-sim", feature = "libvirt"))]
 
 use std::fs;
 use std::time::Duration;
 
 use handoff::config::{Config, VmConfig};
-use handoff::hypervisor::simulated::Simulated;
-use handoff::vm::{Ctl, VmError};
+use handoff_libvirt::simulated::Simulated;
+use handoff_libvirt::vm::{Ctl, VmError};
 use handoff_test_support::simgpu::{self, GPU};
 
 const IGPU: &str = "0000:00:02.0";

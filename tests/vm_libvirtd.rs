@@ -8,8 +8,7 @@
 //! is SIGHUPed afterwards), the test's domains are destroyed and undefined, the mount is
 //! unmounted and every child process is killed — also when the test fails.
 //!
-//! Run with `cargo test --features kernel-sim --test vm_libvirtd` as root with `/dev/fuse`.
-#![cfg(feature = "kernel-sim")]
+//! Run with `cargo test --test vm_libvirtd` as root with `/dev/fuse`.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -21,7 +20,10 @@ use handoff_test_support::libvirt::TestDomain;
 use handoff_test_support::simgpu::hold;
 use handoff_test_support::stage::{SYSTEM_CONFIG, Stage};
 
-const HANDOFF: &str = env!("CARGO_BIN_EXE_handoff");
+/// `handoff`, with `handoff-vm` (which runs its libvirt commands) built beside it.
+fn handoff() -> &'static str {
+    handoff_test_support::bins::cli(env!("CARGO_BIN_EXE_handoff"))
+}
 
 /// Fields drop in declaration order: domains first (their destroy runs the hook's
 /// `release`, which needs the mount), then the stage (mount, /etc/handoff, hooks, lock).
@@ -63,7 +65,7 @@ impl Scene {
                 d.name()
             );
         }
-        stage.install(&text, Path::new(HANDOFF));
+        stage.install(&text, Path::new(handoff()));
         Some(Scene { win, ai, stage })
     }
 
@@ -78,10 +80,10 @@ impl Scene {
         let mut c = match prefix.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
-                c.args(rest).arg(HANDOFF);
+                c.args(rest).arg(handoff());
                 c
             }
-            None => Command::new(HANDOFF),
+            None => Command::new(handoff()),
         };
         c.args(args)
             .env_clear()

@@ -9,6 +9,7 @@ use handoff::Config;
 use handoff::agent::{Agent, Failure, FailureKind, Request};
 use handoff::config::VmConfig;
 
+use handoff::action::Action as Vocabulary;
 use handoff::action::{self, UnitScope};
 
 use crate::model::{self, Note};
@@ -76,26 +77,11 @@ impl Action {
 /// show, if any.
 pub fn run(cfg: &Config, agent: &Agent, a: &Action) -> Option<Note> {
     match a {
-        Action::Start(vm) => vm_action(cfg, agent, vm, Request::Start { vm: vm.clone() }),
-        Action::Stop(vm) => vm_action(
-            cfg,
-            agent,
-            vm,
-            Request::Stop {
-                vm: vm.clone(),
-                force: false,
-            },
-        ),
-        Action::ForceStop(vm) => vm_action(
-            cfg,
-            agent,
-            vm,
-            Request::Stop {
-                vm: vm.clone(),
-                force: true,
-            },
-        ),
-        Action::Switch(vm) => vm_action(cfg, agent, vm, Request::Switch { vm: vm.clone() }),
+        // The VM actions are the vocabulary's, run by the agent (Request::for_action).
+        Action::Start(vm) => vm_action(cfg, agent, vm, Vocabulary::Start { vm: vm.clone() }),
+        Action::Stop(vm) => vm_action(cfg, agent, vm, Vocabulary::Stop { vm: vm.clone() }),
+        Action::ForceStop(vm) => vm_action(cfg, agent, vm, Vocabulary::ForceStop { vm: vm.clone() }),
+        Action::Switch(vm) => vm_action(cfg, agent, vm, Vocabulary::Switch { vm: vm.clone() }),
         Action::Terminate { pid, command } => terminate(cfg, &[(*pid, command.as_str())])
             .err()
             .map(|e| Note::plain(format!("{command} (pid {pid}) is still running"), e.to_string())),
@@ -108,7 +94,7 @@ pub fn run(cfg: &Config, agent: &Agent, a: &Action) -> Option<Note> {
         Action::TerminateAndStart { vm, pids } => {
             let named: Vec<(u32, &str)> = pids.iter().map(|&p| (p, "process")).collect();
             match terminate(cfg, &named) {
-                Ok(_) => vm_action(cfg, agent, vm, Request::Start { vm: vm.clone() }),
+                Ok(_) => vm_action(cfg, agent, vm, Vocabulary::Start { vm: vm.clone() }),
                 Err(e) => Some(Note::plain(format!("Not starting {vm}"), e.to_string())),
             }
         }
@@ -128,10 +114,16 @@ fn vm_config<'a>(cfg: &'a Config, name: &str) -> Result<&'a VmConfig, Note> {
 
 /// A start, stop or switch through the agent, and the note its outcome deserves (none for
 /// a plain success: the state change announces it).
-fn vm_action(cfg: &Config, agent: &Agent, name: &str, request: Request) -> Option<Note> {
+fn vm_action(cfg: &Config, agent: &Agent, name: &str, action: Vocabulary) -> Option<Note> {
     let v = match vm_config(cfg, name) {
         Ok(v) => v,
         Err(n) => return Some(n),
+    };
+    let Some(request) = Request::for_action(&action) else {
+        return Some(Note::plain(
+            format!("{} was not asked", v.label()),
+            format!("{action:?} is not the agent's"),
+        ));
     };
     let stopping = matches!(request, Request::Stop { .. });
     match agent.act(request) {

@@ -48,7 +48,7 @@ pub enum Msg {
     Done(Action, Option<Note>),
     /// A notification's button, by action key.
     NoteAction(String),
-    Inhibitor(Option<handoff::inhibit::Inhibitor>),
+    Inhibitor(Option<handoff_inhibit::Inhibitor>),
     /// Read the machine again (after the orphan grace).
     Recheck,
     /// A notification of the tray's own, not tied to an action (units started again).
@@ -200,7 +200,7 @@ struct Loop {
     dirty: bool,
     snap: Snapshot,
     notifier: notify::Notifier,
-    inhibitor: Option<handoff::inhibit::Inhibitor>,
+    inhibitor: Option<handoff_inhibit::Inhibitor>,
     inhibit_asked: bool,
     /// What notifications compare against (see [`Settled`]).
     settled: Settled,
@@ -421,10 +421,10 @@ impl Loop {
         match self.snap.vm_with_gpu() {
             Some(v) if !self.inhibit_asked => {
                 self.inhibit_asked = true;
-                let why = handoff::inhibit::reason_for(&v.label);
+                let why = handoff_inhibit::reason_for(&v.label);
                 let tx = self.tx.clone();
                 tokio::task::spawn_blocking(move || {
-                    let i = handoff::inhibit::hold(&why)
+                    let i = handoff_inhibit::hold(&why)
                         .inspect_err(|e| {
                             tracing::warn!("sleep is not inhibited while the VM has the GPU: {e}")
                         })

@@ -30,8 +30,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use handoff::kernelsim::send_command;
 use handoff::sim::{RTX_3090_TI, SimHost};
+use handoff_kernelsim::send_command;
 use handoff_test_support::config::workstation_with_test_vm;
 use handoff_test_support::desktop::Desktop;
 use handoff_test_support::libvirt::TestDomain;

@@ -1,15 +1,14 @@
 //! What the window's buttons do. Each [`run`] blocks (a graceful VM stop may take two
 //! minutes), so the UI calls it on a worker thread and shows the returned [`Outcome`].
 //!
-//! VM actions go through the library's [`handoff::vm::Ctl`], exactly as `handoff start` /
-//! `stop` / `switch` do; nothing here decides policy.
-
-use std::time::Duration;
+//! VM actions go through [`handoff_libvirt::vm::Ctl::act`], the one implementation
+//! `handoff start` / `stop` / `switch` and the tray's agent run too; nothing here decides
+//! policy.
 
 use handoff::action::{self, UnitScope};
 use handoff::config::{Config, VmConfig};
 use handoff::i3::Session;
-use handoff::vm::{Ctl, StartOutcome, StopOutcome};
+use handoff_libvirt::vm::{Ctl, Done, StartOutcome, StopOutcome};
 
 use crate::view::Action;
 
@@ -50,6 +49,7 @@ pub fn doing(cfg: &Config, action: &Action) -> String {
         Action::Stop { vm } => format!("Shutting {} down (gracefully)…", label(vm)),
         Action::ForceStop { vm } => format!("Forcing {} off…", label(vm)),
         Action::Switch { vm } => format!("Switching to {}…", label(vm)),
+        Action::ForceSwitch { vm } => format!("Switching to {} (forcing the other VM off)…", label(vm)),
         Action::OpenLookingGlass => "Opening Looking Glass…".to_owned(),
         Action::Terminate { pid, command } => format!("Terminating {command} (pid {pid})…"),
         Action::StopUnit { unit, .. } => format!("Stopping {unit}…"),
@@ -102,31 +102,26 @@ pub fn run(cfg: &Config, action: &Action) -> Outcome {
 fn run_inner(cfg: &Config, action: &Action) -> Result<Outcome, Outcome> {
     let mut progress = |line: &str| tracing::info!("{line}");
     Ok(match action {
-        Action::Start { vm } => {
-            let vm = find_vm(cfg, vm)?;
-            match Ctl::new(cfg, &mut progress).start(vm) {
-                Ok(out) => Outcome::ok(started(&out)),
-                Err(e) => Outcome::failed(format!("Could not start {}: {e}", vm.label())),
-            }
-        }
-        Action::Stop { vm } | Action::ForceStop { vm } => {
-            let force = matches!(action, Action::ForceStop { .. });
-            let vm = find_vm(cfg, vm)?;
-            let timeout = Duration::from_secs(vm.shutdown_timeout_s);
-            match Ctl::new(cfg, &mut progress).stop(vm, force, timeout) {
-                Ok(out) => Outcome::ok(stopped(&out)),
-                Err(e) => Outcome::failed(format!("Could not stop {}: {e}", vm.label())),
-            }
-        }
-        Action::Switch { vm } => {
-            let vm = find_vm(cfg, vm)?;
-            match Ctl::new(cfg, &mut progress).switch(vm, false, None) {
-                Ok(out) => {
+        Action::Start { vm }
+        | Action::Stop { vm }
+        | Action::ForceStop { vm }
+        | Action::Switch { vm }
+        | Action::ForceSwitch { vm } => {
+            let label = find_vm(cfg, vm)?.label();
+            match Ctl::new(cfg, &mut progress).act(action, None) {
+                Some(Ok(Done::Started(out))) => Outcome::ok(started(&out)),
+                Some(Ok(Done::Stopped(out))) => Outcome::ok(stopped(&out)),
+                Some(Ok(Done::Switched(out))) => {
                     let mut lines: Vec<String> = out.stopped.iter().map(stopped).collect();
                     lines.push(started(&out.started));
                     Outcome::ok(lines.join("\n"))
                 }
-                Err(e) => Outcome::failed(format!("Could not switch to {}: {e}", vm.label())),
+                Some(Err(e)) => Outcome::failed(match action {
+                    Action::Start { .. } => format!("Could not start {label}: {e}"),
+                    Action::Stop { .. } | Action::ForceStop { .. } => format!("Could not stop {label}: {e}"),
+                    _ => format!("Could not switch to {label}: {e}"),
+                }),
+                None => unreachable!("{action:?} is a VM action"),
             }
         }
         Action::OpenLookingGlass => {

@@ -100,7 +100,7 @@ fn main() -> ExitCode {
         eprintln!("{NO_DISPLAY} ({e})");
         return ExitCode::from(1);
     }
-    handoff::libvirt::quiet();
+    handoff_libvirt::libvirt::quiet();
     let dump = std::env::var_os("HANDOFF_DETAILS_DUMP").is_some_and(|v| v == "1");
 
     let flags = if has_session_bus() {

@@ -13,9 +13,9 @@ use gtk4::prelude::*;
 use gtk4::{gio, pango};
 
 use handoff::config::Config;
-use handoff::libvirt::Prober;
 use handoff::live::{Change, Sources, Watcher};
 use handoff::verdict::{HookFiles, State};
+use handoff_libvirt::libvirt::Prober;
 
 use crate::actions::{self, Outcome};
 use crate::view::{Action, Button, Facts, View};
@@ -122,7 +122,7 @@ impl Details {
     fn watch(self: &Rc<Self>) {
         let (tx, rx) = async_channel::unbounded::<Change>();
         let sink: handoff::live::Sink = Arc::new(move |c| tx.try_send(c).is_ok());
-        match Watcher::with_sink(&self.cfg, Sources::all(), sink) {
+        match Watcher::with_sink(&self.cfg, handoff_libvirt::events::sources(Sources::all()), sink) {
             Ok(w) => *self._watcher.borrow_mut() = Some(w),
             Err(e) => {
                 *self.live_note.borrow_mut() = Some(format!(

@@ -26,41 +26,9 @@ pub struct Facts {
     pub now: u64,
 }
 
-/// Something a button does. The UI runs it off the main thread (`actions.rs`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "action", rename_all = "kebab-case")]
-pub enum Action {
-    /// `handoff start <vm>`.
-    Start {
-        vm: String,
-    },
-    /// Graceful shutdown, waiting up to the VM's `shutdown_timeout_s`.
-    Stop {
-        vm: String,
-    },
-    /// Power off at once (confirmed first).
-    ForceStop {
-        vm: String,
-    },
-    /// Stop whichever configured VM holds the GPU, then start `vm`.
-    Switch {
-        vm: String,
-    },
-    OpenLookingGlass,
-    /// SIGTERM to one of the user's own processes (confirmed first).
-    Terminate {
-        pid: u32,
-        command: String,
-    },
-    /// `systemctl stop <unit>` (confirmed first); `pid` tells a user unit from a system one.
-    StopUnit {
-        unit: String,
-        pid: u32,
-    },
-    /// `pkexec handoff rebind --force`.
-    ReturnToLinux,
-    Refresh,
-}
+/// Something a button does: the one vocabulary of actions every surface shares
+/// (`handoff::action`). The UI runs it off the main thread (`actions.rs`).
+pub use handoff::action::Action;
 
 /// A question asked before an action runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -930,7 +898,7 @@ mod tests {
 mod every_surface {
     use std::process::Command;
 
-    use handoff::libvirt::Prober;
+    use handoff_libvirt::libvirt::Prober;
 
     use super::*;
 

@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use handoff::kernelsim::send_command;
 use handoff::sim::RTX_3090_TI;
+use handoff_kernelsim::send_command;
 use handoff_test_support::a11y::{A11y, dialog, main_window};
 use handoff_test_support::config::workstation_with_test_vm;
 use handoff_test_support::desktop::Desktop;

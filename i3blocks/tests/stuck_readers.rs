@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use handoff::kernelsim::fuse::SimMount;
-use handoff::kernelsim::{Errno, FaultRule, FileKind, Release};
+use handoff_kernelsim::fuse::SimMount;
+use handoff_kernelsim::{Errno, FaultRule, FileKind, Release};
 use handoff_test_support::simgpu;
 
 const GPU: &str = "0000:01:00.0";

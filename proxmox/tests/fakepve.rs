@@ -8,7 +8,7 @@ use std::path::Path;
 use handoff::config::Config;
 use handoff::hypervisor::{self, Hypervisor};
 use handoff::status::VmState;
-use handoff::vm::{self, Ctl};
+use handoff_libvirt::vm::{self, Ctl};
 use handoff_proxmox::Proxmox;
 use handoff_test_support::fakepve::{self, FakePve};
 use serde_json::{Value, json};

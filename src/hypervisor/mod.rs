@@ -1,25 +1,26 @@
 //! The hypervisor interface: what handoff asks of whatever runs the VMs.
 //!
-//! [`Hypervisor`] is the one place the rest of the library (`vm::Ctl`, the CLI's status and
-//! `lg --on-vm-start`) reaches a hypervisor through. Two implementations exist:
+//! [`Hypervisor`] is the one place the rest of handoff (`vm::Ctl`, the CLI's status and
+//! `lg --on-vm-start`) reaches a hypervisor through. The trait lives here, in the core,
+//! which links no libvirt; the implementations live in the `handoff-libvirt` crate
+//! (`libvirt/`), which does:
 //!
-//! - [`libvirt::Libvirt`] (feature `libvirt`): any libvirt URI. It is the only code that
-//!   calls libvirt's API, besides the lifecycle-event source of [`crate::live`] (which
-//!   [`libvirt::Libvirt`]'s subscriptions use).
-//! - [`simulated::Simulated`] (feature `libvirt`): `handoff demo`'s hypervisor. It wraps
-//!   [`libvirt::Libvirt`] on libvirt's in-process test driver, which runs no hooks, and
-//!   runs the hook's logic ([`crate::hook::run_event`]) in the process where libvirtd
-//!   would run the hook. The demo picks it when it builds its context ([`open`]); no
+//! - `handoff_libvirt::libvirt::Libvirt`: any libvirt URI. It is the only code that
+//!   calls libvirt's API, besides libvirt's lifecycle-event source
+//!   (`handoff_libvirt::events`, which its subscriptions use).
+//! - `handoff_libvirt::simulated::Simulated`: `handoff demo`'s hypervisor. It wraps
+//!   `Libvirt` on libvirt's in-process test driver, which runs no hooks, and runs the
+//!   hook's logic ([`crate::hook::run_event`]) in the process where libvirtd would run the
+//!   hook. The demo picks it when it builds its context (`handoff_libvirt::open`); no
 //!   config key selects it.
 //!
 //! # Which implementation
 //!
-//! [`open`] returns [`libvirt::Libvirt`] unless the process runs inside `handoff demo`:
+//! `handoff_libvirt::open` returns `Libvirt` unless the process runs inside `handoff demo`:
 //! the demo starts its tray, block and agent with [`SIMULATED_ENV`] set, and the demo's own
-//! walkthrough builds a [`simulated::Simulated`] directly. [`simulated::Simulated::new`]
-//! refuses a config whose roots are the real ones (`/sys`, `/dev`, `/proc`) or whose VMs
-//! are not on a `test://` URI, so that variable cannot make a real host run the hook
-//! in-process.
+//! walkthrough builds a `Simulated` directly. `Simulated::new` refuses a config whose
+//! roots are the real ones (`/sys`, `/dev`, `/proc`) or whose VMs are not on a `test://`
+//! URI, so that variable cannot make a real host run the hook in-process.
 //!
 //! # The model, and how Proxmox VE maps onto it (the next implementation)
 //!
@@ -41,11 +42,7 @@
 //! so a caller says progress the same way whether the hypervisor answers at once
 //! (libvirt) or runs a background job (PVE's UPIDs).
 
-#[cfg(feature = "libvirt")]
-pub mod libvirt;
 pub mod piped;
-#[cfg(feature = "libvirt")]
-pub mod simulated;
 
 use std::sync::Arc;
 
@@ -57,7 +54,7 @@ use crate::pci::PciAddress;
 use crate::status::{VmState, VmStatus};
 
 /// Set (to `1`) by `handoff demo` on the processes it starts: their VM actions go through
-/// [`simulated::Simulated`]. Ignored, with a warning, where that refuses the config.
+/// `handoff_libvirt::simulated::Simulated`. Ignored, with a warning, where that refuses the config.
 pub const SIMULATED_ENV: &str = "HANDOFF_SIMULATED_HYPERVISOR";
 
 /// One VM as a hypervisor knows it: libvirt names domains, PVE numbers VMs (and names them
@@ -337,21 +334,6 @@ pub trait Hypervisor: Send {
     fn subscribe(&mut self, vms: &[VmRef], sink: EventSink) -> Result<Subscription, HypervisorError>;
 }
 
-/// The hypervisor for `cfg`'s VMs in this process: libvirt (with Proxmox VE's `[[vm]]`
-/// entries sent to [`piped::PVE_SERVER`]), or the demo's simulated one when `handoff demo`
-/// started this process (see the module docs).
-#[cfg(feature = "libvirt")]
-pub fn open(cfg: &crate::config::Config) -> Box<dyn Hypervisor> {
-    if std::env::var_os(SIMULATED_ENV).is_some_and(|v| v == "1") {
-        match simulated::Simulated::new(cfg) {
-            Ok(s) => return Box::new(s),
-            Err(e) => tracing::warn!("{e}"),
-        }
-    }
-    // PVE VMs go to `handoff-pve` over a pipe, so that this binary links no TLS.
-    piped::with_pve(cfg, Box::new(libvirt::Libvirt::new()))
-}
-
 /// `vm`'s status for [`crate::status::collect`]: a VM the hypervisor does not know is
 /// `undefined`, one it cannot be asked about `unknown`, each with why.
 pub fn vm_status(hv: &mut dyn Hypervisor, vm: &VmConfig) -> VmStatus {
@@ -362,35 +344,4 @@ pub fn vm_status(hv: &mut dyn Hypervisor, vm: &VmConfig) -> VmStatus {
         }
         Err(e) => VmStatus::new(vm, VmState::Unknown, Some(e.to_string())),
     }
-}
-
-/// A libvirt test-driver machine in a file, for the implementations' tests: `lab` passes
-/// the GPU's two functions through and has Looking Glass's shared memory; `other` passes
-/// nothing. Both shut off. Each file is its own machine, so tests do not meet.
-#[cfg(all(test, feature = "libvirt"))]
-pub(crate) fn test_node(dir: &std::path::Path) -> String {
-    let domain = |name: &str, devices: &str| {
-        format!(
-            "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
-             <name>{name}</name><memory unit='MiB'>64</memory><vcpu>2</vcpu><os><type>hvm</type></os>\
-             <devices>{devices}</devices><test:runstate>5</test:runstate></domain>"
-        )
-    };
-    let hostdev = |f: u8| {
-        format!(
-            "<hostdev mode='subsystem' type='pci' managed='no'><source>\
-             <address domain='0x0000' bus='0x01' slot='0x00' function='0x{f}'/></source></hostdev>"
-        )
-    };
-    let lab = domain(
-        "lab",
-        &format!(
-            "{}{}<shmem name='looking-glass'><model type='ivshmem-plain'/><size unit='M'>32</size></shmem>",
-            hostdev(0),
-            hostdev(1)
-        ),
-    );
-    let path = dir.join("node.xml");
-    std::fs::write(&path, format!("<node>{lab}{}</node>", domain("other", ""))).unwrap();
-    format!("test://{}", path.display())
 }

@@ -1,12 +1,12 @@
-//! Live state: one stream of changes for the tray and the bar block, merged from four
+//! Live state: one stream of changes for the tray and the bar block, merged from five
 //! sources, with no polling (ARCHITECTURE.md, "Live updates without polling").
 //!
-//! | source | what it reads | thread | feature |
+//! | source | what it reads | thread | where |
 //! |---|---|---|---|
-//! | [`Source::Uevents`] | kernel uevents (netlink `NETLINK_KOBJECT_UEVENT`, group 1, no udevd needed): `bind`/`unbind`/`add`/`remove` of the functions in the slot of `[gpu] address`, `SUBSYSTEM=pci` only | `handoff-uevents`, blocked in `poll(2)` | always |
-//! | [`Source::RunDir`] | inotify on `[host] run`: `state.json` (the hook replaces it by rename), the restore records `restore-*.json` and the log of refused starts `refusals.json`; while the directory does not exist yet, its nearest existing ancestor, until it appears | `handoff-inotify`, blocked in `poll(2)` | always |
-//! | [`Source::Nodes`] | inotify on the GPU's device nodes (`IN_OPEN`, `IN_CLOSE_*`) and the directories they appear in; a burst of opens and closes is followed by one holder scan, reported as [`Change::Holders`] when the set it sees changed (see [`nodes`]) | `handoff-nodes`, blocked in `poll(2)` | always |
-//! | [`Source::Libvirt`] | domain lifecycle events of the configured VMs, one connection per URI (raw `virConnectDomainEventRegisterAny`), and the connection's close callback | `handoff-libvirt-<uri>` supervises the connection; libvirt's default event loop runs on `handoff-libvirt-events` (one per process) | `libvirt` |
+//! | [`Source::Uevents`] | kernel uevents (netlink `NETLINK_KOBJECT_UEVENT`, group 1, no udevd needed): `bind`/`unbind`/`add`/`remove` of the functions in the slot of `[gpu] address`, `SUBSYSTEM=pci` only | `handoff-uevents`, blocked in `poll(2)` | here |
+//! | [`Source::RunDir`] | inotify on `[host] run`: `state.json` (the hook replaces it by rename), the restore records `restore-*.json` and the log of refused starts `refusals.json`; while the directory does not exist yet, its nearest existing ancestor, until it appears | `handoff-inotify`, blocked in `poll(2)` | here |
+//! | [`Source::Nodes`] | inotify on the GPU's device nodes (`IN_OPEN`, `IN_CLOSE_*`) and the directories they appear in; a burst of opens and closes is followed by one holder scan, reported as [`Change::Holders`] when the set it sees changed (see [`nodes`]) | `handoff-nodes`, blocked in `poll(2)` | here |
+//! | [`Source::Libvirt`] | domain lifecycle events of the configured VMs, one connection per URI (raw `virConnectDomainEventRegisterAny`), and the connection's close callback | `handoff-libvirt-<uri>` supervises the connection; libvirt's default event loop runs on `handoff-libvirt-events` (one per process) | `handoff-libvirt` (`events`), plugged in through [`Sources::vm_events`] |
 //!
 //! The stream says *that* and *what* changed; consumers re-read the full status
 //! ([`crate::status`]) on a change. It never sends the current state at start: read it
@@ -56,8 +56,6 @@ pub mod nodes;
 mod pids;
 pub mod run_dir;
 pub mod uevent;
-#[cfg(feature = "libvirt")]
-pub mod virt;
 
 use std::fmt;
 use std::io;
@@ -77,15 +75,24 @@ use crate::state::HookState;
 pub const LIBVIRT_RETRY: Duration = Duration::from_millis(500);
 
 /// Which sources a [`Watcher`] listens to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Sources {
     pub uevents: bool,
     pub run_dir: bool,
     /// Opens and closes of the GPU's device nodes ([`nodes`]).
     pub nodes: bool,
-    /// Needs the `libvirt` feature; [`Watcher::new`] refuses it otherwise.
+    /// VM lifecycle events. This crate links no libvirt, so they need `vm_events`, which
+    /// the `handoff-libvirt` crate supplies (`handoff_libvirt::events::sources`);
+    /// [`Watcher::new`] refuses `libvirt` without it.
     pub libvirt: bool,
+    /// Starts the VM event source with the watcher's sink; the returned value stops it
+    /// when dropped (with the watcher).
+    pub vm_events: Option<VmEventSource>,
 }
+
+/// Where VM lifecycle events come from, for a [`Watcher`]: provided by the crate that
+/// links the hypervisor's client library, so that this one never does.
+pub type VmEventSource = fn(&Config, &Sink) -> Result<Box<dyn Send>, WatchError>;
 
 impl Sources {
     /// Everything: what the tray and `handoff watch` use.
@@ -95,6 +102,7 @@ impl Sources {
             run_dir: true,
             nodes: true,
             libvirt: true,
+            vm_events: None,
         }
     }
 
@@ -108,10 +116,11 @@ impl Sources {
     }
 
     /// What `handoff watch` listens to for `cfg`: the kernel and the hook's files, and
-    /// libvirt when this build has it and a VM is configured.
+    /// libvirt when a VM is configured (then `handoff watch` runs in `handoff-vm`, which
+    /// sets [`Sources::vm_events`]).
     pub fn for_watch(cfg: &Config) -> Self {
         Self {
-            libvirt: cfg!(feature = "libvirt") && !cfg.vms.is_empty(),
+            libvirt: !cfg.vms.is_empty(),
             ..Self::without_libvirt()
         }
     }
@@ -358,7 +367,9 @@ pub enum WatchError {
     Thread(#[source] io::Error),
     #[error("cannot start libvirt's event loop: {0}")]
     EventLoop(String),
-    #[error("this build has no libvirt support (feature `libvirt`), so it cannot watch VMs")]
+    #[error(
+        "this program links no libvirt, so it cannot watch VMs (handoff-libvirt's events::sources adds them)"
+    )]
     NoLibvirt,
 }
 
@@ -372,8 +383,8 @@ pub struct Watcher {
     sink: std::sync::Weak<dyn Fn(Change) -> bool + Send + Sync>,
     /// Started by the first [`Watcher::watch_holders`].
     holders: std::sync::OnceLock<Option<pids::PidWatch>>,
-    #[cfg(feature = "libvirt")]
-    libvirt: Vec<virt::Supervisor>,
+    /// The VM event source ([`Sources::vm_events`]); dropping it stops it.
+    _vm_events: Option<Box<dyn Send>>,
 }
 
 impl Watcher {
@@ -404,24 +415,18 @@ impl Watcher {
         if sources.run_dir {
             run_dir::spawn(&config.host.run, sink.clone(), stop_rx.clone())?;
         }
-        #[cfg(feature = "libvirt")]
-        let libvirt = if sources.libvirt {
-            virt::start(config, &sink)?
-        } else {
-            Vec::new()
+        let vm_events = match (sources.libvirt, sources.vm_events) {
+            (false, _) => None,
+            (true, Some(start)) => Some(start(config, &sink)?),
+            (true, None) => return Err(WatchError::NoLibvirt),
         };
-        #[cfg(not(feature = "libvirt"))]
-        if sources.libvirt {
-            return Err(WatchError::NoLibvirt);
-        }
         Ok(Watcher {
             rx: None,
             _stop: stop_tx,
             stop_rx,
             sink: Arc::downgrade(&sink),
             holders: std::sync::OnceLock::new(),
-            #[cfg(feature = "libvirt")]
-            libvirt,
+            _vm_events: vm_events,
         })
     }
 
@@ -456,15 +461,6 @@ impl Watcher {
             .as_ref()
             .ok_or(RecvTimeoutError::Disconnected)?
             .recv_timeout(timeout)
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        #[cfg(feature = "libvirt")]
-        for s in &self.libvirt {
-            s.stop();
-        }
     }
 }
 

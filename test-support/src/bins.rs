@@ -12,6 +12,10 @@ use std::time::SystemTime;
 /// nor, after a change, its own other binaries.
 pub fn sibling(dir: &Path, bin: &str, package: &str, sources: &[&str]) -> PathBuf {
     let path = dir.join(bin);
+    if bin == "handoff" {
+        // `handoff` runs this for its libvirt commands (see [`cli`]).
+        sibling(dir, "handoff-vm", "handoff-libvirt", VM_SIDE_SOURCES);
+    }
     let root = workspace_root();
     let built = fs::metadata(&path).and_then(|m| m.modified()).ok();
     let stale = built.is_none_or(|built| {
@@ -28,6 +32,19 @@ pub fn sibling(dir: &Path, bin: &str, package: &str, sources: &[&str]) -> PathBu
         assert!(st.success(), "cargo build -p {package} --bin {bin} failed");
     }
     path
+}
+
+/// The sources `handoff-vm` is built from (the libvirt side of the CLI and what it links).
+const VM_SIDE_SOURCES: &[&str] = &["src", "libvirt/src", "kernelsim/src", "inhibit/src"];
+
+/// `handoff` (the binary cargo built for this test, `env!("CARGO_BIN_EXE_handoff")`), with
+/// `handoff-vm` built beside it: `handoff` runs it for every command that talks to libvirt
+/// (start, stop, status with VMs, the agent, the demo…), and a test run of the `handoff`
+/// package does not build another package's binaries.
+pub fn cli(handoff: &str) -> &str {
+    let dir = Path::new(handoff).parent().expect("a binary in a directory");
+    sibling(dir, "handoff-vm", "handoff-libvirt", VM_SIDE_SOURCES);
+    handoff
 }
 
 /// The workspace root: where the `Cargo.lock` is, above this crate's manifest.

@@ -11,10 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use handoff::Host;
-use handoff::kernelsim::fuse::SimMount;
-use handoff::kernelsim::{Errno, Kernel, Release};
 use handoff::pci::PciAddress;
 use handoff::sim::SimSpec;
+use handoff_kernelsim::fuse::SimMount;
+use handoff_kernelsim::{Errno, Kernel, Release};
 
 /// The simulated GPU's graphics function.
 pub const GPU: &str = "0000:01:00.0";

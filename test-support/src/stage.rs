@@ -15,9 +15,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use handoff::Host;
-use handoff::kernelsim::Kernel;
-use handoff::kernelsim::fuse::SimMount;
 use handoff::sim::{RTX_3090_TI, SimSpec};
+use handoff_kernelsim::Kernel;
+use handoff_kernelsim::fuse::SimMount;
 
 use crate::backup::DirBackup;
 use crate::config::host_section;
@@ -41,7 +41,7 @@ pub struct Stage {
 }
 
 fn reload_libvirtd() {
-    handoff::hooks::reload_libvirt(Path::new("/proc"));
+    handoff::hook_install::reload_libvirt(Path::new("/proc"));
     std::thread::sleep(Duration::from_millis(500));
 }
 
@@ -62,7 +62,7 @@ impl Stage {
         }
         let libvirtd = require_libvirtd()?;
         found();
-        let hooks = DirBackup::take(handoff::hooks::DEFAULT_HOOKS_DIR).then(reload_libvirtd);
+        let hooks = DirBackup::take(handoff::hook_install::DEFAULT_HOOKS_DIR).then(reload_libvirtd);
         let etc_handoff = DirBackup::take(ETC_HANDOFF);
         let tmp = tempfile::tempdir().unwrap();
         let kernel = Kernel::build(&tmp.path().join("machine"), SimSpec::workstation()).unwrap();

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use handoff::gpu::Owner;
-use handoff::libvirt::Prober;
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::status::VmState;
+use handoff_libvirt::libvirt::Prober;
 use ksni::Tray;
 use ksni::menu::MenuItem;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};

@@ -1,12 +1,11 @@
-//! Starting, stopping and switching the configured VMs, and their health (feature
-//! `libvirt`): what `handoff start`, `stop`, `switch` and `vm-health` do.
+//! Starting, stopping and switching the configured VMs, and their health: what `handoff start`, `stop`, `switch` and `vm-health` do.
 //!
 //! Talks to libvirt at each `[[vm]]`'s URI (any URI: `qemu:///system`,
 //! `qemu+ssh://host/system`, `test:///default`), reads sysfs and `/proc` through the
-//! config's [`Host`](crate::Host) to see where the GPU went, and reads (never writes) the
+//! config's [`Host`](handoff::Host) to see where the GPU went, and reads (never writes) the
 //! hook's restore record. It never binds or unbinds anything itself: the libvirt hook does
 //! that when libvirt starts or stops the domain. The hypervisor is reached only through
-//! [`crate::hypervisor::Hypervisor`] (libvirt, or `handoff demo`'s simulated one), which
+//! [`handoff::hypervisor::Hypervisor`] (libvirt, or `handoff demo`'s simulated one), which
 //! reports a refusal of the hook as a value with the hook's own words.
 //!
 //! Nothing here waits for a desktop (no D-Bus, no display): every command works over SSH.
@@ -22,14 +21,15 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::bind::record::{Phase, RestoreRecord};
-use crate::config::{Config, VmConfig};
-use crate::gpu::{self, Owner};
-use crate::hooks::{self, InstalledShim};
-use crate::hypervisor::{self, Hypervisor, HypervisorError, Start, Task, TaskState, VmRef};
 use crate::libvirt::VirtError;
-use crate::pci::PciAddress;
-use crate::status::VmState;
+use handoff::action::Action;
+use handoff::bind::record::{Phase, RestoreRecord};
+use handoff::config::{Config, VmConfig};
+use handoff::gpu::{self, Owner};
+use handoff::hook_install::{self, InstalledShim};
+use handoff::hypervisor::{Hypervisor, HypervisorError, Start, Task, TaskState, VmRef};
+use handoff::pci::PciAddress;
+use handoff::status::VmState;
 
 /// How often a wait looks again. Short: a person is watching.
 const POLL: Duration = Duration::from_millis(250);
@@ -68,7 +68,7 @@ pub enum VmError {
     },
     #[error(
         "{} at {uri} could not start {vm}: {message}{}",
-        hypervisor::name_of(uri),
+        handoff::hypervisor::name_of(uri),
         access_hint(uri, message)
     )]
     StartFailed {
@@ -87,7 +87,7 @@ pub enum VmError {
     },
     #[error(
         "{} at {uri} could not stop {vm}: {message}{}",
-        hypervisor::name_of(uri),
+        handoff::hypervisor::name_of(uri),
         access_hint(uri, message)
     )]
     StopFailed {
@@ -161,7 +161,7 @@ fn known_list(known: &[String]) -> String {
 pub(crate) fn access_hint(uri: &str, message: &str) -> &'static str {
     let m = message.to_ascii_lowercase();
     // PVE's errors carry their own fix (token, privilege); this one is libvirt's.
-    if hypervisor::name_of(uri) != "libvirt" {
+    if handoff::hypervisor::name_of(uri) != "libvirt" {
         ""
     } else if m.contains("polkit")
         || m.contains("authentication")
@@ -207,13 +207,13 @@ pub fn is_local(uri: &str) -> bool {
 
 /// The hook's own words inside libvirt's error for a refused start: (message, warnings).
 /// The parsing lives with the libvirt implementation
-/// ([`crate::hypervisor::libvirt::hook_message`]); this is its old name.
+/// ([`crate::libvirt::hook_message`]); this is its old name.
 pub fn hook_message(libvirt_error: &str) -> Option<(String, Vec<String>)> {
-    crate::hypervisor::libvirt::hook_message(libvirt_error).map(|r| (r.message, r.warnings))
+    crate::libvirt::hook_message(libvirt_error).map(|r| (r.message, r.warnings))
 }
 
-pub use crate::hypervisor::libvirt::{reason_words, shmem};
-pub use crate::hypervisor::{GuestIp, Shmem};
+pub use crate::libvirt::{reason_words, shmem};
+pub use handoff::hypervisor::{GuestIp, Shmem};
 
 /// Where the GPU is, as far as this machine can tell.
 #[derive(Debug, Clone, Serialize)]
@@ -226,7 +226,7 @@ pub struct GpuReport {
 }
 
 impl GpuReport {
-    fn read(host: &crate::host::Host, gc: &crate::config::GpuConfig, uri: &str) -> Result<Self, VmError> {
+    fn read(host: &handoff::host::Host, gc: &handoff::config::GpuConfig, uri: &str) -> Result<Self, VmError> {
         if !is_local(uri) {
             return Ok(Self::remote(gc, uri));
         }
@@ -243,7 +243,7 @@ impl GpuReport {
         })
     }
 
-    fn remote(gc: &crate::config::GpuConfig, uri: &str) -> Self {
+    fn remote(gc: &handoff::config::GpuConfig, uri: &str) -> Self {
         Self {
             address: gc.address,
             owner: None,
@@ -335,14 +335,60 @@ pub struct Ctl<'a> {
     hv: Box<dyn Hypervisor>,
     /// The GPU the current operation is about: the one the VM's definition passes through
     /// (its first, in address order, when it takes several), else the primary one.
-    gpu: crate::config::GpuConfig,
+    gpu: handoff::config::GpuConfig,
+}
+
+/// What a VM action of [`Action`] did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Done {
+    Started(StartOutcome),
+    Stopped(StopOutcome),
+    Switched(SwitchOutcome),
+}
+
+impl Done {
+    /// The warnings of the VM that started, if one did.
+    pub fn warnings(&self) -> &[String] {
+        match self {
+            Done::Started(out) => &out.warnings,
+            Done::Switched(out) => &out.started.warnings,
+            Done::Stopped(_) => &[],
+        }
+    }
 }
 
 impl<'a> Ctl<'a> {
-    /// For `cfg`'s VMs through [`hypervisor::open`]: libvirt, or the demo's simulated
+    /// The one implementation of the VM actions of [`Action`] (start, stop, force stop,
+    /// switch, force switch): what `handoff start`/`stop`/`switch`, the tray's agent and the
+    /// details window's buttons run. `timeout` bounds a graceful shutdown (default: the VM's
+    /// `shutdown_timeout_s`). None for an action that is not a VM's: those have their own
+    /// one implementation ([`handoff::action`], [`handoff::lg`]).
+    pub fn act(&mut self, action: &Action, timeout: Option<Duration>) -> Option<Result<Done, VmError>> {
+        let name = action.vm()?;
+        let cfg = self.cfg;
+        let vm = match resolve(cfg, Some(name)) {
+            Ok(vm) => vm,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(match action {
+            Action::Start { .. } => self.start(vm).map(Done::Started),
+            Action::Stop { .. } | Action::ForceStop { .. } => {
+                let force = matches!(action, Action::ForceStop { .. });
+                let timeout = timeout.unwrap_or(Duration::from_secs(vm.shutdown_timeout_s));
+                self.stop(vm, force, timeout).map(Done::Stopped)
+            }
+            _ => {
+                let force = matches!(action, Action::ForceSwitch { .. });
+                self.switch(vm, force, timeout).map(Done::Switched)
+            }
+        })
+    }
+
+    /// For `cfg`'s VMs through [`crate::open`]: libvirt, or the demo's simulated
     /// hypervisor in a process `handoff demo` started.
     pub fn new(cfg: &'a Config, progress: &'a mut dyn FnMut(&str)) -> Self {
-        Self::with_hypervisor(cfg, progress, hypervisor::open(cfg))
+        Self::with_hypervisor(cfg, progress, crate::open(cfg))
     }
 
     /// For `cfg`'s VMs through `hv` (`handoff demo` passes its simulated hypervisor).
@@ -353,7 +399,7 @@ impl<'a> Ctl<'a> {
     ) -> Self {
         Self {
             cfg,
-            hooks_dir: PathBuf::from(hooks::DEFAULT_HOOKS_DIR),
+            hooks_dir: PathBuf::from(hook_install::DEFAULT_HOOKS_DIR),
             start_wait: Duration::from_secs(60),
             gpu_wait: Duration::from_secs(15),
             progress,
@@ -363,7 +409,7 @@ impl<'a> Ctl<'a> {
     }
 
     /// The configured GPUs `vm` takes, read from its definition as the hook reads them
-    /// ([`crate::hook::gpus_used`]'s rule: none passed through means the primary one). With
+    /// ([`handoff::hook::gpus_used`]'s rule: none passed through means the primary one). With
     /// one GPU configured that is it, and the hypervisor is not asked.
     fn gpus_of(&mut self, vm: &VmConfig) -> Vec<PciAddress> {
         if self.cfg.gpu.len() < 2 {
@@ -376,7 +422,7 @@ impl<'a> Ctl<'a> {
                 Vec::new()
             }
         };
-        let gpus: Vec<PciAddress> = crate::gpus::taken_by(self.cfg, &passed)
+        let gpus: Vec<PciAddress> = handoff::gpus::taken_by(self.cfg, &passed)
             .iter()
             .map(|g| g.address)
             .collect();
@@ -431,7 +477,7 @@ impl<'a> Ctl<'a> {
 
     fn hook_installed(&self) -> bool {
         matches!(
-            hooks::installed_shim(&self.hooks_dir),
+            hook_install::installed_shim(&self.hooks_dir),
             Ok(InstalledShim::Ours { .. })
         )
     }
@@ -527,14 +573,14 @@ impl<'a> Ctl<'a> {
     /// unprivileged scan can never read) does not, because the hook checks again as root
     /// and refuses on what it cannot see itself.
     fn check_holders(&mut self, vm: &VmConfig) -> Result<(), VmError> {
-        use crate::holders::Verdict;
+        use handoff::holders::Verdict;
         let host = &self.cfg.host;
         let g = gpu::read_gpu(host, self.gpu.address)?;
         if g.owner != Owner::Host {
             return Ok(());
         }
-        let nodes = crate::holders::gpu_nodes(host, &g);
-        let scan = crate::holders::scan(host, &g, &nodes);
+        let nodes = handoff::holders::gpu_nodes(host, &g);
+        let scan = handoff::holders::scan(host, &g, &nodes);
         match scan.verdict() {
             Verdict::Clear => return Ok(()),
             Verdict::Unchecked { what } => {
@@ -546,7 +592,7 @@ impl<'a> Ctl<'a> {
             }
             Verdict::Held { .. } => {}
         }
-        let text = crate::bind::refusal_text(g.address, Some(&vm.name), &scan.holders, &scan.framebuffers);
+        let text = handoff::bind::refusal_text(g.address, Some(&vm.name), &scan.holders, &scan.framebuffers);
         Err(VmError::Busy {
             vm: vm.name.clone(),
             text: text.strip_prefix("handoff: ").unwrap_or(&text).to_owned(),
@@ -573,7 +619,7 @@ impl<'a> Ctl<'a> {
                     gpu.phrase,
                     vm.name,
                     vm.name,
-                    crate::config::SYSTEM_CONFIG
+                    handoff::config::SYSTEM_CONFIG
                 )
             } else {
                 format!(
@@ -679,7 +725,7 @@ impl<'a> Ctl<'a> {
                 }
                 TaskState::Pending { state } => state,
                 TaskState::Failed { message }
-                | TaskState::Refused(crate::hypervisor::Refusal { message, .. }) => {
+                | TaskState::Refused(handoff::hypervisor::Refusal { message, .. }) => {
                     return Err(VmError::StopFailed {
                         vm: vm.name.clone(),
                         uri: vm.uri.clone(),
@@ -1035,7 +1081,7 @@ impl Health {
         let uptime = match (self.state.is_active(), self.uptime_s) {
             (false, _) => "not running".to_owned(),
             (true, Some(u)) => duration_words(u),
-            (true, None) if hypervisor::name_of(&self.uri) != "libvirt" => {
+            (true, None) if handoff::hypervisor::name_of(&self.uri) != "libvirt" => {
                 format!("{UNKNOWN} (its QEMU runs on the Proxmox VE node)")
             }
             (true, None) => format!("{UNKNOWN} (no readable QEMU pid file under /run/libvirt/qemu)"),
@@ -1072,7 +1118,7 @@ impl Health {
                     .map(|b| format!(", {}", size_words(b)))
                     .unwrap_or_default()
             ),
-            None if hypervisor::name_of(&self.uri) != "libvirt" => {
+            None if handoff::hypervisor::name_of(&self.uri) != "libvirt" => {
                 "not read from Proxmox VE configs yet".to_owned()
             }
             None => "no shared memory device (<shmem name='looking-glass'>) in the XML".to_owned(),

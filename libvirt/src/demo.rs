@@ -2,15 +2,15 @@
 //! `kernel-sim` and `libvirt`).
 //!
 //! What is simulated, all inside this process and a temporary directory:
-//! - the kernel: [`crate::kernelsim`]'s sysfs (an RTX 3090 Ti at 0000:01:00.0 on `nvidia`,
+//! - the kernel: [`handoff_kernelsim`]'s sysfs (an RTX 3090 Ti at 0000:01:00.0 on `nvidia`,
 //!   `vfio-pci` loaded) mounted with FUSE, and its `/dev`;
 //! - libvirt: the built-in test driver (`test:///<dir>/demo-node.xml`) with a shut-off
 //!   "Windows" domain `win11`. That driver runs no hooks and each process has its own copy,
 //!   so VMs are started and stopped through the simulated hypervisor
-//!   ([`crate::hypervisor::simulated`]), which runs the hook's logic in the process that
+//!   ([`crate::simulated`]), which runs the hook's logic in the process that
 //!   starts or stops the VM, refusing or binding exactly as libvirtd's hook would, and
 //!   writing the hook's state file the bar reads. The walkthrough builds one itself; the
-//!   tray (and its agent) gets [`crate::hypervisor::SIMULATED_ENV`] from the demo;
+//!   tray (and its agent) gets [`handoff::hypervisor::SIMULATED_ENV`] from the demo;
 //! - a GPU user: `cuda-training`, a real child process holding `<dev>/nvidia0` open.
 //!
 //! With a display, `handoff-tray` (beside this binary) is started on the demo config and
@@ -34,13 +34,13 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, Signal, kill, killpg};
 use nix::unistd::Pid;
 
-use crate::config::Config;
-use crate::hypervisor::SIMULATED_ENV;
-use crate::hypervisor::simulated::Simulated;
-use crate::kernelsim::Kernel;
-use crate::kernelsim::fuse::SimMount;
-use crate::sim::SimSpec;
+use crate::simulated::Simulated;
 use crate::vm::Ctl;
+use handoff::config::Config;
+use handoff::hypervisor::SIMULATED_ENV;
+use handoff::sim::SimSpec;
+use handoff_kernelsim::Kernel;
+use handoff_kernelsim::fuse::SimMount;
 
 /// The demo GPU user's command name, as `ps` and the refusal show it.
 pub const HOLDER_NAME: &str = "cuda-training";
@@ -355,13 +355,13 @@ fn ended(pid: u32) -> bool {
 /// One line: where the GPU is, who holds it, what the hook last did.
 fn status_line(cfg: &Config) -> String {
     let host = &cfg.host;
-    let g = match crate::gpu::read_gpu(host, cfg.gpu.address) {
+    let g = match handoff::gpu::read_gpu(host, cfg.gpu.address) {
         Ok(g) => g,
         Err(e) => return format!("GPU: {e}"),
     };
     let mut line = format!("GPU {} {}", g.address, g.owner_phrase());
-    let nodes = crate::holders::gpu_nodes(host, &g);
-    let scan = crate::holders::scan(host, &g, &nodes);
+    let nodes = handoff::holders::gpu_nodes(host, &g);
+    let scan = handoff::holders::scan(host, &g, &nodes);
     if !scan.holders.is_empty() {
         let who: Vec<String> = scan
             .holders
@@ -370,7 +370,7 @@ fn status_line(cfg: &Config) -> String {
             .collect();
         line += &format!(" · used by {}", who.join(", "));
     }
-    if let Some(s) = crate::state::HookState::load(host) {
+    if let Some(s) = handoff::state::HookState::load(host) {
         if let Some(vm) = &s.vm {
             line += &format!(" · hook: {} for {vm}", format!("{:?}", s.phase).to_lowercase());
         } else {
@@ -380,7 +380,7 @@ fn status_line(cfg: &Config) -> String {
     line
 }
 
-/// Run the demo; returns the process exit code. `exe` is the `handoff` binary (for the
+/// Run the demo; returns the process exit code. `exe` is the `handoff-vm` binary (for the
 /// demo GPU user), `bin_dir` where `handoff-tray` and `handoff-block` are looked for.
 pub fn run(opts: &Options, exe: &Path, bin_dir: &Path) -> io::Result<u8> {
     // Block the signals the main thread waits for before any thread exists (the FUSE
@@ -410,7 +410,7 @@ pub fn run(opts: &Options, exe: &Path, bin_dir: &Path) -> io::Result<u8> {
     stage.mount = Some(SimMount::mount(kernel, &sysfs)?);
     std::fs::create_dir_all(root.join("run"))?;
     std::fs::write(root.join("demo-node.xml"), node_xml())?;
-    let uninspectable = crate::holders::uninspectable_now(Path::new("/proc"));
+    let uninspectable = handoff::holders::uninspectable_now(Path::new("/proc"));
     if !uninspectable.is_empty() {
         eprintln!(
             "handoff demo: even root cannot inspect {} here; the demo passes over them, a real hook would refuse",
@@ -602,7 +602,7 @@ fn walkthrough(cfg: &Config, holder: u32) -> io::Result<()> {
     ctl.gpu_wait = Duration::from_secs(10);
     let gpu_line = |cfg: &Config| {
         println!("  {}", status_line(cfg));
-        if let Ok(g) = crate::gpu::read_gpu(&cfg.host, cfg.gpu.address) {
+        if let Ok(g) = handoff::gpu::read_gpu(&cfg.host, cfg.gpu.address) {
             for f in &g.functions {
                 println!(
                     "    {} {:?}: {}",

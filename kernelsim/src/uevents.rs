@@ -1,6 +1,6 @@
 //! The simulated kernel announces its driver-core changes the way the kernel does: a
-//! `bind`/`unbind`/`add`/`remove` uevent on netlink group 1 (see [`crate::live::uevent`]),
-//! so a [`crate::live::Watcher`] sees a simulated handoff like a real one.
+//! `bind`/`unbind`/`add`/`remove` uevent on netlink group 1 (see [`handoff::live::uevent`]),
+//! so a [`handoff::live::Watcher`] sees a simulated handoff like a real one.
 //!
 //! Kept apart from the write rules on purpose: [`Kernel::write`] takes a snapshot before
 //! a write takes effect and calls [`Kernel::announce_uevents`] after it; nothing else
@@ -15,9 +15,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::Kernel;
-use crate::live::DriverAction;
-use crate::live::uevent::{Uevent, send_uevent};
-use crate::pci::PciAddress;
+use handoff::live::DriverAction;
+use handoff::live::uevent::{Uevent, send_uevent};
+use handoff::pci::PciAddress;
 
 /// Per function in the spec: present, and its driver.
 pub(super) type Snapshot = BTreeMap<PciAddress, (bool, Option<String>)>;

@@ -1,4 +1,5 @@
-//! A systemd-logind sleep inhibitor, held while a VM owns the GPU (feature `inhibit`).
+//! A systemd-logind sleep inhibitor, held while a VM owns the GPU: the
+//! `handoff-inhibit` crate, apart from the core so that nothing light links D-Bus for it.
 //!
 //! Suspending the host under a VM with a passed-through GPU hangs or loses the GPU, so
 //! the tray and the Looking Glass autostart service call [`hold`] when a VM takes the GPU
@@ -122,8 +123,8 @@ fn activatable_on(conn: &Connection) -> bool {
 }
 
 /// The `doctor` check: can sleep be inhibited while a VM owns the GPU?
-pub fn doctor_check() -> crate::doctor::Check {
-    use crate::doctor::{Check, Level};
+pub fn doctor_check() -> handoff::doctor::Check {
+    use handoff::doctor::{Check, Level};
     match logind_present() {
         Ok(()) => Check {
             id: "logind",

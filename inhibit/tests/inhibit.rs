@@ -4,8 +4,6 @@
 //! as long as the fd is open), not logind itself: no real logind runs on the test
 //! machines. The "logind absent" path is checked for real where there is no system bus.
 
-#![cfg(feature = "inhibit")]
-
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Command, Stdio};
@@ -113,9 +111,9 @@ fn holds_a_block_sleep_inhibitor_until_dropped() {
         .unwrap();
 
     let conn = bus.connect();
-    handoff::inhibit::logind_present_on(&conn).unwrap();
-    let why = handoff::inhibit::reason_for("Windows");
-    let held = handoff::inhibit::hold_on(&conn, &why).unwrap();
+    handoff_inhibit::logind_present_on(&conn).unwrap();
+    let why = handoff_inhibit::reason_for("Windows");
+    let held = handoff_inhibit::hold_on(&conn, &why).unwrap();
     let mut read_end = {
         let mut s = seen.lock().unwrap();
         assert_eq!(
@@ -158,10 +156,10 @@ fn holds_a_block_sleep_inhibitor_until_dropped() {
 fn without_logind_on_the_bus_says_logind_is_not_running() {
     let Some(bus) = Bus::start() else { return };
     let conn = bus.connect();
-    let e = handoff::inhibit::logind_present_on(&conn).unwrap_err();
+    let e = handoff_inhibit::logind_present_on(&conn).unwrap_err();
     assert!(e.to_string().contains("systemd-logind is not running"), "{e}");
-    let e = handoff::inhibit::hold_on(&conn, "x").unwrap_err();
-    assert!(matches!(e, handoff::inhibit::InhibitError::NoLogind), "{e:?}");
+    let e = handoff_inhibit::hold_on(&conn, "x").unwrap_err();
+    assert!(matches!(e, handoff_inhibit::InhibitError::NoLogind), "{e:?}");
 }
 
 #[test]
@@ -171,6 +169,6 @@ fn without_a_system_bus_says_so() {
         eprintln!("skipping: this machine has a system bus");
         return;
     }
-    let e = handoff::inhibit::hold("test").unwrap_err();
+    let e = handoff_inhibit::hold("test").unwrap_err();
     assert!(e.to_string().contains("no system D-Bus"), "{e}");
 }

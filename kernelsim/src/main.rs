@@ -1,6 +1,6 @@
 //! `handoff-kernelsim`: build the simulated workstation under a directory and serve its
 //! sysfs with the kernel's write semantics until SIGINT/SIGTERM, for demos and for tests
-//! that run in other processes. Built only with `--features kernel-sim`.
+//! that run in other processes.
 //!
 //! ```text
 //! handoff-kernelsim --root /tmp/ws            # prints /tmp/ws/sysfs, the simulated /sys
@@ -18,9 +18,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use handoff::kernelsim::Kernel;
-use handoff::kernelsim::fuse::SimMount;
 use handoff::sim::SimSpec;
+use handoff_kernelsim::Kernel;
+use handoff_kernelsim::fuse::SimMount;
 
 #[derive(Parser)]
 #[command(

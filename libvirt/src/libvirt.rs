@@ -1,8 +1,8 @@
-//! The libvirt implementation of [`Hypervisor`] (feature `libvirt`; links libvirt, so
-//! only the CLI, the agent and the details window turn it on). Any URI works:
+//! The libvirt implementation of [`Hypervisor`] (links libvirt, so only `handoff-vm` — the
+//! CLI's VM commands and the tray's agent — and the details window use it). Any URI works:
 //! `qemu:///system`, `qemu+ssh://host/system`, `test:///default`.
 //!
-//! Besides the lifecycle-event source of [`crate::live`] (which [`Hypervisor::subscribe`]
+//! Besides the lifecycle-event source [`crate::events`] (which [`Hypervisor::subscribe`]
 //! uses here), this is the only code that calls libvirt. It is also the only
 //! code that knows how libvirt reports a refusal of handoff's hook: inside the text of
 //! `virDomainCreate`'s error ([`hook_message`]), turned here into [`Start::Refused`].
@@ -15,13 +15,13 @@ use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
 use virt::error::ErrorNumber;
 
-use super::{
+use handoff::config::VmConfig;
+use handoff::hypervisor::{
     Action, Description, EventSink, Guest, GuestIp, Hypervisor, HypervisorError, Probe, Refusal, Shmem,
     Start, Subscription, Task, TaskState, VmEvent, VmRef,
 };
-use crate::config::VmConfig;
-use crate::live::Change;
-use crate::status::{VmState, VmStatus};
+use handoff::live::Change;
+use handoff::status::{VmState, VmStatus};
 
 /// The old name of [`HypervisorError`], from when libvirt was the only hypervisor.
 pub type VirtError = HypervisorError;
@@ -120,7 +120,7 @@ pub fn domain_xml(vm: &VmConfig) -> Result<String, VirtError> {
     dom.xml_desc(0).map_err(err)
 }
 
-/// A status probe for [`crate::status::collect`] that opens one connection per URI and
+/// A status probe for [`handoff::status::collect`] that opens one connection per URI and
 /// reuses it for every VM there.
 pub struct Prober {
     libvirt: Libvirt,
@@ -140,7 +140,7 @@ impl Prober {
     }
 
     pub fn probe(&mut self, vm: &VmConfig) -> VmStatus {
-        super::vm_status(&mut self.libvirt, vm)
+        handoff::hypervisor::vm_status(&mut self.libvirt, vm)
     }
 }
 
@@ -297,7 +297,7 @@ impl Hypervisor for Libvirt {
     fn describe(&mut self, vm: &VmRef) -> Result<Description, HypervisorError> {
         let xml = self.xml(vm)?;
         Ok(Description {
-            passthrough: crate::hook::hostdev_addresses(&xml),
+            passthrough: handoff::hook::hostdev_addresses(&xml),
             looking_glass: shmem(&xml),
             definition: xml,
         })
@@ -326,7 +326,7 @@ impl Hypervisor for Libvirt {
     fn subscribe(&mut self, vms: &[VmRef], sink: EventSink) -> Result<Subscription, HypervisorError> {
         // The live stream's libvirt source does the work (one connection per URI, the
         // close callback, reconnecting); this hands its changes on as VmEvents.
-        let cfg = crate::config::Config {
+        let cfg = handoff::config::Config {
             vms: vms
                 .iter()
                 .map(|v| VmConfig {
@@ -339,22 +339,22 @@ impl Hypervisor for Libvirt {
                 .collect(),
             ..Default::default()
         };
-        let inner: crate::live::Sink = Arc::new(move |c: Change| match c {
+        let inner: handoff::live::Sink = Arc::new(move |c: Change| match c {
             Change::Domain { uri, name, event } => sink(VmEvent::Lifecycle {
                 vm: VmRef::named(&uri, &name),
                 event,
             }),
             Change::SourceLost {
-                source: crate::live::Source::Libvirt { uri },
+                source: handoff::live::Source::Libvirt { uri },
                 why,
             } => sink(VmEvent::Lost { at: uri, why }),
             Change::SourceBack {
-                source: crate::live::Source::Libvirt { uri },
+                source: handoff::live::Source::Libvirt { uri },
             } => sink(VmEvent::Back { at: uri }),
             _ => true,
         });
         let uri = vms.first().map(|v| v.at.clone()).unwrap_or_default();
-        let supervisors = crate::live::virt::start(&cfg, &inner).map_err(|e| HypervisorError::Events {
+        let supervisors = crate::events::start(&cfg, &inner).map_err(|e| HypervisorError::Events {
             uri,
             message: e.to_string(),
         })?;
@@ -535,7 +535,7 @@ fn guest_ip(dom: &Domain) -> Option<GuestIp> {
 /// for `qemu:///session` by the user).
 fn qemu_pid(uri: &str, name: &str) -> Option<u32> {
     let path = if uri.contains("/session") {
-        crate::config::user_config_path()?
+        handoff::config::user_config_path()?
             .parent()?
             .parent()?
             .join(format!("libvirt/qemu/run/{name}.pid"))
@@ -551,9 +551,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::hypervisor::test_node;
-    use crate::live::DomainEvent;
-    use crate::pci::PciAddress;
+    use crate::test_node;
+    use handoff::live::DomainEvent;
+    use handoff::pci::PciAddress;
 
     fn done(hv: &mut Libvirt, task: &Task) -> VmState {
         match hv.poll(task).expect("poll") {
@@ -656,7 +656,7 @@ mod tests {
             uri: uri.clone(),
             shutdown_timeout_s: 1,
         };
-        let st = super::super::vm_status(&mut hv, &missing);
+        let st = handoff::hypervisor::vm_status(&mut hv, &missing);
         assert_eq!(st.state, VmState::Undefined);
         assert!(st.error.unwrap().contains("virsh -c"));
 

@@ -42,7 +42,7 @@ use fuser::{
 };
 
 use super::{FaultRule, HangId, Kernel, Outcome, Release, WriteRecord};
-use crate::host::Host;
+use handoff::host::Host;
 
 /// Where a process writes control commands, in the mount's root.
 pub const CTL_FILE: &str = ".simctl";

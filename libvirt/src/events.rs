@@ -1,4 +1,5 @@
-//! libvirt domain lifecycle events (feature `libvirt`).
+//! libvirt domain lifecycle events: the VM source of [`handoff::live`]'s stream, plugged in
+//! through [`sources`] (the core links no libvirt).
 //!
 //! `virt` 0.5 has no safe wrapper for events, so this uses the raw API through
 //! `virt::sys`: `virEventRegisterDefaultImpl` once per process before any connection is
@@ -25,8 +26,8 @@ use std::thread;
 use virt::connect::Connect;
 use virt::sys;
 
-use super::{Change, DomainEvent, LIBVIRT_RETRY, Sink, Source, WatchError};
-use crate::config::Config;
+use handoff::config::Config;
+use handoff::live::{Change, DomainEvent, LIBVIRT_RETRY, Sink, Source, WatchError};
 
 static EVENT_LOOP: OnceLock<Result<(), String>> = OnceLock::new();
 
@@ -71,6 +72,31 @@ pub(crate) struct Supervisor {
 impl Supervisor {
     pub(crate) fn stop(&self) {
         let _ = self.ctl.send(Ctl::Stop);
+    }
+}
+
+/// Stops the supervisors when dropped: what a [`handoff::live::Watcher`] keeps of this source.
+struct Running(Vec<Supervisor>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for s in &self.0 {
+            s.stop();
+        }
+    }
+}
+
+/// This source as a [`handoff::live::VmEventSource`].
+pub fn source(config: &Config, sink: &Sink) -> Result<Box<dyn Send>, WatchError> {
+    Ok(Box::new(Running(start(config, sink)?)))
+}
+
+/// `sources` with libvirt's lifecycle events plugged in: what a [`handoff::live::Watcher`]
+/// of a program that links libvirt asks for.
+pub fn sources(sources: handoff::live::Sources) -> handoff::live::Sources {
+    handoff::live::Sources {
+        vm_events: Some(source),
+        ..sources
     }
 }
 

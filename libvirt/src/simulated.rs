@@ -1,7 +1,7 @@
 //! `handoff demo`'s hypervisor: libvirt's in-process test driver, plus the hook.
 //!
 //! The test driver (`test:///<dir>/node.xml`) runs no hooks, so this wraps
-//! [`Libvirt`] and runs the hook's logic ([`crate::hook::run_event`]) in this process at the
+//! [`Libvirt`] and runs the hook's logic ([`handoff::hook::run_event`]) in this process at the
 //! moments libvirtd would run the hook: `prepare begin` before the domain starts (its
 //! refusal becomes [`Start::Refused`], read back exactly as libvirt's wrapped error is),
 //! `release end` once it is off (after a destroy, after a shutdown has finished, or after
@@ -13,13 +13,13 @@
 
 use std::collections::HashSet;
 
-use super::libvirt::{Libvirt, hook_message};
-use super::{
+use crate::libvirt::{Libvirt, hook_message};
+use handoff::config::Config;
+use handoff::hypervisor::{
     Action, Description, EventSink, Guest, Hypervisor, HypervisorError, Probe, Start, Subscription, Task,
     TaskState, VmRef,
 };
-use crate::config::Config;
-use crate::status::VmState;
+use handoff::status::VmState;
 
 pub struct Simulated {
     cfg: Config,
@@ -54,7 +54,7 @@ impl Simulated {
     fn hook(&mut self, vm: &VmRef, op: &str, sub: &str) -> (i32, String) {
         let xml = self.libvirt.xml(vm).unwrap_or_default();
         let mut said = Vec::new();
-        let code = crate::hook::run_event(&self.cfg, &vm.name, op, sub, &xml, &mut said);
+        let code = handoff::hook::run_event(&self.cfg, &vm.name, op, sub, &xml, &mut said);
         (code, String::from_utf8_lossy(&said).into_owned())
     }
 
@@ -147,9 +147,9 @@ mod tests {
     use std::process::{Command, Stdio};
 
     use super::*;
-    use crate::config::VmConfig;
-    use crate::hypervisor::test_node;
-    use crate::sim::{SimHost, SimSpec};
+    use crate::test_node;
+    use handoff::config::VmConfig;
+    use handoff::sim::{SimHost, SimSpec};
 
     #[test]
     fn refuses_to_run_the_hook_for_a_real_host_or_a_real_libvirt() {
@@ -157,7 +157,7 @@ mod tests {
             Err(e @ HypervisorError::NotSimulated { .. }) => {
                 let e = e.to_string();
                 assert!(
-                    e.contains("real /sys") && e.contains(crate::hypervisor::SIMULATED_ENV),
+                    e.contains("real /sys") && e.contains(handoff::hypervisor::SIMULATED_ENV),
                     "{e}"
                 )
             }
@@ -222,6 +222,6 @@ mod tests {
             r.message
         );
         assert_eq!(state.unwrap(), VmState::Shutoff, "the domain was never started");
-        assert_eq!(sim.driver(crate::sim::RTX_3090_TI).as_deref(), Some("nvidia"));
+        assert_eq!(sim.driver(handoff::sim::RTX_3090_TI).as_deref(), Some("nvidia"));
     }
 }

@@ -1,10 +1,11 @@
-//! The simulated kernel's driver core: what a write to a PCI sysfs control file does.
+//! The simulated kernel's driver core: what a write to a PCI sysfs control file does (the
+//! `handoff-kernelsim` crate: it links FUSE, so it stays out of the core).
 //!
-//! [`crate::sim`] builds a kernel-shaped tree on disk; this module gives writes to its
+//! [`handoff::sim`] builds a kernel-shaped tree on disk; this module gives writes to its
 //! control files (`driver_override`, `bind`, `unbind`, `drivers_probe`, `new_id`,
 //! `remove_id`, `remove`, `rescan`) the effects the kernel's driver core gives them, by
 //! rearranging that tree. The rules are plain functions over the tree, testable without
-//! FUSE; the `kernel-sim` feature adds [`fuse`], which mounts a view of the tree where a
+//! FUSE; [`fuse`] mounts a view of the tree where a
 //! plain `write(2)` reaches them synchronously, the way it reaches the kernel.
 //!
 //! It can also be told to misbehave, per control file and device: fail the next (or
@@ -113,7 +114,6 @@
 //! - `<dev>/remove` ← 1: the function and everything behind it leave the bus;
 //!   `rescan` ← 1: they come back (without their override, like new devices) and probe.
 
-#[cfg(feature = "kernel-sim")]
 pub mod fuse;
 mod nodes;
 mod uevents;
@@ -125,8 +125,8 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
-use crate::pci::PciAddress;
-use crate::sim::{SimFunction, SimHost, SimSpec, registers_class_devices};
+use handoff::pci::PciAddress;
+use handoff::sim::{SimFunction, SimHost, SimSpec, registers_class_devices};
 
 /// An error a control-file write returns, as the kernel would.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -1534,7 +1534,7 @@ fn parse_ulong(value: &str) -> Result<u64, Errno> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::{IGPU, ROOT_PORT, RTX_3090_TI};
+    use handoff::sim::{IGPU, ROOT_PORT, RTX_3090_TI};
 
     fn kernel(tmp: &Path) -> Kernel {
         Kernel::build(tmp, SimSpec::workstation()).unwrap()

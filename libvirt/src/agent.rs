@@ -1,0 +1,278 @@
+//! `handoff __agent`, the agent's side of [`handoff::agent`] (the wire, and the surface's
+//! side, live there, in the core): answers a surface's requests with libvirt, in a process
+//! of its own so that the surface links no libvirt.
+
+use std::io::{self, BufRead, Write};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+
+use handoff::agent::{Done, Failure, FailureKind, In, Out, Reply, Request};
+use handoff::config::Config;
+use handoff::live::{Change, Sink};
+use handoff::status::{VmState, VmStatus};
+
+/// The PVE VMs' states, polled, as the libvirt source's changes.
+fn pve_poll(cfg: &Config, sink: Sink) -> Option<handoff::hypervisor::Subscription> {
+    use handoff::hypervisor::{VmEvent, VmRef};
+    use handoff::live::Source;
+    let vms: Vec<VmRef> = cfg
+        .vms
+        .iter()
+        .filter(|v| v.vmid.is_some())
+        .map(VmRef::from)
+        .collect();
+    if vms.is_empty() || cfg.proxmox.is_none() {
+        return None;
+    }
+    let forward = Arc::new(move |ev: VmEvent| match ev {
+        VmEvent::Lifecycle { vm, event } => sink(Change::Domain {
+            uri: vm.at,
+            name: vm.name,
+            event,
+        }),
+        VmEvent::Lost { at, why } => sink(Change::SourceLost {
+            source: Source::Libvirt { uri: at },
+            why,
+        }),
+        VmEvent::Back { at } => sink(Change::SourceBack {
+            source: Source::Libvirt { uri: at },
+        }),
+    });
+    match crate::open(cfg).subscribe(&vms, forward) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("not watching the Proxmox VE VMs: {e}");
+            None
+        }
+    }
+}
+
+/// The agent's side: answers requests read from `input` and writes changes and replies to
+/// `output` until `input` ends, then waits for the actions under way. Blocking.
+pub fn serve(
+    cfg: &Config,
+    input: impl BufRead,
+    output: Box<dyn Write + Send>,
+) -> Result<(), handoff::live::WatchError> {
+    use std::sync::atomic::AtomicBool;
+
+    use handoff::hypervisor::vm_status;
+    use handoff::live::{Sources, Watcher};
+
+    let out = Arc::new(Mutex::new(output));
+    // A lost or regained libvirt connection makes the next probe connect anew.
+    let reconnect = Arc::new(AtomicBool::new(false));
+    let sink: Sink = {
+        let (out, reconnect) = (out.clone(), reconnect.clone());
+        Arc::new(move |c: Change| {
+            if matches!(c, Change::SourceLost { .. } | Change::SourceBack { .. }) {
+                reconnect.store(true, Ordering::Relaxed);
+            }
+            send(&out, &Out::Change(c))
+        })
+    };
+    let _watcher = if cfg.vms.is_empty() {
+        None
+    } else {
+        let only_libvirt = crate::events::sources(Sources {
+            uevents: false,
+            run_dir: false,
+            nodes: false,
+            libvirt: true,
+            vm_events: None,
+        });
+        Some(Watcher::with_sink(cfg, only_libvirt, sink.clone())?)
+    };
+    // Proxmox VE has no event stream: its VMs are polled (`[proxmox] poll_interval_s`)
+    // through the hypervisor, and only when a `[[vm]]` has a vmid.
+    let _pve_poll = pve_poll(cfg, sink.clone());
+    let cfg = Arc::new(cfg.clone());
+
+    // One prober thread; probes that queue while one runs are answered together by the
+    // next, so a slow libvirt never piles up threads.
+    let (probe_tx, probe_rx) = mpsc::channel::<u64>();
+    let prober = {
+        let (cfg, out) = (cfg.clone(), out.clone());
+        thread::Builder::new()
+            .name("handoff-agent-probe".into())
+            .spawn(move || {
+                let mut hv = crate::open(&cfg);
+                let mut unknown_seen = false;
+                while let Ok(first) = probe_rx.recv() {
+                    let mut ids = vec![first];
+                    ids.extend(probe_rx.try_iter());
+                    if reconnect.swap(false, Ordering::Relaxed) || unknown_seen {
+                        hv = crate::open(&cfg);
+                    }
+                    let probes: Vec<VmStatus> = cfg.vms.iter().map(|vm| vm_status(&mut *hv, vm)).collect();
+                    unknown_seen = probes.iter().any(|p| p.state == VmState::Unknown);
+                    for id in ids {
+                        send(
+                            &out,
+                            &Out::Reply {
+                                id,
+                                reply: Reply::Probes(probes.clone()),
+                            },
+                        );
+                    }
+                }
+            })
+            .map_err(handoff::live::WatchError::Thread)?
+    };
+
+    let mut actions: Vec<thread::JoinHandle<()>> = Vec::new();
+    let mut input = input;
+    let mut bytes = Vec::new();
+    loop {
+        bytes.clear();
+        // Bytes, not `lines()`: one line that is not UTF-8 must not end the loop (that
+        // would leave the surface without answers until it restarts the agent).
+        match input.read_until(b'\n', &mut bytes) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+        let req = match parse_request(&bytes) {
+            Ok(None) => continue,
+            Ok(Some(r)) => r,
+            Err((id, why)) => {
+                tracing::warn!("{why}");
+                // Answered when the line says which request it was; the surface waits on it.
+                if let Some(id) = id {
+                    let reply = Reply::Failed(Failure {
+                        kind: FailureKind::Other,
+                        message: why.clone(),
+                        cause: why,
+                    });
+                    send(&out, &Out::Reply { id, reply });
+                }
+                continue;
+            }
+        };
+        if req.request == Request::Probe {
+            let _ = probe_tx.send(req.id);
+            continue;
+        }
+        let id = req.id;
+        let (cfg, to_surface) = (cfg.clone(), out.clone());
+        let spawned = thread::Builder::new()
+            .name("handoff-agent-action".into())
+            .spawn(move || {
+                let reply = act(&cfg, &req.request);
+                send(&to_surface, &Out::Reply { id: req.id, reply });
+            });
+        match spawned {
+            Ok(h) => actions.push(h),
+            Err(e) => {
+                let reply = Reply::Failed(Failure {
+                    kind: FailureKind::Other,
+                    message: format!("the libvirt agent cannot start a thread: {e}"),
+                    cause: e.to_string(),
+                });
+                send(&out, &Out::Reply { id, reply });
+            }
+        }
+        actions.retain(|h| !h.is_finished());
+    }
+    // Stdin closed: nobody will ask again. Let what runs finish (a half-done start would
+    // leave the GPU mid-handoff), then go.
+    for h in actions {
+        let _ = h.join();
+    }
+    drop(probe_tx);
+    let _ = prober.join();
+    Ok(())
+}
+
+/// One line from the surface as a request: `Ok(None)` for a blank line; an error with
+/// the request's id when the line names one (so it can be answered) and what was wrong.
+/// A line that is not UTF-8 is refused whole: a VM name decoded lossily would name
+/// another VM.
+fn parse_request(line: &[u8]) -> Result<Option<In>, (Option<u64>, String)> {
+    let id_of = |text: &str| {
+        serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .and_then(|v| v.get("id")?.as_u64())
+    };
+    let text = match std::str::from_utf8(line) {
+        Ok(t) => t,
+        Err(e) => {
+            let lossy = String::from_utf8_lossy(line);
+            return Err((
+                id_of(&lossy),
+                format!(
+                    "the agent's request line is not UTF-8 text (invalid byte at offset {}); nothing was done",
+                    e.valid_up_to()
+                ),
+            ));
+        }
+    };
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(text).map(Some).map_err(|e| {
+        (
+            id_of(text),
+            format!(
+                "the agent's request line is not a request ({e}): {}",
+                handoff::escape::plain(text.trim_end())
+            ),
+        )
+    })
+}
+
+/// Writes one line; false once the surface stopped reading.
+fn send(out: &Mutex<Box<dyn Write + Send>>, what: &Out) -> bool {
+    let mut line = match serde_json::to_string(what) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot serialise a message for the surface: {e}");
+            return true;
+        }
+    };
+    line.push('\n');
+    let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+    out.write_all(line.as_bytes()).and_then(|()| out.flush()).is_ok()
+}
+
+/// Runs one start, stop or switch with [`crate::vm::Ctl`], as `handoff start` would.
+fn act(cfg: &Config, request: &Request) -> Reply {
+    use crate::vm::{Ctl, VmError};
+
+    let fail = |e: &VmError| {
+        let cause = match e {
+            VmError::Switch { source, .. } => source.as_ref(),
+            e => e,
+        };
+        let kind = match cause {
+            VmError::Busy { .. } | VmError::HookRefused { .. } => FailureKind::Refused,
+            VmError::StopTimeout { .. } => FailureKind::StopTimeout,
+            VmError::NotConfigured { .. } | VmError::NoVms => FailureKind::NotConfigured,
+            _ => FailureKind::Other,
+        };
+        Reply::Failed(Failure {
+            kind,
+            message: e.to_string(),
+            cause: cause.to_string(),
+        })
+    };
+    let Some(action) = request.action() else {
+        unreachable!("probes are answered by the prober thread")
+    };
+    let mut say = |line: &str| tracing::info!("{line}");
+    let mut ctl = Ctl::new(cfg, &mut say);
+    match ctl.act(&action, None) {
+        Some(Ok(done)) => {
+            let vm = crate::vm::resolve(cfg, action.vm()).ok();
+            Reply::Done(Done {
+                vm: vm.map(|v| v.name.clone()).unwrap_or_default(),
+                label: vm.map(|v| v.label().to_owned()).unwrap_or_default(),
+                warnings: done.warnings().to_vec(),
+            })
+        }
+        Some(Err(e)) => fail(&e),
+        None => unreachable!("a request's action is a VM's"),
+    }
+}
