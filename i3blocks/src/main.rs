@@ -13,7 +13,6 @@ mod watch;
 
 use std::process::ExitCode;
 
-use handoff::config::Config;
 use handoff::escape::plain;
 
 use click::Button;
@@ -29,7 +28,9 @@ Usage: handoff-block [--format F] [--short] [--click BUTTON] [--watch | --signal
   --short             the short text (\"L·2\") as the main text
   --click BUTTON      left, middle or right: act as for that click, then print.
                       i3blocks' BLOCK_BUTTON is read when this is not given.
-  --watch             keep running, print a line per change (persistent blocks)
+  --watch             keep running, print a line per change (persistent blocks);
+                      a config error is shown until the file is fixed, a saved
+                      config is read again, a click refreshes it; ends with the bar
   --signal-i3blocks N keep running, send SIGRTMIN+N to your i3blocks on each change
                       (for one-shot blocks with signal=N; keeps i3blocks clicks working)
   --config FILE       use this config (same as HANDOFF_CONFIG=FILE)
@@ -129,21 +130,23 @@ fn main() -> ExitCode {
         // SAFETY: single-threaded at this point; nothing else reads the environment.
         unsafe { std::env::set_var("HANDOFF_CONFIG", path) };
     }
-    let loaded = match &args.config {
-        Some(path) => Config::load_file(path),
-        None => Config::load().map(|(cfg, _)| cfg),
-    };
-    let cfg = match loaded {
+    if args.watch && args.signal.is_none() {
+        // Loads (and reloads) the config itself: a streaming block stays up through a
+        // config error and shows it until the file is fixed.
+        return match watch::watch(args.config.as_deref(), args.format, args.short) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("handoff-block: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let cfg = match watch::load(args.config.as_deref()).0 {
         Ok(cfg) => cfg,
         Err(e) => {
             // A bar shows the first line: keep it short, put the detail on stderr.
             eprintln!("handoff-block: {e}");
-            let v = view::View::error(&e.to_string());
-            let v = view::View {
-                text: "GPU: config error".into(),
-                short: "GPU: cfg!".into(),
-                ..v
-            };
+            let v = watch::config_error_view(&e);
             println!("{}", format::render(&v, args.format, args.short, false));
             return ExitCode::from(33); // i3blocks: urgent
         }
@@ -152,17 +155,13 @@ fn main() -> ExitCode {
         return match click::run_job(&cfg, job) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("handoff-block --job {}: {e}", job.join(" "));
+                click::log(&format!("handoff-block --job {}: {e}", job.join(" ")));
                 ExitCode::FAILURE
             }
         };
     }
-    if args.watch || args.signal.is_some() {
-        let r = match args.signal {
-            Some(n) => watch::signal_i3blocks(&cfg, n),
-            None => watch::watch(&cfg, args.format, args.short),
-        };
-        if let Err(e) = r {
+    if let Some(n) = args.signal {
+        if let Err(e) = watch::signal_i3blocks(&cfg, n) {
             eprintln!("handoff-block: {e}");
             return ExitCode::FAILURE;
         }
@@ -175,6 +174,9 @@ fn main() -> ExitCode {
         if let Err(e) = click::perform(&action) {
             eprintln!("handoff-block: the {button:?} click failed: {e}");
         }
+        // A `--watch` block of the same bar learns nothing of a click (and nothing
+        // announces a process opening the GPU): tell it to read the machine again.
+        watch::refresh_streaming_blocks(&cfg.host.procfs);
     }
     println!("{}", format::render(&v, args.format, args.short, false));
     if args.format == Format::I3blocks && v.verdict.state.urgent() {
