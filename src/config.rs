@@ -33,7 +33,9 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             gpu: GpuConfig::default(),
-            vms: vec![VmConfig::named("win11", "Windows")],
+            // No VM unless one is configured: a made-up "win11" at qemu:///system would
+            // have a right click start a domain nobody named (issue 17).
+            vms: Vec::new(),
             looking_glass: LookingGlassConfig::default(),
             block: BlockConfig::default(),
             host: Host::default(),

@@ -453,7 +453,10 @@ mod tests {
         let held = std::rc::Rc::new(std::cell::Cell::new(0));
         let mut opened = Vec::new();
         let mut said = Vec::new();
-        let cfg = Config::default();
+        let cfg = Config {
+            vms: vec![crate::config::VmConfig::named("win11", "Windows")],
+            ..Config::default()
+        };
         let e = on_vm_start(
             &cfg,
             &mut Scripted { state, events },

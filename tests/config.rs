@@ -525,3 +525,15 @@ fn writing_commands_read_the_callers_file_unless_root_then_only_the_system_one()
         other => panic!("root read a caller's file: {other:?}"),
     }
 }
+
+#[test]
+fn no_vm_is_made_up_when_none_is_configured() {
+    // Issue 17: a built-in "win11" at qemu:///system had a right click start a domain
+    // nobody named. Without [[vm]] there is no VM, and the surfaces say so.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("config.toml");
+    fs::write(&path, "[gpu]\naddress = \"0000:01:00.0\"\n").unwrap();
+    assert!(Config::load_file(&path).unwrap().vms.is_empty());
+    assert!(Config::default().vms.is_empty());
+    assert!(Config::default().vm(None).is_none());
+}

@@ -146,14 +146,27 @@ fn each_desktop_entry_runs_a_shipped_binary_with_a_shipped_icon() {
             ["handoff-tray", "handoff-details"].contains(&exe),
             "{e}: Exec={exe} (a bare name: the binary is on PATH wherever the prefix is)"
         );
-        let crate_dir = if exe == "handoff-tray" { "applet" } else { "details" };
+        let crate_dir = if exe == "handoff-tray" {
+            "applet"
+        } else {
+            "details"
+        };
         let manifest = std::fs::read_to_string(root.join(crate_dir).join("Cargo.toml")).unwrap();
-        assert!(manifest.contains(&format!("name = \"{exe}\"")), "{crate_dir} builds no {exe}");
-        let icon = root.join("icons/hicolor/scalable/apps").join(format!("{}.svg", key("Icon")));
+        assert!(
+            manifest.contains(&format!("name = \"{exe}\"")),
+            "{crate_dir} builds no {exe}"
+        );
+        let icon = root
+            .join("icons/hicolor/scalable/apps")
+            .join(format!("{}.svg", key("Icon")));
         assert!(icon.is_file(), "{e}: no icon {}", icon.display());
         assert_eq!(key("Type"), "Application", "{e}");
         if e.starts_with("autostart/") {
-            assert_eq!(key("NoDisplay"), "true", "{e}: an autostart entry is no menu item");
+            assert_eq!(
+                key("NoDisplay"),
+                "true",
+                "{e}: an autostart entry is no menu item"
+            );
         }
     }
 }

@@ -21,7 +21,7 @@ use handoff::verdict::{self, Cause, Facts, GpuFacts, HookFiles, State, Verdict, 
 /// | idle, but the scan could not look everywhere | `GPU: Linux · ? unseen` | `L·?` | `#AAAAAA` | `unseen` | Idle |
 /// | busy | `GPU: Linux · N busy` | `L·N` | `#FFAA00` | `busy` | Warning |
 /// | in_vm | `GPU: <label>` | its first letter | `#00AAFF` | `vm` | Info |
-/// | switching | `GPU: switching…` | `GPU…` | `#FFDD00` | `switching` | Warning |
+/// | switching | `GPU: switching…` | `GPU…` | `#FFDD00` | `switching` | Info (Warning is busy's: "wait", not "act") |
 /// | restore_required | `GPU: restore!` (`stuck!` locked, `split!` split) | `GPU!` | `#FF0000`, urgent | `restore` | Critical |
 /// | absent | `GPU: none` | `GPU: -` | `#888888` | `absent` | Idle |
 /// | libvirt_unreachable | `GPU: libvirt?` (never from the bar itself) | `GPU?` | `#888888` | `offline` | Idle |
@@ -50,7 +50,7 @@ pub fn look(state: State) -> Look {
         State::Idle => ("linux", "#00CC00", "Good"),
         State::Busy => ("busy", "#FFAA00", "Warning"),
         State::InVm => ("vm", "#00AAFF", "Info"),
-        State::Switching => ("switching", "#FFDD00", "Warning"),
+        State::Switching => ("switching", "#FFDD00", "Info"),
         State::RestoreRequired => ("restore", "#FF0000", "Critical"),
         State::Absent => ("absent", "#888888", "Idle"),
         State::LibvirtUnreachable => ("offline", "#888888", "Idle"),

@@ -6,7 +6,8 @@
 //! private system bus with polkitd ([`system_bus`]), a systemd user manager
 //! ([`systemd_user`]), the real system libvirtd ([`libvirt`]) and the end-to-end scene
 //! around it ([`stage`]), the simulated GPU behind FUSE ([`simgpu`]), processes that hold a
-//! node under a chosen name ([`named_holder`]), system directories moved aside
+//! node under a chosen name ([`named_holder`]), headless sway as another user ([`sway`]),
+//! screenshots and their colours ([`screenshot`]), system directories moved aside
 //! ([`backup`]), the workspace's other binaries ([`bins`]) and configs for simulated
 //! machines ([`config`]).
 //!
@@ -30,11 +31,13 @@ pub mod desktop;
 pub mod libvirt;
 pub mod named_holder;
 pub mod process;
+pub mod screenshot;
 #[cfg(feature = "sim")]
 pub mod simgpu;
 pub mod source;
 #[cfg(feature = "sim")]
 pub mod stage;
+pub mod sway;
 pub mod system_bus;
 pub mod systemd_user;
 pub mod tools;
