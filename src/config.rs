@@ -110,7 +110,8 @@ pub struct LookingGlassConfig {
     pub args: Vec<String>,
     /// The i3 workspace that receives the window.
     pub workspace: String,
-    /// The X window class (or instance) the client's window is matched on.
+    /// The X window class (or instance) the client's window is matched on, or its Wayland
+    /// `app_id` under sway.
     pub window_class: String,
     /// The shared-memory file of a `<shmem name='looking-glass'>` device; unset means
     /// `shm/looking-glass` under `[host] dev`. (A kvmfr device's path comes from the

@@ -342,7 +342,8 @@ impl I3statusRs {
         let (tx, rx) = channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let t = line.trim().trim_start_matches(',');
+                // `[{…},{…}],`: one status line per line, with a separating comma.
+                let t = line.trim().trim_matches(',');
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(t)
                     && v.is_array()
                     && tx.send(v).is_err()
@@ -360,13 +361,16 @@ impl I3statusRs {
         }
     }
 
-    /// The handoff block (the first block) once its text contains `want`.
+    /// The handoff block (its part that draws the full text; i3status-rs sends the short
+    /// text as another part of the same block) once its text contains `want`.
     fn wait_for(&mut self, want: &str) -> serde_json::Value {
         let deadline = Instant::now() + T;
         loop {
-            if let Some(b) = self.last.as_ref().and_then(|l| l.get(0))
-                && b["full_text"].as_str().is_some_and(|t| t.contains(want))
-            {
+            if let Some(b) = self.last.as_ref().and_then(|l| {
+                l.as_array()?.iter().find(|b| {
+                    b["name"].is_string() && b["full_text"].as_str().is_some_and(|t| t.contains(want))
+                })
+            }) {
                 return b.clone();
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -447,6 +451,19 @@ fn i3status_rust_shows_clean_text_in_distinct_colours_and_its_clicks_act() {
     let b = bar.wait_for("GPU: Linux");
     let text = b["full_text"].as_str().unwrap();
     assert_eq!(text.trim(), "GPU: Linux", "no icon word before the text: {b}");
+    let short: Vec<_> = bar
+        .last
+        .as_ref()
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == b["name"])
+        .filter_map(|p| p["short_text"].as_str())
+        .filter(|t| *t != "<span/>")
+        .map(str::trim)
+        .collect();
+    assert_eq!(short, ["L"], "the short text alone, no icon word: {:?}", bar.last);
     let linux = look(&b);
 
     let _job = holder(&sim.dev().join("nvidia0"));
@@ -547,7 +564,7 @@ fn i3status_rust_on_i3bar_draws_each_state_in_its_theme_colour() {
         "no i3bar window"
     );
     let (w, h) = bar.unwrap();
-    let geometry = format!("300x{h}+{}+0", w - 300);
+    let geometry = format!("420x{h}+{}+0", w - 420);
     let shoot = |png: &Path| screenshot::x11(&display, png, &geometry);
     // plain draws every state on black; the foreground tells them apart.
     let fg = |state: &str| theme_look(&share, &theme, state).0;

@@ -2,7 +2,7 @@
 //! through sway's IPC (DESIGN.md, "Testing against real things").
 //!
 //! sway refuses to run as root, so it runs as `nobody` (uid 65534) through `setpriv`, with a
-//! runtime dir of its own under the test's temp dir (mode 0700, owned by that uid) and
+//! runtime dir of its own, `<dir>/run/user/65534` (mode 0700, owned by that uid), and
 //! `WLR_BACKENDS=headless` with one output, software rendering (`WLR_RENDERER=pixman`) and
 //! no input devices. Everything it starts (`exec` in its config) runs as that user too, in
 //! its process group, which is killed on drop. `grim` takes screenshots as the same user.
@@ -74,7 +74,9 @@ impl Sway {
             return None;
         }
         open_up(dir);
-        let runtime = dir.join("sway-runtime");
+        // Laid out like /run/user/<uid>, so a test can find sway's socket the way
+        // `handoff lg` does from SSH (runtime root `dir/run/user`).
+        let runtime = dir.join("run/user").join(UID.to_string());
         std::fs::create_dir_all(&runtime).unwrap();
         let chown = Command::new("chown")
             .arg(format!("{UID}:{UID}"))
