@@ -18,29 +18,17 @@ use crate::pci::PciAddress;
 
 pub const SYSTEM_CONFIG: &str = "/etc/handoff/config.toml";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub gpu: GpuConfig,
+    /// No VM unless one is configured: a made-up "win11" at qemu:///system would have a
+    /// right click start a domain nobody named (issue 17).
     #[serde(rename = "vm")]
     pub vms: Vec<VmConfig>,
     pub looking_glass: LookingGlassConfig,
     pub block: BlockConfig,
     pub host: Host,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            gpu: GpuConfig::default(),
-            // No VM unless one is configured: a made-up "win11" at qemu:///system would
-            // have a right click start a domain nobody named (issue 17).
-            vms: Vec::new(),
-            looking_glass: LookingGlassConfig::default(),
-            block: BlockConfig::default(),
-            host: Host::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -172,7 +172,7 @@ impl ksni::Tray for HandoffTray {
                 ));
             }
         }
-        if snap.vms().next().is_none() {
+        if snap.vms().is_empty() {
             // No built-in VM any more (issue 17): say so, and how to add one.
             m.push(Self::disabled(
                 "No VM configured: add a [[vm]] to config.toml".into(),

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookPhase, HookState};
 use handoff_test_support::block::{Notifications, write_config};
-use handoff_test_support::process::{Group, Stragglers, holder};
+use handoff_test_support::process::{Group, Stragglers, alive, comm, descendants, holder};
 use handoff_test_support::screenshot::{self, colours, crop, out_dir, pixels_of};
 use handoff_test_support::sway::{self, Sway};
 use handoff_test_support::tools::{have_all, required};
@@ -223,6 +223,26 @@ fn waybar_on_sway_shows_each_state_in_its_class_colour() {
         &css_colour("switching"),
         20,
         shoot,
+    );
+
+    // Killing waybar (not sway) ends its block: nothing is left waiting for a GPU change.
+    // sway double-forks what it execs, so waybar is found by the test's mark.
+    let marked = sway.mark().pids();
+    let waybar = marked
+        .iter()
+        .copied()
+        .find(|&p| comm(p) == "waybar")
+        .expect("waybar runs under sway");
+    let block = marked
+        .iter()
+        .copied()
+        .find(|&p| comm(p) == "handoff-block" && descendants(waybar).contains(&p))
+        .expect("waybar runs handoff-block");
+    // SAFETY: the waybar this test's sway started.
+    unsafe { libc::kill(waybar, libc::SIGKILL) };
+    assert!(
+        wait_until(Duration::from_secs(5), || !alive(block)),
+        "handoff-block --watch outlived waybar"
     );
     to_host(&sim);
 }

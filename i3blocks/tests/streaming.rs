@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use handoff::sim::{SimHost, SimSpec};
 use handoff_test_support::block::{I3blocks, Notifications, write_config};
-use handoff_test_support::process::{Stragglers, holder};
+use handoff_test_support::process::{Stragglers, alive, comm, descendants, holder};
 use handoff_test_support::tools::{have_all, is_root, required};
 use handoff_test_support::wait::wait_until;
 
@@ -21,41 +21,6 @@ fn persist_block(cfg: &Path) -> String {
         "[handoff]\ninstance=gpu\ncommand={BLOCK} --watch --format i3blocks-json --config {}\nformat=json\ninterval=persist\n",
         cfg.display()
     )
-}
-
-/// The processes below `pid` (children, their children…), from `/proc/<pid>/task/*/children`.
-fn descendants(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    let mut todo = vec![pid];
-    while let Some(p) = todo.pop() {
-        for task in std::fs::read_dir(format!("/proc/{p}/task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-                out.push(c);
-                todo.push(c);
-            }
-        }
-    }
-    out
-}
-
-fn comm(pid: i32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
-}
-
-/// Whether `pid` still runs (a zombie has ended).
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-    })
 }
 
 /// The `handoff-block` i3blocks runs for the block.

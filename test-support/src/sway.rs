@@ -4,14 +4,15 @@
 //! sway refuses to run as root, so it runs as `nobody` (uid 65534) through `setpriv`, with a
 //! runtime dir of its own, `<dir>/run/user/65534` (mode 0700, owned by that uid), and
 //! `WLR_BACKENDS=headless` with one output, software rendering (`WLR_RENDERER=pixman`) and
-//! no input devices. Everything it starts (`exec` in its config) runs as that user too, in
-//! its process group, which is killed on drop. `grim` takes screenshots as the same user.
+//! no input devices. Everything it starts (`exec` in its config) runs as that user too and
+//! carries a [`Stragglers`] mark (sway double-forks it out of its process group); sway and
+//! all of it are killed on drop. `grim` takes screenshots as the same user.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use crate::process::Group;
+use crate::process::{Group, Stragglers};
 use crate::tools::{have_all, is_root, required};
 use crate::wait::wait_until;
 
@@ -28,6 +29,8 @@ pub struct Sway {
     pub display: String,
     dir: PathBuf,
     _group: Group,
+    /// What sway started: it double-forks its `exec`s out of its process group.
+    _started: Stragglers,
 }
 
 /// `setpriv` to [`UID`] with no supplementary groups: the prefix of every command run as
@@ -108,6 +111,8 @@ impl Sway {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
+        let started = Stragglers(format!("sway-{}-{}", std::process::id(), runtime.display()));
+        cmd.env(Stragglers::VAR, &started.0);
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
@@ -133,6 +138,7 @@ impl Sway {
             display: "wayland-1".into(),
             dir: dir.to_owned(),
             _group: group,
+            _started: started,
         })
     }
 
@@ -167,6 +173,11 @@ impl Sway {
             String::from_utf8_lossy(&out.stderr)
         );
         std::fs::copy(&tmp, png).unwrap();
+    }
+
+    /// The mark (`HANDOFF_TEST_MARK`) that everything this sway started carries.
+    pub fn mark(&self) -> &Stragglers {
+        &self._started
     }
 
     /// sway's log so far.
