@@ -18,6 +18,11 @@ mandir ?= $(datadir)/man
 # Nothing is installed here: the hook reads /etc/handoff/config.toml whatever the prefix, and
 # that file is the machine owner's, not the package's.
 sysconfdir ?= $(prefix)/etc
+# The tray's XDG autostart entry goes where sessions look for system-wide ones
+# ($XDG_CONFIG_DIRS, /etc/xdg by default) whatever the prefix: under /usr/local/etc no
+# session would find it. A user's ~/.config/autostart/handoff-tray.desktop (what
+# `handoff install-services` writes) has the same name and so overrides it.
+autostartdir ?= /etc/xdg/autostart
 
 # Where install records what it put down (paths without DESTDIR); uninstall reads it back.
 # Empty: record nothing (the .deb, where dpkg keeps the list).
@@ -85,6 +90,8 @@ $(OUT)/install.list: $(BINS) $(GEN)/stamp FORCE
 	  done; fi; \
 	for d in $$(ls desktop-files/*.desktop 2>/dev/null); do \
 	  echo "f 0644 $$d $(datadir)/applications/$${d##*/}"; done; \
+	for d in $$(ls desktop-files/autostart/*.desktop 2>/dev/null); do \
+	  echo "f 0644 $$d $(autostartdir)/$${d##*/}"; done; \
 	echo "p 0644 desktop-files/org.handoff.rebind.policy $(datadir)/polkit-1/actions/org.handoff.rebind.policy"; \
 	} > $@.tmp
 	@if grep -q ' .* .* .* ' $@.tmp; then echo "make: a path with a space in $@" >&2; exit 1; fi

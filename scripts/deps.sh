@@ -18,6 +18,13 @@ packages=(
   at-spi2-core
   # the bar block's notifications (notify-send -A needs libnotify >= 0.7.9)
   libnotify-bin
+  # the other real bars the block is tested under (i3blocks and i3bar above): waybar on a
+  # headless sway (grim takes its screenshots; foot stands in for Looking Glass as a
+  # Wayland client), polybar on Xvfb (xdotool clicks it); fonts they all draw with
+  sway waybar grim foot polybar xdotool fonts-dejavu-core
+  # building i3status-rust (not packaged in Debian 12; see below): D-Bus, lm-sensors,
+  # OpenSSL, and cmake + clang for the BoringSSL it vendors
+  libdbus-1-dev libsensors-dev libssl-dev cmake clang libclang-dev
   # the benchmarks compare against these
   psmisc lsof hyperfine time
   # the tray benchmark counts syscalls of an idle handoff-tray
@@ -72,4 +79,34 @@ if ! command -v cargo >/dev/null 2>&1; then
   command -v curl >/dev/null || apt-get install -y -qq curl >/dev/null
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy
   export PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+# i3status-rust, one of the bars the block is tested under (i3blocks/tests/real_bars.rs).
+# Debian 12 has no package, so it is built from crates.io, `--locked`, once: the binary and
+# its theme and icon files (without them every block draws uncoloured) are kept under
+# /var/cache/handoff-test/i3status-rs, so a second run finds it and returns at once. The
+# tests look there (or on PATH). Default features off: its PulseAudio block is not needed.
+I3RS_VERSION=0.36.2
+i3rs_root=/var/cache/handoff-test/i3status-rs
+if [ ! -x "$i3rs_root/bin/i3status-rs" ] || [ ! -f "$i3rs_root/share/i3status-rust/themes/plain.toml" ] \
+  || [ "$(cat "$i3rs_root/version" 2>/dev/null)" != "$I3RS_VERSION" ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "handoff: i3status-rust $I3RS_VERSION is not built; run this script as root to build it" >&2
+    exit 1
+  fi
+  echo "handoff: building i3status-rust $I3RS_VERSION with cargo (once; kept in $i3rs_root)"
+  i3rs_t0=$(date +%s)
+  mkdir -p "$i3rs_root"
+  # ~13 min of CPU (measured: ~790 s with its own release profile; opt-level 1 without LTO
+  # took more, ~1000 s, so the profile is left alone): ~7-10 min on two free cores, once.
+  cargo install --quiet --locked i3status-rs --version "$I3RS_VERSION" --no-default-features \
+    --root "$i3rs_root"
+  # The theme and icon files ship in the crate, not in the binary.
+  crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/i3status-rs-"$I3RS_VERSION".crate | head -1)
+  rm -rf "$i3rs_root/share/i3status-rust"
+  mkdir -p "$i3rs_root/share/i3status-rust"
+  tar -xzf "$crate" -C "$i3rs_root/share/i3status-rust" --strip-components=2 \
+    "i3status-rs-$I3RS_VERSION/files/themes" "i3status-rs-$I3RS_VERSION/files/icons"
+  echo "$I3RS_VERSION" >"$i3rs_root/version"
+  echo "handoff: built i3status-rust in $(($(date +%s) - i3rs_t0)) s"
 fi

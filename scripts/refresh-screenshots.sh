@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 source scripts/deps.sh
 export HANDOFF_SCREENSHOTS=docs/screenshots
 cargo test -p handoff-block --test bar_screenshots                   # bar-*.png
+cargo test -p handoff-block --test real_bars                         # waybar-, polybar-, i3status-rust-*.png
 cargo test -p handoff-tray --all-features --test tray_desktop        # tray-*.png
 cargo test -p handoff-tray --all-features --test demo_desktop        # demo-*.png
 cargo test -p handoff-details --all-features --test window           # details-*.png

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs handoff's .deb into a clean Debian 12 (bookworm, minbase) root with apt, which
-# resolves its dependencies from the Debian mirror, then checks what a person would: every
+# resolves its dependencies from the Debian mirror this machine's apt uses, then checks what a person would: every
 # binary finds its shared libraries, the bar block links neither libvirt nor GTK, `handoff
 # --version` and the seed's command names run, the polkit policy and man pages are there;
 # then removes the package and checks that none of its files are left.
@@ -58,9 +58,12 @@ case "${1:---release}" in
 esac
 [ -f "$deb" ] || fail "no .deb at $deb"
 
-# The mirror apt already uses here for bookworm main (Debian's by default).
-mirror=$(apt-cache policy 2>/dev/null | awk '$3 == "bookworm/main" { print $2; exit }' || true)
-mirror=${mirror:-http://deb.debian.org/debian}
+# The mirror this machine's apt is configured with for bookworm main (sources.list or
+# deb822 .sources, whichever it uses; no package lists needed), so that a machine behind
+# its own mirror or proxy tests against the same one. No name of our own to fall back on.
+mirror=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE) $(COMPONENT)' 2>/dev/null \
+  | awk '$2 == "bookworm" && $3 == "main" { sub("/$", "", $1); print $1; exit }' || true)
+[ -n "$mirror" ] || fail "apt has no source for bookworm main (see /etc/apt/sources.list{,.d}); add one, e.g. Types: deb / URIs: <your Debian mirror> / Suites: bookworm / Components: main"
 
 cache_dir=/var/cache/handoff-test
 cache="$cache_dir/bookworm-minbase.tar"
@@ -165,12 +168,28 @@ in_root handoff-block --help >/dev/null 2>&1 || in_root handoff-block --version 
 grep -q 'exec.path">/usr/bin/handoff<' "$root/usr/share/polkit-1/actions/org.handoff.rebind.policy" \
   || fail "polkit policy"
 [ -f "$root/usr/share/man/man1/handoff-status.1.gz" ] || fail "man pages"
+for e in usr/share/applications/handoff-tray.desktop usr/share/applications/handoff-details.desktop \
+  etc/xdg/autostart/handoff-tray.desktop; do
+  [ -f "$root/$e" ] || fail "/$e is not in the package"
+done
+if command -v desktop-file-validate >/dev/null; then
+  desktop-file-validate "$root"/usr/share/applications/handoff-*.desktop "$root"/etc/xdg/autostart/handoff-tray.desktop \
+    || fail "desktop-file-validate (above)"
+fi
 phase "ran in the root: $version; vfio-status --help shows its own usage"
 
 files=$(in_root dpkg -L handoff | while read -r f; do [ -d "$root$f" ] || echo "$f"; done)
+conffiles=$(in_root dpkg-query -W -f='${Conffiles}' handoff | awk '{ print $1 }')
 in_root apt-get remove -y -q handoff >"$tmp/apt.log" 2>&1 || { tail -20 "$tmp/apt.log" >&2; fail "apt-get remove"; }
 for f in $files; do
+  grep -qxF "$f" <<<"$conffiles" && continue
   [ ! -e "$root$f" ] && [ ! -L "$root$f" ] || fail "$f left after apt-get remove"
 done
-phase "removed the package; none of its $(wc -w <<<"$files") files left"
+# Conffiles (the autostart entry under /etc) stay until a purge, as dpkg keeps a person's
+# edits; the purge takes them too.
+in_root apt-get purge -y -q handoff >"$tmp/apt.log" 2>&1 || { tail -20 "$tmp/apt.log" >&2; fail "apt-get purge"; }
+for f in $conffiles; do
+  [ ! -e "$root$f" ] || fail "$f left after apt-get purge"
+done
+phase "removed the package, then purged it; none of its $(wc -w <<<"$files") files left ($(wc -w <<<"$conffiles") conffiles until the purge)"
 echo "test-deb: ok"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make install` and `make uninstall` into temp DESTDIRs, with the debug binaries the test
 # suite already built (PROFILE=debug): every expected file is there, the seed's names are
-# links that run as their subcommand, the polkit policy names this prefix's handoff,
+# links that run as their subcommand, the polkit policy names this prefix's handoff, the
+# launchers and the tray's autostart entry are where desktops look and valid,
 # uninstall leaves nothing of ours (and everything that was there before), and installing
 # again gives the same tree. .ci/run runs it after `cargo test`.
 set -euo pipefail
@@ -70,10 +71,29 @@ if [ -d icons ]; then
     cmp -s "$i" "$want" || fail "$i not installed at ${want#"$root"}"
   done < <(find icons -type f \( -name '*.svg' -o -name '*.png' \))
 fi
-for d in desktop-files/*.desktop; do
-  [ -e "$d" ] || continue
-  cmp -s "$d" "$root/usr/share/applications/${d##*/}" || fail "$d not installed"
+# The launchers (tray, details window) and the tray's XDG autostart entry, each valid by
+# desktop-file-validate [desktop-file-utils] where it is installed, and naming a binary
+# and an icon that the install put down.
+[ -f desktop-files/handoff-tray.desktop ] && [ -f desktop-files/handoff-details.desktop ] \
+  && [ -f desktop-files/autostart/handoff-tray.desktop ] || fail "desktop-files/ lacks the launchers or the autostart entry"
+installed_entries=()
+for d in desktop-files/*.desktop desktop-files/autostart/*.desktop; do
+  case "$d" in
+    desktop-files/autostart/*) at="$root/etc/xdg/autostart/${d##*/}" ;;
+    *) at="$root/usr/share/applications/${d##*/}" ;;
+  esac
+  cmp -s "$d" "$at" || fail "$d not installed at ${at#"$root"}"
+  installed_entries+=("$at")
+  exe=$(sed -n 's/^Exec=\([^ ]*\).*/\1/p' "$at")
+  [ -x "$root/usr/bin/$exe" ] || fail "${at#"$root"} runs $exe, which the install did not put in /usr/bin"
+  icon=$(sed -n 's/^Icon=//p' "$at")
+  [ -f "$root/usr/share/icons/hicolor/scalable/apps/$icon.svg" ] || fail "${at#"$root"} names icon $icon, which is not installed"
 done
+if command -v desktop-file-validate >/dev/null; then
+  desktop-file-validate "${installed_entries[@]}" || fail "desktop-file-validate (above)"
+elif [ "${CI:-}" = true ]; then
+  fail "desktop-file-validate is missing (Debian desktop-file-utils; scripts/deps.sh installs it)"
+fi
 
 # Uninstall leaves the root as it found it: empty.
 mk uninstall DESTDIR="$root" prefix=/usr
@@ -98,6 +118,7 @@ mk install DESTDIR="$other" prefix=/usr/local
 grep -q '<annotate key="org.freedesktop.policykit.exec.path">/usr/local/bin/handoff<' \
   "$other/usr/local/share/polkit-1/actions/org.handoff.rebind.policy" || fail "polkit exec.path not rewritten for /usr/local"
 [ "$(readlink "$other/usr/local/bin/vfio-status")" = handoff ] || fail "/usr/local/bin/vfio-status"
+[ -f "$other/etc/xdg/autostart/handoff-tray.desktop" ] || fail "prefix=/usr/local: no /etc/xdg/autostart/handoff-tray.desktop (sessions look only there)"
 mk uninstall DESTDIR="$other" prefix=/usr/local
 [ "$(tree "$other")" = "$before" ] || fail "uninstall under /usr/local changed others' files: $(diff <(echo "$before") <(tree "$other"))"
 

@@ -18,12 +18,14 @@ use crate::pci::PciAddress;
 
 pub const SYSTEM_CONFIG: &str = "/etc/handoff/config.toml";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The GPUs handoff hands: `[[gpu]]` entries, or one `[gpu]` table. `cfg.gpu.address`
     /// and the like read the primary one (see [`Gpus`]).
     pub gpu: Gpus,
+    /// No VM unless one is configured: a made-up "win11" at qemu:///system would have a
+    /// right click start a domain nobody named (issue 17).
     #[serde(rename = "vm")]
     pub vms: Vec<VmConfig>,
     pub looking_glass: LookingGlassConfig,
@@ -32,19 +34,6 @@ pub struct Config {
     /// The Proxmox VE API that `[[vm]]` entries with a `vmid` live behind.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxmox: Option<ProxmoxConfig>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            gpu: Gpus::default(),
-            vms: vec![VmConfig::named("win11", "Windows")],
-            looking_glass: LookingGlassConfig::default(),
-            block: BlockConfig::default(),
-            host: Host::default(),
-            proxmox: None,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -332,7 +321,8 @@ pub struct LookingGlassConfig {
     pub args: Vec<String>,
     /// The i3 workspace that receives the window.
     pub workspace: String,
-    /// The X window class (or instance) the client's window is matched on.
+    /// The X window class (or instance) the client's window is matched on, or its Wayland
+    /// `app_id` under sway.
     pub window_class: String,
     /// The shared-memory file of a `<shmem name='looking-glass'>` device; unset means
     /// `shm/looking-glass` under `[host] dev`. (A kvmfr device's path comes from the

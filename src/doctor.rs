@@ -747,7 +747,7 @@ mod tests {
 
     fn two_vms() -> Config {
         let mut cfg = Config::default();
-        let vm = cfg.vms[0].clone();
+        let vm = VmConfig::named("win11", "Windows");
         cfg.vms = vec![
             VmConfig {
                 name: "win11".into(),

@@ -1,17 +1,21 @@
-//! A small, synchronous i3 IPC client, and how to find the desktop session's i3 socket.
+//! A small, synchronous i3 IPC client, and how to find the desktop session's i3 (or sway)
+//! socket. sway speaks the same protocol, so everything here works with both.
 //!
-//! Why hand-written rather than `tokio-i3ipc`: the protocol is a 14-byte header
-//! (`"i3-ipc"`, u32 length, u32 type, native endian) and a JSON body, and handoff needs
-//! four requests (RUN_COMMAND, GET_TREE, GET_WORKSPACES, SUBSCRIBE) plus reading window
-//! events. A blocking client over a `UnixStream` does that in a page, keeps tokio out of
-//! the CLI, and reads the tree as plain JSON, so the fields i3 4.22 sends
-//! (`window_properties`) are never lost to a stale typed model.
+//! Why hand-written rather than `tokio-i3ipc` or `swayipc`: the protocol is a 14-byte
+//! header (`"i3-ipc"`, u32 length, u32 type, native endian) and a JSON body, and handoff
+//! needs four requests (RUN_COMMAND, GET_TREE, GET_WORKSPACES, SUBSCRIBE) plus reading
+//! window events. A blocking client over a `UnixStream` does that in a page, keeps tokio
+//! out of the CLI, and reads the tree as plain JSON, so the fields i3 4.22 sends
+//! (`window_properties`) and the ones only sway sends (`app_id` of a Wayland window) are
+//! never lost to a typed model written for the other one (the `i3ipc` crate loses
+//! `window_properties` on i3 4.22).
 //!
-//! Finding the socket ([`find`]) reads, in order: `I3SOCK`; the sockets i3 puts in the
-//! caller's runtime directory (`/run/user/<uid>/i3/ipc-socket.<pid>`, the root injectable);
-//! and, when `DISPLAY` is set, the X root window's `I3_SOCKET_PATH` property, read by
-//! spawning `xprop -root` (x11-utils) rather than linking an X library. The first socket
-//! whose i3 answers wins. That is what lets `ssh host handoff lg` reach the desktop.
+//! Finding the socket ([`find`]) reads, in order: `I3SOCK`; `SWAYSOCK`; the sockets i3 and
+//! sway put in the caller's runtime directory (`/run/user/<uid>/i3/ipc-socket.<pid>`,
+//! `/run/user/<uid>/sway-ipc.<uid>.<pid>.sock`, the root injectable); and, when `DISPLAY`
+//! is set, the X root window's `I3_SOCKET_PATH` property, read by spawning `xprop -root`
+//! (x11-utils) rather than linking an X library. The first socket that answers wins. That
+//! is what lets `ssh host handoff lg` reach the desktop, under i3 or sway.
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
@@ -127,6 +131,11 @@ impl I3 {
         Ok(v["human_readable"].as_str().unwrap_or("unknown").to_owned())
     }
 
+    /// Whether this is sway rather than i3 (its GET_VERSION has `"variant": "sway"`).
+    pub fn is_sway(&mut self) -> Result<bool, I3Error> {
+        Ok(self.request(GET_VERSION, "")?["variant"] == "sway")
+    }
+
     /// Runs an i3 command (which may be several, separated by `;`); an error names the
     /// first part i3 refused.
     pub fn command(&mut self, command: &str) -> Result<(), I3Error> {
@@ -198,12 +207,15 @@ pub fn quote(s: &str) -> String {
     q
 }
 
-/// A window (container holding an X window) found in i3's tree.
+/// A window found in i3's or sway's tree: a container holding an X window (X11 class and
+/// instance) or, under sway, a Wayland window (its `app_id`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
     pub con_id: u64,
     pub class: String,
     pub instance: String,
+    /// A Wayland window's `app_id` (sway); empty for an X window.
+    pub app_id: String,
     pub title: String,
     /// The workspace the window is on; None for the scratchpad or a bare output.
     pub workspace: Option<String>,
@@ -218,14 +230,21 @@ pub fn windows(tree: &Value) -> Vec<Window> {
         } else {
             ws
         };
-        if node["window"].is_u64() {
+        // An X window has a `window` id; a Wayland one (sway) has an `app_id` instead.
+        let wayland = node["app_id"].is_string() && !node["window"].is_u64();
+        if node["window"].is_u64() || wayland {
             let props = &node["window_properties"];
             let s = |k: &str| props[k].as_str().unwrap_or("").to_owned();
             out.push(Window {
                 con_id: node["id"].as_u64().unwrap_or(0),
                 class: s("class"),
                 instance: s("instance"),
-                title: s("title"),
+                app_id: node["app_id"].as_str().unwrap_or("").to_owned(),
+                title: if wayland {
+                    node["name"].as_str().unwrap_or("").to_owned()
+                } else {
+                    s("title")
+                },
                 workspace: ws.map(str::to_owned),
                 focused: node["focused"] == true,
             });
@@ -242,10 +261,12 @@ pub fn windows(tree: &Value) -> Vec<Window> {
 }
 
 impl Window {
-    /// Whether the window's X class or instance is `name` (ASCII case ignored, as X
-    /// clients differ in how they capitalise their class).
+    /// Whether the window's X class or instance, or its Wayland `app_id`, is `name`
+    /// (ASCII case ignored, as clients differ in how they capitalise it).
     pub fn is(&self, name: &str) -> bool {
-        self.class.eq_ignore_ascii_case(name) || self.instance.eq_ignore_ascii_case(name)
+        [&self.class, &self.instance, &self.app_id]
+            .iter()
+            .any(|n| !n.is_empty() && n.eq_ignore_ascii_case(name))
     }
 
     /// The window in a window event's `container`.
@@ -269,6 +290,8 @@ pub fn focused_workspace(workspaces: &Value) -> Option<String> {
 pub struct Session {
     /// `I3SOCK`.
     pub i3sock: Option<OsString>,
+    /// `SWAYSOCK`.
+    pub swaysock: Option<OsString>,
     /// The parent of per-user runtime directories, `/run/user`.
     pub runtime_root: PathBuf,
     pub uid: u32,
@@ -282,6 +305,7 @@ impl Session {
         let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
         Session {
             i3sock: nonempty("I3SOCK"),
+            swaysock: nonempty("SWAYSOCK"),
             runtime_root: PathBuf::from("/run/user"),
             uid: nix::unistd::getuid().as_raw(),
             display: nonempty("DISPLAY"),
@@ -303,7 +327,11 @@ pub fn find(session: &Session) -> Result<I3, Vec<String>> {
     if let Some(s) = &session.i3sock {
         candidates.push((PathBuf::from(s), "I3SOCK"));
     }
-    let dir = session.runtime_root.join(session.uid.to_string()).join("i3");
+    if let Some(s) = &session.swaysock {
+        candidates.push((PathBuf::from(s), "SWAYSOCK"));
+    }
+    let runtime = session.runtime_root.join(session.uid.to_string());
+    let dir = runtime.join("i3");
     match std::fs::read_dir(&dir) {
         Ok(entries) => {
             let mut socks: Vec<(std::time::SystemTime, PathBuf)> = entries
@@ -326,6 +354,30 @@ pub fn find(session: &Session) -> Result<I3, Vec<String>> {
         }
         Err(e) => tried.push(format!("{}: {e}", dir.display())),
     }
+    // sway's sockets sit in the runtime dir itself: sway-ipc.<uid>.<pid>.sock.
+    let sway_prefix = format!("sway-ipc.{}.", session.uid);
+    let mut sway: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&runtime)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with(&sway_prefix) && n.ends_with(".sock")
+        })
+        .map(|e| {
+            let t = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            (t, e.path())
+        })
+        .collect();
+    sway.sort_by_key(|s| std::cmp::Reverse(s.0));
+    if sway.is_empty() {
+        tried.push(format!("{}: no {sway_prefix}*.sock there", runtime.display()));
+    }
+    candidates.extend(sway.into_iter().map(|(_, p)| (p, "runtime dir")));
     for (path, from) in candidates {
         match I3::connect(&path).and_then(|mut c| c.version().map(|_| c)) {
             Ok(c) => return Ok(c),
@@ -418,5 +470,21 @@ mod tests {
         assert_eq!(w[0].workspace.as_deref(), Some("10"));
         assert!(w[0].is("Looking-Glass-Client"));
         assert!(w[0].focused);
+    }
+
+    #[test]
+    fn finds_a_wayland_window_of_sway_by_its_app_id() {
+        let tree = serde_json::json!({"type": "root", "nodes": [{"type": "output", "nodes": [
+            {"type": "workspace", "name": "10", "nodes": [
+                {"type": "con", "id": 9, "app_id": "looking-glass-client", "window": null,
+                 "name": "Looking Glass (client)", "focused": false, "nodes": []}
+            ], "floating_nodes": []}
+        ]}]});
+        let w = windows(&tree);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!((w[0].con_id, w[0].workspace.as_deref()), (9, Some("10")));
+        assert!(w[0].is("looking-glass-client"));
+        assert!(!w[0].is(""), "an empty class matches nothing");
+        assert_eq!(w[0].title, "Looking Glass (client)");
     }
 }

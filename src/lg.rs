@@ -1,10 +1,10 @@
-//! Opening the Looking Glass client on its own i3 workspace, also from SSH.
+//! Opening the Looking Glass client on its own i3 (or sway) workspace, also from SSH.
 //!
 //! [`open`] is what `handoff lg` and `handoff start` call. In order:
-//! 1. Find the desktop's i3 ([`crate::i3::find`]: `I3SOCK`, `/run/user/<uid>/i3/`, the X
-//!    root window). If a window whose X class or instance is `[looking_glass]
-//!    window_class` is already there, focus it (i3 switches to its workspace) and stop:
-//!    never a second client.
+//! 1. Find the desktop's i3 or sway ([`crate::i3::find`]: `I3SOCK`, `SWAYSOCK`,
+//!    `/run/user/<uid>/`, the X root window). If a window whose X class or instance, or
+//!    Wayland `app_id` (sway), is `[looking_glass] window_class` is already there, focus it
+//!    (the window manager switches to its workspace) and stop: never a second client.
 //! 2. Otherwise subscribe to i3's window events, switch to `[looking_glass] workspace`,
 //!    and have i3 `exec` the client — i3 runs it in the desktop session, with the
 //!    session's environment, even when we were called from SSH. When the client's window
@@ -151,13 +151,45 @@ fn exit_tick_tag(nonce: &str) -> String {
 
 /// The i3 command that starts the client; when the client exits, the shell sends an i3
 /// tick `handoff-lg-exited <nonce> <status>` (to nobody once [`open`] stopped waiting).
-pub fn exec_command(command: &str, args: &[String], nonce: &str) -> String {
+///
+/// Under sway (`sway`), `swaymsg` sends the tick (a sway desktop may have no i3-msg), and
+/// the shell line travels base64-encoded: sway strips the quotes around an `exec`'s
+/// argument but, unlike i3, leaves its `\"` escapes in, so a quoted argument would reach
+/// the shell with backslashes in it. `echo <base64> | base64 -d | sh` has no character
+/// either parser treats specially.
+pub fn exec_command(command: &str, args: &[String], nonce: &str, sway: bool) -> String {
+    if sway {
+        let line = format!(
+            "{} </dev/null; swaymsg -t send_tick {}$? >/dev/null 2>&1\n",
+            shell_line(command, args),
+            sh_quote(&format!("{} ", exit_tick_tag(nonce))),
+        );
+        return format!("exec echo {} | base64 -d | sh", base64(line.as_bytes()));
+    }
     let line = format!(
         "{}; i3-msg -t send_tick {}\"$?\" >/dev/null 2>&1",
         shell_line(command, args),
         sh_quote(&format!("{} ", exit_tick_tag(nonce))),
     );
     format!("exec --no-startup-id {}", i3::quote(&line))
+}
+
+/// Standard base64 (RFC 4648, padded): one shell line for sway, no crate for it.
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 fn client_window(conn: &mut I3, class: &str) -> Result<Option<Window>, I3Error> {
@@ -218,7 +250,7 @@ pub fn open(cfg: &Config, session: &Session, wait: Duration) -> Result<LgOutcome
             .as_nanos()
     );
     let exited = format!("{} ", exit_tick_tag(&nonce));
-    let exec = exec_command(&lg.command, &lg.args, &nonce);
+    let exec = exec_command(&lg.command, &lg.args, &nonce, conn.is_sway()?);
     conn.command(&format!("workspace {ws}; {exec}"))?;
     // `--wait` is any u64 of seconds: a plain `+` could overflow and panic.
     let deadline = crate::sysfs_read::deadline_after(wait);
@@ -350,9 +382,28 @@ mod tests {
         assert_eq!(sh_quote("a; b 'c'"), r"'a; b '\''c'\'''");
         assert_eq!(sh_quote(""), "''");
         assert_eq!(
-            exec_command("xterm", &["-title".into(), "a; b \"c\"".into()], "42-7"),
+            exec_command("xterm", &["-title".into(), "a; b \"c\"".into()], "42-7", false),
             r#"exec --no-startup-id "xterm -title 'a; b \"c\"'; i3-msg -t send_tick 'handoff-lg-exited 42-7 '\"$?\" >/dev/null 2>&1""#
         );
+    }
+
+    #[test]
+    fn base64_is_rfc_4648() {
+        for (plain, coded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+        ] {
+            assert_eq!(base64(plain.as_bytes()), coded);
+        }
+        let sway = exec_command("foot", &["a; b \"c\"".into()], "42-7", true);
+        assert!(
+            sway.starts_with("exec echo ") && sway.ends_with(" | base64 -d | sh"),
+            "{sway}"
+        );
+        assert!(!sway.contains(['"', '\'', ';', ',']), "{sway}");
     }
 
     /// A hypervisor whose VM is in `state` and whose event stream delivers `events`, then ends.
@@ -453,7 +504,10 @@ mod tests {
         let held = std::rc::Rc::new(std::cell::Cell::new(0));
         let mut opened = Vec::new();
         let mut said = Vec::new();
-        let cfg = Config::default();
+        let cfg = Config {
+            vms: vec![crate::config::VmConfig::named("win11", "Windows")],
+            ..Config::default()
+        };
         let e = on_vm_start(
             &cfg,
             &mut Scripted { state, events },

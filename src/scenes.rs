@@ -111,10 +111,14 @@ impl Scene {
             &config,
             format!(
                 "[gpu]\naddress = \"{gpu}\"\n\n[[vm]]\nname = \"{vm}\"\nlabel = \"Windows\"\nuri = \"{uri}\"\n\n\
-                 [host]\nsysfs = {:?}\ndev = {:?}\nrun = {:?}\n",
+                 [host]\nsysfs = {:?}\ndev = {:?}\nrun = {:?}\nuninspectable_ok = {:?}\n",
                 sim.sysfs(),
                 sim.dev(),
-                sim.run()
+                sim.run(),
+                // What this machine's root cannot inspect now (a container's PID 1): the
+                // scenes are about the GPU's own holders, and a surface must not call a GPU
+                // free while such a process exists ("? unseen").
+                crate::holders::uninspectable_now(std::path::Path::new("/proc")),
             ),
         )?;
         Ok(Scene {

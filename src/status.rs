@@ -437,7 +437,9 @@ Next: {}
                 .collect();
             let _ = writeln!(s, "IOMMU group {}: {}", group.id, members.join(", "));
         }
-        if !self.vms.is_empty() {
+        if self.vms.is_empty() {
+            s += "\nVMs: none configured (add a [[vm]] with the libvirt domain's name to the config)\n";
+        } else {
             s += "\nVMs:\n";
             for v in &self.vms {
                 let _ = writeln!(

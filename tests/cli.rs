@@ -926,3 +926,22 @@ fn rebind_without_a_record_on_a_gpu_at_home_plans_nothing() {
         );
     }
 }
+
+#[test]
+fn status_without_a_configured_vm_says_so_and_how_to_add_one() {
+    // Issue 17: no built-in VM any more; the status says there is none.
+    let h = Host::workstation();
+    h.configure(RTX_3090_TI, &[]);
+    let r = h.run(&["status"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("VMs: none configured (add a [[vm]] with the libvirt domain's name to the config)"),
+        "{}",
+        r.stdout
+    );
+    assert!(!r.stdout.contains("win11"), "{}", r.stdout);
+    let r = h.run(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["vms"], serde_json::json!([]), "{v}");
+}

@@ -630,3 +630,15 @@ fn proxmox_sections_are_checked_and_name_the_line_and_the_fix() {
     let e = err("[[vm]]\nvmid = 140\n");
     assert!(e.contains("no [proxmox] section"), "{e}");
 }
+
+#[test]
+fn no_vm_is_made_up_when_none_is_configured() {
+    // Issue 17: a built-in "win11" at qemu:///system had a right click start a domain
+    // nobody named. Without [[vm]] there is no VM, and the surfaces say so.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("config.toml");
+    fs::write(&path, "[gpu]\naddress = \"0000:01:00.0\"\n").unwrap();
+    assert!(Config::load_file(&path).unwrap().vms.is_empty());
+    assert!(Config::default().vms.is_empty());
+    assert!(Config::default().vm(None).is_none());
+}

@@ -100,3 +100,73 @@ fn the_polkit_prompt_names_the_gpu_the_tray_asks_to_return() {
     assert!(args.contains(&"--force".to_owned()), "{args:?}");
     assert!(args.contains(&gpu.to_string()), "{args:?}");
 }
+
+/// The shipped launchers (tray, details window) and the tray's XDG autostart entry.
+const ENTRIES: [&str; 3] = [
+    "handoff-tray.desktop",
+    "handoff-details.desktop",
+    "autostart/handoff-tray.desktop",
+];
+
+#[test]
+fn the_shipped_desktop_entries_are_valid_by_desktop_file_validate() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("desktop-files");
+    let paths: Vec<_> = ENTRIES.iter().map(|e| dir.join(e)).collect();
+    let out = match Command::new("desktop-file-validate").args(&paths).output() {
+        Ok(out) => out,
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("desktop-file-validate is needed (Debian desktop-file-utils): {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: cannot run desktop-file-validate (Debian desktop-file-utils): {e}");
+            return;
+        }
+    };
+    // It exits 0 with hints on stdout; errors and warnings are what it complains about.
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
+
+#[test]
+fn each_desktop_entry_runs_a_shipped_binary_with_a_shipped_icon() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for e in ENTRIES {
+        let text = std::fs::read_to_string(root.join("desktop-files").join(e)).unwrap();
+        let key = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("{e}: no {k}"))
+        };
+        let exe = key("Exec");
+        assert!(
+            ["handoff-tray", "handoff-details"].contains(&exe),
+            "{e}: Exec={exe} (a bare name: the binary is on PATH wherever the prefix is)"
+        );
+        let crate_dir = if exe == "handoff-tray" {
+            "applet"
+        } else {
+            "details"
+        };
+        let manifest = std::fs::read_to_string(root.join(crate_dir).join("Cargo.toml")).unwrap();
+        assert!(
+            manifest.contains(&format!("name = \"{exe}\"")),
+            "{crate_dir} builds no {exe}"
+        );
+        let icon = root
+            .join("icons/hicolor/scalable/apps")
+            .join(format!("{}.svg", key("Icon")));
+        assert!(icon.is_file(), "{e}: no icon {}", icon.display());
+        assert_eq!(key("Type"), "Application", "{e}");
+        if e.starts_with("autostart/") {
+            assert_eq!(
+                key("NoDisplay"),
+                "true",
+                "{e}: an autostart entry is no menu item"
+            );
+        }
+    }
+}

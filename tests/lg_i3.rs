@@ -34,7 +34,8 @@ fn handoff_lg(config: &Path, i3sock: Option<&Path>) -> std::process::Output {
         .arg(config)
         .env_remove("DISPLAY")
         .env_remove("WAYLAND_DISPLAY")
-        .env_remove("I3SOCK");
+        .env_remove("I3SOCK")
+        .env_remove("SWAYSOCK");
     if let Some(s) = i3sock {
         cmd.env("I3SOCK", s);
     }
@@ -105,6 +106,7 @@ fn finds_i3_in_the_runtime_dir_without_i3sock_or_display() {
     cfg.looking_glass.args = ["-class", CLASS, "-e", "sleep", "600"].map(String::from).to_vec();
     let session = Session {
         i3sock: None,
+        swaysock: None,
         runtime_root: runtime.path().to_owned(),
         uid,
         display: None,
@@ -123,6 +125,7 @@ fn no_desktop_reachable_says_so_and_starts_nothing() {
     let runtime = tempfile::tempdir().unwrap();
     let session = Session {
         i3sock: None,
+        swaysock: None,
         runtime_root: runtime.path().to_owned(),
         uid: 4242,
         display: None,
@@ -145,6 +148,7 @@ fn a_client_that_exits_before_its_window_is_reported_at_once_with_its_status() {
     let Some(desk) = Desktop::start(None) else { return };
     let session = Session {
         i3sock: Some(desk.socket.clone().into()),
+        swaysock: None,
         runtime_root: desk.dir.path().to_owned(),
         uid: 4242,
         display: None,

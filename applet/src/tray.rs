@@ -173,6 +173,12 @@ impl ksni::Tray for HandoffTray {
                 ));
             }
         }
+        if snap.vms().is_empty() {
+            // No built-in VM any more (issue 17): say so, and how to add one.
+            m.push(Self::disabled(
+                "No VM configured: add a [[vm]] to config.toml".into(),
+            ));
+        }
         m.push(MenuItem::Separator);
         m.push(self.item(
             "Open Looking Glass".into(),

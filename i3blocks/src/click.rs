@@ -268,7 +268,14 @@ fn run(argv: &[OsString]) -> io::Result<Result<String, String>> {
         .map_err(|e| io::Error::new(e.kind(), format!("cannot run {}: {e}", argv[0].to_string_lossy())))?;
     let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    eprint!("{stderr}");
+    let name = argv
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    for line in stderr.lines() {
+        log(&format!("{name}: {line}"));
+    }
     if out.status.success() {
         Ok(Ok(stdout))
     } else {
@@ -281,19 +288,61 @@ fn run(argv: &[OsString]) -> io::Result<Result<String, String>> {
     }
 }
 
+/// One line of `handoff-block.log` (the detached jobs' stderr): the time (UTC), the
+/// message, and a newline, so that entries of jobs that ran days apart don't run together.
+pub fn log(msg: &str) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    eprintln!("{} {}", utc(now), handoff::escape::plain(msg));
+}
+
+/// `2026-12-06T07:01:02Z` for seconds since the epoch (Howard Hinnant's days-to-civil;
+/// the block links no date crate for one log line).
+pub fn utc(secs: u64) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 /// A notification from the detached job; it may wait (nobody waits for the job).
 fn notify(title: &str, body: &str, u: Urgency) -> io::Result<()> {
     let argv = notify_argv(title, body, u, &[]);
-    Command::new(&argv[0])
+    let out = Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(Stdio::null())
-        .status()
-        .map(drop)
+        .output()?;
+    // No notification daemon, most often: the log is then the only place that says so.
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        log(&format!("notify-send: {line}"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_times_are_utc_calendar_dates() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_796_540_462), "2026-12-06T07:01:02Z");
+    }
 
     #[test]
     fn a_notification_body_is_escaped_for_markup_and_its_title_for_plain_text() {

@@ -22,7 +22,7 @@
 use handoff::escape::{markup, plain, polybar};
 use serde_json::json;
 
-use crate::view::{View, look};
+use crate::view::{View, look_of};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -50,7 +50,7 @@ impl Format {
 /// waybar have no short form of their own). `one_line`: for `--watch`.
 pub fn render(v: &View, format: Format, short: bool, one_line: bool) -> String {
     let text = if short { &v.short } else { &v.text };
-    let look = look(v.verdict.state);
+    let look = look_of(v);
     let urgent = v.verdict.state.urgent();
     match format {
         Format::I3blocks if one_line => plain(text),

@@ -11,9 +11,9 @@ mod format;
 mod view;
 mod watch;
 
+use handoff::config::Config;
 use std::process::ExitCode;
 
-use handoff::config::Config;
 use handoff::escape::plain;
 
 use click::Button;
@@ -33,7 +33,9 @@ Usage: handoff-block [--gpu GPU] [--format F] [--short] [--click BUTTON] [--watc
   --short             the short text (\"L·2\") as the main text
   --click BUTTON      left, middle or right: act as for that click, then print.
                       i3blocks' BLOCK_BUTTON is read when this is not given.
-  --watch             keep running, print a line per change (persistent blocks)
+  --watch             keep running, print a line per change (persistent blocks);
+                      a config error is shown until the file is fixed, a saved
+                      config is read again, a click refreshes it; ends with the bar
   --signal-i3blocks N keep running, send SIGRTMIN+N to your i3blocks on each change
                       (for one-shot blocks with signal=N; keeps i3blocks clicks working)
   --config FILE       use this config (same as HANDOFF_CONFIG=FILE)
@@ -153,37 +155,37 @@ fn main() -> ExitCode {
         // SAFETY: single-threaded at this point; nothing else reads the environment.
         unsafe { std::env::set_var("HANDOFF_CONFIG", path) };
     }
-    let loaded = match &args.config {
-        Some(path) => Config::load_file(path),
-        None => Config::load().map(|(cfg, _)| cfg),
-    };
     // One of several GPUs, when asked: the block then shows it as it shows the primary one.
-    let loaded = loaded.map(|cfg| match (&args.gpu, &args.instance) {
-        (Some(name), _) => cfg.focused_on(name).ok_or_else(|| no_such_gpu(&cfg, name)),
-        (None, Some(instance)) => Ok(cfg.focused_on(instance).unwrap_or(cfg)),
-        (None, None) => Ok(cfg),
-    });
-    let cfg = match loaded {
+    let focus = |cfg: Config| -> Result<Config, String> {
+        match (&args.gpu, &args.instance) {
+            (Some(name), _) => cfg.focused_on(name).ok_or_else(|| no_such_gpu(&cfg, name)),
+            (None, Some(instance)) => Ok(cfg.focused_on(instance).unwrap_or(cfg)),
+            (None, None) => Ok(cfg),
+        }
+    };
+    if args.watch && args.signal.is_none() {
+        // Loads (and reloads) the config itself: a streaming block stays up through a
+        // config error and shows it until the file is fixed.
+        return match watch::watch(args.config.as_deref(), &focus, args.format, args.short) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("handoff-block: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let cfg = match watch::load(args.config.as_deref()).0.map(focus) {
         Ok(Ok(cfg)) => cfg,
         Ok(Err(e)) => {
             eprintln!("handoff-block: {e}");
-            let v = view::View {
-                text: "GPU: no such GPU".into(),
-                short: "GPU: ?".into(),
-                ..view::View::error(&e)
-            };
+            let v = watch::no_such_gpu_view(&e);
             println!("{}", format::render(&v, args.format, args.short, false));
             return ExitCode::from(33); // i3blocks: urgent
         }
         Err(e) => {
             // A bar shows the first line: keep it short, put the detail on stderr.
             eprintln!("handoff-block: {e}");
-            let v = view::View::error(&e.to_string());
-            let v = view::View {
-                text: "GPU: config error".into(),
-                short: "GPU: cfg!".into(),
-                ..v
-            };
+            let v = watch::config_error_view(&e);
             println!("{}", format::render(&v, args.format, args.short, false));
             return ExitCode::from(33); // i3blocks: urgent
         }
@@ -192,17 +194,13 @@ fn main() -> ExitCode {
         return match click::run_job(&cfg, job) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("handoff-block --job {}: {e}", job.join(" "));
+                click::log(&format!("handoff-block --job {}: {e}", job.join(" ")));
                 ExitCode::FAILURE
             }
         };
     }
-    if args.watch || args.signal.is_some() {
-        let r = match args.signal {
-            Some(n) => watch::signal_i3blocks(&cfg, n),
-            None => watch::watch(&cfg, args.format, args.short),
-        };
-        if let Err(e) = r {
+    if let Some(n) = args.signal {
+        if let Err(e) = watch::signal_i3blocks(&cfg, n) {
             eprintln!("handoff-block: {e}");
             return ExitCode::FAILURE;
         }
@@ -215,6 +213,9 @@ fn main() -> ExitCode {
         if let Err(e) = click::perform(&action) {
             eprintln!("handoff-block: the {button:?} click failed: {e}");
         }
+        // A `--watch` block of the same bar learns nothing of a click (and nothing
+        // announces a process opening the GPU): tell it to read the machine again.
+        watch::refresh_streaming_blocks(&cfg.host.procfs);
     }
     println!("{}", format::render(&v, args.format, args.short, false));
     if args.format == Format::I3blocks && v.verdict.state.urgent() {

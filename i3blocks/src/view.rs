@@ -18,9 +18,10 @@ use handoff::verdict::{self, Cause, Facts, GpuFacts, HookFiles, State, Verdict, 
 /// | state | text | short | colour | waybar class | i3status-rust |
 /// |---|---|---|---|---|---|
 /// | idle | `GPU: Linux` | `L` | `#00CC00` | `linux` | Good |
+/// | idle, but the scan could not look everywhere | `GPU: Linux · ? unseen` | `L·?` | `#AAAAAA` | `unseen` | Idle |
 /// | busy | `GPU: Linux · N busy` | `L·N` | `#FFAA00` | `busy` | Warning |
 /// | in_vm | `GPU: <label>` | its first letter | `#00AAFF` | `vm` | Info |
-/// | switching | `GPU: switching…` | `GPU…` | `#FFDD00` | `switching` | Warning |
+/// | switching | `GPU: switching…` | `GPU…` | `#FFDD00` | `switching` | Info (Warning is busy's: "wait", not "act") |
 /// | restore_required | `GPU: restore!` (`stuck!` locked, `split!` split) | `GPU!` | `#FF0000`, urgent | `restore` | Critical |
 /// | absent | `GPU: none` | `GPU: -` | `#888888` | `absent` | Idle |
 /// | libvirt_unreachable | `GPU: libvirt?` (never from the bar itself) | `GPU?` | `#888888` | `offline` | Idle |
@@ -31,12 +32,25 @@ pub struct Look {
     pub i3status: &'static str,
 }
 
+/// How a view looks: its state's, except an idle GPU the scan could not fully inspect,
+/// which must not wear the green of "free" (see [`View::unseen`]).
+pub fn look_of(v: &View) -> Look {
+    if v.unseen {
+        return Look {
+            class: "unseen",
+            colour: "#AAAAAA",
+            i3status: "Idle",
+        };
+    }
+    look(v.verdict.state)
+}
+
 pub fn look(state: State) -> Look {
     let (class, colour, i3status) = match state {
         State::Idle => ("linux", "#00CC00", "Good"),
         State::Busy => ("busy", "#FFAA00", "Warning"),
         State::InVm => ("vm", "#00AAFF", "Info"),
-        State::Switching => ("switching", "#FFDD00", "Warning"),
+        State::Switching => ("switching", "#FFDD00", "Info"),
         State::RestoreRequired => ("restore", "#FF0000", "Critical"),
         State::Absent => ("absent", "#888888", "Idle"),
         State::LibvirtUnreachable => ("offline", "#888888", "Idle"),
@@ -63,6 +77,10 @@ pub struct View {
     pub holders: Vec<String>,
     /// Their pids, for `--watch` to hear when one exits.
     pub holder_pids: Vec<u32>,
+    /// Nothing was seen holding the GPU, but the scan could not look everywhere
+    /// (`holders::Verdict::Unchecked`: other users' processes, as a normal user). The
+    /// block then says "? unseen" instead of claiming the GPU is free.
+    pub unseen: bool,
 }
 
 impl View {
@@ -98,6 +116,7 @@ impl View {
             detail,
             holders: Vec::new(),
             holder_pids: Vec::new(),
+            unseen: false,
         }
     }
 
@@ -171,7 +190,20 @@ fn read_with(cfg: &Config, state: HookFiles) -> View {
     // walk is skipped otherwise.
     let scan = (g.owner == gpu::Owner::Host).then(|| {
         let nodes = holders::gpu_nodes(host, &g);
-        holders::scan(host, &g, &nodes)
+        let mut scan = holders::scan(host, &g, &nodes);
+        // As root, what cannot be inspected is mostly there for an instant: a child of a
+        // container's init between fork and exec (a `docker exec`, a sandbox's runner).
+        // Another look or two tells those from the ones that stay (that init itself),
+        // which are then said as "? unseen". As a user the other users' processes stay
+        // uninspectable, so more looks would only cost.
+        let unchecked = |s: &holders::Scan| matches!(s.verdict(), holders::Verdict::Unchecked { .. });
+        for _ in 0..2 {
+            if !(nix::unistd::geteuid().is_root() && unchecked(&scan)) {
+                break;
+            }
+            scan = holders::scan(host, &g, &nodes);
+        }
+        scan
     });
     let lines = scan.as_ref().map(|s| s.summary_lines()).unwrap_or_default();
     let split = g.split_description();
@@ -206,6 +238,19 @@ fn read_with(cfg: &Config, state: HookFiles) -> View {
             );
         }
         v.holder_pids = s.holders.iter().map(|h| h.pid).collect();
+        // "Free" is a claim only a scan that saw every process may make; the hook, as
+        // root, decides for real at the next start.
+        if v.verdict.state == State::Idle && matches!(s.verdict(), holders::Verdict::Unchecked { .. }) {
+            v.unseen = true;
+            v.text = "GPU: Linux · ? unseen".into();
+            v.short = "L·?".into();
+            // Not the verdict's "a VM can take it": that is the claim this cannot make.
+            v.detail = format!(
+                "{}\nNothing this user can see uses it, but {}\nTo see every process: sudo handoff blockers",
+                v.verdict.line(),
+                handoff::status::uninspected_line(s.uninspected)
+            );
+        }
     }
     v.holders = lines;
     v

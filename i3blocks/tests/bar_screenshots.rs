@@ -14,7 +14,7 @@
 //! go to a temp dir and are thrown away. Under `CI=true` a missing tool fails the test.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookPhase, HookState};
 use handoff_test_support::block::write_config;
 use handoff_test_support::process::{Group, Stragglers, holder};
+use handoff_test_support::screenshot::{colours, i3bar_size as bar_size, out_dir, pixels_of};
 use handoff_test_support::tools::have_all;
 use handoff_test_support::wait::wait_until;
 use handoff_test_support::xvfb;
@@ -50,42 +51,6 @@ fn hook_state(sim: &SimHost, phase: HookPhase) {
     s.save(&sim.host()).unwrap();
 }
 
-/// Where the pictures go: `HANDOFF_SCREENSHOTS` (relative to the workspace root), else
-/// `fallback`.
-fn out_dir(fallback: &Path) -> PathBuf {
-    match std::env::var_os("HANDOFF_SCREENSHOTS") {
-        Some(d) => {
-            let d = PathBuf::from(d);
-            let d = if d.is_relative() {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(d)
-            } else {
-                d
-            };
-            fs::create_dir_all(&d).unwrap();
-            d.canonicalize().unwrap()
-        }
-        None => fallback.to_owned(),
-    }
-}
-
-/// i3bar's window geometry, `(width, height)`, from `xwininfo -root -tree`.
-fn bar_size(display: &str) -> Option<(u32, u32)> {
-    let out = Command::new("xwininfo")
-        .args(["-root", "-tree"])
-        .env("DISPLAY", display)
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.contains("\"i3bar for output"))?;
-    // …"i3bar")  800x26+0+0  +0+0
-    let geo = line
-        .split_whitespace()
-        .find(|w| w.contains('x') && w.contains('+') && w.starts_with(|c: char| c.is_ascii_digit()))?;
-    let (w, rest) = geo.split_once('x')?;
-    let h = rest.split('+').next()?;
-    Some((w.parse().ok()?, h.parse().ok()?))
-}
-
 /// `import` of the right end of the bar into `png`, metadata stripped so the file only
 /// changes when the picture does.
 fn screenshot(display: &str, bar: (u32, u32), png: &Path) {
@@ -100,25 +65,6 @@ fn screenshot(display: &str, bar: (u32, u32), png: &Path) {
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok, "import failed for {}", png.display());
-}
-
-/// How many pixels of each colour (`#RRGGBB`) the picture has.
-fn colours(png: &Path) -> String {
-    let out = Command::new("convert")
-        .arg(png)
-        .args(["-format", "%c", "histogram:info:-"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "convert: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn pixels_of(histogram: &str, hex: &str) -> u64 {
-    histogram
-        .lines()
-        .filter(|l| l.to_ascii_uppercase().contains(&format!("{hex} ")))
-        .filter_map(|l| l.trim().split(':').next()?.trim().parse::<u64>().ok())
-        .sum()
 }
 
 #[test]

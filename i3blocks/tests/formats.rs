@@ -109,7 +109,7 @@ fn every_format_in_every_state_parses_as_its_bar_expects() {
     state.phase = HookPhase::Binding;
     state.vm = Some("win11".into());
     state.save(&sim.host()).unwrap();
-    check(&cfg, "GPU: switching…", "GPU…", "#FFDD00", "Warning", "switching");
+    check(&cfg, "GPU: switching…", "GPU…", "#FFDD00", "Info", "switching");
 
     for f in 0..4 {
         sim.set_driver(RTX_3090_TI.with_function(f), Some("vfio-pci"))
@@ -125,7 +125,7 @@ fn every_format_in_every_state_parses_as_its_bar_expects() {
 
     state.phase = HookPhase::Returning;
     state.save(&sim.host()).unwrap();
-    check(&cfg, "GPU: switching…", "GPU…", "#FFDD00", "Warning", "switching");
+    check(&cfg, "GPU: switching…", "GPU…", "#FFDD00", "Info", "switching");
 
     // A stuck record wins over everything: a person must act.
     let gpu = handoff::gpu::read_gpu(&sim.host(), RTX_3090_TI).unwrap();

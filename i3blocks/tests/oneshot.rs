@@ -9,10 +9,11 @@ fn config(dir: &Path, sim: &SimHost) -> std::path::PathBuf {
     let path = dir.join("config.toml");
     let text = format!(
         "[gpu]\naddress = \"0000:01:00.0\"\n\n[[vm]]\nname = \"win11\"\nlabel = \"Windows\"\n\n\
-         [host]\nsysfs = {:?}\ndev = {:?}\nrun = {:?}\n",
+         [host]\nsysfs = {:?}\ndev = {:?}\nrun = {:?}\n{}",
         sim.sysfs(),
         sim.dev(),
-        sim.run()
+        sim.run(),
+        handoff_test_support::block::uninspectable_ok_line()
     );
     std::fs::write(&path, text).unwrap();
     path

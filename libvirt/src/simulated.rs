@@ -167,7 +167,8 @@ mod tests {
         let sim = SimHost::build(tmp.path(), &SimSpec::workstation()).unwrap();
         let cfg = Config {
             host: sim.host(),
-            ..Config::default() // win11 at qemu:///system
+            vms: vec![VmConfig::named("win11", "Windows")], // at qemu:///system
+            ..Config::default()
         };
         let e = Simulated::new(&cfg)
             .err()

@@ -25,13 +25,25 @@ pub fn write_config(dir: &Path, sim: &SimHost, extra: &str) -> PathBuf {
     let path = dir.join("config.toml");
     let text = format!(
         "[gpu]\naddress = \"0000:01:00.0\"\n\n[[vm]]\nname = \"win11\"\nlabel = \"Windows\"\n\n\
-         [host]\nsysfs = {:?}\ndev = {:?}\nrun = {:?}\n{extra}",
+         [host]\nsysfs = {:?}\ndev = {:?}\nrun = {:?}\n{}{extra}",
         sim.sysfs(),
         sim.dev(),
-        sim.run()
+        sim.run(),
+        uninspectable_ok_line()
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// `uninspectable_ok = [...]` (for the `[host]` section) naming the processes root cannot
+/// inspect on this machine now (PID 1 of the container the tests run in): a surface must
+/// not call the GPU free while such a process exists ("? unseen"), and the tests of the
+/// other states are about the GPU's own holders, which root does see.
+pub fn uninspectable_ok_line() -> String {
+    format!(
+        "uninspectable_ok = {:?}\n",
+        handoff::holders::uninspectable_now(Path::new("/proc"))
+    )
 }
 
 /// A block as i3blocks printed it to i3bar.

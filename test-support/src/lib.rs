@@ -7,7 +7,8 @@
 //! ([`systemd_user`]), the real system libvirtd ([`libvirt`]) and the end-to-end scene
 //! around it ([`stage`]), the simulated GPU behind FUSE ([`simgpu`]), processes that hold a
 //! node under a chosen name ([`named_holder`]) or open and close one on command
-//! ([`opener`]), system directories moved aside ([`backup`]), the workspace's other
+//! ([`opener`]), headless sway as another user ([`sway`]), screenshots and their colours
+//! ([`screenshot`]), system directories moved aside ([`backup`]), the workspace's other
 //! binaries ([`bins`]) and configs for simulated machines ([`config`]), and fakepve, the
 //! Proxmox VE API the `proxmox` crate is tested against ([`fakepve`]).
 //!
@@ -33,11 +34,13 @@ pub mod libvirt;
 pub mod named_holder;
 pub mod opener;
 pub mod process;
+pub mod screenshot;
 #[cfg(feature = "sim")]
 pub mod simgpu;
 pub mod source;
 #[cfg(feature = "sim")]
 pub mod stage;
+pub mod sway;
 pub mod system_bus;
 pub mod systemd_user;
 pub mod tools;
