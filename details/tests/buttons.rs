@@ -454,9 +454,10 @@ fn start_looking_glass_switch_stop_and_force_stop_against_the_real_libvirtd() {
                 .collect();
         w.len() == 1 && w[0].workspace.as_deref() == Some(LG_WORKSPACE)
     });
-    // Not the busy line ("Opening Looking Glass…"): what came of it.
+    // Not the busy line ("Opening Looking Glass…") nor the button's own label: what came
+    // of it.
     let said = a.wait_text("Looking Glass's outcome", |t| {
-        t.contains("Looking Glass") && !t.starts_with("Opening")
+        t.contains("Looking Glass") && !t.starts_with("Opening") && t != "Open Looking Glass"
     });
     eprintln!("  Open Looking Glass → {said:?}: {:?}", t.elapsed());
     assert_eq!(
