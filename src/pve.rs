@@ -309,7 +309,10 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
         for other in pve.vmids().into_iter().filter(|&o| o != vmid) {
             let Ok(oconf) = pve.conf(other) else { continue };
             let theirs = takes(&oconf);
-            let Some(shared) = gpus.iter().find(|g| theirs.iter().any(|t| t.address == g.address)) else {
+            let Some(shared) = gpus
+                .iter()
+                .find(|g| theirs.iter().any(|t| t.address == g.address))
+            else {
                 continue;
             };
             let gpu = shared.address;

@@ -53,11 +53,7 @@ impl Pve {
             }
         }
         let server = self.server.as_mut().expect("just started");
-        let vms: Vec<VmStatus> = cfg
-            .vms
-            .iter()
-            .map(|v| hypervisor::vm_status(server, v))
-            .collect();
+        let vms: Vec<VmStatus> = cfg.vms.iter().map(|v| hypervisor::vm_status(server, v)).collect();
         if vms.iter().any(|v| v.state == VmState::Unknown) {
             // The node or `handoff-pve` went away: a fresh one next time (a new TLS
             // session), not a server that may have ended.

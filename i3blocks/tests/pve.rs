@@ -29,9 +29,7 @@ fn pve_server() {
 }
 
 fn homelab(win11: &str, linux_ai: &str) -> Option<FakePve> {
-    let vm = |id: u32, name: &str, status: &str| {
-        json!({"vmid": id, "name": name, "status": status, "config": {"hostpci0": "0000:01:00,pcie=1"}})
-    };
+    let vm = |id: u32, name: &str, status: &str| json!({"vmid": id, "name": name, "status": status, "config": {"hostpci0": "0000:01:00,pcie=1"}});
     FakePve::start(&json!({
         "tokens": {TOKEN: SECRET},
         "guests": [vm(140, "win11", win11), vm(141, "linux-ai", linux_ai)],
@@ -73,32 +71,35 @@ fn oneshot(config: &Path) -> Value {
         .arg(config)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 #[test]
 fn a_desktop_without_the_gpu_shows_the_vm_that_has_it_on_the_node() {
-    let Some(pve) = homelab("running", "stopped") else { return };
+    let Some(pve) = homelab("running", "stopped") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let v = oneshot(&desktop(tmp.path(), &pve.url, &pve.fingerprint, ""));
     assert_eq!(v["text"], "GPU: Windows 11", "{v}");
     assert_eq!(v["class"], "vm", "{v}");
     // The verdict's words, as `handoff status` says them there.
     assert!(
-        v["tooltip"].as_str().unwrap().contains("\nGPU is in Windows 11\n"),
+        v["tooltip"]
+            .as_str()
+            .unwrap()
+            .contains("\nGPU is in Windows 11\n"),
         "{v}"
     );
 }
 
 #[test]
 fn a_desktop_shows_the_gpu_free_on_the_node_when_no_vm_runs() {
-    let Some(pve) = homelab("stopped", "stopped") else { return };
+    let Some(pve) = homelab("stopped", "stopped") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let v = oneshot(&desktop(tmp.path(), &pve.url, &pve.fingerprint, ""));
     assert_eq!(v["text"], "GPU: free on PVE", "{v}");
@@ -187,7 +188,9 @@ fn start_141(config: &Path) {
 
 #[test]
 fn the_streaming_block_sees_a_pve_vm_start_within_the_poll_interval() {
-    let Some(pve) = homelab("stopped", "stopped") else { return };
+    let Some(pve) = homelab("stopped", "stopped") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let config = desktop(tmp.path(), &pve.url, &pve.fingerprint, "poll_interval_s = 1");
     let (_block, rx) = watch(&config);
@@ -202,7 +205,9 @@ fn the_streaming_block_sees_a_pve_vm_start_within_the_poll_interval() {
 
 #[test]
 fn the_streaming_block_asks_the_node_at_once_after_a_click() {
-    let Some(pve) = homelab("stopped", "stopped") else { return };
+    let Some(pve) = homelab("stopped", "stopped") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     // An hour between polls: only the click can make the block ask within the test.
     let config = desktop(tmp.path(), &pve.url, &pve.fingerprint, "poll_interval_s = 3600");
@@ -227,4 +232,14 @@ fn the_streaming_block_asks_the_node_at_once_after_a_click() {
     if let Err(seen) = wait_text(&rx, "GPU: Linux AI", Duration::from_secs(5)) {
         panic!("no \"GPU: Linux AI\" within 5 s of a click: {seen:#?}");
     }
+}
+
+#[test]
+fn the_block_asks_pve_through_handoff_pve_and_links_no_tls_itself() {
+    let contains = |p: &Path, what: &[u8]| std::fs::read(p).unwrap().windows(what.len()).any(|w| w == what);
+    assert!(
+        !contains(Path::new(BLOCK), b"rustls"),
+        "handoff-block links rustls"
+    );
+    assert!(!contains(Path::new(BLOCK), b"ureq"), "handoff-block links ureq");
 }

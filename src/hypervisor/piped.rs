@@ -13,8 +13,8 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Action, Description, EventSink, Guest, GuestIp, Hypervisor, HypervisorError, Probe, Refusal, Start, Subscription,
-    Task, TaskState, VmRef,
+    Action, Description, EventSink, Guest, GuestIp, Hypervisor, HypervisorError, Probe, Refusal, Start,
+    Subscription, Task, TaskState, VmRef,
 };
 use crate::config::Config;
 use crate::pci::PciAddress;
