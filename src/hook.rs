@@ -329,7 +329,9 @@ pub fn macos_nvidia_warning(host: &crate::host::Host, vm: &str, address: PciAddr
 /// address order and held until every state file is written; a GPU with another VM, or one
 /// that drives the host's display without `allow_display`, refuses the start before any
 /// change; a bind that fails after another GPU was bound returns that GPU to the host.
-fn prepare(cfg: &Config, domain: &str, gpus: &[PciAddress], err: &mut dyn Write) -> i32 {
+/// `gpus` in address order ([`crate::gpus::taken_by`]). Proxmox VE's hookscript
+/// ([`crate::pve`]) calls it with the GPUs of a VM's `hostpciN`.
+pub fn prepare(cfg: &Config, domain: &str, gpus: &[PciAddress], err: &mut dyn Write) -> i32 {
     let host = &cfg.host;
     let shown = crate::escape::plain(domain);
     let domain = &domain.to_owned();
@@ -488,6 +490,15 @@ fn prepare(cfg: &Config, domain: &str, gpus: &[PciAddress], err: &mut dyn Write)
         }
     }
     0
+}
+
+/// `release end` for the given GPUs only: Proxmox VE's hookscript ([`crate::pve`]) leaves
+/// the ones that rest on vfio-pci there. Each is returned only when its restore record
+/// names `domain`; never blocks.
+pub fn release(cfg: &Config, domain: &str, gpus: &[PciAddress], err: &mut dyn Write) {
+    for address in gpus {
+        release_one(cfg, domain, *address, err);
+    }
 }
 
 /// `release end` for one GPU: return it only when we took it for this domain (a refused or

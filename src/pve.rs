@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::config::{Config, VmConfig};
+use crate::config::{Config, GpuConfig, VmConfig};
 use crate::gpu::{self, Owner};
 use crate::pci::PciAddress;
 
@@ -246,12 +246,17 @@ fn label(cfg: &Config, vmid: u32, conf: Option<&BTreeMap<String, String>>) -> St
 }
 
 /// What PVE runs: `handoff pve-hook <vmid> <phase>`. `pre-start` refuses (exit 1, the
-/// reason on `err`, which PVE puts in the task log) when another running VM passes the
-/// same GPU through, or — the GPU on a host driver — when anything holds it; otherwise it
-/// hands the GPU to vfio-pci with the libvirt hook's engine. `post-stop` returns it.
+/// reason on `err`, which PVE puts in the task log) when another running VM passes one of
+/// the same GPUs through, or — a GPU on a host driver — when anything holds it; otherwise it
+/// hands the GPUs to vfio-pci with the libvirt hook's engine. `post-stop` returns them.
 /// A GPU already on vfio-pci is left there; with `host_driver = "vfio-pci"` it is never
 /// returned either (the card lives on vfio-pci between VMs). One on a host driver (CUDA on
 /// the host or in a container) goes through the holder check first, as with libvirt.
+///
+/// Which GPUs: every configured `[[gpu]]` a `hostpciN` of the VM names (any function of its
+/// slot), all of them or none, as [`crate::hook::prepare`] hands a libvirt domain's; a
+/// `[[vm]]` that passes none through takes the primary GPU, as with libvirt. Devices no
+/// `[[gpu]]` names are PVE's own business and left alone.
 pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: &mut dyn Write) -> i32 {
     if !PHASES.contains(&phase) {
         let _ = writeln!(
@@ -264,40 +269,53 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
     if phase != "pre-start" && phase != "post-stop" {
         return 0;
     }
-    let gpu = cfg.gpu.address;
     let mappings = pve.mappings();
     let conf = match pve.conf(vmid) {
         Ok(c) => c,
         Err(e) if phase == "pre-start" => {
             let _ = writeln!(
                 err,
-                "handoff: not starting VM {vmid}: cannot read {}: {e}, so handoff cannot tell whether it passes GPU {gpu} through",
-                pve.conf_path(vmid).display()
+                "handoff: not starting VM {vmid}: cannot read {}: {e}, so handoff cannot tell whether it passes GPU {} through",
+                pve.conf_path(vmid).display(),
+                cfg.gpu.address
             );
             return 1;
         }
         Err(_) => return 0,
     };
     let configured = cfg.vms.iter().any(|v| v.vmid == Some(vmid));
-    let uses = passthrough(&conf, &mappings).iter().any(|d| d.touches(&gpu));
-    if !uses && !configured {
+    let takes = |conf: &BTreeMap<String, String>| -> Vec<&GpuConfig> {
+        let devices: Vec<PciAddress> = passthrough(conf, &mappings).iter().map(PciSel::address).collect();
+        crate::gpus::taken_by(cfg, &devices)
+    };
+    let mut gpus = takes(&conf);
+    if gpus.is_empty() && !configured {
         return 0;
     }
     let me = label(cfg, vmid, Some(&conf));
-    if phase == "pre-start" {
-        if configured && !uses {
+    if gpus.is_empty() {
+        if phase == "pre-start" {
             let _ = writeln!(
                 err,
-                "handoff: warning: {me} is a [[vm]] in the config but passes no function of {gpu} through (no hostpciN with it)"
+                "handoff: warning: {me} is a [[vm]] in the config but passes no function of {} through (no hostpciN with it)",
+                cfg.gpu.address
             );
         }
-        // Another running VM with the same GPU: PVE would refuse too, later and with
+        gpus.push(&cfg.gpu);
+    }
+    if phase == "pre-start" {
+        // Another running VM with one of the same GPUs: PVE would refuse too, later and with
         // "PCI device '…' already in use by VMID '…'"; this says what to do.
         for other in pve.vmids().into_iter().filter(|&o| o != vmid) {
             let Ok(oconf) = pve.conf(other) else { continue };
-            if !passthrough(&oconf, &mappings).iter().any(|d| d.touches(&gpu)) {
+            let theirs = takes(&oconf);
+            let Some(shared) = gpus
+                .iter()
+                .find(|g| theirs.iter().any(|t| t.address == g.address))
+            else {
                 continue;
-            }
+            };
+            let gpu = shared.address;
             if pve.running(other, &cfg.host.procfs).is_some() {
                 if conf.get("lock").map(String::as_str) == Some("backup") {
                     // vzdump starts a stopped VM's QEMU (paused) with its hostpci devices
@@ -321,46 +339,55 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
             }
         }
     }
-    let mut owner = gpu::read_gpu(&cfg.host, gpu).map(|g| g.owner);
-    if phase == "pre-start" && cfg.gpu.host_driver != "vfio-pci" && matches!(owner, Ok(Owner::Vfio)) {
-        // The restore record names a VM that has stopped but whose post-stop has not run
+    let owner = |a: PciAddress| gpu::read_gpu(&cfg.host, a).map(|g| g.owner);
+    if phase == "pre-start" {
+        // A restore record names a VM that has stopped but whose post-stop has not run
         // yet (after a shutdown from inside the guest, qmeventd runs it once QEMU is gone):
         // return the GPU for that VM now, so that this VM takes it with a record of its own
         // instead of the late post-stop finding this VM's QEMU on the card.
-        if let Ok(Some(r)) = crate::bind::record::RestoreRecord::load(&cfg.host, gpu)
-            && let Some(prev) = r.vm.clone()
-            && let Some(prev_id) = cfg
-                .vms
-                .iter()
-                .find(|v| v.name == prev)
-                .and_then(|v| v.vmid)
-                .or_else(|| prev.parse().ok())
-            && prev_id != vmid
-            && pve.running(prev_id, &cfg.host.procfs).is_none()
-        {
-            let mut prev_cfg = cfg.clone();
-            if !prev_cfg.vms.iter().any(|v| v.name == prev) {
-                let mut v = VmConfig::named(&prev, &prev);
-                v.vmid = Some(prev_id);
-                prev_cfg.vms.push(v);
+        for g in gpus.iter().filter(|g| g.host_driver != "vfio-pci") {
+            if !matches!(owner(g.address), Ok(Owner::Vfio)) {
+                continue;
             }
-            crate::hook::run_event(&prev_cfg, &prev, "release", "end", "", err);
-            owner = gpu::read_gpu(&cfg.host, gpu).map(|g| g.owner);
+            if let Ok(Some(r)) = crate::bind::record::RestoreRecord::load(&cfg.host, g.address)
+                && let Some(prev) = r.vm.clone()
+                && let Some(prev_id) = cfg
+                    .vms
+                    .iter()
+                    .find(|v| v.name == prev)
+                    .and_then(|v| v.vmid)
+                    .or_else(|| prev.parse().ok())
+                && prev_id != vmid
+                && pve.running(prev_id, &cfg.host.procfs).is_none()
+            {
+                let mut prev_cfg = cfg.clone();
+                if !prev_cfg.vms.iter().any(|v| v.name == prev) {
+                    let mut v = VmConfig::named(&prev, &prev);
+                    v.vmid = Some(prev_id);
+                    prev_cfg.vms.push(v);
+                }
+                crate::hook::release(&prev_cfg, &prev, &[g.address], err);
+            }
         }
-    }
-    if phase == "pre-start" && matches!(owner, Ok(Owner::Vfio)) {
-        // Already on vfio-pci (the seed's set-up keeps it there between VMs, and another
-        // VM using it was refused above): nothing to rebind.
-        return 0;
-    }
-    if phase == "post-stop" && cfg.gpu.host_driver == "vfio-pci" {
-        // "The GPU stays on vfio-pci between VMs" is the normal state, not a failure.
-        return 0;
+        // Already on vfio-pci (the seed's set-up keeps the card there between VMs, and
+        // another VM using it was refused above): nothing to rebind for those.
+        gpus.retain(|g| !matches!(owner(g.address), Ok(Owner::Vfio)));
+        if gpus.is_empty() {
+            return 0;
+        }
+    } else {
+        // "The GPU stays on vfio-pci between VMs" is the normal state, not a failure; a GPU
+        // already home has nothing to return (the engine acts on restore records only).
+        gpus.retain(|g| g.host_driver != "vfio-pci" && !matches!(owner(g.address), Ok(Owner::Host)));
+        if gpus.is_empty() {
+            return 0;
+        }
     }
     let name = match cfg.vms.iter().find(|v| v.vmid == Some(vmid)) {
         Some(v) => v.name.clone(),
         None => vmid.to_string(),
     };
+    let addresses: Vec<PciAddress> = gpus.iter().map(|g| g.address).collect();
     let mut cfg = cfg.clone();
     if !configured {
         // Guarded anyway, as the libvirt hook guards a domain whose XML passes the GPU.
@@ -370,13 +397,11 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
         cfg.vms.push(vm);
     }
     if phase == "post-stop" {
-        // Only when the GPU is away from the host: the engine acts on its restore record.
-        if matches!(owner, Ok(Owner::Host)) {
-            return 0;
-        }
-        return crate::hook::run_event(&cfg, &name, "release", "end", "", err);
+        // The engine returns each only when its restore record names this VM.
+        crate::hook::release(&cfg, &name, &addresses, err);
+        return 0;
     }
-    crate::hook::run_event(&cfg, &name, "prepare", "begin", "", err)
+    crate::hook::prepare(&cfg, &name, &addresses, err)
 }
 
 #[cfg(test)]

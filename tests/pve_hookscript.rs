@@ -23,6 +23,14 @@ struct PveHost {
 /// The homelab on the simulated workstation: `host_driver` is where the GPU lives between
 /// VMs (`nvidia`: CUDA on the host; `vfio-pci`: the seed's isolated card).
 fn homelab(host_driver: &str) -> Option<PveHost> {
+    homelab_with(
+        &format!("[gpu]\naddress = \"{GPU}\"\nhost_driver = \"{host_driver}\"\nwatchdog_s = 2\n"),
+        "",
+    )
+}
+
+/// The homelab with `gpus` (the `[gpu]` or `[[gpu]]` sections) and `vms` (more `[[vm]]`s).
+fn homelab_with(gpus: &str, vms: &str) -> Option<PveHost> {
     let sim = simgpu::workstation()?;
     let root = sim.tmp.path().join("pve-root");
     let qs = root.join("etc/pve/qemu-server");
@@ -51,10 +59,10 @@ fn homelab(host_driver: &str) -> Option<PveHost> {
     let config = etc.join("config.toml");
     let host = sim.host();
     let text = format!(
-        "[gpu]\naddress = \"{GPU}\"\nhost_driver = \"{host_driver}\"\nwatchdog_s = 2\n\n\
+        "{gpus}\n\
          [proxmox]\nurl = \"https://pve1:8006\"\ntoken = \"handoff@pve!desk\"\ntoken_secret_file = \"/etc/handoff/pve-token\"\n\
          fingerprint = \"{}\"\n\n\
-         [[vm]]\nvmid = 140\nlabel = \"Windows 11\"\n\n[[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n\n{}",
+         [[vm]]\nvmid = 140\nlabel = \"Windows 11\"\n\n[[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n\n{vms}{}",
         ["AB"; 32].join(":"),
         handoff_test_support::config::host_section(&host)
     );
@@ -230,5 +238,98 @@ fn a_start_before_the_previous_vms_late_post_stop_takes_the_gpu_over_cleanly() {
     pve.stopped(141);
     let r = pve.hook(141, "post-stop");
     assert_eq!(r.code, 0, "{}", r.output);
+    pve.sim.assert_home();
+}
+
+/// Seed 002 with both GPUs configured: the RTX (on `nvidia` here, so that a handoff is
+/// seen) for 140 and 141, the iGPU (`i915`, the node is headless) for the macOS VM 130.
+fn two_gpus() -> Option<PveHost> {
+    let pve = homelab_with(
+        &format!(
+            "[[gpu]]\naddress = \"{GPU}\"\nlabel = \"RTX 5070 Ti\"\nhost_driver = \"nvidia\"\nwatchdog_s = 2\n\n\
+             [[gpu]]\naddress = \"{IGPU}\"\nlabel = \"UHD 630\"\nhost_driver = \"i915\"\nallow_display = true\nwatchdog_s = 2\n"
+        ),
+        "[[vm]]\nvmid = 130\nname = \"macos\"\nlabel = \"macOS\"\n\n",
+    )?;
+    let qs = pve.root.join("etc/pve/qemu-server");
+    // 130 also passes a NIC through that no [[gpu]] names; 142 takes both GPUs.
+    fs::write(
+        qs.join("130.conf"),
+        "hostpci0: 0000:00:02.0\nhostpci1: 0000:03:00.0\nname: macos\n",
+    )
+    .unwrap();
+    fs::write(
+        qs.join("142.conf"),
+        "hostpci0: 0000:01:00,pcie=1\nhostpci1: 0000:00:02.0\nname: both\n",
+    )
+    .unwrap();
+    Some(pve)
+}
+
+const IGPU: &str = "0000:00:02.0";
+
+#[test]
+fn with_several_gpus_each_vm_takes_the_configured_gpus_its_hostpci_names() {
+    let _serial = simgpu::serial();
+    let Some(pve) = two_gpus() else { return };
+    // macOS takes the iGPU only; the RTX stays on the host, the NIC is PVE's business.
+    let r = pve.hook(130, "pre-start");
+    assert_eq!(r.code, 0, "{}", r.output);
+    assert_eq!(pve.sim.driver(IGPU).as_deref(), Some("vfio-pci"));
+    pve.sim.assert_home();
+    assert!(
+        !pve.sim.short_log().iter().any(|(f, _)| f.contains("0000:03:00")),
+        "the device no [[gpu]] names was touched: {:?}",
+        pve.sim.short_log()
+    );
+    pve.running(130);
+    // Windows takes the RTX while macOS keeps the iGPU: two GPUs, two VMs.
+    let r = pve.hook(140, "pre-start");
+    assert_eq!(r.code, 0, "{}", r.output);
+    pve.sim.assert_on_vfio();
+    assert_eq!(pve.sim.driver(IGPU).as_deref(), Some("vfio-pci"));
+    pve.running(140);
+    // macOS stops: its iGPU comes home, Windows keeps the RTX.
+    pve.stopped(130);
+    let r = pve.hook(130, "post-stop");
+    assert_eq!(r.code, 0, "{}", r.output);
+    assert_eq!(pve.sim.driver(IGPU).as_deref(), Some("i915"));
+    pve.sim.assert_on_vfio();
+    pve.stopped(140);
+    let r = pve.hook(140, "post-stop");
+    assert_eq!(r.code, 0, "{}", r.output);
+    pve.sim.assert_home();
+}
+
+#[test]
+fn with_several_gpus_a_vm_gets_all_of_its_gpus_or_none() {
+    let _serial = simgpu::serial();
+    let Some(pve) = two_gpus() else { return };
+    // Something holds the RTX: 142 (RTX and iGPU) is refused, and the iGPU, bound first
+    // (address order), goes back.
+    let holder = hold(&pve.sim.dev("nvidia0"));
+    let r = pve.hook(142, "pre-start");
+    assert_eq!(r.code, 1, "{}", r.output);
+    assert!(r.output.contains(&holder.pid().to_string()), "{}", r.output);
+    assert!(
+        r.output
+            .contains("GPU 0000:00:02.0 was returned to the host: 142 gets all of its GPUs or none"),
+        "{}",
+        r.output
+    );
+    assert_eq!(pve.sim.driver(IGPU).as_deref(), Some("i915"), "{}", r.output);
+    pve.sim.assert_home();
+    drop(holder);
+    // While macOS runs with the iGPU, 142 is refused naming the GPU they share.
+    assert_eq!(pve.hook(130, "pre-start").code, 0);
+    pve.running(130);
+    let r = pve.hook(142, "pre-start");
+    assert_eq!(r.code, 1, "{}", r.output);
+    assert!(
+        r.output
+            .contains("GPU 0000:00:02.0 is passed through to macOS (VM 130), which is running"),
+        "{}",
+        r.output
+    );
     pve.sim.assert_home();
 }

@@ -199,7 +199,10 @@ pub fn run_job(cfg: &Config, args: &[String]) -> io::Result<()> {
     match args {
         [kind, vm] if kind == "start" => {
             let l = label(vm);
-            let out = run(&[handoff_bin(), "start".into(), vm.into()])?;
+            let out = run(&[handoff_bin(), "start".into(), vm.into()]);
+            // What the start did shows at once, not at the next poll of a PVE node.
+            crate::watch::refresh_streaming_blocks(&cfg.host.procfs);
+            let out = out?;
             match out {
                 Ok(_) => notify(
                     &format!("{l} started"),
@@ -224,7 +227,9 @@ pub fn run_job(cfg: &Config, args: &[String]) -> io::Result<()> {
             if String::from_utf8_lossy(&chosen.stdout).trim() != "stop" {
                 return Ok(());
             }
-            match run(&[handoff_bin(), "stop".into(), vm.into()])? {
+            let out = run(&[handoff_bin(), "stop".into(), vm.into()]);
+            crate::watch::refresh_streaming_blocks(&cfg.host.procfs);
+            match out? {
                 Ok(_) => notify(
                     &format!("{l} stopped"),
                     "The GPU is back on Linux.",

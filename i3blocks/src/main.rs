@@ -8,6 +8,7 @@
 
 mod click;
 mod format;
+mod pve;
 mod view;
 mod watch;
 
@@ -206,7 +207,7 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let v = view::read(&cfg);
+    let v = view::read(&cfg, &mut pve::Pve::default());
     if let Some(button) = args.click {
         // Acts on what the bar shows; what the click started shows on a later refresh.
         let action = click::action(&cfg, &v, button);

@@ -1,5 +1,7 @@
 //! What the block shows, read from sysfs, `/proc` and the hook's files under `[host] run`
-//! only: no libvirt (so "which VM" comes from `state.json`), never a GPU node.
+//! only: no libvirt (so "which VM" comes from `state.json`), never a GPU node. A desktop
+//! whose GPU is in a Proxmox VE node asks the node's API through `handoff-pve`
+//! ([`crate::pve`]) instead.
 //!
 //! [`read`] turns the machine into a [`View`]: the library's verdict (`handoff::verdict`,
 //! with the VMs not asked) rendered in the bar's words, plus the people behind it. The bar formats ([`crate::format`]) and the clicks ([`crate::click`]) both
@@ -18,13 +20,14 @@ use handoff::verdict::{self, Cause, Facts, GpuFacts, HookFiles, State, Verdict, 
 /// | state | text | short | colour | waybar class | i3status-rust |
 /// |---|---|---|---|---|---|
 /// | idle | `GPU: Linux` | `L` | `#00CC00` | `linux` | Good |
+/// | idle, on a Proxmox VE node (a desktop's view) | `GPU: free on PVE` | `F` | `#00CC00` | `linux` | Good |
 /// | idle, but the scan could not look everywhere | `GPU: Linux · ? unseen` | `L·?` | `#AAAAAA` | `unseen` | Idle |
 /// | busy | `GPU: Linux · N busy` | `L·N` | `#FFAA00` | `busy` | Warning |
 /// | in_vm | `GPU: <label>` | its first letter | `#00AAFF` | `vm` | Info |
 /// | switching | `GPU: switching…` | `GPU…` | `#FFDD00` | `switching` | Info (Warning is busy's: "wait", not "act") |
 /// | restore_required | `GPU: restore!` (`stuck!` locked, `split!` split) | `GPU!` | `#FF0000`, urgent | `restore` | Critical |
 /// | absent | `GPU: none` | `GPU: -` | `#888888` | `absent` | Idle |
-/// | libvirt_unreachable | `GPU: libvirt?` (never from the bar itself) | `GPU?` | `#888888` | `offline` | Idle |
+/// | libvirt_unreachable | `GPU: libvirt?` (never from the bar itself); `GPU: PVE?` when the node's API did not answer | `GPU?` | `#888888` | `offline` | Idle |
 /// | unreadable | `GPU: error` | `GPU!` | `#FF0000`, urgent | `error` | Critical |
 pub struct Look {
     pub class: &'static str,
@@ -83,10 +86,16 @@ pub struct View {
     pub unseen: bool,
 }
 
+/// Whether the block asked a Proxmox VE node about the GPU: it is not in this machine.
+fn on_pve_node(v: &Verdict) -> bool {
+    v.headline.contains("Proxmox VE")
+}
+
 impl View {
     /// The bar's rendering of a verdict.
     pub fn of(v: Verdict) -> View {
         let (text, short) = match v.state {
+            State::Idle if on_pve_node(&v) => ("GPU: free on PVE".to_owned(), "F".to_owned()),
             State::Idle => ("GPU: Linux".to_owned(), "L".to_owned()),
             State::Busy => (format!("GPU: Linux · {} busy", v.users), format!("L·{}", v.users)),
             State::InVm => {
@@ -105,6 +114,7 @@ impl View {
                 "GPU!".to_owned(),
             ),
             State::Absent => ("GPU: none".to_owned(), "GPU: -".to_owned()),
+            State::LibvirtUnreachable if on_pve_node(&v) => ("GPU: PVE?".to_owned(), "GPU?".to_owned()),
             State::LibvirtUnreachable => ("GPU: libvirt?".to_owned(), "GPU?".to_owned()),
             State::Unreadable => ("GPU: error".to_owned(), "GPU!".to_owned()),
         };
@@ -152,7 +162,9 @@ pub fn label(cfg: &Config, vm: &str) -> String {
 }
 
 /// Reads the GPU, the hook's files and, while the host has the GPU, who holds it, and
-/// renders the library's verdict (VMs not asked: this binary links no libvirt).
+/// renders the library's verdict (VMs not asked: this binary links no libvirt). A GPU
+/// absent here whose VMs are all on a Proxmox VE node is the node's: `pve` asks the API
+/// (rule 3b of the verdict).
 ///
 /// The hook writes its state file before it touches sysfs (`binding`, `returning`) and
 /// again once the GPU has settled (`vfio`, `host`). A reading of sysfs pairs with the
@@ -160,21 +172,21 @@ pub fn label(cfg: &Config, vm: &str) -> String {
 /// mid-handoff, paired with the `host` written just after, would show a GPU "split!" across
 /// drivers that is only on its way home. So the state is read before and after, and the
 /// reading is taken again (a few times at most) when the two differ.
-pub fn read(cfg: &Config) -> View {
+pub fn read(cfg: &Config, pve: &mut crate::pve::Pve) -> View {
     let load = || HookFiles::load_state(&cfg.host, cfg.gpu.address);
     let mut state = load();
     for _ in 0..3 {
-        let v = read_with(cfg, state.clone());
+        let v = read_with(cfg, state.clone(), pve);
         let after = load();
         if after == state {
             return v;
         }
         state = after;
     }
-    read_with(cfg, state)
+    read_with(cfg, state, pve)
 }
 
-fn read_with(cfg: &Config, state: HookFiles) -> View {
+fn read_with(cfg: &Config, state: HookFiles, pve: &mut crate::pve::Pve) -> View {
     let host = &cfg.host;
     let g = match gpu::read_gpu(host, cfg.gpu.address) {
         Ok(g) => g,
@@ -186,6 +198,8 @@ fn read_with(cfg: &Config, state: HookFiles) -> View {
         eprintln!("handoff-block: {note}");
     }
     let files = state.with_record_of(host, cfg.gpu.address);
+    // The GPU is in a Proxmox VE node: only its API knows which VM has it.
+    let remote = (g.owner == gpu::Owner::Absent && crate::pve::asks(cfg)).then(|| pve.vms(cfg));
     // Holders matter while the host has the GPU (a VM start would be refused); the /proc
     // walk is skipped otherwise.
     let scan = (g.owner == gpu::Owner::Host).then(|| {
@@ -221,7 +235,10 @@ fn read_with(cfg: &Config, state: HookFiles) -> View {
             rests_on_vfio: cfg.gpu.host_driver == "vfio-pci",
         }),
         files: &files,
-        vms: Vms::NotAsked(&cfg.vms),
+        vms: match &remote {
+            Some(vms) => Vms::Known(vms),
+            None => Vms::NotAsked(&cfg.vms),
+        },
         doing: None,
         orphan_seen_for: None,
     });

@@ -1,6 +1,12 @@
 //! The two long-running modes, both driven by [`handoff::live::Watcher`] without libvirt
 //! (kernel uevents for the GPU's functions, inotify on `[host] run` and on the GPU's
-//! nodes): no timer, no polling.
+//! nodes): no timer, no polling — except for a GPU in a Proxmox VE node (below).
+//!
+//! Proxmox VE has no event stream: a desktop whose GPU is in a PVE node (every `[[vm]]`
+//! has a `vmid`, no GPU here) asks the node's API through `handoff-pve`
+//! ([`crate::pve`]) every `[proxmox] poll_interval_s`, and at once after a click of its
+//! own (the click's [`REFRESH`], and again when the click's job has finished). That is
+//! the only timer; a config without PVE VMs has none.
 //!
 //! - `--watch`: prints the block's line now and again after every change (a burst of
 //!   changes, e.g. the four functions of a card binding one after another, is read as
@@ -166,13 +172,23 @@ fn stream(
     let sink_tx = tx.clone();
     let sink: Sink = Arc::new(move |_| sink_tx.send(Wake::Change).is_ok());
     let w = Watcher::with_sink(cfg, Sources::without_libvirt(), sink).map_err(|e| e.to_string())?;
+    let mut pve = crate::pve::Pve::default();
+    let every = crate::pve::interval(cfg);
     loop {
-        let v = view::read(cfg);
+        let v = view::read(cfg, &mut pve);
         w.watch_holders(&v.holder_pids);
         if !out.print(&format::render(&v, fmt, short, true)) {
             return Ok(false);
         }
-        let first = rx.recv().map_err(|_| "the change stream ended".to_owned())?;
+        let first = match every {
+            // The VMs of a PVE node: ask again when the interval is over.
+            Some(d) => match rx.recv_timeout(d) {
+                Ok(w) => w,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err("the change stream ended".into()),
+            },
+            None => rx.recv().map_err(|_| "the change stream ended".to_owned())?,
+        };
         // A burst (four functions binding one after another) is read as one.
         let mut reload = matches!(first, Wake::Config);
         while let Ok(next) = rx.recv_timeout(Duration::ZERO) {
@@ -323,14 +339,33 @@ pub fn signal_i3blocks(cfg: &Config, n: i32) -> Result<(), String> {
     let sig = rt_signal(n)?;
     let w = Watcher::new(cfg, Sources::without_libvirt()).map_err(|e| e.to_string())?;
     let uid = nix::unistd::getuid().as_raw();
+    let mut pve = crate::pve::Pve::default();
+    let every = crate::pve::interval(cfg);
     // Once at start: whatever changed while nothing watched. The scan here is only for
-    // the holders' pids, so that one exiting re-runs the blocks too.
+    // the holders' pids, so that one exiting re-runs the blocks too (and, for a PVE
+    // node's GPU, for what the blocks would show: they re-run when it changes).
     signal_all(&cfg.host.procfs, uid, sig);
-    w.watch_holders(&view::read(cfg).holder_pids);
-    while w.recv().is_ok() {
+    let mut last = view::read(cfg, &mut pve);
+    w.watch_holders(&last.holder_pids);
+    loop {
+        let changed = match every {
+            Some(d) => match w.recv_timeout(d) {
+                Ok(_) => true,
+                Err(mpsc::RecvTimeoutError::Timeout) => false,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+            None => match w.recv() {
+                Ok(_) => true,
+                Err(_) => break,
+            },
+        };
         drain(&w);
-        signal_all(&cfg.host.procfs, uid, sig);
-        w.watch_holders(&view::read(cfg).holder_pids);
+        let v = view::read(cfg, &mut pve);
+        if changed || v.text != last.text {
+            signal_all(&cfg.host.procfs, uid, sig);
+        }
+        w.watch_holders(&v.holder_pids);
+        last = v;
     }
     Err("the change stream ended".into())
 }

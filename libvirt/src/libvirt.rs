@@ -319,6 +319,8 @@ impl Hypervisor for Libvirt {
             vcpus: info.as_ref().map(|i| i.nr_virt_cpu),
             memory_kib: info.as_ref().map(|i| i.memory),
             max_memory_kib: info.as_ref().map(|i| i.max_mem),
+            // From the local QEMU process's age (`vm::Ctl::health`).
+            uptime_s: None,
             ip: if running { guest_ip(&dom) } else { None },
         }
     }

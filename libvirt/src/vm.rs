@@ -882,7 +882,13 @@ impl<'a> Ctl<'a> {
         let r = VmRef::from(vm);
         let description = self.hv.describe(&r).ok();
         let guest = self.hv.guest(&r);
-        let uptime_s = guest.pid.and_then(|p| process_age(&self.cfg.host.procfs, p));
+        // PVE says how long its guest has run; a libvirt guest's QEMU is a local process
+        // (a PVE VM's pid is on the node: never read it here).
+        let uptime_s = guest.uptime_s.or_else(|| {
+            (handoff::hypervisor::name_of(&vm.uri) == "libvirt")
+                .then(|| guest.pid.and_then(|p| process_age(&self.cfg.host.procfs, p)))
+                .flatten()
+        });
         let local_gpu = if is_local(&vm.uri) {
             gpu::read_gpu(&self.cfg.host, self.gpu.address).ok()
         } else {

@@ -370,16 +370,28 @@ impl Hypervisor for Proxmox {
         })
     }
 
+    /// `status/current`, and the guest agent's addresses when it answers (PVE 9 wants
+    /// `VM.GuestAgent.Audit` for that, PVE 8 `VM.Monitor`; without it, no IP).
     fn guest(&mut self, vm: &VmRef) -> Guest {
         let Ok(s) = self.status(vm) else {
             return Guest::default();
         };
+        let running = s["status"].as_str() == Some("running");
+        let ip = if running {
+            self.vm_path(vm)
+                .and_then(|(_, path)| self.get(&format!("{path}/agent/network-get-interfaces")))
+                .ok()
+                .and_then(|v| agent_ip(&v))
+        } else {
+            None
+        };
         Guest {
             pid: s["pid"].as_u64().map(|p| p as u32),
             vcpus: s["cpus"].as_u64().map(|c| c as u32),
-            memory_kib: s["mem"].as_u64().map(|m| m / 1024),
+            memory_kib: s["mem"].as_u64().filter(|_| running).map(|m| m / 1024),
             max_memory_kib: s["maxmem"].as_u64().map(|m| m / 1024),
-            ip: None,
+            uptime_s: s["uptime"].as_u64().filter(|_| running),
+            ip,
         }
     }
 
@@ -471,6 +483,30 @@ pub fn open(cfg: &Config, fallback: Box<dyn Hypervisor>) -> Box<dyn Hypervisor> 
         Box::new(move || Ok(Box::new(Proxmox::new(&cfg2).expect("[proxmox] is set")) as Box<dyn Hypervisor>)),
         fallback,
     ))
+}
+
+/// The address to show from the guest agent's `network-get-interfaces` (`{"result": [{"name",
+/// "ip-addresses": [{"ip-address", "ip-address-type"}]}]}`): not loopback or link-local,
+/// IPv4 first (what people type into ssh and Moonlight), as for libvirt's agent.
+fn agent_ip(answer: &Value) -> Option<handoff::hypervisor::GuestIp> {
+    let mut candidates: Vec<handoff::hypervisor::GuestIp> = answer["result"]
+        .as_array()?
+        .iter()
+        .filter_map(|i| Some((i["name"].as_str()?, i["ip-addresses"].as_array()?)))
+        .filter(|(name, _)| *name != "lo" && !name.starts_with("Loopback"))
+        .flat_map(|(name, addrs)| {
+            addrs.iter().filter_map(move |a| {
+                Some(handoff::hypervisor::GuestIp {
+                    address: a["ip-address"].as_str()?.to_owned(),
+                    interface: name.to_owned(),
+                    source: "agent",
+                })
+            })
+        })
+        .filter(|g| !g.address.starts_with("127.") && g.address != "::1" && !g.address.starts_with("fe80:"))
+        .collect();
+    candidates.sort_by_key(|g| g.address.contains(':'));
+    candidates.into_iter().next()
 }
 
 #[cfg(test)]

@@ -22,10 +22,14 @@ fn handoff() -> PathBuf {
 }
 
 fn setup() -> Option<(FakePve, PathBuf)> {
-    let vm = |id: u32, name: &str, status: &str| json!({"vmid": id, "name": name, "status": status, "config": {"hostpci0": "0000:01:00,pcie=1"}});
+    let vm = |id: u32, name: &str, status: &str| json!({"vmid": id, "name": name, "status": status, "config": {"hostpci0": "0000:01:00,pcie=1", "cores": 8, "memory": 16384}});
+    // Windows has run for 2 h 3 min 4 s and its guest agent answers (fakepve's addresses).
+    let mut win11 = vm(140, "win11", "running");
+    win11["stats"] = json!({"uptime": 7384});
+    win11["agent"] = json!({});
     let pve = FakePve::start(&json!({
         "tokens": {TOKEN: SECRET},
-        "guests": [vm(140, "win11", "running"), vm(141, "linux-ai", "stopped")],
+        "guests": [win11, vm(141, "linux-ai", "stopped")],
     }))?;
     let dir = pve.dir().to_owned();
     let secret = dir.join("pve-token");
@@ -131,6 +135,25 @@ fn handoff_switch_141_and_back_to_140_from_the_command_line() {
             ("linux-ai".into(), "shutoff".into())
         ]
     );
+}
+
+#[test]
+fn vm_health_of_a_pve_vm_says_its_uptime_cpus_memory_and_the_guest_agents_address() {
+    let Some((_pve, config)) = setup() else { return };
+    let (code, out, err) = run(&config, &["vm-health", "140"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("  uptime    2 h 3 min\n"), "{out}");
+    assert!(out.contains("  vCPUs     8\n"), "{out}");
+    assert!(out.contains("  memory    64 MiB (max 16 GiB)\n"), "{out}");
+    assert!(
+        out.contains("  IP        192.0.2.10 (eth0, from the guest agent)\n"),
+        "{out}"
+    );
+    // Off: nothing to say about a guest that does not run, and no agent to ask.
+    let (code, out, err) = run(&config, &["vm-health", "linux-ai"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("  uptime    not running\n"), "{out}");
+    assert!(out.contains("  IP        unknown\n"), "{out}");
 }
 
 #[test]

@@ -34,7 +34,7 @@
 //! | [`Hypervisor::destroy`] | `virDomainDestroy` | `POST …/status/stop` → UPID |
 //! | [`Hypervisor::poll`] | the domain's state (libvirt's calls are synchronous) | `GET /nodes/{node}/tasks/{upid}/status` (+ `…/log` for progress and the failure's last lines) |
 //! | [`Hypervisor::describe`] | `<hostdev type='pci'>` and `<shmem>` of the live XML | `hostpciN` of `/etc/pve/qemu-server/<vmid>.conf` (`GET …/config`): `0000:01:00` = every function, `0000:01:00.0`, `mapping=NAME` via `/cluster/mapping/pci`; Looking Glass = an `ivshmem` in `args` |
-//! | [`Hypervisor::guest`] | `virDomainGetInfo`, interface addresses, the QEMU pid file | `status/current` (`cpus`, `maxmem`, `pid`), `agent/network-get-interfaces` |
+//! | [`Hypervisor::guest`] | `virDomainGetInfo`, interface addresses, the QEMU pid file | `status/current` (`uptime`, `cpus`, `mem`, `maxmem`, `pid` — on the node), `agent/network-get-interfaces` when the guest agent answers |
 //! | [`Hypervisor::subscribe`] | `virConnectDomainEventRegisterAny(LIFECYCLE)` + the close callback | no event stream: a thread polls `status/current` at a configured interval and sends the differences; stops when the [`Subscription`] drops |
 //! | the guard | the qemu hook (`prepare`/`release`), run by libvirtd | the hookscript, called as `<vmid> <phase>` with phases `pre-start`, `post-start`, `pre-stop`, `post-stop`; `pre-start` ↔ `prepare`, `post-stop` ↔ `release` |
 //!
@@ -198,6 +198,9 @@ pub struct Guest {
     pub vcpus: Option<u32>,
     pub memory_kib: Option<u64>,
     pub max_memory_kib: Option<u64>,
+    /// Seconds it has run, when the hypervisor says (PVE's `uptime`; libvirt's comes from
+    /// the age of the local QEMU process instead).
+    pub uptime_s: Option<u64>,
     pub ip: Option<GuestIp>,
 }
 
@@ -206,7 +209,7 @@ pub struct Guest {
 pub struct GuestIp {
     pub address: String,
     pub interface: String,
-    /// `agent` (QEMU guest agent) or `lease` (libvirt's DHCP lease).
+    /// `agent` (QEMU guest agent, libvirt's or PVE's) or `lease` (libvirt's DHCP lease).
     pub source: &'static str,
 }
 

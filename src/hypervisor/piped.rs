@@ -13,8 +13,8 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Action, Description, EventSink, Guest, Hypervisor, HypervisorError, Probe, Refusal, Start, Subscription,
-    Task, TaskState, VmRef,
+    Action, Description, EventSink, Guest, GuestIp, Hypervisor, HypervisorError, Probe, Refusal, Start,
+    Subscription, Task, TaskState, VmRef,
 };
 use crate::config::Config;
 use crate::pci::PciAddress;
@@ -195,6 +195,38 @@ struct WGuest {
     vcpus: Option<u32>,
     memory_kib: Option<u64>,
     max_memory_kib: Option<u64>,
+    #[serde(default)]
+    uptime_s: Option<u64>,
+    #[serde(default)]
+    ip: Option<WIp>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct WIp {
+    address: String,
+    interface: String,
+    source: String,
+}
+
+impl From<GuestIp> for WIp {
+    fn from(ip: GuestIp) -> Self {
+        Self {
+            address: ip.address,
+            interface: ip.interface,
+            source: ip.source.to_owned(),
+        }
+    }
+}
+
+impl From<WIp> for GuestIp {
+    fn from(ip: WIp) -> Self {
+        Self {
+            address: ip.address,
+            interface: ip.interface,
+            // `source` is one of two words; anything else is the other.
+            source: if ip.source == "agent" { "agent" } else { "lease" },
+        }
+    }
 }
 
 fn answer(hv: &mut dyn Hypervisor, req: Request) -> Result<serde_json::Value, HypervisorError> {
@@ -256,6 +288,8 @@ fn answer(hv: &mut dyn Hypervisor, req: Request) -> Result<serde_json::Value, Hy
                     vcpus: g.vcpus,
                     memory_kib: g.memory_kib,
                     max_memory_kib: g.max_memory_kib,
+                    uptime_s: g.uptime_s,
+                    ip: g.ip.map(Into::into),
                 })
                 .expect("serializable"),
             )
@@ -466,7 +500,8 @@ impl Hypervisor for Piped {
                 vcpus: g.vcpus,
                 memory_kib: g.memory_kib,
                 max_memory_kib: g.max_memory_kib,
-                ip: None,
+                uptime_s: g.uptime_s,
+                ip: g.ip.map(Into::into),
             },
             Err(_) => Guest::default(),
         }

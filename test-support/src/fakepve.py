@@ -38,6 +38,11 @@ async def main(path):
         for key in ('shutdown_secs', 'start_secs', 'stop_secs', 'start_error'):
             if key in g:
                 setattr(vm, key, g[key])
+        # The guest agent's answers by command ({} answers each with fakepve's defaults);
+        # absent: no agent. `stats`: status/current fields such as uptime.
+        if 'agent' in g:
+            vm.agent = g['agent']
+        vm.stats.update(g.get('stats', {}))
     certfile, keyfile, der = make_cert(directory, hosts=(host,))
     await pve.start(certfile, keyfile)
     digest = hashlib.sha256(der).hexdigest().upper()

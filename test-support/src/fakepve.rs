@@ -52,7 +52,9 @@ pub fn available() -> bool {
 
 impl FakePve {
     /// Starts fakepve with `scenario` (see `fakepve.py`: `tokens`, `grants`, `guests` with
-    /// `vmid`, `name`, `status`, `config`, `lock`, `acpi`, `shutdown_secs`, `start_error`;
+    /// `vmid`, `name`, `status`, `config`, `lock`, `acpi`, `shutdown_secs`, `start_error`, `agent`
+    /// (the guest agent's answers by command, `{}` for fakepve's defaults), `stats`
+    /// (`status/current` fields such as `uptime`);
     /// `time_scale`, real seconds per PVE second, default 0.01). None when fakepve is
     /// missing outside CI (the test skips).
     pub fn start(scenario: &serde_json::Value) -> Option<FakePve> {
