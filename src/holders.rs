@@ -273,6 +273,12 @@ const PERSISTENCED_REASON: &str = "nvidia-persistenced keeps the GPU initialised
      stop it: systemctl stop nvidia-persistenced";
 const NVIDIA_VENDOR: u16 = 0x10de;
 
+/// Why a process with this `comm` counts without an open node: nvidia-persistenced's
+/// reason, else None (for holders known only by name, [`crate::publish`]).
+pub fn persistenced_reason(command: &str) -> Option<String> {
+    (command == PERSISTENCED_COMM).then(|| PERSISTENCED_REASON.to_owned())
+}
+
 impl Holder {
     /// One line, short enough for a `virsh start` error and a notification:
     /// `python3 (pid 4242, user alice, ollama.service) holds /dev/nvidia0, /dev/nvidiactl`.
