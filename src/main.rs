@@ -251,7 +251,10 @@ fn install_publisher(a: handoff::cli::InstallPublisherArgs) -> anyhow::Result<Ex
     let run = match handoff::config::Config::load_system(&path) {
         Ok((cfg, _)) => cfg.host.run,
         Err(e) if a.uninstall => {
-            eprintln!("handoff: {e}; removing the default {}", handoff::Host::system().run.display());
+            eprintln!(
+                "handoff: {e}; removing the default {}",
+                handoff::Host::system().run.display()
+            );
             handoff::Host::system().run
         }
         Err(e) => return Err(e.into()),

@@ -200,7 +200,10 @@ pub fn snapshot(cfg: &Config, me: Publisher) -> Published {
                 Ok(g) if g.owner != Owner::Absent => {
                     let nodes = holders::gpu_nodes(host, &g);
                     let scan = holders::scan(host, &g, &nodes);
-                    (scan.holders.iter().map(PublishedHolder::from).collect(), scan.uninspected)
+                    (
+                        scan.holders.iter().map(PublishedHolder::from).collect(),
+                        scan.uninspected,
+                    )
                 }
                 _ => (Vec::new(), 0),
             };
@@ -223,7 +226,8 @@ pub fn write(host: &Host, p: &Published) -> Result<(), PublishError> {
     let path = path(host);
     let mut bytes = serde_json::to_vec(p).expect("the published holders serialise");
     bytes.push(b'\n');
-    crate::bind::record::write_atomic(&path, &bytes, 0o644).map_err(|source| PublishError::Write { path, source })
+    crate::bind::record::write_atomic(&path, &bytes, 0o644)
+        .map_err(|source| PublishError::Write { path, source })
 }
 
 /// The file, when it is there, root's, of this schema, and its publisher still runs.

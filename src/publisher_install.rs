@@ -41,7 +41,9 @@ pub enum PublisherInstallError {
          install handoff under a plain path such as /usr/local/bin/handoff"
     )]
     ExeUnusable(PathBuf),
-    #[error("{0} exists but was not written by handoff (no `{MARKER}` line); move it away and run install-publisher again")]
+    #[error(
+        "{0} exists but was not written by handoff (no `{MARKER}` line); move it away and run install-publisher again"
+    )]
     Foreign(PathBuf),
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: io::Error },

@@ -123,7 +123,8 @@ fn nobody_sees_roots_holder_through_the_publisher_and_not_without_it() {
 
     let publisher = publish(&config);
     assert!(
-        wait_until(Duration::from_secs(10), || published_pids(&published) == Some(vec![job.pid()])),
+        wait_until(Duration::from_secs(10), || published_pids(&published)
+            == Some(vec![job.pid()])),
         "the publisher did not publish the job: {:?}",
         fs::read_to_string(&published)
     );
@@ -147,10 +148,7 @@ fn nobody_sees_roots_holder_through_the_publisher_and_not_without_it() {
     let h = &json["holders"][0];
     assert_eq!(h["command"], "cuda-training", "{json}");
     assert_eq!(h["user"], "root", "{json}");
-    assert!(
-        h["paths"][0].as_str().unwrap().ends_with("/nvidia0"),
-        "{json}"
-    );
+    assert!(h["paths"][0].as_str().unwrap().ends_with("/nvidia0"), "{json}");
     let text = unchecked_text(&json);
     assert!(!text.contains("could not be inspected"), "{text}");
     assert!(!text.contains("install-publisher"), "{text}");
@@ -165,9 +163,8 @@ fn nobody_sees_roots_holder_through_the_publisher_and_not_without_it() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("status --json: {e}: {}", String::from_utf8_lossy(&out.stderr))
-    });
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json: {e}: {}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(
         status["gpu"]["blockers"][0]["pid"].as_u64(),
         Some(u64::from(job.pid())),
@@ -179,7 +176,8 @@ fn nobody_sees_roots_holder_through_the_publisher_and_not_without_it() {
     let t = Instant::now();
     job.close();
     assert!(
-        wait_until(Duration::from_secs(5), || published_pids(&published) == Some(vec![])),
+        wait_until(Duration::from_secs(5), || published_pids(&published)
+            == Some(vec![])),
         "the close was not published"
     );
     eprintln!("close → published: {:?}", t.elapsed());
@@ -192,7 +190,8 @@ fn nobody_sees_roots_holder_through_the_publisher_and_not_without_it() {
     let t = Instant::now();
     job.open();
     assert!(
-        wait_until(Duration::from_secs(5), || published_pids(&published) == Some(vec![job.pid()])),
+        wait_until(Duration::from_secs(5), || published_pids(&published)
+            == Some(vec![job.pid()])),
         "the reopen was not published"
     );
     eprintln!("open → published: {:?}", t.elapsed());
@@ -249,10 +248,7 @@ fn a_file_not_owned_by_root_is_not_believed() {
     std::os::unix::fs::chown(&published, Some(65534), Some(65534)).unwrap();
     let (code, json) = blockers_as_nobody(&config, &home);
     assert_eq!(code, 4, "{json}");
-    assert!(
-        unchecked_text(&json).contains("could not be inspected"),
-        "{json}"
-    );
+    assert!(unchecked_text(&json).contains("could not be inspected"), "{json}");
 }
 
 fn files_under(root: &Path) -> Vec<PathBuf> {
@@ -328,10 +324,7 @@ fn install_and_uninstall_into_a_temp_root_are_exact() {
     );
     assert!(text.contains(handoff::publisher_install::MARKER), "{text}");
     assert!(text.contains("WantedBy=multi-user.target"), "{text}");
-    assert_eq!(
-        fs::metadata(&unit).unwrap().permissions().mode() & 0o777,
-        0o644
-    );
+    assert_eq!(fs::metadata(&unit).unwrap().permissions().mode() & 0o777, 0o644);
 
     let (code, out) = install(&root, &config, &[]);
     assert_eq!(code, 0, "{out}");
