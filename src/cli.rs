@@ -92,8 +92,8 @@ pub enum Command {
     ///
     /// A tray, bar or `handoff status` run by a user cannot see other users' processes, so
     /// alone it never says the GPU is free. The publisher watches the GPU's device nodes
-    /// (inotify: asleep while nothing opens or closes them) and writes who holds them —
-    /// pid, command, user, unit, nodes; nothing more — to holders.json in [host] run,
+    /// (inotify: asleep while nothing opens or closes them) and writes who holds them
+    /// (pid, command, user, unit, nodes; nothing more) to holders.json in [host] run,
     /// readable by all, which every surface then uses. Puts
     /// /etc/systemd/system/handoff-publisher.service in place and enables it; --uninstall
     /// disables it and removes exactly that file and holders.json.
