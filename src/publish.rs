@@ -13,12 +13,16 @@
 //! {"schema":1,"publisher":{"pid":812,"start_time":4711},
 //!  "gpus":[{"address":"0000:01:00.0","uninspected":0,
 //!           "holders":[{"pid":4242,"command":"python3","user":"alice",
-//!                       "unit":"ollama.service","nodes":["/dev/nvidia0"]}]}]}
+//!                       "unit":"ollama.service","nodes":["/dev/nvidia0"]}],
+//!           "boot_framebuffers":[]}]}
 //! ```
 //!
 //! Nothing more than that leaves root: no command line, no environment, no cgroup path, no
 //! uid (the user name is what `ls -l /proc/<pid>` shows anyone anyway), and `uninspected`
-//! is the number of processes even root could not read (a count, no pids).
+//! is the number of processes even root could not read (a count, no pids). Besides holders,
+//! `boot_framebuffers` says which boot framebuffers (efifb, simpledrm) sit on the GPU, by
+//! driver name and function only: `/proc/iomem` shows users no addresses, so without it a
+//! user's scan could never call the GPU free.
 //!
 //! **Freshness without a heartbeat.** The publisher never wakes up to say it is alive;
 //! instead the file names it (`pid` and the kernel's `start_time` of that pid, field 22 of
@@ -39,8 +43,7 @@
 //!
 //! Not covered: what the publisher's inotify cannot hear (an open through another inode of
 //! the device, a container's own `/dev`) until its next scan, and the debounce (the file
-//! lags an open by the burst window, [`crate::live::nodes`]). Boot framebuffers are not
-//! published: a user's scan of `/proc/iomem` still notes that it could not check them.
+//! lags an open by the burst window, [`crate::live::nodes`]).
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -100,6 +103,18 @@ pub struct PublishedGpu {
     pub holders: Vec<PublishedHolder>,
     /// Processes even root could not inspect (a count only).
     pub uninspected: usize,
+    /// Boot framebuffers (efifb, simpledrm…) on the GPU's memory, by driver name and
+    /// function, without their addresses (which `/proc/iomem` hides from users); `None`
+    /// when root could not check either.
+    #[serde(default)]
+    pub boot_framebuffers: Option<Vec<PublishedFramebuffer>>,
+}
+
+/// A boot framebuffer, without its addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedFramebuffer {
+    pub name: String,
+    pub function: PciAddress,
 }
 
 /// A holder, reduced to what the file may say.
@@ -196,21 +211,36 @@ pub fn snapshot(cfg: &Config, me: Publisher) -> Published {
         .gpu
         .iter()
         .map(|gc| {
-            let (holders, uninspected) = match gpu::read_gpu(host, gc.address) {
+            let (holders, uninspected, boot_framebuffers) = match gpu::read_gpu(host, gc.address) {
                 Ok(g) if g.owner != Owner::Absent => {
                     let nodes = holders::gpu_nodes(host, &g);
                     let scan = holders::scan(host, &g, &nodes);
+                    let checked = !scan
+                        .notes
+                        .iter()
+                        .any(|n| n.ends_with(holders::FRAMEBUFFERS_UNCHECKED));
+                    let framebuffers = checked.then(|| {
+                        scan.framebuffers
+                            .iter()
+                            .map(|f| PublishedFramebuffer {
+                                name: f.name.clone(),
+                                function: f.function,
+                            })
+                            .collect()
+                    });
                     (
                         scan.holders.iter().map(PublishedHolder::from).collect(),
                         scan.uninspected,
+                        framebuffers,
                     )
                 }
-                _ => (Vec::new(), 0),
+                _ => (Vec::new(), 0, Some(Vec::new())),
             };
             PublishedGpu {
                 address: gc.address,
                 holders,
                 uninspected,
+                boot_framebuffers,
             }
         })
         .collect();
@@ -249,11 +279,17 @@ pub fn read_fresh(host: &Host) -> Option<Published> {
 /// Completes an unprivileged scan of the GPU at `address` with the publisher's (see the
 /// module docs). Does nothing to a scan that saw everything, or as root.
 pub fn complete(host: &Host, address: PciAddress, scan: &mut Scan) {
-    if scan.uninspected == 0 || nix::unistd::geteuid().is_root() {
+    let framebuffers_unchecked = scan
+        .notes
+        .iter()
+        .any(|n| n.ends_with(holders::FRAMEBUFFERS_UNCHECKED));
+    if (scan.uninspected == 0 && !framebuffers_unchecked) || nix::unistd::geteuid().is_root() {
         return;
     }
     let Some(p) = read_fresh(host) else {
-        scan.notes.push(NO_PUBLISHER_NOTE.to_owned());
+        if scan.uninspected > 0 {
+            scan.notes.push(NO_PUBLISHER_NOTE.to_owned());
+        }
         return;
     };
     let Some(g) = p.gpus.into_iter().find(|g| g.address == address) else {
@@ -267,8 +303,36 @@ pub fn complete(host: &Host, address: PciAddress, scan: &mut Scan) {
 }
 
 /// The merge itself (pure): the publisher's holders this scan did not see are added; its
-/// count of processes root could not read replaces this scan's.
+/// count of processes root could not read replaces this scan's; when root checked the boot
+/// framebuffers, its finding replaces this scan's note that it could not.
 pub fn apply(scan: &mut Scan, g: &PublishedGpu) {
+    if let Some(fbs) = &g.boot_framebuffers
+        && scan
+            .notes
+            .iter()
+            .any(|n| n.ends_with(holders::FRAMEBUFFERS_UNCHECKED))
+    {
+        scan.notes
+            .retain(|n| !n.ends_with(holders::FRAMEBUFFERS_UNCHECKED));
+        for f in fbs {
+            if !scan
+                .framebuffers
+                .iter()
+                .any(|s| s.name == f.name && s.function == f.function)
+            {
+                // The addresses stay root's: 0-0 here.
+                scan.framebuffers.push(holders::Framebuffer {
+                    name: f.name.clone(),
+                    function: f.function,
+                    start: 0,
+                    end: 0,
+                });
+            }
+        }
+    }
+    if scan.uninspected == 0 {
+        return;
+    }
     for h in &g.holders {
         if !scan.holders.iter().any(|s| s.pid == h.pid) {
             scan.holders.push(h.to_holder());
@@ -328,6 +392,47 @@ mod tests {
     }
 
     #[test]
+    fn roots_framebuffer_check_replaces_the_users_note_and_none_keeps_it() {
+        let note = format!(
+            "/proc/iomem shows no addresses without root; {}",
+            holders::FRAMEBUFFERS_UNCHECKED
+        );
+        let user = Scan {
+            uninspected: 2,
+            notes: vec![note.clone()],
+            ..Scan::default()
+        };
+        let gpu = PciAddress::new(0, 1, 0, 0);
+        let published = |fbs: Option<Vec<PublishedFramebuffer>>| PublishedGpu {
+            address: gpu,
+            holders: Vec::new(),
+            uninspected: 0,
+            boot_framebuffers: fbs,
+        };
+        let mut clear = user.clone();
+        apply(&mut clear, &published(Some(Vec::new())));
+        assert_eq!(clear.verdict(), holders::Verdict::Clear);
+        let mut efifb = user.clone();
+        apply(
+            &mut efifb,
+            &published(Some(vec![PublishedFramebuffer {
+                name: "efifb".into(),
+                function: gpu,
+            }])),
+        );
+        assert!(matches!(efifb.verdict(), holders::Verdict::Held { .. }));
+        assert_eq!(
+            efifb.summary_lines(),
+            ["efifb (boot framebuffer) holds 0000:01:00.0 memory; boot with \
+              initcall_blacklist=sysfb_init or video=efifb:off"]
+        );
+        let mut unknown = user;
+        apply(&mut unknown, &published(None));
+        assert_eq!(unknown.notes, [note]);
+        assert!(matches!(unknown.verdict(), holders::Verdict::Unchecked { .. }));
+    }
+
+    #[test]
     fn apply_adds_unseen_holders_and_takes_roots_count() {
         let mut scan = Scan {
             uninspected: 40,
@@ -343,6 +448,7 @@ mod tests {
                 nodes: vec!["/dev/nvidia0".into()],
             }],
             uninspected: 0,
+            boot_framebuffers: None,
         };
         apply(&mut scan, &g);
         assert_eq!(scan.uninspected, 0);

@@ -68,6 +68,26 @@ fn blockers_as_nobody(config: &Path, home: &Path) -> (i32, serde_json::Value) {
     (out.status.code().unwrap_or(-1), json)
 }
 
+/// `handoff-block`'s one-shot i3blocks lines as `nobody`.
+fn block_as_nobody(config: &Path) -> Vec<String> {
+    let dir = Path::new(bin()).parent().unwrap();
+    let block =
+        handoff_test_support::bins::sibling(dir, "handoff-block", "handoff-block", &["src", "i3blocks/src"]);
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(block)
+        .arg("--config")
+        .arg(config)
+        .env("HOME", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 fn holder_pids(json: &serde_json::Value) -> Vec<u64> {
     json["holders"]
         .as_array()
@@ -120,6 +140,7 @@ fn nobody_sees_roots_holder_through_the_publisher_and_not_without_it() {
     let text = unchecked_text(&json);
     assert!(text.contains("could not be inspected"), "{text}");
     assert!(text.contains("install-publisher"), "{text}");
+    assert_eq!(block_as_nobody(&config)[0], "GPU: Linux · ? unseen");
 
     let publisher = publish(&config);
     assert!(
@@ -152,6 +173,7 @@ fn nobody_sees_roots_holder_through_the_publisher_and_not_without_it() {
     let text = unchecked_text(&json);
     assert!(!text.contains("could not be inspected"), "{text}");
     assert!(!text.contains("install-publisher"), "{text}");
+    assert_eq!(block_as_nobody(&config)[0], "GPU: Linux · 1 busy");
 
     // `handoff status --json` as nobody names it too.
     let out = Command::new("setpriv")
@@ -181,12 +203,12 @@ fn nobody_sees_roots_holder_through_the_publisher_and_not_without_it() {
         "the close was not published"
     );
     eprintln!("close → published: {:?}", t.elapsed());
-    let (_, json) = blockers_as_nobody(&config, &home);
+    // Root saw everything (the boot framebuffers too, which /proc/iomem hides from
+    // nobody): nobody may now call the GPU free.
+    let (code, json) = blockers_as_nobody(&config, &home);
+    assert_eq!((code, json["verdict"].as_str()), (0, Some("clear")), "{json}");
     assert!(holder_pids(&json).is_empty(), "{json}");
-    assert!(
-        !unchecked_text(&json).contains("could not be inspected"),
-        "{json}"
-    );
+    assert_eq!(block_as_nobody(&config)[0], "GPU: Linux");
     let t = Instant::now();
     job.open();
     assert!(
@@ -205,6 +227,7 @@ fn nobody_sees_roots_holder_through_the_publisher_and_not_without_it() {
     let text = unchecked_text(&json);
     assert!(text.contains("could not be inspected"), "{text}");
     assert!(text.contains("install-publisher"), "{text}");
+    assert_eq!(block_as_nobody(&config)[0], "GPU: Linux · ? unseen");
 
     // Gone altogether: the same.
     fs::remove_file(&published).unwrap();
@@ -235,6 +258,7 @@ fn a_file_not_owned_by_root_is_not_believed() {
             address: RTX_3090_TI,
             holders: Vec::new(),
             uninspected: 0,
+            boot_framebuffers: Some(Vec::new()),
         }],
     };
     fs::write(&published, serde_json::to_vec(&fake).unwrap()).unwrap();
