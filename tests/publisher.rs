@@ -379,3 +379,51 @@ fn install_and_uninstall_into_a_temp_root_are_exact() {
         );
     }
 }
+
+/// A surface's live stream (the tray's, `handoff-block --watch`'s) hears the publisher:
+/// root's open of a node it could not see reaches it as a holder change through
+/// `holders.json`, with nothing else moving.
+#[test]
+fn the_live_stream_hears_the_published_holders() {
+    use handoff::live::{Change, Sources, Watcher};
+    if !ready() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (sim, config_path, _) = machine(tmp.path());
+    fs::create_dir_all(sim.run()).unwrap();
+    let mut config = handoff::Config::default();
+    config.gpu.address = RTX_3090_TI;
+    config.host = sim.host();
+    config.vms.clear();
+    let run_dir_only = Sources {
+        uevents: false,
+        run_dir: true,
+        nodes: false,
+        libvirt: false,
+        vm_events: None,
+    };
+    let w = Watcher::new(&config, run_dir_only).expect("watcher");
+    let _publisher = publish(&config_path);
+    let mut job = Opener::start(&sim.dev().join("nvidia0"), "cuda-training");
+    let heard = |want: Vec<u32>| {
+        let end = Instant::now() + Duration::from_secs(10);
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match w.recv_timeout(left) {
+                Ok(Change::Holders { holders, .. })
+                    if holders.iter().map(|h| h.pid).collect::<Vec<_>>() == want =>
+                {
+                    return true;
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        false
+    };
+    assert!(heard(vec![]), "the first publication");
+    job.open();
+    assert!(heard(vec![job.pid()]), "the open, through holders.json");
+    job.close();
+    assert!(heard(vec![]), "the close, through holders.json");
+}
