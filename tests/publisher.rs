@@ -350,6 +350,20 @@ fn install_and_uninstall_into_a_temp_root_are_exact() {
     assert!(text.contains("WantedBy=multi-user.target"), "{text}");
     assert_eq!(fs::metadata(&unit).unwrap().permissions().mode() & 0o777, 0o644);
 
+    // systemd's own check of the unit (no systemd needs to run).
+    if have_all(&["systemd-analyze"]) {
+        let v = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&unit)
+            .output()
+            .unwrap();
+        assert!(
+            v.status.success() && v.stderr.is_empty(),
+            "systemd-analyze verify: {}",
+            String::from_utf8_lossy(&v.stderr)
+        );
+    }
+
     let (code, out) = install(&root, &config, &[]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("nothing to do"), "twice is once: {out}");
