@@ -50,6 +50,7 @@ impl Blockers {
         let g = gpu::read_gpu(host, address)?;
         let nodes = holders::gpu_nodes(host, &g);
         let mut scan = holders::scan(host, &g, &nodes);
+        crate::publish::complete(host, g.address, &mut scan);
         crate::containers::name_all(scan.holders.iter_mut().filter_map(|h| h.container.as_mut()));
         let verdict = scan.verdict();
         let vfio_users = holders::vfio_users(host, &g);

@@ -87,6 +87,25 @@ pub enum Command {
     /// Puts a small shim at /etc/libvirt/hooks/qemu.d/handoff that runs `handoff hook`, never
     /// touching an existing /etc/libvirt/hooks/qemu, and makes libvirtd re-read its hooks (SIGHUP).
     InstallHooks(InstallHooksArgs),
+    /// Install (or with --uninstall remove) the holder publisher: a systemd system unit that
+    /// runs `handoff publish-holders` as root. Optional; needs root.
+    ///
+    /// A tray, bar or `handoff status` run by a user cannot see other users' processes, so
+    /// alone it never says the GPU is free. The publisher watches the GPU's device nodes
+    /// (inotify: asleep while nothing opens or closes them) and writes who holds them
+    /// (pid, command, user, unit, nodes; nothing more) to holders.json in [host] run,
+    /// readable by all, which every surface then uses. Puts
+    /// /etc/systemd/system/handoff-publisher.service in place and enables it; --uninstall
+    /// disables it and removes exactly that file and holders.json.
+    InstallPublisher(InstallPublisherArgs),
+    /// Run by the unit `install-publisher` puts in place, as root: watch the GPUs' nodes and
+    /// keep holders.json in [host] run current. Not for people.
+    #[command(hide = true)]
+    PublishHolders {
+        /// Read this system config instead of /etc/handoff/config.toml (tests).
+        #[arg(long, hide = true, value_name = "FILE")]
+        system_config: Option<PathBuf>,
+    },
     /// Start a VM (default: the first [[vm]]) with the GPU (also installed as `windows-start`).
     ///
     /// Checks first: nothing of yours holds the GPU, and no other configured VM has it.
@@ -304,6 +323,25 @@ pub struct DoctorArgs {
 }
 
 #[derive(Args)]
+pub struct InstallPublisherArgs {
+    /// Remove exactly what install-publisher installed.
+    #[arg(long)]
+    pub uninstall: bool,
+    /// Say what would change without changing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the steps as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Install under this directory instead of / and run no systemctl (tests).
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Read this system config instead of /etc/handoff/config.toml (tests).
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub system_config: Option<PathBuf>,
+}
+
+#[derive(Args)]
 pub struct InstallHooksArgs {
     /// Remove exactly what install-hooks installed.
     #[arg(long)]
@@ -418,6 +456,8 @@ impl Command {
             | Command::Rebind(_)
             | Command::Bind(_)
             | Command::InstallHooks(_)
+            | Command::InstallPublisher(_)
+            | Command::PublishHolders { .. }
             | Command::Hook { .. }
             | Command::InstallServices(_) => false,
         }

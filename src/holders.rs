@@ -273,6 +273,16 @@ const PERSISTENCED_REASON: &str = "nvidia-persistenced keeps the GPU initialised
      stop it: systemctl stop nvidia-persistenced";
 const NVIDIA_VENDOR: u16 = 0x10de;
 
+/// How every note about boot framebuffers that could not be checked ends; the holder
+/// publisher's readers drop such a note when root did check ([`crate::publish::apply`]).
+pub const FRAMEBUFFERS_UNCHECKED: &str = "a boot framebuffer (efifb, simpledrm) on the GPU was not checked";
+
+/// Why a process with this `comm` counts without an open node: nvidia-persistenced's
+/// reason, else None (for holders known only by name, [`crate::publish`]).
+pub fn persistenced_reason(command: &str) -> Option<String> {
+    (command == PERSISTENCED_COMM).then(|| PERSISTENCED_REASON.to_owned())
+}
+
 impl Holder {
     /// One line, short enough for a `virsh start` error and a notification:
     /// `python3 (pid 4242, user alice, ollama.service) holds /dev/nvidia0, /dev/nvidiactl`.
@@ -330,11 +340,18 @@ impl fmt::Display for Holder {
 
 impl Framebuffer {
     /// `efifb (boot framebuffer) holds 0000:01:00.0 memory fb000000-fb2fffff; …`.
+    /// Without addresses (0-0: known from the holder publisher, [`crate::publish`]), the
+    /// range is left out.
     pub fn summary(&self) -> String {
+        let memory = if self.start == 0 && self.end == 0 {
+            "memory".to_owned()
+        } else {
+            format!("memory {:x}-{:x}", self.start, self.end)
+        };
         format!(
-            "{} (boot framebuffer) holds {} memory {:x}-{:x}; boot with \
+            "{} (boot framebuffer) holds {} {memory}; boot with \
              initcall_blacklist=sysfb_init or video=efifb:off",
-            self.name, self.function, self.start, self.end
+            self.name, self.function
         )
     }
 }
@@ -1296,7 +1313,7 @@ fn check_framebuffers(host: &Host, gpu: &Gpu, result: &mut Scan) {
         Ok(s) => s,
         Err(e) => {
             result.notes.push(format!(
-                "cannot read {}: {e}; a boot framebuffer (efifb, simpledrm) on the GPU was not checked",
+                "cannot read {}: {e}; {FRAMEBUFFERS_UNCHECKED}",
                 iomem_path.display()
             ));
             return;
@@ -1305,8 +1322,7 @@ fn check_framebuffers(host: &Host, gpu: &Gpu, result: &mut Scan) {
     let regions = parse_iomem(&iomem);
     if iomem_is_redacted(&regions) {
         result.notes.push(format!(
-            "{} shows no addresses without root; a boot framebuffer (efifb, simpledrm) on the \
-             GPU was not checked",
+            "{} shows no addresses without root; {FRAMEBUFFERS_UNCHECKED}",
             iomem_path.display()
         ));
         return;

@@ -474,7 +474,7 @@ fn empty_plan(direction: Direction, hooks_dir: &Path) -> InstallPlan {
 /// every directory above it owned so and writable by no one else — a directory others can
 /// write lets them rename another binary into its place, unless it is sticky (`/tmp`).
 /// Refused like the hook refuses a config others can write.
-fn check_exe(exe: &Path) -> Result<(), HooksError> {
+pub(crate) fn check_exe(exe: &Path) -> Result<(), HooksError> {
     let meta = fs::metadata(exe).map_err(|e| HooksError::ExeMissing {
         path: exe.to_owned(),
         why: e.to_string(),

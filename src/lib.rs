@@ -43,6 +43,8 @@ pub mod lg;
 pub mod lg_check;
 pub mod live;
 pub mod pci;
+pub mod publish;
+pub mod publisher_install;
 pub mod pve;
 pub mod pve_hooks;
 pub mod refusals;

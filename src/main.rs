@@ -203,6 +203,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::PublishHolders { system_config } => {
+            // Root: only the root-owned system config, like the hook.
+            let path = system_config.unwrap_or_else(|| PathBuf::from(handoff::config::SYSTEM_CONFIG));
+            let (cfg, _) = handoff::config::Config::load_system(&path)?;
+            handoff::publish::run(&cfg)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::InstallPublisher(a) => install_publisher(a),
         Command::Rebind(args) => rebind(cli.config, args),
         Command::Lg(args) => lg(cli.config, args),
         Command::LgTest(args) => {
@@ -230,6 +238,51 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::DemoHolder { .. }
         | Command::Agent => anyhow::bail!("this command needs {VM_SIDE}, which `handoff` runs for it"),
     }
+}
+
+/// `handoff install-publisher`: plan, show, apply (see `handoff::publisher_install`).
+fn install_publisher(a: handoff::cli::InstallPublisherArgs) -> anyhow::Result<ExitCode> {
+    use handoff::publisher_install::{Options, apply, plan};
+    let path = a
+        .system_config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(handoff::config::SYSTEM_CONFIG));
+    // Where the publisher writes: the system config's [host] run (what the service reads).
+    let run = match handoff::config::Config::load_system(&path) {
+        Ok((cfg, _)) => cfg.host.run,
+        Err(e) if a.uninstall => {
+            eprintln!(
+                "handoff: {e}; removing the default {}",
+                handoff::Host::system().run.display()
+            );
+            handoff::Host::system().run
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let opts = Options {
+        systemctl: a.root.is_none(),
+        root: a.root.clone().unwrap_or_else(|| PathBuf::from("/")),
+        exe: std::env::current_exe()?.canonicalize()?,
+        published: run.join(handoff::publish::FILE),
+        uninstall: a.uninstall,
+    };
+    let steps = plan(&opts)?;
+    if !a.dry_run {
+        apply(&steps)?;
+    }
+    if a.json {
+        print_json(&steps)?;
+    } else if steps.is_empty() {
+        println!(
+            "nothing to do: the holder publisher is {}",
+            if a.uninstall { "not installed" } else { "in place" }
+        );
+    } else {
+        for step in &steps {
+            println!("{}{step}", if a.dry_run { "would " } else { "" });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn progress(step: &handoff::bind::plan::Step, host: &handoff::Host) {

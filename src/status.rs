@@ -187,6 +187,8 @@ pub fn collect_gpu(
     } else {
         let nodes = holders::gpu_nodes(host, &g);
         let mut scan = holders::scan(host, &g, &nodes);
+        // Other users' holders, from the holder publisher when it runs.
+        crate::publish::complete(host, g.address, &mut scan);
         // The engine's name for a container holder (its CLI, with a deadline; only when
         // there is one): never in the hook, which does not read the status.
         crate::containers::name_all(scan.holders.iter_mut().filter_map(|h| h.container.as_mut()));

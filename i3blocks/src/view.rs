@@ -217,6 +217,8 @@ fn read_with(cfg: &Config, state: HookFiles, pve: &mut crate::pve::Pve) -> View 
             }
             scan = holders::scan(host, &g, &nodes);
         }
+        // Other users' holders, from the holder publisher when it runs.
+        handoff::publish::complete(host, g.address, &mut scan);
         scan
     });
     let lines = scan.as_ref().map(|s| s.summary_lines()).unwrap_or_default();

@@ -430,6 +430,26 @@ impl Watcher {
         })
     }
 
+    /// Opens and closes of the nodes of every configured GPU, not only the primary one's,
+    /// and nothing else: what the holder publisher ([`crate::publish`]) waits on.
+    pub fn nodes_of_every_gpu(config: &Config) -> Result<Watcher, WatchError> {
+        let (tx, rx) = mpsc::channel();
+        let sink: Sink = Arc::new(move |c| tx.send(c).is_ok());
+        let (stop_rx, stop_tx) = pipe().map_err(WatchError::Thread)?;
+        let stop_rx = Arc::new(stop_rx);
+        for g in config.gpu.iter() {
+            nodes::spawn(&config.host, g.address, sink.clone(), stop_rx.clone())?;
+        }
+        Ok(Watcher {
+            rx: Some(rx),
+            _stop: stop_tx,
+            stop_rx,
+            sink: Arc::downgrade(&sink),
+            holders: std::sync::OnceLock::new(),
+            _vm_events: None,
+        })
+    }
+
     /// The next change; blocks. Errors only when there is no channel ([`Watcher::with_sink`]).
     pub fn recv(&self) -> Result<Change, RecvError> {
         self.rx.as_ref().ok_or(RecvError)?.recv()

@@ -1,5 +1,6 @@
 //! inotify on `[host] run`: the hook's `state.json`, its restore records and its log of
-//! refused starts (`refusals.json`, [`crate::refusals`]).
+//! refused starts (`refusals.json`, [`crate::refusals`]), and the holder publisher's
+//! `holders.json` ([`crate::publish`]; reported as [`Change::Holders`]).
 //!
 //! The hook replaces `state.json` atomically (write a dot-file, rename over), so the
 //! directory is watched, not the file: `IN_MOVED_TO` and `IN_CLOSE_WRITE` mean "new
@@ -80,6 +81,31 @@ fn change_for(run: &Path, name: &OsStr, present: bool) -> Option<Change> {
         return Some(Change::Refused {
             vm: last.vm,
             seq: last.seq,
+        });
+    }
+    if name == crate::publish::FILE {
+        // The holder publisher saw the holders change: surfaces re-read their status,
+        // which takes in what it publishes (`publish::complete`).
+        if !present {
+            return None;
+        }
+        let host = Host {
+            run: run.to_owned(),
+            ..Host::default()
+        };
+        let p = crate::publish::read_fresh(&host)?;
+        let g = p.gpus.into_iter().next()?;
+        return Some(Change::Holders {
+            holders: g
+                .holders
+                .into_iter()
+                .map(|h| super::HolderSeen {
+                    pid: h.pid,
+                    command: h.command,
+                    user: h.user,
+                })
+                .collect(),
+            uninspected: g.uninspected,
         });
     }
     if name.starts_with("restore-") && name.ends_with(".json") {
