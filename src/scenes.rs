@@ -136,7 +136,10 @@ impl Scene {
         if as_user.is_some() {
             let st = Command::new("chmod").args(["-R", "a+rX"]).arg(dir).status()?;
             if !st.success() {
-                return Err(std::io::Error::other(format!("chmod -R a+rX {}: {st}", dir.display())));
+                return Err(std::io::Error::other(format!(
+                    "chmod -R a+rX {}: {st}",
+                    dir.display()
+                )));
             }
         }
         Ok(Scene {

@@ -717,7 +717,9 @@ fn rules(f: &Facts) -> Verdict {
         };
         let mut why: Vec<String> = Vec::new();
         if g.uninspected > 0 {
-            why.push(format!("{processes} could not be inspected; what they hold is unknown"));
+            why.push(format!(
+                "{processes} could not be inspected; what they hold is unknown"
+            ));
         }
         why.extend(g.not_checked.iter().cloned());
         // Not "free on vfio-pci": that is the claim this cannot make.

@@ -966,7 +966,11 @@ mod every_surface {
             assert_eq!(v.verdict.unseen, want["unseen"] == true, "{name}");
             assert_eq!(v.verdict.unseen, name == "idle, unseen", "{name}");
             if v.verdict.unseen {
-                assert!(v.subline.contains("sudo handoff blockers"), "{name}: {}", v.subline);
+                assert!(
+                    v.subline.contains("sudo handoff blockers"),
+                    "{name}: {}",
+                    v.subline
+                );
             }
             assert_eq!(v.owner, owner_word(v.verdict.state), "{name}");
             let offers_return = v.actions.iter().any(|b| b.action == Action::ReturnToLinux);

@@ -588,7 +588,10 @@ fn an_unseen_idle_gpu_says_how_to_see_everything_and_serialises_as_idle_plus_uns
         "93 processes could not be checked: `sudo handoff blockers` sees all."
     );
     assert_eq!(v.offers, [Offer::Start, Offer::Switch]);
-    assert!(!v.line().contains("free") && !v.next.contains("can take it"), "{v:?}");
+    assert!(
+        !v.line().contains("free") && !v.next.contains("can take it"),
+        "{v:?}"
+    );
     let j = serde_json::to_value(&v).unwrap();
     assert_eq!(j["state"], "idle");
     assert_eq!(j["unseen"], true);

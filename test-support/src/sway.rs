@@ -195,7 +195,7 @@ impl Sway {
     /// for real. wayvnc listens on a Unix socket in the test dir (no TCP port) and runs as
     /// sway's user; it is killed when the [`Pointer`] drops. None when wayvnc is missing
     /// outside CI.
-    pub fn pointer(&self) -> Option<Pointer> {
+    pub fn pointer(&self) -> Option<Pointer<'_>> {
         if !have_all(&["wayvnc"]) {
             return None;
         }

@@ -16,11 +16,6 @@ use std::process::Command;
 /// The uid and gid of `nobody` (the "idle, unseen" scene's user).
 pub const NOBODY: u32 = handoff::scenes::NOBODY;
 
-/// Whether this test runs as root (only root can look as another user).
-pub fn is_root() -> bool {
-    euid() == 0
-}
-
 fn euid() -> u32 {
     // SAFETY: geteuid cannot fail and touches no memory.
     unsafe { libc::geteuid() }
@@ -77,6 +72,7 @@ pub fn open_to_all(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tools::is_root;
 
     /// The thread sees as nobody and the rest of the process stays root: without both, the
     /// cross-surface tests would look as nobody at nothing, or leave other tests unprivileged.

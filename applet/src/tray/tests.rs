@@ -719,7 +719,10 @@ fn workspace_bins() -> std::path::PathBuf {
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .status()
         .expect("cargo build");
-    assert!(st.success(), "building handoff, handoff-block and handoff-vm failed");
+    assert!(
+        st.success(),
+        "building handoff, handoff-block and handoff-vm failed"
+    );
     dir
 }
 
@@ -823,9 +826,19 @@ fn every_surface_says_the_same_in_every_state() {
         assert_eq!(tv.unseen, unseen, "{}: tray verdict", name);
         if unseen {
             let tip = t.snap.tooltip_lines(None).join("\n");
-            assert!(tip.contains("sudo handoff blockers"), "{name}: tray tooltip: {tip}");
-            assert!(!tip.contains("No process uses") && !tip.contains("nothing uses it"), "{name}: {tip}");
-            assert!(t.snap.title(None).ends_with("? unseen"), "{name}: {}", t.snap.title(None));
+            assert!(
+                tip.contains("sudo handoff blockers"),
+                "{name}: tray tooltip: {tip}"
+            );
+            assert!(
+                !tip.contains("No process uses") && !tip.contains("nothing uses it"),
+                "{name}: {tip}"
+            );
+            assert!(
+                t.snap.title(None).ends_with("? unseen"),
+                "{name}: {}",
+                t.snap.title(None)
+            );
         }
         assert_eq!(
             tv.headline,
