@@ -20,8 +20,9 @@ packages=(
   libnotify-bin
   # the other real bars the block is tested under (i3blocks and i3bar above): waybar on a
   # headless sway (grim takes its screenshots; foot stands in for Looking Glass as a
-  # Wayland client), polybar on Xvfb (xdotool clicks it); fonts they all draw with
-  sway waybar grim foot polybar xdotool fonts-dejavu-core
+  # Wayland client; wayvnc gives the headless seat the virtual pointer that clicks waybar:
+  # wlrctl is not in Debian 12), polybar on Xvfb (xdotool clicks it); fonts they all draw with
+  sway waybar grim foot wayvnc polybar xdotool fonts-dejavu-core
   # building i3status-rust (not packaged in Debian 12; see below): D-Bus, lm-sensors,
   # OpenSSL, and cmake + clang for the BoringSSL it vendors
   libdbus-1-dev libsensors-dev libssl-dev cmake clang libclang-dev

@@ -1,5 +1,6 @@
 //! A simulated machine put in each state every surface tells apart (idle, busy, in a VM,
-//! switching, left on vfio-pci, stuck record, split binding, absent, libvirt unreachable):
+//! switching, left on vfio-pci, stuck record, split binding, absent, libvirt unreachable,
+//! and idle as a normal user sees it, who cannot look at every process):
 //! a [`SimHost`] tree, the hook's files, a config beside them, and, for "busy", a process
 //! holding the GPU. The cross-surface tests (the tray's, the details window's) put the
 //! machine in each of these and check that every surface says the same.
@@ -15,8 +16,9 @@ use crate::sim::{IGPU, RTX_3090_TI, SimHost, SimSpec};
 use crate::verdict::HookFiles;
 
 /// Every scene, by name.
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 10] = [
     "idle",
+    "idle, unseen",
     "busy",
     "in a VM",
     "switching",
@@ -37,8 +39,14 @@ pub struct Scene {
     pub sim: SimHost,
     /// The config to point every binary at (`HANDOFF_CONFIG`).
     pub config: PathBuf,
+    /// The user every surface must look as (`nobody`'s uid), when the scene is about what a
+    /// normal user sees: the tree is readable by all then. None: as whoever runs the test.
+    pub as_user: Option<u32>,
     holder: Option<Child>,
 }
+
+/// `nobody`: the user of the "idle, unseen" scene.
+pub const NOBODY: u32 = 65534;
 
 impl Scene {
     /// Builds scene `name` under `dir` (a fresh temp dir).
@@ -57,8 +65,12 @@ impl Scene {
         let (mut vm, mut uri, mut gpu) = ("win11", "test:///default".to_owned(), RTX_3090_TI.to_string());
         let mut files = HookFiles::default();
         let mut holder = None;
+        let mut as_user = None;
         match name {
             "idle" => {}
+            // Idle, as a bar or a tray run by a person sees it: other users' processes
+            // cannot be inspected, so nobody may call the GPU free (issue 17).
+            "idle, unseen" => as_user = Some(NOBODY),
             "busy" => {
                 holder = Some(
                     Command::new("sleep")
@@ -121,10 +133,20 @@ impl Scene {
                 crate::holders::uninspectable_now(std::path::Path::new("/proc")),
             ),
         )?;
+        if as_user.is_some() {
+            let st = Command::new("chmod").args(["-R", "a+rX"]).arg(dir).status()?;
+            if !st.success() {
+                return Err(std::io::Error::other(format!(
+                    "chmod -R a+rX {}: {st}",
+                    dir.display()
+                )));
+            }
+        }
         Ok(Scene {
             name,
             sim,
             config,
+            as_user,
             holder,
         })
     }
@@ -160,6 +182,7 @@ impl Scene {
             name,
             sim,
             config,
+            as_user: None,
             holder: None,
         })
     }

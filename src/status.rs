@@ -321,7 +321,9 @@ impl Status {
             }
             return s;
         }
-        let said_by_facts = matches!(v.state, State::Idle | State::Busy | State::InVm | State::Absent);
+        // An unseen idle GPU (the verdict's rule 10a) leads with why it is not "free".
+        let said_by_facts =
+            matches!(v.state, State::Idle | State::Busy | State::InVm | State::Absent) && !v.unseen;
         if said_by_facts {
             return self.render_text();
         }
@@ -376,6 +378,10 @@ Next: {}
             Owner::Mixed => format!("is split between drivers: {}", g.split.as_deref().unwrap_or("?")),
         };
         let users = match g.blockers.len() {
+            // Only a scan that looked everywhere may say "nothing" (issue 17).
+            0 if g.owner == Owner::Host && (g.uninspected > 0 || !g.notes.is_empty()) => {
+                "; nothing seen using it, but not everything could be checked".to_owned()
+            }
             0 if g.owner == Owner::Host => "; nothing uses it".to_owned(),
             0 => String::new(),
             1 => "; 1 process uses it".to_owned(),

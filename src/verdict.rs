@@ -23,7 +23,13 @@
 //! | 7 | VMs were asked and none answered (libvirt down) | `libvirt_unreachable` | "libvirt unreachable" | grey / `offline` | offline | none | check libvirtd |
 //! | 8 | a VM holds the GPU | `in_vm` | "GPU is in `<VM>`" | blue `#00AAFF` / `vm` | vm | stop, force stop, open Looking Glass, switch | stop the VM to get it back |
 //! | 9 | on the host driver and processes use it | `busy` | "GPU is on Linux (`<driver>`)" | amber `#FFAA00` / `busy` | busy | terminate a process, stop a unit | end them before a VM start |
-//! | 10 | on the host driver (or on vfio-pci where it rests), nothing uses it | `idle` | "GPU is on Linux (`<driver>`)" / "GPU is free on vfio-pci" | green `#00CC00` / `linux` | host | start, switch | a VM can take it |
+//! | 10a | as 10, but the holder scan could not look everywhere (processes it may not inspect: another user's, as a normal user; a note such as `[host] dev` wrong) | `idle` with `unseen: true` | "GPU is on Linux (`<driver>`) · ? unseen", the reason what was not checked | grey `#AAAAAA` / `unseen` | offline | start, switch (the hook, as root, checks again) | "N processes could not be checked: `sudo handoff blockers` sees all" |
+//! | 10 | on the host driver (or on vfio-pci where it rests), nothing uses it, and the scan looked everywhere | `idle` | "GPU is on Linux (`<driver>`)" / "GPU is free on vfio-pci" | green `#00CC00` / `linux` | host | start, switch | a VM can take it |
+//!
+//! Rule 10a is a flag on `idle`, not a state of its own, so that `status --json` keeps its
+//! words (`verdict.state` stays `idle`; `verdict.unseen` is added): a scan that could not
+//! look everywhere (issue 17) must not be called free, but nothing was seen using the GPU
+//! either. As a normal user it is the usual idle: only root sees every process.
 //!
 //! "No VM holds it" (rule 5) and "a VM holds it" (rule 8): with [`Vms::Known`], an active
 //! configured VM (the status model's `gpu.vm`, or any active VM while the GPU is on
@@ -164,6 +170,10 @@ pub struct Verdict {
     pub doing: Option<String>,
     /// What makes sense now.
     pub offers: Vec<Offer>,
+    /// Rule 10a: idle as far as the holder scan saw, but it could not look everywhere, so
+    /// nobody may call the GPU free (the bar's "? unseen"). Only with `idle`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unseen: bool,
 }
 
 /// The GPU part of the inputs: one sysfs reading plus the holder count.
@@ -182,6 +192,11 @@ pub struct GpuFacts<'a> {
     pub vm: Option<&'a str>,
     /// The card rests on vfio-pci between VMs (`host_driver = "vfio-pci"`).
     pub rests_on_vfio: bool,
+    /// Processes whose fds the holder scan could not read (`holders::Scan::uninspected`):
+    /// what they hold is unknown.
+    pub uninspected: usize,
+    /// What else the scan could not check (`holders::Scan::notes`), in words.
+    pub not_checked: &'a [String],
 }
 
 impl<'a> From<&'a GpuStatus> for GpuFacts<'a> {
@@ -195,6 +210,8 @@ impl<'a> From<&'a GpuStatus> for GpuFacts<'a> {
             users: g.blockers.len(),
             vm: g.vm.as_deref(),
             rests_on_vfio: g.rests_on_vfio,
+            uninspected: g.uninspected,
+            not_checked: &g.notes,
         }
     }
 }
@@ -400,6 +417,7 @@ impl Verdict {
             driver: None,
             doing: None,
             offers: Vec::new(),
+            unseen: false,
         }
     }
 
@@ -688,6 +706,38 @@ fn rules(f: &Facts) -> Verdict {
                 on_linux,
                 format!("{who}: a VM start would be refused until they let go."),
             )
+        };
+        return with_vm(v, None);
+    }
+    // 10a. Idle as far as the scan saw, but it could not look everywhere: not "free".
+    if g.uninspected > 0 || !g.not_checked.is_empty() {
+        let processes = match g.uninspected {
+            1 => "1 process".to_owned(),
+            n => format!("{n} processes"),
+        };
+        let mut why: Vec<String> = Vec::new();
+        if g.uninspected > 0 {
+            why.push(format!(
+                "{processes} could not be inspected; what they hold is unknown"
+            ));
+        }
+        why.extend(g.not_checked.iter().cloned());
+        // Not "free on vfio-pci": that is the claim this cannot make.
+        let where_ = if g.rests_on_vfio && g.owner == Owner::Vfio {
+            "GPU is on vfio-pci".to_owned()
+        } else {
+            on_linux
+        };
+        let next = if g.uninspected > 0 {
+            format!("{processes} could not be checked: `sudo handoff blockers` sees all.")
+        } else {
+            "Not everything could be checked: `sudo handoff blockers` says what.".to_owned()
+        };
+        let v = Verdict {
+            reason: Some(why.join("\n")),
+            offers: vec![Offer::Start, Offer::Switch],
+            unseen: true,
+            ..Verdict::new(State::Idle, format!("{where_} · ? unseen"), next)
         };
         return with_vm(v, None);
     }

@@ -25,7 +25,8 @@ pub enum Icon {
     Busy,
     /// A handoff did not finish: `handoff rebind --force` is needed.
     Restore,
-    /// libvirt cannot be asked (or no GPU at the address): VM states unknown.
+    /// libvirt cannot be asked (or no GPU at the address): VM states unknown; or idle as
+    /// far as the holder scan could see, but it could not look everywhere.
     Offline,
 }
 
@@ -40,6 +41,15 @@ impl Icon {
             State::RestoreRequired | State::Unreadable => Icon::Restore,
             State::Absent | State::LibvirtUnreachable => Icon::Offline,
         }
+    }
+
+    /// [`Icon::of`] the verdict's state, except an idle GPU the holder scan could not fully
+    /// inspect (the verdict's `unseen`): grey, "not known", never the host's "free".
+    pub fn of_verdict(v: &handoff::verdict::Verdict) -> Icon {
+        if v.unseen {
+            return Icon::Offline;
+        }
+        Icon::of(v.state)
     }
 
     pub const ALL: [Icon; 6] = [

@@ -107,7 +107,7 @@ impl Snapshot {
 
     /// The icon for this snapshot; `action` is what the tray itself is doing, if anything.
     pub fn icon(&self, action: Option<&str>) -> Icon {
-        Icon::of(self.verdict(action).state)
+        Icon::of_verdict(&self.verdict(action))
     }
 
     /// The tooltip's title (and the menu's first line): the tray's words for the verdict.
@@ -122,6 +122,10 @@ impl Snapshot {
             State::Unreadable => format!("GPU unreadable: {why}"),
             State::RestoreRequired => format!("GPU: restore required ({why})"),
             State::Absent => "GPU not found".into(),
+            // Rule 10a: not everything could be checked, so not "free".
+            State::Idle if v.unseen => {
+                format!("GPU on Linux ({}) · ? unseen", v.driver.as_deref().unwrap_or("?"))
+            }
             State::Idle | State::Busy => format!("GPU on Linux ({})", v.driver.as_deref().unwrap_or("?")),
             State::InVm => match (&v.vm, &v.vm_label) {
                 (Some(name), Some(label)) => format!("GPU in {label} ({name})"),
@@ -151,7 +155,14 @@ impl Snapshot {
             lines.push(format!("libvirt unreachable: {}", first_line(&why)));
         }
         let n = self.holders().len();
+        let v = self.verdict(None);
         lines.push(match n {
+            // Not "no process": the scan could not look everywhere. What was not checked
+            // and how to see everything, as the verdict says it.
+            0 if v.unseen => format!(
+                "No process seen using the GPU, but {}",
+                v.next.trim_end_matches('.')
+            ),
             0 => "No process uses the GPU".into(),
             1 => "1 process uses the GPU".into(),
             n => format!("{n} processes use the GPU"),

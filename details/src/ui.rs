@@ -23,6 +23,7 @@ use crate::view::{Action, Button, Facts, View};
 const CSS: &str = "
 .headline { font-size: 24pt; font-weight: bold; }
 .owner-host { color: #26a269; }
+.owner-unseen { color: #888888; }
 .owner-vm { color: #1c71d8; }
 .owner-warn { color: #c64600; }
 .owner-restore { color: #c01c28; }
@@ -302,6 +303,8 @@ impl Details {
         headline.add_css_class("headline");
         // The window's colour per verdict state (the rules are the library's).
         headline.add_css_class(match v.verdict.state {
+            // Not the green of "free" when the holder scan could not look everywhere.
+            State::Idle if v.verdict.unseen => "owner-unseen",
             State::Idle => "owner-host",
             State::Busy | State::Switching | State::LibvirtUnreachable => "owner-warn",
             State::InVm => "owner-vm",

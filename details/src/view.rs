@@ -906,11 +906,13 @@ mod every_surface {
     fn the_window_says_what_status_says_in_every_state() {
         let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
         let st = Command::new(env!("CARGO"))
+            // `handoff status` asks libvirt through handoff-vm.
             .args(["build", "-q", "-p", "handoff", "--bin", "handoff"])
+            .args(["-p", "handoff-libvirt", "--bin", "handoff-vm"])
             .current_dir(root)
             .status()
             .expect("cargo build");
-        assert!(st.success(), "building handoff failed");
+        assert!(st.success(), "building handoff and handoff-vm failed");
         let bin = std::env::current_exe()
             .unwrap()
             .parent()
@@ -921,7 +923,13 @@ mod every_surface {
         for name in handoff::scenes::ALL {
             let tmp = tempfile::tempdir().unwrap();
             let scene = handoff::scenes::Scene::put(tmp.path(), name).unwrap();
-            let out = Command::new(&bin)
+            // A scene about a normal user's view is looked at as that user, by both.
+            let user = scene.as_user;
+            let mut cmd = match user {
+                Some(uid) => handoff_test_support::unprivileged::command(uid, &bin),
+                None => Command::new(&bin),
+            };
+            let out = cmd
                 .args(["status", "--json"])
                 .env("HANDOFF_CONFIG", &scene.config)
                 .env("HOME", tmp.path())
@@ -935,8 +943,19 @@ mod every_surface {
                 .unwrap()
                 .0;
             let mut p = Prober::new();
+            let vms: Vec<_> = cfg.vms.iter().map(|vm| p.probe(vm)).collect();
+            let collect = || {
+                handoff::status::collect(&cfg, &mut |vm| {
+                    vms.iter().find(|v| v.name == vm.name).unwrap().clone()
+                })
+                .unwrap()
+            };
+            let status = match user {
+                Some(uid) => handoff_test_support::unprivileged::on_thread_as(uid, collect),
+                None => collect(),
+            };
             let facts = Facts {
-                status: handoff::status::collect(&cfg, &mut |vm| p.probe(vm)).unwrap(),
+                status,
                 files: HookFiles::load(&cfg.host, cfg.gpu.address),
                 uid: 1000,
                 now: 0,
@@ -944,6 +963,15 @@ mod every_surface {
             let v = View::build(&facts, None);
             assert_eq!(v.verdict.state.word(), want["state"], "{name}");
             assert_eq!(v.headline, want["headline"], "{name}");
+            assert_eq!(v.verdict.unseen, want["unseen"] == true, "{name}");
+            assert_eq!(v.verdict.unseen, name == "idle, unseen", "{name}");
+            if v.verdict.unseen {
+                assert!(
+                    v.subline.contains("sudo handoff blockers"),
+                    "{name}: {}",
+                    v.subline
+                );
+            }
             assert_eq!(v.owner, owner_word(v.verdict.state), "{name}");
             let offers_return = v.actions.iter().any(|b| b.action == Action::ReturnToLinux);
             assert_eq!(

@@ -35,10 +35,10 @@ pub struct Look {
     pub i3status: &'static str,
 }
 
-/// How a view looks: its state's, except an idle GPU the scan could not fully inspect,
-/// which must not wear the green of "free" (see [`View::unseen`]).
+/// How a view looks: its state's, except an idle GPU the scan could not fully inspect
+/// (the verdict's `unseen`), which must not wear the green of "free".
 pub fn look_of(v: &View) -> Look {
-    if v.unseen {
+    if v.verdict.unseen {
         return Look {
             class: "unseen",
             colour: "#AAAAAA",
@@ -80,10 +80,6 @@ pub struct View {
     pub holders: Vec<String>,
     /// Their pids, for `--watch` to hear when one exits.
     pub holder_pids: Vec<u32>,
-    /// Nothing was seen holding the GPU, but the scan could not look everywhere
-    /// (`holders::Verdict::Unchecked`: other users' processes, as a normal user). The
-    /// block then says "? unseen" instead of claiming the GPU is free.
-    pub unseen: bool,
 }
 
 /// Whether the block asked a Proxmox VE node about the GPU: it is not in this machine.
@@ -96,6 +92,9 @@ impl View {
     pub fn of(v: Verdict) -> View {
         let (text, short) = match v.state {
             State::Idle if on_pve_node(&v) => ("GPU: free on PVE".to_owned(), "F".to_owned()),
+            // The verdict's rule 10a: nothing seen using it, but the scan could not look
+            // everywhere, so not "free".
+            State::Idle if v.unseen => ("GPU: Linux · ? unseen".to_owned(), "L·?".to_owned()),
             State::Idle => ("GPU: Linux".to_owned(), "L".to_owned()),
             State::Busy => (format!("GPU: Linux · {} busy", v.users), format!("L·{}", v.users)),
             State::InVm => {
@@ -126,7 +125,6 @@ impl View {
             detail,
             holders: Vec::new(),
             holder_pids: Vec::new(),
-            unseen: false,
         }
     }
 
@@ -235,6 +233,8 @@ fn read_with(cfg: &Config, state: HookFiles, pve: &mut crate::pve::Pve) -> View 
             users: lines.len(),
             vm: None,
             rests_on_vfio: cfg.gpu.host_driver == "vfio-pci",
+            uninspected: scan.as_ref().map_or(0, |s| s.uninspected),
+            not_checked: scan.as_ref().map_or(&[], |s| &s.notes),
         }),
         files: &files,
         vms: match &remote {
@@ -249,7 +249,9 @@ fn read_with(cfg: &Config, state: HookFiles, pve: &mut crate::pve::Pve) -> View 
         v.detail = format!("{}\n{}", v.detail, lines.join("\n"));
     }
     if let Some(s) = &scan {
-        if s.uninspected > 0 {
+        // Said already when the verdict is unseen (its reason); otherwise (busy) it
+        // qualifies the count.
+        if s.uninspected > 0 && !v.verdict.unseen {
             v.detail = format!(
                 "{}\n{}",
                 v.detail,
@@ -257,19 +259,6 @@ fn read_with(cfg: &Config, state: HookFiles, pve: &mut crate::pve::Pve) -> View 
             );
         }
         v.holder_pids = s.holders.iter().map(|h| h.pid).collect();
-        // "Free" is a claim only a scan that saw every process may make; the hook, as
-        // root, decides for real at the next start.
-        if v.verdict.state == State::Idle && matches!(s.verdict(), holders::Verdict::Unchecked { .. }) {
-            v.unseen = true;
-            v.text = "GPU: Linux · ? unseen".into();
-            v.short = "L·?".into();
-            // Not the verdict's "a VM can take it": that is the claim this cannot make.
-            v.detail = format!(
-                "{}\nNothing this user can see uses it, but {}\nTo see every process: sudo handoff blockers",
-                v.verdict.line(),
-                handoff::status::uninspected_line(s.uninspected)
-            );
-        }
     }
     v.holders = lines;
     v

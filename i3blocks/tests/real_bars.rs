@@ -111,12 +111,12 @@ fn wait_for_colour(what: &str, png: &Path, colour: &str, min: u64, mut shoot: im
 /// waybar 0.9.17 on sway 1.7 (headless), started the way the doc says (`exec waybar` in the
 /// sway config), its module and CSS from the doc. It runs as sway's user, not root, so
 /// the block sees only that user's processes: the idle GPU is "? unseen", a holder of that
-/// user's is "busy". Clicks: a headless sway has no pointer to click with, so this test
-/// checks what waybar shows; the click commands are the same `--click` runs that the
-/// polybar and i3status-rust tests click for real.
+/// user's is "busy" once a left click on the block refreshes it (nothing announces a process
+/// opening the GPU). The click is a real one: wayvnc gives the headless seat a virtual
+/// pointer and sway's `seat - cursor` moves and presses it ([`Sway::pointer`]).
 #[test]
-fn waybar_on_sway_shows_each_state_in_its_class_colour() {
-    if !have_all(&["waybar", "sway", "grim", "convert"]) {
+fn waybar_on_sway_shows_each_state_in_its_class_colour_and_a_left_click_refreshes() {
+    if !have_all(&["waybar", "sway", "grim", "convert", "wayvnc"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -139,6 +139,9 @@ fn waybar_on_sway_shows_each_state_in_its_class_colour() {
         format!("* {{ font-family: DejaVu Sans; font-size: 14px; }}\nwindow#waybar {{ background: #222222; color: #dddddd; }}\n{css}"),
     )
     .unwrap();
+    // The GPU node, opened before the block starts: handed to a job later, it makes the GPU
+    // busy with no open for the block to hear (inotify), so only a click shows it.
+    let opened = fs::File::open(sim.dev().join("nvidia0")).unwrap();
     sway::open_up(dir);
     Command::new("chmod")
         .args(["-R", "a+rwX"])
@@ -188,25 +191,37 @@ fn waybar_on_sway_shows_each_state_in_its_class_colour() {
     assert!(sway.log().contains("waybar") || !sway.log().is_empty());
 
     // A process of the same user holds the GPU: busy.
-    let node = sim.dev().join("nvidia0");
-    Command::new("chmod").arg("a+rw").arg(&node).status().unwrap();
+    // (A copy of the descriptor, not an open: the test keeps its own, so no close is heard
+    // either.)
     let job = Group::spawn(
         sway::as_user()
             .args(["sleep", "600"])
-            .stdin(fs::File::open(&node).unwrap())
+            .stdin(opened.try_clone().unwrap())
             .stdout(Stdio::null()),
     );
-    // Nothing announces a process opening the GPU: the hook state's change makes the block
-    // look again (a click would too).
-    hook_state(&sim, HookPhase::Host);
+    // Nothing announces a process that got the GPU without opening it: still unseen…
+    std::thread::sleep(Duration::from_millis(300));
+    let png = dir.join("still.png");
+    shoot(&png);
+    assert_eq!(
+        pixels_of(&colours(&png), &css_colour("busy")),
+        0,
+        "busy before any click?"
+    );
+    // …until a left click on the block (the right end of the bar, where the module sits).
+    let Some(pointer) = sway.pointer() else {
+        return;
+    };
+    pointer.click(620, 13, 1);
     wait_for_colour(
-        "busy",
+        "busy after a click",
         &out.join("waybar-busy.png"),
         &css_colour("busy"),
         20,
         shoot,
     );
     drop(job);
+    drop(opened);
 
     to_vfio(&sim);
     wait_for_colour(

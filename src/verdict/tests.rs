@@ -37,6 +37,8 @@ struct M {
     seen: Option<Duration>,
     unreadable: bool,
     rests_on_vfio: bool,
+    uninspected: usize,
+    not_checked: Vec<String>,
 }
 
 fn m(owner: Owner, vms: Vec<VmStatus>) -> M {
@@ -50,6 +52,8 @@ fn m(owner: Owner, vms: Vec<VmStatus>) -> M {
         seen: None,
         unreadable: false,
         rests_on_vfio: false,
+        uninspected: 0,
+        not_checked: Vec::new(),
     }
 }
 
@@ -77,6 +81,16 @@ impl M {
     }
     fn rests_on_vfio(mut self) -> M {
         self.rests_on_vfio = true;
+        self
+    }
+    /// The holder scan could not read `n` processes' fds (another user's, as a user).
+    fn uninspected(mut self, n: usize) -> M {
+        self.uninspected = n;
+        self
+    }
+    /// The holder scan says something else was not checked.
+    fn not_checked(mut self, note: &str) -> M {
+        self.not_checked.push(note.to_owned());
         self
     }
     fn seen(mut self, d: Duration) -> M {
@@ -111,6 +125,8 @@ impl M {
                     users: self.users,
                     vm: holding.as_deref(),
                     rests_on_vfio: self.rests_on_vfio,
+                    uninspected: self.uninspected,
+                    not_checked: &self.not_checked,
                 })
             },
             files: &self.files,
@@ -479,6 +495,51 @@ fn every_machine_the_surfaces_tell_apart_has_one_verdict() {
             "Restore required",
             Some("no driver"),
         ),
+        // Idle, but the holder scan could not look everywhere (issue 17): never "free".
+        (
+            "a_scan_that_could_not_inspect_every_process_is_idle_but_unseen",
+            on_host().uninspected(93),
+            Idle,
+            "GPU is on Linux (nvidia) · ? unseen",
+            Some("93 processes could not be inspected"),
+        ),
+        (
+            "bar_unseen",
+            on_host().uninspected(1).not_asked(),
+            Idle,
+            "GPU is on Linux (nvidia) · ? unseen",
+            Some("1 process could not be inspected"),
+        ),
+        (
+            "a_note_of_the_scan_is_unseen_too",
+            on_host().not_checked("no device nodes of GPU 0000:01:00.0 were found under /dev"),
+            Idle,
+            "GPU is on Linux (nvidia) · ? unseen",
+            Some("no device nodes"),
+        ),
+        (
+            "a_card_resting_on_vfio_unseen_is_not_called_free",
+            m(Owner::Vfio, vec![vm(WIN, VmState::Shutoff)])
+                .rests_on_vfio()
+                .uninspected(2),
+            Idle,
+            "GPU is on vfio-pci · ? unseen",
+            Some("2 processes"),
+        ),
+        (
+            "what_is_seen_using_it_beats_unseen",
+            on_host().users(1).uninspected(93),
+            Busy,
+            "GPU is on Linux (nvidia)",
+            None,
+        ),
+        (
+            "unseen_processes_do_not_matter_while_a_vm_has_it",
+            in_windows().uninspected(93),
+            InVm,
+            "GPU is in Windows",
+            None,
+        ),
         (
             "bar_never_says_libvirt_unreachable",
             m(Owner::Host, vec![]).not_asked(),
@@ -491,10 +552,12 @@ fn every_machine_the_surfaces_tell_apart_has_one_verdict() {
     for (name, machine, state, headline, reason) in cases {
         let v = machine.decide();
         let reason_ok = reason.is_none_or(|r| v.reason.as_deref().is_some_and(|got| got.contains(r)));
-        if v.state != state || v.headline != headline || !reason_ok {
+        // `unseen` goes with an unseen headline and nothing else.
+        let unseen_ok = v.unseen == headline.ends_with("? unseen");
+        if v.state != state || v.headline != headline || !reason_ok || !unseen_ok {
             failures.push(format!(
-                "{name}: want {state:?} {headline:?} ({reason:?}), got {:?} {:?} ({:?})",
-                v.state, v.headline, v.reason
+                "{name}: want {state:?} {headline:?} ({reason:?}), got {:?} {:?} ({:?}) unseen {}",
+                v.state, v.headline, v.reason, v.unseen
             ));
         }
     }
@@ -511,6 +574,31 @@ fn restore_required_offers_only_the_return_and_says_how() {
         v.line(),
         "Restore required: the GPU is on vfio-pci and no VM is running"
     );
+}
+
+/// `status --json` keeps `state: "idle"` for scripts and adds `unseen`; the next step
+/// says how to see everything, and nothing claims the GPU is free.
+#[test]
+fn an_unseen_idle_gpu_says_how_to_see_everything_and_serialises_as_idle_plus_unseen() {
+    let v = m(Owner::Host, vec![vm(WIN, VmState::Shutoff)])
+        .uninspected(93)
+        .decide();
+    assert_eq!(
+        v.next,
+        "93 processes could not be checked: `sudo handoff blockers` sees all."
+    );
+    assert_eq!(v.offers, [Offer::Start, Offer::Switch]);
+    assert!(
+        !v.line().contains("free") && !v.next.contains("can take it"),
+        "{v:?}"
+    );
+    let j = serde_json::to_value(&v).unwrap();
+    assert_eq!(j["state"], "idle");
+    assert_eq!(j["unseen"], true);
+    let seen = serde_json::to_value(m(Owner::Host, vec![]).decide()).unwrap();
+    assert!(seen.get("unseen").is_none(), "{seen}");
+    let notes = m(Owner::Host, vec![]).not_checked("x").decide();
+    assert!(notes.next.contains("sudo handoff blockers"), "{}", notes.next);
 }
 
 #[test]
@@ -572,6 +660,8 @@ fn is_orphaned_is_only_rule_5() {
                 users: 0,
                 vm: None,
                 rests_on_vfio: false,
+                uninspected: 0,
+                not_checked: &[],
             }),
             files: &machine.files,
             vms: Vms::Known(&vms),

@@ -9,7 +9,8 @@
 //! node under a chosen name ([`named_holder`]) or open and close one on command
 //! ([`opener`]), headless sway as another user ([`sway`]), screenshots and their colours
 //! ([`screenshot`]), system directories moved aside ([`backup`]), the workspace's other
-//! binaries ([`bins`]) and configs for simulated machines ([`config`]), and fakepve, the
+//! binaries ([`bins`]) and configs for simulated machines ([`config`]), looking at the machine
+//! as a normal user from a root test ([`unprivileged`]), and fakepve, the
 //! Proxmox VE API the `proxmox` crate is tested against ([`fakepve`]).
 //!
 //! Rules every helper keeps: a missing component fails the test under `CI=true` and skips
@@ -46,5 +47,6 @@ pub mod systemd_user;
 pub mod tools;
 #[cfg(feature = "dbus")]
 pub mod tray;
+pub mod unprivileged;
 pub mod wait;
 pub mod xvfb;

@@ -184,4 +184,86 @@ impl Sway {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("sway.log")).unwrap_or_default()
     }
+
+    /// A pointer for this sway, so that clients can be clicked ([`Pointer::click`]).
+    ///
+    /// A headless sway has no input device, so its seat has no pointer capability and no
+    /// client binds a `wl_pointer`: sway's `seat - cursor` commands then succeed and reach
+    /// nobody. wayvnc (a VNC server for wlroots compositors, packaged in Debian 12, unlike
+    /// `wlrctl`) creates a virtual pointer through the `wlr-virtual-pointer` protocol when
+    /// it starts; with that device in the seat, `seat - cursor set/press/release` click
+    /// for real. wayvnc listens on a Unix socket in the test dir (no TCP port) and runs as
+    /// sway's user; it is killed when the [`Pointer`] drops. None when wayvnc is missing
+    /// outside CI.
+    pub fn pointer(&self) -> Option<Pointer<'_>> {
+        if !have_all(&["wayvnc"]) {
+            return None;
+        }
+        let conf = self.dir.join("wayvnc.conf");
+        std::fs::write(&conf, "").unwrap();
+        Command::new("chmod").arg("a+r").arg(&conf).status().unwrap();
+        let log = self.dir.join("wayvnc.log");
+        let group = Group::spawn(
+            as_user()
+                .arg("wayvnc")
+                .arg("-C")
+                .arg(&conf)
+                .arg("-u")
+                .arg(self.runtime.join("wayvnc.sock"))
+                .envs(self.env())
+                .env("HOME", &self.dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap()),
+        );
+        let has_pointer = || {
+            let out = self.msg(&["-t", "get_seats"]);
+            let seats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            seats.as_array().into_iter().flatten().any(|s| {
+                s["devices"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|d| d["type"] == "pointer")
+            })
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), has_pointer),
+            "wayvnc gave sway no pointer:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Some(Pointer {
+            sway: self,
+            _wayvnc: group,
+        })
+    }
+}
+
+/// A pointer in a headless sway's seat (see [`Sway::pointer`]).
+pub struct Pointer<'a> {
+    sway: &'a Sway,
+    _wayvnc: Group,
+}
+
+impl Pointer<'_> {
+    /// Moves the pointer to `x`,`y` (layout pixels) and clicks `button` (1 left, 2 middle,
+    /// 3 right) there, as a person's mouse would.
+    pub fn click(&self, x: u32, y: u32, button: u8) {
+        let button = format!("button{button}");
+        let pos = [x.to_string(), y.to_string()];
+        for args in [
+            vec!["seat", "-", "cursor", "set", &pos[0], &pos[1]],
+            vec!["seat", "-", "cursor", "press", &button],
+            vec!["seat", "-", "cursor", "release", &button],
+        ] {
+            let out = self.sway.msg(&args);
+            assert!(
+                out.status.success(),
+                "swaymsg {args:?}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            // The client sees enter, press and release as separate events, as from a mouse.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

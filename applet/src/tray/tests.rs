@@ -710,11 +710,19 @@ fn workspace_bins() -> std::path::PathBuf {
             "handoff-block",
             "--bin",
             "handoff-block",
+            // `handoff status` asks libvirt through it.
+            "-p",
+            "handoff-libvirt",
+            "--bin",
+            "handoff-vm",
         ])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .status()
         .expect("cargo build");
-    assert!(st.success(), "building handoff and handoff-block failed");
+    assert!(
+        st.success(),
+        "building handoff, handoff-block and handoff-vm failed"
+    );
     dir
 }
 
@@ -724,6 +732,8 @@ fn workspace_bins() -> std::path::PathBuf {
 fn scene_wants(name: &str) -> (&'static str, &'static str, &'static str, &'static str) {
     match name {
         "idle" => ("idle", "handoff-host", "GPU: Linux", "linux"),
+        // As a normal user sees it: idle, but not called free anywhere (issue 17).
+        "idle, unseen" => ("idle", "handoff-offline", "GPU: Linux · ? unseen", "unseen"),
         "busy" => ("busy", "handoff-busy", "GPU: Linux · 1 busy", "busy"),
         "in a VM" => ("in_vm", "handoff-vm", "GPU: Windows", "vm"),
         "switching" => ("switching", "handoff-switching", "GPU: switching…", "switching"),
@@ -744,13 +754,22 @@ fn every_surface_says_the_same_in_every_state() {
         let tmp = tempfile::tempdir().unwrap();
         let scene = handoff::scenes::Scene::put(tmp.path(), name).unwrap();
         let config = scene.config.clone();
+        // A scene about a normal user's view is looked at as that user, by every surface.
+        let user = scene.as_user;
         let run = |bin: &str, args: &[&str]| {
-            let out = Command::new(bins.join(bin))
+            let mut cmd = match user {
+                Some(uid) => handoff_test_support::unprivileged::command(uid, &bins.join(bin)),
+                None => Command::new(bins.join(bin)),
+            };
+            let out = cmd
                 .args(args)
                 .env("HANDOFF_CONFIG", &config)
                 .env("HOME", tmp.path())
                 .output()
                 .unwrap();
+            if out.stdout.is_empty() {
+                eprintln!("{name}: {bin} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
             String::from_utf8(out.stdout).unwrap()
         };
         let (state, icon, text, class) = scene_wants(name);
@@ -760,9 +779,16 @@ fn every_surface_says_the_same_in_every_state() {
             .unwrap_or_else(|e| panic!("{}: status --json: {e}", name));
         let v = &status["verdict"];
         assert_eq!(v["state"], state, "{}: status: {v:#}", name);
-        // Its text leads with the verdict whenever a person must act or wait.
+        let unseen = class == "unseen";
+        assert_eq!(v["unseen"] == true, unseen, "{}: status: {v:#}", name);
+        // Its text leads with the verdict whenever a person must act or wait, or when it
+        // could not look everywhere.
         let text_out = run("handoff", &["status"]);
-        if ["restore_required", "switching", "libvirt_unreachable"].contains(&state) {
+        if unseen {
+            assert!(text_out.contains("sudo handoff blockers"), "{name}: {text_out}");
+            assert!(!text_out.contains("nothing uses it"), "{name}: {text_out}");
+        }
+        if unseen || ["restore_required", "switching", "libvirt_unreachable"].contains(&state) {
             assert!(
                 text_out.starts_with(v["headline"].as_str().unwrap()),
                 "{}: {text_out}",
@@ -774,9 +800,18 @@ fn every_surface_says_the_same_in_every_state() {
         let cfg = handoff::config::Config::load_from(Some(config.clone()), None)
             .unwrap()
             .0;
-        let read = || {
+        // libvirt asked as the test's user (its test driver is in-process), the machine
+        // read as the scene's.
+        let vms: Vec<_> = {
             let mut p = Prober::new();
-            crate::collect(&cfg, &mut || cfg.vms.iter().map(|v| p.probe(v)).collect())
+            cfg.vms.iter().map(|v| p.probe(v)).collect()
+        };
+        let read = || {
+            let collect = || crate::collect(&cfg, &mut || vms.clone());
+            match user {
+                Some(uid) => handoff_test_support::unprivileged::on_thread_as(uid, collect),
+                None => collect(),
+            }
         };
         let t0 = std::time::Instant::now();
         let mut watch = crate::model::OrphanWatch::default();
@@ -788,6 +823,23 @@ fn every_surface_says_the_same_in_every_state() {
         assert_eq!(t.icon().name(), icon, "{}: tray", name);
         let tv = t.snap.verdict(None);
         assert_eq!(tv.state.word(), state, "{}: tray verdict", name);
+        assert_eq!(tv.unseen, unseen, "{}: tray verdict", name);
+        if unseen {
+            let tip = t.snap.tooltip_lines(None).join("\n");
+            assert!(
+                tip.contains("sudo handoff blockers"),
+                "{name}: tray tooltip: {tip}"
+            );
+            assert!(
+                !tip.contains("No process uses") && !tip.contains("nothing uses it"),
+                "{name}: {tip}"
+            );
+            assert!(
+                t.snap.title(None).ends_with("? unseen"),
+                "{name}: {}",
+                t.snap.title(None)
+            );
+        }
         assert_eq!(
             tv.headline,
             v["headline"].as_str().unwrap(),
