@@ -172,10 +172,12 @@ impl Scene {
                  [[gpu]]\naddress = \"{RTX_3090_TI}\"\nlabel = \"RTX\"\nhost_driver = \"nvidia\"\nprimary = true\n\n\
                  [[vm]]\nname = \"test\"\nlabel = \"macOS\"\nuri = \"test:///default\"\n\n\
                  [[vm]]\nname = \"win11\"\nlabel = \"Windows\"\nuri = \"test:///default\"\n\n\
-                 [host]\nsysfs = {:?}\ndev = {:?}\nrun = {:?}\n",
+                 [host]\nsysfs = {:?}\ndev = {:?}\nrun = {:?}\nuninspectable_ok = {:?}\n",
                 sim.sysfs(),
                 sim.dev(),
-                sim.run()
+                sim.run(),
+                // As in `put`: what this machine's root cannot inspect now.
+                crate::holders::uninspectable_now(std::path::Path::new("/proc")),
             ),
         )?;
         Ok(Scene {

@@ -238,7 +238,9 @@ fn cli_exits_1_with_fixes_and_json_for_a_missing_shm() {
     std::fs::write(
         &conf,
         format!(
-            "[looking_glass]\nshm = \"{}\"\ncommand = \"/nonexistent/looking-glass-client\"\n",
+            // The VM is named: a config without [[vm]] has none (issue 17).
+            "[[vm]]\nname = \"win11\"\nlabel = \"Windows\"\n\n\
+             [looking_glass]\nshm = \"{}\"\ncommand = \"/nonexistent/looking-glass-client\"\n",
             h.shm().display()
         ),
     )

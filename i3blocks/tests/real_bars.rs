@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookPhase, HookState};
 use handoff_test_support::block::{Notifications, write_config};
-use handoff_test_support::process::{Group, Stragglers, alive, comm, descendants, holder};
+use handoff_test_support::process::{Group, Stragglers, alive, comm, descendants, holder, holder_unheard};
 use handoff_test_support::screenshot::{self, colours, crop, out_dir, pixels_of};
 use handoff_test_support::sway::{self, Sway};
 use handoff_test_support::tools::{have_all, required};
@@ -309,8 +309,9 @@ fn polybar_on_xvfb_shows_each_state_and_a_left_click_refreshes_and_notifies() {
     let h = wait_for_colour("linux", &out.join("polybar-linux.png"), "#00CC00", 20, shoot);
     assert!(pixels_of(&h, "#00CC00") > 0, "{}", log());
 
-    // A job opens the GPU: no event says so, the bar still shows Linux…
-    let _job = holder(&sim.dev().join("nvidia0"));
+    // A job gets the GPU without an open the block hears (O_PATH): the bar still shows
+    // Linux…
+    let _job = holder_unheard(&sim.dev().join("nvidia0"));
     std::thread::sleep(Duration::from_millis(300));
     let png = dir.join("still.png");
     shoot(&png);
@@ -501,8 +502,10 @@ fn i3status_rust_shows_clean_text_in_distinct_colours_and_its_clicks_act() {
     assert_eq!(short, ["L"], "the short text alone, no icon word: {:?}", bar.last);
     let linux = look(&b);
 
+    // The block hears the job's open (inotify); the click's own effect is its notification
+    // (the polybar test shows a click refreshing a job no event announced).
     let _job = holder(&sim.dev().join("nvidia0"));
-    // A left click refreshes the block (nothing announces the job) and notifies.
+    // A left click refreshes the block and notifies.
     bar.click(&b, 1);
     let busy = bar.wait_for("1 busy");
     n.wait_for(&["GPU: Linux · 1 busy"], T);

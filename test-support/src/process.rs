@@ -69,6 +69,23 @@ pub fn holder(node: &Path) -> Group {
     )
 }
 
+/// [`holder`] that no inotify watch hears: `sleep 600` whose stdin is an `O_PATH`
+/// descriptor of `node` (an `O_PATH` open raises no `IN_OPEN`, yet the descriptor shows in
+/// `/proc/<pid>/fd` like any other). For a surface that should see the job only when it
+/// looks again, as after a click. python3 does the open, then becomes `sleep`.
+pub fn holder_unheard(node: &Path) -> Group {
+    const OPEN_THEN_SLEEP: &str = "import os, sys\n\
+fd = os.open(sys.argv[1], os.O_PATH)\n\
+os.dup2(fd, 0)\n\
+os.execvp('sleep', ['sleep', '600'])\n";
+    Group::spawn(
+        Command::new("python3")
+            .args(["-c", OPEN_THEN_SLEEP])
+            .arg(node)
+            .stdout(Stdio::null()),
+    )
+}
+
 /// Kills, on drop, every process whose environment carries `HANDOFF_TEST_MARK=<mark>`:
 /// the detached jobs a click starts (`setsid`, so outside any group of the test) and
 /// whatever they run. Give the mark to what the test starts; children inherit it.
