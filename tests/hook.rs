@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff_kernelsim::{Errno, FaultRule, FileKind, Release};
+use handoff_test_support::hook_run::{self, Run, finish};
 use handoff_test_support::named_holder;
 use handoff_test_support::simgpu;
 use simgpu::{AUDIO, GPU, Sim, addr, hold, workstation};
@@ -64,12 +65,6 @@ impl Machine {
     }
 }
 
-/// What one hook run returned.
-struct Run {
-    code: i32,
-    stderr: String,
-}
-
 impl Machine {
     /// `handoff hook <domain> <op> <sub> -` with `xml` on stdin.
     fn hook(&self, domain: &str, op: &str, sub: &str, xml: &str) -> Run {
@@ -78,14 +73,7 @@ impl Machine {
 
     /// [`Machine::hook`] with whatever bytes libvirt (or something else) writes to stdin.
     fn hook_bytes(&self, domain: &str, op: &str, sub: &str, xml: &[u8]) -> Run {
-        let args: Vec<String> = [domain, op, sub, "-"].map(String::from).to_vec();
-        let mut stdin = xml;
-        let mut stderr = Vec::new();
-        let code = handoff::hook::run(&args, &mut stdin, &self.config, &mut stderr);
-        Run {
-            code,
-            stderr: String::from_utf8(stderr).unwrap(),
-        }
+        hook_run::in_process(&self.config, domain, op, sub, xml)
     }
 
     fn state_path(&self) -> PathBuf {
@@ -539,27 +527,7 @@ fn a_watchdog_of_u64_max_is_a_config_error_and_nothing_is_written() {
 /// `handoff hook --system-config CONFIG <domain> <op> <sub> -` as libvirtd runs it, with
 /// `xml` on stdin, started (not waited for).
 fn spawn_hook(config: &Path, domain: &str, op: &str, sub: &str, xml: &str) -> std::process::Child {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff"))
-        .args(["hook", "--system-config"])
-        .arg(config)
-        .args([domain, op, sub, "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(xml.as_bytes()).unwrap();
-    child
-}
-
-fn finish(child: std::process::Child) -> Run {
-    let out = child.wait_with_output().unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    hook_run::spawn(env!("CARGO_BIN_EXE_handoff"), config, domain, op, sub, xml)
 }
 
 #[test]

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 
 use handoff::bind::record::RestoreRecord;
 use handoff_kernelsim::{Errno, FaultRule, FileKind};
+use handoff_test_support::hook_run::{self, Run, finish};
 use handoff_test_support::named_holder;
 use handoff_test_support::simgpu::{self, GPU, Sim, addr};
 
@@ -72,22 +73,10 @@ fn machine(igpu_extra: &str) -> Option<Machine> {
     Some(Machine { sim, config })
 }
 
-struct Run {
-    code: i32,
-    stderr: String,
-}
-
 impl Machine {
     fn hook(&self, domain: &str, op: &str, xml: &str) -> Run {
         let sub = if op == "prepare" { "begin" } else { "end" };
-        let args: Vec<String> = [domain, op, sub, "-"].map(String::from).to_vec();
-        let mut stdin = xml.as_bytes();
-        let mut stderr = Vec::new();
-        let code = handoff::hook::run(&args, &mut stdin, &self.config, &mut stderr);
-        Run {
-            code,
-            stderr: String::from_utf8(stderr).unwrap(),
-        }
+        hook_run::in_process(&self.config, domain, op, sub, xml.as_bytes())
     }
 
     fn record(&self, gpu: &str) -> Option<RestoreRecord> {
@@ -388,31 +377,10 @@ fn a_card_that_stays_on_vfio_pci_goes_to_one_vm_at_a_time_and_is_never_rebound()
     on_vfio(&m);
 }
 
-/// `handoff hook --system-config CONFIG <domain> <op> <sub> -` as libvirtd runs it, with
-/// `xml` on stdin, started (not waited for).
+/// The hook as libvirtd runs it, started (not waited for).
 fn spawn_hook(config: &std::path::Path, domain: &str, op: &str, xml: &str) -> std::process::Child {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
     let sub = if op == "prepare" { "begin" } else { "end" };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff"))
-        .args(["hook", "--system-config"])
-        .arg(config)
-        .args([domain, op, sub, "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(xml.as_bytes()).unwrap();
-    child
-}
-
-fn finish(child: std::process::Child) -> Run {
-    let out = child.wait_with_output().unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    hook_run::spawn(env!("CARGO_BIN_EXE_handoff"), config, domain, op, sub, xml)
 }
 
 #[test]

@@ -31,6 +31,7 @@ pub mod block;
 pub mod config;
 pub mod desktop;
 pub mod fakepve;
+pub mod hook_run;
 pub mod libvirt;
 pub mod named_holder;
 pub mod opener;
