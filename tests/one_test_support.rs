@@ -4,35 +4,23 @@
 //! `allow(dead_code)` that hides which binary uses which helper, is how the copies crept
 //! in before; this test fails when either comes back.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use handoff_test_support::source::rust_files;
+use handoff_test_support::source::{offences, rust_files};
 
 /// What no test source may contain.
 const FORBIDDEN: [&str; 2] = [concat!("#[", "path"), concat!("allow(", "dead_code)")];
 
 /// Where test code lives: every test crate's `tests/` and the support crate itself.
-const TEST_DIRS: [&str; 5] = [
+const TEST_DIRS: [&str; 7] = [
     "tests",
     "applet/tests",
     "i3blocks/tests",
     "details/tests",
+    "inhibit/tests",
+    "proxmox/tests",
     "test-support/src",
 ];
-
-/// Every line of `sources` containing a forbidden word, as `file:line: text`.
-fn offences(sources: &[PathBuf]) -> Vec<String> {
-    let mut found = Vec::new();
-    for file in sources {
-        let text = std::fs::read_to_string(file).unwrap();
-        for (n, line) in text.lines().enumerate() {
-            if let Some(word) = FORBIDDEN.iter().find(|w| line.contains(*w)) {
-                found.push(format!("{}:{}: {word}: {}", file.display(), n + 1, line.trim()));
-            }
-        }
-    }
-    found
-}
 
 #[test]
 fn no_test_includes_a_helper_by_path_or_allows_dead_code() {
@@ -56,7 +44,7 @@ fn no_test_includes_a_helper_by_path_or_allows_dead_code() {
     ] {
         assert!(sources.contains(&root.join(must)), "{must} not found");
     }
-    let found = offences(&sources);
+    let found = offences(&sources, &FORBIDDEN);
     assert!(
         found.is_empty(),
         "shared test helpers belong in test-support/ (a `pub`, documented item of \

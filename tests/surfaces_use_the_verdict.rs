@@ -4,9 +4,9 @@
 //! the restore record by itself, nor name their types: a surface that did would be
 //! deciding the state its own way again.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use handoff_test_support::source::rust_files;
+use handoff_test_support::source::{offences, rust_files};
 
 /// What a surface's source must not contain: the modules and the types of the hook's files.
 const FORBIDDEN: [&str; 6] = [
@@ -17,20 +17,6 @@ const FORBIDDEN: [&str; 6] = [
     "HookPhase",
     "RestoreRecord",
 ];
-
-/// Every line of `sources` containing a forbidden word, as `file:line: text`.
-fn offences(sources: &[PathBuf]) -> Vec<String> {
-    let mut found = Vec::new();
-    for file in sources {
-        let text = std::fs::read_to_string(file).unwrap();
-        for (n, line) in text.lines().enumerate() {
-            if let Some(word) = FORBIDDEN.iter().find(|w| line.contains(*w)) {
-                found.push(format!("{}:{}: {word}: {}", file.display(), n + 1, line.trim()));
-            }
-        }
-    }
-    found
-}
 
 #[test]
 fn no_surface_crate_reads_the_restore_record_or_the_hook_state_directly() {
@@ -47,7 +33,7 @@ fn no_surface_crate_reads_the_restore_record_or_the_hook_state_directly() {
     ] {
         assert!(sources.contains(&root.join(must)), "{must} not found");
     }
-    let found = offences(&sources);
+    let found = offences(&sources, &FORBIDDEN);
     assert!(
         found.is_empty(),
         "surfaces must use handoff::verdict (HookFiles, decide) or handoff::status instead:\n{}",
@@ -64,7 +50,7 @@ fn the_check_finds_a_surface_that_reads_the_record_itself() {
         "use handoff::gpu::Owner;\nuse handoff::bind::record::{Phase, RestoreRecord};\n",
     )
     .unwrap();
-    let found = offences(&[file]);
+    let found = offences(&[file], &FORBIDDEN);
     assert_eq!(found.len(), 1, "{found:?}");
     assert!(found[0].contains("view.rs:2: bind::record"), "{found:?}");
 }

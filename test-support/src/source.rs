@@ -15,3 +15,17 @@ pub fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
         }
     }
 }
+
+/// Every line of `sources` containing one of `forbidden`, as `file:line: word: text`.
+pub fn offences(sources: &[PathBuf], forbidden: &[&str]) -> Vec<String> {
+    let mut found = Vec::new();
+    for file in sources {
+        let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        for (n, line) in text.lines().enumerate() {
+            if let Some(word) = forbidden.iter().find(|w| line.contains(*w)) {
+                found.push(format!("{}:{}: {word}: {}", file.display(), n + 1, line.trim()));
+            }
+        }
+    }
+    found
+}
