@@ -643,6 +643,28 @@ fn walkthrough(cfg: &Config, holder: u32) -> io::Result<()> {
     gpu_line(cfg);
 
     println!("\n== 3. Start Windows again");
+    start_and_say(&mut ctl, vm)?;
+    gpu_line(cfg);
+
+    // Several GPUs: the macOS VM's definition passes the iGPU through, so it takes that one
+    // while Windows keeps the RTX.
+    if let Some(mac) = cfg.vm(Some("macos")) {
+        println!("\n== 3b. Start macOS too: its definition passes the iGPU through, Windows keeps the RTX");
+        start_and_say(&mut ctl, mac)?;
+        gpu_line(cfg);
+        println!("\n== 3c. Stop macOS: the iGPU goes back to i915");
+        stop_and_say(&mut ctl, mac)?;
+    }
+
+    println!("\n== 4. Stop Windows (the tray's \"Stop Windows\", or `handoff stop`)");
+    stop_and_say(&mut ctl, vm)?;
+    gpu_line(cfg);
+    println!("\nThat is the handoff. On a real workstation: README, \"Installing on a real workstation\".");
+    Ok(())
+}
+
+/// One scripted start, said as `handoff start` says it.
+fn start_and_say(ctl: &mut Ctl, vm: &handoff::config::VmConfig) -> io::Result<()> {
     let started = ctl.start(vm).map_err(|e| io::Error::other(e.to_string()))?;
     println!(
         "  {} is {}; GPU {} {}",
@@ -651,32 +673,11 @@ fn walkthrough(cfg: &Config, holder: u32) -> io::Result<()> {
         started.gpu.address,
         started.gpu.phrase
     );
-    gpu_line(cfg);
+    Ok(())
+}
 
-    // Several GPUs: the macOS VM's definition passes the iGPU through, so it takes that one
-    // while Windows keeps the RTX.
-    if let Some(mac) = cfg.vm(Some("macos")) {
-        println!("\n== 3b. Start macOS too: its definition passes the iGPU through, Windows keeps the RTX");
-        let started = ctl.start(mac).map_err(|e| io::Error::other(e.to_string()))?;
-        println!(
-            "  {} is {}; GPU {} {}",
-            started.label,
-            started.state.words(),
-            started.gpu.address,
-            started.gpu.phrase
-        );
-        gpu_line(cfg);
-        println!("\n== 3c. Stop macOS: the iGPU goes back to i915");
-        let stopped = ctl
-            .stop(mac, false, Duration::from_secs(mac.shutdown_timeout_s))
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        println!(
-            "  {} stopped; GPU {} {}",
-            stopped.label, stopped.gpu.address, stopped.gpu.phrase
-        );
-    }
-
-    println!("\n== 4. Stop Windows (the tray's \"Stop Windows\", or `handoff stop`)");
+/// One scripted graceful stop, within the VM's shutdown timeout.
+fn stop_and_say(ctl: &mut Ctl, vm: &handoff::config::VmConfig) -> io::Result<()> {
     let stopped = ctl
         .stop(vm, false, Duration::from_secs(vm.shutdown_timeout_s))
         .map_err(|e| io::Error::other(e.to_string()))?;
@@ -684,7 +685,5 @@ fn walkthrough(cfg: &Config, holder: u32) -> io::Result<()> {
         "  {} stopped; GPU {} {}",
         stopped.label, stopped.gpu.address, stopped.gpu.phrase
     );
-    gpu_line(cfg);
-    println!("\nThat is the handoff. On a real workstation: README, \"Installing on a real workstation\".");
     Ok(())
 }

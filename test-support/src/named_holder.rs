@@ -41,10 +41,7 @@ impl Drop for Named {
 pub fn hold_named(node: &Path, name: &[u8], dir: &Path) -> Named {
     assert!(name.len() <= 15, "the kernel keeps 15 bytes of a name");
     let fifo = dir.join(format!("named-holder-{}-{}.fifo", std::process::id(), name.len()));
-    let _ = std::fs::remove_file(&fifo);
-    let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
-    // SAFETY: mkfifo on a path in the test's temp dir.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    make_fifo(&fifo);
     let child = Command::new("bash")
         .arg("-c")
         .arg(r#"printf '%s' "$NAME" > /proc/self/comm && exec 4<>"$FIFO" && echo ready && read -r -u 4"#)
@@ -55,13 +52,7 @@ pub fn hold_named(node: &Path, name: &[u8], dir: &Path) -> Named {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut holder = Named(child);
-    let mut ready = String::new();
-    BufReader::new(holder.0.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    assert_eq!(ready, "ready\n", "the named holder did not start");
-    holder
+    ready(child, "the named holder")
 }
 
 /// Starts a process that looks like libvirt's QEMU for `vm` to the holder scan: named
@@ -70,10 +61,7 @@ pub fn hold_named(node: &Path, name: &[u8], dir: &Path) -> Named {
 /// group `/dev/vfio/<group>`). Its FIFO goes in `dir`.
 pub fn hold_as_qemu(node: &Path, vm: &str, dir: &Path) -> Named {
     let fifo = dir.join(format!("qemu-holder-{}-{vm}.fifo", std::process::id()));
-    let _ = std::fs::remove_file(&fifo);
-    let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
-    // SAFETY: mkfifo on a path in the test's temp dir.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    make_fifo(&fifo);
     // bash -c SCRIPT NAME ARGS…: the arguments after the script stay in its cmdline.
     let child = Command::new("bash")
         .arg("-c")
@@ -87,11 +75,29 @@ pub fn hold_as_qemu(node: &Path, vm: &str, dir: &Path) -> Named {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    ready(child, "the QEMU-like holder")
+}
+
+/// A FIFO at `path` (whatever was there removed): the holder blocks reading it until killed.
+fn make_fifo(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: mkfifo on a path in the test's temp dir; `c` outlives the call.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {}",
+        path.display()
+    );
+}
+
+/// Waits for a holder's script to say it holds its node and blocks on its FIFO.
+fn ready(child: std::process::Child, what: &str) -> Named {
     let mut holder = Named(child);
-    let mut ready = String::new();
+    let mut line = String::new();
     BufReader::new(holder.0.stdout.take().unwrap())
-        .read_line(&mut ready)
+        .read_line(&mut line)
         .unwrap();
-    assert_eq!(ready, "ready\n", "the QEMU-like holder did not start");
+    assert_eq!(line, "ready\n", "{what} did not start");
     holder
 }
