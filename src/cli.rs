@@ -188,7 +188,7 @@ pub enum Command {
     /// file (your edits stay as they are); an unchanged machine changes nothing. On a
     /// terminal it asks before writing; --yes for scripts; --dry-run writes nothing.
     /// Exit 0 done (or nothing to change), 1 blocked or declined, 2 usage or config error.
-    Setup(SetupArgs),
+    Setup(Box<SetupArgs>),
     /// Print one line per change as it happens: driver binds of the GPU's functions, VM
     /// lifecycle events, the hook's state file, libvirtd going away and coming back.
     ///
@@ -256,7 +256,7 @@ pub struct SetupArgs {
     #[arg(long, requires = "pve_url", value_name = "FILE")]
     pub pve_token_secret_file: Option<PathBuf>,
     /// With --pve-url: the node certificate's SHA-256 fingerprint (`pvenode cert info`).
-    #[arg(long, requires = "pve_url", value_name = "AB:CD:…")]
+    #[arg(long, requires = "pve_url", value_name = "SHA256")]
     pub pve_fingerprint: Option<String>,
     /// With --pve-url: a CA file for the node's certificate instead of the fingerprint.
     #[arg(long, requires = "pve_url", value_name = "FILE")]
@@ -737,9 +737,7 @@ pub fn setup(
         );
     }
     let existing = setup::read_existing(&path)?;
-    let there = existing
-        .as_deref()
-        .and_then(|t| Config::parse(t, &path).ok());
+    let there = existing.as_deref().and_then(|t| Config::parse(t, &path).ok());
     let mut host = there.as_ref().map(|c| c.host.clone()).unwrap_or_default();
     for (flag, root) in [
         (&args.sysfs, &mut host.sysfs),
@@ -753,7 +751,10 @@ pub fn setup(
     let proxmox = match &args.pve_url {
         Some(url) => Some(ProxmoxConfig {
             url: url.clone(),
-            token: args.pve_token.clone().context("--pve-url needs --pve-token user@realm!tokenid")?,
+            token: args
+                .pve_token
+                .clone()
+                .context("--pve-url needs --pve-token user@realm!tokenid")?,
             token_secret_file: args
                 .pve_token_secret_file
                 .clone()
@@ -785,9 +786,13 @@ pub fn setup(
             proxmox: Some(p.clone()),
             ..Config::default()
         };
-        let found = crate::hypervisor::piped::Piped::spawn(&crate::hypervisor::piped::Piped::pve_server(), &cfg, &p.url)
-            .map_err(|e| e.to_string())
-            .and_then(|mut pve| setup::discover_vms(&mut pve, &p.url, &mut notes));
+        let found = crate::hypervisor::piped::Piped::spawn(
+            &crate::hypervisor::piped::Piped::pve_server(),
+            &cfg,
+            &p.url,
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|mut pve| setup::discover_vms(&mut pve, &p.url, &mut notes));
         match found {
             Ok(vms) => machine.vms.extend(vms),
             Err(e) => notes.push(format!("cannot list Proxmox VE's VMs at {}: {e}", p.url)),
@@ -829,7 +834,7 @@ pub fn setup(
                 && !c.hand
                 && args.gpus.is_empty()
                 && ask(&format!(
-                    "{} drives this host's display ({d}) and {} pass(es) it through. Hand it to VMs anyway (the host loses its console and local desktop while one runs)?",
+                    "{} drives this host's display ({d}), and {} want(s) it. Hand it to VMs anyway (the host loses its console and local desktop while one runs)?",
                     c.gpu.address,
                     c.vms.join(", ")
                 ))
@@ -890,7 +895,10 @@ pub fn setup(
 
     if !plan.unchanged() {
         if plan.existing.is_some() {
-            say(&format!("\nTo add to {} (nothing there is changed or removed):", path.display()));
+            say(&format!(
+                "\nTo add to {} (nothing there is changed or removed):",
+                path.display()
+            ));
             for l in &plan.diff {
                 say(&format!("  {l}"));
             }
@@ -929,7 +937,11 @@ pub fn setup(
         say(&format!(
             "{}: {}",
             path.display(),
-            if plan.existing.is_some() { "added what is new" } else { "written" }
+            if plan.existing.is_some() {
+                "added what is new"
+            } else {
+                "written"
+            }
         ));
     }
     let handoff = handoff.canonicalize().unwrap_or_else(|_| handoff.to_owned());
@@ -946,33 +958,41 @@ pub fn setup(
                 ..Default::default()
             };
             let report = crate::hook_install::install_hooks(&opts)?;
-            print!("{report}");
+            say(report.to_string().trim_end());
         }
         let vmids: Vec<u32> = cfg
             .vms
             .iter()
             .filter_map(|v| v.vmid)
-            .chain(plan.machine.pve_node_vms.iter().filter(|v| !v.passthrough.is_empty()).filter_map(|v| v.vmid))
+            .chain(
+                plan.machine
+                    .pve_node_vms
+                    .iter()
+                    .filter(|v| !v.passthrough.is_empty())
+                    .filter_map(|v| v.vmid),
+            )
             .collect();
         if on_node && !vmids.is_empty() {
-            let roots = crate::pve_hooks::Roots { root: pve.root.clone() };
+            let roots = crate::pve_hooks::Roots {
+                root: pve.root.clone(),
+            };
             let p = crate::pve_hooks::plan(&roots, &vmids, None, &handoff, false)?;
             crate::pve_hooks::apply(&roots, &p)?;
             for a in &p.actions {
-                println!("  {a}");
+                say(&format!("  {a}"));
             }
             for f in &p.foreign {
                 eprintln!("handoff: warning: {}", f.advice);
             }
             if p.actions.is_empty() {
-                println!("the hookscript {} is in place", p.volid);
+                say(&format!("the hookscript {} is in place", p.volid));
             }
         }
     }
     if args.no_services {
         say("install-services: skipped (--no-services)");
     } else {
-        install_services_for_invoker(&cfg, &handoff)?;
+        install_services_for_invoker(&cfg, &handoff, &say)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1007,28 +1027,38 @@ fn setup_steps(
             steps.push("install the Proxmox VE hookscript (`handoff install-hooks --pve`)".into());
         } else if pve {
             steps.push(
-                "not on the Proxmox VE node (no /etc/pve): run `sudo handoff install-hooks --pve` there".into(),
+                "not on the Proxmox VE node (no /etc/pve): run `sudo handoff install-hooks --pve` there"
+                    .into(),
             );
         }
     }
     steps.push(if args.no_services {
         "no session pieces (--no-services)".into()
     } else {
-        format!("`handoff install-services` for {}", invoker().map_or("you".into(), |(n, _)| n))
+        format!(
+            "`handoff install-services` for {}",
+            invoker().map_or("you".into(), |(n, _)| n)
+        )
     });
     Ok(steps)
 }
 
 /// The person who ran `sudo handoff setup` (`SUDO_USER`, not root), with their uid.
 fn invoker() -> Option<(String, PathBuf)> {
-    let name = std::env::var("SUDO_USER").ok().filter(|n| !n.is_empty() && n != "root")?;
+    let name = std::env::var("SUDO_USER")
+        .ok()
+        .filter(|n| !n.is_empty() && n != "root")?;
     let user = nix::unistd::User::from_name(&name).ok().flatten()?;
     Some((name, user.dir))
 }
 
 /// `install-services` for whoever ran setup: as that user (through `runuser`) when setup
 /// runs under sudo, so their files are theirs; else for this process's own user.
-fn install_services_for_invoker(cfg: &Config, handoff: &std::path::Path) -> anyhow::Result<()> {
+fn install_services_for_invoker(
+    cfg: &Config,
+    handoff: &std::path::Path,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<()> {
     if let Some((name, home)) = invoker()
         && nix::unistd::geteuid().is_root()
     {
@@ -1042,7 +1072,9 @@ fn install_services_for_invoker(cfg: &Config, handoff: &std::path::Path) -> anyh
             .status()
             .context("running `runuser … handoff install-services`")?;
         if !status.success() {
-            eprintln!("handoff: warning: install-services for {name} failed ({status}); run `handoff install-services` as {name}");
+            eprintln!(
+                "handoff: warning: install-services for {name} failed ({status}); run `handoff install-services` as {name}"
+            );
         }
         return Ok(());
     }
@@ -1051,6 +1083,6 @@ fn install_services_for_invoker(cfg: &Config, handoff: &std::path::Path) -> anyh
         layout.bin_dir = dir.to_owned();
     }
     let report = crate::services::install(cfg, &layout, false, false)?;
-    print!("{report}");
+    say(report.to_string().trim_end());
     Ok(())
 }

@@ -287,9 +287,13 @@ fn check_iommu_group(g: &Gpu) -> Check {
         Check::new(
             "iommu-group",
             Level::Fail,
-            format!("IOMMU group {} also holds {}: they would have to go to the VM too", group.id, list.join(", ")),
+            format!(
+                "IOMMU group {} also holds {}: they would have to go to the VM too",
+                group.id,
+                list.join(", ")
+            ),
         )
-.fix(IOMMU_GROUP_FIX)
+        .fix(IOMMU_GROUP_FIX)
     }
 }
 

@@ -42,7 +42,9 @@ pub enum SetupError {
     Unsafe { path: PathBuf, why: String },
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
-    #[error("setup built a config that does not read back ({0}); this is a bug in handoff, nothing was written")]
+    #[error(
+        "setup built a config that does not read back ({0}); this is a bug in handoff, nothing was written"
+    )]
     Invalid(String),
 }
 
@@ -194,7 +196,11 @@ impl Plan {
         let mut s = String::new();
         let m = &self.machine;
         if m.iommu_groups > 0 {
-            let _ = writeln!(s, "IOMMU: on, {} groups (kernel flags: {})", m.iommu_groups, m.kernel_flags);
+            let _ = writeln!(
+                s,
+                "IOMMU: on, {} groups (kernel flags: {})",
+                m.iommu_groups, m.kernel_flags
+            );
         }
         if self.gpus.is_empty() {
             s += "GPUs: none found (no display controller, PCI class 0x03, under /sys/bus/pci/devices)\n";
@@ -205,7 +211,11 @@ impl Plan {
             let _ = writeln!(
                 s,
                 "  functions   {}",
-                g.functions.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(", ")
+                g.functions
+                    .iter()
+                    .map(|f| f.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
             let _ = writeln!(s, "  driver      {}", g.driver.as_deref().unwrap_or("(none)"));
             match g.iommu_group {
@@ -219,7 +229,11 @@ impl Plan {
                                 "bridge" => "bridge",
                                 _ => "not part of the GPU!",
                             };
-                            format!("{} ({what}, {})", m.address, m.driver.as_deref().unwrap_or("no driver"))
+                            format!(
+                                "{} ({what}, {})",
+                                m.address,
+                                m.driver.as_deref().unwrap_or("no driver")
+                            )
                         })
                         .collect();
                     let _ = writeln!(s, "  IOMMU group {id}: {}", members.join(", "));
@@ -261,10 +275,14 @@ impl Plan {
             } else {
                 format!(
                     "passes through {}",
-                    v.passthrough.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+                    v.passthrough
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             };
-            let _ = writeln!(s, "VM {} at {}: {devices}{label}", v.title(), v.at);
+            let _ = writeln!(s, "{} at {}: {devices}{label}", v.title(), v.at);
         }
         for n in &m.notes {
             let _ = writeln!(s, "note: {n}");
@@ -357,7 +375,14 @@ pub fn discover_iommu(host: &Host) -> (usize, String) {
         .split_whitespace()
         .filter(|w| w.starts_with("intel_iommu=") || w.starts_with("amd_iommu=") || w.starts_with("iommu="))
         .collect();
-    (n, if flags.is_empty() { "none".into() } else { flags.join(" ") })
+    (
+        n,
+        if flags.is_empty() {
+            "none".into()
+        } else {
+            flags.join(" ")
+        },
+    )
 }
 
 /// The label setup proposes for a VM: what its OS is, when its definition says (libvirt's
@@ -369,8 +394,12 @@ pub fn propose_label(name: &str, definition: &str) -> String {
         .lines()
         .find_map(|l| l.strip_prefix("ostype:"))
         .map(|v| v.trim().to_owned());
-    let windows = libosinfo.as_deref().is_some_and(|id| id.starts_with("http://microsoft.com/win"))
-        || ostype.as_deref().is_some_and(|o| o.starts_with("win") || o == "wxp" || o == "w2k")
+    let windows = libosinfo
+        .as_deref()
+        .is_some_and(|id| id.starts_with("http://microsoft.com/win"))
+        || ostype
+            .as_deref()
+            .is_some_and(|o| o.starts_with("win") || o == "wxp" || o == "w2k")
         || lower.starts_with("win");
     let macos = libosinfo.as_deref().is_some_and(crate::gpus::is_macos_id)
         || lower.contains("macos")
@@ -387,7 +416,11 @@ pub fn propose_label(name: &str, definition: &str) -> String {
 /// Every VM at `at` with what it passes through, through the hypervisor interface (libvirt's
 /// domains and their `<hostdev>`, or PVE's VMs and their `hostpciN` through `handoff-pve`).
 /// A VM whose definition cannot be read is said in `notes` and passed over.
-pub fn discover_vms(hv: &mut dyn Hypervisor, at: &str, notes: &mut Vec<String>) -> Result<Vec<FoundVm>, String> {
+pub fn discover_vms(
+    hv: &mut dyn Hypervisor,
+    at: &str,
+    notes: &mut Vec<String>,
+) -> Result<Vec<FoundVm>, String> {
     let list = hv.list(at).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for (vm, _) in list {
@@ -446,7 +479,10 @@ fn host_driver(g: &FoundGpu) -> (String, String) {
             crate::gpu::VFIO_DRIVER.into(),
             "it is on vfio-pci now, so it stays isolated there between VMs (no rebinding)".into(),
         ),
-        Some(d) => (d.to_owned(), format!("the driver it is bound to now; it goes back to {d} after a VM")),
+        Some(d) => (
+            d.to_owned(),
+            format!("the driver it is bound to now; it goes back to {d} after a VM"),
+        ),
         None => {
             let d = match g.vendor {
                 0x10de => "nvidia",
@@ -456,7 +492,9 @@ fn host_driver(g: &FoundGpu) -> (String, String) {
             };
             (
                 d.into(),
-                format!("it has no driver now; {d} is its vendor's usual driver (change it if yours differs)"),
+                format!(
+                    "it has no driver now; {d} is its vendor's usual driver (change it if yours differs)"
+                ),
             )
         }
     }
@@ -465,7 +503,9 @@ fn host_driver(g: &FoundGpu) -> (String, String) {
 /// What to add to a VM so it passes `g` through (never done by setup): libvirt's
 /// `<hostdev>` elements, one per function, and PVE's `qm set`.
 pub fn passthrough_lines(g: &FoundGpu) -> String {
-    let mut s = String::from("to give it to a libvirt VM, add inside <devices> (virsh edit VM; setup never edits a VM):\n");
+    let mut s = String::from(
+        "to give it to a libvirt VM, add inside <devices> (virsh edit VM; setup never edits a VM):\n",
+    );
     for f in &g.functions {
         let _ = writeln!(
             s,
@@ -579,16 +619,25 @@ pub fn plan(machine: Machine, opts: &Options, existing: Option<&str>) -> Plan {
             continue;
         }
         c.hand = true;
+        let pass = if vms.len() == 1 { "passes" } else { "pass" };
         c.why = match &g.display {
-            Some(_) => format!("{} pass(es) it through; allowed although it drives the display", vms.join(", ")),
-            None => format!("{} pass(es) it through", vms.join(", ")),
+            Some(_) => format!(
+                "{} {pass} it through; allowed although it drives the display",
+                vms.join(", ")
+            ),
+            None => format!("{} {pass} it through", vms.join(", ")),
         };
         choices.push(c);
     }
     if blockers.is_empty() && !choices.iter().any(|c| c.hand) {
         let mut fix = String::new();
         for c in choices.iter().filter(|c| c.to_add.is_some()) {
-            let _ = writeln!(fix, "GPU {}: {}", c.gpu.address, c.to_add.as_deref().unwrap_or_default());
+            let _ = writeln!(
+                fix,
+                "GPU {}: {}",
+                c.gpu.address,
+                c.to_add.as_deref().unwrap_or_default()
+            );
         }
         for n in &machine.notes {
             let _ = writeln!(fix, "{n}");
@@ -753,7 +802,11 @@ impl Comments {
             .vms
             .iter()
             .filter_map(|v| {
-                let f = p.machine.vms.iter().find(|f| f.name == v.name && f.vmid == v.vmid)?;
+                let f = p
+                    .machine
+                    .vms
+                    .iter()
+                    .find(|f| f.name == v.name && f.vmid == v.vmid)?;
                 let gpus: Vec<String> = f
                     .passthrough
                     .iter()
@@ -798,7 +851,10 @@ fn annotate_lists(body: &str, gpus: &[PciAddress], vms: &[String], comments: &Co
     for line in body.lines() {
         match line.trim() {
             "[[gpu]]" => {
-                if let Some((_, c)) = gpus.get(gi).and_then(|a| comments.gpu.iter().find(|(g, _)| g == a)) {
+                if let Some((_, c)) = gpus
+                    .get(gi)
+                    .and_then(|a| comments.gpu.iter().find(|(g, _)| g == a))
+                {
                     out += c;
                 }
                 gi += 1;
@@ -831,7 +887,12 @@ struct Additions<'a> {
 }
 
 /// The existing file with what it lacks appended, and what changed on the machine since.
-fn merge(text: &str, proposed: &Config, comments: &Comments, machine: &Machine) -> Result<(String, Vec<String>), String> {
+fn merge(
+    text: &str,
+    proposed: &Config,
+    comments: &Comments,
+    machine: &Machine,
+) -> Result<(String, Vec<String>), String> {
     let there = Config::parse(text, Path::new("config")).map_err(|e| e.to_string())?;
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
     let has_gpu = table.contains_key("gpu");
@@ -912,7 +973,11 @@ fn merge(text: &str, proposed: &Config, comments: &Comments, machine: &Machine) 
     }
     let adds = Additions {
         host: add_host.then_some(&proposed.host),
-        proxmox: if add_proxmox { proposed.proxmox.as_ref() } else { None },
+        proxmox: if add_proxmox {
+            proposed.proxmox.as_ref()
+        } else {
+            None
+        },
         gpu: new_gpus.clone(),
         vms: new_vms.clone(),
     };
@@ -1016,7 +1081,10 @@ pub fn write_config(path: &Path, text: &str) -> Result<(), SetupError> {
     } else if meta.uid() != 0 {
         Some(format!("its directory is owned by uid {}", meta.uid()))
     } else if meta.mode() & 0o022 != 0 {
-        Some(format!("its directory's mode {:o} lets others write in it", meta.mode() & 0o7777))
+        Some(format!(
+            "its directory's mode {:o} lets others write in it",
+            meta.mode() & 0o7777
+        ))
     } else {
         None
     };
@@ -1102,10 +1170,19 @@ mod tests {
         assert_eq!(cfg.gpu.address.to_string(), "0000:01:00.0");
         assert_eq!(cfg.vms[0].label(), "Windows");
         assert_eq!(&cfg, p.proposed.as_ref().unwrap());
-        assert!(p.text.contains("# Not handed: Card at 0000:00:02.0"), "{}", p.text);
+        assert!(
+            p.text.contains("# Not handed: Card at 0000:00:02.0"),
+            "{}",
+            p.text
+        );
         // The file is `config show`'s text with comments.
         let shown = toml::to_string_pretty(&cfg).unwrap();
-        let uncommented: String = p.text.lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect();
+        let uncommented: String = p
+            .text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
         assert_eq!(uncommented.trim(), shown.trim());
     }
 
@@ -1122,8 +1199,16 @@ mod tests {
         let p = plan(m, &Options::default(), Some(&edited));
         assert!(p.text.starts_with(&edited), "{}", p.text);
         assert!(p.diff.iter().all(|l| l.starts_with("+ ")), "{:?}", p.diff);
-        assert!(p.diff.iter().any(|l| l == "+ name = \"linux-ai\""), "{:?}", p.diff);
-        assert!(p.changes.iter().any(|c| c.contains("kept your label \"Gaming\"")), "{:?}", p.changes);
+        assert!(
+            p.diff.iter().any(|l| l == "+ name = \"linux-ai\""),
+            "{:?}",
+            p.diff
+        );
+        assert!(
+            p.changes.iter().any(|c| c.contains("kept your label \"Gaming\"")),
+            "{:?}",
+            p.changes
+        );
         assert_eq!(p.config().unwrap().vms[0].label(), "Gaming");
     }
 
@@ -1140,7 +1225,11 @@ mod tests {
         let p = plan(m, &Options::default(), None);
         let ids: Vec<&str> = p.blockers.iter().map(|b| b.id).collect();
         assert_eq!(ids, ["iommu", "iommu-group"]);
-        assert!(p.blockers[1].summary.contains("0000:02:00.0 (ahci)"), "{:?}", p.blockers);
+        assert!(
+            p.blockers[1].summary.contains("0000:02:00.0 (ahci)"),
+            "{:?}",
+            p.blockers
+        );
         assert!(p.render_found().contains("Nothing was written"));
     }
 

@@ -30,7 +30,11 @@ struct Run {
 
 impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
     }
 }
 
@@ -165,29 +169,52 @@ fn the_workstation_gets_a_config_doctor_passes_and_a_rerun_changes_nothing() {
     let first = m.setup(&["--yes"]);
     assert_eq!(first.code, 0, "{first:?}");
     let text = m.written();
-    let cfg = handoff::Config::load_system(&m.config()).expect("root-owned, readable by the hook").0;
-    assert_eq!(cfg.gpu.len(), 1, "only the RTX: the iGPU drives the display\n{text}");
+    let cfg = handoff::Config::load_system(&m.config())
+        .expect("root-owned, readable by the hook")
+        .0;
+    assert_eq!(
+        cfg.gpu.len(),
+        1,
+        "only the RTX: the iGPU drives the display\n{text}"
+    );
     assert_eq!(cfg.gpu.address.to_string(), "0000:01:00.0");
     assert_eq!(cfg.gpu.host_driver, "nvidia");
     assert_eq!(cfg.vms.len(), 1, "{text}");
-    assert_eq!((cfg.vms[0].name.as_str(), cfg.vms[0].label()), ("win11", "Windows"));
-    assert!(text.contains("# Not handed: "), "a comment says why the iGPU is not handed:\n{text}");
+    assert_eq!(
+        (cfg.vms[0].name.as_str(), cfg.vms[0].label()),
+        ("win11", "Windows")
+    );
+    assert!(
+        text.contains("# Not handed: "),
+        "a comment says why the iGPU is not handed:\n{text}"
+    );
     assert!(text.contains("0000:00:02.0"), "{text}");
-    assert!(text.contains("# libvirt domain win11 passes through 0000:01:00.0"), "{text}");
+    assert!(
+        text.contains("# libvirt domain win11 passes through 0000:01:00.0"),
+        "{text}"
+    );
     let mode = fs::metadata(m.config()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o644);
     assert!(m.hooks().join("qemu.d/handoff").exists(), "{first:?}");
     assert!(
-        m.home().join(".config/systemd/user/handoff-tray.service").exists(),
+        m.home()
+            .join(".config/systemd/user/handoff-tray.service")
+            .exists(),
         "install-services ran for the user: {first:?}"
     );
 
     let check = m.run(&["config", "check", m.config().to_str().unwrap()]);
     assert_eq!(check.code, 0, "{check:?}");
-    assert!(check.stdout.contains("ok (1 VM(s), GPU 0000:01:00.0)"), "{check:?}");
+    assert!(
+        check.stdout.contains("ok (1 VM(s), GPU 0000:01:00.0)"),
+        "{check:?}"
+    );
     let doctor = m.with_config(&["doctor", "--hooks-dir", m.hooks().to_str().unwrap()]);
     assert_eq!(doctor.code, 0, "{doctor:?}");
-    assert!(doctor.stdout.contains("This host looks ready for passthrough."), "{doctor:?}");
+    assert!(
+        doctor.stdout.contains("This host looks ready for passthrough."),
+        "{doctor:?}"
+    );
 
     // Again on the unchanged machine: nothing changes, byte for byte.
     let again = m.setup(&["--yes"]);
@@ -196,15 +223,18 @@ fn the_workstation_gets_a_config_doctor_passes_and_a_rerun_changes_nothing() {
     assert_eq!(m.written(), text);
 
     // A hand edit (a label, a key's value, a comment) survives a run with --yes.
-    let edited = text
-        .replace("label = \"Windows\"", "label = \"Gaming\"")
-        .replace("shutdown_timeout_s = 120", "shutdown_timeout_s = 300  # my games take long")
-        + "# my own note\n";
+    let edited = text.replace("label = \"Windows\"", "label = \"Gaming\"").replace(
+        "shutdown_timeout_s = 120",
+        "shutdown_timeout_s = 300  # my games take long",
+    ) + "# my own note\n";
     fs::write(m.config(), &edited).unwrap();
     let kept = m.setup(&["--yes"]);
     assert_eq!(kept.code, 0, "{kept:?}");
     assert_eq!(m.written(), edited, "{kept:?}");
-    assert!(kept.stdout.contains("kept your label \"Gaming\" for VM win11"), "{kept:?}");
+    assert!(
+        kept.stdout.contains("kept your label \"Gaming\" for VM win11"),
+        "{kept:?}"
+    );
     assert!(kept.stdout.contains("nothing to change"), "{kept:?}");
 
     // Not on a terminal and no --yes: nothing is written, and it says how.
@@ -284,12 +314,20 @@ fn a_gpu_no_vm_passes_through_stops_it_with_the_lines_to_add() {
     .unwrap();
     let r = m.setup(&["--yes", "--uri", &format!("test://{}", node.display())]);
     assert_eq!(r.code, 1, "{r:?}");
-    assert!(r.stdout.contains("[FAIL] No VM passes a GPU this host can hand through yet"), "{r:?}");
     assert!(
-        r.stdout.contains("<address domain='0x0000' bus='0x01' slot='0x00' function='0x3'/>"),
+        r.stdout
+            .contains("[FAIL] No VM passes a GPU this host can hand through yet"),
         "{r:?}"
     );
-    assert!(r.stdout.contains("qm set VMID -hostpci0 0000:01:00,pcie=1"), "{r:?}");
+    assert!(
+        r.stdout
+            .contains("<address domain='0x0000' bus='0x01' slot='0x00' function='0x3'/>"),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout.contains("qm set VMID -hostpci0 0000:01:00,pcie=1"),
+        "{r:?}"
+    );
     assert!(!m.config().exists());
 }
 
@@ -331,7 +369,11 @@ fn the_homelab_on_proxmox_ve_gets_both_gpus_its_three_vms_and_the_hookscript() {
     fs::create_dir_all(pve_root.join("var/lib/vz/snippets")).unwrap();
     fs::write(pve_root.join("etc/pve/storage.cfg"), STORAGE).unwrap();
     for (id, name, os, h) in guests {
-        fs::write(qs.join(format!("{id}.conf")), format!("hostpci0: {h}\nname: {name}\nostype: {os}\n")).unwrap();
+        fs::write(
+            qs.join(format!("{id}.conf")),
+            format!("hostpci0: {h}\nname: {name}\nostype: {os}\n"),
+        )
+        .unwrap();
     }
     let args = [
         "--yes",
@@ -365,8 +407,11 @@ fn the_homelab_on_proxmox_ve_gets_both_gpus_its_three_vms_and_the_hookscript() {
         ],
         "{text}"
     );
-    let vms: Vec<(Option<u32>, &str, &str)> =
-        cfg.vms.iter().map(|v| (v.vmid, v.name.as_str(), v.label())).collect();
+    let vms: Vec<(Option<u32>, &str, &str)> = cfg
+        .vms
+        .iter()
+        .map(|v| (v.vmid, v.name.as_str(), v.label()))
+        .collect();
     assert_eq!(
         vms,
         [
@@ -376,19 +421,36 @@ fn the_homelab_on_proxmox_ve_gets_both_gpus_its_three_vms_and_the_hookscript() {
         ],
         "{text}"
     );
-    assert_eq!(cfg.proxmox.as_ref().map(|p| p.url.as_str()), Some(pve.url.as_str()));
-    assert!(text.contains("# host_driver \"vfio-pci\": it is on vfio-pci now"), "{text}");
+    assert_eq!(
+        cfg.proxmox.as_ref().map(|p| p.url.as_str()),
+        Some(pve.url.as_str())
+    );
+    assert!(
+        text.contains("# host_driver \"vfio-pci\": it is on vfio-pci now"),
+        "{text}"
+    );
     for id in [130, 140, 141] {
         let conf = fs::read_to_string(qs.join(format!("{id}.conf"))).unwrap();
-        assert!(conf.contains("hookscript: local:snippets/handoff"), "{id}: {conf}\n{first:?}");
+        assert!(
+            conf.contains("hookscript: local:snippets/handoff"),
+            "{id}: {conf}\n{first:?}"
+        );
     }
 
     let check = m.run(&["config", "check", m.config().to_str().unwrap()]);
     assert_eq!(check.code, 0, "{check:?}");
-    assert!(check.stdout.contains("ok (3 VM(s), GPUs 0000:01:00.0, 0000:00:02.0)"), "{check:?}");
+    assert!(
+        check
+            .stdout
+            .contains("ok (3 VM(s), GPUs 0000:01:00.0, 0000:00:02.0)"),
+        "{check:?}"
+    );
     let doctor = m.with_config(&["doctor"]);
     assert_eq!(doctor.code, 0, "{doctor:?}");
-    assert!(doctor.stdout.contains("VM 140 (Windows)") || doctor.stdout.contains("VM win11 (Windows)"), "{doctor:?}");
+    assert!(
+        doctor.stdout.contains("VM 140 (Windows)") || doctor.stdout.contains("VM win11 (Windows)"),
+        "{doctor:?}"
+    );
 
     let again = m.setup(&args);
     assert_eq!(again.code, 0, "{again:?}");
