@@ -298,6 +298,97 @@ fn a_shared_iommu_group_stops_it_before_anything_is_written() {
     assert!(!m.home().join(".config/systemd").exists());
 }
 
+/// A libvirt test-driver machine in `m`'s dir with `domains` (name, `<devices>` XML); its URI.
+fn test_node(m: &Machine, domains: &[(&str, String)]) -> String {
+    let node = m.tmp.path().join("node.xml");
+    let xml: String = domains
+        .iter()
+        .map(|(name, devices)| {
+            format!(
+                "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
+                 <name>{name}</name><memory>32768</memory><vcpu>1</vcpu><os><type>hvm</type></os>\
+                 <devices>{devices}</devices><test:runstate>5</test:runstate></domain>"
+            )
+        })
+        .collect();
+    fs::write(&node, format!("<node>{xml}</node>")).unwrap();
+    format!("test://{}", node.display())
+}
+
+#[test]
+fn a_new_vm_is_shown_and_asked_for_and_hand_edits_stay() {
+    if !root() {
+        return;
+    }
+    let m = Machine::new(&SimSpec::workstation());
+    let uri = test_node(&m, &[("win11", hostdevs(1, 4))]);
+    let quiet = ["--no-hooks", "--no-services", "--uri", &uri];
+    let first = m.setup(&[&["--yes"][..], &quiet].concat());
+    assert_eq!(first.code, 0, "{first:?}");
+    let edited = m.written().replace("label = \"Windows\"", "label = \"Gaming\"") + "# mine\n";
+    fs::write(m.config(), &edited).unwrap();
+
+    // The machine changed: a second domain passes the RTX through.
+    test_node(&m, &[("win11", hostdevs(1, 4)), ("linux-ai", hostdevs(1, 2))]);
+
+    // On a terminal (script(1) gives it one), it shows the lines it would add and asks; "n"
+    // leaves the file as it was.
+    let host = m.sim.host();
+    let cmd = format!(
+        "{} setup {} --system-config {} --sysfs {} --dev {} --run {}",
+        handoff(),
+        quiet.join(" "),
+        m.config().display(),
+        host.sysfs.display(),
+        host.dev.display(),
+        host.run.display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env_remove("SUDO_USER")
+        .env("HOME", m.home())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"n\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    for says in [
+        "new: VM linux-ai (added as a [[vm]])",
+        "kept your label \"Gaming\" for VM win11",
+        "nothing there is changed or removed",
+        "+ name = \"linux-ai\"",
+        "Go ahead? [y/N]",
+        "Nothing was written.",
+    ] {
+        assert!(said.contains(says), "should say {says:?}:\n{said}");
+    }
+    assert_eq!(m.written(), edited, "declined, yet the file changed");
+
+    // --yes adds the new VM below the edited file, which stays as it is.
+    let yes = m.setup(&[&["--yes"][..], &quiet].concat());
+    assert_eq!(yes.code, 0, "{yes:?}");
+    let after = m.written();
+    assert!(after.starts_with(&edited), "{after}");
+    let cfg = handoff::Config::load_system(&m.config()).unwrap().0;
+    let vms: Vec<(&str, &str)> = cfg.vms.iter().map(|v| (v.name.as_str(), v.label())).collect();
+    assert_eq!(vms, [("win11", "Gaming"), ("linux-ai", "linux-ai")], "{after}");
+
+    // --json --dry-run: the plan, for scripts.
+    let json = m.setup(&[&["--dry-run", "--json"][..], &quiet].concat());
+    assert_eq!(json.code, 0, "{json:?}");
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("one JSON object");
+    assert_eq!(v["unchanged"], true, "{v}");
+    assert_eq!(v["plan"]["gpus"][1]["gpu"]["address"], "0000:01:00.0", "{v}");
+    assert_eq!(v["plan"]["gpus"][1]["hand"], true, "{v}");
+    assert_eq!(
+        v["plan"]["gpus"][0]["hand"], false,
+        "the iGPU drives the display: {v}"
+    );
+}
+
 #[test]
 fn a_gpu_no_vm_passes_through_stops_it_with_the_lines_to_add() {
     if !root() {
@@ -456,4 +547,76 @@ fn the_homelab_on_proxmox_ve_gets_both_gpus_its_three_vms_and_the_hookscript() {
     assert_eq!(again.code, 0, "{again:?}");
     assert!(again.stdout.contains("nothing to change"), "{again:?}");
     assert_eq!(m.written(), text);
+}
+
+#[test]
+fn on_a_proxmox_ve_node_without_the_api_it_reads_the_vms_files_and_sets_the_hookscript() {
+    if !root() {
+        return;
+    }
+    let m = Machine::new(&SimSpec::homelab());
+    let pve_root = m.tmp.path().join("node");
+    let qs = pve_root.join("etc/pve/qemu-server");
+    fs::create_dir_all(&qs).unwrap();
+    fs::create_dir_all(pve_root.join("var/lib/vz/snippets")).unwrap();
+    fs::write(pve_root.join("etc/pve/storage.cfg"), STORAGE).unwrap();
+    // 140 names the card through a PVE 8 resource mapping for this node; 141 directly; 150
+    // passes nothing through and is left alone.
+    fs::create_dir_all(pve_root.join("etc/pve/mapping")).unwrap();
+    fs::write(
+        qs.join("140.conf"),
+        "hostpci0: mapping=rtx5070ti,pcie=1\nname: win11\nostype: win11\n",
+    )
+    .unwrap();
+    fs::write(
+        qs.join("141.conf"),
+        "hostpci0: 0000:01:00,pcie=1\nname: linux-ai\nostype: l26\n",
+    )
+    .unwrap();
+    fs::write(qs.join("150.conf"), "name: router\nostype: l26\n").unwrap();
+    let mut args = vec!["--yes", "--no-services", "--pve-root", pve_root.to_str().unwrap()];
+    // This node's name, for the mapping: setup reads it from the host name.
+    let node = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let node = node.trim().split('.').next().unwrap().to_owned();
+    let mapping = pve_root.join("etc/pve/mapping/pci.cfg");
+    fs::write(
+        &mapping,
+        format!("rtx5070ti\n\tmap node={node},path=0000:01:00,id=10de:2c05\n"),
+    )
+    .unwrap();
+    args.push("--dry-run");
+    let dry = m.setup(&args);
+    assert_eq!(dry.code, 0, "{dry:?}");
+    assert!(dry.stdout.contains("VM 140 (win11) at "), "{dry:?}");
+    assert!(
+        dry.stdout.contains("install the Proxmox VE hookscript"),
+        "{dry:?}"
+    );
+    args.pop();
+    let r = m.setup(&args);
+    assert_eq!(r.code, 0, "{r:?}");
+    let cfg = handoff::Config::load_system(&m.config()).unwrap().0;
+    assert_eq!(cfg.gpu.len(), 1, "the iGPU drives the display: {}", m.written());
+    assert_eq!(cfg.gpu.host_driver, "vfio-pci");
+    assert!(
+        cfg.vms.is_empty(),
+        "a [[vm]] with a vmid needs [proxmox]: {}",
+        m.written()
+    );
+    assert!(
+        m.written()
+            .contains("# VM 140 (win11) on this Proxmox VE node is guarded by the hookscript"),
+        "{}",
+        m.written()
+    );
+    for (id, guarded) in [(140, true), (141, true), (150, false)] {
+        let conf = fs::read_to_string(qs.join(format!("{id}.conf"))).unwrap();
+        assert_eq!(
+            conf.contains("hookscript: local:snippets/handoff"),
+            guarded,
+            "{id}: {conf}\n{r:?}"
+        );
+    }
+    let check = m.run(&["config", "check", m.config().to_str().unwrap()]);
+    assert_eq!(check.code, 0, "{check:?}");
 }
