@@ -174,6 +174,21 @@ pub enum Command {
     /// the tray's systemd user unit, an XDG autostart entry for it, a "Windows" launcher, and
     /// with --lg-autostart a unit that opens Looking Glass when the VM starts. Idempotent.
     InstallServices(InstallServicesArgs),
+    /// Find the GPUs and the VMs that pass them through, and write the system config
+    /// /etc/handoff/config.toml (root), install the hook and your session's pieces.
+    ///
+    /// Proposes which GPUs to hand (not the one driving the host's display, unless
+    /// --allow-display or you say so when asked), the VMs that pass each through (libvirt
+    /// domains' <hostdev>, Proxmox VE VMs' hostpciN: through the API with --pve-url, or PVE's
+    /// files on the node) with their labels, and shows each GPU's IOMMU group and driver.
+    /// Stops before writing anything when something blocks passthrough (IOMMU off, a shared
+    /// IOMMU group, no VM passing a GPU through), saying what to do; never edits a VM.
+    ///
+    /// Run again, it shows what changed on the machine and only adds what is new to the
+    /// file (your edits stay as they are); an unchanged machine changes nothing. On a
+    /// terminal it asks before writing; --yes for scripts; --dry-run writes nothing.
+    /// Exit 0 done (or nothing to change), 1 blocked or declined, 2 usage or config error.
+    Setup(Box<SetupArgs>),
     /// Print one line per change as it happens: driver binds of the GPU's functions, VM
     /// lifecycle events, the hook's state file, libvirtd going away and coming back.
     ///
@@ -198,6 +213,84 @@ pub enum Command {
     /// runs it so that it links no libvirt itself (see the library's `agent` module).
     #[command(name = "__agent", hide = true)]
     Agent,
+}
+
+#[derive(Args)]
+pub struct SetupArgs {
+    /// Do not ask: write, install and add what is new (your edits to the file are kept).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Print what was found, the config it would write and the steps it would take; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the plan as one JSON object (with --dry-run, or with --yes).
+    #[arg(long)]
+    pub json: bool,
+    /// Also hand GPUs that drive this host's display (its console and local desktop go
+    /// with them while a VM runs).
+    #[arg(long)]
+    pub allow_display: bool,
+    /// Hand only this GPU (its address); repeat for several. Default: every GPU some VM
+    /// passes through that does not drive the display.
+    #[arg(long = "gpu", value_name = "ADDRESS")]
+    pub gpus: Vec<crate::pci::PciAddress>,
+    /// The libvirt URI whose domains to look at.
+    #[arg(long, default_value = "qemu:///system", value_name = "URI")]
+    pub uri: String,
+    /// Do not look at libvirt (a Proxmox VE node has none; where /etc/pve exists this is the default).
+    #[arg(long)]
+    pub no_libvirt: bool,
+    /// Do not install the libvirt hook or the PVE hookscript.
+    #[arg(long)]
+    pub no_hooks: bool,
+    /// Do not run install-services for you.
+    #[arg(long)]
+    pub no_services: bool,
+    /// Proxmox VE's API (https://HOST:8006): its VMs and their hostpciN; written as [proxmox].
+    #[arg(long, value_name = "URL")]
+    pub pve_url: Option<String>,
+    /// With --pve-url: the API token's id, user@realm!tokenid.
+    #[arg(long, requires = "pve_url", value_name = "TOKEN")]
+    pub pve_token: Option<String>,
+    /// With --pve-url: the file holding the token's secret (owner-only).
+    #[arg(long, requires = "pve_url", value_name = "FILE")]
+    pub pve_token_secret_file: Option<PathBuf>,
+    /// With --pve-url: the node certificate's SHA-256 fingerprint (`pvenode cert info`).
+    #[arg(long, requires = "pve_url", value_name = "SHA256")]
+    pub pve_fingerprint: Option<String>,
+    /// With --pve-url: a CA file for the node's certificate instead of the fingerprint.
+    #[arg(long, requires = "pve_url", value_name = "FILE")]
+    pub pve_ca_file: Option<PathBuf>,
+    /// Write this system config instead of /etc/handoff/config.toml (tests).
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub system_config: Option<PathBuf>,
+    /// libvirt's hooks directory (tests).
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub hooks_dir: Option<PathBuf>,
+    /// PVE's files under this root instead of / (tests).
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub pve_root: Option<PathBuf>,
+    /// [host] sysfs to read and write (tests, the demo).
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub sysfs: Option<PathBuf>,
+    /// [host] dev (tests, the demo).
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub dev: Option<PathBuf>,
+    /// [host] run (tests, the demo).
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub run: Option<PathBuf>,
+}
+
+impl SetupArgs {
+    /// Where PVE's files are: `--pve-root`, else `/`.
+    pub fn pve_root(&self) -> PathBuf {
+        self.pve_root.clone().unwrap_or_else(|| PathBuf::from("/"))
+    }
+
+    /// Whether libvirt is looked at: not with --no-libvirt, nor on a Proxmox VE node.
+    pub fn uses_libvirt(&self) -> bool {
+        !self.no_libvirt && !self.pve_root().join("etc/pve").is_dir()
+    }
 }
 
 #[derive(Args)]
@@ -445,6 +538,7 @@ impl Command {
             | Command::DemoHolder { .. }
             | Command::Agent => true,
             Command::Lg(a) => a.on_vm_start,
+            Command::Setup(a) => a.uses_libvirt(),
             Command::LgTest(a) => a.xml.is_none(),
             Command::Status(_)
             | Command::Doctor(_)
@@ -613,4 +707,382 @@ pub fn watch(cfg: &Config, sources: crate::live::Sources, json: bool) -> anyhow:
         &mut std::io::stdout().lock(),
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What lists a libvirt URI's domains with what they pass through (`handoff-vm` gives one;
+/// `handoff` has none: it links no libvirt).
+pub type ListLibvirt<'a> =
+    &'a mut dyn FnMut(&str, &mut Vec<String>) -> Result<Vec<crate::setup::FoundVm>, String>;
+
+/// `handoff setup`: find, plan, show, ask, write, install ([`crate::setup`]). `handoff` is
+/// the binary the hook runs (the one installed beside `handoff-vm`).
+pub fn setup(
+    explicit: Option<PathBuf>,
+    args: &SetupArgs,
+    libvirt: Option<ListLibvirt<'_>>,
+    handoff: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    use crate::config::ProxmoxConfig;
+    use crate::setup;
+    use std::io::IsTerminal;
+
+    let path = args
+        .system_config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(crate::config::SYSTEM_CONFIG));
+    if explicit.is_some() {
+        anyhow::bail!(
+            "setup writes the system config {}; --config names another file (tests use the hidden --system-config)",
+            path.display()
+        );
+    }
+    let existing = setup::read_existing(&path)?;
+    let there = existing.as_deref().and_then(|t| Config::parse(t, &path).ok());
+    let mut host = there.as_ref().map(|c| c.host.clone()).unwrap_or_default();
+    for (flag, root) in [
+        (&args.sysfs, &mut host.sysfs),
+        (&args.dev, &mut host.dev),
+        (&args.run, &mut host.run),
+    ] {
+        if let Some(p) = flag {
+            *root = p.clone();
+        }
+    }
+    let proxmox = match &args.pve_url {
+        Some(url) => Some(ProxmoxConfig {
+            url: url.clone(),
+            token: args
+                .pve_token
+                .clone()
+                .context("--pve-url needs --pve-token user@realm!tokenid")?,
+            token_secret_file: args
+                .pve_token_secret_file
+                .clone()
+                .context("--pve-url needs --pve-token-secret-file FILE")?,
+            fingerprint: args.pve_fingerprint.clone(),
+            ca_file: args.pve_ca_file.clone(),
+            node: None,
+            poll_interval_s: 5,
+        }),
+        None => there.as_ref().and_then(|c| c.proxmox.clone()),
+    };
+
+    let (iommu_groups, kernel_flags) = setup::discover_iommu(&host);
+    let mut machine = setup::Machine {
+        iommu_groups,
+        kernel_flags,
+        gpus: setup::discover_gpus(&host),
+        ..Default::default()
+    };
+    let mut notes = Vec::new();
+    if let Some(list) = libvirt {
+        match list(&args.uri, &mut notes) {
+            Ok(vms) => machine.vms.extend(vms),
+            Err(e) => notes.push(format!("cannot list the libvirt domains at {}: {e}", args.uri)),
+        }
+    }
+    if let Some(p) = &proxmox {
+        let cfg = Config {
+            proxmox: Some(p.clone()),
+            ..Config::default()
+        };
+        let found = crate::hypervisor::piped::Piped::spawn(
+            &crate::hypervisor::piped::Piped::pve_server(),
+            &cfg,
+            &p.url,
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|mut pve| setup::discover_vms(&mut pve, &p.url, &mut notes));
+        match found {
+            Ok(vms) => machine.vms.extend(vms),
+            Err(e) => notes.push(format!("cannot list Proxmox VE's VMs at {}: {e}", p.url)),
+        }
+    }
+    let pve = crate::pve::PveHost {
+        root: args.pve_root(),
+        ..crate::pve::PveHost::system()
+    };
+    let on_node = pve.root.join("etc/pve").is_dir();
+    if on_node && proxmox.is_none() {
+        machine.pve_node_vms = setup::discover_pve_files(&pve);
+    }
+    machine.notes = notes;
+
+    let mut opts = setup::Options {
+        allow_display: args.allow_display,
+        allowed: Vec::new(),
+        gpus: args.gpus.clone(),
+        host,
+        proxmox,
+    };
+    let terminal = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let interactive = terminal && !args.yes && !args.dry_run && !args.json;
+    let ask = |q: &str| -> bool {
+        use std::io::{BufRead, Write};
+        print!("{q} [y/N] ");
+        let _ = std::io::stdout().flush();
+        let mut answer = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut answer);
+        matches!(answer.trim(), "y" | "Y" | "yes")
+    };
+    let mut plan = setup::plan(machine.clone(), &opts, existing.as_deref());
+    if interactive && !args.allow_display {
+        // A display GPU that a VM passes through: asked, never assumed.
+        for c in &plan.gpus {
+            if let Some(d) = &c.gpu.display
+                && !c.vms.is_empty()
+                && !c.hand
+                && args.gpus.is_empty()
+                && ask(&format!(
+                    "{} drives this host's display ({d}), and {} want(s) it. Hand it to VMs anyway (the host loses its console and local desktop while one runs)?",
+                    c.gpu.address,
+                    c.vms.join(", ")
+                ))
+            {
+                opts.allowed.push(c.gpu.address);
+            }
+        }
+        if !opts.allowed.is_empty() {
+            plan = setup::plan(machine, &opts, existing.as_deref());
+        }
+    }
+
+    let steps = setup_steps(&plan, args, &path, on_node)?;
+    if args.json {
+        print_json(&serde_json::json!({
+            "system_config": path,
+            "plan": plan,
+            "unchanged": plan.unchanged(),
+            "steps": steps,
+            "dry_run": args.dry_run,
+        }))?;
+        if plan.blocked() {
+            return Ok(ExitCode::from(1));
+        }
+        if args.dry_run || !args.yes {
+            return Ok(ExitCode::SUCCESS);
+        }
+    } else {
+        print!("{}", plan.render_found());
+    }
+    if plan.blocked() {
+        return Ok(ExitCode::from(1));
+    }
+    let say = |line: &str| {
+        if !args.json {
+            println!("{line}");
+        }
+    };
+    if args.dry_run {
+        if plan.unchanged() {
+            say(&format!("\n{}: nothing to change", path.display()));
+        } else if plan.existing.is_some() {
+            say(&format!("\nIt would add to {}:", path.display()));
+            for l in &plan.diff {
+                say(&format!("  {l}"));
+            }
+        } else {
+            say(&format!("\nThe config it would write to {}:\n", path.display()));
+            say(plan.text.trim_end());
+        }
+        say("\nThen it would:");
+        for s in &steps {
+            say(&format!("  {s}"));
+        }
+        say("\n(dry run: nothing was written)");
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    if !plan.unchanged() {
+        if plan.existing.is_some() {
+            say(&format!(
+                "\nTo add to {} (nothing there is changed or removed):",
+                path.display()
+            ));
+            for l in &plan.diff {
+                say(&format!("  {l}"));
+            }
+        } else {
+            say(&format!("\nThe config for {}:\n", path.display()));
+            say(plan.text.trim_end());
+        }
+    }
+    say("\nSteps:");
+    for s in &steps {
+        say(&format!("  {s}"));
+    }
+    if !args.yes {
+        if !interactive {
+            anyhow::bail!(
+                "not on a terminal, so nothing was written: run `handoff setup --yes` to apply, or --dry-run to look"
+            );
+        }
+        if !ask("\nGo ahead?") {
+            println!("Nothing was written.");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "{} is the root-owned system config the hook trusts: run `sudo handoff setup` (nothing was written)",
+            path.display()
+        );
+    }
+    let cfg = plan.config()?;
+    if plan.unchanged() {
+        say(&format!("{}: nothing to change", path.display()));
+    } else {
+        setup::write_config(&path, &plan.text)?;
+        Config::load_system(&path)?;
+        say(&format!(
+            "{}: {}",
+            path.display(),
+            if plan.existing.is_some() {
+                "added what is new"
+            } else {
+                "written"
+            }
+        ));
+    }
+    let handoff = handoff.canonicalize().unwrap_or_else(|_| handoff.to_owned());
+    if !args.no_hooks {
+        if cfg.vms.iter().any(|v| v.vmid.is_none()) {
+            let hooks_dir = args
+                .hooks_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(crate::hook_install::DEFAULT_HOOKS_DIR));
+            let opts = crate::hook_install::InstallOptions {
+                reload_daemon: hooks_dir == std::path::Path::new(crate::hook_install::DEFAULT_HOOKS_DIR),
+                hooks_dir,
+                handoff_exe: handoff.clone(),
+                ..Default::default()
+            };
+            let report = crate::hook_install::install_hooks(&opts)?;
+            say(report.to_string().trim_end());
+        }
+        let vmids: Vec<u32> = cfg
+            .vms
+            .iter()
+            .filter_map(|v| v.vmid)
+            .chain(
+                plan.machine
+                    .pve_node_vms
+                    .iter()
+                    .filter(|v| !v.passthrough.is_empty())
+                    .filter_map(|v| v.vmid),
+            )
+            .collect();
+        if on_node && !vmids.is_empty() {
+            let roots = crate::pve_hooks::Roots {
+                root: pve.root.clone(),
+            };
+            let p = crate::pve_hooks::plan(&roots, &vmids, None, &handoff, false)?;
+            crate::pve_hooks::apply(&roots, &p)?;
+            for a in &p.actions {
+                say(&format!("  {a}"));
+            }
+            for f in &p.foreign {
+                eprintln!("handoff: warning: {}", f.advice);
+            }
+            if p.actions.is_empty() {
+                say(&format!("the hookscript {} is in place", p.volid));
+            }
+        }
+    }
+    if args.no_services {
+        say("install-services: skipped (--no-services)");
+    } else {
+        install_services_for_invoker(&cfg, &handoff, &say)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The steps `setup` would take after writing, in words (`--dry-run` prints them).
+fn setup_steps(
+    plan: &crate::setup::Plan,
+    args: &SetupArgs,
+    path: &std::path::Path,
+    on_node: bool,
+) -> anyhow::Result<Vec<String>> {
+    let mut steps = Vec::new();
+    if plan.blocked() {
+        return Ok(steps);
+    }
+    let cfg = plan.config()?;
+    steps.push(if plan.unchanged() {
+        format!("{}: nothing to change", path.display())
+    } else if plan.existing.is_some() {
+        format!("add {} line(s) to {}", plan.diff.len(), path.display())
+    } else {
+        format!("write {} (root-owned, mode 0644)", path.display())
+    });
+    if args.no_hooks {
+        steps.push("no hooks (--no-hooks)".into());
+    } else {
+        if cfg.vms.iter().any(|v| v.vmid.is_none()) {
+            steps.push("install the libvirt hook (`handoff install-hooks`)".into());
+        }
+        let pve = cfg.vms.iter().any(|v| v.vmid.is_some()) || !plan.machine.pve_node_vms.is_empty();
+        if pve && on_node {
+            steps.push("install the Proxmox VE hookscript (`handoff install-hooks --pve`)".into());
+        } else if pve {
+            steps.push(
+                "not on the Proxmox VE node (no /etc/pve): run `sudo handoff install-hooks --pve` there"
+                    .into(),
+            );
+        }
+    }
+    steps.push(if args.no_services {
+        "no session pieces (--no-services)".into()
+    } else {
+        format!(
+            "`handoff install-services` for {}",
+            invoker().map_or("you".into(), |(n, _)| n)
+        )
+    });
+    Ok(steps)
+}
+
+/// The person who ran `sudo handoff setup` (`SUDO_USER`, not root), with their uid.
+fn invoker() -> Option<(String, PathBuf)> {
+    let name = std::env::var("SUDO_USER")
+        .ok()
+        .filter(|n| !n.is_empty() && n != "root")?;
+    let user = nix::unistd::User::from_name(&name).ok().flatten()?;
+    Some((name, user.dir))
+}
+
+/// `install-services` for whoever ran setup: as that user (through `runuser`) when setup
+/// runs under sudo, so their files are theirs; else for this process's own user.
+fn install_services_for_invoker(
+    cfg: &Config,
+    handoff: &std::path::Path,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<()> {
+    if let Some((name, home)) = invoker()
+        && nix::unistd::geteuid().is_root()
+    {
+        let status = std::process::Command::new("runuser")
+            .args(["-u", &name, "--"])
+            .arg(handoff)
+            .arg("install-services")
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("XDG_DATA_HOME")
+            .env("HOME", home)
+            .status()
+            .context("running `runuser … handoff install-services`")?;
+        if !status.success() {
+            eprintln!(
+                "handoff: warning: install-services for {name} failed ({status}); run `handoff install-services` as {name}"
+            );
+        }
+        return Ok(());
+    }
+    let mut layout = crate::services::Layout::from_env()?;
+    if let Some(dir) = handoff.parent() {
+        layout.bin_dir = dir.to_owned();
+    }
+    let report = crate::services::install(cfg, &layout, false, false)?;
+    say(report.to_string().trim_end());
+    Ok(())
 }

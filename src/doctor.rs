@@ -54,7 +54,20 @@ impl Check {
         self.fix = Some(fix.into());
         self
     }
+
+    /// This check with what to do about it (`handoff setup`'s blockers).
+    pub fn with_fix(self, fix: impl Into<String>) -> Self {
+        self.fix(fix)
+    }
 }
+
+/// What to do when the IOMMU is off (doctor and `handoff setup` say the same).
+pub const IOMMU_FIX: &str = "enable VT-d (Intel) or AMD-Vi/IOMMU in the firmware setup, then add intel_iommu=on iommu=pt \
+                 (Intel; AMD enables it by default) to GRUB_CMDLINE_LINUX_DEFAULT in /etc/default/grub, \
+                 run update-grub and reboot";
+
+/// What to do when a GPU's IOMMU group holds other devices.
+pub const IOMMU_GROUP_FIX: &str = "move the GPU to another slot (often the first x16 slot has its own group), or check for a firmware update; the ACS override patch is a risk to weigh yourself";
 
 /// One line per check (`[ok  ]`, `[warn]`, `[FAIL]` …) with its fix indented below;
 /// shared by `doctor` and `lg-test`.
@@ -163,8 +176,19 @@ pub fn run(cfg: &Config, source: &Source, caller: &Caller, hooks_dir: &Path, ext
         )),
     }
     checks.extend(several_gpus_checks(cfg));
-    checks.push(check_libvirt_group(caller));
-    checks.push(check_hook(hooks_dir));
+    // Every VM on Proxmox VE: the guard is PVE's hookscript on the node (`install-hooks
+    // --pve`), and libvirt is not involved.
+    let pve_only = !cfg.vms.is_empty() && cfg.vms.iter().all(|v| v.vmid.is_some());
+    if pve_only {
+        checks.push(Check::new(
+            "hook",
+            Level::Info,
+            "Every VM is on Proxmox VE: its hookscript guards the GPU (`sudo handoff install-hooks --pve` on the node)",
+        ));
+    } else {
+        checks.push(check_libvirt_group(caller));
+        checks.push(check_hook(hooks_dir));
+    }
     checks.extend(extra);
     Report { checks }
 }
@@ -197,11 +221,7 @@ fn check_iommu(cfg: &Config) -> Check {
                 groups.display()
             ),
         )
-        .fix(
-            "enable VT-d (Intel) or AMD-Vi/IOMMU in the firmware setup, then add intel_iommu=on iommu=pt \
-                 (Intel; AMD enables it by default) to GRUB_CMDLINE_LINUX_DEFAULT in /etc/default/grub, \
-                 run update-grub and reboot",
-        )
+        .fix(IOMMU_FIX)
     }
 }
 
@@ -267,9 +287,13 @@ fn check_iommu_group(g: &Gpu) -> Check {
         Check::new(
             "iommu-group",
             Level::Fail,
-            format!("IOMMU group {} also holds {}: they would have to go to the VM too", group.id, list.join(", ")),
+            format!(
+                "IOMMU group {} also holds {}: they would have to go to the VM too",
+                group.id,
+                list.join(", ")
+            ),
         )
-        .fix("move the GPU to another slot (often the first x16 slot has its own group), or check for a firmware update; the ACS override patch is a risk to weigh yourself")
+        .fix(IOMMU_GROUP_FIX)
     }
 }
 

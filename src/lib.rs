@@ -18,7 +18,8 @@
 //! names safe for each place they are shown, and [`bounded`] reads the files root trusts
 //! without hanging or growing. [`cli`] is the `handoff` command line's grammar, shared by
 //! the two binaries that parse it. The session side: [`i3`] and [`lg`] (open Looking
-//! Glass on its workspace), [`lg_check`] and [`services`] (user units and .desktop files).
+//! Glass on its workspace), [`lg_check`] and [`services`] (user units and .desktop files). [`setup`] finds the GPUs and
+//! the VMs that pass them through and writes the first config.
 
 pub mod action;
 pub mod agent;
@@ -50,6 +51,7 @@ pub mod pve_hooks;
 pub mod refusals;
 pub mod scenes;
 pub mod services;
+pub mod setup;
 pub mod sim;
 pub mod state;
 pub mod status;

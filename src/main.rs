@@ -224,6 +224,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             handoff::cli::watch(&cfg, handoff::live::Sources::for_watch(&cfg), flags.json)
         }
         Command::Bind(args) => bind(cli.config, args),
+        // Only where libvirt is not looked at (a PVE node, --no-libvirt): else `handoff-vm`.
+        Command::Setup(args) => handoff::cli::setup(cli.config, &args, None, &std::env::current_exe()?),
         Command::Doctor(args) => {
             // Only without VMs, so no libvirt checks (and no sleep inhibitor to check).
             let (cfg, source) = load_config(cli.config)?;

@@ -114,7 +114,24 @@ fn script_shows_refusal_vfio_and_return_and_cleans_up() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}\n{err}");
+    // First, what `handoff setup --dry-run` finds on the simulated machine and would write:
+    // the RTX with win11, and not the iGPU, which shows the console.
+    let setup = text
+        .find("== What `handoff setup --dry-run` finds on this machine")
+        .expect("setup's dry run");
+    for says in [
+        "  [[gpu]]\n  address = \"0000:01:00.0\"",
+        "  name = \"win11\"\n  label = \"Windows\"",
+        "# Not handed: ",
+        "(dry run: nothing was written)",
+    ] {
+        assert!(
+            text[setup..].contains(says),
+            "setup --dry-run should show {says:?}:\n{text}\n{err}"
+        );
+    }
     let refused = text.find("refused:").expect("a refusal");
+    assert!(refused > setup);
     assert!(text[refused..].contains("cuda-training (pid "), "{text}");
     let vfio = text
         .find("Windows is running; GPU 0000:01:00.0 on vfio-pci")

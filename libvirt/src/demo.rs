@@ -459,6 +459,8 @@ pub fn run(opts: &Options, exe: &Path, bin_dir: &Path) -> io::Result<u8> {
         config = config_path.display(),
     );
 
+    setup_dry_run(exe, &root, &cfg);
+
     let worker = if opts.script {
         let cfg = cfg.clone();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -515,6 +517,42 @@ pub fn run(opts: &Options, exe: &Path, bin_dir: &Path) -> io::Result<u8> {
     };
     drop(stage);
     Ok(code)
+}
+
+/// What `handoff setup --dry-run` finds on the demo's machine and the config it would
+/// write, printed for a newcomer (issue 20): the same command a real first run is, pointed
+/// at the simulated roots and the demo's libvirt node, writing nothing. The child inherits
+/// the demo's blocked signals; it reads and prints only, and is waited for here.
+fn setup_dry_run(exe: &Path, root: &Path, cfg: &Config) {
+    println!("\n== What `handoff setup --dry-run` finds on this machine, and the config it would write");
+    let out = Command::new(exe)
+        .arg("setup")
+        .arg("--dry-run")
+        .arg("--uri")
+        .arg(format!("test://{}", root.join("demo-node.xml").display()))
+        .arg("--system-config")
+        .arg(root.join("etc/handoff/config.toml"))
+        .args(["--sysfs", &cfg.host.sysfs.to_string_lossy()])
+        .args(["--dev", &cfg.host.dev.to_string_lossy()])
+        .args(["--run", &cfg.host.run.to_string_lossy()])
+        .env_remove("HANDOFF_CONFIG")
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) => {
+            for line in String::from_utf8_lossy(&o.stdout).lines() {
+                println!("  {line}");
+            }
+            if !o.status.success() {
+                println!(
+                    "  (setup --dry-run: {}; {})",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+            }
+        }
+        Err(e) => println!("  (cannot run {} setup --dry-run: {e})", exe.display()),
+    }
 }
 
 /// Wakes the main thread's `sigwaitinfo` (every thread blocks SIGUSR1) when dropped.

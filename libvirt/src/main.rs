@@ -96,6 +96,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let code = handoff_libvirt::demo::run(&opts, &exe, &bin_dir).context("handoff demo")?;
             Ok(ExitCode::from(code))
         }
+        Command::Setup(args) => {
+            // The hook runs `handoff` (installed beside this binary), not handoff-vm.
+            let handoff = handoff::action::sibling("handoff");
+            let mut list = |uri: &str, notes: &mut Vec<String>| {
+                let mut hv = handoff_libvirt::libvirt::Libvirt::new();
+                handoff::setup::discover_vms(&mut hv, uri, notes)
+            };
+            handoff::cli::setup(cli.config, &args, Some(&mut list), &handoff)
+        }
         Command::Agent => {
             let (cfg, _) = load_config(cli.config)?;
             handoff_libvirt::agent::serve(&cfg, std::io::stdin().lock(), Box::new(std::io::stdout()))?;

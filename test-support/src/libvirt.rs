@@ -285,6 +285,14 @@ impl TestDomain {
             std::process::id(),
             NEXT_DOMAIN.fetch_add(1, Ordering::Relaxed)
         );
+        TestDomain::define_named(&name, devices)
+    }
+
+    /// As [`TestDomain::define_with_devices`], named `name` (a seed's domain, such as
+    /// `win11`, for a test that reads names as a person would). Hold [`LibvirtdLock`]: the
+    /// name is not unique to the test process.
+    pub fn define_named(name: &str, devices: &str) -> TestDomain {
+        let name = name.to_owned();
         let xml = DOMAIN_XML
             .replace("@NAME@", &name)
             .replace("</devices>", &format!("{devices}</devices>"));
