@@ -343,7 +343,7 @@ fn with_two_gpus_each_has_its_section_and_the_second_ones_holder_can_be_terminat
             .map(|i| i + from)
             .unwrap_or_else(|| panic!("no {what:?} after #{from} in {texts:#?}"))
     };
-    let primary = at(&v["headline"].as_str().unwrap().to_owned(), 0);
+    let primary = at(v["headline"].as_str().unwrap(), 0);
     let nothing = at("Nothing that this window can see.", primary);
     let section = at(&title, nothing);
     let igpu_headline = at(&headline, section);
