@@ -380,11 +380,14 @@ impl Details {
             let name = label(&format!("{} ({})", vm.label, vm.name));
             name.add_css_class("heading");
             grid.attach(&name, 0, row, 1, 1);
-            let state = if vm.holds_gpu {
+            let mut state = if vm.holds_gpu {
                 format!("{} · has the GPU", vm.state)
             } else {
                 vm.state.clone()
             };
+            for other in &vm.holds_other {
+                state += &format!(" · has {other}");
+            }
             grid.attach(&label(&state), 1, row, 1, 1);
             let buttons = gtk::Box::new(gtk::Orientation::Horizontal, 6);
             for b in &vm.buttons {

@@ -174,6 +174,9 @@ pub struct VmRow {
     pub active: bool,
     /// Holds the GPU now.
     pub holds_gpu: bool,
+    /// The other GPUs it holds now (their [`GpuSection::title`]s).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub holds_other: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub buttons: Vec<Button>,
@@ -378,6 +381,7 @@ impl View {
                     state: v.state.words().to_owned(),
                     active: v.state.is_active(),
                     holds_gpu: g.vm.as_deref() == Some(v.name.as_str()),
+                    holds_other: Vec::new(),
                     error: v.error.clone(),
                     buttons,
                 }
@@ -411,6 +415,21 @@ impl View {
                 r.message.trim()
             )
         });
+
+        let other_gpus: Vec<GpuSection> = facts
+            .others
+            .iter()
+            .map(|o| GpuSection::build(o, facts.uid, facts.now, busy))
+            .collect();
+        let mut vms: Vec<VmRow> = vms;
+        for (o, section) in facts.others.iter().zip(&other_gpus) {
+            if let Some(row) = vms
+                .iter_mut()
+                .find(|r| o.status.gpu.vm.as_deref() == Some(r.name.as_str()))
+            {
+                row.holds_other.push(section.title.clone());
+            }
+        }
 
         let gpu_name = g.name.clone().unwrap_or_else(|| "unknown GPU".to_owned());
         View {
@@ -481,11 +500,7 @@ impl View {
                 .filter(|_| !restore),
             actions,
             busy: busy.map(str::to_owned),
-            other_gpus: facts
-                .others
-                .iter()
-                .map(|o| GpuSection::build(o, facts.uid, facts.now, busy))
-                .collect(),
+            other_gpus,
         }
     }
 }
@@ -690,6 +705,11 @@ mod tests {
         assert_eq!(s.functions.len(), 2);
         assert_eq!(s.holders[0].pid, 4242);
         assert_eq!(labels_of(&s.holders[0].buttons), ["Terminate"]);
+        // A VM that has the iGPU says so in its row.
+        f.others[0].status.gpu.vm = Some("win11".to_owned());
+        let v = View::build(&f, None);
+        assert_eq!(v.vms[0].holds_other, ["UHD 630 · 0000:00:02.0"]);
+        assert!(!v.vms[0].holds_gpu);
         // Without a label: the short name.
         f.others[0].label = None;
         assert!(
