@@ -96,7 +96,11 @@ fn the_macos_vm_on_the_igpu_and_windows_on_the_rtx_run_at_once_and_only_the_rtx_
 fn a_vm_with_both_gpus_is_told_about_each_by_start_stop_and_switch() {
     let Some(sim) = simgpu::workstation() else { return };
     let host = sim.host();
-    let uri = format!("test://{NODE_XML}");
+    // A copy of its own: libvirt's test driver shares one node per file within a process,
+    // and the other test here runs the same domains at the same time.
+    let node = sim.tmp.path().join("node.xml");
+    fs::copy(NODE_XML, &node).unwrap();
+    let uri = format!("test://{}", node.display());
     let text = format!(
         "[[gpu]]\naddress = \"{IGPU}\"\nhost_driver = \"i915\"\nwatchdog_s = 1\nallow_display = true\n\n\
          [[gpu]]\naddress = \"{GPU}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 1\nprimary = true\n\n\
@@ -115,6 +119,20 @@ fn a_vm_with_both_gpus_is_told_about_each_by_start_stop_and_switch() {
     let mut say = |l: &str| said.borrow_mut().push(l.to_owned());
     let mut ctl = Ctl::with_hypervisor(&cfg, &mut say, Box::new(Simulated::new(&cfg).unwrap()));
     ctl.gpu_wait = Duration::from_secs(5);
+
+    // A process holds the RTX, the second of its GPUs in address order: refused up front,
+    // naming it, before anything starts.
+    let holder = simgpu::hold(&sim.dev("nvidia0"));
+    match ctl.start(&vm("both")) {
+        Err(VmError::Busy { text, .. }) => {
+            assert!(text.contains(GPU), "{text}");
+            assert!(text.contains(&holder.pid().to_string()), "{text}");
+        }
+        other => panic!("not refused for the RTX's holder: {:?}", other.map(|o| o.vm)),
+    }
+    drop(holder);
+    sim.assert_home();
+    assert_eq!(sim.driver(IGPU).as_deref(), Some("i915"));
 
     let out = ctl.start(&vm("both")).unwrap();
     let addresses: Vec<String> = out.gpus.iter().map(|g| g.address.to_string()).collect();
