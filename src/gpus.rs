@@ -208,6 +208,17 @@ pub fn igpu_missing(xml: &str, igpu: PciAddress) -> Vec<String> {
     missing
 }
 
+/// Whether a VM's definition, as [`crate::hypervisor::Description::definition`] gives it,
+/// is a macOS guest's: libvirt's domain XML by its libosinfo id ([`is_macos_id`]), a
+/// Proxmox VE VM's config (`key: value` lines) by [`pve_is_macos`].
+pub fn is_macos_definition(definition: &str) -> bool {
+    if definition.trim_start().starts_with('<') {
+        libosinfo_id(definition).is_some_and(|id| is_macos_id(&id))
+    } else {
+        pve_is_macos(&crate::pve::parse_conf(definition))
+    }
+}
+
 /// Whether a Proxmox VE VM config is a macOS guest. PVE has no macOS `ostype` (its values
 /// are Windows, Linux, Solaris and `other`, which macOS guests use along with everything
 /// else), so the sign is QEMU's Apple SMC device in `args` (`-device isa-applesmc,osk=…`),
@@ -343,6 +354,10 @@ mod tests {
         )));
         assert!(!pve_is_macos(&conf("ostype: other\n")));
         assert!(!pve_is_macos(&conf("ostype: win11\nargs: -cpu host\n")));
+        assert!(is_macos_definition(
+            "args: -device isa-applesmc,osk=OSK\nhostpci0: 0000:01:00\n"
+        ));
+        assert!(!is_macos_definition("<domain><name>win11</name></domain>"));
     }
 
     #[test]

@@ -90,8 +90,9 @@ fn the_macos_vm_on_the_igpu_and_windows_on_the_rtx_run_at_once_and_only_the_rtx_
     sim.assert_home();
 }
 
-/// A VM that passes both GPUs through: `start`, `stop` and `switch` say each of them, in
-/// their progress lines, their outcome and its JSON, not only the first.
+/// A VM that passes both GPUs through: `start`, `stop` and `switch` check and say each of
+/// them, in their progress lines, their outcome and its JSON, not only the first. And a
+/// macOS VM given the RTX is told, by `start` itself, that macOS has no driver for it.
 #[test]
 fn a_vm_with_both_gpus_is_told_about_each_by_start_stop_and_switch() {
     let Some(sim) = simgpu::workstation() else { return };
@@ -106,6 +107,7 @@ fn a_vm_with_both_gpus_is_told_about_each_by_start_stop_and_switch() {
          [[gpu]]\naddress = \"{GPU}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 1\nprimary = true\n\n\
          [[vm]]\nname = \"both\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n\
          [[vm]]\nname = \"macos\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n\
+         [[vm]]\nname = \"hackintosh\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n\
          [host]\nsysfs = {:?}\nproc = \"/proc\"\ndev = {:?}\nrun = {:?}\nuninspectable_ok = {:?}\n",
         host.sysfs.display().to_string(),
         host.dev.display().to_string(),
@@ -204,6 +206,28 @@ fn a_vm_with_both_gpus_is_told_about_each_by_start_stop_and_switch() {
     sim.assert_on_vfio();
     assert_eq!(sim.driver(IGPU).as_deref(), Some("vfio-pci"));
     ctl.stop(&vm("both"), true, Duration::from_secs(5)).unwrap();
+    sim.assert_home();
+
+    // A macOS VM (its libosinfo id) given the RTX starts, and `start` says that macOS has
+    // no driver for it, once (the demo's in-process hook says it too).
+    said.borrow_mut().clear();
+    let out = ctl.start(&vm("hackintosh")).unwrap();
+    assert!(
+        out.warnings.iter().any(
+            |w| w.starts_with(&format!("hackintosh is a macOS VM and GPU {GPU} ("))
+                && w.contains("macOS has no driver for it")
+        ),
+        "{:?}",
+        out.warnings
+    );
+    let told: Vec<String> = said
+        .borrow()
+        .iter()
+        .filter(|l| l.contains("is a macOS VM"))
+        .cloned()
+        .collect();
+    assert_eq!(told.len(), 1, "said once: {told:#?}");
+    ctl.stop(&vm("hackintosh"), true, Duration::from_secs(5)).unwrap();
     drop(ctl);
     sim.assert_home();
 }

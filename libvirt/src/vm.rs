@@ -584,6 +584,9 @@ impl<'a> Ctl<'a> {
         for line in &task.notes {
             self.say(line);
         }
+        // What the hypervisor relayed (the demo's in-process hook says its warnings): not
+        // said twice below.
+        let mut heard = task.notes.clone();
         let started = Instant::now();
         let state = loop {
             match self.hv.poll(&task)? {
@@ -591,6 +594,7 @@ impl<'a> Ctl<'a> {
                     for line in &notes {
                         self.say(line);
                     }
+                    heard.extend(notes);
                     break state;
                 }
                 TaskState::Pending { state } if started.elapsed() >= self.start_wait => break state,
@@ -621,7 +625,9 @@ impl<'a> Ctl<'a> {
         }
         let out = self.outcome(vm, state, false)?;
         for w in &out.warnings {
-            (self.progress)(&format!("warning: {w}"));
+            if !heard.iter().any(|h| h.contains(w.as_str())) {
+                (self.progress)(&format!("warning: {w}"));
+            }
         }
         Ok(out)
     }
@@ -663,11 +669,11 @@ impl<'a> Ctl<'a> {
             let gc = self.cfg.gpu.at(address).unwrap_or(&self.cfg.gpu);
             gpus.push(GpuReport::read(&self.cfg.host, gc, &vm.uri)?);
         }
-        let looking_glass = self
-            .hv
-            .describe(&VmRef::from(vm))
-            .ok()
-            .and_then(|d| d.looking_glass);
+        let description = self.hv.describe(&VmRef::from(vm)).ok();
+        let macos = description
+            .as_ref()
+            .is_some_and(|d| handoff::gpus::is_macos_definition(&d.definition));
+        let looking_glass = description.and_then(|d| d.looking_glass);
         let on_vfio = |gpu: &GpuReport| {
             gpu.owner
                 .filter(|o| *o != Owner::Absent)
@@ -683,6 +689,15 @@ impl<'a> Ctl<'a> {
             None
         };
         let mut warnings = Vec::new();
+        // The hook says it too, but where a person starting the VM does not read it
+        // (libvirtd's log, PVE's task log).
+        if macos && is_local(&vm.uri) {
+            let name = handoff::escape::plain(&vm.name);
+            warnings.extend(
+                gpus.iter()
+                    .filter_map(|g| handoff::hook::macos_nvidia_warning(&self.cfg.host, &name, g.address)),
+            );
+        }
         for (gpu, on) in gpus.iter().zip(&each) {
             if *on != Some(false) {
                 continue;
