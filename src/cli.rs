@@ -626,7 +626,7 @@ pub fn status(
 /// doctor` reports it).
 pub fn config_check_vms(
     cfg: &Config,
-    describe: &mut dyn FnMut(&crate::config::VmConfig) -> Result<String, String>,
+    describe: &mut dyn FnMut(&crate::config::VmConfig) -> Result<crate::hypervisor::Description, String>,
 ) -> ExitCode {
     let checks = crate::doctor::vm_definition_checks(cfg, describe);
     print!("{}", crate::doctor::render_checks(&checks));

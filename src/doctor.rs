@@ -587,16 +587,22 @@ pub fn several_gpus_checks(cfg: &Config) -> Vec<Check> {
 /// What the VMs' own definitions say (`doctor` and `config check`): each device a VM passes
 /// through that no `[[gpu]]` names (a display controller is a warning: handoff does not
 /// guard it), a macOS VM given an NVIDIA card newer than Kepler, and what a VM taking an
-/// Intel iGPU lacks to drive it. `definition` gives a VM's XML; one it cannot give is
-/// passed over (the libvirt checks report it).
+/// Intel iGPU lacks to drive it. `definition` describes a VM (libvirt's domain XML, or a
+/// Proxmox VE VM's config with its passed-through devices, mappings resolved); one it
+/// cannot describe is passed over (the libvirt checks report it).
 pub fn vm_definition_checks(
     cfg: &Config,
-    definition: &mut dyn FnMut(&VmConfig) -> Result<String, String>,
+    definition: &mut dyn FnMut(&VmConfig) -> Result<crate::hypervisor::Description, String>,
 ) -> Vec<Check> {
     let host = &cfg.host;
     let mut checks = Vec::new();
     for vm in &cfg.vms {
-        let Ok(xml) = definition(vm) else { continue };
+        let Ok(d) = definition(vm) else { continue };
+        if vm.vmid.is_some() {
+            checks.extend(pve_definition_checks(cfg, vm, &d));
+            continue;
+        }
+        let xml = d.definition;
         let Ok(hostdevs) = crate::hook::domain_hostdevs(&xml) else {
             continue;
         };
@@ -644,6 +650,68 @@ pub fn vm_definition_checks(
                     .fix("add what is missing to the VM's definition (virsh edit); the iGPU's ROM comes from its vendor or the OVMF/IGD project of your choice"),
                 );
             }
+        }
+    }
+    checks
+}
+
+/// [`vm_definition_checks`] of a Proxmox VE VM: its `hostpciN` devices (as the API
+/// resolved them) that no `[[gpu]]` names, a macOS guest (`args` with `isa-applesmc`) given
+/// an NVIDIA card newer than Kepler, and what its config lacks for an Intel iGPU it takes
+/// ([`crate::gpus::pve_igpu_missing`]).
+fn pve_definition_checks(cfg: &Config, vm: &VmConfig, d: &crate::hypervisor::Description) -> Vec<Check> {
+    let host = &cfg.host;
+    let conf = crate::pve::parse_conf(&d.definition);
+    let name = crate::escape::plain(vm.label());
+    let mut checks = Vec::new();
+    for a in crate::gpus::unnamed(cfg, &d.passthrough) {
+        let display = crate::gpus::class_of(host, a).is_some_and(crate::gpus::is_display_class);
+        checks.push(if display {
+            Check::new(
+                "vm-unnamed-device",
+                Level::Warn,
+                format!("VM {name} passes through the display controller {a}, which no [[gpu]] names: handoff does not guard it"),
+            )
+            .fix(format!("add a [[gpu]] with address = \"{a}\" and its host_driver"))
+        } else {
+            Check::new(
+                "vm-unnamed-device",
+                Level::Info,
+                format!("VM {name} passes through {a}, which no [[gpu]] names; Proxmox VE alone hands it"),
+            )
+        });
+    }
+    let taken = crate::gpus::taken_by(cfg, &d.passthrough);
+    if crate::gpus::pve_is_macos(&conf) {
+        for g in &taken {
+            if let Some(w) = crate::hook::macos_nvidia_warning(host, &name, g.address) {
+                checks.push(Check::new("macos-nvidia", Level::Warn, w));
+            }
+        }
+    }
+    // The mappings are resolved in `passthrough` but not per hostpciN: the check reads the
+    // iGPU's own hostpciN only when it names the device directly.
+    let mappings = std::collections::BTreeMap::new();
+    for g in &taken {
+        let Ok(gpu) = gpu::read_gpu(host, g.address) else {
+            continue;
+        };
+        if !crate::gpus::is_intel_igpu(&gpu) {
+            continue;
+        }
+        let missing = crate::gpus::pve_igpu_missing(&conf, &mappings, g.address);
+        if !missing.is_empty() {
+            checks.push(
+                Check::new(
+                    "igpu-vm",
+                    Level::Warn,
+                    format!("VM {name} takes the Intel iGPU {}, but {}", g.address, missing.join("; ")),
+                )
+                .fix(format!(
+                    "add what is missing to /etc/pve/qemu-server/{}.conf (qm set); the iGPU's ROM comes from its vendor or the IGD ROM project of your choice",
+                    vm.vmid.unwrap_or_default()
+                )),
+            );
         }
     }
     checks

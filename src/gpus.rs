@@ -208,6 +208,81 @@ pub fn igpu_missing(xml: &str, igpu: PciAddress) -> Vec<String> {
     missing
 }
 
+/// Whether a VM's definition, as [`crate::hypervisor::Description::definition`] gives it,
+/// is a macOS guest's: libvirt's domain XML by its libosinfo id ([`is_macos_id`]), a
+/// Proxmox VE VM's config (`key: value` lines) by [`pve_is_macos`].
+pub fn is_macos_definition(definition: &str) -> bool {
+    if definition.trim_start().starts_with('<') {
+        libosinfo_id(definition).is_some_and(|id| is_macos_id(&id))
+    } else {
+        pve_is_macos(&crate::pve::parse_conf(definition))
+    }
+}
+
+/// Whether a Proxmox VE VM config is a macOS guest. PVE has no macOS `ostype` (its values
+/// are Windows, Linux, Solaris and `other`, which macOS guests use along with everything
+/// else), so the sign is QEMU's Apple SMC device in `args` (`-device isa-applesmc,osk=…`),
+/// without which macOS does not boot.
+pub fn pve_is_macos(conf: &std::collections::BTreeMap<String, String>) -> bool {
+    conf.get("args").is_some_and(|a| a.contains("isa-applesmc"))
+}
+
+/// What a Proxmox VE VM that takes an Intel iGPU lacks in its config for the guest to drive
+/// it, each said plainly; empty when nothing is found missing, or when no `hostpciN` names
+/// the iGPU directly (a resource mapping `mappings` does not resolve is not guessed at).
+/// Checked, as qemu-server builds QEMU's command line (`PVE::QemuServer::PCI`):
+/// - the IGD OpRegion: PVE's `legacy-igd=1` on the iGPU's `hostpciN` (QEMU's legacy IGD
+///   mode, which sets the OpRegion up), or `-set device.hostpciN.x-igd-opregion=on` in
+///   `args` (PVE names the device `hostpciN`): without it the guest's driver finds no
+///   display outputs;
+/// - a UEFI guest (`bios: ovmf`) needs the iGPU's GOP ROM, `romfile=` (a file in
+///   `/usr/share/kvm/`): QEMU has none of its own.
+///
+/// What PVE itself refuses at start (`legacy-igd` with `vga` other than `none`, with q35,
+/// with `x-vga`) it says itself, and is not repeated here.
+pub fn pve_igpu_missing(
+    conf: &std::collections::BTreeMap<String, String>,
+    mappings: &std::collections::BTreeMap<String, Vec<crate::pve::PciSel>>,
+    igpu: PciAddress,
+) -> Vec<String> {
+    let entry = conf.iter().find(|(k, v)| {
+        k.strip_prefix("hostpci")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            && crate::pve::parse_hostpci(v).is_some_and(|h| {
+                h.devices.iter().any(|d| d.touches(&igpu))
+                    || h.mapping
+                        .and_then(|m| mappings.get(&m))
+                        .is_some_and(|ds| ds.iter().any(|d| d.touches(&igpu)))
+            })
+    });
+    let Some((key, value)) = entry else {
+        return Vec::new();
+    };
+    let option = |name: &str| {
+        value
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| k.trim() == name)
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let mut missing = Vec::new();
+    let legacy = option("legacy-igd").is_some_and(|v| matches!(v.as_str(), "1" | "on" | "yes" | "true"));
+    let opregion_arg = format!("device.{key}.x-igd-opregion=on");
+    if !legacy && !conf.get("args").is_some_and(|a| a.contains(&opregion_arg)) {
+        missing.push(format!(
+            "its IGD OpRegion is not turned on: neither legacy-igd=1 on {key} (PVE's legacy IGD mode) nor \
+             `-set {opregion_arg}` in args; without it the guest's driver finds no display outputs"
+        ));
+    }
+    if conf.get("bios").map(String::as_str) == Some("ovmf") && option("romfile").is_none() {
+        missing.push(format!(
+            "{key} has no romfile=: a UEFI guest (bios: ovmf) needs the iGPU's GOP ROM to show a picture \
+             (a file in /usr/share/kvm/)"
+        ));
+    }
+    missing
+}
+
 /// A domain XML holding only one `<hostdev>` element, for [`crate::hook::domain_hostdevs`].
 fn hostdev_only(xml: &str, h: &roxmltree::Node) -> String {
     format!("<domain><devices>{}</devices></domain>", &xml[h.range()])
@@ -239,6 +314,50 @@ mod tests {
         assert!(is_macos_id(&id));
         assert!(!is_macos_id("http://microsoft.com/win/11"));
         assert_eq!(libosinfo_id("<domain><name>x</name></domain>"), None);
+    }
+
+    #[test]
+    fn a_pve_igpu_vm_is_told_what_its_config_lacks() {
+        let igpu = PciAddress::new(0, 0, 2, 0);
+        let none = std::collections::BTreeMap::new();
+        let conf = |t: &str| crate::pve::parse_conf(t);
+        let bare = conf("name: macos\nbios: ovmf\nhostpci1: 0000:00:02.0,pcie=1\nhostpci0: 0000:01:00\n");
+        let m = pve_igpu_missing(&bare, &none, igpu);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(m[0].contains("legacy-igd=1 on hostpci1"), "{m:?}");
+        assert!(m[0].contains("-set device.hostpci1.x-igd-opregion=on"), "{m:?}");
+        assert!(m[1].starts_with("hostpci1 has no romfile="), "{m:?}");
+        // Legacy mode has the OpRegion; SeaBIOS needs no GOP ROM.
+        let legacy = conf("hostpci0: 0000:00:02.0,legacy-igd=1\nvga: none\n");
+        assert_eq!(pve_igpu_missing(&legacy, &none, igpu), Vec::<String>::new());
+        // The OpRegion through args must name the iGPU's own hostpciN.
+        let other = conf(
+            "bios: ovmf\nargs: -set device.hostpci0.x-igd-opregion=on\nhostpci1: 0000:00:02.0,romfile=igd.rom\n",
+        );
+        assert_eq!(pve_igpu_missing(&other, &none, igpu).len(), 1);
+        let right = conf(
+            "bios: ovmf\nargs: -set device.hostpci1.x-igd-opregion=on\nhostpci1: 0000:00:02.0,romfile=igd.rom\n",
+        );
+        assert_eq!(pve_igpu_missing(&right, &none, igpu), Vec::<String>::new());
+        // Through a mapping this node resolves; one it does not is not guessed at.
+        let mapped = conf("hostpci0: mapping=igd\n");
+        assert_eq!(pve_igpu_missing(&mapped, &none, igpu), Vec::<String>::new());
+        let maps = crate::pve::parse_pci_mapping("igd\n\tmap node=pve,path=0000:00:02.0\n", "pve");
+        assert_eq!(pve_igpu_missing(&mapped, &maps, igpu).len(), 1);
+    }
+
+    #[test]
+    fn a_pve_macos_vm_is_known_by_its_apple_smc() {
+        let conf = |t: &str| crate::pve::parse_conf(t);
+        assert!(pve_is_macos(&conf(
+            "args: -device isa-applesmc,osk=OSK -smbios type=2\nostype: other\n"
+        )));
+        assert!(!pve_is_macos(&conf("ostype: other\n")));
+        assert!(!pve_is_macos(&conf("ostype: win11\nargs: -cpu host\n")));
+        assert!(is_macos_definition(
+            "args: -device isa-applesmc,osk=OSK\nhostpci0: 0000:01:00\n"
+        ));
+        assert!(!is_macos_definition("<domain><name>win11</name></domain>"));
     }
 
     #[test]

@@ -339,6 +339,11 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
             }
         }
     }
+    if phase == "pre-start" {
+        for w in kind_warnings(cfg, &me, &conf, &mappings, &gpus) {
+            let _ = writeln!(err, "handoff: warning: {w}");
+        }
+    }
     let owner = |a: PciAddress| gpu::read_gpu(&cfg.host, a).map(|g| g.owner);
     if phase == "pre-start" {
         // A restore record names a VM that has stopped but whose post-stop has not run
@@ -402,6 +407,37 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
         return 0;
     }
     crate::hook::prepare(&cfg, &name, &addresses, err)
+}
+
+/// What the VM will lack with the GPUs it takes, said in `pre-start` as warnings (the start
+/// itself is safe, so never a refusal; PVE puts them in the start task's log): a macOS guest
+/// ([`crate::gpus::pve_is_macos`]) given an NVIDIA card newer than Kepler, and what its
+/// config lacks for an Intel iGPU ([`crate::gpus::pve_igpu_missing`]).
+fn kind_warnings(
+    cfg: &Config,
+    me: &str,
+    conf: &BTreeMap<String, String>,
+    mappings: &BTreeMap<String, Vec<PciSel>>,
+    gpus: &[&GpuConfig],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let macos = crate::gpus::pve_is_macos(conf);
+    for g in gpus {
+        if macos && let Some(w) = crate::hook::macos_nvidia_warning(&cfg.host, me, g.address) {
+            out.push(w);
+        }
+        if gpu::read_gpu(&cfg.host, g.address).is_ok_and(|gpu| crate::gpus::is_intel_igpu(&gpu)) {
+            let missing = crate::gpus::pve_igpu_missing(conf, mappings, g.address);
+            if !missing.is_empty() {
+                out.push(format!(
+                    "{me} takes the Intel iGPU {}, but {}",
+                    g.address,
+                    missing.join("; ")
+                ));
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

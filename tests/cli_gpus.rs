@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 
 use handoff::config::{Config, VmConfig};
 use handoff::doctor::{self, Level};
+use handoff::hypervisor::Description;
 use handoff::sim::{SimHost, SimSpec};
 use serde_json::Value;
 
@@ -203,7 +204,15 @@ fn blockers_json_lists_both_gpus_and_the_exit_status_is_the_worst() {
 
 /// The homelab's macOS VM as libvirt would give it: the iGPU, no ROM, no OpRegion; and
 /// a macOS VM given the RTX, with a NIC no `[[gpu]]` names.
-fn definitions(vm: &VmConfig) -> Result<String, String> {
+fn definitions(vm: &VmConfig) -> Result<Description, String> {
+    xml_definitions(vm).map(|definition| Description {
+        passthrough: Vec::new(),
+        looking_glass: None,
+        definition,
+    })
+}
+
+fn xml_definitions(vm: &VmConfig) -> Result<String, String> {
     let hostdev = |bus: u8, slot: u8, function: u8| {
         format!(
             "<hostdev mode='subsystem' type='pci'><source><address domain='0x0000' bus='0x{bus:02x}' \
@@ -285,6 +294,86 @@ fn doctor_reads_the_vms_definitions_for_unnamed_devices_macos_and_the_igpu() {
             .unwrap()
             .contains("no console on a screen and no local desktop")
     );
+}
+
+/// Proxmox VE VMs as `handoff-pve` describes them (the config's `key: value` lines, the
+/// `hostpciN` devices resolved): the homelab's macOS VM 130 on the iGPU without legacy-igd,
+/// OpRegion or GOP ROM; 131, a macOS VM (Apple's SMC in `args`) given the RTX; 140, Windows
+/// with the RTX and an iGPU set up as PVE wants it.
+fn pve_definitions(vm: &VmConfig) -> Result<Description, String> {
+    let rtx = handoff::sim::RTX_3090_TI;
+    let igpu = handoff::sim::IGPU;
+    let (definition, passthrough) = match vm.vmid {
+        Some(130) => (
+            "name: macos\nbios: ovmf\nostype: other\nargs: -device isa-applesmc,osk=OSK -smbios type=2\n\
+             vga: none\nhostpci0: 0000:00:02.0\n",
+            vec![igpu],
+        ),
+        Some(131) => (
+            "name: hackintosh\nostype: other\nargs: -device isa-applesmc,osk=OSK\nhostpci0: 0000:01:00,pcie=1\n",
+            vec![rtx, rtx.with_function(1)],
+        ),
+        Some(140) => (
+            "name: win11\nbios: ovmf\nostype: win11\nvga: none\nmachine: pc-i440fx-8.1\n\
+             hostpci0: 0000:00:02.0,legacy-igd=1,romfile=igd.rom\nhostpci1: 0000:01:00\n",
+            vec![igpu, rtx, rtx.with_function(1)],
+        ),
+        _ => return Err("no such VM".into()),
+    };
+    Ok(Description {
+        passthrough,
+        looking_glass: None,
+        definition: definition.to_owned(),
+    })
+}
+
+#[test]
+fn doctor_reads_pve_vm_configs_for_what_the_igpu_needs_and_macos_on_nvidia() {
+    let m = machine();
+    let mut cfg = Config::load_file(&m.config()).unwrap();
+    let pve = |name: &str, vmid: u32| {
+        let mut v = VmConfig::named(name, name);
+        v.vmid = Some(vmid);
+        v
+    };
+    cfg.vms = vec![pve("macos", 130), pve("hackintosh", 131), pve("win11", 140)];
+    let checks = doctor::vm_definition_checks(&cfg, &mut pve_definitions);
+    let said: Vec<(&str, Level, &str)> = checks
+        .iter()
+        .map(|c| (c.id, c.level, c.summary.as_str()))
+        .collect();
+    assert_eq!(said.len(), 2, "win11 has everything; {said:#?}");
+    assert_eq!((said[0].0, said[0].1), ("igpu-vm", Level::Warn));
+    assert!(
+        said[0].2.starts_with(
+            "VM macos takes the Intel iGPU 0000:00:02.0, but its IGD OpRegion is not turned on: \
+             neither legacy-igd=1 on hostpci0"
+        ),
+        "{said:#?}"
+    );
+    assert!(
+        said[0]
+            .2
+            .contains("hostpci0 has no romfile=: a UEFI guest (bios: ovmf)"),
+        "{said:#?}"
+    );
+    assert!(
+        checks[0]
+            .fix
+            .as_deref()
+            .unwrap()
+            .contains("/etc/pve/qemu-server/130.conf"),
+        "{:?}",
+        checks[0]
+    );
+    assert_eq!((said[1].0, said[1].1), ("macos-nvidia", Level::Warn));
+    assert!(
+        said[1]
+            .2
+            .starts_with("hackintosh is a macOS VM and GPU 0000:01:00.0"),
+        "{said:#?}"
+    );
+    assert!(said[1].2.contains("macOS has no driver for it"), "{said:#?}");
 }
 
 #[test]

@@ -333,3 +333,72 @@ fn with_several_gpus_a_vm_gets_all_of_its_gpus_or_none() {
     );
     pve.sim.assert_home();
 }
+
+/// The checks per kind of GPU, in `pre-start`'s output (PVE's task log) as warnings that do
+/// not stop the start: the macOS VM 130 (Apple's SMC in `args`) on the iGPU without
+/// PVE's legacy IGD mode, OpRegion or GOP ROM is told what its config lacks; a macOS VM given
+/// the RTX (newer than Kepler) that macOS has no driver for it. Windows (142, both GPUs, the
+/// iGPU set up as PVE wants it) hears neither.
+#[test]
+fn pre_start_warns_what_an_igpu_vm_lacks_and_that_macos_has_no_nvidia_driver() {
+    let _serial = simgpu::serial();
+    let Some(pve) = two_gpus() else { return };
+    let qs = pve.root.join("etc/pve/qemu-server");
+    fs::write(
+        qs.join("130.conf"),
+        "args: -device isa-applesmc,osk=OSK -smbios type=2\nbios: ovmf\nhostpci0: 0000:00:02.0\nname: macos\nostype: other\nvga: none\n",
+    )
+    .unwrap();
+    let r = pve.hook(130, "pre-start");
+    assert_eq!(r.code, 0, "a warning, not a refusal: {}", r.output);
+    assert!(
+        r.output.contains(
+            "handoff: warning: macOS (VM 130) takes the Intel iGPU 0000:00:02.0, but its IGD OpRegion is not turned on: \
+             neither legacy-igd=1 on hostpci0 (PVE's legacy IGD mode) nor `-set device.hostpci0.x-igd-opregion=on` in args"
+        ),
+        "{}",
+        r.output
+    );
+    assert!(
+        r.output
+            .contains("hostpci0 has no romfile=: a UEFI guest (bios: ovmf) needs the iGPU's GOP ROM"),
+        "{}",
+        r.output
+    );
+    assert!(!r.output.contains("macOS has no driver"), "{}", r.output);
+    assert_eq!(pve.sim.driver(IGPU).as_deref(), Some("vfio-pci"));
+    assert_eq!(pve.hook(130, "post-stop").code, 0);
+    assert_eq!(pve.sim.driver(IGPU).as_deref(), Some("i915"));
+
+    // A macOS VM given the RTX.
+    fs::write(
+        qs.join("131.conf"),
+        "args: -device isa-applesmc,osk=OSK\nhostpci0: 0000:01:00,pcie=1\nname: hackintosh\nostype: other\n",
+    )
+    .unwrap();
+    let r = pve.hook(131, "pre-start");
+    assert_eq!(r.code, 0, "a warning, not a refusal: {}", r.output);
+    assert!(
+        r.output
+            .contains("handoff: warning: hackintosh (VM 131) is a macOS VM and GPU 0000:01:00.0 (")
+            && r.output
+                .contains("is an NVIDIA card newer than Kepler: macOS has no driver for it"),
+        "{}",
+        r.output
+    );
+    pve.sim.assert_on_vfio();
+    assert_eq!(pve.hook(131, "post-stop").code, 0);
+    pve.sim.assert_home();
+
+    // Windows with both, its iGPU in legacy IGD mode with a ROM: nothing to say.
+    fs::write(
+        qs.join("142.conf"),
+        "bios: ovmf\nhostpci0: 0000:01:00\nhostpci1: 0000:00:02.0,legacy-igd=1,romfile=igd.rom\nmachine: pc-i440fx-8.1\nname: both\nostype: win11\nvga: none\n",
+    )
+    .unwrap();
+    let r = pve.hook(142, "pre-start");
+    assert_eq!(r.code, 0, "{}", r.output);
+    assert!(!r.output.contains("warning"), "{}", r.output);
+    assert_eq!(pve.hook(142, "post-stop").code, 0);
+    pve.sim.assert_home();
+}

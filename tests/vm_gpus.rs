@@ -89,3 +89,145 @@ fn the_macos_vm_on_the_igpu_and_windows_on_the_rtx_run_at_once_and_only_the_rtx_
     drop(ctl);
     sim.assert_home();
 }
+
+/// A VM that passes both GPUs through: `start`, `stop` and `switch` check and say each of
+/// them, in their progress lines, their outcome and its JSON, not only the first. And a
+/// macOS VM given the RTX is told, by `start` itself, that macOS has no driver for it.
+#[test]
+fn a_vm_with_both_gpus_is_told_about_each_by_start_stop_and_switch() {
+    let Some(sim) = simgpu::workstation() else { return };
+    let host = sim.host();
+    // A copy of its own: libvirt's test driver shares one node per file within a process,
+    // and the other test here runs the same domains at the same time.
+    let node = sim.tmp.path().join("node.xml");
+    fs::copy(NODE_XML, &node).unwrap();
+    let uri = format!("test://{}", node.display());
+    let text = format!(
+        "[[gpu]]\naddress = \"{IGPU}\"\nhost_driver = \"i915\"\nwatchdog_s = 1\nallow_display = true\n\n\
+         [[gpu]]\naddress = \"{GPU}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 1\nprimary = true\n\n\
+         [[vm]]\nname = \"both\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n\
+         [[vm]]\nname = \"macos\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n\
+         [[vm]]\nname = \"hackintosh\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n\
+         [host]\nsysfs = {:?}\nproc = \"/proc\"\ndev = {:?}\nrun = {:?}\nuninspectable_ok = {:?}\n",
+        host.sysfs.display().to_string(),
+        host.dev.display().to_string(),
+        host.run.display().to_string(),
+        host.uninspectable_ok,
+    );
+    let cfg = Config::parse(&text, std::path::Path::new("test.toml")).unwrap();
+    fs::create_dir_all(&host.run).unwrap();
+    let vm = |name: &str| -> VmConfig { cfg.vm(Some(name)).unwrap().clone() };
+    let said = std::cell::RefCell::new(Vec::<String>::new());
+    let mut say = |l: &str| said.borrow_mut().push(l.to_owned());
+    let mut ctl = Ctl::with_hypervisor(&cfg, &mut say, Box::new(Simulated::new(&cfg).unwrap()));
+    ctl.gpu_wait = Duration::from_secs(5);
+
+    // A process holds the RTX, the second of its GPUs in address order: refused up front,
+    // naming it, before anything starts.
+    let holder = simgpu::hold(&sim.dev("nvidia0"));
+    match ctl.start(&vm("both")) {
+        Err(VmError::Busy { text, .. }) => {
+            assert!(text.contains(GPU), "{text}");
+            assert!(text.contains(&holder.pid().to_string()), "{text}");
+        }
+        other => panic!("not refused for the RTX's holder: {:?}", other.map(|o| o.vm)),
+    }
+    drop(holder);
+    sim.assert_home();
+    assert_eq!(sim.driver(IGPU).as_deref(), Some("i915"));
+
+    let out = ctl.start(&vm("both")).unwrap();
+    let addresses: Vec<String> = out.gpus.iter().map(|g| g.address.to_string()).collect();
+    assert_eq!(addresses, [IGPU, GPU], "both, in address order");
+    assert_eq!(out.gpu_on_vfio, Some(true));
+    assert_eq!(
+        out.gpus_words(),
+        format!("GPU {IGPU} is on vfio-pci and GPU {GPU} is on vfio-pci")
+    );
+    let json = serde_json::to_value(&out).unwrap();
+    assert_eq!(json["gpus"].as_array().unwrap().len(), 2, "{json:#}");
+    assert_eq!(json["gpus"][1]["owner"], "vfio", "{json:#}");
+    sim.assert_on_vfio();
+    assert_eq!(sim.driver(IGPU).as_deref(), Some("vfio-pci"));
+
+    // macOS wants the iGPU, which `both` has: refused naming the iGPU, not the first GPU
+    // `both` takes by chance.
+    match ctl.start(&vm("macos")) {
+        Err(VmError::OtherVmHolds { other, gpu, .. }) => {
+            assert_eq!((other.as_str(), gpu.to_string().as_str()), ("both", IGPU));
+        }
+        other => panic!("not refused naming both: {:?}", other.map(|o| o.vm)),
+    }
+
+    said.borrow_mut().clear();
+    let out = ctl.stop(&vm("both"), true, Duration::from_secs(5)).unwrap();
+    assert_eq!(out.gpu_returned, Some(true));
+    let back: Vec<(String, Option<bool>)> = out
+        .gpus
+        .iter()
+        .map(|g| (g.address.to_string(), g.returned))
+        .collect();
+    assert_eq!(
+        back,
+        [(IGPU.to_owned(), Some(true)), (GPU.to_owned(), Some(true))]
+    );
+    let words = out.gpus_words();
+    assert!(
+        words.starts_with(&format!(
+            "GPU {IGPU} is back on Linux (i915) and GPU {GPU} is back on Linux (nvidia)"
+        )),
+        "{words}"
+    );
+    let waits: Vec<String> = said
+        .borrow()
+        .iter()
+        .filter(|l| l.starts_with("Waiting for GPU"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        waits,
+        [
+            format!("Waiting for GPU {IGPU} to return to i915…"),
+            format!("Waiting for GPU {GPU} to return to nvidia…"),
+        ]
+    );
+    sim.assert_home();
+    assert_eq!(sim.driver(IGPU).as_deref(), Some("i915"));
+
+    // A switch from macOS (on the iGPU) to `both` stops macOS and starts `both` with each.
+    ctl.start(&vm("macos")).unwrap();
+    said.borrow_mut().clear();
+    let switched = ctl.switch(&vm("both"), true, None).unwrap();
+    let stopped: Vec<&str> = switched.stopped.iter().map(|s| s.vm.as_str()).collect();
+    assert_eq!(stopped, ["macos"]);
+    assert_eq!(switched.started.gpus.len(), 2);
+    let json = serde_json::to_value(&switched).unwrap();
+    assert_eq!(json["started"]["gpus"].as_array().unwrap().len(), 2, "{json:#}");
+    sim.assert_on_vfio();
+    assert_eq!(sim.driver(IGPU).as_deref(), Some("vfio-pci"));
+    ctl.stop(&vm("both"), true, Duration::from_secs(5)).unwrap();
+    sim.assert_home();
+
+    // A macOS VM (its libosinfo id) given the RTX starts, and `start` says that macOS has
+    // no driver for it, once (the demo's in-process hook says it too).
+    said.borrow_mut().clear();
+    let out = ctl.start(&vm("hackintosh")).unwrap();
+    assert!(
+        out.warnings.iter().any(
+            |w| w.starts_with(&format!("hackintosh is a macOS VM and GPU {GPU} ("))
+                && w.contains("macOS has no driver for it")
+        ),
+        "{:?}",
+        out.warnings
+    );
+    let told: Vec<String> = said
+        .borrow()
+        .iter()
+        .filter(|l| l.contains("is a macOS VM"))
+        .cloned()
+        .collect();
+    assert_eq!(told.len(), 1, "said once: {told:#?}");
+    ctl.stop(&vm("hackintosh"), true, Duration::from_secs(5)).unwrap();
+    drop(ctl);
+    sim.assert_home();
+}

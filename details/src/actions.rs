@@ -66,10 +66,7 @@ fn find_vm<'a>(cfg: &'a Config, name: &str) -> Result<&'a VmConfig, Outcome> {
 }
 
 fn started(out: &StartOutcome) -> String {
-    let gpu = match out.gpu_on_vfio {
-        Some(true) => format!("GPU {} is on vfio-pci", out.gpu.address),
-        _ => format!("GPU {} is {}", out.gpu.address, out.gpu.phrase),
-    };
+    let gpu = out.gpus_words();
     let was = if out.already_running { "was already" } else { "is" };
     let mut s = format!("{} {was} {}; {gpu}.", out.label, out.state.words());
     for w in &out.warnings {
@@ -80,10 +77,7 @@ fn started(out: &StartOutcome) -> String {
 }
 
 fn stopped(out: &StopOutcome) -> String {
-    let gpu = match out.gpu_returned {
-        Some(true) => format!("GPU {} is back {}", out.gpu.address, out.gpu.phrase),
-        _ => format!("GPU {} is {}", out.gpu.address, out.gpu.phrase),
-    };
+    let gpu = out.gpus_words();
     let what = match (out.was_running, out.forced) {
         (false, _) => "was not running".to_owned(),
         (true, true) => "was forced off".to_owned(),

@@ -18,7 +18,7 @@ use handoff::verdict::{HookFiles, State};
 use handoff_libvirt::libvirt::Prober;
 
 use crate::actions::{self, Outcome};
-use crate::view::{Action, Button, Facts, View};
+use crate::view::{Action, Button, Facts, FunctionRow, HolderRow, OtherGpu, View};
 
 const CSS: &str = "
 .headline { font-size: 24pt; font-weight: bold; }
@@ -28,6 +28,8 @@ const CSS: &str = "
 .owner-warn { color: #c64600; }
 .owner-restore { color: #c01c28; }
 .section { font-weight: bold; font-size: 12pt; margin-top: 10px; }
+.gpu-title { font-weight: bold; font-size: 16pt; margin-top: 18px; }
+.gpu-headline { font-size: 14pt; font-weight: bold; }
 .foreign { color: #c01c28; font-weight: bold; }
 .message { padding: 8px; border-radius: 6px; }
 .message.ok { background-color: alpha(#26a269, 0.15); }
@@ -37,9 +39,26 @@ const CSS: &str = "
 /// Reads everything the window shows. Runs on a worker thread.
 fn read_facts(cfg: &Config, prober: &Mutex<Prober>) -> Result<Facts, String> {
     let mut prober = prober.lock().unwrap_or_else(|p| p.into_inner());
-    let status = handoff::status::collect(cfg, &mut |vm| prober.probe(vm)).map_err(|e| e.to_string())?;
+    // Every GPU, the VMs probed once; the primary one on top, the others in file order.
+    let each =
+        handoff::status::collect_each(cfg, None, &mut |vm| prober.probe(vm)).map_err(|e| e.to_string())?;
+    let (primary, others): (Vec<_>, Vec<_>) =
+        each.into_iter().partition(|s| s.gpu.address == cfg.gpu.address);
+    let status = primary
+        .into_iter()
+        .next()
+        .ok_or_else(|| "the primary GPU was not read".to_owned())?;
+    let others = others
+        .into_iter()
+        .map(|s| OtherGpu {
+            files: HookFiles::load(&cfg.host, s.gpu.address),
+            label: cfg.gpu.at(s.gpu.address).and_then(|g| g.label.clone()),
+            status: s,
+        })
+        .collect();
     Ok(Facts {
         status,
+        others,
         files: HookFiles::load(&cfg.host, cfg.gpu.address),
         uid: nix::unistd::getuid().as_raw(),
         now: std::time::SystemTime::now()
@@ -301,17 +320,17 @@ impl Details {
         let c = &self.content;
         let headline = label(&v.headline);
         headline.add_css_class("headline");
-        // The window's colour per verdict state (the rules are the library's).
-        headline.add_css_class(match v.verdict.state {
-            // Not the green of "free" when the holder scan could not look everywhere.
-            State::Idle if v.verdict.unseen => "owner-unseen",
-            State::Idle => "owner-host",
-            State::Busy | State::Switching | State::LibvirtUnreachable => "owner-warn",
-            State::InVm => "owner-vm",
-            State::RestoreRequired | State::Absent | State::Unreadable => "owner-restore",
-        });
+        // The window's colour per verdict state.
+        headline.add_css_class(state_class(&v.verdict));
         c.append(&headline);
         c.append(&label(&v.subline));
+        // The other GPUs in a line each, so that they are seen without scrolling to their
+        // sections.
+        for g in &v.other_gpus {
+            let l = label(&format!("Also {}: {}", g.title, g.headline));
+            l.add_css_class(state_class(&g.verdict));
+            c.append(&l);
+        }
 
         if let Some(busy) = &v.busy {
             let row = gtk::Box::new(gtk::Orientation::Horizontal, 8);
@@ -343,31 +362,7 @@ impl Details {
         c.append(&actions);
 
         c.append(&section("Using the GPU"));
-        if v.holders.is_empty() {
-            c.append(&label("Nothing that this window can see."));
-        }
-        let grid = new_grid();
-        for (col, h) in ["PID", "Command", "User", "Unit", ""].iter().enumerate() {
-            if !v.holders.is_empty() {
-                grid.attach(&header(h), col as i32, 0, 1, 1);
-            }
-        }
-        for (i, h) in v.holders.iter().enumerate() {
-            let row = i as i32 * 2 + 1;
-            grid.attach(&label(&h.pid.to_string()), 0, row, 1, 1);
-            grid.attach(&label(&h.command), 1, row, 1, 1);
-            grid.attach(&label(&h.user), 2, row, 1, 1);
-            grid.attach(&label(h.unit.as_deref().unwrap_or("—")), 3, row, 1, 1);
-            let buttons = gtk::Box::new(gtk::Orientation::Horizontal, 6);
-            for b in &h.buttons {
-                buttons.append(&self.button(b));
-            }
-            grid.attach(&buttons, 4, row, 1, 1);
-            let what = label(&h.what);
-            what.add_css_class("dim-label");
-            grid.attach(&what, 1, row + 1, 4, 1);
-        }
-        c.append(&grid);
+        c.append(&self.holders_grid(&v.holders));
         if let Some(u) = &v.uninspected {
             c.append(&label(u));
         }
@@ -385,11 +380,14 @@ impl Details {
             let name = label(&format!("{} ({})", vm.label, vm.name));
             name.add_css_class("heading");
             grid.attach(&name, 0, row, 1, 1);
-            let state = if vm.holds_gpu {
+            let mut state = if vm.holds_gpu {
                 format!("{} · has the GPU", vm.state)
             } else {
                 vm.state.clone()
             };
+            for other in &vm.holds_other {
+                state += &format!(" · has {other}");
+            }
             grid.attach(&label(&state), 1, row, 1, 1);
             let buttons = gtk::Box::new(gtk::Orientation::Horizontal, 6);
             for b in &vm.buttons {
@@ -419,22 +417,7 @@ impl Details {
         c.append(&label(&format!("{}  ·  {}", v.gpu_name, v.address)));
 
         c.append(&section("Functions"));
-        let grid = new_grid();
-        for (col, h) in ["Address", "Kind", "Driver", "driver_override", "Power"]
-            .iter()
-            .enumerate()
-        {
-            grid.attach(&header(h), col as i32, 0, 1, 1);
-        }
-        for (row, f) in v.functions.iter().enumerate() {
-            for (col, text) in [&f.address, &f.kind, &f.driver, &f.driver_override, &f.power]
-                .into_iter()
-                .enumerate()
-            {
-                grid.attach(&label(text), col as i32, row as i32 + 1, 1, 1);
-            }
-        }
-        c.append(&grid);
+        c.append(&functions_grid(&v.functions));
 
         if let Some(g) = &v.iommu {
             c.append(&section(&format!("IOMMU group {}", g.id)));
@@ -452,6 +435,88 @@ impl Details {
             c.append(&grid);
             c.append(&label(&g.verdict));
         }
+
+        // Every other GPU: which it is, its verdict, what holds it, its functions.
+        for g in &v.other_gpus {
+            let title = label(&format!("GPU {}", g.title));
+            title.add_css_class("gpu-title");
+            c.append(&title);
+            let headline = label(&g.headline);
+            headline.add_css_class("gpu-headline");
+            headline.add_css_class(state_class(&g.verdict));
+            c.append(&headline);
+            c.append(&label(&g.subline));
+            c.append(&label(&g.gpu_name));
+            c.append(&section("Using it"));
+            c.append(&self.holders_grid(&g.holders));
+            if let Some(u) = &g.uninspected {
+                c.append(&label(u));
+            }
+            for n in &g.notes {
+                c.append(&label(&format!("Note: {n}")));
+            }
+            c.append(&section("Functions"));
+            c.append(&functions_grid(&g.functions));
+        }
+    }
+
+    /// What holds a GPU: a row per process with its buttons, or that nothing visible does.
+    fn holders_grid(self: &Rc<Self>, holders: &[HolderRow]) -> gtk::Widget {
+        if holders.is_empty() {
+            return label("Nothing that this window can see.").upcast();
+        }
+        let grid = new_grid();
+        for (col, h) in ["PID", "Command", "User", "Unit", ""].iter().enumerate() {
+            grid.attach(&header(h), col as i32, 0, 1, 1);
+        }
+        for (i, h) in holders.iter().enumerate() {
+            let row = i as i32 * 2 + 1;
+            grid.attach(&label(&h.pid.to_string()), 0, row, 1, 1);
+            grid.attach(&label(&h.command), 1, row, 1, 1);
+            grid.attach(&label(&h.user), 2, row, 1, 1);
+            grid.attach(&label(h.unit.as_deref().unwrap_or("—")), 3, row, 1, 1);
+            let buttons = gtk::Box::new(gtk::Orientation::Horizontal, 6);
+            for b in &h.buttons {
+                buttons.append(&self.button(b));
+            }
+            grid.attach(&buttons, 4, row, 1, 1);
+            let what = label(&h.what);
+            what.add_css_class("dim-label");
+            grid.attach(&what, 1, row + 1, 4, 1);
+        }
+        grid.upcast()
+    }
+}
+
+/// A GPU's functions: address, kind, driver, `driver_override`, power.
+fn functions_grid(functions: &[FunctionRow]) -> gtk::Grid {
+    let grid = new_grid();
+    for (col, h) in ["Address", "Kind", "Driver", "driver_override", "Power"]
+        .iter()
+        .enumerate()
+    {
+        grid.attach(&header(h), col as i32, 0, 1, 1);
+    }
+    for (row, f) in functions.iter().enumerate() {
+        for (col, text) in [&f.address, &f.kind, &f.driver, &f.driver_override, &f.power]
+            .into_iter()
+            .enumerate()
+        {
+            grid.attach(&label(text), col as i32, row as i32 + 1, 1, 1);
+        }
+    }
+    grid
+}
+
+/// The headline's colour class per verdict state (the rules are the library's).
+fn state_class(v: &handoff::verdict::Verdict) -> &'static str {
+    match v.state {
+        // Not the green of "free" when the holder scan could not look everywhere.
+        State::Idle if v.unseen => "owner-unseen",
+        State::Idle => "owner-host",
+        State::Busy | State::Switching | State::LibvirtUnreachable => "owner-warn",
+        State::InVm => "owner-vm",
+        State::RestoreRequired | State::Absent | State::Unreadable => "owner-restore",
     }
 }
 

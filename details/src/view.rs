@@ -24,6 +24,37 @@ pub struct Facts {
     pub uid: u32,
     /// Unix time now, for "… ago".
     pub now: u64,
+    /// The other configured GPUs (`[[gpu]]` besides the primary one), in the config's
+    /// order: each gets a section of its own under the primary GPU's.
+    pub others: Vec<OtherGpu>,
+}
+
+/// One more GPU's reading: its status and the hook's files about it.
+#[derive(Debug, Clone)]
+pub struct OtherGpu {
+    pub status: Status,
+    pub files: HookFiles,
+    /// Its `label` in the config, when it has one.
+    pub label: Option<String>,
+}
+
+/// A GPU besides the primary one: what it is, its verdict, its functions and what holds
+/// it. Its VMs are the window's (one list: which GPU a VM takes is its own definition's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GpuSection {
+    /// "UHD 630 · 0000:00:02.0": the config's label, else the short name, and the address.
+    pub title: String,
+    pub address: String,
+    pub gpu_name: String,
+    pub owner: &'static str,
+    pub verdict: Verdict,
+    pub headline: String,
+    pub subline: String,
+    pub functions: Vec<FunctionRow>,
+    pub holders: Vec<HolderRow>,
+    pub uninspected: Option<String>,
+    /// The holder scan's notes about it.
+    pub notes: Vec<String>,
 }
 
 /// Something a button does: the one vocabulary of actions every surface shares
@@ -143,6 +174,9 @@ pub struct VmRow {
     pub active: bool,
     /// Holds the GPU now.
     pub holds_gpu: bool,
+    /// The other GPUs it holds now (their [`GpuSection::title`]s).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub holds_other: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub buttons: Vec<Button>,
@@ -190,6 +224,8 @@ pub struct View {
     pub actions: Vec<Button>,
     /// An action under way ("Stopping Windows…"): every button but Refresh is disabled.
     pub busy: Option<String>,
+    /// Every other configured GPU, a section each.
+    pub other_gpus: Vec<GpuSection>,
 }
 
 fn vm_label<'a>(vms: &'a [VmStatus], name: &'a str) -> &'a str {
@@ -345,6 +381,7 @@ impl View {
                     state: v.state.words().to_owned(),
                     active: v.state.is_active(),
                     holds_gpu: g.vm.as_deref() == Some(v.name.as_str()),
+                    holds_other: Vec::new(),
                     error: v.error.clone(),
                     buttons,
                 }
@@ -378,6 +415,21 @@ impl View {
                 r.message.trim()
             )
         });
+
+        let other_gpus: Vec<GpuSection> = facts
+            .others
+            .iter()
+            .map(|o| GpuSection::build(o, facts.uid, facts.now, busy))
+            .collect();
+        let mut vms: Vec<VmRow> = vms;
+        for (o, section) in facts.others.iter().zip(&other_gpus) {
+            if let Some(row) = vms
+                .iter_mut()
+                .find(|r| o.status.gpu.vm.as_deref() == Some(r.name.as_str()))
+            {
+                row.holds_other.push(section.title.clone());
+            }
+        }
 
         let gpu_name = g.name.clone().unwrap_or_else(|| "unknown GPU".to_owned());
         View {
@@ -448,9 +500,55 @@ impl View {
                 .filter(|_| !restore),
             actions,
             busy: busy.map(str::to_owned),
+            other_gpus,
         }
     }
+}
 
+impl GpuSection {
+    /// The section of `other`: the same rendering of the verdict, functions and holders as
+    /// the primary GPU's (one [`View::build`]), under a title that says which GPU it is.
+    pub fn build(other: &OtherGpu, uid: u32, now: u64, busy: Option<&str>) -> GpuSection {
+        let v = View::build(
+            &Facts {
+                status: other.status.clone(),
+                files: other.files.clone(),
+                uid,
+                now,
+                others: Vec::new(),
+            },
+            busy,
+        );
+        let name = other
+            .label
+            .as_deref()
+            .map(plain)
+            .or_else(|| {
+                other
+                    .status
+                    .gpu
+                    .name
+                    .as_deref()
+                    .map(|n| gpu::short_name(n).to_owned())
+            })
+            .unwrap_or_else(|| "GPU".to_owned());
+        GpuSection {
+            title: format!("{name} · {}", v.address),
+            address: v.address,
+            gpu_name: v.gpu_name,
+            owner: v.owner,
+            verdict: v.verdict,
+            headline: v.headline,
+            subline: v.subline,
+            functions: v.functions,
+            holders: v.holders,
+            uninspected: v.uninspected,
+            notes: v.notes,
+        }
+    }
+}
+
+impl View {
     /// Every button, in the order shown.
     #[cfg(test)]
     pub fn buttons(&self) -> impl Iterator<Item = &Button> {
@@ -579,7 +677,50 @@ mod tests {
             files: HookFiles::default(),
             uid: ME,
             now: 1_700_000_000,
+            others: Vec::new(),
         }
+    }
+
+    #[test]
+    fn every_other_gpu_gets_a_section_with_its_own_verdict_functions_and_holders() {
+        let igpu = PciAddress::new(0, 0, 2, 0);
+        let mut other = facts("i915", Vec::new()).status;
+        other.gpu.address = igpu;
+        other.gpu.name = Some("Intel UHD Graphics 630".to_owned());
+        other.gpu.blockers = vec![holder(4242, "ffmpeg", ME, None)];
+        let mut f = facts("nvidia", vec![vm("win11", "Windows", VmState::Shutoff)]);
+        f.others = vec![OtherGpu {
+            status: other,
+            files: HookFiles::default(),
+            label: Some("UHD 630".to_owned()),
+        }];
+        let v = View::build(&f, None);
+        assert_eq!(v.address, "0000:01:00.0", "the primary GPU stays on top");
+        assert!(v.holders.is_empty());
+        assert_eq!(v.other_gpus.len(), 1);
+        let s = &v.other_gpus[0];
+        assert_eq!(s.title, "UHD 630 · 0000:00:02.0");
+        assert_eq!(s.verdict.state, State::Busy);
+        assert_eq!(s.headline, s.verdict.headline);
+        assert_eq!(s.functions.len(), 2);
+        assert_eq!(s.holders[0].pid, 4242);
+        assert_eq!(labels_of(&s.holders[0].buttons), ["Terminate"]);
+        // A VM that has the iGPU says so in its row.
+        f.others[0].status.gpu.vm = Some("win11".to_owned());
+        let v = View::build(&f, None);
+        assert_eq!(v.vms[0].holds_other, ["UHD 630 · 0000:00:02.0"]);
+        assert!(!v.vms[0].holds_gpu);
+        // Without a label: the short name.
+        f.others[0].label = None;
+        assert!(
+            View::build(&f, None).other_gpus[0]
+                .title
+                .ends_with("· 0000:00:02.0")
+        );
+    }
+
+    fn labels_of(buttons: &[Button]) -> Vec<&str> {
+        buttons.iter().map(|b| b.label.as_str()).collect()
     }
 
     fn labels(buttons: &[Button]) -> Vec<&str> {
@@ -959,6 +1100,7 @@ mod every_surface {
                 files: HookFiles::load(&cfg.host, cfg.gpu.address),
                 uid: 1000,
                 now: 0,
+                others: Vec::new(),
             };
             let v = View::build(&facts, None);
             assert_eq!(v.verdict.state.word(), want["state"], "{name}");

@@ -295,6 +295,80 @@ fn terminate_asks_first_then_ends_my_process() {
     s.shot("terminated");
 }
 
+/// Two GPUs: the window shows each, the primary one (the RTX) on top and the iGPU in a
+/// section of its own with its verdict headline, functions and holders, as a screen reader
+/// reads it; the iGPU's holder's "Terminate" works from that section.
+#[test]
+fn with_two_gpus_each_has_its_section_and_the_second_ones_holder_can_be_terminated() {
+    let Some(mut s) = Session::start() else { return };
+    let igpu = handoff::sim::IGPU;
+    let (sim, config) = workstation_with_test_vm(
+        s.dir.path(),
+        &format!("[[gpu]]\naddress = \"{igpu}\"\nlabel = \"UHD 630\"\nhost_driver = \"i915\"\n\n"),
+    );
+    let text = fs::read_to_string(&config)
+        .unwrap()
+        .replacen("[gpu]\n", "[[gpu]]\n", 1);
+    fs::write(&config, text).unwrap();
+    let mut holder = holder(&sim.dev().join("dri/card0"));
+    let pid = holder.0.id();
+    let mut views = s.open_window(Command::new(BIN), &config);
+    let v = views.wait_for("the iGPU's holder", |v| {
+        v["other_gpus"][0]["holders"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|h| h["pid"] == pid))
+    });
+    assert_eq!(
+        v["address"],
+        RTX_3090_TI.to_string(),
+        "the primary GPU on top: {v:#}"
+    );
+    assert_eq!(v["holders"], serde_json::json!([]), "{v:#}");
+    let igpu_view = &v["other_gpus"][0];
+    assert_eq!(igpu_view["title"], format!("UHD 630 · {igpu}"));
+    assert_eq!(igpu_view["verdict"]["state"], "busy", "{igpu_view:#}");
+    let headline = igpu_view["headline"].as_str().unwrap().to_owned();
+    assert_eq!(igpu_view["functions"][0]["driver"], "i915");
+
+    // What a screen reader reads: the primary GPU's sections, then the iGPU's title, its
+    // headline, its holder and its function.
+    let a = A11y::connect(&s.bus, "handoff-details");
+    let title = format!("GPU UHD 630 · {igpu}");
+    a.wait_text("the iGPU's section", |t| t == title);
+    let texts = a.texts();
+    let at = |what: &str, from: usize| {
+        texts[from..]
+            .iter()
+            .position(|t| t == what)
+            .map(|i| i + from)
+            .unwrap_or_else(|| panic!("no {what:?} after #{from} in {texts:#?}"))
+    };
+    let primary = at(v["headline"].as_str().unwrap(), 0);
+    let nothing = at("Nothing that this window can see.", primary);
+    let section = at(&title, nothing);
+    let igpu_headline = at(&headline, section);
+    let held = at(&pid.to_string(), igpu_headline);
+    at(&igpu.to_string(), held);
+    s.shot("two-gpus");
+
+    // Its holder's "Terminate", from the iGPU's section.
+    a.press(main_window, Some(&pid.to_string()), "Terminate");
+    wait_for("the question", || dialog_texts(&a).is_some());
+    let q = dialog_texts(&a).unwrap();
+    assert!(q.contains(&format!("Terminate sleep (pid {pid})?")), "{q:#?}");
+    a.press(dialog, None, "Terminate");
+    a.wait_text("the outcome", |t| t == format!("sleep (pid {pid}) has ended."));
+    let st = holder.0.try_wait().unwrap().expect("it has ended");
+    assert_eq!(st.signal(), Some(libc::SIGTERM), "{st:?}");
+    let v = views.wait_for("the iGPU free of it", |v| {
+        v["busy"].is_null()
+            && v["other_gpus"][0]["holders"]
+                .as_array()
+                .is_some_and(|h| h.is_empty())
+    });
+    assert_ne!(v["other_gpus"][0]["verdict"]["state"], "busy", "{v:#}");
+}
+
 #[test]
 fn stop_unit_asks_first_then_stops_my_service() {
     let Some(mut s) = Session::start() else { return };

@@ -1,8 +1,13 @@
 //! `handoff-block` with several GPUs: the primary one by default, another by `--gpu` or
 //! i3blocks' `instance` (`BLOCK_INSTANCE`), on the two-GPU scene (the iGPU in the running
-//! macOS VM of libvirt's test driver, the RTX on Linux).
+//! macOS VM of libvirt's test driver, the RTX on Linux): by itself, and as the real
+//! i3blocks runs two of them side by side.
 
 use std::process::Command;
+use std::time::Duration;
+
+use handoff_test_support::block::I3blocks;
+use handoff_test_support::tools::have_all;
 
 fn block(config: &std::path::Path, args: &[&str], instance: Option<&str>) -> (i32, Vec<String>, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_handoff-block"));
@@ -51,5 +56,29 @@ fn the_block_shows_the_primary_gpu_or_the_one_its_instance_names() {
     assert!(
         stderr.contains("no [[gpu]] is \"Radeon\" (configured: UHD 630, RTX)"),
         "{stderr}"
+    );
+}
+
+/// The real i3blocks with a block per GPU, the iGPU's named by its `instance` (the RTX's is
+/// the primary one's, by default): the bar shows both, each its own GPU's owner.
+#[test]
+fn i3blocks_shows_both_gpus_side_by_side() {
+    if !have_all(&["i3blocks"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let scene = handoff::scenes::Scene::put(tmp.path(), "macOS has the iGPU").unwrap();
+    let bin = env!("CARGO_BIN_EXE_handoff-block");
+    let blocks = format!(
+        "[rtx]\ninstance=gpu\ncommand={bin}\ninterval=once\n\n\
+         [igpu]\ninstance=0000:00:02.0\ncommand={bin}\ninterval=once\n"
+    );
+    let mut bar = I3blocks::start(tmp.path(), &blocks, &[("HANDOFF_CONFIG", scene.config.as_path())]);
+    let t = Duration::from_secs(20);
+    let (rtx, _) = bar.wait_for_block("rtx", "GPU: Linux", t);
+    let (igpu, _) = bar.wait_for_block("igpu", "GPU: macOS", t);
+    assert_ne!(
+        rtx.color, igpu.color,
+        "each in its own owner's colour: {rtx:?} {igpu:?}"
     );
 }

@@ -46,7 +46,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut hv = handoff_libvirt::open(&cfg);
             Ok(handoff::cli::config_check_vms(&cfg, &mut |vm| {
                 hv.describe(&handoff::hypervisor::VmRef::from(vm))
-                    .map(|d| d.definition)
                     .map_err(|e| e.to_string())
             }))
         }
@@ -57,7 +56,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 handoff::doctor::libvirt_checks(&cfg, &mut |vm| handoff::hypervisor::vm_status(&mut *hv, vm));
             extra.extend(handoff::doctor::vm_definition_checks(&cfg, &mut |vm| {
                 hv.describe(&handoff::hypervisor::VmRef::from(vm))
-                    .map(|d| d.definition)
                     .map_err(|e| e.to_string())
             }));
             extra.push(handoff_inhibit::doctor_check());
@@ -260,20 +258,13 @@ fn vm_command(
 }
 
 fn print_started(out: &vm::StartOutcome) {
-    let gpu = match out.gpu_on_vfio {
-        Some(true) => format!("GPU {} is on vfio-pci", out.gpu.address),
-        Some(false) if !out.already_running => format!("GPU {} is still {}", out.gpu.address, out.gpu.phrase),
-        _ => format!("GPU {} is {}", out.gpu.address, out.gpu.phrase),
-    };
+    let gpu = out.gpus_words();
     let was = if out.already_running { "was already" } else { "is" };
     println!("{} ({}) {was} {}; {gpu}.", out.label, out.vm, out.state.words());
 }
 
 fn print_stopped(out: &vm::StopOutcome) {
-    let gpu = match out.gpu_returned {
-        Some(true) => format!("GPU {} is back {}", out.gpu.address, out.gpu.phrase),
-        _ => format!("GPU {} is {}", out.gpu.address, out.gpu.phrase),
-    };
+    let gpu = out.gpus_words();
     let what = match (out.was_running, out.forced) {
         (false, _) => "was not running",
         (true, true) => "was forced off",

@@ -223,6 +223,9 @@ pub struct GpuReport {
     pub owner: Option<Owner>,
     /// "on vfio-pci", "on Linux (nvidia)", or why it is unknown.
     pub phrase: String,
+    /// After `stop`: it was with the VM and came back (None: it was not the VM's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub returned: Option<bool>,
 }
 
 impl GpuReport {
@@ -240,6 +243,7 @@ impl GpuReport {
             address: g.address,
             owner: Some(g.owner),
             phrase,
+            returned: None,
         })
     }
 
@@ -251,6 +255,7 @@ impl GpuReport {
                 "on {} (not visible from here)",
                 uri_host(uri).unwrap_or("another host")
             ),
+            returned: None,
         }
     }
 }
@@ -264,13 +269,50 @@ pub struct StartOutcome {
     pub state: VmState,
     /// It was running before we were asked; nothing was done.
     pub already_running: bool,
+    /// The VM's first GPU (in address order): what a surface that shows one GPU shows.
     pub gpu: GpuReport,
-    /// The GPU is on vfio-pci (None: cannot tell, the VM is remote).
+    /// Every GPU the VM takes (its definition's, in address order; `gpu` is the first).
+    pub gpus: Vec<GpuReport>,
+    /// Every GPU it takes is on vfio-pci (None: cannot tell, the VM is remote).
     pub gpu_on_vfio: Option<bool>,
     /// Said to the person besides progress: why the GPU did not move, the hook's warnings.
     pub warnings: Vec<String>,
     /// The Looking Glass shared memory device in the live XML, when there is one.
     pub looking_glass: Option<Shmem>,
+}
+
+impl StartOutcome {
+    /// Where each of its GPUs is, for the line a person reads: "GPU 0000:01:00.0 is on
+    /// vfio-pci and GPU 0000:00:02.0 is on vfio-pci".
+    pub fn gpus_words(&self) -> String {
+        let each: Vec<String> = self
+            .gpus
+            .iter()
+            .map(|g| match g.owner {
+                Some(Owner::Vfio) => format!("GPU {} is on vfio-pci", g.address),
+                Some(Owner::Host) if !self.already_running => {
+                    format!("GPU {} is still {}", g.address, g.phrase)
+                }
+                _ => format!("GPU {} is {}", g.address, g.phrase),
+            })
+            .collect();
+        each.join(" and ")
+    }
+}
+
+impl StopOutcome {
+    /// Where each of its GPUs is now: "GPU 0000:01:00.0 is back on Linux (nvidia) and …".
+    pub fn gpus_words(&self) -> String {
+        let each: Vec<String> = self
+            .gpus
+            .iter()
+            .map(|g| match g.returned {
+                Some(true) => format!("GPU {} is back {}", g.address, g.phrase),
+                _ => format!("GPU {} is {}", g.address, g.phrase),
+            })
+            .collect();
+        each.join(" and ")
+    }
 }
 
 /// What to do once the VM runs: the hook point for "then open Looking Glass".
@@ -310,8 +352,12 @@ pub struct StopOutcome {
     pub forced: bool,
     /// Seconds until the VM was off.
     pub waited_s: f64,
+    /// The VM's first GPU (in address order).
     pub gpu: GpuReport,
-    /// The GPU came back to the host driver after this VM (None: it was not this VM's).
+    /// Every GPU the VM takes (`gpu` is the first), where each is now.
+    pub gpus: Vec<GpuReport>,
+    /// Every GPU that was with this VM came back to its host driver (None: none was this
+    /// VM's).
     pub gpu_returned: Option<bool>,
 }
 
@@ -492,17 +538,29 @@ impl<'a> Ctl<'a> {
             return Ok(out);
         }
         if let Some((other, s)) = self.active_others(vm).into_iter().next() {
+            // The GPU both take (the first, when they share several).
+            let mine = self.gpus_of(vm);
+            let gpu = self
+                .gpus_of(&other)
+                .into_iter()
+                .find(|g| mine.contains(g))
+                .unwrap_or(self.gpu.address);
             return Err(VmError::OtherVmHolds {
                 vm: vm.name.clone(),
                 label: vm.label().to_owned(),
-                gpu: self.gpu.address,
+                gpu,
                 other: other.name.clone(),
                 other_label: other.label().to_owned(),
                 state: s.words(),
             });
         }
         if is_local(&vm.uri) {
-            self.check_holders(vm)?;
+            // Every GPU it takes: the hook hands all or none, so a holder of any one stops it.
+            for address in self.gpus_of(vm) {
+                self.gpu = self.cfg.gpu.at(address).unwrap_or(&self.cfg.gpu).clone();
+                self.check_holders(vm)?;
+            }
+            self.focus(vm);
         }
         self.say(&format!("Starting {} ({})…", vm.label(), vm.name));
         let task = match self.hv.start(&VmRef::from(vm)) {
@@ -526,6 +584,9 @@ impl<'a> Ctl<'a> {
         for line in &task.notes {
             self.say(line);
         }
+        // What the hypervisor relayed (the demo's in-process hook says its warnings): not
+        // said twice below.
+        let mut heard = task.notes.clone();
         let started = Instant::now();
         let state = loop {
             match self.hv.poll(&task)? {
@@ -533,6 +594,7 @@ impl<'a> Ctl<'a> {
                     for line in &notes {
                         self.say(line);
                     }
+                    heard.extend(notes);
                     break state;
                 }
                 TaskState::Pending { state } if started.elapsed() >= self.start_wait => break state,
@@ -563,7 +625,9 @@ impl<'a> Ctl<'a> {
         }
         let out = self.outcome(vm, state, false)?;
         for w in &out.warnings {
-            (self.progress)(&format!("warning: {w}"));
+            if !heard.iter().any(|h| h.contains(w.as_str())) {
+                (self.progress)(&format!("warning: {w}"));
+            }
         }
         Ok(out)
     }
@@ -600,18 +664,44 @@ impl<'a> Ctl<'a> {
     }
 
     fn outcome(&mut self, vm: &VmConfig, state: VmState, already: bool) -> Result<StartOutcome, VmError> {
-        let gpu = GpuReport::read(&self.cfg.host, &self.gpu, &vm.uri)?;
-        let looking_glass = self
-            .hv
-            .describe(&VmRef::from(vm))
-            .ok()
-            .and_then(|d| d.looking_glass);
-        let gpu_on_vfio = gpu
-            .owner
-            .filter(|o| *o != Owner::Absent)
-            .map(|o| o == Owner::Vfio);
+        let mut gpus = Vec::new();
+        for address in self.gpus_of(vm) {
+            let gc = self.cfg.gpu.at(address).unwrap_or(&self.cfg.gpu);
+            gpus.push(GpuReport::read(&self.cfg.host, gc, &vm.uri)?);
+        }
+        let description = self.hv.describe(&VmRef::from(vm)).ok();
+        let macos = description
+            .as_ref()
+            .is_some_and(|d| handoff::gpus::is_macos_definition(&d.definition));
+        let looking_glass = description.and_then(|d| d.looking_glass);
+        let on_vfio = |gpu: &GpuReport| {
+            gpu.owner
+                .filter(|o| *o != Owner::Absent)
+                .map(|o| o == Owner::Vfio)
+        };
+        // All of them or, as soon as one is known not to be, not.
+        let each: Vec<Option<bool>> = gpus.iter().map(on_vfio).collect();
+        let gpu_on_vfio = if each.contains(&Some(false)) {
+            Some(false)
+        } else if each.iter().all(|e| *e == Some(true)) {
+            Some(true)
+        } else {
+            None
+        };
         let mut warnings = Vec::new();
-        if gpu_on_vfio == Some(false) {
+        // The hook says it too, but where a person starting the VM does not read it
+        // (libvirtd's log, PVE's task log).
+        if macos && is_local(&vm.uri) {
+            let name = handoff::escape::plain(&vm.name);
+            warnings.extend(
+                gpus.iter()
+                    .filter_map(|g| handoff::hook::macos_nvidia_warning(&self.cfg.host, &name, g.address)),
+            );
+        }
+        for (gpu, on) in gpus.iter().zip(&each) {
+            if *on != Some(false) {
+                continue;
+            }
             warnings.push(if self.hook_installed() {
                 format!(
                     "GPU {} is still {}: the hook did not hand it to {} (is {} a [[vm]] in {}? `handoff doctor` checks)",
@@ -634,7 +724,8 @@ impl<'a> Ctl<'a> {
             uri: vm.uri.clone(),
             state,
             already_running: already,
-            gpu,
+            gpu: gpus[0].clone(),
+            gpus,
             gpu_on_vfio,
             warnings,
             looking_glass,
@@ -646,7 +737,12 @@ impl<'a> Ctl<'a> {
     pub fn stop(&mut self, vm: &VmConfig, force: bool, timeout: Duration) -> Result<StopOutcome, VmError> {
         self.focus(vm);
         let (state, _) = self.state(vm)?;
-        let was_ours = self.gpu_is_with(vm)?;
+        // Each GPU the VM takes, and whether it is with this VM now (then it is waited for).
+        let mut mine = Vec::new();
+        for address in self.gpus_of(vm) {
+            self.gpu = self.cfg.gpu.at(address).unwrap_or(&self.cfg.gpu).clone();
+            mine.push((self.gpu.clone(), self.gpu_is_with(vm)?));
+        }
         let started = Instant::now();
         let stop_failed = |e: HypervisorError| match e {
             HypervisorError::Stop { message, .. } => VmError::StopFailed {
@@ -684,12 +780,20 @@ impl<'a> Ctl<'a> {
             self.wait_stopped(vm, &task, started, timeout)?;
         }
         let waited_s = started.elapsed().as_secs_f64();
-        let (gpu, gpu_returned) = if was_ours {
-            let g = self.wait_gpu_home()?;
-            (g, Some(true))
-        } else {
-            (GpuReport::read(&self.cfg.host, &self.gpu, &vm.uri)?, None)
-        };
+        let mut gpus = Vec::new();
+        let mut gpu_returned = None;
+        // One after the other: the hook returns them in one release, so the later waits
+        // are short. The first that does not come home is the error (it names its GPU).
+        for (gc, was_ours) in mine {
+            self.gpu = gc;
+            if was_ours {
+                gpus.push(self.wait_gpu_home()?);
+                gpu_returned = Some(true);
+            } else {
+                gpus.push(GpuReport::read(&self.cfg.host, &self.gpu, &vm.uri)?);
+            }
+        }
+        self.focus(vm);
         Ok(StopOutcome {
             vm: vm.name.clone(),
             label: vm.label().to_owned(),
@@ -697,7 +801,8 @@ impl<'a> Ctl<'a> {
             was_running: state.is_active(),
             forced: force && state.is_active(),
             waited_s,
-            gpu,
+            gpu: gpus[0].clone(),
+            gpus,
             gpu_returned,
         })
     }
@@ -760,7 +865,7 @@ impl<'a> Ctl<'a> {
     fn gpu_is_with(&self, vm: &VmConfig) -> Result<bool, VmError> {
         // `host_driver = "vfio-pci"` (a PVE host that keeps the card isolated): the GPU
         // never leaves vfio-pci, so there is nothing to wait for after a VM.
-        if !is_local(&vm.uri) || self.cfg.gpu.host_driver == "vfio-pci" {
+        if !is_local(&vm.uri) || self.gpu.host_driver == "vfio-pci" {
             return Ok(false);
         }
         let host = &self.cfg.host;
@@ -799,6 +904,7 @@ impl<'a> Ctl<'a> {
                     address,
                     owner: Some(g.owner),
                     phrase,
+                    returned: Some(true),
                 });
             }
             // A stuck record: the hook has given up, and nothing will retry; waiting on

@@ -213,3 +213,81 @@ fn the_trays_agent_sees_a_pve_vm_start_within_the_poll_interval() {
     }
     panic!("no change for linux-ai within 10 s; the agent said: {seen:#?}");
 }
+
+/// `handoff config check` and `doctor` read each PVE VM's config through the API (`handoff-vm`
+/// runs `handoff-pve`) for the checks per kind of GPU, on a node with the simulated
+/// workstation's iGPU and RTX: VM 130, macOS on the iGPU with neither PVE's legacy IGD mode
+/// nor the OpRegion nor a GOP ROM under OVMF, is told what its config lacks; VM 131, macOS
+/// (Apple's SMC in `args`) given the RTX, that macOS has no driver for it.
+#[test]
+fn config_check_and_doctor_say_what_a_pve_vm_on_the_igpu_lacks_and_that_macos_has_no_nvidia_driver() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sim =
+        handoff::sim::SimHost::build(&tmp.path().join("machine"), &handoff::sim::SimSpec::workstation())
+            .unwrap();
+    let guest = |id: u32, name: &str, config: Value| json!({"vmid": id, "name": name, "status": "stopped", "config": config});
+    let Some(pve) = FakePve::start(&json!({
+        "tokens": {TOKEN: SECRET},
+        "guests": [
+            guest(130, "macos", json!({"hostpci0": "0000:00:02.0", "bios": "ovmf", "ostype": "other",
+                "args": "-device isa-applesmc,osk=OSK -smbios type=2", "vga": "none"})),
+            guest(131, "hackintosh", json!({"hostpci0": "0000:01:00,pcie=1", "ostype": "other",
+                "args": "-device isa-applesmc,osk=OSK"})),
+            guest(140, "win11", json!({"hostpci0": "0000:00:02.0,legacy-igd=1,romfile=igd.rom", "bios": "ovmf",
+                "hostpci1": "0000:01:00", "vga": "none", "machine": "pc-i440fx-8.1", "ostype": "win11"})),
+        ],
+    })) else {
+        return;
+    };
+    let secret = tmp.path().join("pve-token");
+    std::fs::write(&secret, SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = tmp.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[gpu]]\naddress = \"0000:00:02.0\"\nlabel = \"UHD 630\"\nhost_driver = \"i915\"\nallow_display = true\n\n\
+             [[gpu]]\naddress = \"0000:01:00.0\"\nlabel = \"RTX\"\nhost_driver = \"vfio-pci\"\nprimary = true\n\n\
+             [proxmox]\nurl = \"{}\"\ntoken = \"{TOKEN}\"\ntoken_secret_file = \"{}\"\nfingerprint = \"{}\"\n\n\
+             [[vm]]\nvmid = 130\nname = \"macos\"\nlabel = \"macOS\"\n\n\
+             [[vm]]\nvmid = 131\nname = \"hackintosh\"\n\n\
+             [[vm]]\nvmid = 140\nname = \"win11\"\nlabel = \"Windows 11\"\n\n\
+             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\n",
+            pve.url,
+            secret.display(),
+            pve.fingerprint,
+            sim.sysfs().display(),
+            sim.dev().display(),
+            sim.run().display()
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(&config, &["config", "check"]);
+    assert_eq!(code, 0, "notes, not a failure: {out}{err}");
+    let igpu = "[warn] VM macOS takes the Intel iGPU 0000:00:02.0, but its IGD OpRegion is not turned on: \
+                neither legacy-igd=1 on hostpci0 (PVE's legacy IGD mode) nor `-set device.hostpci0.x-igd-opregion=on` in args";
+    let macos = "[warn] hackintosh is a macOS VM and GPU 0000:01:00.0";
+    for says in [igpu, "hostpci0 has no romfile=: a UEFI guest (bios: ovmf)", macos] {
+        assert!(out.contains(says), "no {says:?} in:\n{out}{err}");
+    }
+    assert!(!out.contains("VM Windows 11"), "win11 has what it needs:\n{out}");
+    assert!(
+        !out.contains("VM macOS is a macOS VM"),
+        "the iGPU has a macOS driver:\n{out}"
+    );
+
+    let (_, out, err) = run(
+        &config,
+        &[
+            "doctor",
+            "--hooks-dir",
+            tmp.path().join("hooks").to_str().unwrap(),
+        ],
+    );
+    for says in [
+        "VM macOS takes the Intel iGPU 0000:00:02.0, but its IGD OpRegion is not turned on",
+        "hackintosh is a macOS VM and GPU 0000:01:00.0",
+    ] {
+        assert!(out.contains(says), "doctor: no {says:?} in:\n{out}{err}");
+    }
+}
