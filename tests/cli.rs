@@ -301,9 +301,12 @@ fn status_says_the_gpu_is_in_the_running_vm_when_every_function_is_on_vfio() {
     h.move_all(Some("vfio-pci"));
     let r = h.run(&["status"]);
     assert_eq!(r.code, 0, "{r:?}");
-    assert_eq!(
-        r.first_line(),
-        "GPU 0000:01:00.0 (RTX 3090 Ti) is in the VM test label (vfio-pci)",
+    // The verdict's words first (issue 14: "<GPU>: <VM>"), then the facts.
+    assert_eq!(r.first_line(), "RTX 3090 Ti: test label", "{r:?}");
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l == "GPU 0000:01:00.0 (RTX 3090 Ti) is in the VM test label (vfio-pci)"),
         "{r:?}"
     );
     let v = h.run(&["status", "--json"]).json();

@@ -127,10 +127,8 @@ impl Snapshot {
                 format!("GPU on Linux ({}) · ? unseen", v.driver.as_deref().unwrap_or("?"))
             }
             State::Idle | State::Busy => format!("GPU on Linux ({})", v.driver.as_deref().unwrap_or("?")),
-            State::InVm => match (&v.vm, &v.vm_label) {
-                (Some(name), Some(label)) => format!("GPU in {label} ({name})"),
-                _ => "GPU in a VM".into(),
-            },
+            // The verdict's words: "RTX 5070 Ti: Windows 11 (VM 140)", "RTX 3090 Ti: Windows".
+            State::InVm => v.headline.clone(),
             State::Switching | State::LibvirtUnreachable => v.line(),
         }
     }

@@ -365,7 +365,7 @@ impl Hypervisor for Proxmox {
             .collect();
         Ok(Description {
             passthrough,
-            looking_glass: None,
+            looking_glass: handoff::pve::looking_glass(&conf),
             definition,
         })
     }

@@ -26,6 +26,10 @@ fn setup() -> Option<(FakePve, PathBuf)> {
     // Windows has run for 2 h 3 min 4 s and its guest agent answers (fakepve's addresses).
     let mut win11 = vm(140, "win11", "running");
     win11["stats"] = json!({"uptime": 7384});
+    // Looking Glass the way its docs set it up on PVE: raw QEMU args.
+    win11["config"]["args"] = json!(
+        "-device ivshmem-plain,memdev=ivshmem,bus=pcie.0 -object memory-backend-file,id=ivshmem,share=on,mem-path=/dev/shm/looking-glass,size=32M"
+    );
     win11["agent"] = json!({});
     let pve = FakePve::start(&json!({
         "tokens": {TOKEN: SECRET},
@@ -42,7 +46,7 @@ fn setup() -> Option<(FakePve, PathBuf)> {
     std::fs::write(
         &config,
         format!(
-            "[gpu]\naddress = \"0000:01:00.0\"\nhost_driver = \"vfio-pci\"\n\n\
+            "[gpu]\naddress = \"0000:01:00.0\"\nhost_driver = \"vfio-pci\"\nlabel = \"RTX 5070 Ti\"\n\n\
              [proxmox]\nurl = \"{}\"\ntoken = \"{TOKEN}\"\ntoken_secret_file = \"{}\"\nfingerprint = \"{}\"\n\n\
              [[vm]]\nvmid = 140\nlabel = \"Windows 11\"\nshutdown_timeout_s = 30\n\n\
              [[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n\n\
@@ -103,12 +107,20 @@ fn handoff_status_json_lists_the_pve_vms_with_their_states() {
             ("linux-ai".into(), "shutoff".into())
         ]
     );
-    // The desktop has no such GPU; the node's VMs say where it is.
+    // The desktop has no such GPU; the node's VMs say where it is, in issue 14's words.
     assert_eq!(v["verdict"]["state"], "in_vm", "{v}");
     assert_eq!(v["verdict"]["vm_label"], "Windows 11", "{v}");
+    assert_eq!(v["verdict"]["vmid"], 140, "{v}");
+    assert_eq!(v["verdict"]["gpu_label"], "RTX 5070 Ti", "{v}");
+    assert_eq!(v["verdict"]["headline"], "RTX 5070 Ti: Windows 11 (VM 140)", "{v}");
+    assert_eq!(v["vms"][1]["vmid"], 141, "{v}");
+    // Which VMs could take it: the one that is off and whose hostpci0 names its slot.
+    assert_eq!(v["gpu"]["candidates"], json!(["linux-ai"]), "{v}");
+    assert_eq!(v["gpus"][0]["gpu"]["candidates"], json!(["linux-ai"]), "{v}");
     let (code, text, _) = run(&config, &["status"]);
     assert_eq!(code, 0);
-    assert!(text.starts_with("GPU is in Windows 11\n"), "{text}");
+    assert!(text.starts_with("RTX 5070 Ti: Windows 11 (VM 140)\n"), "{text}");
+    assert!(text.contains("\nCould take it: Linux AI (VM 141)\n"), "{text}");
 }
 
 #[test]
@@ -126,6 +138,10 @@ fn handoff_switch_141_and_back_to_140_from_the_command_line() {
             ("linux-ai".into(), "running".into())
         ]
     );
+    // Now 141 has it and 140 could take it back.
+    let (_, text, _) = run(&config, &["status"]);
+    assert!(text.starts_with("RTX 5070 Ti: Linux AI (VM 141)\n"), "{text}");
+    assert!(text.contains("\nCould take it: Windows 11 (VM 140)\n"), "{text}");
     let (code, out, err) = run(&config, &["switch", "140"]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(
@@ -149,11 +165,25 @@ fn vm_health_of_a_pve_vm_says_its_uptime_cpus_memory_and_the_guest_agents_addres
         out.contains("  IP        192.0.2.10 (eth0, from the guest agent)\n"),
         "{out}"
     );
+    // Looking Glass from the VM's args, and where it can run: its file is on the node.
+    assert!(
+        out.contains(
+            "  Looking Glass  shared memory \"looking-glass\", ivshmem-plain, 32 MiB in the VM's args: \
+             a file on the Proxmox VE node, so the client runs on the node, not on a desktop\n"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("not read"), "{out}");
     // Off: nothing to say about a guest that does not run, and no agent to ask.
     let (code, out, err) = run(&config, &["vm-health", "linux-ai"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("  uptime    not running\n"), "{out}");
     assert!(out.contains("  IP        unknown\n"), "{out}");
+    assert!(
+        out.contains("  Looking Glass  none: no ivshmem device in the VM's args."),
+        "{out}"
+    );
+    assert!(!out.contains("not read"), "{out}");
 }
 
 #[test]

@@ -58,6 +58,8 @@ pub(crate) fn machine(owner: Owner, vms: Vec<VmStatus>) -> Snapshot {
                 split: (owner == Owner::Mixed).then(|| "01:00.0 vfio-pci, 01:00.1 snd_hda_intel".into()),
                 locked: Vec::new(),
                 rests_on_vfio: false,
+                label: None,
+                candidates: Vec::new(),
             },
             vms,
         }),
@@ -145,7 +147,7 @@ fn a_vm_holding_the_gpu_beats_busy() {
     // Holders of a GPU in a VM (a stale fd on the vfio group): the VM is what matters.
     let s = with_holders(in_windows(), vec![holder(4242, ME, "python3")]);
     assert_eq!(s.icon(None), Icon::Vm);
-    assert_eq!(s.title(None), format!("GPU in Windows ({WIN})"));
+    assert_eq!(s.title(None), "GPU: Windows");
 }
 
 #[test]
@@ -157,7 +159,7 @@ fn gpu_on_vfio_with_an_unknown_vm_still_shows_the_vm_icon_when_libvirt_answers()
     );
     assert!(s.vm_with_gpu().is_none());
     assert_eq!(s.icon(None), Icon::Vm);
-    assert_eq!(s.title(None), "GPU in a VM");
+    assert_eq!(s.title(None), "GPU is in a VM");
 }
 
 #[test]
