@@ -20,7 +20,7 @@
 //! | 4 | this surface is acting (the tray's "stopping win11…"), or the hook or the record says `binding`/`returning` | `switching` | "GPU is moving to `<VM>`" / "GPU is moving back to Linux" / "GPU: `<action>`" | yellow `#FFDD00` / `switching` | switching | none (wait) | wait |
 //! | 5 | orphaned: the GPU is off the host (vfio-pci — unless `host_driver = "vfio-pci"`, where it rests —, no driver, split) or a restore record is left, and no VM holds it | `restore_required` once the grace ([`ORPHAN_GRACE`]) is over, `switching` within it | "Restore required" | as 2 / as 4 | as 2 / as 4 | return the GPU to Linux | as 2 |
 //! | 6 | functions split or unbound while a VM may hold the GPU and the hook's state is not settled (`host`/`vfio`): mid-way; with it settled, `restore_required` as 2 |  `switching` | "GPU is split between drivers" / "GPU has no driver" | as 4 | as 4 | none (wait) | wait |
-//! | 7 | VMs were asked and none answered (libvirt down) | `libvirt_unreachable` | "libvirt unreachable" | grey / `offline` | offline | none | check libvirtd |
+//! | 7 | VMs were asked and none answered (libvirt down) | `libvirt_unreachable` | "libvirt unreachable" ("Proxmox VE unreachable" when every VM is on a PVE node) | grey / `offline` | offline | none | check libvirtd |
 //! | 8 | a VM holds the GPU | `in_vm` | "`<GPU>`: `<VM>`" ("RTX 5070 Ti: Windows 11 (VM 140)" for a PVE VM, "RTX 3090 Ti: Windows" for libvirt's; `<GPU>` its label, else its pci.ids name, else "GPU") | blue `#00AAFF` / `vm` | vm | stop, force stop, open Looking Glass, switch | stop the VM to get it back |
 //! | 9 | on the host driver and processes use it | `busy` | "GPU is on Linux (`<driver>`)" | amber `#FFAA00` / `busy` | busy | terminate a process, stop a unit | end them before a VM start |
 //! | 10a | as 10, but the holder scan could not look everywhere (processes it may not inspect: another user's, as a normal user; a note such as `[host] dev` wrong) | `idle` with `unseen: true` | "GPU is on Linux (`<driver>`) · ? unseen", the reason what was not checked | grey `#AAAAAA` / `unseen` | offline | start, switch (the hook, as root, checks again) | "N processes could not be checked: `sudo handoff blockers` sees all" |
@@ -702,13 +702,22 @@ fn rules(f: &Facts) -> Verdict {
     }
     // 7. libvirt unreachable.
     if let Some(why) = f.vms.unreachable() {
-        let v = Verdict {
-            reason: Some(why),
-            ..Verdict::new(
-                State::LibvirtUnreachable,
+        // On a Proxmox VE node the VMs are asked through its API, not libvirt.
+        let pve = matches!(f.vms, Vms::Known(vms) if vms.iter().all(|v| v.uri.starts_with("https://")));
+        let (headline, next) = if pve {
+            (
+                "Proxmox VE unreachable",
+                "Check [proxmox] url, token and fingerprint: `handoff status` says what failed.",
+            )
+        } else {
+            (
                 "libvirt unreachable",
                 "Check that libvirtd runs (`systemctl status libvirtd`) and that you may use it (group libvirt).",
             )
+        };
+        let v = Verdict {
+            reason: Some(why),
+            ..Verdict::new(State::LibvirtUnreachable, headline, next)
         };
         return with_vm(v, None);
     }

@@ -116,6 +116,7 @@ impl Proxmox {
             self.err(ApiError::NoVm {
                 url: self.cfg.url.clone(),
                 vmid,
+                token: self.cfg.token.clone(),
             })
         })
     }

@@ -801,3 +801,18 @@ fn a_pve_vm_with_the_gpu_is_named_with_the_gpus_label_and_its_vmid() {
         (State::Idle, "RTX 5070 Ti: free on vfio-pci")
     );
 }
+
+/// On the node itself (the card is here) with the API not answering: PVE's words, not
+/// libvirt's.
+#[test]
+fn on_the_node_an_api_that_does_not_answer_is_proxmox_ve_unreachable() {
+    let mut gone = pve_vm(140, "Windows 11", VmState::Unknown);
+    gone.error = Some("cannot reach Proxmox VE at https://pve.lan:8006".into());
+    let v = m(Owner::Vfio, vec![gone]).rests_on_vfio().decide();
+    assert_eq!(
+        (v.state, v.headline.as_str()),
+        (State::LibvirtUnreachable, "Proxmox VE unreachable")
+    );
+    assert!(v.next.contains("[proxmox]"), "{v:?}");
+    assert_eq!(m(Owner::Host, vec![unreachable_vm()]).decide().headline, "libvirt unreachable");
+}
