@@ -197,7 +197,8 @@ fn block(pve: &PveHost) -> serde_json::Value {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// Issue 14 on the node with the seed's set-up (`host_driver = "vfio-pci"`): between VMs the
@@ -208,7 +209,9 @@ fn block(pve: &PveHost) -> serde_json::Value {
 fn on_the_node_the_block_follows_the_hookscript_between_vms_on_vfio_pci() {
     let _serial = simgpu::serial();
     let Some(pve) = homelab_with(
-        &format!("[gpu]\naddress = \"{GPU}\"\nhost_driver = \"vfio-pci\"\nlabel = \"RTX 5070 Ti\"\nwatchdog_s = 2\n"),
+        &format!(
+            "[gpu]\naddress = \"{GPU}\"\nhost_driver = \"vfio-pci\"\nlabel = \"RTX 5070 Ti\"\nwatchdog_s = 2\n"
+        ),
         "",
     ) else {
         return;

@@ -112,7 +112,10 @@ fn handoff_status_json_lists_the_pve_vms_with_their_states() {
     assert_eq!(v["verdict"]["vm_label"], "Windows 11", "{v}");
     assert_eq!(v["verdict"]["vmid"], 140, "{v}");
     assert_eq!(v["verdict"]["gpu_label"], "RTX 5070 Ti", "{v}");
-    assert_eq!(v["verdict"]["headline"], "RTX 5070 Ti: Windows 11 (VM 140)", "{v}");
+    assert_eq!(
+        v["verdict"]["headline"], "RTX 5070 Ti: Windows 11 (VM 140)",
+        "{v}"
+    );
     assert_eq!(v["vms"][1]["vmid"], 141, "{v}");
     // Which VMs could take it: the one that is off and whose hostpci0 names its slot.
     assert_eq!(v["gpu"]["candidates"], json!(["linux-ai"]), "{v}");

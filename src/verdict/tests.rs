@@ -814,5 +814,8 @@ fn on_the_node_an_api_that_does_not_answer_is_proxmox_ve_unreachable() {
         (State::LibvirtUnreachable, "Proxmox VE unreachable")
     );
     assert!(v.next.contains("[proxmox]"), "{v:?}");
-    assert_eq!(m(Owner::Host, vec![unreachable_vm()]).decide().headline, "libvirt unreachable");
+    assert_eq!(
+        m(Owner::Host, vec![unreachable_vm()]).decide().headline,
+        "libvirt unreachable"
+    );
 }
