@@ -246,3 +246,73 @@ fn the_trays_agent_sees_a_pve_vm_start_within_the_poll_interval() {
     }
     panic!("no change for linux-ai within 10 s; the agent said: {seen:#?}");
 }
+
+/// On the node itself, the card isolated on vfio-pci from boot (the seed's set-up) and the
+/// simulated GPU behind FUSE: `handoff status` asks the API which VM runs and says "free on
+/// vfio-pci" between VMs, not "restore required", and the VM's name once one runs (issue
+/// 14).
+#[test]
+fn on_the_node_status_says_free_on_vfio_pci_between_vms_and_names_the_vm_that_has_it() {
+    use handoff_test_support::simgpu;
+    let _serial = simgpu::serial();
+    let Some(sim) = simgpu::workstation() else { return };
+    let host = sim.host();
+    let gpu = simgpu::addr(simgpu::GPU);
+    // As at boot with `vfio-pci.ids=…`: on vfio-pci, no restore record.
+    handoff::bind::hand_to_vfio(&host, gpu, None, std::time::Duration::from_secs(2), &mut |_| {})
+        .expect("binding the simulated card to vfio-pci");
+    handoff::bind::record::RestoreRecord::remove(&host, gpu).unwrap();
+    sim.assert_on_vfio();
+
+    let vm = |id: u32, name: &str| json!({"vmid": id, "name": name, "status": "stopped", "config": {"hostpci0": "0000:01:00,pcie=1"}});
+    let Some(pve) = FakePve::start(&json!({
+        "tokens": {TOKEN: SECRET},
+        "guests": [vm(140, "win11"), vm(141, "linux-ai")],
+    })) else {
+        return;
+    };
+    let secret = pve.dir().join("pve-token");
+    std::fs::write(&secret, SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = pve.dir().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gpu]\naddress = \"{gpu}\"\nhost_driver = \"vfio-pci\"\nlabel = \"RTX 5070 Ti\"\n\n\
+             [proxmox]\nurl = \"{}\"\ntoken = \"{TOKEN}\"\ntoken_secret_file = \"{}\"\nfingerprint = \"{}\"\n\n\
+             [[vm]]\nvmid = 140\nlabel = \"Windows 11\"\n\n\
+             [[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n\n{}",
+            pve.url,
+            secret.display(),
+            pve.fingerprint,
+            handoff_test_support::config::host_section(&host)
+        ),
+    )
+    .unwrap();
+
+    let (code, text, err) = run(&config, &["status"]);
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(text.starts_with("RTX 5070 Ti: free on vfio-pci\n"), "{text}");
+    assert!(
+        text.contains("\nCould take it: Windows 11 (VM 140), Linux AI (VM 141)\n"),
+        "{text}"
+    );
+    let (_, out, _) = run(&config, &["status", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verdict"]["state"], "idle", "{v}");
+    assert_eq!(v["gpu"]["candidates"], json!(["140", "linux-ai"]), "{v}");
+
+    let (code, out, err) = run(&config, &["start", "linux-ai"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, text, err) = run(&config, &["status"]);
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(text.starts_with("RTX 5070 Ti: Linux AI (VM 141)\n"), "{text}");
+    assert!(text.contains("\nCould take it: Windows 11 (VM 140)\n"), "{text}");
+    let (_, out, _) = run(&config, &["status", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&v["verdict"]["state"], &v["verdict"]["vm"], &v["verdict"]["vmid"]),
+        (&json!("in_vm"), &json!("linux-ai"), &json!(141)),
+        "{v}"
+    );
+}
