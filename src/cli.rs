@@ -47,6 +47,8 @@ pub enum Command {
     /// With several [[gpu]] entries, every GPU is shown, each with its own verdict; GPU (an
     /// address or a [[gpu]] label) narrows it to one. --json is one object: `schema`, the
     /// primary (or named) GPU's `gpu` and `verdict`, `vms`, and `gpus`, a list of every GPU.
+    /// "Could take it" (`gpu.candidates`) names the configured VMs that are off and pass the
+    /// GPU through (libvirt `<hostdev>`, Proxmox VE `hostpciN`).
     #[command(visible_alias = "vfio-status")]
     Status(GpuArgs),
     /// The processes that would stop a handoff now: what holds the GPU's device nodes, and

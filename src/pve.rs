@@ -87,6 +87,55 @@ pub fn parse_hostpci(value: &str) -> Option<HostPci> {
     (!devices.is_empty() || mapping.is_some()).then_some(HostPci { devices, mapping })
 }
 
+/// The Looking Glass device of a PVE VM: PVE has no IVSHMEM option of its own, so it is
+/// raw QEMU arguments in the config's `args` (the Looking Glass docs' way:
+/// `-device ivshmem-plain,memdev=ivshmem,bus=pcie.0 -object
+/// memory-backend-file,id=ivshmem,share=on,mem-path=/dev/shm/looking-glass,size=32M`).
+/// Its name is the file's (`looking-glass`), which is on the node. None without an
+/// `ivshmem` device.
+pub fn looking_glass(conf: &BTreeMap<String, String>) -> Option<crate::hypervisor::Shmem> {
+    let args = conf.get("args")?;
+    let words: Vec<&str> = args.split_whitespace().collect();
+    let value_of = |flag: &str, kind: &str| {
+        words
+            .windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1])
+            .find(|v| v.split(',').next().is_some_and(|k| k.starts_with(kind)))
+    };
+    let device = value_of("-device", "ivshmem")?;
+    let model = device.split(',').next().map(str::to_owned);
+    let backend = value_of("-object", "memory-backend-file");
+    let opt = |key: &str| {
+        backend?
+            .split(',')
+            .find_map(|o| o.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+    };
+    let name = opt("mem-path")
+        .map(|p| p.rsplit('/').next().unwrap_or(p).to_owned())
+        .unwrap_or_else(|| "ivshmem".to_owned());
+    let size_bytes = opt("size").and_then(qemu_size);
+    Some(crate::hypervisor::Shmem {
+        name,
+        model,
+        size_bytes,
+    })
+}
+
+/// QEMU's sizes: `32M`, `64M`, `1G`, bytes without a suffix.
+fn qemu_size(s: &str) -> Option<u64> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().ok()?;
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift)
+}
+
 /// The main section of a `qemu-server/<vmid>.conf`: `key: value` lines up to the first
 /// `[snapshot]` or `[PENDING]` section (those are not what runs).
 pub fn parse_conf(text: &str) -> BTreeMap<String, String> {
@@ -345,6 +394,11 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
         }
     }
     let owner = |a: PciAddress| gpu::read_gpu(&cfg.host, a).map(|g| g.owner);
+    // The GPUs that stay on vfio-pci between VMs (`host_driver = "vfio-pci"`): nothing is
+    // rebound for them, but their state file says which VM has them, as the libvirt hook's
+    // does, so that the block on the node (which asks no API) can tell "free on vfio-pci"
+    // from "in Linux AI (VM 141)".
+    let resting: Vec<PciAddress>;
     if phase == "pre-start" {
         // A restore record names a VM that has stopped but whose post-stop has not run
         // yet (after a shutdown from inside the guest, qmeventd runs it once QEMU is gone):
@@ -376,17 +430,21 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
         }
         // Already on vfio-pci (the seed's set-up keeps the card there between VMs, and
         // another VM using it was refused above): nothing to rebind for those.
-        gpus.retain(|g| !matches!(owner(g.address), Ok(Owner::Vfio)));
-        if gpus.is_empty() {
-            return 0;
-        }
+        resting = gpus
+            .iter()
+            .filter(|g| matches!(owner(g.address), Ok(Owner::Vfio)))
+            .map(|g| g.address)
+            .collect();
+        gpus.retain(|g| !resting.contains(&g.address));
     } else {
         // "The GPU stays on vfio-pci between VMs" is the normal state, not a failure; a GPU
         // already home has nothing to return (the engine acts on restore records only).
+        resting = gpus
+            .iter()
+            .filter(|g| g.host_driver == "vfio-pci")
+            .map(|g| g.address)
+            .collect();
         gpus.retain(|g| g.host_driver != "vfio-pci" && !matches!(owner(g.address), Ok(Owner::Host)));
-        if gpus.is_empty() {
-            return 0;
-        }
     }
     let name = match cfg.vms.iter().find(|v| v.vmid == Some(vmid)) {
         Some(v) => v.name.clone(),
@@ -403,10 +461,73 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
     }
     if phase == "post-stop" {
         // The engine returns each only when its restore record names this VM.
-        crate::hook::release(&cfg, &name, &addresses, err);
+        if !addresses.is_empty() {
+            crate::hook::release(&cfg, &name, &addresses, err);
+        }
+        note_resting(&cfg, &resting, &name, false, err);
         return 0;
     }
-    crate::hook::prepare(&cfg, &name, &addresses, err)
+    let code = if addresses.is_empty() {
+        0
+    } else {
+        crate::hook::prepare(&cfg, &name, &addresses, err)
+    };
+    // All or none: the resting GPUs are this VM's only when the others were handed.
+    if code == 0 {
+        note_resting(&cfg, &resting, &name, true, err);
+    }
+    code
+}
+
+/// The state file of each GPU that rests on vfio-pci (nothing is rebound for it): `vfio`
+/// with `vm` when it starts, `host` (home, which for this card is vfio-pci) when `vm`
+/// stops — only when the file still names `vm`: a late post-stop of another VM, or of a
+/// start that was refused, leaves the VM that has the card on it. Under the GPU's lock, as
+/// the hook writes it; a file that cannot be written is said and changes nothing else (the
+/// guard's decisions come from PVE's pid files, not from this file).
+fn note_resting(cfg: &Config, gpus: &[PciAddress], vm: &str, starting: bool, err: &mut dyn Write) {
+    use crate::state::{HookPhase, HookState};
+    let host = &cfg.host;
+    for &a in gpus {
+        let gc = cfg.gpu.at(a).unwrap_or(&cfg.gpu);
+        let wait = crate::bind::lock::wait_for(std::time::Duration::from_secs(gc.watchdog_s));
+        let _lock = match crate::bind::lock::GpuLock::acquire(host, a, wait) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = writeln!(err, "handoff: warning: the state of GPU {a} was not updated: {e}");
+                continue;
+            }
+        };
+        let mut state = HookState::load_gpu(host, a).unwrap_or_else(|| HookState::new(a));
+        if starting {
+            state.phase = HookPhase::Vfio;
+            state.vm = Some(vm.to_owned());
+            state.last_error = None;
+        } else if state.vm.as_deref() == Some(vm) {
+            state.phase = HookPhase::Host;
+            state.vm = None;
+            // The first start from a host driver left a record of this VM (the card was
+            // bound then); on vfio-pci it is home now, so the record would only say
+            // "restore required" to the surfaces.
+            if let Ok(Some(r)) = crate::bind::record::RestoreRecord::load(host, a)
+                && r.vm.as_deref() == Some(vm)
+                && r.phase == crate::bind::record::Phase::Bound
+                && matches!(gpu::read_gpu(host, a).map(|g| g.owner), Ok(Owner::Vfio))
+                && let Err(e) = crate::bind::record::RestoreRecord::remove(host, a)
+            {
+                let _ = writeln!(err, "handoff: warning: {e}");
+            }
+        } else {
+            continue;
+        }
+        if let Err(e) = state.save_gpu(host, a == cfg.gpu.address) {
+            let _ = writeln!(
+                err,
+                "handoff: warning: cannot write {}: {e}",
+                HookState::path_for(host, a, a == cfg.gpu.address).display()
+            );
+        }
+    }
 }
 
 /// What the VM will lack with the GPUs it takes, said in `pre-start` as warnings (the start
@@ -443,6 +564,19 @@ fn kind_warnings(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn looking_glass_from_the_vms_args() {
+        let conf = parse_conf(
+            "args: -device ivshmem-plain,memdev=ivshmem,bus=pcie.0 -object memory-backend-file,id=ivshmem,share=on,mem-path=/dev/shm/looking-glass,size=32M\n",
+        );
+        let lg = looking_glass(&conf).unwrap();
+        assert_eq!(lg.name, "looking-glass");
+        assert_eq!(lg.model.as_deref(), Some("ivshmem-plain"));
+        assert_eq!(lg.size_bytes, Some(32 << 20));
+        assert_eq!(looking_glass(&parse_conf("args: -cpu host,kvm=off\n")), None);
+        assert_eq!(looking_glass(&parse_conf("cores: 8\n")), None);
+    }
 
     #[test]
     fn hostpci_forms() {

@@ -50,6 +50,15 @@ pub struct GpuStatus {
     /// Proxmox VE node's usual set-up), so vfio-pci with no VM is free, not orphaned.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rests_on_vfio: bool,
+    /// What surfaces call it: the `[[gpu]] label`, else pci.ids' short name ("RTX 5070
+    /// Ti"); None when neither is known (a desktop without the card, no label).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The configured VMs that could take it now: not running, and their definition
+    /// (libvirt `<hostdev>`, PVE `hostpciN`) passes a function of its slot through. By
+    /// name, as in `vms`. Empty when the VMs' definitions were not read.
+    #[serde(default)]
+    pub candidates: Vec<String>,
 }
 
 /// A libvirt domain state, in `virsh domstate` words.
@@ -100,6 +109,13 @@ pub struct VmStatus {
     /// Why the state is unknown or undefined, with what to check.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Its Proxmox VE VMID, for a PVE VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmid: Option<u32>,
+    /// The PCI devices its definition passes through, when that was read (`handoff
+    /// status` reads it; surfaces that only need states do not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passthrough: Option<Vec<PciAddress>>,
 }
 
 impl VmStatus {
@@ -110,7 +126,26 @@ impl VmStatus {
             uri: vm.uri.clone(),
             state,
             error,
+            vmid: vm.vmid,
+            passthrough: None,
         }
+    }
+
+    /// "Linux AI (VM 141)" for a PVE VM, "Windows (win11)" for a libvirt one.
+    pub fn shown(&self) -> String {
+        match self.vmid {
+            Some(id) => format!("{} (VM {id})", self.label),
+            None => format!("{} ({})", self.label, self.name),
+        }
+    }
+
+    /// It is off and its definition passes a function of `gpu`'s slot through.
+    pub fn could_take(&self, gpu: PciAddress) -> bool {
+        matches!(self.state, VmState::Shutoff | VmState::Crashed)
+            && self
+                .passthrough
+                .as_ref()
+                .is_some_and(|p| p.iter().any(|a| a.same_slot(&gpu)))
     }
 }
 
@@ -197,6 +232,12 @@ pub fn collect_gpu(
     let vfio_users = holders::vfio_users(host, &g);
     // The uncertainty first: it qualifies everything else shown.
     let notes: Vec<String> = g.lock_note().into_iter().chain(notes).collect();
+    let label = gpu_label(gc, g.name.as_deref());
+    let candidates = vms
+        .iter()
+        .filter(|v| v.could_take(gc.address))
+        .map(|v| v.name.clone())
+        .collect();
     // With several GPUs, "the one active VM" may hold another GPU: the restore record
     // names this GPU's VM. libvirt may not know it (the VM is gone, or another URI), but its
     // QEMU still runs.
@@ -220,10 +261,19 @@ pub fn collect_gpu(
             notes,
             split: g.split_description(),
             locked: g.locked_functions(),
-            rests_on_vfio: cfg.gpu.host_driver == "vfio-pci",
+            rests_on_vfio: gc.host_driver == "vfio-pci",
+            label,
+            candidates,
         },
         vms,
     })
+}
+
+/// What surfaces call a GPU: its `[[gpu]] label`, else pci.ids' short name (`pci_name`).
+pub fn gpu_label(gc: &crate::config::GpuConfig, pci_name: Option<&str>) -> Option<String> {
+    gc.label
+        .clone()
+        .or_else(|| pci_name.map(|n| gpu::short_name(n).to_owned()))
 }
 
 /// The VM holding the GPU: the one active configured VM while the GPU is off the host.
@@ -319,12 +369,21 @@ impl Status {
                     let _ = writeln!(s, "      {e}");
                 }
             }
+            if let Some(c) = self.candidates_line() {
+                let _ = writeln!(s, "{c}");
+            }
             return s;
         }
         // An unseen idle GPU (the verdict's rule 10a) leads with why it is not "free".
         let said_by_facts =
             matches!(v.state, State::Idle | State::Busy | State::InVm | State::Absent) && !v.unseen;
         if said_by_facts {
+            // In a VM, or free where it rests: the verdict's words ("RTX 5070 Ti: Windows 11
+            // (VM 140)", "RTX 5070 Ti: free on vfio-pci") lead, as on every surface.
+            let lead = v.state == State::InVm || (v.state == State::Idle && self.gpu.owner == Owner::Vfio);
+            if lead {
+                return format!("{}\n{}", v.line(), self.render_text());
+            }
             return self.render_text();
         }
         format!(
@@ -335,6 +394,26 @@ Next: {}
             v.next,
             self.render_text()
         )
+    }
+
+    /// "Could take it: Linux AI (VM 141)", when a VM could. Nothing when none could: a VM
+    /// whose definition names no device may still take the primary GPU through the hook, so
+    /// "none" would not be sure.
+    fn candidates_line(&self) -> Option<String> {
+        if self.gpu.candidates.is_empty() {
+            return None;
+        }
+        // With several GPUs the VMs are listed once, after the last: the others name them.
+        let names: Vec<String> = self
+            .gpu
+            .candidates
+            .iter()
+            .map(|n| match self.vms.iter().find(|v| &v.name == n) {
+                Some(v) => v.shown(),
+                None => n.clone(),
+            })
+            .collect();
+        Some(format!("Could take it: {}", names.join(", ")))
     }
 
     fn gpu_label(&self) -> String {
@@ -461,6 +540,9 @@ Next: {}
                     let _ = writeln!(s, "      {e}");
                 }
             }
+        }
+        if let Some(c) = self.candidates_line() {
+            let _ = writeln!(s, "{c}");
         }
         if !g.blockers.is_empty() {
             s += "\nUsing the GPU:\n";

@@ -15,16 +15,16 @@
 //! |---|---|---|---|---|---|---|---|
 //! | 1 | sysfs or the config could not be read | `unreadable` | "GPU unreadable" | red `#FF0000` / `error`, urgent | restore | none | fix what the error names |
 //! | 2 | a function is locked in the kernel (an unbind hangs), the restore record is `stuck`, or the hook's state says `restore-required` | `restore_required` | "Restore required" | red / `restore`, urgent | restore | return the GPU to Linux | `pkexec handoff rebind --force` ("Return GPU to Linux") |
-//! | 3b | no PCI device here, and every `[[vm]]` is on a Proxmox VE node (a desktop's view) | `in_vm` with the running VM, `idle` when none runs, `libvirt_unreachable` ("Proxmox VE unreachable") when the API did not answer | "GPU is in `<VM>`" / "GPU `<address>` is free on the Proxmox VE node" | as 8 / 10 / 7 | as 8 / 10 / 7 | as 8 (no Looking Glass) / 10 | as 8 / 10 / 7 |
+//! | 3b | no PCI device here, and every `[[vm]]` is on a Proxmox VE node (a desktop's view) | `in_vm` with the running VM, `idle` when none runs, `libvirt_unreachable` ("Proxmox VE unreachable") when the API did not answer | "`<GPU>`: `<VM>` (VM `<id>`)" / "`<GPU>`: free on the Proxmox VE node" (`<GPU>` its label, else `GPU <address>`) | as 8 / 10 / 7 | as 8 / 10 / 7 | as 8 (no Looking Glass) / 10 | as 8 / 10 / 7 |
 //! | 3 | no PCI device at the address | `absent` | "No GPU at `<address>`" | grey `#888888` / `absent` | offline | none | set `[gpu] address` |
 //! | 4 | this surface is acting (the tray's "stopping win11…"), or the hook or the record says `binding`/`returning` | `switching` | "GPU is moving to `<VM>`" / "GPU is moving back to Linux" / "GPU: `<action>`" | yellow `#FFDD00` / `switching` | switching | none (wait) | wait |
 //! | 5 | orphaned: the GPU is off the host (vfio-pci — unless `host_driver = "vfio-pci"`, where it rests —, no driver, split) or a restore record is left, and no VM holds it | `restore_required` once the grace ([`ORPHAN_GRACE`]) is over, `switching` within it | "Restore required" | as 2 / as 4 | as 2 / as 4 | return the GPU to Linux | as 2 |
 //! | 6 | functions split or unbound while a VM may hold the GPU and the hook's state is not settled (`host`/`vfio`): mid-way; with it settled, `restore_required` as 2 |  `switching` | "GPU is split between drivers" / "GPU has no driver" | as 4 | as 4 | none (wait) | wait |
-//! | 7 | VMs were asked and none answered (libvirt down) | `libvirt_unreachable` | "libvirt unreachable" | grey / `offline` | offline | none | check libvirtd |
-//! | 8 | a VM holds the GPU | `in_vm` | "GPU is in `<VM>`" | blue `#00AAFF` / `vm` | vm | stop, force stop, open Looking Glass, switch | stop the VM to get it back |
+//! | 7 | VMs were asked and none answered (libvirt down) | `libvirt_unreachable` | "libvirt unreachable" ("Proxmox VE unreachable" when every VM is on a PVE node) | grey / `offline` | offline | none | check libvirtd |
+//! | 8 | a VM holds the GPU | `in_vm` | "`<GPU>`: `<VM>`" ("RTX 5070 Ti: Windows 11 (VM 140)" for a PVE VM, "RTX 3090 Ti: Windows" for libvirt's; `<GPU>` its label, else its pci.ids name, else "GPU") | blue `#00AAFF` / `vm` | vm | stop, force stop, open Looking Glass, switch | stop the VM to get it back |
 //! | 9 | on the host driver and processes use it | `busy` | "GPU is on Linux (`<driver>`)" | amber `#FFAA00` / `busy` | busy | terminate a process, stop a unit | end them before a VM start |
 //! | 10a | as 10, but the holder scan could not look everywhere (processes it may not inspect: another user's, as a normal user; a note such as `[host] dev` wrong) | `idle` with `unseen: true` | "GPU is on Linux (`<driver>`) · ? unseen", the reason what was not checked | grey `#AAAAAA` / `unseen` | offline | start, switch (the hook, as root, checks again) | "N processes could not be checked: `sudo handoff blockers` sees all" |
-//! | 10 | on the host driver (or on vfio-pci where it rests), nothing uses it, and the scan looked everywhere | `idle` | "GPU is on Linux (`<driver>`)" / "GPU is free on vfio-pci" | green `#00CC00` / `linux` | host | start, switch | a VM can take it |
+//! | 10 | on the host driver (or on vfio-pci where it rests), nothing uses it, and the scan looked everywhere | `idle` | "GPU is on Linux (`<driver>`)" / "`<GPU>`: free on vfio-pci" | green `#00CC00` / `linux` | host | start, switch | a VM can take it |
 //!
 //! Rule 10a is a flag on `idle`, not a state of its own, so that `status --json` keeps its
 //! words (`verdict.state` stays `idle`; `verdict.unseen` is added): a scan that could not
@@ -159,6 +159,12 @@ pub struct Verdict {
     /// Its label (`[[vm]] label`), else its name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vm_label: Option<String>,
+    /// Its Proxmox VE VMID, for a PVE VM: the headline says "Windows 11 (VM 140)".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmid: Option<u32>,
+    /// What the GPU is called, the headline's first words: its `[[gpu]] label`, else its
+    /// pci.ids name ("RTX 5070 Ti"), else "GPU".
+    pub gpu_label: String,
     /// Processes using the GPU.
     pub users: usize,
     /// The graphics function's driver, when it has one.
@@ -197,6 +203,9 @@ pub struct GpuFacts<'a> {
     pub uninspected: usize,
     /// What else the scan could not check (`holders::Scan::notes`), in words.
     pub not_checked: &'a [String],
+    /// What the GPU is called ([`GpuStatus::label`]): the config's label, else pci.ids'
+    /// short name; None: "GPU".
+    pub label: Option<&'a str>,
 }
 
 impl<'a> From<&'a GpuStatus> for GpuFacts<'a> {
@@ -212,6 +221,7 @@ impl<'a> From<&'a GpuStatus> for GpuFacts<'a> {
             rests_on_vfio: g.rests_on_vfio,
             uninspected: g.uninspected,
             not_checked: &g.notes,
+            label: g.label.as_deref(),
         }
     }
 }
@@ -232,6 +242,19 @@ impl Vms<'_> {
             Vms::NotAsked(v) => v.iter().find(|v| v.name == name).map(|v| v.label().to_owned()),
         }
         .unwrap_or_else(|| name.to_owned())
+    }
+
+    /// A Proxmox VE VM's VMID.
+    fn vmid(&self, name: &str) -> Option<u32> {
+        match self {
+            Vms::Known(v) => v.iter().find(|v| v.name == name).and_then(|v| v.vmid),
+            Vms::NotAsked(v) => v.iter().find(|v| v.name == name).and_then(|v| v.vmid),
+        }
+    }
+
+    /// "Windows 11 (VM 140)" for a PVE VM, "Windows" for a libvirt one.
+    fn shown(&self, name: &str) -> String {
+        vm_words(&self.label(name), self.vmid(name))
     }
 
     /// libvirt was asked about every VM and answered about none: why.
@@ -413,6 +436,8 @@ impl Verdict {
             cause: None,
             vm: None,
             vm_label: None,
+            vmid: None,
+            gpu_label: "GPU".to_owned(),
             users: 0,
             driver: None,
             doing: None,
@@ -439,8 +464,23 @@ impl Verdict {
     }
 }
 
+/// A VM as the headline names it: its label, and for a Proxmox VE VM its VMID ("Windows 11
+/// (VM 140)"; "VM 140" alone when it has no label).
+fn vm_words(label: &str, vmid: Option<u32>) -> String {
+    match vmid {
+        Some(id) if label == id.to_string() => format!("VM {id}"),
+        Some(id) => format!("{label} (VM {id})"),
+        None => label.to_owned(),
+    }
+}
+
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
+}
+
+/// What the headline calls the GPU: its label, else "GPU".
+fn gpu_words(g: &GpuFacts) -> String {
+    g.label.unwrap_or("GPU").to_owned()
 }
 
 /// Why the GPU is orphaned (rule 5), or None.
@@ -490,6 +530,7 @@ pub fn decide(f: &Facts) -> Verdict {
     if let Ok(g) = &f.gpu {
         v.driver = g.driver.map(str::to_owned);
         v.users = g.users;
+        v.gpu_label = gpu_words(g);
     }
     v
 }
@@ -544,7 +585,7 @@ fn rules(f: &Facts) -> Verdict {
         && !vms.is_empty()
         && vms.iter().all(|v| v.uri.starts_with("https://"))
     {
-        return on_pve_node(g.address, vms);
+        return on_pve_node(g, vms);
     }
     // 3. Absent.
     if g.owner == Owner::Absent {
@@ -557,6 +598,7 @@ fn rules(f: &Facts) -> Verdict {
     let with_vm = |mut v: Verdict, vm: Option<&str>| {
         v.vm = vm.map(str::to_owned);
         v.vm_label = vm.map(|n| f.vms.label(n));
+        v.vmid = vm.and_then(|n| f.vms.vmid(n));
         v.users = g.users;
         v
     };
@@ -660,20 +702,30 @@ fn rules(f: &Facts) -> Verdict {
     }
     // 7. libvirt unreachable.
     if let Some(why) = f.vms.unreachable() {
-        let v = Verdict {
-            reason: Some(why),
-            ..Verdict::new(
-                State::LibvirtUnreachable,
+        // On a Proxmox VE node the VMs are asked through its API, not libvirt.
+        let pve = matches!(f.vms, Vms::Known(vms) if vms.iter().all(|v| v.uri.starts_with("https://")));
+        let (headline, next) = if pve {
+            (
+                "Proxmox VE unreachable",
+                "Check [proxmox] url, token and fingerprint: `handoff status` says what failed.",
+            )
+        } else {
+            (
                 "libvirt unreachable",
                 "Check that libvirtd runs (`systemctl status libvirtd`) and that you may use it (group libvirt).",
             )
+        };
+        let v = Verdict {
+            reason: Some(why),
+            ..Verdict::new(State::LibvirtUnreachable, headline, next)
         };
         return with_vm(v, None);
     }
     // 8. In a VM.
     if vm_holds || (g.owner == Owner::Vfio && !g.rests_on_vfio) {
+        // "RTX 5070 Ti: Windows 11 (VM 140)" (issue 14), "RTX 3090 Ti: Windows".
         let headline = match holding.as_deref() {
-            Some(vm) => format!("GPU is in {}", f.vms.label(vm)),
+            Some(vm) => format!("{}: {}", gpu_words(g), f.vms.shown(vm)),
             None => "GPU is in a VM".to_owned(),
         };
         let v = Verdict {
@@ -683,12 +735,20 @@ fn rules(f: &Facts) -> Verdict {
                 Offer::OpenLookingGlass,
                 Offer::Switch,
             ],
-            ..Verdict::new(State::InVm, headline, "It comes back to Linux when the VM stops.")
+            ..Verdict::new(
+                State::InVm,
+                headline,
+                if g.rests_on_vfio {
+                    "It is free again (on vfio-pci) when the VM stops."
+                } else {
+                    "It comes back to Linux when the VM stops."
+                },
+            )
         };
         return with_vm(v, holding.as_deref());
     }
     let on_linux = if g.rests_on_vfio && g.owner == Owner::Vfio {
-        "GPU is free on vfio-pci".to_owned()
+        format!("{}: free on vfio-pci", gpu_words(g))
     } else {
         format!("GPU is on Linux ({})", g.driver.unwrap_or("?"))
     };
@@ -751,7 +811,7 @@ fn rules(f: &Facts) -> Verdict {
 
 /// Rule 3b: the GPU of a Proxmox VE node seen from elsewhere: with the running VM, free,
 /// or unknown when the node's API did not answer.
-fn on_pve_node(address: PciAddress, vms: &[VmStatus]) -> Verdict {
+fn on_pve_node(g: &GpuFacts, vms: &[VmStatus]) -> Verdict {
     if vms.iter().all(|v| v.state == VmState::Unknown) {
         let why = vms.iter().find_map(|v| v.error.clone());
         return Verdict {
@@ -768,10 +828,11 @@ fn on_pve_node(address: PciAddress, vms: &[VmStatus]) -> Verdict {
         [vm] => Verdict {
             vm: Some(vm.name.clone()),
             vm_label: Some(vm.label.clone()),
+            vmid: vm.vmid,
             offers: vec![Offer::Stop, Offer::ForceStop, Offer::Switch],
             ..Verdict::new(
                 State::InVm,
-                format!("GPU is in {}", vm.label),
+                format!("{}: {}", gpu_words(g), vm_words(&vm.label, vm.vmid)),
                 "It is free again when that VM stops (`handoff switch` starts another).",
             )
         },
@@ -779,7 +840,11 @@ fn on_pve_node(address: PciAddress, vms: &[VmStatus]) -> Verdict {
             offers: vec![Offer::Start, Offer::Switch],
             ..Verdict::new(
                 State::Idle,
-                format!("GPU {address} is free on the Proxmox VE node"),
+                // No pci.ids name here (the card is in the node): its label, else its address.
+                match g.label {
+                    Some(l) => format!("{l}: free on the Proxmox VE node"),
+                    None => format!("GPU {}: free on the Proxmox VE node", g.address),
+                },
                 "No VM runs: a VM can take it.",
             )
         },

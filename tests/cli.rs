@@ -301,9 +301,12 @@ fn status_says_the_gpu_is_in_the_running_vm_when_every_function_is_on_vfio() {
     h.move_all(Some("vfio-pci"));
     let r = h.run(&["status"]);
     assert_eq!(r.code, 0, "{r:?}");
-    assert_eq!(
-        r.first_line(),
-        "GPU 0000:01:00.0 (RTX 3090 Ti) is in the VM test label (vfio-pci)",
+    // The verdict's words first (issue 14: "<GPU>: <VM>"), then the facts.
+    assert_eq!(r.first_line(), "RTX 3090 Ti: test label", "{r:?}");
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l == "GPU 0000:01:00.0 (RTX 3090 Ti) is in the VM test label (vfio-pci)"),
         "{r:?}"
     );
     let v = h.run(&["status", "--json"]).json();
@@ -944,4 +947,47 @@ fn status_without_a_configured_vm_says_so_and_how_to_add_one() {
     let r = h.run(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["vms"], serde_json::json!([]), "{v}");
+}
+
+/// Which VMs could take the GPU, for libvirt as for Proxmox VE (issue 14): a configured
+/// domain that is off and whose `<hostdev>` names the GPU's slot, read from the real
+/// system libvirtd; a domain passing nothing through is not named.
+#[test]
+fn status_names_the_vm_that_could_take_the_gpu_from_its_hostdev() {
+    use handoff_test_support::libvirt::{TestDomain, require_libvirtd};
+    let Some(_libvirtd) = require_libvirtd() else {
+        return;
+    };
+    let with = TestDomain::define_with_devices(
+        "<hostdev mode='subsystem' type='pci' managed='no'><source>\
+         <address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source></hostdev>",
+    );
+    let without = TestDomain::define();
+    let h = Host::workstation();
+    fs::write(
+        h.config_path(),
+        format!(
+            "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\n\n\
+             [[vm]]\nname = \"{}\"\nlabel = \"Windows\"\n\n\
+             [[vm]]\nname = \"{}\"\nlabel = \"Debian\"\n\n\
+             [host]\nsysfs = \"{}\"\nproc = \"/proc\"\ndev = \"{}\"\nrun = \"{}\"\nuninspectable_ok = {:?}\n",
+            with.name(),
+            without.name(),
+            h.sim.sysfs().display(),
+            h.sim.dev().display(),
+            h.sim.run().display(),
+            handoff::holders::uninspectable_now(Path::new("/proc"))
+        ),
+    )
+    .unwrap();
+    let r = h.run(&["status"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l == format!("Could take it: Windows ({})", with.name())),
+        "{r:?}"
+    );
+    let v = h.run(&["status", "--json"]).json();
+    assert_eq!(v["gpu"]["candidates"], serde_json::json!([with.name()]), "{v}");
 }

@@ -9,15 +9,17 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use handoff_test_support::bins;
 use handoff_test_support::simgpu::{self, GPU, Sim, hold};
 
 struct PveHost {
     sim: Sim,
     root: PathBuf,
     snippet: PathBuf,
+    config: PathBuf,
 }
 
 /// The homelab on the simulated workstation: `host_driver` is where the GPU lives between
@@ -81,7 +83,12 @@ fn homelab_with(gpus: &str, vms: &str) -> Option<PveHost> {
     )
     .unwrap();
     fs::set_permissions(&snippet, fs::Permissions::from_mode(0o755)).unwrap();
-    Some(PveHost { sim, root, snippet })
+    Some(PveHost {
+        sim,
+        root,
+        snippet,
+        config,
+    })
 }
 
 struct Run {
@@ -176,6 +183,76 @@ fn with_the_card_kept_on_vfio_pci_the_second_vm_is_refused_while_the_first_runs(
     pve.sim.assert_on_vfio();
     let r = pve.hook(141, "pre-start");
     assert_eq!((r.code, r.output.as_str()), (0, ""));
+    assert_eq!(pve.sim.short_log(), vec![], "nothing is rebound between VMs");
+}
+
+/// The bar block on the node, one-shot, in waybar's JSON: it asks no API, so what it says
+/// comes from sysfs and the hookscript's state file.
+fn block(pve: &PveHost) -> serde_json::Value {
+    let dir = Path::new(env!("CARGO_BIN_EXE_handoff")).parent().unwrap();
+    let exe = bins::sibling(dir, "handoff-block", "handoff-block", &["src", "i3blocks/src"]);
+    let out = Command::new(exe)
+        .args(["--format", "waybar", "--config"])
+        .arg(&pve.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Issue 14 on the node with the seed's set-up (`host_driver = "vfio-pci"`): between VMs the
+/// card is free on vfio-pci, with a VM it is that VM's, and the block (which asks nothing)
+/// says so because the hookscript rewrites the GPU's state file at pre-start and post-stop,
+/// as the libvirt hook does.
+#[test]
+fn on_the_node_the_block_follows_the_hookscript_between_vms_on_vfio_pci() {
+    let _serial = simgpu::serial();
+    let Some(pve) = homelab_with(
+        &format!(
+            "[gpu]\naddress = \"{GPU}\"\nhost_driver = \"vfio-pci\"\nlabel = \"RTX 5070 Ti\"\nwatchdog_s = 2\n"
+        ),
+        "",
+    ) else {
+        return;
+    };
+    let tip = |v: &serde_json::Value| v["tooltip"].as_str().unwrap_or_default().to_owned();
+    // The first start takes the card off the host driver once (the seed's node boots it
+    // on vfio-pci already).
+    let r = pve.hook(140, "pre-start");
+    assert_eq!(r.code, 0, "{}", r.output);
+    pve.running(140);
+    pve.sim.clear_log();
+    let v = block(&pve);
+    assert_eq!(v["text"], "GPU: Windows 11 (VM 140)", "{v}");
+    assert_eq!(v["class"], "vm", "{v}");
+    assert!(tip(&v).contains("RTX 5070 Ti: Windows 11 (VM 140)"), "{v}");
+
+    // 140 stopped, 141 not started yet: the card rests on vfio-pci, free.
+    pve.stopped(140);
+    let r = pve.hook(140, "post-stop");
+    assert_eq!((r.code, r.output.as_str()), (0, ""));
+    pve.sim.assert_on_vfio();
+    let v = block(&pve);
+    assert_eq!(v["text"], "GPU: free on vfio-pci", "{v}");
+    assert_eq!(v["class"], "linux", "{v}");
+    assert!(tip(&v).contains("RTX 5070 Ti: free on vfio-pci"), "{v}");
+
+    let r = pve.hook(141, "pre-start");
+    assert_eq!((r.code, r.output.as_str()), (0, ""));
+    pve.running(141);
+    let v = block(&pve);
+    assert_eq!(v["text"], "GPU: Linux AI (VM 141)", "{v}");
+    assert!(tip(&v).contains("RTX 5070 Ti: Linux AI (VM 141)"), "{v}");
+
+    // A refused start of 140 and PVE's post-stop after it leave 141's state alone.
+    assert_eq!(pve.hook(140, "pre-start").code, 1);
+    assert_eq!(pve.hook(140, "post-stop").code, 0);
+    assert_eq!(block(&pve)["text"], "GPU: Linux AI (VM 141)");
+
+    pve.stopped(141);
+    assert_eq!(pve.hook(141, "post-stop").code, 0);
+    assert_eq!(block(&pve)["text"], "GPU: free on vfio-pci");
     assert_eq!(pve.sim.short_log(), vec![], "nothing is rebound between VMs");
 }
 

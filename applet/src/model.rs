@@ -127,10 +127,8 @@ impl Snapshot {
                 format!("GPU on Linux ({}) · ? unseen", v.driver.as_deref().unwrap_or("?"))
             }
             State::Idle | State::Busy => format!("GPU on Linux ({})", v.driver.as_deref().unwrap_or("?")),
-            State::InVm => match (&v.vm, &v.vm_label) {
-                (Some(name), Some(label)) => format!("GPU in {label} ({name})"),
-                _ => "GPU in a VM".into(),
-            },
+            // The verdict's words: "RTX 5070 Ti: Windows 11 (VM 140)", "RTX 3090 Ti: Windows".
+            State::InVm => v.headline.clone(),
             State::Switching | State::LibvirtUnreachable => v.line(),
         }
     }
@@ -140,16 +138,15 @@ impl Snapshot {
     pub fn tooltip_lines(&self, last_event: Option<&str>) -> Vec<String> {
         let mut lines = Vec::new();
         match &self.status {
+            // The GPU is in a Proxmox VE node (the verdict found it there): "No GPU at …"
+            // would contradict the title, which says where it is.
+            Ok(s) if s.gpu.owner == Owner::Absent && self.verdict(None).state != State::Absent => {}
             Ok(s) => lines.push(s.headline()),
             Err(e) => lines.push(e.clone()),
         }
         for v in self.vms() {
-            lines.push(format!(
-                "{} ({}): {}",
-                plain(&v.label),
-                plain(&v.name),
-                v.state.words()
-            ));
+            // "Windows (win11): running", "Linux AI (VM 141): shut off".
+            lines.push(format!("{}: {}", plain(&v.shown()), v.state.words()));
         }
         if let Some(why) = self.libvirt_unreachable() {
             lines.push(format!("libvirt unreachable: {}", first_line(&why)));

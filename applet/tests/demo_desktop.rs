@@ -240,7 +240,7 @@ fn demo_with_a_display_refuses_hands_over_brings_home_and_leaves_nothing_behind(
     let v = wait_view(&conn, &item, "the VM icon", |v| {
         v.icon_name == "handoff-vm" && v.tooltip_text.contains("Windows (win11): running")
     });
-    assert_eq!(v.title, "GPU in Windows (win11)");
+    assert_eq!(v.title, "RTX 3090 Ti: Windows");
     assert!(v.tooltip_text.contains("No process uses the GPU"), "{v:#?}");
     assert!(
         drivers(&cfg).iter().all(|d| d == "vfio-pci"),

@@ -203,7 +203,7 @@ pub struct View {
     pub owner: &'static str,
     /// The library's verdict: the headline and subline render it.
     pub verdict: Verdict,
-    /// The big line: "GPU is on Linux (nvidia)", "GPU is in Windows", "Restore required".
+    /// The big line: "GPU is on Linux (nvidia)", "RTX 3090 Ti: Windows", "Restore required".
     pub headline: String,
     /// The line under it: who uses the GPU, or what to do.
     pub subline: String,
@@ -599,6 +599,8 @@ mod tests {
             uri: "qemu:///system".to_owned(),
             state,
             error: None,
+            vmid: None,
+            passthrough: None,
         }
     }
 
@@ -650,6 +652,8 @@ mod tests {
                     uninspected: 0,
                     locked: Vec::new(),
                     rests_on_vfio: false,
+                    label: None,
+                    candidates: Vec::new(),
                     iommu_group: Some(IommuGroup {
                         id: 14,
                         members: vec![
@@ -757,7 +761,7 @@ mod tests {
             None,
         );
         assert_eq!(v.owner, "vm");
-        assert_eq!(v.headline, "GPU is in Windows");
+        assert_eq!(v.headline, "GPU: Windows");
         assert!(v.vms[0].holds_gpu);
         assert_eq!(labels(&v.vms[0].buttons), ["Stop", "Force stop…"]);
         let force = &v.vms[0].buttons[1];
@@ -922,7 +926,7 @@ mod tests {
             ),
             None,
         );
-        assert_eq!(v.headline, "GPU is in Windows");
+        assert_eq!(v.headline, "GPU: Windows");
         assert_eq!(labels(&v.vms[0].buttons), ["Stop", "Force stop…"]);
         assert_eq!(labels(&v.vms[1].buttons), ["Switch to AI"]);
         assert_eq!(v.vms[2].buttons[0].action, Action::Switch { vm: "mac".into() });

@@ -482,7 +482,7 @@ impl Scene {
         a.press(main_window, Some(&Scene::row("Windows", &self.win)), "Start");
         let said = a.wait_text("Windows running", |t| t.starts_with("Windows is running"));
         views.wait_for("Windows with the GPU", |v| {
-            v["busy"].is_null() && v["owner"] == "vm" && v["headline"] == "GPU is in Windows"
+            v["busy"].is_null() && v["owner"] == "vm" && v["headline"] == "RTX 3090 Ti: Windows"
         });
         assert_eq!(self.win.state(), "running");
         assert!(self.stage.on_vfio(), "{:?}", self.stage.drivers());
@@ -564,7 +564,7 @@ fn start_looking_glass_switch_stop_and_force_stop_against_the_real_libvirtd() {
     assert_eq!(sc.ai.state(), "running");
     assert!(sc.stage.on_vfio(), "{:?}", sc.stage.drivers());
     let v = views.wait_for("AI with the GPU", |v| {
-        v["busy"].is_null() && v["headline"] == "GPU is in AI"
+        v["busy"].is_null() && v["headline"] == "RTX 3090 Ti: AI"
     });
     assert_eq!(labels(&v["vms"][0]["buttons"]), ["Switch to Windows"]);
 

@@ -355,7 +355,7 @@ fn shows_the_gpu_in_the_running_test_vm() {
     m.move_all("vfio-pci");
     let mut w = Window::open(&desktop, &m);
     let v = w.wait_for("the VM", |v| v["owner"] == "vm");
-    assert_eq!(v["headline"], "GPU is in Windows");
+    assert_eq!(v["headline"], "RTX 3090 Ti: Windows");
     assert_eq!(v["vms"][0]["state"], "running");
     assert_eq!(v["vms"][0]["holds_gpu"], true);
     assert_eq!(labels(&v["vms"][0]["buttons"]), ["Stop", "Force stop…"]);

@@ -21,9 +21,10 @@ use handoff::verdict::{self, Cause, Facts, GpuFacts, HookFiles, State, Verdict, 
 /// |---|---|---|---|---|---|
 /// | idle | `GPU: Linux` | `L` | `#00CC00` | `linux` | Good |
 /// | idle, on a Proxmox VE node (a desktop's view) | `GPU: free on PVE` | `F` | `#00CC00` | `linux` | Good |
+/// | idle on vfio-pci where it rests (`host_driver = "vfio-pci"`, a PVE node) | `GPU: free on vfio-pci` | `F` | `#00CC00` | `linux` | Good |
 /// | idle, but the scan could not look everywhere | `GPU: Linux · ? unseen` | `L·?` | `#AAAAAA` | `unseen` | Idle |
 /// | busy | `GPU: Linux · N busy` | `L·N` | `#FFAA00` | `busy` | Warning |
-/// | in_vm | `GPU: <label>` | its first letter | `#00AAFF` | `vm` | Info |
+/// | in_vm | `GPU: <label>`, `GPU: <label> (VM <id>)` for a PVE VM | its first letter | `#00AAFF` | `vm` | Info |
 /// | switching | `GPU: switching…` | `GPU…` | `#FFDD00` | `switching` | Info (Warning is busy's: "wait", not "act") |
 /// | restore_required | `GPU: restore!` (`stuck!` locked, `split!` split) | `GPU!` | `#FF0000`, urgent | `restore` | Critical |
 /// | absent | `GPU: none` | `GPU: -` | `#888888` | `absent` | Idle |
@@ -95,12 +96,19 @@ impl View {
             // The verdict's rule 10a: nothing seen using it, but the scan could not look
             // everywhere, so not "free".
             State::Idle if v.unseen => ("GPU: Linux · ? unseen".to_owned(), "L·?".to_owned()),
+            State::Idle if v.driver.as_deref() == Some("vfio-pci") => {
+                ("GPU: free on vfio-pci".to_owned(), "F".to_owned())
+            }
             State::Idle => ("GPU: Linux".to_owned(), "L".to_owned()),
             State::Busy => (format!("GPU: Linux · {} busy", v.users), format!("L·{}", v.users)),
             State::InVm => {
                 let l = v.vm_label.clone().unwrap_or_else(|| "VM".to_owned());
                 let short = l.chars().next().unwrap_or('V').to_string();
-                (format!("GPU: {l}"), short)
+                match v.vmid {
+                    Some(id) if l != id.to_string() => (format!("GPU: {l} (VM {id})"), short),
+                    Some(id) => (format!("GPU: VM {id}"), short),
+                    None => (format!("GPU: {l}"), short),
+                }
             }
             State::Switching => ("GPU: switching…".to_owned(), "GPU…".to_owned()),
             State::RestoreRequired => (
@@ -223,6 +231,7 @@ fn read_with(cfg: &Config, state: HookFiles, pve: &mut crate::pve::Pve) -> View 
     let split = g.split_description();
     let locked = g.locked_functions();
     let driver = g.functions.first().and_then(|f| f.driver.clone());
+    let label = handoff::status::gpu_label(&cfg.gpu, g.name.as_deref());
     let verdict = verdict::decide(&Facts {
         gpu: Ok(GpuFacts {
             address: g.address,
@@ -235,6 +244,7 @@ fn read_with(cfg: &Config, state: HookFiles, pve: &mut crate::pve::Pve) -> View 
             rests_on_vfio: cfg.gpu.host_driver == "vfio-pci",
             uninspected: scan.as_ref().map_or(0, |s| s.uninspected),
             not_checked: scan.as_ref().map_or(&[], |s| &s.notes),
+            label: label.as_deref(),
         }),
         files: &files,
         vms: match &remote {

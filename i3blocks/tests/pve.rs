@@ -48,7 +48,7 @@ fn desktop(dir: &Path, url: &str, fingerprint: &str, extra: &str) -> PathBuf {
     std::fs::write(
         &config,
         format!(
-            "[gpu]\naddress = \"0000:01:00.0\"\nhost_driver = \"vfio-pci\"\n\n\
+            "[gpu]\naddress = \"0000:01:00.0\"\nhost_driver = \"vfio-pci\"\nlabel = \"RTX 5070 Ti\"\n\n\
              [proxmox]\nurl = \"{url}\"\ntoken = \"{TOKEN}\"\ntoken_secret_file = \"{}\"\nfingerprint = \"{fingerprint}\"\n{extra}\n\
              [[vm]]\nvmid = 140\nlabel = \"Windows 11\"\n\n\
              [[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n\n\
@@ -83,14 +83,14 @@ fn a_desktop_without_the_gpu_shows_the_vm_that_has_it_on_the_node() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let v = oneshot(&desktop(tmp.path(), &pve.url, &pve.fingerprint, ""));
-    assert_eq!(v["text"], "GPU: Windows 11", "{v}");
+    assert_eq!(v["text"], "GPU: Windows 11 (VM 140)", "{v}");
     assert_eq!(v["class"], "vm", "{v}");
-    // The verdict's words, as `handoff status` says them there.
+    // The verdict's words, as `handoff status` says them there (issue 14's headline).
     assert!(
         v["tooltip"]
             .as_str()
             .unwrap()
-            .contains("\nGPU is in Windows 11\n"),
+            .contains("\nRTX 5070 Ti: Windows 11 (VM 140)\n"),
         "{v}"
     );
 }
@@ -107,7 +107,7 @@ fn a_desktop_shows_the_gpu_free_on_the_node_when_no_vm_runs() {
         v["tooltip"]
             .as_str()
             .unwrap()
-            .contains("\nGPU 0000:01:00.0 is free on the Proxmox VE node\n"),
+            .contains("\nRTX 5070 Ti: free on the Proxmox VE node\n"),
         "{v}"
     );
 }
@@ -198,8 +198,8 @@ fn the_streaming_block_sees_a_pve_vm_start_within_the_poll_interval() {
         panic!("the block never showed the GPU free on the node: {seen:#?}");
     }
     start_141(&config);
-    if let Err(seen) = wait_text(&rx, "GPU: Linux AI", Duration::from_secs(5)) {
-        panic!("no \"GPU: Linux AI\" within 5 s of 141 starting (poll_interval_s = 1): {seen:#?}");
+    if let Err(seen) = wait_text(&rx, "GPU: Linux AI (VM 141)", Duration::from_secs(5)) {
+        panic!("no \"GPU: Linux AI (VM 141)\" within 5 s of 141 starting (poll_interval_s = 1): {seen:#?}");
     }
 }
 
@@ -217,7 +217,7 @@ fn the_streaming_block_asks_the_node_at_once_after_a_click() {
     }
     start_141(&config);
     assert!(
-        wait_text(&rx, "GPU: Linux AI", Duration::from_secs(2)).is_err(),
+        wait_text(&rx, "GPU: Linux AI (VM 141)", Duration::from_secs(2)).is_err(),
         "the block asked the node without a click or its interval"
     );
     // A click on a one-shot block of the same bar (the middle button, with nothing
@@ -229,8 +229,8 @@ fn the_streaming_block_asks_the_node_at_once_after_a_click() {
         .status()
         .unwrap();
     assert!(st.success());
-    if let Err(seen) = wait_text(&rx, "GPU: Linux AI", Duration::from_secs(5)) {
-        panic!("no \"GPU: Linux AI\" within 5 s of a click: {seen:#?}");
+    if let Err(seen) = wait_text(&rx, "GPU: Linux AI (VM 141)", Duration::from_secs(5)) {
+        panic!("no \"GPU: Linux AI (VM 141)\" within 5 s of a click: {seen:#?}");
     }
 }
 

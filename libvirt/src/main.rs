@@ -31,8 +31,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => {
             let (cfg, _) = load_config(cli.config)?;
             let mut hv = handoff_libvirt::open(&cfg);
+            // With each VM's devices: status says which VMs could take each GPU.
             handoff::cli::status(&cfg, &args, &mut |vm| {
-                handoff::hypervisor::vm_status(&mut *hv, vm)
+                handoff::hypervisor::vm_status_with_devices(&mut *hv, vm)
             })
         }
         Command::Config(ConfigCommand::Check { file }) => {

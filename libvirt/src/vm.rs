@@ -673,7 +673,10 @@ impl<'a> Ctl<'a> {
         let macos = description
             .as_ref()
             .is_some_and(|d| handoff::gpus::is_macos_definition(&d.definition));
-        let looking_glass = description.and_then(|d| d.looking_glass);
+        // A Proxmox VE VM's IVSHMEM file is on the node, not here: nothing to open.
+        let looking_glass = description
+            .and_then(|d| d.looking_glass)
+            .filter(|_| handoff::hypervisor::name_of(&vm.uri) == "libvirt");
         let on_vfio = |gpu: &GpuReport| {
             gpu.owner
                 .filter(|o| *o != Owner::Absent)
@@ -1221,7 +1224,18 @@ impl Health {
             };
             let _ = writeln!(s, "            hostdev {} ({what})", h.address);
         }
+        let pve = handoff::hypervisor::name_of(&self.uri) != "libvirt";
         let lg = match &self.looking_glass {
+            // Its IVSHMEM file is on the node that runs the VM's QEMU: a desktop has none.
+            Some(m) if pve => format!(
+                "shared memory {:?}{}{} in the VM's args: a file on the Proxmox VE node, so the \
+                 client runs on the node, not on a desktop",
+                m.name,
+                m.model.as_deref().map(|t| format!(", {t}")).unwrap_or_default(),
+                m.size_bytes
+                    .map(|b| format!(", {}", size_words(b)))
+                    .unwrap_or_default()
+            ),
             Some(m) => format!(
                 "shared memory {:?}{}{}",
                 m.name,
@@ -1230,9 +1244,10 @@ impl Health {
                     .map(|b| format!(", {}", size_words(b)))
                     .unwrap_or_default()
             ),
-            None if handoff::hypervisor::name_of(&self.uri) != "libvirt" => {
-                "not read from Proxmox VE configs yet".to_owned()
-            }
+            None if pve => "none: no ivshmem device in the VM's args. On Proxmox VE, Looking Glass \
+                            reads an IVSHMEM file on the node itself, so a desktop cannot open it; \
+                            use the GPU's own display output there"
+                .to_owned(),
             None => "no shared memory device (<shmem name='looking-glass'>) in the XML".to_owned(),
         };
         let _ = writeln!(s, "  Looking Glass  {lg}");

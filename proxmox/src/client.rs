@@ -84,8 +84,14 @@ pub enum ApiError {
         what: &'static str,
         node: String,
     },
-    #[error("Proxmox VE at {url} has no VM {vmid}; `qm list` on the node lists them (is [[vm]] vmid right?)")]
-    NoVm { url: String, vmid: u32 },
+    // PVE lists and shows a VM only to a token with VM.Audit on it: a missing privilege
+    // looks exactly like a missing VM, so both are said.
+    #[error(
+        "Proxmox VE at {url} has no VM {vmid} that this API token may see; `qm list` on the node lists them \
+         (is [[vm]] vmid right?). PVE hides a VM from a token without VM.Audit on /vms/{vmid}: \
+         `pveum acl modify /vms/{vmid} --tokens '{token}' --roles HandoffVM` (docs/proxmox.md)"
+    )]
+    NoVm { url: String, vmid: u32, token: String },
     #[error("Proxmox VE at {url}: {method} {path} failed with HTTP {status}: {message}")]
     Http {
         url: String,
@@ -404,6 +410,7 @@ impl Client {
             return ApiError::NoVm {
                 url: self.url.clone(),
                 vmid,
+                token: self.token.clone(),
             };
         }
         ApiError::Http {

@@ -116,6 +116,7 @@ impl Proxmox {
             self.err(ApiError::NoVm {
                 url: self.cfg.url.clone(),
                 vmid,
+                token: self.cfg.token.clone(),
             })
         })
     }
@@ -365,7 +366,7 @@ impl Hypervisor for Proxmox {
             .collect();
         Ok(Description {
             passthrough,
-            looking_glass: None,
+            looking_glass: handoff::pve::looking_glass(&conf),
             definition,
         })
     }

@@ -26,6 +26,10 @@ fn setup() -> Option<(FakePve, PathBuf)> {
     // Windows has run for 2 h 3 min 4 s and its guest agent answers (fakepve's addresses).
     let mut win11 = vm(140, "win11", "running");
     win11["stats"] = json!({"uptime": 7384});
+    // Looking Glass the way its docs set it up on PVE: raw QEMU args.
+    win11["config"]["args"] = json!(
+        "-device ivshmem-plain,memdev=ivshmem,bus=pcie.0 -object memory-backend-file,id=ivshmem,share=on,mem-path=/dev/shm/looking-glass,size=32M"
+    );
     win11["agent"] = json!({});
     let pve = FakePve::start(&json!({
         "tokens": {TOKEN: SECRET},
@@ -42,7 +46,7 @@ fn setup() -> Option<(FakePve, PathBuf)> {
     std::fs::write(
         &config,
         format!(
-            "[gpu]\naddress = \"0000:01:00.0\"\nhost_driver = \"vfio-pci\"\n\n\
+            "[gpu]\naddress = \"0000:01:00.0\"\nhost_driver = \"vfio-pci\"\nlabel = \"RTX 5070 Ti\"\n\n\
              [proxmox]\nurl = \"{}\"\ntoken = \"{TOKEN}\"\ntoken_secret_file = \"{}\"\nfingerprint = \"{}\"\n\n\
              [[vm]]\nvmid = 140\nlabel = \"Windows 11\"\nshutdown_timeout_s = 30\n\n\
              [[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n\n\
@@ -103,12 +107,23 @@ fn handoff_status_json_lists_the_pve_vms_with_their_states() {
             ("linux-ai".into(), "shutoff".into())
         ]
     );
-    // The desktop has no such GPU; the node's VMs say where it is.
+    // The desktop has no such GPU; the node's VMs say where it is, in issue 14's words.
     assert_eq!(v["verdict"]["state"], "in_vm", "{v}");
     assert_eq!(v["verdict"]["vm_label"], "Windows 11", "{v}");
+    assert_eq!(v["verdict"]["vmid"], 140, "{v}");
+    assert_eq!(v["verdict"]["gpu_label"], "RTX 5070 Ti", "{v}");
+    assert_eq!(
+        v["verdict"]["headline"], "RTX 5070 Ti: Windows 11 (VM 140)",
+        "{v}"
+    );
+    assert_eq!(v["vms"][1]["vmid"], 141, "{v}");
+    // Which VMs could take it: the one that is off and whose hostpci0 names its slot.
+    assert_eq!(v["gpu"]["candidates"], json!(["linux-ai"]), "{v}");
+    assert_eq!(v["gpus"][0]["gpu"]["candidates"], json!(["linux-ai"]), "{v}");
     let (code, text, _) = run(&config, &["status"]);
     assert_eq!(code, 0);
-    assert!(text.starts_with("GPU is in Windows 11\n"), "{text}");
+    assert!(text.starts_with("RTX 5070 Ti: Windows 11 (VM 140)\n"), "{text}");
+    assert!(text.contains("\nCould take it: Linux AI (VM 141)\n"), "{text}");
 }
 
 #[test]
@@ -126,6 +141,10 @@ fn handoff_switch_141_and_back_to_140_from_the_command_line() {
             ("linux-ai".into(), "running".into())
         ]
     );
+    // Now 141 has it and 140 could take it back.
+    let (_, text, _) = run(&config, &["status"]);
+    assert!(text.starts_with("RTX 5070 Ti: Linux AI (VM 141)\n"), "{text}");
+    assert!(text.contains("\nCould take it: Windows 11 (VM 140)\n"), "{text}");
     let (code, out, err) = run(&config, &["switch", "140"]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(
@@ -149,11 +168,25 @@ fn vm_health_of_a_pve_vm_says_its_uptime_cpus_memory_and_the_guest_agents_addres
         out.contains("  IP        192.0.2.10 (eth0, from the guest agent)\n"),
         "{out}"
     );
+    // Looking Glass from the VM's args, and where it can run: its file is on the node.
+    assert!(
+        out.contains(
+            "  Looking Glass  shared memory \"looking-glass\", ivshmem-plain, 32 MiB in the VM's args: \
+             a file on the Proxmox VE node, so the client runs on the node, not on a desktop\n"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("not read"), "{out}");
     // Off: nothing to say about a guest that does not run, and no agent to ask.
     let (code, out, err) = run(&config, &["vm-health", "linux-ai"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("  uptime    not running\n"), "{out}");
     assert!(out.contains("  IP        unknown\n"), "{out}");
+    assert!(
+        out.contains("  Looking Glass  none: no ivshmem device in the VM's args."),
+        "{out}"
+    );
+    assert!(!out.contains("not read"), "{out}");
 }
 
 #[test]
@@ -290,4 +323,74 @@ fn config_check_and_doctor_say_what_a_pve_vm_on_the_igpu_lacks_and_that_macos_ha
     ] {
         assert!(out.contains(says), "doctor: no {says:?} in:\n{out}{err}");
     }
+}
+
+/// On the node itself, the card isolated on vfio-pci from boot (the seed's set-up) and the
+/// simulated GPU behind FUSE: `handoff status` asks the API which VM runs and says "free on
+/// vfio-pci" between VMs, not "restore required", and the VM's name once one runs (issue
+/// 14).
+#[test]
+fn on_the_node_status_says_free_on_vfio_pci_between_vms_and_names_the_vm_that_has_it() {
+    use handoff_test_support::simgpu;
+    let _serial = simgpu::serial();
+    let Some(sim) = simgpu::workstation() else { return };
+    let host = sim.host();
+    let gpu = simgpu::addr(simgpu::GPU);
+    // As at boot with `vfio-pci.ids=…`: on vfio-pci, no restore record.
+    handoff::bind::hand_to_vfio(&host, gpu, None, std::time::Duration::from_secs(2), &mut |_| {})
+        .expect("binding the simulated card to vfio-pci");
+    handoff::bind::record::RestoreRecord::remove(&host, gpu).unwrap();
+    sim.assert_on_vfio();
+
+    let vm = |id: u32, name: &str| json!({"vmid": id, "name": name, "status": "stopped", "config": {"hostpci0": "0000:01:00,pcie=1"}});
+    let Some(pve) = FakePve::start(&json!({
+        "tokens": {TOKEN: SECRET},
+        "guests": [vm(140, "win11"), vm(141, "linux-ai")],
+    })) else {
+        return;
+    };
+    let secret = pve.dir().join("pve-token");
+    std::fs::write(&secret, SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = pve.dir().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gpu]\naddress = \"{gpu}\"\nhost_driver = \"vfio-pci\"\nlabel = \"RTX 5070 Ti\"\n\n\
+             [proxmox]\nurl = \"{}\"\ntoken = \"{TOKEN}\"\ntoken_secret_file = \"{}\"\nfingerprint = \"{}\"\n\n\
+             [[vm]]\nvmid = 140\nlabel = \"Windows 11\"\n\n\
+             [[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n\n{}",
+            pve.url,
+            secret.display(),
+            pve.fingerprint,
+            handoff_test_support::config::host_section(&host)
+        ),
+    )
+    .unwrap();
+
+    let (code, text, err) = run(&config, &["status"]);
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(text.starts_with("RTX 5070 Ti: free on vfio-pci\n"), "{text}");
+    assert!(
+        text.contains("\nCould take it: Windows 11 (VM 140), Linux AI (VM 141)\n"),
+        "{text}"
+    );
+    let (_, out, _) = run(&config, &["status", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verdict"]["state"], "idle", "{v}");
+    assert_eq!(v["gpu"]["candidates"], json!(["140", "linux-ai"]), "{v}");
+
+    let (code, out, err) = run(&config, &["start", "linux-ai"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, text, err) = run(&config, &["status"]);
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(text.starts_with("RTX 5070 Ti: Linux AI (VM 141)\n"), "{text}");
+    assert!(text.contains("\nCould take it: Windows 11 (VM 140)\n"), "{text}");
+    let (_, out, _) = run(&config, &["status", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&v["verdict"]["state"], &v["verdict"]["vm"], &v["verdict"]["vmid"]),
+        (&json!("in_vm"), &json!("linux-ai"), &json!(141)),
+        "{v}"
+    );
 }

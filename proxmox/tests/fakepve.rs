@@ -223,6 +223,21 @@ fn a_token_that_may_only_audit_names_the_missing_vm_powermgmt_privilege() {
 }
 
 #[test]
+fn a_token_that_may_only_power_vms_names_the_missing_vm_audit_privilege() {
+    // PVE (and fakepve) hide the VMs a token may not audit: it looks like no such VM.
+    let scenario = homelab(|s| s["grants"] = json!([[TOKEN, "/vms", ["VM.PowerMgmt"]]]));
+    let Some(lab) = lab(scenario, 30) else { return };
+    let s = states(&lab.cfg);
+    assert_eq!(s[0].1, VmState::Undefined, "{s:?}");
+    let e = s[0].2.clone().unwrap();
+    assert!(e.contains("without VM.Audit on /vms/140"), "{e}");
+    assert!(
+        e.contains(&format!("pveum acl modify /vms/140 --tokens '{TOKEN}'")),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_wrong_fingerprint_is_refused_naming_the_certificate_seen() {
     let Some(pve) = FakePve::start(&homelab(|_| {})) else {
         return;

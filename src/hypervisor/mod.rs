@@ -46,7 +46,7 @@ pub mod piped;
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 use crate::live::DomainEvent;
@@ -181,7 +181,7 @@ pub struct Description {
 }
 
 /// The Looking Glass shared memory device of a VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shmem {
     pub name: String,
     /// `ivshmem-plain`, `ivshmem-doorbell`, or None when the definition names none.
@@ -335,6 +335,17 @@ pub trait Hypervisor: Send {
     fn guest(&mut self, vm: &VmRef) -> Guest;
     /// Lifecycle events of `vms` until the returned subscription is dropped.
     fn subscribe(&mut self, vms: &[VmRef], sink: EventSink) -> Result<Subscription, HypervisorError>;
+}
+
+/// [`vm_status`] with the PCI devices the VM's definition passes through, for `handoff
+/// status`'s "could take it" (one more request per VM; a definition that cannot be read
+/// leaves them unknown).
+pub fn vm_status_with_devices(hv: &mut dyn Hypervisor, vm: &VmConfig) -> VmStatus {
+    let mut s = vm_status(hv, vm);
+    if !matches!(s.state, VmState::Unknown | VmState::Undefined) {
+        s.passthrough = hv.describe(&VmRef::from(vm)).ok().map(|d| d.passthrough);
+    }
+    s
 }
 
 /// `vm`'s status for [`crate::status::collect`]: a VM the hypervisor does not know is

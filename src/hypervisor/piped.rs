@@ -187,6 +187,9 @@ enum WTaskState {
 struct WDescription {
     passthrough: Vec<PciAddress>,
     definition: String,
+    /// Added after the first version: an older `handoff-pve` sends none.
+    #[serde(default)]
+    looking_glass: Option<super::Shmem>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -276,6 +279,7 @@ fn answer(hv: &mut dyn Hypervisor, req: Request) -> Result<serde_json::Value, Hy
                 serde_json::to_value(WDescription {
                     passthrough: d.passthrough,
                     definition: d.definition,
+                    looking_glass: d.looking_glass,
                 })
                 .expect("serializable"),
             )
@@ -489,7 +493,7 @@ impl Hypervisor for Piped {
         let d: WDescription = self.call(&Request::Describe { vm: vm.into() })?;
         Ok(Description {
             passthrough: d.passthrough,
-            looking_glass: None,
+            looking_glass: d.looking_glass,
             definition: d.definition,
         })
     }

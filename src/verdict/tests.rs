@@ -39,6 +39,7 @@ struct M {
     rests_on_vfio: bool,
     uninspected: usize,
     not_checked: Vec<String>,
+    label: Option<&'static str>,
 }
 
 fn m(owner: Owner, vms: Vec<VmStatus>) -> M {
@@ -54,6 +55,7 @@ fn m(owner: Owner, vms: Vec<VmStatus>) -> M {
         rests_on_vfio: false,
         uninspected: 0,
         not_checked: Vec::new(),
+        label: None,
     }
 }
 
@@ -77,6 +79,11 @@ impl M {
     }
     fn doing(mut self, d: &'static str) -> M {
         self.doing = Some(d);
+        self
+    }
+    /// The GPU's label (`[[gpu]] label`, else pci.ids' name).
+    fn label(mut self, l: &'static str) -> M {
+        self.label = Some(l);
         self
     }
     fn rests_on_vfio(mut self) -> M {
@@ -127,6 +134,7 @@ impl M {
                     rests_on_vfio: self.rests_on_vfio,
                     uninspected: self.uninspected,
                     not_checked: &self.not_checked,
+                    label: self.label,
                 })
             },
             files: &self.files,
@@ -172,7 +180,7 @@ fn every_machine_the_surfaces_tell_apart_has_one_verdict() {
             "a_vm_holding_the_gpu_beats_busy",
             in_windows().users(1),
             InVm,
-            "GPU is in Windows",
+            "GPU: Windows",
             None,
         ),
         (
@@ -398,7 +406,7 @@ fn every_machine_the_surfaces_tell_apart_has_one_verdict() {
             "a_bound_record_with_the_vm_running_is_the_vm",
             in_windows().record("bound", None),
             InVm,
-            "GPU is in Windows",
+            "GPU: Windows",
             None,
         ),
         (
@@ -428,7 +436,7 @@ fn every_machine_the_surfaces_tell_apart_has_one_verdict() {
             "a_running_vm_is_never_an_orphan",
             in_windows().seen(ORPHAN_GRACE * 10),
             InVm,
-            "GPU is in Windows",
+            "GPU: Windows",
             None,
         ),
         // The bar: VMs not asked, the hook's file stands in for them.
@@ -450,7 +458,7 @@ fn every_machine_the_surfaces_tell_apart_has_one_verdict() {
             "bar_in_the_vm_the_hook_names",
             in_windows().not_asked().hook("vfio", Some(WIN)),
             InVm,
-            "GPU is in Windows",
+            "GPU: Windows",
             None,
         ),
         (
@@ -537,7 +545,7 @@ fn every_machine_the_surfaces_tell_apart_has_one_verdict() {
             "unseen_processes_do_not_matter_while_a_vm_has_it",
             in_windows().uninspected(93),
             InVm,
-            "GPU is in Windows",
+            "GPU: Windows",
             None,
         ),
         (
@@ -662,6 +670,7 @@ fn is_orphaned_is_only_rule_5() {
                 rests_on_vfio: false,
                 uninspected: 0,
                 not_checked: &[],
+                label: None,
             }),
             files: &machine.files,
             vms: Vms::Known(&vms),
@@ -687,12 +696,12 @@ fn a_card_that_rests_on_vfio_pci_is_free_there_not_orphaned_and_in_a_vm_while_on
         .rests_on_vfio()
         .decide();
     assert_eq!(free.state, State::Idle, "{free:?}");
-    assert_eq!(free.headline, "GPU is free on vfio-pci");
+    assert_eq!(free.headline, "GPU: free on vfio-pci");
     let busy = m(Owner::Vfio, vec![vm(WIN, VmState::Running)])
         .rests_on_vfio()
         .decide();
     assert_eq!(busy.state, State::InVm, "{busy:?}");
-    assert_eq!(busy.headline, "GPU is in Windows");
+    assert_eq!(busy.headline, "GPU: Windows");
     // Without the setting, the same card is left behind.
     let left = m(Owner::Vfio, vec![vm(WIN, VmState::Shutoff)]).decide();
     assert_eq!(left.state, State::RestoreRequired, "{left:?}");
@@ -709,7 +718,8 @@ fn from_a_desktop_the_gpu_of_a_proxmox_node_is_with_the_running_vm() {
     )
     .decide();
     assert_eq!(with.state, State::InVm, "{with:?}");
-    assert_eq!(with.headline, "GPU is in Windows 11");
+    assert_eq!(with.headline, "GPU: Windows 11 (VM 140)");
+    assert_eq!(with.vmid, Some(140));
     assert_eq!(with.vm.as_deref(), Some("140"));
     assert!(!with.offers.contains(&Offer::OpenLookingGlass), "{with:?}");
 
@@ -722,7 +732,7 @@ fn from_a_desktop_the_gpu_of_a_proxmox_node_is_with_the_running_vm() {
     )
     .decide();
     assert_eq!(free.state, State::Idle, "{free:?}");
-    assert_eq!(free.headline, "GPU 0000:01:00.0 is free on the Proxmox VE node");
+    assert_eq!(free.headline, "GPU 0000:01:00.0: free on the Proxmox VE node");
 
     let mut gone = pve_vm(140, "Windows 11", VmState::Unknown);
     gone.error = Some("cannot reach Proxmox VE at https://pve.lan:8006".into());
@@ -736,5 +746,76 @@ fn from_a_desktop_the_gpu_of_a_proxmox_node_is_with_the_running_vm() {
     assert_eq!(
         m(Owner::Absent, vec![vm(WIN, VmState::Running)]).decide().state,
         State::Absent
+    );
+}
+
+/// Issue 14's headline: the GPU by its label, the VM by its label and VMID, whether the
+/// VMs were asked (the desktop's view of the node) or not (the bar on the node, from the
+/// hookscript's state file).
+#[test]
+fn a_pve_vm_with_the_gpu_is_named_with_the_gpus_label_and_its_vmid() {
+    let asked = m(
+        Owner::Absent,
+        vec![
+            pve_vm(140, "Windows 11", VmState::Running),
+            pve_vm(141, "Linux AI", VmState::Shutoff),
+        ],
+    )
+    .label("RTX 5070 Ti")
+    .decide();
+    assert_eq!(asked.headline, "RTX 5070 Ti: Windows 11 (VM 140)");
+    assert_eq!(asked.gpu_label, "RTX 5070 Ti");
+
+    let mut ai = VmConfig::named("linux-ai", "Linux AI");
+    ai.vmid = Some(141);
+    let configured = [ai];
+    let files = HookFiles::default().with_hook(GPU, "vfio", Some("linux-ai"));
+    let facts = |files| Facts {
+        gpu: Ok(GpuFacts {
+            address: GPU,
+            owner: Owner::Vfio,
+            driver: Some("vfio-pci"),
+            split: None,
+            locked: &[],
+            users: 0,
+            vm: None,
+            rests_on_vfio: true,
+            uninspected: 0,
+            not_checked: &[],
+            label: Some("RTX 5070 Ti"),
+        }),
+        files,
+        vms: Vms::NotAsked(&configured),
+        doing: None,
+        orphan_seen_for: None,
+    };
+    let on_node = decide(&facts(&files));
+    assert_eq!(
+        (on_node.state, on_node.headline.as_str(), on_node.vmid),
+        (State::InVm, "RTX 5070 Ti: Linux AI (VM 141)", Some(141))
+    );
+    let home = HookFiles::default().with_hook(GPU, "host", None);
+    let free = decide(&facts(&home));
+    assert_eq!(
+        (free.state, free.headline.as_str()),
+        (State::Idle, "RTX 5070 Ti: free on vfio-pci")
+    );
+}
+
+/// On the node itself (the card is here) with the API not answering: PVE's words, not
+/// libvirt's.
+#[test]
+fn on_the_node_an_api_that_does_not_answer_is_proxmox_ve_unreachable() {
+    let mut gone = pve_vm(140, "Windows 11", VmState::Unknown);
+    gone.error = Some("cannot reach Proxmox VE at https://pve.lan:8006".into());
+    let v = m(Owner::Vfio, vec![gone]).rests_on_vfio().decide();
+    assert_eq!(
+        (v.state, v.headline.as_str()),
+        (State::LibvirtUnreachable, "Proxmox VE unreachable")
+    );
+    assert!(v.next.contains("[proxmox]"), "{v:?}");
+    assert_eq!(
+        m(Owner::Host, vec![unreachable_vm()]).decide().headline,
+        "libvirt unreachable"
     );
 }

@@ -58,6 +58,8 @@ pub(crate) fn machine(owner: Owner, vms: Vec<VmStatus>) -> Snapshot {
                 split: (owner == Owner::Mixed).then(|| "01:00.0 vfio-pci, 01:00.1 snd_hda_intel".into()),
                 locked: Vec::new(),
                 rests_on_vfio: false,
+                label: None,
+                candidates: Vec::new(),
             },
             vms,
         }),
@@ -145,7 +147,7 @@ fn a_vm_holding_the_gpu_beats_busy() {
     // Holders of a GPU in a VM (a stale fd on the vfio group): the VM is what matters.
     let s = with_holders(in_windows(), vec![holder(4242, ME, "python3")]);
     assert_eq!(s.icon(None), Icon::Vm);
-    assert_eq!(s.title(None), format!("GPU in Windows ({WIN})"));
+    assert_eq!(s.title(None), "GPU: Windows");
 }
 
 #[test]
@@ -157,7 +159,7 @@ fn gpu_on_vfio_with_an_unknown_vm_still_shows_the_vm_icon_when_libvirt_answers()
     );
     assert!(s.vm_with_gpu().is_none());
     assert_eq!(s.icon(None), Icon::Vm);
-    assert_eq!(s.title(None), "GPU in a VM");
+    assert_eq!(s.title(None), "GPU is in a VM");
 }
 
 #[test]
@@ -655,4 +657,29 @@ fn a_stop_whose_gpu_never_comes_back_ends_in_one_restore_notification() {
     assert_eq!(notes.len(), 1, "{notes:#?}");
     assert_eq!(notes[0].summary, "GPU handoff failed: restore required");
     assert!(notes[0].body.contains("no VM is running"), "{}", notes[0].body);
+}
+
+/// A desktop whose GPU is in a Proxmox VE node (issue 14): the title is the verdict's
+/// headline, the GPU by its label and the VM with its VMID, and the tooltip does not say
+/// "No GPU" about a card that is in the node.
+#[test]
+fn a_pve_nodes_gpu_is_named_with_the_vm_and_its_vmid() {
+    let pve = |vmid: u32, label: &str, state: VmState| {
+        let mut c = VmConfig::named(&vmid.to_string(), label);
+        c.vmid = Some(vmid);
+        c.uri = "https://pve.lan:8006".into();
+        VmStatus::new(&c, state, None)
+    };
+    let mut s = machine(
+        Owner::Absent,
+        vec![
+            pve(140, "Windows 11", VmState::Running),
+            pve(141, "Linux AI", VmState::Shutoff),
+        ],
+    );
+    s.status.as_mut().unwrap().gpu.label = Some("RTX 5070 Ti".into());
+    assert_eq!(s.title(None), "RTX 5070 Ti: Windows 11 (VM 140)");
+    let lines = s.tooltip_lines(None);
+    assert!(!lines.iter().any(|l| l.starts_with("No GPU")), "{lines:?}");
+    assert_eq!(lines[0], "Windows 11 (VM 140): running", "{lines:?}");
 }

@@ -189,7 +189,7 @@ fn with_windows_running_stop_force_stop_behind_a_question_and_looking_glass() {
     assert_eq!(
         top(&t),
         [
-            "GPU in Windows (win11)",
+            "GPU: Windows",
             SEP,
             "Stop Windows",
             "Force stop Windows…",
@@ -667,7 +667,7 @@ fn a_real_read_with_one_of_two_vms_running_on_the_gpu_offers_switching() {
     assert_eq!(
         top(&t),
         [
-            "GPU in Windows (win11)",
+            "RTX 3090 Ti: Windows",
             SEP,
             "Stop Windows",
             "Force stop Windows…",
