@@ -106,15 +106,13 @@ fn two_gpus_get_a_section_each_and_a_restore_on_the_other_one_turns_the_icon_red
         )
         .save_gpu(&host, false)
         .unwrap();
-    let v = wait_view(&conn, &item, "restore icon for the other GPU", |v| {
-        v.icon_name == "handoff-restore" && v.status == "NeedsAttention"
+    // The properties are read one by one: wait for the icon and the tooltip together.
+    wait_view(&conn, &item, "restore icon for the other GPU", |v| {
+        v.icon_name == "handoff-restore"
+            && v.status == "NeedsAttention"
+            && v.tooltip_text
+                .contains("UHD 630 (0000:00:02.0): Restore required")
     });
-    assert!(
-        v.tooltip_text
-            .contains("UHD 630 (0000:00:02.0): Restore required"),
-        "{}",
-        v.tooltip_text
-    );
     let menu = top(&item.menu(&conn));
     eprintln!("menu: {menu:#?}");
     let igpu = section(&menu, "UHD 630 (0000:00:02.0): ");
