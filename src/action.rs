@@ -9,6 +9,8 @@
 //! `handoff_libvirt::vm::Ctl::act` (it needs libvirt, so it lives in that crate): the CLI's
 //! commands, the tray's agent ([`crate::agent::Request`] maps onto [`Action`]) and the
 //! details window's buttons all run it. Opening Looking Glass is [`crate::lg::open`].
+//! [`run`] runs every other action; a surface renders actions and dispatches them, and
+//! keeps no vocabulary of its own (the tray's menu and notification buttons are these).
 
 use std::io;
 use std::path::PathBuf;
@@ -53,14 +55,30 @@ pub enum Action {
         unit: String,
         pid: u32,
     },
-    /// `pkexec handoff rebind --force`.
-    ReturnToLinux,
+    /// `docker stop NAME` / `podman stop NAME`: a holder in a container (its unit is the
+    /// engine's scope, not one to `systemctl stop`).
+    StopContainer {
+        container: crate::containers::Container,
+    },
+    /// `pkexec handoff rebind --force --gpu <gpu>`.
+    ReturnToLinux {
+        gpu: crate::PciAddress,
+    },
+    /// SIGTERM the user's own `pids` (all or none), wait for them, then start `vm` (a
+    /// refusal's "Terminate and start").
+    TerminateAndStart {
+        vm: String,
+        pids: Vec<u32>,
+    },
+    /// Open the details window (`handoff-details`, its own process).
+    OpenDetails,
     /// Read the state again now (the details window's button).
     Refresh,
 }
 
 impl Action {
-    /// The VM this action starts, stops or switches to, for a VM action.
+    /// The VM this action starts, stops or switches to, for a VM action (not
+    /// `TerminateAndStart`, which is a terminate and then a `Start`).
     pub fn vm(&self) -> Option<&str> {
         match self {
             Action::Start { vm }
@@ -70,6 +88,76 @@ impl Action {
             | Action::ForceSwitch { vm } => Some(vm),
             _ => None,
         }
+    }
+
+    /// Whether it changes the machine (a surface disables its other actions meanwhile);
+    /// opening a window or reading again does not.
+    pub fn changes_machine(&self) -> bool {
+        !matches!(
+            self,
+            Action::OpenLookingGlass | Action::OpenDetails | Action::Refresh
+        )
+    }
+
+    /// Whether it asks the hypervisor to start a VM (so the hook may refuse it).
+    pub fn starts_a_vm(&self) -> bool {
+        matches!(
+            self,
+            Action::Start { .. }
+                | Action::Switch { .. }
+                | Action::ForceSwitch { .. }
+                | Action::TerminateAndStart { .. }
+        )
+    }
+}
+
+/// Runs an action that needs no hypervisor and opens no window of the session's: terminate,
+/// stop a unit (recorded, so it is started again when the GPU is back: [`crate::stopped`])
+/// or a container, return the GPU, open the details window, refresh. None for the VM
+/// actions (`handoff_libvirt::vm::Ctl::act`, or the tray's agent), `TerminateAndStart`
+/// (its [`terminate`], then the start) and Looking Glass ([`crate::lg::open`]). Blocking.
+pub fn run(cfg: &crate::Config, action: &Action) -> Option<Outcome> {
+    Some(match action {
+        Action::Terminate { pid, command } => terminate(
+            &cfg.host,
+            nix::unistd::getuid().as_raw(),
+            &[(*pid, command.as_str())],
+        ),
+        Action::StopUnit { unit, pid } => {
+            let scope = unit_scope(&cfg.host, *pid).unwrap_or(UnitScope::System);
+            crate::stopped::stop_unit(cfg, unit, scope)
+        }
+        Action::StopContainer { container } => stop_container(container),
+        Action::ReturnToLinux { gpu } => return_to_linux(*gpu),
+        Action::OpenDetails => open_details(),
+        Action::Refresh => Ok(String::new()),
+        Action::Start { .. }
+        | Action::Stop { .. }
+        | Action::ForceStop { .. }
+        | Action::Switch { .. }
+        | Action::ForceSwitch { .. }
+        | Action::TerminateAndStart { .. }
+        | Action::OpenLookingGlass => return None,
+    })
+}
+
+/// Starts `handoff-details` (beside the running binary, else on PATH) in its own process
+/// group; a thread reaps it when it closes.
+pub fn open_details() -> Outcome {
+    use std::os::unix::process::CommandExt;
+    let bin = sibling("handoff-details");
+    match Command::new(&bin).stdin(Stdio::null()).process_group(0).spawn() {
+        Ok(mut child) => {
+            let _ = std::thread::Builder::new()
+                .name("handoff-details-wait".into())
+                .stack_size(64 * 1024)
+                .spawn(move || child.wait());
+            Ok(String::new())
+        }
+        Err(source) => Err(ActionError::Spawn {
+            shown: bin.display().to_string(),
+            source,
+        }),
     }
 }
 

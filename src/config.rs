@@ -30,6 +30,7 @@ pub struct Config {
     pub vms: Vec<VmConfig>,
     pub looking_glass: LookingGlassConfig,
     pub block: BlockConfig,
+    pub tray: TrayConfig,
     pub host: Host,
     /// The Proxmox VE API that `[[vm]]` entries with a `vmid` live behind.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -353,6 +354,28 @@ pub struct BlockConfig {
     pub middle_click: Vec<String>,
 }
 
+/// The tray (`handoff-tray`): what it tells beyond the changes of state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrayConfig {
+    /// A notification when something starts using a GPU while a VM that wants it is about
+    /// to start: the tray itself is starting (or switching to) a VM, or a start was refused
+    /// within the last `busy_alert_window_s` (the person is about to try again). Off by
+    /// default: the icon and the tooltip say "busy" anyway.
+    pub busy_alert: bool,
+    /// How long after a refused start a new user of the GPU is told (seconds, 1 to 3600).
+    pub busy_alert_window_s: u64,
+}
+
+impl Default for TrayConfig {
+    fn default() -> Self {
+        Self {
+            busy_alert: false,
+            busy_alert_window_s: 120,
+        }
+    }
+}
+
 /// Where a configuration came from; shown by `handoff config check` and in errors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -617,6 +640,15 @@ impl Config {
         self.validate_gpus()?;
         if let Some(p) = &self.proxmox {
             self.validate_proxmox(p)?;
+        }
+        if !(1..=3600).contains(&self.tray.busy_alert_window_s) {
+            return Err((
+                format!(
+                    "[tray] busy_alert_window_s = {} is out of range: it must be 1 to 3600 (seconds)",
+                    self.tray.busy_alert_window_s
+                ),
+                vec![Key("tray"), Key("busy_alert_window_s")],
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for (i, vm) in self.vms.iter().enumerate() {

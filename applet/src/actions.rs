@@ -1,102 +1,73 @@
-//! What the menu, a left click and a notification's buttons do. Each [`Action`] runs on a
-//! blocking thread (`spawn_blocking`), never in the D-Bus handler, and comes back as a
+//! Dispatch: what the menu, a left click and a notification's buttons ask for is a
+//! [`handoff::action::Action`] (the one vocabulary; the tray keeps none of its own). Each
+//! runs on a blocking thread (`spawn_blocking`), never in the D-Bus handler: the VM actions
+//! through the libvirt agent ([`Request::for_action`]), Looking Glass through
+//! [`handoff::lg::open`], the rest through [`action::run`]; the outcome comes back as a
 //! [`Note`] to show (or none: a VM that started is announced by the state change itself).
 
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
-
 use handoff::Config;
+use handoff::action::{self, Action};
 use handoff::agent::{Agent, Failure, FailureKind, Request};
 use handoff::config::VmConfig;
 
-use handoff::action::Action as Vocabulary;
-use handoff::action::{self, UnitScope};
-
 use crate::model::{self, Note};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    Start(String),
-    /// Graceful (ACPI), with the VM's `shutdown_timeout_s`.
-    Stop(String),
-    /// Destroy, after the menu's confirmation.
-    ForceStop(String),
-    /// Stop whichever VM holds the GPU gracefully, then start this one.
-    Switch(String),
-    Terminate {
-        pid: u32,
-        command: String,
-    },
-    StopUnit {
-        unit: String,
-        scope: UnitScope,
-    },
-    /// `pkexec handoff rebind --force`.
-    Rebind,
-    OpenLookingGlass,
-    Details,
-    /// From a refusal's notification: SIGTERM the user's own holders, then start.
-    TerminateAndStart {
-        vm: String,
-        pids: Vec<u32>,
-    },
-}
-
-impl Action {
-    /// Actions that change the machine disable the menu while they run.
-    pub fn marks_busy(&self) -> bool {
-        !matches!(self, Action::OpenLookingGlass | Action::Details)
-    }
-
-    /// Whether this action asks libvirt to start a VM (so the hook may refuse it).
-    pub fn starts_a_vm(&self) -> bool {
-        matches!(
-            self,
-            Action::Start(_) | Action::Switch(_) | Action::TerminateAndStart { .. }
-        )
-    }
-
-    /// "starting win11…", for the tooltip and the status line.
-    pub fn doing(&self) -> String {
-        match self {
-            Action::Start(vm) => format!("starting {vm}…"),
-            Action::Stop(vm) => format!("stopping {vm}…"),
-            Action::ForceStop(vm) => format!("forcing {vm} off…"),
-            Action::Switch(vm) => format!("switching to {vm}…"),
-            Action::Terminate { pid, command } => format!("terminating {command} (pid {pid})…"),
-            Action::StopUnit { unit, .. } => format!("stopping {unit}…"),
-            Action::Rebind => "returning the GPU to Linux…".into(),
-            Action::OpenLookingGlass => "opening Looking Glass…".into(),
-            Action::Details => "opening the details window…".into(),
-            Action::TerminateAndStart { vm, .. } => format!("ending the GPU's users, then starting {vm}…"),
-        }
+/// "starting win11…", for the tooltip and the status line while `a` runs.
+pub fn doing(a: &Action) -> String {
+    match a {
+        Action::Start { vm } => format!("starting {vm}…"),
+        Action::Stop { vm } => format!("stopping {vm}…"),
+        Action::ForceStop { vm } => format!("forcing {vm} off…"),
+        Action::Switch { vm } | Action::ForceSwitch { vm } => format!("switching to {vm}…"),
+        Action::Terminate { pid, command } => format!("terminating {command} (pid {pid})…"),
+        Action::StopUnit { unit, .. } => format!("stopping {unit}…"),
+        Action::StopContainer { container } => format!("stopping container {}…", container.shown()),
+        Action::ReturnToLinux { .. } => "returning the GPU to Linux…".into(),
+        Action::OpenLookingGlass => "opening Looking Glass…".into(),
+        Action::OpenDetails => "opening the details window…".into(),
+        Action::TerminateAndStart { vm, .. } => format!("ending the GPU's users, then starting {vm}…"),
+        Action::Refresh => "reading the GPU again…".into(),
     }
 }
 
-/// Runs `a`; blocking. VM actions go to the libvirt agent. Returns the notification to
-/// show, if any.
+/// Runs `a`; blocking. Returns the notification to show, if any.
 pub fn run(cfg: &Config, agent: &Agent, a: &Action) -> Option<Note> {
     match a {
-        // The VM actions are the vocabulary's, run by the agent (Request::for_action).
-        Action::Start(vm) => vm_action(cfg, agent, vm, Vocabulary::Start { vm: vm.clone() }),
-        Action::Stop(vm) => vm_action(cfg, agent, vm, Vocabulary::Stop { vm: vm.clone() }),
-        Action::ForceStop(vm) => vm_action(cfg, agent, vm, Vocabulary::ForceStop { vm: vm.clone() }),
-        Action::Switch(vm) => vm_action(cfg, agent, vm, Vocabulary::Switch { vm: vm.clone() }),
-        Action::Terminate { pid, command } => terminate(cfg, &[(*pid, command.as_str())])
-            .err()
-            .map(|e| Note::plain(format!("{command} (pid {pid}) is still running"), e.to_string())),
-        Action::StopUnit { unit, scope } => handoff::stopped::stop_unit(cfg, unit, *scope)
-            .err()
-            .map(|e| Note::plain(format!("{unit} was not stopped"), e.to_string())),
-        Action::Rebind => rebind(cfg),
-        Action::OpenLookingGlass => open_lg(cfg),
-        Action::Details => details(),
+        Action::Start { vm }
+        | Action::Stop { vm }
+        | Action::ForceStop { vm }
+        | Action::Switch { vm }
+        | Action::ForceSwitch { vm } => vm_action(cfg, agent, vm, a),
         Action::TerminateAndStart { vm, pids } => {
             let named: Vec<(u32, &str)> = pids.iter().map(|&p| (p, "process")).collect();
-            match terminate(cfg, &named) {
-                Ok(_) => vm_action(cfg, agent, vm, Vocabulary::Start { vm: vm.clone() }),
+            match action::terminate(&cfg.host, nix::unistd::getuid().as_raw(), &named) {
+                Ok(_) => vm_action(cfg, agent, vm, &Action::Start { vm: vm.clone() }),
                 Err(e) => Some(Note::plain(format!("Not starting {vm}"), e.to_string())),
             }
+        }
+        Action::OpenLookingGlass => open_lg(cfg),
+        Action::ReturnToLinux { .. } => rebind(action::run(cfg, a)?.err()?),
+        _ => {
+            let e = action::run(cfg, a)?.err()?;
+            Some(match a {
+                Action::Terminate { pid, command } => {
+                    Note::plain(format!("{command} (pid {pid}) is still running"), e.to_string())
+                }
+                Action::StopUnit { unit, .. } => {
+                    Note::plain(format!("{unit} was not stopped"), e.to_string())
+                }
+                Action::StopContainer { container } => Note::plain(
+                    format!("The container {} was not stopped", container.shown()),
+                    e.to_string(),
+                ),
+                Action::OpenDetails => Note::plain(
+                    "The details window is not available",
+                    format!(
+                        "{e}. Install handoff-details next to handoff-tray, or run `handoff status` in a terminal."
+                    ),
+                ),
+                _ => Note::plain(doing(a), e.to_string()),
+            })
         }
     }
 }
@@ -114,12 +85,12 @@ fn vm_config<'a>(cfg: &'a Config, name: &str) -> Result<&'a VmConfig, Note> {
 
 /// A start, stop or switch through the agent, and the note its outcome deserves (none for
 /// a plain success: the state change announces it).
-fn vm_action(cfg: &Config, agent: &Agent, name: &str, action: Vocabulary) -> Option<Note> {
+fn vm_action(cfg: &Config, agent: &Agent, name: &str, action: &Action) -> Option<Note> {
     let v = match vm_config(cfg, name) {
         Ok(v) => v,
         Err(n) => return Some(n),
     };
-    let Some(request) = Request::for_action(&action) else {
+    let Some(request) = Request::for_action(action) else {
         return Some(Note::plain(
             format!("{} was not asked", v.label()),
             format!("{action:?} is not the agent's"),
@@ -141,7 +112,7 @@ fn vm_action(cfg: &Config, agent: &Agent, name: &str, action: Vocabulary) -> Opt
                 if stopping { "stopped" } else { "started" }
             ),
             body: e.to_string(),
-            actions: vec![(model::NoteAction::Details, "Details".into())],
+            actions: vec![(Action::OpenDetails, "Details".into())],
             critical: true,
         }),
     }
@@ -165,7 +136,7 @@ fn start_error(cfg: &Config, agent: &Agent, v: &VmConfig, f: &Failure) -> Note {
         _ => Note {
             summary: format!("{} did not start", v.label()),
             body: f.message.clone(),
-            actions: vec![(model::NoteAction::Details, "Details".into())],
+            actions: vec![(Action::OpenDetails, "Details".into())],
             critical: true,
         },
     }
@@ -186,22 +157,16 @@ fn stop_error(v: &VmConfig, f: &Failure) -> Note {
         _ => Note {
             summary: format!("Stopping {} failed", v.label()),
             body: f.message.clone(),
-            actions: vec![(model::NoteAction::Details, "Details".into())],
+            actions: vec![(Action::OpenDetails, "Details".into())],
             critical: true,
         },
     }
 }
 
-/// SIGTERM the user's own `pids` and wait for them: the library's one implementation,
-/// which touches none unless every one is this user's.
-fn terminate(cfg: &Config, pids: &[(u32, &str)]) -> action::Outcome {
-    action::terminate(&cfg.host, nix::unistd::getuid().as_raw(), pids)
-}
-
-fn rebind(cfg: &Config) -> Option<Note> {
-    // What to type comes first: pkexec's stderr can be long enough (GLib warnings) to push
-    // it out of a notification's box. Its last line says why; all of it is logged.
-    let e = action::return_to_linux(cfg.gpu.address).err()?;
+/// pkexec said no, or failed: what to type comes first, since pkexec's stderr can be long
+/// enough (GLib warnings) to push it out of a notification's box. Its last line says why;
+/// all of it is logged.
+fn rebind(e: action::ActionError) -> Option<Note> {
     tracing::warn!("{e}");
     let body = match e.command_said() {
         Some((shown, stderr)) => format!(
@@ -227,26 +192,5 @@ fn open_lg(cfg: &Config) -> Option<Note> {
         )),
         Ok(_) => None,
         Err(e) => Some(Note::plain("Looking Glass was not opened", e.to_string())),
-    }
-}
-
-/// Starts `handoff-details` in its own process group; a thread reaps it when it closes.
-pub fn details() -> Option<Note> {
-    let bin = action::sibling("handoff-details");
-    match Command::new(&bin).stdin(Stdio::null()).process_group(0).spawn() {
-        Ok(mut child) => {
-            let _ = std::thread::Builder::new()
-                .name("handoff-details-wait".into())
-                .stack_size(64 * 1024)
-                .spawn(move || child.wait());
-            None
-        }
-        Err(e) => Some(Note::plain(
-            "The details window is not available",
-            format!(
-                "cannot run {}: {e}. Install handoff-details next to handoff-tray, or run `handoff status` in a terminal.",
-                bin.display()
-            ),
-        )),
     }
 }

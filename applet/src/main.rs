@@ -8,7 +8,7 @@
 //! - on a change the loop re-reads the machine ([`collect`]) on a blocking thread,
 //!   coalescing changes that arrive meanwhile, then updates the item (`handle.update`),
 //!   shows the notification the change deserves, and holds or drops the sleep inhibitor;
-//! - menu clicks only send an [`actions::Action`] here (ksni's realworld pattern); the
+//! - menu clicks only send a [`handoff::action::Action`] here (ksni's realworld pattern); the
 //!   action runs on a blocking thread with the menu disabled, and its outcome comes back
 //!   as a message.
 //!
@@ -36,8 +36,7 @@ use handoff::verdict::HookFiles;
 use ksni::TrayMethods;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
-use crate::actions::Action;
-use crate::model::{Note, NoteAction, OrphanWatch, Settled, Snapshot};
+use crate::model::{Action, Note, OrphanWatch, Settled, Snapshot};
 use crate::tray::HandoffTray;
 
 /// Everything that reaches the main loop.
@@ -173,10 +172,32 @@ pub fn collect(cfg: &Config, probe: &mut dyn FnMut() -> Vec<VmStatus>) -> Snapsh
             break status;
         }
     };
+    // The other configured GPUs (issue 15), with the VMs as asked for the primary one.
+    let others: Vec<model::OtherGpu> = cfg
+        .gpu
+        .iter()
+        .filter(|g| g.address != cfg.gpu.address)
+        .map(|g| model::OtherGpu {
+            address: g.address,
+            label: g.label.clone(),
+            status: handoff::status::collect_gpu(
+                cfg,
+                g,
+                status.as_ref().map(|s| s.vms.clone()).unwrap_or_default(),
+            )
+            .map_err(|e| e.to_string()),
+            files: HookFiles::load(&cfg.host, g.address),
+            orphan_seen_for: Some(std::time::Duration::ZERO),
+        })
+        .collect();
     let mut units = HashMap::new();
-    if let Ok(s) = &status {
+    let every = status
+        .iter()
+        .chain(others.iter().filter_map(|o| o.status.as_ref().ok()));
+    for s in every {
         for h in &s.gpu.blockers {
             if h.unit.as_deref().is_some_and(|u| u.ends_with(".service"))
+                && h.container.is_none()
                 && let Some(scope) = handoff::action::unit_scope(&cfg.host, h.pid)
             {
                 units.insert(h.pid, scope);
@@ -184,11 +205,14 @@ pub fn collect(cfg: &Config, probe: &mut dyn FnMut() -> Vec<VmStatus>) -> Snapsh
         }
     }
     Snapshot {
+        address: cfg.gpu.address,
+        label: cfg.gpu.label.clone(),
         status,
         files: HookFiles::load(&cfg.host, cfg.gpu.address),
         uid: nix::unistd::getuid().as_raw(),
         units,
         orphan_seen_for: Some(std::time::Duration::ZERO),
+        others,
     }
 }
 
@@ -205,12 +229,18 @@ struct Loop {
     /// What notifications compare against (see [`Settled`]).
     settled: Settled,
     orphan: OrphanWatch,
-    /// Refused starts already told (`handoff::refusals`): each one logged by the hook is
-    /// a notification once, whoever asked for the start.
-    refusals: handoff::refusals::Unseen,
+    /// Refused starts already told (`handoff::refusals`), one per configured GPU: each one
+    /// logged by the hook is a notification once, whoever asked for the start.
+    refusals: Vec<handoff::refusals::Unseen>,
     /// Actions of this tray under way: a refusal of its own start is told by the action's
     /// own note, so the log is not read meanwhile and is skipped after a start.
     acting: usize,
+    /// The VMs this tray is starting now (a start, switch or "Terminate and start" under
+    /// way): "about to start" for `[tray] busy_alert`.
+    starting: Vec<String>,
+    /// The last refused start (the VM's name, when it was told): "about to start" for
+    /// `[tray] busy_alert_window_s` after it.
+    refused: Option<(String, Instant)>,
 }
 
 /// The libvirt agent for `cfg` (loaded from `source`): `handoff [--config FILE] __agent`,
@@ -242,7 +272,11 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
     // The kernel and the hook's files here; libvirt in the agent (no libvirt in this
     // process: benches/RESULTS-tray.md).
     // Before the watcher: refusals logged until now are history, later ones news.
-    let refusals = handoff::refusals::Unseen::start(&cfg.host, cfg.gpu.address);
+    let refusals: Vec<_> = cfg
+        .gpu
+        .iter()
+        .map(|g| handoff::refusals::Unseen::start(&cfg.host, g.address))
+        .collect();
     let watcher = Watcher::with_sink(&cfg, Sources::without_libvirt(), sink.clone())?;
     let agent = Arc::new(agent_for(&source, level, sink));
     if !cfg.vms.is_empty()
@@ -280,6 +314,8 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
         orphan: OrphanWatch::default(),
         refusals,
         acting: 0,
+        starting: Vec::new(),
+        refused: None,
     };
     l.check_orphan();
     l.inhibit();
@@ -303,9 +339,9 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
             }
             Msg::Collected(snap) => {
                 l.collecting = false;
-                l.snap = *snap;
+                let old = std::mem::replace(&mut l.snap, *snap);
                 // A CUDA job that ends moves nothing else: hear it through its pidfd.
-                let pids: Vec<u32> = l.snap.holders().iter().map(|h| h.pid).collect();
+                let pids: Vec<u32> = l.snap.every_holder().map(|h| h.pid).collect();
                 watcher.watch_holders(&pids);
                 l.check_orphan();
                 let s = l.snap.clone();
@@ -313,9 +349,18 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
                 if let Some(n) = l.settled.next(&l.snap) {
                     l.notifier.show(n, l.icon()).await;
                 }
+                if let Some(n) = l.busy_alert(&old) {
+                    l.notifier.show(n, l.icon()).await;
+                }
                 if l.acting == 0 {
-                    for r in l.refusals.take(&l.cfg.host) {
+                    let host = l.cfg.host.clone();
+                    let mut news: Vec<_> = l.refusals.iter_mut().flat_map(|u| u.take(&host)).collect();
+                    // A VM refused two GPUs at once is one refusal to tell.
+                    news.sort_by_key(|r| r.at);
+                    news.dedup_by(|a, b| a.vm == b.vm && a.at == b.at);
+                    for r in news {
                         let n = model::logged_refusal_note(&l.cfg, &r, l.snap.uid);
+                        l.refused = Some((r.vm.clone(), Instant::now()));
                         l.notifier.show(n, l.icon()).await;
                     }
                 }
@@ -325,11 +370,14 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
                 }
             }
             Msg::Action(a) => {
-                if a.marks_busy() {
-                    let doing = a.doing();
+                if a.changes_machine() {
+                    let doing = actions::doing(&a);
                     handle.update(|t: &mut HandoffTray| t.action = Some(doing)).await;
                 }
                 l.acting += 1;
+                if let Some(vm) = vm_started_by(&a) {
+                    l.starting.push(vm.to_owned());
+                }
                 let (cfg, agent) = (l.cfg.clone(), l.agent.clone());
                 let tx = l.tx.clone();
                 tokio::task::spawn_blocking(move || {
@@ -341,9 +389,21 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
                 l.acting = l.acting.saturating_sub(1);
                 if a.starts_a_vm() {
                     // Its refusal, if any, is in `note`, told with this tray's own scan.
-                    l.refusals.skip(&l.cfg.host);
+                    for u in &mut l.refusals {
+                        u.skip(&l.cfg.host);
+                    }
                 }
-                if a.marks_busy() {
+                if let Some(vm) = vm_started_by(&a) {
+                    if let Some(i) = l.starting.iter().position(|s| s == vm) {
+                        l.starting.remove(i);
+                    }
+                    // A start that failed (critical: refused, or did not start) will be
+                    // tried again.
+                    if note.as_ref().is_some_and(|n| n.critical) {
+                        l.refused = Some((vm.to_owned(), Instant::now()));
+                    }
+                }
+                if a.changes_machine() {
                     handle.update(|t: &mut HandoffTray| t.action = None).await;
                 }
                 if let Some(n) = note {
@@ -352,11 +412,8 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
                 l.refresh();
             }
             Msg::NoteAction(key) => match l.notifier.action(&key) {
-                Some(NoteAction::TerminateAndStart { vm, pids }) => {
-                    let _ = l.tx.send(Msg::Action(Action::TerminateAndStart { vm, pids }));
-                }
-                Some(NoteAction::Details) => {
-                    let _ = l.tx.send(Msg::Action(Action::Details));
+                Some(a) => {
+                    let _ = l.tx.send(Msg::Action(a));
                 }
                 None => tracing::info!("notification action {key:?} is not current; ignored"),
             },
@@ -373,7 +430,44 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
     Ok(())
 }
 
+/// The VM an action starts (a start, switch, or "Terminate and start").
+fn vm_started_by(a: &Action) -> Option<&str> {
+    match a {
+        Action::TerminateAndStart { vm, .. } => Some(vm),
+        _ if a.starts_a_vm() => a.vm(),
+        _ => None,
+    }
+}
+
 impl Loop {
+    /// `[tray] busy_alert`: something started using a GPU since `old` while a VM that
+    /// wants one is about to start (this tray is starting it, or its start was refused
+    /// within `busy_alert_window_s`).
+    fn busy_alert(&self, old: &Snapshot) -> Option<Note> {
+        let t = &self.cfg.tray;
+        if !t.busy_alert {
+            return None;
+        }
+        let label = |name: &str| {
+            self.cfg
+                .vms
+                .iter()
+                .find(|v| v.name == name)
+                .map_or(name.to_owned(), |v| v.label().to_owned())
+        };
+        let (vm, why) = if let Some(vm) = self.starting.first() {
+            (label(vm), "is being started from the tray".to_owned())
+        } else {
+            let (vm, when) = self.refused.as_ref()?;
+            let ago = when.elapsed();
+            if ago > std::time::Duration::from_secs(t.busy_alert_window_s) {
+                return None;
+            }
+            (label(vm), format!("did not start {} s ago", ago.as_secs()))
+        };
+        model::busy_alert_note(old, &self.snap, &vm, &why)
+    }
+
     /// Confirms an orphaned GPU once it has stayed so for [`model::ORPHAN_GRACE`]; the
     /// first sighting schedules one more read after the grace.
     fn check_orphan(&mut self) {

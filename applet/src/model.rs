@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use handoff::PciAddress;
 use handoff::escape::plain;
 use handoff::gpu::Owner;
 use handoff::holders::Holder;
@@ -14,11 +15,17 @@ use handoff::verdict::{self, Facts, GpuFacts, HookFiles, State, Verdict, Vms};
 
 use crate::icons::Icon;
 
-pub use handoff::action::UnitScope;
+pub use handoff::action::{Action, UnitScope};
 
-/// Everything one read of the machine found (see `crate::collect`).
+/// Everything one read of the machine found (see `crate::collect`). The primary GPU's
+/// reading is the snapshot's own fields (the tray about "the GPU", as with one GPU); each
+/// other configured GPU (issue 15) is one of [`Snapshot::others`].
 #[derive(Debug, Clone)]
 pub struct Snapshot {
+    /// The primary GPU's address (the config's, also when sysfs could not be read).
+    pub address: PciAddress,
+    /// Its `[[gpu]] label`, when the config gives one.
+    pub label: Option<String>,
     /// The status, or why it could not be read (sysfs unreadable).
     pub status: Result<Status, String>,
     /// The hook's files (state and restore record), through the library.
@@ -32,9 +39,104 @@ pub struct Snapshot {
     /// reading starts at zero, within the grace: the tray watches, so a GPU that sits on
     /// vfio-pci for the moment between a VM's stop and the hook's `release` must not alarm.
     pub orphan_seen_for: Option<Duration>,
+    /// The other configured GPUs, in config order; empty with one GPU.
+    pub others: Vec<OtherGpu>,
+}
+
+/// One non-primary GPU as read with the snapshot: its own status (the VMs asked once, for
+/// all), hook files and orphan time.
+#[derive(Debug, Clone)]
+pub struct OtherGpu {
+    pub address: PciAddress,
+    pub label: Option<String>,
+    pub status: Result<Status, String>,
+    pub files: HookFiles,
+    pub orphan_seen_for: Option<Duration>,
+}
+
+/// One GPU's section in the tooltip and the menu: who it is and its verdict.
+#[derive(Debug, Clone)]
+pub struct Section<'a> {
+    pub address: PciAddress,
+    /// "UHD 630 (0000:00:02.0)": the label, else the name from pci.ids, with the address.
+    pub name: String,
+    pub primary: bool,
+    pub verdict: Verdict,
+    pub holders: &'a [Holder],
+}
+
+fn gpu_name(address: PciAddress, label: Option<&str>, status: &Result<Status, String>) -> String {
+    let name = label
+        .map(str::to_owned)
+        .or_else(|| status.as_ref().ok().and_then(|s| s.gpu.name.clone()));
+    match name {
+        Some(n) => format!("{} ({address})", plain(&n)),
+        None => address.to_string(),
+    }
+}
+
+impl OtherGpu {
+    fn facts(&self) -> Facts<'_> {
+        Facts {
+            gpu: self
+                .status
+                .as_ref()
+                .map(|s| GpuFacts::from(&s.gpu))
+                .map_err(String::as_str),
+            files: &self.files,
+            vms: Vms::Known(self.status.as_ref().map(|s| s.vms.as_slice()).unwrap_or(&[])),
+            doing: None,
+            orphan_seen_for: self.orphan_seen_for,
+        }
+    }
+
+    pub fn verdict(&self) -> Verdict {
+        verdict::decide(&self.facts())
+    }
+
+    pub fn holders(&self) -> &[Holder] {
+        self.status
+            .as_ref()
+            .map(|s| s.gpu.blockers.as_slice())
+            .unwrap_or(&[])
+    }
 }
 
 impl Snapshot {
+    /// Every configured GPU, the primary first, each with its verdict; `action` is what the
+    /// tray itself is doing (it shows on the primary GPU, which the tray's title is about).
+    pub fn sections(&self, action: Option<&str>) -> Vec<Section<'_>> {
+        let mut out = vec![Section {
+            address: self.address,
+            name: gpu_name(self.address, self.label.as_deref(), &self.status),
+            primary: true,
+            verdict: self.verdict(action),
+            holders: self.holders(),
+        }];
+        out.extend(self.others.iter().map(|o| Section {
+            address: o.address,
+            name: gpu_name(o.address, o.label.as_deref(), &o.status),
+            primary: false,
+            verdict: o.verdict(),
+            holders: o.holders(),
+        }));
+        out
+    }
+
+    /// Every GPU's holders, the primary's first.
+    pub fn every_holder(&self) -> impl Iterator<Item = &Holder> {
+        self.holders()
+            .iter()
+            .chain(self.others.iter().flat_map(|o| o.holders()))
+    }
+
+    /// Another GPU needs `handoff rebind --force` (its verdict says restore required).
+    pub fn other_needs_restore(&self) -> bool {
+        self.others
+            .iter()
+            .any(|o| o.verdict().state == State::RestoreRequired)
+    }
+
     pub fn vms(&self) -> &[VmStatus] {
         self.status.as_ref().map(|s| s.vms.as_slice()).unwrap_or(&[])
     }
@@ -106,7 +208,12 @@ impl Snapshot {
     }
 
     /// The icon for this snapshot; `action` is what the tray itself is doing, if anything.
+    /// With several GPUs the primary decides the colour, except that any GPU that needs
+    /// a restore shows: that is the one state a person must act on wherever it is.
     pub fn icon(&self, action: Option<&str>) -> Icon {
+        if self.other_needs_restore() {
+            return Icon::Restore;
+        }
         Icon::of_verdict(&self.verdict(action))
     }
 
@@ -164,6 +271,17 @@ impl Snapshot {
             1 => "1 process uses the GPU".into(),
             n => format!("{n} processes use the GPU"),
         });
+        // Several GPUs: each by name with its verdict (the lines above are the primary's).
+        if !self.others.is_empty() {
+            for sec in self.sections(None) {
+                lines.push(format!(
+                    "{}{}: {}",
+                    sec.name,
+                    if sec.primary { ", primary" } else { "" },
+                    sec.verdict.line()
+                ));
+            }
+        }
         if let Some(r) = self.files.last_refusal() {
             lines.push(format!("Last refused start: {}", plain(&r.vm)));
         }
@@ -183,17 +301,25 @@ pub use handoff::verdict::ORPHAN_GRACE;
 
 /// The library's [`verdict::OrphanWatch`] over snapshots: sets each fresh snapshot's
 /// `orphan_seen_for`, so the verdict tells a VM that just stopped from a stuck handoff.
+/// Each other GPU has its own watch, by address.
 #[derive(Debug, Default)]
-pub struct OrphanWatch(verdict::OrphanWatch);
+pub struct OrphanWatch(verdict::OrphanWatch, HashMap<PciAddress, verdict::OrphanWatch>);
 
 impl OrphanWatch {
     /// Looks at a fresh snapshot read at `now`. Returns how long to wait before reading
-    /// again, on the first sighting only (one one-shot timer, while the GPU is in this
+    /// again, on the first sighting only (one one-shot timer, while a GPU is in this
     /// transient state; never while idle).
     pub fn observe(&mut self, snap: &mut Snapshot, now: Instant) -> Option<Duration> {
         let orphaned = verdict::is_orphaned(&snap.facts(None));
-        let (seen, reread) = self.0.observe(orphaned, now);
+        let (seen, mut reread) = self.0.observe(orphaned, now);
         snap.orphan_seen_for = Some(seen.unwrap_or_default());
+        for o in &mut snap.others {
+            o.orphan_seen_for = Some(Duration::ZERO);
+            let orphaned = verdict::is_orphaned(&o.facts());
+            let (seen, again) = self.1.entry(o.address).or_default().observe(orphaned, now);
+            o.orphan_seen_for = Some(seen.unwrap_or_default());
+            reread = reread.or(again);
+        }
         reread
     }
 }
@@ -221,28 +347,28 @@ impl Settled {
 pub struct Note {
     pub summary: String,
     pub body: String,
-    pub actions: Vec<(NoteAction, String)>,
+    pub actions: Vec<(Action, String)>,
     pub critical: bool,
 }
 
-/// What a notification's button does.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NoteAction {
-    /// SIGTERM these pids (the user's own holders), wait for them to exit, start the VM.
-    TerminateAndStart {
-        vm: String,
-        pids: Vec<u32>,
-    },
-    Details,
-}
-
-impl NoteAction {
-    /// The action key sent to the notification server.
-    pub fn key(&self) -> &'static str {
-        match self {
-            NoteAction::TerminateAndStart { .. } => "terminate-and-start",
-            NoteAction::Details => "details",
-        }
+/// The key a notification's button sends back to the tray for `a` (its actions are the
+/// one vocabulary's: "Terminate and start", "Details").
+pub fn note_key(a: &Action) -> &'static str {
+    match a {
+        Action::TerminateAndStart { .. } => "terminate-and-start",
+        Action::OpenDetails => "details",
+        // Not offered on a notification today; a distinct key each, should one be.
+        Action::Start { .. } => "start",
+        Action::Stop { .. } => "stop",
+        Action::ForceStop { .. } => "force-stop",
+        Action::Switch { .. } => "switch",
+        Action::ForceSwitch { .. } => "force-switch",
+        Action::OpenLookingGlass => "open-looking-glass",
+        Action::Terminate { .. } => "terminate",
+        Action::StopUnit { .. } => "stop-unit",
+        Action::StopContainer { .. } => "stop-container",
+        Action::ReturnToLinux { .. } => "return-to-linux",
+        Action::Refresh => "refresh",
     }
 }
 
@@ -278,14 +404,14 @@ pub fn refusal_note(vm_label: &str, vm: &str, holders: &[Holder], uid: u32, mess
     let mut actions = Vec::new();
     if !holders.is_empty() && holders.iter().all(|h| h.uid == uid) {
         actions.push((
-            NoteAction::TerminateAndStart {
+            Action::TerminateAndStart {
                 vm: vm.to_owned(),
                 pids: holders.iter().map(|h| h.pid).collect(),
             },
             "Terminate and start".to_owned(),
         ));
     }
-    actions.push((NoteAction::Details, "Details".to_owned()));
+    actions.push((Action::OpenDetails, "Details".to_owned()));
     Note {
         summary: format!("{vm_label} did not start: the GPU is busy"),
         body,
@@ -304,9 +430,36 @@ pub fn logged_refusal_note(cfg: &handoff::Config, r: &handoff::refusals::Logged,
     let mut note = refusal_note(label, &r.vm, &r.holders, uid, &r.message);
     if vm.is_none() {
         note.actions
-            .retain(|(a, _)| !matches!(a, NoteAction::TerminateAndStart { .. }));
+            .retain(|(a, _)| !matches!(a, Action::TerminateAndStart { .. }));
     }
     note
+}
+
+/// "Busy when you're about to need it" (`[tray] busy_alert`): the notification for
+/// processes that started using a GPU between `old` and `new` while `vm` (a label) is
+/// about to start — `why` says how the tray knows ("is being started from the tray", "did
+/// not start 20 s ago"). None when nothing new uses a GPU.
+pub fn busy_alert_note(old: &Snapshot, new: &Snapshot, vm: &str, why: &str) -> Option<Note> {
+    let before: Vec<u32> = old.every_holder().map(|h| h.pid).collect();
+    let mut fresh: Vec<&Holder> = new.every_holder().filter(|h| !before.contains(&h.pid)).collect();
+    fresh.dedup_by_key(|h| h.pid);
+    if fresh.is_empty() {
+        return None;
+    }
+    let mut names: Vec<String> = fresh.iter().map(|h| plain(&h.command)).collect();
+    names.dedup();
+    let mut body = format!("{vm} {why}, and the GPU is now in use:\n");
+    for h in &fresh {
+        body.push_str(&h.summary());
+        body.push('\n');
+    }
+    body.push_str("The start is refused while anything uses the GPU: end it first.");
+    Some(Note {
+        summary: format!("GPU is now busy: {}", names.join(", ")),
+        body,
+        actions: vec![(Action::OpenDetails, "Details".into())],
+        critical: false,
+    })
 }
 
 /// The notification a change from `old` to `new` deserves, if any: a VM started or
@@ -320,7 +473,24 @@ pub fn transition_note(old: &Snapshot, new: &Snapshot) -> Option<Note> {
                 "{}.\nUse \"Return GPU to Linux\" in the tray menu (or run `sudo handoff rebind --force`).",
                 new.restore_required().unwrap_or_default()
             ),
-            actions: vec![(NoteAction::Details, "Details".into())],
+            actions: vec![(Action::OpenDetails, "Details".into())],
+            critical: true,
+        });
+    }
+    if new.other_needs_restore() && !old.other_needs_restore() {
+        let which: Vec<String> = new
+            .sections(None)
+            .into_iter()
+            .filter(|s| !s.primary && s.verdict.state == State::RestoreRequired)
+            .map(|s| format!("{}: {}", s.name, s.verdict.reason.unwrap_or_default()))
+            .collect();
+        return Some(Note {
+            summary: "GPU handoff failed: restore required".into(),
+            body: format!(
+                "{}.\nUse \"Return GPU to Linux\" under that GPU in the tray menu (or run `sudo handoff rebind --force --gpu ADDRESS`).",
+                which.join("\n")
+            ),
+            actions: vec![(Action::OpenDetails, "Details".into())],
             critical: true,
         });
     }

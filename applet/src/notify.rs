@@ -12,12 +12,12 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 
 use crate::Msg;
-use crate::model::{Note, NoteAction};
+use crate::model::{Action, Note, note_key};
 
 pub struct Notifier {
     tx: UnboundedSender<Msg>,
     id: Option<u32>,
-    actions: Vec<NoteAction>,
+    actions: Vec<Action>,
     waiter: Option<JoinHandle<()>>,
 }
 
@@ -32,8 +32,8 @@ impl Notifier {
     }
 
     /// The current notification's action for `key`.
-    pub fn action(&self, key: &str) -> Option<NoteAction> {
-        self.actions.iter().find(|a| a.key() == key).cloned()
+    pub fn action(&self, key: &str) -> Option<Action> {
+        self.actions.iter().find(|a| note_key(a) == key).cloned()
     }
 
     pub async fn show(&mut self, note: Note, icon: &str) {
@@ -59,7 +59,7 @@ impl Notifier {
                 Timeout::Default
             });
         for (a, label) in &note.actions {
-            n.action(a.key(), label);
+            n.action(note_key(a), label);
         }
         if let Some(id) = self.id {
             n.id(id);

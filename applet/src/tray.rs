@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use handoff::escape::{markup, plain};
+use handoff::holders::Holder;
 use handoff::status::VmState;
 use ksni::menu::{MenuItem, StandardItem, SubMenu};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::Msg;
-use crate::actions::Action;
 use crate::icons::Icon;
-use crate::model::{Snapshot, UnitScope};
+use crate::model::{Action, Snapshot, UnitScope};
 
 pub struct HandoffTray {
     pub snap: Snapshot,
@@ -34,8 +34,8 @@ fn label(s: &str) -> String {
 
 impl HandoffTray {
     fn send(&mut self, a: Action) {
-        if a.marks_busy() {
-            self.action = Some(a.doing());
+        if a.changes_machine() {
+            self.action = Some(crate::actions::doing(&a));
         }
         let _ = self.tx.send(Msg::Action(a));
     }
@@ -63,6 +63,91 @@ impl HandoffTray {
             ..Default::default()
         }
         .into()
+    }
+
+    /// "Using the GPU (n)": each holder and what may end it (terminate one's own process,
+    /// stop its service, stop its container), each asked first. None when nothing holds it.
+    fn holders_menu(&self, holders: &[Holder]) -> Option<MenuItem<Self>> {
+        if holders.is_empty() {
+            return None;
+        }
+        let snap = &self.snap;
+        let mut sub = Vec::new();
+        for h in holders {
+            let mut items = Vec::new();
+            if h.uid == snap.uid {
+                items.push(self.confirm(
+                    "Terminate…".into(),
+                    format!(
+                        "Really terminate {} (pid {})? (SIGTERM)",
+                        plain(&h.command),
+                        h.pid
+                    ),
+                    Action::Terminate {
+                        pid: h.pid,
+                        command: h.command.clone(),
+                    },
+                ));
+            }
+            if let Some(c) = &h.container {
+                // Its unit is the engine's scope: `systemctl stop` would kill it behind
+                // the engine's back (handoff::containers).
+                let name = plain(&c.shown());
+                items.push(self.confirm(
+                    format!("Stop container {name}…"),
+                    format!(
+                        "Really stop the {} container {name}? ({} stop {name})",
+                        c.engine.cli(),
+                        c.engine.cli()
+                    ),
+                    Action::StopContainer { container: c.clone() },
+                ));
+            } else if let (Some(unit), Some(scope)) = (&h.unit, snap.units.get(&h.pid)) {
+                let how = match scope {
+                    UnitScope::User => "systemctl --user stop",
+                    UnitScope::System => "systemctl stop, asks for a password",
+                };
+                items.push(self.confirm(
+                    format!("Stop {}…", plain(unit)),
+                    format!("Really stop {}? ({how})", plain(unit)),
+                    Action::StopUnit {
+                        unit: unit.clone(),
+                        pid: h.pid,
+                    },
+                ));
+            }
+            if items.is_empty() {
+                items.push(Self::disabled(format!(
+                    "not yours ({}): ask its owner or root",
+                    plain(&h.user)
+                )));
+            }
+            // Menu labels are plain text; the names are the processes' own choice.
+            let mut what = format!("{} (pid {}, {}", plain(&h.command), h.pid, plain(&h.user));
+            if let Some(c) = &h.container {
+                what += &format!(", {} container {}", c.engine.cli(), plain(&c.shown()));
+            } else if let Some(u) = &h.unit {
+                what += ", ";
+                what += &plain(u);
+            }
+            what += ")";
+            sub.push(
+                SubMenu {
+                    label: label(&what),
+                    submenu: items,
+                    ..Default::default()
+                }
+                .into(),
+            );
+        }
+        Some(
+            SubMenu {
+                label: format!("Using the GPU ({})", holders.len()),
+                submenu: sub,
+                ..Default::default()
+            }
+            .into(),
+        )
     }
 
     fn disabled(text: String) -> MenuItem<Self> {
@@ -128,7 +213,7 @@ impl ksni::Tray for HandoffTray {
         if self.snap.vm_with_gpu().is_some() {
             self.send(Action::OpenLookingGlass);
         } else {
-            self.send(Action::Details);
+            self.send(Action::OpenDetails);
         }
     }
 
@@ -152,24 +237,28 @@ impl ksni::Tray for HandoffTray {
         for v in snap.vms() {
             let who = format!("{} ({})", v.label, v.name);
             if v.state.is_active() {
-                m.push(self.item(format!("Stop {}", v.label), true, Action::Stop(v.name.clone())));
+                m.push(self.item(
+                    format!("Stop {}", v.label),
+                    true,
+                    Action::Stop { vm: v.name.clone() },
+                ));
                 m.push(self.confirm(
                     format!("Force stop {}…", v.label),
                     format!("Really force {who} off? (unsaved work in it is lost)"),
-                    Action::ForceStop(v.name.clone()),
+                    Action::ForceStop { vm: v.name.clone() },
                 ));
             } else if any_active {
                 // Another VM holds the (shared) GPU: starting means switching.
                 m.push(self.item(
                     format!("Switch to {}", v.label),
                     startable(v.state),
-                    Action::Switch(v.name.clone()),
+                    Action::Switch { vm: v.name.clone() },
                 ));
             } else {
                 m.push(self.item(
                     format!("Start {}", v.label),
                     startable(v.state),
-                    Action::Start(v.name.clone()),
+                    Action::Start { vm: v.name.clone() },
                 ));
             }
         }
@@ -186,78 +275,36 @@ impl ksni::Tray for HandoffTray {
             Action::OpenLookingGlass,
         ));
 
-        let holders = snap.holders();
-        if !holders.is_empty() {
-            let mut sub = Vec::new();
-            for h in holders {
-                let mut items = Vec::new();
-                if h.uid == snap.uid {
-                    items.push(self.confirm(
-                        "Terminate…".into(),
-                        format!(
-                            "Really terminate {} (pid {})? (SIGTERM)",
-                            plain(&h.command),
-                            h.pid
-                        ),
-                        Action::Terminate {
-                            pid: h.pid,
-                            command: h.command.clone(),
-                        },
-                    ));
-                }
-                if let (Some(unit), Some(scope)) = (&h.unit, snap.units.get(&h.pid)) {
-                    let how = match scope {
-                        UnitScope::User => "systemctl --user stop",
-                        UnitScope::System => "systemctl stop, asks for a password",
-                    };
-                    items.push(self.confirm(
-                        format!("Stop {}…", plain(unit)),
-                        format!("Really stop {}? ({how})", plain(unit)),
-                        Action::StopUnit {
-                            unit: unit.clone(),
-                            scope: *scope,
-                        },
-                    ));
-                }
-                if items.is_empty() {
-                    items.push(Self::disabled(format!(
-                        "not yours ({}): ask its owner or root",
-                        plain(&h.user)
-                    )));
-                }
-                // Menu labels are plain text; the names are the processes' own choice.
-                let mut what = format!("{} (pid {}, {}", plain(&h.command), h.pid, plain(&h.user));
-                if let Some(u) = &h.unit {
-                    what += ", ";
-                    what += &plain(u);
-                }
-                what += ")";
-                sub.push(
-                    SubMenu {
-                        label: label(&what),
-                        submenu: items,
-                        ..Default::default()
-                    }
-                    .into(),
-                );
+        if snap.others.is_empty() {
+            m.extend(self.holders_menu(snap.holders()));
+            if snap.restore_required().is_some() {
+                m.push(self.item(
+                    "Return GPU to Linux".into(),
+                    true,
+                    Action::ReturnToLinux { gpu: snap.address },
+                ));
             }
-            m.push(
-                SubMenu {
-                    label: format!("Using the GPU ({})", holders.len()),
-                    submenu: sub,
-                    ..Default::default()
+        } else {
+            // Several GPUs (issue 15): a section each, headed by its verdict, with its
+            // holders and its own return.
+            for sec in snap.sections(self.action.as_deref()) {
+                m.push(MenuItem::Separator);
+                m.push(Self::disabled(format!("{}: {}", sec.name, sec.verdict.line())));
+                m.extend(self.holders_menu(sec.holders));
+                if sec.verdict.state == handoff::verdict::State::RestoreRequired {
+                    m.push(self.item(
+                        "Return GPU to Linux".into(),
+                        true,
+                        Action::ReturnToLinux { gpu: sec.address },
+                    ));
                 }
-                .into(),
-            );
-        }
-        if snap.restore_required().is_some() {
-            m.push(self.item("Return GPU to Linux".into(), true, Action::Rebind));
+            }
         }
         m.push(MenuItem::Separator);
         m.push(
             StandardItem {
                 label: "Details…".into(),
-                activate: Box::new(|t: &mut Self| t.send(Action::Details)),
+                activate: Box::new(|t: &mut Self| t.send(Action::OpenDetails)),
                 ..Default::default()
             }
             .into(),

@@ -53,8 +53,15 @@ pub fn doing(cfg: &Config, action: &Action) -> String {
         Action::OpenLookingGlass => "Opening Looking Glass…".to_owned(),
         Action::Terminate { pid, command } => format!("Terminating {command} (pid {pid})…"),
         Action::StopUnit { unit, .. } => format!("Stopping {unit}…"),
-        Action::ReturnToLinux => "Returning the GPU to Linux (pkexec handoff rebind --force)…".to_owned(),
+        Action::ReturnToLinux { .. } => {
+            "Returning the GPU to Linux (pkexec handoff rebind --force)…".to_owned()
+        }
         Action::Refresh => "Refreshing…".to_owned(),
+        Action::StopContainer { container } => format!("Stopping the container {}…", container.shown()),
+        Action::TerminateAndStart { vm, .. } => {
+            format!("Ending the GPU's users, then starting {}…", label(vm))
+        }
+        Action::OpenDetails => "Opening the details window…".to_owned(),
     }
 }
 
@@ -135,8 +142,16 @@ fn run_inner(cfg: &Config, action: &Action) -> Result<Outcome, Outcome> {
             // Recorded: started again when the GPU is back (handoff::stopped).
             outcome(handoff::stopped::stop_unit(cfg, unit, scope))
         }
-        Action::ReturnToLinux => outcome(action::return_to_linux(cfg.gpu.address)),
-        Action::Refresh => Outcome::ok(""),
+        // The rest, the library's one implementation (the window does not offer
+        // TerminateAndStart or OpenDetails: it is the details window).
+        Action::ReturnToLinux { .. }
+        | Action::StopContainer { .. }
+        | Action::Refresh
+        | Action::TerminateAndStart { .. }
+        | Action::OpenDetails => match action::run(cfg, action) {
+            Some(o) => outcome(o),
+            None => Outcome::failed(format!("{action:?} is not the details window's")),
+        },
     })
 }
 

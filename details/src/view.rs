@@ -397,7 +397,7 @@ impl View {
         }
         if verdict.offers.contains(&Offer::ReturnToLinux) {
             actions.push(
-                Button::new("Return GPU to Linux", Action::ReturnToLinux)
+                Button::new("Return GPU to Linux", Action::ReturnToLinux { gpu: g.address })
                     .tooltip("pkexec handoff rebind --force: asks for an administrator's password")
                     .suggested(),
             );
@@ -815,7 +815,7 @@ mod tests {
             Some("Return the GPU to Linux first")
         );
         assert_eq!(labels(&v.actions), ["Return GPU to Linux", "Refresh"]);
-        assert_eq!(v.actions[0].action, Action::ReturnToLinux);
+        assert!(matches!(v.actions[0].action, Action::ReturnToLinux { .. }));
         assert!(v.actions[0].suggested);
     }
 
@@ -1119,7 +1119,10 @@ mod every_surface {
                 );
             }
             assert_eq!(v.owner, owner_word(v.verdict.state), "{name}");
-            let offers_return = v.actions.iter().any(|b| b.action == Action::ReturnToLinux);
+            let offers_return = v
+                .actions
+                .iter()
+                .any(|b| matches!(b.action, Action::ReturnToLinux { .. }));
             assert_eq!(
                 offers_return,
                 want["state"] == "restore_required",

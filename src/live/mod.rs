@@ -410,7 +410,11 @@ impl Watcher {
             uevent::spawn(socket, filter, sink.clone(), stop_rx.clone()).map_err(WatchError::Thread)?;
         }
         if sources.nodes {
-            nodes::spawn(&config.host, config.gpu.address, sink.clone(), stop_rx.clone())?;
+            // Every configured GPU's: the tray shows each (issue 15), and a job opening
+            // the other GPU is as much news as one opening the primary.
+            for g in config.gpu.iter() {
+                nodes::spawn(&config.host, g.address, sink.clone(), stop_rx.clone())?;
+            }
         }
         if sources.run_dir {
             run_dir::spawn(&config.host.run, sink.clone(), stop_rx.clone())?;

@@ -42,6 +42,8 @@ pub(crate) fn machine(owner: Owner, vms: Vec<VmStatus>) -> Snapshot {
         Owner::Unbound | Owner::Absent => None,
     };
     Snapshot {
+        address: addr(),
+        label: None,
         status: Ok(Status {
             gpu: GpuStatus {
                 address: addr(),
@@ -68,6 +70,7 @@ pub(crate) fn machine(owner: Owner, vms: Vec<VmStatus>) -> Snapshot {
         units: HashMap::new(),
         // Read by the tray, which watches: a fresh sighting, within the grace.
         orphan_seen_for: Some(Duration::ZERO),
+        others: Vec::new(),
     }
 }
 
@@ -489,13 +492,13 @@ fn a_refused_start_names_every_holder_and_offers_terminate_when_all_are_mine() {
         n.actions,
         [
             (
-                NoteAction::TerminateAndStart {
+                Action::TerminateAndStart {
                     vm: WIN.into(),
                     pids: vec![4242, 4243]
                 },
                 "Terminate and start".to_owned()
             ),
-            (NoteAction::Details, "Details".to_owned()),
+            (Action::OpenDetails, "Details".to_owned()),
         ]
     );
 }
@@ -512,26 +515,26 @@ fn a_refused_start_with_anyone_elses_holder_offers_only_details() {
     let holders = [holder(4242, ME, "python3"), holder(77, SOMEONE_ELSE, "ollama")];
     let n = refusal_note("Windows", WIN, &holders, ME, "busy");
     assert!(n.body.contains("ollama (pid 77, user bob)"), "{}", n.body);
-    assert_eq!(n.actions, [(NoteAction::Details, "Details".to_owned())]);
+    assert_eq!(n.actions, [(Action::OpenDetails, "Details".to_owned())]);
     let n = refusal_note("Windows", WIN, &[holder(77, SOMEONE_ELSE, "ollama")], ME, "busy");
-    assert_eq!(n.actions, [(NoteAction::Details, "Details".to_owned())]);
+    assert_eq!(n.actions, [(Action::OpenDetails, "Details".to_owned())]);
 }
 
 #[test]
 fn a_refused_start_without_known_holders_passes_the_message_on() {
     let n = refusal_note("Windows", WIN, &[], ME, "vfio-pci did not take 0000:01:00.1");
     assert_eq!(n.body, "vfio-pci did not take 0000:01:00.1");
-    assert_eq!(n.actions, [(NoteAction::Details, "Details".to_owned())]);
+    assert_eq!(n.actions, [(Action::OpenDetails, "Details".to_owned())]);
 }
 
 #[test]
 fn action_keys_are_what_the_notification_server_sends_back() {
-    let t = NoteAction::TerminateAndStart {
+    let t = Action::TerminateAndStart {
         vm: WIN.into(),
         pids: vec![1],
     };
-    assert_eq!(t.key(), "terminate-and-start");
-    assert_eq!(NoteAction::Details.key(), "details");
+    assert_eq!(note_key(&t), "terminate-and-start");
+    assert_eq!(note_key(&Action::OpenDetails), "details");
 }
 
 #[test]
@@ -595,7 +598,7 @@ fn a_handoff_that_fails_is_one_critical_notification_with_what_to_do() {
     );
     assert!(n.body.contains("Return GPU to Linux"), "{}", n.body);
     assert!(n.body.contains("handoff rebind --force"), "{}", n.body);
-    assert_eq!(n.actions, [(NoteAction::Details, "Details".to_owned())]);
+    assert_eq!(n.actions, [(Action::OpenDetails, "Details".to_owned())]);
     // Said once: staying stuck is not news.
     assert_eq!(transition_note(&stuck, &stuck.clone()), None);
 }
@@ -682,4 +685,27 @@ fn a_pve_nodes_gpu_is_named_with_the_vm_and_its_vmid() {
     let lines = s.tooltip_lines(None);
     assert!(!lines.iter().any(|l| l.starts_with("No GPU")), "{lines:?}");
     assert_eq!(lines[0], "Windows 11 (VM 140): running", "{lines:?}");
+}
+
+#[test]
+fn the_busy_alert_names_only_what_started_using_the_gpu() {
+    let old = with_holders(on_host(), vec![holder(4141, ME, "firefox")]);
+    let new = with_holders(
+        on_host(),
+        vec![holder(4141, ME, "firefox"), holder(4242, ME, "cuda-training")],
+    );
+    let n = busy_alert_note(&old, &new, "Windows", "is being started from the tray").unwrap();
+    assert_eq!(n.summary, "GPU is now busy: cuda-training");
+    assert!(
+        n.body.starts_with(
+            "Windows is being started from the tray, and the GPU is now in use:\ncuda-training (pid 4242"
+        ),
+        "{}",
+        n.body
+    );
+    assert!(!n.body.contains("firefox"), "{}", n.body);
+    assert_eq!(n.actions, [(Action::OpenDetails, "Details".to_owned())]);
+    // Nothing new (or only an exit): nothing to say.
+    assert_eq!(busy_alert_note(&new, &new, "Windows", "x"), None);
+    assert_eq!(busy_alert_note(&new, &old, "Windows", "x"), None);
 }

@@ -21,12 +21,11 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::HandoffTray;
 use crate::Msg;
-use crate::actions::Action;
 use crate::model::tests::{
     LIN, ME, SOMEONE_ELSE, WIN, holder, in_windows, machine, on_host, vm, with_holders, with_hook,
     with_record,
 };
-use crate::model::{ORPHAN_GRACE, Snapshot, UnitScope};
+use crate::model::{Action, ORPHAN_GRACE, Snapshot, UnitScope};
 
 const SEP: &str = "—";
 
@@ -213,7 +212,7 @@ fn with_windows_running_stop_force_stop_behind_a_question_and_looking_glass() {
     );
 
     click(&mut t, "Stop Windows");
-    assert_eq!(sent(&mut rx), Action::Stop(WIN.into()));
+    assert_eq!(sent(&mut rx), Action::Stop { vm: WIN.into() });
     assert_eq!(t.action.as_deref(), Some("stopping win11…"));
 
     let (mut t, mut rx) = tray(in_windows());
@@ -221,7 +220,7 @@ fn with_windows_running_stop_force_stop_behind_a_question_and_looking_glass() {
         &mut t,
         "Really force Windows (win11) off? (unsaved work in it is lost)",
     );
-    assert_eq!(sent(&mut rx), Action::ForceStop(WIN.into()));
+    assert_eq!(sent(&mut rx), Action::ForceStop { vm: WIN.into() });
     assert_eq!(t.action.as_deref(), Some("forcing win11 off…"));
     assert_eq!(entries(&t)[0].label, "GPU: forcing win11 off…");
 }
@@ -242,7 +241,7 @@ fn two_vms_sharing_the_gpu_offer_switch_to_the_other_one() {
     assert!(entry(&t, "Switch to Debian").enabled);
     assert!(!has(&t, "Start "), "starting the other VM means switching");
     click(&mut t, "Switch to Debian");
-    assert_eq!(sent(&mut rx), Action::Switch(LIN.into()));
+    assert_eq!(sent(&mut rx), Action::Switch { vm: LIN.into() });
     assert_eq!(t.action.as_deref(), Some("switching to debian…"));
 
     // Nothing running: each VM is started, nobody is switched to.
@@ -426,7 +425,7 @@ fn holders_get_terminate_when_mine_stop_unit_for_services_and_nothing_for_others
         sent(&mut rx),
         Action::StopUnit {
             unit: "ollama.service".into(),
-            scope: UnitScope::User
+            pid: 4444
         }
     );
     t.action = None;
@@ -438,9 +437,37 @@ fn holders_get_terminate_when_mine_stop_unit_for_services_and_nothing_for_others
         sent(&mut rx),
         Action::StopUnit {
             unit: "nvidia-persistenced.service".into(),
-            scope: UnitScope::System
+            pid: 4545
         }
     );
+}
+
+/// A holder in a Docker container (issue 16): its unit is the engine's scope, so the menu
+/// offers the engine's own stop, by the container's name, and never `systemctl stop`.
+#[test]
+fn a_holder_in_a_container_is_stopped_as_the_container() {
+    let id = "4f1c9a3be2d07c6e8b5a1f0d93c2e7b6a4d8f1e0c3b5a7d9e2f4a6c8b0d1e3f5";
+    let mut h = holder(4747, SOMEONE_ELSE, "jellyfin");
+    h.unit = Some(format!("docker-{id}.scope"));
+    h.container = handoff::containers::parse_cgroup(&format!("0::/system.slice/docker-{id}.scope\n"));
+    h.container.as_mut().expect("a container").name = Some("jellyfin".into());
+    let mut s = with_holders(on_host(), vec![h]);
+    // Even were its scope taken for a stoppable unit, the container decides.
+    s.units.insert(4747, UnitScope::System);
+    let (mut t, mut rx) = tray(s);
+    let row = "jellyfin (pid 4747, bob, docker container jellyfin)";
+    assert_eq!(under(&t, row), [("Stop container jellyfin…".to_owned(), true)]);
+    click(
+        &mut t,
+        "Really stop the docker container jellyfin? (docker stop jellyfin)",
+    );
+    match sent(&mut rx) {
+        Action::StopContainer { container } => {
+            assert_eq!(container.stop_argv(), ["docker", "stop", "jellyfin"])
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(t.action.as_deref(), Some("stopping container jellyfin…"));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -485,7 +512,7 @@ fn return_gpu_to_linux_is_offered_only_when_a_restore_is_required() {
         ]
     );
     click(&mut t, "Return GPU to Linux");
-    assert_eq!(sent(&mut rx), Action::Rebind);
+    assert!(matches!(sent(&mut rx), Action::ReturnToLinux { .. }));
     assert_eq!(t.action.as_deref(), Some("returning the GPU to Linux…"));
 }
 
@@ -506,7 +533,7 @@ fn left_click_opens_looking_glass_when_a_vm_has_the_gpu_and_the_details_otherwis
     ] {
         let (mut t, mut rx) = tray(s);
         t.activate(10, 10);
-        assert_eq!(sent(&mut rx), Action::Details);
+        assert_eq!(sent(&mut rx), Action::OpenDetails);
         assert_eq!(t.action, None);
     }
 }
@@ -517,7 +544,7 @@ fn details_open_looking_glass_and_quit_send_what_they_say() {
     click(&mut t, "Open Looking Glass");
     assert_eq!(sent(&mut rx), Action::OpenLookingGlass);
     click(&mut t, "Details…");
-    assert_eq!(sent(&mut rx), Action::Details);
+    assert_eq!(sent(&mut rx), Action::OpenDetails);
     assert_eq!(t.action, None);
     click(&mut t, "Quit");
     assert!(matches!(rx.try_recv(), Ok(Msg::Quit)));
