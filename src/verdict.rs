@@ -462,6 +462,16 @@ impl Verdict {
             _ => self.headline.clone(),
         }
     }
+
+    /// [`Verdict::line`] for a place titled with the GPU already (a tray or window section
+    /// per GPU): without the headline's "`<GPU>`: " — "macOS", not "UHD 630: macOS".
+    pub fn line_under_gpu(&self) -> String {
+        let line = self.line();
+        match line.strip_prefix(&format!("{}: ", self.gpu_label)) {
+            Some(rest) => rest.to_owned(),
+            None => line,
+        }
+    }
 }
 
 /// A VM as the headline names it: its label, and for a Proxmox VE VM its VMID ("Windows 11

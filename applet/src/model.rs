@@ -278,7 +278,7 @@ impl Snapshot {
                     "{}{}: {}",
                     sec.name,
                     if sec.primary { ", primary" } else { "" },
-                    sec.verdict.line()
+                    sec.verdict.line_under_gpu()
                 ));
             }
         }

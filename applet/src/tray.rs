@@ -289,7 +289,11 @@ impl ksni::Tray for HandoffTray {
             // holders and its own return.
             for sec in snap.sections(self.action.as_deref()) {
                 m.push(MenuItem::Separator);
-                m.push(Self::disabled(format!("{}: {}", sec.name, sec.verdict.line())));
+                m.push(Self::disabled(format!(
+                    "{}: {}",
+                    sec.name,
+                    sec.verdict.line_under_gpu()
+                )));
                 m.extend(self.holders_menu(sec.holders));
                 if sec.verdict.state == handoff::verdict::State::RestoreRequired {
                     m.push(self.item(

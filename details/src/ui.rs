@@ -327,7 +327,7 @@ impl Details {
         // The other GPUs in a line each, so that they are seen without scrolling to their
         // sections.
         for g in &v.other_gpus {
-            let l = label(&format!("Also {}: {}", g.title, g.headline));
+            let l = label(&format!("Also {}: {}", g.title, g.verdict.line_under_gpu()));
             l.add_css_class(state_class(&g.verdict));
             c.append(&l);
         }
