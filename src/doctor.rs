@@ -607,23 +607,7 @@ pub fn vm_definition_checks(
             continue;
         };
         let name = crate::escape::plain(&vm.name);
-        for a in crate::gpus::unnamed(cfg, &hostdevs) {
-            let display = crate::gpus::class_of(host, a).is_some_and(crate::gpus::is_display_class);
-            checks.push(if display {
-                Check::new(
-                    "vm-unnamed-device",
-                    Level::Warn,
-                    format!("VM {name} passes through the display controller {a}, which no [[gpu]] names: handoff does not guard it"),
-                )
-                .fix(format!("add a [[gpu]] with address = \"{a}\" and its host_driver"))
-            } else {
-                Check::new(
-                    "vm-unnamed-device",
-                    Level::Info,
-                    format!("VM {name} passes through {a}, which no [[gpu]] names; libvirt alone hands it"),
-                )
-            });
-        }
+        checks.extend(unnamed_device_checks(cfg, &name, &hostdevs, "libvirt"));
         let taken = crate::gpus::taken_by(cfg, &hostdevs);
         if crate::gpus::libosinfo_id(&xml).is_some_and(|id| crate::gpus::is_macos_id(&id)) {
             for g in &taken {
@@ -659,28 +643,41 @@ pub fn vm_definition_checks(
 /// resolved them) that no `[[gpu]]` names, a macOS guest (`args` with `isa-applesmc`) given
 /// an NVIDIA card newer than Kepler, and what its config lacks for an Intel iGPU it takes
 /// ([`crate::gpus::pve_igpu_missing`]).
+/// A VM passing through a device no `[[gpu]]` names: a warning for a display controller
+/// (handoff does not guard it), a note for anything else (`hypervisor` alone hands it).
+fn unnamed_device_checks(
+    cfg: &Config,
+    name: &str,
+    passed: &[crate::pci::PciAddress],
+    hypervisor: &str,
+) -> Vec<Check> {
+    crate::gpus::unnamed(cfg, passed)
+        .into_iter()
+        .map(|a| {
+            if crate::gpus::class_of(&cfg.host, a).is_some_and(crate::gpus::is_display_class) {
+                Check::new(
+                    "vm-unnamed-device",
+                    Level::Warn,
+                    format!("VM {name} passes through the display controller {a}, which no [[gpu]] names: handoff does not guard it"),
+                )
+                .fix(format!("add a [[gpu]] with address = \"{a}\" and its host_driver"))
+            } else {
+                Check::new(
+                    "vm-unnamed-device",
+                    Level::Info,
+                    format!("VM {name} passes through {a}, which no [[gpu]] names; {hypervisor} alone hands it"),
+                )
+            }
+        })
+        .collect()
+}
+
 fn pve_definition_checks(cfg: &Config, vm: &VmConfig, d: &crate::hypervisor::Description) -> Vec<Check> {
     let host = &cfg.host;
     let conf = crate::pve::parse_conf(&d.definition);
     let name = crate::escape::plain(vm.label());
     let mut checks = Vec::new();
-    for a in crate::gpus::unnamed(cfg, &d.passthrough) {
-        let display = crate::gpus::class_of(host, a).is_some_and(crate::gpus::is_display_class);
-        checks.push(if display {
-            Check::new(
-                "vm-unnamed-device",
-                Level::Warn,
-                format!("VM {name} passes through the display controller {a}, which no [[gpu]] names: handoff does not guard it"),
-            )
-            .fix(format!("add a [[gpu]] with address = \"{a}\" and its host_driver"))
-        } else {
-            Check::new(
-                "vm-unnamed-device",
-                Level::Info,
-                format!("VM {name} passes through {a}, which no [[gpu]] names; Proxmox VE alone hands it"),
-            )
-        });
-    }
+    checks.extend(unnamed_device_checks(cfg, &name, &d.passthrough, "Proxmox VE"));
     let taken = crate::gpus::taken_by(cfg, &d.passthrough);
     if crate::gpus::pve_is_macos(&conf) {
         for g in &taken {

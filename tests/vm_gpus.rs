@@ -22,18 +22,17 @@ const NODE_XML: &str = concat!(
     "/tests/fixtures/libvirt/three-vms-two-gpus-node.xml"
 );
 
-#[test]
-fn the_macos_vm_on_the_igpu_and_windows_on_the_rtx_run_at_once_and_only_the_rtx_is_switched() {
-    let Some(sim) = simgpu::workstation() else { return };
-    let host = sim.host();
-    let uri = format!("test://{NODE_XML}");
-    let text = format!(
+/// The simulated workstation's iGPU and RTX (the primary), and these domains at `uri`.
+fn two_gpus(host: &handoff::host::Host, uri: &str, vms: &[&str]) -> Config {
+    let mut text = format!(
         "[[gpu]]\naddress = \"{IGPU}\"\nhost_driver = \"i915\"\nwatchdog_s = 1\nallow_display = true\n\n\
-         [[gpu]]\naddress = \"{GPU}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 1\nprimary = true\n\n\
-         [[vm]]\nname = \"macos\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n\
-         [[vm]]\nname = \"win11\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n\
-         [[vm]]\nname = \"ai\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n\
-         [host]\nsysfs = {:?}\nproc = \"/proc\"\ndev = {:?}\nrun = {:?}\nuninspectable_ok = {:?}\n",
+         [[gpu]]\naddress = \"{GPU}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 1\nprimary = true\n\n"
+    );
+    for vm in vms {
+        text += &format!("[[vm]]\nname = \"{vm}\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n");
+    }
+    text += &format!(
+        "[host]\nsysfs = {:?}\nproc = \"/proc\"\ndev = {:?}\nrun = {:?}\nuninspectable_ok = {:?}\n",
         host.sysfs.display().to_string(),
         host.dev.display().to_string(),
         host.run.display().to_string(),
@@ -41,6 +40,15 @@ fn the_macos_vm_on_the_igpu_and_windows_on_the_rtx_run_at_once_and_only_the_rtx_
     );
     let cfg = Config::parse(&text, std::path::Path::new("test.toml")).unwrap();
     fs::create_dir_all(&host.run).unwrap();
+    cfg
+}
+
+#[test]
+fn the_macos_vm_on_the_igpu_and_windows_on_the_rtx_run_at_once_and_only_the_rtx_is_switched() {
+    let Some(sim) = simgpu::workstation() else { return };
+    let host = sim.host();
+    let uri = format!("test://{NODE_XML}");
+    let cfg = two_gpus(&host, &uri, &["macos", "win11", "ai"]);
     let vm = |name: &str| -> VmConfig { cfg.vm(Some(name)).unwrap().clone() };
     let mut said = Vec::new();
     let mut say = |l: &str| said.push(l.to_owned());
@@ -102,20 +110,7 @@ fn a_vm_with_both_gpus_is_told_about_each_by_start_stop_and_switch() {
     let node = sim.tmp.path().join("node.xml");
     fs::copy(NODE_XML, &node).unwrap();
     let uri = format!("test://{}", node.display());
-    let text = format!(
-        "[[gpu]]\naddress = \"{IGPU}\"\nhost_driver = \"i915\"\nwatchdog_s = 1\nallow_display = true\n\n\
-         [[gpu]]\naddress = \"{GPU}\"\nhost_driver = \"nvidia\"\nwatchdog_s = 1\nprimary = true\n\n\
-         [[vm]]\nname = \"both\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n\
-         [[vm]]\nname = \"macos\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n\
-         [[vm]]\nname = \"hackintosh\"\nuri = \"{uri}\"\nshutdown_timeout_s = 5\n\n\
-         [host]\nsysfs = {:?}\nproc = \"/proc\"\ndev = {:?}\nrun = {:?}\nuninspectable_ok = {:?}\n",
-        host.sysfs.display().to_string(),
-        host.dev.display().to_string(),
-        host.run.display().to_string(),
-        host.uninspectable_ok,
-    );
-    let cfg = Config::parse(&text, std::path::Path::new("test.toml")).unwrap();
-    fs::create_dir_all(&host.run).unwrap();
+    let cfg = two_gpus(&host, &uri, &["both", "macos", "hackintosh"]);
     let vm = |name: &str| -> VmConfig { cfg.vm(Some(name)).unwrap().clone() };
     let said = std::cell::RefCell::new(Vec::<String>::new());
     let mut say = |l: &str| said.borrow_mut().push(l.to_owned());
