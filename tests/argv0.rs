@@ -3,6 +3,7 @@
 //! stands for. Each test makes its links in its own temp dir and points the binary at a
 //! simulated host (the workstation's RTX 3090 Ti, libvirt's `test:///default`).
 
+use handoff_test_support::bins::Run;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -27,22 +28,6 @@ const SEED_NAMES: &[(&str, &str)] = &[
 struct Links {
     tmp: tempfile::TempDir,
     _sim: SimHost,
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
 }
 
 impl Links {
@@ -96,11 +81,7 @@ fn run(program: &Path, tmp: &Path, args: &[&str]) -> Run {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    Run {
-        code: out.status.code().expect("killed by a signal"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from_output(out, None)
 }
 
 #[test]

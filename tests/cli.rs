@@ -6,6 +6,7 @@
 //! it with `HANDOFF_CONFIG`; `HOME` and the XDG directories point into the temp dir too, so
 //! nothing outside it is read or written. Every child process is killed by its guard.
 
+use handoff_test_support::bins::Run;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -27,38 +28,6 @@ const RUNNING_VM: &str = "test";
 struct Host {
     tmp: tempfile::TempDir,
     sim: SimHost,
-}
-
-/// What the binary did.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
-            panic!(
-                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
-                self.stdout, self.stderr
-            )
-        })
-    }
-
-    fn first_line(&self) -> &str {
-        self.stdout.lines().next().unwrap_or("")
-    }
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
 }
 
 impl Host {
@@ -142,11 +111,7 @@ fn run_with_config(config: &Path, tmp: &Path, args: &[&str]) -> Run {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    Run {
-        code: out.status.code().expect("handoff was killed by a signal"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from_output(out, None)
 }
 
 /// A child process, killed and reaped by pid when dropped.

@@ -4,6 +4,7 @@
 //! in-process `test:///default` driver. Each test has its own temp dir and config
 //! (`HANDOFF_CONFIG`); `HOME` points into it.
 
+use handoff_test_support::bins::Run;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,19 +22,6 @@ const RTX: &str = "0000:01:00.0";
 struct Machine {
     tmp: tempfile::TempDir,
     sim: SimHost,
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}\n{}", self.stdout, self.stderr))
-    }
 }
 
 /// The workstation with `[[gpu]]` iGPU (labelled "iGPU") and RTX (labelled "RTX",
@@ -72,11 +60,7 @@ impl Machine {
             .env("XDG_RUNTIME_DIR", &home)
             .output()
             .unwrap();
-        Run {
-            code: out.status.code().unwrap(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Run::from_output(out, None)
     }
 
     /// `sleep` holding the RTX's `nvidia0`, killed on drop.

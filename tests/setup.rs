@@ -7,6 +7,7 @@
 //! HOME. What a person sees: the file, `config check` and `doctor` on it, a second run that
 //! changes nothing, a hand edit that survives, a shared IOMMU group that stops it.
 
+use handoff_test_support::bins::Run;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -20,22 +21,6 @@ use serde_json::json;
 
 fn handoff() -> &'static str {
     bins::cli(env!("CARGO_BIN_EXE_handoff"))
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
 }
 
 /// A simulated machine in a temp dir: its roots, a temp HOME, where setup writes.
@@ -76,11 +61,7 @@ impl Machine {
             .env("XDG_DATA_HOME", home.join(".local/share"))
             .output()
             .unwrap();
-        Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Run::from_output(out, None)
     }
 
     /// `handoff setup` pointed at this machine (`extra` first: --yes, --dry-run, …).
@@ -111,11 +92,7 @@ impl Machine {
             .env("XDG_CONFIG_HOME", home.join(".config"))
             .output()
             .unwrap();
-        Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        Run::from_output(out, None)
     }
 
     fn written(&self) -> String {

@@ -18,6 +18,7 @@
 //! Run with `cargo test --test start_opens_lg` as root with
 //! `/dev/fuse`, libvirtd, QEMU, Xvfb, i3 and xterm. Under `CI=true` a missing part fails.
 
+use handoff_test_support::bins::Run;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -62,23 +63,6 @@ struct Scene {
     shm: ShmFile,
     desk: Desktop,
     stage: Stage,
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-    took: Duration,
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {} after {:?}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.took, self.stdout, self.stderr
-        )
-    }
 }
 
 impl Scene {
@@ -146,12 +130,7 @@ impl Scene {
         }
         let t = Instant::now();
         let out = c.output().unwrap();
-        let r = Run {
-            code: out.status.code().expect("killed by a signal"),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            took: t.elapsed(),
-        };
+        let r = Run::from_output(out, Some(t.elapsed()));
         eprintln!("$ {} handoff {}\n{r:?}", prefix.join(" "), args.join(" "));
         r
     }
@@ -312,7 +291,7 @@ fn with_no_desktop_reachable_the_vm_still_starts(s: &Scene) {
     assert!(r.stderr.contains("/run/user/0/i3"), "{r:?}");
     assert!(!r.stderr.contains("warning"), "{r:?}");
     assert!(
-        r.took < Duration::from_secs(10),
+        r.took.unwrap() < Duration::from_secs(10),
         "it did not wait for a window: {r:?}"
     );
     assert_eq!(
@@ -345,6 +324,9 @@ fn a_client_that_is_not_installed_is_a_prompt_warning(s: &Scene) {
         ),
         "{r:?}"
     );
-    assert!(r.took < Duration::from_secs(5), "it waited for a window: {r:?}");
+    assert!(
+        r.took.unwrap() < Duration::from_secs(5),
+        "it waited for a window: {r:?}"
+    );
     assert_eq!(s.vm.state(), "running");
 }

@@ -8,6 +8,7 @@
 //! No hooks run under the test driver, so the GPU stays on nvidia here; the real hook is
 //! in `tests/vm_libvirtd.rs`.
 
+use handoff_test_support::bins::Run;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,29 +29,6 @@ const NODE_XML: &str = concat!(
 struct Scene {
     tmp: tempfile::TempDir,
     sim: SimHost,
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-    took: Duration,
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {} after {:?}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.took, self.stdout, self.stderr
-        )
-    }
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
-    }
 }
 
 impl Scene {
@@ -110,12 +88,7 @@ impl Scene {
 fn run(mut c: Command) -> Run {
     let t = Instant::now();
     let out = c.output().unwrap();
-    Run {
-        code: out.status.code().expect("handoff was killed by a signal"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        took: t.elapsed(),
-    }
+    Run::from_output(out, Some(t.elapsed()))
 }
 
 /// A stand-in CUDA job: `sleep 600` holding a node; killed and reaped on drop.
@@ -369,6 +342,9 @@ fn over_ssh_without_display_or_session_bus_every_command_prints() {
         let r = run(c);
         assert_eq!(r.code, 0, "{args:?}: {r:?}");
         assert!(!r.stdout.is_empty(), "{args:?}: {r:?}");
-        assert!(r.took < Duration::from_secs(10), "{args:?} waited: {r:?}");
+        assert!(
+            r.took.unwrap() < Duration::from_secs(10),
+            "{args:?} waited: {r:?}"
+        );
     }
 }

@@ -10,6 +10,7 @@
 //!
 //! Run with `cargo test --test vm_libvirtd` as root with `/dev/fuse`.
 
+use handoff_test_support::bins::Run;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,23 +32,6 @@ struct Scene {
     win: TestDomain,
     ai: TestDomain,
     stage: Stage,
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-    took: Duration,
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {} after {:?}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.took, self.stdout, self.stderr
-        )
-    }
 }
 
 impl Scene {
@@ -96,12 +80,7 @@ impl Scene {
             .stdin(Stdio::null());
         let t = Instant::now();
         let out = c.output().unwrap();
-        let r = Run {
-            code: out.status.code().expect("killed by a signal"),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            took: t.elapsed(),
-        };
+        let r = Run::from_output(out, Some(t.elapsed()));
         eprintln!("$ handoff {}\n{r:?}", args.join(" "));
         r
     }
@@ -272,7 +251,7 @@ fn a_graceful_stop_that_times_out_says_how_to_force(s: &Scene) {
             .contains(&format!("`handoff stop --force {}`", s.win.name())),
         "{r:?}"
     );
-    assert!(r.took < Duration::from_secs(8), "{r:?}");
+    assert!(r.took.unwrap() < Duration::from_secs(8), "{r:?}");
     assert_eq!(s.win.state(), "running");
     assert!(s.all_on("vfio-pci"));
 }

@@ -69,3 +69,60 @@ fn newest(dir: &Path) -> Option<SystemTime> {
     }
     t
 }
+
+/// How a command a test ran ended and what it printed; its `Debug` shows all of it, for
+/// assertion messages.
+pub struct Run {
+    /// The exit status, or 128 + the signal that killed it, as a shell says.
+    pub code: i32,
+    /// Everything it printed on stdout, lossily decoded.
+    pub stdout: String,
+    /// Everything it printed on stderr, lossily decoded.
+    pub stderr: String,
+    /// How long it ran, when the test timed it.
+    pub took: Option<std::time::Duration>,
+}
+
+impl Run {
+    /// Runs `c` to its end, both streams captured, timed.
+    pub fn of(c: &mut Command) -> Run {
+        let t = std::time::Instant::now();
+        let out = c.output().unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"));
+        Run::from_output(out, Some(t.elapsed()))
+    }
+
+    /// What `out` says; `took` when the caller timed it.
+    pub fn from_output(out: std::process::Output, took: Option<std::time::Duration>) -> Run {
+        use std::os::unix::process::ExitStatusExt;
+        Run {
+            code: out
+                .status
+                .code()
+                .or_else(|| out.status.signal().map(|s| 128 + s))
+                .unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            took,
+        }
+    }
+
+    /// Its stdout as JSON; a panic naming both streams when it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+    }
+
+    /// The first line of stdout (empty when there is none).
+    pub fn first_line(&self) -> &str {
+        self.stdout.lines().next().unwrap_or("")
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}", self.code)?;
+        if let Some(took) = self.took {
+            write!(f, " after {took:?}")?;
+        }
+        write!(f, "\n--- stdout\n{}--- stderr\n{}", self.stdout, self.stderr)
+    }
+}
