@@ -468,7 +468,7 @@ impl Loop {
         model::busy_alert_note(old, &self.snap, &vm, &why)
     }
 
-    /// Confirms an orphaned GPU once it has stayed so for [`model::ORPHAN_GRACE`]; the
+    /// Confirms an orphaned GPU once it has stayed so for [`handoff::verdict::ORPHAN_GRACE`]; the
     /// first sighting schedules one more read after the grace.
     fn check_orphan(&mut self) {
         if let Some(wait) = self.orphan.observe(&mut self.snap, Instant::now()) {

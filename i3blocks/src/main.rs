@@ -3,7 +3,7 @@
 //!
 //! Answers from sysfs, `/proc` and the hook's files under `[host] run` only: it links
 //! neither libvirt nor GTK and never opens a GPU node (ARCHITECTURE.md, "Binaries stay light").
-//! [`view`] reads the machine, [`format`] prints it per bar, [`click`] acts on a click
+//! [`view`] reads the machine, [`format`](mod@format) prints it per bar, [`click`] acts on a click
 //! (detached), [`watch`] streams changes or signals i3blocks.
 
 mod click;
@@ -72,7 +72,7 @@ fn parse_args(argv: impl IntoIterator<Item = String>, block_button: Option<&str>
     parse_args_with_instance(argv, block_button, None)
 }
 
-/// [`parse_args`] with i3blocks' `BLOCK_INSTANCE`, the GPU when `--gpu` is not given.
+/// `parse_args` with i3blocks' `BLOCK_INSTANCE`, the GPU when `--gpu` is not given.
 fn parse_args_with_instance(
     argv: impl IntoIterator<Item = String>,
     block_button: Option<&str>,

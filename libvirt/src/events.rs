@@ -13,7 +13,7 @@
 //! or a channel, inside `catch_unwind`: nothing may unwind into libvirt.
 //!
 //! Per URI a supervisor thread owns the connection. Connected, it blocks on a channel
-//! (no timeout) until the close callback or [`Supervisor::stop`]. Disconnected, it
+//! (no timeout) until the close callback or `Supervisor::stop`. Disconnected, it
 //! retries every [`LIBVIRT_RETRY`].
 
 use std::ffi::{CStr, c_int, c_void};
