@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use handoff::holders;
-use handoff::sim::{SimHost, SimSpec};
+use handoff::simulated_tree::{SimHost, SimSpec};
 use handoff::{Host, PciAddress};
 
 fn main() -> ExitCode {

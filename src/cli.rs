@@ -975,11 +975,11 @@ pub fn setup(
             )
             .collect();
         if on_node && !vmids.is_empty() {
-            let roots = crate::pve_hooks::Roots {
+            let roots = crate::pve_hook_install::Roots {
                 root: pve.root.clone(),
             };
-            let p = crate::pve_hooks::plan(&roots, &vmids, None, &handoff, false)?;
-            crate::pve_hooks::apply(&roots, &p)?;
+            let p = crate::pve_hook_install::plan(&roots, &vmids, None, &handoff, false)?;
+            crate::pve_hook_install::apply(&roots, &p)?;
             for a in &p.actions {
                 say(&format!("  {a}"));
             }

@@ -11,7 +11,7 @@
 //! renders) and [`action`] (the one vocabulary of what a person can do, with one
 //! implementation of each action that needs no libvirt); [`bind`] (plans and executes a
 //! handoff), [`hook`] (what libvirtd runs) and [`state`] (the hook's state file); [`live`]
-//! streams changes to the surfaces. [`sim`] builds the simulated kernel's tree for tests
+//! streams changes to the surfaces. [`simulated_tree`] builds the simulated kernel's tree for tests
 //! and the demo; [`scenes`] puts a simulated machine in each state the surfaces tell
 //! apart. [`hypervisor`] is the interface to whatever runs the VMs (its implementations
 //! live in `handoff-libvirt`); [`agent`] is the wire to `handoff __agent`. [`escape`] makes
@@ -47,12 +47,12 @@ pub mod pci;
 pub mod publish;
 pub mod publisher_install;
 pub mod pve;
-pub mod pve_hooks;
+pub mod pve_hook_install;
 pub mod refusals;
 pub mod scenes;
 pub mod services;
 pub mod setup;
-pub mod sim;
+pub mod simulated_tree;
 pub mod state;
 pub mod status;
 pub mod stopped;

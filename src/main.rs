@@ -155,20 +155,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(code as u8))
         }
         Command::InstallHooks(a) if a.pve => {
-            use handoff::pve_hooks;
+            use handoff::pve_hook_install;
             let vmids = if a.vmids.is_empty() && !a.uninstall {
                 let (cfg, _) = load_config_to_write(cli.config)?;
                 cfg.vms.iter().filter_map(|v| v.vmid).collect()
             } else {
                 a.vmids.clone()
             };
-            let roots = pve_hooks::Roots {
+            let roots = pve_hook_install::Roots {
                 root: a.pve_root.clone().unwrap_or_else(|| PathBuf::from("/")),
             };
             let exe = std::env::current_exe()?.canonicalize()?;
-            let plan = pve_hooks::plan(&roots, &vmids, a.storage.as_deref(), &exe, a.uninstall)?;
+            let plan = pve_hook_install::plan(&roots, &vmids, a.storage.as_deref(), &exe, a.uninstall)?;
             if !a.dry_run {
-                pve_hooks::apply(&roots, &plan)?;
+                pve_hook_install::apply(&roots, &plan)?;
             }
             if a.json {
                 print_json(&plan)?;

@@ -12,7 +12,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use crate::sim::{IGPU, RTX_3090_TI, SimHost, SimSpec};
+use crate::simulated_tree::{IGPU, RTX_3090_TI, SimHost, SimSpec};
 use crate::verdict::HookFiles;
 
 /// Every scene, by name.

@@ -170,7 +170,7 @@ impl HookState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::{RTX_3090_TI, SimHost, SimSpec};
+    use crate::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 
     #[test]
     fn a_return_by_hand_clears_restore_required_and_keeps_the_last_refusal() {

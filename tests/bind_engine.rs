@@ -10,14 +10,16 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use fuse_gpu::{
+    AUDIO, GPU, HOME, Sim, UCSI, USB, addr, forked_children, hold, serial, wait_gone, workstation,
+};
 use handoff::bind::plan::{self, Expect, Step};
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::bind::{self, BindError, Outcome};
 use handoff::gpu::{Function, FunctionKind, Gpu, Owner};
-use handoff::sim::{RTX_3090_TI, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimSpec};
 use handoff_kernelsim::{Errno, FaultRule, FileKind, Release};
-use handoff_test_support::simgpu;
-use simgpu::{AUDIO, GPU, HOME, Sim, UCSI, USB, addr, forked_children, hold, serial, wait_gone, workstation};
+use handoff_test_support::fuse_gpu;
 
 const PATIENT: Duration = Duration::from_secs(5);
 const WATCHDOG: Duration = Duration::from_secs(1);
@@ -282,7 +284,7 @@ fn returning_a_gpu_that_is_already_home_only_checks() {
 fn loads_vfio_pci_when_it_is_missing_and_hands_over() {
     let mut spec = SimSpec::workstation();
     spec.drivers.retain(|d| d != "vfio-pci");
-    let Some(sim) = simgpu::mount(spec) else { return };
+    let Some(sim) = fuse_gpu::mount(spec) else { return };
     assert!(!sim.sys().join("bus/pci/drivers/vfio-pci").exists());
     let out = to_vfio(&sim, PATIENT).unwrap();
     assert_eq!(out.steps.first(), Some(&Step::LoadVfio));
@@ -291,7 +293,7 @@ fn loads_vfio_pci_when_it_is_missing_and_hands_over() {
     sim.assert_home();
 }
 
-fn assert_refused_untouched(sim: &Sim, holder: &simgpu::Holder, node: &Path) {
+fn assert_refused_untouched(sim: &Sim, holder: &fuse_gpu::Holder, node: &Path) {
     let e = to_vfio(sim, PATIENT).unwrap_err();
     let BindError::Refused { holders, .. } = &e else {
         panic!("expected a refusal, got: {e}")

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 use handoff::pci::PciAddress;
-use handoff::sim::{RTX_3090_TI, SimFunction, SimHost, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimFunction, SimHost, SimSpec};
 use handoff_test_support::named_holder;
 use serde_json::Value;
 

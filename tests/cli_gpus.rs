@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use handoff::config::{Config, VmConfig};
 use handoff::doctor::{self, Level};
 use handoff::hypervisor::Description;
-use handoff::sim::{SimHost, SimSpec};
+use handoff::simulated_tree::{SimHost, SimSpec};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_handoff");
@@ -285,8 +285,8 @@ fn doctor_reads_the_vms_definitions_for_unnamed_devices_macos_and_the_igpu() {
 /// OpRegion or GOP ROM; 131, a macOS VM (Apple's SMC in `args`) given the RTX; 140, Windows
 /// with the RTX and an iGPU set up as PVE wants it.
 fn pve_definitions(vm: &VmConfig) -> Result<Description, String> {
-    let rtx = handoff::sim::RTX_3090_TI;
-    let igpu = handoff::sim::IGPU;
+    let rtx = handoff::simulated_tree::RTX_3090_TI;
+    let igpu = handoff::simulated_tree::IGPU;
     let (definition, passthrough) = match vm.vmid {
         Some(130) => (
             "name: macos\nbios: ovmf\nostype: other\nargs: -device isa-applesmc,osk=OSK -smbios type=2\n\

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use handoff::containers::{self, Container, Engine};
 use handoff::gpu;
 use handoff::holders;
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 
 const DOCKER_ID: &str = "4f1c9a3be2d07c6e8b5a1f0d93c2e7b6a4d8f1e0c3b5a7d9e2f4a6c8b0d1e3f5";
 const PODMAN_ID: &str = "9e2f4a6c8b0d1e3f54f1c9a3be2d07c6e8b5a1f0d93c2e7b6a4d8f1e0c3b5a7d";

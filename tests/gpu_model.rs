@@ -4,7 +4,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use handoff::gpu::{FunctionKind, Gpu, Owner, SysfsError, device_name, read_gpu_with_ids};
-use handoff::sim::{IGPU, ROOT_PORT, RTX_3090_TI, RTX_5070_TI, SimFunction, SimHost, SimSpec};
+use handoff::simulated_tree::{IGPU, ROOT_PORT, RTX_3090_TI, RTX_5070_TI, SimFunction, SimHost, SimSpec};
 use handoff::{Host, PciAddress};
 
 fn fixture_ids() -> PathBuf {

@@ -14,7 +14,7 @@ use handoff::Host;
 use handoff::gpu::{Function, FunctionKind, Gpu, Owner};
 use handoff::holders::{self, GpuNode, Holder, Scan, Verdict};
 use handoff::pci::PciAddress;
-use handoff::sim::{IGPU, RTX_3090_TI, SimHost, SimSpec};
+use handoff::simulated_tree::{IGPU, RTX_3090_TI, SimHost, SimSpec};
 
 fn fixture(name: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -11,12 +11,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use fuse_gpu::{AUDIO, GPU, Sim, addr, hold, workstation};
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff_kernelsim::{Errno, FaultRule, FileKind, Release};
+use handoff_test_support::fuse_gpu;
 use handoff_test_support::hook_run::{self, Run, finish};
 use handoff_test_support::named_holder;
-use handoff_test_support::simgpu;
-use simgpu::{AUDIO, GPU, Sim, addr, hold, workstation};
 
 fn fixture(name: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -355,7 +355,7 @@ fn a_hung_unbind_fails_the_start_in_time_and_release_brings_the_gpu_home_once_it
     // the GPU home.
     let writer = m.record().unwrap().hung_writer.unwrap() as u32;
     m.sim.mount.release(Release::Fail(Errno::EBUSY));
-    assert_eq!(simgpu::wait_gone(&[writer], Duration::from_secs(3)), vec![]);
+    assert_eq!(fuse_gpu::wait_gone(&[writer], Duration::from_secs(3)), vec![]);
     let r = m.hook("win11", "release", "end", &xml);
     assert_eq!(r.code, 0, "{}", r.stderr);
     m.sim.assert_home();
@@ -760,7 +760,7 @@ fn a_hung_writer_pid_reused_by_another_process_does_not_block_the_return() {
     // The record says a write hung in a writer that has since gone, and its pid now
     // belongs to an unrelated process: same pid, another start time.
     let other = std::process::Command::new("sleep").arg("600").spawn().unwrap();
-    let other = simgpu::Holder(other);
+    let other = fuse_gpu::Holder(other);
     let pid = other.pid() as i32;
     let start = handoff::bind::record::process_start_time(pid).unwrap();
     let host = m.sim.host();

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use handoff::bind::record::{Phase, RestoreRecord};
 use handoff::pci::PciAddress;
-use handoff::sim::RTX_3090_TI;
+use handoff::simulated_tree::RTX_3090_TI;
 use handoff::state::{HookPhase, HookState};
 use handoff_kernelsim::send_command;
+use handoff_test_support::fuse_gpu::hold;
 use handoff_test_support::libvirt::{LibvirtdLock, TestDomain, virsh};
-use handoff_test_support::simgpu::hold;
 use handoff_test_support::stage::{ETC_HANDOFF, SYSTEM_CONFIG, Stage};
 use handoff_test_support::wait::wait_until;
 

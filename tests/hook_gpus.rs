@@ -14,9 +14,9 @@ use std::path::PathBuf;
 
 use handoff::bind::record::RestoreRecord;
 use handoff_kernelsim::{Errno, FaultRule, FileKind};
+use handoff_test_support::fuse_gpu::{self, GPU, Sim, addr};
 use handoff_test_support::hook_run::{self, Run, finish};
 use handoff_test_support::named_holder;
-use handoff_test_support::simgpu::{self, GPU, Sim, addr};
 
 const IGPU: &str = "0000:00:02.0";
 
@@ -42,7 +42,7 @@ fn domain(name: &str, functions: &[&str], os: Option<&str>) -> String {
 }
 
 /// The RTX's graphics and audio functions, as the Windows VM passes them.
-const RTX: [&str; 2] = [GPU, simgpu::AUDIO];
+const RTX: [&str; 2] = [GPU, fuse_gpu::AUDIO];
 
 struct Machine {
     sim: Sim,
@@ -52,7 +52,7 @@ struct Machine {
 /// The workstation with both GPUs configured: the iGPU (`igpu_extra` added to its entry)
 /// and the RTX, primary. VMs: macos, win11, linux-ai, both.
 fn machine(igpu_extra: &str) -> Option<Machine> {
-    let sim = simgpu::workstation()?;
+    let sim = fuse_gpu::workstation()?;
     let etc = sim.tmp.path().join("etc");
     fs::create_dir(&etc).unwrap();
     let host = sim.host();
@@ -197,8 +197,8 @@ fn a_vm_with_two_gpus_whose_second_bind_fails_leaves_both_on_their_host_drivers(
     // The iGPU (00:02.0) is bound first; the RTX's audio function then fails to probe.
     m.sim
         .mount
-        .inject(FaultRule::fail(FileKind::DriversProbe, Errno::EINVAL).device(addr(simgpu::AUDIO)));
-    let both = domain("both", &[IGPU, GPU, simgpu::AUDIO], None);
+        .inject(FaultRule::fail(FileKind::DriversProbe, Errno::EINVAL).device(addr(fuse_gpu::AUDIO)));
+    let both = domain("both", &[IGPU, GPU, fuse_gpu::AUDIO], None);
     let r = m.hook("both", "prepare", &both);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
@@ -319,7 +319,7 @@ fn a_macos_vm_given_an_nvidia_card_newer_than_kepler_is_warned_about() {
 fn a_card_that_stays_on_vfio_pci_goes_to_one_vm_at_a_time_and_is_never_rebound() {
     // The homelab: the RTX 5070 Ti is isolated on vfio-pci from boot (host_driver
     // "vfio-pci"); VMs 140 (Windows) and 141 (Linux AI) take turns.
-    let Some(sim) = simgpu::mount(handoff::sim::SimSpec::homelab()) else {
+    let Some(sim) = fuse_gpu::mount(handoff::simulated_tree::SimSpec::homelab()) else {
         return;
     };
     let etc = sim.tmp.path().join("etc");
@@ -390,8 +390,8 @@ fn two_vms_wanting_both_gpus_at_once_one_gets_both_and_neither_waits_on_the_othe
     };
     // Each lists the GPUs in another order: locking in the XML's order could deadlock.
     let xml = |vm: &str| match vm {
-        "both" => domain(vm, &[IGPU, GPU, simgpu::AUDIO], None),
-        _ => domain(vm, &[GPU, simgpu::AUDIO, IGPU], None),
+        "both" => domain(vm, &[IGPU, GPU, fuse_gpu::AUDIO], None),
+        _ => domain(vm, &[GPU, fuse_gpu::AUDIO, IGPU], None),
     };
     for round in 0..3 {
         let started = std::time::Instant::now();

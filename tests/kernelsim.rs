@@ -10,9 +10,9 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use handoff::sim::SimSpec;
+use handoff::simulated_tree::SimSpec;
 use handoff_kernelsim::{Errno, FaultRule, FileKind, Release, WriteResult, read_log, send_command};
-use handoff_test_support::simgpu::{AUDIO, Sim, USB, mount, workstation};
+use handoff_test_support::fuse_gpu::{AUDIO, Sim, USB, mount, workstation};
 
 fn write(path: impl AsRef<Path>, value: &str) -> io::Result<()> {
     fs::write(path, value)

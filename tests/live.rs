@@ -337,7 +337,7 @@ fn wait_for_watcher_threads(n: usize, when: &str) {
 
 #[test]
 fn a_simulated_handoff_looks_like_a_real_one_to_the_watcher() {
-    use handoff::sim::SimSpec;
+    use handoff::simulated_tree::SimSpec;
     use handoff_kernelsim::Kernel;
     if !is_root() {
         eprintln!("SKIPPED: the simulated kernel's uevents need root (CAP_NET_ADMIN)");
@@ -352,7 +352,7 @@ fn a_simulated_handoff_looks_like_a_real_one_to_the_watcher() {
         f.address = moved(f.address);
         f.parent = f.parent.map(moved);
     }
-    let gpu = moved(handoff::sim::RTX_3090_TI);
+    let gpu = moved(handoff::simulated_tree::RTX_3090_TI);
     let mut kernel = Kernel::build(tmp.path(), spec).expect("simulated kernel");
     let mut config = Config::default();
     config.gpu.address = gpu;
@@ -487,8 +487,8 @@ fn a_bind_of_any_configured_gpu_is_a_change_and_of_another_device_is_not() {
 
 /// The workstation's simulated tree (mknod'ed nodes) with the real `/proc`, watched for
 /// opens and closes of the GPU's nodes only.
-fn node_watch(tmp: &Path) -> (handoff::sim::SimHost, Config, Watcher) {
-    use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+fn node_watch(tmp: &Path) -> (handoff::simulated_tree::SimHost, Config, Watcher) {
+    use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
     let sim = SimHost::build(&tmp.join("machine"), &SimSpec::workstation()).unwrap();
     let mut config = Config::default();
     config.gpu.address = RTX_3090_TI;
@@ -553,7 +553,7 @@ fn opening_and_closing_a_gpu_node_is_heard_and_only_set_changes_are_reported() {
 /// the driver, `/dev/fb0`) is watched from then on.
 #[test]
 fn a_node_that_appears_later_is_watched_too() {
-    use handoff::sim::RTX_3090_TI;
+    use handoff::simulated_tree::RTX_3090_TI;
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let (sim, _config, w) = node_watch(tmp.path());

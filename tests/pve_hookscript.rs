@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use handoff_test_support::bins;
-use handoff_test_support::simgpu::{self, GPU, Sim, hold};
+use handoff_test_support::fuse_gpu::{self, GPU, Sim, hold};
 
 struct PveHost {
     sim: Sim,
@@ -33,7 +33,7 @@ fn homelab(host_driver: &str) -> Option<PveHost> {
 
 /// The homelab with `gpus` (the `[gpu]` or `[[gpu]]` sections) and `vms` (more `[[vm]]`s).
 fn homelab_with(gpus: &str, vms: &str) -> Option<PveHost> {
-    let sim = simgpu::workstation()?;
+    let sim = fuse_gpu::workstation()?;
     let root = sim.tmp.path().join("pve-root");
     let qs = root.join("etc/pve/qemu-server");
     fs::create_dir_all(&qs).unwrap();
@@ -126,7 +126,7 @@ impl PveHost {
 
 #[test]
 fn pre_start_hands_a_host_driver_gpu_to_the_vm_and_post_stop_brings_it_home() {
-    let _serial = simgpu::serial();
+    let _serial = fuse_gpu::serial();
     let Some(pve) = homelab("nvidia") else { return };
     let r = pve.hook(141, "pre-start");
     assert_eq!(r.code, 0, "{}", r.output);
@@ -143,7 +143,7 @@ fn pre_start_hands_a_host_driver_gpu_to_the_vm_and_post_stop_brings_it_home() {
 
 #[test]
 fn pre_start_refuses_while_a_process_holds_the_host_driver_gpu_and_names_it() {
-    let _serial = simgpu::serial();
+    let _serial = fuse_gpu::serial();
     let Some(pve) = homelab("nvidia") else { return };
     let holder = hold(&pve.sim.dev("nvidia0"));
     let r = pve.hook(140, "pre-start");
@@ -156,7 +156,7 @@ fn pre_start_refuses_while_a_process_holds_the_host_driver_gpu_and_names_it() {
 
 #[test]
 fn with_the_card_kept_on_vfio_pci_the_second_vm_is_refused_while_the_first_runs() {
-    let _serial = simgpu::serial();
+    let _serial = fuse_gpu::serial();
     let Some(pve) = homelab("vfio-pci") else { return };
     // The first start takes the card off the host driver once.
     let r = pve.hook(140, "pre-start");
@@ -207,7 +207,7 @@ fn block(pve: &PveHost) -> serde_json::Value {
 /// as the libvirt hook does.
 #[test]
 fn on_the_node_the_block_follows_the_hookscript_between_vms_on_vfio_pci() {
-    let _serial = simgpu::serial();
+    let _serial = fuse_gpu::serial();
     let Some(pve) = homelab_with(
         &format!(
             "[gpu]\naddress = \"{GPU}\"\nhost_driver = \"vfio-pci\"\nlabel = \"RTX 5070 Ti\"\nwatchdog_s = 2\n"
@@ -258,7 +258,7 @@ fn on_the_node_the_block_follows_the_hookscript_between_vms_on_vfio_pci() {
 
 #[test]
 fn a_vm_without_the_gpu_is_left_alone() {
-    let _serial = simgpu::serial();
+    let _serial = fuse_gpu::serial();
     let Some(pve) = homelab("nvidia") else { return };
     pve.running(140);
     let r = pve.hook(130, "pre-start");
@@ -268,7 +268,7 @@ fn a_vm_without_the_gpu_is_left_alone() {
 
 #[test]
 fn a_backup_of_the_stopped_vm_while_the_other_has_the_gpu_is_refused_saying_why() {
-    let _serial = simgpu::serial();
+    let _serial = fuse_gpu::serial();
     let Some(pve) = homelab("vfio-pci") else { return };
     assert_eq!(pve.hook(140, "pre-start").code, 0);
     pve.running(140);
@@ -298,7 +298,7 @@ fn a_backup_of_the_stopped_vm_while_the_other_has_the_gpu_is_refused_saying_why(
 
 #[test]
 fn a_start_before_the_previous_vms_late_post_stop_takes_the_gpu_over_cleanly() {
-    let _serial = simgpu::serial();
+    let _serial = fuse_gpu::serial();
     let Some(pve) = homelab("nvidia") else { return };
     assert_eq!(pve.hook(140, "pre-start").code, 0);
     pve.sim.assert_on_vfio();
@@ -347,7 +347,7 @@ const IGPU: &str = "0000:00:02.0";
 
 #[test]
 fn with_several_gpus_each_vm_takes_the_configured_gpus_its_hostpci_names() {
-    let _serial = simgpu::serial();
+    let _serial = fuse_gpu::serial();
     let Some(pve) = two_gpus() else { return };
     // macOS takes the iGPU only; the RTX stays on the host, the NIC is PVE's business.
     let r = pve.hook(130, "pre-start");
@@ -380,7 +380,7 @@ fn with_several_gpus_each_vm_takes_the_configured_gpus_its_hostpci_names() {
 
 #[test]
 fn with_several_gpus_a_vm_gets_all_of_its_gpus_or_none() {
-    let _serial = simgpu::serial();
+    let _serial = fuse_gpu::serial();
     let Some(pve) = two_gpus() else { return };
     // Something holds the RTX: 142 (RTX and iGPU) is refused, and the iGPU, bound first
     // (address order), goes back.
@@ -418,7 +418,7 @@ fn with_several_gpus_a_vm_gets_all_of_its_gpus_or_none() {
 /// iGPU set up as PVE wants it) hears neither.
 #[test]
 fn pre_start_warns_what_an_igpu_vm_lacks_and_that_macos_has_no_nvidia_driver() {
-    let _serial = simgpu::serial();
+    let _serial = fuse_gpu::serial();
     let Some(pve) = two_gpus() else { return };
     let qs = pve.root.join("etc/pve/qemu-server");
     fs::write(

@@ -10,7 +10,7 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use handoff::sim::RTX_3090_TI;
+use handoff::simulated_tree::RTX_3090_TI;
 use handoff_test_support::libvirt::TestDomain;
 use handoff_test_support::stage::{SYSTEM_CONFIG, Stage};
 use handoff_test_support::systemd_user::UserManager;

@@ -13,7 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use handoff::sim::{SimFunction, SimHost, SimSpec};
+use handoff::simulated_tree::{SimFunction, SimHost, SimSpec};
 use handoff_test_support::fakepve::FakePve;
 use handoff_test_support::libvirt::{TestDomain, require_libvirtd};
 use handoff_test_support::{bins, tools};

@@ -25,7 +25,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use handoff::bind::record::RestoreRecord;
-use handoff::sim::RTX_3090_TI;
+use handoff::simulated_tree::RTX_3090_TI;
 use handoff_test_support::desktop::Desktop;
 use handoff_test_support::libvirt::TestDomain;
 use handoff_test_support::stage::{SYSTEM_CONFIG, Stage};

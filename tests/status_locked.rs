@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use handoff_kernelsim::{Errno, FaultRule, FileKind, Release};
-use handoff_test_support::simgpu::{self, Sim};
+use handoff_test_support::fuse_gpu::{self, Sim};
 
 /// `handoff`, with `handoff-vm` (which runs its libvirt commands) built beside it.
 fn bin() -> &'static str {
@@ -32,7 +32,7 @@ struct Stuck {
 
 impl Stuck {
     fn new() -> Option<Stuck> {
-        let sim = simgpu::workstation()?;
+        let sim = fuse_gpu::workstation()?;
         let (mount, mountpoint) = (&sim.mount, sim.sys().to_owned());
         mount.inject(
             FaultRule::hang(FileKind::Unbind)

@@ -7,7 +7,7 @@
 
 use handoff::Config;
 use handoff::action::UnitScope;
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookPhase, HookState};
 use handoff::stopped::{self, Who};
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use handoff::config::{Config, VmConfig};
 use handoff_libvirt::simulated::Simulated;
 use handoff_libvirt::vm::{Ctl, VmError};
-use handoff_test_support::simgpu::{self, GPU};
+use handoff_test_support::fuse_gpu::{self, GPU};
 
 const IGPU: &str = "0000:00:02.0";
 const NODE_XML: &str = concat!(
@@ -45,7 +45,9 @@ fn two_gpus(host: &handoff::host::Host, uri: &str, vms: &[&str]) -> Config {
 
 #[test]
 fn the_macos_vm_on_the_igpu_and_windows_on_the_rtx_run_at_once_and_only_the_rtx_is_switched() {
-    let Some(sim) = simgpu::workstation() else { return };
+    let Some(sim) = fuse_gpu::workstation() else {
+        return;
+    };
     let host = sim.host();
     let uri = format!("test://{NODE_XML}");
     let cfg = two_gpus(&host, &uri, &["macos", "win11", "ai"]);
@@ -103,7 +105,9 @@ fn the_macos_vm_on_the_igpu_and_windows_on_the_rtx_run_at_once_and_only_the_rtx_
 /// macOS VM given the RTX is told, by `start` itself, that macOS has no driver for it.
 #[test]
 fn a_vm_with_both_gpus_is_told_about_each_by_start_stop_and_switch() {
-    let Some(sim) = simgpu::workstation() else { return };
+    let Some(sim) = fuse_gpu::workstation() else {
+        return;
+    };
     let host = sim.host();
     // A copy of its own: libvirt's test driver shares one node per file within a process,
     // and the other test here runs the same domains at the same time.
@@ -119,7 +123,7 @@ fn a_vm_with_both_gpus_is_told_about_each_by_start_stop_and_switch() {
 
     // A process holds the RTX, the second of its GPUs in address order: refused up front,
     // naming it, before anything starts.
-    let holder = simgpu::hold(&sim.dev("nvidia0"));
+    let holder = fuse_gpu::hold(&sim.dev("nvidia0"));
     match ctl.start(&vm("both")) {
         Err(VmError::Busy { text, .. }) => {
             assert!(text.contains(GPU), "{text}");

@@ -16,9 +16,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use handoff::bind::record::RestoreRecord;
-use handoff::sim::RTX_3090_TI;
+use handoff::simulated_tree::RTX_3090_TI;
+use handoff_test_support::fuse_gpu::hold;
 use handoff_test_support::libvirt::TestDomain;
-use handoff_test_support::simgpu::hold;
 use handoff_test_support::stage::{SYSTEM_CONFIG, Stage};
 
 /// `handoff`, with `handoff-vm` (which runs its libvirt commands) built beside it.

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 use handoff_test_support::opener::Opener;
 use handoff_test_support::process::Group;
 

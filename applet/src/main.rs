@@ -551,7 +551,7 @@ fn clock() -> String {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+    use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 
     use super::*;
     use crate::icons::Icon;

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use handoff::sim::{RTX_3090_TI, SimHost};
+use handoff::simulated_tree::{RTX_3090_TI, SimHost};
 use handoff_kernelsim::send_command;
 use handoff_test_support::config::workstation_with_test_vm;
 use handoff_test_support::desktop::Desktop;

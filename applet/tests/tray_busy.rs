@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use handoff::refusals::RefusalLog;
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 use handoff_test_support::opener::Opener;
 use handoff_test_support::tray::{Item, Session, find_item, wait_view};
 use handoff_test_support::wait::wait_for;

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 use handoff_test_support::process::Group;
 use handoff_test_support::tray::{Session, find_item, wait_view};
 use handoff_test_support::wait::wait_for;

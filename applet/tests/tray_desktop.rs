@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use handoff::sim::RTX_3090_TI;
+use handoff::simulated_tree::RTX_3090_TI;
 use handoff_test_support::libvirt::TestDomain;
 use handoff_test_support::stage::{SYSTEM_CONFIG, Stage};
 use handoff_test_support::tray::{Item, Session, find_item, screenshots_dir, wait_view};

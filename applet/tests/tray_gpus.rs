@@ -15,7 +15,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use handoff::sim::IGPU;
+use handoff::simulated_tree::IGPU;
 use handoff::verdict::HookFiles;
 use handoff_test_support::process::holder;
 use handoff_test_support::tray::{MenuEntry, Session, find_item, wait_view};

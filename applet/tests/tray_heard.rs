@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use handoff::sim::RTX_3090_TI;
+use handoff::simulated_tree::RTX_3090_TI;
 use handoff_test_support::libvirt::TestDomain;
 use handoff_test_support::opener::Opener;
 use handoff_test_support::process::kill_group;

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use handoff::sim::RTX_3090_TI;
+use handoff::simulated_tree::RTX_3090_TI;
 use handoff_kernelsim::send_command;
 use handoff_test_support::a11y::{A11y, dialog, main_window};
 use handoff_test_support::config::workstation_with_test_vm;
@@ -301,7 +301,7 @@ fn terminate_asks_first_then_ends_my_process() {
 #[test]
 fn with_two_gpus_each_has_its_section_and_the_second_ones_holder_can_be_terminated() {
     let Some(mut s) = Session::start() else { return };
-    let igpu = handoff::sim::IGPU;
+    let igpu = handoff::simulated_tree::IGPU;
     let (sim, config) = workstation_with_test_vm(
         s.dir.path(),
         &format!("[[gpu]]\naddress = \"{igpu}\"\nlabel = \"UHD 630\"\nhost_driver = \"i915\"\n\n"),

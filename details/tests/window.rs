@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use handoff::bind::record::{Phase, RestoreRecord};
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookState, Refusal};
 use handoff_test_support::process::{Group, holder};
 use handoff_test_support::tools::have_all;

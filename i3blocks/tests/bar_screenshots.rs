@@ -18,7 +18,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookPhase, HookState};
 use handoff_test_support::block::write_config;
 use handoff_test_support::process::{Group, Stragglers, holder};

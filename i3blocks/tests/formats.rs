@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use handoff::bind::record::{Phase, RestoreRecord};
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookPhase, HookState};
 use handoff_test_support::block::write_config;
 use handoff_test_support::named_holder;

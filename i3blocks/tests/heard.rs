@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use handoff::sim::{SimHost, SimSpec};
+use handoff::simulated_tree::{SimHost, SimSpec};
 use handoff_test_support::block::{I3blocks, write_config};
 use handoff_test_support::opener::Opener;
 use handoff_test_support::process::Group;

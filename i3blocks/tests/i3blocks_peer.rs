@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use handoff::live::DriverAction;
 use handoff::live::uevent::{Uevent, send_uevent};
 use handoff::pci::PciAddress;
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookPhase, HookState};
 use handoff_test_support::block::{I3blocks, Notifications, write_config};
 use handoff_test_support::process::{Group, holder};

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use handoff_kernelsim::fuse::SimMount;
 use handoff_kernelsim::{Errno, FaultRule, FileKind, Release};
-use handoff_test_support::simgpu;
+use handoff_test_support::fuse_gpu;
 
 const GPU: &str = "0000:01:00.0";
 
@@ -34,7 +34,9 @@ impl Drop for Guard<'_> {
 
 #[test]
 fn the_block_answers_in_time_and_says_stuck_while_an_unbind_hangs() {
-    let Some(sim) = simgpu::workstation() else { return };
+    let Some(sim) = fuse_gpu::workstation() else {
+        return;
+    };
     let (mount, tmp, sys) = (&sim.mount, &sim.tmp, sim.sys().to_owned());
     let mut guard = Guard {
         mount,

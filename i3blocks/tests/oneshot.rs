@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 
 fn config(dir: &Path, sim: &SimHost) -> std::path::PathBuf {
     let path = dir.join("config.toml");

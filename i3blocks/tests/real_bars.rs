@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::state::{HookPhase, HookState};
 use handoff_test_support::block::{Notifications, write_config};
 use handoff_test_support::process::{Group, Stragglers, alive, comm, descendants, holder, holder_unheard};
@@ -76,7 +76,7 @@ fn to_vfio(sim: &SimHost) {
 }
 
 fn to_host(sim: &SimHost) {
-    // The workstation's host drivers (handoff::sim::SimSpec::workstation).
+    // The workstation's host drivers (handoff::simulated_tree::SimSpec::workstation).
     for (f, driver) in ["nvidia", "snd_hda_intel", "xhci_hcd", "nvidia-gpu"]
         .into_iter()
         .enumerate()

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use handoff::sim::{SimHost, SimSpec};
+use handoff::simulated_tree::{SimHost, SimSpec};
 use handoff_test_support::block::{I3blocks, Notifications, write_config};
 use handoff_test_support::process::{Stragglers, alive, comm, descendants, holder};
 use handoff_test_support::tools::{have_all, is_root, required};

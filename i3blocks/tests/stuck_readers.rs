@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use handoff_kernelsim::fuse::SimMount;
 use handoff_kernelsim::{Errno, FaultRule, FileKind, Release};
-use handoff_test_support::simgpu;
+use handoff_test_support::fuse_gpu;
 
 const GPU: &str = "0000:01:00.0";
 const BLOCK: &str = env!("CARGO_BIN_EXE_handoff-block");
@@ -68,7 +68,9 @@ fn one_shot_runs_during_a_hung_unbind_leave_one_stuck_reader_not_one_each() {
         Vec::<u32>::new(),
         "no handoff-block left from before"
     );
-    let Some(sim) = simgpu::workstation() else { return };
+    let Some(sim) = fuse_gpu::workstation() else {
+        return;
+    };
     let (mount, tmp, sys) = (&sim.mount, &sim.tmp, sim.sys().to_owned());
     let mut guard = Guard {
         mount,

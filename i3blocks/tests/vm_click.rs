@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use handoff::sim::RTX_3090_TI;
+use handoff::simulated_tree::RTX_3090_TI;
 use handoff::state::{HookPhase, HookState};
 use handoff_test_support::block::{I3blocks, Notifications};
 use handoff_test_support::libvirt::TestDomain;

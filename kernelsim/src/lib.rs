@@ -1,7 +1,7 @@
 //! The simulated kernel's driver core: what a write to a PCI sysfs control file does (the
 //! `handoff-kernelsim` crate: it links FUSE, so it stays out of the core).
 //!
-//! [`handoff::sim`] builds a kernel-shaped tree on disk; this module gives writes to its
+//! [`handoff::simulated_tree`] builds a kernel-shaped tree on disk; this module gives writes to its
 //! control files (`driver_override`, `bind`, `unbind`, `drivers_probe`, `new_id`,
 //! `remove_id`, `remove`, `rescan`) the effects the kernel's driver core gives them, by
 //! rearranging that tree. The rules are plain functions over the tree, testable without
@@ -126,7 +126,7 @@ use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
 use handoff::pci::PciAddress;
-use handoff::sim::{SimFunction, SimHost, SimSpec, registers_class_devices};
+use handoff::simulated_tree::{SimFunction, SimHost, SimSpec, registers_class_devices};
 
 /// An error a control-file write returns, as the kernel would.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -1534,7 +1534,7 @@ fn parse_ulong(value: &str) -> Result<u64, Errno> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use handoff::sim::{IGPU, ROOT_PORT, RTX_3090_TI};
+    use handoff::simulated_tree::{IGPU, ROOT_PORT, RTX_3090_TI};
 
     fn kernel(tmp: &Path) -> Kernel {
         Kernel::build(tmp, SimSpec::workstation()).unwrap()

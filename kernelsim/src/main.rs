@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use handoff::sim::SimSpec;
+use handoff::simulated_tree::SimSpec;
 use handoff_kernelsim::Kernel;
 use handoff_kernelsim::fuse::SimMount;
 

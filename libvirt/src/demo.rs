@@ -38,7 +38,7 @@ use crate::simulated::Simulated;
 use crate::vm::Ctl;
 use handoff::config::Config;
 use handoff::hypervisor::SIMULATED_ENV;
-use handoff::sim::SimSpec;
+use handoff::simulated_tree::SimSpec;
 use handoff_kernelsim::Kernel;
 use handoff_kernelsim::fuse::SimMount;
 

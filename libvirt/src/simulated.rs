@@ -149,7 +149,7 @@ mod tests {
     use super::*;
     use crate::test_node;
     use handoff::config::VmConfig;
-    use handoff::sim::{SimHost, SimSpec};
+    use handoff::simulated_tree::{SimHost, SimSpec};
 
     #[test]
     fn refuses_to_run_the_hook_for_a_real_host_or_a_real_libvirt() {
@@ -223,6 +223,9 @@ mod tests {
             r.message
         );
         assert_eq!(state.unwrap(), VmState::Shutoff, "the domain was never started");
-        assert_eq!(sim.driver(handoff::sim::RTX_3090_TI).as_deref(), Some("nvidia"));
+        assert_eq!(
+            sim.driver(handoff::simulated_tree::RTX_3090_TI).as_deref(),
+            Some("nvidia")
+        );
     }
 }

@@ -255,9 +255,11 @@ fn the_trays_agent_sees_a_pve_vm_start_within_the_poll_interval() {
 #[test]
 fn config_check_and_doctor_say_what_a_pve_vm_on_the_igpu_lacks_and_that_macos_has_no_nvidia_driver() {
     let tmp = tempfile::tempdir().unwrap();
-    let sim =
-        handoff::sim::SimHost::build(&tmp.path().join("machine"), &handoff::sim::SimSpec::workstation())
-            .unwrap();
+    let sim = handoff::simulated_tree::SimHost::build(
+        &tmp.path().join("machine"),
+        &handoff::simulated_tree::SimSpec::workstation(),
+    )
+    .unwrap();
     let guest = |id: u32, name: &str, config: Value| json!({"vmid": id, "name": name, "status": "stopped", "config": config});
     let Some(pve) = FakePve::start(&json!({
         "tokens": {TOKEN: SECRET},
@@ -331,11 +333,13 @@ fn config_check_and_doctor_say_what_a_pve_vm_on_the_igpu_lacks_and_that_macos_ha
 /// 14).
 #[test]
 fn on_the_node_status_says_free_on_vfio_pci_between_vms_and_names_the_vm_that_has_it() {
-    use handoff_test_support::simgpu;
-    let _serial = simgpu::serial();
-    let Some(sim) = simgpu::workstation() else { return };
+    use handoff_test_support::fuse_gpu;
+    let _serial = fuse_gpu::serial();
+    let Some(sim) = fuse_gpu::workstation() else {
+        return;
+    };
     let host = sim.host();
-    let gpu = simgpu::addr(simgpu::GPU);
+    let gpu = fuse_gpu::addr(fuse_gpu::GPU);
     // As at boot with `vfio-pci.ids=…`: on vfio-pci, no restore record.
     handoff::bind::hand_to_vfio(&host, gpu, None, std::time::Duration::from_secs(2), &mut |_| {})
         .expect("binding the simulated card to vfio-pci");

@@ -14,7 +14,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use handoff::sim::SimHost;
+use handoff::simulated_tree::SimHost;
 
 use crate::process::Group;
 use crate::tools::have_all;

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use handoff::Host;
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 
 /// A config's `[host]` section for `host` (a simulated machine's roots).
 ///

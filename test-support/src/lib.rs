@@ -5,7 +5,7 @@
 //! notification helpers ([`block`]), the details window's accessibility bus ([`a11y`]), a
 //! private system bus with polkitd ([`system_bus`]), a systemd user manager
 //! ([`systemd_user`]), the real system libvirtd ([`libvirt`]) and the end-to-end scene
-//! around it ([`stage`]), the simulated GPU behind FUSE ([`simgpu`]), processes that hold a
+//! around it ([`stage`]), the simulated GPU behind FUSE ([`fuse_gpu`]), processes that hold a
 //! node under a chosen name ([`named_holder`]) or open and close one on command
 //! ([`opener`]), headless sway as another user ([`sway`]), screenshots and their colours
 //! ([`screenshot`]), system directories moved aside ([`backup`]), the workspace's other
@@ -19,7 +19,7 @@
 //! outside the test's temp dir is touched, except the shared system libvirtd, its hook dir
 //! and `/etc/handoff`, which [`stage`] and [`backup`] restore under [`libvirt`]'s lock.
 //!
-//! Features: `sim` (the kernel simulator: [`simgpu`], [`stage`]) and `dbus` (zbus: [`tray`],
+//! Features: `sim` (the kernel simulator: [`fuse_gpu`], [`stage`]) and `dbus` (zbus: [`tray`],
 //! [`a11y`]). Neither turns on the library's `libvirt`: libvirt is driven through `virsh`.
 #![warn(missing_docs)]
 
@@ -31,14 +31,14 @@ pub mod block;
 pub mod config;
 pub mod desktop;
 pub mod fakepve;
+#[cfg(feature = "sim")]
+pub mod fuse_gpu;
 pub mod hook_run;
 pub mod libvirt;
 pub mod named_holder;
 pub mod opener;
 pub mod process;
 pub mod screenshot;
-#[cfg(feature = "sim")]
-pub mod simgpu;
 pub mod source;
 #[cfg(feature = "sim")]
 pub mod stage;

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use handoff::Host;
-use handoff::sim::{RTX_3090_TI, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimSpec};
 use handoff_kernelsim::Kernel;
 use handoff_kernelsim::fuse::SimMount;
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use handoff::gpu::Owner;
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
+use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::status::VmState;
 use handoff_libvirt::libvirt::Prober;
 use ksni::Tray;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use handoff::Host;
 use handoff::pci::PciAddress;
-use handoff::sim::SimSpec;
+use handoff::simulated_tree::SimSpec;
 use handoff_kernelsim::fuse::SimMount;
 use handoff_kernelsim::{Errno, Kernel, Release};
 
