@@ -355,6 +355,11 @@ pub struct LgArgs {
 pub struct StartArgs {
     /// The [[vm]] name or label (default: the first).
     pub vm: Option<String>,
+    /// Instead of naming a VM: start the first [[vm]] whose definition passes this GPU
+    /// through (its address or label; a VM passing none of the [[gpu]]s takes the primary).
+    /// The bar block's right click on a GPU runs this.
+    #[arg(long, value_name = "GPU", conflicts_with = "vm")]
+    pub gpu: Option<String>,
     /// First end what holds the GPU: your processes (SIGTERM, then wait), their systemd
     /// units (systemctl [--user] stop), their containers (docker/podman stop). Lists
     /// them and asks on a terminal; never another user's process unless run as root.
