@@ -508,7 +508,10 @@ fn start_by_gpu_starts_the_first_vm_whose_definition_passes_it_through() {
     let with = |names: &[&str]| {
         fs::write(
             m.config(),
-            base.replace("[[vm]]\nname = \"test\"\nuri = \"test:///default\"\n\n", &vms(names)),
+            base.replace(
+                "[[vm]]\nname = \"test\"\nuri = \"test:///default\"\n\n",
+                &vms(names),
+            ),
         )
         .unwrap()
     };
@@ -521,11 +524,7 @@ fn start_by_gpu_starts_the_first_vm_whose_definition_passes_it_through() {
     }
     let r = m.run(&["start", "--gpu", "Radeon"]);
     assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
-    assert!(
-        r.stderr.contains("no [[gpu]] is \"Radeon\""),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("no [[gpu]] is \"Radeon\""), "{}", r.stderr);
     let r = m.run(&["start", "win11", "--gpu", "RTX"]);
     assert_eq!(r.code, 2, "a VM or a GPU, not both: {}", r.stderr);
 

@@ -413,7 +413,10 @@ fn setup_on_terminal(m: &Machine, args: &[&str], answers: &str) -> (Option<i32>,
         .unwrap();
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), answers.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 /// The workstation where a `macos` domain passes the iGPU through, the GPU that drives
@@ -442,7 +445,10 @@ fn the_display_gpu_is_handed_only_when_the_person_says_yes_on_the_terminal() {
         );
         assert_eq!(code, Some(0), "answer {answer}:\n{said}");
         for part in QUESTION {
-            assert!(said.contains(part), "answer {answer}: no question {part:?}:\n{said}");
+            assert!(
+                said.contains(part),
+                "answer {answer}: no question {part:?}:\n{said}"
+            );
         }
         // Asked first: the plan shown before "Go ahead?" is the one the answer made.
         let go = said.find("Go ahead? [y/N]").unwrap_or_else(|| panic!("{said}"));
@@ -492,13 +498,25 @@ fn under_sudo_the_session_pieces_land_in_the_invokers_home_owned_by_them() {
         .map(|l| {
             let f: Vec<&str> = l.split(':').collect();
             if f.first() == Some(&"nobody") && f.len() == 7 {
-                format!("{}:{}:{}:{}:{}:{}:{}\n", f[0], f[1], f[2], f[3], f[4], theirs.display(), f[6])
+                format!(
+                    "{}:{}:{}:{}:{}:{}:{}\n",
+                    f[0],
+                    f[1],
+                    f[2],
+                    f[3],
+                    f[4],
+                    theirs.display(),
+                    f[6]
+                )
             } else {
                 format!("{l}\n")
             }
         })
         .collect();
-    assert!(passwd.contains(&format!(":{}:", theirs.display())), "no nobody in /etc/passwd");
+    assert!(
+        passwd.contains(&format!(":{}:", theirs.display())),
+        "no nobody in /etc/passwd"
+    );
     let passwd_copy = m.tmp.path().join("passwd");
     fs::write(&passwd_copy, passwd).unwrap();
     fs::set_permissions(&passwd_copy, fs::Permissions::from_mode(0o644)).unwrap();
@@ -531,11 +549,18 @@ fn under_sudo_the_session_pieces_land_in_the_invokers_home_owned_by_them() {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     };
     assert_eq!(r.code, 0, "{r:?}");
-    assert!(r.stdout.contains("`handoff install-services` for nobody"), "{r:?}");
+    assert!(
+        r.stdout.contains("`handoff install-services` for nobody"),
+        "{r:?}"
+    );
     assert!(!r.stderr.contains("install-services for nobody failed"), "{r:?}");
     let unit = theirs.join(".config/systemd/user/handoff-tray.service");
     let meta = fs::metadata(&unit).unwrap_or_else(|e| panic!("{}: {e}\n{r:?}", unit.display()));
-    assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "the unit is nobody's own");
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (65534, 65534),
+        "the unit is nobody's own"
+    );
     assert!(
         fs::read_to_string(&unit).unwrap().contains("handoff-tray"),
         "{}",
@@ -549,7 +574,11 @@ fn under_sudo_the_session_pieces_land_in_the_invokers_home_owned_by_them() {
         "root's HOME got session pieces: {r:?}"
     );
     // The real /etc/passwd was never changed: the copy was only mounted in setup's namespace.
-    assert!(!fs::read_to_string("/etc/passwd").unwrap().contains(&theirs.display().to_string()));
+    assert!(
+        !fs::read_to_string("/etc/passwd")
+            .unwrap()
+            .contains(&theirs.display().to_string())
+    );
 }
 
 #[test]

@@ -175,7 +175,11 @@ impl Snapshot {
             .chain(self.others.iter().map(|o| o.address))
             .filter(|g| passed.iter().any(|p| p.same_slot(g)))
             .collect();
-        Some(if taken.is_empty() { vec![self.address] } else { taken })
+        Some(if taken.is_empty() {
+            vec![self.address]
+        } else {
+            taken
+        })
     }
 
     /// Starting `vm` means switching: another VM runs on a GPU it takes. A VM whose
@@ -184,12 +188,12 @@ impl Snapshot {
     /// VMs that share one (`handoff_libvirt::vm::Ctl::switch`).
     pub fn takes_over(&self, vm: &VmStatus) -> bool {
         let mine = self.gpus_of(vm);
-        self.active_vms().filter(|o| o.name != vm.name || o.uri != vm.uri).any(|o| {
-            match (&mine, self.gpus_of(o)) {
+        self.active_vms()
+            .filter(|o| o.name != vm.name || o.uri != vm.uri)
+            .any(|o| match (&mine, self.gpus_of(o)) {
                 (Some(mine), Some(theirs)) => mine.iter().any(|g| theirs.contains(g)),
                 _ => true,
-            }
-        })
+            })
     }
 
     fn facts<'a>(&'a self, action: Option<&'a str>) -> Facts<'a> {

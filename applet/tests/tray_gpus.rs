@@ -178,11 +178,13 @@ fn switch_is_offered_only_for_a_vm_that_wants_the_gpu_a_running_vm_has() {
     std::fs::write(&node, TWO_GPU_NODE).unwrap();
     let text = std::fs::read_to_string(&scene.config).unwrap();
     assert!(text.contains("\"test:///default\""), "{text}");
-    let text = text.replace("\"test:///default\"", &format!("{:?}", format!("test://{}", node.display())))
-        + &format!(
-            "\n[[vm]]\nname = \"hackintosh\"\nlabel = \"macOS 14\"\nuri = {:?}\n",
-            format!("test://{}", node.display())
-        );
+    let text = text.replace(
+        "\"test:///default\"",
+        &format!("{:?}", format!("test://{}", node.display())),
+    ) + &format!(
+        "\n[[vm]]\nname = \"hackintosh\"\nlabel = \"macOS 14\"\nuri = {:?}\n",
+        format!("test://{}", node.display())
+    );
     std::fs::write(&scene.config, text).unwrap();
 
     let mut c = Command::new(TRAY);
@@ -207,7 +209,9 @@ fn switch_is_offered_only_for_a_vm_that_wants_the_gpu_a_running_vm_has() {
         assert!(e.enabled, "{want:?} is disabled: {menu:#?}");
     }
     assert!(
-        !menu.iter().any(|l| l == "Switch to Windows" || l == "Start macOS 14"),
+        !menu
+            .iter()
+            .any(|l| l == "Switch to Windows" || l == "Start macOS 14"),
         "{menu:#?}"
     );
 }

@@ -118,11 +118,7 @@ fn right_when_off(cfg: &Config, v: &View) -> Action {
             v.detail.clone(),
             Urgency::Normal,
         ),
-        _ => Action::Notify(
-            not_started,
-            v.detail.clone(),
-            Urgency::Critical,
-        ),
+        _ => Action::Notify(not_started, v.detail.clone(), Urgency::Critical),
     }
 }
 
@@ -255,11 +251,7 @@ pub fn run_job(cfg: &Config, args: &[String]) -> io::Result<()> {
                         Urgency::Normal,
                     )
                 }
-                Err(why) => notify(
-                    &format!("No VM started on {shown}"),
-                    &why,
-                    Urgency::Critical,
-                ),
+                Err(why) => notify(&format!("No VM started on {shown}"), &why, Urgency::Critical),
             }
         }
         [kind, vm] if kind == "ask-stop" => {

@@ -160,7 +160,9 @@ pub fn serve(
                             let mut defs = definitions.lock().unwrap_or_else(|e| e.into_inner());
                             s.passthrough = defs.passthrough(vm, || {
                                 hv.describe(&handoff::hypervisor::VmRef::from(vm))
-                                    .map_err(|e| tracing::info!("cannot read the definition of {}: {e}", vm.name))
+                                    .map_err(|e| {
+                                        tracing::info!("cannot read the definition of {}: {e}", vm.name)
+                                    })
                                     .ok()
                                     .map(|d| d.passthrough)
                             });

@@ -11,10 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use handoff::gpu::Owner;
-use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::PciAddress;
 use handoff::config::VmConfig;
+use handoff::gpu::Owner;
+use handoff::sim::{RTX_3090_TI, SimHost, SimSpec};
 use handoff::status::{VmState, VmStatus};
 use handoff::verdict::HookFiles;
 use handoff_libvirt::libvirt::Prober;
@@ -25,8 +25,8 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use super::HandoffTray;
 use crate::Msg;
 use crate::model::tests::{
-    LIN, ME, SOMEONE_ELSE, WIN, addr, holder, in_windows, machine, on_host, vm, with_holders,
-    with_hook, with_record,
+    LIN, ME, SOMEONE_ELSE, WIN, addr, holder, in_windows, machine, on_host, vm, with_holders, with_hook,
+    with_record,
 };
 use crate::model::{Action, ORPHAN_GRACE, OtherGpu, Snapshot, UnitScope};
 
@@ -274,7 +274,10 @@ fn with_two_gpus_only_a_vm_sharing_a_gpu_with_a_running_one_is_switched_to() {
         let mut s = machine(
             Owner::Vfio,
             vec![
-                with(vm(WIN, VmState::Running), Some(vec![addr(), addr().with_function(1)])),
+                with(
+                    vm(WIN, VmState::Running),
+                    Some(vec![addr(), addr().with_function(1)]),
+                ),
                 with(vm(LIN, VmState::Shutoff), debian_passes),
                 // The RTX's audio function alone still takes the RTX.
                 with(ai.clone(), Some(vec![addr().with_function(1)])),
@@ -296,7 +299,12 @@ fn with_two_gpus_only_a_vm_sharing_a_gpu_with_a_running_one_is_switched_to() {
     let (mut t, mut rx) = tray(two_gpus(Some(vec![igpu])));
     assert_eq!(
         top(&t)[2..6],
-        ["Stop Windows", "Force stop Windows…", "Start Debian", "Switch to Linux AI"],
+        [
+            "Stop Windows",
+            "Force stop Windows…",
+            "Start Debian",
+            "Switch to Linux AI"
+        ],
         "{:#?}",
         top(&t)
     );
