@@ -37,6 +37,9 @@ packages=(
   pci.ids
   # validating what install-services writes (systemd-analyze, desktop-file-validate)
   systemd desktop-file-utils
+  # tests/setup.rs: script(1) gives setup a terminal; unshare, mount and runuser run it as
+  # under sudo (essential on Debian: listed for slimmed images)
+  bsdutils util-linux mount
   # the Proxmox backend's tests run fakepve (PyPI, below) with Python's pip
   python3 python3-pip
   # packaging: make install, rendering the generated man pages, the .deb ($auto depends

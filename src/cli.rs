@@ -355,6 +355,11 @@ pub struct LgArgs {
 pub struct StartArgs {
     /// The [[vm]] name or label (default: the first).
     pub vm: Option<String>,
+    /// Instead of naming a VM: start the first [[vm]] whose definition passes this GPU
+    /// through (its address or label; a VM passing none of the [[gpu]]s takes the primary).
+    /// The bar block's right click on a GPU runs this.
+    #[arg(long, value_name = "GPU", conflicts_with = "vm")]
+    pub gpu: Option<String>,
     /// First end what holds the GPU: your processes (SIGTERM, then wait), their systemd
     /// units (systemctl [--user] stop), their containers (docker/podman stop). Lists
     /// them and asks on a terminal; never another user's process unless run as root.
@@ -994,7 +999,7 @@ pub fn setup(
     if args.no_services {
         say("install-services: skipped (--no-services)");
     } else {
-        install_services_for_invoker(&cfg, &handoff, &say)?;
+        install_services_for_invoker(&cfg, &path, &handoff, &say)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1055,9 +1060,12 @@ fn invoker() -> Option<(String, PathBuf)> {
 }
 
 /// `install-services` for whoever ran setup: as that user (through `runuser`) when setup
-/// runs under sudo, so their files are theirs; else for this process's own user.
+/// runs under sudo, so their files are theirs; else for this process's own user. Either
+/// way for the config setup just wrote (`path`, readable by all), not whichever file that
+/// user's own search would find first.
 fn install_services_for_invoker(
     cfg: &Config,
+    path: &std::path::Path,
     handoff: &std::path::Path,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<()> {
@@ -1067,6 +1075,8 @@ fn install_services_for_invoker(
         let status = std::process::Command::new("runuser")
             .args(["-u", &name, "--"])
             .arg(handoff)
+            .arg("--config")
+            .arg(path)
             .arg("install-services")
             .env_remove("XDG_CONFIG_HOME")
             .env_remove("XDG_DATA_HOME")

@@ -468,3 +468,59 @@ fn doctor_says_to_restore_a_stuck_second_gpu_with_its_address() {
         "{restore:?}"
     );
 }
+
+/// `handoff start --gpu GPU` (what the bar block's right click runs) starts the first
+/// `[[vm]]` whose definition passes that GPU through, read from libvirt (the test driver's
+/// `three-vms-two-gpus-node.xml`: `win11` and `ai` the RTX, `macos` the iGPU, all off),
+/// and says so when no VM takes it or no GPU is called that.
+#[test]
+fn start_by_gpu_starts_the_first_vm_whose_definition_passes_it_through() {
+    let m = machine();
+    let node = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/libvirt/three-vms-two-gpus-node.xml"
+    );
+    let vms = |names: &[&str]| -> String {
+        names
+            .iter()
+            .map(|n| format!("[[vm]]\nname = \"{n}\"\nuri = \"test://{node}\"\n\n"))
+            .collect()
+    };
+    let base = fs::read_to_string(m.config())
+        .unwrap()
+        .replace("label = \"iGPU\"\n", "label = \"iGPU\"\nallow_display = true\n");
+    let with = |names: &[&str]| {
+        fs::write(
+            m.config(),
+            base.replace(
+                "[[vm]]\nname = \"test\"\nuri = \"test:///default\"\n\n",
+                &vms(names),
+            ),
+        )
+        .unwrap()
+    };
+    with(&["win11", "ai", "macos"]);
+    for (gpu, vm) in [("iGPU", "macos"), (IGPU, "macos"), ("RTX", "win11")] {
+        let r = m.run(&["start", "--gpu", gpu, "--json", "-q"]);
+        assert_eq!(r.code, 0, "{gpu}: {}{}", r.stdout, r.stderr);
+        let j: Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(j["vm"], vm, "{gpu}: {j}");
+    }
+    let r = m.run(&["start", "--gpu", "Radeon"]);
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("no [[gpu]] is \"Radeon\""), "{}", r.stderr);
+    let r = m.run(&["start", "win11", "--gpu", "RTX"]);
+    assert_eq!(r.code, 2, "a VM or a GPU, not both: {}", r.stderr);
+
+    // Only VMs on the RTX: nothing takes the iGPU, and it says how to fix that.
+    with(&["win11", "ai"]);
+    let r = m.run(&["start", "--gpu", "iGPU"]);
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr
+            .contains("no [[vm]] takes GPU iGPU (0000:00:02.0): none of their definitions passes it through"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("Starting"), "{}", r.stderr);
+}

@@ -366,6 +366,194 @@ fn a_new_vm_is_shown_and_asked_for_and_hand_edits_stay() {
     );
 }
 
+/// `handoff setup ARGS` on a terminal (script(1) gives it one, as a person at a shell
+/// would have), with `answers` typed in; its exit code and everything it printed.
+fn setup_on_terminal(m: &Machine, args: &[&str], answers: &str) -> (Option<i32>, String) {
+    let host = m.sim.host();
+    let cmd = format!(
+        "{} setup {} --system-config {} --sysfs {} --dev {} --run {}",
+        handoff(),
+        args.join(" "),
+        m.config().display(),
+        host.sysfs.display(),
+        host.dev.display(),
+        host.run.display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env_remove("SUDO_USER")
+        .env_remove("HANDOFF_CONFIG")
+        .env("HOME", m.home())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), answers.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The workstation where a `macos` domain passes the iGPU through, the GPU that drives
+/// the display: on a terminal setup asks before handing it. "y" writes its `[[gpu]]` with
+/// `allow_display = true`; "n" leaves it out, saying why, and hands only the RTX.
+#[test]
+fn the_display_gpu_is_handed_only_when_the_person_says_yes_on_the_terminal() {
+    if !root() || !tools::have_all(&["script"]) {
+        return;
+    }
+    const QUESTION: [&str; 2] = [
+        "0000:00:02.0 drives this host's display (the firmware booted on it (boot_vga = 1)",
+        "and libvirt domain macos want(s) it. Hand it to VMs anyway (the host loses its console \
+         and local desktop while one runs)? [y/N]",
+    ];
+    for (answer, handed) in [("y", true), ("n", false)] {
+        let m = Machine::new(&SimSpec::workstation());
+        let igpu = "<hostdev mode='subsystem' type='pci' managed='no'><source>\
+                    <address domain='0x0000' bus='0x00' slot='0x02' function='0x0'/></source></hostdev>";
+        let uri = test_node(&m, &[("win11", hostdevs(1, 4)), ("macos", igpu.to_owned())]);
+        // The display question, then "Go ahead?": yes to that either way.
+        let (code, said) = setup_on_terminal(
+            &m,
+            &["--no-hooks", "--no-services", "--uri", &uri],
+            &format!("{answer}\ny\n"),
+        );
+        assert_eq!(code, Some(0), "answer {answer}:\n{said}");
+        for part in QUESTION {
+            assert!(
+                said.contains(part),
+                "answer {answer}: no question {part:?}:\n{said}"
+            );
+        }
+        // Asked first: the plan shown before "Go ahead?" is the one the answer made.
+        let go = said.find("Go ahead? [y/N]").unwrap_or_else(|| panic!("{said}"));
+        assert!(said.find(QUESTION[1]).unwrap() < go, "{said}");
+        let text = m.written();
+        let cfg = handoff::Config::load_system(&m.config()).unwrap().0;
+        let igpu_gpu = cfg.gpu.iter().find(|g| g.address.to_string() == "0000:00:02.0");
+        assert!(
+            cfg.gpu.iter().any(|g| g.address.to_string() == "0000:01:00.0"),
+            "the RTX is handed whatever the answer:\n{text}"
+        );
+        if handed {
+            let g = igpu_gpu.unwrap_or_else(|| panic!("answered y, yet no iGPU [[gpu]]:\n{text}"));
+            assert!(g.allow_display, "{text}");
+            assert!(text.contains("you chose to hand it anyway"), "{text}");
+            assert!(cfg.vms.iter().any(|v| v.name == "macos"), "{text}");
+        } else {
+            assert!(igpu_gpu.is_none(), "answered n, yet the iGPU is handed:\n{text}");
+            assert!(text.contains("# Not handed: "), "{text}");
+        }
+        let check = m.run(&["config", "check", m.config().to_str().unwrap()]);
+        assert_eq!(check.code, 0, "{check:?}");
+    }
+}
+
+/// `sudo handoff setup` installs the session pieces for the person who ran sudo
+/// (`SUDO_USER`), as that person (`runuser`), in their home, for the config setup wrote.
+/// The person is `nobody`, whose home is pointed at a temp dir for this run only: setup
+/// runs in a mount namespace of its own where `/etc/passwd` is a copy saying so (nothing
+/// outside the temp dir changes, and no real user's files are touched).
+#[test]
+fn under_sudo_the_session_pieces_land_in_the_invokers_home_owned_by_them() {
+    use std::os::unix::fs::MetadataExt;
+    if !root() || !tools::have_all(&["unshare", "runuser", "mount"]) {
+        return;
+    }
+    let m = Machine::new(&SimSpec::workstation());
+    let uri = test_node(&m, &[("win11", hostdevs(1, 4))]);
+    // nobody must reach its home, the config setup writes and the test-driver file.
+    fs::set_permissions(m.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let theirs = m.tmp.path().join("nobody-home");
+    fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let passwd: String = fs::read_to_string("/etc/passwd")
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.first() == Some(&"nobody") && f.len() == 7 {
+                format!(
+                    "{}:{}:{}:{}:{}:{}:{}\n",
+                    f[0],
+                    f[1],
+                    f[2],
+                    f[3],
+                    f[4],
+                    theirs.display(),
+                    f[6]
+                )
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    assert!(
+        passwd.contains(&format!(":{}:", theirs.display())),
+        "no nobody in /etc/passwd"
+    );
+    let passwd_copy = m.tmp.path().join("passwd");
+    fs::write(&passwd_copy, passwd).unwrap();
+    fs::set_permissions(&passwd_copy, fs::Permissions::from_mode(0o644)).unwrap();
+
+    let host = m.sim.host();
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount --bind \"$0\" /etc/passwd && exec \"$@\"")
+        .arg(&passwd_copy)
+        .arg(handoff())
+        .args(["setup", "--yes", "--no-hooks", "--uri", &uri, "--system-config"])
+        .arg(m.config())
+        .arg("--sysfs")
+        .arg(&host.sysfs)
+        .arg("--dev")
+        .arg(&host.dev)
+        .arg("--run")
+        .arg(&host.run)
+        .env_remove("HANDOFF_CONFIG")
+        .env("SUDO_USER", "nobody")
+        // root's own HOME: nothing may land here.
+        .env("HOME", m.home())
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_DATA_HOME")
+        .output()
+        .unwrap();
+    let r = Run::from_output(out, None);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains("`handoff install-services` for nobody"),
+        "{r:?}"
+    );
+    assert!(!r.stderr.contains("install-services for nobody failed"), "{r:?}");
+    let unit = theirs.join(".config/systemd/user/handoff-tray.service");
+    let meta = fs::metadata(&unit).unwrap_or_else(|e| panic!("{}: {e}\n{r:?}", unit.display()));
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (65534, 65534),
+        "the unit is nobody's own"
+    );
+    assert!(
+        fs::read_to_string(&unit).unwrap().contains("handoff-tray"),
+        "{}",
+        unit.display()
+    );
+    let desktop = theirs.join(".local/share/applications");
+    assert!(desktop.is_dir(), "no .desktop files in nobody's home: {r:?}");
+    assert_eq!(fs::metadata(&desktop).unwrap().uid(), 65534);
+    assert!(
+        !m.home().join(".config").exists() && !m.home().join(".local").exists(),
+        "root's HOME got session pieces: {r:?}"
+    );
+    // The real /etc/passwd was never changed: the copy was only mounted in setup's namespace.
+    assert!(
+        !fs::read_to_string("/etc/passwd")
+            .unwrap()
+            .contains(&theirs.display().to_string())
+    );
+}
+
 #[test]
 fn a_gpu_no_vm_passes_through_stops_it_with_the_lines_to_add() {
     if !root() {

@@ -230,7 +230,6 @@ impl ksni::Tray for HandoffTray {
         let mut m = vec![Self::disabled(self.title()), MenuItem::Separator];
 
         let holder = snap.vm_with_gpu().map(|v| v.name.clone());
-        let any_active = snap.active_vms().next().is_some();
         // A VM libvirt could not be asked about, or does not know, can be neither started
         // nor switched to: the click could only fail.
         let startable = |s: VmState| !matches!(s, VmState::Unknown | VmState::Undefined);
@@ -247,8 +246,9 @@ impl ksni::Tray for HandoffTray {
                     format!("Really force {who} off? (unsaved work in it is lost)"),
                     Action::ForceStop { vm: v.name.clone() },
                 ));
-            } else if any_active {
-                // Another VM holds the (shared) GPU: starting means switching.
+            } else if snap.takes_over(v) {
+                // Another VM runs on a GPU this one takes: starting means switching. A
+                // VM on another GPU does not stand in its way (issue 15).
                 m.push(self.item(
                     format!("Switch to {}", v.label),
                     startable(v.state),

@@ -3,7 +3,7 @@
 //! | button | the VM runs (hook state `vfio`) | otherwise |
 //! |---|---|---|
 //! | left | `handoff lg` (Looking Glass on its workspace) | a notification: the status and who uses the GPU |
-//! | right | a notification "Stop Windows?" whose *Stop* action runs `handoff stop` (graceful) | `handoff start` of the first `[[vm]]`; refused at once, with the holders, when anything holds the GPU |
+//! | right | a notification "Stop Windows?" whose *Stop* action runs `handoff stop` (graceful) | `handoff start` of the first `[[vm]]` (with several `[[gpu]]`s, `handoff start --gpu` the block's GPU: the first VM whose definition passes it through); refused at once, with the holders, when anything holds the GPU |
 //! | middle | `[block] middle_click` (argv), when set | the same |
 //!
 //! **Detached.** Anything that can take longer than printing a line runs in a new
@@ -96,24 +96,37 @@ fn right_when_off(cfg: &Config, v: &View) -> Action {
             Urgency::Normal,
         );
     };
-    let label = handoff::escape::plain(first.label());
+    // With several GPUs the block shows one (the config is focused on it: its primary),
+    // and the VM to start is one that takes it. Which one is in the VMs' definitions,
+    // which only the CLI reads (the block links no libvirt): `handoff start --gpu`.
+    let several = cfg.gpu.len() > 1;
+    let not_started = if several {
+        format!("No VM started on {}", gpu_name(cfg))
+    } else {
+        format!("{} not started", handoff::escape::plain(first.label()))
+    };
     match v.verdict.state {
+        State::Idle if several => Action::Job(vec!["start-gpu".into(), cfg.gpu.address.to_string()]),
         State::Idle => Action::Job(vec!["start".into(), first.name.clone()]),
         State::Busy => Action::Notify(
-            format!("{label} not started: the GPU is in use"),
+            format!("{not_started}: the GPU is in use"),
             format!("Stop these first, then click again:\n{}", v.holders.join("\n")),
             Urgency::Critical,
         ),
         State::Switching => Action::Notify(
-            format!("{label} not started: the GPU is switching"),
+            format!("{not_started}: the GPU is switching"),
             v.detail.clone(),
             Urgency::Normal,
         ),
-        _ => Action::Notify(
-            format!("{label} not started"),
-            v.detail.clone(),
-            Urgency::Critical,
-        ),
+        _ => Action::Notify(not_started, v.detail.clone(), Urgency::Critical),
+    }
+}
+
+/// The block's GPU as a person names it: its label, else its address.
+fn gpu_name(cfg: &Config) -> String {
+    match &cfg.gpu.label {
+        Some(l) => handoff::escape::plain(l),
+        None => cfg.gpu.address.to_string(),
     }
 }
 
@@ -210,6 +223,35 @@ pub fn run_job(cfg: &Config, args: &[String]) -> io::Result<()> {
                     Urgency::Normal,
                 ),
                 Err(why) => notify(&format!("{l} did not start"), &why, Urgency::Critical),
+            }
+        }
+        [kind, gpu] if kind == "start-gpu" => {
+            // The CLI picks the VM (it reads the definitions) and says which in its JSON.
+            let out = run(&[
+                handoff_bin(),
+                "start".into(),
+                "--gpu".into(),
+                gpu.into(),
+                "--json".into(),
+                "-q".into(),
+            ]);
+            crate::watch::refresh_streaming_blocks(&cfg.host.procfs);
+            let shown = cfg
+                .focused_on(gpu)
+                .map_or_else(|| handoff::escape::plain(gpu), |c| gpu_name(&c));
+            match out? {
+                Ok(json) => {
+                    let l = serde_json::from_str::<serde_json::Value>(&json)
+                        .ok()
+                        .and_then(|j| j["label"].as_str().map(handoff::escape::plain))
+                        .unwrap_or_else(|| "The VM".into());
+                    notify(
+                        &format!("{l} started"),
+                        &format!("{shown} is in {l}."),
+                        Urgency::Normal,
+                    )
+                }
+                Err(why) => notify(&format!("No VM started on {shown}"), &why, Urgency::Critical),
             }
         }
         [kind, vm] if kind == "ask-stop" => {

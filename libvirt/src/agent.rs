@@ -2,6 +2,7 @@
 //! side, live there, in the core): answers a surface's requests with libvirt, in a process
 //! of its own so that the surface links no libvirt.
 
+use std::collections::HashMap;
 use std::io::{self, BufRead, Write};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, mpsc};
@@ -9,8 +10,50 @@ use std::thread;
 
 use handoff::agent::{Done, Failure, FailureKind, In, Out, Reply, Request};
 use handoff::config::Config;
-use handoff::live::{Change, Sink};
+use handoff::live::{Change, DomainEvent, Sink};
+use handoff::pci::PciAddress;
 use handoff::status::{VmState, VmStatus};
+
+/// What each VM's definition passes through, as the hypervisor's `describe` said it: asked
+/// once per definition, not on every probe (a surface probes on every change it hears),
+/// and forgotten when libvirt says the domain was defined again or undefined, or the
+/// connection to it was lost or came back. A PVE VM has no definition events: its
+/// `hostpciN` is read again when its connection drops or the surface restarts.
+#[derive(Debug, Default)]
+struct Definitions(HashMap<(String, String), Vec<PciAddress>>);
+
+impl Definitions {
+    /// Forgets what `change` may have made stale.
+    fn heard(&mut self, change: &Change) {
+        match change {
+            Change::Domain {
+                uri,
+                name,
+                event: DomainEvent::Defined | DomainEvent::Undefined,
+            } => {
+                self.0.remove(&(uri.clone(), name.clone()));
+            }
+            Change::SourceLost { .. } | Change::SourceBack { .. } => self.0.clear(),
+            _ => {}
+        }
+    }
+
+    /// `vm`'s passed-through devices: remembered, else `describe`d (None when its
+    /// definition cannot be read now; asked again next time).
+    fn passthrough(
+        &mut self,
+        vm: &handoff::config::VmConfig,
+        describe: impl FnOnce() -> Option<Vec<PciAddress>>,
+    ) -> Option<Vec<PciAddress>> {
+        let key = (vm.uri.clone(), vm.name.clone());
+        if let Some(p) = self.0.get(&key) {
+            return Some(p.clone());
+        }
+        let p = describe()?;
+        self.0.insert(key, p.clone());
+        Some(p)
+    }
+}
 
 /// The PVE VMs' states, polled, as the libvirt source's changes.
 fn pve_poll(cfg: &Config, sink: Sink) -> Option<handoff::hypervisor::Subscription> {
@@ -63,12 +106,14 @@ pub fn serve(
     let out = Arc::new(Mutex::new(output));
     // A lost or regained libvirt connection makes the next probe connect anew.
     let reconnect = Arc::new(AtomicBool::new(false));
+    let definitions = Arc::new(Mutex::new(Definitions::default()));
     let sink: Sink = {
-        let (out, reconnect) = (out.clone(), reconnect.clone());
+        let (out, reconnect, definitions) = (out.clone(), reconnect.clone(), definitions.clone());
         Arc::new(move |c: Change| {
             if matches!(c, Change::SourceLost { .. } | Change::SourceBack { .. }) {
                 reconnect.store(true, Ordering::Relaxed);
             }
+            definitions.lock().unwrap_or_else(|e| e.into_inner()).heard(&c);
             send(&out, &Out::Change(c))
         })
     };
@@ -94,6 +139,7 @@ pub fn serve(
     let (probe_tx, probe_rx) = mpsc::channel::<u64>();
     let prober = {
         let (cfg, out) = (cfg.clone(), out.clone());
+        let definitions = definitions.clone();
         thread::Builder::new()
             .name("handoff-agent-probe".into())
             .spawn(move || {
@@ -105,7 +151,24 @@ pub fn serve(
                     if reconnect.swap(false, Ordering::Relaxed) || unknown_seen {
                         hv = crate::open(&cfg);
                     }
-                    let probes: Vec<VmStatus> = cfg.vms.iter().map(|vm| vm_status(&mut *hv, vm)).collect();
+                    let mut probes: Vec<VmStatus> = Vec::with_capacity(cfg.vms.len());
+                    for vm in &cfg.vms {
+                        let mut s = vm_status(&mut *hv, vm);
+                        // With several GPUs the surface needs which GPUs each VM takes (the
+                        // tray's "Switch to" only for a VM sharing a GPU with a running one).
+                        if cfg.gpu.len() > 1 && !matches!(s.state, VmState::Unknown | VmState::Undefined) {
+                            let mut defs = definitions.lock().unwrap_or_else(|e| e.into_inner());
+                            s.passthrough = defs.passthrough(vm, || {
+                                hv.describe(&handoff::hypervisor::VmRef::from(vm))
+                                    .map_err(|e| {
+                                        tracing::info!("cannot read the definition of {}: {e}", vm.name)
+                                    })
+                                    .ok()
+                                    .map(|d| d.passthrough)
+                            });
+                        }
+                        probes.push(s);
+                    }
                     unknown_seen = probes.iter().any(|p| p.state == VmState::Unknown);
                     for id in ids {
                         send(
@@ -274,5 +337,64 @@ fn act(cfg: &Config, request: &Request) -> Reply {
         }
         Some(Err(e)) => fail(&e),
         None => unreachable!("a request's action is a VM's"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition is described once, then remembered across probes until libvirt says
+    /// it was defined again (or undefined, or the connection dropped).
+    #[test]
+    fn a_definition_is_described_once_per_change() {
+        let cfg = Config::parse(
+            "[gpu]\naddress = \"0000:01:00.0\"\n\n[[vm]]\nname = \"win11\"\nuri = \"test:///default\"\n\n\
+             [[vm]]\nname = \"macos\"\nuri = \"test:///default\"\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let (win, mac) = (&cfg.vms[0], &cfg.vms[1]);
+        let rtx: PciAddress = "0000:01:00.0".parse().unwrap();
+        let igpu: PciAddress = "0000:00:02.0".parse().unwrap();
+        let mut defs = Definitions::default();
+        let mut asked = 0;
+        let mut ask = |d: &mut Definitions, vm, got: PciAddress| {
+            d.passthrough(vm, || {
+                asked += 1;
+                Some(vec![got])
+            })
+        };
+        assert_eq!(ask(&mut defs, win, rtx), Some(vec![rtx]));
+        assert_eq!(ask(&mut defs, win, igpu), Some(vec![rtx]), "remembered");
+        assert_eq!(ask(&mut defs, mac, igpu), Some(vec![igpu]));
+        let domain = |name: &str, event| Change::Domain {
+            uri: "test:///default".into(),
+            name: name.into(),
+            event,
+        };
+        // A start or stop changes no definition.
+        defs.heard(&domain("win11", DomainEvent::Started));
+        defs.heard(&domain("win11", DomainEvent::Stopped));
+        assert_eq!(ask(&mut defs, win, igpu), Some(vec![rtx]));
+        // `virsh define` again: read anew, the other VM's kept.
+        defs.heard(&domain("win11", DomainEvent::Defined));
+        assert_eq!(ask(&mut defs, win, igpu), Some(vec![igpu]));
+        assert_eq!(ask(&mut defs, mac, rtx), Some(vec![igpu]));
+        defs.heard(&Change::SourceLost {
+            source: handoff::live::Source::Libvirt {
+                uri: "test:///default".into(),
+            },
+            why: "gone".into(),
+        });
+        assert_eq!(ask(&mut defs, mac, rtx), Some(vec![rtx]));
+        assert_eq!(asked, 4);
+        // A definition that cannot be read is not remembered as "nothing": asked again.
+        assert_eq!(defs.passthrough(win, || None), None);
+        assert_eq!(defs.passthrough(win, || Some(vec![rtx])), Some(vec![rtx]));
+        assert_eq!(defs.passthrough(win, || None), Some(vec![rtx]));
+        // Undefined: forgotten.
+        defs.heard(&domain("win11", DomainEvent::Undefined));
+        assert_eq!(defs.passthrough(win, || None), None);
     }
 }

@@ -124,7 +124,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             vm_command(cli.config, cli.quiet, a.json, |ctl, cfg| {
-                let vm = vm::resolve(cfg, a.vm.as_deref())?.name.clone();
+                let vm = match &a.gpu {
+                    Some(gpu) => ctl.vm_for_gpu(gpu)?.name,
+                    None => vm::resolve(cfg, a.vm.as_deref())?.name.clone(),
+                };
                 act(ctl, Action::Start { vm }, None)
             })
         }

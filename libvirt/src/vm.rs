@@ -42,6 +42,13 @@ pub enum VmError {
     NotConfigured { name: String, known: Vec<String> },
     #[error("the config lists no [[vm]]; add one with the libvirt domain's name")]
     NoVms,
+    #[error("no [[gpu]] is {name:?}: name one by its address or label ({known})")]
+    NoSuchGpu { name: String, known: String },
+    #[error(
+        "no [[vm]] takes GPU {gpu}: none of their definitions passes it through{unread}. Add its \
+         <hostdev> to a VM's definition (`handoff setup --dry-run` prints the lines), or start a VM by name"
+    )]
+    NoVmForGpu { gpu: String, unread: String },
     #[error(transparent)]
     Virt(#[from] VirtError),
     /// Something holds the GPU, seen by our own scan before anything was started.
@@ -142,7 +149,10 @@ impl VmError {
     /// 2 for a usage or config error, 1 for everything else (DESIGN: "the answer is a problem").
     pub fn exit_code(&self) -> u8 {
         match self {
-            VmError::NotConfigured { .. } | VmError::NoVms => 2,
+            VmError::NotConfigured { .. }
+            | VmError::NoVms
+            | VmError::NoSuchGpu { .. }
+            | VmError::NoVmForGpu { .. } => 2,
             VmError::Switch { source, .. } => source.exit_code().max(1),
             _ => 1,
         }
@@ -477,6 +487,63 @@ impl<'a> Ctl<'a> {
         } else {
             gpus
         }
+    }
+
+    /// The first configured VM that takes the GPU `gpu` names (its address or label), by
+    /// the hook's rule ([`Ctl::gpus_of`]): what `handoff start --gpu` starts, and so the bar
+    /// block's right click on that GPU. A VM whose definition cannot be read is passed over.
+    pub fn vm_for_gpu(&mut self, gpu: &str) -> Result<VmConfig, VmError> {
+        let cfg = self.cfg;
+        if cfg.vms.is_empty() {
+            return Err(VmError::NoVms);
+        }
+        let Some(wanted) = cfg.gpu.find(gpu) else {
+            let known = handoff::status::chosen_gpus(cfg, Some(gpu))
+                .err()
+                .map(|e| match e {
+                    handoff::status::StatusError::NoSuchGpu { known, .. } => known,
+                    other => other.to_string(),
+                })
+                .unwrap_or_default();
+            return Err(VmError::NoSuchGpu {
+                name: handoff::escape::plain(gpu),
+                known,
+            });
+        };
+        let mut unread = Vec::new();
+        for vm in &cfg.vms {
+            if cfg.gpu.len() < 2 {
+                return Ok(vm.clone());
+            }
+            let passed = match self.hv.describe(&VmRef::from(vm)) {
+                Ok(d) => d.passthrough,
+                Err(e) => {
+                    tracing::info!("cannot read the definition of {}: {e}", vm.name);
+                    unread.push(handoff::escape::plain(&vm.name));
+                    continue;
+                }
+            };
+            let taken = handoff::gpus::taken_by(cfg, &passed);
+            let takes = if taken.is_empty() {
+                wanted.address == cfg.gpu.address
+            } else {
+                taken.iter().any(|g| g.address == wanted.address)
+            };
+            if takes {
+                return Ok(vm.clone());
+            }
+        }
+        Err(VmError::NoVmForGpu {
+            gpu: match &wanted.label {
+                Some(l) => format!("{} ({})", handoff::escape::plain(l), wanted.address),
+                None => wanted.address.to_string(),
+            },
+            unread: if unread.is_empty() {
+                String::new()
+            } else {
+                format!(" (could not read {})", unread.join(", "))
+            },
+        })
     }
 
     /// Makes `vm`'s (first) GPU the one this operation is about.

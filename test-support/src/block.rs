@@ -180,7 +180,12 @@ impl I3blocks {
     /// `BLOCK_BUTTON` — a refresh instead of the click. i3bar writes each event at once;
     /// a line this short (< `PIPE_BUF`) is then also atomic on the pipe.
     pub fn click(&mut self, button: u8) {
-        let ev = serde_json::json!({"name": "handoff", "instance": "gpu", "button": button, "x": 1, "y": 1});
+        self.click_block("handoff", "gpu", button);
+    }
+
+    /// [`I3blocks::click`] on the block named `name` with i3blocks' `instance`.
+    pub fn click_block(&mut self, name: &str, instance: &str, button: u8) {
+        let ev = serde_json::json!({"name": name, "instance": instance, "button": button, "x": 1, "y": 1});
         let sep = if self.clicks == 0 { "" } else { "," };
         self.clicks += 1;
         let line = format!("{sep}{ev}\n");

@@ -11,9 +11,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use handoff::PciAddress;
+use handoff::config::VmConfig;
 use handoff::gpu::Owner;
 use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
-use handoff::status::VmState;
+use handoff::status::{VmState, VmStatus};
+use handoff::verdict::HookFiles;
 use handoff_libvirt::libvirt::Prober;
 use ksni::Tray;
 use ksni::menu::MenuItem;
@@ -22,10 +25,10 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use super::HandoffTray;
 use crate::Msg;
 use crate::model::tests::{
-    LIN, ME, SOMEONE_ELSE, WIN, holder, in_windows, machine, on_host, vm, with_holders, with_hook,
+    LIN, ME, SOMEONE_ELSE, WIN, addr, holder, in_windows, machine, on_host, vm, with_holders, with_hook,
     with_record,
 };
-use crate::model::{Action, ORPHAN_GRACE, Snapshot, UnitScope};
+use crate::model::{Action, ORPHAN_GRACE, OtherGpu, Snapshot, UnitScope};
 
 const SEP: &str = "—";
 
@@ -254,6 +257,66 @@ fn two_vms_sharing_the_gpu_offer_switch_to_the_other_one() {
     // One VM only: there is no other to switch to.
     let (t, _rx) = tray(in_windows());
     assert!(!has(&t, "Switch to"));
+}
+
+/// Several GPUs (issue 15): "Switch to" only for a VM that takes a GPU a running VM has;
+/// a VM on the other GPU is started beside it. Which GPUs each takes is its definition's
+/// (the agent's `passthrough`); a VM whose definition was not read is switched to, as before.
+#[test]
+fn with_two_gpus_only_a_vm_sharing_a_gpu_with_a_running_one_is_switched_to() {
+    let igpu: PciAddress = "0000:00:02.0".parse().unwrap();
+    let with = |mut v: VmStatus, passed: Option<Vec<PciAddress>>| {
+        v.passthrough = passed;
+        v
+    };
+    let ai = VmStatus::new(&VmConfig::named("ai", "Linux AI"), VmState::Shutoff, None);
+    let two_gpus = |debian_passes: Option<Vec<PciAddress>>| {
+        let mut s = machine(
+            Owner::Vfio,
+            vec![
+                with(
+                    vm(WIN, VmState::Running),
+                    Some(vec![addr(), addr().with_function(1)]),
+                ),
+                with(vm(LIN, VmState::Shutoff), debian_passes),
+                // The RTX's audio function alone still takes the RTX.
+                with(ai.clone(), Some(vec![addr().with_function(1)])),
+            ],
+        );
+        let mut other = s.status.clone().unwrap();
+        other.gpu.address = igpu;
+        other.gpu.owner = Owner::Host;
+        other.gpu.vm = None;
+        s.others.push(OtherGpu {
+            address: igpu,
+            label: Some("UHD 630".into()),
+            status: Ok(other),
+            files: HookFiles::default(),
+            orphan_seen_for: Some(std::time::Duration::ZERO),
+        });
+        s
+    };
+    let (mut t, mut rx) = tray(two_gpus(Some(vec![igpu])));
+    assert_eq!(
+        top(&t)[2..6],
+        [
+            "Stop Windows",
+            "Force stop Windows…",
+            "Start Debian",
+            "Switch to Linux AI"
+        ],
+        "{:#?}",
+        top(&t)
+    );
+    click(&mut t, "Start Debian");
+    assert_eq!(sent(&mut rx), Action::Start { vm: LIN.into() });
+
+    // Debian's definition passes nothing configured: it takes the primary, the RTX.
+    let (t, _rx) = tray(two_gpus(Some(Vec::new())));
+    assert!(has(&t, "Switch to Debian") && !has(&t, "Start Debian"));
+    // Its definition could not be read: switched to, as with one GPU.
+    let (t, _rx) = tray(two_gpus(None));
+    assert!(has(&t, "Switch to Debian") && !has(&t, "Start Debian"));
 }
 
 #[test]
