@@ -310,28 +310,8 @@ fn a_new_vm_is_shown_and_asked_for_and_hand_edits_stay() {
 
     // On a terminal (script(1) gives it one), it shows the lines it would add and asks; "n"
     // leaves the file as it was.
-    let host = m.sim.host();
-    let cmd = format!(
-        "{} setup {} --system-config {} --sysfs {} --dev {} --run {}",
-        handoff(),
-        quiet.join(" "),
-        m.config().display(),
-        host.sysfs.display(),
-        host.dev.display(),
-        host.run.display()
-    );
-    let mut child = Command::new("script")
-        .args(["-qec", &cmd, "/dev/null"])
-        .env_remove("SUDO_USER")
-        .env("HOME", m.home())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"n\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{said}");
+    let (code, said) = setup_on_terminal(&m, &quiet, "n\n");
+    assert_eq!(code, Some(1), "{said}");
     for says in [
         "new: VM linux-ai (added as a [[vm]])",
         "kept your label \"Gaming\" for VM win11",

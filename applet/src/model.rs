@@ -75,19 +75,29 @@ fn gpu_name(address: PciAddress, label: Option<&str>, status: &Result<Status, St
     }
 }
 
+/// What the verdict decides from, for one GPU's reading (the primary's or another's);
+/// `doing` is what the tray itself is doing.
+fn facts<'a>(
+    status: &'a Result<Status, String>,
+    files: &'a HookFiles,
+    doing: Option<&'a str>,
+    orphan_seen_for: Option<Duration>,
+) -> Facts<'a> {
+    Facts {
+        gpu: status
+            .as_ref()
+            .map(|s| GpuFacts::from(&s.gpu))
+            .map_err(String::as_str),
+        files,
+        vms: Vms::Known(status.as_ref().map(|s| s.vms.as_slice()).unwrap_or(&[])),
+        doing,
+        orphan_seen_for,
+    }
+}
+
 impl OtherGpu {
     fn facts(&self) -> Facts<'_> {
-        Facts {
-            gpu: self
-                .status
-                .as_ref()
-                .map(|s| GpuFacts::from(&s.gpu))
-                .map_err(String::as_str),
-            files: &self.files,
-            vms: Vms::Known(self.status.as_ref().map(|s| s.vms.as_slice()).unwrap_or(&[])),
-            doing: None,
-            orphan_seen_for: self.orphan_seen_for,
-        }
+        facts(&self.status, &self.files, None, self.orphan_seen_for)
     }
 
     pub fn verdict(&self) -> Verdict {
@@ -197,17 +207,7 @@ impl Snapshot {
     }
 
     fn facts<'a>(&'a self, action: Option<&'a str>) -> Facts<'a> {
-        Facts {
-            gpu: self
-                .status
-                .as_ref()
-                .map(|s| GpuFacts::from(&s.gpu))
-                .map_err(String::as_str),
-            files: &self.files,
-            vms: Vms::Known(self.vms()),
-            doing: action,
-            orphan_seen_for: self.orphan_seen_for,
-        }
+        facts(&self.status, &self.files, action, self.orphan_seen_for)
     }
 
     /// The library's verdict on this reading; `action` is what the tray itself is doing.
