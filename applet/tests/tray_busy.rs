@@ -23,7 +23,7 @@ use std::time::Duration;
 use handoff::refusals::RefusalLog;
 use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
 use handoff_test_support::opener::Opener;
-use handoff_test_support::tray::{Item, Session, find_item, wait_view};
+use handoff_test_support::tray::{Item, Session, wait_view};
 use handoff_test_support::wait::wait_for;
 
 const TRAY: &str = env!("CARGO_BIN_EXE_handoff-tray");
@@ -71,12 +71,7 @@ fn desk(alert: bool) -> Option<Desk> {
         ),
     )
     .unwrap();
-    let mut c = Command::new(TRAY);
-    c.arg("-v").env("HANDOFF_CONFIG", &config);
-    let child = session.spawn(&mut c, "tray");
-    session.others.push(child);
-    let conn = session.conn();
-    let item = find_item(&session, &conn);
+    let (conn, item) = session.start_tray(TRAY, &config);
     wait_view(&conn, &item, "host icon", |v| {
         v.icon_name == "handoff-host" && v.tooltip_text.contains("Windows (win11): shut off")
     });

@@ -55,10 +55,7 @@ impl Scene {
     }
 
     fn start_tray(&mut self) {
-        let mut c = Command::new(TRAY);
-        c.arg("-v").env("HANDOFF_CONFIG", SYSTEM_CONFIG);
-        let child = self.session.spawn(&mut c, "tray");
-        self.session.others.push(child);
+        self.session.spawn_tray(TRAY, Path::new(SYSTEM_CONFIG));
     }
 
     fn shot(&self, name: &str) {

@@ -12,13 +12,12 @@
 //! driver is in-process in the tray's agent). Run with
 //! `cargo test -p handoff-tray --test tray_gpus`.
 
-use std::process::Command;
 use std::time::Duration;
 
 use handoff::simulated_tree::IGPU;
 use handoff::verdict::HookFiles;
 use handoff_test_support::process::holder;
-use handoff_test_support::tray::{MenuEntry, Session, find_item, wait_view};
+use handoff_test_support::tray::{MenuEntry, Session, wait_view};
 use handoff_test_support::wait::wait_for;
 
 const TRAY: &str = env!("CARGO_BIN_EXE_handoff-tray");
@@ -58,12 +57,7 @@ fn two_gpus_get_a_section_each_and_a_restore_on_the_other_one_turns_the_icon_red
     // A CUDA job on the RTX, the primary GPU: its section lists it, and the icon is busy.
     let job = holder(&scene.sim.dev().join("nvidia0"));
 
-    let mut c = Command::new(TRAY);
-    c.arg("-v").env("HANDOFF_CONFIG", &scene.config);
-    let child = session.spawn(&mut c, "tray");
-    session.others.push(child);
-    let conn = session.conn();
-    let item = find_item(&session, &conn);
+    let (conn, item) = session.start_tray(TRAY, &scene.config);
     let v = wait_view(&conn, &item, "busy icon, both GPUs in the tooltip", |v| {
         v.icon_name == "handoff-busy"
             && v.tooltip_text.contains("RTX (0000:01:00.0), primary: ")
@@ -187,12 +181,7 @@ fn switch_is_offered_only_for_a_vm_that_wants_the_gpu_a_running_vm_has() {
     );
     std::fs::write(&scene.config, text).unwrap();
 
-    let mut c = Command::new(TRAY);
-    c.arg("-v").env("HANDOFF_CONFIG", &scene.config);
-    let child = session.spawn(&mut c, "tray");
-    session.others.push(child);
-    let conn = session.conn();
-    let item = find_item(&session, &conn);
+    let (conn, item) = session.start_tray(TRAY, &scene.config);
     wait_view(&conn, &item, "the three VMs in the tooltip", |v| {
         v.tooltip_text.contains("macOS (test): running")
             && v.tooltip_text.contains("Windows (win11): shut off")

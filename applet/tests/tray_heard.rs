@@ -12,8 +12,8 @@
 //! the hooks, under the libvirtd lock). Run with
 //! `cargo test -p handoff-tray --test tray_heard` as root with `/dev/fuse`.
 
+use std::path::Path;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use handoff::simulated_tree::RTX_3090_TI;
@@ -54,10 +54,7 @@ fn opens_closes_and_refusals_from_elsewhere_reach_the_tray() {
     stage.install(&text, &handoff_bin());
     let mut s = Scene { session, win, stage };
     let tray = |s: &mut Scene| {
-        let mut c = Command::new(TRAY);
-        c.arg("-v").env("HANDOFF_CONFIG", SYSTEM_CONFIG);
-        let child = s.session.spawn(&mut c, "tray");
-        s.session.others.push(child);
+        s.session.spawn_tray(TRAY, Path::new(SYSTEM_CONFIG));
     };
     tray(&mut s);
     let conn = s.session.conn();

@@ -194,6 +194,23 @@ impl Session {
             .unwrap_or_else(|e| panic!("start {log}: {e}"))
     }
 
+    /// Starts the tray binary `tray` (`-v`, its log `tray.log`) on `config`, ended with the
+    /// session; the caller waits for it with [`Session::tray_item`] or its own way.
+    pub fn spawn_tray(&mut self, tray: &str, config: &Path) {
+        let mut c = Command::new(tray);
+        c.arg("-v").env("HANDOFF_CONFIG", config);
+        let child = self.spawn(&mut c, "tray");
+        self.others.push(child);
+    }
+
+    /// [`Session::spawn_tray`], then the bus connection and the item once the panel has it.
+    pub fn start_tray(&mut self, tray: &str, config: &Path) -> (Connection, Item) {
+        self.spawn_tray(tray, config);
+        let conn = self.conn();
+        let item = find_item(self, &conn);
+        (conn, item)
+    }
+
     /// What the process started as `name` wrote to stderr so far.
     pub fn log(&self, name: &str) -> String {
         fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
