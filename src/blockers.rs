@@ -47,7 +47,9 @@ pub struct BlockersJson<'a> {
 impl Blockers {
     /// Scans for what holds the GPU at `address` under `host`.
     pub fn check(host: &Host, address: PciAddress) -> Result<Self, SysfsError> {
-        let g = gpu::read_gpu(host, address)?;
+        // Without the name and the driver_override reads (a forked child each): nothing
+        // here shows them.
+        let g = gpu::read_gpu_bindings(host, address)?;
         let nodes = holders::gpu_nodes(host, &g);
         // One walk over /proc for the GPU's nodes and its VFIO group node: the walk is
         // nearly all of the time `blockers` takes.
