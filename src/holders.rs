@@ -1014,7 +1014,7 @@ fn step_aside(procfs: &Path, threads: usize) {
     });
     // Our walkers are among the runnable ones: as many or fewer than the CPUs and one of
     // them is idle (this CPU has two of ours).
-    if cpus < 2 || threads < 2 || !runnable.is_some_and(|r| r <= cpus) {
+    if cpus < 2 || threads < 2 || runnable.is_none_or(|r| r > cpus) {
         return;
     }
     let mut elsewhere = all;
