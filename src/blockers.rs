@@ -47,13 +47,16 @@ pub struct BlockersJson<'a> {
 impl Blockers {
     /// Scans for what holds the GPU at `address` under `host`.
     pub fn check(host: &Host, address: PciAddress) -> Result<Self, SysfsError> {
-        let g = gpu::read_gpu(host, address)?;
+        // Without the name and the driver_override reads (a forked child each): nothing
+        // here shows them.
+        let g = gpu::read_gpu_bindings(host, address)?;
         let nodes = holders::gpu_nodes(host, &g);
-        let mut scan = holders::scan(host, &g, &nodes);
+        // One walk over /proc for the GPU's nodes and its VFIO group node: the walk is
+        // nearly all of the time `blockers` takes.
+        let (mut scan, vfio_users) = holders::scan_with_vfio(host, &g, &nodes);
         crate::publish::complete(host, g.address, &mut scan);
         crate::containers::name_all(scan.holders.iter_mut().filter_map(|h| h.container.as_mut()));
         let verdict = scan.verdict();
-        let vfio_users = holders::vfio_users(host, &g);
         Ok(Self {
             address: g.address,
             absent: g.owner == Owner::Absent,

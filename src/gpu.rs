@@ -297,6 +297,21 @@ pub fn read_gpu(host: &Host, address: PciAddress) -> Result<Gpu, SysfsError> {
 
 /// [`read_gpu`] with the `pci.ids` files to try, in order (none: built-in names only).
 pub fn read_gpu_with_ids(host: &Host, address: PciAddress, pci_ids: &[&Path]) -> Result<Gpu, SysfsError> {
+    read_slot(host, address, Some(pci_ids))
+}
+
+/// The GPU as far as the holder scan needs it (`handoff blockers`): its functions, their
+/// drivers, the owner and the IOMMU group, without a name and without `driver_override`
+/// (every function's is None and `locked` false). Those two are for showing the GPU; the
+/// overrides cost a forked reader per function ("Never blocking" above), and on a busy
+/// machine each such child waits milliseconds for a CPU before the scan can start, while
+/// nothing in the scan or its verdict reads them ([`owner_of`] goes by `driver` alone).
+pub fn read_gpu_bindings(host: &Host, address: PciAddress) -> Result<Gpu, SysfsError> {
+    read_slot(host, address, None)
+}
+
+/// [`read_gpu_with_ids`] (`pci_ids` Some) or [`read_gpu_bindings`] (None).
+fn read_slot(host: &Host, address: PciAddress, pci_ids: Option<&[&Path]>) -> Result<Gpu, SysfsError> {
     let devices = host.pci_devices();
     let mut functions = Vec::new();
     // The graphics function first, then the rest of the slot by function number.
@@ -306,7 +321,9 @@ pub fn read_gpu_with_ids(host: &Host, address: PciAddress, pci_ids: &[&Path]) ->
             functions.push(f);
         }
     }
-    read_overrides(&devices, &mut functions);
+    if pci_ids.is_some() {
+        read_overrides(&devices, &mut functions);
+    }
     let graphics = functions.first().filter(|f| f.address == address);
     let Some(graphics) = graphics else {
         return Ok(Gpu {
@@ -317,7 +334,7 @@ pub fn read_gpu_with_ids(host: &Host, address: PciAddress, pci_ids: &[&Path]) ->
             iommu_group: None,
         });
     };
-    let name = Some(device_name(graphics.vendor, graphics.device, pci_ids));
+    let name = pci_ids.map(|ids| device_name(graphics.vendor, graphics.device, ids));
     let iommu_group = match graphics.iommu_group {
         Some(id) => Some(read_iommu_group(host, id, address)?),
         None => None,

@@ -852,7 +852,15 @@ struct Found {
 /// (nvidia-persistenced, boot framebuffers on the GPU's BARs). Reads `host.procfs` and
 /// the GPU's sysfs `resource` files; never opens a node.
 pub fn scan(host: &Host, gpu: &Gpu, nodes: &[GpuNode]) -> Scan {
-    scan_with_threads(host, gpu, nodes, None)
+    scan_with_threads(host, gpu, nodes, None, None).0
+}
+
+/// [`scan`] and [`vfio_users`] in one walk over `/proc`: what `blockers` and `status`
+/// ask together. Each walk costs ~15 µs of kernel time per process, so a second walk just
+/// for the VFIO group node would double their time when the GPU is on vfio-pci; the result
+/// is the same as calling the two.
+pub fn scan_with_vfio(host: &Host, gpu: &Gpu, nodes: &[GpuNode]) -> (Scan, Vec<Holder>) {
+    scan_with_threads(host, gpu, nodes, vfio_node(host, gpu), None)
 }
 
 /// How many processes that could not be inspected a scan names.
@@ -861,14 +869,22 @@ const UNINSPECTED_EXAMPLES: usize = 3;
 /// Below this many processes the walk stays on the calling thread: starting a thread
 /// costs more than it saves on a few hundred processes (~20 µs each to walk).
 const PARALLEL_MIN_PROCESSES: usize = 256;
-/// The walk is syscall-bound (procfs work in the kernel, ~20 µs per process and ~30 µs per
-/// holder's details), so it scales with cores; two keeps a scan from taking over the
-/// machine when it runs from the hook while libvirt starts a VM.
-const MAX_THREADS: usize = 2;
+/// The walk is syscall-bound (procfs work in the kernel, ~15 µs per process and ~30 µs per
+/// holder's details), so it scales with cores. Four at most: a scan from the hook, while
+/// libvirt starts a VM, then takes four cores for a few milliseconds, not the machine.
+const MAX_THREADS: usize = 4;
 
-/// [`scan`] with the number of walker threads forced (`Some`), for tests; `None` picks one
-/// thread for small process lists and up to [`MAX_THREADS`] for large ones.
-fn scan_with_threads(host: &Host, gpu: &Gpu, nodes: &[GpuNode], threads: Option<usize>) -> Scan {
+/// [`scan`], and with `vfio` (the GPU's VFIO group node) also its users, as
+/// [`vfio_users`] finds them, in the same walk. `threads` forces the number of walker
+/// threads (`Some`), for tests; `None` picks one thread for small process lists and up to
+/// [`MAX_THREADS`] for large ones.
+fn scan_with_threads(
+    host: &Host,
+    gpu: &Gpu,
+    nodes: &[GpuNode],
+    vfio: Option<GpuNode>,
+    threads: Option<usize>,
+) -> (Scan, Vec<Holder>) {
     let mut result = Scan::default();
     if nodes.is_empty() && gpu.owner == Owner::Host {
         // A GPU on a host driver has nodes (a DRM card, /dev/nvidia*, its audio's ALSA
@@ -881,7 +897,10 @@ fn scan_with_threads(host: &Host, gpu: &Gpu, nodes: &[GpuNode], threads: Option<
             host.dev.display()
         ));
     }
-    let targets = Targets::new(nodes);
+    // The VFIO group node, when asked for, is one more target after the GPU's nodes: an fd
+    // on it makes a VFIO user, not a holder.
+    let all: Vec<GpuNode> = nodes.iter().cloned().chain(vfio).collect();
+    let targets = Targets::new(&all);
     let nvidia = is_nvidia(gpu);
     let cannot_list = |e: io::Error| {
         format!(
@@ -894,7 +913,7 @@ fn scan_with_threads(host: &Host, gpu: &Gpu, nodes: &[GpuNode], threads: Option<
         Err(e) => {
             result.notes.push(cannot_list(e));
             check_framebuffers(host, gpu, &mut result);
-            return result;
+            return (result, Vec::new());
         }
     };
     let pids = match list_pids(&proc_dir) {
@@ -914,7 +933,8 @@ fn scan_with_threads(host: &Host, gpu: &Gpu, nodes: &[GpuNode], threads: Option<
     let walker = Walker {
         proc_dir: &proc_dir,
         targets: &targets,
-        nodes,
+        nodes: &all,
+        gpu_nodes: nodes.len(),
         nvidia,
         pids: &pids,
         next: AtomicUsize::new(0),
@@ -925,6 +945,7 @@ fn scan_with_threads(host: &Host, gpu: &Gpu, nodes: &[GpuNode], threads: Option<
     } else {
         std::thread::scope(|s| {
             let others: Vec<_> = (1..threads).map(|_| s.spawn(|| walker.run())).collect();
+            step_aside(&host.procfs, threads);
             let mine = walker.run();
             std::iter::once(mine)
                 .chain(
@@ -936,9 +957,11 @@ fn scan_with_threads(host: &Host, gpu: &Gpu, nodes: &[GpuNode], threads: Option<
         })
     };
     let mut uninspected = Vec::new();
+    let mut vfio_users = Vec::new();
     for part in parts {
         uninspected.extend(part.uninspected);
         result.holders.extend(part.holders);
+        vfio_users.extend(part.vfio_users);
     }
     result.uninspected = uninspected.len();
     uninspected.sort_unstable();
@@ -955,12 +978,52 @@ fn scan_with_threads(host: &Host, gpu: &Gpu, nodes: &[GpuNode], threads: Option<
     // User names are looked up here, once per uid, rather than in the walkers: NSS may
     // read /etc/passwd or ask a daemon, and the usual scan has one or two uids.
     let mut users = HashMap::new();
-    for h in &mut result.holders {
+    for h in result.holders.iter_mut().chain(&mut vfio_users) {
         h.user = users.entry(h.uid).or_insert_with(|| user_name(h.uid)).clone();
     }
     result.holders.sort_by_key(|h| h.pid);
+    vfio_users.sort_by_key(|h| h.pid);
     check_framebuffers(host, gpu, &mut result);
-    result
+    (result, vfio_users)
+}
+
+/// Moves the calling thread to another CPU it may run on, then lets it run anywhere again,
+/// when a CPU is idle (`threads`: the walkers, this one included).
+/// Linux starts a new thread on the CPU of the thread that made it, where it waits for
+/// that thread's time slice to end, while another CPU idles until the load balancer
+/// notices (measured on the 2-vCPU dev VM: 1.4–4 ms, so a second walker took 48 of 1000
+/// processes and two threads were no faster than one). Moving ourselves away instead is
+/// immediate, and the walker left behind runs at once. Only onto an idle CPU: on a busy
+/// machine the move gives up our running place for a queue behind another task's slice
+/// (measured: 21 → 28 ms with both CPUs busy). Idle means the kernel's count of runnable
+/// tasks (`<procfs>/loadavg`, 4th field, ours included) is below the CPUs we may use.
+/// Nothing is pinned afterwards. Best effort: a failure changes only the time.
+fn step_aside(procfs: &Path, threads: usize) {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_getcpu, sched_setaffinity};
+    use nix::unistd::Pid;
+    let me = Pid::from_raw(0);
+    let (Ok(all), Ok(here)) = (sched_getaffinity(me), sched_getcpu()) else {
+        return;
+    };
+    let cpus = (0..CpuSet::count())
+        .filter(|&c| all.is_set(c).unwrap_or(false))
+        .count();
+    let runnable = fs::read_to_string(procfs.join("loadavg")).ok().and_then(|l| {
+        let field = l.split_whitespace().nth(3)?;
+        field.split_once('/')?.0.parse::<usize>().ok()
+    });
+    // Our walkers are among the runnable ones: as many or fewer than the CPUs and one of
+    // them is idle (this CPU has two of ours).
+    if cpus < 2 || threads < 2 || runnable.is_none_or(|r| r > cpus) {
+        return;
+    }
+    let mut elsewhere = all;
+    if elsewhere.unset(here).is_err() {
+        return;
+    }
+    if sched_setaffinity(me, &elsewhere).is_ok() {
+        let _ = sched_setaffinity(me, &all);
+    }
 }
 
 /// What one walker found in the pids it took.
@@ -968,6 +1031,8 @@ fn scan_with_threads(host: &Host, gpu: &Gpu, nodes: &[GpuNode], threads: Option<
 struct Part {
     /// Described, with `user` still empty.
     holders: Vec<Holder>,
+    /// Processes holding the VFIO group node, described the same way.
+    vfio_users: Vec<Holder>,
     /// The pids whose fds could not be read.
     uninspected: Vec<u32>,
 }
@@ -976,7 +1041,10 @@ struct Part {
 struct Walker<'a> {
     proc_dir: &'a Dir,
     targets: &'a Targets,
+    /// The targets' nodes: the GPU's, then the VFIO group node when one was asked for.
     nodes: &'a [GpuNode],
+    /// How many of `nodes` are the GPU's.
+    gpu_nodes: usize,
     nvidia: bool,
     pids: &'a [u32],
     next: AtomicUsize,
@@ -998,8 +1066,10 @@ impl Walker<'_> {
     }
 
     /// Pids per batch taken from the shared list. Batches, not a fixed half each: on a
-    /// busy machine one thread may sit descheduled while the other finishes the list.
-    const BATCH: usize = 32;
+    /// busy machine one thread may sit descheduled while the other finishes the list. Small
+    /// (8 pids, ~0.1 ms of work), because the join waits for the batch a descheduled thread
+    /// holds; the shared counter costs one atomic add per batch.
+    const BATCH: usize = 8;
 
     /// Take batches until the list is done; walk each process's fds and describe those
     /// found holding something (details read here too: for many holders they cost more
@@ -1040,7 +1110,23 @@ impl Walker<'_> {
                         }
                     }
                 };
-                if let Some(h) = describe(self.proc_dir, &found, self.nodes, self.nvidia, &mut bufs) {
+                // The VFIO group node (last, when asked for) makes a VFIO user; the GPU's
+                // nodes a holder. One process can be both: its details are read once.
+                let vfio = found.nodes.iter().any(|&i| i >= self.gpu_nodes);
+                let holds = found.persistenced_without_fds || found.nodes.iter().any(|&i| i < self.gpu_nodes);
+                let Some(mut h) = describe(self.proc_dir, &found, self.nodes, self.nvidia, &mut bufs) else {
+                    continue;
+                };
+                if vfio {
+                    let mut user = h.clone();
+                    user.paths
+                        .retain(|p| self.nodes[self.gpu_nodes..].iter().any(|n| &n.path == p));
+                    if holds {
+                        h.paths.retain(|p| !user.paths.contains(p));
+                    }
+                    part.vfio_users.push(user);
+                }
+                if holds {
                     part.holders.push(h);
                 }
             }
@@ -1054,8 +1140,9 @@ struct Buffers {
     dents: Vec<u8>,
     /// A readlink target.
     link: Vec<u8>,
-    /// The fd names of the current process.
-    fd_names: Vec<CString>,
+    /// The fd names of the current process, each NUL-terminated, one after the other (no
+    /// allocation per fd).
+    fd_names: Vec<u8>,
     /// `<pid>/<file>` as a C string.
     path: Vec<u8>,
     /// A procfs file's contents.
@@ -1135,7 +1222,7 @@ fn process_fds(proc_dir: &Dir, pid: u32, targets: &Targets, bufs: &mut Buffers) 
     };
     fd_names.clear();
     // procfs lists every fd in one getdents64 call unless the buffer fills up.
-    match fd_dir.for_each(dents, true, |n| fd_names.push(n.to_owned())) {
+    match fd_dir.for_each(dents, true, |n| fd_names.extend_from_slice(n.to_bytes_with_nul())) {
         Ok(()) => {}
         Err(e) if vanished(&e) => return Fds::Gone,
         Err(e) => {
@@ -1144,7 +1231,9 @@ fn process_fds(proc_dir: &Dir, pid: u32, targets: &Targets, bufs: &mut Buffers) 
         }
     }
     let mut nodes = Vec::new();
-    for name in fd_names.iter() {
+    let mut rest = &fd_names[..];
+    while let Ok(name) = CStr::from_bytes_until_nul(rest) {
+        rest = &rest[name.to_bytes_with_nul().len()..];
         let target = match fd_dir.readlink(name, link) {
             Ok(t) => t,
             // The listing is allowed but the links are not (ptrace access check fails,
@@ -1365,17 +1454,22 @@ pub fn uninspectable_now(procfs: &Path) -> Vec<String> {
     names
 }
 
+/// The GPU's VFIO group node `<dev>/vfio/<group>`, when it exists.
+fn vfio_node(host: &Host, gpu: &Gpu) -> Option<GpuNode> {
+    let node = host
+        .dev
+        .join("vfio")
+        .join(gpu.iommu_group.as_ref()?.id.to_string());
+    node.exists().then_some(GpuNode { path: node })
+}
+
 /// The processes (normally a VM's QEMU) holding the GPU's VFIO group node
 /// `<dev>/vfio/<group>`: while there are any, the GPU must not be taken back.
 pub fn vfio_users(host: &Host, gpu: &Gpu) -> Vec<Holder> {
-    let Some(group) = &gpu.iommu_group else {
+    let Some(node) = vfio_node(host, gpu) else {
         return Vec::new();
     };
-    let node = host.dev.join("vfio").join(group.id.to_string());
-    if !node.exists() {
-        return Vec::new();
-    }
-    scan(host, gpu, &[GpuNode { path: node }])
+    scan(host, gpu, &[node])
         .holders
         .into_iter()
         .filter(|h| !h.paths.is_empty())
@@ -1461,7 +1555,7 @@ mod tests {
             functions: Vec::new(),
             iommu_group: None,
         };
-        let one = scan_with_threads(&host, &gpu, &nodes, Some(1));
+        let one = scan_with_threads(&host, &gpu, &nodes, None, Some(1)).0;
         let holding = (100..700u32).filter(|p| p % 3 == 0 && p % 7 != 0).count();
         assert_eq!(one.holders.len(), holding);
         assert_eq!(one.uninspected, (100..700u32).filter(|p| p % 7 == 0).count());
@@ -1474,12 +1568,66 @@ mod tests {
         assert_eq!(h.paths, vec![nodes[0].path.clone()]);
         for threads in [2, 3] {
             assert_eq!(
-                scan_with_threads(&host, &gpu, &nodes, Some(threads)),
+                scan_with_threads(&host, &gpu, &nodes, None, Some(threads)).0,
                 one,
                 "{threads} threads"
             );
         }
         assert_eq!(scan(&host, &gpu, &nodes), one);
+    }
+
+    #[test]
+    fn one_walk_finds_the_holders_and_the_vfio_users_the_two_scans_find() {
+        let tmp = tempfile::tempdir().unwrap();
+        let node = |n: &str| {
+            let path = tmp.path().join(n);
+            fs::write(&path, "").unwrap();
+            GpuNode {
+                path: fs::canonicalize(path).unwrap(),
+            }
+        };
+        let gpu_nodes = vec![node("nvidia0"), node("nvidiactl")];
+        let vfio = node("13");
+        // Every third process holds one of the three (the group node among them), every
+        // fifth the group node as well: some hold both.
+        let all = [gpu_nodes.clone(), vec![vfio.clone()]].concat();
+        let procfs = fake_procfs(tmp.path(), 600, &all);
+        for pid in (100..700u32).filter(|p| p % 5 == 0 && p % 7 != 0) {
+            std::os::unix::fs::symlink(&vfio.path, procfs.join(format!("{pid}/fd/4"))).unwrap();
+        }
+        let host = Host {
+            procfs,
+            ..Host::system()
+        };
+        let gpu = Gpu {
+            address: PciAddress::new(0, 1, 0, 0),
+            name: None,
+            owner: crate::gpu::Owner::Host,
+            functions: Vec::new(),
+            iommu_group: None,
+        };
+        let holders = scan(&host, &gpu, &gpu_nodes);
+        let users: Vec<Holder> = scan(&host, &gpu, std::slice::from_ref(&vfio))
+            .holders
+            .into_iter()
+            .filter(|h| !h.paths.is_empty())
+            .collect();
+        assert!(
+            users
+                .iter()
+                .any(|u| holders.holders.iter().any(|h| h.pid == u.pid))
+        );
+        assert!(
+            users
+                .iter()
+                .any(|u| holders.holders.iter().all(|h| h.pid != u.pid))
+        );
+        for threads in [1, 2] {
+            let (scan, vfio_users) =
+                scan_with_threads(&host, &gpu, &gpu_nodes, Some(vfio.clone()), Some(threads));
+            assert_eq!(scan, holders, "{threads} threads");
+            assert_eq!(vfio_users, users, "{threads} threads");
+        }
     }
 
     #[test]

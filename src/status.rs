@@ -217,19 +217,19 @@ pub fn collect_gpu(
 ) -> Result<Status, StatusError> {
     let host = &cfg.host;
     let g = gpu::read_gpu(host, gc.address)?;
-    let (blockers, uninspected, notes) = if g.owner == Owner::Absent {
-        (Vec::new(), 0, Vec::new())
+    let (blockers, uninspected, notes, vfio_users) = if g.owner == Owner::Absent {
+        (Vec::new(), 0, Vec::new(), holders::vfio_users(host, &g))
     } else {
         let nodes = holders::gpu_nodes(host, &g);
-        let mut scan = holders::scan(host, &g, &nodes);
+        // One walk over /proc for the GPU's nodes and its VFIO group node.
+        let (mut scan, vfio_users) = holders::scan_with_vfio(host, &g, &nodes);
         // Other users' holders, from the holder publisher when it runs.
         crate::publish::complete(host, g.address, &mut scan);
         // The engine's name for a container holder (its CLI, with a deadline; only when
         // there is one): never in the hook, which does not read the status.
         crate::containers::name_all(scan.holders.iter_mut().filter_map(|h| h.container.as_mut()));
-        (scan.holders, scan.uninspected, scan.notes)
+        (scan.holders, scan.uninspected, scan.notes, vfio_users)
     };
-    let vfio_users = holders::vfio_users(host, &g);
     // The uncertainty first: it qualifies everything else shown.
     let notes: Vec<String> = g.lock_note().into_iter().chain(notes).collect();
     let label = gpu_label(gc, g.name.as_deref());

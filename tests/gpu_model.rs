@@ -373,3 +373,45 @@ fn unreadable_vendor_is_an_error_naming_the_file() {
     );
     assert!(err.to_string().contains("0000:01:00.0/vendor"), "{err}");
 }
+
+#[test]
+fn the_scans_read_of_the_gpu_is_the_full_read_without_name_and_overrides() {
+    let (_tmp, sim) = workstation();
+    let host = sim.host();
+    fs::write(
+        host.pci_devices().join("0000:01:00.0/driver_override"),
+        "vfio-pci\n",
+    )
+    .unwrap();
+    let check = |state: &str| {
+        let mut full = read(&host, RTX_3090_TI);
+        let bindings = handoff::gpu::read_gpu_bindings(&host, RTX_3090_TI).unwrap();
+        assert_eq!(bindings.name, None, "{state}");
+        assert!(
+            bindings
+                .functions
+                .iter()
+                .all(|f| f.driver_override.is_none() && !f.locked),
+            "{state}"
+        );
+        assert_eq!(
+            full.functions[0].driver_override.as_deref(),
+            Some("vfio-pci"),
+            "{state}"
+        );
+        full.name = None;
+        for f in &mut full.functions {
+            f.driver_override = None;
+        }
+        assert_eq!(bindings, full, "{state}");
+    };
+    check("on the host");
+    sim.set_driver(f(0), Some("vfio-pci")).unwrap();
+    check("split");
+    for n in [1, 2, 3] {
+        sim.set_driver(f(n), Some("vfio-pci")).unwrap();
+    }
+    check("on vfio-pci");
+    sim.set_driver(f(0), None).unwrap();
+    check("graphics unbound");
+}
