@@ -365,7 +365,7 @@ impl View {
                     let b = match (restore, v.state) {
                         (true, _) => b.disabled_because("Return the GPU to Linux first"),
                         (false, VmState::Undefined | VmState::Unknown) => {
-                            b.disabled_because(v.error.clone().unwrap_or_else(|| v.state.words().to_owned()))
+                            b.disabled_because(v.error.clone().unwrap_or_else(|| v.words().to_owned()))
                         }
                         _ => b,
                     };
@@ -378,7 +378,7 @@ impl View {
                     name: v.name.clone(),
                     label: v.label.clone(),
                     uri: v.uri.clone(),
-                    state: v.state.words().to_owned(),
+                    state: v.words().to_owned(),
                     active: v.state.is_active(),
                     holds_gpu: g.vm.as_deref() == Some(v.name.as_str()),
                     holds_other: Vec::new(),
