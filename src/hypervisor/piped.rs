@@ -577,6 +577,9 @@ impl Hypervisor for Piped {
                                     _ => None,
                                 }
                             }
+                            // The API answered that it knows no such VM (or hides it from
+                            // the token): not a lost connection; the probes say so.
+                            Err(HypervisorError::NoVm { .. }) => None,
                             Err(e) if !lost => {
                                 lost = true;
                                 Some(VmEvent::Lost {
