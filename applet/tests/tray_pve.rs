@@ -8,6 +8,7 @@
 //!   "Switch to Linux AI" and "Details", at the tray's PVE poll;
 //! - a refusal from before the tray started is never told, nor one already told after the
 //!   tray restarts;
+//! - the tray's own switch that the hookscript refuses is told once, not again at the poll;
 //! - a `[[vm]]` the token cannot see is "not visible to the API token", never "not defined
 //!   in libvirt" (issue 14).
 //!
@@ -189,4 +190,17 @@ fn a_start_the_pve_hookscript_refused_elsewhere_is_one_notification_and_never_to
         refusal_notes(&session, before).is_empty(),
         "a restarted tray repeated an old refusal:\n{raw}"
     );
+
+    // The tray's own switch to 141, refused by the hookscript: told once, by the action's
+    // own notification, not again when the poll finds the same task.
+    let before = session.notifications().0.len();
+    item.click(&conn, "Switch to Linux AI");
+    wait_for(Duration::from_secs(20), "the switch's refusal", || {
+        !refusal_notes(&session, before).is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(4000));
+    let (_, raw) = session.notifications();
+    let notes = refusal_notes(&session, before);
+    assert_eq!(notes.len(), 1, "the tray's own refused start told twice:\n{raw}");
+    assert!(notes[0].body.contains("not starting Linux AI (VM 141)"), "{:#?}", notes[0]);
 }
