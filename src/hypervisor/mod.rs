@@ -435,3 +435,30 @@ pub fn vm_status(hv: &mut dyn Hypervisor, vm: &VmConfig) -> VmStatus {
         Err(e) => VmStatus::new(vm, VmState::Unknown, Some(e.to_string())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_listing_of_refused_starts_is_history_and_each_later_task_news_once() {
+        let task = |upid: &str, at: u64, refused: bool| RefusedStart {
+            vm: "linux-ai".into(),
+            vmid: 141,
+            upid: upid.into(),
+            user: "root@pam".into(),
+            at,
+            message: refused.then(|| "not starting Linux AI (VM 141): …".into()),
+            passthrough: Vec::new(),
+        };
+        let mut w = RefusalWatch::default();
+        assert!(w.first());
+        assert!(w.take(vec![task("UPID:a", 1, true)]).is_empty(), "history");
+        assert!(!w.first());
+        // A new refused task is news; one that failed for another reason is not; neither twice.
+        let news = w.take(vec![task("UPID:c", 3, true), task("UPID:b", 2, false), task("UPID:a", 1, true)]);
+        assert_eq!(news.iter().map(|r| r.upid.as_str()).collect::<Vec<_>>(), ["UPID:c"]);
+        assert_eq!(w.known(), ["UPID:a", "UPID:b", "UPID:c"]);
+        assert!(w.take(vec![task("UPID:c", 3, true)]).is_empty());
+    }
+}
