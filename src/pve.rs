@@ -498,7 +498,10 @@ fn log_refusal(cfg: &Config, gpu: PciAddress, vm: &str, message: &str, err: &mut
     let _lock = match crate::bind::lock::GpuLock::acquire(host, gpu, wait) {
         Ok(l) => l,
         Err(e) => {
-            let _ = writeln!(err, "handoff: warning: the refusal was not logged for the desktop: {e}");
+            let _ = writeln!(
+                err,
+                "handoff: warning: the refusal was not logged for the desktop: {e}"
+            );
             return;
         }
     };
@@ -510,7 +513,8 @@ fn log_refusal(cfg: &Config, gpu: PciAddress, vm: &str, message: &str, err: &mut
         );
     }
     let primary = gpu == cfg.gpu.address;
-    let mut state = crate::state::HookState::load_gpu(host, gpu).unwrap_or_else(|| crate::state::HookState::new(gpu));
+    let mut state =
+        crate::state::HookState::load_gpu(host, gpu).unwrap_or_else(|| crate::state::HookState::new(gpu));
     state.last_refusal = Some(crate::state::Refusal {
         vm: vm.to_owned(),
         at: crate::bind::record::now(),

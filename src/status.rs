@@ -137,7 +137,9 @@ impl VmStatus {
     /// the first).
     pub fn words(&self) -> &'static str {
         match (self.state, self.vmid) {
-            (VmState::Undefined, Some(_)) => "not visible to the API token (no VM.Audit on it, or no such VMID)",
+            (VmState::Undefined, Some(_)) => {
+                "not visible to the API token (no VM.Audit on it, or no such VMID)"
+            }
             (s, _) => s.words(),
         }
     }

@@ -500,7 +500,13 @@ fn each_refused_pre_start_is_logged_for_the_surfaces_once_naming_the_holders_or_
     let news = told.take(&host);
     assert_eq!(news.len(), 1, "{news:?}");
     assert_eq!(news[0].vm, "linux-ai");
-    assert!(news[0].holders.iter().any(|h| h.paths.iter().any(|p| p.ends_with("nvidia0"))), "{news:?}");
+    assert!(
+        news[0]
+            .holders
+            .iter()
+            .any(|h| h.paths.iter().any(|p| p.ends_with("nvidia0"))),
+        "{news:?}"
+    );
     assert!(told.take(&host).is_empty(), "told once");
 
     // 140 takes the card; 141's start is refused because 140 runs: the other VM is named.
@@ -527,8 +533,14 @@ fn each_refused_pre_start_is_logged_for_the_surfaces_once_naming_the_holders_or_
     // The state file's last refusal (the details window's "Last refused start") says it too,
     // and 140 still has the card.
     let state = handoff::state::HookState::load_gpu(&host, gpu).unwrap();
-    assert!(state.vm.is_some() && state.vm.as_deref() != Some("linux-ai"), "{state:?}");
-    assert_eq!(state.last_refusal.as_ref().map(|r| r.vm.as_str()), Some("linux-ai"));
+    assert!(
+        state.vm.is_some() && state.vm.as_deref() != Some("linux-ai"),
+        "{state:?}"
+    );
+    assert_eq!(
+        state.last_refusal.as_ref().map(|r| r.vm.as_str()),
+        Some("linux-ai")
+    );
     // A restarted surface does not tell it again.
     assert!(Unseen::start(&host, gpu).take(&host).is_empty());
     assert_eq!(RefusalLog::read(&host).unwrap().unwrap().refusals.len(), 2);

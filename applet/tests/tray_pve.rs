@@ -89,7 +89,9 @@ fn refused_start(cfg: &handoff::Config) {
     loop {
         match pve.poll(&task).unwrap() {
             TaskState::Refused(_) => return,
-            TaskState::Pending { .. } if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            TaskState::Pending { .. } if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
             other => panic!("expected the hookscript's refusal, got {other:?}"),
         }
     }
@@ -152,7 +154,10 @@ fn a_start_the_pve_hookscript_refused_elsewhere_is_one_notification_and_never_to
     assert!(!v.tooltip_text.contains("libvirt"), "{}", v.tooltip_text);
     std::thread::sleep(Duration::from_millis(2500));
     let (_, raw) = session.notifications();
-    assert!(refusal_notes(&session, 0).is_empty(), "an old refusal was told:\n{raw}");
+    assert!(
+        refusal_notes(&session, 0).is_empty(),
+        "an old refusal was told:\n{raw}"
+    );
 
     // Refused elsewhere while the tray runs: one notification at its poll.
     let before = session.notifications().0.len();
@@ -202,5 +207,9 @@ fn a_start_the_pve_hookscript_refused_elsewhere_is_one_notification_and_never_to
     let (_, raw) = session.notifications();
     let notes = refusal_notes(&session, before);
     assert_eq!(notes.len(), 1, "the tray's own refused start told twice:\n{raw}");
-    assert!(notes[0].body.contains("not starting Linux AI (VM 141)"), "{:#?}", notes[0]);
+    assert!(
+        notes[0].body.contains("not starting Linux AI (VM 141)"),
+        "{:#?}",
+        notes[0]
+    );
 }

@@ -42,10 +42,7 @@ fn pve_poll(cfg: &Config, sink: Sink) -> Option<handoff::hypervisor::Subscriptio
         return None;
     }
     let poll = std::time::Duration::from_secs(cfg.proxmox.as_ref().map_or(5, |p| p.poll_interval_s));
-    let (user, gpus) = (
-        handoff::refusals::user_host(&cfg.host),
-        cfg.clone(),
-    );
+    let (user, gpus) = (handoff::refusals::user_host(&cfg.host), cfg.clone());
     let forward = Arc::new(move |ev: VmEvent| match ev {
         VmEvent::Refused(r) => {
             // Logged in the user's runtime dir in the hook's own format, once per task
@@ -57,7 +54,8 @@ fn pve_poll(cfg: &Config, sink: Sink) -> Option<handoff::hypervisor::Subscriptio
             let gpu = handoff::gpus::taken_by(&gpus, &r.passthrough)
                 .first()
                 .map_or(gpus.gpu.address, |g| g.address);
-            match handoff::refusals::RefusalLog::record_task(&user, gpu, &r.vm, &[], &message, Some(&r.upid)) {
+            match handoff::refusals::RefusalLog::record_task(&user, gpu, &r.vm, &[], &message, Some(&r.upid))
+            {
                 Ok(Some(seq)) => sink(Change::Refused { vm: r.vm, seq }),
                 Ok(None) => true,
                 Err(e) => {

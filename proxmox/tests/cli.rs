@@ -438,7 +438,9 @@ fn the_trays_agent_hears_a_start_the_hookscript_refused_once_and_never_an_old_on
         loop {
             match pve.poll(&task).unwrap() {
                 TaskState::Refused(r) => return (task.upid.unwrap(), r.message),
-                TaskState::Pending { .. } if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                TaskState::Pending { .. } if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
                 other => panic!("expected the hookscript's refusal, got {other:?}"),
             }
         }

@@ -456,8 +456,15 @@ mod tests {
         assert!(w.take(vec![task("UPID:a", 1, true)]).is_empty(), "history");
         assert!(!w.first());
         // A new refused task is news; one that failed for another reason is not; neither twice.
-        let news = w.take(vec![task("UPID:c", 3, true), task("UPID:b", 2, false), task("UPID:a", 1, true)]);
-        assert_eq!(news.iter().map(|r| r.upid.as_str()).collect::<Vec<_>>(), ["UPID:c"]);
+        let news = w.take(vec![
+            task("UPID:c", 3, true),
+            task("UPID:b", 2, false),
+            task("UPID:a", 1, true),
+        ]);
+        assert_eq!(
+            news.iter().map(|r| r.upid.as_str()).collect::<Vec<_>>(),
+            ["UPID:c"]
+        );
         assert_eq!(w.known(), ["UPID:a", "UPID:b", "UPID:c"]);
         assert!(w.take(vec![task("UPID:c", 3, true)]).is_empty());
     }

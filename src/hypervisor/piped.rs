@@ -96,14 +96,30 @@ impl From<WTask> for Task {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 enum Request {
-    List { at: String },
-    Probe { vm: WVm },
-    Start { vm: WVm },
-    Shutdown { vm: WVm },
-    Destroy { vm: WVm },
-    Poll { task: WTask },
-    Describe { vm: WVm },
-    Guest { vm: WVm },
+    List {
+        at: String,
+    },
+    Probe {
+        vm: WVm,
+    },
+    Start {
+        vm: WVm,
+    },
+    Shutdown {
+        vm: WVm,
+    },
+    Destroy {
+        vm: WVm,
+    },
+    Poll {
+        task: WTask,
+    },
+    Describe {
+        vm: WVm,
+    },
+    Guest {
+        vm: WVm,
+    },
     RefusedStarts {
         vms: Vec<WVm>,
         known: Vec<String>,
@@ -289,7 +305,11 @@ fn answer(hv: &mut dyn Hypervisor, req: Request) -> Result<serde_json::Value, Hy
                 .expect("serializable"),
             )
         }
-        Request::RefusedStarts { vms, known, read_logs } => {
+        Request::RefusedStarts {
+            vms,
+            known,
+            read_logs,
+        } => {
             let vms: Vec<VmRef> = vms.into_iter().map(Into::into).collect();
             json(serde_json::to_value(hv.refused_starts(&vms, &known, read_logs)?).expect("serializable"))
         }

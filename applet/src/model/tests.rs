@@ -733,9 +733,18 @@ fn a_pve_refusal_is_named_with_its_vmid_and_offers_the_switch() {
     };
     let n = logged_refusal_note(&cfg, &r, ME);
     assert_eq!(n.summary, "Linux AI (VM 141) did not start: the GPU is busy");
-    assert!(n.body.contains("passed through to Windows 11 (VM 140)"), "{}", n.body);
+    assert!(
+        n.body.contains("passed through to Windows 11 (VM 140)"),
+        "{}",
+        n.body
+    );
     let labels: Vec<&str> = n.actions.iter().map(|(_, l)| l.as_str()).collect();
     assert_eq!(labels, ["Switch to Linux AI", "Details"]);
-    assert_eq!(n.actions[0].0, Action::Switch { vm: "linux-ai".into() });
+    assert_eq!(
+        n.actions[0].0,
+        Action::Switch {
+            vm: "linux-ai".into()
+        }
+    );
     assert!(n.critical);
 }
