@@ -51,6 +51,11 @@ fn pve_poll(cfg: &Config, sink: Sink) -> Option<handoff::hypervisor::Subscriptio
             if own_start(&r.vm, poll) {
                 return true;
             }
+            // On the node itself the hookscript ran here and logged the refusal in
+            // `[host] run` already, which the tray reads: once is enough.
+            if handoff::pve::PveHost::system().conf_path(r.vmid).exists() {
+                return true;
+            }
             let gpu = handoff::gpus::taken_by(&gpus, &r.passthrough)
                 .first()
                 .map_or(gpus.gpu.address, |g| g.address);
