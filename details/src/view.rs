@@ -962,6 +962,19 @@ mod tests {
     }
 
     #[test]
+    fn a_pve_vm_the_token_cannot_see_is_not_said_to_be_undefined_in_libvirt() {
+        let mut hidden = vm("old-win", "Old Windows", VmState::Undefined);
+        hidden.vmid = Some(150);
+        hidden.uri = "https://pve:8006".into();
+        let v = View::build(&facts("vfio-pci", vec![hidden]), None);
+        assert_eq!(
+            v.vms[0].state,
+            "not visible to the API token (no VM.Audit on it, or no such VMID)"
+        );
+        assert!(!v.vms[0].buttons[0].enabled);
+    }
+
+    #[test]
     fn while_an_action_runs_every_button_but_refresh_is_disabled() {
         let mut f = facts("vfio-pci", vec![vm("win11", "Windows", VmState::Running)]);
         f.status.gpu.blockers = vec![holder(1, "x", ME, None)];
