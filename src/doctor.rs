@@ -488,7 +488,7 @@ pub fn libvirt_checks(cfg: &Config, probe: &mut dyn FnMut(&VmConfig) -> VmStatus
                 VmState::Unknown | VmState::Undefined => Check {
                     id: "libvirt",
                     level: Level::Fail,
-                    summary: format!("VM {} at {}: {}", vm.name, vm.uri, st.state.words()),
+                    summary: format!("VM {} at {}: {}", vm.name, vm.uri, st.words()),
                     fix: st.error,
                 },
                 s => Check {

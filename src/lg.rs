@@ -354,7 +354,7 @@ pub fn on_vm_start<G>(
                 event: DomainEvent::Stopped | DomainEvent::Crashed,
                 ..
             } => held = None,
-            VmEvent::Lifecycle { .. } | VmEvent::Back { .. } => {}
+            VmEvent::Lifecycle { .. } | VmEvent::Back { .. } | VmEvent::Refused(_) => {}
             VmEvent::Lost { why, .. } => {
                 drop(held);
                 return OnVmStartError::Lost {

@@ -322,12 +322,13 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
     let conf = match pve.conf(vmid) {
         Ok(c) => c,
         Err(e) if phase == "pre-start" => {
-            let _ = writeln!(
-                err,
-                "handoff: not starting VM {vmid}: cannot read {}: {e}, so handoff cannot tell whether it passes GPU {} through",
+            let msg = format!(
+                "not starting VM {vmid}: cannot read {}: {e}, so handoff cannot tell whether it passes GPU {} through",
                 pve.conf_path(vmid).display(),
                 cfg.gpu.address
             );
+            let _ = writeln!(err, "handoff: {msg}");
+            log_refusal(cfg, cfg.gpu.address, &vm_name(cfg, vmid), &msg, err);
             return 1;
         }
         Err(_) => return 0,
@@ -366,24 +367,24 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
             };
             let gpu = shared.address;
             if pve.running(other, &cfg.host.procfs).is_some() {
-                if conf.get("lock").map(String::as_str) == Some("backup") {
+                let msg = if conf.get("lock").map(String::as_str) == Some("backup") {
                     // vzdump starts a stopped VM's QEMU (paused) with its hostpci devices
                     // to read its disks; nothing a hookscript does changes that command line.
-                    let _ = writeln!(
-                        err,
-                        "handoff: not starting {me} for its backup: PVE starts a stopped VM with its PCI devices \
+                    format!(
+                        "not starting {me} for its backup: PVE starts a stopped VM with its PCI devices \
                          to back it up, and GPU {gpu} is passed through to {}, which is running. Back {me} up \
                          while that VM is off, or exclude it from this job (docs/proxmox.md, \"Backups\")",
                         label(cfg, other, Some(&oconf))
-                    );
-                    return 1;
-                }
-                let _ = writeln!(
-                    err,
-                    "handoff: not starting {me}: GPU {gpu} is passed through to {}, which is running. \
-                     `handoff switch {vmid}` shuts it down gracefully and then starts {me}",
-                    label(cfg, other, Some(&oconf))
-                );
+                    )
+                } else {
+                    format!(
+                        "not starting {me}: GPU {gpu} is passed through to {}, which is running. \
+                         `handoff switch {vmid}` shuts it down gracefully and then starts {me}",
+                        label(cfg, other, Some(&oconf))
+                    )
+                };
+                let _ = writeln!(err, "handoff: {msg}");
+                log_refusal(cfg, gpu, &vm_name(cfg, vmid), &msg, err);
                 return 1;
             }
         }
@@ -446,10 +447,7 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
             .collect();
         gpus.retain(|g| g.host_driver != "vfio-pci" && !matches!(owner(g.address), Ok(Owner::Host)));
     }
-    let name = match cfg.vms.iter().find(|v| v.vmid == Some(vmid)) {
-        Some(v) => v.name.clone(),
-        None => vmid.to_string(),
-    };
+    let name = vm_name(cfg, vmid);
     let addresses: Vec<PciAddress> = gpus.iter().map(|g| g.address).collect();
     let mut cfg = cfg.clone();
     if !configured {
@@ -477,6 +475,53 @@ pub fn run_hookscript(cfg: &Config, pve: &PveHost, vmid: u32, phase: &str, err: 
         note_resting(&cfg, &resting, &name, true, err);
     }
     code
+}
+
+/// The name a VM's refusals and records go by: its `[[vm]]`'s, else its VMID.
+fn vm_name(cfg: &Config, vmid: u32) -> String {
+    match cfg.vms.iter().find(|v| v.vmid == Some(vmid)) {
+        Some(v) => v.name.clone(),
+        None => vmid.to_string(),
+    }
+}
+
+/// A refusal the hookscript decided itself (another running VM has the GPU, a backup, an
+/// unreadable config), appended to `refusals.json` under the GPU's lock, as the libvirt
+/// hook logs its own ([`crate::refusals`]), and kept as the state file's last refusal, so
+/// that a tray or block on the node tells it once. The refusals of [`crate::hook::prepare`]
+/// (holders, nothing checkable) are logged there. A file that cannot be written costs the
+/// notification only: the refusal stands.
+fn log_refusal(cfg: &Config, gpu: PciAddress, vm: &str, message: &str, err: &mut dyn Write) {
+    let host = &cfg.host;
+    let gc = cfg.gpu.at(gpu).unwrap_or(&cfg.gpu);
+    let wait = crate::bind::lock::wait_for(std::time::Duration::from_secs(gc.watchdog_s));
+    let _lock = match crate::bind::lock::GpuLock::acquire(host, gpu, wait) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = writeln!(
+                err,
+                "handoff: warning: the refusal was not logged for the desktop: {e}"
+            );
+            return;
+        }
+    };
+    if let Err(e) = crate::refusals::RefusalLog::record(host, gpu, vm, &[], message) {
+        let _ = writeln!(
+            err,
+            "handoff: warning: cannot write {}: {e}",
+            crate::refusals::path(host).display()
+        );
+    }
+    let primary = gpu == cfg.gpu.address;
+    let mut state =
+        crate::state::HookState::load_gpu(host, gpu).unwrap_or_else(|| crate::state::HookState::new(gpu));
+    state.last_refusal = Some(crate::state::Refusal {
+        vm: vm.to_owned(),
+        at: crate::bind::record::now(),
+        holders: Vec::new(),
+        message: message.to_owned(),
+    });
+    let _ = state.save_gpu(host, primary);
 }
 
 /// The state file of each GPU that rests on vfio-pci (nothing is rebound for it): `vfio`

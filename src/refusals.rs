@@ -45,6 +45,10 @@ pub struct Logged {
     pub holders: Vec<Holder>,
     /// The refusal as `virsh start` showed it.
     pub message: String,
+    /// The Proxmox VE start task that was refused (`UPID:node:…`), for a refusal a
+    /// desktop read from PVE's task list ([`user_host`]); None for one its own hook logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upid: Option<String>,
 }
 
 /// The file.
@@ -73,6 +77,22 @@ pub fn path(host: &Host) -> PathBuf {
     host.run.join(FILE)
 }
 
+/// `host` with its run dir moved to the user's runtime dir (`$XDG_RUNTIME_DIR/handoff`,
+/// [`crate::stopped::dir`]): where a desktop whose VMs run on Proxmox VE keeps the
+/// refusals it read from PVE's task list (the hookscript's log is on the node), in the same
+/// format, so that a surface reads both files the same way. It outlives a restart of the
+/// tray (and not a logout: the runtime dir goes, and with it what was told).
+pub fn user_host(host: &Host) -> Host {
+    Host {
+        run: crate::stopped::dir(&Host {
+            // `dir` answers `[host] run` for root; a root-run tray keeps the node's file.
+            run: host.run.join("pve"),
+            ..host.clone()
+        }),
+        ..host.clone()
+    }
+}
+
 impl RefusalLog {
     /// The file; `Ok(None)` when there is none.
     pub fn read(host: &Host) -> Result<Option<RefusalLog>, RefusalsError> {
@@ -96,6 +116,20 @@ impl RefusalLog {
         holders: &[Holder],
         message: &str,
     ) -> io::Result<u64> {
+        Self::record_task(host, gpu, vm, holders, message, None).map(|s| s.unwrap_or(0))
+    }
+
+    /// [`RefusalLog::record`] of a refusal read from a PVE task (`upid`): `Ok(None)` when
+    /// that task is logged already (a restarted poller, a second surface reading the same
+    /// task list), so each task is one refusal.
+    pub fn record_task(
+        host: &Host,
+        gpu: PciAddress,
+        vm: &str,
+        holders: &[Holder],
+        message: &str,
+        upid: Option<&str>,
+    ) -> io::Result<Option<u64>> {
         let mut log = RefusalLog::read(host)
             .ok()
             .flatten()
@@ -106,6 +140,9 @@ impl RefusalLog {
                     .unwrap_or(1),
                 refusals: Vec::new(),
             });
+        if upid.is_some() && log.refusals.iter().any(|l| l.upid.as_deref() == upid) {
+            return Ok(None);
+        }
         let seq = log.refusals.last().map_or(1, |l| l.seq + 1);
         log.refusals.push(Logged {
             seq,
@@ -114,12 +151,13 @@ impl RefusalLog {
             at: now(),
             holders: holders.to_vec(),
             message: message.to_owned(),
+            upid: upid.map(str::to_owned),
         });
         let drop = log.refusals.len().saturating_sub(KEEP);
         log.refusals.drain(..drop);
         let json = serde_json::to_vec_pretty(&log).map_err(io::Error::other)?;
         write_atomic(&path(host), &json, 0o644)?;
-        Ok(seq)
+        Ok(Some(seq))
     }
 
     /// Where this file stands: its epoch and newest number.

@@ -131,6 +131,19 @@ impl VmStatus {
         }
     }
 
+    /// Its state in words for people. A Proxmox VE VM the API does not list is not "not
+    /// defined in libvirt": PVE hides a VM from a token without `VM.Audit` on it exactly as
+    /// it hides a VMID that does not exist, so say both (`error` has the `pveum` that fixes
+    /// the first).
+    pub fn words(&self) -> &'static str {
+        match (self.state, self.vmid) {
+            (VmState::Undefined, Some(_)) => {
+                "not visible to the API token (no VM.Audit on it, or no such VMID)"
+            }
+            (s, _) => s.words(),
+        }
+    }
+
     /// "Linux AI (VM 141)" for a PVE VM, "Windows (win11)" for a libvirt one.
     pub fn shown(&self) -> String {
         match self.vmid {
@@ -363,7 +376,7 @@ impl Status {
                     "  {:<16} {:<12} {}",
                     vm.name,
                     format!("({})", vm.label),
-                    vm.state.words()
+                    vm.words()
                 );
                 if let Some(e) = &vm.error {
                     let _ = writeln!(s, "      {e}");
@@ -534,7 +547,7 @@ Next: {}
                     "  {:<16} {:<12} {}",
                     v.name,
                     format!("({})", v.label),
-                    v.state.words()
+                    v.words()
                 );
                 if let Some(e) = &v.error {
                     let _ = writeln!(s, "      {e}");

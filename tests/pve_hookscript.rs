@@ -479,3 +479,69 @@ fn pre_start_warns_what_an_igpu_vm_lacks_and_that_macos_has_no_nvidia_driver() {
     assert_eq!(pve.hook(142, "post-stop").code, 0);
     pve.sim.assert_home();
 }
+
+/// Issue 16 on the node: each start the hookscript refused is logged in `refusals.json`
+/// under `[host] run` as the libvirt hook logs its own — the VM, the holders or the VM that
+/// has the GPU, the time — so a tray or block on the node tells it once ([`Unseen`]).
+#[test]
+fn each_refused_pre_start_is_logged_for_the_surfaces_once_naming_the_holders_or_the_other_vm() {
+    use handoff::refusals::{RefusalLog, Unseen};
+    let _serial = fuse_gpu::serial();
+    let Some(pve) = homelab("nvidia") else { return };
+    let host = pve.sim.host();
+    let gpu: handoff::pci::PciAddress = GPU.parse().unwrap();
+    let mut told = Unseen::start(&host, gpu);
+
+    // A CUDA job on the host driver: 141 is refused, naming it.
+    let holder = hold(&pve.sim.dev("nvidia0"));
+    let r = pve.hook(141, "pre-start");
+    assert_eq!(r.code, 1, "{}", r.output);
+    drop(holder);
+    let news = told.take(&host);
+    assert_eq!(news.len(), 1, "{news:?}");
+    assert_eq!(news[0].vm, "linux-ai");
+    assert!(
+        news[0]
+            .holders
+            .iter()
+            .any(|h| h.paths.iter().any(|p| p.ends_with("nvidia0"))),
+        "{news:?}"
+    );
+    assert!(told.take(&host).is_empty(), "told once");
+
+    // 140 takes the card; 141's start is refused because 140 runs: the other VM is named.
+    assert_eq!(pve.hook(140, "pre-start").code, 0);
+    pve.running(140);
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let r = pve.hook(141, "pre-start");
+    assert_eq!(r.code, 1, "{}", r.output);
+    let news = told.take(&host);
+    assert_eq!(news.len(), 1, "{news:?}");
+    assert_eq!(news[0].vm, "linux-ai");
+    assert!(news[0].holders.is_empty());
+    assert!(
+        news[0]
+            .message
+            .starts_with("not starting Linux AI (VM 141): GPU 0000:01:00.0 is passed through to Windows 11 (VM 140), which is running"),
+        "{}",
+        news[0].message
+    );
+    assert!(news[0].at >= before, "{news:?}");
+    // The state file's last refusal (the details window's "Last refused start") says it too,
+    // and 140 still has the card.
+    let state = handoff::state::HookState::load_gpu(&host, gpu).unwrap();
+    assert!(
+        state.vm.is_some() && state.vm.as_deref() != Some("linux-ai"),
+        "{state:?}"
+    );
+    assert_eq!(
+        state.last_refusal.as_ref().map(|r| r.vm.as_str()),
+        Some("linux-ai")
+    );
+    // A restarted surface does not tell it again.
+    assert!(Unseen::start(&host, gpu).take(&host).is_empty());
+    assert_eq!(RefusalLog::read(&host).unwrap().unwrap().refusals.len(), 2);
+}

@@ -231,7 +231,9 @@ struct Loop {
     orphan: OrphanWatch,
     /// Refused starts already told (`handoff::refusals`), one per configured GPU: each one
     /// logged by the hook is a notification once, whoever asked for the start.
-    refusals: Vec<handoff::refusals::Unseen>,
+    /// With VMs on Proxmox VE, also the refusals the agent read from PVE's task list, in the
+    /// user's runtime dir (`refusals::user_host`): each file with its own `Unseen`.
+    refusals: Vec<(handoff::host::Host, handoff::refusals::Unseen)>,
     /// Actions of this tray under way: a refusal of its own start is told by the action's
     /// own note, so the log is not read meanwhile and is skipped after a start.
     acting: usize,
@@ -272,10 +274,17 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
     // The kernel and the hook's files here; libvirt in the agent (no libvirt in this
     // process: benches/RESULTS-tray.md).
     // Before the watcher: refusals logged until now are history, later ones news.
-    let refusals: Vec<_> = cfg
-        .gpu
+    let mut hosts = vec![cfg.host.clone()];
+    if cfg.proxmox.is_some() && cfg.vms.iter().any(|v| v.vmid.is_some()) {
+        hosts.push(handoff::refusals::user_host(&cfg.host));
+    }
+    let refusals: Vec<_> = hosts
         .iter()
-        .map(|g| handoff::refusals::Unseen::start(&cfg.host, g.address))
+        .flat_map(|h| {
+            cfg.gpu
+                .iter()
+                .map(|g| (h.clone(), handoff::refusals::Unseen::start(h, g.address)))
+        })
         .collect();
     let watcher = Watcher::with_sink(&cfg, Sources::without_libvirt(), sink.clone())?;
     let agent = Arc::new(agent_for(&source, level, sink));
@@ -353,8 +362,7 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
                     l.notifier.show(n, l.icon()).await;
                 }
                 if l.acting == 0 {
-                    let host = l.cfg.host.clone();
-                    let mut news: Vec<_> = l.refusals.iter_mut().flat_map(|u| u.take(&host)).collect();
+                    let mut news: Vec<_> = l.refusals.iter_mut().flat_map(|(h, u)| u.take(h)).collect();
                     // A VM refused two GPUs at once is one refusal to tell.
                     news.sort_by_key(|r| r.at);
                     news.dedup_by(|a, b| a.vm == b.vm && a.at == b.at);
@@ -389,8 +397,8 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
                 l.acting = l.acting.saturating_sub(1);
                 if a.starts_a_vm() {
                     // Its refusal, if any, is in `note`, told with this tray's own scan.
-                    for u in &mut l.refusals {
-                        u.skip(&l.cfg.host);
+                    for (h, u) in &mut l.refusals {
+                        u.skip(h);
                     }
                 }
                 if let Some(vm) = vm_started_by(&a) {

@@ -286,7 +286,7 @@ impl Snapshot {
         }
         for v in self.vms() {
             // "Windows (win11): running", "Linux AI (VM 141): shut off".
-            lines.push(format!("{}: {}", plain(&v.shown()), v.state.words()));
+            lines.push(format!("{}: {}", plain(&v.shown()), v.words()));
         }
         if let Some(why) = self.libvirt_unreachable() {
             lines.push(format!("libvirt unreachable: {}", first_line(&why)));
@@ -459,11 +459,32 @@ pub fn refusal_note(vm_label: &str, vm: &str, holders: &[Holder], uid: u32, mess
 /// holders are all the user's own).
 pub fn logged_refusal_note(cfg: &handoff::Config, r: &handoff::refusals::Logged, uid: u32) -> Note {
     let vm = cfg.vms.iter().find(|v| v.name == r.vm);
-    let label = vm.map_or(r.vm.as_str(), |v| v.label());
-    let mut note = refusal_note(label, &r.vm, &r.holders, uid, &r.message);
+    // A PVE VM by its label and VMID, as the hookscript names it ("Linux AI (VM 141)").
+    let label = match vm {
+        Some(v) => match v.vmid {
+            Some(id) => format!("{} (VM {id})", v.label()),
+            None => v.label().to_owned(),
+        },
+        None => r.vm.clone(),
+    };
+    let mut note = refusal_note(&label, &r.vm, &r.holders, uid, &r.message);
     if vm.is_none() {
         note.actions
             .retain(|(a, _)| !matches!(a, Action::TerminateAndStart { .. }));
+    }
+    // Another running VM has the GPU (the PVE hookscript's refusal, which names it and
+    // `handoff switch`): the button does that switch.
+    if let Some(v) = vm
+        && r.holders.is_empty()
+        && r.message.contains("which is running")
+    {
+        note.actions.insert(
+            0,
+            (
+                Action::Switch { vm: v.name.clone() },
+                format!("Switch to {}", v.label()),
+            ),
+        );
     }
     note
 }

@@ -365,7 +365,7 @@ impl View {
                     let b = match (restore, v.state) {
                         (true, _) => b.disabled_because("Return the GPU to Linux first"),
                         (false, VmState::Undefined | VmState::Unknown) => {
-                            b.disabled_because(v.error.clone().unwrap_or_else(|| v.state.words().to_owned()))
+                            b.disabled_because(v.error.clone().unwrap_or_else(|| v.words().to_owned()))
                         }
                         _ => b,
                     };
@@ -378,7 +378,7 @@ impl View {
                     name: v.name.clone(),
                     label: v.label.clone(),
                     uri: v.uri.clone(),
-                    state: v.state.words().to_owned(),
+                    state: v.words().to_owned(),
                     active: v.state.is_active(),
                     holds_gpu: g.vm.as_deref() == Some(v.name.as_str()),
                     holds_other: Vec::new(),
@@ -959,6 +959,19 @@ mod tests {
             Some("no domain win11 at qemu:///system")
         );
         assert_eq!(v.vms[0].state, "not defined in libvirt");
+    }
+
+    #[test]
+    fn a_pve_vm_the_token_cannot_see_is_not_said_to_be_undefined_in_libvirt() {
+        let mut hidden = vm("old-win", "Old Windows", VmState::Undefined);
+        hidden.vmid = Some(150);
+        hidden.uri = "https://pve:8006".into();
+        let v = View::build(&facts("vfio-pci", vec![hidden]), None);
+        assert_eq!(
+            v.vms[0].state,
+            "not visible to the API token (no VM.Audit on it, or no such VMID)"
+        );
+        assert!(!v.vms[0].buttons[0].enabled);
     }
 
     #[test]

@@ -55,7 +55,23 @@ impl Definitions {
     }
 }
 
-/// The PVE VMs' states, polled, as the libvirt source's changes.
+/// The starts this agent is making or made (the `[[vm]]`'s name, and when it ended; None
+/// while under way): a refusal of one of them is told by the action's own reply, so the
+/// same refusal found in PVE's task list a poll later is not told again.
+static OWN_STARTS: Mutex<Vec<(String, Option<std::time::Instant>)>> = Mutex::new(Vec::new());
+
+/// Whether a refused start of `vm` found now is one of this agent's own: under way, or
+/// ended less than two polls (and a margin for the task list) ago.
+fn own_start(vm: &str, poll: std::time::Duration) -> bool {
+    let window = poll * 2 + std::time::Duration::from_secs(10);
+    let mut own = OWN_STARTS.lock().unwrap_or_else(|e| e.into_inner());
+    own.retain(|(_, ended)| ended.is_none_or(|t| t.elapsed() < window));
+    own.iter().any(|(v, _)| v == vm)
+}
+
+/// The PVE VMs' states, polled, as the libvirt source's changes; and the start tasks the
+/// hookscript refused, whoever started them, logged in the user's runtime dir
+/// ([`handoff::refusals::user_host`]) and told as [`Change::Refused`].
 fn pve_poll(cfg: &Config, sink: Sink) -> Option<handoff::hypervisor::Subscription> {
     use handoff::hypervisor::{VmEvent, VmRef};
     use handoff::live::Source;
@@ -68,7 +84,38 @@ fn pve_poll(cfg: &Config, sink: Sink) -> Option<handoff::hypervisor::Subscriptio
     if vms.is_empty() || cfg.proxmox.is_none() {
         return None;
     }
+    let poll = std::time::Duration::from_secs(cfg.proxmox.as_ref().map_or(5, |p| p.poll_interval_s));
+    let (user, gpus) = (handoff::refusals::user_host(&cfg.host), cfg.clone());
     let forward = Arc::new(move |ev: VmEvent| match ev {
+        VmEvent::Refused(r) => {
+            // Logged in the user's runtime dir in the hook's own format, once per task
+            // (the UPID), and told as the hook's refusals are: the surface reads the log.
+            let Some(message) = r.message else { return true };
+            if own_start(&r.vm, poll) {
+                return true;
+            }
+            // On the node itself the hookscript ran here and logged the refusal in
+            // `[host] run` already, which the tray reads: once is enough.
+            if handoff::pve::PveHost::system().conf_path(r.vmid).exists() {
+                return true;
+            }
+            let gpu = handoff::gpus::taken_by(&gpus, &r.passthrough)
+                .first()
+                .map_or(gpus.gpu.address, |g| g.address);
+            match handoff::refusals::RefusalLog::record_task(&user, gpu, &r.vm, &[], &message, Some(&r.upid))
+            {
+                Ok(Some(seq)) => sink(Change::Refused { vm: r.vm, seq }),
+                Ok(None) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot log the refused start of {} in {}: {e}",
+                        r.vm,
+                        handoff::refusals::path(&user).display()
+                    );
+                    true
+                }
+            }
+        }
         VmEvent::Lifecycle { vm, event } => sink(Change::Domain {
             uri: vm.at,
             name: vm.name,
@@ -325,8 +372,31 @@ fn act(cfg: &Config, request: &Request) -> Reply {
         unreachable!("probes are answered by the prober thread")
     };
     let mut say = |line: &str| tracing::info!("{line}");
+    let starting = match &action {
+        handoff::action::Action::TerminateAndStart { vm, .. } => Some(vm.as_str()),
+        a if a.starts_a_vm() => a.vm(),
+        _ => None,
+    }
+    .and_then(|v| crate::vm::resolve(cfg, Some(v)).ok())
+    .map(|v| v.name.clone());
+    if let Some(vm) = &starting {
+        OWN_STARTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((vm.clone(), None));
+    }
     let mut ctl = Ctl::new(cfg, &mut say);
-    match ctl.act(&action, None) {
+    let result = ctl.act(&action, None);
+    if let Some(vm) = &starting
+        && let Some(entry) = OWN_STARTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+            .find(|(v, ended)| v == vm && ended.is_none())
+    {
+        entry.1 = Some(std::time::Instant::now());
+    }
+    match result {
         Some(Ok(done)) => {
             let vm = crate::vm::resolve(cfg, action.vm()).ok();
             Reply::Done(Done {

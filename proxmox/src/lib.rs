@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use handoff::config::{Config, ProxmoxConfig};
 use handoff::hypervisor::{
-    Action, Description, EventSink, Guest, Hypervisor, HypervisorError, Probe, Refusal, Start, Subscription,
-    Task, TaskState, VmEvent, VmRef,
+    Action, Description, EventSink, Guest, Hypervisor, HypervisorError, Probe, Refusal, RefusedStart, Start,
+    Subscription, Task, TaskState, VmEvent, VmRef,
 };
 use handoff::live::DomainEvent;
 use handoff::status::VmState;
@@ -159,7 +159,10 @@ impl Proxmox {
             .and_then(|v| v.as_array().cloned())
             .unwrap_or_default()
             .iter()
-            .filter_map(|l| l["t"].as_str().map(str::to_owned))
+            .filter_map(|l| l["t"].as_str())
+            // PVE writes one entry per line; an entry with line breaks (fakepve's failure
+            // on demand, which is one message) is read as the lines it holds.
+            .flat_map(|t| t.lines().map(str::to_owned).collect::<Vec<_>>())
             .collect();
         lines
     }
@@ -394,6 +397,65 @@ impl Hypervisor for Proxmox {
             uptime_s: s["uptime"].as_u64().filter(|_| running),
             ip,
         }
+    }
+
+    /// `GET /nodes/{node}/tasks` (`typefilter=qmstart`, `errors=1`; filtered here too) on
+    /// each node of `vms`: their failed start tasks, and for the new ones (`read_logs`) the
+    /// hookscript's words from the task's log ([`refusal_in`]) and the VM's devices. PVE
+    /// lists a token's own tasks, and everyone's with `Sys.Audit` on `/nodes/{node}`: a
+    /// start from the web UI or `qm start` is seen only with that (docs/proxmox.md).
+    fn refused_starts(
+        &mut self,
+        vms: &[VmRef],
+        known: &[String],
+        read_logs: bool,
+    ) -> Result<Vec<RefusedStart>, HypervisorError> {
+        let mut by_node: std::collections::BTreeMap<String, Vec<(u32, &VmRef)>> = Default::default();
+        for vm in vms {
+            let Ok(id) = self.vmid(vm) else { continue };
+            // A VM the token cannot see has no node: its probe says so.
+            let Ok(node) = self.node(id) else { continue };
+            by_node.entry(node).or_default().push((id, vm));
+        }
+        let mut out = Vec::new();
+        for (node, ids) in by_node {
+            let list = self.get(&format!(
+                "/nodes/{}/tasks?typefilter=qmstart&errors=1&limit=50",
+                client::segment(&node)
+            ))?;
+            for t in list.as_array().into_iter().flatten() {
+                // A running task has no `status` in the listing; an ended one its exit status.
+                let (Some("qmstart"), Some(status), Some(upid)) =
+                    (t["type"].as_str(), t["status"].as_str(), t["upid"].as_str())
+                else {
+                    continue;
+                };
+                if status == "OK" || known.iter().any(|k| k == upid) {
+                    continue;
+                }
+                let Some(&(vmid, vm)) = ids
+                    .iter()
+                    .find(|(id, _)| t["id"].as_str() == Some(id.to_string().as_str()))
+                else {
+                    continue;
+                };
+                let mut r = RefusedStart {
+                    vm: vm.name.clone(),
+                    vmid,
+                    upid: upid.to_owned(),
+                    user: t["user"].as_str().unwrap_or_default().to_owned(),
+                    at: t["starttime"].as_u64().unwrap_or_default(),
+                    message: None,
+                    passthrough: Vec::new(),
+                };
+                if read_logs && let Some(refusal) = refusal_in(&self.task_log(&node, upid), status) {
+                    r.message = Some(refusal.message);
+                    r.passthrough = self.describe(vm).map(|d| d.passthrough).unwrap_or_default();
+                }
+                out.push(r);
+            }
+        }
+        Ok(out)
     }
 
     /// PVE has no event stream: a thread asks for the VMs' states every

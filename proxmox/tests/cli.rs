@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use handoff_test_support::bins;
-use handoff_test_support::fakepve::FakePve;
+use handoff_test_support::fakepve::{self, FakePve};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "handoff@pve!desk";
@@ -22,6 +22,11 @@ fn handoff() -> PathBuf {
 }
 
 fn setup() -> Option<(FakePve, PathBuf)> {
+    setup_with(|_| {})
+}
+
+/// [`setup`] with the fakepve scenario changed first.
+fn setup_with(changes: impl FnOnce(&mut Value)) -> Option<(FakePve, PathBuf)> {
     let vm = |id: u32, name: &str, status: &str| json!({"vmid": id, "name": name, "status": status, "config": {"hostpci0": "0000:01:00,pcie=1", "cores": 8, "memory": 16384}});
     // Windows has run for 2 h 3 min 4 s and its guest agent answers (fakepve's addresses).
     let mut win11 = vm(140, "win11", "running");
@@ -31,10 +36,12 @@ fn setup() -> Option<(FakePve, PathBuf)> {
         "-device ivshmem-plain,memdev=ivshmem,bus=pcie.0 -object memory-backend-file,id=ivshmem,share=on,mem-path=/dev/shm/looking-glass,size=32M"
     );
     win11["agent"] = json!({});
-    let pve = FakePve::start(&json!({
+    let mut scenario = json!({
         "tokens": {TOKEN: SECRET},
         "guests": [win11, vm(141, "linux-ai", "stopped")],
-    }))?;
+    });
+    changes(&mut scenario);
+    let pve = FakePve::start(&scenario)?;
     let dir = pve.dir().to_owned();
     let secret = dir.join("pve-token");
     std::fs::write(&secret, SECRET).unwrap();
@@ -397,4 +404,129 @@ fn on_the_node_status_says_free_on_vfio_pci_between_vms_and_names_the_vm_that_ha
         (&json!("in_vm"), &json!("linux-ai"), &json!(141)),
         "{v}"
     );
+}
+
+/// The hookscript's refusal of 141 while 140 runs, as the node prints it.
+const REFUSED_141: &str = "handoff: not starting Linux AI (VM 141): GPU 0000:01:00.0 is passed through to Windows 11 (VM 140), which is running. `handoff switch 141` shuts it down gracefully and then starts Linux AI (VM 141)";
+
+/// Issue 16 on a desktop whose VMs run on PVE: a start the hookscript refused, asked by
+/// someone else (here a script with the same token; PVE's web UI needs `Sys.Audit`, see
+/// docs/proxmox.md), is found by the tray's agent at its poll, logged once (by UPID) in the
+/// user's refusals file in the hook's format, and told as a `refused` change; a refusal from
+/// before the agent started is history, and a restarted agent tells nothing again.
+#[test]
+fn the_trays_agent_hears_a_start_the_hookscript_refused_once_and_never_an_old_one() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+
+    use handoff::hypervisor::{Hypervisor, TaskState};
+    let Some((_pve, config)) = setup_with(|s| {
+        s["guests"][1]["start_error"] = json!(fakepve::hookscript_refusal(141, &[REFUSED_141]));
+    }) else {
+        return;
+    };
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("fingerprint =", "poll_interval_s = 1\nfingerprint ="),
+    )
+    .unwrap();
+    let cfg = handoff::Config::load_file(&config).unwrap();
+    let refused_start = || {
+        let mut pve = handoff_proxmox::Proxmox::new(&cfg).unwrap();
+        let vm = (&cfg.vms[1]).into();
+        let handoff::hypervisor::Start::Begun(task) = pve.start(&vm).unwrap() else {
+            panic!("fakepve refused at once")
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match pve.poll(&task).unwrap() {
+                TaskState::Refused(r) => return (task.upid.unwrap(), r.message),
+                TaskState::Pending { .. } if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                other => panic!("expected the hookscript's refusal, got {other:?}"),
+            }
+        }
+    };
+    let (old_upid, _) = refused_start();
+    let agent = || {
+        let mut g = handoff_test_support::process::Group::spawn(
+            Command::new(handoff())
+                .arg("--config")
+                .arg(&config)
+                .arg("__agent")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped()),
+        );
+        let stdout = g.0.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                if tx.send(line.unwrap_or_default()).is_err() {
+                    break;
+                }
+            }
+        });
+        (g, rx)
+    };
+    let refusals = |rx: &std::sync::mpsc::Receiver<String>, wait: Duration| {
+        let deadline = Instant::now() + wait;
+        let mut got = Vec::new();
+        while Instant::now() < deadline {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(100))
+                && line.contains("\"refused\"")
+            {
+                got.push(line);
+            }
+        }
+        got
+    };
+    let log = || handoff::refusals::RefusalLog::read(&handoff::refusals::user_host(&cfg.host)).unwrap();
+
+    let (g, rx) = agent();
+    // Two polls: the refusal from before the agent is history.
+    assert_eq!(refusals(&rx, Duration::from_millis(2500)), Vec::<String>::new());
+    assert!(log().is_none(), "an old refusal was logged: {:?}", log());
+
+    let (upid, message) = refused_start();
+    assert_ne!(upid, old_upid);
+    let got = refusals(&rx, Duration::from_secs(4));
+    assert_eq!(got.len(), 1, "one refused change for one refused task: {got:#?}");
+    assert!(got[0].contains("linux-ai"), "{got:?}");
+    let l = log().expect("the refusal is logged in the user's runtime dir");
+    assert_eq!(l.refusals.len(), 1, "{l:?}");
+    let r = &l.refusals[0];
+    assert_eq!(r.vm, "linux-ai");
+    assert_eq!(r.upid.as_deref(), Some(upid.as_str()));
+    assert_eq!(r.gpu.to_string(), "0000:01:00.0");
+    assert_eq!(r.message, REFUSED_141.strip_prefix("handoff: ").unwrap());
+    assert_eq!(r.message, message, "the same words as the start's own refusal");
+    drop(g);
+
+    // A restarted agent tells nothing again.
+    let (_g, rx) = agent();
+    assert_eq!(refusals(&rx, Duration::from_millis(2500)), Vec::<String>::new());
+    assert_eq!(log().unwrap().refusals.len(), 1);
+}
+
+/// Issue 14: a `[[vm]]` whose VMID the token cannot see (no `VM.Audit` on it, or no such
+/// VM: PVE answers both the same) is never "not defined in libvirt".
+#[test]
+fn a_pve_vm_the_token_cannot_see_is_said_so_not_undefined_in_libvirt() {
+    let Some((_pve, config)) = setup() else { return };
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("[host]", "[[vm]]\nvmid = 150\nlabel = \"Old Windows\"\n\n[host]"),
+    )
+    .unwrap();
+    let (code, text, err) = run(&config, &["status"]);
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(!text.contains("libvirt"), "{text}");
+    assert!(
+        text.contains("not visible to the API token (no VM.Audit on it, or no such VMID)"),
+        "{text}"
+    );
+    assert!(text.contains("VM.Audit on /vms/150"), "{text}");
 }

@@ -229,6 +229,69 @@ pub enum VmEvent {
     Back {
         at: String,
     },
+    /// A start of a subscribed VM that the guard refused, found after the fact: Proxmox
+    /// VE's task list, read at each poll ([`Hypervisor::refused_starts`]). libvirt's
+    /// subscriptions never send it (the libvirt hook logs its refusals on the host itself).
+    Refused(RefusedStart),
+}
+
+/// A start task the guard refused, whoever asked for it (the PVE web UI, `qm start`, a
+/// script with another token): what [`Hypervisor::refused_starts`] finds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedStart {
+    /// The VM (as subscribed: the `[[vm]]`'s name and VMID).
+    pub vm: String,
+    pub vmid: u32,
+    /// The task's id (`UPID:node:…`): one refusal per task.
+    pub upid: String,
+    /// Who started it (`root@pam`, `handoff@pve!desk`).
+    pub user: String,
+    /// When the task started (Unix time, the node's clock).
+    pub at: u64,
+    /// The guard's own words from the task's log; None when the task failed for another
+    /// reason (only listed so that it is not looked at again).
+    pub message: Option<String>,
+    /// The PCI devices the VM passes through (its config), to say which GPU was refused.
+    pub passthrough: Vec<PciAddress>,
+}
+
+/// What a poller has already looked at, for [`Hypervisor::refused_starts`]: the first
+/// listing is history (a surface that starts does not tell old refusals), later ones are
+/// news once each.
+#[derive(Debug, Default)]
+pub struct RefusalWatch {
+    known: std::collections::BTreeSet<String>,
+    listed: bool,
+}
+
+impl RefusalWatch {
+    /// The UPIDs already looked at.
+    pub fn known(&self) -> Vec<String> {
+        self.known.iter().cloned().collect()
+    }
+
+    /// Whether the next listing is the first (history: read no logs).
+    pub fn first(&self) -> bool {
+        !self.listed
+    }
+
+    /// Takes a listing's answer: the refusals that are news (none from the first listing).
+    pub fn take(&mut self, found: Vec<RefusedStart>) -> Vec<RefusedStart> {
+        let first = !std::mem::replace(&mut self.listed, true);
+        let mut news = Vec::new();
+        for r in found {
+            if self.known.insert(r.upid.clone()) && !first && r.message.is_some() {
+                news.push(r);
+            }
+        }
+        // A listing holds PVE's last few tasks; this only has to outlast them.
+        while self.known.len() > 1024 {
+            let oldest = self.known.iter().next().cloned().expect("not empty");
+            self.known.remove(&oldest);
+        }
+        news.sort_by_key(|r| r.at);
+        news
+    }
 }
 
 /// Where a subscription delivers. Returns `false` once nobody listens. Runs on the
@@ -335,6 +398,19 @@ pub trait Hypervisor: Send {
     fn guest(&mut self, vm: &VmRef) -> Guest;
     /// Lifecycle events of `vms` until the returned subscription is dropped.
     fn subscribe(&mut self, vms: &[VmRef], sink: EventSink) -> Result<Subscription, HypervisorError>;
+    /// The failed start tasks of `vms` the hypervisor still lists, but for those in
+    /// `known`; with `read_logs`, each with the guard's words when the guard refused it.
+    /// Proxmox VE only (its hookscript's refusal is a task of the node's, whoever started
+    /// it); libvirt's hook logs its refusals on the host, so none here.
+    fn refused_starts(
+        &mut self,
+        vms: &[VmRef],
+        known: &[String],
+        read_logs: bool,
+    ) -> Result<Vec<RefusedStart>, HypervisorError> {
+        let _ = (vms, known, read_logs);
+        Ok(Vec::new())
+    }
 }
 
 /// [`vm_status`] with the PCI devices the VM's definition passes through, for `handoff
@@ -357,5 +433,39 @@ pub fn vm_status(hv: &mut dyn Hypervisor, vm: &VmConfig) -> VmStatus {
             VmStatus::new(vm, VmState::Undefined, Some(e.to_string()))
         }
         Err(e) => VmStatus::new(vm, VmState::Unknown, Some(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_listing_of_refused_starts_is_history_and_each_later_task_news_once() {
+        let task = |upid: &str, at: u64, refused: bool| RefusedStart {
+            vm: "linux-ai".into(),
+            vmid: 141,
+            upid: upid.into(),
+            user: "root@pam".into(),
+            at,
+            message: refused.then(|| "not starting Linux AI (VM 141): …".into()),
+            passthrough: Vec::new(),
+        };
+        let mut w = RefusalWatch::default();
+        assert!(w.first());
+        assert!(w.take(vec![task("UPID:a", 1, true)]).is_empty(), "history");
+        assert!(!w.first());
+        // A new refused task is news; one that failed for another reason is not; neither twice.
+        let news = w.take(vec![
+            task("UPID:c", 3, true),
+            task("UPID:b", 2, false),
+            task("UPID:a", 1, true),
+        ]);
+        assert_eq!(
+            news.iter().map(|r| r.upid.as_str()).collect::<Vec<_>>(),
+            ["UPID:c"]
+        );
+        assert_eq!(w.known(), ["UPID:a", "UPID:b", "UPID:c"]);
+        assert!(w.take(vec![task("UPID:c", 3, true)]).is_empty());
     }
 }

@@ -96,14 +96,35 @@ impl From<WTask> for Task {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 enum Request {
-    List { at: String },
-    Probe { vm: WVm },
-    Start { vm: WVm },
-    Shutdown { vm: WVm },
-    Destroy { vm: WVm },
-    Poll { task: WTask },
-    Describe { vm: WVm },
-    Guest { vm: WVm },
+    List {
+        at: String,
+    },
+    Probe {
+        vm: WVm,
+    },
+    Start {
+        vm: WVm,
+    },
+    Shutdown {
+        vm: WVm,
+    },
+    Destroy {
+        vm: WVm,
+    },
+    Poll {
+        task: WTask,
+    },
+    Describe {
+        vm: WVm,
+    },
+    Guest {
+        vm: WVm,
+    },
+    RefusedStarts {
+        vms: Vec<WVm>,
+        known: Vec<String>,
+        read_logs: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -283,6 +304,14 @@ fn answer(hv: &mut dyn Hypervisor, req: Request) -> Result<serde_json::Value, Hy
                 })
                 .expect("serializable"),
             )
+        }
+        Request::RefusedStarts {
+            vms,
+            known,
+            read_logs,
+        } => {
+            let vms: Vec<VmRef> = vms.into_iter().map(Into::into).collect();
+            json(serde_json::to_value(hv.refused_starts(&vms, &known, read_logs)?).expect("serializable"))
         }
         Request::Guest { vm } => {
             let g = hv.guest(&vm.into());
@@ -510,9 +539,22 @@ impl Hypervisor for Piped {
             Err(_) => Guest::default(),
         }
     }
+    fn refused_starts(
+        &mut self,
+        vms: &[VmRef],
+        known: &[String],
+        read_logs: bool,
+    ) -> Result<Vec<super::RefusedStart>, HypervisorError> {
+        self.call(&Request::RefusedStarts {
+            vms: vms.iter().map(Into::into).collect(),
+            known: known.to_vec(),
+            read_logs,
+        })
+    }
     /// Proxmox VE has no event stream: a thread with a server of its own asks for the VMs'
     /// states every `[proxmox] poll_interval_s` and sends what changed (and a lost or
-    /// regained API once).
+    /// regained API once), and the start tasks the hookscript refused since the first
+    /// round ([`VmEvent::Refused`], one per task).
     fn subscribe(&mut self, vms: &[VmRef], sink: EventSink) -> Result<Subscription, HypervisorError> {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, Ordering};
@@ -531,6 +573,7 @@ impl Hypervisor for Piped {
             .spawn(move || {
                 let mut last: std::collections::HashMap<VmRef, VmState> = Default::default();
                 let mut lost = false;
+                let mut refusals = super::RefusalWatch::default();
                 while !stopped.load(Ordering::Relaxed) {
                     for vm in &vms {
                         let ev = match poller.probe(vm) {
@@ -554,6 +597,9 @@ impl Hypervisor for Piped {
                                     _ => None,
                                 }
                             }
+                            // The API answered that it knows no such VM (or hides it from
+                            // the token): not a lost connection; the probes say so.
+                            Err(HypervisorError::NoVm { .. }) => None,
                             Err(e) if !lost => {
                                 lost = true;
                                 Some(VmEvent::Lost {
@@ -567,6 +613,17 @@ impl Hypervisor for Piped {
                             && !sink(ev)
                         {
                             return;
+                        }
+                    }
+                    // One listing of the node's tasks per round; a failure to list is
+                    // told by the probes above, not twice.
+                    if !lost
+                        && let Ok(found) = poller.refused_starts(&vms, &refusals.known(), !refusals.first())
+                    {
+                        for r in refusals.take(found) {
+                            if !sink(VmEvent::Refused(r)) {
+                                return;
+                            }
                         }
                     }
                     // Sleep in short steps so that dropping the subscription ends it soon.
@@ -654,6 +711,18 @@ impl Hypervisor for Router {
             Ok(h) => h.guest(vm),
             Err(_) => Guest::default(),
         }
+    }
+    fn refused_starts(
+        &mut self,
+        vms: &[VmRef],
+        known: &[String],
+        read_logs: bool,
+    ) -> Result<Vec<super::RefusedStart>, HypervisorError> {
+        let pve: Vec<VmRef> = vms.iter().filter(|v| v.id.is_some()).cloned().collect();
+        if pve.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.pve()?.refused_starts(&pve, known, read_logs)
     }
     fn subscribe(&mut self, vms: &[VmRef], sink: EventSink) -> Result<Subscription, HypervisorError> {
         let (pve, other): (Vec<VmRef>, Vec<VmRef>) = vms.iter().cloned().partition(|v| v.id.is_some());

@@ -113,3 +113,18 @@ pub fn unreachable_url() -> String {
     drop(l);
     format!("https://127.0.0.1:{port}")
 }
+
+/// A `start_error` that makes fakepve fail a start task the way PVE fails one its
+/// hookscript refused. fakepve runs no hookscripts: it ends the task with this one message
+/// (the task's exit status) and puts it in the task's log before `TASK ERROR: …`. In PVE
+/// (`PVE::GuestHelpers::exec_hookscript`) the log holds the script's output line by line,
+/// then the task dies with `hookscript error for <vmid> on pre-start: command '…' failed:
+/// exit code 1`. So: the hookscript's `lines`, then that die message, one per line; handoff
+/// reads a log entry holding line breaks as the lines it holds.
+pub fn hookscript_refusal(vmid: u32, lines: &[&str]) -> String {
+    let mut s: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    s += &format!(
+        "hookscript error for {vmid} on pre-start: command '/var/lib/vz/snippets/handoff {vmid} pre-start' failed: exit code 1"
+    );
+    s
+}

@@ -709,3 +709,42 @@ fn the_busy_alert_names_only_what_started_using_the_gpu() {
     assert_eq!(busy_alert_note(&new, &new, "Windows", "x"), None);
     assert_eq!(busy_alert_note(&new, &old, "Windows", "x"), None);
 }
+
+/// A start the PVE hookscript refused (read from the node's task list by the agent): named
+/// by label and VMID as the hookscript names it, its words in the body, and — another VM
+/// having the card — the switch it suggests, then Details; a libvirt VM's refusal unchanged.
+#[test]
+fn a_pve_refusal_is_named_with_its_vmid_and_offers_the_switch() {
+    let cfg = handoff::Config::parse(
+        "[gpu]\naddress = \"0000:01:00.0\"\n\n[proxmox]\nurl = \"https://pve:8006\"\ntoken = \"a@pve!b\"\n\
+         token_secret_file = \"/nonexistent\"\nca_file = \"/nonexistent.pem\"\n\n\
+         [[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n",
+        std::path::Path::new("/test/config.toml"),
+    )
+    .unwrap();
+    let r = handoff::refusals::Logged {
+        seq: 1,
+        gpu: addr(),
+        vm: "linux-ai".into(),
+        at: 0,
+        holders: Vec::new(),
+        message: "not starting Linux AI (VM 141): GPU 0000:01:00.0 is passed through to Windows 11 (VM 140), which is running.".into(),
+        upid: Some("UPID:pve1:0:0:0:qmstart:141:root@pam:".into()),
+    };
+    let n = logged_refusal_note(&cfg, &r, ME);
+    assert_eq!(n.summary, "Linux AI (VM 141) did not start: the GPU is busy");
+    assert!(
+        n.body.contains("passed through to Windows 11 (VM 140)"),
+        "{}",
+        n.body
+    );
+    let labels: Vec<&str> = n.actions.iter().map(|(_, l)| l.as_str()).collect();
+    assert_eq!(labels, ["Switch to Linux AI", "Details"]);
+    assert_eq!(
+        n.actions[0].0,
+        Action::Switch {
+            vm: "linux-ai".into()
+        }
+    );
+    assert!(n.critical);
+}
