@@ -595,9 +595,7 @@ fn the_homelab_on_proxmox_ve_gets_both_gpus_its_three_vms_and_the_hookscript() {
         return;
     };
     let m = Machine::new(&SimSpec::homelab());
-    let secret = m.tmp.path().join("pve-token");
-    fs::write(&secret, SECRET).unwrap();
-    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    let secret = handoff_test_support::fakepve::token_secret_file(m.tmp.path(), SECRET);
     // The node's own files: where the hookscript goes (the VMs' configs as PVE keeps them).
     let pve_root = m.tmp.path().join("node");
     let qs = pve_root.join("etc/pve/qemu-server");

@@ -16,7 +16,6 @@
 //! with the hookscript's lines and PVE's `hookscript error …` die message
 //! ([`fakepve::hookscript_refusal`]). Run with `cargo test -p handoff-tray --test tray_pve`.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -48,12 +47,8 @@ fn bins() -> PathBuf {
 /// A desktop's config: no such GPU here (an empty sysfs), the VMs on the node, polled
 /// every second; VM 150 is one the token cannot see.
 fn desktop(dir: &Path, pve: &FakePve) -> PathBuf {
-    let secret = dir.join("pve-token");
-    std::fs::write(&secret, SECRET).unwrap();
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    for d in ["sys", "dev", "run"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
+    let secret = handoff_test_support::fakepve::token_secret_file(dir, SECRET);
+    handoff_test_support::fakepve::desktop_roots(dir);
     let config = dir.join("config.toml");
     std::fs::write(
         &config,

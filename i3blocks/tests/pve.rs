@@ -5,7 +5,6 @@
 //! a click of its own. The block reaches PVE through `handoff-pve` beside it.
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -38,12 +37,8 @@ fn homelab(win11: &str, linux_ai: &str) -> Option<FakePve> {
 
 /// A desktop's config: no such GPU in its (empty) sysfs, both VMs on the node.
 fn desktop(dir: &Path, url: &str, fingerprint: &str, extra: &str) -> PathBuf {
-    let secret = dir.join("pve-token");
-    std::fs::write(&secret, SECRET).unwrap();
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    for d in ["sys", "dev", "run"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
+    let secret = handoff_test_support::fakepve::token_secret_file(dir, SECRET);
+    handoff_test_support::fakepve::desktop_roots(dir);
     let config = dir.join("config.toml");
     std::fs::write(
         &config,

@@ -2,7 +2,6 @@
 //! --json` and `handoff switch` as a person runs them (the CLI reaches PVE through
 //! `handoff-pve` over a pipe, so the CLI itself links no TLS).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -43,12 +42,8 @@ fn setup_with(changes: impl FnOnce(&mut Value)) -> Option<(FakePve, PathBuf)> {
     changes(&mut scenario);
     let pve = FakePve::start(&scenario)?;
     let dir = pve.dir().to_owned();
-    let secret = dir.join("pve-token");
-    std::fs::write(&secret, SECRET).unwrap();
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    for d in ["sys", "dev", "run"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
+    let secret = handoff_test_support::fakepve::token_secret_file(&dir, SECRET);
+    handoff_test_support::fakepve::desktop_roots(&dir);
     let config = dir.join("config.toml");
     std::fs::write(
         &config,
@@ -281,9 +276,7 @@ fn config_check_and_doctor_say_what_a_pve_vm_on_the_igpu_lacks_and_that_macos_ha
     })) else {
         return;
     };
-    let secret = tmp.path().join("pve-token");
-    std::fs::write(&secret, SECRET).unwrap();
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let secret = handoff_test_support::fakepve::token_secret_file(tmp.path(), SECRET);
     let config = tmp.path().join("config.toml");
     std::fs::write(
         &config,
@@ -360,9 +353,7 @@ fn on_the_node_status_says_free_on_vfio_pci_between_vms_and_names_the_vm_that_ha
     })) else {
         return;
     };
-    let secret = pve.dir().join("pve-token");
-    std::fs::write(&secret, SECRET).unwrap();
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let secret = handoff_test_support::fakepve::token_secret_file(pve.dir(), SECRET);
     let config = pve.dir().join("config.toml");
     std::fs::write(
         &config,

@@ -128,3 +128,21 @@ pub fn hookscript_refusal(vmid: u32, lines: &[&str]) -> String {
     );
     s
 }
+
+/// An API token's secret in `dir/pve-token`, owner-only as handoff demands of it (a secret
+/// file others may read is refused): the file `[proxmox] token_secret_file` names.
+pub fn token_secret_file(dir: &Path, secret: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let file = dir.join("pve-token");
+    std::fs::write(&file, secret).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    file
+}
+
+/// A desktop's roots under `dir` (`sys`, `dev`, `run`, empty): a machine without the GPU,
+/// whose VMs are on the node.
+pub fn desktop_roots(dir: &Path) {
+    for d in ["sys", "dev", "run"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+}
