@@ -32,6 +32,44 @@ pub fn taken_by<'a>(cfg: &'a Config, hostdevs: &[PciAddress]) -> Vec<&'a GpuConf
     gpus
 }
 
+/// The configured GPUs (`gpus`: their addresses, the primary first) a VM whose definition
+/// passes `passthrough` through takes: the hook's rule ([`crate::hook`]: a VM that passes
+/// none of them takes the primary). With one GPU that one, whatever the definition; None
+/// when the definition was not read (the surfaces then assume the worst, see
+/// [`start_switches`]).
+pub fn taken_of(gpus: &[PciAddress], passthrough: Option<&[PciAddress]>) -> Option<Vec<PciAddress>> {
+    let primary = *gpus.first()?;
+    if gpus.len() == 1 {
+        return Some(vec![primary]);
+    }
+    let passed = passthrough?;
+    let taken: Vec<PciAddress> = gpus
+        .iter()
+        .copied()
+        .filter(|g| passed.iter().any(|p| p.same_slot(g)))
+        .collect();
+    Some(if taken.is_empty() { vec![primary] } else { taken })
+}
+
+/// Starting `vm` means switching: another running VM of `vms` takes a GPU `vm` takes
+/// ([`taken_of`], from each VM's `passthrough`). A VM whose devices are unknown (this
+/// one's or the running one's) counts as sharing, as before the surfaces knew which GPU
+/// each VM takes; the switch itself then stops only VMs that share one. The one rule for
+/// every surface's "Switch to X" against "Start X" (issue 15).
+pub fn start_switches(
+    gpus: &[PciAddress],
+    vms: &[crate::status::VmStatus],
+    vm: &crate::status::VmStatus,
+) -> bool {
+    let mine = taken_of(gpus, vm.passthrough.as_deref());
+    vms.iter()
+        .filter(|o| o.state.is_active() && (o.name != vm.name || o.uri != vm.uri))
+        .any(|o| match (&mine, taken_of(gpus, o.passthrough.as_deref())) {
+            (Some(mine), Some(theirs)) => mine.iter().any(|g| theirs.contains(g)),
+            _ => true,
+        })
+}
+
 /// The passed-through devices that no `[[gpu]]` names (no function of a configured GPU's
 /// slot), each once, in the order the definition lists them.
 pub fn unnamed(cfg: &Config, hostdevs: &[PciAddress]) -> Vec<PciAddress> {
@@ -291,6 +329,59 @@ fn hostdev_only(xml: &str, h: &roxmltree::Node) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one "Switch to" rule (issue 15): only a VM that takes a GPU a running VM has is
+    /// switched to; a VM passing no configured GPU takes the primary; unknown devices and
+    /// one GPU count as sharing.
+    #[test]
+    fn starting_switches_only_when_a_running_vm_shares_a_gpu() {
+        use crate::status::{VmState, VmStatus};
+        let rtx: PciAddress = "0000:01:00.0".parse().unwrap();
+        let igpu: PciAddress = "0000:00:02.0".parse().unwrap();
+        let nic: PciAddress = "0000:05:00.0".parse().unwrap();
+        let vm = |name: &str, state, devs: Option<Vec<PciAddress>>| VmStatus {
+            name: name.into(),
+            label: name.into(),
+            uri: "test:///default".into(),
+            state,
+            error: None,
+            vmid: None,
+            passthrough: devs,
+        };
+        let gpus = [rtx, igpu];
+        let mac = vm("mac", VmState::Running, Some(vec![igpu]));
+        let win = vm("win", VmState::Shutoff, Some(vec![rtx, rtx.with_function(1)]));
+        let mac2 = vm("mac2", VmState::Shutoff, Some(vec![igpu]));
+        let nic_only = vm("nas", VmState::Shutoff, Some(vec![nic]));
+        let unread = vm("unread", VmState::Shutoff, None);
+        let vms = [
+            mac.clone(),
+            win.clone(),
+            mac2.clone(),
+            nic_only.clone(),
+            unread.clone(),
+        ];
+        assert!(!start_switches(&gpus, &vms, &win), "the RTX is free");
+        assert!(start_switches(&gpus, &vms, &mac2), "mac has the iGPU");
+        assert!(
+            !start_switches(&gpus, &vms, &nic_only),
+            "no configured GPU: the primary, free"
+        );
+        assert!(start_switches(&gpus, &vms, &unread), "unknown devices: as before");
+        assert!(
+            !start_switches(&gpus, &vms, &mac),
+            "a VM does not stand in its own way"
+        );
+        assert_eq!(taken_of(&gpus, Some(&[nic])), Some(vec![rtx]));
+        assert_eq!(taken_of(&gpus, None), None);
+        // A running VM on the primary by default stands in the way of one on the RTX.
+        let on_nic = vm("nas", VmState::Running, Some(vec![nic]));
+        assert!(start_switches(&gpus, &[on_nic.clone(), win.clone()], &win));
+        assert!(!start_switches(&gpus, &[on_nic, mac2.clone()], &mac2));
+        // One GPU: any other running VM, whatever the definitions say.
+        assert!(start_switches(&[rtx], &vms, &win));
+        assert!(!start_switches(&[rtx], std::slice::from_ref(&win), &win));
+    }
 
     #[test]
     fn kepler_is_the_last_nvidia_generation_macos_drives() {

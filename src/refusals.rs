@@ -93,6 +93,24 @@ pub fn user_host(host: &Host) -> Host {
     }
 }
 
+/// Whether `cfg` is a desktop whose VMs are on Proxmox VE (a `[proxmox]` and a `[[vm]]`
+/// with a vmid): its surfaces read the refusals logged under [`user_host`] too.
+pub fn pve_desktop(cfg: &crate::Config) -> bool {
+    cfg.proxmox.is_some() && cfg.vms.iter().any(|v| v.vmid.is_some())
+}
+
+/// The last refusal of `gpu` in `host`'s log, by time; None when there is none or the
+/// file cannot be read (the surfaces then say what the state file says).
+pub fn last(host: &Host, gpu: PciAddress) -> Option<Logged> {
+    RefusalLog::read(host)
+        .ok()
+        .flatten()?
+        .refusals
+        .into_iter()
+        .filter(|l| l.gpu == gpu)
+        .max_by_key(|l| (l.at, l.seq))
+}
+
 impl RefusalLog {
     /// The file; `Ok(None)` when there is none.
     pub fn read(host: &Host) -> Result<Option<RefusalLog>, RefusalsError> {
@@ -249,6 +267,47 @@ mod tests {
         RefusalLog::record(&h, gpu, "win11", &[], "after reboot").unwrap();
         let got: Vec<String> = u.take(&h).into_iter().map(|l| l.message).collect();
         assert_eq!(got, ["after reboot"]);
+    }
+
+    /// "Last refused start" on a desktop whose VMs are on PVE: the later of the state
+    /// file's refusal and the last of this GPU's in the user's log, read from the file.
+    #[test]
+    fn the_last_refusal_is_the_later_of_the_state_files_and_the_logs() {
+        use crate::verdict::HookFiles;
+        let tmp = tempfile::tempdir().unwrap();
+        let user = host(tmp.path());
+        let gpu = PciAddress::new(0, 1, 0, 0);
+        let other = PciAddress::new(0, 2, 0, 0);
+        let vm = |f: &HookFiles| f.last_refusal().map(|r| r.vm.clone());
+        let older = HookFiles::default().with_refusal(gpu, "win11", 1, Vec::new(), "busy");
+        // No log: the state file's.
+        assert_eq!(
+            vm(&older.clone().with_pve_refusals_of(&user, gpu)).as_deref(),
+            Some("win11")
+        );
+        RefusalLog::record_task(
+            &user,
+            gpu,
+            "linux-ai",
+            &[],
+            "refused by the hookscript",
+            Some("UPID:a"),
+        )
+        .unwrap();
+        RefusalLog::record_task(&user, other, "mac", &[], "the iGPU's", Some("UPID:b")).unwrap();
+        let f = older.with_pve_refusals_of(&user, gpu);
+        assert_eq!(
+            vm(&f).as_deref(),
+            Some("linux-ai"),
+            "the log's is later, and of this GPU"
+        );
+        assert_eq!(f.last_refusal().unwrap().message, "refused by the hookscript");
+        let newer = HookFiles::default().with_refusal(gpu, "win11", now() + 60, Vec::new(), "busy");
+        assert_eq!(
+            vm(&newer.with_pve_refusals_of(&user, gpu)).as_deref(),
+            Some("win11")
+        );
+        assert_eq!(last(&user, other).map(|l| l.vm).as_deref(), Some("mac"));
     }
 
     #[test]

@@ -286,6 +286,10 @@ pub fn libvirt_unreachable(vms: &[VmStatus]) -> Option<String> {
 pub struct HookFiles {
     pub state: Option<HookState>,
     pub record: Option<RestoreRecord>,
+    /// On a desktop whose VMs are on Proxmox VE, the last refused start of this GPU the
+    /// agent logged from PVE's task list ([`crate::refusals::user_host`]): the hookscript
+    /// refused it on the node, so no state file here has it.
+    pub pve_refusal: Option<Refusal>,
 }
 
 impl HookFiles {
@@ -295,11 +299,36 @@ impl HookFiles {
         HookFiles::load_state(host, gpu).with_record_of(host, gpu)
     }
 
+    /// [`HookFiles::load`] for a surface of `cfg` (the tray, the details window): on a
+    /// desktop whose VMs are on Proxmox VE, with the last refusal of `gpu` logged in the
+    /// user's runtime dir too, so that "Last refused start" is the last of either log.
+    pub fn load_for(cfg: &crate::Config, gpu: PciAddress) -> HookFiles {
+        let files = HookFiles::load(&cfg.host, gpu);
+        if crate::refusals::pve_desktop(cfg) {
+            files.with_pve_refusals_of(&crate::refusals::user_host(&cfg.host), gpu)
+        } else {
+            files
+        }
+    }
+
+    /// These files with the last refusal of `gpu` in the refusal log under `user`'s run dir
+    /// (the PVE refusals a desktop logged, [`crate::refusals::user_host`]).
+    pub fn with_pve_refusals_of(mut self, user: &Host, gpu: PciAddress) -> HookFiles {
+        self.pve_refusal = crate::refusals::last(user, gpu).map(|l| Refusal {
+            vm: l.vm,
+            at: l.at,
+            holders: l.holders,
+            message: l.message,
+        });
+        self
+    }
+
     /// Only the state file (cheap: the bar compares it before and after a reading).
     pub fn load_state(host: &Host, gpu: PciAddress) -> HookFiles {
         HookFiles {
             state: HookState::load_gpu(host, gpu),
             record: None,
+            pve_refusal: None,
         }
     }
 
@@ -333,9 +362,15 @@ impl HookFiles {
         Ok(())
     }
 
-    /// The last start the hook refused.
+    /// The last start the hook refused: the later of the state file's and, on a desktop
+    /// whose VMs are on Proxmox VE, the last one logged from PVE ([`HookFiles::load_for`]).
+    /// Every surface's "Last refused start" is this one.
     pub fn last_refusal(&self) -> Option<&Refusal> {
-        self.state.as_ref().and_then(|s| s.last_refusal.as_ref())
+        let local = self.state.as_ref().and_then(|s| s.last_refusal.as_ref());
+        match (local, self.pve_refusal.as_ref()) {
+            (Some(l), Some(p)) => Some(if p.at > l.at { p } else { l }),
+            (l, p) => l.or(p),
+        }
     }
 
     /// The hook's last failure, in words.
@@ -376,6 +411,18 @@ impl HookFiles {
             vm: vm.to_owned(),
             at,
             holders,
+            message: message.to_owned(),
+        });
+        self
+    }
+
+    /// For the surfaces' unit tests: a refusal logged from Proxmox VE's task list (the
+    /// desktop's log, [`HookFiles::load_for`]).
+    pub fn with_pve_refusal(mut self, vm: &str, at: u64, message: &str) -> Self {
+        self.pve_refusal = Some(Refusal {
+            vm: vm.to_owned(),
+            at,
+            holders: Vec::new(),
             message: message.to_owned(),
         });
         self

@@ -186,7 +186,7 @@ pub fn collect(cfg: &Config, probe: &mut dyn FnMut() -> Vec<VmStatus>) -> Snapsh
                 status.as_ref().map(|s| s.vms.clone()).unwrap_or_default(),
             )
             .map_err(|e| e.to_string()),
-            files: HookFiles::load(&cfg.host, g.address),
+            files: HookFiles::load_for(cfg, g.address),
             orphan_seen_for: Some(std::time::Duration::ZERO),
         })
         .collect();
@@ -208,7 +208,7 @@ pub fn collect(cfg: &Config, probe: &mut dyn FnMut() -> Vec<VmStatus>) -> Snapsh
         address: cfg.gpu.address,
         label: cfg.gpu.label.clone(),
         status,
-        files: HookFiles::load(&cfg.host, cfg.gpu.address),
+        files: HookFiles::load_for(cfg, cfg.gpu.address),
         uid: nix::unistd::getuid().as_raw(),
         units,
         orphan_seen_for: Some(std::time::Duration::ZERO),
@@ -275,7 +275,7 @@ async fn run(cfg: Config, source: handoff::config::Source, level: &str) -> anyho
     // process: benches/RESULTS-tray.md).
     // Before the watcher: refusals logged until now are history, later ones news.
     let mut hosts = vec![cfg.host.clone()];
-    if cfg.proxmox.is_some() && cfg.vms.iter().any(|v| v.vmid.is_some()) {
+    if handoff::refusals::pve_desktop(&cfg) {
         hosts.push(handoff::refusals::user_host(&cfg.host));
     }
     let refusals: Vec<_> = hosts

@@ -173,37 +173,17 @@ impl Snapshot {
         self.vms().iter().filter(|v| v.state.is_active())
     }
 
-    /// The configured GPUs `vm` takes, from what its definition passes through (the hook's
-    /// rule, `handoff::hook::gpus_used`: a VM that passes none of them takes the primary).
-    /// With one GPU that one; None when its definition was not read.
-    pub fn gpus_of(&self, vm: &VmStatus) -> Option<Vec<PciAddress>> {
-        if self.others.is_empty() {
-            return Some(vec![self.address]);
-        }
-        let passed = vm.passthrough.as_ref()?;
-        let taken: Vec<PciAddress> = std::iter::once(self.address)
+    /// The configured GPUs' addresses, the primary first.
+    fn gpu_addresses(&self) -> Vec<PciAddress> {
+        std::iter::once(self.address)
             .chain(self.others.iter().map(|o| o.address))
-            .filter(|g| passed.iter().any(|p| p.same_slot(g)))
-            .collect();
-        Some(if taken.is_empty() {
-            vec![self.address]
-        } else {
-            taken
-        })
+            .collect()
     }
 
-    /// Starting `vm` means switching: another VM runs on a GPU it takes. A VM whose
-    /// definition is unknown (this one's or the running one's) counts as sharing, as
-    /// before the tray knew which GPU each VM takes; the switch itself then stops only
-    /// VMs that share one (`handoff_libvirt::vm::Ctl::switch`).
+    /// Starting `vm` means switching: another VM runs on a GPU it takes (the library's
+    /// rule, `handoff::gpus::start_switches`, which the details window uses too).
     pub fn takes_over(&self, vm: &VmStatus) -> bool {
-        let mine = self.gpus_of(vm);
-        self.active_vms()
-            .filter(|o| o.name != vm.name || o.uri != vm.uri)
-            .any(|o| match (&mine, self.gpus_of(o)) {
-                (Some(mine), Some(theirs)) => mine.iter().any(|g| theirs.contains(g)),
-                _ => true,
-            })
+        handoff::gpus::start_switches(&self.gpu_addresses(), self.vms(), vm)
     }
 
     fn facts<'a>(&'a self, action: Option<&'a str>) -> Facts<'a> {

@@ -138,28 +138,11 @@ fn two_gpus_get_a_section_each_and_a_restore_on_the_other_one_turns_the_icon_red
     drop(job);
 }
 
-/// libvirt's test driver with the homelab's VMs on two GPUs: `test` ("macOS", running)
-/// passes the iGPU through, `win11` ("Windows", shut off) the RTX's two functions,
-/// `hackintosh` ("macOS 14", shut off) the iGPU too. The tray's agent opens it in its own
-/// process, so nothing here reaches a libvirtd.
-const TWO_GPU_NODE: &str = "<node>\n\
-<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>test</name>\
-<memory unit='GiB'>8</memory><os><type>hvm</type></os><devices>\
-<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x00' slot='0x02' function='0x0'/></source></hostdev>\
-</devices><test:runstate>1</test:runstate></domain>\n\
-<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>win11</name>\
-<memory unit='GiB'>16</memory><os><type>hvm</type></os><devices>\
-<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source></hostdev>\
-<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x01' slot='0x00' function='0x1'/></source></hostdev>\
-</devices><test:runstate>5</test:runstate></domain>\n\
-<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>hackintosh</name>\
-<memory unit='GiB'>8</memory><os><type>hvm</type></os><devices>\
-<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x00' slot='0x02' function='0x0'/></source></hostdev>\
-</devices><test:runstate>5</test:runstate></domain>\n</node>\n";
-
 /// With macOS running on the iGPU, the menu offers to start Windows (it takes the RTX,
 /// which is free) rather than to switch to it, and to switch to the other macOS VM (it
-/// wants the iGPU macOS has). The agent read each VM's definition (`describe`) to know.
+/// wants the iGPU macOS has). The agent read each VM's definition (`describe`) to know;
+/// the VMs are on a libvirt test-driver machine of their own
+/// (`handoff_test_support::libvirt::TWO_GPU_NODE`), so nothing here reaches a libvirtd.
 #[test]
 fn switch_is_offered_only_for_a_vm_that_wants_the_gpu_a_running_vm_has() {
     let Some(mut session) = Session::start(640, 300) else {
@@ -167,19 +150,7 @@ fn switch_is_offered_only_for_a_vm_that_wants_the_gpu_a_running_vm_has() {
     };
     handoff_test_support::tray::built(TRAY, "handoff", "handoff");
     let tmp = tempfile::tempdir().unwrap();
-    let scene = handoff::scenes::Scene::put(tmp.path(), "macOS has the iGPU").unwrap();
-    let node = tmp.path().join("libvirt-test.xml");
-    std::fs::write(&node, TWO_GPU_NODE).unwrap();
-    let text = std::fs::read_to_string(&scene.config).unwrap();
-    assert!(text.contains("\"test:///default\""), "{text}");
-    let text = text.replace(
-        "\"test:///default\"",
-        &format!("{:?}", format!("test://{}", node.display())),
-    ) + &format!(
-        "\n[[vm]]\nname = \"hackintosh\"\nlabel = \"macOS 14\"\nuri = {:?}\n",
-        format!("test://{}", node.display())
-    );
-    std::fs::write(&scene.config, text).unwrap();
+    let scene = handoff_test_support::libvirt::two_gpu_scene(tmp.path());
 
     let (conn, item) = session.start_tray(TRAY, &scene.config);
     wait_view(&conn, &item, "the three VMs in the tooltip", |v| {

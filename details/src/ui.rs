@@ -14,7 +14,9 @@ use gtk4::{gio, pango};
 
 use handoff::config::Config;
 use handoff::live::{Change, Sources, Watcher};
+use handoff::status::VmState;
 use handoff::verdict::{HookFiles, State};
+use handoff_libvirt::agent::Definitions;
 use handoff_libvirt::libvirt::Prober;
 
 use crate::actions::{self, Outcome};
@@ -37,11 +39,26 @@ const CSS: &str = "
 ";
 
 /// Reads everything the window shows. Runs on a worker thread.
-fn read_facts(cfg: &Config, prober: &Mutex<Prober>) -> Result<Facts, String> {
+fn read_facts(cfg: &Config, prober: &Mutex<Prober>, defs: &Mutex<Definitions>) -> Result<Facts, String> {
     let mut prober = prober.lock().unwrap_or_else(|p| p.into_inner());
     // Every GPU, the VMs probed once; the primary one on top, the others in file order.
-    let each =
-        handoff::status::collect_each(cfg, None, &mut |vm| prober.probe(vm)).map_err(|e| e.to_string())?;
+    let each = handoff::status::collect_each(cfg, None, &mut |vm| {
+        let mut s = prober.probe(vm);
+        // With several GPUs, which GPUs each VM takes decides "Switch to" against "Start"
+        // (`handoff::gpus::start_switches`): its definition, read once per definition
+        // change (the watcher's changes make `defs` forget), not on every refresh.
+        if cfg.gpu.len() > 1 && !matches!(s.state, VmState::Unknown | VmState::Undefined) {
+            let mut defs = defs.lock().unwrap_or_else(|p| p.into_inner());
+            s.passthrough = defs.passthrough(vm, || {
+                prober
+                    .passthrough(vm)
+                    .map_err(|e| tracing::info!("cannot read the definition of {}: {e}", vm.name))
+                    .ok()
+            });
+        }
+        s
+    })
+    .map_err(|e| e.to_string())?;
     let (primary, others): (Vec<_>, Vec<_>) =
         each.into_iter().partition(|s| s.gpu.address == cfg.gpu.address);
     let status = primary
@@ -51,7 +68,7 @@ fn read_facts(cfg: &Config, prober: &Mutex<Prober>) -> Result<Facts, String> {
     let others = others
         .into_iter()
         .map(|s| OtherGpu {
-            files: HookFiles::load(&cfg.host, s.gpu.address),
+            files: HookFiles::load_for(cfg, s.gpu.address),
             label: cfg.gpu.at(s.gpu.address).and_then(|g| g.label.clone()),
             status: s,
         })
@@ -59,7 +76,7 @@ fn read_facts(cfg: &Config, prober: &Mutex<Prober>) -> Result<Facts, String> {
     Ok(Facts {
         status,
         others,
-        files: HookFiles::load(&cfg.host, cfg.gpu.address),
+        files: HookFiles::load_for(cfg, cfg.gpu.address),
         uid: nix::unistd::getuid().as_raw(),
         now: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -71,6 +88,8 @@ fn read_facts(cfg: &Config, prober: &Mutex<Prober>) -> Result<Facts, String> {
 pub struct Details {
     cfg: Arc<Config>,
     prober: Arc<Mutex<Prober>>,
+    /// Each VM's passed-through devices, kept until a change says its definition changed.
+    definitions: Arc<Mutex<Definitions>>,
     window: gtk::ApplicationWindow,
     content: gtk::Box,
     facts: RefCell<Result<Option<Facts>, String>>,
@@ -116,6 +135,7 @@ impl Details {
         let d = Rc::new(Details {
             cfg: Arc::new(cfg),
             prober: Arc::new(Mutex::new(Prober::new())),
+            definitions: Arc::default(),
             window,
             content,
             facts: RefCell::new(Ok(None)),
@@ -141,7 +161,12 @@ impl Details {
     /// Starts the live watcher; each change (a burst counts once) triggers a refresh.
     fn watch(self: &Rc<Self>) {
         let (tx, rx) = async_channel::unbounded::<Change>();
-        let sink: handoff::live::Sink = Arc::new(move |c| tx.try_send(c).is_ok());
+        let defs = self.definitions.clone();
+        let sink: handoff::live::Sink = Arc::new(move |c| {
+            // Forgotten here, before the refresh this change causes reads them again.
+            defs.lock().unwrap_or_else(|p| p.into_inner()).heard(&c);
+            tx.try_send(c).is_ok()
+        });
         match Watcher::with_sink(&self.cfg, handoff_libvirt::events::sources(Sources::all()), sink) {
             Ok(w) => *self._watcher.borrow_mut() = Some(w),
             Err(e) => {
@@ -182,10 +207,10 @@ impl Details {
             self.dirty.set(true);
             return;
         }
-        let (cfg, prober) = (self.cfg.clone(), self.prober.clone());
+        let (cfg, prober, defs) = (self.cfg.clone(), self.prober.clone(), self.definitions.clone());
         let d = self.clone();
         glib::spawn_future_local(async move {
-            let read = gio::spawn_blocking(move || read_facts(&cfg, &prober)).await;
+            let read = gio::spawn_blocking(move || read_facts(&cfg, &prober, &defs)).await;
             *d.facts.borrow_mut() = match read {
                 Ok(r) => r.map(Some),
                 Err(_) => Err("reading the state panicked; see the log".to_owned()),
@@ -201,6 +226,9 @@ impl Details {
     fn clicked(self: &Rc<Self>, b: &Button) {
         if b.action == Action::Refresh {
             self.outcome.borrow_mut().take();
+            // Asked to read everything again: the definitions too (a PVE VM's `hostpciN`
+            // has no change events).
+            *self.definitions.lock().unwrap_or_else(|p| p.into_inner()) = Definitions::default();
             self.refresh();
             return;
         }

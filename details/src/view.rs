@@ -334,11 +334,17 @@ impl View {
         };
 
         let is_busy = busy.is_some();
+        // The configured GPUs, the primary first.
+        let gpus: Vec<handoff::PciAddress> = std::iter::once(g.address)
+            .chain(facts.others.iter().map(|o| o.status.gpu.address))
+            .collect();
         let vms = st
             .vms
             .iter()
             .map(|v| {
-                let others_active = active.iter().any(|a| a.name != v.name);
+                // "Switch to" only when a running VM has a GPU this one takes: the
+                // library's one rule, as in the tray (issue 15).
+                let others_active = handoff::gpus::start_switches(&gpus, &st.vms, v);
                 let mut buttons = Vec::new();
                 if v.state.is_active() {
                     buttons.push(
@@ -932,6 +938,48 @@ mod tests {
         assert_eq!(v.vms[2].buttons[0].action, Action::Switch { vm: "mac".into() });
     }
 
+    /// Two GPUs (issue 15): macOS runs on the iGPU; Windows takes the RTX, which is free,
+    /// so it is started, not switched to; a second macOS VM wants the iGPU: switched to. A
+    /// VM whose definition was not read is switched to, as with one GPU.
+    #[test]
+    fn with_two_gpus_only_a_vm_wanting_a_running_vms_gpu_offers_switch_to() {
+        let igpu = PciAddress::new(0, 0, 2, 0);
+        let with = |mut v: VmStatus, devs: Option<Vec<PciAddress>>| {
+            v.passthrough = devs;
+            v
+        };
+        let mut other = facts("vfio-pci", Vec::new()).status;
+        other.gpu.address = igpu;
+        let mut f = facts(
+            "nvidia",
+            vec![
+                with(vm("mac", "macOS", VmState::Running), Some(vec![igpu])),
+                with(
+                    vm("win11", "Windows", VmState::Shutoff),
+                    Some(vec![GPU, GPU.with_function(1)]),
+                ),
+                with(vm("mac2", "macOS 14", VmState::Shutoff), Some(vec![igpu])),
+                with(vm("unread", "Unread", VmState::Shutoff), None),
+            ],
+        );
+        f.others = vec![OtherGpu {
+            status: other,
+            files: HookFiles::default(),
+            label: Some("UHD 630".to_owned()),
+        }];
+        let v = View::build(&f, None);
+        assert_eq!(labels(&v.vms[1].buttons), ["Start"]);
+        assert_eq!(v.vms[1].buttons[0].action, Action::Start { vm: "win11".into() });
+        assert_eq!(labels(&v.vms[2].buttons), ["Switch to macOS 14"]);
+        assert_eq!(labels(&v.vms[3].buttons), ["Switch to Unread"]);
+        // With one GPU any running VM stands in the way, whatever the definitions say.
+        f.others.clear();
+        assert_eq!(
+            labels(&View::build(&f, None).vms[1].buttons),
+            ["Switch to Windows"]
+        );
+    }
+
     #[test]
     fn with_several_vms_and_none_running_each_offers_start() {
         let v = View::build(
@@ -1005,6 +1053,35 @@ mod tests {
             Some(
                 "Windows, 3 min ago: GPU 0000:01:00.0 is busy: python3 (pid 4242, user alice) holds /dev/nvidia0"
             )
+        );
+    }
+
+    /// A desktop whose VMs are on Proxmox VE: a refusal logged from PVE's task list that is
+    /// later than the hook's is the one shown, with its words.
+    #[test]
+    fn the_last_refusal_is_the_later_of_the_hooks_and_pves() {
+        let mut f = facts(
+            "nvidia",
+            vec![
+                vm("win11", "Windows", VmState::Shutoff),
+                vm("linux-ai", "Linux AI", VmState::Shutoff),
+            ],
+        );
+        f.files = HookFiles::default()
+            .with_refusal(GPU, "win11", f.now - 600, Vec::new(), "busy")
+            .with_pve_refusal(
+                "linux-ai",
+                f.now - 120,
+                "not starting Linux AI (VM 141): GPU 0000:01:00.0 is busy\n",
+            );
+        assert_eq!(
+            View::build(&f, None).last_refusal.as_deref(),
+            Some("Linux AI, 2 min ago: not starting Linux AI (VM 141): GPU 0000:01:00.0 is busy")
+        );
+        f.files = f.files.with_refusal(GPU, "win11", f.now - 60, Vec::new(), "busy");
+        assert_eq!(
+            View::build(&f, None).last_refusal.as_deref(),
+            Some("Windows, 1 min ago: busy")
         );
     }
 

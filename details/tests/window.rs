@@ -183,6 +183,10 @@ struct Window {
 
 impl Window {
     fn open(desktop: &Desktop, machine: &Machine) -> Window {
+        Window::open_config(desktop, &machine.tmp.path().join("config.toml"))
+    }
+
+    fn open_config(desktop: &Desktop, config: &Path) -> Window {
         let home = desktop.dir.path().join("home");
         let runtime = desktop.dir.path().join("runtime");
         fs::create_dir_all(&home).unwrap();
@@ -199,7 +203,7 @@ impl Window {
                 .env("GSETTINGS_BACKEND", "memory")
                 .env("HOME", &home)
                 .env("XDG_RUNTIME_DIR", &runtime)
-                .env("HANDOFF_CONFIG", machine.tmp.path().join("config.toml"))
+                .env("HANDOFF_CONFIG", config)
                 .env("HANDOFF_DETAILS_DUMP", "1")
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped()),
@@ -364,6 +368,41 @@ fn shows_the_gpu_in_the_running_test_vm() {
     assert_eq!(v["functions"][0]["driver"], "vfio-pci");
     wait_viewable(&desktop, "handoff — ");
     desktop.screenshot("details-vm.png");
+}
+
+/// Two GPUs (issue 15): macOS runs on the iGPU. Windows takes the RTX, which is free, so
+/// its row offers "Start", not "Switch to"; a second macOS VM wants the iGPU macOS has, so
+/// its row offers "Switch to macOS 14". The window read each VM's definition from libvirt
+/// (a test-driver machine of its own, `TWO_GPU_NODE`) to know, as the tray does.
+#[test]
+fn with_two_gpus_only_a_vm_wanting_the_running_vms_gpu_offers_switch_to() {
+    let Some(desktop) = Desktop::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let scene = handoff_test_support::libvirt::two_gpu_scene(tmp.path());
+    let mut w = Window::open_config(&desktop, &scene.config);
+    let row = |v: &Value, name: &str| {
+        v["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no row for {name}: {v:#}"))
+    };
+    let v = w.wait_for("the three VMs, macOS running", |v| {
+        v["vms"].as_array().is_some_and(|r| r.len() == 3) && row(v, "test")["state"] == "running"
+    });
+    assert_eq!(
+        labels(&row(&v, "test")["buttons"]),
+        ["Stop", "Force stop…"],
+        "{v:#}"
+    );
+    assert_eq!(labels(&row(&v, "win11")["buttons"]), ["Start"], "{v:#}");
+    assert_eq!(
+        labels(&row(&v, "hackintosh")["buttons"]),
+        ["Switch to macOS 14"],
+        "{v:#}"
+    );
 }
 
 #[test]

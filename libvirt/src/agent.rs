@@ -18,13 +18,14 @@ use handoff::status::{VmState, VmStatus};
 /// once per definition, not on every probe (a surface probes on every change it hears),
 /// and forgotten when libvirt says the domain was defined again or undefined, or the
 /// connection to it was lost or came back. A PVE VM has no definition events: its
-/// `hostpciN` is read again when its connection drops or the surface restarts.
+/// `hostpciN` is read again when its connection drops or the surface restarts. The
+/// details window keeps one too, fed by its own live watcher.
 #[derive(Debug, Default)]
-struct Definitions(HashMap<(String, String), Vec<PciAddress>>);
+pub struct Definitions(HashMap<(String, String), Vec<PciAddress>>);
 
 impl Definitions {
     /// Forgets what `change` may have made stale.
-    fn heard(&mut self, change: &Change) {
+    pub fn heard(&mut self, change: &Change) {
         match change {
             Change::Domain {
                 uri,
@@ -40,7 +41,7 @@ impl Definitions {
 
     /// `vm`'s passed-through devices: remembered, else `describe`d (None when its
     /// definition cannot be read now; asked again next time).
-    fn passthrough(
+    pub fn passthrough(
         &mut self,
         vm: &handoff::config::VmConfig,
         describe: impl FnOnce() -> Option<Vec<PciAddress>>,

@@ -142,6 +142,13 @@ impl Prober {
     pub fn probe(&mut self, vm: &VmConfig) -> VmStatus {
         handoff::hypervisor::vm_status(&mut self.libvirt, vm)
     }
+
+    /// The PCI devices `vm`'s definition passes through (`describe`), for which GPUs it
+    /// takes; remember them ([`crate::agent::Definitions`]): a definition seldom changes.
+    pub fn passthrough(&mut self, vm: &VmConfig) -> Result<Vec<handoff::PciAddress>, HypervisorError> {
+        use handoff::hypervisor::Hypervisor;
+        self.libvirt.describe(&VmRef::from(vm)).map(|d| d.passthrough)
+    }
 }
 
 /// libvirt at any number of URIs, one connection per URI, opened on first use and kept

@@ -349,3 +349,38 @@ impl Drop for TestDomain {
         let _ = virsh(&["undefine", &self.name]);
     }
 }
+
+/// A libvirt test-driver machine (a `test:///<file>` node) for the two-GPU scene ("macOS
+/// has the iGPU", `handoff::scenes`): `test` (macOS) runs passing the iGPU through,
+/// `win11` (shut off) passes the RTX's two functions, `hackintosh` (shut off) the iGPU.
+/// The surfaces read which GPU each VM takes from these definitions (`describe`).
+pub const TWO_GPU_NODE: &str = "<node>\n\
+<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>test</name>\
+<memory unit='GiB'>8</memory><os><type>hvm</type></os><devices>\
+<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x00' slot='0x02' function='0x0'/></source></hostdev>\
+</devices><test:runstate>1</test:runstate></domain>\n\
+<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>win11</name>\
+<memory unit='GiB'>16</memory><os><type>hvm</type></os><devices>\
+<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source></hostdev>\
+<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x01' slot='0x00' function='0x1'/></source></hostdev>\
+</devices><test:runstate>5</test:runstate></domain>\n\
+<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>hackintosh</name>\
+<memory unit='GiB'>8</memory><os><type>hvm</type></os><devices>\
+<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x00' slot='0x02' function='0x0'/></source></hostdev>\
+</devices><test:runstate>5</test:runstate></domain>\n</node>\n";
+
+/// The "macOS has the iGPU" scene under `dir` with its VMs on a [`TWO_GPU_NODE`] machine
+/// of their own (`dir/libvirt-test.xml`) and a third VM, `hackintosh` ("macOS 14"), that
+/// wants the iGPU too.
+pub fn two_gpu_scene(dir: &Path) -> handoff::scenes::Scene {
+    let scene = handoff::scenes::Scene::put(dir, "macOS has the iGPU").unwrap();
+    let node = dir.join("libvirt-test.xml");
+    fs::write(&node, TWO_GPU_NODE).unwrap();
+    let text = fs::read_to_string(&scene.config).unwrap();
+    assert!(text.contains("\"test:///default\""), "{text}");
+    let uri = format!("{:?}", format!("test://{}", node.display()));
+    let text = text.replace("\"test:///default\"", &uri)
+        + &format!("\n[[vm]]\nname = \"hackintosh\"\nlabel = \"macOS 14\"\nuri = {uri}\n");
+    fs::write(&scene.config, text).unwrap();
+    scene
+}

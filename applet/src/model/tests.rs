@@ -458,6 +458,31 @@ fn tooltip_ends_with_the_last_refusal_and_the_last_event() {
     assert!(!lines.iter().any(|l| l.starts_with("Last ")), "{lines:?}");
 }
 
+/// On a desktop whose VMs are on Proxmox VE, a refusal the agent logged from PVE's task
+/// list (the user's refusals.json) is the last refused start when it is the later one.
+#[test]
+fn tooltip_names_the_later_of_the_hooks_and_the_pve_refusal() {
+    let mut s = with_hook(on_host(), "host");
+    s.files = s
+        .files
+        .with_refusal(addr(), WIN, 100, Vec::new(), "the GPU is busy")
+        .with_pve_refusal("linux-ai", 200, "not starting Linux AI (VM 141): the GPU is busy");
+    let last = |s: &Snapshot| {
+        s.tooltip_lines(None)
+            .into_iter()
+            .find(|l| l.starts_with("Last refused start"))
+    };
+    assert_eq!(last(&s).as_deref(), Some("Last refused start: linux-ai"));
+    s.files = s
+        .files
+        .with_refusal(addr(), WIN, 300, Vec::new(), "the GPU is busy");
+    assert_eq!(last(&s).as_deref(), Some("Last refused start: win11"));
+    // Only PVE's: said too.
+    let mut s = on_host();
+    s.files = s.files.with_pve_refusal("linux-ai", 5, "refused");
+    assert_eq!(last(&s).as_deref(), Some("Last refused start: linux-ai"));
+}
+
 #[test]
 fn tooltip_says_libvirt_is_unreachable_with_the_first_line_of_why() {
     let lines = libvirt_down(Owner::Host).tooltip_lines(None);
