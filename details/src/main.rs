@@ -9,7 +9,7 @@
 //!
 //! Environment: `HANDOFF_CONFIG` (the config file, as for every handoff binary),
 //! `HANDOFF_LOG` (tracing filter), and `HANDOFF_DETAILS_DUMP=1`, a test and debugging aid
-//! that prints every rendered view-model as one JSON line on stdout (a GTK4 window's text
+//! that prints every view-model read as one JSON line on stdout, drawn or not (a GTK4 window's text
 //! cannot be read back without AT-SPI).
 
 mod actions;
@@ -38,7 +38,7 @@ const NO_DISPLAY: &str = "handoff-details: no display: run it on the desktop, or
     after_help = "\
 Environment:
   HANDOFF_CONFIG=<file>    the config file (default ~/.config/handoff/config.toml, then /etc/handoff/config.toml)
-  HANDOFF_DETAILS_DUMP=1   print each rendered view as one JSON line on stdout (tests, debugging)
+  HANDOFF_DETAILS_DUMP=1   print each view read as one JSON line on stdout, drawn or not (tests, debugging)
 
 Exit status: 0 when the window is closed, 1 without a display, 2 for a broken config."
 )]
