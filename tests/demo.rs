@@ -3,7 +3,6 @@
 //! nothing behind. Needs root and /dev/fuse (the simulated sysfs is a FUSE mount). The
 //! demo with a display is tested in applet/tests/demo_desktop.rs.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -160,14 +159,7 @@ fn waiting_demo_prints_the_block_and_sigterm_leaves_nothing_behind() {
         .unwrap();
     handoff_test_support::bins::sibling(dir, "handoff-block", "handoff-block", &["src", "i3blocks/src"]);
     let mut child = demo().stdout(Stdio::piped()).spawn().expect("handoff demo");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
+    let rx = handoff_test_support::process::stdout_lines(&mut child, Some);
     // Wait for the block's first line: by then the GPU user holds the GPU and the block
     // has read it.
     let mut text = String::new();
@@ -192,8 +184,8 @@ fn waiting_demo_prints_the_block_and_sigterm_leaves_nothing_behind() {
     // SAFETY: kill on our child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
-    reader.join().unwrap();
-    text.extend(rx.try_iter().map(|l| l + "\n"));
+    // Until its stdout closes: what the demo printed as it ended.
+    text.extend(rx.iter().map(|l| l + "\n"));
     assert_eq!(status.code(), Some(130), "{text}");
     assert!(text.contains("signal 15"), "{status:?}\n{text}");
     assert!(text.contains("cuda-training (pid "), "{text}");

@@ -37,7 +37,7 @@ use handoff_test_support::a11y::{A11y, dialog, main_window};
 use handoff_test_support::config::workstation_with_test_vm;
 use handoff_test_support::desktop::Desktop;
 use handoff_test_support::libvirt::TestDomain;
-use handoff_test_support::process::{Group, holder};
+use handoff_test_support::process::{Group, holder, stdout_lines};
 use handoff_test_support::stage::{SYSTEM_CONFIG, Stage};
 use handoff_test_support::system_bus::SystemBus;
 use handoff_test_support::systemd_user::UserManager;
@@ -126,18 +126,8 @@ impl Session {
             .process_group(0);
         env(&mut cmd, self.dir.path(), &self.desk.display);
         let mut child = cmd.spawn().expect("start handoff-details");
-        let stdout = child.stdout.take().unwrap();
+        let rx = stdout_lines(&mut child, |l| serde_json::from_str::<Value>(&l).ok());
         self.window = Some(Group(child));
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && tx.send(v).is_err()
-                {
-                    break;
-                }
-            }
-        });
         Views { rx, seen: Vec::new() }
     }
 

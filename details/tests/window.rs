@@ -208,15 +208,9 @@ impl Window {
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped()),
         );
-        let stdout = group.0.stdout.take().unwrap();
-        let (tx, views) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-                if tx.send(v).is_err() {
-                    break;
-                }
-            }
+        // Every line is a view: one that is not is a broken dump, and no view comes after it.
+        let views = handoff_test_support::process::stdout_lines(&mut group.0, |line| {
+            Some(serde_json::from_str::<Value>(&line).unwrap_or_else(|e| panic!("{e}: {line}")))
         });
         Window {
             views,

@@ -10,10 +10,10 @@
 //! temp dir.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use handoff::simulated_tree::{RTX_3090_TI, SimHost, SimSpec};
@@ -374,19 +374,11 @@ impl I3statusRs {
         }
         let mut group = Group::spawn(&mut cmd);
         let mut stdin = group.0.stdin.take().unwrap();
-        let stdout = group.0.stdout.take().unwrap();
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                // `[{…},{…}],`: one status line per line, with a separating comma.
-                let t = line.trim().trim_matches(',');
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(t)
-                    && v.is_array()
-                    && tx.send(v).is_err()
-                {
-                    return;
-                }
-            }
+        // `[{…},{…}],`: one status line per line, with a separating comma.
+        let rx = handoff_test_support::process::stdout_lines(&mut group.0, |line| {
+            serde_json::from_str::<serde_json::Value>(line.trim().trim_matches(','))
+                .ok()
+                .filter(|v| v.is_array())
         });
         stdin.write_all(b"[\n").unwrap();
         I3statusRs {

@@ -205,7 +205,6 @@ fn the_handoff_binary_which_is_also_the_root_hookscript_links_no_tls() {
 
 #[test]
 fn the_trays_agent_sees_a_pve_vm_start_within_the_poll_interval() {
-    use std::io::{BufRead, BufReader};
     let Some((_pve, config)) = setup() else { return };
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
@@ -221,15 +220,7 @@ fn the_trays_agent_sees_a_pve_vm_start_within_the_poll_interval() {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped()),
     );
-    let stdout = agent.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap_or_default()).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = handoff_test_support::process::stdout_lines(&mut agent.0, Some);
     // Give the agent's first poll time to see 141 off, then start it behind its back.
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let cfg = handoff::Config::load_file(&config).unwrap();
@@ -407,7 +398,6 @@ const REFUSED_141: &str = "handoff: not starting Linux AI (VM 141): GPU 0000:01:
 /// before the agent started is history, and a restarted agent tells nothing again.
 #[test]
 fn the_trays_agent_hears_a_start_the_hookscript_refused_once_and_never_an_old_one() {
-    use std::io::{BufRead, BufReader};
     use std::time::{Duration, Instant};
 
     use handoff::hypervisor::{Hypervisor, TaskState};
@@ -450,15 +440,7 @@ fn the_trays_agent_hears_a_start_the_hookscript_refused_once_and_never_an_old_on
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped()),
         );
-        let stdout = g.0.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                if tx.send(line.unwrap_or_default()).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = handoff_test_support::process::stdout_lines(&mut g.0, Some);
         (g, rx)
     };
     let refusals = |rx: &std::sync::mpsc::Receiver<String>, wait: Duration| {

@@ -2,9 +2,11 @@
 //! starts can be ended together, and the detached ones that left every group.
 
 use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -156,4 +158,25 @@ pub fn alive(pid: i32) -> bool {
         s.rsplit_once(')')
             .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
     })
+}
+
+/// What `child` writes to its (piped) stdout, line by line as it comes, read by a thread of
+/// its own: each line `keep` turns into a `T` is sent, the others are dropped. The thread
+/// ends when the child closes its stdout or the receiver is dropped.
+pub fn stdout_lines<T: Send + 'static>(
+    child: &mut Child,
+    keep: impl Fn(String) -> Option<T> + Send + 'static,
+) -> mpsc::Receiver<T> {
+    let stdout = child.stdout.take().expect("a child spawned with a piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(t) = keep(line)
+                && tx.send(t).is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
 }
