@@ -47,28 +47,15 @@ fn bins() -> PathBuf {
 /// A desktop's config: no such GPU here (an empty sysfs), the VMs on the node, polled
 /// every second; VM 150 is one the token cannot see.
 fn desktop(dir: &Path, pve: &FakePve) -> PathBuf {
-    let secret = handoff_test_support::fakepve::token_secret_file(dir, SECRET);
-    handoff_test_support::fakepve::desktop_roots(dir);
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gpu]\naddress = \"0000:01:00.0\"\nhost_driver = \"vfio-pci\"\nlabel = \"RTX 5070 Ti\"\n\n\
-             [proxmox]\nurl = \"{}\"\ntoken = \"{TOKEN}\"\ntoken_secret_file = \"{}\"\nfingerprint = \"{}\"\npoll_interval_s = 1\n\n\
-             [[vm]]\nvmid = 140\nlabel = \"Windows 11\"\n\n\
-             [[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n\n\
-             [[vm]]\nvmid = 150\nlabel = \"Old Windows\"\n\n\
-             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\n",
-            pve.url,
-            secret.display(),
-            pve.fingerprint,
-            dir.join("sys").display(),
-            dir.join("dev").display(),
-            dir.join("run").display()
-        ),
+    handoff_test_support::fakepve::desktop_config(
+        dir,
+        (&pve.url, &pve.fingerprint),
+        (TOKEN, SECRET),
+        "poll_interval_s = 1",
+        "[[vm]]\nvmid = 140\nlabel = \"Windows 11\"\n\n\
+         [[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n\n\
+         [[vm]]\nvmid = 150\nlabel = \"Old Windows\"\n",
     )
-    .unwrap();
-    config
 }
 
 /// Starts 141 through the API as any other client would, and waits for the hookscript's

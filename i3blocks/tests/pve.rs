@@ -37,25 +37,13 @@ fn homelab(win11: &str, linux_ai: &str) -> Option<FakePve> {
 
 /// A desktop's config: no such GPU in its (empty) sysfs, both VMs on the node.
 fn desktop(dir: &Path, url: &str, fingerprint: &str, extra: &str) -> PathBuf {
-    let secret = handoff_test_support::fakepve::token_secret_file(dir, SECRET);
-    handoff_test_support::fakepve::desktop_roots(dir);
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gpu]\naddress = \"0000:01:00.0\"\nhost_driver = \"vfio-pci\"\nlabel = \"RTX 5070 Ti\"\n\n\
-             [proxmox]\nurl = \"{url}\"\ntoken = \"{TOKEN}\"\ntoken_secret_file = \"{}\"\nfingerprint = \"{fingerprint}\"\n{extra}\n\
-             [[vm]]\nvmid = 140\nlabel = \"Windows 11\"\n\n\
-             [[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n\n\
-             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\n",
-            secret.display(),
-            dir.join("sys").display(),
-            dir.join("dev").display(),
-            dir.join("run").display()
-        ),
+    handoff_test_support::fakepve::desktop_config(
+        dir,
+        (url, fingerprint),
+        (TOKEN, SECRET),
+        extra,
+        "[[vm]]\nvmid = 140\nlabel = \"Windows 11\"\n\n[[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n",
     )
-    .unwrap();
-    config
 }
 
 /// The one-shot block in waybar's format: its JSON.

@@ -42,26 +42,14 @@ fn setup_with(changes: impl FnOnce(&mut Value)) -> Option<(FakePve, PathBuf)> {
     changes(&mut scenario);
     let pve = FakePve::start(&scenario)?;
     let dir = pve.dir().to_owned();
-    let secret = handoff_test_support::fakepve::token_secret_file(&dir, SECRET);
-    handoff_test_support::fakepve::desktop_roots(&dir);
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gpu]\naddress = \"0000:01:00.0\"\nhost_driver = \"vfio-pci\"\nlabel = \"RTX 5070 Ti\"\n\n\
-             [proxmox]\nurl = \"{}\"\ntoken = \"{TOKEN}\"\ntoken_secret_file = \"{}\"\nfingerprint = \"{}\"\n\n\
-             [[vm]]\nvmid = 140\nlabel = \"Windows 11\"\nshutdown_timeout_s = 30\n\n\
-             [[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n\n\
-             [host]\nsysfs = \"{}\"\ndev = \"{}\"\nrun = \"{}\"\n",
-            pve.url,
-            secret.display(),
-            pve.fingerprint,
-            dir.join("sys").display(),
-            dir.join("dev").display(),
-            dir.join("run").display()
-        ),
-    )
-    .unwrap();
+    let config = handoff_test_support::fakepve::desktop_config(
+        &dir,
+        (&pve.url, &pve.fingerprint),
+        (TOKEN, SECRET),
+        "",
+        "[[vm]]\nvmid = 140\nlabel = \"Windows 11\"\nshutdown_timeout_s = 30\n\n\
+         [[vm]]\nvmid = 141\nname = \"linux-ai\"\nlabel = \"Linux AI\"\n",
+    );
     Some((pve, config))
 }
 

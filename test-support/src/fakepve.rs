@@ -146,3 +146,38 @@ pub fn desktop_roots(dir: &Path) {
         std::fs::create_dir_all(dir.join(d)).unwrap();
     }
 }
+
+/// The homelab's RTX 5070 Ti as a desktop without it configures it: its address on the
+/// node, on vfio-pci there.
+pub const DESKTOP_GPU: &str =
+    "[gpu]\naddress = \"0000:01:00.0\"\nhost_driver = \"vfio-pci\"\nlabel = \"RTX 5070 Ti\"\n";
+
+/// A desktop whose VMs are on the node at `url` (pinned to `fingerprint`): `dir/config.toml`
+/// with [`DESKTOP_GPU`], a `[proxmox]` table for `token` (its secret in a
+/// [`token_secret_file`]) plus the lines `proxmox_extra`, the `vms` (`[[vm]]` tables), and
+/// the empty [`desktop_roots`].
+pub fn desktop_config(
+    dir: &Path,
+    (url, fingerprint): (&str, &str),
+    (token, secret): (&str, &str),
+    proxmox_extra: &str,
+    vms: &str,
+) -> PathBuf {
+    let secret = token_secret_file(dir, secret);
+    desktop_roots(dir);
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{DESKTOP_GPU}\n[proxmox]\nurl = {url:?}\ntoken = {token:?}\ntoken_secret_file = {:?}\n\
+             fingerprint = {fingerprint:?}\n{proxmox_extra}\n\n{vms}\n\
+             [host]\nsysfs = {:?}\ndev = {:?}\nrun = {:?}\n",
+            secret.display().to_string(),
+            dir.join("sys").display().to_string(),
+            dir.join("dev").display().to_string(),
+            dir.join("run").display().to_string(),
+        ),
+    )
+    .unwrap();
+    config
+}
