@@ -4,7 +4,8 @@
 //! crate: the commands that talk to libvirt), which `handoff` runs with its own arguments
 //! for those ([`Command::needs_libvirt`]; ARCHITECTURE.md, "Binaries stay light"). Also
 //! what both print the same way: logging set-up, errors, JSON, and the commands both run
-//! ([`status`], [`doctor`], [`lg_check`], [`watch`]) with what only `handoff-vm` can add.
+//! ([`status`], [`doctor`], [`lg_check`](crate::lg_check), [`watch`]) with what only
+//! `handoff-vm` can add.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,25 +45,25 @@ pub struct Cli {
 pub enum Command {
     /// Who owns the GPU (each one, when there are several), which VM runs, and what uses it (also installed as `vfio-status`).
     ///
-    /// With several [[gpu]] entries, every GPU is shown, each with its own verdict; GPU (an
-    /// address or a [[gpu]] label) narrows it to one. --json is one object: `schema`, the
+    /// With several `[[gpu]]` entries, every GPU is shown, each with its own verdict; GPU (an
+    /// address or a `[[gpu]]` label) narrows it to one. --json is one object: `schema`, the
     /// primary (or named) GPU's `gpu` and `verdict`, `vms`, and `gpus`, a list of every GPU.
     /// "Could take it" (`gpu.candidates`) names the configured VMs that are off and pass the
     /// GPU through (libvirt `<hostdev>`, Proxmox VE `hostpciN`).
     #[command(visible_alias = "vfio-status")]
     Status(GpuArgs),
     /// The processes that would stop a handoff now: what holds the GPU's device nodes, and
-    /// what holds its VFIO group /dev/vfio/<group> (a VM's QEMU, named with its VM), which
+    /// what holds its VFIO group `/dev/vfio/<group>` (a VM's QEMU, named with its VM), which
     /// keeps it from returning to the host.
     ///
     /// Exit status 0 when nothing holds the GPU and everything was checked, 1 when something
     /// holds it (a VFIO group user included), 4 when nothing was seen holding it but not everything could be checked
     /// (processes it could not inspect, an unreadable /proc or /proc/iomem, no device node of
-    /// the GPU under [host] dev): a handoff would be refused then. Unprivileged, it sees your
+    /// the GPU under `[host] dev`): a handoff would be refused then. Unprivileged, it sees your
     /// own processes only and so exits 4 unless one of them holds the GPU; as root it sees all.
     ///
-    /// With several [[gpu]] entries, every GPU is scanned (exit 1 when any is held, else 4 when
-    /// any was not wholly checked); GPU (an address or a [[gpu]] label) narrows it to one.
+    /// With several `[[gpu]]` entries, every GPU is scanned (exit 1 when any is held, else 4 when
+    /// any was not wholly checked); GPU (an address or a `[[gpu]]` label) narrows it to one.
     Blockers(GpuArgs),
     /// Is this host ready for passthrough, and what to fix (exit 0 ready, 1 problems found).
     Doctor(DoctorArgs),
@@ -72,8 +73,8 @@ pub enum Command {
     /// Return the GPU to the host driver from whatever state it is in (also installed as
     /// `gpu-rebind-nvidia`). Needs root: `sudo handoff rebind --force` or `pkexec handoff rebind --force`.
     ///
-    /// Uses the restore record under [host] run when there is one (each function goes back to the
-    /// driver it had), else returns the graphics function to [gpu] host_driver, but only when the GPU
+    /// Uses the restore record under `[host] run` when there is one (each function goes back to the
+    /// driver it had), else returns the graphics function to `[gpu] host_driver`, but only when the GPU
     /// is away (on vfio-pci or no driver). Refuses while a VM still uses the GPU, and while a
     /// process holds a function it would unbind from a host driver. As root (--force) it reads
     /// only the root-owned /etc/handoff/config.toml.
@@ -95,20 +96,20 @@ pub enum Command {
     /// A tray, bar or `handoff status` run by a user cannot see other users' processes, so
     /// alone it never says the GPU is free. The publisher watches the GPU's device nodes
     /// (inotify: asleep while nothing opens or closes them) and writes who holds them
-    /// (pid, command, user, unit, nodes; nothing more) to holders.json in [host] run,
+    /// (pid, command, user, unit, nodes; nothing more) to holders.json in `[host] run`,
     /// readable by all, which every surface then uses. Puts
     /// /etc/systemd/system/handoff-publisher.service in place and enables it; --uninstall
     /// disables it and removes exactly that file and holders.json.
     InstallPublisher(InstallPublisherArgs),
     /// Run by the unit `install-publisher` puts in place, as root: watch the GPUs' nodes and
-    /// keep holders.json in [host] run current. Not for people.
+    /// keep holders.json in `[host] run` current. Not for people.
     #[command(hide = true)]
     PublishHolders {
         /// Read this system config instead of /etc/handoff/config.toml (tests).
         #[arg(long, hide = true, value_name = "FILE")]
         system_config: Option<PathBuf>,
     },
-    /// Start a VM (default: the first [[vm]]) with the GPU (also installed as `windows-start`).
+    /// Start a VM (default: the first `[[vm]]`) with the GPU (also installed as `windows-start`).
     ///
     /// Checks first: nothing of yours holds the GPU, and no other configured VM has it.
     /// Then starts the domain, waits until it runs and says where the GPU went. When the
@@ -130,7 +131,7 @@ pub enum Command {
     /// A VM's state, uptime, vCPUs, memory, passed-through PCI devices, Looking Glass
     /// device and IP (also installed as `vm-health`).
     VmHealth(VmHealthArgs),
-    /// Run by libvirtd as /etc/libvirt/hooks/qemu.d/handoff: <domain> <operation> <sub-op> <extra>,
+    /// Run by libvirtd as /etc/libvirt/hooks/qemu.d/handoff: `<domain> <operation> <sub-op> <extra>`,
     /// domain XML on stdin. Not for people; `handoff install-hooks` sets it up.
     Hook {
         /// What libvirtd passes.
@@ -163,7 +164,7 @@ pub enum Command {
     },
     /// Open Looking Glass on its i3 workspace, or focus it when it is already open.
     ///
-    /// Works from SSH: finds the desktop's i3 through I3SOCK, /run/user/<uid>/i3/ipc-socket.*,
+    /// Works from SSH: finds the desktop's i3 through I3SOCK, `/run/user/<uid>/i3/ipc-socket.*`,
     /// or the X root window (DISPLAY), and has i3 start the client in the desktop session.
     /// Exit 0 opened or focused, 1 failed, 3 no desktop session reachable from here.
     Lg(LgArgs),
@@ -181,7 +182,7 @@ pub enum Command {
     ///
     /// Proposes which GPUs to hand (not the one driving the host's display, unless
     /// --allow-display or you say so when asked), the VMs that pass each through (libvirt
-    /// domains' <hostdev>, Proxmox VE VMs' hostpciN: through the API with --pve-url, or PVE's
+    /// domains' `<hostdev>`, Proxmox VE VMs' hostpciN: through the API with --pve-url, or PVE's
     /// files on the node) with their labels, and shows each GPU's IOMMU group and driver.
     /// Stops before writing anything when something blocks passthrough (IOMMU off, a shared
     /// IOMMU group, no VM passing a GPU through), saying what to do; never edits a VM.
@@ -248,7 +249,7 @@ pub struct SetupArgs {
     /// Do not run install-services for you.
     #[arg(long)]
     pub no_services: bool,
-    /// Proxmox VE's API (https://HOST:8006): its VMs and their hostpciN; written as [proxmox].
+    /// Proxmox VE's API (https://HOST:8006): its VMs and their hostpciN; written as `[proxmox]`.
     #[arg(long, value_name = "URL")]
     pub pve_url: Option<String>,
     /// With --pve-url: the API token's id, user@realm!tokenid.
@@ -272,13 +273,13 @@ pub struct SetupArgs {
     /// PVE's files under this root instead of / (tests).
     #[arg(long, hide = true, value_name = "DIR")]
     pub pve_root: Option<PathBuf>,
-    /// [host] sysfs to read and write (tests, the demo).
+    /// `[host] sysfs` to read and write (tests, the demo).
     #[arg(long, hide = true, value_name = "DIR")]
     pub sysfs: Option<PathBuf>,
-    /// [host] dev (tests, the demo).
+    /// `[host] dev` (tests, the demo).
     #[arg(long, hide = true, value_name = "DIR")]
     pub dev: Option<PathBuf>,
-    /// [host] run (tests, the demo).
+    /// `[host] run` (tests, the demo).
     #[arg(long, hide = true, value_name = "DIR")]
     pub run: Option<PathBuf>,
 }
@@ -307,7 +308,7 @@ pub struct DemoArgs {
 
 #[derive(Args)]
 pub struct LgTestArgs {
-    /// The VM to check (default: the first [[vm]]).
+    /// The VM to check (default: the first `[[vm]]`).
     #[arg(long)]
     pub vm: Option<String>,
     /// Read the domain XML from this file instead of asking libvirt.
@@ -353,10 +354,10 @@ pub struct LgArgs {
 
 #[derive(Args)]
 pub struct StartArgs {
-    /// The [[vm]] name or label (default: the first).
+    /// The `[[vm]]` name or label (default: the first).
     pub vm: Option<String>,
-    /// Instead of naming a VM: start the first [[vm]] whose definition passes this GPU
-    /// through (its address or label; a VM passing none of the [[gpu]]s takes the primary).
+    /// Instead of naming a VM: start the first `[[vm]]` whose definition passes this GPU
+    /// through (its address or label; a VM passing none of the `[[gpu]]`s takes the primary).
     /// The bar block's right click on a GPU runs this.
     #[arg(long, value_name = "GPU", conflicts_with = "vm")]
     pub gpu: Option<String>,
@@ -375,7 +376,7 @@ pub struct StartArgs {
 
 #[derive(Args)]
 pub struct StopArgs {
-    /// The [[vm]] name or label (default: the first).
+    /// The `[[vm]]` name or label (default: the first).
     pub vm: Option<String>,
     /// Turn the VM off at once (libvirt destroy): unsaved work in the VM is lost.
     #[arg(long)]
@@ -390,7 +391,7 @@ pub struct StopArgs {
 
 #[derive(Args)]
 pub struct SwitchArgs {
-    /// The [[vm]] to give the GPU to (name or label).
+    /// The `[[vm]]` to give the GPU to (name or label).
     pub vm: String,
     /// Turn the VM that has the GPU off at once instead of shutting it down: its unsaved work is lost.
     #[arg(long)]
@@ -405,7 +406,7 @@ pub struct SwitchArgs {
 
 #[derive(Args)]
 pub struct VmHealthArgs {
-    /// The [[vm]] name or label (default: the first).
+    /// The `[[vm]]` name or label (default: the first).
     pub vm: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -464,7 +465,7 @@ pub struct InstallHooksArgs {
     /// whose content includes snippets).
     #[arg(long, requires = "pve", value_name = "STORAGE")]
     pub storage: Option<String>,
-    /// With --pve: guard these VMs (default: every [[vm]] with a vmid in the config).
+    /// With --pve: guard these VMs (default: every `[[vm]]` with a vmid in the config).
     #[arg(long = "vmid", requires = "pve", value_name = "VMID")]
     pub vmids: Vec<u32>,
     /// With --pve: PVE's files under this root instead of / (tests).
@@ -483,7 +484,7 @@ pub struct RebindArgs {
     /// Rebind even though a VM still holds the GPU. The VM loses its GPU and will likely crash.
     #[arg(long)]
     pub even_if_vm_runs: bool,
-    /// Return this GPU (a [[gpu]] address; default: the primary one), and refuse unless the
+    /// Return this GPU (a `[[gpu]]` address; default: the primary one), and refuse unless the
     /// config has it. The tray passes it so that pkexec's password prompt names the GPU that
     /// will be touched.
     #[arg(long, value_name = "ADDRESS")]
@@ -498,14 +499,14 @@ pub struct BindArgs {
     /// Record this VM as the GPU's holder.
     #[arg(long)]
     pub vm: Option<String>,
-    /// Which GPU, with several [[gpu]] entries: its address or label (default: the primary one).
+    /// Which GPU, with several `[[gpu]]` entries: its address or label (default: the primary one).
     #[arg(long, value_name = "GPU")]
     pub gpu: Option<String>,
 }
 
 #[derive(Args)]
 pub struct GpuArgs {
-    /// Only this GPU: its address (0000:01:00.0, or 01:00.0) or its [[gpu]] label.
+    /// Only this GPU: its address (0000:01:00.0, or 01:00.0) or its `[[gpu]]` label.
     pub gpu: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -627,7 +628,7 @@ pub fn status(
 }
 
 /// `config check`'s look at the VMs' definitions (`describe` gives one): devices they pass
-/// through that no [[gpu]] names, a macOS VM given an NVIDIA card it has no driver for.
+/// through that no `[[gpu]]` names, a macOS VM given an NVIDIA card it has no driver for.
 /// Printed only when there is something to say; never a failure of the check (the file
 /// itself is fine), and a VM whose definition cannot be read is passed over (`handoff
 /// doctor` reports it).

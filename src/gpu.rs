@@ -305,7 +305,7 @@ pub fn read_gpu_with_ids(host: &Host, address: PciAddress, pci_ids: &[&Path]) ->
 /// (every function's is None and `locked` false). Those two are for showing the GPU; the
 /// overrides cost a forked reader per function ("Never blocking" above), and on a busy
 /// machine each such child waits milliseconds for a CPU before the scan can start, while
-/// nothing in the scan or its verdict reads them ([`owner_of`] goes by `driver` alone).
+/// nothing in the scan or its verdict reads them (`owner_of` goes by `driver` alone).
 pub fn read_gpu_bindings(host: &Host, address: PciAddress) -> Result<Gpu, SysfsError> {
     read_slot(host, address, None)
 }

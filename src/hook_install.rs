@@ -649,7 +649,7 @@ fn survey_foreign_hooks(hooks_dir: &Path, plan: &mut InstallPlan) -> Result<(), 
     Ok(())
 }
 
-/// Which of [`GPU_BINDING_WORDS`] a script contains (case-insensitive).
+/// Which of `GPU_BINDING_WORDS` a script contains (case-insensitive).
 pub fn gpu_binding_mentions(script: &[u8]) -> Vec<String> {
     let lower = String::from_utf8_lossy(script).to_lowercase();
     GPU_BINDING_WORDS

@@ -11,7 +11,7 @@
 //!
 //! The unit runs `<absolute path of this handoff> publish-holders` as root, so, as for the
 //! libvirt hook, the binary must be one only root can change
-//! ([`crate::hook_install::check_exe`]).
+//! (`hook_install::check_exe`).
 //!
 //! A plan first ([`plan`]), walked by [`apply`]; `--dry-run` shows it. With `--root`
 //! (tests) the files go under that directory and no `systemctl` runs.

@@ -490,7 +490,7 @@ impl<'a> Ctl<'a> {
     }
 
     /// The first configured VM that takes the GPU `gpu` names (its address or label), by
-    /// the hook's rule ([`Ctl::gpus_of`]): what `handoff start --gpu` starts, and so the bar
+    /// the hook's rule (`Ctl::gpus_of`): what `handoff start --gpu` starts, and so the bar
     /// block's right click on that GPU. A VM whose definition cannot be read is passed over.
     pub fn vm_for_gpu(&mut self, gpu: &str) -> Result<VmConfig, VmError> {
         let cfg = self.cfg;

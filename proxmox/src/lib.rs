@@ -401,7 +401,7 @@ impl Hypervisor for Proxmox {
 
     /// `GET /nodes/{node}/tasks` (`typefilter=qmstart`, `errors=1`; filtered here too) on
     /// each node of `vms`: their failed start tasks, and for the new ones (`read_logs`) the
-    /// hookscript's words from the task's log ([`refusal_in`]) and the VM's devices. PVE
+    /// hookscript's words from the task's log (`refusal_in`) and the VM's devices. PVE
     /// lists a token's own tasks, and everyone's with `Sys.Audit` on `/nodes/{node}`: a
     /// start from the web UI or `qm start` is seen only with that (docs/proxmox.md).
     fn refused_starts(

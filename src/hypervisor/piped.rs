@@ -554,7 +554,7 @@ impl Hypervisor for Piped {
     /// Proxmox VE has no event stream: a thread with a server of its own asks for the VMs'
     /// states every `[proxmox] poll_interval_s` and sends what changed (and a lost or
     /// regained API once), and the start tasks the hookscript refused since the first
-    /// round ([`VmEvent::Refused`], one per task).
+    /// round ([`VmEvent::Refused`](crate::hypervisor::VmEvent::Refused), one per task).
     fn subscribe(&mut self, vms: &[VmRef], sink: EventSink) -> Result<Subscription, HypervisorError> {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, Ordering};

@@ -195,7 +195,7 @@ impl Session {
     }
 
     /// Starts the tray binary `tray` (`-v`, its log `tray.log`) on `config`, ended with the
-    /// session; the caller waits for it with [`Session::tray_item`] or its own way.
+    /// session; the caller waits for it with [`find_item`] or its own way.
     pub fn spawn_tray(&mut self, tray: &str, config: &Path) {
         let mut c = Command::new(tray);
         c.arg("-v").env("HANDOFF_CONFIG", config);
