@@ -157,20 +157,11 @@ impl Machine {
         }
     }
 
-    /// A libvirt test-driver file defining shut-off domains `names` (runstate 5: shut off).
+    /// A libvirt test-driver file defining shut-off domains `names`; its URI.
     fn test_driver(&self, names: &[&str]) -> String {
-        let mut xml = String::from("<node>\n");
-        for n in names {
-            xml += &format!(
-                "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
-                 <name>{n}</name><memory>32768</memory><vcpu>1</vcpu><os><type>hvm</type></os>\
-                 <test:runstate>5</test:runstate></domain>\n"
-            );
-        }
-        xml += "</node>\n";
-        let path = self.tmp.path().join("libvirt-test.xml");
-        fs::write(&path, xml).unwrap();
-        format!("test://{}", path.display())
+        let domains: Vec<(&str, bool, &[handoff::PciAddress])> =
+            names.iter().map(|n| (*n, false, &[][..])).collect();
+        handoff_test_support::libvirt::test_driver_node(&self.tmp.path().join("libvirt-test.xml"), &domains)
     }
 }
 

@@ -86,19 +86,6 @@ fn i3blocks_shows_both_gpus_side_by_side() {
     );
 }
 
-/// libvirt's test driver with two VMs, both shut off, listed in the order that made the
-/// click start the wrong one: `win11` ("Windows") passes the RTX through, `macos` the iGPU.
-/// Each process that opens it gets its own copy, so every `handoff start` starts afresh.
-const NODE: &str = "<node>\n\
-<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>win11</name>\
-<memory unit='GiB'>16</memory><os><type>hvm</type></os><devices>\
-<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source></hostdev>\
-</devices><test:runstate>5</test:runstate></domain>\n\
-<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>macos</name>\
-<memory unit='GiB'>8</memory><os><type>hvm</type></os><devices>\
-<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x00' slot='0x02' function='0x0'/></source></hostdev>\
-</devices><test:runstate>5</test:runstate></domain>\n</node>\n";
-
 /// Under the real i3blocks, a right click on the iGPU's block (its `instance`) starts the
 /// macOS VM, the one whose definition passes the iGPU through, although Windows is the
 /// first `[[vm]]`; on the RTX's block (`--gpu RTX`) it starts Windows. The click's detached
@@ -124,9 +111,12 @@ fn a_right_click_starts_a_vm_that_takes_the_gpu_the_block_shows() {
     let mark = tmp.path().display().to_string();
     let _stragglers = Stragglers(mark.clone());
     let sim = SimHost::build(&tmp.path().join("root"), &SimSpec::workstation()).unwrap();
-    let node = tmp.path().join("libvirt-test.xml");
-    std::fs::write(&node, NODE).unwrap();
-    let uri = format!("test://{}", node.display());
+    // Two VMs, both shut off, listed in the order that made the click start the wrong one:
+    // `win11` ("Windows") passes the RTX through, `macos` the iGPU.
+    let uri = handoff_test_support::libvirt::test_driver_node(
+        &tmp.path().join("libvirt-test.xml"),
+        &[("win11", false, &[RTX_3090_TI]), ("macos", false, &[IGPU])],
+    );
     let config = tmp.path().join("config.toml");
     std::fs::write(
         &config,

@@ -30,22 +30,14 @@ pub fn host_section(host: &Host) -> String {
 /// machine and the config's path.
 pub fn workstation_with_test_vm(dir: &Path, extra: &str) -> (SimHost, PathBuf) {
     let sim = SimHost::build(&dir.join("machine"), &SimSpec::workstation()).unwrap();
-    let driver = dir.join("libvirt-test.xml");
-    fs::write(
-        &driver,
-        "<node><domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
-         <name>win11</name><memory>32768</memory><vcpu>1</vcpu><os><type>hvm</type></os>\
-         <test:runstate>5</test:runstate></domain></node>\n",
-    )
-    .unwrap();
+    let uri = crate::libvirt::test_driver_node(&dir.join("libvirt-test.xml"), &[("win11", false, &[])]);
     let config = dir.join("config.toml");
     fs::write(
         &config,
         format!(
             "[gpu]\naddress = \"{RTX_3090_TI}\"\nhost_driver = \"nvidia\"\n\n{}{extra}\
-             [[vm]]\nname = \"win11\"\nlabel = \"Windows\"\nuri = \"test://{}\"\n",
+             [[vm]]\nname = \"win11\"\nlabel = \"Windows\"\nuri = {uri:?}\n",
             host_section(&sim.host()),
-            driver.display()
         ),
     )
     .unwrap();

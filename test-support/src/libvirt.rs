@@ -350,35 +350,58 @@ impl Drop for TestDomain {
     }
 }
 
-/// A libvirt test-driver machine (a `test:///<file>` node) for the two-GPU scene ("macOS
-/// has the iGPU", `handoff::scenes`): `test` (macOS) runs passing the iGPU through,
-/// `win11` (shut off) passes the RTX's two functions, `hackintosh` (shut off) the iGPU.
-/// The surfaces read which GPU each VM takes from these definitions (`describe`).
-pub const TWO_GPU_NODE: &str = "<node>\n\
-<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>test</name>\
-<memory unit='GiB'>8</memory><os><type>hvm</type></os><devices>\
-<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x00' slot='0x02' function='0x0'/></source></hostdev>\
-</devices><test:runstate>1</test:runstate></domain>\n\
-<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>win11</name>\
-<memory unit='GiB'>16</memory><os><type>hvm</type></os><devices>\
-<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source></hostdev>\
-<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x01' slot='0x00' function='0x1'/></source></hostdev>\
-</devices><test:runstate>5</test:runstate></domain>\n\
-<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>hackintosh</name>\
-<memory unit='GiB'>8</memory><os><type>hvm</type></os><devices>\
-<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0x00' slot='0x02' function='0x0'/></source></hostdev>\
-</devices><test:runstate>5</test:runstate></domain>\n</node>\n";
+/// A libvirt test-driver machine (`test://<path>`) written to `path`, defining `domains`:
+/// each a name, whether it runs, and the PCI functions its definition passes through
+/// (`<hostdev>`). Each process that opens it gets its own copy, so a test's starts and stops
+/// stay its own. Returns its URI.
+pub fn test_driver_node(path: &Path, domains: &[(&str, bool, &[handoff::PciAddress])]) -> String {
+    let mut xml = String::from("<node>\n");
+    for (name, running, hostdevs) in domains {
+        let devices: String = hostdevs
+            .iter()
+            .map(|a| {
+                format!(
+                    "<hostdev mode='subsystem' type='pci' managed='no'><source><address \
+                     domain='0x{:04x}' bus='0x{:02x}' slot='0x{:02x}' function='0x{}'/></source></hostdev>",
+                    a.domain, a.bus, a.device, a.function
+                )
+            })
+            .collect();
+        // The test driver's runstates: 1 running, 5 shut off.
+        let state = if *running { 1 } else { 5 };
+        xml += &format!(
+            "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
+             <name>{name}</name><memory>32768</memory><vcpu>1</vcpu><os><type>hvm</type></os>\
+             <devices>{devices}</devices><test:runstate>{state}</test:runstate></domain>\n"
+        );
+    }
+    xml += "</node>\n";
+    fs::write(path, xml).unwrap();
+    format!("test://{}", path.display())
+}
 
-/// The "macOS has the iGPU" scene under `dir` with its VMs on a [`TWO_GPU_NODE`] machine
+/// The "macOS has the iGPU" scene under `dir` with its VMs on a [`test_driver_node`] machine
 /// of their own (`dir/libvirt-test.xml`) and a third VM, `hackintosh` ("macOS 14"), that
 /// wants the iGPU too.
 pub fn two_gpu_scene(dir: &Path) -> handoff::scenes::Scene {
     let scene = handoff::scenes::Scene::put(dir, "macOS has the iGPU").unwrap();
-    let node = dir.join("libvirt-test.xml");
-    fs::write(&node, TWO_GPU_NODE).unwrap();
+    // `test` (macOS) runs passing the iGPU through, `win11` passes the RTX's two functions,
+    // `hackintosh` the iGPU too.
+    let (igpu, rtx) = (
+        handoff::simulated_tree::IGPU,
+        handoff::simulated_tree::RTX_3090_TI,
+    );
+    let uri = test_driver_node(
+        &dir.join("libvirt-test.xml"),
+        &[
+            ("test", true, &[igpu]),
+            ("win11", false, &[rtx, rtx.with_function(1)]),
+            ("hackintosh", false, &[igpu]),
+        ],
+    );
     let text = fs::read_to_string(&scene.config).unwrap();
     assert!(text.contains("\"test:///default\""), "{text}");
-    let uri = format!("{:?}", format!("test://{}", node.display()));
+    let uri = format!("{uri:?}");
     let text = text.replace("\"test:///default\"", &uri)
         + &format!("\n[[vm]]\nname = \"hackintosh\"\nlabel = \"macOS 14\"\nuri = {uri}\n");
     fs::write(&scene.config, text).unwrap();
