@@ -442,8 +442,9 @@ fn look(b: &serde_json::Value) -> (String, String) {
     (c("color"), c("background"))
 }
 
-/// i3status-rust (0.35.0, as scripts/deps.sh builds it) with the doc's `[[block]]`: the text is clean ("GPU: Linux", not
-/// "GPU GPU: Linux"), each state takes its theme colour and busy differs from switching;
+/// i3status-rust (0.35.0, as scripts/deps.sh builds it) with the doc's `[[block]]`: the
+/// text is clean ("GPU: Linux", not "GPU GPU: Linux"), each state takes its theme colour and
+/// busy differs from switching;
 /// a right click while a job holds the GPU refuses the start, naming the job, and a left
 /// click refreshes the streaming block.
 #[test]
