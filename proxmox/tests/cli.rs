@@ -53,6 +53,35 @@ fn setup_with(changes: impl FnOnce(&mut Value)) -> Option<(FakePve, PathBuf)> {
     Some((pve, config))
 }
 
+/// `handoff __agent` (what the tray runs) on `config`, and its stdout's lines as they come.
+fn agent(
+    config: &Path,
+) -> (
+    handoff_test_support::process::Group,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let mut g = handoff_test_support::process::Group::spawn(
+        Command::new(handoff())
+            .arg("--config")
+            .arg(config)
+            .arg("__agent")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped()),
+    );
+    let rx = handoff_test_support::process::stdout_lines(&mut g.0, Some);
+    (g, rx)
+}
+
+/// `config`'s `[proxmox]` polled every second, so that a test hears a change within one.
+fn poll_every_second(config: &Path) {
+    let text = std::fs::read_to_string(config).unwrap();
+    std::fs::write(
+        config,
+        text.replace("fingerprint =", "poll_interval_s = 1\nfingerprint ="),
+    )
+    .unwrap();
+}
+
 fn run(config: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(handoff())
         .args(args)
@@ -194,21 +223,8 @@ fn the_handoff_binary_which_is_also_the_root_hookscript_links_no_tls() {
 #[test]
 fn the_trays_agent_sees_a_pve_vm_start_within_the_poll_interval() {
     let Some((_pve, config)) = setup() else { return };
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace("fingerprint =", "poll_interval_s = 1\nfingerprint ="),
-    )
-    .unwrap();
-    let mut agent = handoff_test_support::process::Group::spawn(
-        Command::new(handoff())
-            .arg("--config")
-            .arg(&config)
-            .arg("__agent")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped()),
-    );
-    let rx = handoff_test_support::process::stdout_lines(&mut agent.0, Some);
+    poll_every_second(&config);
+    let (_agent, rx) = agent(&config);
     // Give the agent's first poll time to see 141 off, then start it behind its back.
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let cfg = handoff::Config::load_file(&config).unwrap();
@@ -394,12 +410,7 @@ fn the_trays_agent_hears_a_start_the_hookscript_refused_once_and_never_an_old_on
     }) else {
         return;
     };
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace("fingerprint =", "poll_interval_s = 1\nfingerprint ="),
-    )
-    .unwrap();
+    poll_every_second(&config);
     let cfg = handoff::Config::load_file(&config).unwrap();
     let refused_start = || {
         let mut pve = handoff_proxmox::Proxmox::new(&cfg).unwrap();
@@ -419,18 +430,6 @@ fn the_trays_agent_hears_a_start_the_hookscript_refused_once_and_never_an_old_on
         }
     };
     let (old_upid, _) = refused_start();
-    let agent = || {
-        let mut g = handoff_test_support::process::Group::spawn(
-            Command::new(handoff())
-                .arg("--config")
-                .arg(&config)
-                .arg("__agent")
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped()),
-        );
-        let rx = handoff_test_support::process::stdout_lines(&mut g.0, Some);
-        (g, rx)
-    };
     let refusals = |rx: &std::sync::mpsc::Receiver<String>, wait: Duration| {
         let deadline = Instant::now() + wait;
         let mut got = Vec::new();
@@ -445,7 +444,7 @@ fn the_trays_agent_hears_a_start_the_hookscript_refused_once_and_never_an_old_on
     };
     let log = || handoff::refusals::RefusalLog::read(&handoff::refusals::user_host(&cfg.host)).unwrap();
 
-    let (g, rx) = agent();
+    let (g, rx) = agent(&config);
     // Two polls: the refusal from before the agent is history.
     assert_eq!(refusals(&rx, Duration::from_millis(2500)), Vec::<String>::new());
     assert!(log().is_none(), "an old refusal was logged: {:?}", log());
@@ -466,7 +465,7 @@ fn the_trays_agent_hears_a_start_the_hookscript_refused_once_and_never_an_old_on
     drop(g);
 
     // A restarted agent tells nothing again.
-    let (_g, rx) = agent();
+    let (_g, rx) = agent(&config);
     assert_eq!(refusals(&rx, Duration::from_millis(2500)), Vec::<String>::new());
     assert_eq!(log().unwrap().refusals.len(), 1);
 }
