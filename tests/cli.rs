@@ -7,12 +7,13 @@
 //! nothing outside it is read or written. Every child process is killed by its guard.
 
 use handoff_test_support::bins::Run;
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use handoff::pci::PciAddress;
 use handoff::simulated_tree::{RTX_3090_TI, SimFunction, SimHost, SimSpec};
+use handoff_test_support::fuse_gpu::hold;
 use handoff_test_support::named_holder;
 use serde_json::Value;
 
@@ -114,34 +115,6 @@ fn run_with_config(config: &Path, tmp: &Path, args: &[&str]) -> Run {
     Run::from_output(out, None)
 }
 
-/// A child process, killed and reaped by pid when dropped.
-struct Holder(Child);
-
-impl Holder {
-    /// `sleep 600` with stdin opened on `node`.
-    fn open(node: &Path) -> Holder {
-        let child = Command::new("sleep")
-            .arg("600")
-            .stdin(Stdio::from(File::open(node).unwrap()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Holder(child)
-    }
-
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn nvidia0(h: &Host) -> PathBuf {
     h.sim.dev().join("nvidia0")
 }
@@ -178,7 +151,7 @@ fn status_says_the_gpu_is_on_linux_and_nothing_uses_it() {
 #[test]
 fn status_names_the_process_holding_nvidia0() {
     let h = Host::workstation();
-    let holder = Holder::open(&nvidia0(&h));
+    let holder = hold(&nvidia0(&h));
     let r = h.run(&["status"]);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(
@@ -202,7 +175,7 @@ fn status_names_the_process_holding_nvidia0() {
 fn status_json_has_the_designs_schema() {
     let h = Host::workstation();
     h.configure(RTX_3090_TI, &[RUNNING_VM, "win11"]);
-    let holder = Holder::open(&nvidia0(&h));
+    let holder = hold(&nvidia0(&h));
     let r = h.run(&["status", "--json"]);
     assert_eq!(r.code, 0, "{r:?}");
     let v = r.json();
@@ -457,7 +430,7 @@ fn blockers_exits_0_when_nothing_holds_and_1_with_a_holder() {
     let v = h.run(&["blockers", "--json"]).json();
     assert_eq!(v["holders"], serde_json::json!([]));
 
-    let holder = Holder::open(&h.sim.dev().join("dri/renderD129"));
+    let holder = hold(&h.sim.dev().join("dri/renderD129"));
     let r = h.run(&["blockers"]);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(
@@ -540,7 +513,7 @@ fn blockers_exits_4_naming_what_it_could_not_check() {
         text.replace(&dev, &format!("dev = \"{}\"", empty.display())),
     )
     .unwrap();
-    let _holder = Holder::open(&nvidia0(&h));
+    let _holder = hold(&nvidia0(&h));
     let r = h.run(&["blockers"]);
     assert_eq!(r.code, 4, "{r:?}");
     assert!(
@@ -673,7 +646,7 @@ fn doctor_finds_the_workstation_ready() {
 #[test]
 fn doctor_warns_about_a_holder_without_failing() {
     let h = Host::workstation();
-    let holder = Holder::open(&nvidia0(&h));
+    let holder = hold(&nvidia0(&h));
     let r = h.doctor(&[]);
     assert!(r.stdout.contains("[warn] 1 process uses the GPU"), "{r:?}");
     assert!(r.stdout.contains(&format!("pid {}", holder.pid())), "{r:?}");
